@@ -1,0 +1,468 @@
+//! `saferchat`: keys, chatting, history and room administration from the
+//! command line. Messages are encrypted and signed here; the server only
+//! ever sees ciphertext.
+
+use std::io::{IsTerminal, Read as _};
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use anyhow::{Context as _, bail};
+use bytes::Bytes;
+use chrono::{DateTime, Utc};
+use clap::{Parser, Subcommand};
+use saferchat_client::admin::Admin;
+use saferchat_client::history::{self, Query};
+use saferchat_client::{Event, Identity, JoinOptions, Message, Session};
+use saferchat_consensus::RoomId;
+use tokio::io::AsyncBufReadExt as _;
+
+#[derive(Debug, Parser)]
+#[command(name = "saferchat", version, about = "End-to-end encrypted group chat")]
+struct Cli {
+    /// Node address.
+    #[arg(
+        long,
+        short,
+        global = true,
+        env = "SAFERCHAT_SERVER",
+        default_value = "127.0.0.1:8080"
+    )]
+    server: String,
+    /// Private key file (PKCS#8 PEM). Default: ~/.config/saferchat/key.pem.
+    #[arg(long, short, global = true, env = "SAFERCHAT_KEY")]
+    key: Option<PathBuf>,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Generate an RSA-2048 key pair and print its handle.
+    Keygen {
+        /// Replace an existing key file.
+        #[arg(long)]
+        force: bool,
+    },
+    /// Print your handle and key fingerprint.
+    Whoami,
+    /// Post one message (the words given, or standard input).
+    Send {
+        /// Room name.
+        room: String,
+        /// The message; read from standard input when absent.
+        message: Vec<String>,
+    },
+    /// Chat interactively: lines you type are posted; messages print as
+    /// `time sender: text`.
+    Chat {
+        /// Room name.
+        room: String,
+        /// How many recent messages to show first.
+        #[arg(long, default_value_t = 20)]
+        recent: u32,
+    },
+    /// Print stored messages, oldest first.
+    History {
+        /// Room name.
+        room: String,
+        /// How many messages.
+        #[arg(long, default_value_t = 50)]
+        limit: u32,
+        /// Only messages before this id (as printed with --ids).
+        #[arg(long)]
+        before: Option<String>,
+        /// Only messages after this id.
+        #[arg(long)]
+        after: Option<String>,
+        /// Print message ids too.
+        #[arg(long)]
+        ids: bool,
+    },
+    /// Members of a room you belong to, with key fingerprints.
+    Members {
+        /// Room name.
+        room: String,
+    },
+    /// Room administration (needs the admin token).
+    Admin {
+        /// The admin token.
+        #[arg(long, short, env = "SAFERCHAT_ADMIN_TOKEN", hide_env_values = true)]
+        token: Option<String>,
+        /// A file holding the admin token (e.g. DATA_DIR/admin.token).
+        #[arg(long, env = "SAFERCHAT_ADMIN_TOKEN_FILE")]
+        token_file: Option<PathBuf>,
+        #[command(subcommand)]
+        command: AdminCommand,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum AdminCommand {
+    /// Create a room.
+    CreateChat {
+        /// Room name.
+        room: String,
+    },
+    /// Add a member by handle.
+    AddUser {
+        /// Room name.
+        room: String,
+        /// The member's 43-character handle.
+        user: String,
+        /// Apply only if the room is still at this revision.
+        #[arg(long)]
+        expect_revision: Option<u64>,
+    },
+    /// Remove a member.
+    RemoveUser {
+        /// Room name.
+        room: String,
+        /// The member's handle.
+        user: String,
+        /// Apply only if the room is still at this revision.
+        #[arg(long)]
+        expect_revision: Option<u64>,
+    },
+    /// Members, revision and lease holders of a room.
+    Members {
+        /// Room name.
+        room: String,
+    },
+    /// All rooms.
+    List,
+}
+
+fn default_key_path() -> PathBuf {
+    match std::env::var_os("HOME") {
+        Some(home) => PathBuf::from(home).join(".config/saferchat/key.pem"),
+        None => PathBuf::from("saferchat-key.pem"),
+    }
+}
+
+fn room(name: &str) -> anyhow::Result<RoomId> {
+    RoomId::new(name).with_context(|| format!("room {name:?}"))
+}
+
+fn identity(cli: &Cli) -> anyhow::Result<Arc<Identity>> {
+    let path = cli.key.clone().unwrap_or_else(default_key_path);
+    Ok(Arc::new(Identity::load(&path)?))
+}
+
+fn time(ms: i64) -> String {
+    DateTime::<Utc>::from_timestamp_millis(ms).map_or_else(
+        || ms.to_string(),
+        |t| t.format("%Y-%m-%d %H:%M:%S").to_string(),
+    )
+}
+
+fn short(handle: &saferchat_consensus::Handle) -> String {
+    handle.to_string()[..10].to_owned()
+}
+
+fn id_text(id: &[u8]) -> String {
+    uuid::Uuid::from_slice(id).map_or_else(|_| "?".into(), |u| u.to_string())
+}
+
+fn print_message(m: &Message, me: &Identity, ids: bool) {
+    let prefix = if ids {
+        format!("{} ", id_text(&m.id))
+    } else {
+        String::new()
+    };
+    match &m.content {
+        Ok(plain) => {
+            let who = if plain.sender == me.handle() {
+                format!("{} (you)", short(&plain.sender))
+            } else {
+                short(&plain.sender)
+            };
+            println!(
+                "{prefix}{} {who}: {}",
+                time(m.time_ms),
+                String::from_utf8_lossy(&plain.body)
+            );
+        }
+        Err(e) => println!(
+            "{prefix}{} !! message {} not shown: {e}",
+            time(m.time_ms),
+            id_text(&m.id)
+        ),
+    }
+}
+
+fn admin_token(token: Option<String>, file: Option<PathBuf>) -> anyhow::Result<String> {
+    if let Some(t) = token {
+        return Ok(t);
+    }
+    if let Some(path) = file {
+        let text = std::fs::read_to_string(&path)
+            .with_context(|| format!("reading {}", path.display()))?;
+        return Ok(text.trim().to_owned());
+    }
+    bail!("no admin token: pass --token, --token-file, or set SAFERCHAT_ADMIN_TOKEN")
+}
+
+async fn run(cli: Cli) -> anyhow::Result<()> {
+    match &cli.command {
+        Command::Keygen { force } => {
+            let path = cli.key.clone().unwrap_or_else(default_key_path);
+            eprintln!("generating an RSA-2048 key…");
+            let id = Identity::generate()?;
+            id.save(&path, *force)?;
+            println!("key:         {}", path.display());
+            println!("handle:      {}", id.handle());
+            println!("fingerprint: {}", id.fingerprint());
+            eprintln!("give your handle to a room admin; keep the key file private");
+        }
+        Command::Whoami => {
+            let id = identity(&cli)?;
+            println!("handle:      {}", id.handle());
+            println!("fingerprint: {}", id.fingerprint());
+        }
+        Command::Send {
+            room: name,
+            message,
+        } => {
+            let room = room(name)?;
+            let body = if message.is_empty() {
+                if std::io::stdin().is_terminal() {
+                    eprintln!("reading the message from standard input (end with Ctrl-D)");
+                }
+                let mut text = String::new();
+                std::io::stdin().read_to_string(&mut text)?;
+                text.trim_end_matches('\n').to_owned()
+            } else {
+                message.join(" ")
+            };
+            let id = identity(&cli)?;
+            let options = JoinOptions {
+                no_history: true,
+                ..JoinOptions::default()
+            };
+            let mut session = Session::join(&cli.server, &room, id, &options).await?;
+            let seq = session.post(body.as_bytes()).await?;
+            loop {
+                match session.next().await? {
+                    Some(Event::Accepted {
+                        seq: s,
+                        id,
+                        time_ms,
+                    }) if s == seq => {
+                        println!("sent {} at {}", id_text(&id), time(time_ms));
+                        return Ok(());
+                    }
+                    Some(Event::Rejected {
+                        seq: s,
+                        code,
+                        message,
+                    }) if s == seq => {
+                        bail!("the server refused the message ({code:?}): {message}");
+                    }
+                    Some(_) => {}
+                    None => bail!("the server closed the session before acknowledging"),
+                }
+            }
+        }
+        Command::Chat { room: name, recent } => chat(&cli, room(name)?, *recent).await?,
+        Command::History {
+            room: name,
+            limit,
+            before,
+            after,
+            ids,
+        } => {
+            let room = room(name)?;
+            let id = identity(&cli)?;
+            let options = JoinOptions {
+                no_history: true,
+                ..JoinOptions::default()
+            };
+            let session = Session::join(&cli.server, &room, Arc::clone(&id), &options).await?;
+            let parse = |s: &Option<String>| -> anyhow::Result<Option<Bytes>> {
+                s.as_deref()
+                    .map(|t| uuid::Uuid::parse_str(t).map(|u| Bytes::copy_from_slice(u.as_bytes())))
+                    .transpose()
+                    .context("message ids look like 019abcde-…")
+            };
+            let query = Query {
+                before_id: parse(before)?,
+                after_id: parse(after)?,
+                limit: *limit,
+            };
+            let mut messages = history::read(&session, &query).await?;
+            if query.after_id.is_none() {
+                messages.reverse();
+            }
+            for m in &messages {
+                print_message(m, &id, *ids);
+            }
+        }
+        Command::Members { room: name } => {
+            let room = room(name)?;
+            let id = identity(&cli)?;
+            let options = JoinOptions {
+                no_history: true,
+                ..JoinOptions::default()
+            };
+            let session = Session::join(&cli.server, &room, id, &options).await?;
+            let members = session.members();
+            println!("room {room} at revision {}", members.revision);
+            for (handle, fingerprint) in &members.all {
+                let shown = if fingerprint.is_empty() {
+                    "(has not joined yet)"
+                } else {
+                    fingerprint.as_str()
+                };
+                println!("  {handle}  {shown}");
+            }
+        }
+        Command::Admin {
+            token,
+            token_file,
+            command,
+        } => {
+            let token = admin_token(token.clone(), token_file.clone())?;
+            let mut admin = Admin::connect(&cli.server, &token).await?;
+            match command {
+                AdminCommand::CreateChat { room: name } => {
+                    let r = admin.create_chat(room(name)?.as_str()).await?;
+                    println!("created room {} (revision {})", r.chat, r.revision);
+                }
+                AdminCommand::AddUser {
+                    room: name,
+                    user,
+                    expect_revision,
+                } => {
+                    let r = admin
+                        .add_user(room(name)?.as_str(), user, *expect_revision)
+                        .await?;
+                    let what = if r.changed {
+                        "added"
+                    } else {
+                        "already a member:"
+                    };
+                    println!("{what} {user} in {} (revision {})", r.chat, r.revision);
+                }
+                AdminCommand::RemoveUser {
+                    room: name,
+                    user,
+                    expect_revision,
+                } => {
+                    let r = admin
+                        .remove_user(room(name)?.as_str(), user, *expect_revision)
+                        .await?;
+                    println!("removed {user} from {} (revision {})", r.chat, r.revision);
+                }
+                AdminCommand::Members { room: name } => {
+                    let r = admin.members(room(name)?.as_str()).await?;
+                    let m = r.membership.unwrap_or_default();
+                    println!(
+                        "room {} at revision {} (read via {})",
+                        m.chat, m.revision, r.read_path
+                    );
+                    println!(
+                        "lease holders: {}",
+                        if r.lease_holders.is_empty() {
+                            "none".into()
+                        } else {
+                            r.lease_holders.join(", ")
+                        }
+                    );
+                    for member in m.members {
+                        let shown = if member.fingerprint.is_empty() {
+                            "(has not joined yet)".to_owned()
+                        } else {
+                            member.fingerprint
+                        };
+                        println!("  {}  {shown}", member.user);
+                    }
+                }
+                AdminCommand::List => {
+                    let rooms = admin.list_chats().await?;
+                    if rooms.is_empty() {
+                        println!("no rooms");
+                    }
+                    for r in rooms {
+                        println!("{}  revision {}  {} members", r.chat, r.revision, r.members);
+                    }
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+async fn chat(cli: &Cli, room: RoomId, recent: u32) -> anyhow::Result<()> {
+    let id = identity(cli)?;
+    let options = JoinOptions {
+        recent,
+        ..JoinOptions::default()
+    };
+    let mut session = Session::join(&cli.server, &room, Arc::clone(&id), &options).await?;
+    eprintln!(
+        "joined {room} as {} ({} members with keys, revision {}); type a line to send, Ctrl-D to leave",
+        short(&id.handle()),
+        session.members().recipients.len(),
+        session.members().revision
+    );
+    let mut lines = tokio::io::BufReader::new(tokio::io::stdin()).lines();
+    let mut stdin_open = true;
+    let mut unacknowledged = 0usize;
+    // Accepted posts whose echo has not come back yet: leaving before the
+    // echo would hide from the user that the room has the message.
+    let mut echoes: std::collections::HashSet<Bytes> = std::collections::HashSet::new();
+    loop {
+        if !stdin_open && unacknowledged == 0 && echoes.is_empty() {
+            return Ok(());
+        }
+        tokio::select! {
+            line = lines.next_line(), if stdin_open => match line? {
+                Some(line) if line.trim().is_empty() => {}
+                Some(line) => match session.post(line.as_bytes()).await {
+                    Ok(_) => unacknowledged += 1,
+                    Err(e) => eprintln!("not sent: {e}"),
+                },
+                None => stdin_open = false,
+            },
+            event = session.next() => match event? {
+                Some(Event::Message(m)) => {
+                    echoes.remove(&m.id);
+                    print_message(&m, &id, false);
+                }
+                Some(Event::Accepted { id, .. }) => {
+                    unacknowledged = unacknowledged.saturating_sub(1);
+                    echoes.insert(id);
+                }
+                Some(Event::Rejected { code, message, .. }) => {
+                    unacknowledged = unacknowledged.saturating_sub(1);
+                    eprintln!("not sent ({code:?}): {message}");
+                }
+                Some(Event::Membership(revision)) => eprintln!("membership changed (revision {revision})"),
+                None => bail!("the server closed the session"),
+            },
+        }
+    }
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+    {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("saferchat: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(run(cli)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("saferchat: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -1,0 +1,443 @@
+//! A member's session in one room, over the `Post` stream.
+//!
+//! [`Session::join`] runs the handshake (join, challenge, signed proof) and
+//! follows a node's redirect to the node that serves the room. Afterwards
+//! [`Session::post`] seals and sends, and [`Session::next`] yields events:
+//! messages (verified and decrypted), post results and membership changes.
+//! A post refused because the membership moved on is re-sealed for the new
+//! membership and sent again, a bounded number of times.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::Arc;
+
+use bytes::Bytes;
+use saferchat_consensus::{Handle, Revision, RoomId};
+use saferchat_proto::chat::{
+    self as pb, chat_room_client::ChatRoomClient, client_frame, server_frame,
+};
+use saferchat_proto::common as cpb;
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::transport::Channel;
+use tonic::{Code, Streaming};
+
+use crate::connect::{connect, redirect_of};
+use crate::crypto::{self, Recipient};
+use crate::error::ClientError;
+use crate::keys::Identity;
+
+/// How often a post is re-sealed for a newer membership before giving up.
+const RESEAL_ATTEMPTS_MAX: u32 = 3;
+/// How many redirects a join follows.
+const REDIRECTS_MAX: usize = 3;
+/// Frames queued towards the server.
+const OUT_FRAMES_MAX: usize = 64;
+
+/// How to join.
+#[derive(Clone, Debug, Default)]
+pub struct JoinOptions {
+    /// Recent messages to receive on join (0: the server's default).
+    pub recent: u32,
+    /// Resume after this message id instead of recent history.
+    pub after_id: Option<Bytes>,
+    /// Receive no history at all.
+    pub no_history: bool,
+}
+
+/// A room's membership as the client trusts it: every key checked against
+/// its handle.
+#[derive(Clone, Debug, Default)]
+pub struct Members {
+    /// The revision.
+    pub revision: Revision,
+    /// Members with keys, in handle order: who a post is wrapped for.
+    pub recipients: Vec<Recipient>,
+    /// Every member, with their key fingerprint (empty if none yet).
+    pub all: Vec<(Handle, String)>,
+}
+
+impl Members {
+    /// Checks a membership from the server.
+    ///
+    /// # Errors
+    /// [`ClientError::Verify`] when a key does not hash to its member's
+    /// handle (the server is lying) or a handle is malformed.
+    pub fn from_pb(m: &cpb::Membership) -> Result<Members, ClientError> {
+        let mut members = Members {
+            revision: Revision(m.revision),
+            ..Members::default()
+        };
+        for member in &m.members {
+            let handle: Handle = member
+                .user
+                .parse()
+                .map_err(|e| ClientError::Verify(format!("membership lists a bad handle: {e}")))?;
+            if !member.public_key.is_empty() {
+                let key = crypto::member_key(&handle, &member.public_key)?;
+                members.recipients.push(Recipient { handle, key });
+            }
+            members.all.push((handle, member.fingerprint.clone()));
+        }
+        Ok(members)
+    }
+}
+
+/// Something that happened in the room.
+#[derive(Debug)]
+pub enum Event {
+    /// A message, verified and decrypted — or why it could not be.
+    Message(Message),
+    /// One of our posts is durably stored.
+    Accepted {
+        /// Our sequence number.
+        seq: u64,
+        /// The server's id.
+        id: Bytes,
+        /// Server time, Unix ms.
+        time_ms: i64,
+    },
+    /// One of our posts was refused.
+    Rejected {
+        /// Our sequence number.
+        seq: u64,
+        /// The gRPC code.
+        code: Code,
+        /// The server's message.
+        message: String,
+    },
+    /// The membership changed.
+    Membership(Revision),
+}
+
+/// A received message.
+#[derive(Debug)]
+pub struct Message {
+    /// Server id (UUIDv7 bytes).
+    pub id: Bytes,
+    /// Server time, Unix ms.
+    pub time_ms: i64,
+    /// Stored before we joined (history) or live.
+    pub history: bool,
+    /// The verified sender and body, or why it must not be shown.
+    pub content: Result<crypto::Plain, ClientError>,
+}
+
+struct Pending {
+    body: Vec<u8>,
+    attempts: u32,
+}
+
+/// An open session.
+pub struct Session {
+    room: RoomId,
+    me: Arc<Identity>,
+    members: Members,
+    /// Every key ever seen for a handle (they never change), so that
+    /// messages from members who left still verify.
+    keys: HashMap<Handle, rsa::PublicKey>,
+    token: String,
+    address: String,
+    out: mpsc::Sender<pb::ClientFrame>,
+    inbound: Streaming<pb::ServerFrame>,
+    pending: HashMap<u64, Pending>,
+    next_seq: u64,
+    queued: VecDeque<Event>,
+    channel: Channel,
+}
+
+impl std::fmt::Debug for Session {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Session({} in {})", self.me.handle(), self.room)
+    }
+}
+
+fn protocol(what: &str) -> ClientError {
+    ClientError::Protocol(what.into())
+}
+
+async fn next_frame(
+    inbound: &mut Streaming<pb::ServerFrame>,
+) -> Result<server_frame::Frame, ClientError> {
+    match inbound.message().await? {
+        Some(pb::ServerFrame { frame: Some(f) }) => Ok(f),
+        Some(_) => Err(protocol("empty frame")),
+        None => Err(protocol("the server closed the session")),
+    }
+}
+
+impl Session {
+    /// Joins `room` as `me` on the node at `address` (following redirects).
+    ///
+    /// # Errors
+    /// The server's status (NOT_FOUND, PERMISSION_DENIED, …) or a
+    /// connection or verification failure.
+    pub async fn join(
+        address: &str,
+        room: &RoomId,
+        me: Arc<Identity>,
+        options: &JoinOptions,
+    ) -> Result<Session, ClientError> {
+        let mut address = address.to_owned();
+        for _ in 0..=REDIRECTS_MAX {
+            let channel = connect(&address).await?;
+            match Session::join_on(channel, &address, room, Arc::clone(&me), options).await {
+                Err(ClientError::Status(status)) => match redirect_of(&status) {
+                    Some(next) => address = next,
+                    None => return Err(ClientError::Status(status)),
+                },
+                other => return other,
+            }
+        }
+        Err(protocol("too many redirects"))
+    }
+
+    /// Joins over an existing channel (no redirects).
+    ///
+    /// # Errors
+    /// As [`Session::join`].
+    pub async fn join_on(
+        channel: Channel,
+        address: &str,
+        room: &RoomId,
+        me: Arc<Identity>,
+        options: &JoinOptions,
+    ) -> Result<Session, ClientError> {
+        let (out, rx) = mpsc::channel(OUT_FRAMES_MAX);
+        let send = |frame| pb::ClientFrame { frame: Some(frame) };
+        out.send(send(client_frame::Frame::Join(pb::Join {
+            chat: room.to_string(),
+            user: me.handle().to_string(),
+            recent: options.recent,
+            after_id: options.after_id.clone().unwrap_or_default(),
+            no_history: options.no_history,
+        })))
+        .await
+        .map_err(|_| protocol("session closed"))?;
+        let mut client = ChatRoomClient::new(channel.clone())
+            .max_decoding_message_size(2 * saferchat_envelope::ENVELOPE_BYTES_MAX);
+        let mut inbound = client.post(ReceiverStream::new(rx)).await?.into_inner();
+        let server_frame::Frame::Challenge(challenge) = next_frame(&mut inbound).await? else {
+            return Err(protocol("expected a challenge"));
+        };
+        let nonce: [u8; saferchat_envelope::challenge::NONCE_BYTES] = challenge
+            .nonce
+            .as_ref()
+            .try_into()
+            .map_err(|_| protocol("challenge has the wrong length"))?;
+        let signature = me.sign(&saferchat_envelope::challenge::join_signing_input(
+            room,
+            &me.handle(),
+            &nonce,
+        ))?;
+        out.send(send(client_frame::Frame::Proof(pb::Proof {
+            public_key: me.public_der().clone(),
+            signature: Bytes::from(signature),
+        })))
+        .await
+        .map_err(|_| protocol("session closed"))?;
+        let server_frame::Frame::Joined(joined) = next_frame(&mut inbound).await? else {
+            return Err(protocol("expected joined"));
+        };
+        let members = Members::from_pb(
+            joined
+                .membership
+                .as_ref()
+                .ok_or_else(|| protocol("joined without membership"))?,
+        )?;
+        let keys = members
+            .recipients
+            .iter()
+            .map(|r| (r.handle, r.key.clone()))
+            .collect();
+        Ok(Session {
+            room: room.clone(),
+            me,
+            members,
+            keys,
+            token: joined.session,
+            address: address.to_owned(),
+            out,
+            inbound,
+            pending: HashMap::new(),
+            next_seq: 1,
+            queued: VecDeque::new(),
+            channel,
+        })
+    }
+
+    /// Who this session is.
+    pub fn identity(&self) -> &Arc<Identity> {
+        &self.me
+    }
+
+    /// The room.
+    pub fn room(&self) -> &RoomId {
+        &self.room
+    }
+
+    /// The membership as last heard.
+    pub fn members(&self) -> &Members {
+        &self.members
+    }
+
+    /// The session token for History and Members.
+    pub fn token(&self) -> &str {
+        &self.token
+    }
+
+    /// The node this session is connected to.
+    pub fn address(&self) -> &str {
+        &self.address
+    }
+
+    /// The underlying channel (for History and Members calls).
+    pub fn channel(&self) -> Channel {
+        self.channel.clone()
+    }
+
+    /// The key of any member ever seen.
+    pub fn key_of(&self, handle: &Handle) -> Option<rsa::PublicKey> {
+        self.keys.get(handle).cloned()
+    }
+
+    fn set_members(&mut self, m: &cpb::Membership) -> Result<(), ClientError> {
+        let members = Members::from_pb(m)?;
+        for r in &members.recipients {
+            self.keys.entry(r.handle).or_insert_with(|| r.key.clone());
+        }
+        self.members = members;
+        Ok(())
+    }
+
+    async fn send_sealed(&mut self, seq: u64, body: &[u8]) -> Result<(), ClientError> {
+        let envelope = crypto::seal(
+            &self.me,
+            &self.room,
+            self.members.revision,
+            &self.members.recipients,
+            body,
+        )?;
+        self.send_raw(seq, envelope.encode()).await
+    }
+
+    /// Sends already-encoded envelope bytes as post `seq` (benchmarks and
+    /// tests of bad input).
+    ///
+    /// # Errors
+    /// When the session is closed.
+    pub async fn send_raw(&mut self, seq: u64, envelope: Bytes) -> Result<(), ClientError> {
+        self.out
+            .send(pb::ClientFrame {
+                frame: Some(client_frame::Frame::Post(pb::Post {
+                    client_seq: seq,
+                    envelope,
+                })),
+            })
+            .await
+            .map_err(|_| protocol("session closed"))
+    }
+
+    /// Seals `body` for the current members and posts it; returns its
+    /// sequence number (see [`Event::Accepted`]).
+    ///
+    /// # Errors
+    /// Empty or oversized bodies, or a closed session.
+    pub async fn post(&mut self, body: &[u8]) -> Result<u64, ClientError> {
+        let seq = self.next_seq;
+        self.next_seq += 1;
+        self.send_sealed(seq, body).await?;
+        self.pending.insert(
+            seq,
+            Pending {
+                body: body.to_vec(),
+                attempts: 0,
+            },
+        );
+        Ok(seq)
+    }
+
+    /// The next event, or `None` when the server ended the session
+    /// cleanly.
+    ///
+    /// # Errors
+    /// The status the server ended the session with (e.g.
+    /// RESOURCE_EXHAUSTED for a reader that fell behind, PERMISSION_DENIED
+    /// after removal).
+    pub async fn next(&mut self) -> Result<Option<Event>, ClientError> {
+        loop {
+            if let Some(event) = self.queued.pop_front() {
+                return Ok(Some(event));
+            }
+            let Some(frame) = self.inbound.message().await? else {
+                return Ok(None);
+            };
+            let Some(frame) = frame.frame else { continue };
+            match frame {
+                server_frame::Frame::Deliveries(d) => {
+                    for item in d.items {
+                        let content = crypto::open(&self.me, &self.room, item.sealed, |h| {
+                            self.keys.get(h).cloned()
+                        });
+                        self.queued.push_back(Event::Message(Message {
+                            id: item.id,
+                            time_ms: item.time_ms,
+                            history: d.history,
+                            content,
+                        }));
+                    }
+                }
+                server_frame::Frame::Result(r) => self.on_result(r).await?,
+                server_frame::Frame::Membership(m) => {
+                    self.set_members(&m)?;
+                    self.queued
+                        .push_back(Event::Membership(self.members.revision));
+                }
+                server_frame::Frame::Challenge(_) | server_frame::Frame::Joined(_) => {
+                    return Err(protocol("unexpected handshake frame"));
+                }
+            }
+        }
+    }
+
+    async fn on_result(&mut self, r: pb::PostResult) -> Result<(), ClientError> {
+        let seq = r.client_seq;
+        match r.outcome {
+            Some(pb::post_result::Outcome::Accepted(a)) => {
+                self.pending.remove(&seq);
+                self.queued.push_back(Event::Accepted {
+                    seq,
+                    id: a.id,
+                    time_ms: a.time_ms,
+                });
+            }
+            Some(pb::post_result::Outcome::Rejected(rejected)) => {
+                let code = Code::from_i32(rejected.code);
+                if let (Code::FailedPrecondition, Some(m)) = (code, &rejected.membership) {
+                    self.set_members(m)?;
+                    if let Some(pending) = self.pending.get_mut(&seq)
+                        && pending.attempts < RESEAL_ATTEMPTS_MAX
+                    {
+                        pending.attempts += 1;
+                        let body = pending.body.clone();
+                        return self.send_sealed(seq, &body).await;
+                    }
+                }
+                self.pending.remove(&seq);
+                self.queued.push_back(Event::Rejected {
+                    seq,
+                    code,
+                    message: rejected.message,
+                });
+            }
+            None => return Err(protocol("post result without outcome")),
+        }
+        Ok(())
+    }
+
+    /// Stops posting; the server keeps delivering until the session is
+    /// dropped.
+    pub fn close_posting(&mut self) {
+        let (dead, _) = mpsc::channel(1);
+        self.out = dead;
+    }
+}

@@ -1,0 +1,218 @@
+//! Static configuration of one room's replica set: who votes, who may hold
+//! read leases, and every timing constant the protocol depends on.
+
+use crate::ids::NodeId;
+use crate::time::Drift;
+
+/// Lease timing. Every constant that lease safety depends on is here.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct LeaseConfig {
+    /// How long a holder may read locally after it *sent* a lease request,
+    /// on its own clock.
+    pub lease_ms: u64,
+    /// How often a holder asks for fresh grants; well below `lease_ms` so
+    /// that a lease never lapses while everyone is healthy.
+    pub renew_every_ms: u64,
+    /// Added to every promise a grantor keeps and every wait a proposer
+    /// makes, for clock granularity and scheduling slop.
+    pub guard_ms: u64,
+    /// The bound on clock rate drift.
+    pub drift: Drift,
+}
+
+impl LeaseConfig {
+    /// How long a grantor keeps a promise after granting, on its own clock:
+    /// long enough to outlast the holder's `lease_ms` whatever the drift.
+    pub fn promise_ms(&self) -> u64 {
+        self.drift.cover(self.lease_ms) + self.guard_ms
+    }
+
+    /// How long a proposer must wait, on its own clock, for a promise that
+    /// a grantor said has `remaining_ms` left on the grantor's clock.
+    pub fn wait_ms(&self, remaining_ms: u64) -> u64 {
+        self.drift.cover(remaining_ms) + self.guard_ms
+    }
+}
+
+impl Default for LeaseConfig {
+    fn default() -> LeaseConfig {
+        LeaseConfig {
+            lease_ms: 2_000,
+            renew_every_ms: 500,
+            guard_ms: 10,
+            // 500 ppm is the most NTP ever slews a clock; a free-running
+            // quartz oscillator drifts a few tens of ppm.
+            drift: Drift::new(500),
+        }
+    }
+}
+
+/// Proposer timing.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct ProposerConfig {
+    /// A round that has not reached a quorum after this long is abandoned
+    /// and retried with a higher ballot.
+    pub round_timeout_ms: u64,
+    /// A request not committed after this long fails with `Unavailable`.
+    pub request_timeout_ms: u64,
+    /// Base of the randomised back-off between retries after preemption.
+    pub backoff_ms: u64,
+    /// Most changes one round carries.
+    pub batch_max: usize,
+}
+
+impl Default for ProposerConfig {
+    fn default() -> ProposerConfig {
+        ProposerConfig {
+            round_timeout_ms: 500,
+            request_timeout_ms: 5_000,
+            backoff_ms: 20,
+            batch_max: 256,
+        }
+    }
+}
+
+/// A room's replica set as seen from one node.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct ReplicaConfig {
+    /// This node.
+    pub me: NodeId,
+    /// Every acceptor, sorted, `me` among them.
+    pub replicas: Vec<NodeId>,
+    /// The replicas that hold read leases (one per datacenter, or all of a
+    /// single-datacenter set). Writes wait for every unexpired holder.
+    pub holders: Vec<NodeId>,
+    /// Lease timing.
+    pub lease: LeaseConfig,
+    /// Proposer timing.
+    pub proposer: ProposerConfig,
+}
+
+/// What is wrong with a replica configuration.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum ConfigError {
+    /// The replica list is empty, unsorted or repeats a node.
+    #[error("replicas must be a non-empty sorted list of distinct node ids")]
+    Replicas,
+    /// This node is not one of the replicas.
+    #[error("this node ({0}) is not one of the replicas")]
+    NotAReplica(NodeId),
+    /// A lease holder is not a replica.
+    #[error("lease holder {0} is not a replica")]
+    HolderNotReplica(NodeId),
+    /// Lease timings are inconsistent.
+    #[error("lease timing: renew_every_ms must be > 0 and < lease_ms / 2")]
+    LeaseTiming,
+}
+
+impl ReplicaConfig {
+    /// A replica set of one: the embedded single-node deployment.
+    pub fn single(me: NodeId) -> ReplicaConfig {
+        ReplicaConfig {
+            me,
+            replicas: vec![me],
+            holders: vec![me],
+            lease: LeaseConfig::default(),
+            proposer: ProposerConfig::default(),
+        }
+    }
+
+    /// Checks the configuration.
+    ///
+    /// # Errors
+    /// The first [`ConfigError`] found.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if self.replicas.is_empty() || !self.replicas.windows(2).all(|w| w[0] < w[1]) {
+            return Err(ConfigError::Replicas);
+        }
+        if !self.replicas.contains(&self.me) {
+            return Err(ConfigError::NotAReplica(self.me));
+        }
+        if let Some(h) = self.holders.iter().find(|h| !self.replicas.contains(h)) {
+            return Err(ConfigError::HolderNotReplica(*h));
+        }
+        if self.lease.renew_every_ms == 0 || self.lease.renew_every_ms >= self.lease.lease_ms / 2 {
+            return Err(ConfigError::LeaseTiming);
+        }
+        Ok(())
+    }
+
+    /// Votes needed for a quorum.
+    pub fn majority(&self) -> usize {
+        self.replicas.len() / 2 + 1
+    }
+
+    /// Whether `node` may hold leases.
+    pub fn is_holder(&self, node: NodeId) -> bool {
+        self.holders.contains(&node)
+    }
+
+    /// Whether a restarted grantor must assume it promised someone: false
+    /// only when the sole possible holder is this node itself, whose lease
+    /// state died in the same restart.
+    pub fn may_have_promised_others(&self) -> bool {
+        self.holders.iter().any(|h| *h != self.me)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn three() -> ReplicaConfig {
+        ReplicaConfig {
+            me: NodeId(2),
+            replicas: vec![NodeId(1), NodeId(2), NodeId(3)],
+            holders: vec![NodeId(1), NodeId(2), NodeId(3)],
+            lease: LeaseConfig::default(),
+            proposer: ProposerConfig::default(),
+        }
+    }
+
+    #[test]
+    fn validates() {
+        assert_eq!(three().validate(), Ok(()));
+        assert_eq!(ReplicaConfig::single(NodeId(7)).validate(), Ok(()));
+        assert_eq!(
+            ReplicaConfig {
+                me: NodeId(9),
+                ..three()
+            }
+            .validate(),
+            Err(ConfigError::NotAReplica(NodeId(9)))
+        );
+        assert_eq!(
+            ReplicaConfig {
+                replicas: vec![NodeId(2), NodeId(1)],
+                ..three()
+            }
+            .validate(),
+            Err(ConfigError::Replicas)
+        );
+        assert_eq!(
+            ReplicaConfig {
+                holders: vec![NodeId(4)],
+                ..three()
+            }
+            .validate(),
+            Err(ConfigError::HolderNotReplica(NodeId(4)))
+        );
+        let mut bad = three();
+        bad.lease.renew_every_ms = bad.lease.lease_ms;
+        assert_eq!(bad.validate(), Err(ConfigError::LeaseTiming));
+    }
+
+    #[test]
+    fn majorities() {
+        assert_eq!(ReplicaConfig::single(NodeId(1)).majority(), 1);
+        assert_eq!(three().majority(), 2);
+    }
+
+    #[test]
+    fn promises_outlast_leases() {
+        let lease = LeaseConfig::default();
+        assert!(lease.promise_ms() > lease.lease_ms);
+        assert!(!ReplicaConfig::single(NodeId(1)).may_have_promised_others());
+        assert!(three().may_have_promised_others());
+    }
+}

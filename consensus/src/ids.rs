@@ -1,0 +1,78 @@
+//! Identifiers and counters: nodes, ballots, revisions, requests.
+
+use std::fmt;
+
+/// A node of the cluster, as named in the replica configuration.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct NodeId(pub u64);
+
+impl fmt::Display for NodeId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "n{}", self.0)
+    }
+}
+
+/// A Paxos ballot: a round counter made unique by the proposing node.
+///
+/// Ordered by round first, then node, so two proposers never use the same
+/// ballot and every ballot has a successor owned by its node.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Ballot {
+    /// Round counter; the part a proposer raises to preempt others.
+    pub round: u64,
+    /// The node that owns this ballot.
+    pub node: NodeId,
+}
+
+impl Ballot {
+    /// The ballot below every ballot a proposer can use.
+    pub const ZERO: Ballot = Ballot {
+        round: 0,
+        node: NodeId(0),
+    };
+
+    /// The next ballot of the same node: the one a proposer piggybacks as
+    /// a promise on its accept, for a one-round-trip next change.
+    pub fn successor(self) -> Ballot {
+        Ballot {
+            round: self.round + 1,
+            node: self.node,
+        }
+    }
+}
+
+impl fmt::Display for Ballot {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}.{}", self.round, self.node.0)
+    }
+}
+
+/// The revision of a room's membership: the number of committed changes.
+///
+/// Every change that alters the membership produces the next revision; a
+/// change that alters nothing (an idempotent add, a read) keeps it.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Revision(pub u64);
+
+impl Revision {
+    /// The revision after this one.
+    pub fn next(self) -> Revision {
+        Revision(self.0 + 1)
+    }
+}
+
+impl fmt::Display for Revision {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}", self.0)
+    }
+}
+
+/// A caller's handle on one proposal, echoed in its reply.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct RequestId(pub u64);
+
+/// A globally unique id of one requested change, kept in the room state
+/// for a while so that a change retried after an unknown outcome is
+/// applied once and reports its first outcome.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct ChangeId(pub u128);

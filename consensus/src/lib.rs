@@ -1,0 +1,54 @@
+//! Sans-I/O core of saferchat's room membership: a per-room CASPaxos
+//! register with quorum leases.
+//!
+//! # Layout
+//!
+//! - [`room`]: the replicated value ([`RoomState`]), the changes that move
+//!   it ([`Change`]) and the pure function that applies them ([`apply`]).
+//! - [`paxos::acceptor`], [`paxos::proposer`]: the register.
+//! - [`lease::grantor`], [`lease::holder`]: quorum leases.
+//! - [`replica`]: the four roles of one room on one node behind one
+//!   interface, emitting a [`Ready`].
+//! - [`time`], [`config`], [`ids`], [`message`]: the vocabulary.
+//!
+//! # What this crate never does
+//!
+//! No I/O, no clocks, no threads, no randomness: time arrives as an
+//! argument, storage and network are commands in [`Ready`], and the same
+//! inputs always produce the same outputs. That is what lets the tests
+//! check the real code exhaustively (stateright) and replay any simulated
+//! schedule from its seed.
+//!
+//! # The protocol in one paragraph
+//!
+//! Each room is an independent register whose value is the whole
+//! membership. A change is a function of the previous value: a proposer
+//! learns the newest accepted value from a majority (phase 1), applies the
+//! change, and has a majority accept the result (phase 2); the accept also
+//! asks for a promise on the proposer's next ballot, so the next change
+//! needs phase 2 only. Lease holders read locally while a majority of
+//! grants are unexpired and no newer accepted value is pending; a round
+//! commits only after every holder reported by an accepting acceptor has
+//! answered the accept or its promise has expired. See `specs/README.md`
+//! for the TLA+ specifications that state and check the invariants.
+
+pub mod config;
+pub mod ids;
+pub mod lease;
+pub mod message;
+pub mod paxos;
+pub mod replica;
+pub mod room;
+pub mod time;
+
+pub use config::{ConfigError, LeaseConfig, ProposerConfig, ReplicaConfig};
+pub use ids::{Ballot, ChangeId, NodeId, RequestId, Revision};
+pub use lease::holder::ReadError;
+pub use message::{Message, Phase};
+pub use paxos::acceptor::AcceptorState;
+pub use paxos::proposer::Outcome;
+pub use replica::{LeaseStatus, Ready, RoomReplica};
+pub use room::{
+    Applied, Change, ChangeError, Handle, ParseError, Proposal, PublicKey, RoomId, RoomState, apply,
+};
+pub use time::{Drift, Millis};

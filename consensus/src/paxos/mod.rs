@@ -1,0 +1,4 @@
+//! The per-room Paxos register: acceptor and proposer.
+
+pub mod acceptor;
+pub mod proposer;

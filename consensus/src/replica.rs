@@ -1,0 +1,293 @@
+//! One room's replica on one node: acceptor, proposer, grantor and holder
+//! behind a single sans-I/O interface.
+//!
+//! Inputs: [`RoomReplica::propose`], [`RoomReplica::step`] (a message from a
+//! peer, or from this node to itself), [`RoomReplica::tick`], each with the
+//! local time. Output: a [`Ready`] that the node executes in order.
+
+use std::sync::Arc;
+
+use crate::config::ReplicaConfig;
+use crate::ids::{Ballot, NodeId, RequestId};
+use crate::lease::grantor::Grantor;
+use crate::lease::holder::{Holder, ReadError};
+use crate::message::Message;
+use crate::paxos::acceptor::{Acceptor, AcceptorState};
+use crate::paxos::proposer::{Effects, Outcome, Proposer};
+use crate::room::{Proposal, RoomState};
+use crate::time::Millis;
+
+/// What the node must do after feeding the replica an input.
+///
+/// The order is the contract: `persist` must be durable before any of
+/// `messages` is sent, any of `replies` is delivered or `committed` is
+/// acted on, because promises and accepts in those messages assume it.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Hash)]
+pub struct Ready {
+    /// The acceptor's new durable state, if it changed.
+    pub persist: Option<AcceptorState>,
+    /// Messages to send, in order; those addressed to this node are fed
+    /// back through [`RoomReplica::step`].
+    pub messages: Vec<(NodeId, Message)>,
+    /// Outcomes for callers of [`RoomReplica::propose`].
+    pub replies: Vec<(RequestId, Outcome)>,
+    /// The newest committed state learned, if the local copy moved.
+    pub committed: Option<(Ballot, Arc<RoomState>)>,
+}
+
+impl Ready {
+    /// Whether there is nothing to do.
+    pub fn is_empty(&self) -> bool {
+        self.persist.is_none()
+            && self.messages.is_empty()
+            && self.replies.is_empty()
+            && self.committed.is_none()
+    }
+}
+
+/// Who holds leases on the room, as far as this node can tell.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct LeaseStatus {
+    /// Whether this node may read locally right now.
+    pub local_read: bool,
+    /// Holders this node has promised, unexpired.
+    pub promised_to: Vec<NodeId>,
+}
+
+/// The replica of one room on one node.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct RoomReplica {
+    config: Arc<ReplicaConfig>,
+    acceptor: Acceptor,
+    proposer: Proposer,
+    grantor: Grantor,
+    holder: Holder,
+    ready: Ready,
+}
+
+impl RoomReplica {
+    /// A replica restored after (re)loading the room.
+    ///
+    /// `durable` is the acceptor state read back from storage; `known` the
+    /// newest committed state stored locally (may be stale, or `None`);
+    /// `recovering_until` the end of the window in which this node might
+    /// still owe lease promises it made before a crash — the node's start
+    /// time plus [`crate::LeaseConfig::promise_ms`], or `Millis(0)` when
+    /// [`ReplicaConfig::may_have_promised_others`] is false.
+    pub fn new(
+        config: Arc<ReplicaConfig>,
+        durable: AcceptorState,
+        known: Option<(Ballot, Arc<RoomState>)>,
+        recovering_until: Millis,
+    ) -> RoomReplica {
+        RoomReplica {
+            config,
+            acceptor: Acceptor::restore(durable),
+            proposer: Proposer::default(),
+            grantor: Grantor::restarted(recovering_until),
+            holder: Holder::restore(known),
+            ready: Ready::default(),
+        }
+    }
+
+    /// The configuration.
+    pub fn config(&self) -> &ReplicaConfig {
+        &self.config
+    }
+
+    /// Queues a change (or a [`crate::Change::Read`]) for consensus.
+    pub fn propose(&mut self, now: Millis, request: RequestId, proposal: Proposal) {
+        self.proposer.enqueue(&self.config, now, request, proposal);
+        self.drive(now);
+    }
+
+    /// The local copy, if a linearizable local read is possible at `now`.
+    ///
+    /// # Errors
+    /// [`ReadError`] when the caller must fall back to a consensus read.
+    pub fn read(&self, now: Millis) -> Result<&Arc<RoomState>, ReadError> {
+        self.holder.read(&self.config, now)
+    }
+
+    /// The local copy and until when a local read of it stays valid (on
+    /// this node's clock) unless another input arrives first; `None` when
+    /// a local read is not possible at `now`. Lets the node hand a cheap,
+    /// time-bounded view to code that reads on every request.
+    pub fn read_until(&self, now: Millis) -> Option<(&Arc<RoomState>, Millis)> {
+        let until = self.holder.readable_until(&self.config, now)?;
+        let state = self.holder.read(&self.config, now).ok()?;
+        Some((state, until))
+    }
+
+    /// Starts or stops asking for leases on this room.
+    pub fn want_lease(&mut self, now: Millis, wanted: bool) {
+        self.holder.set_wanted(wanted);
+        self.tick(now);
+    }
+
+    /// Whether this node currently asks for leases on this room.
+    pub fn lease_wanted(&self) -> bool {
+        self.holder.wanted()
+    }
+
+    /// Lease facts for operators.
+    pub fn lease_status(&self, now: Millis) -> LeaseStatus {
+        LeaseStatus {
+            local_read: self.read(now).is_ok(),
+            promised_to: self.grantor.promised(now),
+        }
+    }
+
+    /// The newest committed state known locally (not necessarily current).
+    pub fn known(&self) -> Option<&(Ballot, Arc<RoomState>)> {
+        self.holder.known()
+    }
+
+    /// The acceptor's durable state.
+    pub fn acceptor_state(&self) -> &AcceptorState {
+        self.acceptor.state()
+    }
+
+    /// Whether the next change can skip phase 1.
+    pub fn has_fast_path(&self) -> bool {
+        self.proposer.has_fast_path()
+    }
+
+    /// Whether proposals are queued or in flight.
+    pub fn proposing(&self) -> bool {
+        self.proposer.busy() || self.proposer.next_wakeup(&self.config).is_some()
+    }
+
+    /// Handles one message from `from` (possibly this node).
+    pub fn step(&mut self, now: Millis, from: NodeId, message: Message) {
+        let mut effects = Effects::default();
+        match message {
+            Message::Prepare { ballot } => {
+                let answer = self.acceptor.on_prepare(ballot);
+                self.answer(from, answer.reply, answer.changed);
+            }
+            Message::Accept {
+                ballot,
+                value,
+                next,
+            } => {
+                // As a holder first: the answer below is the acknowledgement.
+                self.holder.on_accept_seen(ballot, value.revision);
+                let answer = self.acceptor.on_accept(ballot, &value, next);
+                let reply = match answer.reply {
+                    Message::Accepted { ballot, .. } => Message::Accepted {
+                        ballot,
+                        holders: self.grantor.unexpired(&self.config, now),
+                    },
+                    nack => nack,
+                };
+                self.answer(from, reply, answer.changed);
+            }
+            Message::Promise { ballot, accepted } => {
+                self.proposer
+                    .on_promise(&self.config, from, ballot, accepted, &mut effects);
+            }
+            Message::Accepted { ballot, holders } => {
+                self.proposer
+                    .on_accepted(&self.config, now, from, ballot, &holders, &mut effects);
+            }
+            Message::Nack {
+                ballot,
+                promised,
+                phase,
+            } => {
+                self.proposer.on_nack(
+                    &self.config,
+                    now,
+                    from,
+                    (ballot, promised, phase),
+                    &mut effects,
+                );
+            }
+            Message::Commit { ballot, value } => {
+                self.proposer.on_commit_seen(ballot);
+                self.learn(ballot, &value);
+            }
+            Message::LeaseRequest { seq } => {
+                if self.config.is_holder(from) {
+                    self.grantor.grant(&self.config, now, from);
+                    let accepted = self
+                        .acceptor
+                        .state()
+                        .accepted
+                        .as_ref()
+                        .map(|(b, v)| (*b, v.revision));
+                    self.ready
+                        .messages
+                        .push((from, Message::LeaseGrant { seq, accepted }));
+                }
+            }
+            Message::LeaseGrant { seq, accepted } => {
+                self.holder.on_grant(&self.config, from, seq, accepted);
+            }
+        }
+        self.absorb(effects);
+        self.drive(now);
+    }
+
+    /// Advances timers: lease renewals, holder waits, round and request
+    /// timeouts.
+    pub fn tick(&mut self, now: Millis) {
+        if let Some(seq) = self.holder.due_request(&self.config, now) {
+            for to in &self.config.replicas {
+                self.ready
+                    .messages
+                    .push((*to, Message::LeaseRequest { seq }));
+            }
+        }
+        let mut effects = Effects::default();
+        let floor = self.acceptor.state().promised;
+        self.proposer.tick(&self.config, now, floor, &mut effects);
+        self.absorb(effects);
+    }
+
+    /// The earliest time [`RoomReplica::tick`] has work to do.
+    pub fn next_wakeup(&self, now: Millis) -> Option<Millis> {
+        [
+            self.proposer.next_wakeup(&self.config),
+            self.holder.next_request(&self.config),
+            self.grantor.next_expiry(now),
+        ]
+        .into_iter()
+        .flatten()
+        .min()
+    }
+
+    /// Takes what the node must do now.
+    pub fn take_ready(&mut self) -> Ready {
+        std::mem::take(&mut self.ready)
+    }
+
+    fn answer(&mut self, to: NodeId, reply: Message, changed: bool) {
+        if changed {
+            self.ready.persist = Some(self.acceptor.state().clone());
+        }
+        self.ready.messages.push((to, reply));
+    }
+
+    fn drive(&mut self, now: Millis) {
+        let mut effects = Effects::default();
+        let floor = self.acceptor.state().promised;
+        self.proposer.drive(&self.config, now, floor, &mut effects);
+        self.absorb(effects);
+    }
+
+    fn absorb(&mut self, effects: Effects) {
+        self.ready.messages.extend(effects.messages);
+        self.ready.replies.extend(effects.replies);
+        if let Some((ballot, value)) = effects.committed {
+            self.learn(ballot, &value);
+        }
+    }
+
+    fn learn(&mut self, ballot: Ballot, value: &Arc<RoomState>) {
+        if self.holder.learn(ballot, value) {
+            self.ready.committed = Some((ballot, Arc::clone(value)));
+        }
+    }
+}

@@ -1,0 +1,232 @@
+//! What one recipient receives: the envelope with only its own wrapped key
+//! and the Merkle audit path that ties that key to the signed root.
+
+use bytes::{Bytes, BytesMut};
+use prost::Message as _;
+use saferchat_consensus::{Handle, Revision, RoomId};
+use saferchat_proto::envelope as pb;
+
+use crate::merkle::{self, Hash, PATH_HASHES_MAX};
+use crate::{Envelope, EnvelopeError, NONCE_BYTES, WrappedKey, check_header, signing_input};
+
+/// Precomputed per-message state for delivering one envelope to many
+/// recipients cheaply.
+///
+/// Protobuf lets two encodings be concatenated into the encoding of one
+/// message with the fields of both, so the part every recipient shares
+/// (header, ciphertext, signature, key count) is encoded once and each
+/// delivery appends only its key index, wrapped key and audit path.
+#[derive(Clone, Debug)]
+pub struct Fanout {
+    shared: Bytes,
+    tree: merkle::Tree,
+    keys: Vec<WrappedKey>,
+}
+
+impl Fanout {
+    /// Prepares the fan-out of a validated envelope.
+    pub fn new(envelope: &Envelope) -> Fanout {
+        let shared = pb::Sealed {
+            version: crate::VERSION,
+            room: envelope.room.to_string(),
+            sender: envelope.sender.to_string(),
+            revision: envelope.revision.0,
+            nonce: Bytes::copy_from_slice(&envelope.nonce),
+            ciphertext: envelope.ciphertext.clone(),
+            signature: envelope.signature.clone(),
+            key_count: u32::try_from(envelope.keys.len()).expect("bounded key count"),
+            ..pb::Sealed::default()
+        };
+        Fanout {
+            shared: Bytes::from(shared.encode_to_vec()),
+            tree: envelope.key_tree(),
+            keys: envelope.keys.clone(),
+        }
+    }
+
+    /// The position of `recipient` among the wrapped keys.
+    pub fn index_of(&self, recipient: &Handle) -> Option<usize> {
+        self.keys
+            .binary_search_by(|k| k.recipient.cmp(recipient))
+            .ok()
+    }
+
+    /// The encoded `Sealed` for the recipient at `index`.
+    ///
+    /// # Panics
+    /// If `index` is out of range.
+    pub fn sealed_for(&self, index: usize) -> Bytes {
+        let key = &self.keys[index];
+        let tail = pb::Sealed {
+            key_index: u32::try_from(index).expect("bounded key count"),
+            key: Some(pb::WrappedKey {
+                recipient: key.recipient.to_string(),
+                wrapped: key.wrapped.clone(),
+            }),
+            proof: self
+                .tree
+                .path(index)
+                .into_iter()
+                .map(|h| Bytes::copy_from_slice(&h))
+                .collect(),
+            ..pb::Sealed::default()
+        };
+        let mut out = BytesMut::with_capacity(self.shared.len() + tail.encoded_len());
+        out.extend_from_slice(&self.shared);
+        tail.encode(&mut out).expect("capacity reserved");
+        out.freeze()
+    }
+
+    /// The encoded `Sealed` for `recipient`, if the envelope wraps for it.
+    pub fn sealed_for_recipient(&self, recipient: &Handle) -> Option<Bytes> {
+        self.index_of(recipient).map(|i| self.sealed_for(i))
+    }
+}
+
+/// A structurally valid sealed envelope, with the signing input it claims.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Opened {
+    /// The room.
+    pub room: RoomId,
+    /// Who posted.
+    pub sender: Handle,
+    /// The revision the keys were wrapped for.
+    pub revision: Revision,
+    /// AES-GCM nonce.
+    pub nonce: [u8; NONCE_BYTES],
+    /// AES-GCM ciphertext with tag.
+    pub ciphertext: Bytes,
+    /// This recipient's wrapped content key.
+    pub wrapped: Bytes,
+    /// The sender's signature.
+    pub signature: Bytes,
+    /// What the signature must verify over, with the root recomputed from
+    /// this recipient's leaf and audit path.
+    pub signing_input: Vec<u8>,
+}
+
+/// Decodes a sealed envelope meant for `me` and recomputes what its
+/// signature must cover. The caller still has to verify the signature
+/// (with the sender's key from the membership) and decrypt.
+///
+/// # Errors
+/// [`EnvelopeError`] when the bytes do not decode, a field is invalid, the
+/// key is for someone else, or the audit path does not fit.
+pub fn open(bytes: Bytes, me: &Handle) -> Result<Opened, EnvelopeError> {
+    let wire = pb::Sealed::decode(bytes).map_err(|e| EnvelopeError::Decode(e.to_string()))?;
+    let (room, sender, nonce) = check_header(
+        wire.version,
+        &wire.room,
+        &wire.sender,
+        &wire.nonce,
+        &wire.ciphertext,
+        &wire.signature,
+    )?;
+    let key = wire.key.ok_or(EnvelopeError::NoKeys)?;
+    let recipient: Handle = key
+        .recipient
+        .parse()
+        .map_err(|source| EnvelopeError::Handle {
+            field: "recipient",
+            source,
+        })?;
+    if recipient != *me {
+        return Err(EnvelopeError::Handle {
+            field: "recipient",
+            source: saferchat_consensus::ParseError::Handle,
+        });
+    }
+    if key.wrapped.is_empty() || key.wrapped.len() > crate::RSA_OUTPUT_BYTES_MAX {
+        return Err(EnvelopeError::RsaLength("wrapped key"));
+    }
+    let count = wire.key_count as usize;
+    if count == 0 || count > saferchat_consensus::room::ROOM_MEMBERS_MAX {
+        return Err(EnvelopeError::Path);
+    }
+    if wire.proof.len() > PATH_HASHES_MAX {
+        return Err(EnvelopeError::Path);
+    }
+    let path: Vec<Hash> = wire
+        .proof
+        .iter()
+        .map(|h| <Hash>::try_from(h.as_ref()).map_err(|_| EnvelopeError::Path))
+        .collect::<Result<_, _>>()?;
+    let leaf = merkle::leaf_hash(recipient.as_bytes(), &key.wrapped);
+    let root = merkle::root_from_path(leaf, wire.key_index as usize, count, &path)
+        .ok_or(EnvelopeError::Path)?;
+    let revision = Revision(wire.revision);
+    let signing_input = signing_input(
+        &room,
+        &sender,
+        revision,
+        &nonce,
+        &wire.ciphertext,
+        count,
+        &root,
+    );
+    Ok(Opened {
+        room,
+        sender,
+        revision,
+        nonce,
+        ciphertext: wire.ciphertext,
+        wrapped: key.wrapped,
+        signature: wire.signature,
+        signing_input,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::tests::{handle, sample};
+
+    #[test]
+    fn every_recipient_recomputes_the_signed_input() {
+        let recipients: Vec<_> = (1..=13).map(handle).collect();
+        let envelope = sample(&recipients);
+        let expected = envelope.signing_input();
+        let fanout = Fanout::new(&envelope);
+        for r in &recipients {
+            let sealed = fanout.sealed_for_recipient(r).unwrap();
+            let opened = open(sealed, r).unwrap();
+            assert_eq!(opened.signing_input, expected);
+            assert_eq!(opened.sender, envelope.sender);
+            assert_eq!(opened.ciphertext, envelope.ciphertext);
+            let i = fanout.index_of(r).unwrap();
+            assert_eq!(opened.wrapped, envelope.keys[i].wrapped);
+        }
+        assert_eq!(fanout.sealed_for_recipient(&handle(99)), None);
+    }
+
+    #[test]
+    fn a_tampered_delivery_changes_the_signed_input() {
+        let recipients: Vec<_> = (1..=5).map(handle).collect();
+        let envelope = sample(&recipients);
+        let expected = envelope.signing_input();
+        let fanout = Fanout::new(&envelope);
+        let me = recipients[2];
+        let mut wire = pb::Sealed::decode(fanout.sealed_for_recipient(&me).unwrap()).unwrap();
+        wire.key.as_mut().unwrap().wrapped = Bytes::from(vec![1u8; 256]);
+        let opened = open(Bytes::from(wire.encode_to_vec()), &me).unwrap();
+        assert_ne!(
+            opened.signing_input, expected,
+            "a swapped wrapped key must break the signature"
+        );
+
+        let mut wire = pb::Sealed::decode(fanout.sealed_for_recipient(&me).unwrap()).unwrap();
+        wire.key_count = 4;
+        assert!(
+            open(Bytes::from(wire.encode_to_vec()), &me)
+                .map(|o| o.signing_input != expected)
+                .unwrap_or(true)
+        );
+
+        let sealed = fanout.sealed_for_recipient(&me).unwrap();
+        assert!(
+            open(sealed, &recipients[0]).is_err(),
+            "a key for someone else is refused"
+        );
+        assert!(open(Bytes::from_static(b"\x08\x01garbage"), &me).is_err());
+    }
+}

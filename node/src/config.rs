@@ -1,0 +1,542 @@
+//! Node configuration: a struct with defaults, read from an optional TOML
+//! file, then overridden by `SAFERCHAT_*` environment variables, then
+//! validated. `main.rs` is the only place that parses command-line flags.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use saferchat_consensus::{Drift, LeaseConfig, NodeId, ProposerConfig, ReplicaConfig};
+use serde::{Deserialize, Serialize};
+
+use crate::error::NodeError;
+
+/// Everything a node needs to start.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct NodeConfig {
+    /// Client-facing gRPC address (chat and admin services).
+    pub listen: SocketAddr,
+    /// Where sled data, the admin token and the session key live.
+    pub data_dir: PathBuf,
+    /// The admin bearer token. When absent, one is generated on first
+    /// start into `data_dir/admin.token` (mode 0600).
+    pub admin_token: Option<String>,
+    /// Key for session tokens (any string of 32+ bytes). When absent, one
+    /// is generated into `data_dir/session.key`. Nodes of one cluster that
+    /// should accept each other's session tokens share it.
+    pub session_secret: Option<String>,
+    /// Prometheus metrics endpoint; none when absent.
+    pub metrics_listen: Option<SocketAddr>,
+    /// Log output format.
+    pub log_format: LogFormat,
+    /// This node's id within the cluster.
+    pub node_id: u64,
+    /// This node's datacenter.
+    pub datacenter: String,
+    /// Node-to-node gRPC address; required when `peers` is not empty.
+    pub peer_listen: Option<SocketAddr>,
+    /// The other nodes of the replica set. Empty: a single node.
+    pub peers: Vec<PeerConfig>,
+    /// Lease timing.
+    pub lease: LeaseSettings,
+    /// Where rooms and messages are stored.
+    pub storage: StorageConfig,
+    /// Resource limits.
+    pub limits: Limits,
+}
+
+/// Log output format.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    /// Human-readable lines.
+    #[default]
+    Text,
+    /// One JSON object per line.
+    Json,
+}
+
+/// Another node of the replica set.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PeerConfig {
+    /// Its node id.
+    pub id: u64,
+    /// Its node-to-node address (`peer_listen` over there).
+    pub peer_address: SocketAddr,
+    /// Its client-facing address, for redirecting clients.
+    pub client_address: SocketAddr,
+    /// Its datacenter.
+    pub datacenter: String,
+}
+
+/// Lease timing, as configured. See `saferchat_consensus::LeaseConfig`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct LeaseSettings {
+    /// How long a holder may read locally after asking.
+    pub lease_ms: u64,
+    /// How often holders renew.
+    pub renew_every_ms: u64,
+    /// Slack added to promises and waits.
+    pub guard_ms: u64,
+    /// The assumed bound on clock rate drift, in parts per million.
+    pub drift_ppm_max: u64,
+}
+
+impl Default for LeaseSettings {
+    fn default() -> LeaseSettings {
+        let d = LeaseConfig::default();
+        LeaseSettings {
+            lease_ms: d.lease_ms,
+            renew_every_ms: d.renew_every_ms,
+            guard_ms: d.guard_ms,
+            drift_ppm_max: d.drift.ppm_max,
+        }
+    }
+}
+
+/// Storage backend selection.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct StorageConfig {
+    /// Which store keeps the timeline and committed membership.
+    pub backend: Backend,
+    /// Cassandra settings, used when `backend = "cassandra"`.
+    pub cassandra: CassandraConfig,
+}
+
+/// Which store keeps rooms and messages. Acceptor state always lives in
+/// the node's own sled database: it is this node's vote.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Backend {
+    /// Embedded sled in `data_dir`: no other software needed.
+    #[default]
+    Sled,
+    /// Apache Cassandra or ScyllaDB.
+    Cassandra,
+}
+
+/// Cassandra connection settings.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct CassandraConfig {
+    /// `host:port` of one or more nodes.
+    pub contact_points: Vec<String>,
+    /// The local datacenter (for routing and LOCAL_* consistency).
+    pub datacenter: String,
+    /// Keyspace name.
+    pub keyspace: String,
+    /// Replication, e.g. `{'class': 'SimpleStrategy', 'replication_factor': 1}`
+    /// or `{'class': 'NetworkTopologyStrategy', 'dc1': 3, 'dc2': 3}`.
+    pub replication: String,
+}
+
+impl Default for CassandraConfig {
+    fn default() -> CassandraConfig {
+        CassandraConfig {
+            contact_points: vec!["127.0.0.1:9042".to_owned()],
+            datacenter: "datacenter1".to_owned(),
+            keyspace: "saferchat".to_owned(),
+            replication: "{'class': 'SimpleStrategy', 'replication_factor': 1}".to_owned(),
+        }
+    }
+}
+
+/// Resource limits. Every queue and every page has one.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Limits {
+    /// Deliveries queued for one session before it is closed as too slow.
+    pub session_queue_max: usize,
+    /// Concurrent chat sessions on this node.
+    pub sessions_max: usize,
+    /// Commands queued for one room.
+    pub room_queue_max: usize,
+    /// Posts written to storage in one batch.
+    pub room_batch_max: usize,
+    /// Messages sent on join when the client does not say.
+    pub history_on_join: u32,
+    /// Most messages one history call or join returns.
+    pub history_max: u32,
+    /// How long a session token stays valid.
+    pub session_token_ms: u64,
+    /// How long a joining client has to answer the challenge.
+    pub join_timeout_ms: u64,
+}
+
+impl Default for Limits {
+    fn default() -> Limits {
+        Limits {
+            session_queue_max: 1024,
+            sessions_max: 100_000,
+            room_queue_max: 4096,
+            room_batch_max: 512,
+            history_on_join: 50,
+            history_max: 1000,
+            session_token_ms: 12 * 60 * 60 * 1000,
+            join_timeout_ms: 30_000,
+        }
+    }
+}
+
+impl Default for NodeConfig {
+    fn default() -> NodeConfig {
+        NodeConfig {
+            listen: SocketAddr::from(([127, 0, 0, 1], 8080)),
+            data_dir: PathBuf::from("saferchat-data"),
+            admin_token: None,
+            session_secret: None,
+            metrics_listen: None,
+            log_format: LogFormat::Text,
+            node_id: 1,
+            datacenter: "dc1".to_owned(),
+            peer_listen: None,
+            peers: Vec::new(),
+            lease: LeaseSettings::default(),
+            storage: StorageConfig::default(),
+            limits: Limits::default(),
+        }
+    }
+}
+
+fn invalid(message: impl Into<String>) -> NodeError {
+    NodeError::Config(message.into())
+}
+
+fn parse_env<T: std::str::FromStr>(name: &str, value: &str) -> Result<T, NodeError>
+where
+    T::Err: std::fmt::Display,
+{
+    value
+        .parse()
+        .map_err(|e| invalid(format!("{name}={value:?}: {e}")))
+}
+
+/// Parses `SAFERCHAT_PEERS`: `id=peer_addr/client_addr@dc`, comma separated.
+fn parse_peers(value: &str) -> Result<Vec<PeerConfig>, NodeError> {
+    let shape = "expected id=peer_host:port/client_host:port@datacenter, comma separated";
+    value
+        .split(',')
+        .filter(|s| !s.trim().is_empty())
+        .map(|entry| {
+            let entry = entry.trim();
+            let (id, rest) = entry
+                .split_once('=')
+                .ok_or_else(|| invalid(format!("SAFERCHAT_PEERS entry {entry:?}: {shape}")))?;
+            let (addrs, dc) = rest
+                .split_once('@')
+                .ok_or_else(|| invalid(format!("SAFERCHAT_PEERS entry {entry:?}: {shape}")))?;
+            let (peer, client) = addrs
+                .split_once('/')
+                .ok_or_else(|| invalid(format!("SAFERCHAT_PEERS entry {entry:?}: {shape}")))?;
+            Ok(PeerConfig {
+                id: parse_env("SAFERCHAT_PEERS id", id)?,
+                peer_address: parse_env("SAFERCHAT_PEERS peer address", peer)?,
+                client_address: parse_env("SAFERCHAT_PEERS client address", client)?,
+                datacenter: dc.to_owned(),
+            })
+        })
+        .collect()
+}
+
+impl NodeConfig {
+    /// Reads a TOML file.
+    ///
+    /// # Errors
+    /// [`NodeError::Config`] when the file cannot be read or parsed.
+    pub fn from_file(path: &Path) -> Result<NodeConfig, NodeError> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| invalid(format!("reading {}: {e}", path.display())))?;
+        toml::from_str(&text).map_err(|e| invalid(format!("{}: {e}", path.display())))
+    }
+
+    /// Applies `SAFERCHAT_*` overrides; `env` looks a variable up (so tests
+    /// need not touch the process environment).
+    ///
+    /// # Errors
+    /// [`NodeError::Config`] naming the variable that does not parse.
+    pub fn apply_env(&mut self, env: impl Fn(&str) -> Option<String>) -> Result<(), NodeError> {
+        if let Some(v) = env("SAFERCHAT_LISTEN") {
+            self.listen = parse_env("SAFERCHAT_LISTEN", &v)?;
+        }
+        if let Some(v) = env("SAFERCHAT_DATA_DIR") {
+            self.data_dir = PathBuf::from(v);
+        }
+        if let Some(v) = env("SAFERCHAT_ADMIN_TOKEN") {
+            self.admin_token = Some(v);
+        }
+        if let Some(v) = env("SAFERCHAT_SESSION_SECRET") {
+            self.session_secret = Some(v);
+        }
+        if let Some(v) = env("SAFERCHAT_METRICS_LISTEN") {
+            self.metrics_listen = Some(parse_env("SAFERCHAT_METRICS_LISTEN", &v)?);
+        }
+        if let Some(v) = env("SAFERCHAT_LOG_FORMAT") {
+            self.log_format = match v.as_str() {
+                "text" => LogFormat::Text,
+                "json" => LogFormat::Json,
+                _ => return Err(invalid(format!("SAFERCHAT_LOG_FORMAT={v:?}: text or json"))),
+            };
+        }
+        if let Some(v) = env("SAFERCHAT_NODE_ID") {
+            self.node_id = parse_env("SAFERCHAT_NODE_ID", &v)?;
+        }
+        if let Some(v) = env("SAFERCHAT_DATACENTER") {
+            self.datacenter = v;
+        }
+        if let Some(v) = env("SAFERCHAT_PEER_LISTEN") {
+            self.peer_listen = Some(parse_env("SAFERCHAT_PEER_LISTEN", &v)?);
+        }
+        if let Some(v) = env("SAFERCHAT_PEERS") {
+            self.peers = parse_peers(&v)?;
+        }
+        if let Some(v) = env("SAFERCHAT_LEASE_MS") {
+            self.lease.lease_ms = parse_env("SAFERCHAT_LEASE_MS", &v)?;
+        }
+        if let Some(v) = env("SAFERCHAT_LEASE_RENEW_MS") {
+            self.lease.renew_every_ms = parse_env("SAFERCHAT_LEASE_RENEW_MS", &v)?;
+        }
+        if let Some(v) = env("SAFERCHAT_STORAGE") {
+            self.storage.backend = match v.as_str() {
+                "sled" => Backend::Sled,
+                "cassandra" => Backend::Cassandra,
+                _ => {
+                    return Err(invalid(format!(
+                        "SAFERCHAT_STORAGE={v:?}: sled or cassandra"
+                    )));
+                }
+            };
+        }
+        if let Some(v) = env("SAFERCHAT_CASSANDRA_CONTACT_POINTS") {
+            self.storage.cassandra.contact_points = v
+                .split(',')
+                .map(|s| s.trim().to_owned())
+                .filter(|s| !s.is_empty())
+                .collect();
+        }
+        if let Some(v) = env("SAFERCHAT_CASSANDRA_DATACENTER") {
+            self.storage.cassandra.datacenter = v;
+        }
+        if let Some(v) = env("SAFERCHAT_CASSANDRA_KEYSPACE") {
+            self.storage.cassandra.keyspace = v;
+        }
+        if let Some(v) = env("SAFERCHAT_CASSANDRA_REPLICATION") {
+            self.storage.cassandra.replication = v;
+        }
+        Ok(())
+    }
+
+    /// Checks the configuration as a whole.
+    ///
+    /// # Errors
+    /// [`NodeError::Config`] describing the first problem found.
+    pub fn validate(&self) -> Result<(), NodeError> {
+        if self.node_id == 0 {
+            return Err(invalid("node_id must be 1 or more"));
+        }
+        if self.datacenter.is_empty() {
+            return Err(invalid("datacenter must not be empty"));
+        }
+        if let Some(token) = &self.admin_token
+            && token.len() < 16
+        {
+            return Err(invalid("admin_token must be at least 16 characters"));
+        }
+        if let Some(secret) = &self.session_secret
+            && secret.len() < 32
+        {
+            return Err(invalid("session_secret must be at least 32 bytes"));
+        }
+        if !self.peers.is_empty() && self.peer_listen.is_none() {
+            return Err(invalid("peer_listen is required when peers are configured"));
+        }
+        let mut ids: Vec<u64> = self.peers.iter().map(|p| p.id).collect();
+        ids.push(self.node_id);
+        ids.sort_unstable();
+        if ids.windows(2).any(|w| w[0] == w[1]) || ids.contains(&0) {
+            return Err(invalid("node ids must be distinct and non-zero"));
+        }
+        let l = &self.limits;
+        if l.session_queue_max < 16 || l.room_queue_max < 16 || l.room_batch_max == 0 {
+            return Err(invalid(
+                "limits: queues must hold at least 16 items, batches at least 1",
+            ));
+        }
+        if l.history_max == 0 || l.history_on_join > l.history_max {
+            return Err(invalid(
+                "limits: history_on_join must not exceed history_max (> 0)",
+            ));
+        }
+        if self.storage.backend == Backend::Cassandra {
+            let c = &self.storage.cassandra;
+            if c.contact_points.is_empty() {
+                return Err(invalid("cassandra.contact_points must not be empty"));
+            }
+            let keyspace_ok = !c.keyspace.is_empty()
+                && c.keyspace.len() <= 48
+                && c.keyspace
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'_')
+                && c.keyspace.as_bytes()[0].is_ascii_alphabetic();
+            if !keyspace_ok {
+                return Err(invalid(
+                    "cassandra.keyspace must be 1-48 of A-Z a-z 0-9 _, starting with a letter",
+                ));
+            }
+            if !c.replication.trim_start().starts_with('{') || c.replication.contains(';') {
+                return Err(invalid("cassandra.replication must be a CQL map literal"));
+            }
+        }
+        self.replica_config()
+            .validate()
+            .map_err(|e| invalid(format!("replica set: {e}")))
+    }
+
+    /// The replica set of every room: this node and its peers. Lease holders
+    /// are every replica in a single datacenter, otherwise the lowest node id
+    /// of each datacenter.
+    pub fn replica_config(&self) -> ReplicaConfig {
+        let mut members: Vec<(u64, &str)> = self
+            .peers
+            .iter()
+            .map(|p| (p.id, p.datacenter.as_str()))
+            .collect();
+        members.push((self.node_id, self.datacenter.as_str()));
+        members.sort_unstable();
+        let replicas: Vec<NodeId> = members.iter().map(|(id, _)| NodeId(*id)).collect();
+        let mut datacenters: Vec<&str> = members.iter().map(|(_, dc)| *dc).collect();
+        datacenters.sort_unstable();
+        datacenters.dedup();
+        let holders = if datacenters.len() == 1 {
+            replicas.clone()
+        } else {
+            datacenters
+                .iter()
+                .filter_map(|dc| {
+                    members
+                        .iter()
+                        .find(|(_, d)| d == dc)
+                        .map(|(id, _)| NodeId(*id))
+                })
+                .collect::<Vec<_>>()
+        };
+        let mut holders = holders;
+        holders.sort_unstable();
+        ReplicaConfig {
+            me: NodeId(self.node_id),
+            replicas,
+            holders,
+            lease: LeaseConfig {
+                lease_ms: self.lease.lease_ms,
+                renew_every_ms: self.lease.renew_every_ms,
+                guard_ms: self.lease.guard_ms,
+                drift: Drift::new(self.lease.drift_ppm_max.min(499_999)),
+            },
+            proposer: ProposerConfig::default(),
+        }
+    }
+
+    /// Whether this node is alone (the embedded deployment).
+    pub fn is_single_node(&self) -> bool {
+        self.peers.is_empty()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::HashMap;
+
+    fn env(vars: &[(&str, &str)]) -> impl Fn(&str) -> Option<String> {
+        let map: HashMap<String, String> = vars
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        move |k| map.get(k).cloned()
+    }
+
+    #[test]
+    fn defaults_are_a_valid_single_node() {
+        let c = NodeConfig::default();
+        c.validate().unwrap();
+        assert_eq!(c.listen.to_string(), "127.0.0.1:8080");
+        assert!(c.is_single_node());
+        assert_eq!(c.replica_config().replicas, vec![NodeId(1)]);
+    }
+
+    #[test]
+    fn environment_overrides_the_file() {
+        let mut c: NodeConfig = toml::from_str("listen = \"127.0.0.1:9000\"\nnode_id = 4").unwrap();
+        c.apply_env(env(&[
+            ("SAFERCHAT_LISTEN", "127.0.0.1:9100"),
+            ("SAFERCHAT_PEER_LISTEN", "127.0.0.1:9101"),
+            (
+                "SAFERCHAT_PEERS",
+                "5=127.0.0.1:9201/127.0.0.1:9200@dc1, 6=127.0.0.1:9301/127.0.0.1:9300@dc2",
+            ),
+            ("SAFERCHAT_STORAGE", "cassandra"),
+            ("SAFERCHAT_CASSANDRA_KEYSPACE", "chat_test"),
+        ]))
+        .unwrap();
+        assert_eq!(c.listen.to_string(), "127.0.0.1:9100");
+        assert_eq!(c.node_id, 4);
+        assert_eq!(c.peers.len(), 2);
+        assert_eq!(c.storage.backend, Backend::Cassandra);
+        c.validate().unwrap();
+        let r = c.replica_config();
+        assert_eq!(r.replicas, vec![NodeId(4), NodeId(5), NodeId(6)]);
+        // Two datacenters: one holder each, the lowest id.
+        assert_eq!(r.holders, vec![NodeId(4), NodeId(6)]);
+    }
+
+    #[test]
+    fn bad_values_are_named() {
+        let mut c = NodeConfig::default();
+        let e = c
+            .apply_env(env(&[("SAFERCHAT_LISTEN", "nope")]))
+            .unwrap_err();
+        assert!(e.to_string().contains("SAFERCHAT_LISTEN"), "{e}");
+        let e = c.apply_env(env(&[("SAFERCHAT_PEERS", "2=x")])).unwrap_err();
+        assert!(e.to_string().contains("SAFERCHAT_PEERS"), "{e}");
+        let e = c
+            .apply_env(env(&[("SAFERCHAT_STORAGE", "mongo")]))
+            .unwrap_err();
+        assert!(e.to_string().contains("sled or cassandra"), "{e}");
+        assert!(toml::from_str::<NodeConfig>("no_such_key = 1").is_err());
+    }
+
+    #[test]
+    fn validation_catches_inconsistencies() {
+        let mut c = NodeConfig {
+            admin_token: Some("short".into()),
+            ..NodeConfig::default()
+        };
+        assert!(c.validate().is_err());
+        c.admin_token = None;
+        c.peers.push(PeerConfig {
+            id: 2,
+            peer_address: "127.0.0.1:1".parse().unwrap(),
+            client_address: "127.0.0.1:2".parse().unwrap(),
+            datacenter: "dc1".into(),
+        });
+        assert!(
+            c.validate()
+                .unwrap_err()
+                .to_string()
+                .contains("peer_listen")
+        );
+        c.peer_listen = Some("127.0.0.1:3".parse().unwrap());
+        c.validate().unwrap();
+        c.peers[0].id = 1;
+        assert!(c.validate().unwrap_err().to_string().contains("distinct"));
+        let mut c = NodeConfig::default();
+        c.storage.backend = Backend::Cassandra;
+        c.storage.cassandra.keyspace = "bad-name".into();
+        assert!(c.validate().is_err());
+        let mut c = NodeConfig::default();
+        c.lease.renew_every_ms = c.lease.lease_ms;
+        assert!(c.validate().is_err());
+    }
+}

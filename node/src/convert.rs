@@ -1,0 +1,427 @@
+//! Free functions between protobuf records and domain types, at the edge.
+//! Domain types carry no prost derives; everything that crosses the wire or
+//! the disk goes through here.
+
+use std::collections::{BTreeMap, VecDeque};
+use std::sync::Arc;
+
+use bytes::Bytes;
+use saferchat_consensus::room::{PUBLIC_KEY_BYTES_MAX, RECENT_CHANGES_MAX, ROOM_MEMBERS_MAX};
+use saferchat_consensus::{
+    AcceptorState, Ballot, ChangeId, Handle, Message, NodeId, Phase, PublicKey, Revision, RoomState,
+};
+use saferchat_proto::common as cpb;
+use saferchat_proto::peer as ppb;
+
+use crate::error::NodeError;
+use crate::storage::CommittedRoom;
+
+fn corrupt(what: &str) -> NodeError {
+    NodeError::InvalidArgument(format!("malformed record: {what}"))
+}
+
+/// Ballot to wire.
+pub fn ballot_to_pb(b: Ballot) -> ppb::Ballot {
+    ppb::Ballot {
+        round: b.round,
+        node: b.node.0,
+    }
+}
+
+/// Ballot from wire (absent: the zero ballot).
+pub fn ballot_from_pb(b: Option<&ppb::Ballot>) -> Ballot {
+    b.map_or(Ballot::ZERO, |b| Ballot {
+        round: b.round,
+        node: NodeId(b.node),
+    })
+}
+
+/// Room state to record.
+pub fn state_to_pb(s: &RoomState) -> ppb::RoomStateRecord {
+    ppb::RoomStateRecord {
+        revision: s.revision.0,
+        created: s.created,
+        members: s
+            .members
+            .iter()
+            .map(|(h, k)| ppb::MemberRecord {
+                handle: Bytes::copy_from_slice(h.as_bytes()),
+                public_key: k.as_ref().map(|k| k.der().clone()).unwrap_or_default(),
+            })
+            .collect(),
+        recent: s
+            .recent
+            .iter()
+            .map(|(id, rev)| ppb::RecentChange {
+                id: Bytes::copy_from_slice(&id.0.to_be_bytes()),
+                revision: rev.0,
+            })
+            .collect(),
+    }
+}
+
+/// Room state from record, validated (a peer or a disk may hand us junk).
+///
+/// # Errors
+/// [`NodeError::InvalidArgument`] when a field is out of range.
+pub fn state_from_pb(r: &ppb::RoomStateRecord) -> Result<RoomState, NodeError> {
+    if r.members.len() > ROOM_MEMBERS_MAX || r.recent.len() > RECENT_CHANGES_MAX {
+        return Err(corrupt("too many members or recent changes"));
+    }
+    let mut members = BTreeMap::new();
+    for m in &r.members {
+        let raw: [u8; 32] = m
+            .handle
+            .as_ref()
+            .try_into()
+            .map_err(|_| corrupt("handle"))?;
+        let key = if m.public_key.is_empty() {
+            None
+        } else if m.public_key.len() > PUBLIC_KEY_BYTES_MAX {
+            return Err(corrupt("public key"));
+        } else {
+            Some(PublicKey::new(m.public_key.clone()))
+        };
+        members.insert(Handle::from_bytes(raw), key);
+    }
+    let recent = r
+        .recent
+        .iter()
+        .map(|c| {
+            let raw: [u8; 16] = c.id.as_ref().try_into().map_err(|_| corrupt("change id"))?;
+            Ok((ChangeId(u128::from_be_bytes(raw)), Revision(c.revision)))
+        })
+        .collect::<Result<VecDeque<_>, NodeError>>()?;
+    Ok(RoomState {
+        revision: Revision(r.revision),
+        created: r.created,
+        members,
+        recent,
+    })
+}
+
+/// Acceptor state to record.
+pub fn acceptor_to_pb(a: &AcceptorState) -> ppb::AcceptorRecord {
+    ppb::AcceptorRecord {
+        promised: Some(ballot_to_pb(a.promised)),
+        accepted_ballot: a.accepted.as_ref().map(|(b, _)| ballot_to_pb(*b)),
+        accepted_value: a.accepted.as_ref().map(|(_, v)| state_to_pb(v)),
+    }
+}
+
+/// Acceptor state from record.
+///
+/// # Errors
+/// When the record is inconsistent.
+pub fn acceptor_from_pb(r: &ppb::AcceptorRecord) -> Result<AcceptorState, NodeError> {
+    let accepted = match (&r.accepted_ballot, &r.accepted_value) {
+        (Some(b), Some(v)) => Some((ballot_from_pb(Some(b)), Arc::new(state_from_pb(v)?))),
+        (None, None) => None,
+        _ => return Err(corrupt("accepted ballot without value")),
+    };
+    Ok(AcceptorState {
+        promised: ballot_from_pb(r.promised.as_ref()),
+        accepted,
+    })
+}
+
+/// Committed room to record.
+pub fn committed_to_pb(c: &CommittedRoom) -> ppb::CommittedRecord {
+    ppb::CommittedRecord {
+        ballot: Some(ballot_to_pb(c.ballot)),
+        state: Some(state_to_pb(&c.state)),
+    }
+}
+
+/// Committed room from record.
+///
+/// # Errors
+/// When the record is incomplete.
+pub fn committed_from_pb(r: &ppb::CommittedRecord) -> Result<CommittedRoom, NodeError> {
+    let state = r
+        .state
+        .as_ref()
+        .ok_or_else(|| corrupt("committed record without state"))?;
+    Ok(CommittedRoom {
+        ballot: ballot_from_pb(r.ballot.as_ref()),
+        state: Arc::new(state_from_pb(state)?),
+    })
+}
+
+/// Membership for clients (admin and chat faces).
+pub fn membership_to_pb(room: &str, s: &RoomState) -> cpb::Membership {
+    cpb::Membership {
+        chat: room.to_owned(),
+        revision: s.revision.0,
+        members: s
+            .members
+            .iter()
+            .map(|(h, k)| cpb::Member {
+                user: h.to_string(),
+                public_key: k.as_ref().map(|k| k.der().clone()).unwrap_or_default(),
+                fingerprint: k.as_ref().map(PublicKey::fingerprint).unwrap_or_default(),
+            })
+            .collect(),
+    }
+}
+
+/// A consensus message to the peer wire.
+pub fn message_to_pb(room: &str, m: &Message) -> ppb::RoomMessage {
+    use ppb::room_message::Body;
+    let body = match m {
+        Message::Prepare { ballot } => Body::Prepare(ppb::Prepare {
+            ballot: Some(ballot_to_pb(*ballot)),
+        }),
+        Message::Promise { ballot, accepted } => Body::Promise(ppb::Promise {
+            ballot: Some(ballot_to_pb(*ballot)),
+            accepted_ballot: accepted.as_ref().map(|(b, _)| ballot_to_pb(*b)),
+            accepted_value: accepted.as_ref().map(|(_, v)| state_to_pb(v)),
+        }),
+        Message::Accept {
+            ballot,
+            value,
+            next,
+        } => Body::Accept(ppb::Accept {
+            ballot: Some(ballot_to_pb(*ballot)),
+            value: Some(state_to_pb(value)),
+            next: next.map(ballot_to_pb),
+        }),
+        Message::Accepted { ballot, holders } => Body::Accepted(ppb::Accepted {
+            ballot: Some(ballot_to_pb(*ballot)),
+            holders: holders
+                .iter()
+                .map(|(n, ms)| ppb::HolderPromise {
+                    node: n.0,
+                    remaining_ms: *ms,
+                })
+                .collect(),
+        }),
+        Message::Nack {
+            ballot,
+            promised,
+            phase,
+        } => Body::Nack(ppb::Nack {
+            ballot: Some(ballot_to_pb(*ballot)),
+            promised: Some(ballot_to_pb(*promised)),
+            phase: match phase {
+                Phase::Prepare => ppb::NackPhase::Prepare,
+                Phase::Accept => ppb::NackPhase::Accept,
+            }
+            .into(),
+        }),
+        Message::Commit { ballot, value } => Body::Commit(ppb::Commit {
+            ballot: Some(ballot_to_pb(*ballot)),
+            value: Some(state_to_pb(value)),
+        }),
+        Message::LeaseRequest { seq } => Body::LeaseRequest(ppb::LeaseRequest { seq: *seq }),
+        Message::LeaseGrant { seq, accepted } => Body::LeaseGrant(ppb::LeaseGrant {
+            seq: *seq,
+            accepted_ballot: accepted.map(|(b, _)| ballot_to_pb(b)),
+            accepted_revision: accepted.map_or(0, |(_, r)| r.0),
+        }),
+    };
+    ppb::RoomMessage {
+        room: room.to_owned(),
+        body: Some(body),
+    }
+}
+
+/// A consensus message from the peer wire.
+///
+/// # Errors
+/// When a required field is missing or malformed.
+pub fn message_from_pb(m: &ppb::RoomMessage) -> Result<Message, NodeError> {
+    use ppb::room_message::Body;
+    let need = |b: &Option<ppb::Ballot>| -> Result<Ballot, NodeError> {
+        b.as_ref()
+            .map(|b| ballot_from_pb(Some(b)))
+            .ok_or_else(|| corrupt("missing ballot"))
+    };
+    let value = |v: &Option<ppb::RoomStateRecord>| -> Result<Arc<RoomState>, NodeError> {
+        v.as_ref()
+            .ok_or_else(|| corrupt("missing value"))
+            .and_then(state_from_pb)
+            .map(Arc::new)
+    };
+    Ok(
+        match m.body.as_ref().ok_or_else(|| corrupt("empty message"))? {
+            Body::Prepare(p) => Message::Prepare {
+                ballot: need(&p.ballot)?,
+            },
+            Body::Promise(p) => Message::Promise {
+                ballot: need(&p.ballot)?,
+                accepted: match &p.accepted_ballot {
+                    Some(b) => Some((ballot_from_pb(Some(b)), value(&p.accepted_value)?)),
+                    None => None,
+                },
+            },
+            Body::Accept(a) => Message::Accept {
+                ballot: need(&a.ballot)?,
+                value: value(&a.value)?,
+                next: a.next.as_ref().map(|b| ballot_from_pb(Some(b))),
+            },
+            Body::Accepted(a) => Message::Accepted {
+                ballot: need(&a.ballot)?,
+                holders: a
+                    .holders
+                    .iter()
+                    .map(|h| (NodeId(h.node), h.remaining_ms))
+                    .collect(),
+            },
+            Body::Nack(n) => Message::Nack {
+                ballot: need(&n.ballot)?,
+                promised: need(&n.promised)?,
+                phase: match n.phase() {
+                    ppb::NackPhase::Prepare => Phase::Prepare,
+                    ppb::NackPhase::Accept => Phase::Accept,
+                    ppb::NackPhase::Unspecified => return Err(corrupt("nack phase")),
+                },
+            },
+            Body::Commit(c) => Message::Commit {
+                ballot: need(&c.ballot)?,
+                value: value(&c.value)?,
+            },
+            Body::LeaseRequest(r) => Message::LeaseRequest { seq: r.seq },
+            Body::LeaseGrant(g) => Message::LeaseGrant {
+                seq: g.seq,
+                accepted: g
+                    .accepted_ballot
+                    .as_ref()
+                    .map(|b| (ballot_from_pb(Some(b)), Revision(g.accepted_revision))),
+            },
+        },
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use saferchat_consensus::{Change, Proposal, apply};
+
+    fn sample_state() -> RoomState {
+        let mut s = RoomState::absent();
+        let h = Handle::of_modulus(b"member");
+        for (i, change) in [
+            Change::Create,
+            Change::Add(h),
+            Change::RegisterKey(h, PublicKey::new(Bytes::from_static(b"spki"))),
+            Change::Add(Handle::of_modulus(b"other")),
+        ]
+        .into_iter()
+        .enumerate()
+        {
+            apply(
+                &mut s,
+                &Proposal {
+                    id: ChangeId(i as u128 + 1),
+                    change,
+                    expected: None,
+                },
+            )
+            .unwrap();
+        }
+        s
+    }
+
+    #[test]
+    fn states_round_trip() {
+        let s = sample_state();
+        assert_eq!(state_from_pb(&state_to_pb(&s)).unwrap(), s);
+        let a = AcceptorState {
+            promised: Ballot {
+                round: 4,
+                node: NodeId(2),
+            },
+            accepted: Some((
+                Ballot {
+                    round: 3,
+                    node: NodeId(1),
+                },
+                Arc::new(s),
+            )),
+        };
+        assert_eq!(acceptor_from_pb(&acceptor_to_pb(&a)).unwrap(), a);
+        assert_eq!(
+            acceptor_from_pb(&acceptor_to_pb(&AcceptorState::default())).unwrap(),
+            AcceptorState::default()
+        );
+    }
+
+    #[test]
+    fn every_message_round_trips() {
+        let v = Arc::new(sample_state());
+        let b = Ballot {
+            round: 9,
+            node: NodeId(3),
+        };
+        let messages = vec![
+            Message::Prepare { ballot: b },
+            Message::Promise {
+                ballot: b,
+                accepted: None,
+            },
+            Message::Promise {
+                ballot: b,
+                accepted: Some((b, Arc::clone(&v))),
+            },
+            Message::Accept {
+                ballot: b,
+                value: Arc::clone(&v),
+                next: Some(b.successor()),
+            },
+            Message::Accept {
+                ballot: b,
+                value: Arc::clone(&v),
+                next: None,
+            },
+            Message::Accepted {
+                ballot: b,
+                holders: vec![(NodeId(1), 77)],
+            },
+            Message::Nack {
+                ballot: b,
+                promised: b.successor(),
+                phase: Phase::Accept,
+            },
+            Message::Nack {
+                ballot: b,
+                promised: b.successor(),
+                phase: Phase::Prepare,
+            },
+            Message::Commit {
+                ballot: b,
+                value: Arc::clone(&v),
+            },
+            Message::LeaseRequest { seq: 5 },
+            Message::LeaseGrant {
+                seq: 5,
+                accepted: Some((b, Revision(4))),
+            },
+            Message::LeaseGrant {
+                seq: 6,
+                accepted: None,
+            },
+        ];
+        for m in messages {
+            assert_eq!(message_from_pb(&message_to_pb("aaa", &m)).unwrap(), m);
+        }
+    }
+
+    #[test]
+    fn junk_records_are_refused() {
+        let mut r = state_to_pb(&sample_state());
+        r.members[0].handle = Bytes::from_static(b"short");
+        assert!(state_from_pb(&r).is_err());
+        let empty = ppb::RoomMessage {
+            room: "aaa".into(),
+            body: None,
+        };
+        assert!(message_from_pb(&empty).is_err());
+        let half = ppb::AcceptorRecord {
+            promised: None,
+            accepted_ballot: Some(ballot_to_pb(Ballot::ZERO)),
+            accepted_value: None,
+        };
+        assert!(acceptor_from_pb(&half).is_err());
+    }
+}

@@ -1,0 +1,176 @@
+//! `server.grpc.admin.Admin`: rooms and membership, for the bearer of the
+//! admin token (checked by the interceptor in [`super`]).
+
+use std::sync::Arc;
+
+use saferchat_consensus::{Change, Handle, Revision, RoomId};
+use saferchat_proto::admin::{self as pb, admin_server::Admin};
+use tonic::{Request, Response, Status};
+
+use crate::context::Context;
+use crate::convert;
+use crate::error::NodeError;
+
+/// Most rooms per ListChats page.
+const LIST_PAGE_MAX: u32 = 1000;
+/// Rooms per page when the request does not say.
+const LIST_PAGE_DEFAULT: u32 = 100;
+
+/// The admin service.
+#[derive(Debug, Clone)]
+pub struct AdminService {
+    ctx: Arc<Context>,
+}
+
+impl AdminService {
+    /// Wraps the node context.
+    pub fn new(ctx: Arc<Context>) -> AdminService {
+        AdminService { ctx }
+    }
+
+    async fn change(
+        &self,
+        chat: &str,
+        change: Change,
+        expected: Option<u64>,
+    ) -> Result<Response<pb::ChatReply>, Status> {
+        let room = room(chat)?;
+        let kind = change_kind(&change);
+        let (applied, state) = self
+            .ctx
+            .membership
+            .change(&room, change, expected.map(Revision))
+            .await?;
+        tracing::info!(room = %room, change = kind, revision = %state.revision, changed = applied.changed, "membership change committed");
+        Ok(Response::new(pb::ChatReply {
+            chat: room.to_string(),
+            revision: applied.revision.0,
+            changed: applied.changed,
+        }))
+    }
+}
+
+fn change_kind(change: &Change) -> &'static str {
+    match change {
+        Change::Create => "create",
+        Change::Add(_) => "add",
+        Change::Remove(_) => "remove",
+        Change::RegisterKey(..) => "register-key",
+        Change::Read => "read",
+    }
+}
+
+fn room(chat: &str) -> Result<RoomId, NodeError> {
+    RoomId::new(chat).map_err(|e| NodeError::InvalidArgument(format!("chat {chat:?}: {e}")))
+}
+
+fn user(text: &str) -> Result<Handle, NodeError> {
+    text.parse()
+        .map_err(|e| NodeError::InvalidArgument(format!("user {text:?}: {e}")))
+}
+
+#[tonic::async_trait]
+impl Admin for AdminService {
+    async fn add_chat(
+        &self,
+        request: Request<pb::AddChatRequest>,
+    ) -> Result<Response<pb::ChatReply>, Status> {
+        let req = request.into_inner();
+        match req.op() {
+            pb::ChatOp::Create => self.change(&req.chat, Change::Create, None).await,
+            pb::ChatOp::Unspecified => Err(Status::invalid_argument("op must be CREATE")),
+        }
+    }
+
+    async fn add_user(
+        &self,
+        request: Request<pb::AddUserRequest>,
+    ) -> Result<Response<pb::ChatReply>, Status> {
+        let req = request.into_inner();
+        let handle = user(&req.user)?;
+        let change = match req.op() {
+            pb::UserOp::Add => Change::Add(handle),
+            pb::UserOp::Remove => Change::Remove(handle),
+            pb::UserOp::Unspecified => {
+                return Err(Status::invalid_argument("op must be ADD or REMOVE"));
+            }
+        };
+        self.change(&req.chat, change, req.expected_revision).await
+    }
+
+    async fn rm_user(
+        &self,
+        request: Request<pb::RmUserRequest>,
+    ) -> Result<Response<pb::ChatReply>, Status> {
+        let req = request.into_inner();
+        let handle = user(&req.user)?;
+        self.change(&req.chat, Change::Remove(handle), req.expected_revision)
+            .await
+    }
+
+    async fn list_chats(
+        &self,
+        request: Request<pb::ListChatsRequest>,
+    ) -> Result<Response<pb::ListChatsReply>, Status> {
+        let req = request.into_inner();
+        let limit = match req.limit {
+            0 => LIST_PAGE_DEFAULT,
+            n if n > LIST_PAGE_MAX => {
+                return Err(Status::invalid_argument(format!(
+                    "limit must be at most {LIST_PAGE_MAX}"
+                )));
+            }
+            n => n,
+        };
+        let after = if req.after.is_empty() {
+            None
+        } else {
+            Some(room(&req.after)?)
+        };
+        let rooms = self
+            .ctx
+            .store
+            .list_rooms(after.as_ref(), limit as usize)
+            .await?;
+        let next_after = if rooms.len() == limit as usize {
+            rooms.last().map(|r| r.room.to_string()).unwrap_or_default()
+        } else {
+            String::new()
+        };
+        Ok(Response::new(pb::ListChatsReply {
+            chats: rooms
+                .into_iter()
+                .map(|r| pb::ChatSummary {
+                    chat: r.room.to_string(),
+                    revision: r.revision,
+                    members: r.members,
+                })
+                .collect(),
+            next_after,
+        }))
+    }
+
+    async fn members(
+        &self,
+        request: Request<pb::MembersRequest>,
+    ) -> Result<Response<pb::MembersReply>, Status> {
+        let req = request.into_inner();
+        let room = room(&req.chat)?;
+        self.ctx.check_room_may_exist(&room)?;
+        let status = self.ctx.membership.status(&room).await?;
+        if !status.state.created {
+            return Err(NodeError::NotFound(format!("room {:?} does not exist", req.chat)).into());
+        }
+        let me = saferchat_consensus::NodeId(self.ctx.config.node_id);
+        let mut holders = status.lease.promised_to;
+        if status.lease.local_read && !holders.contains(&me) {
+            holders.push(me);
+        }
+        holders.sort();
+        Ok(Response::new(pb::MembersReply {
+            membership: Some(convert::membership_to_pb(room.as_str(), &status.state)),
+            lease_holders: holders.iter().map(ToString::to_string).collect(),
+            read_path: status.read_path.to_owned(),
+        }))
+    }
+}

@@ -1,0 +1,157 @@
+//! `server.grpc.chat.ChatRoom`: the member face.
+
+use std::pin::Pin;
+use std::sync::Arc;
+
+use futures::Stream;
+use saferchat_consensus::RoomId;
+use saferchat_proto::chat::{self as pb, chat_room_server::ChatRoom};
+use saferchat_proto::common as cpb;
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::{Request, Response, Status, Streaming};
+
+use super::session;
+use crate::context::Context;
+use crate::convert;
+use crate::error::NodeError;
+use crate::message_id::MessageId;
+use crate::storage::{self, Range};
+
+/// Frames buffered towards one client before the session waits.
+const OUT_FRAMES_MAX: usize = 8;
+/// Messages per history page.
+const HISTORY_PAGE_MAX: usize = 100;
+
+/// The chat service.
+#[derive(Debug, Clone)]
+pub struct ChatService {
+    ctx: Arc<Context>,
+}
+
+impl ChatService {
+    /// Wraps the node context.
+    pub fn new(ctx: Arc<Context>) -> ChatService {
+        ChatService { ctx }
+    }
+
+    /// Checks a session token for `room` and that its member still is one.
+    async fn member(
+        &self,
+        chat: &str,
+        token: &str,
+    ) -> Result<
+        (
+            RoomId,
+            saferchat_consensus::Handle,
+            Arc<saferchat_consensus::RoomState>,
+        ),
+        NodeError,
+    > {
+        let room = RoomId::new(chat).map_err(|e| NodeError::InvalidArgument(e.to_string()))?;
+        let user = self
+            .ctx
+            .sessions
+            .verify(token, &room, self.ctx.clock.unix_ms())?;
+        self.ctx.check_room_may_exist(&room)?;
+        let state = self.ctx.membership.read(&room).await?;
+        if !state.created {
+            return Err(NodeError::NotFound(format!("room {chat:?} does not exist")));
+        }
+        if !state.is_member(&user) {
+            return Err(NodeError::PermissionDenied(format!(
+                "you are no longer a member of room {chat:?}"
+            )));
+        }
+        Ok((room, user, state))
+    }
+}
+
+type BoxStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl ChatRoom for ChatService {
+    type PostStream = ReceiverStream<Result<pb::ServerFrame, Status>>;
+    type HistoryStream = BoxStream<pb::HistoryPage>;
+
+    async fn post(
+        &self,
+        request: Request<Streaming<pb::ClientFrame>>,
+    ) -> Result<Response<Self::PostStream>, Status> {
+        let slot = self.ctx.open_session()?;
+        let (out, rx) = mpsc::channel(OUT_FRAMES_MAX);
+        tokio::spawn(session::run(
+            Arc::clone(&self.ctx),
+            slot,
+            request.into_inner(),
+            out,
+        ));
+        Ok(Response::new(ReceiverStream::new(rx)))
+    }
+
+    async fn history(
+        &self,
+        request: Request<pb::HistoryRequest>,
+    ) -> Result<Response<Self::HistoryStream>, Status> {
+        let req = request.into_inner();
+        let before = MessageId::from_optional(&req.before_id)
+            .map_err(|e| Status::invalid_argument(format!("before_id: {e}")))?;
+        let after = MessageId::from_optional(&req.after_id)
+            .map_err(|e| Status::invalid_argument(format!("after_id: {e}")))?;
+        let range = match (before, after) {
+            (Some(_), Some(_)) => {
+                return Err(Status::invalid_argument(
+                    "set before_id or after_id, not both",
+                ));
+            }
+            (_, Some(a)) => Range::After(Some(a)),
+            (b, None) => Range::Before(b),
+        };
+        let max = self.ctx.config.limits.history_max;
+        let limit = match req.limit {
+            0 => 50,
+            n if n > max => {
+                return Err(Status::invalid_argument(format!(
+                    "limit must be at most {max}"
+                )));
+            }
+            n => n,
+        } as usize;
+        let (room, user, _) = self.member(&req.chat, &req.session).await?;
+        self.ctx.serve_here(&room)?;
+        let messages = storage::history(&*self.ctx.store, &room, range, limit).await?;
+        let pages: Vec<Result<pb::HistoryPage, Status>> = messages
+            .chunks(HISTORY_PAGE_MAX)
+            .map(|chunk| {
+                let items = chunk
+                    .iter()
+                    .filter_map(|m| {
+                        let envelope =
+                            saferchat_envelope::Envelope::decode(m.envelope.clone()).ok()?;
+                        let sealed = saferchat_envelope::sealed::Fanout::new(&envelope)
+                            .sealed_for_recipient(&user)?;
+                        Some(pb::Delivery {
+                            id: bytes::Bytes::copy_from_slice(&m.id.to_bytes()),
+                            time_ms: m.id.time_ms(),
+                            sealed,
+                        })
+                    })
+                    .collect();
+                Ok(pb::HistoryPage { items })
+            })
+            .collect();
+        Ok(Response::new(Box::pin(tokio_stream::iter(pages))))
+    }
+
+    async fn members(
+        &self,
+        request: Request<pb::MembersRequest>,
+    ) -> Result<Response<cpb::Membership>, Status> {
+        let req = request.into_inner();
+        let (room, _, state) = self.member(&req.chat, &req.session).await?;
+        Ok(Response::new(convert::membership_to_pb(
+            room.as_str(),
+            &state,
+        )))
+    }
+}

@@ -1,0 +1,128 @@
+//! The gRPC edge: services, their wiring, and the two listeners.
+//!
+//! The client listener serves the chat and admin faces, health and
+//! reflection; the peer listener serves only the peer face. Clients never
+//! reach consensus RPCs, and peers never need client credentials.
+
+pub mod admin;
+pub mod chat;
+pub mod peer;
+pub mod session;
+
+use std::sync::Arc;
+
+use saferchat_consensus::NodeId;
+use saferchat_proto::admin::admin_server::AdminServer;
+use saferchat_proto::chat::chat_room_server::ChatRoomServer;
+use saferchat_proto::peer::peer_server::PeerServer;
+use tokio::net::TcpListener;
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::TcpListenerStream;
+use tokio_util::sync::CancellationToken;
+use tonic::service::interceptor::InterceptedService;
+use tonic::transport::Server;
+
+use crate::context::Context;
+use crate::error::NodeError;
+use crate::membership::Inbound;
+
+/// Largest gRPC message accepted: one envelope plus framing.
+pub const GRPC_MESSAGE_BYTES_MAX: usize = saferchat_envelope::ENVELOPE_BYTES_MAX + 64 * 1024;
+
+/// Services listed by reflection on the client listener.
+const CLIENT_SERVICES: &[&str] = &[
+    "server.grpc.admin.Admin",
+    "server.grpc.chat.ChatRoom",
+    "grpc.health.v1.Health",
+];
+
+/// Reflection over the client services only (the peer face is described
+/// in the same descriptor set but is not served here).
+fn reflection(itself: &str) -> tonic_reflection::server::Builder<'static> {
+    let mut builder = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(saferchat_proto::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .with_service_name(itself);
+    for name in CLIENT_SERVICES {
+        builder = builder.with_service_name(*name);
+    }
+    builder
+}
+
+/// Serves the client faces on `listener` until `shutdown`.
+///
+/// # Errors
+/// When the server fails (not when it shuts down).
+pub async fn serve_clients(
+    ctx: Arc<Context>,
+    listener: TcpListener,
+    shutdown: CancellationToken,
+) -> Result<(), NodeError> {
+    let (health, health_service) = tonic_health::server::health_reporter();
+    health
+        .set_serving::<AdminServer<admin::AdminService>>()
+        .await;
+    health
+        .set_serving::<ChatRoomServer<chat::ChatService>>()
+        .await;
+
+    let reflection_v1 = reflection("grpc.reflection.v1.ServerReflection")
+        .build_v1()
+        .map_err(|e| NodeError::Config(format!("reflection: {e}")))?;
+    // grpcurl 1.8 still asks the v1alpha service.
+    let reflection_v1alpha = reflection("grpc.reflection.v1alpha.ServerReflection")
+        .build_v1alpha()
+        .map_err(|e| NodeError::Config(format!("reflection: {e}")))?;
+
+    let token = ctx.admin.clone();
+    let admin = InterceptedService::new(
+        AdminServer::new(admin::AdminService::new(Arc::clone(&ctx)))
+            .max_decoding_message_size(GRPC_MESSAGE_BYTES_MAX),
+        move |request: tonic::Request<()>| {
+            token.check(request.metadata())?;
+            Ok(request)
+        },
+    );
+    let chat = ChatRoomServer::new(chat::ChatService::new(Arc::clone(&ctx)))
+        .max_decoding_message_size(GRPC_MESSAGE_BYTES_MAX);
+
+    let stopping = shutdown.clone();
+    let health_on_stop = health.clone();
+    Server::builder()
+        .tcp_nodelay(true)
+        .http2_keepalive_interval(Some(std::time::Duration::from_secs(30)))
+        .add_service(health_service)
+        .add_service(reflection_v1)
+        .add_service(reflection_v1alpha)
+        .add_service(admin)
+        .add_service(chat)
+        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), async move {
+            stopping.cancelled().await;
+            health_on_stop
+                .set_not_serving::<ChatRoomServer<chat::ChatService>>()
+                .await;
+        })
+        .await
+        .map_err(|e| NodeError::Unavailable(format!("client listener failed: {e}")))
+}
+
+/// Serves the peer face on `listener` until `shutdown`.
+///
+/// # Errors
+/// When the server fails.
+pub async fn serve_peers(
+    inbound: mpsc::Sender<Inbound>,
+    replicas: Vec<NodeId>,
+    listener: TcpListener,
+    shutdown: CancellationToken,
+) -> Result<(), NodeError> {
+    Server::builder()
+        .tcp_nodelay(true)
+        .add_service(
+            PeerServer::new(peer::PeerService::new(inbound, replicas))
+                .max_decoding_message_size(64 * 1024 * 1024),
+        )
+        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown.cancelled_owned())
+        .await
+        .map_err(|e| NodeError::Unavailable(format!("peer listener failed: {e}")))
+}

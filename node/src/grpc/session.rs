@@ -1,0 +1,445 @@
+//! One `Post` stream: join handshake, history, then live traffic both ways.
+//!
+//! ```text
+//! client                         node
+//!   Join{chat,user}      ──▶   member? (linearizable read)
+//!                        ◀──   Challenge{nonce}
+//!   Proof{key,sig}       ──▶   key hashes to handle? signature? register key
+//!                        ◀──   Joined{membership, session token}
+//!                        ◀──   Deliveries{history}   (stored up to the attach point)
+//!   Post{seq,envelope}   ──▶   room actor: check, id, store, then…
+//!                        ◀──   PostResult{seq, accepted|rejected}
+//!                        ◀──   Deliveries{live}      (everyone's posts, own included)
+//! ```
+//!
+//! The session forwards what its room sends from a bounded queue. A client
+//! that reads too slowly fills that queue; the room then closes the session
+//! with RESOURCE_EXHAUSTED instead of waiting for it, and the client resumes
+//! from its last id. Nothing is lost: every acknowledged post is stored.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use saferchat_consensus::{Change, Handle, RoomId, RoomState};
+use saferchat_envelope::Envelope;
+use saferchat_proto::chat::{self as pb, client_frame::Frame, server_frame};
+use tokio::sync::{mpsc, oneshot};
+use tonic::{Status, Streaming};
+
+use crate::auth;
+use crate::context::{Context, SessionSlot};
+use crate::convert;
+use crate::error::NodeError;
+use crate::message_id::MessageId;
+use crate::room::{Live, PostOutcome, Posted, RoomCommand};
+use crate::storage::{self, Range, StoredMessage};
+
+/// Most deliveries packed into one frame.
+const DELIVERIES_PER_FRAME_MAX: usize = 64;
+/// Stored messages per frame when replaying history.
+const HISTORY_PAGE_MAX: usize = 100;
+
+type Out = mpsc::Sender<Result<pb::ServerFrame, Status>>;
+
+fn frame(f: server_frame::Frame) -> pb::ServerFrame {
+    pb::ServerFrame { frame: Some(f) }
+}
+
+async fn send(out: &Out, f: server_frame::Frame) -> Result<(), Gone> {
+    out.send(Ok(frame(f))).await.map_err(|_| Gone)
+}
+
+/// The client went away; nothing more to say to it.
+#[derive(Debug)]
+struct Gone;
+
+enum End {
+    Gone,
+    Error(NodeError),
+}
+
+impl From<Gone> for End {
+    fn from(_: Gone) -> End {
+        End::Gone
+    }
+}
+
+impl From<NodeError> for End {
+    fn from(e: NodeError) -> End {
+        End::Error(e)
+    }
+}
+
+/// Serves one `Post` stream until either side ends it.
+pub async fn run(
+    ctx: Arc<Context>,
+    slot: SessionSlot,
+    mut inbound: Streaming<pb::ClientFrame>,
+    out: Out,
+) {
+    let end = tokio::select! {
+        end = serve(&ctx, slot.id, &mut inbound, &out) => end,
+        () = ctx.shutdown.cancelled() => Err(End::Error(NodeError::Unavailable("node is shutting down".into()))),
+    };
+    if let Err(End::Error(e)) = end {
+        let _ = out.send(Err(e.into())).await;
+    }
+}
+
+async fn next_frame(
+    inbound: &mut Streaming<pb::ClientFrame>,
+    timeout_ms: u64,
+) -> Result<Frame, End> {
+    let next = tokio::time::timeout(Duration::from_millis(timeout_ms), inbound.message())
+        .await
+        .map_err(|_| {
+            NodeError::InvalidArgument(format!("no answer within {timeout_ms} ms; join again"))
+        })?;
+    match next {
+        Ok(Some(pb::ClientFrame { frame: Some(f) })) => Ok(f),
+        Ok(Some(pb::ClientFrame { frame: None })) => {
+            Err(NodeError::InvalidArgument("empty client frame".into()).into())
+        }
+        Ok(None) | Err(_) => Err(End::Gone),
+    }
+}
+
+fn invalid(e: impl std::fmt::Display) -> NodeError {
+    NodeError::InvalidArgument(e.to_string())
+}
+
+async fn serve(
+    ctx: &Arc<Context>,
+    session: u64,
+    inbound: &mut Streaming<pb::ClientFrame>,
+    out: &Out,
+) -> Result<(), End> {
+    let limits = ctx.config.limits;
+    let Frame::Join(join) = next_frame(inbound, limits.join_timeout_ms).await? else {
+        return Err(
+            NodeError::InvalidArgument("the first frame of a session must be join".into()).into(),
+        );
+    };
+    let room = RoomId::new(&join.chat).map_err(invalid)?;
+    let user: Handle = join.user.parse().map_err(invalid)?;
+    let after = MessageId::from_optional(&join.after_id).map_err(invalid)?;
+    ctx.check_room_may_exist(&room)?;
+    let state = ctx.membership.read(&room).await?;
+    if !state.created {
+        return Err(NodeError::NotFound(format!("room {:?} does not exist", room.as_str())).into());
+    }
+    if !state.is_member(&user) {
+        return Err(NodeError::PermissionDenied(format!(
+            "you are not a member of room {:?}",
+            room.as_str()
+        ))
+        .into());
+    }
+
+    let nonce: [u8; saferchat_envelope::challenge::NONCE_BYTES] = rand::random();
+    send(
+        out,
+        server_frame::Frame::Challenge(pb::Challenge {
+            nonce: bytes::Bytes::copy_from_slice(&nonce),
+        }),
+    )
+    .await?;
+    let Frame::Proof(proof) = next_frame(inbound, limits.join_timeout_ms).await? else {
+        return Err(NodeError::InvalidArgument(
+            "expected a proof frame after the challenge".into(),
+        )
+        .into());
+    };
+    let key = auth::verify_join(&room, &user, &nonce, &proof.public_key, &proof.signature)?;
+    let state = register(ctx, &room, &user, key, state).await?;
+
+    let (live, mut live_rx) = mpsc::channel(limits.session_queue_max);
+    let (reply, attached) = oneshot::channel();
+    ctx.rooms
+        .send(
+            &room,
+            RoomCommand::Attach {
+                session,
+                user,
+                live,
+                reply,
+            },
+        )
+        .await?;
+    let last = attached
+        .await
+        .map_err(|_| NodeError::Unavailable("room stopped while joining".into()))??;
+    tracing::debug!(room = %room, %user, session, "joined");
+
+    let result = async {
+        let expires =
+            ctx.clock.unix_ms() + i64::try_from(limits.session_token_ms).unwrap_or(i64::MAX);
+        send(
+            out,
+            server_frame::Frame::Joined(pb::Joined {
+                membership: Some(convert::membership_to_pb(room.as_str(), &state)),
+                session: ctx.sessions.issue(&room, &user, expires),
+                session_expires_ms: expires,
+            }),
+        )
+        .await?;
+        if !join.no_history {
+            let recent = match join.recent {
+                0 => limits.history_on_join,
+                n => n.min(limits.history_max),
+            } as usize;
+            replay(ctx, out, &room, &user, after, recent, last).await?;
+        }
+        live_loop(ctx, session, inbound, out, &room, &user, &mut live_rx).await
+    }
+    .await;
+    let _ = ctx.rooms.send(&room, RoomCommand::Detach { session }).await;
+    result
+}
+
+/// Registers the member's key on first join (a membership change through
+/// consensus), or checks it against the registered one.
+async fn register(
+    ctx: &Context,
+    room: &RoomId,
+    user: &Handle,
+    key: saferchat_consensus::PublicKey,
+    state: Arc<RoomState>,
+) -> Result<Arc<RoomState>, NodeError> {
+    match state.members.get(user) {
+        Some(Some(registered)) if *registered == key => Ok(state),
+        Some(Some(_)) => Err(NodeError::FailedPrecondition(
+            "a different public key is registered for this user in this room".into(),
+        )),
+        _ => match ctx
+            .membership
+            .change(room, Change::RegisterKey(*user, key), None)
+            .await
+        {
+            Ok((_, state)) => Ok(state),
+            Err(NodeError::NotFound(_)) => Err(NodeError::PermissionDenied(format!(
+                "you are not a member of room {:?}",
+                room.as_str()
+            ))),
+            Err(e) => Err(e),
+        },
+    }
+}
+
+/// The sealed envelope of a stored message for `user`, if it was wrapped
+/// for them (messages from before they joined were not).
+fn seal_stored(message: &StoredMessage, user: &Handle) -> Option<pb::Delivery> {
+    let envelope = match Envelope::decode(message.envelope.clone()) {
+        Ok(e) => e,
+        Err(e) => {
+            tracing::error!(room = %message.room, id = %message.id, error = %e, "stored envelope does not decode");
+            return None;
+        }
+    };
+    let sealed = saferchat_envelope::sealed::Fanout::new(&envelope).sealed_for_recipient(user)?;
+    Some(pb::Delivery {
+        id: bytes::Bytes::copy_from_slice(&message.id.to_bytes()),
+        time_ms: message.id.time_ms(),
+        sealed,
+    })
+}
+
+/// Sends stored messages up to `last` (the attach point; later ones come
+/// live): everything after `after` when resuming, else the `recent` newest.
+async fn replay(
+    ctx: &Context,
+    out: &Out,
+    room: &RoomId,
+    user: &Handle,
+    after: Option<MessageId>,
+    recent: usize,
+    last: Option<MessageId>,
+) -> Result<(), End> {
+    let Some(last) = last else { return Ok(()) };
+    let mut pending: Vec<StoredMessage> = Vec::new();
+    if let Some(mut cursor) = after {
+        // Resume: everything between the client's last id and the attach
+        // point, page by page, however much that is.
+        loop {
+            let page = storage::history(
+                &*ctx.store,
+                room,
+                Range::After(Some(cursor)),
+                HISTORY_PAGE_MAX,
+            )
+            .await?;
+            let Some(tail) = page.last() else { break };
+            cursor = tail.id;
+            let done = page.len() < HISTORY_PAGE_MAX || cursor >= last;
+            let items: Vec<_> = page
+                .iter()
+                .filter(|m| m.id <= last)
+                .filter_map(|m| seal_stored(m, user))
+                .collect();
+            if !items.is_empty() {
+                send(
+                    out,
+                    server_frame::Frame::Deliveries(pb::Deliveries {
+                        items,
+                        history: true,
+                    }),
+                )
+                .await?;
+            }
+            if done {
+                break;
+            }
+        }
+        return Ok(());
+    }
+    let mut cursor = None;
+    while pending.len() < recent {
+        let page = storage::history(
+            &*ctx.store,
+            room,
+            Range::Before(cursor),
+            recent - pending.len(),
+        )
+        .await?;
+        let Some(tail) = page.last() else { break };
+        cursor = Some(tail.id);
+        pending.extend(page.into_iter().filter(|m| m.id <= last));
+    }
+    pending.reverse(); // oldest first, like live traffic
+    for chunk in pending.chunks(HISTORY_PAGE_MAX) {
+        let items: Vec<_> = chunk.iter().filter_map(|m| seal_stored(m, user)).collect();
+        if !items.is_empty() {
+            send(
+                out,
+                server_frame::Frame::Deliveries(pb::Deliveries {
+                    items,
+                    history: true,
+                }),
+            )
+            .await?;
+        }
+    }
+    Ok(())
+}
+
+fn delivery(posted: &Posted, user: &Handle) -> Option<pb::Delivery> {
+    Some(pb::Delivery {
+        id: bytes::Bytes::copy_from_slice(&posted.id.to_bytes()),
+        time_ms: posted.id.time_ms(),
+        sealed: posted.fanout.sealed_for_recipient(user)?,
+    })
+}
+
+fn result_frame(outcome: PostOutcome, room: &RoomId) -> server_frame::Frame {
+    let result = match outcome {
+        PostOutcome::Accepted { client_seq, id } => pb::PostResult {
+            client_seq,
+            outcome: Some(pb::post_result::Outcome::Accepted(pb::Accepted {
+                id: bytes::Bytes::copy_from_slice(&id.to_bytes()),
+                time_ms: id.time_ms(),
+            })),
+        },
+        PostOutcome::Rejected {
+            client_seq,
+            error,
+            state,
+        } => {
+            let status = Status::from(error);
+            pb::PostResult {
+                client_seq,
+                outcome: Some(pb::post_result::Outcome::Rejected(pb::Rejected {
+                    code: status.code() as i32,
+                    message: status.message().to_owned(),
+                    membership: state.map(|s| convert::membership_to_pb(room.as_str(), &s)),
+                })),
+            }
+        }
+    };
+    server_frame::Frame::Result(result)
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn live_loop(
+    ctx: &Context,
+    session: u64,
+    inbound: &mut Streaming<pb::ClientFrame>,
+    out: &Out,
+    room: &RoomId,
+    user: &Handle,
+    live: &mut mpsc::Receiver<Live>,
+) -> Result<(), End> {
+    let mut inbound_open = true;
+    loop {
+        tokio::select! {
+            next = inbound.message(), if inbound_open => match next {
+                Ok(Some(pb::ClientFrame { frame: Some(Frame::Post(post)) })) => {
+                    match Envelope::decode(post.envelope.clone()) {
+                        Ok(envelope) => {
+                            ctx.rooms.send(room, RoomCommand::Post {
+                                session,
+                                user: *user,
+                                client_seq: post.client_seq,
+                                envelope,
+                                raw: post.envelope,
+                            }).await?;
+                        }
+                        Err(e) => {
+                            metrics::counter!("saferchat_posts_rejected_total").increment(1);
+                            let rejected = PostOutcome::Rejected {
+                                client_seq: post.client_seq,
+                                error: NodeError::InvalidArgument(format!("not a valid envelope: {e}")),
+                                state: None,
+                            };
+                            send(out, result_frame(rejected, room)).await?;
+                        }
+                    }
+                }
+                Ok(Some(_)) => {
+                    return Err(NodeError::InvalidArgument("after joining, a session only sends post frames".into()).into());
+                }
+                // The client is done posting; keep delivering until it
+                // drops the stream.
+                Ok(None) => inbound_open = false,
+                Err(status) => {
+                    tracing::debug!(%room, session, code = ?status.code(), "client stream ended");
+                    return Err(End::Gone);
+                }
+            },
+            item = live.recv() => {
+                let Some(item) = item else {
+                    return Err(NodeError::Unavailable("room stopped; join again".into()).into());
+                };
+                let mut items = vec![item];
+                while items.len() < DELIVERIES_PER_FRAME_MAX {
+                    match live.try_recv() {
+                        Ok(more) => items.push(more),
+                        Err(_) => break,
+                    }
+                }
+                let mut batch = Vec::new();
+                for item in items {
+                    match item {
+                        Live::Deliver(posted) => batch.extend(delivery(&posted, user)),
+                        other => {
+                            if !batch.is_empty() {
+                                let items = std::mem::take(&mut batch);
+                                send(out, server_frame::Frame::Deliveries(pb::Deliveries { items, history: false })).await?;
+                            }
+                            match other {
+                                Live::Result(outcome) => send(out, result_frame(outcome, room)).await?,
+                                Live::Membership(state) => {
+                                    send(out, server_frame::Frame::Membership(convert::membership_to_pb(room.as_str(), &state))).await?;
+                                }
+                                Live::Close(e) => return Err(e.into()),
+                                Live::Deliver(_) => unreachable!("handled above"),
+                            }
+                        }
+                    }
+                }
+                if !batch.is_empty() {
+                    send(out, server_frame::Frame::Deliveries(pb::Deliveries { items: batch, history: false })).await?;
+                }
+            }
+        }
+    }
+}

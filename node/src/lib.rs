@@ -1,0 +1,234 @@
+//! The saferchat node: one process that serves end-to-end encrypted rooms.
+//!
+//! # Layout
+//!
+//! - [`run`]: the entry point; takes the configuration, bound listeners
+//!   and a shutdown token (tests bind `127.0.0.1:0`).
+//! - [`grpc`]: the edge — chat, admin, health and reflection on the client
+//!   listener; the peer face on its own listener.
+//! - [`room`]: one actor per active room: check, id, store, ack, fan out.
+//! - [`membership`]: the driver that runs the consensus core of every room
+//!   and publishes lease-protected views of membership.
+//! - [`storage`]: the storage contract, its stores and conformance suite.
+//! - [`auth`], [`config`], [`clock`], [`convert`], [`message_id`],
+//!   [`known_rooms`], [`context`], [`error`]: the supporting cast.
+//!
+//! # What the node never does
+//!
+//! It never decrypts: it links no AES and uses RSA only to verify join
+//! signatures. It never acknowledges a post before storage says it is
+//! durable, and never sends a consensus vote before it is durable.
+
+pub mod auth;
+pub mod clock;
+pub mod config;
+pub mod context;
+pub mod convert;
+pub mod error;
+pub mod grpc;
+pub mod known_rooms;
+pub mod membership;
+pub mod message_id;
+pub mod room;
+pub mod storage;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use saferchat_consensus::NodeId;
+use tokio::net::TcpListener;
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+use crate::auth::{AdminToken, SessionKeys};
+use crate::clock::Clock;
+use crate::config::{Backend, NodeConfig};
+use crate::context::Context;
+use crate::error::NodeError;
+use crate::known_rooms::KnownRooms;
+use crate::membership::driver::{self, DriverParts};
+use crate::membership::{NoPeers, PeerSender};
+use crate::room::{RoomDeps, Rooms};
+use crate::storage::ChatStore;
+use crate::storage::sled::SledStore;
+
+/// Peer batches queued for the membership driver.
+const INBOUND_QUEUE_MAX: usize = 1024;
+/// How long shutdown waits for streams to end before giving up on them.
+const SHUTDOWN_GRACE_MS: u64 = 10_000;
+
+/// The listeners a node serves on, bound by the caller.
+#[derive(Debug)]
+pub struct Listeners {
+    /// Chat, admin, health and reflection.
+    pub client: TcpListener,
+    /// Node-to-node traffic; required when peers are configured.
+    pub peer: Option<TcpListener>,
+}
+
+fn create_private_dir(path: &std::path::Path) -> Result<(), NodeError> {
+    let mut builder = std::fs::DirBuilder::new();
+    builder.recursive(true);
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::DirBuilderExt;
+        builder.mode(0o700);
+    }
+    builder
+        .create(path)
+        .map_err(|e| NodeError::Config(format!("creating data folder {}: {e}", path.display())))
+}
+
+/// Opens the configured chat store.
+async fn open_chat_store(
+    config: &NodeConfig,
+    sled: &SledStore,
+) -> Result<Arc<dyn ChatStore>, NodeError> {
+    match config.storage.backend {
+        Backend::Sled => Ok(Arc::new(sled.clone())),
+        Backend::Cassandra => Err(NodeError::Config(
+            "the cassandra backend is not available in this build".into(),
+        )),
+    }
+}
+
+/// Reads every room name into the existence filter.
+async fn load_known_rooms(store: &dyn ChatStore, known: &KnownRooms) -> Result<usize, NodeError> {
+    let mut after = None;
+    let mut count = 0;
+    loop {
+        let page = store.list_rooms(after.as_ref(), 1000).await?;
+        let Some(last) = page.last() else { break };
+        after = Some(last.room.clone());
+        count += page.len();
+        for summary in &page {
+            known.insert(&summary.room);
+        }
+    }
+    Ok(count)
+}
+
+/// Runs a node until `shutdown` is cancelled (or a fatal error).
+///
+/// # Errors
+/// Configuration or storage problems at start, a listener failure, or
+/// [`NodeError::Fatal`] when consensus state could not be made durable.
+pub async fn run(
+    config: NodeConfig,
+    listeners: Listeners,
+    clock: Arc<dyn Clock>,
+    shutdown: CancellationToken,
+) -> Result<(), NodeError> {
+    config.validate()?;
+    if !config.is_single_node() && listeners.peer.is_none() {
+        return Err(NodeError::Config(
+            "a peer listener is required when peers are configured".into(),
+        ));
+    }
+    create_private_dir(&config.data_dir)?;
+    let sled = SledStore::open(&config.data_dir.join("db"))?;
+    let chat = open_chat_store(&config, &sled).await?;
+
+    let (admin, generated) = AdminToken::load(config.admin_token.as_deref(), &config.data_dir)?;
+    if let Some(path) = generated {
+        tracing::info!(path = %path.display(), "generated an admin token; read it from this file (mode 0600)");
+    }
+    let sessions = SessionKeys::load(config.session_secret.as_deref(), &config.data_dir)?;
+    let known = Arc::new(KnownRooms::new());
+    let rooms_known = load_known_rooms(&*chat, &known).await?;
+
+    let replica = Arc::new(config.replica_config());
+    tracing::info!(rooms = rooms_known, "{}", driver::describe(&replica));
+    let (inbound_tx, inbound_rx) = mpsc::channel(INBOUND_QUEUE_MAX);
+    let peers: Arc<dyn PeerSender> = if config.is_single_node() {
+        Arc::new(NoPeers)
+    } else {
+        let addresses: Vec<(NodeId, std::net::SocketAddr)> = config
+            .peers
+            .iter()
+            .map(|p| (NodeId(p.id), p.peer_address))
+            .collect();
+        Arc::new(grpc::peer::GrpcPeers::start(
+            NodeId(config.node_id),
+            &addresses,
+            &shutdown,
+        ))
+    };
+    let (membership, driver_task) = driver::spawn(DriverParts {
+        config: Arc::clone(&replica),
+        acceptors: Arc::new(sled.clone()),
+        chat: Arc::clone(&chat),
+        peers,
+        inbound: inbound_rx,
+        clock: Arc::clone(&clock),
+        known: Arc::clone(&known),
+        shutdown: shutdown.clone(),
+    });
+    let rooms = Rooms::new(RoomDeps {
+        store: Arc::clone(&chat),
+        membership: membership.clone(),
+        clock: Arc::clone(&clock),
+        limits: config.limits,
+        shutdown: shutdown.clone(),
+    });
+    let client_addr = listeners.client.local_addr().ok();
+    let ctx = Arc::new(Context::new(
+        config.clone(),
+        membership,
+        rooms,
+        Arc::clone(&chat),
+        known,
+        admin,
+        sessions,
+        clock,
+        shutdown.clone(),
+    ));
+
+    let client_server = tokio::spawn(grpc::serve_clients(
+        Arc::clone(&ctx),
+        listeners.client,
+        shutdown.clone(),
+    ));
+    let peer_server = listeners.peer.map(|listener| {
+        tokio::spawn(grpc::serve_peers(
+            inbound_tx,
+            replica.replicas.clone(),
+            listener,
+            shutdown.clone(),
+        ))
+    });
+    if let Some(addr) = client_addr {
+        tracing::info!(%addr, data = %config.data_dir.display(), "saferchat node serving");
+    }
+
+    let mut driver_task = driver_task;
+    let outcome = tokio::select! {
+        () = shutdown.cancelled() => Ok(()),
+        result = &mut driver_task => match result {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(e)) => Err(e),
+            Err(e) => Err(NodeError::Fatal(format!("membership driver panicked: {e}"))),
+        },
+    };
+    if let Err(e) = &outcome {
+        tracing::error!(error = %e, "stopping");
+    }
+    shutdown.cancel();
+    let grace = Duration::from_millis(SHUTDOWN_GRACE_MS);
+    match tokio::time::timeout(grace, client_server).await {
+        Ok(Ok(Err(e))) => tracing::warn!(error = %e, "client listener"),
+        Err(_) => tracing::warn!("client connections did not close in time"),
+        _ => {}
+    }
+    if let Some(task) = peer_server {
+        let _ = tokio::time::timeout(grace, task).await;
+    }
+    if !driver_task.is_finished() {
+        let _ = tokio::time::timeout(grace, &mut driver_task).await;
+    }
+    // Everything acknowledged was flushed already; this makes the rest of
+    // sled's log durable too before the process exits.
+    sled.flush().await?;
+    tracing::info!(sessions = ctx.open_sessions(), "saferchat node stopped");
+    outcome
+}

@@ -1,0 +1,185 @@
+//! `saferchat-node`: runs one saferchat node.
+//!
+//! Configuration: defaults, then `--config FILE` (TOML), then `SAFERCHAT_*`
+//! environment variables, then the flags below.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::Context as _;
+use clap::Parser;
+use saferchat_node::clock::SystemClock;
+use saferchat_node::config::{LogFormat, NodeConfig};
+use saferchat_node::{Listeners, run};
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "saferchat-node",
+    version,
+    about = "An end-to-end encrypted group chat node"
+)]
+struct Args {
+    /// TOML configuration file.
+    #[arg(long, short)]
+    config: Option<PathBuf>,
+    /// Client-facing address (default 127.0.0.1:8080).
+    #[arg(long)]
+    listen: Option<SocketAddr>,
+    /// Data folder (default ./saferchat-data).
+    #[arg(long)]
+    data_dir: Option<PathBuf>,
+    /// Prometheus metrics address, e.g. 127.0.0.1:9090.
+    #[arg(long)]
+    metrics_listen: Option<SocketAddr>,
+    /// Node-to-node address (cluster mode).
+    #[arg(long)]
+    peer_listen: Option<SocketAddr>,
+    /// This node's id (cluster mode).
+    #[arg(long)]
+    node_id: Option<u64>,
+    /// Print the effective configuration (without secrets) and exit.
+    #[arg(long)]
+    print_config: bool,
+}
+
+fn load(args: &Args) -> anyhow::Result<NodeConfig> {
+    let mut config = match &args.config {
+        Some(path) => NodeConfig::from_file(path)?,
+        None => NodeConfig::default(),
+    };
+    config.apply_env(|name| std::env::var(name).ok())?;
+    if let Some(v) = args.listen {
+        config.listen = v;
+    }
+    if let Some(v) = &args.data_dir {
+        config.data_dir.clone_from(v);
+    }
+    if let Some(v) = args.metrics_listen {
+        config.metrics_listen = Some(v);
+    }
+    if let Some(v) = args.peer_listen {
+        config.peer_listen = Some(v);
+    }
+    if let Some(v) = args.node_id {
+        config.node_id = v;
+    }
+    config.validate()?;
+    Ok(config)
+}
+
+fn init_tracing(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    // Logs go to stderr; stdout stays free for what a user asked for
+    // (e.g. --print-config).
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_target(false)
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder.json().init(),
+    }
+}
+
+async fn shutdown_on_signal(token: CancellationToken) {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        let mut term =
+            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                Ok(s) => s,
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot listen for SIGTERM");
+                    let _ = ctrl_c.await;
+                    token.cancel();
+                    return;
+                }
+            };
+        tokio::select! {
+            _ = ctrl_c => tracing::info!("SIGINT: shutting down"),
+            _ = term.recv() => tracing::info!("SIGTERM: shutting down"),
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = ctrl_c.await;
+    }
+    token.cancel();
+}
+
+async fn main_async(config: NodeConfig) -> anyhow::Result<()> {
+    if let Some(addr) = config.metrics_listen {
+        metrics_exporter_prometheus::PrometheusBuilder::new()
+            .with_http_listener(addr)
+            .install()
+            .with_context(|| format!("starting the metrics endpoint on {addr}"))?;
+        tracing::info!(%addr, "metrics on /metrics");
+    }
+    let client = TcpListener::bind(config.listen)
+        .await
+        .with_context(|| format!("cannot listen on {}", config.listen))?;
+    let peer = match config.peer_listen {
+        Some(addr) => Some(
+            TcpListener::bind(addr)
+                .await
+                .with_context(|| format!("cannot listen for peers on {addr}"))?,
+        ),
+        None => None,
+    };
+    let token = CancellationToken::new();
+    tokio::spawn(shutdown_on_signal(token.clone()));
+    run(
+        config,
+        Listeners { client, peer },
+        SystemClock::new(),
+        token,
+    )
+    .await?;
+    Ok(())
+}
+
+fn main() -> ExitCode {
+    let args = Args::parse();
+    let config = match load(&args) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("saferchat-node: {e:#}");
+            return ExitCode::from(2);
+        }
+    };
+    if args.print_config {
+        let mut shown = config.clone();
+        shown.admin_token = shown.admin_token.map(|_| "<redacted>".into());
+        shown.session_secret = shown.session_secret.map(|_| "<redacted>".into());
+        match toml::to_string_pretty(&shown) {
+            Ok(text) => {
+                print!("{text}");
+                return ExitCode::SUCCESS;
+            }
+            Err(e) => {
+                eprintln!("saferchat-node: {e}");
+                return ExitCode::FAILURE;
+            }
+        }
+    }
+    init_tracing(config.log_format);
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("saferchat-node: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(main_async(config)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!("{e:#}");
+            eprintln!("saferchat-node: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

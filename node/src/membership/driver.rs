@@ -1,0 +1,479 @@
+//! The membership driver: one task that runs every room's consensus core.
+//!
+//! Each input (a request, a batch of peer messages, a timer) is fed to the
+//! rooms it concerns; then the driver executes what the cores asked for, in
+//! the order their contract requires:
+//!
+//! 1. publish every touched room's [`View`] (so readers stop using a state
+//!    before this node acknowledges a change to it);
+//! 2. persist all changed acceptor states in one durable batch;
+//! 3. send messages (those to this node are fed straight back in), answer
+//!    callers, record commits.
+//!
+//! Consensus traffic is small (one round per membership change, a lease
+//! renewal per active room every few hundred ms), so one task is plenty
+//! and keeps the ordering above trivially true.
+
+use std::cmp::Reverse;
+use std::collections::{BTreeSet, BinaryHeap, HashMap, VecDeque};
+use std::sync::Arc;
+use std::time::Duration;
+
+use saferchat_consensus::{
+    AcceptorState, Ballot, ChangeId, Message, Millis, NodeId, Outcome, Proposal, ReplicaConfig,
+    RequestId, RoomId, RoomReplica, RoomState,
+};
+use tokio::sync::{mpsc, oneshot, watch};
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+use super::{COMMAND_QUEUE_MAX, Command, Inbound, Membership, PeerSender, Status, View};
+use crate::clock::Clock;
+use crate::convert;
+use crate::error::NodeError;
+use crate::known_rooms::KnownRooms;
+use crate::storage::{AcceptorStore, ChatStore, CommittedRoom};
+
+/// Rooms with no readers, no proposals and no outstanding lease promises
+/// are unloaded after this long (their state is on disk).
+const ROOM_IDLE_MS: u64 = 60_000;
+
+enum Waiter {
+    Change(oneshot::Sender<Outcome>),
+    Read(oneshot::Sender<Result<(Arc<RoomState>, &'static str), NodeError>>),
+    Status(oneshot::Sender<Result<Status, NodeError>>),
+}
+
+struct Slot {
+    replica: RoomReplica,
+    waiters: HashMap<RequestId, Waiter>,
+    view: watch::Sender<View>,
+    last_used: Millis,
+}
+
+/// Everything the driver needs.
+pub struct DriverParts {
+    /// The replica set of every room.
+    pub config: Arc<ReplicaConfig>,
+    /// This node's votes.
+    pub acceptors: Arc<dyn AcceptorStore>,
+    /// Committed memberships.
+    pub chat: Arc<dyn ChatStore>,
+    /// Outgoing peer traffic.
+    pub peers: Arc<dyn PeerSender>,
+    /// Incoming peer traffic.
+    pub inbound: mpsc::Receiver<Inbound>,
+    /// Time.
+    pub clock: Arc<dyn Clock>,
+    /// Room existence filter, updated on every commit.
+    pub known: Arc<KnownRooms>,
+    /// Stops the driver.
+    pub shutdown: CancellationToken,
+}
+
+struct Driver {
+    config: Arc<ReplicaConfig>,
+    acceptors: Arc<dyn AcceptorStore>,
+    chat: Arc<dyn ChatStore>,
+    peers: Arc<dyn PeerSender>,
+    clock: Arc<dyn Clock>,
+    known: Arc<KnownRooms>,
+    rooms: HashMap<RoomId, Slot>,
+    timers: BinaryHeap<Reverse<(Millis, RoomId)>>,
+    next_request: u64,
+    /// Until then, assume promises made before this process started.
+    recovering_until: Millis,
+}
+
+/// Starts the driver; returns its handle and its task (which ends with
+/// `Err(Fatal)` if the node can no longer keep its promises).
+pub fn spawn(parts: DriverParts) -> (Membership, JoinHandle<Result<(), NodeError>>) {
+    let (tx, rx) = mpsc::channel(COMMAND_QUEUE_MAX);
+    let now = parts.clock.monotonic();
+    let recovering_until = if parts.config.may_have_promised_others() {
+        now.plus(parts.config.lease.promise_ms())
+    } else {
+        Millis(0)
+    };
+    let driver = Driver {
+        config: parts.config,
+        acceptors: parts.acceptors,
+        chat: parts.chat,
+        peers: parts.peers,
+        clock: parts.clock,
+        known: parts.known,
+        rooms: HashMap::new(),
+        timers: BinaryHeap::new(),
+        next_request: 0,
+        recovering_until,
+    };
+    let task = tokio::spawn(driver.run(rx, parts.inbound, parts.shutdown));
+    (Membership::new(tx), task)
+}
+
+impl Driver {
+    async fn run(
+        mut self,
+        mut commands: mpsc::Receiver<Command>,
+        mut inbound: mpsc::Receiver<Inbound>,
+        shutdown: CancellationToken,
+    ) -> Result<(), NodeError> {
+        loop {
+            let next_timer = self.timers.peek().map(|Reverse((t, _))| *t);
+            let sleep = async {
+                match next_timer {
+                    Some(t) => {
+                        let wait = t.since(self.clock.monotonic());
+                        tokio::time::sleep(Duration::from_millis(wait)).await;
+                    }
+                    None => std::future::pending::<()>().await,
+                }
+            };
+            tokio::select! {
+                biased;
+                () = shutdown.cancelled() => break,
+                command = commands.recv() => match command {
+                    Some(command) => self.on_command(command).await?,
+                    None => break,
+                },
+                Some(batch) = inbound.recv() => self.on_inbound(batch).await?,
+                () = sleep => self.on_timers().await?,
+            }
+        }
+        for slot in self.rooms.values_mut() {
+            for (_, waiter) in slot.waiters.drain() {
+                fail(
+                    waiter,
+                    NodeError::Unavailable("node is shutting down".into()),
+                );
+            }
+        }
+        Ok(())
+    }
+
+    fn request_id(&mut self) -> RequestId {
+        self.next_request += 1;
+        RequestId(self.next_request)
+    }
+
+    /// Loads a room's replica if it is not loaded.
+    async fn ensure(&mut self, room: &RoomId) -> Result<(), NodeError> {
+        if self.rooms.contains_key(room) {
+            return Ok(());
+        }
+        let durable = self
+            .acceptors
+            .load_acceptor(room)
+            .await
+            .map_err(|e| NodeError::Unavailable(format!("loading room {room:?}: {e}")))?
+            .unwrap_or_default();
+        let known = self
+            .chat
+            .load_room(room)
+            .await
+            .map_err(|e| NodeError::Unavailable(format!("loading room {room:?}: {e}")))?
+            .map(|c| (c.ballot, c.state));
+        let initial = View {
+            state: known.as_ref().map(|(_, s)| Arc::clone(s)),
+            readable_until: Millis(0),
+        };
+        let replica = RoomReplica::new(
+            Arc::clone(&self.config),
+            durable,
+            known,
+            self.recovering_until,
+        );
+        let (view, _) = watch::channel(initial);
+        self.rooms.insert(
+            room.clone(),
+            Slot {
+                replica,
+                waiters: HashMap::new(),
+                view,
+                last_used: self.clock.monotonic(),
+            },
+        );
+        Ok(())
+    }
+
+    async fn on_command(&mut self, command: Command) -> Result<(), NodeError> {
+        let now = self.clock.monotonic();
+        let room = match &command {
+            Command::Propose { room, .. }
+            | Command::Read { room, .. }
+            | Command::Watch { room, .. }
+            | Command::Status { room, .. } => room.clone(),
+        };
+        if let Err(e) = self.ensure(&room).await {
+            match command {
+                Command::Propose { reply, .. } => drop(reply.send(Outcome::Unavailable)),
+                Command::Read { reply, .. } => drop(reply.send(Err(e))),
+                Command::Status { reply, .. } => drop(reply.send(Err(e))),
+                Command::Watch { .. } => {}
+            }
+            return Ok(());
+        }
+        let request = self.request_id();
+        let slot = self.rooms.get_mut(&room).expect("ensured");
+        slot.last_used = now;
+        match command {
+            Command::Propose {
+                proposal, reply, ..
+            } => {
+                slot.waiters.insert(request, Waiter::Change(reply));
+                slot.replica.propose(now, request, proposal);
+            }
+            Command::Read { reply, .. } => {
+                if let Ok(state) = slot.replica.read(now) {
+                    let _ = reply.send(Ok((Arc::clone(state), "lease")));
+                } else {
+                    slot.waiters.insert(request, Waiter::Read(reply));
+                    slot.replica
+                        .propose(now, request, Proposal::read(ChangeId(rand::random())));
+                }
+            }
+            Command::Status { reply, .. } => {
+                if let Ok(state) = slot.replica.read(now) {
+                    let status = Status {
+                        state: Arc::clone(state),
+                        read_path: "lease",
+                        lease: slot.replica.lease_status(now),
+                    };
+                    let _ = reply.send(Ok(status));
+                } else {
+                    slot.waiters.insert(request, Waiter::Status(reply));
+                    slot.replica
+                        .propose(now, request, Proposal::read(ChangeId(rand::random())));
+                }
+            }
+            Command::Watch { reply, .. } => {
+                let _ = reply.send(slot.view.subscribe());
+                slot.replica.want_lease(now, true);
+            }
+        }
+        self.settle(vec![room]).await
+    }
+
+    async fn on_inbound(&mut self, batch: Inbound) -> Result<(), NodeError> {
+        let now = self.clock.monotonic();
+        let mut touched = Vec::new();
+        for wire in batch.messages {
+            let (room, message) = match (RoomId::new(&wire.room), convert::message_from_pb(&wire)) {
+                (Ok(room), Ok(message)) => (room, message),
+                (Err(e), _) => {
+                    tracing::warn!(from = %batch.from, error = %e, "dropping peer message with a bad room name");
+                    continue;
+                }
+                (_, Err(e)) => {
+                    tracing::warn!(from = %batch.from, error = %e, "dropping malformed peer message");
+                    continue;
+                }
+            };
+            if !self.config.replicas.contains(&batch.from) {
+                tracing::warn!(from = %batch.from, "dropping message from a node outside the replica set");
+                continue;
+            }
+            if let Err(e) = self.ensure(&room).await {
+                tracing::warn!(%room, error = %e, "cannot load room for a peer message");
+                continue;
+            }
+            let slot = self.rooms.get_mut(&room).expect("ensured");
+            slot.replica.step(now, batch.from, message);
+            touched.push(room);
+        }
+        self.settle(touched).await
+    }
+
+    async fn on_timers(&mut self) -> Result<(), NodeError> {
+        let now = self.clock.monotonic();
+        let mut due = BTreeSet::new();
+        while let Some(Reverse((t, _))) = self.timers.peek() {
+            if *t > now {
+                break;
+            }
+            let Reverse((_, room)) = self.timers.pop().expect("peeked");
+            due.insert(room);
+        }
+        let mut touched = Vec::new();
+        for room in due {
+            let Some(slot) = self.rooms.get_mut(&room) else {
+                continue;
+            };
+            // Keep a lease exactly while someone watches the room.
+            let wanted = slot.view.receiver_count() > 0;
+            if wanted != slot.replica.lease_wanted() {
+                slot.replica.want_lease(now, wanted);
+            }
+            slot.replica.tick(now);
+            if wanted {
+                slot.last_used = now;
+            }
+            touched.push(room);
+        }
+        self.settle(touched).await?;
+        self.unload_idle(now);
+        Ok(())
+    }
+
+    /// Drops rooms nobody uses. A room is unloaded only when nothing in its
+    /// memory matters any more: no watchers, callers or proposals, and no
+    /// unexpired lease promises (those are volatile and must be honoured).
+    fn unload_idle(&mut self, now: Millis) {
+        self.rooms.retain(|_, slot| {
+            let idle = now.since(slot.last_used) >= ROOM_IDLE_MS
+                && slot.view.receiver_count() == 0
+                && slot.waiters.is_empty()
+                && !slot.replica.proposing()
+                && slot.replica.lease_status(now).promised_to.is_empty()
+                && now >= slot.replica.next_wakeup(now).unwrap_or(Millis(0));
+            !idle
+        });
+    }
+
+    /// Executes what the touched rooms asked for, until nothing is left
+    /// (messages to this node cause more work).
+    async fn settle(&mut self, mut touched: Vec<RoomId>) -> Result<(), NodeError> {
+        let me = self.config.me;
+        while !touched.is_empty() {
+            touched.sort();
+            touched.dedup();
+            let now = self.clock.monotonic();
+            let mut persists: Vec<(RoomId, AcceptorState)> = Vec::new();
+            let mut readies = Vec::new();
+            for room in touched.drain(..) {
+                let Some(slot) = self.rooms.get_mut(&room) else {
+                    continue;
+                };
+                publish_view(slot, now);
+                let ready = slot.replica.take_ready();
+                if let Some(wake) = slot.replica.next_wakeup(now) {
+                    self.timers.push(Reverse((wake, room.clone())));
+                }
+                if ready.is_empty() {
+                    continue;
+                }
+                if let Some(state) = &ready.persist {
+                    persists.push((room.clone(), state.clone()));
+                }
+                readies.push((room, ready));
+            }
+            if !persists.is_empty() {
+                // A vote that cannot be made durable must not be sent: the
+                // node stops rather than risk two different answers.
+                self.acceptors
+                    .save_acceptors(&persists)
+                    .await
+                    .map_err(|e| NodeError::Fatal(format!("persisting acceptor state: {e}")))?;
+                metrics::counter!("saferchat_consensus_persists_total")
+                    .increment(persists.len() as u64);
+            }
+            let mut local: VecDeque<(RoomId, Message)> = VecDeque::new();
+            for (room, ready) in readies {
+                for (to, message) in ready.messages {
+                    if to == me {
+                        local.push_back((room.clone(), message));
+                    } else {
+                        self.peers
+                            .send(to, convert::message_to_pb(room.as_str(), &message));
+                    }
+                }
+                if let Some((ballot, state)) = ready.committed {
+                    self.on_commit(&room, ballot, state);
+                }
+                let slot = self.rooms.get_mut(&room).expect("loaded");
+                for (request, outcome) in ready.replies {
+                    if let Some(waiter) = slot.waiters.remove(&request) {
+                        answer(waiter, outcome, &slot.replica, now);
+                    }
+                }
+            }
+            for (room, message) in local {
+                if let Some(slot) = self.rooms.get_mut(&room) {
+                    slot.replica.step(now, me, message);
+                    touched.push(room);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn on_commit(&self, room: &RoomId, ballot: Ballot, state: Arc<RoomState>) {
+        if state.created {
+            self.known.insert(room);
+        }
+        metrics::counter!("saferchat_membership_commits_learned_total").increment(1);
+        let chat = Arc::clone(&self.chat);
+        let room = room.clone();
+        // A cache of the consensus state (the acceptors hold the truth), so
+        // it is written in the background; compare-and-set on the revision
+        // keeps the newest whatever order the writes land in.
+        tokio::spawn(async move {
+            if let Err(e) = chat
+                .save_room(&room, &CommittedRoom { ballot, state })
+                .await
+            {
+                tracing::warn!(%room, error = %e, "could not record committed membership");
+            }
+        });
+    }
+}
+
+fn publish_view(slot: &mut Slot, now: Millis) {
+    let state = slot.replica.known().map(|(_, s)| Arc::clone(s));
+    let readable_until = slot
+        .replica
+        .read_until(now)
+        .map_or(Millis(0), |(_, until)| until);
+    let next = View {
+        state,
+        readable_until,
+    };
+    slot.view.send_if_modified(|view| {
+        if *view == next {
+            false
+        } else {
+            *view = next;
+            true
+        }
+    });
+}
+
+fn fail(waiter: Waiter, error: NodeError) {
+    match waiter {
+        Waiter::Change(reply) => drop(reply.send(Outcome::Unavailable)),
+        Waiter::Read(reply) => drop(reply.send(Err(error))),
+        Waiter::Status(reply) => drop(reply.send(Err(error))),
+    }
+}
+
+fn answer(waiter: Waiter, outcome: Outcome, replica: &RoomReplica, now: Millis) {
+    let unavailable =
+        || NodeError::Unavailable("membership read could not reach a quorum in time".into());
+    match (waiter, outcome) {
+        (Waiter::Change(reply), outcome) => drop(reply.send(outcome)),
+        (Waiter::Read(reply), Outcome::Decided { state, .. }) => {
+            drop(reply.send(Ok((state, "quorum"))));
+        }
+        (Waiter::Status(reply), Outcome::Decided { state, .. }) => {
+            let status = Status {
+                state,
+                read_path: "quorum",
+                lease: replica.lease_status(now),
+            };
+            drop(reply.send(Ok(status)));
+        }
+        (waiter, Outcome::Unavailable) => fail(waiter, unavailable()),
+    }
+}
+
+/// The node-wide peer id of this node, for logs.
+pub fn describe(config: &ReplicaConfig) -> String {
+    let holders: Vec<String> = config.holders.iter().map(NodeId::to_string).collect();
+    format!(
+        "node {} of {} replicas, lease holders [{}], lease {} ms",
+        config.me,
+        config.replicas.len(),
+        holders.join(", "),
+        config.lease.lease_ms
+    )
+}

@@ -1,0 +1,411 @@
+//! One room's actor: validate, id, store, then acknowledge and fan out.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use saferchat_consensus::{Handle, RoomId, RoomState};
+use saferchat_envelope::sealed::Fanout;
+use saferchat_envelope::{Refusal, check_membership};
+use tokio::sync::mpsc::OwnedPermit;
+use tokio::sync::mpsc::error::TrySendError;
+use tokio::sync::{mpsc, watch};
+
+use super::{Live, PostOutcome, Posted, RoomCommand, RoomDeps, SessionId};
+use crate::error::NodeError;
+use crate::membership::View;
+use crate::message_id::IdGenerator;
+use crate::storage::{self, StoredMessage};
+
+/// A room with no sessions stops after this long without commands.
+const IDLE_STOP_MS: u64 = 30_000;
+
+struct Session {
+    user: Handle,
+    live: mpsc::Sender<Live>,
+    /// A slot reserved at attach time, so that a session whose queue is
+    /// full can still be told why it is being closed.
+    close: OwnedPermit<Live>,
+}
+
+struct Pending {
+    session: SessionId,
+    user: Handle,
+    client_seq: u64,
+    envelope: saferchat_envelope::Envelope,
+    raw: bytes::Bytes,
+}
+
+struct Actor {
+    room: RoomId,
+    deps: RoomDeps,
+    sessions: HashMap<SessionId, Session>,
+    view: watch::Receiver<View>,
+    ids: IdGenerator,
+    last_revision: Option<saferchat_consensus::Revision>,
+}
+
+/// Runs a room until it is idle (or the node stops).
+///
+/// `me` is a weak handle on this actor's own queue: it lets the actor
+/// recognise its entry in the registry without keeping its queue open.
+pub async fn run(
+    room: RoomId,
+    mut rx: mpsc::Receiver<RoomCommand>,
+    me: mpsc::WeakSender<RoomCommand>,
+    deps: RoomDeps,
+    registry: Arc<Mutex<HashMap<RoomId, mpsc::Sender<RoomCommand>>>>,
+) {
+    let started = async {
+        let view = deps.membership.watch(&room).await?;
+        let last = storage::last_id(&*deps.store, &room).await?;
+        Ok::<_, NodeError>((view, last))
+    }
+    .await;
+    let (view, last) = match started {
+        Ok(parts) => parts,
+        Err(e) => {
+            tracing::warn!(%room, error = %e, "room could not start");
+            deregister(&registry, &room, &me);
+            fail_all(&mut rx, &e);
+            return;
+        }
+    };
+    let last_revision = view.borrow().state.as_ref().map(|s| s.revision);
+    let mut actor = Actor {
+        room: room.clone(),
+        ids: IdGenerator::after(last),
+        deps,
+        sessions: HashMap::new(),
+        view,
+        last_revision,
+    };
+    metrics::gauge!("saferchat_rooms_active").increment(1.0);
+    let idle = Duration::from_millis(IDLE_STOP_MS);
+    let batch_max = actor.deps.limits.room_batch_max;
+    loop {
+        let first = tokio::select! {
+            command = rx.recv() => command,
+            changed = actor.view.changed() => {
+                if changed.is_err() {
+                    break;
+                }
+                actor.on_membership();
+                continue;
+            }
+            () = actor.deps.shutdown.cancelled() => break,
+            () = tokio::time::sleep(idle), if actor.sessions.is_empty() => {
+                if deregister_if_idle(&registry, &room, &rx, &me) {
+                    break;
+                }
+                continue;
+            }
+        };
+        let Some(first) = first else { break };
+        let mut commands = vec![first];
+        while commands.len() < batch_max {
+            match rx.try_recv() {
+                Ok(c) => commands.push(c),
+                Err(_) => break,
+            }
+        }
+        actor.handle(commands).await;
+    }
+    let e = NodeError::Unavailable("node is shutting down".into());
+    for (_, session) in actor.sessions.drain() {
+        session
+            .close
+            .send(Live::Close(NodeError::Unavailable(e.to_string())));
+    }
+    deregister(&registry, &room, &me);
+    fail_all(&mut rx, &e);
+    metrics::gauge!("saferchat_rooms_active").decrement(1.0);
+}
+
+/// Removes this actor from the registry if its queue is empty, under the
+/// registry lock so no sender can slip a command in between.
+fn deregister_if_idle(
+    registry: &Mutex<HashMap<RoomId, mpsc::Sender<RoomCommand>>>,
+    room: &RoomId,
+    rx: &mpsc::Receiver<RoomCommand>,
+    me: &mpsc::WeakSender<RoomCommand>,
+) -> bool {
+    let mut actors = registry.lock().expect("lock");
+    if !rx.is_empty() {
+        return false;
+    }
+    remove_own_entry(&mut actors, room, me);
+    true
+}
+
+fn deregister(
+    registry: &Mutex<HashMap<RoomId, mpsc::Sender<RoomCommand>>>,
+    room: &RoomId,
+    me: &mpsc::WeakSender<RoomCommand>,
+) {
+    remove_own_entry(&mut registry.lock().expect("lock"), room, me);
+}
+
+/// Removes the registry entry for `room` only if it is this actor's queue
+/// (a newer actor may have replaced it).
+fn remove_own_entry(
+    actors: &mut HashMap<RoomId, mpsc::Sender<RoomCommand>>,
+    room: &RoomId,
+    me: &mpsc::WeakSender<RoomCommand>,
+) {
+    let mine = actors
+        .get(room)
+        .is_some_and(|tx| me.upgrade().is_some_and(|own| own.same_channel(tx)));
+    if mine {
+        actors.remove(room);
+    }
+}
+
+/// Answers what is still queued: attaches fail with `e`; queued posts were
+/// never acknowledged, and their sessions have already been closed.
+fn fail_all(rx: &mut mpsc::Receiver<RoomCommand>, e: &NodeError) {
+    rx.close();
+    while let Ok(command) = rx.try_recv() {
+        if let RoomCommand::Attach { reply, .. } = command {
+            drop(reply.send(Err(NodeError::Unavailable(e.to_string()))));
+        }
+    }
+}
+
+fn refusal_error(refusal: &Refusal) -> NodeError {
+    match refusal {
+        Refusal::WrongRoom { .. } | Refusal::WrongSender => {
+            NodeError::InvalidArgument(refusal.to_string())
+        }
+        Refusal::NotMember => NodeError::PermissionDenied(refusal.to_string()),
+        Refusal::StaleRevision { .. } | Refusal::Recipients { .. } => {
+            NodeError::FailedPrecondition(refusal.to_string())
+        }
+    }
+}
+
+impl Actor {
+    async fn handle(&mut self, commands: Vec<RoomCommand>) {
+        let mut posts = Vec::new();
+        for command in commands {
+            match command {
+                RoomCommand::Attach {
+                    session,
+                    user,
+                    live,
+                    reply,
+                } => {
+                    let Ok(close) = live.clone().try_reserve_owned() else {
+                        let _ = reply
+                            .send(Err(NodeError::Unavailable("session queue unusable".into())));
+                        continue;
+                    };
+                    self.sessions.insert(session, Session { user, live, close });
+                    metrics::gauge!("saferchat_sessions").increment(1.0);
+                    let _ = reply.send(Ok(self.ids.last()));
+                }
+                RoomCommand::Detach { session } => {
+                    if self.sessions.remove(&session).is_some() {
+                        metrics::gauge!("saferchat_sessions").decrement(1.0);
+                    }
+                }
+                RoomCommand::Post {
+                    session,
+                    user,
+                    client_seq,
+                    envelope,
+                    raw,
+                } => posts.push(Pending {
+                    session,
+                    user,
+                    client_seq,
+                    envelope,
+                    raw,
+                }),
+            }
+        }
+        if !posts.is_empty() {
+            self.post(posts).await;
+        }
+    }
+
+    /// The membership to check posts against, read linearizably: locally
+    /// under the lease when valid, else through consensus.
+    async fn membership(&self) -> Result<Arc<RoomState>, NodeError> {
+        let now = self.deps.clock.monotonic();
+        if let Some(state) = self.view.borrow().read(now) {
+            return Ok(Arc::clone(state));
+        }
+        metrics::counter!("saferchat_membership_quorum_reads_total").increment(1);
+        self.deps.membership.read(&self.room).await
+    }
+
+    async fn post(&mut self, posts: Vec<Pending>) {
+        let state = match self.membership().await {
+            Ok(state) => state,
+            Err(e) => {
+                for p in posts {
+                    self.reply(
+                        p.session,
+                        p.client_seq,
+                        Err((NodeError::Unavailable(e.to_string()), None)),
+                    );
+                }
+                return;
+            }
+        };
+        let mut accepted = Vec::with_capacity(posts.len());
+        let mut batch = Vec::with_capacity(posts.len());
+        for p in posts {
+            if let Err(refusal) = check_membership(&p.envelope, &self.room, &p.user, &state) {
+                metrics::counter!("saferchat_posts_rejected_total").increment(1);
+                let with_state = matches!(
+                    refusal,
+                    Refusal::StaleRevision { .. } | Refusal::Recipients { .. }
+                );
+                self.reply(
+                    p.session,
+                    p.client_seq,
+                    Err((
+                        refusal_error(&refusal),
+                        with_state.then(|| Arc::clone(&state)),
+                    )),
+                );
+                continue;
+            }
+            let id = self.ids.next(self.deps.clock.unix_ms(), rand::random());
+            batch.push(StoredMessage {
+                room: self.room.clone(),
+                id,
+                envelope: p.raw.clone(),
+            });
+            accepted.push((p, id));
+        }
+        if batch.is_empty() {
+            return;
+        }
+        let timer = std::time::Instant::now();
+        if let Err(e) = self.deps.store.append(&batch).await {
+            tracing::warn!(room = %self.room, error = %e, posts = batch.len(), "storing posts failed; none acknowledged");
+            for (p, _) in accepted {
+                let error = NodeError::Unavailable(format!(
+                    "message could not be stored and was not acknowledged: {e}"
+                ));
+                self.reply(p.session, p.client_seq, Err((error, None)));
+            }
+            return;
+        }
+        metrics::histogram!("saferchat_store_append_seconds").record(timer.elapsed().as_secs_f64());
+        metrics::counter!("saferchat_posts_stored_total").increment(accepted.len() as u64);
+        // Durable: acknowledge, then deliver.
+        for (p, id) in accepted {
+            self.reply(p.session, p.client_seq, Ok(id));
+            let posted = Arc::new(Posted {
+                id,
+                fanout: Fanout::new(&p.envelope),
+            });
+            self.fan_out(&posted);
+        }
+    }
+
+    fn fan_out(&mut self, posted: &Arc<Posted>) {
+        let mut overflowed = Vec::new();
+        let mut delivered = 0u64;
+        for (id, session) in &self.sessions {
+            if posted.fanout.index_of(&session.user).is_none() {
+                continue;
+            }
+            match session.live.try_send(Live::Deliver(Arc::clone(posted))) {
+                Ok(()) => delivered += 1,
+                Err(TrySendError::Full(_)) => overflowed.push(*id),
+                Err(TrySendError::Closed(_)) => overflowed.push(*id),
+            }
+        }
+        metrics::counter!("saferchat_deliveries_total").increment(delivered);
+        for id in overflowed {
+            self.close(
+                id,
+                NodeError::ResourceExhausted(format!(
+                    "session fell behind (more than {} undelivered messages); nothing is lost: rejoin with after_id set to the last id you received, or read History",
+                    self.deps.limits.session_queue_max
+                )),
+            );
+        }
+    }
+
+    fn reply(
+        &mut self,
+        session: SessionId,
+        client_seq: u64,
+        outcome: Result<crate::message_id::MessageId, (NodeError, Option<Arc<RoomState>>)>,
+    ) {
+        let item = match outcome {
+            Ok(id) => PostOutcome::Accepted { client_seq, id },
+            Err((error, state)) => PostOutcome::Rejected {
+                client_seq,
+                error,
+                state,
+            },
+        };
+        let Some(target) = self.sessions.get(&session) else {
+            return;
+        };
+        if let Err(TrySendError::Full(_)) = target.live.try_send(Live::Result(item)) {
+            self.close(
+                session,
+                NodeError::ResourceExhausted("session fell behind; rejoin to continue".into()),
+            );
+        }
+    }
+
+    fn close(&mut self, session: SessionId, error: NodeError) {
+        if let Some(s) = self.sessions.remove(&session) {
+            metrics::gauge!("saferchat_sessions").decrement(1.0);
+            metrics::counter!("saferchat_sessions_closed_total").increment(1);
+            s.close.send(Live::Close(error));
+        }
+    }
+
+    /// A new committed membership: removed members' sessions end, the rest
+    /// hear about the change.
+    fn on_membership(&mut self) {
+        let Some(state) = self.view.borrow_and_update().state.clone() else {
+            return;
+        };
+        if self.last_revision == Some(state.revision) {
+            return;
+        }
+        self.last_revision = Some(state.revision);
+        let removed: Vec<SessionId> = self
+            .sessions
+            .iter()
+            .filter(|(_, s)| !state.is_member(&s.user))
+            .map(|(id, _)| *id)
+            .collect();
+        for id in removed {
+            self.close(
+                id,
+                NodeError::PermissionDenied(format!(
+                    "you were removed from room {:?} at revision {}",
+                    self.room.as_str(),
+                    state.revision
+                )),
+            );
+        }
+        let mut overflowed = Vec::new();
+        for (id, s) in &self.sessions {
+            if s.live
+                .try_send(Live::Membership(Arc::clone(&state)))
+                .is_err()
+            {
+                overflowed.push(*id);
+            }
+        }
+        for id in overflowed {
+            self.close(
+                id,
+                NodeError::ResourceExhausted("session fell behind; rejoin to continue".into()),
+            );
+        }
+    }
+}

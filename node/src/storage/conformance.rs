@@ -1,0 +1,582 @@
+//! The storage conformance suite: what every [`ChatStore`] and
+//! [`AcceptorStore`] must do, checked the same way for memory, sled and
+//! Cassandra.
+//!
+//! Each check is a plain async function; [`chat_store_conformance!`] and
+//! [`acceptor_store_conformance!`] turn them into one `#[tokio::test]` per
+//! check for a given store constructor. Checks use room names unique to the
+//! process run, so they can share one database (and one Cassandra keyspace
+//! across repeated runs).
+//!
+//! Time enters only through message ids, which the checks build at chosen
+//! instants (e.g. both sides of a month boundary): no clock is read.
+
+use std::collections::BTreeSet;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use bytes::Bytes;
+use saferchat_consensus::{
+    AcceptorState, Ballot, Change, ChangeId, Handle, NodeId, Proposal, PublicKey, Revision, RoomId,
+    RoomState, apply,
+};
+
+use super::{AcceptorStore, ChatStore, CommittedRoom, Range, StoredMessage, history};
+use crate::message_id::{Bucket, IdGenerator, MessageId};
+
+/// 2026-11-30T23:59:59.000Z: one second before a month boundary.
+pub const BEFORE_DECEMBER_MS: i64 = 1_796_083_199_000;
+
+/// A room name no other check (in this or an earlier run) uses.
+pub fn unique_room(tag: &str) -> RoomId {
+    static COUNTER: AtomicU64 = AtomicU64::new(0);
+    static RUN: std::sync::OnceLock<u64> = std::sync::OnceLock::new();
+    let run = RUN.get_or_init(|| {
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos());
+        u64::try_from(nanos % u128::from(u64::MAX)).unwrap_or(0) ^ u64::from(std::process::id())
+    });
+    let n = COUNTER.fetch_add(1, Ordering::Relaxed);
+    RoomId::new(&format!("conf-{tag}-{run:x}-{n}")).expect("valid room name")
+}
+
+fn message(room: &RoomId, id: MessageId, body: &[u8]) -> StoredMessage {
+    StoredMessage {
+        room: room.clone(),
+        id,
+        envelope: Bytes::copy_from_slice(body),
+    }
+}
+
+/// `n` messages, `step_ms` apart from `start_ms`, with distinct bodies.
+fn messages(room: &RoomId, start_ms: i64, step_ms: i64, n: usize) -> Vec<StoredMessage> {
+    let mut ids = IdGenerator::default();
+    (0..n)
+        .map(|i| {
+            let id = ids.next(start_ms + step_ms * i as i64, i as u64);
+            message(room, id, format!("envelope {i}").as_bytes())
+        })
+        .collect()
+}
+
+fn ids(v: &[StoredMessage]) -> Vec<MessageId> {
+    v.iter().map(|m| m.id).collect()
+}
+
+/// Messages of one bucket come back newest first or oldest first, bounded
+/// by id and limit, with their bodies intact.
+pub async fn ordering_within_a_bucket(store: &dyn ChatStore) {
+    let room = unique_room("order");
+    let all = messages(&room, BEFORE_DECEMBER_MS - 3_600_000, 10, 20);
+    // Append out of order, in two batches.
+    let (a, b) = all.split_at(7);
+    store.append(b).await.expect("append");
+    store.append(a).await.expect("append");
+    let bucket = all[0].id.bucket();
+    assert_eq!(store.buckets(&room).await.expect("buckets"), vec![bucket]);
+
+    let newest = store
+        .read_bucket(&room, bucket, Range::Before(None), 5)
+        .await
+        .expect("read");
+    let expected: Vec<_> = all.iter().rev().take(5).cloned().collect();
+    assert_eq!(newest, expected, "newest first, bodies intact");
+
+    let before = store
+        .read_bucket(&room, bucket, Range::Before(Some(all[10].id)), 3)
+        .await
+        .expect("read");
+    assert_eq!(ids(&before), vec![all[9].id, all[8].id, all[7].id]);
+
+    let after = store
+        .read_bucket(&room, bucket, Range::After(Some(all[10].id)), 4)
+        .await
+        .expect("read");
+    assert_eq!(ids(&after), ids(&all[11..15]));
+
+    let oldest = store
+        .read_bucket(&room, bucket, Range::After(None), 100)
+        .await
+        .expect("read");
+    assert_eq!(oldest, all);
+
+    let other = unique_room("order-empty");
+    assert!(
+        store
+            .read_bucket(&other, bucket, Range::Before(None), 10)
+            .await
+            .expect("read")
+            .is_empty()
+    );
+    assert!(store.buckets(&other).await.expect("buckets").is_empty());
+}
+
+/// History pages walk buckets newest first across a month boundary and
+/// stop at the limit; paging with the last id seen visits every message
+/// exactly once, in both directions.
+pub async fn pagination_across_buckets(store: &dyn ChatStore) {
+    let room = unique_room("pages");
+    // 30 messages 100 ms apart, straddling 2026-12-01T00:00:00Z.
+    let all = messages(&room, BEFORE_DECEMBER_MS + 1_000 - 1_500, 100, 30);
+    let november: Vec<_> = all.iter().filter(|m| m.id.bucket().month == 11).collect();
+    assert!(
+        !november.is_empty() && november.len() < all.len(),
+        "the set straddles the boundary"
+    );
+    store.append(&all).await.expect("append");
+    assert_eq!(
+        store.buckets(&room).await.expect("buckets"),
+        vec![
+            Bucket {
+                year: 2026,
+                month: 11
+            },
+            Bucket {
+                year: 2026,
+                month: 12
+            }
+        ]
+    );
+
+    let mut seen = Vec::new();
+    let mut cursor = None;
+    loop {
+        let page = history(store, &room, Range::Before(cursor), 7)
+            .await
+            .expect("page");
+        if page.is_empty() {
+            break;
+        }
+        assert!(page.len() <= 7);
+        cursor = page.last().map(|m| m.id);
+        seen.extend(page);
+    }
+    let newest_first: Vec<_> = all.iter().rev().cloned().collect();
+    assert_eq!(seen, newest_first);
+
+    let mut seen = Vec::new();
+    let mut cursor = None;
+    loop {
+        let page = history(store, &room, Range::After(cursor), 4)
+            .await
+            .expect("page");
+        if page.is_empty() {
+            break;
+        }
+        cursor = page.last().map(|m| m.id);
+        seen.extend(page);
+    }
+    assert_eq!(seen, all);
+
+    let limited = history(store, &room, Range::Before(None), 3)
+        .await
+        .expect("page");
+    assert_eq!(ids(&limited), vec![all[29].id, all[28].id, all[27].id]);
+    assert_eq!(
+        super::last_id(store, &room).await.expect("last"),
+        Some(all[29].id)
+    );
+}
+
+/// Appending the same `(room, id)` again stores it once.
+pub async fn idempotent_append(store: &dyn ChatStore) {
+    let room = unique_room("idem");
+    let all = messages(&room, BEFORE_DECEMBER_MS - 60_000, 1, 5);
+    store.append(&all).await.expect("append");
+    store.append(&all[1..3]).await.expect("append again");
+    store.append(&all).await.expect("append again");
+    let stored = history(store, &room, Range::After(None), 100)
+        .await
+        .expect("read");
+    assert_eq!(stored, all);
+}
+
+/// The largest envelope the node accepts round-trips byte for byte.
+pub async fn largest_message(store: &dyn ChatStore) {
+    let room = unique_room("large");
+    let mut ids = IdGenerator::default();
+    let body: Vec<u8> = (0..saferchat_envelope::ENVELOPE_BYTES_MAX)
+        .map(|i| (i % 251) as u8)
+        .collect();
+    let m = message(&room, ids.next(BEFORE_DECEMBER_MS, 1), &body);
+    store
+        .append(std::slice::from_ref(&m))
+        .await
+        .expect("append");
+    let back = history(store, &room, Range::Before(None), 1)
+        .await
+        .expect("read");
+    assert_eq!(back, vec![m]);
+}
+
+/// Many writers at once, in one room and across rooms: nothing lost,
+/// nothing duplicated, order by id.
+pub async fn concurrent_writers(store: Arc<dyn ChatStore>) {
+    let shared = unique_room("conc-shared");
+    let mut tasks = Vec::new();
+    for writer in 0..8u64 {
+        let store = Arc::clone(&store);
+        let shared = shared.clone();
+        let own = unique_room("conc-own");
+        tasks.push(tokio::spawn(async move {
+            let mut mine = Vec::new();
+            let mut ids = IdGenerator::default();
+            for i in 0..25u64 {
+                // Distinct ids across writers: each writer its own ms slot.
+                let ms = BEFORE_DECEMBER_MS - 100_000 + (i * 8 + writer) as i64;
+                let id = ids.next(ms, writer);
+                let m = message(&shared, id, format!("w{writer} m{i}").as_bytes());
+                let o = message(&own, id, b"own");
+                store.append(&[m.clone(), o]).await.expect("append");
+                mine.push(m);
+            }
+            (own, mine)
+        }));
+    }
+    let mut expected = BTreeSet::new();
+    for task in tasks {
+        let (own, mine) = task.await.expect("writer");
+        assert_eq!(
+            history(&*store, &own, Range::After(None), 1000)
+                .await
+                .expect("read")
+                .len(),
+            25
+        );
+        expected.extend(mine.into_iter().map(|m| m.id));
+    }
+    let stored = history(&*store, &shared, Range::After(None), 1000)
+        .await
+        .expect("read");
+    assert_eq!(stored.len(), 200);
+    let stored_ids: Vec<_> = ids(&stored);
+    let expected: Vec<_> = expected.into_iter().collect();
+    assert_eq!(stored_ids, expected, "every message once, in id order");
+}
+
+fn state_at(revision: u64) -> Arc<RoomState> {
+    let mut s = RoomState::absent();
+    apply(
+        &mut s,
+        &Proposal {
+            id: ChangeId(1),
+            change: Change::Create,
+            expected: None,
+        },
+    )
+    .expect("create");
+    let member = Handle::of_modulus(b"conformance member");
+    apply(
+        &mut s,
+        &Proposal {
+            id: ChangeId(2),
+            change: Change::Add(member),
+            expected: None,
+        },
+    )
+    .expect("add");
+    let key = PublicKey::new(Bytes::from_static(b"spki der bytes"));
+    apply(
+        &mut s,
+        &Proposal {
+            id: ChangeId(3),
+            change: Change::RegisterKey(member, key),
+            expected: None,
+        },
+    )
+    .expect("register");
+    s.revision = Revision(revision);
+    Arc::new(s)
+}
+
+/// A committed membership is stored only if newer than what is stored:
+/// compare-and-set on the revision, so late writers never move a room back.
+pub async fn room_revision_compare_and_set(store: &dyn ChatStore) {
+    let room = unique_room("cas");
+    assert_eq!(store.load_room(&room).await.expect("load"), None);
+    let ballot = Ballot {
+        round: 3,
+        node: NodeId(2),
+    };
+    let v5 = CommittedRoom {
+        ballot,
+        state: state_at(5),
+    };
+    let v4 = CommittedRoom {
+        ballot,
+        state: state_at(4),
+    };
+    let v6 = CommittedRoom {
+        ballot: ballot.successor(),
+        state: state_at(6),
+    };
+    assert!(store.save_room(&room, &v5).await.expect("save"));
+    assert!(
+        !store.save_room(&room, &v4).await.expect("save"),
+        "older revision refused"
+    );
+    assert!(
+        !store.save_room(&room, &v5).await.expect("save"),
+        "same revision is not newer"
+    );
+    assert_eq!(store.load_room(&room).await.expect("load"), Some(v5));
+    assert!(store.save_room(&room, &v6).await.expect("save"));
+    assert_eq!(store.load_room(&room).await.expect("load"), Some(v6));
+}
+
+/// Concurrent saves of different revisions leave the highest.
+pub async fn concurrent_room_saves_keep_the_highest(store: Arc<dyn ChatStore>) {
+    let room = unique_room("cas-conc");
+    let mut tasks = Vec::new();
+    for revision in (1..=20u64).rev() {
+        let store = Arc::clone(&store);
+        let room = room.clone();
+        tasks.push(tokio::spawn(async move {
+            let c = CommittedRoom {
+                ballot: Ballot {
+                    round: revision,
+                    node: NodeId(1),
+                },
+                state: state_at(revision),
+            };
+            store.save_room(&room, &c).await.expect("save");
+        }));
+    }
+    for t in tasks {
+        t.await.expect("task");
+    }
+    let stored = store.load_room(&room).await.expect("load").expect("stored");
+    assert_eq!(stored.state.revision, Revision(20));
+}
+
+/// Rooms list in name order, a page at a time.
+pub async fn list_rooms_in_pages(store: &dyn ChatStore) {
+    let base = unique_room("list");
+    let names: Vec<RoomId> = (0..5)
+        .map(|i| RoomId::new(&format!("{base}-{i}")).expect("valid"))
+        .collect();
+    for (i, room) in names.iter().enumerate() {
+        let c = CommittedRoom {
+            ballot: Ballot::ZERO,
+            state: state_at(i as u64 + 3),
+        };
+        store.save_room(room, &c).await.expect("save");
+    }
+    // Page through everything after the name just below ours.
+    let below = RoomId::new(&format!("{base}-")).expect("valid");
+    let first = store.list_rooms(Some(&below), 3).await.expect("list");
+    let first_ours: Vec<_> = first.iter().filter(|s| names.contains(&s.room)).collect();
+    assert_eq!(first_ours.len(), 3, "{first:?}");
+    assert_eq!(first_ours[0].room, names[0]);
+    assert_eq!(first_ours[0].revision, 3);
+    assert_eq!(first_ours[0].members, 1);
+    let rest = store.list_rooms(Some(&names[2]), 2).await.expect("list");
+    assert_eq!(
+        rest.iter().map(|s| s.room.clone()).collect::<Vec<_>>(),
+        names[3..5].to_vec()
+    );
+    let all = store.list_rooms(None, 100_000).await.expect("list");
+    assert!(all.windows(2).all(|w| w[0].room < w[1].room), "name order");
+}
+
+/// Acceptor states round-trip; the last save wins.
+pub async fn acceptor_round_trip(store: &dyn AcceptorStore) {
+    let a = unique_room("acc");
+    let b = unique_room("acc");
+    assert_eq!(store.load_acceptor(&a).await.expect("load"), None);
+    let promised_only = AcceptorState {
+        promised: Ballot {
+            round: 2,
+            node: NodeId(3),
+        },
+        accepted: None,
+    };
+    let with_value = AcceptorState {
+        promised: Ballot {
+            round: 5,
+            node: NodeId(1),
+        },
+        accepted: Some((
+            Ballot {
+                round: 4,
+                node: NodeId(1),
+            },
+            state_at(9),
+        )),
+    };
+    store
+        .save_acceptors(&[
+            (a.clone(), promised_only.clone()),
+            (b.clone(), with_value.clone()),
+        ])
+        .await
+        .expect("save");
+    assert_eq!(
+        store.load_acceptor(&a).await.expect("load"),
+        Some(promised_only)
+    );
+    assert_eq!(
+        store.load_acceptor(&b).await.expect("load"),
+        Some(with_value.clone())
+    );
+    let newer = AcceptorState {
+        promised: Ballot {
+            round: 7,
+            node: NodeId(2),
+        },
+        ..with_value
+    };
+    store
+        .save_acceptors(&[(b.clone(), newer.clone())])
+        .await
+        .expect("save");
+    assert_eq!(store.load_acceptor(&b).await.expect("load"), Some(newer));
+}
+
+/// One `#[tokio::test]` per [`ChatStore`] check. `$make` is an async
+/// expression returning `Arc<dyn ChatStore>`.
+#[macro_export]
+macro_rules! chat_store_conformance {
+    ($make:expr) => {
+        #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+        async fn conformance_ordering_within_a_bucket() {
+            let store: std::sync::Arc<dyn $crate::storage::ChatStore> = $make.await;
+            $crate::storage::conformance::ordering_within_a_bucket(&*store).await;
+        }
+        #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+        async fn conformance_pagination_across_buckets() {
+            let store: std::sync::Arc<dyn $crate::storage::ChatStore> = $make.await;
+            $crate::storage::conformance::pagination_across_buckets(&*store).await;
+        }
+        #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+        async fn conformance_idempotent_append() {
+            let store: std::sync::Arc<dyn $crate::storage::ChatStore> = $make.await;
+            $crate::storage::conformance::idempotent_append(&*store).await;
+        }
+        #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+        async fn conformance_largest_message() {
+            let store: std::sync::Arc<dyn $crate::storage::ChatStore> = $make.await;
+            $crate::storage::conformance::largest_message(&*store).await;
+        }
+        #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+        async fn conformance_concurrent_writers() {
+            let store: std::sync::Arc<dyn $crate::storage::ChatStore> = $make.await;
+            $crate::storage::conformance::concurrent_writers(store).await;
+        }
+        #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+        async fn conformance_room_revision_compare_and_set() {
+            let store: std::sync::Arc<dyn $crate::storage::ChatStore> = $make.await;
+            $crate::storage::conformance::room_revision_compare_and_set(&*store).await;
+        }
+        #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+        async fn conformance_concurrent_room_saves_keep_the_highest() {
+            let store: std::sync::Arc<dyn $crate::storage::ChatStore> = $make.await;
+            $crate::storage::conformance::concurrent_room_saves_keep_the_highest(store).await;
+        }
+        #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+        async fn conformance_list_rooms_in_pages() {
+            let store: std::sync::Arc<dyn $crate::storage::ChatStore> = $make.await;
+            $crate::storage::conformance::list_rooms_in_pages(&*store).await;
+        }
+    };
+}
+
+/// One `#[tokio::test]` per [`AcceptorStore`] check.
+#[macro_export]
+macro_rules! acceptor_store_conformance {
+    ($make:expr) => {
+        #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+        async fn conformance_acceptor_round_trip() {
+            let store: std::sync::Arc<dyn $crate::storage::AcceptorStore> = $make.await;
+            $crate::storage::conformance::acceptor_round_trip(&*store).await;
+        }
+    };
+}
+
+#[cfg(test)]
+mod memory_store {
+    use std::sync::Arc;
+
+    use crate::storage::memory::{MemoryAcceptors, MemoryChat};
+
+    crate::chat_store_conformance!(async { Arc::new(MemoryChat::default()) });
+    crate::acceptor_store_conformance!(async { Arc::new(MemoryAcceptors::default()) });
+}
+
+#[cfg(test)]
+mod sled_store {
+    use std::sync::{Arc, OnceLock};
+
+    use crate::storage::sled::SledStore;
+
+    /// One database per test (sled locks its folder); kept for the process.
+    async fn open() -> Arc<SledStore> {
+        static DIRS: OnceLock<std::sync::Mutex<Vec<tempfile::TempDir>>> = OnceLock::new();
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = Arc::new(SledStore::open(dir.path()).expect("open sled"));
+        DIRS.get_or_init(Default::default)
+            .lock()
+            .expect("lock")
+            .push(dir);
+        store
+    }
+
+    crate::chat_store_conformance!(open());
+    crate::acceptor_store_conformance!(open());
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn everything_survives_a_reopen() {
+        use crate::storage::{AcceptorStore, ChatStore, Range, history};
+        let dir = tempfile::tempdir().expect("tempdir");
+        let room = super::unique_room("reopen");
+        let msgs = super::messages(&room, super::BEFORE_DECEMBER_MS, 1, 3);
+        let acceptor = saferchat_consensus::AcceptorState {
+            promised: saferchat_consensus::Ballot {
+                round: 1,
+                node: saferchat_consensus::NodeId(1),
+            },
+            accepted: Some((
+                saferchat_consensus::Ballot {
+                    round: 1,
+                    node: saferchat_consensus::NodeId(1),
+                },
+                super::state_at(3),
+            )),
+        };
+        let store = SledStore::open(dir.path()).expect("open");
+        store.append(&msgs).await.expect("append");
+        store
+            .save_acceptors(&[(room.clone(), acceptor.clone())])
+            .await
+            .expect("save");
+        let c = crate::storage::CommittedRoom {
+            ballot: saferchat_consensus::Ballot::ZERO,
+            state: super::state_at(3),
+        };
+        store.save_room(&room, &c).await.expect("save");
+        store.close().await.expect("close");
+        let store = SledStore::open(dir.path()).expect("reopen");
+        assert_eq!(
+            history(&store, &room, Range::After(None), 10)
+                .await
+                .expect("read"),
+            msgs
+        );
+        assert_eq!(
+            store.load_acceptor(&room).await.expect("load"),
+            Some(acceptor)
+        );
+        assert_eq!(
+            store
+                .load_room(&room)
+                .await
+                .expect("load")
+                .expect("room")
+                .state
+                .revision
+                .0,
+            3
+        );
+    }
+}

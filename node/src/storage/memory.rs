@@ -1,0 +1,125 @@
+//! In-memory stores, for tests. Nothing survives the process.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::sync::Mutex;
+
+use async_trait::async_trait;
+use saferchat_consensus::{AcceptorState, RoomId};
+
+use super::{AcceptorStore, ChatStore, CommittedRoom, Range, RoomSummary, StoredMessage};
+use crate::error::NodeError;
+use crate::message_id::{Bucket, MessageId};
+
+/// Acceptor states in a map.
+#[derive(Debug, Default)]
+pub struct MemoryAcceptors {
+    states: Mutex<HashMap<RoomId, AcceptorState>>,
+}
+
+#[async_trait]
+impl AcceptorStore for MemoryAcceptors {
+    async fn load_acceptor(&self, room: &RoomId) -> Result<Option<AcceptorState>, NodeError> {
+        Ok(self.states.lock().expect("lock").get(room).cloned())
+    }
+
+    async fn save_acceptors(&self, batch: &[(RoomId, AcceptorState)]) -> Result<(), NodeError> {
+        let mut states = self.states.lock().expect("lock");
+        for (room, state) in batch {
+            states.insert(room.clone(), state.clone());
+        }
+        Ok(())
+    }
+}
+
+/// Rooms and timelines in maps.
+#[derive(Debug, Default)]
+pub struct MemoryChat {
+    rooms: Mutex<BTreeMap<RoomId, CommittedRoom>>,
+    timeline: Mutex<BTreeMap<(RoomId, Bucket, MessageId), StoredMessage>>,
+    buckets: Mutex<BTreeSet<(RoomId, Bucket)>>,
+}
+
+#[async_trait]
+impl ChatStore for MemoryChat {
+    async fn load_room(&self, room: &RoomId) -> Result<Option<CommittedRoom>, NodeError> {
+        Ok(self.rooms.lock().expect("lock").get(room).cloned())
+    }
+
+    async fn save_room(&self, room: &RoomId, committed: &CommittedRoom) -> Result<bool, NodeError> {
+        let mut rooms = self.rooms.lock().expect("lock");
+        let newer = rooms
+            .get(room)
+            .is_none_or(|old| committed.state.revision > old.state.revision);
+        if newer {
+            rooms.insert(room.clone(), committed.clone());
+        }
+        Ok(newer)
+    }
+
+    async fn list_rooms(
+        &self,
+        after: Option<&RoomId>,
+        limit: usize,
+    ) -> Result<Vec<RoomSummary>, NodeError> {
+        let rooms = self.rooms.lock().expect("lock");
+        Ok(rooms
+            .iter()
+            .filter(|(room, _)| after.is_none_or(|a| *room > a))
+            .take(limit)
+            .map(|(room, c)| RoomSummary {
+                room: room.clone(),
+                revision: c.state.revision.0,
+                members: u32::try_from(c.state.members.len()).expect("bounded"),
+            })
+            .collect())
+    }
+
+    async fn append(&self, batch: &[StoredMessage]) -> Result<(), NodeError> {
+        let mut timeline = self.timeline.lock().expect("lock");
+        let mut buckets = self.buckets.lock().expect("lock");
+        for m in batch {
+            timeline.insert((m.room.clone(), m.id.bucket(), m.id), m.clone());
+            buckets.insert((m.room.clone(), m.id.bucket()));
+        }
+        Ok(())
+    }
+
+    async fn buckets(&self, room: &RoomId) -> Result<Vec<Bucket>, NodeError> {
+        let buckets = self.buckets.lock().expect("lock");
+        Ok(buckets
+            .iter()
+            .filter(|(r, _)| r == room)
+            .map(|(_, b)| *b)
+            .collect())
+    }
+
+    async fn read_bucket(
+        &self,
+        room: &RoomId,
+        bucket: Bucket,
+        range: Range,
+        limit: usize,
+    ) -> Result<Vec<StoredMessage>, NodeError> {
+        let timeline = self.timeline.lock().expect("lock");
+        let in_bucket = timeline
+            .range((room.clone(), bucket, MessageId::floor_of_ms(0))..)
+            .take_while(|((r, b, _), _)| r == room && *b == bucket)
+            .map(|(_, m)| m);
+        Ok(match range {
+            Range::Before(bound) => {
+                let mut v: Vec<_> = in_bucket
+                    .filter(|m| bound.is_none_or(|b| m.id < b))
+                    .cloned()
+                    .collect();
+                v.reverse();
+                v.truncate(limit);
+                v
+            }
+            Range::After(bound) => in_bucket
+                .filter(|m| bound.is_none_or(|b| m.id > b))
+                .take(limit)
+                .cloned()
+                .collect(),
+        })
+    }
+}

@@ -1,0 +1,184 @@
+//! The storage contract.
+//!
+//! Two traits, because they have different owners:
+//!
+//! - [`AcceptorStore`]: this node's Paxos votes. Always local (sled, or
+//!   memory in tests): a vote is only worth something if it survives this
+//!   node's crash, and sharing it through a database would make two nodes'
+//!   votes one failure domain.
+//! - [`ChatStore`]: the committed membership of rooms (`chat_details`) and
+//!   the message timeline (`timeline`), shaped after the Cassandra schema in
+//!   MISSION.md: rows keyed by room, time bucket (`yyyy-MM`) and a
+//!   time-ordered id. sled mirrors it for the single-node deployment.
+//!
+//! What correctness requires of every implementation is written on each
+//! method and checked by the suite in [`conformance`] (feature
+//! `conformance`), which every store runs unchanged.
+
+pub mod memory;
+pub mod sled;
+
+#[cfg(any(test, feature = "conformance"))]
+pub mod conformance;
+
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use saferchat_consensus::{AcceptorState, Ballot, RoomId, RoomState};
+
+use crate::error::NodeError;
+use crate::message_id::{Bucket, MessageId};
+
+/// One stored message.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct StoredMessage {
+    /// The room.
+    pub room: RoomId,
+    /// Server-assigned, time-ordered id; its time picks the bucket.
+    pub id: MessageId,
+    /// The envelope exactly as posted (ciphertext only).
+    pub envelope: Bytes,
+}
+
+/// Which part of one bucket to read.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Range {
+    /// Newest first, ids strictly below the given one (all when `None`).
+    Before(Option<MessageId>),
+    /// Oldest first, ids strictly above the given one (all when `None`).
+    After(Option<MessageId>),
+}
+
+/// A committed room state and the ballot of the round that committed it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct CommittedRoom {
+    /// The committing ballot.
+    pub ballot: Ballot,
+    /// The membership.
+    pub state: Arc<RoomState>,
+}
+
+/// A line of the room list.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RoomSummary {
+    /// The room.
+    pub room: RoomId,
+    /// Its committed revision.
+    pub revision: u64,
+    /// How many members it has.
+    pub members: u32,
+}
+
+/// This node's durable Paxos acceptor state, per room.
+#[async_trait]
+pub trait AcceptorStore: Send + Sync + std::fmt::Debug + 'static {
+    /// The last saved state of `room`, `None` if never saved.
+    async fn load_acceptor(&self, room: &RoomId) -> Result<Option<AcceptorState>, NodeError>;
+
+    /// Saves states. When this returns `Ok`, every state in the batch is
+    /// durable (survives a crash of this process and of the machine); a
+    /// later load returns the last state saved for a room.
+    async fn save_acceptors(&self, batch: &[(RoomId, AcceptorState)]) -> Result<(), NodeError>;
+}
+
+/// Rooms and their timelines.
+#[async_trait]
+pub trait ChatStore: Send + Sync + std::fmt::Debug + 'static {
+    /// The committed membership of `room`, if stored.
+    async fn load_room(&self, room: &RoomId) -> Result<Option<CommittedRoom>, NodeError>;
+
+    /// Stores a committed membership if its revision is higher than the
+    /// stored one (or none is stored): compare-and-set on the revision, so
+    /// that a late writer never moves a room back. Returns whether it wrote.
+    async fn save_room(&self, room: &RoomId, committed: &CommittedRoom) -> Result<bool, NodeError>;
+
+    /// Rooms in name order, starting after `after`, at most `limit`.
+    async fn list_rooms(
+        &self,
+        after: Option<&RoomId>,
+        limit: usize,
+    ) -> Result<Vec<RoomSummary>, NodeError>;
+
+    /// Appends messages. When this returns `Ok`, all are durable. Appending
+    /// a message whose `(room, id)` is already stored stores it once.
+    async fn append(&self, batch: &[StoredMessage]) -> Result<(), NodeError>;
+
+    /// The buckets `room` has messages in, oldest first.
+    async fn buckets(&self, room: &RoomId) -> Result<Vec<Bucket>, NodeError>;
+
+    /// Up to `limit` messages of one bucket of `room`, in the order
+    /// `range` asks for.
+    async fn read_bucket(
+        &self,
+        room: &RoomId,
+        bucket: Bucket,
+        range: Range,
+        limit: usize,
+    ) -> Result<Vec<StoredMessage>, NodeError>;
+}
+
+/// Reads up to `limit` messages of `room` across buckets: newest first for
+/// [`Range::Before`], oldest first for [`Range::After`]. Buckets are walked
+/// from the one the bound falls in, so a page never touches partitions it
+/// does not need.
+///
+/// # Errors
+/// Whatever the store reports.
+pub async fn history(
+    store: &dyn ChatStore,
+    room: &RoomId,
+    range: Range,
+    limit: usize,
+) -> Result<Vec<StoredMessage>, NodeError> {
+    let mut out = Vec::new();
+    if limit == 0 {
+        return Ok(out);
+    }
+    let buckets = store.buckets(room).await?;
+    match range {
+        Range::Before(bound) => {
+            let start = bound.map(MessageId::bucket);
+            for bucket in buckets
+                .iter()
+                .rev()
+                .filter(|b| start.is_none_or(|s| **b <= s))
+            {
+                let within = if Some(*bucket) == start { bound } else { None };
+                let page = store
+                    .read_bucket(room, *bucket, Range::Before(within), limit - out.len())
+                    .await?;
+                out.extend(page);
+                if out.len() >= limit {
+                    break;
+                }
+            }
+        }
+        Range::After(bound) => {
+            let start = bound.map(MessageId::bucket);
+            for bucket in buckets.iter().filter(|b| start.is_none_or(|s| **b >= s)) {
+                let within = if Some(*bucket) == start { bound } else { None };
+                let page = store
+                    .read_bucket(room, *bucket, Range::After(within), limit - out.len())
+                    .await?;
+                out.extend(page);
+                if out.len() >= limit {
+                    break;
+                }
+            }
+        }
+    }
+    out.truncate(limit);
+    Ok(out)
+}
+
+/// The newest stored id of `room`.
+///
+/// # Errors
+/// Whatever the store reports.
+pub async fn last_id(store: &dyn ChatStore, room: &RoomId) -> Result<Option<MessageId>, NodeError> {
+    Ok(history(store, room, Range::Before(None), 1)
+        .await?
+        .first()
+        .map(|m| m.id))
+}

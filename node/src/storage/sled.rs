@@ -1,0 +1,349 @@
+//! The embedded store: one sled database in the node's data folder.
+//!
+//! Trees and keys (big-endian, so byte order is the order we read in):
+//!
+//! | tree | key | value |
+//! |---|---|---|
+//! | `acceptor` | room | `AcceptorRecord` |
+//! | `chat_details` | room | `CommittedRecord` |
+//! | `timeline` | `len(room) ‖ room ‖ "yyyy-MM" ‖ id (16)` | envelope |
+//! | `timeline_buckets` | `len(room) ‖ room ‖ "yyyy-MM"` | empty |
+//!
+//! sled writes to its log immediately but makes it durable only on
+//! `flush` (or every 500 ms by itself). Every call that must be durable
+//! when it returns waits for a flush that *started* after its writes:
+//! a group-commit task runs one `flush_async` for all writers that queued
+//! up meanwhile, so a thousand concurrent posts cost one fsync, not a
+//! thousand.
+
+use std::path::Path;
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use prost::Message as _;
+use saferchat_consensus::{AcceptorState, RoomId};
+use saferchat_proto::peer as ppb;
+use std::sync::{Arc, Mutex};
+
+use tokio::sync::{mpsc, oneshot};
+use tokio::task::JoinHandle;
+
+use super::{AcceptorStore, ChatStore, CommittedRoom, Range, RoomSummary, StoredMessage};
+use crate::convert;
+use crate::error::NodeError;
+use crate::message_id::{Bucket, MessageId};
+
+/// Flush requests waiting for the group-commit task, at most.
+const FLUSH_QUEUE_MAX: usize = 4096;
+
+/// The sled-backed store; cheap to clone.
+#[derive(Clone, Debug)]
+pub struct SledStore {
+    db: sled::Db,
+    acceptor: sled::Tree,
+    rooms: sled::Tree,
+    timeline: sled::Tree,
+    buckets: sled::Tree,
+    flush: mpsc::Sender<oneshot::Sender<Result<(), String>>>,
+    flusher: Arc<Mutex<Option<JoinHandle<()>>>>,
+}
+
+impl SledStore {
+    /// Opens (or creates) the database under `dir` and starts its
+    /// group-commit task. Must be called inside a tokio runtime.
+    ///
+    /// # Errors
+    /// [`NodeError::Storage`] when sled cannot open the folder (e.g. it is
+    /// in use by another node process).
+    pub fn open(dir: &Path) -> Result<SledStore, NodeError> {
+        let db = sled::Config::new()
+            .path(dir)
+            // The default 1 GiB page cache is sized for a dedicated machine.
+            .cache_capacity(256 * 1024 * 1024)
+            .open()
+            .map_err(|e| NodeError::Storage(format!("opening sled at {}: {e}", dir.display())))?;
+        let tree = |name: &str| db.open_tree(name).map_err(NodeError::storage);
+        let (flush, requests) = mpsc::channel(FLUSH_QUEUE_MAX);
+        Ok(SledStore {
+            acceptor: tree("acceptor")?,
+            rooms: tree("chat_details")?,
+            timeline: tree("timeline")?,
+            buckets: tree("timeline_buckets")?,
+            flusher: Arc::new(Mutex::new(Some(tokio::spawn(group_commit(
+                db.clone(),
+                requests,
+            ))))),
+            db,
+            flush,
+        })
+    }
+
+    /// Waits until everything written before the call is durable.
+    async fn sync(&self) -> Result<(), NodeError> {
+        let (tx, rx) = oneshot::channel();
+        self.flush
+            .send(tx)
+            .await
+            .map_err(|_| NodeError::Storage("sled flusher stopped".into()))?;
+        rx.await
+            .map_err(|_| NodeError::Storage("sled flusher stopped".into()))?
+            .map_err(NodeError::Storage)
+    }
+
+    /// Flushes, then releases the database (and its folder lock) once the
+    /// group-commit task has ended. Call on the last handle: other clones
+    /// keep the task alive.
+    ///
+    /// # Errors
+    /// [`NodeError::Storage`] when the final flush fails.
+    pub async fn close(self) -> Result<(), NodeError> {
+        self.flush().await?;
+        let task = self.flusher.lock().expect("lock").take();
+        drop(self);
+        if let Some(task) = task {
+            task.await.map_err(NodeError::storage)?;
+        }
+        Ok(())
+    }
+
+    /// Flushes everything now (used at shutdown).
+    ///
+    /// # Errors
+    /// [`NodeError::Storage`] when the flush fails.
+    pub async fn flush(&self) -> Result<(), NodeError> {
+        self.db
+            .flush_async()
+            .await
+            .map(|_| ())
+            .map_err(NodeError::storage)
+    }
+}
+
+/// One flush serves every request that arrived before it started.
+async fn group_commit(
+    db: sled::Db,
+    mut requests: mpsc::Receiver<oneshot::Sender<Result<(), String>>>,
+) {
+    let mut waiting = Vec::new();
+    while let Some(first) = requests.recv().await {
+        waiting.push(first);
+        while let Ok(more) = requests.try_recv() {
+            waiting.push(more);
+        }
+        let result = db
+            .flush_async()
+            .await
+            .map(|_| ())
+            .map_err(|e| e.to_string());
+        metrics::counter!("saferchat_sled_flushes_total").increment(1);
+        metrics::histogram!("saferchat_sled_flush_batch").record(waiting.len() as f64);
+        for waiter in waiting.drain(..) {
+            // A waiter that gave up is fine to skip.
+            let _ = waiter.send(result.clone());
+        }
+    }
+}
+
+fn room_prefix(room: &RoomId) -> Vec<u8> {
+    let name = room.as_str().as_bytes();
+    let mut key = Vec::with_capacity(1 + name.len() + 7 + 16);
+    key.push(u8::try_from(name.len()).expect("room names are at most 64 bytes"));
+    key.extend_from_slice(name);
+    key
+}
+
+fn bucket_prefix(room: &RoomId, bucket: Bucket) -> Vec<u8> {
+    let mut key = room_prefix(room);
+    let text = bucket.to_string();
+    assert_eq!(text.len(), 7, "buckets are yyyy-MM");
+    key.extend_from_slice(text.as_bytes());
+    key
+}
+
+fn message_key(room: &RoomId, id: MessageId) -> Vec<u8> {
+    let mut key = bucket_prefix(room, id.bucket());
+    key.extend_from_slice(&id.to_bytes());
+    key
+}
+
+fn decode_message(
+    room: &RoomId,
+    key: &[u8],
+    value: sled::IVec,
+) -> Result<StoredMessage, NodeError> {
+    let id = MessageId::from_bytes(&key[key.len() - 16..]).map_err(NodeError::storage)?;
+    Ok(StoredMessage {
+        room: room.clone(),
+        id,
+        envelope: Bytes::copy_from_slice(&value),
+    })
+}
+
+#[async_trait]
+impl AcceptorStore for SledStore {
+    async fn load_acceptor(&self, room: &RoomId) -> Result<Option<AcceptorState>, NodeError> {
+        let Some(raw) = self
+            .acceptor
+            .get(room.as_str())
+            .map_err(NodeError::storage)?
+        else {
+            return Ok(None);
+        };
+        let record = ppb::AcceptorRecord::decode(raw.as_ref()).map_err(NodeError::storage)?;
+        convert::acceptor_from_pb(&record).map(Some)
+    }
+
+    async fn save_acceptors(&self, batch: &[(RoomId, AcceptorState)]) -> Result<(), NodeError> {
+        for (room, state) in batch {
+            let bytes = convert::acceptor_to_pb(state).encode_to_vec();
+            self.acceptor
+                .insert(room.as_str(), bytes)
+                .map_err(NodeError::storage)?;
+        }
+        self.sync().await
+    }
+}
+
+#[async_trait]
+impl ChatStore for SledStore {
+    async fn load_room(&self, room: &RoomId) -> Result<Option<CommittedRoom>, NodeError> {
+        let Some(raw) = self.rooms.get(room.as_str()).map_err(NodeError::storage)? else {
+            return Ok(None);
+        };
+        let record = ppb::CommittedRecord::decode(raw.as_ref()).map_err(NodeError::storage)?;
+        convert::committed_from_pb(&record).map(Some)
+    }
+
+    async fn save_room(&self, room: &RoomId, committed: &CommittedRoom) -> Result<bool, NodeError> {
+        let new = convert::committed_to_pb(committed).encode_to_vec();
+        let revision = committed.state.revision.0;
+        let mut wrote = false;
+        // sled's fetch_and_update retries the closure on contention, which
+        // is exactly compare-and-set on the stored revision.
+        self.rooms
+            .fetch_and_update(room.as_str(), |old| {
+                let older = old.is_none_or(|old| {
+                    ppb::CommittedRecord::decode(old)
+                        .ok()
+                        .and_then(|r| r.state)
+                        .is_none_or(|s| s.revision < revision)
+                });
+                wrote = older;
+                if older {
+                    Some(new.clone())
+                } else {
+                    old.map(<[u8]>::to_vec)
+                }
+            })
+            .map_err(NodeError::storage)?;
+        self.sync().await?;
+        Ok(wrote)
+    }
+
+    async fn list_rooms(
+        &self,
+        after: Option<&RoomId>,
+        limit: usize,
+    ) -> Result<Vec<RoomSummary>, NodeError> {
+        let start: Vec<u8> = after.map_or_else(Vec::new, |a| {
+            let mut k = a.as_str().as_bytes().to_vec();
+            k.push(0); // the first key strictly after `a`
+            k
+        });
+        let mut out = Vec::new();
+        for item in self.rooms.range(start..).take(limit) {
+            let (key, raw) = item.map_err(NodeError::storage)?;
+            let name = std::str::from_utf8(&key).map_err(NodeError::storage)?;
+            let room = RoomId::new(name).map_err(NodeError::storage)?;
+            let record = ppb::CommittedRecord::decode(raw.as_ref()).map_err(NodeError::storage)?;
+            let state = record.state.unwrap_or_default();
+            out.push(RoomSummary {
+                room,
+                revision: state.revision,
+                members: u32::try_from(state.members.len()).expect("bounded"),
+            });
+        }
+        Ok(out)
+    }
+
+    async fn append(&self, batch: &[StoredMessage]) -> Result<(), NodeError> {
+        let mut writes = sled::Batch::default();
+        for m in batch {
+            writes.insert(message_key(&m.room, m.id), m.envelope.as_ref());
+            let bucket = bucket_prefix(&m.room, m.id.bucket());
+            if !self
+                .buckets
+                .contains_key(&bucket)
+                .map_err(NodeError::storage)?
+            {
+                self.buckets
+                    .insert(bucket, &[] as &[u8])
+                    .map_err(NodeError::storage)?;
+            }
+        }
+        self.timeline
+            .apply_batch(writes)
+            .map_err(NodeError::storage)?;
+        self.sync().await
+    }
+
+    async fn buckets(&self, room: &RoomId) -> Result<Vec<Bucket>, NodeError> {
+        let prefix = room_prefix(room);
+        self.buckets
+            .scan_prefix(&prefix)
+            .map(|item| {
+                let (key, _) = item.map_err(NodeError::storage)?;
+                let text = std::str::from_utf8(&key[prefix.len()..]).map_err(NodeError::storage)?;
+                Bucket::parse(text)
+                    .ok_or_else(|| NodeError::Storage(format!("bad bucket key {text:?}")))
+            })
+            .collect()
+    }
+
+    async fn read_bucket(
+        &self,
+        room: &RoomId,
+        bucket: Bucket,
+        range: Range,
+        limit: usize,
+    ) -> Result<Vec<StoredMessage>, NodeError> {
+        let prefix = bucket_prefix(room, bucket);
+        let key_of = |id: MessageId| {
+            let mut k = prefix.clone();
+            k.extend_from_slice(&id.to_bytes());
+            k
+        };
+        let mut out = Vec::new();
+        match range {
+            Range::Before(bound) => {
+                let iter = match bound {
+                    Some(b) => self.timeline.range(prefix.clone()..key_of(b)),
+                    None => self.timeline.scan_prefix(&prefix),
+                };
+                for item in iter.rev().take(limit) {
+                    let (key, value) = item.map_err(NodeError::storage)?;
+                    out.push(decode_message(room, &key, value)?);
+                }
+            }
+            Range::After(bound) => {
+                let start = match bound {
+                    Some(b) => {
+                        let mut k = key_of(b);
+                        k.push(0); // the first key strictly after `b`
+                        k
+                    }
+                    None => prefix.clone(),
+                };
+                let iter = self
+                    .timeline
+                    .range(start..)
+                    .take_while(|item| item.as_ref().map_or(true, |(k, _)| k.starts_with(&prefix)));
+                for item in iter.take(limit) {
+                    let (key, value) = item.map_err(NodeError::storage)?;
+                    out.push(decode_message(room, &key, value)?);
+                }
+            }
+        }
+        Ok(out)
+    }
+}

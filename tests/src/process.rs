@@ -1,0 +1,219 @@
+//! Node and CLI processes.
+
+use std::io::{BufRead as _, BufReader};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::mpsc;
+use std::time::Duration;
+
+use crate::ADMIN_TOKEN;
+
+/// How long a node may take to start.
+const START_TIMEOUT: Duration = Duration::from_secs(20);
+/// How long a node may take to stop after SIGTERM.
+const STOP_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// A running `saferchat-node` process.
+#[derive(Debug)]
+pub struct NodeProcess {
+    child: Option<Child>,
+    /// Its data folder.
+    pub data_dir: PathBuf,
+    /// Where its log goes (JSON lines).
+    pub log: PathBuf,
+    /// The client address it reported.
+    pub addr: SocketAddr,
+    env: Vec<(String, String)>,
+}
+
+fn ready_address(log: &Path, child: &mut Child) -> SocketAddr {
+    // The log is written by the child; follow it line by line.
+    let (tx, rx) = mpsc::channel();
+    let stderr = child.stderr.take().expect("piped stderr");
+    let log_path = log.to_path_buf();
+    let log = log.to_path_buf();
+    std::thread::spawn(move || {
+        let mut file = std::fs::OpenOptions::new()
+            .append(true)
+            .create(true)
+            .open(&log)
+            .expect("log file");
+        let mut sent = false;
+        for line in BufReader::new(stderr).lines() {
+            let Ok(line) = line else { break };
+            use std::io::Write as _;
+            let _ = writeln!(file, "{line}");
+            if !sent
+                && let Ok(v) = serde_json::from_str::<serde_json::Value>(&line)
+                && v["fields"]["message"] == "saferchat node serving"
+                && let Some(addr) = v["fields"]["addr"].as_str()
+            {
+                let _ = tx.send(addr.parse::<SocketAddr>().expect("address"));
+                sent = true;
+            }
+        }
+    });
+    rx.recv_timeout(START_TIMEOUT).unwrap_or_else(|_| {
+        panic!(
+            "node did not report its address within {START_TIMEOUT:?}; its log:\n{}",
+            std::fs::read_to_string(&log_path).unwrap_or_default()
+        )
+    })
+}
+
+impl NodeProcess {
+    /// Starts a node with `data_dir` on 127.0.0.1:0 and extra environment.
+    pub fn start(data_dir: &Path, env: &[(&str, &str)]) -> NodeProcess {
+        let env: Vec<(String, String)> = env
+            .iter()
+            .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+            .collect();
+        let mut node = NodeProcess {
+            child: None,
+            data_dir: data_dir.to_path_buf(),
+            log: data_dir.with_extension("log"),
+            addr: "127.0.0.1:0".parse().expect("address"),
+            env,
+        };
+        node.spawn("127.0.0.1:0");
+        node
+    }
+
+    fn spawn(&mut self, listen: &str) {
+        let mut command = Command::new(crate::bin::path("saferchat-node"));
+        command
+            .arg("--data-dir")
+            .arg(&self.data_dir)
+            .arg("--listen")
+            .arg(listen)
+            .env("SAFERCHAT_LOG_FORMAT", "json")
+            .env("SAFERCHAT_ADMIN_TOKEN", ADMIN_TOKEN)
+            .env("RUST_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped());
+        for (k, v) in &self.env {
+            command.env(k, v);
+        }
+        let mut child = command.spawn().expect("start saferchat-node");
+        self.addr = ready_address(&self.log, &mut child);
+        self.child = Some(child);
+    }
+
+    /// The address as the CLI wants it.
+    pub fn server(&self) -> String {
+        self.addr.to_string()
+    }
+
+    /// SIGTERM and wait for a clean exit; returns whether it exited 0.
+    pub fn stop(&mut self) -> bool {
+        let Some(mut child) = self.child.take() else {
+            return true;
+        };
+        let pid = child.id().to_string();
+        let _ = Command::new("kill").args(["-TERM", &pid]).status();
+        let (tx, rx) = mpsc::channel();
+        std::thread::spawn(move || {
+            let _ = tx.send(child.wait());
+        });
+        match rx.recv_timeout(STOP_TIMEOUT) {
+            Ok(Ok(status)) => status.success(),
+            _ => {
+                let _ = Command::new("kill").args(["-KILL", &pid]).status();
+                false
+            }
+        }
+    }
+
+    /// SIGKILL: a crash.
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// Starts the node again on the same port and data.
+    pub fn restart(&mut self) {
+        assert!(self.child.is_none(), "stop or kill the node first");
+        let listen = self.addr.to_string();
+        self.spawn(&listen);
+    }
+
+    /// The node's log so far.
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+impl Drop for NodeProcess {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// Runs the `saferchat` CLI with `args` against `server`, as the user whose
+/// key is `key`, with `stdin` as input.
+pub fn cli(server: &str, key: Option<&Path>, args: &[&str], stdin: Option<&str>) -> Output {
+    let mut command = Command::new(crate::bin::path("saferchat"));
+    command.arg("--server").arg(server);
+    if let Some(key) = key {
+        command.arg("--key").arg(key);
+    }
+    command
+        .args(args)
+        .env("SAFERCHAT_ADMIN_TOKEN", ADMIN_TOKEN)
+        .env_remove("SAFERCHAT_KEY")
+        .stdin(if stdin.is_some() {
+            Stdio::piped()
+        } else {
+            Stdio::null()
+        })
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    let mut child = command.spawn().expect("run saferchat");
+    if let Some(input) = stdin {
+        use std::io::Write as _;
+        let mut pipe = child.stdin.take().expect("stdin");
+        pipe.write_all(input.as_bytes()).expect("write stdin");
+    }
+    child.wait_with_output().expect("saferchat output")
+}
+
+/// Stdout of a CLI run that must succeed.
+///
+/// # Panics
+/// With both output streams when it failed.
+pub fn ok(output: &Output) -> String {
+    assert!(
+        output.status.success(),
+        "saferchat failed ({}):\nstdout: {}\nstderr: {}",
+        output.status,
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    String::from_utf8_lossy(&output.stdout).into_owned()
+}
+
+/// Stderr of a CLI run that must fail.
+///
+/// # Panics
+/// When it succeeded.
+pub fn fails(output: &Output) -> String {
+    assert!(
+        !output.status.success(),
+        "saferchat should have failed:\nstdout: {}",
+        String::from_utf8_lossy(&output.stdout)
+    );
+    String::from_utf8_lossy(&output.stderr).into_owned()
+}
+
+/// Writes fixture key `n` to `dir/name.pem` (mode 0600) and returns its
+/// path and handle.
+pub fn fixture_key(dir: &Path, name: &str, n: usize) -> (PathBuf, String) {
+    let path = dir.join(format!("{name}.pem"));
+    let id = saferchat_client::test_keys::identity(n);
+    id.save(&path, true).expect("write key");
+    (path, id.handle().to_string())
+}
