@@ -122,6 +122,22 @@ pub struct Message {
     pub content: Result<crypto::Plain, ClientError>,
 }
 
+/// A joined session taken apart by [`Session::into_raw`].
+#[derive(Debug)]
+pub struct RawSession {
+    /// Frames to the node (posts only, after joining). Dropping it ends
+    /// the client's half of the stream; the node keeps delivering.
+    pub out: mpsc::Sender<pb::ClientFrame>,
+    /// Frames from the node: deliveries, post results, membership.
+    pub inbound: Streaming<pb::ServerFrame>,
+    /// The membership as of joining.
+    pub members: Members,
+    /// The connection the stream runs on (keep it to keep the connection).
+    pub channel: Channel,
+    /// The session token for History and Members.
+    pub token: String,
+}
+
 struct Pending {
     body: Vec<u8>,
     attempts: u32,
@@ -224,11 +240,12 @@ impl Session {
             .as_ref()
             .try_into()
             .map_err(|_| protocol("challenge has the wrong length"))?;
-        let signature = me.sign(&saferchat_envelope::challenge::join_signing_input(
-            room,
-            &me.handle(),
-            &nonce,
-        ))?;
+        // RSA signing takes milliseconds: keep it off the async workers.
+        let input = saferchat_envelope::challenge::join_signing_input(room, &me.handle(), &nonce);
+        let signer = Arc::clone(&me);
+        let signature = tokio::task::spawn_blocking(move || signer.sign(&input))
+            .await
+            .map_err(|e| ClientError::Crypto(format!("signing task: {e}")))??;
         out.send(send(client_frame::Frame::Proof(pb::Proof {
             public_key: me.public_der().clone(),
             signature: Bytes::from(signature),
@@ -300,12 +317,16 @@ impl Session {
         self.keys.get(handle).cloned()
     }
 
+    /// Takes a membership from the server unless it is older than the one
+    /// held (frames from different paths may arrive out of order).
     fn set_members(&mut self, m: &cpb::Membership) -> Result<(), ClientError> {
         let members = Members::from_pb(m)?;
         for r in &members.recipients {
             self.keys.entry(r.handle).or_insert_with(|| r.key.clone());
         }
-        self.members = members;
+        if members.revision >= self.members.revision {
+            self.members = members;
+        }
         Ok(())
     }
 
@@ -374,17 +395,28 @@ impl Session {
             let Some(frame) = frame.frame else { continue };
             match frame {
                 server_frame::Frame::Deliveries(d) => {
-                    for item in d.items {
-                        let content = crypto::open(&self.me, &self.room, item.sealed, |h| {
-                            self.keys.get(h).cloned()
-                        });
-                        self.queued.push_back(Event::Message(Message {
-                            id: item.id,
-                            time_ms: item.time_ms,
-                            history: d.history,
-                            content,
-                        }));
-                    }
+                    // Each open costs an RSA decryption (milliseconds): do
+                    // the batch off the async workers.
+                    let me = Arc::clone(&self.me);
+                    let room = self.room.clone();
+                    let keys = self.keys.clone();
+                    let history = d.history;
+                    let messages = tokio::task::spawn_blocking(move || {
+                        d.items
+                            .into_iter()
+                            .map(|item| Message {
+                                content: crypto::open(&me, &room, item.sealed, |h| {
+                                    keys.get(h).cloned()
+                                }),
+                                id: item.id,
+                                time_ms: item.time_ms,
+                                history,
+                            })
+                            .collect::<Vec<_>>()
+                    })
+                    .await
+                    .map_err(|e| ClientError::Crypto(format!("decryption task: {e}")))?;
+                    self.queued.extend(messages.into_iter().map(Event::Message));
                 }
                 server_frame::Frame::Result(r) => self.on_result(r).await?,
                 server_frame::Frame::Membership(m) => {
@@ -432,6 +464,26 @@ impl Session {
             None => return Err(protocol("post result without outcome")),
         }
         Ok(())
+    }
+
+    /// Gives up the typed session for its raw streams: the frame sender
+    /// and the inbound `Post` stream, with nothing decrypted or verified.
+    ///
+    /// For load generators, which must not pay for RSA on every delivery:
+    /// they post pre-sealed envelopes and read `Deliveries` frames as they
+    /// come. Nothing the session had queued (events already read from the
+    /// stream) is carried over, so call this right after joining. The
+    /// caller takes over what [`Session::next`] did: it must keep reading
+    /// `inbound` (a reader that falls behind is closed by the node) and
+    /// handle membership changes itself.
+    pub fn into_raw(self) -> RawSession {
+        RawSession {
+            out: self.out,
+            inbound: self.inbound,
+            members: self.members,
+            channel: self.channel,
+            token: self.token,
+        }
     }
 
     /// Stops posting; the server keeps delivering until the session is

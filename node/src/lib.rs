@@ -50,6 +50,7 @@ use crate::membership::driver::{self, DriverParts};
 use crate::membership::{NoPeers, PeerSender};
 use crate::room::{RoomDeps, Rooms};
 use crate::storage::ChatStore;
+use crate::storage::cassandra::CassandraStore;
 use crate::storage::sled::SledStore;
 
 /// Peer batches queued for the membership driver.
@@ -79,15 +80,17 @@ fn create_private_dir(path: &std::path::Path) -> Result<(), NodeError> {
         .map_err(|e| NodeError::Config(format!("creating data folder {}: {e}", path.display())))
 }
 
-/// Opens the configured chat store.
+/// Opens the configured chat store: the node's own sled database (the
+/// default), or Cassandra, whose schema migrations run here. Acceptor
+/// state stays in sled either way: it is this node's vote.
 async fn open_chat_store(
     config: &NodeConfig,
     sled: &SledStore,
 ) -> Result<Arc<dyn ChatStore>, NodeError> {
     match config.storage.backend {
         Backend::Sled => Ok(Arc::new(sled.clone())),
-        Backend::Cassandra => Err(NodeError::Config(
-            "the cassandra backend is not available in this build".into(),
+        Backend::Cassandra => Ok(Arc::new(
+            CassandraStore::connect(&config.storage.cassandra).await?,
         )),
     }
 }

@@ -5,14 +5,19 @@
 //!
 //! - [`process`]: start, stop, kill and restart node binaries; run the CLI.
 //! - [`inproc`]: a node inside the test process, for fast protocol tests.
+//! - [`raw`]: the chat protocol by hand, for bad-input tests.
 //! - [`bin`]: where the binaries are.
+//! - [`cassandra`]: the Cassandra address the tests use, a store on it,
+//!   and private Cassandra instances for fault tests.
 //!
 //! Nodes listen on port 0 and report the port they got in a JSON log line,
 //! so tests never guess ports and never sleep waiting for a server.
 
 pub mod bin;
+pub mod cassandra;
 pub mod inproc;
 pub mod process;
+pub mod raw;
 
 /// An admin token used by every test node (a secret only in tests).
 pub const ADMIN_TOKEN: &str = "test-admin-token-0123456789";

@@ -11,7 +11,7 @@ use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 
-use super::session;
+use super::{frames, session};
 use crate::context::Context;
 use crate::convert;
 use crate::error::NodeError;
@@ -20,8 +20,6 @@ use crate::storage::{self, Range};
 
 /// Frames buffered towards one client before the session waits.
 const OUT_FRAMES_MAX: usize = 8;
-/// Messages per history page.
-const HISTORY_PAGE_MAX: usize = 100;
 
 /// The chat service.
 #[derive(Debug, Clone)]
@@ -120,25 +118,12 @@ impl ChatRoom for ChatService {
         let (room, user, _) = self.member(&req.chat, &req.session).await?;
         self.ctx.serve_here(&room)?;
         let messages = storage::history(&*self.ctx.store, &room, range, limit).await?;
-        let pages: Vec<Result<pb::HistoryPage, Status>> = messages
-            .chunks(HISTORY_PAGE_MAX)
-            .map(|chunk| {
-                let items = chunk
-                    .iter()
-                    .filter_map(|m| {
-                        let envelope =
-                            saferchat_envelope::Envelope::decode(m.envelope.clone()).ok()?;
-                        let sealed = saferchat_envelope::sealed::Fanout::new(&envelope)
-                            .sealed_for_recipient(&user)?;
-                        Some(pb::Delivery {
-                            id: bytes::Bytes::copy_from_slice(&m.id.to_bytes()),
-                            time_ms: m.id.time_ms(),
-                            sealed,
-                        })
-                    })
-                    .collect();
-                Ok(pb::HistoryPage { items })
-            })
+        let items = messages
+            .iter()
+            .filter_map(|m| frames::seal_stored(m, &user));
+        let pages: Vec<Result<pb::HistoryPage, Status>> = frames::pack(items)
+            .into_iter()
+            .map(|items| Ok(pb::HistoryPage { items }))
             .collect();
         Ok(Response::new(Box::pin(tokio_stream::iter(pages))))
     }

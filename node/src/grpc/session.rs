@@ -30,12 +30,11 @@ use crate::auth;
 use crate::context::{Context, SessionSlot};
 use crate::convert;
 use crate::error::NodeError;
+use crate::grpc::frames;
 use crate::message_id::MessageId;
 use crate::room::{Live, PostOutcome, Posted, RoomCommand};
 use crate::storage::{self, Range, StoredMessage};
 
-/// Most deliveries packed into one frame.
-const DELIVERIES_PER_FRAME_MAX: usize = 64;
 /// Stored messages per frame when replaying history.
 const HISTORY_PAGE_MAX: usize = 100;
 
@@ -100,7 +99,27 @@ async fn next_frame(
         Ok(Some(pb::ClientFrame { frame: None })) => {
             Err(NodeError::InvalidArgument("empty client frame".into()).into())
         }
-        Ok(None) | Err(_) => Err(End::Gone),
+        Ok(None) => Err(End::Gone),
+        Err(status) => Err(inbound_error(&status)),
+    }
+}
+
+/// What a broken client stream means: a frame we refused to decode (too
+/// large, malformed) is the client's error and it is told so; anything else
+/// means the client is gone.
+fn inbound_error(status: &Status) -> End {
+    match status.code() {
+        tonic::Code::OutOfRange | tonic::Code::ResourceExhausted => {
+            End::Error(NodeError::ResourceExhausted(format!(
+                "frame refused: {} (the limit is {} bytes)",
+                status.message(),
+                crate::grpc::GRPC_MESSAGE_BYTES_MAX
+            )))
+        }
+        tonic::Code::Internal | tonic::Code::InvalidArgument => End::Error(
+            NodeError::InvalidArgument(format!("frame refused: {}", status.message())),
+        ),
+        _ => End::Gone,
     }
 }
 
@@ -226,24 +245,6 @@ async fn register(
     }
 }
 
-/// The sealed envelope of a stored message for `user`, if it was wrapped
-/// for them (messages from before they joined were not).
-fn seal_stored(message: &StoredMessage, user: &Handle) -> Option<pb::Delivery> {
-    let envelope = match Envelope::decode(message.envelope.clone()) {
-        Ok(e) => e,
-        Err(e) => {
-            tracing::error!(room = %message.room, id = %message.id, error = %e, "stored envelope does not decode");
-            return None;
-        }
-    };
-    let sealed = saferchat_envelope::sealed::Fanout::new(&envelope).sealed_for_recipient(user)?;
-    Some(pb::Delivery {
-        id: bytes::Bytes::copy_from_slice(&message.id.to_bytes()),
-        time_ms: message.id.time_ms(),
-        sealed,
-    })
-}
-
 /// Sends stored messages up to `last` (the attach point; later ones come
 /// live): everything after `after` when resuming, else the `recent` newest.
 async fn replay(
@@ -271,21 +272,11 @@ async fn replay(
             let Some(tail) = page.last() else { break };
             cursor = tail.id;
             let done = page.len() < HISTORY_PAGE_MAX || cursor >= last;
-            let items: Vec<_> = page
+            let items = page
                 .iter()
                 .filter(|m| m.id <= last)
-                .filter_map(|m| seal_stored(m, user))
-                .collect();
-            if !items.is_empty() {
-                send(
-                    out,
-                    server_frame::Frame::Deliveries(pb::Deliveries {
-                        items,
-                        history: true,
-                    }),
-                )
-                .await?;
-            }
+                .filter_map(|m| frames::seal_stored(m, user));
+            send_deliveries(out, items, true).await?;
             if done {
                 break;
             }
@@ -306,18 +297,27 @@ async fn replay(
         pending.extend(page.into_iter().filter(|m| m.id <= last));
     }
     pending.reverse(); // oldest first, like live traffic
-    for chunk in pending.chunks(HISTORY_PAGE_MAX) {
-        let items: Vec<_> = chunk.iter().filter_map(|m| seal_stored(m, user)).collect();
-        if !items.is_empty() {
-            send(
-                out,
-                server_frame::Frame::Deliveries(pb::Deliveries {
-                    items,
-                    history: true,
-                }),
-            )
-            .await?;
-        }
+    send_deliveries(
+        out,
+        pending.iter().filter_map(|m| frames::seal_stored(m, user)),
+        true,
+    )
+    .await?;
+    Ok(())
+}
+
+/// Sends deliveries as frames bounded in count and bytes.
+async fn send_deliveries(
+    out: &Out,
+    items: impl IntoIterator<Item = pb::Delivery>,
+    history: bool,
+) -> Result<(), Gone> {
+    for items in frames::pack(items) {
+        send(
+            out,
+            server_frame::Frame::Deliveries(pb::Deliveries { items, history }),
+        )
+        .await?;
     }
     Ok(())
 }
@@ -402,7 +402,7 @@ async fn live_loop(
                 Ok(None) => inbound_open = false,
                 Err(status) => {
                     tracing::debug!(%room, session, code = ?status.code(), "client stream ended");
-                    return Err(End::Gone);
+                    return Err(inbound_error(&status));
                 }
             },
             item = live.recv() => {
@@ -410,7 +410,7 @@ async fn live_loop(
                     return Err(NodeError::Unavailable("room stopped; join again".into()).into());
                 };
                 let mut items = vec![item];
-                while items.len() < DELIVERIES_PER_FRAME_MAX {
+                while items.len() < frames::FRAME_ITEMS_MAX {
                     match live.try_recv() {
                         Ok(more) => items.push(more),
                         Err(_) => break,
@@ -421,10 +421,7 @@ async fn live_loop(
                     match item {
                         Live::Deliver(posted) => batch.extend(delivery(&posted, user)),
                         other => {
-                            if !batch.is_empty() {
-                                let items = std::mem::take(&mut batch);
-                                send(out, server_frame::Frame::Deliveries(pb::Deliveries { items, history: false })).await?;
-                            }
+                            send_deliveries(out, batch.drain(..), false).await?;
                             match other {
                                 Live::Result(outcome) => send(out, result_frame(outcome, room)).await?,
                                 Live::Membership(state) => {
@@ -436,9 +433,7 @@ async fn live_loop(
                         }
                     }
                 }
-                if !batch.is_empty() {
-                    send(out, server_frame::Frame::Deliveries(pb::Deliveries { items: batch, history: false })).await?;
-                }
+                send_deliveries(out, batch, false).await?;
             }
         }
     }

@@ -200,6 +200,12 @@ impl Actor {
                             .send(Err(NodeError::Unavailable("session queue unusable".into())));
                         continue;
                     };
+                    // The session's Joined frame may predate a change this
+                    // room has already announced: start it with the newest
+                    // membership known here (clients ignore older ones).
+                    if let Some(state) = self.view.borrow().state.clone() {
+                        let _ = live.try_send(Live::Membership(state));
+                    }
                     self.sessions.insert(session, Session { user, live, close });
                     metrics::gauge!("saferchat_sessions").increment(1.0);
                     let _ = reply.send(Ok(self.ids.last()));
@@ -254,6 +260,7 @@ impl Actor {
                 return;
             }
         };
+        self.publish_membership(&state);
         let mut accepted = Vec::with_capacity(posts.len());
         let mut batch = Vec::with_capacity(posts.len());
         for p in posts {
@@ -366,13 +373,23 @@ impl Actor {
         }
     }
 
-    /// A new committed membership: removed members' sessions end, the rest
-    /// hear about the change.
+    /// The view changed: act on its membership.
     fn on_membership(&mut self) {
         let Some(state) = self.view.borrow_and_update().state.clone() else {
             return;
         };
-        if self.last_revision == Some(state.revision) {
+        self.publish_membership(&state);
+    }
+
+    /// A newer committed membership: removed members' sessions end, the
+    /// rest hear about it. Called before anything posted under that
+    /// membership is delivered, so every session knows a sender's key
+    /// before it receives the sender's message.
+    fn publish_membership(&mut self, state: &Arc<RoomState>) {
+        if self
+            .last_revision
+            .is_some_and(|last| last >= state.revision)
+        {
             return;
         }
         self.last_revision = Some(state.revision);
@@ -395,7 +412,7 @@ impl Actor {
         let mut overflowed = Vec::new();
         for (id, s) in &self.sessions {
             if s.live
-                .try_send(Live::Membership(Arc::clone(&state)))
+                .try_send(Live::Membership(Arc::clone(state)))
                 .is_err()
             {
                 overflowed.push(*id);

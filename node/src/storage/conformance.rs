@@ -435,50 +435,63 @@ pub async fn acceptor_round_trip(store: &dyn AcceptorStore) {
 }
 
 /// One `#[tokio::test]` per [`ChatStore`] check. `$make` is an async
-/// expression returning `Arc<dyn ChatStore>`.
+/// expression returning `Arc<dyn ChatStore>`. Attributes written before it
+/// go on every generated test, e.g. `#[ignore = "needs Cassandra"]` for a
+/// store that needs a server.
 #[macro_export]
 macro_rules! chat_store_conformance {
-    ($make:expr) => {
+    ($(#[$attr:meta])+ $make:expr) => {
         #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+        $(#[$attr])+
         async fn conformance_ordering_within_a_bucket() {
             let store: std::sync::Arc<dyn $crate::storage::ChatStore> = $make.await;
             $crate::storage::conformance::ordering_within_a_bucket(&*store).await;
         }
         #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+        $(#[$attr])+
         async fn conformance_pagination_across_buckets() {
             let store: std::sync::Arc<dyn $crate::storage::ChatStore> = $make.await;
             $crate::storage::conformance::pagination_across_buckets(&*store).await;
         }
         #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+        $(#[$attr])+
         async fn conformance_idempotent_append() {
             let store: std::sync::Arc<dyn $crate::storage::ChatStore> = $make.await;
             $crate::storage::conformance::idempotent_append(&*store).await;
         }
         #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+        $(#[$attr])+
         async fn conformance_largest_message() {
             let store: std::sync::Arc<dyn $crate::storage::ChatStore> = $make.await;
             $crate::storage::conformance::largest_message(&*store).await;
         }
         #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+        $(#[$attr])+
         async fn conformance_concurrent_writers() {
             let store: std::sync::Arc<dyn $crate::storage::ChatStore> = $make.await;
             $crate::storage::conformance::concurrent_writers(store).await;
         }
         #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+        $(#[$attr])+
         async fn conformance_room_revision_compare_and_set() {
             let store: std::sync::Arc<dyn $crate::storage::ChatStore> = $make.await;
             $crate::storage::conformance::room_revision_compare_and_set(&*store).await;
         }
         #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+        $(#[$attr])+
         async fn conformance_concurrent_room_saves_keep_the_highest() {
             let store: std::sync::Arc<dyn $crate::storage::ChatStore> = $make.await;
             $crate::storage::conformance::concurrent_room_saves_keep_the_highest(store).await;
         }
         #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+        $(#[$attr])+
         async fn conformance_list_rooms_in_pages() {
             let store: std::sync::Arc<dyn $crate::storage::ChatStore> = $make.await;
             $crate::storage::conformance::list_rooms_in_pages(&*store).await;
         }
+    };
+    ($make:expr) => {
+        $crate::chat_store_conformance!(#[allow(unused_attributes)] $make);
     };
 }
 

@@ -15,6 +15,7 @@
 //! method and checked by the suite in [`conformance`] (feature
 //! `conformance`), which every store runs unchanged.
 
+pub mod cassandra;
 pub mod memory;
 pub mod sled;
 
