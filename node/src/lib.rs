@@ -175,6 +175,9 @@ pub async fn run(
         shutdown: shutdown.clone(),
     });
     let client_addr = listeners.client.local_addr().ok();
+    if let Some(addr) = listeners.peer.as_ref().and_then(|l| l.local_addr().ok()) {
+        tracing::info!(%addr, "peer listener");
+    }
     let ctx = Arc::new(Context::new(
         config.clone(),
         membership,

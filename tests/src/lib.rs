@@ -5,6 +5,8 @@
 //!
 //! - [`process`]: start, stop, kill and restart node binaries; run the CLI.
 //! - [`inproc`]: a node inside the test process, for fast protocol tests.
+//! - [`cluster`], [`netproxy`]: several node processes whose peer links a
+//!   test can cut or slow down.
 //! - [`raw`]: the chat protocol by hand, for bad-input tests.
 //! - [`bin`]: where the binaries are.
 //! - [`cassandra`]: the Cassandra address the tests use, a store on it,
@@ -15,7 +17,9 @@
 
 pub mod bin;
 pub mod cassandra;
+pub mod cluster;
 pub mod inproc;
+pub mod netproxy;
 pub mod process;
 pub mod raw;
 

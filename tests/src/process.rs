@@ -65,6 +65,11 @@ fn ready_address(log: &Path, child: &mut Child) -> SocketAddr {
 impl NodeProcess {
     /// Starts a node with `data_dir` on 127.0.0.1:0 and extra environment.
     pub fn start(data_dir: &Path, env: &[(&str, &str)]) -> NodeProcess {
+        NodeProcess::start_on("127.0.0.1:0", data_dir, env)
+    }
+
+    /// Starts a node listening for clients on `listen`.
+    pub fn start_on(listen: &str, data_dir: &Path, env: &[(&str, &str)]) -> NodeProcess {
         let env: Vec<(String, String)> = env
             .iter()
             .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
@@ -76,7 +81,7 @@ impl NodeProcess {
             addr: "127.0.0.1:0".parse().expect("address"),
             env,
         };
-        node.spawn("127.0.0.1:0");
+        node.spawn(listen);
         node
     }
 

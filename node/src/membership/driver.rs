@@ -37,6 +37,9 @@ use crate::storage::{AcceptorStore, ChatStore, CommittedRoom};
 /// Rooms with no readers, no proposals and no outstanding lease promises
 /// are unloaded after this long (their state is on disk).
 const ROOM_IDLE_MS: u64 = 60_000;
+/// After a membership read, this node keeps a lease on the room for this
+/// long, so that repeated reads (an operator, a dashboard) become local.
+const READ_INTEREST_MS: u64 = 30_000;
 
 enum Waiter {
     Change(oneshot::Sender<Outcome>),
@@ -49,6 +52,16 @@ struct Slot {
     waiters: HashMap<RequestId, Waiter>,
     view: watch::Sender<View>,
     last_used: Millis,
+    /// Keep a lease until then, because someone read the room.
+    read_interest_until: Millis,
+}
+
+impl Slot {
+    /// Whether this node should hold a lease on the room: someone watches
+    /// it (a room actor) or read it recently.
+    fn lease_wanted(&self, now: Millis) -> bool {
+        self.view.receiver_count() > 0 || now < self.read_interest_until
+    }
 }
 
 /// Everything the driver needs.
@@ -191,6 +204,7 @@ impl Driver {
                 waiters: HashMap::new(),
                 view,
                 last_used: self.clock.monotonic(),
+                read_interest_until: Millis(0),
             },
         );
         Ok(())
@@ -224,6 +238,8 @@ impl Driver {
                 slot.replica.propose(now, request, proposal);
             }
             Command::Read { reply, .. } => {
+                slot.read_interest_until = now.plus(READ_INTEREST_MS);
+                slot.replica.want_lease(now, true);
                 if let Ok(state) = slot.replica.read(now) {
                     let _ = reply.send(Ok((Arc::clone(state), "lease")));
                 } else {
@@ -233,6 +249,8 @@ impl Driver {
                 }
             }
             Command::Status { reply, .. } => {
+                slot.read_interest_until = now.plus(READ_INTEREST_MS);
+                slot.replica.want_lease(now, true);
                 if let Ok(state) = slot.replica.read(now) {
                     let status = Status {
                         state: Arc::clone(state),
@@ -299,8 +317,7 @@ impl Driver {
             let Some(slot) = self.rooms.get_mut(&room) else {
                 continue;
             };
-            // Keep a lease exactly while someone watches the room.
-            let wanted = slot.view.receiver_count() > 0;
+            let wanted = slot.lease_wanted(now);
             if wanted != slot.replica.lease_wanted() {
                 slot.replica.want_lease(now, wanted);
             }
@@ -321,7 +338,7 @@ impl Driver {
     fn unload_idle(&mut self, now: Millis) {
         self.rooms.retain(|_, slot| {
             let idle = now.since(slot.last_used) >= ROOM_IDLE_MS
-                && slot.view.receiver_count() == 0
+                && !slot.lease_wanted(now)
                 && slot.waiters.is_empty()
                 && !slot.replica.proposing()
                 && slot.replica.lease_status(now).promised_to.is_empty()

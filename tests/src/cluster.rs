@@ -1,0 +1,175 @@
+//! Several node processes forming one replica set on loopback, every
+//! directed peer link through its own [`Proxy`], so a test can partition a
+//! node or delay traffic between datacenters.
+
+use std::collections::HashMap;
+
+use saferchat_client::admin::Admin;
+
+use crate::ADMIN_TOKEN;
+use crate::netproxy::{Link, Proxy};
+use crate::process::NodeProcess;
+
+/// How to build the cluster.
+#[derive(Clone, Debug)]
+pub struct Options {
+    /// Datacenter of each node; the cluster has as many nodes.
+    pub datacenters: Vec<String>,
+    /// Lease duration.
+    pub lease_ms: u64,
+    /// Lease renewal period.
+    pub renew_ms: u64,
+    /// Extra environment for every node.
+    pub env: Vec<(String, String)>,
+}
+
+impl Options {
+    /// `n` nodes in one datacenter.
+    pub fn single_dc(n: usize) -> Options {
+        Options {
+            datacenters: vec!["dc1".to_owned(); n],
+            lease_ms: 1_000,
+            renew_ms: 250,
+            env: Vec::new(),
+        }
+    }
+}
+
+/// A running cluster.
+#[derive(Debug)]
+pub struct Cluster {
+    /// The nodes; node `i` has id `i + 1`.
+    pub nodes: Vec<NodeProcess>,
+    /// `(from, to)` → the proxy `from` uses to reach `to`.
+    links: HashMap<(usize, usize), Proxy>,
+    datacenters: Vec<String>,
+    _dir: tempfile::TempDir,
+}
+
+/// A free loopback port (bound, read, released).
+fn free_port() -> u16 {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    l.local_addr().expect("address").port()
+}
+
+impl Cluster {
+    /// Starts the proxies, then the nodes.
+    pub async fn start(options: Options) -> Cluster {
+        let n = options.datacenters.len();
+        let dir = tempfile::tempdir().expect("tempdir");
+        let client_ports: Vec<u16> = (0..n).map(|_| free_port()).collect();
+        let peer_ports: Vec<u16> = (0..n).map(|_| free_port()).collect();
+        let mut links = HashMap::new();
+        for from in 0..n {
+            for to in (0..n).filter(|to| *to != from) {
+                let proxy = Proxy::start().await;
+                proxy.set_target(
+                    format!("127.0.0.1:{}", peer_ports[to])
+                        .parse()
+                        .expect("address"),
+                );
+                links.insert((from, to), proxy);
+            }
+        }
+        let mut nodes = Vec::new();
+        for i in 0..n {
+            let peers: Vec<String> = (0..n)
+                .filter(|j| *j != i)
+                .map(|j| {
+                    format!(
+                        "{}={}/127.0.0.1:{}@{}",
+                        j + 1,
+                        links[&(i, j)].addr,
+                        client_ports[j],
+                        options.datacenters[j]
+                    )
+                })
+                .collect();
+            let mut env: Vec<(String, String)> = vec![
+                ("SAFERCHAT_NODE_ID".into(), (i + 1).to_string()),
+                (
+                    "SAFERCHAT_DATACENTER".into(),
+                    options.datacenters[i].clone(),
+                ),
+                (
+                    "SAFERCHAT_PEER_LISTEN".into(),
+                    format!("127.0.0.1:{}", peer_ports[i]),
+                ),
+                ("SAFERCHAT_PEERS".into(), peers.join(",")),
+                ("SAFERCHAT_LEASE_MS".into(), options.lease_ms.to_string()),
+                (
+                    "SAFERCHAT_LEASE_RENEW_MS".into(),
+                    options.renew_ms.to_string(),
+                ),
+                (
+                    "SAFERCHAT_SESSION_SECRET".into(),
+                    "cluster-test-session-secret-0123456789abcdef".into(),
+                ),
+            ];
+            env.extend(options.env.iter().cloned());
+            let env: Vec<(&str, &str)> =
+                env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+            nodes.push(NodeProcess::start_on(
+                &format!("127.0.0.1:{}", client_ports[i]),
+                &dir.path().join(format!("node{}", i + 1)),
+                &env,
+            ));
+        }
+        Cluster {
+            nodes,
+            links,
+            datacenters: options.datacenters,
+            _dir: dir,
+        }
+    }
+
+    /// Client address of node `i`.
+    pub fn server(&self, i: usize) -> String {
+        self.nodes[i].server()
+    }
+
+    /// An admin client on node `i`.
+    pub async fn admin(&self, i: usize) -> Admin {
+        Admin::connect(&self.server(i), ADMIN_TOKEN)
+            .await
+            .expect("admin connect")
+    }
+
+    /// Cuts node `i` off from every other node, both ways (clients can
+    /// still reach it).
+    pub fn isolate(&self, i: usize) {
+        self.set_links_of(i, Link::Blocked);
+    }
+
+    /// Reconnects node `i`.
+    pub fn heal(&self, i: usize) {
+        self.set_links_of(i, Link::Open { delay_ms: 0 });
+    }
+
+    fn set_links_of(&self, i: usize, link: Link) {
+        for ((from, to), proxy) in &self.links {
+            if *from == i || *to == i {
+                proxy.set(link);
+            }
+        }
+    }
+
+    /// Delays every link between different datacenters by `ms` one way.
+    pub fn delay_between_datacenters(&self, ms: u64) {
+        for ((from, to), proxy) in &self.links {
+            if self.datacenters[*from] != self.datacenters[*to] {
+                proxy.set(Link::Open { delay_ms: ms });
+            }
+        }
+    }
+
+    /// SIGKILL node `i`.
+    pub fn kill(&mut self, i: usize) {
+        self.nodes[i].kill();
+    }
+
+    /// Restarts node `i` with its data.
+    pub fn restart(&mut self, i: usize) {
+        self.nodes[i].restart();
+    }
+}

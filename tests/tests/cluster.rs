@@ -1,0 +1,238 @@
+//! Three node processes on loopback as one replica set: membership keeps
+//! committing when a node crashes, the node catches up when it returns, and
+//! a lease holder cut off from its peers stops answering from its lease
+//! before any change commits without it.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use saferchat_client::test_keys;
+use saferchat_tests::cluster::{Cluster, Options};
+use tokio::sync::Mutex;
+
+fn handle(n: usize) -> String {
+    test_keys::identity(n).handle().to_string()
+}
+
+/// Reads node `i`'s view of `room` until `done` says so (bounded).
+async fn wait_for(
+    cluster: &Cluster,
+    i: usize,
+    room: &str,
+    what: &str,
+    done: impl Fn(&saferchat_proto::admin::MembersReply) -> bool,
+) -> saferchat_proto::admin::MembersReply {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let mut admin = cluster.admin(i).await;
+    loop {
+        if let Ok(reply) = admin.members(room).await
+            && done(&reply)
+        {
+            return reply;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "node {} never reached: {what}",
+            i + 1
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+fn revision(reply: &saferchat_proto::admin::MembersReply) -> u64 {
+    reply.membership.as_ref().map_or(0, |m| m.revision)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn membership_commits_with_a_node_down_and_the_node_catches_up() {
+    let mut cluster = Cluster::start(Options::single_dc(3)).await;
+    let mut admin = cluster.admin(0).await;
+    admin.create_chat("aaa").await.expect("create");
+    admin
+        .add_user("aaa", &handle(0), None)
+        .await
+        .expect("add alice");
+    for i in 0..3 {
+        wait_for(&cluster, i, "aaa", "revision 2", |r| revision(r) == 2).await;
+    }
+
+    cluster.kill(2);
+    let started = Instant::now();
+    let r = admin
+        .add_user("aaa", &handle(1), None)
+        .await
+        .expect("add bob with a node down");
+    assert_eq!(r.revision, 3);
+    let stall = started.elapsed();
+    // The dead node held a lease: the change waits for its promises to run
+    // out, and no longer (lease 1 s, promise ≈ 1 s, wait ≈ promise).
+    assert!(stall < Duration::from_secs(4), "stalled {stall:?}");
+    let mut other = cluster.admin(1).await;
+    assert_eq!(
+        other
+            .add_user("aaa", &handle(2), None)
+            .await
+            .expect("add carol")
+            .revision,
+        4
+    );
+    // Steady state without the dead node: no more stalls.
+    let started = Instant::now();
+    assert_eq!(
+        other
+            .remove_user("aaa", &handle(2), None)
+            .await
+            .expect("remove carol")
+            .revision,
+        5
+    );
+    assert!(
+        started.elapsed() < Duration::from_secs(1),
+        "{:?}",
+        started.elapsed()
+    );
+
+    cluster.restart(2);
+    let caught_up = wait_for(&cluster, 2, "aaa", "revision 5", |r| revision(r) == 5).await;
+    let members: Vec<String> = caught_up
+        .membership
+        .expect("membership")
+        .members
+        .into_iter()
+        .map(|m| m.user)
+        .collect();
+    assert!(
+        members.contains(&handle(0))
+            && members.contains(&handle(1))
+            && !members.contains(&handle(2))
+    );
+    // And it takes part again: a change proposed through it commits.
+    let mut third = cluster.admin(2).await;
+    assert_eq!(
+        third
+            .add_user("aaa", &handle(3), None)
+            .await
+            .expect("add through node 3")
+            .revision,
+        6
+    );
+    for i in 0..3 {
+        wait_for(&cluster, i, "aaa", "revision 6", |r| revision(r) == 6).await;
+    }
+}
+
+/// One read against the isolated holder.
+#[derive(Debug)]
+struct Read {
+    sent: Instant,
+    /// `(revision, read path)` or the status code.
+    result: Result<(u64, String), tonic::Code>,
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_partitioned_lease_holder_stops_local_reads_before_a_write_commits_without_it() {
+    let cluster = Cluster::start(Options::single_dc(3)).await;
+    let mut admin = cluster.admin(0).await;
+    admin.create_chat("aaa").await.expect("create");
+    admin.add_user("aaa", &handle(0), None).await.expect("add");
+    // Node 3 reads the room until it holds a lease and answers locally.
+    let before = wait_for(&cluster, 2, "aaa", "a lease read", |r| {
+        revision(r) == 2 && r.read_path == "lease"
+    })
+    .await;
+    assert!(
+        before.lease_holders.contains(&"n3".to_owned()),
+        "{before:?}"
+    );
+
+    cluster.isolate(2);
+    let isolated = Instant::now();
+    let reads = Arc::new(Mutex::new(Vec::new()));
+    let stop = tokio_util::sync::CancellationToken::new();
+    let reader = {
+        let reads = Arc::clone(&reads);
+        let stop = stop.clone();
+        let mut holder = cluster.admin(2).await;
+        tokio::spawn(async move {
+            while !stop.is_cancelled() {
+                let sent = Instant::now();
+                let result = match holder.members("aaa").await {
+                    Ok(r) => Ok((revision(&r), r.read_path)),
+                    Err(saferchat_client::ClientError::Status(s)) => Err(s.code()),
+                    Err(e) => panic!("{e}"),
+                };
+                reads.lock().await.push(Read { sent, result });
+            }
+        })
+    };
+
+    // A change through node 1, which cannot reach node 3.
+    let started = Instant::now();
+    let r = admin
+        .remove_user("aaa", &handle(0), None)
+        .await
+        .expect("commits without the holder");
+    let committed = Instant::now();
+    assert_eq!(r.revision, 3);
+    let stall = committed - started;
+    assert!(
+        stall < Duration::from_secs(4),
+        "a dead holder stalls writes by at most about one lease: {stall:?}"
+    );
+
+    // Keep reading on node 3 until reads sent after the commit have come
+    // back (a refused read takes the node's request timeout, 5 s).
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let answered_after = reads
+            .lock()
+            .await
+            .iter()
+            .filter(|r| r.sent > committed)
+            .count();
+        if answered_after >= 2 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "node 3 answered no read sent after the commit"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    stop.cancel();
+    reader.await.expect("reader");
+    let reads = reads.lock().await;
+
+    // Linearizability: a read sent after the write completed must not
+    // return the old membership. Node 3 cannot learn the new one while cut
+    // off, so it must refuse.
+    for read in reads.iter().filter(|r| r.sent > committed) {
+        match &read.result {
+            Ok((rev, path)) => assert!(
+                *rev >= 3,
+                "stale read {rev} via {path} sent after the commit"
+            ),
+            Err(code) => assert_eq!(*code, tonic::Code::Unavailable),
+        }
+    }
+    // And it did serve locally while its lease lasted, so the check above
+    // is about a node that really was answering from a lease.
+    let local_while_isolated = reads
+        .iter()
+        .filter(|r| r.sent >= isolated && matches!(&r.result, Ok((2, path)) if path == "lease"))
+        .count();
+    assert!(
+        local_while_isolated > 0,
+        "node 3 never served a lease read while cut off: {reads:?}"
+    );
+    assert!(
+        reads.iter().any(|r| r.sent > committed),
+        "no read was sent after the commit"
+    );
+
+    cluster.heal(2);
+    wait_for(&cluster, 2, "aaa", "the new revision after healing", |r| {
+        revision(r) == 3
+    })
+    .await;
+}
