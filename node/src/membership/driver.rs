@@ -390,6 +390,7 @@ impl Driver {
                     if to == me {
                         local.push_back((room.clone(), message));
                     } else {
+                        metrics::counter!("saferchat_peer_messages_sent_total", "kind" => kind(&message)).increment(1);
                         self.peers
                             .send(to, convert::message_to_pb(room.as_str(), &message));
                     }
@@ -432,6 +433,21 @@ impl Driver {
                 tracing::warn!(%room, error = %e, "could not record committed membership");
             }
         });
+    }
+}
+
+/// A message's kind, for metrics: prepares and accepts sent per commit
+/// are the round trips a change costs.
+fn kind(message: &Message) -> &'static str {
+    match message {
+        Message::Prepare { .. } => "prepare",
+        Message::Promise { .. } => "promise",
+        Message::Accept { .. } => "accept",
+        Message::Accepted { .. } => "accepted",
+        Message::Nack { .. } => "nack",
+        Message::Commit { .. } => "commit",
+        Message::LeaseRequest { .. } => "lease_request",
+        Message::LeaseGrant { .. } => "lease_grant",
     }
 }
 

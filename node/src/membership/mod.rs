@@ -148,6 +148,7 @@ impl Membership {
             change,
             expected,
         };
+        let started = std::time::Instant::now();
         let outcome = self
             .ask(|reply| Command::Propose {
                 room: room.clone(),
@@ -155,6 +156,8 @@ impl Membership {
                 reply,
             })
             .await?;
+        metrics::histogram!("saferchat_membership_change_seconds")
+            .record(started.elapsed().as_secs_f64());
         match outcome {
             Outcome::Decided {
                 result: Ok(applied),
@@ -175,12 +178,16 @@ impl Membership {
     /// # Errors
     /// `Unavailable` when neither is possible in time.
     pub async fn read(&self, room: &RoomId) -> Result<Arc<RoomState>, NodeError> {
-        self.ask(|reply| Command::Read {
-            room: room.clone(),
-            reply,
-        })
-        .await?
-        .map(|(state, _)| state)
+        let started = std::time::Instant::now();
+        let (state, path) = self
+            .ask(|reply| Command::Read {
+                room: room.clone(),
+                reply,
+            })
+            .await??;
+        metrics::histogram!("saferchat_membership_read_seconds", "path" => path)
+            .record(started.elapsed().as_secs_f64());
+        Ok(state)
     }
 
     /// Subscribes to the room's [`View`]. While any subscription is alive
@@ -201,10 +208,15 @@ impl Membership {
     /// # Errors
     /// As [`Membership::read`].
     pub async fn status(&self, room: &RoomId) -> Result<Status, NodeError> {
-        self.ask(|reply| Command::Status {
-            room: room.clone(),
-            reply,
-        })
-        .await?
+        let started = std::time::Instant::now();
+        let status = self
+            .ask(|reply| Command::Status {
+                room: room.clone(),
+                reply,
+            })
+            .await??;
+        metrics::histogram!("saferchat_membership_read_seconds", "path" => status.read_path)
+            .record(started.elapsed().as_secs_f64());
+        Ok(status)
     }
 }
