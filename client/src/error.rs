@@ -21,8 +21,8 @@ pub enum ClientError {
     #[error("{0}")]
     Input(String),
     /// The server answered with an error status.
-    #[error("{}: {}", .0.code(), .0.message())]
-    Status(#[from] tonic::Status),
+    #[error("{}: {}", code_name(.0.code()), .0.message())]
+    Status(tonic::Status),
     /// The connection failed.
     #[error("cannot connect to {address}: {reason}")]
     Connect {
@@ -34,4 +34,36 @@ pub enum ClientError {
     /// The server broke the protocol.
     #[error("protocol: {0}")]
     Protocol(String),
+}
+
+// Not `#[from]`: that would also make the status the error's source, and
+// error chains would print its message twice.
+impl From<tonic::Status> for ClientError {
+    fn from(status: tonic::Status) -> ClientError {
+        ClientError::Status(status)
+    }
+}
+
+/// The canonical name of a gRPC code, as users see it in docs and logs.
+pub fn code_name(code: tonic::Code) -> &'static str {
+    use tonic::Code;
+    match code {
+        Code::Ok => "OK",
+        Code::Cancelled => "CANCELLED",
+        Code::Unknown => "UNKNOWN",
+        Code::InvalidArgument => "INVALID_ARGUMENT",
+        Code::DeadlineExceeded => "DEADLINE_EXCEEDED",
+        Code::NotFound => "NOT_FOUND",
+        Code::AlreadyExists => "ALREADY_EXISTS",
+        Code::PermissionDenied => "PERMISSION_DENIED",
+        Code::ResourceExhausted => "RESOURCE_EXHAUSTED",
+        Code::FailedPrecondition => "FAILED_PRECONDITION",
+        Code::Aborted => "ABORTED",
+        Code::OutOfRange => "OUT_OF_RANGE",
+        Code::Unimplemented => "UNIMPLEMENTED",
+        Code::Internal => "INTERNAL",
+        Code::Unavailable => "UNAVAILABLE",
+        Code::DataLoss => "DATA_LOSS",
+        Code::Unauthenticated => "UNAUTHENTICATED",
+    }
 }

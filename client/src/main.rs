@@ -235,6 +235,18 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             } else {
                 message.join(" ")
             };
+            // Refuse what cannot be sent before joining (a join registers the
+            // key, which is a membership change).
+            if body.is_empty() {
+                bail!("message is empty");
+            }
+            if body.len() > saferchat_envelope::PLAINTEXT_BYTES_MAX {
+                bail!(
+                    "message is {} bytes; the limit is {}",
+                    body.len(),
+                    saferchat_envelope::PLAINTEXT_BYTES_MAX
+                );
+            }
             let id = identity(&cli)?;
             let options = JoinOptions {
                 no_history: true,
@@ -257,7 +269,10 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                         code,
                         message,
                     }) if s == seq => {
-                        bail!("the server refused the message ({code:?}): {message}");
+                        bail!(
+                            "the server refused the message ({}): {message}",
+                            saferchat_client::error::code_name(code)
+                        );
                     }
                     Some(_) => {}
                     None => bail!("the server closed the session before acknowledging"),
@@ -436,7 +451,7 @@ async fn chat(cli: &Cli, room: RoomId, recent: u32) -> anyhow::Result<()> {
                 }
                 Some(Event::Rejected { code, message, .. }) => {
                     unacknowledged = unacknowledged.saturating_sub(1);
-                    eprintln!("not sent ({code:?}): {message}");
+                    eprintln!("not sent ({}): {message}", saferchat_client::error::code_name(code));
                 }
                 Some(Event::Membership(revision)) => eprintln!("membership changed (revision {revision})"),
                 None => bail!("the server closed the session"),

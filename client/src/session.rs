@@ -319,15 +319,17 @@ impl Session {
 
     /// Takes a membership from the server unless it is older than the one
     /// held (frames from different paths may arrive out of order).
-    fn set_members(&mut self, m: &cpb::Membership) -> Result<(), ClientError> {
+    /// Returns whether the membership moved forward.
+    fn set_members(&mut self, m: &cpb::Membership) -> Result<bool, ClientError> {
         let members = Members::from_pb(m)?;
         for r in &members.recipients {
             self.keys.entry(r.handle).or_insert_with(|| r.key.clone());
         }
+        let newer = members.revision > self.members.revision;
         if members.revision >= self.members.revision {
             self.members = members;
         }
-        Ok(())
+        Ok(newer)
     }
 
     async fn send_sealed(&mut self, seq: u64, body: &[u8]) -> Result<(), ClientError> {
@@ -420,9 +422,10 @@ impl Session {
                 }
                 server_frame::Frame::Result(r) => self.on_result(r).await?,
                 server_frame::Frame::Membership(m) => {
-                    self.set_members(&m)?;
-                    self.queued
-                        .push_back(Event::Membership(self.members.revision));
+                    if self.set_members(&m)? {
+                        self.queued
+                            .push_back(Event::Membership(self.members.revision));
+                    }
                 }
                 server_frame::Frame::Challenge(_) | server_frame::Frame::Joined(_) => {
                     return Err(protocol("unexpected handshake frame"));

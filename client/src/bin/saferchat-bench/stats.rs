@@ -1,0 +1,52 @@
+//! Percentiles and summaries, defined as in the peer harness
+//! (`peers-bench/client/chatbench.py`) so that numbers compare directly.
+
+/// Nearest-rank percentile of sorted `xs`: the element at
+/// round(q/100 × (n−1)).
+pub fn percentile<T: Copy>(sorted: &[T], q: f64) -> Option<T> {
+    if sorted.is_empty() {
+        return None;
+    }
+    let n = sorted.len();
+    let k = ((q / 100.0) * (n as f64 - 1.0)).round_ties_even() as usize;
+    Some(sorted[k.min(n - 1)])
+}
+
+/// Median of unsorted values (mean of the middle two for an even count,
+/// like Python's `statistics.median`).
+pub fn median(xs: &[f64]) -> Option<f64> {
+    if xs.is_empty() {
+        return None;
+    }
+    let mut v = xs.to_vec();
+    v.sort_by(f64::total_cmp);
+    let n = v.len();
+    Some(if n % 2 == 1 {
+        v[n / 2]
+    } else {
+        (v[n / 2 - 1] + v[n / 2]) / 2.0
+    })
+}
+
+/// Median, minimum and maximum.
+pub fn spread(xs: &[f64]) -> Option<(f64, f64, f64)> {
+    let m = median(xs)?;
+    let lo = xs.iter().copied().fold(f64::INFINITY, f64::min);
+    let hi = xs.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+    Some((m, lo, hi))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn percentiles_match_the_peer_harness() {
+        let xs: Vec<u64> = (1..=100).collect();
+        assert_eq!(percentile(&xs, 50.0), Some(51)); // round-half-even(49.5) = 50 → 51
+        assert_eq!(percentile(&xs, 99.0), Some(99)); // round(98.01) = 98 → 99
+        assert_eq!(percentile::<u64>(&[], 50.0), None);
+        assert_eq!(median(&[3.0, 1.0, 2.0, 4.0]), Some(2.5));
+        assert_eq!(spread(&[2.0, 1.0, 3.0]), Some((2.0, 1.0, 3.0)));
+    }
+}
