@@ -101,6 +101,35 @@ impl Tree {
         false
     }
 
+    /// The audit path of leaf `index`, leaf to root, into `out`; returns
+    /// how many hashes it wrote. No allocation: this runs once per
+    /// delivery.
+    ///
+    /// # Panics
+    /// If `index` is out of range.
+    pub fn path_into<'a>(&'a self, index: usize, out: &mut [&'a Hash; PATH_HASHES_MAX]) -> usize {
+        assert!(index < self.leaves);
+        let mut depth = 0;
+        let mut node = self.nodes.len() - 1;
+        let (mut start, mut n) = (0, self.leaves);
+        while let Some((left, right)) = self.children[node] {
+            let k = split(n);
+            if index < start + k {
+                out[depth] = &self.nodes[right];
+                node = left;
+                n = k;
+            } else {
+                out[depth] = &self.nodes[left];
+                node = right;
+                start += k;
+                n -= k;
+            }
+            depth += 1;
+        }
+        out[..depth].reverse();
+        depth
+    }
+
     /// The audit path of leaf `index`, leaf to root.
     ///
     /// # Panics

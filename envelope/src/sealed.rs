@@ -6,6 +6,9 @@ use prost::Message as _;
 use saferchat_consensus::{Handle, Revision, RoomId};
 use saferchat_proto::envelope as pb;
 
+use base64::Engine as _;
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+
 use crate::merkle::{self, Hash, PATH_HASHES_MAX};
 use crate::{Envelope, EnvelopeError, NONCE_BYTES, WrappedKey, check_header, signing_input};
 
@@ -56,24 +59,53 @@ impl Fanout {
     /// # Panics
     /// If `index` is out of range.
     pub fn sealed_for(&self, index: usize) -> Bytes {
+        use prost::encoding::{WireType, encode_key, encode_varint, encoded_len_varint, key_len};
+        // The tail is encoded by hand (fields 10-12 of `Sealed`) into one
+        // exactly sized buffer: this runs once per delivery, and building
+        // a `Sealed` value cost nine allocations. `tail_matches_prost`
+        // below checks the bytes against prost's own encoding.
         let key = &self.keys[index];
-        let tail = pb::Sealed {
-            key_index: u32::try_from(index).expect("bounded key count"),
-            key: Some(pb::WrappedKey {
-                recipient: key.recipient.to_string(),
-                wrapped: key.wrapped.clone(),
-            }),
-            proof: self
-                .tree
-                .path(index)
-                .into_iter()
-                .map(|h| Bytes::copy_from_slice(&h))
-                .collect(),
-            ..pb::Sealed::default()
-        };
-        let mut out = BytesMut::with_capacity(self.shared.len() + tail.encoded_len());
+        let mut handle = [0u8; saferchat_consensus::room::HANDLE_CHARS];
+        let written = URL_SAFE_NO_PAD
+            .encode_slice(key.recipient.as_bytes(), &mut handle)
+            .expect("a handle is 43 characters");
+        debug_assert_eq!(written, handle.len());
+        let mut path = [&[0u8; 32]; PATH_HASHES_MAX];
+        let depth = self.tree.path_into(index, &mut path);
+        let key_index = u64::try_from(index).expect("bounded key count");
+
+        let wrapped_len = key.wrapped.len() as u64;
+        let key_message_len = key_len(1)
+            + encoded_len_varint(handle.len() as u64)
+            + handle.len()
+            + key_len(2)
+            + encoded_len_varint(wrapped_len)
+            + key.wrapped.len();
+        let tail_len = key_len(10)
+            + encoded_len_varint(key_index)
+            + key_len(11)
+            + encoded_len_varint(key_message_len as u64)
+            + key_message_len
+            + depth * (key_len(12) + encoded_len_varint(32) + 32);
+
+        let mut out = BytesMut::with_capacity(self.shared.len() + tail_len);
         out.extend_from_slice(&self.shared);
-        tail.encode(&mut out).expect("capacity reserved");
+        encode_key(10, WireType::Varint, &mut out);
+        encode_varint(key_index, &mut out);
+        encode_key(11, WireType::LengthDelimited, &mut out);
+        encode_varint(key_message_len as u64, &mut out);
+        encode_key(1, WireType::LengthDelimited, &mut out);
+        encode_varint(handle.len() as u64, &mut out);
+        out.extend_from_slice(&handle);
+        encode_key(2, WireType::LengthDelimited, &mut out);
+        encode_varint(wrapped_len, &mut out);
+        out.extend_from_slice(&key.wrapped);
+        for hash in &path[..depth] {
+            encode_key(12, WireType::LengthDelimited, &mut out);
+            encode_varint(32, &mut out);
+            out.extend_from_slice(*hash);
+        }
+        debug_assert_eq!(out.len(), self.shared.len() + tail_len);
         out.freeze()
     }
 
@@ -197,6 +229,43 @@ mod tests {
             assert_eq!(opened.wrapped, envelope.keys[i].wrapped);
         }
         assert_eq!(fanout.sealed_for_recipient(&handle(99)), None);
+    }
+
+    #[test]
+    fn tail_matches_prost() {
+        // The hand-written encoding must equal prost's, for every position
+        // (including key index 0, which prost leaves out: both decode the
+        // same, and we compare decoded values).
+        for n in [1u8, 2, 3, 7, 100] {
+            let recipients: Vec<_> = (1..=n).map(handle).collect();
+            let envelope = sample(&recipients);
+            let fanout = Fanout::new(&envelope);
+            for (i, k) in envelope.keys.iter().enumerate() {
+                let ours = pb::Sealed::decode(fanout.sealed_for(i)).unwrap();
+                let expected = pb::Sealed {
+                    version: crate::VERSION,
+                    room: envelope.room.to_string(),
+                    sender: envelope.sender.to_string(),
+                    revision: envelope.revision.0,
+                    nonce: Bytes::copy_from_slice(&envelope.nonce),
+                    ciphertext: envelope.ciphertext.clone(),
+                    signature: envelope.signature.clone(),
+                    key_count: u32::from(n),
+                    key_index: u32::try_from(i).unwrap(),
+                    key: Some(pb::WrappedKey {
+                        recipient: k.recipient.to_string(),
+                        wrapped: k.wrapped.clone(),
+                    }),
+                    proof: fanout
+                        .tree
+                        .path(i)
+                        .into_iter()
+                        .map(|h| Bytes::copy_from_slice(&h))
+                        .collect(),
+                };
+                assert_eq!(ours, expected, "n={n} i={i}");
+            }
+        }
     }
 
     #[test]

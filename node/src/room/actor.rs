@@ -4,6 +4,8 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use futures::StreamExt as _;
+use futures::stream::FuturesOrdered;
 use saferchat_consensus::{Handle, RoomId, RoomState};
 use saferchat_envelope::sealed::Fanout;
 use saferchat_envelope::{Refusal, check_membership};
@@ -19,6 +21,25 @@ use crate::storage::{self, StoredMessage};
 
 /// A room with no sessions stops after this long without commands.
 const IDLE_STOP_MS: u64 = 30_000;
+/// Batches being made durable at once. While one batch waits for its
+/// fsync the room already checks, ids and writes the next, so a room's
+/// throughput is not one batch per fsync; acknowledgements and deliveries
+/// still happen strictly in id order.
+const APPENDS_IN_FLIGHT_MAX: usize = 4;
+
+/// A batch on its way to storage: the posts, their ids, and the store's
+/// answer when it comes.
+type Appending = std::pin::Pin<
+    Box<
+        dyn std::future::Future<
+                Output = (
+                    Vec<(Pending, crate::message_id::MessageId)>,
+                    Result<(), NodeError>,
+                    std::time::Instant,
+                ),
+            > + Send,
+    >,
+>;
 
 struct Session {
     user: Handle,
@@ -42,6 +63,9 @@ struct Actor {
     sessions: HashMap<SessionId, Session>,
     view: watch::Receiver<View>,
     ids: IdGenerator,
+    /// The newest id acknowledged and delivered: what a new session's
+    /// history goes up to (later ids reach it live).
+    last_delivered: Option<crate::message_id::MessageId>,
     last_revision: Option<saferchat_consensus::Revision>,
 }
 
@@ -75,6 +99,7 @@ pub async fn run(
     let mut actor = Actor {
         room: room.clone(),
         ids: IdGenerator::after(last),
+        last_delivered: last,
         deps,
         sessions: HashMap::new(),
         view,
@@ -83,9 +108,14 @@ pub async fn run(
     metrics::gauge!("saferchat_rooms_active").increment(1.0);
     let idle = Duration::from_millis(IDLE_STOP_MS);
     let batch_max = actor.deps.limits.room_batch_max;
+    let mut appending: FuturesOrdered<Appending> = FuturesOrdered::new();
     loop {
         let first = tokio::select! {
-            command = rx.recv() => command,
+            command = rx.recv(), if appending.len() < APPENDS_IN_FLIGHT_MAX => command,
+            Some((accepted, result, started)) = appending.next(), if !appending.is_empty() => {
+                actor.complete(accepted, result, started);
+                continue;
+            }
             changed = actor.view.changed() => {
                 if changed.is_err() {
                     break;
@@ -94,7 +124,7 @@ pub async fn run(
                 continue;
             }
             () = actor.deps.shutdown.cancelled() => break,
-            () = tokio::time::sleep(idle), if actor.sessions.is_empty() => {
+                        () = tokio::time::sleep(idle), if actor.sessions.is_empty() && appending.is_empty() => {
                 if deregister_if_idle(&registry, &room, &rx, &me) {
                     break;
                 }
@@ -109,7 +139,9 @@ pub async fn run(
                 Err(_) => break,
             }
         }
-        actor.handle(commands).await;
+        if let Some(batch) = actor.handle(commands).await {
+            appending.push_back(batch);
+        }
     }
     let e = NodeError::Unavailable("node is shutting down".into());
     for (_, session) in actor.sessions.drain() {
@@ -185,7 +217,9 @@ fn refusal_error(refusal: &Refusal) -> NodeError {
 }
 
 impl Actor {
-    async fn handle(&mut self, commands: Vec<RoomCommand>) {
+    /// Handles a batch of commands; returns the append started for its
+    /// posts, if any.
+    async fn handle(&mut self, commands: Vec<RoomCommand>) -> Option<Appending> {
         let mut posts = Vec::new();
         for command in commands {
             match command {
@@ -208,7 +242,7 @@ impl Actor {
                     }
                     self.sessions.insert(session, Session { user, live, close });
                     metrics::gauge!("saferchat_sessions").increment(1.0);
-                    let _ = reply.send(Ok(self.ids.last()));
+                    let _ = reply.send(Ok(self.last_delivered));
                 }
                 RoomCommand::Detach { session } => {
                     if self.sessions.remove(&session).is_some() {
@@ -230,8 +264,10 @@ impl Actor {
                 }),
             }
         }
-        if !posts.is_empty() {
-            self.post(posts).await;
+        if posts.is_empty() {
+            None
+        } else {
+            self.prepare(posts).await
         }
     }
 
@@ -246,7 +282,9 @@ impl Actor {
         self.deps.membership.read(&self.room).await
     }
 
-    async fn post(&mut self, posts: Vec<Pending>) {
+    /// Checks posts against the membership, gives the accepted ones their
+    /// ids and starts writing them; refusals are answered right away.
+    async fn prepare(&mut self, posts: Vec<Pending>) -> Option<Appending> {
         let state = match self.membership().await {
             Ok(state) => state,
             Err(e) => {
@@ -257,7 +295,7 @@ impl Actor {
                         Err((NodeError::Unavailable(e.to_string()), None)),
                     );
                 }
-                return;
+                return None;
             }
         };
         self.publish_membership(&state);
@@ -289,11 +327,26 @@ impl Actor {
             accepted.push((p, id));
         }
         if batch.is_empty() {
-            return;
+            return None;
         }
-        let timer = std::time::Instant::now();
-        if let Err(e) = self.deps.store.append(&batch).await {
-            tracing::warn!(room = %self.room, error = %e, posts = batch.len(), "storing posts failed; none acknowledged");
+        let store = Arc::clone(&self.deps.store);
+        Some(Box::pin(async move {
+            let started = std::time::Instant::now();
+            let result = store.append(&batch).await;
+            (accepted, result, started)
+        }))
+    }
+
+    /// A batch's append finished (batches finish in the order they
+    /// started): acknowledge and deliver if it is durable, refuse if not.
+    fn complete(
+        &mut self,
+        accepted: Vec<(Pending, crate::message_id::MessageId)>,
+        result: Result<(), NodeError>,
+        started: std::time::Instant,
+    ) {
+        if let Err(e) = result {
+            tracing::warn!(room = %self.room, error = %e, posts = accepted.len(), "storing posts failed; none acknowledged");
             for (p, _) in accepted {
                 let error = NodeError::Unavailable(format!(
                     "message could not be stored and was not acknowledged: {e}"
@@ -302,7 +355,8 @@ impl Actor {
             }
             return;
         }
-        metrics::histogram!("saferchat_store_append_seconds").record(timer.elapsed().as_secs_f64());
+        metrics::histogram!("saferchat_store_append_seconds")
+            .record(started.elapsed().as_secs_f64());
         metrics::counter!("saferchat_posts_stored_total").increment(accepted.len() as u64);
         // Durable: acknowledge, then deliver.
         for (p, id) in accepted {
@@ -312,6 +366,7 @@ impl Actor {
                 fanout: Fanout::new(&p.envelope),
             });
             self.fan_out(&posted);
+            self.last_delivered = Some(id);
         }
     }
 

@@ -6,20 +6,24 @@
 //! |---|---|---|
 //! | `acceptor` | room | `AcceptorRecord` |
 //! | `chat_details` | room | `CommittedRecord` |
-//! | `timeline` | `len(room) ‖ room ‖ "yyyy-MM" ‖ id (16)` | envelope |
+//! | `timeline` | `len(room) ‖ room ‖ "yyyy-MM" ‖ id (16)` | [`Pointer`] into the envelope log |
 //! | `timeline_buckets` | `len(room) ‖ room ‖ "yyyy-MM"` | empty |
+//!
+//! Envelopes themselves live in an append-only log next to the database
+//! (`envelopes/`, see [`super::envelope_log`] for why not in sled).
 //!
 //! sled writes to its log immediately but makes it durable only on
 //! `flush` (or every 500 ms by itself). Every call that must be durable
-//! when it returns waits for a flush that *started* after its writes:
-//! a group-commit task runs one `flush_async` for all writers that queued
-//! up meanwhile, so a thousand concurrent posts cost one fsync, not a
-//! thousand.
+//! when it returns waits for a sync that *started* after its writes: a
+//! group-commit task syncs the envelope log, then flushes sled, once for
+//! all writers that queued up meanwhile — a thousand concurrent posts cost
+//! one round of fsyncs, not a thousand. The log goes first so that a
+//! durable index entry of an acknowledged post never points at bytes that
+//! are not.
 
 use std::path::Path;
 
 use async_trait::async_trait;
-use bytes::Bytes;
 use prost::Message as _;
 use saferchat_consensus::{AcceptorState, RoomId};
 use saferchat_proto::peer as ppb;
@@ -28,6 +32,7 @@ use std::sync::{Arc, Mutex};
 use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
 
+use super::envelope_log::{EnvelopeLog, Pointer};
 use super::{AcceptorStore, ChatStore, CommittedRoom, Range, RoomSummary, StoredMessage};
 use crate::convert;
 use crate::error::NodeError;
@@ -44,6 +49,7 @@ pub struct SledStore {
     rooms: sled::Tree,
     timeline: sled::Tree,
     buckets: sled::Tree,
+    log: Arc<EnvelopeLog>,
     flush: mpsc::Sender<oneshot::Sender<Result<(), String>>>,
     flusher: Arc<Mutex<Option<JoinHandle<()>>>>,
 }
@@ -63,6 +69,7 @@ impl SledStore {
             .open()
             .map_err(|e| NodeError::Storage(format!("opening sled at {}: {e}", dir.display())))?;
         let tree = |name: &str| db.open_tree(name).map_err(NodeError::storage);
+        let log = Arc::new(EnvelopeLog::open(&dir.join("envelopes"))?);
         let (flush, requests) = mpsc::channel(FLUSH_QUEUE_MAX);
         Ok(SledStore {
             acceptor: tree("acceptor")?,
@@ -71,8 +78,10 @@ impl SledStore {
             buckets: tree("timeline_buckets")?,
             flusher: Arc::new(Mutex::new(Some(tokio::spawn(group_commit(
                 db.clone(),
+                Arc::clone(&log),
                 requests,
             ))))),
+            log,
             db,
             flush,
         })
@@ -111,6 +120,10 @@ impl SledStore {
     /// # Errors
     /// [`NodeError::Storage`] when the flush fails.
     pub async fn flush(&self) -> Result<(), NodeError> {
+        let log = Arc::clone(&self.log);
+        tokio::task::spawn_blocking(move || log.sync())
+            .await
+            .map_err(NodeError::storage)??;
         self.db
             .flush_async()
             .await
@@ -119,9 +132,11 @@ impl SledStore {
     }
 }
 
-/// One flush serves every request that arrived before it started.
+/// One sync of the log and flush of sled serve every request that arrived
+/// before they started.
 async fn group_commit(
     db: sled::Db,
+    log: Arc<EnvelopeLog>,
     mut requests: mpsc::Receiver<oneshot::Sender<Result<(), String>>>,
 ) {
     let mut waiting = Vec::new();
@@ -130,11 +145,19 @@ async fn group_commit(
         while let Ok(more) = requests.try_recv() {
             waiting.push(more);
         }
-        let result = db
-            .flush_async()
+        let log = Arc::clone(&log);
+        let synced = tokio::task::spawn_blocking(move || log.sync())
             .await
-            .map(|_| ())
-            .map_err(|e| e.to_string());
+            .map_err(|e| e.to_string())
+            .and_then(|r| r.map_err(|e| e.to_string()));
+        let result = match synced {
+            Ok(()) => db
+                .flush_async()
+                .await
+                .map(|_| ())
+                .map_err(|e| e.to_string()),
+            Err(e) => Err(e),
+        };
         metrics::counter!("saferchat_sled_flushes_total").increment(1);
         metrics::histogram!("saferchat_sled_flush_batch").record(waiting.len() as f64);
         for waiter in waiting.drain(..) {
@@ -166,17 +189,46 @@ fn message_key(room: &RoomId, id: MessageId) -> Vec<u8> {
     key
 }
 
-fn decode_message(
-    room: &RoomId,
-    key: &[u8],
-    value: sled::IVec,
-) -> Result<StoredMessage, NodeError> {
-    let id = MessageId::from_bytes(&key[key.len() - 16..]).map_err(NodeError::storage)?;
-    Ok(StoredMessage {
-        room: room.clone(),
-        id,
-        envelope: Bytes::copy_from_slice(&value),
-    })
+impl SledStore {
+    /// The message an index entry points at; `None` when the log does not
+    /// have it (an append that crashed before it was acknowledged).
+    fn load_message(
+        &self,
+        room: &RoomId,
+        key: &[u8],
+        value: &sled::IVec,
+    ) -> Result<Option<StoredMessage>, NodeError> {
+        let id = MessageId::from_bytes(&key[key.len() - 16..]).map_err(NodeError::storage)?;
+        let Some(envelope) = self.log.read(Pointer::from_bytes(value)?)? else {
+            tracing::warn!(%room, %id, "timeline entry without its envelope (an unacknowledged append cut by a crash); skipped");
+            return Ok(None);
+        };
+        Ok(Some(StoredMessage {
+            room: room.clone(),
+            id,
+            envelope,
+        }))
+    }
+
+    /// Collects up to `limit` messages from index entries.
+    fn collect(
+        &self,
+        room: &RoomId,
+        entries: impl Iterator<Item = sled::Result<(sled::IVec, sled::IVec)>>,
+        limit: usize,
+    ) -> Result<Vec<StoredMessage>, NodeError> {
+        let mut out = Vec::new();
+        for item in entries {
+            if out.len() == limit {
+                break;
+            }
+            let (key, value) = item.map_err(NodeError::storage)?;
+            if let Some(m) = self.load_message(room, &key, &value)? {
+                out.push(m);
+            }
+        }
+        Ok(out)
+    }
 }
 
 #[async_trait]
@@ -267,9 +319,23 @@ impl ChatStore for SledStore {
     }
 
     async fn append(&self, batch: &[StoredMessage]) -> Result<(), NodeError> {
-        let mut writes = sled::Batch::default();
+        // Stored once: messages already indexed are not written again.
+        let mut fresh = Vec::with_capacity(batch.len());
         for m in batch {
-            writes.insert(message_key(&m.room, m.id), m.envelope.as_ref());
+            let key = message_key(&m.room, m.id);
+            if !self
+                .timeline
+                .contains_key(&key)
+                .map_err(NodeError::storage)?
+            {
+                fresh.push((key, m));
+            }
+        }
+        let payloads: Vec<&[u8]> = fresh.iter().map(|(_, m)| m.envelope.as_ref()).collect();
+        let pointers = self.log.append(&payloads)?;
+        let mut writes = sled::Batch::default();
+        for ((key, m), pointer) in fresh.into_iter().zip(pointers) {
+            writes.insert(key, &pointer.to_bytes()[..]);
             let bucket = bucket_prefix(&m.room, m.id.bucket());
             if !self
                 .buckets
@@ -313,17 +379,13 @@ impl ChatStore for SledStore {
             k.extend_from_slice(&id.to_bytes());
             k
         };
-        let mut out = Vec::new();
         match range {
             Range::Before(bound) => {
                 let iter = match bound {
                     Some(b) => self.timeline.range(prefix.clone()..key_of(b)),
                     None => self.timeline.scan_prefix(&prefix),
                 };
-                for item in iter.rev().take(limit) {
-                    let (key, value) = item.map_err(NodeError::storage)?;
-                    out.push(decode_message(room, &key, value)?);
-                }
+                self.collect(room, iter.rev(), limit)
             }
             Range::After(bound) => {
                 let start = match bound {
@@ -338,12 +400,8 @@ impl ChatStore for SledStore {
                     .timeline
                     .range(start..)
                     .take_while(|item| item.as_ref().map_or(true, |(k, _)| k.starts_with(&prefix)));
-                for item in iter.take(limit) {
-                    let (key, value) = item.map_err(NodeError::storage)?;
-                    out.push(decode_message(room, &key, value)?);
-                }
+                self.collect(room, iter, limit)
             }
         }
-        Ok(out)
     }
 }

@@ -71,8 +71,10 @@ pub struct IdleResult {
     pub vmhwm_mb: f64,
     /// (after − before) / sessions, KiB.
     pub kib_per_session: f64,
-    /// Frames received on idle sessions after joining (membership
-    /// changes, history): expected 0.
+    /// Frames received on idle sessions after joining (the membership a
+    /// node sends a new session, later membership changes). Every key is
+    /// registered before the sessions open, so no change happens during
+    /// the measurement.
     pub frames_after_join: u64,
 }
 
