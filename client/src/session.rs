@@ -255,22 +255,11 @@ impl Session {
         let server_frame::Frame::Joined(joined) = next_frame(&mut inbound).await? else {
             return Err(protocol("expected joined"));
         };
-        let members = Members::from_pb(
-            joined
-                .membership
-                .as_ref()
-                .ok_or_else(|| protocol("joined without membership"))?,
-        )?;
-        let keys = members
-            .recipients
-            .iter()
-            .map(|r| (r.handle, r.key.clone()))
-            .collect();
-        Ok(Session {
+        let mut session = Session {
             room: room.clone(),
             me,
-            members,
-            keys,
+            members: Members::default(),
+            keys: HashMap::new(),
             token: joined.session,
             address: address.to_owned(),
             out,
@@ -279,7 +268,40 @@ impl Session {
             next_seq: 1,
             queued: VecDeque::new(),
             channel,
-        })
+        };
+        session.refresh_members().await?;
+        if session.members.revision.0 < joined.revision {
+            return Err(protocol("members older than the join"));
+        }
+        Ok(session)
+    }
+
+    /// Fetches the membership with every key (the unary Members call: large
+    /// answers never travel on the long-lived stream).
+    ///
+    /// # Errors
+    /// The server's status, or a key that does not hash to its handle.
+    pub async fn refresh_members(&mut self) -> Result<bool, ClientError> {
+        let mut client =
+            ChatRoomClient::new(self.channel.clone()).max_decoding_message_size(4 * 1024 * 1024);
+        let membership = client
+            .members(pb::MembersRequest {
+                chat: self.room.to_string(),
+                session: self.token.clone(),
+            })
+            .await?
+            .into_inner();
+        self.set_members(&membership)
+    }
+
+    /// Whether a delivery comes from a sender whose key is not known yet
+    /// (cheap: a protobuf decode, no crypto).
+    fn unknown_sender(&self, sealed: &Bytes) -> bool {
+        use prost::Message as _;
+        saferchat_proto::envelope::Sealed::decode(sealed.clone())
+            .ok()
+            .and_then(|s| s.sender.parse::<Handle>().ok())
+            .is_some_and(|sender| !self.keys.contains_key(&sender))
     }
 
     /// Who this session is.
@@ -397,6 +419,11 @@ impl Session {
             let Some(frame) = frame.frame else { continue };
             match frame {
                 server_frame::Frame::Deliveries(d) => {
+                    // A sender who joined since our last look: learn their
+                    // key before verifying.
+                    if d.items.iter().any(|i| self.unknown_sender(&i.sealed)) {
+                        self.refresh_members().await?;
+                    }
                     // Each open costs an RSA decryption (milliseconds): do
                     // the batch off the async workers.
                     let me = Arc::clone(&self.me);
@@ -421,8 +448,8 @@ impl Session {
                     self.queued.extend(messages.into_iter().map(Event::Message));
                 }
                 server_frame::Frame::Result(r) => self.on_result(r).await?,
-                server_frame::Frame::Membership(m) => {
-                    if self.set_members(&m)? {
+                server_frame::Frame::MembershipChanged(changed) => {
+                    if changed.revision > self.members.revision.0 && self.refresh_members().await? {
                         self.queued
                             .push_back(Event::Membership(self.members.revision));
                     }

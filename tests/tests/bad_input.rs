@@ -178,7 +178,7 @@ async fn non_members_cannot_join_or_post() {
     // A member's session cannot post an envelope claiming another sender.
     let (raw, joined) = Raw::join(&node.server(), "aaa", &ids[0]).await;
     let mut raw = raw;
-    let revision = Revision(joined.membership.expect("membership").revision);
+    let revision = Revision(joined.revision);
     let forged = seal(
         &carol,
         &RoomId::new("aaa").unwrap(),
@@ -294,7 +294,7 @@ async fn stale_revisions_are_refused_with_the_current_membership_and_the_client_
     let ids = node.room("aaa", &[0, 1]).await;
     let (alice, bob) = (&ids[0], &ids[1]);
     let (mut raw, joined) = Raw::join(&node.server(), "aaa", alice).await;
-    let old = Revision(joined.membership.expect("membership").revision);
+    let old = Revision(joined.revision);
     // Bob joins: his key registration moves the revision.
     let _bob_session = node.join("aaa", bob).await;
     let envelope = seal(
@@ -356,7 +356,7 @@ async fn empty_oversized_and_garbage_envelopes_are_refused_and_the_session_goes_
     let ids = node.room("aaa", &[0]).await;
     let alice = &ids[0];
     let (mut raw, joined) = Raw::join(&node.server(), "aaa", alice).await;
-    let revision = Revision(joined.membership.expect("membership").revision);
+    let revision = Revision(joined.revision);
     let room = RoomId::new("aaa").unwrap();
 
     raw.post(
@@ -540,7 +540,7 @@ async fn clients_that_vanish_mid_stream_do_not_hurt_anyone() {
     drop(raw);
     // Vanish right after posting, without reading the acknowledgement.
     let (raw, joined) = Raw::join(&node.server(), "aaa", alice).await;
-    let revision = Revision(joined.membership.expect("membership").revision);
+    let revision = Revision(joined.revision);
     let _bob = node.join("aaa", bob).await;
     let revision = Revision(revision.0 + 1); // bob's key registration
     let envelope = seal(

@@ -5,7 +5,7 @@
 //!   Join{chat,user}      ──▶   member? (linearizable read)
 //!                        ◀──   Challenge{nonce}
 //!   Proof{key,sig}       ──▶   key hashes to handle? signature? register key
-//!                        ◀──   Joined{membership, session token}
+//!                        ◀──   Joined{revision, session token}  (members: Members call)
 //!                        ◀──   Deliveries{history}   (stored up to the attach point)
 //!   Post{seq,envelope}   ──▶   room actor: check, id, store, then…
 //!                        ◀──   PostResult{seq, accepted|rejected}
@@ -196,7 +196,7 @@ async fn serve(
         send(
             out,
             server_frame::Frame::Joined(pb::Joined {
-                membership: Some(convert::membership_to_pb(room.as_str(), &state)),
+                revision: state.revision.0,
                 session: ctx.sessions.issue(&room, &user, expires),
                 session_expires_ms: expires,
             }),
@@ -425,7 +425,7 @@ async fn live_loop(
                             match other {
                                 Live::Result(outcome) => send(out, result_frame(outcome, room)).await?,
                                 Live::Membership(state) => {
-                                    send(out, server_frame::Frame::Membership(convert::membership_to_pb(room.as_str(), &state))).await?;
+                                    send(out, server_frame::Frame::MembershipChanged(pb::MembershipChanged { revision: state.revision.0 })).await?;
                                 }
                                 Live::Close(e) => return Err(e.into()),
                                 Live::Deliver(_) => unreachable!("handled above"),

@@ -392,7 +392,7 @@ async fn receive(
                     }
                 }
                 server_frame::Frame::Result(r) => e.on_result(member, r),
-                server_frame::Frame::Membership(_) => e.membership_frames += 1,
+                server_frame::Frame::MembershipChanged(_) => e.membership_frames += 1,
                 server_frame::Frame::Challenge(_) | server_frame::Frame::Joined(_) => {
                     e.stream_errors
                         .push(format!("member {member}: handshake frame after joining"));
