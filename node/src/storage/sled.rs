@@ -9,17 +9,21 @@
 //! | `timeline` | `len(room) ‖ room ‖ "yyyy-MM" ‖ id (16)` | [`Pointer`] into the envelope log |
 //! | `timeline_buckets` | `len(room) ‖ room ‖ "yyyy-MM"` | empty |
 //!
-//! Envelopes themselves live in an append-only log next to the database
-//! (`envelopes/`, see [`super::envelope_log`] for why not in sled).
+//! | `meta` | `timeline_checkpoint` | log position up to which the index is durable |
 //!
-//! sled writes to its log immediately but makes it durable only on
-//! `flush` (or every 500 ms by itself). Every call that must be durable
-//! when it returns waits for a sync that *started* after its writes: a
-//! group-commit task syncs the envelope log, then flushes sled, once for
+//! Envelopes themselves live in an append-only log next to the database
+//! (`envelopes/`, see [`super::envelope_log`] for why not in sled). The log
+//! is the source of truth for messages: each record names its room and id.
+//!
+//! Durability: every call that must be durable when it returns waits for a
+//! sync that *started* after its writes, run by a group-commit task once for
 //! all writers that queued up meanwhile — a thousand concurrent posts cost
-//! one round of fsyncs, not a thousand. The log goes first so that a
-//! durable index entry of an acknowledged post never points at bytes that
-//! are not.
+//! one fsync, not a thousand. An `append` waits only for the envelope log's
+//! fsync; acceptor and membership writes wait for sled's flush. The timeline
+//! index is flushed every few seconds in the background, and each flush
+//! records a checkpoint; [`SledStore::open`] re-indexes whatever the log
+//! holds past the last durable checkpoint, so a crash loses no acknowledged
+//! message from the index.
 
 use std::path::Path;
 
@@ -32,7 +36,7 @@ use std::sync::{Arc, Mutex};
 use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
 
-use super::envelope_log::{EnvelopeLog, Pointer};
+use super::envelope_log::{Entry, EnvelopeLog, Pointer, Position};
 use super::{AcceptorStore, ChatStore, CommittedRoom, Range, RoomSummary, StoredMessage};
 use crate::convert;
 use crate::error::NodeError;
@@ -40,6 +44,21 @@ use crate::message_id::{Bucket, MessageId};
 
 /// Flush requests waiting for the group-commit task, at most.
 const FLUSH_QUEUE_MAX: usize = 4096;
+/// How often the timeline index is flushed and checkpointed.
+const CHECKPOINT_MS: u64 = 5_000;
+/// Key of the checkpoint in the `meta` tree.
+const CHECKPOINT_KEY: &[u8] = b"timeline_checkpoint";
+
+/// What a caller needs durable.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Durable {
+    /// Messages: the envelope log.
+    Log,
+    /// Everything, sled included.
+    All,
+}
+
+type FlushRequest = (Durable, oneshot::Sender<Result<(), String>>);
 
 /// The sled-backed store; cheap to clone.
 #[derive(Clone, Debug)]
@@ -49,8 +68,13 @@ pub struct SledStore {
     rooms: sled::Tree,
     timeline: sled::Tree,
     buckets: sled::Tree,
+    meta: sled::Tree,
     log: Arc<EnvelopeLog>,
-    flush: mpsc::Sender<oneshot::Sender<Result<(), String>>>,
+    /// Held while appending to the log and indexing, and while reading the
+    /// log's end for a checkpoint: a checkpoint never passes a record whose
+    /// index entry is not in sled yet.
+    index_lock: Arc<Mutex<()>>,
+    flush: mpsc::Sender<FlushRequest>,
     flusher: Arc<Mutex<Option<JoinHandle<()>>>>,
 }
 
@@ -70,18 +94,27 @@ impl SledStore {
             .map_err(|e| NodeError::Storage(format!("opening sled at {}: {e}", dir.display())))?;
         let tree = |name: &str| db.open_tree(name).map_err(NodeError::storage);
         let log = Arc::new(EnvelopeLog::open(&dir.join("envelopes"))?);
+        let (timeline, buckets, meta) =
+            (tree("timeline")?, tree("timeline_buckets")?, tree("meta")?);
+        recover_index(&db, &log, &timeline, &buckets, &meta)?;
+        let index_lock = Arc::new(Mutex::new(()));
         let (flush, requests) = mpsc::channel(FLUSH_QUEUE_MAX);
+        let task = group_commit(
+            db.clone(),
+            Arc::clone(&log),
+            meta.clone(),
+            Arc::clone(&index_lock),
+            requests,
+        );
         Ok(SledStore {
             acceptor: tree("acceptor")?,
             rooms: tree("chat_details")?,
-            timeline: tree("timeline")?,
-            buckets: tree("timeline_buckets")?,
-            flusher: Arc::new(Mutex::new(Some(tokio::spawn(group_commit(
-                db.clone(),
-                Arc::clone(&log),
-                requests,
-            ))))),
+            timeline,
+            buckets,
+            meta,
+            flusher: Arc::new(Mutex::new(Some(tokio::spawn(task)))),
             log,
+            index_lock,
             db,
             flush,
         })
@@ -89,9 +122,13 @@ impl SledStore {
 
     /// Waits until everything written before the call is durable.
     async fn sync(&self) -> Result<(), NodeError> {
+        self.sync_for(Durable::All).await
+    }
+
+    async fn sync_for(&self, needs: Durable) -> Result<(), NodeError> {
         let (tx, rx) = oneshot::channel();
         self.flush
-            .send(tx)
+            .send((needs, tx))
             .await
             .map_err(|_| NodeError::Storage("sled flusher stopped".into()))?;
         rx.await
@@ -120,47 +157,124 @@ impl SledStore {
     /// # Errors
     /// [`NodeError::Storage`] when the flush fails.
     pub async fn flush(&self) -> Result<(), NodeError> {
-        let log = Arc::clone(&self.log);
-        tokio::task::spawn_blocking(move || log.sync())
+        checkpoint(&self.db, &self.log, &self.meta, &self.index_lock)
             .await
-            .map_err(NodeError::storage)??;
-        self.db
-            .flush_async()
-            .await
-            .map(|_| ())
-            .map_err(NodeError::storage)
+            .map_err(NodeError::Storage)
     }
 }
 
-/// One sync of the log and flush of sled serve every request that arrived
-/// before they started.
+/// Re-indexes the log records past the last durable checkpoint (their
+/// index entries may not have reached the disk before a crash), then makes
+/// the index durable and moves the checkpoint to the end of the log.
+fn recover_index(
+    db: &sled::Db,
+    log: &EnvelopeLog,
+    timeline: &sled::Tree,
+    buckets: &sled::Tree,
+    meta: &sled::Tree,
+) -> Result<(), NodeError> {
+    let from = meta
+        .get(CHECKPOINT_KEY)
+        .map_err(NodeError::storage)?
+        .and_then(|raw| Position::from_bytes(&raw))
+        .unwrap_or_default();
+    let mut reindexed = 0u64;
+    let visited = log.replay(from, |room, id, pointer| {
+        let key = message_key(&room, id);
+        if !timeline.contains_key(&key).map_err(NodeError::storage)? {
+            timeline
+                .insert(key, &pointer.to_bytes()[..])
+                .map_err(NodeError::storage)?;
+            buckets
+                .insert(bucket_prefix(&room, id.bucket()), &[] as &[u8])
+                .map_err(NodeError::storage)?;
+            reindexed += 1;
+        }
+        Ok(())
+    })?;
+    db.flush().map_err(NodeError::storage)?;
+    meta.insert(CHECKPOINT_KEY, &log.end().to_bytes()[..])
+        .map_err(NodeError::storage)?;
+    db.flush().map_err(NodeError::storage)?;
+    if reindexed > 0 {
+        tracing::info!(
+            visited,
+            reindexed,
+            "re-indexed messages from the envelope log after a crash"
+        );
+    }
+    Ok(())
+}
+
+/// Flushes the timeline index and records the log position it covers.
+async fn checkpoint(
+    db: &sled::Db,
+    log: &Arc<EnvelopeLog>,
+    meta: &sled::Tree,
+    index_lock: &Mutex<()>,
+) -> Result<(), String> {
+    let covered = {
+        let _indexing = index_lock.lock().expect("lock");
+        log.end()
+    };
+    let syncing = Arc::clone(log);
+    tokio::task::spawn_blocking(move || syncing.sync())
+        .await
+        .map_err(|e| e.to_string())?
+        .map_err(|e| e.to_string())?;
+    db.flush_async().await.map_err(|e| e.to_string())?;
+    meta.insert(CHECKPOINT_KEY, &covered.to_bytes()[..])
+        .map_err(|e| e.to_string())?;
+    db.flush_async().await.map_err(|e| e.to_string())?;
+    Ok(())
+}
+
+/// One round of syncing serves every request that arrived before it
+/// started; every few seconds the index is flushed and checkpointed.
 async fn group_commit(
     db: sled::Db,
     log: Arc<EnvelopeLog>,
-    mut requests: mpsc::Receiver<oneshot::Sender<Result<(), String>>>,
+    meta: sled::Tree,
+    index_lock: Arc<Mutex<()>>,
+    mut requests: mpsc::Receiver<FlushRequest>,
 ) {
-    let mut waiting = Vec::new();
-    while let Some(first) = requests.recv().await {
+    let mut waiting: Vec<FlushRequest> = Vec::new();
+    let mut checkpoints = tokio::time::interval(std::time::Duration::from_millis(CHECKPOINT_MS));
+    checkpoints.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        let first = tokio::select! {
+            request = requests.recv() => match request {
+                Some(r) => r,
+                None => break,
+            },
+            _ = checkpoints.tick() => {
+                if let Err(e) = checkpoint(&db, &log, &meta, &index_lock).await {
+                    tracing::warn!(error = %e, "timeline index checkpoint failed (will retry)");
+                }
+                continue;
+            }
+        };
         waiting.push(first);
         while let Ok(more) = requests.try_recv() {
             waiting.push(more);
         }
-        let log = Arc::clone(&log);
-        let synced = tokio::task::spawn_blocking(move || log.sync())
+        let needs_sled = waiting.iter().any(|(needs, _)| *needs == Durable::All);
+        let syncing = Arc::clone(&log);
+        let synced = tokio::task::spawn_blocking(move || syncing.sync())
             .await
             .map_err(|e| e.to_string())
             .and_then(|r| r.map_err(|e| e.to_string()));
         let result = match synced {
-            Ok(()) => db
+            Ok(()) if needs_sled => db
                 .flush_async()
                 .await
                 .map(|_| ())
                 .map_err(|e| e.to_string()),
-            Err(e) => Err(e),
+            other => other,
         };
         metrics::counter!("saferchat_sled_flushes_total").increment(1);
         metrics::histogram!("saferchat_sled_flush_batch").record(waiting.len() as f64);
-        for waiter in waiting.drain(..) {
+        for (_, waiter) in waiting.drain(..) {
             // A waiter that gave up is fine to skip.
             let _ = waiter.send(result.clone());
         }
@@ -199,7 +313,7 @@ impl SledStore {
         value: &sled::IVec,
     ) -> Result<Option<StoredMessage>, NodeError> {
         let id = MessageId::from_bytes(&key[key.len() - 16..]).map_err(NodeError::storage)?;
-        let Some(envelope) = self.log.read(Pointer::from_bytes(value)?)? else {
+        let Some(envelope) = self.log.read(Pointer::from_bytes(value)?, room, id)? else {
             tracing::warn!(%room, %id, "timeline entry without its envelope (an unacknowledged append cut by a crash); skipped");
             return Ok(None);
         };
@@ -319,6 +433,7 @@ impl ChatStore for SledStore {
     }
 
     async fn append(&self, batch: &[StoredMessage]) -> Result<(), NodeError> {
+        let indexing = self.index_lock.lock().expect("lock");
         // Stored once: messages already indexed are not written again.
         let mut fresh = Vec::with_capacity(batch.len());
         for m in batch {
@@ -331,8 +446,15 @@ impl ChatStore for SledStore {
                 fresh.push((key, m));
             }
         }
-        let payloads: Vec<&[u8]> = fresh.iter().map(|(_, m)| m.envelope.as_ref()).collect();
-        let pointers = self.log.append(&payloads)?;
+        let entries: Vec<Entry<'_>> = fresh
+            .iter()
+            .map(|(_, m)| Entry {
+                room: &m.room,
+                id: m.id,
+                envelope: &m.envelope,
+            })
+            .collect();
+        let pointers = self.log.append(&entries)?;
         let mut writes = sled::Batch::default();
         for ((key, m), pointer) in fresh.into_iter().zip(pointers) {
             writes.insert(key, &pointer.to_bytes()[..]);
@@ -350,7 +472,8 @@ impl ChatStore for SledStore {
         self.timeline
             .apply_batch(writes)
             .map_err(NodeError::storage)?;
-        self.sync().await
+        drop(indexing);
+        self.sync_for(Durable::Log).await
     }
 
     async fn buckets(&self, room: &RoomId) -> Result<Vec<Bucket>, NodeError> {
