@@ -49,6 +49,7 @@ pub use paxos::acceptor::AcceptorState;
 pub use paxos::proposer::Outcome;
 pub use replica::{LeaseStatus, Ready, RoomReplica};
 pub use room::{
-    Applied, Change, ChangeError, Handle, ParseError, Proposal, PublicKey, RoomId, RoomState, apply,
+    Applied, Change, ChangeError, Handle, ParseError, Proposal, PublicKey, RECENT_CHANGES_MAX,
+    RoomId, RoomState, apply,
 };
 pub use time::{Drift, Millis};

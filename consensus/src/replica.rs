@@ -74,18 +74,34 @@ impl RoomReplica {
     /// still owe lease promises it made before a crash — the node's start
     /// time plus [`crate::LeaseConfig::promise_ms`], or `Millis(0)` when
     /// [`ReplicaConfig::may_have_promised_others`] is false.
+    ///
+    /// `lease_seq_base` numbers this incarnation's lease requests; it must
+    /// differ from every earlier incarnation's of the same node and room
+    /// (a random `u64` does), so that a grant answering a request sent
+    /// before a restart is never taken for an answer to a newer one (see
+    /// [`Holder::restore`]).
+    ///
+    /// A replica whose acceptor has promised anything may have answered
+    /// accepts as a lease holder before it was reloaded; it serves no local
+    /// read until it learns a commit at or above its durable promise (see
+    /// [`Holder::assume_pending`]).
     pub fn new(
         config: Arc<ReplicaConfig>,
         durable: AcceptorState,
         known: Option<(Ballot, Arc<RoomState>)>,
         recovering_until: Millis,
+        lease_seq_base: u64,
     ) -> RoomReplica {
+        let mut holder = Holder::restore(known, lease_seq_base);
+        if durable.promised > Ballot::ZERO {
+            holder.assume_pending(durable.promised);
+        }
         RoomReplica {
             config,
             acceptor: Acceptor::restore(durable),
             proposer: Proposer::default(),
             grantor: Grantor::restarted(recovering_until),
-            holder: Holder::restore(known),
+            holder,
             ready: Ready::default(),
         }
     }

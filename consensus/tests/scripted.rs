@@ -6,7 +6,8 @@ use std::sync::Arc;
 
 use saferchat_consensus::{
     AcceptorState, Ballot, Change, ChangeId, Handle, Message, Millis, NodeId, Outcome, Proposal,
-    ReadError, Ready, ReplicaConfig, RequestId, Revision, RoomReplica, RoomState,
+    RECENT_CHANGES_MAX, ReadError, Ready, ReplicaConfig, RequestId, Revision, RoomReplica,
+    RoomState,
 };
 
 fn b(round: u64, node: u64) -> Ballot {
@@ -35,6 +36,7 @@ struct Cluster {
     inflight: VecDeque<(NodeId, NodeId, Message)>,
     replies: Vec<(NodeId, RequestId, Outcome)>,
     sent: usize,
+    restarts: u64,
 }
 
 impl Cluster {
@@ -49,7 +51,13 @@ impl Cluster {
                     holders: ids.clone(),
                     ..ReplicaConfig::single(*me)
                 };
-                RoomReplica::new(Arc::new(config), AcceptorState::default(), None, Millis(0))
+                RoomReplica::new(
+                    Arc::new(config),
+                    AcceptorState::default(),
+                    None,
+                    Millis(0),
+                    0,
+                )
             })
             .collect();
         Cluster {
@@ -58,6 +66,7 @@ impl Cluster {
             inflight: VecDeque::new(),
             replies: Vec::new(),
             sent: 0,
+            restarts: 0,
         }
     }
 
@@ -109,6 +118,7 @@ fn a_single_node_commits_and_reads_locally() {
         AcceptorState::default(),
         None,
         Millis(0),
+        0,
     );
     node.propose(Millis(0), RequestId(1), proposal(1, Change::Create));
     let ready = node.take_ready();
@@ -373,4 +383,295 @@ fn concurrent_proposers_both_commit_in_some_order() {
     assert_eq!(final_state.revision, Revision(3));
     assert!(final_state.is_member(&alice()) && final_state.is_member(&bob));
     let _ = RoomState::absent();
+}
+
+// Regression tests for bugs found by the model check (`model_check.rs`).
+
+impl Cluster {
+    /// Delivers the first message in flight from `from` to `to` whose kind
+    /// (its `Debug` name) is `kind`.
+    fn deliver(&mut self, now: Millis, from: u64, to: u64, kind: &str) {
+        let at = self
+            .inflight
+            .iter()
+            .position(|(f, t, m)| f.0 == from && t.0 == to && format!("{m:?}").starts_with(kind))
+            .unwrap_or_else(|| panic!("no {kind} from n{from} to n{to} in flight"));
+        let (from, to, message) = self.inflight.remove(at).expect("found above");
+        let index = to.0 as usize - 1;
+        self.nodes[index].step(now, from, message);
+        self.collect(index);
+    }
+
+    /// Crashes node `index` and restarts it from what it stored: its
+    /// durable acceptor state and its last committed state. The messages it
+    /// had addressed to itself die with it.
+    fn restart(&mut self, index: usize, now: Millis) {
+        let me = NodeId(index as u64 + 1);
+        let old = &self.nodes[index];
+        let config = Arc::new(old.config().clone());
+        let known = old.known().cloned();
+        let recovering_until = now.plus(config.lease.promise_ms());
+        self.restarts += 1;
+        let lease_seq_base = self.restarts << 32;
+        self.nodes[index] = RoomReplica::new(
+            config,
+            self.durable[index].clone(),
+            known,
+            recovering_until,
+            lease_seq_base,
+        );
+        self.inflight.retain(|(f, t, _)| !(*f == me && *t == me));
+    }
+
+    /// Every (ballot, value) the acceptors hold.
+    fn accepted(&self) -> Vec<(Ballot, Arc<RoomState>)> {
+        self.nodes
+            .iter()
+            .filter_map(|n| n.acceptor_state().accepted.clone())
+            .collect()
+    }
+}
+
+/// Bug B1: a proposer whose own messages lag behind its peers' answers
+/// used to send accepts (and take the fast path) at ballots its own
+/// acceptor had not promised. After a crash it restarted above that
+/// acceptor's promise — at a ballot it had already used, now with another
+/// value: two values accepted under one ballot, and histories that fork.
+/// The proposer now waits for its own promise before accepting and takes
+/// the fast path only if its own acceptor accepted.
+#[test]
+fn a_restarted_proposer_never_reuses_a_ballot() {
+    let mut c = Cluster::new(3);
+    c.nodes[0].propose(Millis(0), RequestId(1), proposal(1, Change::Create));
+    c.run(Millis(0));
+    let t = Millis(1);
+    // A change at node 1 commits on the fast path while node 1's own accept
+    // is still queued.
+    c.nodes[0].propose(t, RequestId(2), proposal(2, Change::Remove(alice())));
+    c.collect(0);
+    c.deliver(t, 1, 2, "Accept");
+    c.deliver(t, 1, 3, "Accept");
+    c.deliver(t, 2, 1, "Accepted");
+    c.deliver(t, 3, 1, "Accepted");
+    assert_eq!(c.replies.len(), 2, "the change committed");
+    assert!(
+        !c.nodes[0].has_fast_path(),
+        "no fast path: node 1's acceptor has not promised the next ballot"
+    );
+    // The next change, then a crash before node 1 hears from itself.
+    let bob = Handle::of_modulus(b"bob");
+    c.nodes[0].propose(t, RequestId(3), proposal(3, Change::Add(bob)));
+    c.collect(0);
+    assert!(
+        matches!(c.inflight.back(), Some((_, _, Message::Prepare { .. }))),
+        "the next change goes through phase 1"
+    );
+    let accepts_sent = [b(2, 1)];
+    c.restart(0, t);
+    c.nodes[0].propose(t, RequestId(4), proposal(4, Change::Add(alice())));
+    c.collect(0);
+    let Some((_, _, Message::Prepare { ballot })) = c.inflight.back() else {
+        panic!("the restarted proposer starts with phase 1");
+    };
+    assert!(
+        accepts_sent.iter().all(|b| b < ballot),
+        "restarted at {ballot}, above every ballot it sent accepts at before"
+    );
+    // Whatever is delivered now, one ballot carries one value.
+    c.run(t);
+    let accepted = c.accepted();
+    for (b1, v1) in &accepted {
+        for (b2, v2) in &accepted {
+            assert!(b1 != b2 || v1 == v2, "two values accepted at {b1}");
+        }
+    }
+}
+
+/// The first half of the B1 fix on its own: promises from a majority of
+/// peers are not enough, the proposer's own acceptor must have promised.
+#[test]
+fn a_proposer_accepts_only_after_its_own_promise() {
+    let mut c = Cluster::new(3);
+    c.nodes[0].propose(Millis(0), RequestId(1), proposal(1, Change::Create));
+    c.collect(0);
+    c.deliver(Millis(0), 1, 2, "Prepare");
+    c.deliver(Millis(0), 1, 3, "Prepare");
+    c.deliver(Millis(0), 2, 1, "Promise");
+    c.deliver(Millis(0), 3, 1, "Promise");
+    assert!(
+        !c.inflight
+            .iter()
+            .any(|(_, _, m)| matches!(m, Message::Accept { .. })),
+        "no accept before node 1's own promise"
+    );
+    c.deliver(Millis(0), 1, 1, "Prepare");
+    c.deliver(Millis(0), 1, 1, "Promise");
+    assert_eq!(
+        c.inflight
+            .iter()
+            .filter(|(_, _, m)| matches!(m, Message::Accept { .. }))
+            .count(),
+        3
+    );
+}
+
+/// Bug B2: a lease holder's pending mark is volatile, but proposers count
+/// its answer to an accept as its acknowledgement. A holder that answered
+/// (here: refused, having promised its own higher ballot), crashed and got
+/// fresh grants from grantors that had not yet accepted the value read its
+/// stale copy after the value committed. A restarted replica now treats
+/// everything up to its durable promise as pending.
+#[test]
+fn a_restarted_holder_does_not_read_what_it_acknowledged_before() {
+    let mut c = Cluster::new(3);
+    c.nodes[0].propose(Millis(0), RequestId(1), proposal(1, Change::Create));
+    c.run(Millis(0));
+    let t = Millis(1);
+    // Node 3 starts its own round; its acceptor promises the higher ballot.
+    let bob = Handle::of_modulus(b"bob");
+    c.nodes[2].propose(t, RequestId(2), proposal(2, Change::Add(bob)));
+    c.collect(2);
+    c.deliver(t, 3, 3, "Prepare");
+    // Node 1's fast-path accept reaches node 3, which refuses it.
+    c.nodes[0].propose(t, RequestId(3), proposal(3, Change::Add(alice())));
+    c.collect(0);
+    c.deliver(t, 1, 1, "Accept");
+    c.deliver(t, 1, 1, "Accepted");
+    c.deliver(t, 1, 3, "Accept");
+    c.deliver(t, 3, 1, "Nack");
+    // Node 3 restarts, asks for a lease and gets one from node 2, which
+    // has not seen the accept yet.
+    c.restart(2, t);
+    c.inflight.retain(|(_, to, _)| to.0 != 3);
+    c.nodes[2].want_lease(t, true);
+    c.collect(2);
+    c.deliver(t, 3, 3, "LeaseRequest");
+    c.deliver(t, 3, 3, "LeaseGrant");
+    c.deliver(t, 3, 2, "LeaseRequest");
+    c.deliver(t, 2, 3, "LeaseGrant");
+    // Node 2 accepts and reports node 3 as a holder; node 1 counts node 3's
+    // refusal from before the crash and commits.
+    c.deliver(t, 1, 2, "Accept");
+    c.deliver(t, 2, 1, "Accepted");
+    let committed = c
+        .replies
+        .iter()
+        .any(|(_, r, o)| *r == RequestId(3) && matches!(o, Outcome::Decided { .. }));
+    assert!(committed, "revision 2 committed");
+    assert_eq!(c.nodes[2].read(t), Err(ReadError::Pending));
+    // Only a commit at or above the promise node 3 made before the crash
+    // lifts the block: the commit of revision 2 is below it.
+    c.run(t);
+    assert_eq!(c.nodes[2].read(t), Err(ReadError::Pending));
+    // A consensus read from node 3 itself, as a node falls back to when a
+    // local read is refused, commits above it.
+    c.nodes[2].propose(t, RequestId(4), Proposal::read(ChangeId(4)));
+    c.run(t);
+    assert!(c.nodes[2].read(t).is_ok_and(|s| s.revision == Revision(2)));
+}
+
+/// Bug B3: a lease holder numbered its requests from zero in every
+/// incarnation, so a grant that answered a request sent before a crash
+/// was taken as an answer to the first request after it, and counted from
+/// the later send time. Each incarnation now numbers from its own base.
+#[test]
+fn a_grant_for_a_request_from_before_a_restart_is_ignored() {
+    let mut c = Cluster::new(3);
+    c.nodes[0].propose(Millis(0), RequestId(1), proposal(1, Change::Create));
+    c.run(Millis(0));
+    let t = Millis(10);
+    c.nodes[2].want_lease(t, true);
+    c.collect(2);
+    c.deliver(t, 3, 2, "LeaseRequest");
+    // Node 3 crashes with node 2's grant still in flight.
+    c.restart(2, t);
+    c.inflight.retain(|(from, to, m)| {
+        (from.0, to.0) == (2, 3) && matches!(m, Message::LeaseGrant { .. })
+    });
+    let later = Millis(60);
+    c.nodes[2].want_lease(later, true);
+    c.collect(2);
+    c.deliver(later, 3, 3, "LeaseRequest");
+    c.deliver(later, 3, 3, "LeaseGrant");
+    // The old grant arrives: it must not count for the new request.
+    c.deliver(later, 2, 3, "LeaseGrant");
+    assert_eq!(c.nodes[2].read(later), Err(ReadError::NoLease));
+    // The new request's own grant from node 2 does count.
+    c.deliver(later, 3, 2, "LeaseRequest");
+    c.deliver(later, 2, 3, "LeaseGrant");
+    assert_ne!(c.nodes[2].read(later), Err(ReadError::NoLease));
+}
+
+/// Runs a change at node 1 whose accept is chosen while node 1 hears none
+/// of the answers, lets node 2 commit `intervening` other changes (the
+/// first removes alice again), then lets node 1 retry. Returns node 1's
+/// answer and the committed state after the retry.
+fn retry_after(intervening: usize) -> (Outcome, Arc<RoomState>) {
+    let mut c = Cluster::new(3);
+    c.nodes[0].propose(Millis(0), RequestId(1), proposal(1, Change::Create));
+    c.run(Millis(0));
+    let t = Millis(1);
+    c.nodes[0].propose(t, RequestId(2), proposal(2, Change::Add(alice())));
+    c.collect(0);
+    c.deliver(t, 1, 1, "Accept");
+    c.deliver(t, 1, 2, "Accept");
+    // Revision 2 is chosen (nodes 1 and 2 accepted); every answer is lost.
+    c.inflight.clear();
+    let aborted = t.plus(c.nodes[0].config().proposer.round_timeout_ms);
+    c.nodes[0].tick(aborted);
+    c.collect(0);
+    assert!(c.replies.iter().all(|(_, r, _)| *r != RequestId(2)));
+    c.nodes[1].propose(aborted, RequestId(3), proposal(3, Change::Remove(alice())));
+    for k in 1..intervening {
+        let handle = Handle::of_modulus(format!("user {k}").as_bytes());
+        let request = RequestId(10 + k as u64);
+        c.nodes[1].propose(
+            aborted,
+            request,
+            proposal(request.0.into(), Change::Add(handle)),
+        );
+    }
+    c.run(aborted);
+    let answered = |c: &Cluster| c.replies.iter().any(|(_, r, _)| *r == RequestId(2));
+    let mut now = aborted;
+    while !answered(&c) {
+        now = now.plus(10);
+        assert!(now.0 < 5_000, "node 1 never answered: {:?}", c.replies);
+        c.tick_all(now);
+    }
+    let outcome = c
+        .replies
+        .iter()
+        .find(|(_, r, _)| *r == RequestId(2))
+        .map(|(_, _, o)| o.clone())
+        .expect("answered");
+    c.nodes[1].propose(now, RequestId(4), Proposal::read(ChangeId(4)));
+    c.run(now);
+    let state = c.nodes[1].known().expect("a committed state").1.clone();
+    (outcome, state)
+}
+
+/// A retried change is recognised by its id while its first application
+/// is within the last `RECENT_CHANGES_MAX` revisions: it reports that
+/// application and applies nothing again.
+#[test]
+fn a_retry_within_the_dedup_window_applies_nothing_twice() {
+    let (outcome, state) = retry_after(10);
+    let Outcome::Decided { result, .. } = outcome else {
+        panic!("expected a decision, got {outcome:?}");
+    };
+    assert_eq!(result.map(|a| a.revision), Ok(Revision(2)));
+    assert!(!state.is_member(&alice()), "alice was added twice");
+    assert_eq!(state.revision, Revision(12));
+}
+
+/// Beyond the window the proposer cannot tell whether its first accept was
+/// chosen. It used to apply the change again (here: re-adding a member
+/// removed since); it now answers `Unavailable`.
+#[test]
+fn a_retry_beyond_the_dedup_window_is_not_applied_twice() {
+    let (outcome, state) = retry_after(RECENT_CHANGES_MAX + 1);
+    assert_eq!(outcome, Outcome::Unavailable);
+    assert!(!state.is_member(&alice()), "alice was added twice");
+    assert_eq!(state.revision.0, 2 + RECENT_CHANGES_MAX as u64 + 1);
 }

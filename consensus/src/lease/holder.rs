@@ -38,6 +38,8 @@ pub struct Holder {
     grants: BTreeMap<NodeId, Millis>,
     /// Recent requests: sequence number and when each was sent.
     requests: VecDeque<(u64, Millis)>,
+    /// The next request's sequence number. Starts at a base that differs
+    /// per incarnation (see [`Holder::restore`]).
     next_seq: u64,
     last_request: Option<Millis>,
     /// The newest committed state this node knows, and its ballot.
@@ -49,12 +51,37 @@ pub struct Holder {
 
 impl Holder {
     /// A holder that starts from a committed state read from local storage
-    /// (possibly stale: grants will tell).
-    pub fn restore(known: Option<(Ballot, Arc<RoomState>)>) -> Holder {
+    /// (possibly stale: grants will tell), numbering its lease requests
+    /// from `seq_base`.
+    ///
+    /// A grant is matched to the request it answers by sequence number
+    /// alone, and the lease is counted from when that request was sent. A
+    /// grant answering the previous incarnation's request may still be in
+    /// flight after a restart; were the numbers to restart at zero, it
+    /// would be taken as an answer to the new request with the same number
+    /// and the lease would run from too late a start (and with too old an
+    /// accepted revision). The caller therefore passes a base that differs
+    /// between incarnations of the node — the node draws it at random, so
+    /// two incarnations share a number with probability about
+    /// requests² / 2⁶⁴.
+    pub fn restore(known: Option<(Ballot, Arc<RoomState>)>, seq_base: u64) -> Holder {
         Holder {
             known,
+            next_seq: seq_base,
             ..Holder::default()
         }
+    }
+
+    /// After a restart: until a commit at `ballot` or above is learned, act
+    /// as if an accept at `ballot` were pending.
+    ///
+    /// Before the restart this node may have answered accepts as a holder
+    /// (which proposers count as its acknowledgement) and then lost the
+    /// pending mark with its memory. Every accept it answered carried a
+    /// ballot at or below its acceptor's durable promise, so that promise
+    /// covers them all.
+    pub fn assume_pending(&mut self, ballot: Ballot) {
+        self.mark_pending(ballot);
     }
 
     /// The newest committed state known here.
@@ -186,7 +213,7 @@ impl Holder {
             return None;
         }
         let seq = self.next_seq;
-        self.next_seq += 1;
+        self.next_seq = self.next_seq.wrapping_add(1);
         self.last_request = Some(now);
         if self.requests.len() == REQUESTS_REMEMBERED_MAX {
             self.requests.pop_front();

@@ -17,9 +17,9 @@ use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::sync::Arc;
 
 use crate::config::ReplicaConfig;
-use crate::ids::{Ballot, NodeId, RequestId};
+use crate::ids::{Ballot, NodeId, RequestId, Revision};
 use crate::message::{Message, Phase};
-use crate::room::{Applied, ChangeError, Proposal, RoomState, apply};
+use crate::room::{Applied, ChangeError, Proposal, RECENT_CHANGES_MAX, RoomState, apply};
 use crate::time::Millis;
 
 /// How a proposal ended.
@@ -34,9 +34,13 @@ pub enum Outcome {
         /// The committed room state.
         state: Arc<RoomState>,
     },
-    /// No round carrying the proposal committed before its deadline. The
-    /// change may or may not have been chosen; a retry with the same
-    /// [`crate::ChangeId`] applies it at most once.
+    /// No round carrying the proposal committed before its deadline, or
+    /// the proposer can no longer tell whether an earlier round chose it.
+    /// The change may or may not have been applied. A retry with the same
+    /// [`crate::ChangeId`] applies it at most once while fewer than
+    /// [`RECENT_CHANGES_MAX`] changes commit after its first attempt; the
+    /// proposer holds its own retries to that bound and answers
+    /// `Unavailable` rather than risk applying a change twice.
     Unavailable,
 }
 
@@ -56,6 +60,18 @@ struct Queued {
     request: RequestId,
     proposal: Proposal,
     deadline: Millis,
+    /// The lowest revision of any base an accept carrying this change was
+    /// computed from; `None` until it rides an accept.
+    ///
+    /// Such an accept may have been chosen without this proposer learning
+    /// it (answers lost, round aborted), applying the change at a revision
+    /// above `lowest_base`. A retry recognises the change by its id in the
+    /// new base's [`RoomState::recent`], which holds only the changes that
+    /// produced the last [`RECENT_CHANGES_MAX`] revisions: once the base is
+    /// more than that many revisions past `lowest_base`, absence from
+    /// `recent` proves nothing, and applying the change again could apply
+    /// it twice. The proposer then answers [`Outcome::Unavailable`].
+    lowest_base: Option<Revision>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
@@ -124,6 +140,7 @@ impl Proposer {
             request,
             proposal,
             deadline: now.plus(config.proposer.request_timeout_ms),
+            lowest_base: None,
         });
     }
 
@@ -188,6 +205,19 @@ impl Proposer {
     /// Applies the batch to `base` and sends the accepts.
     fn begin_accept(&mut self, config: &ReplicaConfig, base: &Arc<RoomState>, out: &mut Effects) {
         let round = self.round.as_mut().expect("a round to accept in");
+        let (unknown, batch): (Vec<Queued>, Vec<Queued>) = std::mem::take(&mut round.batch)
+            .into_iter()
+            .partition(|q| outcome_unknowable(q, base));
+        for queued in unknown {
+            out.replies.push((queued.request, Outcome::Unavailable));
+        }
+        round.batch = batch;
+        for queued in &mut round.batch {
+            let lowest = queued
+                .lowest_base
+                .map_or(base.revision, |r| r.min(base.revision));
+            queued.lowest_base = Some(lowest);
+        }
         let mut state = RoomState::clone(base);
         let results: Vec<_> = round
             .batch
@@ -244,7 +274,11 @@ impl Proposer {
             return;
         };
         promises.insert(from, accepted);
-        if promises.len() < config.majority() {
+        // The local acceptor must be among the promisers: its promise is
+        // durable before any accept at this ballot leaves, and a restarted
+        // proposer starts above its acceptor's promise, so it can never
+        // reuse this ballot with another value.
+        if promises.len() < config.majority() || !promises.contains_key(&config.me) {
             return;
         }
         let base = promises
@@ -365,8 +399,11 @@ impl Proposer {
             ));
         }
         // Every acceptor that accepted also promised the successor ballot,
-        // and a majority accepted: phase 1 of the next round is done.
-        self.prepared = Some(Prepared {
+        // and a majority accepted: phase 1 of the next round is done. Only
+        // if the local acceptor is one of them, though: its durable promise
+        // of the successor is what stops a restarted proposer from reusing
+        // that ballot.
+        self.prepared = accept.accepted.contains(&config.me).then(|| Prepared {
             ballot: round.ballot.successor(),
             value: Arc::clone(&accept.value),
         });
@@ -452,6 +489,17 @@ impl Proposer {
         }
         times.into_iter().min()
     }
+}
+
+/// Whether `queued` may already have been applied by an earlier round in a
+/// way that `base` can no longer show (see [`Queued::lowest_base`]).
+fn outcome_unknowable(queued: &Queued, base: &RoomState) -> bool {
+    let Some(lowest) = queued.lowest_base else {
+        return false;
+    };
+    let window = RECENT_CHANGES_MAX as u64;
+    base.revision.0 > lowest.0.saturating_add(window)
+        && !base.recent.iter().any(|(id, _)| *id == queued.proposal.id)
 }
 
 /// Randomised exponential back-off without a random number generator: the

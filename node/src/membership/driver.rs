@@ -195,6 +195,9 @@ impl Driver {
             durable,
             known,
             self.recovering_until,
+            // Differs from every earlier load of this room, in this process
+            // or a previous one: see `RoomReplica::new`.
+            rand::random(),
         );
         let (view, _) = watch::channel(initial);
         self.rooms.insert(
