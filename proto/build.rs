@@ -25,6 +25,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         descriptors.encode_to_vec(),
     )?;
     tonic_prost_build::configure()
+        // Small per-stream buffers (see src/codec.rs).
+        .codec_path("crate::codec::LeanCodec")
         // Byte fields as `bytes::Bytes`: envelopes are sliced and shared
         // between recipients without copying.
         .bytes(".")

@@ -8,11 +8,16 @@
 //! - [`envelope`]: the versioned message envelope (`saferchat.envelope.v1`).
 //! - [`peer`]: the node-to-node face (consensus and leases), never exposed
 //!   to clients.
+//! - [`codec`]: the codec the generated services use (prost with small
+//!   per-stream buffers).
 //!
-//! This crate holds generated code only. Domain types live in the crates
-//! that own them and convert at the gRPC edge.
+//! This crate holds generated code, and the codec it is generated with.
+//! Domain types live in the crates that own them and convert at the gRPC
+//! edge.
 
 #![allow(missing_docs, clippy::all, clippy::pedantic)]
+
+pub mod codec;
 
 /// `server.grpc.common`
 pub mod common {

@@ -12,8 +12,10 @@ use crate::storage::StoredMessage;
 /// Most deliveries in one frame.
 pub const FRAME_ITEMS_MAX: usize = 64;
 /// Most bytes of sealed envelopes in one frame (a frame may exceed it only
-/// by its last item), far below what clients accept (1 MiB).
-pub const FRAME_BYTES_MAX: usize = 512 * 1024;
+/// by its last item), far below what clients accept (1 MiB). Small because
+/// a stream's encode buffer keeps the capacity of the largest frame it ever
+/// sent for the rest of the session.
+pub const FRAME_BYTES_MAX: usize = 64 * 1024;
 
 /// Splits deliveries, in order, into frames of at most
 /// [`FRAME_ITEMS_MAX`] items and about [`FRAME_BYTES_MAX`] bytes.

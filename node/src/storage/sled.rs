@@ -75,7 +75,9 @@ pub struct SledStore {
     /// index entry is not in sled yet.
     index_lock: Arc<Mutex<()>>,
     flush: mpsc::Sender<FlushRequest>,
-    flusher: Arc<Mutex<Option<JoinHandle<()>>>>,
+    /// The group-commit and checkpoint tasks, for [`SledStore::close`].
+    tasks: Arc<Mutex<Vec<JoinHandle<()>>>>,
+    stop: tokio_util::sync::CancellationToken,
 }
 
 impl SledStore {
@@ -90,6 +92,9 @@ impl SledStore {
             .path(dir)
             // The default 1 GiB page cache is sized for a dedicated machine.
             .cache_capacity(256 * 1024 * 1024)
+            // No background flushes: what must be durable is flushed when
+            // asked, and the timeline index by the checkpoint task.
+            .flush_every_ms(None)
             .open()
             .map_err(|e| NodeError::Storage(format!("opening sled at {}: {e}", dir.display())))?;
         let tree = |name: &str| db.open_tree(name).map_err(NodeError::storage);
@@ -99,20 +104,24 @@ impl SledStore {
         recover_index(&db, &log, &timeline, &buckets, &meta)?;
         let index_lock = Arc::new(Mutex::new(()));
         let (flush, requests) = mpsc::channel(FLUSH_QUEUE_MAX);
-        let task = group_commit(
+        let task = group_commit(db.clone(), Arc::clone(&log), requests);
+        let stop = tokio_util::sync::CancellationToken::new();
+        let checkpointer = tokio::spawn(checkpoints(
             db.clone(),
             Arc::clone(&log),
             meta.clone(),
             Arc::clone(&index_lock),
-            requests,
-        );
+            flush.downgrade(),
+            stop.clone(),
+        ));
         Ok(SledStore {
             acceptor: tree("acceptor")?,
             rooms: tree("chat_details")?,
             timeline,
             buckets,
             meta,
-            flusher: Arc::new(Mutex::new(Some(tokio::spawn(task)))),
+            tasks: Arc::new(Mutex::new(vec![tokio::spawn(task), checkpointer])),
+            stop,
             log,
             index_lock,
             db,
@@ -144,9 +153,10 @@ impl SledStore {
     /// [`NodeError::Storage`] when the final flush fails.
     pub async fn close(self) -> Result<(), NodeError> {
         self.flush().await?;
-        let task = self.flusher.lock().expect("lock").take();
+        self.stop.cancel();
+        let tasks = std::mem::take(&mut *self.tasks.lock().expect("lock"));
         drop(self);
-        if let Some(task) = task {
+        for task in tasks {
             task.await.map_err(NodeError::storage)?;
         }
         Ok(())
@@ -229,31 +239,42 @@ async fn checkpoint(
     Ok(())
 }
 
-/// One round of syncing serves every request that arrived before it
-/// started; every few seconds the index is flushed and checkpointed.
-async fn group_commit(
+/// Flushes and checkpoints the timeline index every few seconds, on its own
+/// task so that posts never wait behind it; ends with the store.
+async fn checkpoints(
     db: sled::Db,
     log: Arc<EnvelopeLog>,
     meta: sled::Tree,
     index_lock: Arc<Mutex<()>>,
+    store_alive: mpsc::WeakSender<FlushRequest>,
+    stop: tokio_util::sync::CancellationToken,
+) {
+    let mut every = tokio::time::interval(std::time::Duration::from_millis(CHECKPOINT_MS));
+    every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    every.tick().await;
+    loop {
+        tokio::select! {
+            _ = every.tick() => {}
+            () = stop.cancelled() => return,
+        }
+        if store_alive.upgrade().is_none() {
+            return;
+        }
+        if let Err(e) = checkpoint(&db, &log, &meta, &index_lock).await {
+            tracing::warn!(error = %e, "timeline index checkpoint failed (will retry)");
+        }
+    }
+}
+
+/// One round of syncing serves every request that arrived before it
+/// started.
+async fn group_commit(
+    db: sled::Db,
+    log: Arc<EnvelopeLog>,
     mut requests: mpsc::Receiver<FlushRequest>,
 ) {
     let mut waiting: Vec<FlushRequest> = Vec::new();
-    let mut checkpoints = tokio::time::interval(std::time::Duration::from_millis(CHECKPOINT_MS));
-    checkpoints.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    loop {
-        let first = tokio::select! {
-            request = requests.recv() => match request {
-                Some(r) => r,
-                None => break,
-            },
-            _ = checkpoints.tick() => {
-                if let Err(e) = checkpoint(&db, &log, &meta, &index_lock).await {
-                    tracing::warn!(error = %e, "timeline index checkpoint failed (will retry)");
-                }
-                continue;
-            }
-        };
+    while let Some(first) = requests.recv().await {
         waiting.push(first);
         while let Ok(more) = requests.try_recv() {
             waiting.push(more);
