@@ -1,8 +1,13 @@
 //! End to end with real processes: the node binary, the CLI for an admin
-//! and three users, and a restart. Ends by searching the node's data folder
-//! and log for every plaintext sent: none may be there.
+//! and three users, and a restart. Then searches the node's data folder
+//! and log for every plaintext sent (none may be there), and finally plays
+//! a compromised server: one stored envelope is altered on disk, and the
+//! recipients must refuse to show it while still showing the others.
 
 use std::path::Path;
+
+use bytes::Bytes;
+use saferchat_envelope::Envelope;
 
 use saferchat_tests::process::{NodeProcess, cli, fails, fixture_key, ok};
 
@@ -36,6 +41,35 @@ fn files(dir: &Path) -> Vec<std::path::PathBuf> {
 
 fn contains(haystack: &[u8], needle: &[u8]) -> bool {
     haystack.windows(needle.len()).any(|w| w == needle)
+}
+
+/// Alters the body of the first envelope in the node's envelope log, as an
+/// attacker with the server's disk would: flips one ciphertext bit and
+/// rewrites the record's checksum, so the node itself serves the altered
+/// envelope. Record format (`node/src/storage/envelope_log.rs`):
+/// `len: u32 ‖ crc32(payload): u32 ‖ room_len: u8 ‖ room ‖ id: 16 ‖ envelope`.
+fn tamper_with_first_envelope(data_dir: &Path) {
+    let mut segments: Vec<_> = files(&data_dir.join("db").join("envelopes"))
+        .into_iter()
+        .filter(|p| p.extension().is_some_and(|e| e == "log"))
+        .collect();
+    segments.sort();
+    let path = segments.first().expect("an envelope log segment");
+    let mut bytes = std::fs::read(path).expect("read segment");
+    let len = u32::from_be_bytes(bytes[0..4].try_into().expect("4 bytes")) as usize;
+    let payload = &bytes[8..8 + len];
+    let envelope_at = 1 + usize::from(payload[0]) + 16;
+    let mut envelope =
+        Envelope::decode(Bytes::copy_from_slice(&payload[envelope_at..])).expect("an envelope");
+    let mut ciphertext = envelope.ciphertext.to_vec();
+    ciphertext[0] ^= 1;
+    envelope.ciphertext = Bytes::from(ciphertext);
+    let altered = envelope.encode();
+    assert_eq!(altered.len(), len - envelope_at, "same encoded length");
+    bytes[8 + envelope_at..8 + len].copy_from_slice(&altered);
+    let crc = crc32fast::hash(&bytes[8..8 + len]);
+    bytes[4..8].copy_from_slice(&crc.to_be_bytes());
+    std::fs::write(path, bytes).expect("write segment");
 }
 
 #[test]
@@ -169,4 +203,17 @@ fn two_people_chat_through_a_real_node_and_the_server_sees_no_plaintext() {
         !node.log_text().contains(saferchat_tests::ADMIN_TOKEN),
         "the admin token is never logged"
     );
+
+    // A compromised server alters the first message; its recipients see
+    // that it does not verify and do not display it.
+    tamper_with_first_envelope(&node.data_dir);
+    node.restart();
+    let server = node.server();
+    for key in [&alice, &bob] {
+        let h = history(&server, key, "team");
+        assert!(!h.contains("the eagle lands at dawn"), "{h}");
+        assert_eq!(h.matches("!!").count(), 1, "one message refused: {h}");
+        assert!(h.contains("copy that, bring snacks"), "{h}");
+    }
+    assert!(node.stop());
 }
