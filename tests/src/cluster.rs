@@ -3,6 +3,7 @@
 //! node or delay traffic between datacenters.
 
 use std::collections::HashMap;
+use std::net::SocketAddr;
 
 use saferchat_client::admin::Admin;
 
@@ -21,6 +22,9 @@ pub struct Options {
     pub renew_ms: u64,
     /// Extra environment for every node.
     pub env: Vec<(String, String)>,
+    /// Whether every node serves Prometheus metrics on its own port
+    /// ([`Cluster::metrics`]).
+    pub metrics: bool,
 }
 
 impl Options {
@@ -31,6 +35,7 @@ impl Options {
             lease_ms: 1_000,
             renew_ms: 250,
             env: Vec::new(),
+            metrics: false,
         }
     }
 }
@@ -40,36 +45,55 @@ impl Options {
 pub struct Cluster {
     /// The nodes; node `i` has id `i + 1`.
     pub nodes: Vec<NodeProcess>,
+    /// Node `i`'s metrics endpoint, when [`Options::metrics`] asked for them.
+    pub metrics: Vec<SocketAddr>,
     /// `(from, to)` → the proxy `from` uses to reach `to`.
     links: HashMap<(usize, usize), Proxy>,
     datacenters: Vec<String>,
     _dir: tempfile::TempDir,
 }
 
-/// A free loopback port (bound, read, released).
-fn free_port() -> u16 {
-    let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
-    l.local_addr().expect("address").port()
+/// `count` distinct free loopback ports: all bound at the same time, so no
+/// two can be the same, then released for the nodes to take.
+fn free_ports(count: usize) -> Vec<u16> {
+    let listeners: Vec<_> = (0..count)
+        .map(|_| std::net::TcpListener::bind("127.0.0.1:0").expect("bind"))
+        .collect();
+    listeners
+        .iter()
+        .map(|l| l.local_addr().expect("address").port())
+        .collect()
 }
 
 impl Cluster {
     /// Starts the proxies, then the nodes.
+    ///
+    /// # Panics
+    /// When a node does not start (a port picked free can, rarely, be taken
+    /// by someone else before the node binds it).
     pub async fn start(options: Options) -> Cluster {
         let n = options.datacenters.len();
         let dir = tempfile::tempdir().expect("tempdir");
-        let client_ports: Vec<u16> = (0..n).map(|_| free_port()).collect();
-        let peer_ports: Vec<u16> = (0..n).map(|_| free_port()).collect();
+        // Proxies first (they keep their ports), then every node port at
+        // once, so that no two of them can be handed the same port.
         let mut links = HashMap::new();
         for from in 0..n {
             for to in (0..n).filter(|to| *to != from) {
-                let proxy = Proxy::start().await;
-                proxy.set_target(
-                    format!("127.0.0.1:{}", peer_ports[to])
-                        .parse()
-                        .expect("address"),
-                );
-                links.insert((from, to), proxy);
+                links.insert((from, to), Proxy::start().await);
             }
+        }
+        let ports = free_ports(3 * n);
+        let (client_ports, peer_ports) = (&ports[..n], &ports[n..2 * n]);
+        let metrics: Vec<SocketAddr> = if options.metrics {
+            ports[2 * n..]
+                .iter()
+                .map(|p| SocketAddr::from(([127, 0, 0, 1], *p)))
+                .collect()
+        } else {
+            Vec::new()
+        };
+        for ((_, to), proxy) in &links {
+            proxy.set_target(SocketAddr::from(([127, 0, 0, 1], peer_ports[*to])));
         }
         let mut nodes = Vec::new();
         for i in 0..n {
@@ -106,6 +130,9 @@ impl Cluster {
                     "cluster-test-session-secret-0123456789abcdef".into(),
                 ),
             ];
+            if let Some(addr) = metrics.get(i) {
+                env.push(("SAFERCHAT_METRICS_LISTEN".into(), addr.to_string()));
+            }
             env.extend(options.env.iter().cloned());
             let env: Vec<(&str, &str)> =
                 env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
@@ -117,10 +144,16 @@ impl Cluster {
         }
         Cluster {
             nodes,
+            metrics,
             links,
             datacenters: options.datacenters,
             _dir: dir,
         }
+    }
+
+    /// Datacenter of each node.
+    pub fn datacenters(&self) -> &[String] {
+        &self.datacenters
     }
 
     /// Client address of node `i`.

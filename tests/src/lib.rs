@@ -11,6 +11,7 @@
 //! - [`bin`]: where the binaries are.
 //! - [`cassandra`]: the Cassandra address the tests use, a store on it,
 //!   and private Cassandra instances for fault tests.
+//! - [`machine`]: machine facts for benchmark reports.
 //!
 //! Nodes listen on port 0 and report the port they got in a JSON log line,
 //! so tests never guess ports and never sleep waiting for a server.
@@ -19,6 +20,7 @@ pub mod bin;
 pub mod cassandra;
 pub mod cluster;
 pub mod inproc;
+pub mod machine;
 pub mod netproxy;
 pub mod process;
 pub mod raw;

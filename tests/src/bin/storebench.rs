@@ -39,6 +39,7 @@ use saferchat_node::message_id::IdGenerator;
 use saferchat_node::storage::cassandra::CassandraStore;
 use saferchat_node::storage::sled::SledStore;
 use saferchat_node::storage::{ChatStore, Range, StoredMessage, history};
+use saferchat_tests::machine;
 
 /// Envelopes sealed per room size (reused round robin).
 const POOL: usize = 8;
@@ -100,54 +101,9 @@ fn cpu_seconds(pid: &str, ticks_per_s: f64) -> Option<f64> {
     Some((utime + stime) / ticks_per_s)
 }
 
-fn command_output(program: &str, args: &[&str]) -> String {
-    std::process::Command::new(program)
-        .args(args)
-        .output()
-        .ok()
-        .map(|o| {
-            let mut s = String::from_utf8_lossy(&o.stdout).into_owned();
-            s.push_str(&String::from_utf8_lossy(&o.stderr));
-            s.trim().to_owned()
-        })
-        .unwrap_or_else(|| "?".into())
-}
-
 fn machine_facts() -> Vec<(String, String)> {
-    let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
-    let model = cpuinfo
-        .lines()
-        .find(|l| l.starts_with("model name"))
-        .and_then(|l| l.split(':').nth(1))
-        .unwrap_or("?")
-        .trim()
-        .to_owned();
-    let memory = std::fs::read_to_string("/proc/meminfo")
-        .unwrap_or_default()
-        .lines()
-        .next()
-        .unwrap_or("?")
-        .to_owned();
-    vec![
-        ("CPU".into(), model),
-        (
-            "cores".into(),
-            std::thread::available_parallelism()
-                .map_or(0, |n| n.get())
-                .to_string(),
-        ),
-        (
-            "memory".into(),
-            memory.replace("MemTotal:", "").trim().to_owned(),
-        ),
-        (
-            "kernel".into(),
-            std::fs::read_to_string("/proc/sys/kernel/osrelease")
-                .unwrap_or_default()
-                .trim()
-                .to_owned(),
-        ),
-        ("rustc".into(), command_output("rustc", &["--version"])),
+    let mut facts = machine::common_facts();
+    facts.extend([
         (
             "build".into(),
             if cfg!(debug_assertions) {
@@ -158,16 +114,11 @@ fn machine_facts() -> Vec<(String, String)> {
         ),
         (
             "commit".into(),
-            command_output("git", &["rev-parse", "--short", "HEAD"]),
+            machine::stdout_of("git", &["rev-parse", "--short", "HEAD"]),
         ),
-        (
-            "load average at start".into(),
-            std::fs::read_to_string("/proc/loadavg")
-                .unwrap_or_default()
-                .trim()
-                .to_owned(),
-        ),
-    ]
+        ("load average at start".into(), machine::loadavg()),
+    ]);
+    facts
 }
 
 /// Real envelopes for a room of `members`.
@@ -465,7 +416,7 @@ async fn main() -> anyhow::Result<()> {
         "--batch values must be 1..=512 (the room actor's batch limit)"
     );
     let facts = machine_facts();
-    let ticks_per_s: f64 = command_output("getconf", &["CLK_TCK"])
+    let ticks_per_s: f64 = machine::stdout_of("getconf", &["CLK_TCK"])
         .parse()
         .unwrap_or(100.0);
     let cassandra_pid = args
