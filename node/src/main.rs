@@ -117,10 +117,28 @@ async fn shutdown_on_signal(token: CancellationToken) {
     token.cancel();
 }
 
+/// Upper bounds of the membership read histogram, seconds: 1 µs to 1 s,
+/// fine where lease reads land (microseconds), coarse where quorum reads
+/// land (a network round trip).
+const MEMBERSHIP_READ_BUCKETS_S: [f64; 26] = [
+    1e-6, 2e-6, 3e-6, 5e-6, 7.5e-6, 10e-6, 15e-6, 20e-6, 30e-6, 40e-6, 50e-6, 75e-6, 100e-6,
+    200e-6, 500e-6, 1e-3, 2e-3, 5e-3, 10e-3, 20e-3, 30e-3, 50e-3, 75e-3, 100e-3, 300e-3, 1.0,
+];
+
 async fn main_async(config: NodeConfig) -> anyhow::Result<()> {
     if let Some(addr) = config.metrics_listen {
         metrics_exporter_prometheus::PrometheusBuilder::new()
             .with_http_listener(addr)
+            // Membership reads as a true histogram: cumulative buckets can
+            // be diffed between two scrapes, which gives exact quantiles of
+            // an interval (a summary only covers a rolling window).
+            .set_buckets_for_metric(
+                metrics_exporter_prometheus::Matcher::Full(
+                    "saferchat_membership_read_seconds".into(),
+                ),
+                &MEMBERSHIP_READ_BUCKETS_S,
+            )
+            .context("membership read buckets")?
             .install()
             .with_context(|| format!("starting the metrics endpoint on {addr}"))?;
         tracing::info!(%addr, "metrics on /metrics");

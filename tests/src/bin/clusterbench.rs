@@ -403,20 +403,31 @@ impl Metrics {
             .map_or(0.0, |(_, _, v)| *v)
     }
 
-    /// A summary's quantile `q` (matched numerically), if rendered.
-    fn quantile(&self, name: &str, labels: &[(&str, &str)], q: f64) -> Option<f64> {
-        self.samples
+    /// The cumulative buckets of histogram `name` with at least `labels`,
+    /// as (upper bound in seconds, count), in bound order.
+    fn buckets(&self, name: &str, labels: &[(&str, &str)]) -> Vec<(f64, f64)> {
+        let bucket = format!("{name}_bucket");
+        let mut out: Vec<(f64, f64)> = self
+            .samples
             .iter()
-            .find(|(n, l, _)| {
-                n == name
+            .filter(|(n, l, _)| {
+                *n == bucket
                     && labels
                         .iter()
                         .all(|(k, v)| l.get(*k).map(String::as_str) == Some(*v))
-                    && l.get("quantile")
-                        .and_then(|s| s.parse::<f64>().ok())
-                        .is_some_and(|x| (x - q).abs() < 1e-9)
             })
-            .map(|(_, _, v)| *v)
+            .filter_map(|(_, l, v)| {
+                let le = l.get("le")?;
+                let bound = if le == "+Inf" {
+                    f64::INFINITY
+                } else {
+                    le.parse().ok()?
+                };
+                Some((bound, *v))
+            })
+            .collect();
+        out.sort_by(|a, b| a.0.total_cmp(&b.0));
+        out
     }
 }
 
@@ -997,7 +1008,8 @@ struct ReadRow {
     client_p50_us: f64,
     client_p99_us: f64,
     client_max_us: f64,
-    /// Node-side quantiles (µs) from the summary, as in [`READ_QUANTILES`].
+    /// Node-side quantiles (µs) over the phase, as in [`READ_QUANTILES`]:
+    /// upper bounds of histogram buckets.
     node_quantiles_us: Vec<Option<f64>>,
     node_mean_us: f64,
     node_count: f64,
@@ -1007,6 +1019,39 @@ struct ReadRow {
 }
 
 const READ_QUANTILES: [f64; 5] = [0.5, 0.9, 0.99, 0.999, 1.0];
+
+/// Quantile `q` of the observations histogram `name` recorded between two
+/// scrapes, as the upper bound of the bucket it falls in (seconds); `None`
+/// when nothing was recorded or it fell beyond the last finite bound.
+fn interval_quantile(
+    before: &Metrics,
+    after: &Metrics,
+    name: &str,
+    labels: &[(&str, &str)],
+    q: f64,
+) -> Option<f64> {
+    let earlier = before.buckets(name, labels);
+    let counts: Vec<(f64, f64)> = after
+        .buckets(name, labels)
+        .into_iter()
+        .map(|(bound, n)| {
+            let was = earlier
+                .iter()
+                .find(|(b, _)| *b == bound)
+                .map_or(0.0, |(_, n)| *n);
+            (bound, n - was)
+        })
+        .collect();
+    let total = counts.last()?.1;
+    if total <= 0.0 {
+        return None;
+    }
+    counts
+        .iter()
+        .find(|(_, cumulative)| *cumulative >= q * total)
+        .map(|(bound, _)| *bound)
+        .filter(|bound| bound.is_finite())
+}
 
 /// `readers` clients, each on its own connection with one `Members` call
 /// in flight, read `room` on `node` until `budget` reads or `limit`.
@@ -1095,7 +1140,7 @@ async fn read_phase(
         client_max_us: percentile(&samples.latencies_us, 100.0),
         node_quantiles_us: READ_QUANTILES
             .iter()
-            .map(|q| m.quantile(name, &labels, *q).map(|s| s * 1e6))
+            .map(|q| interval_quantile(b, m, name, &labels, *q).map(|s| s * 1e6))
             .collect(),
         node_mean_us: if count > 0.0 {
             sum / count * 1e6
@@ -1581,7 +1626,7 @@ fn report(
     let _ = writeln!(md, "\n#### Membership reads\n");
     let _ = writeln!(
         md,
-        "Node-side: `saferchat_membership_read_seconds{{path=...}}` on the node read (from queuing the command to the membership driver to its answer, no network; quantiles from the exporter's rolling 60 s summary, mean from sum/count over the phase). Client-side: admin `Members` over gRPC on loopback, `readers` connections with one call in flight each.\n"
+        "Node-side: `saferchat_membership_read_seconds{{path=...}}` on the node read (from queuing the command to the membership driver to its answer, no network; quantiles over the phase from the difference of the histogram's cumulative buckets, each given as the upper bound of its bucket — bounds 1, 2, 3, 5, 7.5, 10, 15, 20, 30, 40, 50, 75, 100, 200, 500 µs, then 1, 2, 5, 10, 20, 30, 50, 75, 100, 300 ms, 1 s —; mean from sum/count over the phase). Client-side: admin `Members` over gRPC on loopback, `readers` connections with one call in flight each.\n"
     );
     table_header(
         &mut md,
