@@ -1,5 +1,7 @@
-//! Facts about the machine a benchmark ran on, for its report: the numbers
-//! mean little without them.
+//! Facts about the machine a benchmark ran on, for its report (the numbers
+//! mean little without them), and the CPU time of its processes.
+
+use std::sync::OnceLock;
 
 /// A command's standard output, trimmed; `?` when it cannot run.
 pub fn stdout_of(program: &str, args: &[&str]) -> String {
@@ -48,4 +50,24 @@ pub fn common_facts() -> Vec<(String, String)> {
         ("kernel".into(), kernel.trim().to_owned()),
         ("rustc".into(), stdout_of("rustc", &["--version"])),
     ]
+}
+
+/// Clock ticks per second of `/proc/<pid>/stat` times (`getconf CLK_TCK`,
+/// 100 if that cannot run), read once.
+fn ticks_per_second() -> f64 {
+    static TICKS: OnceLock<f64> = OnceLock::new();
+    *TICKS.get_or_init(|| stdout_of("getconf", &["CLK_TCK"]).parse().unwrap_or(100.0))
+}
+
+/// CPU seconds (user + system, all threads) a process has used, from
+/// `/proc/<pid>/stat` (`pid` may be `self`); `None` when it is gone.
+pub fn cpu_seconds(pid: &str) -> Option<f64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // Fields after the parenthesised command name (which may contain
+    // spaces); utime and stime are the 14th and 15th fields of the line.
+    let rest = &stat[stat.rfind(')')? + 2..];
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let utime: f64 = fields.get(11)?.parse().ok()?;
+    let stime: f64 = fields.get(12)?.parse().ok()?;
+    Some((utime + stime) / ticks_per_second())
 }

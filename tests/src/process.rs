@@ -214,6 +214,34 @@ pub fn fails(output: &Output) -> String {
     String::from_utf8_lossy(&output.stderr).into_owned()
 }
 
+/// Posts `text` to `room` with the CLI's `send`, as the owner of `key`.
+///
+/// # Panics
+/// When the CLI fails or does not report the post as sent.
+pub fn send(server: &str, key: &Path, room: &str, text: &str) {
+    let out = ok(&cli(server, Some(key), &["send", room, text], None));
+    assert!(out.starts_with("sent "), "{out}");
+}
+
+/// The CLI's `history` of `room` (up to 100 messages) as the owner of `key`.
+///
+/// # Panics
+/// When the CLI fails.
+pub fn history(server: &str, key: &Path, room: &str) -> String {
+    ok(&cli(
+        server,
+        Some(key),
+        &["history", room, "--limit", "100"],
+        None,
+    ))
+}
+
+/// Whether `needle` occurs in `haystack`: searching stored bytes for a
+/// plaintext.
+pub fn contains(haystack: &[u8], needle: &[u8]) -> bool {
+    haystack.windows(needle.len()).any(|w| w == needle)
+}
+
 /// Writes fixture key `n` to `dir/name.pem` (mode 0600) and returns its
 /// path and handle.
 pub fn fixture_key(dir: &Path, name: &str, n: usize) -> (PathBuf, String) {

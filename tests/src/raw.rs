@@ -65,12 +65,18 @@ impl Raw {
         }
     }
 
+    /// Asks to join `room` as `user` and waits for the server's challenge.
+    pub async fn challenged(server: &str, room: &str, user: &str) -> (Raw, pb::Challenge) {
+        let mut raw = Raw::open(server, join_frame(room, user)).await;
+        match raw.next().await.expect("challenge") {
+            server_frame::Frame::Challenge(c) => (raw, c),
+            other => panic!("expected a challenge, got {other:?}"),
+        }
+    }
+
     /// Joins `room` as `id` with a correct proof; returns the Joined frame.
     pub async fn join(server: &str, room: &str, id: &Arc<Identity>) -> (Raw, pb::Joined) {
-        let mut raw = Raw::open(server, join_frame(room, &id.handle().to_string())).await;
-        let server_frame::Frame::Challenge(c) = raw.next().await.expect("challenge") else {
-            panic!("expected a challenge")
-        };
+        let (mut raw, c) = Raw::challenged(server, room, &id.handle().to_string()).await;
         raw.send(proof_frame(room, id, &c.nonce)).await;
         match raw.next().await.expect("joined") {
             server_frame::Frame::Joined(j) => (raw, j),

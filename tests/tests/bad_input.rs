@@ -11,7 +11,7 @@ use saferchat_client::history::{self, Query};
 use saferchat_client::test_keys;
 use saferchat_client::{ClientError, Event, Identity, JoinOptions, Session};
 use saferchat_consensus::{Revision, RoomId};
-use saferchat_proto::chat::{self as pb, client_frame::Frame, server_frame};
+use saferchat_proto::chat::{self as pb, client_frame::Frame};
 use saferchat_tests::inproc::TestNode;
 use saferchat_tests::raw::{Raw, join_frame, proof_frame, rejected};
 use tonic::Code;
@@ -203,14 +203,7 @@ async fn join_proofs_must_be_right() {
     let bob = test_keys::identity(1);
 
     // A signature by another key.
-    let mut raw = Raw::open(
-        &node.server(),
-        join_frame("aaa", &alice.handle().to_string()),
-    )
-    .await;
-    let server_frame::Frame::Challenge(c) = raw.next().await.expect("challenge") else {
-        panic!()
-    };
+    let (mut raw, c) = Raw::challenged(&node.server(), "aaa", &alice.handle().to_string()).await;
     let Frame::Proof(mut proof) = proof_frame("aaa", alice, &c.nonce) else {
         unreachable!()
     };
@@ -228,26 +221,12 @@ async fn join_proofs_must_be_right() {
     );
 
     // A correct signature over another nonce (a replay).
-    let mut raw = Raw::open(
-        &node.server(),
-        join_frame("aaa", &alice.handle().to_string()),
-    )
-    .await;
-    let server_frame::Frame::Challenge(_) = raw.next().await.expect("challenge") else {
-        panic!()
-    };
+    let (mut raw, _) = Raw::challenged(&node.server(), "aaa", &alice.handle().to_string()).await;
     raw.send(proof_frame("aaa", alice, &[7u8; 32])).await;
     assert_eq!(raw.end().await.code(), Code::Unauthenticated);
 
     // A key that does not hash to the handle (bob's key, signed by bob).
-    let mut raw = Raw::open(
-        &node.server(),
-        join_frame("aaa", &alice.handle().to_string()),
-    )
-    .await;
-    let server_frame::Frame::Challenge(c) = raw.next().await.expect("challenge") else {
-        panic!()
-    };
+    let (mut raw, c) = Raw::challenged(&node.server(), "aaa", &alice.handle().to_string()).await;
     let nonce: [u8; 32] = c.nonce.as_ref().try_into().expect("nonce");
     let input = saferchat_envelope::challenge::join_signing_input(
         &RoomId::new("aaa").unwrap(),
@@ -268,12 +247,7 @@ async fn join_proofs_must_be_right() {
     );
 
     // Garbage where the key belongs.
-    let mut raw = Raw::open(
-        &node.server(),
-        join_frame("aaa", &alice.handle().to_string()),
-    )
-    .await;
-    let _ = raw.next().await.expect("challenge");
+    let (mut raw, _) = Raw::challenged(&node.server(), "aaa", &alice.handle().to_string()).await;
     raw.send(Frame::Proof(pb::Proof {
         public_key: Bytes::from_static(b"junk"),
         signature: Bytes::from_static(b"sig"),

@@ -4,30 +4,10 @@
 //! history is intact; then every text and blob in every table of the
 //! keyspace is searched for the plaintexts: only ciphertext is there.
 
-use std::path::Path;
-
 use saferchat_tests::cassandra;
-use saferchat_tests::process::{NodeProcess, cli, fixture_key, ok};
+use saferchat_tests::process::{NodeProcess, cli, contains, fixture_key, history, ok, send};
 
 const KEYSPACE: &str = "saferchat_e2e";
-
-fn send(server: &str, key: &Path, room: &str, text: &str) {
-    let out = ok(&cli(server, Some(key), &["send", room, text], None));
-    assert!(out.starts_with("sent "), "{out}");
-}
-
-fn history(server: &str, key: &Path, room: &str) -> String {
-    ok(&cli(
-        server,
-        Some(key),
-        &["history", room, "--limit", "100"],
-        None,
-    ))
-}
-
-fn contains(haystack: &[u8], needle: &[u8]) -> bool {
-    haystack.windows(needle.len()).any(|w| w == needle)
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "needs Cassandra: run scripts/test.sh or set SAFERCHAT_CASSANDRA"]

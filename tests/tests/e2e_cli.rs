@@ -9,21 +9,7 @@ use std::path::Path;
 use bytes::Bytes;
 use saferchat_envelope::Envelope;
 
-use saferchat_tests::process::{NodeProcess, cli, fails, fixture_key, ok};
-
-fn send(server: &str, key: &Path, room: &str, text: &str) {
-    let out = ok(&cli(server, Some(key), &["send", room, text], None));
-    assert!(out.starts_with("sent "), "{out}");
-}
-
-fn history(server: &str, key: &Path, room: &str) -> String {
-    ok(&cli(
-        server,
-        Some(key),
-        &["history", room, "--limit", "100"],
-        None,
-    ))
-}
+use saferchat_tests::process::{NodeProcess, cli, contains, fails, fixture_key, history, ok, send};
 
 /// Every file under `dir`, recursively.
 fn files(dir: &Path) -> Vec<std::path::PathBuf> {
@@ -37,10 +23,6 @@ fn files(dir: &Path) -> Vec<std::path::PathBuf> {
         }
     }
     out
-}
-
-fn contains(haystack: &[u8], needle: &[u8]) -> bool {
-    haystack.windows(needle.len()).any(|w| w == needle)
 }
 
 /// Alters the body of the first envelope in the node's envelope log, as an

@@ -290,18 +290,6 @@ fn realtime_processes() -> String {
     }
 }
 
-/// CPU seconds (user + system) of a process, from `/proc/<pid>/stat`.
-fn cpu_seconds(pid: &str) -> Option<f64> {
-    // USER_HZ is 100 on every Linux this runs on.
-    const TICKS_PER_S: f64 = 100.0;
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    let rest = &stat[stat.rfind(')')? + 2..];
-    let fields: Vec<&str> = rest.split_whitespace().collect();
-    let utime: f64 = fields.get(11)?.parse().ok()?;
-    let stime: f64 = fields.get(12)?.parse().ok()?;
-    Some((utime + stime) / TICKS_PER_S)
-}
-
 /// Seconds the threads of a process have spent runnable but waiting for a
 /// CPU, from `/proc/<pid>/task/*/schedstat` (second field, ns). Threads
 /// that exited are not counted.
@@ -582,7 +570,7 @@ impl BenchCluster {
             .filter_map(|n| pid_of(&n.data_dir))
             .map(|pid| {
                 (
-                    cpu_seconds(&pid).unwrap_or(0.0),
+                    machine::cpu_seconds(&pid).unwrap_or(0.0),
                     run_queue_wait_seconds(&pid),
                 )
             })
@@ -870,7 +858,7 @@ async fn snapshot(cluster: &BenchCluster) -> anyhow::Result<Snapshot> {
         metrics: cluster.scrape_all().await?,
         nodes_cpu,
         nodes_wait,
-        bench_cpu: cpu_seconds("self").unwrap_or(0.0),
+        bench_cpu: machine::cpu_seconds("self").unwrap_or(0.0),
         bench_wait: run_queue_wait_seconds("self"),
         at: Instant::now(),
         load: machine::loadavg(),

@@ -89,18 +89,6 @@ struct Args {
     out: PathBuf,
 }
 
-/// CPU seconds (user + system) of a process, from `/proc/<pid>/stat`.
-fn cpu_seconds(pid: &str, ticks_per_s: f64) -> Option<f64> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    // Fields after the parenthesised command name; utime and stime are
-    // the 14th and 15th fields of the whole line.
-    let rest = &stat[stat.rfind(')')? + 2..];
-    let fields: Vec<&str> = rest.split_whitespace().collect();
-    let utime: f64 = fields.get(11)?.parse().ok()?;
-    let stime: f64 = fields.get(12)?.parse().ok()?;
-    Some((utime + stime) / ticks_per_s)
-}
-
 fn machine_facts() -> Vec<(String, String)> {
     let mut facts = machine::common_facts();
     facts.extend([
@@ -190,17 +178,14 @@ struct HistoryCell {
 }
 
 struct Cpu {
-    ticks_per_s: f64,
     cassandra_pid: Option<String>,
 }
 
 impl Cpu {
     fn sample(&self) -> (Option<f64>, Option<f64>) {
         (
-            cpu_seconds("self", self.ticks_per_s),
-            self.cassandra_pid
-                .as_deref()
-                .and_then(|p| cpu_seconds(p, self.ticks_per_s)),
+            machine::cpu_seconds("self"),
+            self.cassandra_pid.as_deref().and_then(machine::cpu_seconds),
         )
     }
 }
@@ -347,13 +332,7 @@ fn report(
         "- workload: {} rooms appending concurrently, {} s per cell; real envelope v1 bytes (200-byte body sealed for M members); history = last {HISTORY_LIMIT} messages, {} sequential reads on an idle store",
         args.writers, args.seconds, args.history_reads
     );
-    let _ = writeln!(
-        md,
-        "- load average at end: {}\n",
-        std::fs::read_to_string("/proc/loadavg")
-            .unwrap_or_default()
-            .trim()
-    );
+    let _ = writeln!(md, "- load average at end: {}\n", machine::loadavg());
     let _ = writeln!(
         md,
         "### Appends (one `append` call = one room-actor batch)\n"
@@ -416,9 +395,6 @@ async fn main() -> anyhow::Result<()> {
         "--batch values must be 1..=512 (the room actor's batch limit)"
     );
     let facts = machine_facts();
-    let ticks_per_s: f64 = machine::stdout_of("getconf", &["CLK_TCK"])
-        .parse()
-        .unwrap_or(100.0);
     let cassandra_pid = args
         .cassandra_node_dir
         .as_ref()
@@ -429,10 +405,7 @@ async fn main() -> anyhow::Result<()> {
             "storebench: no --cassandra-node-dir with a pid file: Cassandra CPU is not measured"
         );
     }
-    let cpu = Cpu {
-        ticks_per_s,
-        cassandra_pid,
-    };
+    let cpu = Cpu { cassandra_pid };
     let scratch = tempfile::tempdir()?;
     let mut appends = Vec::new();
     let mut histories = Vec::new();
