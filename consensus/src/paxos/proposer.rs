@@ -205,19 +205,17 @@ impl Proposer {
     /// Applies the batch to `base` and sends the accepts.
     fn begin_accept(&mut self, config: &ReplicaConfig, base: &Arc<RoomState>, out: &mut Effects) {
         let round = self.round.as_mut().expect("a round to accept in");
-        let (unknown, batch): (Vec<Queued>, Vec<Queued>) = std::mem::take(&mut round.batch)
-            .into_iter()
-            .partition(|q| outcome_unknowable(q, base));
-        for queued in unknown {
-            out.replies.push((queued.request, Outcome::Unavailable));
-        }
-        round.batch = batch;
-        for queued in &mut round.batch {
+        round.batch.retain_mut(|queued| {
+            if outcome_unknowable(queued, base) {
+                out.replies.push((queued.request, Outcome::Unavailable));
+                return false;
+            }
             let lowest = queued
                 .lowest_base
                 .map_or(base.revision, |r| r.min(base.revision));
             queued.lowest_base = Some(lowest);
-        }
+            true
+        });
         let mut state = RoomState::clone(base);
         let results: Vec<_> = round
             .batch
