@@ -31,13 +31,28 @@ impl Ballot {
         node: NodeId(0),
     };
 
+    /// The highest round a node proposes or accepts.
+    ///
+    /// Far beyond any real use (2^62 rounds at a million per second last
+    /// 146,000 years) and far below `u64::MAX`, so `round + 1` never
+    /// overflows, and a frame that names a bigger round is refused as
+    /// absurd instead of freezing the room: an acceptor that promised
+    /// `u64::MAX` could never be outbid again.
+    pub const ROUND_MAX: u64 = 1 << 62;
+
+    /// Whether the round is within [`Ballot::ROUND_MAX`].
+    pub fn is_sane(self) -> bool {
+        self.round <= Self::ROUND_MAX
+    }
+
     /// The next ballot of the same node: the one a proposer piggybacks as
-    /// a promise on its accept, for a one-round-trip next change.
-    pub fn successor(self) -> Ballot {
-        Ballot {
+    /// a promise on its accept, for a one-round-trip next change. `None`
+    /// once the rounds are exhausted.
+    pub fn successor(self) -> Option<Ballot> {
+        (self.round < Self::ROUND_MAX).then(|| Ballot {
             round: self.round + 1,
             node: self.node,
-        }
+        })
     }
 }
 
@@ -55,8 +70,22 @@ impl fmt::Display for Ballot {
 pub struct Revision(pub u64);
 
 impl Revision {
+    /// The highest revision a room can reach; like [`Ballot::ROUND_MAX`],
+    /// unreachable in practice and a bound that keeps `+ 1` from
+    /// overflowing and absurd peer frames out.
+    pub const MAX: Revision = Revision(1 << 62);
+
+    /// Whether the revision is within [`Revision::MAX`].
+    pub fn is_sane(self) -> bool {
+        self <= Self::MAX
+    }
+
     /// The revision after this one.
+    ///
+    /// # Panics
+    /// At [`Revision::MAX`]; `apply` refuses changes there first.
     pub fn next(self) -> Revision {
+        assert!(self < Self::MAX, "revision {self} is exhausted");
         Revision(self.0 + 1)
     }
 }

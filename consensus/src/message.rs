@@ -83,3 +83,36 @@ pub enum Message {
         accepted: Option<(Ballot, Revision)>,
     },
 }
+
+impl Message {
+    /// Whether every ballot and revision in the message is within
+    /// [`Ballot::ROUND_MAX`] and [`Revision::MAX`]. A replica drops a
+    /// message that is not: no honest node ever sends one, and taking it
+    /// would let one frame exhaust a room's ballots.
+    pub fn is_sane(&self) -> bool {
+        let value_ok = |v: &RoomState| v.revision.is_sane();
+        match self {
+            Message::Prepare { ballot } => ballot.is_sane(),
+            Message::Promise { ballot, accepted } => {
+                ballot.is_sane()
+                    && accepted
+                        .as_ref()
+                        .is_none_or(|(b, v)| b.is_sane() && value_ok(v))
+            }
+            Message::Accept {
+                ballot,
+                value,
+                next,
+            } => ballot.is_sane() && value_ok(value) && next.is_none_or(Ballot::is_sane),
+            Message::Accepted { ballot, .. } => ballot.is_sane(),
+            Message::Nack {
+                ballot, promised, ..
+            } => ballot.is_sane() && promised.is_sane(),
+            Message::Commit { ballot, value } => ballot.is_sane() && value_ok(value),
+            Message::LeaseRequest { .. } => true,
+            Message::LeaseGrant { accepted, .. } => accepted
+                .as_ref()
+                .is_none_or(|(b, r)| b.is_sane() && r.is_sane()),
+        }
+    }
+}

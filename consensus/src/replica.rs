@@ -176,6 +176,9 @@ impl RoomReplica {
 
     /// Handles one message from `from` (possibly this node).
     pub fn step(&mut self, now: Millis, from: NodeId, message: Message) {
+        if !message.is_sane() {
+            return;
+        }
         let mut effects = Effects::default();
         match message {
             Message::Prepare { ballot } => {

@@ -293,6 +293,9 @@ pub enum ChangeError {
     /// A different key is already registered for this handle.
     #[error("a different public key is already registered for this user")]
     KeyConflict,
+    /// The room reached [`Revision::MAX`]; no further change fits.
+    #[error("room has reached its last revision")]
+    RevisionsExhausted,
     /// The compare-and-set guard did not hold.
     #[error("room is at revision {current}, not the expected revision")]
     RevisionMismatch {
@@ -329,6 +332,9 @@ pub fn apply(state: &mut RoomState, proposal: &Proposal) -> Result<Applied, Chan
         changed: false,
         revision: state.revision,
     };
+    if proposal.change != Change::Read && state.revision >= Revision::MAX {
+        return Err(ChangeError::RevisionsExhausted);
+    }
     match &proposal.change {
         Change::Read => return Ok(unchanged),
         Change::Create if state.created => return Err(ChangeError::RoomExists),

@@ -675,3 +675,83 @@ fn a_retry_beyond_the_dedup_window_is_not_applied_twice() {
     assert!(!state.is_member(&alice()), "alice was added twice");
     assert_eq!(state.revision.0, 2 + RECENT_CHANGES_MAX as u64 + 1);
 }
+
+/// A forged prepare at round `u64::MAX` reaching a majority once froze a
+/// room: the acceptors promised it, and the proposer's next round
+/// overflowed. Replicas now drop rounds past `Ballot::ROUND_MAX`.
+#[test]
+fn an_absurd_ballot_is_dropped_and_the_room_keeps_changing() {
+    let mut c = Cluster::new(3);
+    c.nodes[0].propose(Millis(0), RequestId(1), proposal(1, Change::Create));
+    c.run(Millis(0));
+    for i in 1..3 {
+        c.nodes[i].step(
+            Millis(1),
+            NodeId(3),
+            Message::Prepare {
+                ballot: b(u64::MAX, 3),
+            },
+        );
+        c.nodes[i].step(
+            Millis(1),
+            NodeId(3),
+            Message::Prepare {
+                ballot: b(Ballot::ROUND_MAX + 1, 3),
+            },
+        );
+        assert!(c.nodes[i].acceptor_state().promised.is_sane());
+        c.collect(i);
+    }
+    c.inflight.clear();
+    c.nodes[0].propose(Millis(2), RequestId(2), proposal(2, Change::Add(alice())));
+    c.run(Millis(2));
+    let (_, _, Outcome::Decided { result, .. }) = &c.replies[1] else {
+        panic!("{:?}", c.replies)
+    };
+    assert_eq!(result.as_ref().unwrap().revision, Revision(2));
+}
+
+/// An acceptor that reports a lease holder with `u64::MAX` milliseconds
+/// left cannot hold a change back for longer than an honest promise.
+#[test]
+fn a_lying_holder_report_delays_commit_no_longer_than_an_honest_promise() {
+    let mut c = Cluster::new(3);
+    c.nodes[0].propose(Millis(0), RequestId(1), proposal(1, Change::Create));
+    c.run(Millis(0));
+    c.nodes[0].propose(Millis(100), RequestId(2), proposal(2, Change::Add(alice())));
+    c.collect(0);
+    while let Some((from, to, m)) = c.inflight.pop_front() {
+        if to == NodeId(3) || from == NodeId(3) {
+            continue;
+        }
+        let m = match m {
+            Message::Accepted { ballot, .. } if from == NodeId(2) => Message::Accepted {
+                ballot,
+                holders: vec![(NodeId(3), u64::MAX)],
+            },
+            m => m,
+        };
+        let i = to.0 as usize - 1;
+        c.nodes[i].step(Millis(100), from, m);
+        c.collect(i);
+    }
+    assert_eq!(c.replies.len(), 1, "must wait for the reported holder");
+    let lease = c.nodes[0].config().lease;
+    let deadline = 100 + lease.wait_ms(lease.promise_ms());
+    c.nodes[0].tick(Millis(deadline));
+    c.collect(0);
+    assert_eq!(c.replies.len(), 2, "{:?}", c.replies);
+}
+
+/// A room at `Revision::MAX` refuses further changes instead of wrapping.
+#[test]
+fn a_room_at_its_last_revision_refuses_changes() {
+    let mut state = RoomState::default();
+    saferchat_consensus::apply(&mut state, &proposal(1, Change::Create)).unwrap();
+    state.revision = Revision::MAX;
+    assert_eq!(
+        saferchat_consensus::apply(&mut state, &proposal(2, Change::Add(alice()))),
+        Err(saferchat_consensus::ChangeError::RevisionsExhausted)
+    );
+    assert!(saferchat_consensus::apply(&mut state, &proposal(3, Change::Read)).is_ok());
+}

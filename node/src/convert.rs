@@ -29,11 +29,31 @@ pub fn ballot_to_pb(b: Ballot) -> ppb::Ballot {
 }
 
 /// Ballot from wire (absent: the zero ballot).
-pub fn ballot_from_pb(b: Option<&ppb::Ballot>) -> Ballot {
-    b.map_or(Ballot::ZERO, |b| Ballot {
+///
+/// # Errors
+/// A round beyond [`Ballot::ROUND_MAX`]: no honest node sends one, and
+/// accepting it would exhaust the room's ballots.
+pub fn ballot_from_pb(b: Option<&ppb::Ballot>) -> Result<Ballot, NodeError> {
+    let ballot = b.map_or(Ballot::ZERO, |b| Ballot {
         round: b.round,
         node: NodeId(b.node),
-    })
+    });
+    if !ballot.is_sane() {
+        return Err(corrupt("ballot round beyond the maximum"));
+    }
+    Ok(ballot)
+}
+
+/// Revision from wire.
+///
+/// # Errors
+/// A revision beyond [`Revision::MAX`].
+fn revision_from_pb(revision: u64) -> Result<Revision, NodeError> {
+    let revision = Revision(revision);
+    if !revision.is_sane() {
+        return Err(corrupt("revision beyond the maximum"));
+    }
+    Ok(revision)
 }
 
 /// Room state to record.
@@ -89,11 +109,14 @@ pub fn state_from_pb(r: &ppb::RoomStateRecord) -> Result<RoomState, NodeError> {
         .iter()
         .map(|c| {
             let raw: [u8; 16] = c.id.as_ref().try_into().map_err(|_| corrupt("change id"))?;
-            Ok((ChangeId(u128::from_be_bytes(raw)), Revision(c.revision)))
+            Ok((
+                ChangeId(u128::from_be_bytes(raw)),
+                revision_from_pb(c.revision)?,
+            ))
         })
         .collect::<Result<VecDeque<_>, NodeError>>()?;
     Ok(RoomState {
-        revision: Revision(r.revision),
+        revision: revision_from_pb(r.revision)?,
         created: r.created,
         members,
         recent,
@@ -115,12 +138,12 @@ pub fn acceptor_to_pb(a: &AcceptorState) -> ppb::AcceptorRecord {
 /// When the record is inconsistent.
 pub fn acceptor_from_pb(r: &ppb::AcceptorRecord) -> Result<AcceptorState, NodeError> {
     let accepted = match (&r.accepted_ballot, &r.accepted_value) {
-        (Some(b), Some(v)) => Some((ballot_from_pb(Some(b)), Arc::new(state_from_pb(v)?))),
+        (Some(b), Some(v)) => Some((ballot_from_pb(Some(b))?, Arc::new(state_from_pb(v)?))),
         (None, None) => None,
         _ => return Err(corrupt("accepted ballot without value")),
     };
     Ok(AcceptorState {
-        promised: ballot_from_pb(r.promised.as_ref()),
+        promised: ballot_from_pb(r.promised.as_ref())?,
         accepted,
     })
 }
@@ -143,7 +166,7 @@ pub fn committed_from_pb(r: &ppb::CommittedRecord) -> Result<CommittedRoom, Node
         .as_ref()
         .ok_or_else(|| corrupt("committed record without state"))?;
     Ok(CommittedRoom {
-        ballot: ballot_from_pb(r.ballot.as_ref()),
+        ballot: ballot_from_pb(r.ballot.as_ref())?,
         state: Arc::new(state_from_pb(state)?),
     })
 }
@@ -234,8 +257,8 @@ pub fn message_from_pb(m: &ppb::RoomMessage) -> Result<Message, NodeError> {
     use ppb::room_message::Body;
     let need = |b: &Option<ppb::Ballot>| -> Result<Ballot, NodeError> {
         b.as_ref()
-            .map(|b| ballot_from_pb(Some(b)))
             .ok_or_else(|| corrupt("missing ballot"))
+            .and_then(|b| ballot_from_pb(Some(b)))
     };
     let value = |v: &Option<ppb::RoomStateRecord>| -> Result<Arc<RoomState>, NodeError> {
         v.as_ref()
@@ -251,14 +274,18 @@ pub fn message_from_pb(m: &ppb::RoomMessage) -> Result<Message, NodeError> {
             Body::Promise(p) => Message::Promise {
                 ballot: need(&p.ballot)?,
                 accepted: match &p.accepted_ballot {
-                    Some(b) => Some((ballot_from_pb(Some(b)), value(&p.accepted_value)?)),
+                    Some(b) => Some((ballot_from_pb(Some(b))?, value(&p.accepted_value)?)),
                     None => None,
                 },
             },
             Body::Accept(a) => Message::Accept {
                 ballot: need(&a.ballot)?,
                 value: value(&a.value)?,
-                next: a.next.as_ref().map(|b| ballot_from_pb(Some(b))),
+                next: a
+                    .next
+                    .as_ref()
+                    .map(|b| ballot_from_pb(Some(b)))
+                    .transpose()?,
             },
             Body::Accepted(a) => Message::Accepted {
                 ballot: need(&a.ballot)?,
@@ -287,7 +314,13 @@ pub fn message_from_pb(m: &ppb::RoomMessage) -> Result<Message, NodeError> {
                 accepted: g
                     .accepted_ballot
                     .as_ref()
-                    .map(|b| (ballot_from_pb(Some(b)), Revision(g.accepted_revision))),
+                    .map(|b| {
+                        Ok::<_, NodeError>((
+                            ballot_from_pb(Some(b))?,
+                            revision_from_pb(g.accepted_revision)?,
+                        ))
+                    })
+                    .transpose()?,
             },
         },
     )
@@ -367,7 +400,7 @@ mod tests {
             Message::Accept {
                 ballot: b,
                 value: Arc::clone(&v),
-                next: Some(b.successor()),
+                next: b.successor(),
             },
             Message::Accept {
                 ballot: b,
@@ -380,12 +413,12 @@ mod tests {
             },
             Message::Nack {
                 ballot: b,
-                promised: b.successor(),
+                promised: b.successor().unwrap(),
                 phase: Phase::Accept,
             },
             Message::Nack {
                 ballot: b,
-                promised: b.successor(),
+                promised: b.successor().unwrap(),
                 phase: Phase::Prepare,
             },
             Message::Commit {
@@ -423,5 +456,71 @@ mod tests {
             accepted_value: None,
         };
         assert!(acceptor_from_pb(&half).is_err());
+    }
+
+    /// A frame naming a round past `ROUND_MAX` (the `u64::MAX` a peer once
+    /// could send to freeze a room) or a revision past `Revision::MAX` is
+    /// refused at the edge, whichever field carries it.
+    #[test]
+    fn absurd_ballots_and_revisions_are_refused() {
+        let v = Arc::new(sample_state());
+        let sane = Ballot {
+            round: Ballot::ROUND_MAX,
+            node: NodeId(2),
+        };
+        let absurd = Ballot {
+            round: Ballot::ROUND_MAX + 1,
+            node: NodeId(2),
+        };
+        let mut high = sample_state();
+        high.revision = Revision(Revision::MAX.0 + 1);
+        let high = Arc::new(high);
+        let ok = Message::Commit {
+            ballot: sane,
+            value: Arc::clone(&v),
+        };
+        assert!(message_from_pb(&message_to_pb("aaa", &ok)).is_ok());
+        let bad = [
+            Message::Prepare { ballot: absurd },
+            Message::Commit {
+                ballot: absurd,
+                value: Arc::clone(&v),
+            },
+            Message::Commit {
+                ballot: sane,
+                value: Arc::clone(&high),
+            },
+            Message::Accept {
+                ballot: sane,
+                value: Arc::clone(&v),
+                next: Some(absurd),
+            },
+            Message::Nack {
+                ballot: sane,
+                promised: absurd,
+                phase: Phase::Prepare,
+            },
+            Message::Promise {
+                ballot: sane,
+                accepted: Some((absurd, Arc::clone(&v))),
+            },
+            Message::LeaseGrant {
+                seq: 1,
+                accepted: Some((sane, Revision(u64::MAX))),
+            },
+        ];
+        for m in bad {
+            let err = message_from_pb(&message_to_pb("aaa", &m)).unwrap_err();
+            assert!(
+                err.to_string().contains("beyond the maximum"),
+                "{m:?}: {err}"
+            );
+        }
+        let mut record = acceptor_to_pb(&AcceptorState::default());
+        record.promised = Some(ppb::Ballot {
+            round: u64::MAX,
+            node: 1,
+        });
+        assert!(acceptor_from_pb(&record).is_err());
     }
 }

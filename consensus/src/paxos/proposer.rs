@@ -182,10 +182,18 @@ impl Proposer {
             self.begin_accept(config, &prepared.value, out);
             return;
         }
-        let round = self.max_seen.round.max(floor.round) + 1;
-        let ballot = Ballot {
-            round,
+        let highest = self.max_seen.round.max(floor.round);
+        let Some(ballot) = (Ballot {
+            round: highest,
             node: config.me,
+        })
+        .successor() else {
+            // Only reachable if a peer got a round past ROUND_MAX accepted,
+            // which the edge refuses; fail the batch rather than overflow.
+            for queued in batch {
+                out.replies.push((queued.request, Outcome::Unavailable));
+            }
+            return;
         };
         self.max_seen = self.max_seen.max(ballot);
         for to in &config.replicas {
@@ -239,7 +247,7 @@ impl Proposer {
                 Message::Accept {
                     ballot,
                     value: Arc::clone(&value),
-                    next: Some(ballot.successor()),
+                    next: ballot.successor(),
                 },
             ));
         }
@@ -309,7 +317,10 @@ impl Proposer {
         accept.accepted.insert(from);
         accept.answered.insert(from);
         for (holder, remaining_ms) in holders {
-            let until = now.plus(config.lease.wait_ms(*remaining_ms));
+            // No honest grantor promises longer than `promise_ms`; a bigger
+            // number is a lie that would stall every change of the room.
+            let remaining_ms = (*remaining_ms).min(config.lease.promise_ms());
+            let until = now.plus(config.lease.wait_ms(remaining_ms));
             let entry = accept.waits.entry(*holder).or_default();
             *entry = (*entry).max(until);
         }
@@ -401,11 +412,16 @@ impl Proposer {
         // if the local acceptor is one of them, though: its durable promise
         // of the successor is what stops a restarted proposer from reusing
         // that ballot.
-        self.prepared = accept.accepted.contains(&config.me).then(|| Prepared {
-            ballot: round.ballot.successor(),
-            value: Arc::clone(&accept.value),
-        });
-        self.max_seen = self.max_seen.max(round.ballot.successor());
+        let successor = round.ballot.successor();
+        self.prepared = successor
+            .filter(|_| accept.accepted.contains(&config.me))
+            .map(|ballot| Prepared {
+                ballot,
+                value: Arc::clone(&accept.value),
+            });
+        if let Some(successor) = successor {
+            self.max_seen = self.max_seen.max(successor);
+        }
         self.failures = 0;
         out.committed = Some((round.ballot, accept.value));
     }

@@ -28,8 +28,8 @@ pub const COMMAND_QUEUE_MAX: usize = 8192;
 pub struct Inbound {
     /// The sending node.
     pub from: saferchat_consensus::NodeId,
-    /// Its messages.
-    pub messages: Vec<ppb::RoomMessage>,
+    /// Its messages, decoded and checked at the edge.
+    pub messages: Vec<(saferchat_consensus::RoomId, saferchat_consensus::Message)>,
 }
 
 /// Sends consensus messages to other nodes. Sending never blocks and may
@@ -109,7 +109,9 @@ pub fn change_error(room: &RoomId, e: ChangeError) -> NodeError {
         ChangeError::NotMember => {
             NodeError::NotFound(format!("user is not a member of room {room:?}"))
         }
-        ChangeError::RoomFull => NodeError::ResourceExhausted(format!("room {room:?}: {e}")),
+        ChangeError::RoomFull | ChangeError::RevisionsExhausted => {
+            NodeError::ResourceExhausted(format!("room {room:?}: {e}"))
+        }
         ChangeError::KeyConflict => NodeError::FailedPrecondition(format!("room {room:?}: {e}")),
         ChangeError::RevisionMismatch { current } => NodeError::FailedPrecondition(format!(
             "room {room:?} is at revision {current}, not the expected one"
