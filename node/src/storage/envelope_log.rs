@@ -141,6 +141,9 @@ struct Writer {
     len: u64,
     /// Segments written to since the last sync.
     unsynced: Vec<Arc<File>>,
+    /// A segment was created since the last sync: the folder's entry for
+    /// it must be synced too, or a crash can lose the whole file.
+    dir_unsynced: bool,
 }
 
 /// The log; share it behind an `Arc`.
@@ -261,6 +264,10 @@ impl EnvelopeLog {
         fs::create_dir_all(dir).map_err(|e| io("creating", dir, e))?;
         let next = segments(dir)?.last().map_or(1, |n| n + 1);
         let file = create_segment(dir, next)?;
+        super::durable::sync_dir(dir)?;
+        if let Some(parent) = dir.parent().filter(|p| !p.as_os_str().is_empty()) {
+            super::durable::sync_dir(parent)?;
+        }
         Ok(EnvelopeLog {
             dir: dir.to_path_buf(),
             segment_bytes_max,
@@ -269,6 +276,7 @@ impl EnvelopeLog {
                 file,
                 len: 0,
                 unsynced: Vec::new(),
+                dir_unsynced: false,
             }),
             readers: Mutex::new(HashMap::new()),
         })
@@ -313,6 +321,7 @@ impl EnvelopeLog {
                 let file = create_segment(&self.dir, next)?;
                 let old = std::mem::replace(&mut w.file, file);
                 w.unsynced.push(old);
+                w.dir_unsynced = true;
                 w.segment = next;
                 w.len = 0;
             }
@@ -357,10 +366,19 @@ impl EnvelopeLog {
     /// # Errors
     /// [`NodeError::Storage`] when the disk refuses.
     pub fn sync(&self) -> Result<(), NodeError> {
-        let files = std::mem::take(&mut self.writer.lock().expect("lock").unsynced);
+        let (files, dir_unsynced) = {
+            let mut w = self.writer.lock().expect("lock");
+            (
+                std::mem::take(&mut w.unsynced),
+                std::mem::take(&mut w.dir_unsynced),
+            )
+        };
         for file in files {
             file.sync_data()
                 .map_err(|e| NodeError::Storage(format!("syncing the envelope log: {e}")))?;
+        }
+        if dir_unsynced {
+            super::durable::sync_dir(&self.dir)?;
         }
         Ok(())
     }

@@ -16,6 +16,7 @@
 //! `conformance`), which every store runs unchanged.
 
 pub mod cassandra;
+pub mod durable;
 pub mod envelope_log;
 pub mod memory;
 pub mod sled;

@@ -36,6 +36,7 @@ use std::sync::{Arc, Mutex};
 use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
 
+use super::durable::SledFiles;
 use super::envelope_log::{Entry, EnvelopeLog, Pointer, Position};
 use super::{AcceptorStore, ChatStore, CommittedRoom, Range, RoomSummary, StoredMessage};
 use crate::convert;
@@ -70,6 +71,8 @@ pub struct SledStore {
     buckets: sled::Tree,
     meta: sled::Tree,
     log: Arc<EnvelopeLog>,
+    /// sled's own files, synced after each of its flushes.
+    files: Arc<Mutex<SledFiles>>,
     /// Held while appending to the log and indexing, and while reading the
     /// log's end for a checkpoint: a checkpoint never passes a record whose
     /// index entry is not in sled yet.
@@ -98,16 +101,19 @@ impl SledStore {
             .open()
             .map_err(|e| NodeError::Storage(format!("opening sled at {}: {e}", dir.display())))?;
         let tree = |name: &str| db.open_tree(name).map_err(NodeError::storage);
+        let mut files = SledFiles::open(dir)?;
         let log = Arc::new(EnvelopeLog::open(&dir.join("envelopes"))?);
         let (timeline, buckets, meta) =
             (tree("timeline")?, tree("timeline_buckets")?, tree("meta")?);
-        recover_index(&db, &log, &timeline, &buckets, &meta)?;
+        recover_index(&db, &mut files, &log, &timeline, &buckets, &meta)?;
+        let files = Arc::new(Mutex::new(files));
         let index_lock = Arc::new(Mutex::new(()));
         let (flush, requests) = mpsc::channel(FLUSH_QUEUE_MAX);
-        let task = group_commit(db.clone(), Arc::clone(&log), requests);
+        let task = group_commit(db.clone(), Arc::clone(&files), Arc::clone(&log), requests);
         let stop = tokio_util::sync::CancellationToken::new();
         let checkpointer = tokio::spawn(checkpoints(
             db.clone(),
+            Arc::clone(&files),
             Arc::clone(&log),
             meta.clone(),
             Arc::clone(&index_lock),
@@ -123,6 +129,7 @@ impl SledStore {
             tasks: Arc::new(Mutex::new(vec![tokio::spawn(task), checkpointer])),
             stop,
             log,
+            files,
             index_lock,
             db,
             flush,
@@ -167,9 +174,15 @@ impl SledStore {
     /// # Errors
     /// [`NodeError::Storage`] when the flush fails.
     pub async fn flush(&self) -> Result<(), NodeError> {
-        checkpoint(&self.db, &self.log, &self.meta, &self.index_lock)
-            .await
-            .map_err(NodeError::Storage)
+        checkpoint(
+            &self.db,
+            &self.files,
+            &self.log,
+            &self.meta,
+            &self.index_lock,
+        )
+        .await
+        .map_err(NodeError::Storage)
     }
 }
 
@@ -178,6 +191,7 @@ impl SledStore {
 /// the index durable and moves the checkpoint to the end of the log.
 fn recover_index(
     db: &sled::Db,
+    files: &mut SledFiles,
     log: &EnvelopeLog,
     timeline: &sled::Tree,
     buckets: &sled::Tree,
@@ -203,9 +217,11 @@ fn recover_index(
         Ok(())
     })?;
     db.flush().map_err(NodeError::storage)?;
+    files.sync()?;
     meta.insert(CHECKPOINT_KEY, &log.end().to_bytes()[..])
         .map_err(NodeError::storage)?;
     db.flush().map_err(NodeError::storage)?;
+    files.sync()?;
     if reindexed > 0 {
         tracing::info!(
             visited,
@@ -216,9 +232,20 @@ fn recover_index(
     Ok(())
 }
 
+/// sled's flush, then the syncs that make it durable ([`SledFiles`]).
+async fn flush_durably(db: &sled::Db, files: &Arc<Mutex<SledFiles>>) -> Result<(), String> {
+    db.flush_async().await.map_err(|e| e.to_string())?;
+    let files = Arc::clone(files);
+    tokio::task::spawn_blocking(move || files.lock().expect("lock").sync())
+        .await
+        .map_err(|e| e.to_string())?
+        .map_err(|e| e.to_string())
+}
+
 /// Flushes the timeline index and records the log position it covers.
 async fn checkpoint(
     db: &sled::Db,
+    files: &Arc<Mutex<SledFiles>>,
     log: &Arc<EnvelopeLog>,
     meta: &sled::Tree,
     index_lock: &Mutex<()>,
@@ -232,17 +259,17 @@ async fn checkpoint(
         .await
         .map_err(|e| e.to_string())?
         .map_err(|e| e.to_string())?;
-    db.flush_async().await.map_err(|e| e.to_string())?;
+    flush_durably(db, files).await?;
     meta.insert(CHECKPOINT_KEY, &covered.to_bytes()[..])
         .map_err(|e| e.to_string())?;
-    db.flush_async().await.map_err(|e| e.to_string())?;
-    Ok(())
+    flush_durably(db, files).await
 }
 
 /// Flushes and checkpoints the timeline index every few seconds, on its own
 /// task so that posts never wait behind it; ends with the store.
 async fn checkpoints(
     db: sled::Db,
+    files: Arc<Mutex<SledFiles>>,
     log: Arc<EnvelopeLog>,
     meta: sled::Tree,
     index_lock: Arc<Mutex<()>>,
@@ -260,7 +287,7 @@ async fn checkpoints(
         if store_alive.upgrade().is_none() {
             return;
         }
-        if let Err(e) = checkpoint(&db, &log, &meta, &index_lock).await {
+        if let Err(e) = checkpoint(&db, &files, &log, &meta, &index_lock).await {
             tracing::warn!(error = %e, "timeline index checkpoint failed (will retry)");
         }
     }
@@ -270,6 +297,7 @@ async fn checkpoints(
 /// started.
 async fn group_commit(
     db: sled::Db,
+    files: Arc<Mutex<SledFiles>>,
     log: Arc<EnvelopeLog>,
     mut requests: mpsc::Receiver<FlushRequest>,
 ) {
@@ -286,11 +314,7 @@ async fn group_commit(
             .map_err(|e| e.to_string())
             .and_then(|r| r.map_err(|e| e.to_string()));
         let result = match synced {
-            Ok(()) if needs_sled => db
-                .flush_async()
-                .await
-                .map(|_| ())
-                .map_err(|e| e.to_string()),
+            Ok(()) if needs_sled => flush_durably(&db, &files).await,
             other => other,
         };
         metrics::counter!("saferchat_sled_flushes_total").increment(1);
