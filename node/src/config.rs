@@ -37,6 +37,8 @@ pub struct NodeConfig {
     pub peer_listen: Option<SocketAddr>,
     /// The other nodes of the replica set. Empty: a single node.
     pub peers: Vec<PeerConfig>,
+    /// Mutual TLS on the peer face; required when `peers` is not empty.
+    pub peer_tls: Option<PeerTlsConfig>,
     /// Lease timing.
     pub lease: LeaseSettings,
     /// Where rooms and messages are stored.
@@ -68,6 +70,30 @@ pub struct PeerConfig {
     pub client_address: SocketAddr,
     /// Its datacenter.
     pub datacenter: String,
+}
+
+/// The files of this node's peer TLS (see `saferchat-node certs`).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PeerTlsConfig {
+    /// The cluster CA certificate (PEM): peers must present a certificate
+    /// it signed.
+    pub ca: PathBuf,
+    /// This node's certificate (PEM), naming `n<ID>.<DC>.saferchat`.
+    pub cert: PathBuf,
+    /// This node's private key (PEM).
+    pub key: PathBuf,
+}
+
+impl PeerTlsConfig {
+    /// The files `saferchat-node certs` writes for `node` into `dir`.
+    pub fn in_dir(dir: &Path, node: u64) -> PeerTlsConfig {
+        PeerTlsConfig {
+            ca: dir.join("ca.pem"),
+            cert: dir.join(format!("node-{node}.pem")),
+            key: dir.join(format!("node-{node}.key")),
+        }
+    }
 }
 
 /// Lease timing, as configured. See `saferchat_consensus::LeaseConfig`.
@@ -194,6 +220,7 @@ impl Default for NodeConfig {
             datacenter: "dc1".to_owned(),
             peer_listen: None,
             peers: Vec::new(),
+            peer_tls: None,
             lease: LeaseSettings::default(),
             storage: StorageConfig::default(),
             limits: Limits::default(),
@@ -292,6 +319,9 @@ impl NodeConfig {
         if let Some(v) = env("SAFERCHAT_PEERS") {
             self.peers = parse_peers(&v)?;
         }
+        if let Some(v) = env("SAFERCHAT_PEER_TLS_DIR") {
+            self.peer_tls = Some(PeerTlsConfig::in_dir(Path::new(&v), self.node_id));
+        }
         if let Some(v) = env("SAFERCHAT_LEASE_MS") {
             self.lease.lease_ms = parse_env("SAFERCHAT_LEASE_MS", &v)?;
         }
@@ -336,8 +366,13 @@ impl NodeConfig {
         if self.node_id == 0 {
             return Err(invalid("node_id must be 1 or more"));
         }
-        if self.datacenter.is_empty() {
-            return Err(invalid("datacenter must not be empty"));
+        for dc in std::iter::once(&self.datacenter).chain(self.peers.iter().map(|p| &p.datacenter))
+        {
+            if !crate::peer_tls::is_valid_datacenter(dc) {
+                return Err(invalid(format!(
+                    "datacenter {dc:?}: 1-63 lowercase letters, digits and '-' (it is part of a certificate name)"
+                )));
+            }
         }
         if let Some(token) = &self.admin_token
             && token.len() < 16
@@ -351,6 +386,12 @@ impl NodeConfig {
         }
         if !self.peers.is_empty() && self.peer_listen.is_none() {
             return Err(invalid("peer_listen is required when peers are configured"));
+        }
+        if !self.peers.is_empty() && self.peer_tls.is_none() {
+            return Err(invalid(
+                "peer_tls is required when peers are configured: nodes talk over mutual TLS \
+                 (create certificates with `saferchat-node certs`, then set [peer_tls] or SAFERCHAT_PEER_TLS_DIR)",
+            ));
         }
         let mut ids: Vec<u64> = self.peers.iter().map(|p| p.id).collect();
         ids.push(self.node_id);
@@ -478,12 +519,17 @@ mod tests {
             ),
             ("SAFERCHAT_STORAGE", "cassandra"),
             ("SAFERCHAT_CASSANDRA_KEYSPACE", "chat_test"),
+            ("SAFERCHAT_PEER_TLS_DIR", "/etc/saferchat/tls"),
         ]))
         .unwrap();
         assert_eq!(c.listen.to_string(), "127.0.0.1:9100");
         assert_eq!(c.node_id, 4);
         assert_eq!(c.peers.len(), 2);
         assert_eq!(c.storage.backend, Backend::Cassandra);
+        assert_eq!(
+            c.peer_tls.as_ref().unwrap().cert,
+            Path::new("/etc/saferchat/tls/node-4.pem")
+        );
         c.validate().unwrap();
         let r = c.replica_config();
         assert_eq!(r.replicas, vec![NodeId(4), NodeId(5), NodeId(6)]);
@@ -528,7 +574,12 @@ mod tests {
                 .contains("peer_listen")
         );
         c.peer_listen = Some("127.0.0.1:3".parse().unwrap());
+        assert!(c.validate().unwrap_err().to_string().contains("peer_tls"));
+        c.peer_tls = Some(PeerTlsConfig::in_dir(Path::new("/certs"), 1));
         c.validate().unwrap();
+        c.peers[0].datacenter = "DC 1".into();
+        assert!(c.validate().unwrap_err().to_string().contains("datacenter"));
+        c.peers[0].datacenter = "dc1".into();
         c.peers[0].id = 1;
         assert!(c.validate().unwrap_err().to_string().contains("distinct"));
         let mut c = NodeConfig::default();

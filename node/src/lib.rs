@@ -29,6 +29,7 @@ pub mod grpc;
 pub mod known_rooms;
 pub mod membership;
 pub mod message_id;
+pub mod peer_tls;
 pub mod room;
 pub mod storage;
 
@@ -48,6 +49,7 @@ use crate::error::NodeError;
 use crate::known_rooms::KnownRooms;
 use crate::membership::driver::{self, DriverParts};
 use crate::membership::{NoPeers, PeerSender};
+use crate::peer_tls::PeerTls;
 use crate::room::{RoomDeps, Rooms};
 use crate::storage::ChatStore;
 use crate::storage::cassandra::CassandraStore;
@@ -143,19 +145,31 @@ pub async fn run(
     let replica = Arc::new(config.replica_config());
     tracing::info!(rooms = rooms_known, "{}", driver::describe(&replica));
     let (inbound_tx, inbound_rx) = mpsc::channel(INBOUND_QUEUE_MAX);
-    let peers: Arc<dyn PeerSender> = if config.is_single_node() {
-        Arc::new(NoPeers)
-    } else {
-        let addresses: Vec<(NodeId, std::net::SocketAddr)> = config
-            .peers
-            .iter()
-            .map(|p| (NodeId(p.id), p.peer_address))
-            .collect();
-        Arc::new(grpc::peer::GrpcPeers::start(
+    let tls = match &config.peer_tls {
+        Some(files) if !config.is_single_node() => Some(PeerTls::load(
+            files,
             NodeId(config.node_id),
-            &addresses,
+            &config.datacenter,
+        )?),
+        _ => None,
+    };
+    let cluster: Vec<grpc::peer::KnownPeer> = config
+        .peers
+        .iter()
+        .map(|p| grpc::peer::KnownPeer {
+            id: NodeId(p.id),
+            datacenter: p.datacenter.clone(),
+            address: p.peer_address,
+        })
+        .collect();
+    let peers: Arc<dyn PeerSender> = match &tls {
+        None => Arc::new(NoPeers),
+        Some(tls) => Arc::new(grpc::peer::GrpcPeers::start(
+            NodeId(config.node_id),
+            tls,
+            &cluster,
             &shutdown,
-        ))
+        )),
     };
     let (membership, driver_task) = driver::spawn(DriverParts {
         config: Arc::clone(&replica),
@@ -195,14 +209,16 @@ pub async fn run(
         listeners.client,
         shutdown.clone(),
     ));
-    let peer_server = listeners.peer.map(|listener| {
-        tokio::spawn(grpc::serve_peers(
+    let peer_server = match (listeners.peer, tls) {
+        (Some(listener), Some(tls)) => Some(tokio::spawn(grpc::serve_peers(
             inbound_tx,
-            replica.replicas.clone(),
+            cluster,
+            tls,
             listener,
             shutdown.clone(),
-        ))
-    });
+        ))),
+        _ => None,
+    };
     if let Some(addr) = client_addr {
         tracing::info!(%addr, data = %config.data_dir.display(), "saferchat node serving");
     }

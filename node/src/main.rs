@@ -8,9 +8,9 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use anyhow::Context as _;
-use clap::Parser;
+use clap::{Parser, Subcommand};
 use saferchat_node::clock::SystemClock;
-use saferchat_node::config::{LogFormat, NodeConfig};
+use saferchat_node::config::{LogFormat, NodeConfig, PeerTlsConfig};
 use saferchat_node::{Listeners, run};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
@@ -48,6 +48,70 @@ struct Args {
     /// Print the effective configuration (without secrets) and exit.
     #[arg(long)]
     print_config: bool,
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Create certificates for mutual TLS between nodes: a cluster CA
+    /// (`ca.pem`, `ca.key`; reused when the folder has one) and, per node,
+    /// `node-ID.pem` and `node-ID.key`. Keep `ca.key` offline.
+    Certs {
+        /// Folder to write into (created if missing).
+        #[arg(long)]
+        dir: PathBuf,
+        /// A node as ID:DATACENTER, e.g. 1:dc1; repeat for each node.
+        #[arg(long = "node", required = true, value_parser = parse_node)]
+        nodes: Vec<(u64, String)>,
+    },
+}
+
+fn parse_node(value: &str) -> Result<(u64, String), String> {
+    let (id, dc) = value
+        .split_once(':')
+        .ok_or_else(|| format!("{value:?}: expected ID:DATACENTER, e.g. 1:dc1"))?;
+    let id: u64 = id
+        .parse()
+        .map_err(|_| format!("{value:?}: the node id must be a number"))?;
+    if id == 0 {
+        return Err(format!("{value:?}: node ids start at 1"));
+    }
+    if !saferchat_node::peer_tls::is_valid_datacenter(dc) {
+        return Err(format!(
+            "{value:?}: a datacenter is 1-63 lowercase letters, digits and '-'"
+        ));
+    }
+    Ok((id, dc.to_owned()))
+}
+
+fn certs(dir: &std::path::Path, nodes: &[(u64, String)]) -> ExitCode {
+    let nodes: Vec<_> = nodes
+        .iter()
+        .map(|(id, dc)| (saferchat_consensus::NodeId(*id), dc.clone()))
+        .collect();
+    match saferchat_node::peer_tls::generate(dir, &nodes) {
+        Ok(files) => {
+            println!("cluster CA: {}", dir.join("ca.pem").display());
+            for f in files {
+                println!(
+                    "node {}: {} {}",
+                    f.node.0,
+                    f.cert.display(),
+                    f.key.display()
+                );
+            }
+            println!(
+                "start each node with SAFERCHAT_PEER_TLS_DIR={} (or [peer_tls] in its config)",
+                dir.display()
+            );
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("saferchat-node: {e}");
+            ExitCode::FAILURE
+        }
+    }
 }
 
 fn load(args: &Args) -> anyhow::Result<NodeConfig> {
@@ -70,6 +134,10 @@ fn load(args: &Args) -> anyhow::Result<NodeConfig> {
     }
     if let Some(v) = args.node_id {
         config.node_id = v;
+        // The TLS folder names files by node id: follow the flag.
+        if let Ok(dir) = std::env::var("SAFERCHAT_PEER_TLS_DIR") {
+            config.peer_tls = Some(PeerTlsConfig::in_dir(std::path::Path::new(&dir), v));
+        }
     }
     config.validate()?;
     Ok(config)
@@ -168,6 +236,9 @@ async fn main_async(config: NodeConfig) -> anyhow::Result<()> {
 
 fn main() -> ExitCode {
     let args = Args::parse();
+    if let Some(Command::Certs { dir, nodes }) = &args.command {
+        return certs(dir, nodes);
+    }
     let config = match load(&args) {
         Ok(c) => c,
         Err(e) => {

@@ -50,6 +50,10 @@ pub struct Cluster {
     /// `(from, to)` → the proxy `from` uses to reach `to`.
     links: HashMap<(usize, usize), Proxy>,
     datacenters: Vec<String>,
+    /// Node `i`'s peer listener (behind no proxy).
+    pub peer_addresses: Vec<SocketAddr>,
+    /// The cluster CA and node certificates (`saferchat-node certs` layout).
+    pub tls_dir: std::path::PathBuf,
     _dir: tempfile::TempDir,
 }
 
@@ -95,6 +99,16 @@ impl Cluster {
         for ((_, to), proxy) in &links {
             proxy.set_target(SocketAddr::from(([127, 0, 0, 1], peer_ports[*to])));
         }
+        let tls_dir = dir.path().join("tls");
+        let certified: Vec<_> = (0..n)
+            .map(|i| {
+                (
+                    saferchat_consensus::NodeId(i as u64 + 1),
+                    options.datacenters[i].clone(),
+                )
+            })
+            .collect();
+        saferchat_node::peer_tls::generate(&tls_dir, &certified).expect("cluster certificates");
         let mut nodes = Vec::new();
         for i in 0..n {
             let peers: Vec<String> = (0..n)
@@ -120,6 +134,10 @@ impl Cluster {
                     format!("127.0.0.1:{}", peer_ports[i]),
                 ),
                 ("SAFERCHAT_PEERS".into(), peers.join(",")),
+                (
+                    "SAFERCHAT_PEER_TLS_DIR".into(),
+                    tls_dir.display().to_string(),
+                ),
                 ("SAFERCHAT_LEASE_MS".into(), options.lease_ms.to_string()),
                 (
                     "SAFERCHAT_LEASE_RENEW_MS".into(),
@@ -147,6 +165,11 @@ impl Cluster {
             metrics,
             links,
             datacenters: options.datacenters,
+            peer_addresses: peer_ports
+                .iter()
+                .map(|p| SocketAddr::from(([127, 0, 0, 1], *p)))
+                .collect(),
+            tls_dir,
             _dir: dir,
         }
     }
@@ -166,6 +189,16 @@ impl Cluster {
         Admin::connect(&self.server(i), ADMIN_TOKEN)
             .await
             .expect("admin connect")
+    }
+
+    /// The loopback ports of the proxies node `i` dials to reach its
+    /// peers: every byte it sends to another node goes to one of them.
+    pub fn outgoing_peer_ports(&self, i: usize) -> Vec<u16> {
+        self.links
+            .iter()
+            .filter(|((from, _), _)| *from == i)
+            .map(|(_, proxy)| proxy.addr.port())
+            .collect()
     }
 
     /// Cuts node `i` off from every other node, both ways (clients can

@@ -106,6 +106,11 @@ impl NodeProcess {
         self.child = Some(child);
     }
 
+    /// The process id, while it runs.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
     /// The address as the CLI wants it.
     pub fn server(&self) -> String {
         self.addr.to_string()

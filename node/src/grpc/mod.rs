@@ -12,7 +12,6 @@ pub mod session;
 
 use std::sync::Arc;
 
-use saferchat_consensus::NodeId;
 use saferchat_proto::admin::admin_server::AdminServer;
 use saferchat_proto::chat::chat_room_server::ChatRoomServer;
 use saferchat_proto::peer::peer_server::PeerServer;
@@ -26,6 +25,7 @@ use tonic::transport::server::TcpIncoming;
 use crate::context::Context;
 use crate::error::NodeError;
 use crate::membership::Inbound;
+use crate::peer_tls::PeerTls;
 
 /// Largest gRPC message accepted: one envelope plus framing.
 pub const GRPC_MESSAGE_BYTES_MAX: usize = saferchat_envelope::ENVELOPE_BYTES_MAX + 64 * 1024;
@@ -115,21 +115,26 @@ pub async fn serve_clients(
         .map_err(|e| NodeError::Unavailable(format!("client listener failed: {e}")))
 }
 
-/// Serves the peer face on `listener` until `shutdown`.
+/// Serves the peer face on `listener` until `shutdown`, over mutual TLS:
+/// a caller without a certificate from the cluster CA never gets past the
+/// handshake.
 ///
 /// # Errors
-/// When the server fails.
+/// When the TLS material is unusable or the server fails.
 pub async fn serve_peers(
     inbound: mpsc::Sender<Inbound>,
-    replicas: Vec<NodeId>,
+    cluster: Vec<peer::KnownPeer>,
+    tls: PeerTls,
     listener: TcpListener,
     shutdown: CancellationToken,
 ) -> Result<(), NodeError> {
     Server::builder()
+        .tls_config(tls.server())
+        .map_err(|e| NodeError::Config(format!("peer TLS: {e}")))?
         .tcp_nodelay(true)
         .add_service(
-            PeerServer::new(peer::PeerService::new(inbound, replicas))
-                .max_decoding_message_size(64 * 1024 * 1024),
+            PeerServer::new(peer::PeerService::new(inbound, cluster))
+                .max_decoding_message_size(peer::PEER_FRAME_BYTES_MAX),
         )
         .serve_with_incoming_shutdown(incoming(listener), shutdown.cancelled_owned())
         .await

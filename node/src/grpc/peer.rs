@@ -4,40 +4,115 @@
 //! batches of room messages into it; answers come back on the stream the
 //! peer keeps towards us. A broken connection loses what was queued — the
 //! protocol tolerates loss — and is re-established with back-off.
+//!
+//! Both directions run over mutual TLS ([`crate::peer_tls`]). The sender of
+//! a frame is the node named by the client certificate of the connection it
+//! came on; the frame's own `from` field must agree or be 0. Frames are
+//! decoded here, at the edge: a frame with a malformed or absurd message
+//! (a ballot round past `Ballot::ROUND_MAX`, say) ends the stream with
+//! `INVALID_ARGUMENT` and none of it reaches the consensus core.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
+use std::sync::Arc;
 use std::time::Duration;
 
-use saferchat_consensus::NodeId;
+use prost::Message as _;
+use saferchat_consensus::room::{PUBLIC_KEY_BYTES_MAX, RECENT_CHANGES_MAX, ROOM_MEMBERS_MAX};
+use saferchat_consensus::{NodeId, RoomId};
 use saferchat_proto::peer::{self as pb, peer_client::PeerClient, peer_server::Peer};
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status, Streaming};
 
+use crate::convert;
 use crate::membership::{Inbound, PeerSender};
+use crate::peer_tls::{self, PeerTls};
 
 /// Messages queued for one peer before new ones are dropped.
 const PEER_QUEUE_MAX: usize = 16_384;
 /// Messages packed into one frame.
 const FRAME_MESSAGES_MAX: usize = 512;
+/// A sender closes a frame once its messages reach this size.
+const FRAME_BYTES_SOFT_MAX: usize = 1024 * 1024;
+/// The largest encoded room message: a room state of `ROOM_MEMBERS_MAX`
+/// members, each with a handle and the largest public key, plus the recent
+/// change ids, ballots and field tags (generously).
+pub const ROOM_MESSAGE_BYTES_MAX: usize =
+    ROOM_MEMBERS_MAX * (32 + PUBLIC_KEY_BYTES_MAX + 16) + RECENT_CHANGES_MAX * 40 + 1024;
+/// The largest frame the peer listener decodes: a frame closes at
+/// `FRAME_BYTES_SOFT_MAX`, so it holds at most that plus one message.
+/// (It was 64 MiB: room for one peer to make another buffer a lot.)
+pub const PEER_FRAME_BYTES_MAX: usize = FRAME_BYTES_SOFT_MAX + ROOM_MESSAGE_BYTES_MAX + 1024;
 /// Reconnect back-off bounds.
 const BACKOFF_MS_MIN: u64 = 50;
 const BACKOFF_MS_MAX: u64 = 2_000;
+
+/// Another node of the cluster, as configured.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct KnownPeer {
+    /// Its id.
+    pub id: NodeId,
+    /// Its datacenter (part of the name its certificate must carry).
+    pub datacenter: String,
+    /// Its peer listener.
+    pub address: SocketAddr,
+}
 
 /// Receives other nodes' traffic.
 #[derive(Debug, Clone)]
 pub struct PeerService {
     inbound: mpsc::Sender<Inbound>,
-    replicas: Vec<NodeId>,
+    /// Datacenter of every node allowed to call.
+    cluster: Arc<HashMap<NodeId, String>>,
 }
 
 impl PeerService {
-    /// Forwards frames from known replicas to the membership driver.
-    pub fn new(inbound: mpsc::Sender<Inbound>, replicas: Vec<NodeId>) -> PeerService {
-        PeerService { inbound, replicas }
+    /// Forwards frames from the configured peers to the membership driver.
+    pub fn new(inbound: mpsc::Sender<Inbound>, cluster: Vec<KnownPeer>) -> PeerService {
+        PeerService {
+            inbound,
+            cluster: Arc::new(cluster.into_iter().map(|p| (p.id, p.datacenter)).collect()),
+        }
     }
+
+    /// The calling node, from its verified client certificate.
+    fn caller<T>(&self, request: &Request<T>) -> Result<NodeId, Status> {
+        let certs = request.peer_certs().ok_or_else(|| {
+            Status::unauthenticated("peer calls need a cluster client certificate")
+        })?;
+        let leaf = certs
+            .first()
+            .ok_or_else(|| Status::unauthenticated("no client certificate"))?;
+        let who = peer_tls::identity_of(leaf).map_err(Status::from)?;
+        match self.cluster.get(&who.node) {
+            Some(dc) if *dc == who.datacenter => Ok(who.node),
+            Some(dc) => Err(Status::permission_denied(format!(
+                "certificate names {} in {}, but {} is configured in {dc}",
+                who.node, who.datacenter, who.node
+            ))),
+            None => Err(Status::permission_denied(format!(
+                "{} is not a peer of this node",
+                who.node
+            ))),
+        }
+    }
+}
+
+/// Decodes one frame's messages; the first bad one refuses the frame.
+fn decode(frame: &pb::PeerFrame) -> Result<Vec<(RoomId, saferchat_consensus::Message)>, Status> {
+    frame
+        .messages
+        .iter()
+        .map(|wire| {
+            let room = RoomId::new(&wire.room)
+                .map_err(|e| Status::invalid_argument(format!("peer message: room name: {e}")))?;
+            let message = convert::message_from_pb(wire)
+                .map_err(|e| Status::invalid_argument(format!("peer message for {room}: {e}")))?;
+            Ok((room, message))
+        })
+        .collect()
 }
 
 #[tonic::async_trait]
@@ -46,21 +121,27 @@ impl Peer for PeerService {
         &self,
         request: Request<Streaming<pb::PeerFrame>>,
     ) -> Result<Response<pb::ExchangeSummary>, Status> {
+        let from = self.caller(&request)?;
         let mut stream = request.into_inner();
         let mut frames = 0;
         while let Some(frame) = stream.message().await? {
-            let from = NodeId(frame.from);
-            if !self.replicas.contains(&from) {
+            if frame.from != 0 && frame.from != from.0 {
+                tracing::warn!(%from, claimed = frame.from, "peer frame with a forged sender");
+                metrics::counter!("saferchat_peer_frames_refused_total", "why" => "forged_from")
+                    .increment(1);
                 return Err(Status::permission_denied(format!(
-                    "{from} is not a replica of this cluster"
+                    "frame claims to come from n{}, but the connection is {from}'s",
+                    frame.from
                 )));
             }
+            let messages = decode(&frame).inspect_err(|e| {
+                tracing::warn!(%from, error = %e.message(), "refusing a peer frame");
+                metrics::counter!("saferchat_peer_frames_refused_total", "why" => "malformed")
+                    .increment(1);
+            })?;
             frames += 1;
             self.inbound
-                .send(Inbound {
-                    from,
-                    messages: frame.messages,
-                })
+                .send(Inbound { from, messages })
                 .await
                 .map_err(|_| Status::unavailable("node is shutting down"))?;
         }
@@ -78,14 +159,21 @@ impl GrpcPeers {
     /// Starts one sender task per peer.
     pub fn start(
         me: NodeId,
-        peers: &[(NodeId, SocketAddr)],
+        tls: &PeerTls,
+        peers: &[KnownPeer],
         shutdown: &CancellationToken,
     ) -> GrpcPeers {
         let mut queues = HashMap::new();
-        for (id, addr) in peers {
+        for peer in peers {
             let (tx, rx) = mpsc::channel(PEER_QUEUE_MAX);
-            tokio::spawn(sender(me, *id, *addr, rx, shutdown.clone()));
-            queues.insert(*id, tx);
+            let link = Link {
+                me,
+                peer: peer.id,
+                addr: peer.address,
+                tls: tls.client_for(peer.id, &peer.datacenter),
+            };
+            tokio::spawn(sender(link, rx, shutdown.clone()));
+            queues.insert(peer.id, tx);
         }
         GrpcPeers { queues }
     }
@@ -103,20 +191,54 @@ impl PeerSender for GrpcPeers {
     }
 }
 
-async fn sender(
+/// One outgoing link.
+struct Link {
     me: NodeId,
     peer: NodeId,
     addr: SocketAddr,
+    tls: tonic::transport::ClientTlsConfig,
+}
+
+/// Takes queued messages into one frame: at most `FRAME_MESSAGES_MAX`
+/// messages, closed once they reach `FRAME_BYTES_SOFT_MAX` bytes.
+fn fill_frame(
+    first: pb::RoomMessage,
+    queue: &mut mpsc::Receiver<pb::RoomMessage>,
+) -> Vec<pb::RoomMessage> {
+    let mut bytes = first.encoded_len();
+    let mut messages = vec![first];
+    while messages.len() < FRAME_MESSAGES_MAX && bytes < FRAME_BYTES_SOFT_MAX {
+        match queue.try_recv() {
+            Ok(m) => {
+                bytes += m.encoded_len();
+                messages.push(m);
+            }
+            Err(_) => break,
+        }
+    }
+    messages
+}
+
+async fn sender(
+    link: Link,
     mut queue: mpsc::Receiver<pb::RoomMessage>,
     shutdown: CancellationToken,
 ) {
+    let Link {
+        me,
+        peer,
+        addr,
+        tls,
+    } = link;
     let mut backoff = BACKOFF_MS_MIN;
     loop {
         if shutdown.is_cancelled() {
             return;
         }
-        let endpoint = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
+        let endpoint = tonic::transport::Endpoint::from_shared(format!("https://{addr}"))
             .expect("a socket address is a valid URI")
+            .tls_config(tls.clone())
+            .expect("the TLS configuration was checked at start")
             .connect_timeout(Duration::from_millis(1_000))
             .tcp_nodelay(true);
         let connected = tokio::select! {
@@ -141,7 +263,7 @@ async fn sender(
         tracing::info!(%peer, %addr, "connected to peer");
         backoff = BACKOFF_MS_MIN;
         let (frames, frames_rx) = mpsc::channel::<pb::PeerFrame>(64);
-        let mut client = PeerClient::new(channel);
+        let mut client = PeerClient::new(channel).max_encoding_message_size(PEER_FRAME_BYTES_MAX);
         let call =
             tokio::spawn(async move { client.exchange(ReceiverStream::new(frames_rx)).await });
         loop {
@@ -150,13 +272,7 @@ async fn sender(
                 () = shutdown.cancelled() => return,
             };
             let Some(first) = first else { return };
-            let mut messages = vec![first];
-            while messages.len() < FRAME_MESSAGES_MAX {
-                match queue.try_recv() {
-                    Ok(m) => messages.push(m),
-                    Err(_) => break,
-                }
-            }
+            let messages = fill_frame(first, &mut queue);
             if frames
                 .send(pb::PeerFrame {
                     from: me.0,
@@ -171,5 +287,61 @@ async fn sender(
             }
         }
         call.abort();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use bytes::Bytes;
+
+    fn biggest_state() -> pb::RoomStateRecord {
+        pb::RoomStateRecord {
+            revision: u64::MAX,
+            created: true,
+            members: (0..ROOM_MEMBERS_MAX)
+                .map(|_| pb::MemberRecord {
+                    handle: Bytes::from(vec![0xff; 32]),
+                    public_key: Bytes::from(vec![0xff; PUBLIC_KEY_BYTES_MAX]),
+                })
+                .collect(),
+            recent: (0..RECENT_CHANGES_MAX)
+                .map(|_| pb::RecentChange {
+                    id: Bytes::from(vec![0xff; 16]),
+                    revision: u64::MAX,
+                })
+                .collect(),
+        }
+    }
+
+    /// The frame limit is derived, not guessed: the largest message any
+    /// node can send fits, and a full frame fits.
+    #[test]
+    fn the_largest_message_and_frame_fit_the_limit() {
+        let ballot = Some(pb::Ballot {
+            round: u64::MAX,
+            node: u64::MAX,
+        });
+        let message = pb::RoomMessage {
+            room: "r".repeat(saferchat_consensus::room::ROOM_NAME_BYTES_MAX),
+            body: Some(pb::room_message::Body::Promise(pb::Promise {
+                ballot,
+                accepted_ballot: ballot,
+                accepted_value: Some(biggest_state()),
+            })),
+        };
+        let len = message.encoded_len();
+        assert!(len <= ROOM_MESSAGE_BYTES_MAX, "{len}");
+        let (tx, mut rx) = mpsc::channel(FRAME_MESSAGES_MAX);
+        for _ in 0..4 {
+            tx.try_send(message.clone()).unwrap();
+        }
+        let messages = fill_frame(message, &mut rx);
+        assert!(messages.len() < 5, "a frame closes at its soft size");
+        let frame = pb::PeerFrame {
+            from: u64::MAX,
+            messages,
+        };
+        assert!(frame.encoded_len() <= PEER_FRAME_BYTES_MAX);
     }
 }

@@ -278,18 +278,7 @@ impl Driver {
     async fn on_inbound(&mut self, batch: Inbound) -> Result<(), NodeError> {
         let now = self.clock.monotonic();
         let mut touched = Vec::new();
-        for wire in batch.messages {
-            let (room, message) = match (RoomId::new(&wire.room), convert::message_from_pb(&wire)) {
-                (Ok(room), Ok(message)) => (room, message),
-                (Err(e), _) => {
-                    tracing::warn!(from = %batch.from, error = %e, "dropping peer message with a bad room name");
-                    continue;
-                }
-                (_, Err(e)) => {
-                    tracing::warn!(from = %batch.from, error = %e, "dropping malformed peer message");
-                    continue;
-                }
-            };
+        for (room, message) in batch.messages {
             if !self.config.replicas.contains(&batch.from) {
                 tracing::warn!(from = %batch.from, "dropping message from a node outside the replica set");
                 continue;

@@ -1,0 +1,206 @@
+//! A vote is on disk before it leaves the node, by the system calls.
+//!
+//! Node 2 of a three-node cluster is traced with strace while node 1 makes
+//! membership changes that node 2 votes on. Every write of the room's
+//! acceptor or membership record into sled's log file must be followed by
+//! an `fdatasync` (or `fsync`) of that file before node 2 sends anything to
+//! a peer. sled's own flush only calls `sync_file_range`, which is not
+//! durable; without the node's extra sync this test finds no `fdatasync`
+//! of the file at all.
+
+use std::collections::HashMap;
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use saferchat_client::test_keys;
+use saferchat_tests::cluster::{Cluster, Options};
+
+const ROOM: &str = "durable-votes-room";
+const CHANGES: usize = 8;
+
+/// What a line of `strace -f -yy` output says, as far as this test cares.
+#[derive(Debug, PartialEq, Eq)]
+enum Event {
+    /// A write into sled's log file that carries the room's record.
+    VoteWrite,
+    /// A sync of sled's log file finished.
+    Synced,
+    /// A write towards another node started.
+    PeerSend,
+}
+
+fn parse(trace: &str, db_file: &str, peer_ports: &[u16]) -> Vec<(usize, Event)> {
+    let is_peer_socket = |line: &str| {
+        peer_ports
+            .iter()
+            .any(|p| line.contains(&format!("->127.0.0.1:{p}]>")))
+    };
+    let db = format!("{db_file}>");
+    // A sync of the db file that strace split in two: pid → waiting.
+    let mut pending: HashMap<&str, ()> = HashMap::new();
+    let mut events = Vec::new();
+    for (n, line) in trace.lines().enumerate() {
+        let Some((pid, call)) = line.split_once(' ') else {
+            continue;
+        };
+        let call = call.trim_start();
+        let is_sync = call.starts_with("fdatasync(") || call.starts_with("fsync(");
+        if is_sync && call.contains(&db) {
+            if call.contains("<unfinished ...>") {
+                pending.insert(pid, ());
+            } else if call.ends_with("= 0") {
+                events.push((n, Event::Synced));
+            }
+        } else if call.starts_with("<... fdatasync resumed>")
+            || call.starts_with("<... fsync resumed>")
+        {
+            if pending.remove(pid).is_some() && call.ends_with("= 0") {
+                events.push((n, Event::Synced));
+            }
+        } else if call.starts_with("pwrite64(") && call.contains(&db) && call.contains(ROOM) {
+            events.push((n, Event::VoteWrite));
+        } else if ["write(", "writev(", "sendmsg(", "sendto("]
+            .iter()
+            .any(|c| call.starts_with(c))
+            && is_peer_socket(call)
+        {
+            events.push((n, Event::PeerSend));
+        }
+    }
+    events
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_vote_is_fdatasynced_before_any_peer_send() {
+    let strace = Command::new("strace").arg("-V").output();
+    assert!(
+        strace.is_ok_and(|o| o.status.success()),
+        "this test needs strace (Debian: apt-get install strace; scripts/test.sh installs it)"
+    );
+    let cluster = Cluster::start(Options::single_dc(3)).await;
+    let mut admin = cluster.admin(0).await;
+    admin.create_chat(ROOM).await.expect("create");
+
+    let dir = tempfile::tempdir().unwrap();
+    let trace_path = dir.path().join("node2.strace");
+    let pid = cluster.nodes[1].pid().expect("node 2 runs");
+    let mut tracer = Command::new("strace")
+        .args(["-f", "-yy", "-s", "65536", "-o"])
+        .arg(&trace_path)
+        .args([
+            "-e",
+            "trace=pwrite64,write,writev,sendmsg,sendto,fdatasync,fsync,sync_file_range",
+            "-p",
+            &pid.to_string(),
+        ])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start strace");
+    // strace says "Process N attached" on stderr once it traces.
+    let stderr = tracer.stderr.take().expect("piped");
+    let (attached, wait_attached) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        use std::io::BufRead as _;
+        let mut told = false;
+        for line in std::io::BufReader::new(stderr)
+            .lines()
+            .map_while(Result::ok)
+        {
+            if !told && line.contains("attached") {
+                let _ = attached.send(());
+                told = true;
+            }
+        }
+    });
+    wait_attached
+        .recv_timeout(Duration::from_secs(30))
+        .expect("strace never attached to node 2");
+
+    for n in 0..CHANGES {
+        let handle = test_keys::identity(n).handle().to_string();
+        admin.add_user(ROOM, &handle, None).await.expect("add");
+    }
+
+    let _ = Command::new("kill")
+        .args(["-INT", &tracer.id().to_string()])
+        .status();
+    let _ = tracer.wait();
+    let trace = std::fs::read_to_string(&trace_path).expect("trace");
+    let db_file = cluster.nodes[1].data_dir.join("db").join("db");
+    let events = parse(
+        &trace,
+        &db_file.display().to_string(),
+        &cluster.outgoing_peer_ports(1),
+    );
+    let writes: Vec<usize> = events
+        .iter()
+        .filter(|(_, e)| *e == Event::VoteWrite)
+        .map(|(n, _)| *n)
+        .collect();
+    assert!(
+        writes.len() >= CHANGES,
+        "expected a record write per change, saw {} in {} trace lines",
+        writes.len(),
+        trace.lines().count()
+    );
+    assert!(
+        events.iter().any(|(_, e)| *e == Event::PeerSend),
+        "saw no send to a peer"
+    );
+    for w in writes {
+        let synced = events
+            .iter()
+            .find(|(n, e)| *n > w && *e == Event::Synced)
+            .map(|(n, _)| *n);
+        let Some(synced) = synced else {
+            panic!(
+                "the write at trace line {} was never fdatasynced (sled's flush alone is sync_file_range)",
+                w + 1
+            );
+        };
+        if let Some((send, _)) = events
+            .iter()
+            .find(|(n, e)| *n > w && *n < synced && *e == Event::PeerSend)
+        {
+            let lines: Vec<&str> = trace.lines().collect();
+            panic!(
+                "a peer send (trace line {}) came between a vote write (line {}) and its fdatasync (line {}):\n{}",
+                send + 1,
+                w + 1,
+                synced + 1,
+                lines[w..=synced.min(w + 40)]
+                    .iter()
+                    .map(|l| &l[..l.len().min(200)])
+                    .collect::<Vec<_>>()
+                    .join("\n")
+            );
+        }
+    }
+}
+
+#[test]
+fn the_parser_reads_strace_lines() {
+    let db = "/d/node2/db/db";
+    let trace = format!(
+        "10 pwrite64(12<{db}>, \"..{ROOM}..\", 300, 0) = 300\n\
+         11 writev(9<TCP:[127.0.0.1:5000->127.0.0.1:7001]>, [..], 2) = 90\n\
+         10 fdatasync(12<{db}> <unfinished ...>\n\
+         11 write(9<TCP:[127.0.0.1:5000->127.0.0.1:7001]>, \"..\", 30) = 30\n\
+         10 <... fdatasync resumed>) = 0\n\
+         10 write(2<pipe:[1]>, \"log\", 3) = 3\n"
+    );
+    let events = parse(&trace, db, &[7001]);
+    assert_eq!(
+        events,
+        vec![
+            (0, Event::VoteWrite),
+            (1, Event::PeerSend),
+            (3, Event::PeerSend),
+            (4, Event::Synced),
+        ]
+    );
+    assert!(Path::new(db).is_absolute());
+}
