@@ -39,6 +39,11 @@ pub struct NodeConfig {
     pub peers: Vec<PeerConfig>,
     /// Mutual TLS on the peer face; required when `peers` is not empty.
     pub peer_tls: Option<PeerTlsConfig>,
+    /// Partitions of the room-hash space; fixed when the cluster is created
+    /// (recorded in `data_dir/cluster.toml`).
+    pub partitions: u32,
+    /// Replicas of each partition in each datacenter.
+    pub replicas_per_datacenter: usize,
     /// Lease timing.
     pub lease: LeaseSettings,
     /// Where rooms and messages are stored.
@@ -221,6 +226,8 @@ impl Default for NodeConfig {
             peer_listen: None,
             peers: Vec::new(),
             peer_tls: None,
+            partitions: saferchat_placement::PartitionCount::DEFAULT.get(),
+            replicas_per_datacenter: saferchat_placement::ring::REPLICAS_PER_DATACENTER_DEFAULT,
             lease: LeaseSettings::default(),
             storage: StorageConfig::default(),
             limits: Limits::default(),
@@ -398,6 +405,15 @@ impl NodeConfig {
         ids.sort_unstable();
         if ids.windows(2).any(|w| w[0] == w[1]) || ids.contains(&0) {
             return Err(invalid("node ids must be distinct and non-zero"));
+        }
+        if saferchat_placement::PartitionCount::new(self.partitions).is_none() {
+            return Err(invalid(format!(
+                "partitions must be 1 to {}",
+                saferchat_placement::PartitionCount::MAX
+            )));
+        }
+        if !(1..=9).contains(&self.replicas_per_datacenter) {
+            return Err(invalid("replicas_per_datacenter must be 1 to 9"));
         }
         let l = &self.limits;
         if l.session_queue_max < 16 || l.room_queue_max < 16 || l.room_batch_max == 0 {

@@ -3,10 +3,8 @@
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 
-use saferchat_consensus::{NodeId, RoomId};
-use sha2::{Digest, Sha256};
+use saferchat_consensus::RoomId;
 use tokio_util::sync::CancellationToken;
-use tonic::Status;
 
 use crate::auth::{AdminToken, SessionKeys};
 use crate::clock::Clock;
@@ -14,11 +12,9 @@ use crate::config::NodeConfig;
 use crate::error::NodeError;
 use crate::known_rooms::KnownRooms;
 use crate::membership::Membership;
+use crate::placement::Routing;
 use crate::room::Rooms;
 use crate::storage::ChatStore;
-
-/// Metadata key naming the client address of the node that serves a room.
-pub const REDIRECT_METADATA: &str = "saferchat-redirect";
 
 /// The node's shared state, one per process.
 #[derive(Debug)]
@@ -41,6 +37,8 @@ pub struct Context {
     pub clock: Arc<dyn Clock>,
     /// Node shutdown.
     pub shutdown: CancellationToken,
+    /// Which node serves which room.
+    pub routing: Routing,
     next_session: AtomicU64,
     open_sessions: AtomicUsize,
 }
@@ -72,6 +70,7 @@ impl Context {
         sessions: SessionKeys,
         clock: Arc<dyn Clock>,
         shutdown: CancellationToken,
+        routing: Routing,
     ) -> Context {
         Context {
             config,
@@ -83,6 +82,7 @@ impl Context {
             sessions,
             clock,
             shutdown,
+            routing,
             next_session: AtomicU64::new(1),
             open_sessions: AtomicUsize::new(0),
         }
@@ -128,54 +128,5 @@ impl Context {
             )));
         }
         Ok(())
-    }
-
-    /// The node that serves a room's messages: rendezvous hashing over the
-    /// replica set, so every node agrees without coordination. (Membership
-    /// is replicated on every node; the timeline of a room lives with one.)
-    pub fn owner(&self, room: &RoomId) -> NodeId {
-        let mut nodes: Vec<u64> = self.config.peers.iter().map(|p| p.id).collect();
-        nodes.push(self.config.node_id);
-        let score = |node: u64| {
-            let mut h = Sha256::new();
-            h.update(room.as_str().as_bytes());
-            h.update(node.to_be_bytes());
-            let d = h.finalize();
-            u64::from_be_bytes(d[..8].try_into().expect("8 bytes"))
-        };
-        NodeId(
-            nodes
-                .into_iter()
-                .max_by_key(|n| (score(*n), *n))
-                .expect("at least this node"),
-        )
-    }
-
-    /// `Ok` if this node serves the room's messages, else a status that
-    /// redirects the client to the node that does.
-    ///
-    /// # Errors
-    /// `UNAVAILABLE` with the `saferchat-redirect` metadata.
-    pub fn serve_here(&self, room: &RoomId) -> Result<(), Status> {
-        let owner = self.owner(room);
-        if owner.0 == self.config.node_id {
-            return Ok(());
-        }
-        let peer = self
-            .config
-            .peers
-            .iter()
-            .find(|p| p.id == owner.0)
-            .expect("owner is a configured node");
-        let mut status = Status::unavailable(format!(
-            "room {:?} is served by node {} at {}; reconnect there",
-            room.as_str(),
-            owner,
-            peer.client_address
-        ));
-        if let Ok(value) = peer.client_address.to_string().parse() {
-            status.metadata_mut().insert(REDIRECT_METADATA, value);
-        }
-        Err(status)
     }
 }

@@ -30,6 +30,7 @@ pub mod known_rooms;
 pub mod membership;
 pub mod message_id;
 pub mod peer_tls;
+pub mod placement;
 pub mod room;
 pub mod storage;
 
@@ -131,6 +132,8 @@ pub async fn run(
         ));
     }
     create_private_dir(&config.data_dir)?;
+    placement::check_or_record(&config.data_dir, &placement::Shape::of(&config))?;
+    let routing = placement::Routing::new(&config)?;
     let sled = SledStore::open(&config.data_dir.join("db"))?;
     let chat = open_chat_store(&config, &sled).await?;
 
@@ -202,6 +205,7 @@ pub async fn run(
         sessions,
         clock,
         shutdown.clone(),
+        routing,
     ));
 
     let client_server = tokio::spawn(grpc::serve_clients(

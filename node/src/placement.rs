@@ -1,0 +1,310 @@
+//! The one place that answers "which nodes replicate partition P", "who
+//! serves room R" and "where do I send this client".
+//!
+//! The placement itself is computed by `saferchat-placement` (pure) from
+//! the configured node list, partition count and replicas per datacenter.
+//! This module adds what needs the node: the cluster's shape persisted in
+//! the data folder, so that a node never starts with a different shape
+//! than the one its data was written under, and the redirect status.
+//!
+//! # The persisted shape and upgrades
+//!
+//! The first start of a data folder writes `cluster.toml` (partition count,
+//! replicas per datacenter, every node's id and datacenter), synced to
+//! disk. Every later start compares the configuration with it and refuses
+//! to start on any difference. The node list decides which nodes are Paxos
+//! acceptors of a room's membership; starting node 1 of a single-node
+//! deployment as one of three, say, would make {2, 3} a quorum that has
+//! never seen what node 1 chose, and could choose differently. Changing the
+//! shape is a reconfiguration of acceptor sets, which belongs to the
+//! replicated cluster map, not to a configuration file.
+//!
+//! A data folder from before this file existed has none; its first start
+//! with this version records the configuration it is started with, which
+//! is the one it ran with (the shape could not change before either:
+//! membership was replicated on every configured node).
+//!
+//! Membership acceptors are still every configured node (for the three-node
+//! clusters of today these are exactly each partition's replicas); timeline
+//! ownership already follows the partitions.
+
+use std::path::{Path, PathBuf};
+
+use saferchat_consensus::{NodeId, RoomId};
+use saferchat_placement::{ClusterNode, PartitionCount, PartitionId, Placement};
+use serde::{Deserialize, Serialize};
+use tonic::Status;
+
+use crate::config::NodeConfig;
+use crate::error::NodeError;
+
+/// Metadata key naming the client address of the node that serves a room.
+pub const REDIRECT_METADATA: &str = "saferchat-redirect";
+/// The file in the data folder that records the cluster's shape.
+pub const SHAPE_FILE: &str = "cluster.toml";
+
+/// The cluster's shape, as persisted.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Shape {
+    /// Partitions of the room-hash space.
+    pub partitions: u32,
+    /// Replicas of each partition per datacenter.
+    pub replicas_per_datacenter: usize,
+    /// Every node, by id.
+    pub nodes: Vec<ShapeNode>,
+}
+
+/// A node of the persisted shape.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ShapeNode {
+    /// Its id.
+    pub id: u64,
+    /// Its datacenter.
+    pub datacenter: String,
+}
+
+impl Shape {
+    /// The shape a configuration describes.
+    pub fn of(config: &NodeConfig) -> Shape {
+        let mut nodes: Vec<ShapeNode> = config
+            .peers
+            .iter()
+            .map(|p| ShapeNode {
+                id: p.id,
+                datacenter: p.datacenter.clone(),
+            })
+            .chain(std::iter::once(ShapeNode {
+                id: config.node_id,
+                datacenter: config.datacenter.clone(),
+            }))
+            .collect();
+        nodes.sort();
+        Shape {
+            partitions: config.partitions,
+            replicas_per_datacenter: config.replicas_per_datacenter,
+            nodes,
+        }
+    }
+
+    fn describe(&self) -> String {
+        let nodes: Vec<String> = self
+            .nodes
+            .iter()
+            .map(|n| format!("n{}@{}", n.id, n.datacenter))
+            .collect();
+        format!(
+            "{} partitions, {} replicas per datacenter, nodes {}",
+            self.partitions,
+            self.replicas_per_datacenter,
+            nodes.join(" ")
+        )
+    }
+}
+
+/// Checks the configured shape against the one persisted in `data_dir`,
+/// or persists it on a first start.
+///
+/// # Errors
+/// [`NodeError::Config`] when they differ (naming both) or the file is
+/// unreadable; [`NodeError::Storage`] when it cannot be written durably.
+pub fn check_or_record(data_dir: &Path, configured: &Shape) -> Result<(), NodeError> {
+    let path = data_dir.join(SHAPE_FILE);
+    match std::fs::read_to_string(&path) {
+        Ok(text) => {
+            let recorded: Shape = toml::from_str(&text)
+                .map_err(|e| NodeError::Config(format!("{}: {e}", path.display())))?;
+            if recorded != *configured {
+                return Err(NodeError::Config(format!(
+                    "this data folder belongs to a cluster of {} ({}), but the configuration \
+                     describes {}; a cluster's shape cannot change by configuration (it would \
+                     change who votes on membership): restore the configuration",
+                    recorded.describe(),
+                    path.display(),
+                    configured.describe()
+                )));
+            }
+            Ok(())
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => write_shape(&path, configured),
+        Err(e) => Err(NodeError::Config(format!(
+            "reading {}: {e}",
+            path.display()
+        ))),
+    }
+}
+
+fn write_shape(path: &PathBuf, shape: &Shape) -> Result<(), NodeError> {
+    let text = format!(
+        "# The shape of the cluster this data folder belongs to, recorded at its\n\
+         # first start. The node refuses to start with a configuration that differs.\n{}",
+        toml::to_string(shape).map_err(|e| NodeError::Config(e.to_string()))?
+    );
+    let tmp = path.with_extension("toml.tmp");
+    let storage =
+        |e: std::io::Error| NodeError::Storage(format!("writing {}: {e}", path.display()));
+    {
+        use std::io::Write;
+        let mut f = std::fs::File::create(&tmp).map_err(storage)?;
+        f.write_all(text.as_bytes()).map_err(storage)?;
+        f.sync_all().map_err(storage)?;
+    }
+    std::fs::rename(&tmp, path).map_err(storage)?;
+    crate::storage::durable::sync_dir(path.parent().unwrap_or(Path::new(".")))
+}
+
+/// Placement plus the addresses needed to route clients.
+#[derive(Debug)]
+pub struct Routing {
+    me: NodeId,
+    placement: Placement,
+    /// Client address of every other node.
+    clients: Vec<(NodeId, std::net::SocketAddr)>,
+}
+
+impl Routing {
+    /// Builds the placement of the configured cluster.
+    ///
+    /// # Errors
+    /// [`NodeError::Config`] when the shape is invalid.
+    pub fn new(config: &NodeConfig) -> Result<Routing, NodeError> {
+        let shape = Shape::of(config);
+        let partitions = PartitionCount::new(shape.partitions).ok_or_else(|| {
+            NodeError::Config(format!("partitions must be 1 to {}", PartitionCount::MAX))
+        })?;
+        let nodes: Vec<ClusterNode> = shape
+            .nodes
+            .iter()
+            .map(|n| ClusterNode {
+                id: NodeId(n.id),
+                datacenter: n.datacenter.clone(),
+            })
+            .collect();
+        let placement = Placement::build(&nodes, partitions, shape.replicas_per_datacenter)
+            .map_err(|e| NodeError::Config(format!("placement: {e}")))?;
+        Ok(Routing {
+            me: NodeId(config.node_id),
+            placement,
+            clients: config
+                .peers
+                .iter()
+                .map(|p| (NodeId(p.id), p.client_address))
+                .collect(),
+        })
+    }
+
+    /// The placement.
+    pub fn placement(&self) -> &Placement {
+        &self.placement
+    }
+
+    /// The partition a room belongs to.
+    pub fn partition(&self, room: &RoomId) -> PartitionId {
+        self.placement.partitions().of_room(room.as_str())
+    }
+
+    /// The node that serves a room's messages: its partition's preferred
+    /// owner, which every node computes alike.
+    pub fn owner(&self, room: &RoomId) -> NodeId {
+        self.placement.preferred_owner(self.partition(room))
+    }
+
+    /// `Ok` if this node serves the room's messages, else a status that
+    /// redirects the client to the node that does.
+    ///
+    /// # Errors
+    /// `UNAVAILABLE` with the `saferchat-redirect` metadata.
+    pub fn serve_here(&self, room: &RoomId) -> Result<(), Status> {
+        let owner = self.owner(room);
+        if owner == self.me {
+            return Ok(());
+        }
+        let address = self
+            .clients
+            .iter()
+            .find(|(id, _)| *id == owner)
+            .map(|(_, a)| *a)
+            .expect("the owner is a configured node");
+        let mut status = Status::unavailable(format!(
+            "room {:?} is served by node {owner} at {address}; reconnect there",
+            room.as_str()
+        ));
+        if let Ok(value) = address.to_string().parse() {
+            status.metadata_mut().insert(REDIRECT_METADATA, value);
+        }
+        Err(status)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::PeerConfig;
+
+    fn three(node_id: u64) -> NodeConfig {
+        let mut c = NodeConfig {
+            node_id,
+            peer_listen: Some("127.0.0.1:9000".parse().unwrap()),
+            ..NodeConfig::default()
+        };
+        c.peers = (1..=3)
+            .filter(|id| *id != node_id)
+            .map(|id| PeerConfig {
+                id,
+                peer_address: format!("127.0.0.1:{}", 9100 + id).parse().unwrap(),
+                client_address: format!("127.0.0.1:{}", 8100 + id).parse().unwrap(),
+                datacenter: "dc1".into(),
+            })
+            .collect();
+        c
+    }
+
+    #[test]
+    fn every_node_agrees_on_owners_and_redirects_to_them() {
+        let routes: Vec<Routing> = (1..=3)
+            .map(|id| Routing::new(&three(id)).unwrap())
+            .collect();
+        let room = RoomId::new("team").unwrap();
+        let owner = routes[0].owner(&room);
+        for r in &routes {
+            assert_eq!(r.owner(&room), owner);
+            if r.me == owner {
+                assert!(r.serve_here(&room).is_ok());
+            } else {
+                let status = r.serve_here(&room).unwrap_err();
+                assert_eq!(
+                    status.metadata().get(REDIRECT_METADATA).unwrap(),
+                    &format!("127.0.0.1:{}", 8100 + owner.0)
+                );
+            }
+        }
+        let single = Routing::new(&NodeConfig::default()).unwrap();
+        assert!(single.serve_here(&room).is_ok());
+    }
+
+    #[test]
+    fn the_shape_is_recorded_once_and_enforced() {
+        let dir = tempfile::tempdir().unwrap();
+        let config = three(1);
+        check_or_record(dir.path(), &Shape::of(&config)).unwrap();
+        check_or_record(dir.path(), &Shape::of(&config)).unwrap();
+        // The same cluster seen from node 2 has the same shape.
+        check_or_record(dir.path(), &Shape::of(&three(2))).unwrap();
+
+        let mut grown = config.clone();
+        grown.peers.push(PeerConfig {
+            id: 4,
+            peer_address: "127.0.0.1:9104".parse().unwrap(),
+            client_address: "127.0.0.1:8104".parse().unwrap(),
+            datacenter: "dc1".into(),
+        });
+        let e = check_or_record(dir.path(), &Shape::of(&grown)).unwrap_err();
+        assert!(e.to_string().contains("n4@dc1"), "{e}");
+        let mut repartitioned = config.clone();
+        repartitioned.partitions = 1024;
+        assert!(check_or_record(dir.path(), &Shape::of(&repartitioned)).is_err());
+        let single = NodeConfig::default();
+        assert!(check_or_record(dir.path(), &Shape::of(&single)).is_err());
+    }
+}

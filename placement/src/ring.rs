@@ -1,0 +1,348 @@
+//! Partitions to replica sets: one consistent-hash ring per datacenter,
+//! with [`VNODES_PER_NODE`] virtual nodes per node.
+//!
+//! A partition's replicas in a datacenter are the first
+//! `replicas_per_datacenter` distinct nodes met walking that datacenter's
+//! ring clockwise from the partition's position (all of the datacenter's
+//! nodes if it has fewer). Positions are [`crate::stable_hash`] values of
+//! fixed byte strings: `"saferchat-vnode" ‖ node id (u64 BE) ‖ index (u32
+//! BE)` for a virtual node, `"saferchat-partition" ‖ partition (u32 BE)`
+//! for a partition.
+//!
+//! Why this shape: adding a node to a datacenter inserts its virtual nodes
+//! into that ring only; a partition's walk then meets the new node at most
+//! once, so at most one of its replica slots changes, and only to the new
+//! node. With `n` nodes and `r` replicas going to `n + 1`, about
+//! `r/(n+1)` of the partitions gain the new node, i.e. `1/(n+1)` of all
+//! slots move (a quarter from 3 to 4) — the minimum for the new node to
+//! carry its share. `ring_tests` checks exactly that property and the
+//! balance, and prints the numbers.
+//!
+//! The walk uses `hashring::HashRing::get_with_replicas`, asking for the
+//! whole ring in order from the partition's position and keeping the first
+//! distinct nodes (the crate returns virtual nodes and may repeat a
+//! physical one).
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::hash::{Hash, Hasher};
+
+use hashring::HashRing;
+use saferchat_consensus::NodeId;
+
+use crate::partition::{PartitionCount, PartitionId};
+use crate::stable_hash::StableHash;
+
+/// Virtual nodes per node: with 256, 4 to 10 nodes each carry within 10 %
+/// of an even share of 256 partitions' slots (64 gave up to 20 %;
+/// `ring_tests` measures it). Building a placement walks the ring once per
+/// partition, a few milliseconds, done only when the node list changes.
+pub const VNODES_PER_NODE: u32 = 256;
+/// Replicas of each partition in each datacenter, unless configured.
+pub const REPLICAS_PER_DATACENTER_DEFAULT: usize = 3;
+
+/// A node as placement sees it.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct ClusterNode {
+    /// Its id.
+    pub id: NodeId,
+    /// Its datacenter.
+    pub datacenter: String,
+}
+
+/// Why a placement cannot be built.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum PlacementError {
+    /// The node list is empty.
+    #[error("a cluster needs at least one node")]
+    NoNodes,
+    /// A node id appears twice.
+    #[error("node {0} is listed twice")]
+    DuplicateNode(NodeId),
+    /// Zero replicas per datacenter.
+    #[error("replicas per datacenter must be at least 1")]
+    NoReplicas,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+struct VNode {
+    node: NodeId,
+    index: u32,
+}
+
+impl Hash for VNode {
+    fn hash<H: Hasher>(&self, state: &mut H) {
+        state.write(b"saferchat-vnode");
+        state.write(&self.node.0.to_be_bytes());
+        state.write(&self.index.to_be_bytes());
+    }
+}
+
+struct PartitionKey(PartitionId);
+
+impl Hash for PartitionKey {
+    fn hash<H: Hasher>(&self, state: &mut H) {
+        state.write(b"saferchat-partition");
+        state.write(&self.0.0.to_be_bytes());
+    }
+}
+
+/// The replica sets of every partition of a cluster.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Placement {
+    partitions: PartitionCount,
+    replicas_per_datacenter: usize,
+    nodes: Vec<ClusterNode>,
+    /// Per partition: its replicas, datacenters in name order, each
+    /// datacenter's nodes in ring order.
+    table: Vec<Vec<NodeId>>,
+}
+
+impl Placement {
+    /// Computes the replica sets of every partition.
+    ///
+    /// # Errors
+    /// An empty or duplicated node list, or zero replicas.
+    pub fn build(
+        nodes: &[ClusterNode],
+        partitions: PartitionCount,
+        replicas_per_datacenter: usize,
+    ) -> Result<Placement, PlacementError> {
+        if nodes.is_empty() {
+            return Err(PlacementError::NoNodes);
+        }
+        if replicas_per_datacenter == 0 {
+            return Err(PlacementError::NoReplicas);
+        }
+        let mut sorted = nodes.to_vec();
+        sorted.sort();
+        if let Some(w) = sorted.windows(2).find(|w| w[0].id == w[1].id) {
+            return Err(PlacementError::DuplicateNode(w[0].id));
+        }
+        let mut by_dc: BTreeMap<&str, Vec<NodeId>> = BTreeMap::new();
+        for n in &sorted {
+            by_dc.entry(n.datacenter.as_str()).or_default().push(n.id);
+        }
+        let rings: Vec<HashRing<VNode, StableHash>> = by_dc
+            .values()
+            .map(|ids| {
+                let mut ring = HashRing::with_hasher(StableHash);
+                ring.batch_add(
+                    ids.iter()
+                        .flat_map(|id| (0..VNODES_PER_NODE).map(|index| VNode { node: *id, index }))
+                        .collect(),
+                );
+                ring
+            })
+            .collect();
+        let table = partitions
+            .all()
+            .map(|p| {
+                let mut replicas = Vec::new();
+                for ring in &rings {
+                    let walk = ring
+                        .get_with_replicas(&PartitionKey(p), ring.len())
+                        .expect("a datacenter has nodes");
+                    let mut seen = BTreeSet::new();
+                    replicas.extend(
+                        walk.into_iter()
+                            .map(|v| v.node)
+                            .filter(|n| seen.insert(*n))
+                            .take(replicas_per_datacenter),
+                    );
+                }
+                replicas
+            })
+            .collect();
+        Ok(Placement {
+            partitions,
+            replicas_per_datacenter,
+            nodes: sorted,
+            table,
+        })
+    }
+
+    /// The partition count.
+    pub fn partitions(&self) -> PartitionCount {
+        self.partitions
+    }
+
+    /// Replicas per datacenter, as configured.
+    pub fn replicas_per_datacenter(&self) -> usize {
+        self.replicas_per_datacenter
+    }
+
+    /// The nodes, by id.
+    pub fn nodes(&self) -> &[ClusterNode] {
+        &self.nodes
+    }
+
+    /// The replicas of partition `p`: datacenters in name order, each one's
+    /// nodes in ring order.
+    ///
+    /// # Panics
+    /// When `p` is not a partition of this placement.
+    pub fn replicas(&self, p: PartitionId) -> &[NodeId] {
+        &self.table[p.0 as usize]
+    }
+
+    /// The node that serves partition `p` while nothing is wrong: its first
+    /// replica. (Which node actually leads is the partition log's business;
+    /// this is the one it prefers.)
+    pub fn preferred_owner(&self, p: PartitionId) -> NodeId {
+        self.replicas(p)[0]
+    }
+
+    /// The partition of a room and its replicas.
+    pub fn room(&self, room: &str) -> (PartitionId, &[NodeId]) {
+        let p = self.partitions.of_room(room);
+        (p, self.replicas(p))
+    }
+
+    /// The partitions `node` replicates.
+    pub fn partitions_of(&self, node: NodeId) -> Vec<PartitionId> {
+        self.partitions
+            .all()
+            .filter(|p| self.replicas(*p).contains(&node))
+            .collect()
+    }
+
+    /// How many replica slots differ between two placements of the same
+    /// partition count: for each partition, the replicas of `self` that
+    /// `other` does not have.
+    ///
+    /// # Panics
+    /// When the partition counts differ.
+    pub fn slots_moved(&self, other: &Placement) -> usize {
+        assert_eq!(self.partitions, other.partitions, "same partitions");
+        self.partitions
+            .all()
+            .map(|p| {
+                let theirs = other.replicas(p);
+                self.replicas(p)
+                    .iter()
+                    .filter(|n| !theirs.contains(n))
+                    .count()
+            })
+            .sum()
+    }
+
+    /// Total replica slots.
+    pub fn slots(&self) -> usize {
+        self.table.iter().map(Vec::len).sum()
+    }
+}
+
+#[cfg(test)]
+mod ring_tests {
+    use super::*;
+
+    fn dc1(ids: impl IntoIterator<Item = u64>) -> Vec<ClusterNode> {
+        ids.into_iter()
+            .map(|id| ClusterNode {
+                id: NodeId(id),
+                datacenter: "dc1".into(),
+            })
+            .collect()
+    }
+
+    #[test]
+    fn small_clusters_replicate_everything_everywhere() {
+        for n in 1..=3 {
+            let p = Placement::build(&dc1(1..=n), PartitionCount::DEFAULT, 3).unwrap();
+            for part in PartitionCount::DEFAULT.all() {
+                let mut r = p.replicas(part).to_vec();
+                r.sort();
+                assert_eq!(r, (1..=n).map(NodeId).collect::<Vec<_>>());
+            }
+        }
+    }
+
+    #[test]
+    fn the_input_order_does_not_matter() {
+        let a = Placement::build(&dc1([1, 2, 3, 4, 5]), PartitionCount::DEFAULT, 3).unwrap();
+        let b = Placement::build(&dc1([5, 3, 1, 4, 2]), PartitionCount::DEFAULT, 3).unwrap();
+        assert_eq!(a, b);
+    }
+
+    #[test]
+    fn bad_node_lists_are_refused() {
+        let c = PartitionCount::DEFAULT;
+        assert_eq!(Placement::build(&[], c, 3), Err(PlacementError::NoNodes));
+        assert_eq!(
+            Placement::build(&dc1([1, 2, 2]), c, 3),
+            Err(PlacementError::DuplicateNode(NodeId(2)))
+        );
+        assert_eq!(
+            Placement::build(&dc1([1]), c, 0),
+            Err(PlacementError::NoReplicas)
+        );
+    }
+
+    /// Adding a node moves only slots it takes, about 1/(n+1) of them.
+    #[test]
+    fn adding_a_node_moves_only_the_slots_it_takes() {
+        let c = PartitionCount::DEFAULT;
+        for n in [3u64, 4, 5, 9] {
+            let before = Placement::build(&dc1(1..=n), c, 3).unwrap();
+            let after = Placement::build(&dc1(1..=n + 1), c, 3).unwrap();
+            for p in c.all() {
+                let (old, new) = (before.replicas(p), after.replicas(p));
+                let gone: Vec<_> = old.iter().filter(|x| !new.contains(x)).collect();
+                let came: Vec<_> = new.iter().filter(|x| !old.contains(x)).collect();
+                assert!(gone.len() <= 1, "{p}: {old:?} -> {new:?}");
+                assert_eq!(gone.len(), came.len());
+                assert!(came.iter().all(|x| **x == NodeId(n + 1)), "{p}");
+            }
+            let moved = before.slots_moved(&after);
+            let fraction = moved as f64 / before.slots() as f64;
+            let ideal = 1.0 / (n + 1) as f64;
+            println!(
+                "{n} -> {} nodes: {moved} of {} slots moved ({:.1} %, ideal {:.1} %)",
+                n + 1,
+                before.slots(),
+                100.0 * fraction,
+                100.0 * ideal
+            );
+            assert!(
+                (fraction - ideal).abs() < 0.35 * ideal,
+                "{fraction} vs {ideal}"
+            );
+        }
+    }
+
+    /// Every node carries close to its share of slots.
+    #[test]
+    fn slots_are_spread_evenly() {
+        let c = PartitionCount::DEFAULT;
+        for n in [4u64, 5, 10] {
+            let p = Placement::build(&dc1(1..=n), c, 3).unwrap();
+            let share = p.slots() as f64 / n as f64;
+            let loads: Vec<usize> = (1..=n)
+                .map(|id| p.partitions_of(NodeId(id)).len())
+                .collect();
+            println!("{n} nodes: slots per node {loads:?} (even: {share:.1})");
+            for load in loads {
+                assert!(
+                    (load as f64 - share).abs() < 0.15 * share,
+                    "{load} vs {share}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn every_datacenter_gets_its_replicas() {
+        let mut nodes = dc1(1..=4);
+        nodes.extend((5..=6).map(|id| ClusterNode {
+            id: NodeId(id),
+            datacenter: "dc2".into(),
+        }));
+        let p = Placement::build(&nodes, PartitionCount::DEFAULT, 3).unwrap();
+        for part in PartitionCount::DEFAULT.all() {
+            let r = p.replicas(part);
+            assert_eq!(r.len(), 5, "3 in dc1, both of dc2");
+            assert!(r[..3].iter().all(|n| n.0 <= 4));
+            assert!(r[3..].iter().all(|n| n.0 >= 5));
+        }
+    }
+}
