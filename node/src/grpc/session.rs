@@ -55,6 +55,8 @@ struct Gone;
 enum End {
     Gone,
     Error(NodeError),
+    /// Another node serves the room: the status names it.
+    Redirect(Status),
 }
 
 impl From<Gone> for End {
@@ -80,8 +82,14 @@ pub async fn run(
         end = serve(&ctx, slot.id, &mut inbound, &out) => end,
         () = ctx.shutdown.cancelled() => Err(End::Error(NodeError::Unavailable("node is shutting down".into()))),
     };
-    if let Err(End::Error(e)) = end {
-        let _ = out.send(Err(e.into())).await;
+    match end {
+        Err(End::Error(e)) => {
+            let _ = out.send(Err(e.into())).await;
+        }
+        Err(End::Redirect(status)) => {
+            let _ = out.send(Err(status)).await;
+        }
+        _ => {}
     }
 }
 
@@ -142,6 +150,9 @@ async fn serve(
     let room = RoomId::new(&join.chat).map_err(invalid)?;
     let user: Handle = join.user.parse().map_err(invalid)?;
     let after = MessageId::from_optional(&join.after_id).map_err(invalid)?;
+    // A room's sessions all live on the node that serves it: one order of
+    // posts, one timeline, and every post reaches every session.
+    ctx.routing.serve_here(&room).map_err(End::Redirect)?;
     ctx.check_room_may_exist(&room)?;
     let state = ctx.membership.read(&room).await?;
     if !state.created {

@@ -1,0 +1,107 @@
+//! Chat across a three-node cluster, as the cluster issue's report tried
+//! it: bob listens through one node, alice posts through the other two.
+//! Every session of a room is redirected to the node that serves the room
+//! (its partition's owner), so bob receives both posts live and every
+//! node's history is the same.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use saferchat_client::session::{Event, JoinOptions, Session};
+use saferchat_consensus::{NodeId, RoomId};
+use saferchat_placement::{ClusterNode, PartitionCount, Placement};
+use saferchat_tests::cluster::{Cluster, Options};
+use saferchat_tests::process::{self, fixture_key};
+
+const ROOM: &str = "team";
+
+/// Which node serves `ROOM` in a three-node cluster, computed as the nodes
+/// compute it.
+fn owner() -> usize {
+    let nodes: Vec<ClusterNode> = (1..=3)
+        .map(|id| ClusterNode {
+            id: NodeId(id),
+            datacenter: "dc1".into(),
+        })
+        .collect();
+    let placement = Placement::build(&nodes, PartitionCount::DEFAULT, 3).unwrap();
+    let (p, _) = placement.room(ROOM);
+    placement.preferred_owner(p).0 as usize - 1
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn users_on_different_nodes_chat_and_read_one_history() {
+    let cluster = Cluster::start(Options::single_dc(3)).await;
+    let dir = tempfile::tempdir().unwrap();
+    let (alice_key, alice) = fixture_key(dir.path(), "alice", 0);
+    let (_, bob) = fixture_key(dir.path(), "bob", 1);
+    let owner = owner();
+    let others: Vec<usize> = (0..3).filter(|i| *i != owner).collect();
+
+    // Admin calls work on any node.
+    let mut admin = cluster.admin(others[0]).await;
+    admin.create_chat(ROOM).await.expect("create");
+    admin.add_user(ROOM, &alice, None).await.expect("add alice");
+    cluster
+        .admin(others[1])
+        .await
+        .add_user(ROOM, &bob, None)
+        .await
+        .expect("add bob");
+
+    // Bob listens through a node that does not serve the room.
+    let room = RoomId::new(ROOM).unwrap();
+    let bob_id = Arc::new(saferchat_client::test_keys::identity(1));
+    let options = JoinOptions {
+        no_history: true,
+        ..JoinOptions::default()
+    };
+    let mut listening = Session::join(&cluster.server(others[0]), &room, bob_id, &options)
+        .await
+        .expect("bob joins");
+    assert_eq!(
+        listening.address(),
+        cluster.server(owner),
+        "the join follows the redirect to the room's node"
+    );
+
+    // Alice posts through each of the other nodes.
+    let server_a = cluster.server(others[1]);
+    let server_b = cluster.server(others[0]);
+    let key = alice_key.clone();
+    tokio::task::spawn_blocking(move || {
+        process::send(&server_a, &key, ROOM, "through one node");
+        process::send(&server_b, &key, ROOM, "through another");
+    })
+    .await
+    .unwrap();
+
+    let mut seen = Vec::new();
+    while seen.len() < 2 {
+        let event = tokio::time::timeout(Duration::from_secs(60), listening.next())
+            .await
+            .expect("a live message within a minute")
+            .expect("session")
+            .expect("not ended");
+        if let Event::Message(m) = event {
+            let plain = m.content.expect("verified");
+            seen.push(String::from_utf8(plain.body).unwrap());
+        }
+    }
+    assert_eq!(seen, ["through one node", "through another"]);
+
+    // Every node answers history with the same two messages, in order.
+    let histories = tokio::task::spawn_blocking(move || {
+        (0..3)
+            .map(|i| process::history(&cluster.server(i), &alice_key, ROOM))
+            .collect::<Vec<_>>()
+    })
+    .await
+    .unwrap();
+    for h in &histories {
+        let one = h.find("through one node").expect(h);
+        let another = h.find("through another").expect(h);
+        assert!(one < another, "{h}");
+        assert_eq!(h, &histories[0]);
+    }
+}
