@@ -1,0 +1,163 @@
+#!/usr/bin/env bash
+# Runs a saferchat cluster on this machine, on loopback.
+#
+#   deploy/local-cluster.sh start --nodes N [--datacenters D] --dir DIR
+#   deploy/local-cluster.sh stop --dir DIR
+#
+# start: creates DIR, a cluster CA and node certificates (DIR/tls), a shared
+# admin token (DIR/admin.token, mode 0600) and session secret, picks free
+# loopback ports, starts N nodes (node i in datacenter dc((i-1) mod D + 1)),
+# each with its data in DIR/nI and its log in DIR/nI.log, waits until every
+# node serves, and prints one line per node:
+#
+#   node ID dc DC client HOST:PORT
+#
+# stop: SIGTERM to every node started in DIR, SIGKILL after 30 s.
+#
+# The node binary: $SAFERCHAT_NODE_BIN, else target/release/saferchat-node,
+# else target/debug/saferchat-node, else it is built (cargo build --release).
+set -euo pipefail
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+
+die() { echo "local-cluster: $*" >&2; exit 2; }
+usage() {
+  sed -n '4,5p' "${BASH_SOURCE[0]}" | sed 's/^# //' >&2
+  exit 2
+}
+
+node_bin() {
+  if [ -n "${SAFERCHAT_NODE_BIN:-}" ]; then
+    [ -x "$SAFERCHAT_NODE_BIN" ] || die "SAFERCHAT_NODE_BIN=$SAFERCHAT_NODE_BIN is not executable"
+    echo "$SAFERCHAT_NODE_BIN"
+  elif [ -x "$ROOT/target/release/saferchat-node" ]; then
+    echo "$ROOT/target/release/saferchat-node"
+  elif [ -x "$ROOT/target/debug/saferchat-node" ]; then
+    echo "$ROOT/target/debug/saferchat-node"
+  else
+    echo "local-cluster: building saferchat-node (release)…" >&2
+    (cd "$ROOT" && cargo build --release --quiet -p saferchat-node) >&2
+    echo "$ROOT/target/release/saferchat-node"
+  fi
+}
+
+# COUNT distinct free loopback ports, all bound at once so none repeats.
+free_ports() {
+  python3 - "$1" <<'EOF'
+import socket, sys
+socks = []
+for _ in range(int(sys.argv[1])):
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    socks.append(s)
+print(" ".join(str(s.getsockname()[1]) for s in socks))
+EOF
+}
+
+random_hex() { od -An -N32 -tx1 /dev/urandom | tr -d ' \n'; }
+
+start() {
+  local nodes="" dcs=1 dir=""
+  while [ $# -gt 0 ]; do
+    case "$1" in
+      --nodes) nodes="${2:-}"; shift 2 ;;
+      --datacenters) dcs="${2:-}"; shift 2 ;;
+      --dir) dir="${2:-}"; shift 2 ;;
+      *) usage ;;
+    esac
+  done
+  [ -n "$dir" ] || usage
+  [[ "$nodes" =~ ^[1-9][0-9]*$ ]] || die "--nodes must be a positive number"
+  [[ "$dcs" =~ ^[1-9][0-9]*$ ]] || die "--datacenters must be a positive number"
+  [ "$dcs" -le "$nodes" ] || die "more datacenters than nodes"
+  if compgen -G "$dir/n*.pid" >/dev/null; then
+    die "$dir already has a cluster; stop it first (or use another --dir)"
+  fi
+  local bin; bin="$(node_bin)"
+  mkdir -p "$dir"
+  dir="$(cd "$dir" && pwd)"
+  umask 077
+
+  local ports; read -r -a ports <<<"$(free_ports $((2 * nodes)))"
+  local i dc certs=()
+  for i in $(seq 1 "$nodes"); do
+    certs+=(--node "$i:dc$(( (i - 1) % dcs + 1 ))")
+  done
+  "$bin" certs --dir "$dir/tls" "${certs[@]}" >/dev/null
+  [ -s "$dir/admin.token" ] || random_hex >"$dir/admin.token"
+  [ -s "$dir/session.secret" ] || random_hex >"$dir/session.secret"
+
+  for i in $(seq 1 "$nodes"); do
+    local client="${ports[$((i - 1))]}" peer="${ports[$((nodes + i - 1))]}" peers="" j
+    for j in $(seq 1 "$nodes"); do
+      [ "$j" = "$i" ] && continue
+      peers="${peers:+$peers,}$j=127.0.0.1:${ports[$((nodes + j - 1))]}/127.0.0.1:${ports[$((j - 1))]}@dc$(( (j - 1) % dcs + 1 ))"
+    done
+    dc="dc$(( (i - 1) % dcs + 1 ))"
+    SAFERCHAT_NODE_ID="$i" \
+    SAFERCHAT_DATACENTER="$dc" \
+    SAFERCHAT_LISTEN="127.0.0.1:$client" \
+    SAFERCHAT_PEER_LISTEN="127.0.0.1:$peer" \
+    SAFERCHAT_PEERS="$peers" \
+    SAFERCHAT_PEER_TLS_DIR="$dir/tls" \
+    SAFERCHAT_DATA_DIR="$dir/n$i" \
+    SAFERCHAT_ADMIN_TOKEN="$(cat "$dir/admin.token")" \
+    SAFERCHAT_SESSION_SECRET="$(cat "$dir/session.secret")" \
+      nohup "$bin" </dev/null >>"$dir/n$i.log" 2>&1 &
+    echo $! >"$dir/n$i.pid"
+    echo "$i $dc 127.0.0.1:$client" >"$dir/n$i.info"
+  done
+
+  local deadline=$((SECONDS + ${LOCAL_CLUSTER_START_TIMEOUT_S:-60}))
+  for i in $(seq 1 "$nodes"); do
+    until grep -q "saferchat node serving" "$dir/n$i.log" 2>/dev/null; do
+      if ! kill -0 "$(cat "$dir/n$i.pid")" 2>/dev/null; then
+        echo "local-cluster: node $i exited; its log ($dir/n$i.log):" >&2
+        tail -20 "$dir/n$i.log" >&2
+        stop --dir "$dir"
+        exit 1
+      fi
+      if [ "$SECONDS" -ge "$deadline" ]; then
+        echo "local-cluster: node $i did not start in time; see $dir/n$i.log" >&2
+        stop --dir "$dir"
+        exit 1
+      fi
+      sleep 0.2
+    done
+  done
+  for i in $(seq 1 "$nodes"); do
+    read -r id dc client <"$dir/n$i.info"
+    echo "node $id dc $dc client $client"
+  done
+}
+
+stop() {
+  local dir=""
+  while [ $# -gt 0 ]; do
+    case "$1" in
+      --dir) dir="${2:-}"; shift 2 ;;
+      *) usage ;;
+    esac
+  done
+  [ -n "$dir" ] || usage
+  local f pid pids=()
+  for f in "$dir"/n*.pid; do
+    [ -e "$f" ] || continue
+    pid="$(cat "$f")"
+    if kill -TERM "$pid" 2>/dev/null; then pids+=("$pid"); fi
+    rm -f "$f"
+  done
+  local deadline=$((SECONDS + 30))
+  for pid in "${pids[@]}"; do
+    while kill -0 "$pid" 2>/dev/null; do
+      if [ "$SECONDS" -ge "$deadline" ]; then kill -KILL "$pid" 2>/dev/null || true; break; fi
+      sleep 0.2
+    done
+  done
+  echo "stopped ${#pids[@]} node(s)"
+}
+
+case "${1:-}" in
+  start) shift; start "$@" ;;
+  stop) shift; stop "$@" ;;
+  *) usage ;;
+esac

@@ -1,0 +1,96 @@
+//! `deploy/local-cluster.sh`, as the README uses it: start three nodes in
+//! two datacenters, administer the cluster through any node with the
+//! written token, stop it.
+
+use std::path::PathBuf;
+use std::process::Command;
+
+use saferchat_tests::process;
+
+fn script() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("workspace")
+        .join("deploy/local-cluster.sh")
+}
+
+fn run(args: &[&str]) -> std::process::Output {
+    Command::new("bash")
+        .arg(script())
+        .args(args)
+        .env(
+            "SAFERCHAT_NODE_BIN",
+            saferchat_tests::bin::path("saferchat-node"),
+        )
+        .output()
+        .expect("run local-cluster.sh")
+}
+
+#[test]
+fn starts_serves_and_stops_a_cluster() {
+    let dir = tempfile::tempdir().unwrap();
+    let cluster = dir.path().join("cluster");
+    let cluster_arg = cluster.to_str().unwrap();
+    let started = run(&[
+        "start",
+        "--nodes",
+        "3",
+        "--datacenters",
+        "2",
+        "--dir",
+        cluster_arg,
+    ]);
+    let stdout = String::from_utf8_lossy(&started.stdout).into_owned();
+    assert!(
+        started.status.success(),
+        "start failed: {stdout}{}",
+        String::from_utf8_lossy(&started.stderr)
+    );
+    // node ID dc DC client HOST:PORT, one line per node.
+    let nodes: Vec<(String, String, String)> = stdout
+        .lines()
+        .map(|line| {
+            let f: Vec<&str> = line.split(' ').collect();
+            assert_eq!(
+                (f.len(), f[0], f[2], f[4]),
+                (6, "node", "dc", "client"),
+                "{line}"
+            );
+            (f[1].to_owned(), f[3].to_owned(), f[5].to_owned())
+        })
+        .collect();
+    let expected = [("1", "dc1"), ("2", "dc2"), ("3", "dc1")];
+    assert_eq!(nodes.len(), 3, "{stdout}");
+    for ((id, dc, _), (want_id, want_dc)) in nodes.iter().zip(expected) {
+        assert_eq!((id.as_str(), dc.as_str()), (want_id, want_dc));
+    }
+    let token = cluster.join("admin.token");
+    let mode =
+        std::os::unix::fs::PermissionsExt::mode(&std::fs::metadata(&token).unwrap().permissions());
+    assert_eq!(mode & 0o777, 0o600);
+
+    // A second start on the same folder is refused while it runs.
+    let again = run(&["start", "--nodes", "3", "--dir", cluster_arg]);
+    assert!(!again.status.success());
+
+    let written = std::fs::read_to_string(&token).unwrap();
+    let admin = |server: &str, args: &[&str]| {
+        let mut all = vec!["admin", "--token", written.trim()];
+        all.extend_from_slice(args);
+        process::ok(&process::cli(server, None, &all, None))
+    };
+    let created = admin(&nodes[0].2, &["create-chat", "local"]);
+    assert!(created.contains("created room local"), "{created}");
+    let listed = admin(&nodes[2].2, &["list"]);
+    assert!(listed.contains("local"), "{listed}");
+
+    let stopped = run(&["stop", "--dir", cluster_arg]);
+    assert!(stopped.status.success());
+    assert_eq!(
+        String::from_utf8_lossy(&stopped.stdout).trim(),
+        "stopped 3 node(s)"
+    );
+    for n in 1..=3 {
+        assert!(!cluster.join(format!("n{n}.pid")).exists());
+    }
+}
