@@ -9,6 +9,9 @@
 //! - [`lease::grantor`], [`lease::holder`]: quorum leases.
 //! - [`replica`]: the four roles of one room on one node behind one
 //!   interface, emitting a [`Ready`].
+//! - [`partition_log`]: the replicated log of one partition (terms,
+//!   fencing, recovery from a quorum's tail), the core of the
+//!   quorum-replicated timeline.
 //! - [`time`], [`config`], [`ids`], [`message`]: the vocabulary.
 //!
 //! # What this crate never does
@@ -36,6 +39,7 @@ pub mod config;
 pub mod ids;
 pub mod lease;
 pub mod message;
+pub mod partition_log;
 pub mod paxos;
 pub mod replica;
 pub mod room;

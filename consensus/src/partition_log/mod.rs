@@ -1,0 +1,202 @@
+//! The replicated log of one partition: the core of the quorum-replicated
+//! timeline, specified in `specs/PartitionLog.tla`.
+//!
+//! Slot `i` of a partition's log holds its `i`-th post (or a no-op); one
+//! replica leads at a time and assigns slots. It is Multi-Paxos with terms:
+//!
+//! - **Elect.** A candidate picks a term above every term it has seen and
+//!   promises it itself first (the promise is durable before any Prepare
+//!   leaves, so a restarted node never runs for a term it used). A replica
+//!   promises a higher term and answers with its entries from the slot the
+//!   candidate asks for; from then on it refuses writes of older terms
+//!   (*fencing*: a deposed leader, even one that can still reach storage,
+//!   cannot write after its successor was elected).
+//! - **Recover.** With promises from a quorum, the new leader adopts, for
+//!   every slot, the entry of the highest term among them (*tail read*),
+//!   fills holes below the last one with no-ops, and writes all of them
+//!   again in its own term. Anything acknowledged was on a quorum, which
+//!   overlaps this one, so it is recovered in its slot.
+//! - **Append.** The leader writes new entries at the next free slots; a
+//!   replica stores them durably, then answers; a slot commits when a
+//!   quorum answered in the leader's term, and committed slots are released
+//!   ([`Committed`]) strictly in slot order, so acknowledgements and
+//!   delivery follow one gapless order.
+//!
+//! Like the room register, everything durable is a command in [`LogReady`]
+//! that the node performs before it sends anything of the same `LogReady`.
+
+pub mod acceptor;
+pub mod replica;
+
+use std::fmt;
+
+use crate::ids::NodeId;
+
+pub use acceptor::{LogAcceptor, LogWrite};
+pub use replica::{Checks, Committed, LogConfig, LogReady, LogReplica, NotLeader};
+
+/// A leadership term: a round made unique by the node that runs for it.
+/// Ordered by round, then node.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Term {
+    /// Raised by a candidate to outbid earlier terms.
+    pub round: u64,
+    /// The node that runs for (and leads in) this term.
+    pub node: NodeId,
+}
+
+impl Term {
+    /// Below every term a node runs for.
+    pub const ZERO: Term = Term {
+        round: 0,
+        node: NodeId(0),
+    };
+    /// The highest round used or accepted, for the same reason as
+    /// [`crate::Ballot::ROUND_MAX`]: `+ 1` never overflows, absurd terms
+    /// are refused.
+    pub const ROUND_MAX: u64 = 1 << 62;
+
+    /// Whether the round is within [`Term::ROUND_MAX`].
+    pub fn is_sane(self) -> bool {
+        self.round <= Self::ROUND_MAX
+    }
+}
+
+impl fmt::Display for Term {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "t{}.{}", self.round, self.node.0)
+    }
+}
+
+/// A position in the log, from 1.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Slot(pub u64);
+
+impl Slot {
+    /// The slot after this one.
+    pub fn next(self) -> Slot {
+        Slot(self.0 + 1)
+    }
+}
+
+impl fmt::Display for Slot {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "#{}", self.0)
+    }
+}
+
+/// What a slot holds.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub enum Value<T> {
+    /// A post (opaque to the log).
+    Post(T),
+    /// Nothing: a hole a new leader filled so that later slots can commit.
+    Noop,
+}
+
+/// A value as written in some term.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct Entry<T> {
+    /// The term of the leader that wrote it.
+    pub term: Term,
+    /// The value.
+    pub value: Value<T>,
+}
+
+/// Messages between the replicas of one partition.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub enum LogMessage<T> {
+    /// A candidate asks for a promise and for the entries from `from`.
+    Prepare {
+        /// The candidate's term.
+        term: Term,
+        /// The first slot the candidate does not know to be committed.
+        from: Slot,
+    },
+    /// The promise, with the replica's entries from the asked slot.
+    Promise {
+        /// The term promised.
+        term: Term,
+        /// Entries at or after the asked slot, in slot order.
+        entries: Vec<(Slot, Entry<T>)>,
+    },
+    /// Write `values` at `first`, `first + 1`, … in `term`; slots up to
+    /// `commit` are committed.
+    Accept {
+        /// The leader's term.
+        term: Term,
+        /// The slot of the first value.
+        first: Slot,
+        /// The values.
+        values: Vec<Value<T>>,
+        /// The leader's committed prefix.
+        commit: Slot,
+    },
+    /// The slots `first .. first + count` are stored in `term`, and the
+    /// replica has released everything up to `released`.
+    Accepted {
+        /// The term written in.
+        term: Term,
+        /// The first slot.
+        first: Slot,
+        /// How many.
+        count: u64,
+        /// The replica's own committed prefix, so the leader can resend
+        /// what it missed.
+        released: Slot,
+    },
+    /// Refused: the replica promised `promised`, above `term`.
+    Refused {
+        /// The refused term.
+        term: Term,
+        /// The replica's promise.
+        promised: Term,
+    },
+}
+
+impl<T> LogMessage<T> {
+    /// The term the message is about.
+    pub fn term(&self) -> Term {
+        match self {
+            LogMessage::Prepare { term, .. }
+            | LogMessage::Promise { term, .. }
+            | LogMessage::Accept { term, .. }
+            | LogMessage::Accepted { term, .. }
+            | LogMessage::Refused { term, .. } => *term,
+        }
+    }
+
+    /// Whether every term and slot in it is within bounds; a replica drops
+    /// messages that are not (no honest node sends one).
+    pub fn is_sane(&self) -> bool {
+        let slot_ok = |s: Slot| s.0 >= 1 && s.0 <= SLOT_MAX;
+        self.term().is_sane()
+            && match self {
+                LogMessage::Prepare { from, .. } => slot_ok(*from),
+                LogMessage::Promise { entries, .. } => {
+                    entries.iter().all(|(s, e)| slot_ok(*s) && e.term.is_sane())
+                }
+                LogMessage::Accept {
+                    first,
+                    values,
+                    commit,
+                    ..
+                } => {
+                    slot_ok(*first)
+                        && (values.len() as u64) <= SLOT_MAX - first.0
+                        && commit.0 <= SLOT_MAX
+                }
+                LogMessage::Accepted {
+                    first,
+                    count,
+                    released,
+                    ..
+                } => slot_ok(*first) && *count <= SLOT_MAX - first.0 && released.0 <= SLOT_MAX,
+                LogMessage::Refused { promised, .. } => promised.is_sane(),
+            }
+    }
+}
+
+/// The highest slot; like the round bounds, far beyond use (2^62 posts)
+/// and far below overflow.
+pub const SLOT_MAX: u64 = 1 << 62;

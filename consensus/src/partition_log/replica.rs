@@ -1,0 +1,584 @@
+//! One partition's log on one node: acceptor and leadership behind one
+//! interface, emitting a [`LogReady`].
+//!
+//! # Ordering contract
+//!
+//! The node performs a [`LogReady`] in this order: make `write` durable
+//! (fdatasync), then send `messages`, then apply `committed` to the
+//! timeline and acknowledge the posts in it. The local acceptor's promise
+//! and entries are applied inside the step that causes them, never through
+//! a message to itself, so a candidate's own promise and a leader's own
+//! write are on disk before any Prepare or Accept of theirs leaves.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use super::acceptor::{LogAcceptor, LogWrite};
+use super::{Entry, LogMessage, Slot, Term, Value};
+use crate::ids::NodeId;
+
+/// The replicas of a partition and the guards of the protocol.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct LogConfig {
+    /// This node.
+    pub me: NodeId,
+    /// Every replica, sorted, including `me`.
+    pub replicas: Vec<NodeId>,
+    /// Most values one Accept carries.
+    pub batch_max: usize,
+    /// Guards a broken test variant may turn off to show what they
+    /// protect; `Checks::default()` is the protocol.
+    #[doc(hidden)]
+    pub checks: Checks,
+}
+
+/// The protocol's guards (all on outside of tests).
+#[doc(hidden)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Checks {
+    /// Replicas refuse writes of a term below their promise.
+    pub fencing: bool,
+    /// A new leader adopts the highest-term entries of a quorum.
+    pub tail_read: bool,
+}
+
+impl Default for Checks {
+    fn default() -> Checks {
+        Checks {
+            fencing: true,
+            tail_read: true,
+        }
+    }
+}
+
+impl LogConfig {
+    /// A configuration with the default batch size and every guard on.
+    pub fn new(me: NodeId, mut replicas: Vec<NodeId>) -> LogConfig {
+        replicas.sort_unstable();
+        replicas.dedup();
+        assert!(replicas.contains(&me), "{me} is one of the replicas");
+        LogConfig {
+            me,
+            replicas,
+            batch_max: 256,
+            checks: Checks::default(),
+        }
+    }
+
+    fn majority(&self) -> usize {
+        self.replicas.len() / 2 + 1
+    }
+}
+
+/// A slot released in order: committed, to apply and acknowledge.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Committed<T> {
+    /// Its slot.
+    pub slot: Slot,
+    /// Its value.
+    pub value: Value<T>,
+}
+
+/// What the node must do after an input, in order (see the module docs).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct LogReady<T> {
+    /// Make durable first.
+    pub write: Option<LogWrite<T>>,
+    /// Then send.
+    pub messages: Vec<(NodeId, LogMessage<T>)>,
+    /// Then apply and acknowledge, in slot order.
+    pub committed: Vec<Committed<T>>,
+    /// This node became leader in this term (after recovery was sent).
+    pub leading: Option<Term>,
+    /// Replicas that miss entries this node compacted away: they need the
+    /// timeline from this slot by another way (a snapshot copy).
+    pub lagging: Vec<(NodeId, Slot)>,
+}
+
+impl<T> Default for LogReady<T> {
+    fn default() -> Self {
+        LogReady {
+            write: None,
+            messages: Vec::new(),
+            committed: Vec::new(),
+            leading: None,
+            lagging: Vec::new(),
+        }
+    }
+}
+
+impl<T> LogReady<T> {
+    /// Whether there is nothing to do.
+    pub fn is_empty(&self) -> bool {
+        self.write.is_none()
+            && self.messages.is_empty()
+            && self.committed.is_empty()
+            && self.leading.is_none()
+            && self.lagging.is_empty()
+    }
+}
+
+/// An append refused because this node does not lead.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("not the leader of this partition (last known leader: {leader:?})")]
+pub struct NotLeader {
+    /// The node that led the newest term this node has seen, if any.
+    pub leader: Option<NodeId>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+enum Role<T> {
+    Follower,
+    Candidate {
+        term: Term,
+        from: Slot,
+        promises: BTreeMap<NodeId, Vec<(Slot, Entry<T>)>>,
+    },
+    Leader {
+        term: Term,
+        next: Slot,
+        /// Uncommitted slots of this term: value and who stored it.
+        pending: BTreeMap<Slot, (Value<T>, BTreeSet<NodeId>)>,
+    },
+}
+
+/// One partition's log on one node.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct LogReplica<T> {
+    config: LogConfig,
+    acceptor: LogAcceptor<T>,
+    role: Role<T>,
+    /// The highest term seen in any message, and its node.
+    highest: Term,
+    /// Everything up to here was released as committed, in order.
+    released: Slot,
+    ready: LogReady<T>,
+}
+
+impl<T: Clone> LogReplica<T> {
+    /// A replica restored from its durable acceptor state; `released` is
+    /// what the node had applied to its timeline (at most the committed
+    /// prefix).
+    pub fn new(config: LogConfig, acceptor: LogAcceptor<T>, released: Slot) -> Self {
+        let highest = acceptor.promised();
+        LogReplica {
+            config,
+            acceptor,
+            role: Role::Follower,
+            highest,
+            released,
+            ready: LogReady::default(),
+        }
+    }
+
+    /// Takes what the node must do now.
+    pub fn take_ready(&mut self) -> LogReady<T> {
+        std::mem::take(&mut self.ready)
+    }
+
+    /// The durable acceptor state.
+    pub fn acceptor(&self) -> &LogAcceptor<T> {
+        &self.acceptor
+    }
+
+    /// The committed prefix released so far.
+    pub fn released(&self) -> Slot {
+        self.released
+    }
+
+    /// The term this node leads, if it leads.
+    pub fn leading(&self) -> Option<Term> {
+        match self.role {
+            Role::Leader { term, .. } => Some(term),
+            _ => None,
+        }
+    }
+
+    /// The node that ran for the newest term seen (possibly this one).
+    pub fn leader_hint(&self) -> Option<NodeId> {
+        (self.highest != Term::ZERO).then_some(self.highest.node)
+    }
+
+    /// Runs for leadership in a term above every term seen, promising it
+    /// locally first. `None` when the rounds are exhausted.
+    pub fn campaign(&mut self) -> Option<Term> {
+        let round = self.highest.round.max(self.acceptor.promised().round) + 1;
+        if round > Term::ROUND_MAX {
+            return None;
+        }
+        let term = Term {
+            round,
+            node: self.config.me,
+        };
+        let from = self.released.next();
+        let (reply, write) = self.acceptor.on_prepare(term, from);
+        self.merge_write(write);
+        self.highest = term;
+        let LogMessage::Promise { entries, .. } = reply else {
+            unreachable!("a term above the promise is promised");
+        };
+        self.role = Role::Candidate {
+            term,
+            from,
+            promises: BTreeMap::from([(self.config.me, entries)]),
+        };
+        for to in self.others() {
+            self.ready
+                .messages
+                .push((to, LogMessage::Prepare { term, from }));
+        }
+        self.try_lead();
+        Some(term)
+    }
+
+    /// Appends values at the next free slots; returns the first slot.
+    ///
+    /// # Errors
+    /// [`NotLeader`] unless this node leads.
+    pub fn append(&mut self, values: Vec<Value<T>>) -> Result<Slot, NotLeader> {
+        let Role::Leader { next, .. } = &self.role else {
+            return Err(NotLeader {
+                leader: self.leader_hint(),
+            });
+        };
+        let first = *next;
+        self.write_as_leader(first, values);
+        Ok(first)
+    }
+
+    /// Sends every uncommitted slot again to the replicas that have not
+    /// stored it (the node calls this on a timer: messages may be lost).
+    pub fn resend(&mut self) {
+        let Role::Leader { term, pending, .. } = &self.role else {
+            return;
+        };
+        let term = *term;
+        let commit = self.released;
+        let mut sends = Vec::new();
+        for to in self.others() {
+            let missing: Vec<(Slot, Value<T>)> = pending
+                .iter()
+                .filter(|(_, (_, acks))| !acks.contains(&to))
+                .map(|(s, (v, _))| (*s, v.clone()))
+                .collect();
+            for run in contiguous(missing, self.config.batch_max) {
+                let (first, values) = run;
+                sends.push((
+                    to,
+                    LogMessage::Accept {
+                        term,
+                        first,
+                        values,
+                        commit,
+                    },
+                ));
+            }
+        }
+        self.ready.messages.extend(sends);
+    }
+
+    /// Drops log entries the node has applied to its timeline.
+    pub fn compact(&mut self, upto: Slot) {
+        self.acceptor.compact(upto.min(self.released));
+    }
+
+    /// Handles one message from another replica.
+    pub fn step(&mut self, from: NodeId, message: LogMessage<T>) {
+        if !message.is_sane() || !self.config.replicas.contains(&from) || from == self.config.me {
+            return;
+        }
+        let term = message.term();
+        match message {
+            LogMessage::Prepare { term, from: slot } => {
+                let (reply, write) = self.acceptor.on_prepare(term, slot);
+                self.merge_write(write);
+                self.observe(term);
+                self.ready.messages.push((from, reply));
+            }
+            LogMessage::Accept {
+                term,
+                first,
+                values,
+                commit,
+            } => {
+                let (reply, write) =
+                    self.acceptor
+                        .on_accept(term, first, &values, self.config.checks.fencing);
+                let stored = write.is_some();
+                self.merge_write(write);
+                self.observe(term);
+                if stored {
+                    self.release_as_follower(term, commit);
+                }
+                let reply = match reply {
+                    LogMessage::Accepted {
+                        term, first, count, ..
+                    } => LogMessage::Accepted {
+                        term,
+                        first,
+                        count,
+                        released: self.released,
+                    },
+                    refused => refused,
+                };
+                self.ready.messages.push((from, reply));
+            }
+            LogMessage::Promise { entries, .. } => {
+                if let Role::Candidate {
+                    term: running,
+                    promises,
+                    ..
+                } = &mut self.role
+                    && *running == term
+                {
+                    promises.insert(from, entries);
+                    self.try_lead();
+                }
+            }
+            LogMessage::Accepted {
+                first,
+                count,
+                released,
+                ..
+            } => self.on_accepted(from, term, first, count, released),
+            LogMessage::Refused { promised, .. } => self.observe(promised),
+        }
+    }
+
+    /// A term seen: a newer one ends this node's candidacy or leadership.
+    fn observe(&mut self, term: Term) {
+        self.highest = self.highest.max(term);
+        let mine = match &self.role {
+            Role::Follower => return,
+            Role::Candidate { term, .. } | Role::Leader { term, .. } => *term,
+        };
+        if term > mine {
+            self.role = Role::Follower;
+        }
+    }
+
+    /// With promises from a quorum, recover and lead.
+    fn try_lead(&mut self) {
+        let Role::Candidate {
+            term,
+            from,
+            promises,
+        } = &self.role
+        else {
+            return;
+        };
+        if promises.len() < self.config.majority() {
+            return;
+        }
+        let (term, from) = (*term, *from);
+        let mut recovered: BTreeMap<Slot, Entry<T>> = BTreeMap::new();
+        let sources: Vec<&Vec<(Slot, Entry<T>)>> = if self.config.checks.tail_read {
+            promises.values().collect()
+        } else {
+            // Broken variant: only this node's own entries.
+            promises.get(&self.config.me).into_iter().collect()
+        };
+        for entries in sources {
+            for (slot, entry) in entries {
+                if *slot < from {
+                    continue;
+                }
+                match recovered.get(slot) {
+                    Some(have) if have.term >= entry.term => {}
+                    _ => {
+                        recovered.insert(*slot, entry.clone());
+                    }
+                }
+            }
+        }
+        let last = recovered
+            .keys()
+            .next_back()
+            .copied()
+            .unwrap_or(self.released);
+        let values: Vec<Value<T>> = (from.0..=last.0)
+            .map(|s| recovered.remove(&Slot(s)).map_or(Value::Noop, |e| e.value))
+            .collect();
+        self.role = Role::Leader {
+            term,
+            next: from,
+            pending: BTreeMap::new(),
+        };
+        self.ready.leading = Some(term);
+        if !values.is_empty() {
+            self.write_as_leader(from, values);
+        }
+    }
+
+    /// Writes values from `first` in the leader's term: locally (durable
+    /// before the Accepts leave), then to every other replica.
+    fn write_as_leader(&mut self, first: Slot, values: Vec<Value<T>>) {
+        let Role::Leader {
+            term,
+            next,
+            pending,
+        } = &mut self.role
+        else {
+            return;
+        };
+        let term = *term;
+        let me = self.config.me;
+        for (i, v) in values.iter().enumerate() {
+            pending.insert(Slot(first.0 + i as u64), (v.clone(), BTreeSet::from([me])));
+        }
+        *next = Slot(first.0 + values.len() as u64);
+        let (_, write) = self.acceptor.on_accept(term, first, &values, true);
+        self.merge_write(write);
+        let commit = self.released;
+        let others = self.others();
+        for chunk_start in (0..values.len()).step_by(self.config.batch_max.max(1)) {
+            let chunk: Vec<Value<T>> = values
+                [chunk_start..(chunk_start + self.config.batch_max).min(values.len())]
+                .to_vec();
+            for to in &others {
+                self.ready.messages.push((
+                    *to,
+                    LogMessage::Accept {
+                        term,
+                        first: Slot(first.0 + chunk_start as u64),
+                        values: chunk.clone(),
+                        commit,
+                    },
+                ));
+            }
+        }
+        self.release_as_leader();
+    }
+
+    fn on_accepted(&mut self, from: NodeId, term: Term, first: Slot, count: u64, released: Slot) {
+        let Role::Leader {
+            term: leading,
+            pending,
+            ..
+        } = &mut self.role
+        else {
+            return;
+        };
+        if *leading != term {
+            return;
+        }
+        for s in first.0..first.0 + count {
+            if let Some((_, acks)) = pending.get_mut(&Slot(s)) {
+                acks.insert(from);
+            }
+        }
+        self.release_as_leader();
+        self.catch_up(from, term, released, first);
+    }
+
+    /// Resends committed slots a replica reports it has not released and
+    /// that precede what it just stored.
+    fn catch_up(&mut self, to: NodeId, term: Term, released: Slot, first: Slot) {
+        let upto = self.released.min(Slot(first.0.saturating_sub(1)));
+        if released >= upto {
+            return;
+        }
+        let from = released.next();
+        if from <= self.acceptor.floor() {
+            self.ready.lagging.push((to, from));
+            return;
+        }
+        let missing: Vec<(Slot, Value<T>)> = self
+            .acceptor
+            .entries_from(from)
+            .into_iter()
+            .take_while(|(s, _)| *s <= upto)
+            .map(|(s, e)| (s, e.value))
+            .collect();
+        let commit = self.released;
+        for (first, values) in contiguous(missing, self.config.batch_max) {
+            self.ready.messages.push((
+                to,
+                LogMessage::Accept {
+                    term,
+                    first,
+                    values,
+                    commit,
+                },
+            ));
+        }
+    }
+
+    /// Releases the leader's committed prefix, in order.
+    fn release_as_leader(&mut self) {
+        let majority = self.config.majority();
+        let Role::Leader { pending, .. } = &mut self.role else {
+            return;
+        };
+        while let Some((value, acks)) = pending.get(&self.released.next()) {
+            if acks.len() < majority {
+                break;
+            }
+            let slot = self.released.next();
+            self.ready.committed.push(Committed {
+                slot,
+                value: value.clone(),
+            });
+            pending.remove(&slot);
+            self.released = slot;
+        }
+    }
+
+    /// A follower releases slots up to the leader's commit point that it
+    /// holds in the leader's term (an entry of an older term may not be
+    /// the one chosen).
+    fn release_as_follower(&mut self, term: Term, commit: Slot) {
+        if !matches!(self.role, Role::Follower) {
+            return;
+        }
+        while self.released < commit {
+            let slot = self.released.next();
+            match self.acceptor.entry(slot) {
+                Some(e) if e.term == term => {
+                    self.ready.committed.push(Committed {
+                        slot,
+                        value: e.value.clone(),
+                    });
+                    self.released = slot;
+                }
+                _ => break,
+            }
+        }
+    }
+
+    fn merge_write(&mut self, write: Option<LogWrite<T>>) {
+        let Some(write) = write else { return };
+        match &mut self.ready.write {
+            Some(w) => {
+                w.promised = write.promised;
+                w.entries.extend(write.entries);
+            }
+            None => self.ready.write = Some(write),
+        }
+    }
+
+    fn others(&self) -> Vec<NodeId> {
+        self.config
+            .replicas
+            .iter()
+            .copied()
+            .filter(|n| *n != self.config.me)
+            .collect()
+    }
+}
+
+/// Groups `(slot, value)` pairs in slot order into runs of consecutive
+/// slots of at most `max` values.
+fn contiguous<T>(items: Vec<(Slot, T)>, max: usize) -> Vec<(Slot, Vec<T>)> {
+    let mut runs: Vec<(Slot, Vec<T>)> = Vec::new();
+    for (slot, value) in items {
+        match runs.last_mut() {
+            Some((first, values))
+                if first.0 + values.len() as u64 == slot.0 && values.len() < max.max(1) =>
+            {
+                values.push(value);
+            }
+            _ => runs.push((slot, vec![value])),
+        }
+    }
+    runs
+}
