@@ -260,18 +260,7 @@ impl<T: Clone> LogReplica<T> {
                 .filter(|(_, (_, acks))| !acks.contains(&to))
                 .map(|(s, (v, _))| (*s, v.clone()))
                 .collect();
-            for run in contiguous(missing, self.config.batch_max) {
-                let (first, values) = run;
-                sends.push((
-                    to,
-                    LogMessage::Accept {
-                        term,
-                        first,
-                        values,
-                        commit,
-                    },
-                ));
-            }
+            sends.extend(accepts(to, term, commit, missing, self.config.batch_max));
         }
         self.ready.messages.extend(sends);
     }
@@ -490,17 +479,8 @@ impl<T: Clone> LogReplica<T> {
             .map(|(s, e)| (s, e.value))
             .collect();
         let commit = self.released;
-        for (first, values) in contiguous(missing, self.config.batch_max) {
-            self.ready.messages.push((
-                to,
-                LogMessage::Accept {
-                    term,
-                    first,
-                    values,
-                    commit,
-                },
-            ));
-        }
+        let sends = accepts(to, term, commit, missing, self.config.batch_max);
+        self.ready.messages.extend(sends);
     }
 
     /// Releases the leader's committed prefix, in order.
@@ -564,6 +544,31 @@ impl<T: Clone> LogReplica<T> {
             .filter(|n| *n != self.config.me)
             .collect()
     }
+}
+
+/// Accepts to `to` carrying `items` (in slot order), one per run of
+/// consecutive slots of at most `max` values.
+fn accepts<T>(
+    to: NodeId,
+    term: Term,
+    commit: Slot,
+    items: Vec<(Slot, Value<T>)>,
+    max: usize,
+) -> Vec<(NodeId, LogMessage<T>)> {
+    contiguous(items, max)
+        .into_iter()
+        .map(|(first, values)| {
+            (
+                to,
+                LogMessage::Accept {
+                    term,
+                    first,
+                    values,
+                    commit,
+                },
+            )
+        })
+        .collect()
 }
 
 /// Groups `(slot, value)` pairs in slot order into runs of consecutive
