@@ -150,35 +150,49 @@ async fn a_vote_is_fdatasynced_before_any_peer_send() {
         events.iter().any(|(_, e)| *e == Event::PeerSend),
         "saw no send to a peer"
     );
-    for w in writes {
+    let checked = check_order(&events).unwrap_or_else(|(w, send)| {
+        let lines: Vec<&str> = trace.lines().collect();
+        panic!(
+            "a peer send (trace line {}) left before the record written at line {} was fdatasynced \
+             (sled's flush alone is sync_file_range):\n{}",
+            send + 1,
+            w + 1,
+            lines[w..=send.min(w + 40)]
+                .iter()
+                .map(|l| &l[..l.len().min(200)])
+                .collect::<Vec<_>>()
+                .join("\n")
+        )
+    });
+    // Node 2 voted on every change; each vote was followed by a send.
+    assert!(
+        checked >= CHANGES,
+        "only {checked} record writes were followed by a peer send"
+    );
+}
+
+/// For every record write followed by a send to a peer, an fdatasync of
+/// the file must come between them. A write with no send after it (the
+/// trace ended first) says nothing. Returns how many writes were checked,
+/// or the first (write, send) pair out of order.
+fn check_order(events: &[(usize, Event)]) -> Result<usize, (usize, usize)> {
+    let mut checked = 0;
+    for (w, _) in events.iter().filter(|(_, e)| *e == Event::VoteWrite) {
+        let Some((send, _)) = events
+            .iter()
+            .find(|(n, e)| *n > *w && *e == Event::PeerSend)
+        else {
+            continue;
+        };
         let synced = events
             .iter()
-            .find(|(n, e)| *n > w && *e == Event::Synced)
-            .map(|(n, _)| *n);
-        let Some(synced) = synced else {
-            panic!(
-                "the write at trace line {} was never fdatasynced (sled's flush alone is sync_file_range)",
-                w + 1
-            );
-        };
-        if let Some((send, _)) = events
-            .iter()
-            .find(|(n, e)| *n > w && *n < synced && *e == Event::PeerSend)
-        {
-            let lines: Vec<&str> = trace.lines().collect();
-            panic!(
-                "a peer send (trace line {}) came between a vote write (line {}) and its fdatasync (line {}):\n{}",
-                send + 1,
-                w + 1,
-                synced + 1,
-                lines[w..=synced.min(w + 40)]
-                    .iter()
-                    .map(|l| &l[..l.len().min(200)])
-                    .collect::<Vec<_>>()
-                    .join("\n")
-            );
+            .any(|(n, e)| *n > *w && *n < *send && *e == Event::Synced);
+        if !synced {
+            return Err((*w, *send));
         }
+        checked += 1;
     }
+    Ok(checked)
 }
 
 #[test]
@@ -203,4 +217,17 @@ fn the_parser_reads_strace_lines() {
         ]
     );
     assert!(Path::new(db).is_absolute());
+    // The send on line 2 left before the sync on line 5.
+    assert_eq!(check_order(&events), Err((0, 1)));
+    let in_order = [
+        (0, Event::VoteWrite),
+        (1, Event::Synced),
+        (2, Event::PeerSend),
+        (3, Event::VoteWrite),
+    ];
+    assert_eq!(
+        check_order(&in_order),
+        Ok(1),
+        "a trailing write is not judged"
+    );
 }
