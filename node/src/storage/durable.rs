@@ -23,7 +23,7 @@
 //! storage trait keeps that option open, and this keeps sled (the user's
 //! choice) honest meanwhile.
 
-use std::collections::BTreeSet;
+use std::collections::BTreeMap;
 use std::fs::File;
 use std::path::{Path, PathBuf};
 
@@ -44,7 +44,12 @@ pub fn sync_dir(dir: &Path) -> Result<(), NodeError> {
 pub struct SledFiles {
     log: File,
     blobs: PathBuf,
-    synced_blobs: BTreeSet<std::ffi::OsString>,
+    /// Blob files synced so far, with the length they had then: sled may
+    /// still be writing a blob while we list the folder, so a blob whose
+    /// length changed is synced again.
+    synced_blobs: BTreeMap<std::ffi::OsString, u64>,
+    /// A sync failed: every later one fails too (see [`SledFiles::sync`]).
+    failed: bool,
 }
 
 impl SledFiles {
@@ -61,9 +66,18 @@ impl SledFiles {
         let mut files = SledFiles {
             log,
             blobs: dir.join("blobs"),
-            synced_blobs: BTreeSet::new(),
+            synced_blobs: BTreeMap::new(),
+            failed: false,
         };
         files.sync()?;
+        // sled writes its `conf` at creation without syncing it, and will
+        // not open a folder whose `conf` is empty.
+        let conf = dir.join("conf");
+        if conf.exists() {
+            File::open(&conf)
+                .and_then(|f| f.sync_all())
+                .map_err(|e| NodeError::Storage(format!("syncing {}: {e}", conf.display())))?;
+        }
         sync_dir(dir)?;
         if let Some(parent) = dir.parent().filter(|p| !p.as_os_str().is_empty()) {
             sync_dir(parent)?;
@@ -77,8 +91,21 @@ impl SledFiles {
     ///
     /// # Errors
     /// [`NodeError::Storage`] when a sync fails; the caller must then not
-    /// acknowledge (and the node treats a failed vote sync as fatal).
+    /// acknowledge (and the node treats a failed vote sync as fatal). A
+    /// failure is permanent: after a failed fdatasync the kernel may have
+    /// dropped the dirty pages, and a retry could succeed without them.
     pub fn sync(&mut self) -> Result<(), NodeError> {
+        if self.failed {
+            return Err(NodeError::Storage(
+                "an earlier sync of sled's files failed; restart the node".into(),
+            ));
+        }
+        let result = self.sync_once();
+        self.failed = result.is_err();
+        result
+    }
+
+    fn sync_once(&mut self) -> Result<(), NodeError> {
         self.log
             .sync_data()
             .map_err(|e| NodeError::Storage(format!("syncing sled's log: {e}")))?;
@@ -92,14 +119,23 @@ impl SledFiles {
                 )));
             }
         };
-        let mut present = BTreeSet::new();
+        let mut present = BTreeMap::new();
         let mut added = false;
         for entry in listing {
             let entry = entry.map_err(|e| NodeError::Storage(format!("listing blobs: {e}")))?;
             let name = entry.file_name();
-            if !self.synced_blobs.contains(&name) {
-                match File::open(entry.path()).and_then(|f| f.sync_data()) {
-                    Ok(()) => added = true,
+            let synced = |f: File| -> std::io::Result<u64> {
+                f.sync_data()?;
+                Ok(f.metadata()?.len())
+            };
+            let len = entry.metadata().map(|m| m.len()).ok();
+            if len.is_none() || self.synced_blobs.get(&name).copied() != len {
+                match File::open(entry.path()).and_then(synced) {
+                    Ok(len) => {
+                        added = true;
+                        present.insert(name, len);
+                        continue;
+                    }
                     // Collected by sled between the listing and the open.
                     Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
                     Err(e) => {
@@ -110,7 +146,9 @@ impl SledFiles {
                     }
                 }
             }
-            present.insert(name);
+            if let Some(len) = len {
+                present.insert(name, len);
+            }
         }
         if added {
             sync_dir(&self.blobs)?;

@@ -152,6 +152,15 @@ pub struct EnvelopeLog {
     segment_bytes_max: u64,
     writer: Mutex<Writer>,
     readers: Mutex<HashMap<u32, Arc<File>>>,
+    /// Held for a whole sync, so that a second caller waits for the sync
+    /// in progress instead of finding nothing left to sync and returning
+    /// before the first one's data is durable.
+    syncing: Mutex<()>,
+    /// Set by the first failed sync: after a failed fdatasync the kernel
+    /// may have dropped the dirty pages and a retry can succeed without
+    /// them, so the log refuses every later sync (the node must restart
+    /// and recover from what is on disk).
+    failed: std::sync::atomic::AtomicBool,
 }
 
 impl std::fmt::Debug for EnvelopeLog {
@@ -279,6 +288,8 @@ impl EnvelopeLog {
                 dir_unsynced: false,
             }),
             readers: Mutex::new(HashMap::new()),
+            syncing: Mutex::new(()),
+            failed: std::sync::atomic::AtomicBool::new(false),
         })
     }
 
@@ -366,6 +377,16 @@ impl EnvelopeLog {
     /// # Errors
     /// [`NodeError::Storage`] when the disk refuses.
     pub fn sync(&self) -> Result<(), NodeError> {
+        use std::sync::atomic::Ordering;
+        let _one_at_a_time = self.syncing.lock().expect("lock");
+        let refuse = || {
+            NodeError::Storage(
+                "an earlier sync of the envelope log failed; restart the node".into(),
+            )
+        };
+        if self.failed.load(Ordering::SeqCst) {
+            return Err(refuse());
+        }
         let (files, dir_unsynced) = {
             let mut w = self.writer.lock().expect("lock");
             (
@@ -373,14 +394,23 @@ impl EnvelopeLog {
                 std::mem::take(&mut w.dir_unsynced),
             )
         };
-        for file in files {
-            file.sync_data()
-                .map_err(|e| NodeError::Storage(format!("syncing the envelope log: {e}")))?;
+        let result = files
+            .iter()
+            .try_for_each(|file| {
+                file.sync_data()
+                    .map_err(|e| NodeError::Storage(format!("syncing the envelope log: {e}")))
+            })
+            .and_then(|()| {
+                if dir_unsynced {
+                    super::durable::sync_dir(&self.dir)
+                } else {
+                    Ok(())
+                }
+            });
+        if result.is_err() {
+            self.failed.store(true, Ordering::SeqCst);
         }
-        if dir_unsynced {
-            super::durable::sync_dir(&self.dir)?;
-        }
-        Ok(())
+        result
     }
 
     fn reader(&self, segment: u32) -> Result<Option<Arc<File>>, NodeError> {
