@@ -7,7 +7,8 @@
 # start: creates DIR, a cluster CA and node certificates (DIR/tls), a shared
 # admin token (DIR/admin.token, mode 0600) and session secret, picks free
 # loopback ports, starts N nodes (node i in datacenter dc((i-1) mod D + 1)),
-# each with its data in DIR/nI and its log in DIR/nI.log, waits until every
+# each with its data in DIR/nI and its log in DIR/nI.log (started afresh
+# each time), waits until every
 # node serves, and prints one line per node:
 #
 #   node ID dc DC client HOST:PORT
@@ -59,9 +60,10 @@ start() {
   local nodes="" dcs=1 dir=""
   while [ $# -gt 0 ]; do
     case "$1" in
-      --nodes) nodes="${2:-}"; shift 2 ;;
-      --datacenters) dcs="${2:-}"; shift 2 ;;
-      --dir) dir="${2:-}"; shift 2 ;;
+      --nodes|--datacenters|--dir) [ $# -ge 2 ] || die "$1 needs a value" ;;&
+      --nodes) nodes="$2"; shift 2 ;;
+      --datacenters) dcs="$2"; shift 2 ;;
+      --dir) dir="$2"; shift 2 ;;
       *) usage ;;
     esac
   done
@@ -102,7 +104,7 @@ start() {
     SAFERCHAT_DATA_DIR="$dir/n$i" \
     SAFERCHAT_ADMIN_TOKEN="$(cat "$dir/admin.token")" \
     SAFERCHAT_SESSION_SECRET="$(cat "$dir/session.secret")" \
-      nohup "$bin" </dev/null >>"$dir/n$i.log" 2>&1 &
+      nohup "$bin" </dev/null >"$dir/n$i.log" 2>&1 &
     echo $! >"$dir/n$i.pid"
     echo "$i $dc 127.0.0.1:$client" >"$dir/n$i.info"
   done
@@ -134,7 +136,7 @@ stop() {
   local dir=""
   while [ $# -gt 0 ]; do
     case "$1" in
-      --dir) dir="${2:-}"; shift 2 ;;
+      --dir) [ $# -ge 2 ] || die "--dir needs a value"; dir="$2"; shift 2 ;;
       *) usage ;;
     esac
   done
@@ -147,7 +149,7 @@ stop() {
     rm -f "$f"
   done
   local deadline=$((SECONDS + 30))
-  for pid in "${pids[@]}"; do
+  for pid in ${pids[@]+"${pids[@]}"}; do
     while kill -0 "$pid" 2>/dev/null; do
       if [ "$SECONDS" -ge "$deadline" ]; then kill -KILL "$pid" 2>/dev/null || true; break; fi
       sleep 0.2

@@ -22,6 +22,8 @@ use crate::error::NodeError;
 
 /// The suffix of every node's certificate name.
 const NAME_SUFFIX: &str = "saferchat";
+/// Seconds a peer has to finish its TLS handshake.
+const HANDSHAKE_S_MAX: u64 = 5;
 /// Years a generated certificate is valid.
 const CERT_YEARS: i32 = 10;
 
@@ -153,6 +155,9 @@ impl PeerTls {
             .identity(self.identity.clone())
             .client_ca_root(self.ca.clone())
             .client_auth_optional(false)
+            // A caller that never finishes its handshake must not hold a
+            // connection (and a file descriptor) for ever.
+            .timeout(std::time::Duration::from_secs(HANDSHAKE_S_MAX))
     }
 
     /// Client side towards `peer`: present this node's certificate, accept

@@ -188,8 +188,11 @@ impl Proposer {
             node: config.me,
         })
         .successor() else {
-            // Only reachable if a peer got a round past ROUND_MAX accepted,
-            // which the edge refuses; fail the batch rather than overflow.
+            // The rounds are exhausted: a peer (one holding a cluster
+            // certificate) promised or proposed ROUND_MAX itself. Fail the
+            // batch rather than overflow; the room takes no more changes,
+            // which is all an authenticated but malicious node can do
+            // here, and 2^62 honest rounds never get this far.
             for queued in batch {
                 out.replies.push((queued.request, Outcome::Unavailable));
             }
