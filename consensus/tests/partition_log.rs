@@ -31,7 +31,7 @@ fn released(c: &[Committed<u32>]) -> Vec<(u64, Value<u32>)> {
 fn a_single_replica_leads_and_commits_at_once() {
     let mut r = LogReplica::new(
         config(1, 1, Checks::default()),
-        LogAcceptor::restore(Term::ZERO, []),
+        LogAcceptor::restore(Term::ZERO, [], Slot(0)),
         Slot(0),
     );
     assert_eq!(r.append(vec![post(1)]).unwrap_err().leader, None);
@@ -55,6 +55,8 @@ struct Net {
     nodes: Vec<LogReplica<u32>>,
     inflight: Vec<(NodeId, NodeId, LogMessage<u32>)>,
     committed: Vec<Vec<(u64, Value<u32>)>>,
+    /// (reporting node index, lagging node, from slot)
+    lagging: Vec<(usize, NodeId, Slot)>,
 }
 
 impl Net {
@@ -64,13 +66,14 @@ impl Net {
                 .map(|me| {
                     LogReplica::new(
                         config(me, n, Checks::default()),
-                        LogAcceptor::restore(Term::ZERO, []),
+                        LogAcceptor::restore(Term::ZERO, [], Slot(0)),
                         Slot(0),
                     )
                 })
                 .collect(),
             inflight: Vec::new(),
             committed: vec![Vec::new(); n as usize],
+            lagging: Vec::new(),
         }
     }
 
@@ -81,6 +84,8 @@ impl Net {
             self.inflight.push((me, to, m));
         }
         self.committed[i].extend(released(&ready.committed));
+        self.lagging
+            .extend(ready.lagging.into_iter().map(|(n, s)| (i, n, s)));
     }
 
     /// Delivers everything in flight, except to or from `down`.
@@ -174,6 +179,69 @@ fn a_hole_is_filled_with_a_noop_so_later_slots_commit() {
     assert_eq!(net.committed[2], vec![(1, Value::Noop), (2, post(11))]);
 }
 
+/// A replica that compacted a committed slot no longer reports it; a
+/// candidate that has not released that slot must not lead on its word
+/// (it would write another post into the committed slot), and says it
+/// needs a snapshot instead.
+#[test]
+fn a_candidate_behind_a_compaction_floor_does_not_lead() {
+    let mut net = Net::new(3);
+    net.nodes[0].campaign().unwrap();
+    net.run(&[3]);
+    net.nodes[0].append(vec![post(10)]).unwrap();
+    net.run(&[3]);
+    net.nodes[0].resend();
+    net.run(&[3]);
+    assert_eq!(
+        net.committed[1],
+        vec![(1, post(10))],
+        "node 2 released slot 1"
+    );
+    net.nodes[1].compact(Slot(1));
+    assert!(net.nodes[1].acceptor().entry(Slot(1)).is_none());
+    // Node 1 is gone; node 3 never saw slot 1.
+    net.nodes[2].campaign().unwrap();
+    net.run(&[1]);
+    assert_eq!(net.nodes[2].leading(), None);
+    assert_eq!(net.lagging, vec![(2, NodeId(3), Slot(1))]);
+    assert!(net.nodes[2].append(vec![post(20)]).is_err());
+    assert!(net.committed[2].is_empty(), "nothing else took slot 1");
+}
+
+/// An idle leader's resend carries the commit point, so followers release
+/// the last slots of a quiet partition.
+#[test]
+fn followers_of_a_quiet_partition_learn_the_last_commit() {
+    let mut net = Net::new(3);
+    net.nodes[0].campaign().unwrap();
+    net.run(&[]);
+    net.nodes[0].append(vec![post(10)]).unwrap();
+    net.run(&[]);
+    assert!(net.committed[1].is_empty(), "not yet told");
+    net.nodes[0].resend();
+    net.run(&[]);
+    assert_eq!(net.committed[1], vec![(1, post(10))]);
+    assert_eq!(net.committed[2], vec![(1, post(10))]);
+}
+
+/// A report of 2^62 stored slots costs no more than the pending ones.
+#[test]
+fn an_absurd_accepted_count_is_cheap() {
+    let mut net = Net::new(3);
+    let term = net.nodes[0].campaign().unwrap();
+    net.run(&[]);
+    net.nodes[0].step(
+        NodeId(2),
+        LogMessage::Accepted {
+            term,
+            first: Slot(1),
+            count: saferchat_consensus::partition_log::SLOT_MAX - 1,
+            released: Slot(0),
+        },
+    );
+    assert!(net.nodes[0].leading().is_some());
+}
+
 // ---------------------------------------------------------------------
 // Seeded simulation.
 
@@ -207,7 +275,7 @@ impl Sim {
                 .map(|me| {
                     LogReplica::new(
                         config(me, n, checks),
-                        LogAcceptor::restore(Term::ZERO, []),
+                        LogAcceptor::restore(Term::ZERO, [], Slot(0)),
                         Slot(0),
                     )
                 })
@@ -267,7 +335,7 @@ impl Sim {
         let (promised, entries, released) = self.disk[i].clone();
         self.nodes[i] = LogReplica::new(
             config(i as u64 + 1, 3, self.checks),
-            LogAcceptor::restore(promised, entries),
+            LogAcceptor::restore(promised, entries, Slot(0)),
             released,
         );
     }

@@ -25,12 +25,18 @@ pub struct LogAcceptor<T> {
 }
 
 impl<T: Clone> LogAcceptor<T> {
-    /// An acceptor restored from what was persisted.
-    pub fn restore(promised: Term, entries: impl IntoIterator<Item = (Slot, Entry<T>)>) -> Self {
+    /// An acceptor restored from what was persisted: the promise, the
+    /// entries above `floor`, and the floor (the slot up to which entries
+    /// were applied to the timeline and dropped).
+    pub fn restore(
+        promised: Term,
+        entries: impl IntoIterator<Item = (Slot, Entry<T>)>,
+        floor: Slot,
+    ) -> Self {
         LogAcceptor {
             promised,
-            entries: entries.into_iter().collect(),
-            floor: Slot(0),
+            entries: entries.into_iter().filter(|(s, _)| *s > floor).collect(),
+            floor,
         }
     }
 
@@ -71,7 +77,15 @@ impl<T: Clone> LogAcceptor<T> {
             }
         });
         let entries = self.entries_from(from.max(self.floor.next()));
-        (LogMessage::Promise { term, entries }, write)
+        let floor = self.floor;
+        (
+            LogMessage::Promise {
+                term,
+                floor,
+                entries,
+            },
+            write,
+        )
     }
 
     /// Phase 2: store `values` from `first` in `term`, unless a higher
@@ -88,6 +102,7 @@ impl<T: Clone> LogAcceptor<T> {
         if fencing && term < self.promised {
             return (self.refuse(term), None);
         }
+        let raised = term > self.promised;
         self.promised = self.promised.max(term);
         let mut written = Vec::with_capacity(values.len());
         for (i, value) in values.iter().enumerate() {
@@ -109,13 +124,13 @@ impl<T: Clone> LogAcceptor<T> {
             count: values.len() as u64,
             released: Slot(0),
         };
-        (
-            reply,
-            Some(LogWrite {
-                promised: self.promised,
-                entries: written,
-            }),
-        )
+        // An empty Accept (a heartbeat carrying the commit point) that
+        // raises no promise has nothing to make durable.
+        let write = (raised || !written.is_empty()).then(|| LogWrite {
+            promised: self.promised,
+            entries: written,
+        });
+        (reply, write)
     }
 
     /// Drops entries up to `upto`, which the node has applied to the
@@ -149,12 +164,13 @@ mod tests {
 
     #[test]
     fn promises_fence_older_terms() {
-        let mut a = LogAcceptor::<u8>::restore(Term::ZERO, []);
+        let mut a = LogAcceptor::<u8>::restore(Term::ZERO, [], Slot(0));
         let (reply, write) = a.on_prepare(t(2, 1), Slot(1));
         assert_eq!(
             reply,
             LogMessage::Promise {
                 term: t(2, 1),
+                floor: Slot(0),
                 entries: vec![]
             }
         );
@@ -180,7 +196,7 @@ mod tests {
 
     #[test]
     fn accepts_overwrite_and_promises_report_entries() {
-        let mut a = LogAcceptor::<u8>::restore(Term::ZERO, []);
+        let mut a = LogAcceptor::<u8>::restore(Term::ZERO, [], Slot(0));
         a.on_accept(t(1, 1), Slot(1), &[Value::Post(1), Value::Post(2)], true);
         a.on_accept(t(2, 2), Slot(2), &[Value::Post(3)], true);
         let (LogMessage::Promise { entries, .. }, _) = a.on_prepare(t(3, 3), Slot(2)) else {

@@ -117,6 +117,9 @@ pub enum LogMessage<T> {
     Promise {
         /// The term promised.
         term: Term,
+        /// The replica's compaction floor: slots up to it are committed and
+        /// applied there, and no longer in `entries`.
+        floor: Slot,
         /// Entries at or after the asked slot, in slot order.
         entries: Vec<(Slot, Entry<T>)>,
     },
@@ -200,3 +203,8 @@ impl<T> LogMessage<T> {
 /// The highest slot; like the round bounds, far beyond use (2^62 posts)
 /// and far below overflow.
 pub const SLOT_MAX: u64 = 1 << 62;
+/// How far beyond its own committed prefix a candidate recovers from the
+/// log: a candidate further behind than this (or behind a promiser's
+/// compaction floor) catches up from a snapshot before it may lead, and
+/// no Promise can make it fill billions of holes.
+pub const RECOVERY_SLOTS_MAX: u64 = 1 << 20;

@@ -13,7 +13,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 
 use super::acceptor::{LogAcceptor, LogWrite};
-use super::{Entry, LogMessage, Slot, Term, Value};
+use super::{Entry, LogMessage, RECOVERY_SLOTS_MAX, Slot, Term, Value};
 use crate::ids::NodeId;
 
 /// The replicas of a partition and the guards of the protocol.
@@ -125,13 +125,17 @@ pub struct NotLeader {
     pub leader: Option<NodeId>,
 }
 
+/// A promiser's compaction floor and its entries from the asked slot.
+type Promised<T> = (Slot, Vec<(Slot, Entry<T>)>);
+
 #[derive(Clone, Debug, PartialEq, Eq)]
 enum Role<T> {
     Follower,
     Candidate {
         term: Term,
         from: Slot,
-        promises: BTreeMap<NodeId, Vec<(Slot, Entry<T>)>>,
+        /// Each promiser's compaction floor and entries.
+        promises: BTreeMap<NodeId, Promised<T>>,
     },
     Leader {
         term: Term,
@@ -213,13 +217,13 @@ impl<T: Clone> LogReplica<T> {
         let (reply, write) = self.acceptor.on_prepare(term, from);
         self.merge_write(write);
         self.highest = term;
-        let LogMessage::Promise { entries, .. } = reply else {
+        let LogMessage::Promise { floor, entries, .. } = reply else {
             unreachable!("a term above the promise is promised");
         };
         self.role = Role::Candidate {
             term,
             from,
-            promises: BTreeMap::from([(self.config.me, entries)]),
+            promises: BTreeMap::from([(self.config.me, (floor, entries))]),
         };
         for to in self.others() {
             self.ready
@@ -246,11 +250,20 @@ impl<T: Clone> LogReplica<T> {
     }
 
     /// Sends every uncommitted slot again to the replicas that have not
-    /// stored it (the node calls this on a timer: messages may be lost).
+    /// stored it, and to the others an empty Accept that carries the
+    /// commit point (the node calls this on a timer: messages may be lost,
+    /// and a quiet partition's followers would otherwise never learn that
+    /// its last slots committed).
     pub fn resend(&mut self) {
-        let Role::Leader { term, pending, .. } = &self.role else {
+        let Role::Leader {
+            term,
+            pending,
+            next,
+        } = &self.role
+        else {
             return;
         };
+        let next = *next;
         let term = *term;
         let commit = self.released;
         let mut sends = Vec::new();
@@ -260,7 +273,19 @@ impl<T: Clone> LogReplica<T> {
                 .filter(|(_, (_, acks))| !acks.contains(&to))
                 .map(|(s, (v, _))| (*s, v.clone()))
                 .collect();
-            sends.extend(accepts(to, term, commit, missing, self.config.batch_max));
+            if missing.is_empty() {
+                sends.push((
+                    to,
+                    LogMessage::Accept {
+                        term,
+                        first: next,
+                        values: Vec::new(),
+                        commit,
+                    },
+                ));
+            } else {
+                sends.extend(accepts(to, term, commit, missing, self.config.batch_max));
+            }
         }
         self.ready.messages.extend(sends);
     }
@@ -292,7 +317,7 @@ impl<T: Clone> LogReplica<T> {
                 let (reply, write) =
                     self.acceptor
                         .on_accept(term, first, &values, self.config.checks.fencing);
-                let stored = write.is_some();
+                let stored = matches!(reply, LogMessage::Accepted { .. });
                 self.merge_write(write);
                 self.observe(term);
                 if stored {
@@ -311,7 +336,7 @@ impl<T: Clone> LogReplica<T> {
                 };
                 self.ready.messages.push((from, reply));
             }
-            LogMessage::Promise { entries, .. } => {
+            LogMessage::Promise { floor, entries, .. } => {
                 if let Role::Candidate {
                     term: running,
                     promises,
@@ -319,7 +344,7 @@ impl<T: Clone> LogReplica<T> {
                 } = &mut self.role
                     && *running == term
                 {
-                    promises.insert(from, entries);
+                    promises.insert(from, (floor, entries));
                     self.try_lead();
                 }
             }
@@ -359,12 +384,31 @@ impl<T: Clone> LogReplica<T> {
             return;
         }
         let (term, from) = (*term, *from);
+        // A promiser that compacted slots this candidate has not released
+        // no longer reports them: recovering without them could put
+        // another value in a committed slot. So could a tail too long to
+        // recover here. Either way, catch up from a snapshot first.
+        let floor = promises.values().map(|(f, _)| *f).max().unwrap_or_default();
+        let end = promises
+            .values()
+            .filter_map(|(_, e)| e.last().map(|(s, _)| *s))
+            .max()
+            .unwrap_or_default();
+        if floor >= from || end.0.saturating_sub(from.0) > RECOVERY_SLOTS_MAX {
+            self.ready.lagging.push((self.config.me, from));
+            self.role = Role::Follower;
+            return;
+        }
         let mut recovered: BTreeMap<Slot, Entry<T>> = BTreeMap::new();
         let sources: Vec<&Vec<(Slot, Entry<T>)>> = if self.config.checks.tail_read {
-            promises.values().collect()
+            promises.values().map(|(_, e)| e).collect()
         } else {
             // Broken variant: only this node's own entries.
-            promises.get(&self.config.me).into_iter().collect()
+            promises
+                .get(&self.config.me)
+                .map(|(_, e)| e)
+                .into_iter()
+                .collect()
         };
         for entries in sources {
             for (slot, entry) in entries {
@@ -450,10 +494,10 @@ impl<T: Clone> LogReplica<T> {
         if *leading != term {
             return;
         }
-        for s in first.0..first.0 + count {
-            if let Some((_, acks)) = pending.get_mut(&Slot(s)) {
-                acks.insert(from);
-            }
+        // Only the slots this leader has pending: a report of 2^62 slots
+        // costs no more than the pending ones.
+        for (_, (_, acks)) in pending.range_mut(first..Slot(first.0 + count)) {
+            acks.insert(from);
         }
         self.release_as_leader();
         self.catch_up(from, term, released, first);
