@@ -214,7 +214,9 @@ mod tests {
         );
         a.compact(Slot(1));
         assert!(a.entry(Slot(1)).is_none());
-        let (_, write) = a.on_accept(t(3, 3), Slot(1), &[Value::Post(1)], true);
-        assert!(write.unwrap().entries.is_empty(), "compacted slots stay");
+        let (reply, write) = a.on_accept(t(3, 3), Slot(1), &[Value::Post(1)], true);
+        assert!(write.is_none(), "compacted slots stay; nothing to persist");
+        assert!(matches!(reply, LogMessage::Accepted { count: 1, .. }));
+        assert!(a.entry(Slot(1)).is_none());
     }
 }
