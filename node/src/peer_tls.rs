@@ -128,7 +128,7 @@ impl PeerTls {
         let ca = read(&config.ca)?;
         let cert = read(&config.cert)?;
         let key = read(&config.key)?;
-        let der = rustls_pemfile_first_cert(&cert).ok_or_else(|| {
+        let der = first_certificate_der(&cert).ok_or_else(|| {
             NodeError::Config(format!("{}: no certificate", config.cert.display()))
         })?;
         let named = identity_of(&der)
@@ -177,7 +177,7 @@ impl PeerTls {
 
 /// The DER of the first certificate in a PEM file (pulled out with
 /// x509-parser's PEM reader, which this module links anyway).
-fn rustls_pemfile_first_cert(pem: &[u8]) -> Option<Vec<u8>> {
+fn first_certificate_der(pem: &[u8]) -> Option<Vec<u8>> {
     x509_parser::pem::Pem::iter_from_buffer(pem)
         .filter_map(Result::ok)
         .find(|p| p.label == "CERTIFICATE")
@@ -330,7 +330,7 @@ mod tests {
         let more = generate(dir.path(), &[(NodeId(2), "dc2".into())]).unwrap();
         assert_eq!(std::fs::read(dir.path().join("ca.pem")).unwrap(), ca_before);
         for (f, dc) in [(&files[0], "dc1"), (&more[0], "dc2")] {
-            let der = rustls_pemfile_first_cert(&std::fs::read(&f.cert).unwrap()).unwrap();
+            let der = first_certificate_der(&std::fs::read(&f.cert).unwrap()).unwrap();
             let id = identity_of(&der).unwrap();
             assert_eq!((id.node, id.datacenter.as_str()), (f.node, dc));
             let config = PeerTlsConfig {
@@ -351,7 +351,7 @@ mod tests {
                 .mode();
             assert_eq!(mode & 0o777, 0o600);
         }
-        let ca_der = rustls_pemfile_first_cert(&ca_before).unwrap();
+        let ca_der = first_certificate_der(&ca_before).unwrap();
         assert!(identity_of(&ca_der).is_err(), "the CA is no node");
         assert!(generate(dir.path(), &[(NodeId(3), "Bad DC".into())]).is_err());
     }
