@@ -43,6 +43,7 @@ pub async fn read(session: &Session, query: &Query) -> Result<Vec<Message>, Clie
             out.push(Message {
                 id: item.id,
                 time_ms: item.time_ms,
+                seq: item.seq,
                 history: true,
                 content,
             });

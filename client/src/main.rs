@@ -260,8 +260,9 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                         seq: s,
                         id,
                         time_ms,
+                        room_seq,
                     }) if s == seq => {
-                        println!("sent {} at {}", id_text(&id), time(time_ms));
+                        println!("sent {} (#{room_seq}) at {}", id_text(&id), time(time_ms));
                         return Ok(());
                     }
                     Some(Event::Rejected {

@@ -95,6 +95,9 @@ pub enum Event {
         id: Bytes,
         /// Server time, Unix ms.
         time_ms: i64,
+        /// The message's sequence number in the room (a retried post gets
+        /// its original one).
+        room_seq: u64,
     },
     /// One of our posts was refused.
     Rejected {
@@ -116,6 +119,9 @@ pub struct Message {
     pub id: Bytes,
     /// Server time, Unix ms.
     pub time_ms: i64,
+    /// The room's gapless sequence number of the message (0 for messages
+    /// stored before the server numbered them).
+    pub seq: u64,
     /// Stored before we joined (history) or live.
     pub history: bool,
     /// The verified sender and body, or why it must not be shown.
@@ -365,6 +371,25 @@ impl Session {
         self.send_raw(seq, envelope.encode()).await
     }
 
+    /// Seals `body` for the current members without posting it: post the
+    /// bytes with [`Session::send_raw`], and post the same bytes again
+    /// (on this or a new session) when the acknowledgement was lost — the
+    /// node answers a retry with the original id and sequence number and
+    /// stores nothing new.
+    ///
+    /// # Errors
+    /// Empty or oversized bodies.
+    pub fn seal(&self, body: &[u8]) -> Result<Bytes, ClientError> {
+        Ok(crypto::seal(
+            &self.me,
+            &self.room,
+            self.members.revision,
+            &self.members.recipients,
+            body,
+        )?
+        .encode())
+    }
+
     /// Sends already-encoded envelope bytes as post `seq` (benchmarks and
     /// tests of bad input).
     ///
@@ -439,6 +464,7 @@ impl Session {
                                 }),
                                 id: item.id,
                                 time_ms: item.time_ms,
+                                seq: item.seq,
                                 history,
                             })
                             .collect::<Vec<_>>()
@@ -470,6 +496,7 @@ impl Session {
                     seq,
                     id: a.id,
                     time_ms: a.time_ms,
+                    room_seq: a.seq,
                 });
             }
             Some(pb::post_result::Outcome::Rejected(rejected)) => {

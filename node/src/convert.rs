@@ -524,3 +524,276 @@ mod tests {
         assert!(acceptor_from_pb(&record).is_err());
     }
 }
+
+/// The partition log's records and messages.
+pub mod log {
+    use bytes::Bytes;
+    use saferchat_consensus::partition_log::{Entry, LogMessage, Slot, Term, Value};
+    use saferchat_consensus::{NodeId, RoomId};
+    use saferchat_envelope::ENVELOPE_BYTES_MAX;
+    use saferchat_proto::peer as ppb;
+    use saferchat_proto::peer::partition_message::Body;
+
+    use super::corrupt;
+    use crate::error::NodeError;
+    use crate::timeline::LogPost;
+
+    /// Term to wire.
+    pub fn term_to_pb(t: Term) -> ppb::Term {
+        ppb::Term {
+            round: t.round,
+            node: t.node.0,
+        }
+    }
+
+    /// Term from wire.
+    ///
+    /// # Errors
+    /// A round beyond [`Term::ROUND_MAX`].
+    pub fn term_from_pb(t: &ppb::Term) -> Result<Term, NodeError> {
+        let term = Term {
+            round: t.round,
+            node: NodeId(t.node),
+        };
+        if term.is_sane() {
+            Ok(term)
+        } else {
+            Err(corrupt("term round beyond the maximum"))
+        }
+    }
+
+    fn term_of(t: Option<&ppb::Term>) -> Result<Term, NodeError> {
+        term_from_pb(t.ok_or_else(|| corrupt("missing term"))?)
+    }
+
+    fn value_to_pb(v: &Value<LogPost>) -> ppb::LogValue {
+        use ppb::log_value::Value as V;
+        ppb::LogValue {
+            value: Some(match v {
+                Value::Noop => V::Noop(ppb::LogNoop {}),
+                Value::Post(p) => V::Post(ppb::LogPost {
+                    room: p.room.as_str().to_owned(),
+                    proposed_ms: p.proposed_ms,
+                    seed: p.seed,
+                    origin_node: p.origin.0.0,
+                    origin_token: p.origin.1,
+                    envelope: p.envelope.clone(),
+                }),
+            }),
+        }
+    }
+
+    fn value_from_pb(v: &ppb::LogValue) -> Result<Value<LogPost>, NodeError> {
+        use ppb::log_value::Value as V;
+        match &v.value {
+            Some(V::Noop(_)) => Ok(Value::Noop),
+            Some(V::Post(p)) => {
+                if p.envelope.len() > ENVELOPE_BYTES_MAX {
+                    return Err(corrupt("log post larger than an envelope may be"));
+                }
+                Ok(Value::Post(LogPost {
+                    room: RoomId::new(&p.room)
+                        .map_err(|e| corrupt(&format!("log post room: {e}")))?,
+                    proposed_ms: p.proposed_ms,
+                    seed: p.seed,
+                    origin: (NodeId(p.origin_node), p.origin_token),
+                    envelope: Bytes::clone(&p.envelope),
+                }))
+            }
+            None => Err(corrupt("log value without a value")),
+        }
+    }
+
+    /// A slot's entry to wire.
+    pub fn entry_to_pb(slot: Slot, e: &Entry<LogPost>) -> ppb::LogEntry {
+        ppb::LogEntry {
+            slot: slot.0,
+            term: Some(term_to_pb(e.term)),
+            value: Some(value_to_pb(&e.value)),
+        }
+    }
+
+    /// A slot's entry from wire.
+    ///
+    /// # Errors
+    /// Malformed or absurd fields.
+    pub fn entry_from_pb(e: &ppb::LogEntry) -> Result<(Slot, Entry<LogPost>), NodeError> {
+        Ok((
+            Slot(e.slot),
+            Entry {
+                term: term_of(e.term.as_ref())?,
+                value: value_from_pb(e.value.as_ref().ok_or_else(|| corrupt("entry value"))?)?,
+            },
+        ))
+    }
+
+    /// A partition-log message to wire.
+    pub fn message_to_pb(partition: u32, m: &LogMessage<LogPost>) -> ppb::PartitionMessage {
+        let body = match m {
+            LogMessage::Prepare { term, from } => Body::Prepare(ppb::LogPrepare {
+                term: Some(term_to_pb(*term)),
+                from: from.0,
+            }),
+            LogMessage::Promise {
+                term,
+                floor,
+                entries,
+            } => Body::Promise(ppb::LogPromise {
+                term: Some(term_to_pb(*term)),
+                floor: floor.0,
+                entries: entries.iter().map(|(s, e)| entry_to_pb(*s, e)).collect(),
+            }),
+            LogMessage::Accept {
+                term,
+                first,
+                values,
+                commit,
+            } => Body::Accept(ppb::LogAccept {
+                term: Some(term_to_pb(*term)),
+                first: first.0,
+                values: values.iter().map(value_to_pb).collect(),
+                commit: commit.0,
+            }),
+            LogMessage::Accepted {
+                term,
+                first,
+                count,
+                released,
+            } => Body::Accepted(ppb::LogAccepted {
+                term: Some(term_to_pb(*term)),
+                first: first.0,
+                count: *count,
+                released: released.0,
+            }),
+            LogMessage::Refused { term, promised } => Body::Refused(ppb::LogRefused {
+                term: Some(term_to_pb(*term)),
+                promised: Some(term_to_pb(*promised)),
+            }),
+        };
+        ppb::PartitionMessage {
+            partition,
+            body: Some(body),
+        }
+    }
+
+    /// A partition-log message from wire; refuses what the core would drop
+    /// as insane, so that it is refused at the edge.
+    ///
+    /// # Errors
+    /// Malformed or absurd fields.
+    pub fn message_from_pb(m: &ppb::PartitionMessage) -> Result<LogMessage<LogPost>, NodeError> {
+        let message = match m
+            .body
+            .as_ref()
+            .ok_or_else(|| corrupt("empty log message"))?
+        {
+            Body::Prepare(p) => LogMessage::Prepare {
+                term: term_of(p.term.as_ref())?,
+                from: Slot(p.from),
+            },
+            Body::Promise(p) => LogMessage::Promise {
+                term: term_of(p.term.as_ref())?,
+                floor: Slot(p.floor),
+                entries: p
+                    .entries
+                    .iter()
+                    .map(entry_from_pb)
+                    .collect::<Result<_, _>>()?,
+            },
+            Body::Accept(a) => LogMessage::Accept {
+                term: term_of(a.term.as_ref())?,
+                first: Slot(a.first),
+                values: a
+                    .values
+                    .iter()
+                    .map(value_from_pb)
+                    .collect::<Result<_, _>>()?,
+                commit: Slot(a.commit),
+            },
+            Body::Accepted(a) => LogMessage::Accepted {
+                term: term_of(a.term.as_ref())?,
+                first: Slot(a.first),
+                count: a.count,
+                released: Slot(a.released),
+            },
+            Body::Refused(r) => LogMessage::Refused {
+                term: term_of(r.term.as_ref())?,
+                promised: term_of(r.promised.as_ref())?,
+            },
+        };
+        if message.is_sane() {
+            Ok(message)
+        } else {
+            Err(corrupt("log message with slots out of bounds"))
+        }
+    }
+
+    #[cfg(test)]
+    mod tests {
+        use super::*;
+
+        #[test]
+        fn log_messages_round_trip_and_absurd_ones_are_refused() {
+            let t = Term {
+                round: 3,
+                node: NodeId(2),
+            };
+            let post = Value::Post(LogPost {
+                room: RoomId::new("team").unwrap(),
+                proposed_ms: 5,
+                seed: 6,
+                origin: (NodeId(1), 9),
+                envelope: Bytes::from_static(b"env"),
+            });
+            let messages = [
+                LogMessage::Prepare {
+                    term: t,
+                    from: Slot(4),
+                },
+                LogMessage::Promise {
+                    term: t,
+                    floor: Slot(2),
+                    entries: vec![(
+                        Slot(3),
+                        Entry {
+                            term: t,
+                            value: post.clone(),
+                        },
+                    )],
+                },
+                LogMessage::Accept {
+                    term: t,
+                    first: Slot(3),
+                    values: vec![post, Value::Noop],
+                    commit: Slot(2),
+                },
+                LogMessage::Accepted {
+                    term: t,
+                    first: Slot(3),
+                    count: 2,
+                    released: Slot(4),
+                },
+                LogMessage::Refused {
+                    term: t,
+                    promised: t,
+                },
+            ];
+            for m in messages {
+                assert_eq!(message_from_pb(&message_to_pb(1, &m)).unwrap(), m);
+            }
+            let absurd = LogMessage::<LogPost>::Prepare {
+                term: Term {
+                    round: u64::MAX,
+                    node: NodeId(2),
+                },
+                from: Slot(1),
+            };
+            assert!(message_from_pb(&message_to_pb(1, &absurd)).is_err());
+            let beyond = LogMessage::<LogPost>::Prepare {
+                term: t,
+                from: Slot(u64::MAX),
+            };
+            assert!(message_from_pb(&message_to_pb(1, &beyond)).is_err());
+        }
+    }
+}

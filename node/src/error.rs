@@ -5,7 +5,7 @@
 use tonic::{Code, Status};
 
 /// Everything that can go wrong in the node.
-#[derive(Debug, thiserror::Error)]
+#[derive(Clone, Debug, thiserror::Error)]
 pub enum NodeError {
     /// The request is malformed; retrying it unchanged cannot succeed.
     #[error("{0}")]

@@ -33,6 +33,7 @@ pub mod peer_tls;
 pub mod placement;
 pub mod room;
 pub mod storage;
+pub mod timeline;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -133,7 +134,7 @@ pub async fn run(
     }
     create_private_dir(&config.data_dir)?;
     placement::check_or_record(&config.data_dir, &placement::Shape::of(&config))?;
-    let routing = placement::Routing::new(&config)?;
+    let placement = Arc::new(placement::build(&config)?);
     let sled = SledStore::open(&config.data_dir.join("db"))?;
     let chat = open_chat_store(&config, &sled).await?;
 
@@ -178,18 +179,42 @@ pub async fn run(
         config: Arc::clone(&replica),
         acceptors: Arc::new(sled.clone()),
         chat: Arc::clone(&chat),
-        peers,
+        peers: Arc::clone(&peers),
         inbound: inbound_rx,
         clock: Arc::clone(&clock),
         known: Arc::clone(&known),
         shutdown: shutdown.clone(),
     });
+    // A cluster replicates timelines through partition logs; a single
+    // node's store is its log (see `timeline`).
+    let (log_tx, log_rx) = mpsc::channel(timeline::driver::LOG_INBOUND_MAX);
+    let (timeline, timeline_task) = if config.is_single_node() {
+        (None, None)
+    } else {
+        let (store, states) =
+            storage::log_store::LogStore::open(&config.data_dir.join("partition-log"))?;
+        let (timeline, task) = timeline::driver::spawn(timeline::driver::DriverParts {
+            me: NodeId(config.node_id),
+            placement: Arc::clone(&placement),
+            store: Arc::new(store),
+            states,
+            chat: Arc::clone(&chat),
+            peers: Arc::clone(&peers),
+            inbound: log_rx,
+            clock: Arc::clone(&clock),
+            shutdown: shutdown.clone(),
+        });
+        (Some(timeline), Some(task))
+    };
+    let routing = placement::Routing::new(&config, Arc::clone(&placement), timeline.clone());
     let rooms = Rooms::new(RoomDeps {
         store: Arc::clone(&chat),
         membership: membership.clone(),
         clock: Arc::clone(&clock),
         limits: config.limits,
         shutdown: shutdown.clone(),
+        timeline,
+        placement: Arc::clone(&placement),
     });
     let client_addr = listeners.client.local_addr().ok();
     if let Some(addr) = listeners.peer.as_ref().and_then(|l| l.local_addr().ok()) {
@@ -216,6 +241,7 @@ pub async fn run(
     let peer_server = match (listeners.peer, tls) {
         (Some(listener), Some(tls)) => Some(tokio::spawn(grpc::serve_peers(
             inbound_tx,
+            (log_tx, placement.partitions().get()),
             cluster,
             tls,
             listener,
@@ -228,6 +254,16 @@ pub async fn run(
     }
 
     let mut driver_task = driver_task;
+    let timeline_done = async {
+        match timeline_task {
+            Some(task) => match task.await {
+                Ok(Ok(())) => Ok(()),
+                Ok(Err(e)) => Err(e),
+                Err(e) => Err(NodeError::Fatal(format!("timeline driver panicked: {e}"))),
+            },
+            None => std::future::pending().await,
+        }
+    };
     let outcome = tokio::select! {
         () = shutdown.cancelled() => Ok(()),
         result = &mut driver_task => match result {
@@ -235,6 +271,7 @@ pub async fn run(
             Ok(Err(e)) => Err(e),
             Err(e) => Err(NodeError::Fatal(format!("membership driver panicked: {e}"))),
         },
+        result = timeline_done => result,
     };
     if let Err(e) = &outcome {
         tracing::error!(error = %e, "stopping");

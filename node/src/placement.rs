@@ -29,6 +29,8 @@
 //! ownership already follows the partitions.
 
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
 
 use saferchat_consensus::{NodeId, RoomId};
 use saferchat_placement::{ClusterNode, PartitionCount, PartitionId, Placement};
@@ -37,6 +39,7 @@ use tonic::Status;
 
 use crate::config::NodeConfig;
 use crate::error::NodeError;
+use crate::timeline::Timeline;
 
 /// Metadata key naming the client address of the node that serves a room.
 pub const REDIRECT_METADATA: &str = "saferchat-redirect";
@@ -154,36 +157,51 @@ fn write_shape(path: &PathBuf, shape: &Shape) -> Result<(), NodeError> {
     crate::storage::durable::sync_dir(path.parent().unwrap_or(Path::new(".")))
 }
 
+/// How long a client's call waits for its room's partition to elect a
+/// leader before it is told to retry.
+pub const ROUTE_WAIT_MS: u64 = 8_000;
+
 /// Placement plus the addresses needed to route clients.
 #[derive(Debug)]
 pub struct Routing {
     me: NodeId,
-    placement: Placement,
+    placement: Arc<Placement>,
     /// Client address of every other node.
     clients: Vec<(NodeId, std::net::SocketAddr)>,
+    /// The partition logs' leaders (none on a single node).
+    timeline: Option<Timeline>,
+}
+
+/// The placement of the configured cluster.
+///
+/// # Errors
+/// [`NodeError::Config`] when the shape is invalid.
+pub fn build(config: &NodeConfig) -> Result<Placement, NodeError> {
+    let shape = Shape::of(config);
+    let partitions = PartitionCount::new(shape.partitions).ok_or_else(|| {
+        NodeError::Config(format!("partitions must be 1 to {}", PartitionCount::MAX))
+    })?;
+    let nodes: Vec<ClusterNode> = shape
+        .nodes
+        .iter()
+        .map(|n| ClusterNode {
+            id: NodeId(n.id),
+            datacenter: n.datacenter.clone(),
+        })
+        .collect();
+    Placement::build(&nodes, partitions, shape.replicas_per_datacenter)
+        .map_err(|e| NodeError::Config(format!("placement: {e}")))
 }
 
 impl Routing {
-    /// Builds the placement of the configured cluster.
-    ///
-    /// # Errors
-    /// [`NodeError::Config`] when the shape is invalid.
-    pub fn new(config: &NodeConfig) -> Result<Routing, NodeError> {
-        let shape = Shape::of(config);
-        let partitions = PartitionCount::new(shape.partitions).ok_or_else(|| {
-            NodeError::Config(format!("partitions must be 1 to {}", PartitionCount::MAX))
-        })?;
-        let nodes: Vec<ClusterNode> = shape
-            .nodes
-            .iter()
-            .map(|n| ClusterNode {
-                id: NodeId(n.id),
-                datacenter: n.datacenter.clone(),
-            })
-            .collect();
-        let placement = Placement::build(&nodes, partitions, shape.replicas_per_datacenter)
-            .map_err(|e| NodeError::Config(format!("placement: {e}")))?;
-        Ok(Routing {
+    /// Routing by `placement`, and by the leaders `timeline` knows of (a
+    /// single node has no timeline: it serves every room).
+    pub fn new(
+        config: &NodeConfig,
+        placement: Arc<Placement>,
+        timeline: Option<Timeline>,
+    ) -> Routing {
+        Routing {
             me: NodeId(config.node_id),
             placement,
             clients: config
@@ -191,7 +209,8 @@ impl Routing {
                 .iter()
                 .map(|p| (NodeId(p.id), p.client_address))
                 .collect(),
-        })
+            timeline,
+        }
     }
 
     /// The placement.
@@ -204,36 +223,72 @@ impl Routing {
         self.placement.partitions().of_room(room.as_str())
     }
 
-    /// The node that serves a room's messages: its partition's preferred
-    /// owner, which every node computes alike.
-    pub fn owner(&self, room: &RoomId) -> NodeId {
+    /// The node that serves a room's messages while nothing is wrong: its
+    /// partition's preferred owner, which every node computes alike.
+    pub fn preferred_owner(&self, room: &RoomId) -> NodeId {
         self.placement.preferred_owner(self.partition(room))
     }
 
-    /// `Ok` if this node serves the room's messages, else a status that
-    /// redirects the client to the node that does.
+    /// `Ok` if this node serves the room's messages now (a single node, or
+    /// the leader of the room's partition log), else a status that
+    /// redirects the client to the node that does. Waits up to
+    /// [`ROUTE_WAIT_MS`] for a partition with no leader to elect one.
     ///
     /// # Errors
-    /// `UNAVAILABLE` with the `saferchat-redirect` metadata.
-    pub fn serve_here(&self, room: &RoomId) -> Result<(), Status> {
-        let owner = self.owner(room);
-        if owner == self.me {
+    /// `UNAVAILABLE` with the `saferchat-redirect` metadata naming the
+    /// leader (or, from a node that does not replicate the partition, the
+    /// preferred owner); `UNAVAILABLE` without it when no leader was
+    /// elected in time.
+    pub async fn route(&self, room: &RoomId) -> Result<(), Status> {
+        let Some(timeline) = &self.timeline else {
             return Ok(());
+        };
+        let partition = self.partition(room);
+        if !self.placement.replicas(partition).contains(&self.me) {
+            return Err(self.redirect(room, self.placement.preferred_owner(partition)));
         }
-        let address = self
+        let mut changed = timeline.leaders().watch();
+        let deadline = tokio::time::Instant::now() + Duration::from_millis(ROUTE_WAIT_MS);
+        loop {
+            changed.borrow_and_update();
+            match timeline.leaders().get(partition.0) {
+                Some(leader) if leader == self.me => return Ok(()),
+                Some(leader) => return Err(self.redirect(room, leader)),
+                None => {
+                    timeline.touch(partition.0);
+                    let waited = tokio::time::timeout_at(deadline, changed.changed()).await;
+                    if !matches!(waited, Ok(Ok(()))) {
+                        return Err(Status::unavailable(format!(
+                            "room {:?}: its partition has no leader yet (fewer than a quorum of its replicas {:?} may be up); retry shortly",
+                            room.as_str(),
+                            self.placement.replicas(partition)
+                        )));
+                    }
+                }
+            }
+        }
+    }
+
+    fn redirect(&self, room: &RoomId, to: NodeId) -> Status {
+        let Some(address) = self
             .clients
             .iter()
-            .find(|(id, _)| *id == owner)
+            .find(|(id, _)| *id == to)
             .map(|(_, a)| *a)
-            .expect("the owner is a configured node");
+        else {
+            return Status::unavailable(format!(
+                "room {:?} is served by node {to}, whose address this node does not know",
+                room.as_str()
+            ));
+        };
         let mut status = Status::unavailable(format!(
-            "room {:?} is served by node {owner} at {address}; reconnect there",
+            "room {:?} is served by node {to} at {address}; reconnect there",
             room.as_str()
         ));
         if let Ok(value) = address.to_string().parse() {
             status.metadata_mut().insert(REDIRECT_METADATA, value);
         }
-        Err(status)
+        status
     }
 }
 
@@ -260,27 +315,26 @@ mod tests {
         c
     }
 
-    #[test]
-    fn every_node_agrees_on_owners_and_redirects_to_them() {
+    #[tokio::test]
+    async fn every_node_agrees_on_preferred_owners_and_a_single_node_serves_all() {
         let routes: Vec<Routing> = (1..=3)
-            .map(|id| Routing::new(&three(id)).unwrap())
+            .map(|id| Routing::new(&three(id), Arc::new(build(&three(id)).unwrap()), None))
             .collect();
         let room = RoomId::new("team").unwrap();
-        let owner = routes[0].owner(&room);
+        let owner = routes[0].preferred_owner(&room);
         for r in &routes {
-            assert_eq!(r.owner(&room), owner);
-            if r.me == owner {
-                assert!(r.serve_here(&room).is_ok());
-            } else {
-                let status = r.serve_here(&room).unwrap_err();
+            assert_eq!(r.preferred_owner(&room), owner);
+            let status = r.redirect(&room, owner);
+            if r.me != owner {
                 assert_eq!(
                     status.metadata().get(REDIRECT_METADATA).unwrap(),
                     &format!("127.0.0.1:{}", 8100 + owner.0)
                 );
             }
         }
-        let single = Routing::new(&NodeConfig::default()).unwrap();
-        assert!(single.serve_here(&room).is_ok());
+        let single = NodeConfig::default();
+        let single = Routing::new(&single, Arc::new(build(&single).unwrap()), None);
+        assert!(single.route(&room).await.is_ok());
     }
 
     #[test]

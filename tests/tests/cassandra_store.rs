@@ -144,6 +144,7 @@ async fn uuid_v7_clustering_order_is_id_order() {
             room: room.clone(),
             // Two bursts of 20 ids in one millisecond each.
             id: generator.next(same_ms as i64 - 10 + (i as i64 / 20), i),
+            seq: i + 1,
             envelope: Bytes::from(format!("m{i}")),
         })
         .collect();

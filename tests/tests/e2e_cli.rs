@@ -40,7 +40,9 @@ fn tamper_with_first_envelope(data_dir: &Path) {
     let mut bytes = std::fs::read(path).expect("read segment");
     let len = u32::from_be_bytes(bytes[0..4].try_into().expect("4 bytes")) as usize;
     let payload = &bytes[8..8 + len];
-    let envelope_at = 1 + usize::from(payload[0]) + 16;
+    // Format 1: 0x00 0x01 ‖ seq (8) ‖ room_len ‖ room ‖ id (16) ‖ envelope.
+    assert_eq!(&payload[..2], &[0, 1], "a sequenced record");
+    let envelope_at = 2 + 8 + 1 + usize::from(payload[10]) + 16;
     let mut envelope =
         Envelope::decode(Bytes::copy_from_slice(&payload[envelope_at..])).expect("an envelope");
     let mut ciphertext = envelope.ciphertext.to_vec();

@@ -114,6 +114,7 @@ async fn the_peer_port_refuses_what_a_cluster_certificate_does_not_vouch_for() {
     let frame = |from: u64, message: pb::RoomMessage| pb::PeerFrame {
         from,
         messages: vec![message],
+        log: Vec::new(),
     };
 
     // Plaintext: the listener speaks only TLS.

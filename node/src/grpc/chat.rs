@@ -116,7 +116,7 @@ impl ChatRoom for ChatService {
             n => n,
         } as usize;
         let (room, user, _) = self.member(&req.chat, &req.session).await?;
-        self.ctx.routing.serve_here(&room)?;
+        self.ctx.routing.route(&room).await?;
         let messages = storage::history(&*self.ctx.store, &room, range, limit).await?;
         let items = messages
             .iter()

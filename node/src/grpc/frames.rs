@@ -54,6 +54,7 @@ pub fn seal_stored(message: &StoredMessage, user: &Handle) -> Option<pb::Deliver
         id: bytes::Bytes::copy_from_slice(&message.id.to_bytes()),
         time_ms: message.id.time_ms(),
         sealed: Fanout::new(&envelope).sealed_for_recipient(user)?,
+        seq: message.seq,
     })
 }
 
@@ -66,6 +67,7 @@ mod tests {
             id: bytes::Bytes::from(vec![0; 16]),
             time_ms: 0,
             sealed: bytes::Bytes::from(vec![1; len]),
+            seq: 0,
         }
     }
 

@@ -29,6 +29,8 @@ use tonic::{Request, Response, Status, Streaming};
 use crate::convert;
 use crate::membership::{Inbound, PeerSender};
 use crate::peer_tls::{self, PeerTls};
+use crate::timeline::LogPost;
+use crate::timeline::driver::{ACCEPT_VALUES_MAX, LogInbound, RETAINED_BYTES_MAX};
 
 /// Messages queued for one peer before new ones are dropped.
 const PEER_QUEUE_MAX: usize = 16_384;
@@ -44,7 +46,21 @@ pub const ROOM_MESSAGE_BYTES_MAX: usize =
 /// The largest frame the peer listener decodes: a frame closes at
 /// `FRAME_BYTES_SOFT_MAX`, so it holds at most that plus one message.
 /// (It was 64 MiB: room for one peer to make another buffer a lot.)
-pub const PEER_FRAME_BYTES_MAX: usize = FRAME_BYTES_SOFT_MAX + ROOM_MESSAGE_BYTES_MAX + 1024;
+/// The largest partition-log message: a Promise carries a partition's
+/// retained applied entries plus its uncommitted tail (bounded by the
+/// room actors' appends in flight), an Accept at most
+/// [`ACCEPT_VALUES_MAX`] envelopes.
+pub const LOG_MESSAGE_BYTES_MAX: usize =
+    2 * RETAINED_BYTES_MAX + ACCEPT_VALUES_MAX * (saferchat_envelope::ENVELOPE_BYTES_MAX + 1024);
+/// A frame closes at its soft size, so the largest is the soft size plus
+/// one largest message.
+pub const PEER_FRAME_BYTES_MAX: usize = FRAME_BYTES_SOFT_MAX
+    + if ROOM_MESSAGE_BYTES_MAX > LOG_MESSAGE_BYTES_MAX {
+        ROOM_MESSAGE_BYTES_MAX
+    } else {
+        LOG_MESSAGE_BYTES_MAX
+    }
+    + 1024;
 /// Reconnect back-off bounds.
 const BACKOFF_MS_MIN: u64 = 50;
 const BACKOFF_MS_MAX: u64 = 2_000;
@@ -64,15 +80,21 @@ pub struct KnownPeer {
 #[derive(Debug, Clone)]
 pub struct PeerService {
     inbound: mpsc::Sender<Inbound>,
+    log: Option<(mpsc::Sender<LogInbound>, u32)>,
     /// Datacenter of every node allowed to call.
     cluster: Arc<HashMap<NodeId, String>>,
 }
 
 impl PeerService {
     /// Forwards frames from the configured peers to the membership driver.
-    pub fn new(inbound: mpsc::Sender<Inbound>, cluster: Vec<KnownPeer>) -> PeerService {
+    pub fn new(
+        inbound: mpsc::Sender<Inbound>,
+        log: Option<(mpsc::Sender<LogInbound>, u32)>,
+        cluster: Vec<KnownPeer>,
+    ) -> PeerService {
         PeerService {
             inbound,
+            log,
             cluster: Arc::new(cluster.into_iter().map(|p| (p.id, p.datacenter)).collect()),
         }
     }
@@ -101,6 +123,28 @@ impl PeerService {
 }
 
 /// Decodes one frame's messages; the first bad one refuses the frame.
+fn decode_log(
+    frame: &pb::PeerFrame,
+    partitions: u32,
+) -> Result<Vec<(u32, saferchat_consensus::partition_log::LogMessage<LogPost>)>, Status> {
+    frame
+        .log
+        .iter()
+        .map(|wire| {
+            if wire.partition >= partitions {
+                return Err(Status::invalid_argument(format!(
+                    "partition-log message for partition {}, but the cluster has {partitions}",
+                    wire.partition
+                )));
+            }
+            let message = convert::log::message_from_pb(wire).map_err(|e| {
+                Status::invalid_argument(format!("partition {}: {e}", wire.partition))
+            })?;
+            Ok((wire.partition, message))
+        })
+        .collect()
+}
+
 fn decode(frame: &pb::PeerFrame) -> Result<Vec<(RoomId, saferchat_consensus::Message)>, Status> {
     frame
         .messages
@@ -139,11 +183,33 @@ impl Peer for PeerService {
                 metrics::counter!("saferchat_peer_frames_refused_total", "why" => "malformed")
                     .increment(1);
             })?;
+            let log = match &self.log {
+                Some((_, partitions)) => decode_log(&frame, *partitions),
+                None if frame.log.is_empty() => Ok(Vec::new()),
+                None => Err(Status::invalid_argument(
+                    "this node keeps no partition log (it has no peers configured)",
+                )),
+            }
+            .inspect_err(|e| {
+                tracing::warn!(%from, error = %e.message(), "refusing a peer frame");
+                metrics::counter!("saferchat_peer_frames_refused_total", "why" => "malformed")
+                    .increment(1);
+            })?;
             frames += 1;
-            self.inbound
-                .send(Inbound { from, messages })
+            if !messages.is_empty() {
+                self.inbound
+                    .send(Inbound { from, messages })
+                    .await
+                    .map_err(|_| Status::unavailable("node is shutting down"))?;
+            }
+            if let (false, Some((tx, _))) = (log.is_empty(), &self.log) {
+                tx.send(LogInbound {
+                    from,
+                    messages: log,
+                })
                 .await
                 .map_err(|_| Status::unavailable("node is shutting down"))?;
+            }
         }
         Ok(Response::new(pb::ExchangeSummary { frames }))
     }
@@ -152,7 +218,23 @@ impl Peer for PeerService {
 /// Sends to peers over their `Exchange` service.
 #[derive(Debug)]
 pub struct GrpcPeers {
-    queues: HashMap<NodeId, mpsc::Sender<pb::RoomMessage>>,
+    queues: HashMap<NodeId, mpsc::Sender<Outgoing>>,
+}
+
+/// One message queued for a peer.
+#[derive(Debug)]
+enum Outgoing {
+    Room(pb::RoomMessage),
+    Log(pb::PartitionMessage),
+}
+
+impl Outgoing {
+    fn encoded_len(&self) -> usize {
+        match self {
+            Outgoing::Room(m) => m.encoded_len(),
+            Outgoing::Log(m) => m.encoded_len(),
+        }
+    }
 }
 
 impl GrpcPeers {
@@ -185,7 +267,17 @@ impl PeerSender for GrpcPeers {
             tracing::warn!(%to, "no such peer");
             return;
         };
-        if queue.try_send(message).is_err() {
+        if queue.try_send(Outgoing::Room(message)).is_err() {
+            metrics::counter!("saferchat_peer_messages_dropped_total").increment(1);
+        }
+    }
+
+    fn send_log(&self, to: NodeId, message: pb::PartitionMessage) {
+        let Some(queue) = self.queues.get(&to) else {
+            tracing::warn!(%to, "no such peer");
+            return;
+        };
+        if queue.try_send(Outgoing::Log(message)).is_err() {
             metrics::counter!("saferchat_peer_messages_dropped_total").increment(1);
         }
     }
@@ -201,29 +293,29 @@ struct Link {
 
 /// Takes queued messages into one frame: at most `FRAME_MESSAGES_MAX`
 /// messages, closed once they reach `FRAME_BYTES_SOFT_MAX` bytes.
-fn fill_frame(
-    first: pb::RoomMessage,
-    queue: &mut mpsc::Receiver<pb::RoomMessage>,
-) -> Vec<pb::RoomMessage> {
+fn fill_frame(first: Outgoing, queue: &mut mpsc::Receiver<Outgoing>) -> pb::PeerFrame {
     let mut bytes = first.encoded_len();
-    let mut messages = vec![first];
-    while messages.len() < FRAME_MESSAGES_MAX && bytes < FRAME_BYTES_SOFT_MAX {
+    let mut frame = pb::PeerFrame::default();
+    let push = |m: Outgoing, frame: &mut pb::PeerFrame| match m {
+        Outgoing::Room(m) => frame.messages.push(m),
+        Outgoing::Log(m) => frame.log.push(m),
+    };
+    push(first, &mut frame);
+    let mut count = 1;
+    while count < FRAME_MESSAGES_MAX && bytes < FRAME_BYTES_SOFT_MAX {
         match queue.try_recv() {
             Ok(m) => {
                 bytes += m.encoded_len();
-                messages.push(m);
+                push(m, &mut frame);
+                count += 1;
             }
             Err(_) => break,
         }
     }
-    messages
+    frame
 }
 
-async fn sender(
-    link: Link,
-    mut queue: mpsc::Receiver<pb::RoomMessage>,
-    shutdown: CancellationToken,
-) {
+async fn sender(link: Link, mut queue: mpsc::Receiver<Outgoing>, shutdown: CancellationToken) {
     let Link {
         me,
         peer,
@@ -272,16 +364,9 @@ async fn sender(
                 () = shutdown.cancelled() => return,
             };
             let Some(first) = first else { return };
-            let messages = fill_frame(first, &mut queue);
-            if frames
-                .send(pb::PeerFrame {
-                    from: me.0,
-                    messages,
-                })
-                .await
-                .is_err()
-                || call.is_finished()
-            {
+            let mut frame = fill_frame(first, &mut queue);
+            frame.from = me.0;
+            if frames.send(frame).await.is_err() || call.is_finished() {
                 tracing::info!(%peer, "peer stream broke; reconnecting");
                 break;
             }
@@ -334,14 +419,11 @@ mod tests {
         assert!(len <= ROOM_MESSAGE_BYTES_MAX, "{len}");
         let (tx, mut rx) = mpsc::channel(FRAME_MESSAGES_MAX);
         for _ in 0..4 {
-            tx.try_send(message.clone()).unwrap();
+            tx.try_send(Outgoing::Room(message.clone())).unwrap();
         }
-        let messages = fill_frame(message, &mut rx);
-        assert!(messages.len() < 5, "a frame closes at its soft size");
-        let frame = pb::PeerFrame {
-            from: u64::MAX,
-            messages,
-        };
+        let mut frame = fill_frame(Outgoing::Room(message), &mut rx);
+        assert!(frame.messages.len() < 5, "a frame closes at its soft size");
+        frame.from = u64::MAX;
         assert!(frame.encoded_len() <= PEER_FRAME_BYTES_MAX);
     }
 }

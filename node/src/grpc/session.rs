@@ -152,7 +152,7 @@ async fn serve(
     let after = MessageId::from_optional(&join.after_id).map_err(invalid)?;
     // A room's sessions all live on the node that serves it: one order of
     // posts, one timeline, and every post reaches every session.
-    ctx.routing.serve_here(&room).map_err(End::Redirect)?;
+    ctx.routing.route(&room).await.map_err(End::Redirect)?;
     ctx.check_room_may_exist(&room)?;
     let state = ctx.membership.read(&room).await?;
     if !state.created {
@@ -338,16 +338,22 @@ fn delivery(posted: &Posted, user: &Handle) -> Option<pb::Delivery> {
         id: bytes::Bytes::copy_from_slice(&posted.id.to_bytes()),
         time_ms: posted.id.time_ms(),
         sealed: posted.fanout.sealed_for_recipient(user)?,
+        seq: posted.seq,
     })
 }
 
 fn result_frame(outcome: PostOutcome, room: &RoomId) -> server_frame::Frame {
     let result = match outcome {
-        PostOutcome::Accepted { client_seq, id } => pb::PostResult {
+        PostOutcome::Accepted {
+            client_seq,
+            id,
+            seq,
+        } => pb::PostResult {
             client_seq,
             outcome: Some(pb::post_result::Outcome::Accepted(pb::Accepted {
                 id: bytes::Bytes::copy_from_slice(&id.to_bytes()),
                 time_ms: id.time_ms(),
+                seq,
             })),
         },
         PostOutcome::Rejected {

@@ -38,6 +38,10 @@ pub struct Inbound {
 pub trait PeerSender: Send + Sync + 'static {
     /// Queues `message` for `to`.
     fn send(&self, to: saferchat_consensus::NodeId, message: ppb::RoomMessage);
+
+    /// Queues one partition-log message for `to`; may drop it (the
+    /// partition log tolerates loss).
+    fn send_log(&self, to: saferchat_consensus::NodeId, message: ppb::PartitionMessage);
 }
 
 /// A node with no peers.
@@ -47,6 +51,10 @@ pub struct NoPeers;
 impl PeerSender for NoPeers {
     fn send(&self, to: saferchat_consensus::NodeId, _message: ppb::RoomMessage) {
         tracing::warn!(%to, "dropping a consensus message for a node that is not configured");
+    }
+
+    fn send_log(&self, to: saferchat_consensus::NodeId, _message: ppb::PartitionMessage) {
+        tracing::warn!(%to, "dropping a partition-log message for a node that is not configured");
     }
 }
 

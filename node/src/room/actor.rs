@@ -1,4 +1,6 @@
-//! One room's actor: validate, id, store, then acknowledge and fan out.
+//! One room's actor: validate, place (id and sequence number), store,
+//! then acknowledge and fan out — itself on a single node, through the
+//! replicated timeline in a cluster.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -16,8 +18,10 @@ use tokio::sync::{mpsc, watch};
 use super::{Live, PostOutcome, Posted, RoomCommand, RoomDeps, SessionId};
 use crate::error::NodeError;
 use crate::membership::View;
-use crate::message_id::IdGenerator;
-use crate::storage::{self, StoredMessage};
+use crate::message_id::MessageId;
+use crate::storage::StoredMessage;
+use crate::timeline::tail::{RoomTail, Sequenced};
+use crate::timeline::{AppliedPost, LogPost, Timeline};
 
 /// A room with no sessions stops after this long without commands.
 const IDLE_STOP_MS: u64 = 30_000;
@@ -27,19 +31,33 @@ const IDLE_STOP_MS: u64 = 30_000;
 /// still happen strictly in id order.
 const APPENDS_IN_FLIGHT_MAX: usize = 4;
 
-/// A batch on its way to storage: the posts, their ids, and the store's
-/// answer when it comes.
+/// A batch on its way to storage: the posts, where each landed (or why
+/// it did not), and when the write started.
 type Appending = std::pin::Pin<
     Box<
         dyn std::future::Future<
                 Output = (
-                    Vec<(Pending, crate::message_id::MessageId)>,
-                    Result<(), NodeError>,
+                    Vec<Pending>,
+                    Vec<Result<Sequenced, NodeError>>,
                     std::time::Instant,
                 ),
             > + Send,
     >,
 >;
+
+/// How a room's posts are placed and stored.
+enum Writer {
+    /// A single node: this actor places posts and stores them.
+    Local(RoomTail),
+    /// A cluster: the partition log's leader (this node) places them when
+    /// they commit; the timeline hands every applied post back.
+    Replicated {
+        timeline: Timeline,
+        partition: u32,
+        applied: mpsc::UnboundedReceiver<Arc<AppliedPost>>,
+        leaders: watch::Receiver<u64>,
+    },
+}
 
 struct Session {
     user: Handle,
@@ -62,11 +80,17 @@ struct Actor {
     deps: RoomDeps,
     sessions: HashMap<SessionId, Session>,
     view: watch::Receiver<View>,
-    ids: IdGenerator,
-    /// The newest id acknowledged and delivered: what a new session's
-    /// history goes up to (later ids reach it live).
-    last_delivered: Option<crate::message_id::MessageId>,
+    writer: Writer,
+    /// The newest id delivered: what a new session's history goes up to
+    /// (later ids reach it live).
+    last_delivered: Option<MessageId>,
+    /// The newest sequence number delivered.
+    last_seq: u64,
     last_revision: Option<saferchat_consensus::Revision>,
+    /// A write failed: later writes in flight are not acknowledged either,
+    /// and the actor stops once they are done, so that the next one starts
+    /// from what storage really holds.
+    broken: bool,
 }
 
 /// Runs a room until it is idle (or the node stops).
@@ -82,11 +106,25 @@ pub async fn run(
 ) {
     let started = async {
         let view = deps.membership.watch(&room).await?;
-        let last = storage::last_id(&*deps.store, &room).await?;
-        Ok::<_, NodeError>((view, last))
+        let writer = match &deps.timeline {
+            None => Writer::Local(RoomTail::load(&*deps.store, &room).await?),
+            Some(timeline) => Writer::Replicated {
+                partition: deps.placement.partitions().of_room(room.as_str()).0,
+                // Subscribed before the store is read: a post applied in
+                // between is in both, and skipped by its sequence number.
+                applied: timeline.subscribe(&room),
+                leaders: timeline.leaders().watch(),
+                timeline: timeline.clone(),
+            },
+        };
+        let last =
+            crate::storage::history(&*deps.store, &room, crate::storage::Range::Before(None), 1)
+                .await?
+                .pop();
+        Ok::<_, NodeError>((view, writer, last))
     }
     .await;
-    let (view, last) = match started {
+    let (view, writer, last) = match started {
         Ok(parts) => parts,
         Err(e) => {
             tracing::warn!(%room, error = %e, "room could not start");
@@ -98,12 +136,14 @@ pub async fn run(
     let last_revision = view.borrow().state.as_ref().map(|s| s.revision);
     let mut actor = Actor {
         room: room.clone(),
-        ids: IdGenerator::after(last),
-        last_delivered: last,
+        writer,
+        last_delivered: last.as_ref().map(|m| m.id),
+        last_seq: last.as_ref().map_or(0, |m| m.seq),
         deps,
         sessions: HashMap::new(),
         view,
         last_revision,
+        broken: false,
     };
     metrics::gauge!("saferchat_rooms_active").increment(1.0);
     let idle = Duration::from_millis(IDLE_STOP_MS);
@@ -111,9 +151,23 @@ pub async fn run(
     let mut appending: FuturesOrdered<Appending> = FuturesOrdered::new();
     loop {
         let first = tokio::select! {
-            command = rx.recv(), if appending.len() < APPENDS_IN_FLIGHT_MAX => command,
-            Some((accepted, result, started)) = appending.next(), if !appending.is_empty() => {
-                actor.complete(accepted, result, started);
+            command = rx.recv(), if appending.len() < APPENDS_IN_FLIGHT_MAX && !actor.broken => command,
+            Some((accepted, results, started)) = appending.next(), if !appending.is_empty() => {
+                actor.complete(accepted, results, started);
+                if actor.broken && appending.is_empty() {
+                    break;
+                }
+                continue;
+            }
+            event = timeline_event(&mut actor.writer) => {
+                match event {
+                    TimelineEvent::Applied(post) => actor.on_applied(&post),
+                    TimelineEvent::LeadersChanged => {
+                        if actor.leadership_moved() {
+                            break;
+                        }
+                    }
+                }
                 continue;
             }
             changed = actor.view.changed() => {
@@ -124,7 +178,7 @@ pub async fn run(
                 continue;
             }
             () = actor.deps.shutdown.cancelled() => break,
-                        () = tokio::time::sleep(idle), if actor.sessions.is_empty() && appending.is_empty() => {
+            () = tokio::time::sleep(idle), if actor.sessions.is_empty() && appending.is_empty() => {
                 if deregister_if_idle(&registry, &room, &rx, &me) {
                     break;
                 }
@@ -143,7 +197,16 @@ pub async fn run(
             appending.push_back(batch);
         }
     }
-    let e = NodeError::Unavailable("node is shutting down".into());
+    let e = if actor.broken {
+        NodeError::Unavailable("the room's storage failed; rejoin (posts not acknowledged may be retried: a retry is recognised)".into())
+    } else if actor.deps.shutdown.is_cancelled() {
+        NodeError::Unavailable("node is shutting down".into())
+    } else {
+        NodeError::Unavailable(format!(
+            "room {:?} moved to another node; rejoin to be sent there (posts not acknowledged may be retried: a retry is recognised)",
+            room.as_str()
+        ))
+    };
     for (_, session) in actor.sessions.drain() {
         session
             .close
@@ -152,6 +215,28 @@ pub async fn run(
     deregister(&registry, &room, &me);
     fail_all(&mut rx, &e);
     metrics::gauge!("saferchat_rooms_active").decrement(1.0);
+}
+
+/// What the replicated timeline tells a room actor.
+enum TimelineEvent {
+    /// A post was applied to the room here.
+    Applied(Arc<AppliedPost>),
+    /// Some partition's leader changed (perhaps this room's).
+    LeadersChanged,
+}
+
+/// The timeline's next word for the actor (never, on a single node).
+async fn timeline_event(writer: &mut Writer) -> TimelineEvent {
+    match writer {
+        Writer::Replicated {
+            applied, leaders, ..
+        } => tokio::select! {
+            Some(post) = applied.recv() => TimelineEvent::Applied(post),
+            Ok(()) = leaders.changed() => TimelineEvent::LeadersChanged,
+            else => std::future::pending().await,
+        },
+        Writer::Local(_) => std::future::pending().await,
+    }
 }
 
 /// Removes this actor from the registry if its queue is empty, under the
@@ -300,7 +385,6 @@ impl Actor {
         };
         self.publish_membership(&state);
         let mut accepted = Vec::with_capacity(posts.len());
-        let mut batch = Vec::with_capacity(posts.len());
         for p in posts {
             if let Err(refusal) = check_membership(&p.envelope, &self.room, &p.user, &state) {
                 metrics::counter!("saferchat_posts_rejected_total").increment(1);
@@ -318,55 +402,172 @@ impl Actor {
                 );
                 continue;
             }
-            let id = self.ids.next(self.deps.clock.unix_ms(), rand::random());
-            batch.push(StoredMessage {
-                room: self.room.clone(),
-                id,
-                envelope: p.raw.clone(),
-            });
-            accepted.push((p, id));
+            accepted.push(p);
         }
-        if batch.is_empty() {
+        if accepted.is_empty() {
             return None;
         }
-        let store = Arc::clone(&self.deps.store);
-        Some(Box::pin(async move {
-            let started = std::time::Instant::now();
-            let result = store.append(&batch).await;
-            (accepted, result, started)
-        }))
+        match &mut self.writer {
+            Writer::Local(tail) => {
+                let now = self.deps.clock.unix_ms();
+                let placed: Vec<Sequenced> = accepted
+                    .iter()
+                    .map(|p| tail.place((p.envelope.sender, p.envelope.nonce), now, rand::random()))
+                    .collect();
+                let batch: Vec<StoredMessage> = accepted
+                    .iter()
+                    .zip(&placed)
+                    .filter(|(_, s)| s.fresh)
+                    .map(|(p, s)| StoredMessage {
+                        room: self.room.clone(),
+                        id: s.id,
+                        seq: s.seq,
+                        envelope: p.raw.clone(),
+                    })
+                    .collect();
+                let store = Arc::clone(&self.deps.store);
+                Some(Box::pin(async move {
+                    let started = std::time::Instant::now();
+                    let results = match store.append(&batch).await {
+                        Ok(()) => placed.into_iter().map(Ok).collect(),
+                        Err(e) => placed.iter().map(|_| Err(e.clone())).collect(),
+                    };
+                    (accepted, results, started)
+                }))
+            }
+            Writer::Replicated {
+                timeline,
+                partition,
+                ..
+            } => {
+                let now = self.deps.clock.unix_ms();
+                let posts = accepted
+                    .iter()
+                    .map(|p| LogPost {
+                        room: self.room.clone(),
+                        proposed_ms: now,
+                        seed: rand::random(),
+                        origin: (timeline.me(), 0),
+                        envelope: p.raw.clone(),
+                    })
+                    .collect();
+                let timeline = timeline.clone();
+                let partition = *partition;
+                Some(Box::pin(async move {
+                    let started = std::time::Instant::now();
+                    let results = match timeline.append(partition, posts).await {
+                        Ok(replies) => {
+                            let mut results = Vec::with_capacity(replies.len());
+                            for reply in replies {
+                                results.push(reply.await.unwrap_or_else(|_| {
+                                    Err(NodeError::Unavailable(
+                                        "the timeline stopped before the post committed".into(),
+                                    ))
+                                }));
+                            }
+                            results
+                        }
+                        Err(e) => accepted.iter().map(|_| Err(e.clone())).collect(),
+                    };
+                    (accepted, results, started)
+                }))
+            }
+        }
     }
 
     /// A batch's append finished (batches finish in the order they
-    /// started): acknowledge and deliver if it is durable, refuse if not.
+    /// started): acknowledge what is durable, refuse what is not; on a
+    /// single node, deliver what was stored.
     fn complete(
         &mut self,
-        accepted: Vec<(Pending, crate::message_id::MessageId)>,
-        result: Result<(), NodeError>,
+        accepted: Vec<Pending>,
+        results: Vec<Result<Sequenced, NodeError>>,
         started: std::time::Instant,
     ) {
-        if let Err(e) = result {
-            tracing::warn!(room = %self.room, error = %e, posts = accepted.len(), "storing posts failed; none acknowledged");
-            for (p, _) in accepted {
-                let error = NodeError::Unavailable(format!(
-                    "message could not be stored and was not acknowledged: {e}"
-                ));
-                self.reply(p.session, p.client_seq, Err((error, None)));
-            }
-            return;
-        }
         metrics::histogram!("saferchat_store_append_seconds")
             .record(started.elapsed().as_secs_f64());
-        metrics::counter!("saferchat_posts_stored_total").increment(accepted.len() as u64);
-        // Durable: acknowledge, then deliver.
-        for (p, id) in accepted {
-            self.reply(p.session, p.client_seq, Ok(id));
-            let posted = Arc::new(Posted {
-                id,
-                fanout: Fanout::new(&p.envelope),
-            });
-            self.fan_out(&posted);
-            self.last_delivered = Some(id);
+        let local = matches!(self.writer, Writer::Local(_));
+        for (p, result) in accepted.into_iter().zip(results) {
+            let placed = match result {
+                Ok(placed) if !self.broken || !local => placed,
+                Ok(_) => {
+                    self.reply(
+                        p.session,
+                        p.client_seq,
+                        Err((
+                            NodeError::Unavailable(
+                                "an earlier write of this room failed; not acknowledged: retry the same post after rejoining".into(),
+                            ),
+                            None,
+                        )),
+                    );
+                    continue;
+                }
+                Err(e) => {
+                    if local {
+                        if !self.broken {
+                            tracing::warn!(room = %self.room, error = %e, "storing posts failed; none acknowledged");
+                        }
+                        self.broken = true;
+                    }
+                    let error = match e {
+                        NodeError::Unavailable(m) => NodeError::Unavailable(m),
+                        other => NodeError::Unavailable(format!(
+                            "message could not be stored and was not acknowledged: {other}"
+                        )),
+                    };
+                    self.reply(p.session, p.client_seq, Err((error, None)));
+                    continue;
+                }
+            };
+            self.reply(p.session, p.client_seq, Ok(placed));
+            if local && placed.fresh {
+                metrics::counter!("saferchat_posts_stored_total").increment(1);
+                let posted = Arc::new(Posted {
+                    id: placed.id,
+                    seq: placed.seq,
+                    fanout: Fanout::new(&p.envelope),
+                });
+                self.deliver(&posted);
+            }
+        }
+    }
+
+    /// A post the replicated timeline applied: deliver it unless this
+    /// actor's start already counted it.
+    fn on_applied(&mut self, post: &AppliedPost) {
+        if post.seq != 0 && post.seq <= self.last_seq {
+            return;
+        }
+        let posted = Arc::new(Posted {
+            id: post.id,
+            seq: post.seq,
+            fanout: Fanout::new(&post.envelope),
+        });
+        self.deliver(&posted);
+    }
+
+    fn deliver(&mut self, posted: &Arc<Posted>) {
+        self.fan_out(posted);
+        self.last_delivered = Some(posted.id);
+        self.last_seq = posted.seq;
+    }
+
+    /// The partitions' leaders changed: true when this node no longer
+    /// leads the room's partition (the actor then stops and its sessions
+    /// are told to rejoin, which sends them to the new leader).
+    fn leadership_moved(&mut self) -> bool {
+        match &mut self.writer {
+            Writer::Replicated {
+                timeline,
+                partition,
+                leaders,
+                ..
+            } => {
+                leaders.borrow_and_update();
+                !timeline.leads(*partition)
+            }
+            Writer::Local(_) => false,
         }
     }
 
@@ -399,10 +600,14 @@ impl Actor {
         &mut self,
         session: SessionId,
         client_seq: u64,
-        outcome: Result<crate::message_id::MessageId, (NodeError, Option<Arc<RoomState>>)>,
+        outcome: Result<Sequenced, (NodeError, Option<Arc<RoomState>>)>,
     ) {
         let item = match outcome {
-            Ok(id) => PostOutcome::Accepted { client_seq, id },
+            Ok(placed) => PostOutcome::Accepted {
+                client_seq,
+                id: placed.id,
+                seq: placed.seq,
+            },
             Err((error, state)) => PostOutcome::Rejected {
                 client_seq,
                 error,

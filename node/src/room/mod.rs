@@ -1,10 +1,14 @@
 //! Room hubs: one task per active room.
 //!
-//! The [`actor`] of a room is the only writer of its timeline on this
-//! node: it checks each post against the membership it may read under its
-//! lease, gives it the next time-ordered id, appends a batch to storage,
-//! and only after storage says the batch is durable acknowledges the posts
-//! and fans them out to the room's sessions. [`Rooms`] finds or starts the
+//! The [`actor`] of a room checks each post against the membership it may
+//! read under its lease. On a single node it is the only writer of the
+//! room's timeline: it gives each post its id and sequence number, appends
+//! a batch to storage, and only after storage says the batch is durable
+//! acknowledges the posts and fans them out to the room's sessions. In a
+//! cluster it runs on the leader of the room's partition and hands posts
+//! to the replicated timeline ([`crate::timeline`]), acknowledges each once
+//! a quorum has it and it is applied here, and fans out every post the
+//! timeline applies to the room, in order. [`Rooms`] finds or starts the
 //! actor of a room; an actor with no sessions stops after a while.
 
 pub mod actor;
@@ -35,6 +39,8 @@ pub type SessionId = u64;
 pub struct Posted {
     /// The server-assigned id.
     pub id: MessageId,
+    /// The room's sequence number.
+    pub seq: u64,
     /// The per-recipient builder.
     pub fanout: Fanout,
 }
@@ -61,6 +67,8 @@ pub enum PostOutcome {
         client_seq: u64,
         /// The id.
         id: MessageId,
+        /// The room's sequence number.
+        seq: u64,
     },
     /// Refused; stored nowhere.
     Rejected {
@@ -121,6 +129,11 @@ pub struct RoomDeps {
     pub limits: Limits,
     /// Node shutdown.
     pub shutdown: CancellationToken,
+    /// The replicated timeline, in a cluster; `None` on a single node,
+    /// whose actors place and store posts themselves.
+    pub timeline: Option<crate::timeline::Timeline>,
+    /// Which partition a room is in.
+    pub placement: Arc<saferchat_placement::Placement>,
 }
 
 /// Finds or starts room actors.

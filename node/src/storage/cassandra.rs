@@ -190,36 +190,45 @@ pub struct Migration {
 }
 
 /// The schema, version by version.
-pub const MIGRATIONS: &[Migration] = &[Migration {
-    version: 1,
-    description: "chat_details, chat_names, timeline, timeline_buckets",
-    statements: &[
-        "CREATE TABLE IF NOT EXISTS {ks}.chat_details (\
+pub const MIGRATIONS: &[Migration] = &[
+    Migration {
+        version: 1,
+        description: "chat_details, chat_names, timeline, timeline_buckets",
+        statements: &[
+            "CREATE TABLE IF NOT EXISTS {ks}.chat_details (\
             chat text PRIMARY KEY, \
             revision bigint, \
             participants map<text, text>, \
             record blob)",
-        "CREATE TABLE IF NOT EXISTS {ks}.chat_names (\
+            "CREATE TABLE IF NOT EXISTS {ks}.chat_names (\
             initial text, \
             chat text, \
             revision bigint, \
             members int, \
             PRIMARY KEY ((initial), chat)) \
             WITH CLUSTERING ORDER BY (chat ASC)",
-        "CREATE TABLE IF NOT EXISTS {ks}.timeline (\
+            "CREATE TABLE IF NOT EXISTS {ks}.timeline (\
             chat text, \
             time_bucket text, \
             when uuid, \
             envelope blob, \
             PRIMARY KEY ((chat, time_bucket), when)) \
             WITH CLUSTERING ORDER BY (when DESC)",
-        "CREATE TABLE IF NOT EXISTS {ks}.timeline_buckets (\
+            "CREATE TABLE IF NOT EXISTS {ks}.timeline_buckets (\
             chat text, \
             time_bucket text, \
             PRIMARY KEY ((chat), time_bucket)) \
             WITH CLUSTERING ORDER BY (time_bucket ASC)",
-    ],
-}];
+        ],
+    },
+    Migration {
+        version: 2,
+        description: "timeline.seq: the room's gapless sequence number",
+        // Cassandra answers "column already exists" to a second ADD: the
+        // migration runner treats that as done (see `apply_migrations`).
+        statements: &["ALTER TABLE {ks}.timeline ADD seq bigint"],
+    },
+];
 
 const SCHEMA_MIGRATIONS_TABLE: &str = "CREATE TABLE IF NOT EXISTS {ks}.schema_migrations (\
     version int PRIMARY KEY, \
@@ -488,13 +497,14 @@ impl CassandraStore {
             chunk.len(),
             first.room
         );
-        let values: Vec<(&str, String, uuid::Uuid, &[u8])> = chunk
+        let values: Vec<(&str, String, uuid::Uuid, i64, &[u8])> = chunk
             .iter()
             .map(|m| {
                 (
                     m.room.as_str(),
                     m.id.bucket().to_string(),
                     m.id.to_uuid(),
+                    i64::try_from(m.seq).unwrap_or(i64::MAX),
                     m.envelope.as_ref(),
                 )
             })
@@ -609,7 +619,8 @@ impl Statements {
             Ok::<_, NodeError>(s)
         };
         let lq = Consistency::LocalQuorum;
-        let select = "SELECT when, envelope FROM {ks}.timeline WHERE chat = ? AND time_bucket = ?";
+        let select =
+            "SELECT when, seq, envelope FROM {ks}.timeline WHERE chat = ? AND time_bucket = ?";
         let mut update_room = prepare(
             cql(
                 "UPDATE {ks}.chat_details SET revision = ?, participants = ?, record = ? \
@@ -637,7 +648,7 @@ impl Statements {
         Ok(Statements {
             insert_message: prepare(
                 cql(
-                    "INSERT INTO {ks}.timeline (chat, time_bucket, when, envelope) VALUES (?, ?, ?, ?)",
+                    "INSERT INTO {ks}.timeline (chat, time_bucket, when, seq, envelope) VALUES (?, ?, ?, ?, ?)",
                     ks,
                 ),
                 lq,
@@ -734,10 +745,17 @@ impl Statements {
 
 /// Runs one schema statement (the driver waits for schema agreement).
 async fn ddl(session: &Session, text: &str) -> Result<(), NodeError> {
-    session.query_unpaged(text, ()).await.map_err(|e| {
-        NodeError::Unavailable(format!("cassandra: schema statement {text:?}: {e}"))
-    })?;
-    Ok(())
+    match session.query_unpaged(text, ()).await {
+        Ok(_) => Ok(()),
+        // `ALTER TABLE … ADD` has no `IF NOT EXISTS`; a node that added the
+        // column and crashed before recording the migration runs it again.
+        Err(e) if text.starts_with("ALTER TABLE") && e.to_string().contains("already exist") => {
+            Ok(())
+        }
+        Err(e) => Err(NodeError::Unavailable(format!(
+            "cassandra: schema statement {text:?}: {e}"
+        ))),
+    }
 }
 
 /// Creates the keyspace and applies pending migrations; see the module
@@ -997,7 +1015,7 @@ impl ChatStore for CassandraStore {
         let what = format!("reading bucket {bucket} of room {room:?}");
         let (chat, time_bucket, n) = (room.as_str(), bucket.to_string(), cql_limit(limit));
         let st = &self.statements;
-        let rows: Vec<(uuid::Uuid, Option<Bytes>)> = match range {
+        let rows: Vec<(uuid::Uuid, Option<i64>, Option<Bytes>)> = match range {
             Range::Before(None) => {
                 self.select(&what, &st.newest, (chat, &time_bucket, n), limit)
                     .await?
@@ -1026,13 +1044,14 @@ impl ChatStore for CassandraStore {
             }
         };
         rows.into_iter()
-            .map(|(when, envelope)| {
+            .map(|(when, seq, envelope)| {
                 let id = MessageId::from_uuid(when).map_err(|e| {
                     NodeError::Storage(format!("cassandra: {what}: id {when}: {e}"))
                 })?;
                 Ok(StoredMessage {
                     room: room.clone(),
                     id,
+                    seq: seq.and_then(|s: i64| u64::try_from(s).ok()).unwrap_or(0),
                     envelope: envelope.unwrap_or_default(),
                 })
             })
@@ -1069,6 +1088,7 @@ mod tests {
             batch.push(StoredMessage {
                 room: room.clone(),
                 id: ids.next(ms, i),
+                seq: i + 1,
                 envelope: Bytes::from(vec![0u8; size]),
             });
         }
@@ -1103,7 +1123,12 @@ mod tests {
     fn migrations_are_numbered_from_one_without_gaps() {
         for (i, m) in MIGRATIONS.iter().enumerate() {
             assert_eq!(m.version, i32::try_from(i).unwrap() + 1);
-            assert!(m.statements.iter().all(|s| s.contains("IF NOT EXISTS")));
+            // Safe to run twice: `IF NOT EXISTS`, or an `ALTER TABLE … ADD`
+            // whose repeat `ddl` takes as done.
+            assert!(
+                m.statements.iter().all(|s| s.contains("IF NOT EXISTS")
+                    || s.starts_with("ALTER TABLE {ks}.timeline ADD"))
+            );
         }
         assert_eq!(checksum(&MIGRATIONS[0]).len(), 64);
     }

@@ -45,6 +45,8 @@ fn message(room: &RoomId, id: MessageId, body: &[u8]) -> StoredMessage {
     StoredMessage {
         room: room.clone(),
         id,
+        // Any value: every read must give back the one written.
+        seq: u64::from(id.to_bytes()[15]) << 8 | u64::from(body.first().copied().unwrap_or(0)),
         envelope: Bytes::copy_from_slice(body),
     }
 }
@@ -561,6 +563,7 @@ mod sled_store {
                 .map(|m| Entry {
                     room: &m.room,
                     id: m.id,
+                    seq: m.seq,
                     envelope: &m.envelope,
                 })
                 .collect();

@@ -21,7 +21,11 @@
 //!
 //! `segment-NNNNNNNN.log` files, each a sequence of records
 //! `len: u32 ‖ crc32(payload): u32 ‖ payload`, with the payload
-//! `room_len: u8 ‖ room ‖ id: 16 bytes ‖ envelope`; integers big-endian.
+//! `0x00 ‖ 0x01 ‖ seq: u64 ‖ room_len: u8 ‖ room ‖ id: 16 bytes ‖ envelope`;
+//! integers big-endian. `seq` is the message's per-room sequence number.
+//! Records written before sequence numbers existed have the payload
+//! `room_len ‖ room ‖ id ‖ envelope` (a room name is never empty, so the
+//! leading zero tells the two apart) and read with sequence number 0.
 //!
 //! # Crashes
 //!
@@ -60,6 +64,8 @@ pub struct Entry<'a> {
     pub room: &'a RoomId,
     /// Its id.
     pub id: MessageId,
+    /// Its per-room sequence number.
+    pub seq: u64,
     /// The envelope bytes.
     pub envelope: &'a [u8],
 }
@@ -210,10 +216,25 @@ fn segments(dir: &Path) -> Result<Vec<u32>, NodeError> {
 struct Record<'a> {
     room: &'a str,
     id: [u8; 16],
+    seq: u64,
     envelope: &'a [u8],
 }
 
+/// Marks a payload with a sequence number (format 1).
+const FORMAT_SEQUENCED: [u8; 2] = [0x00, 0x01];
+/// The bytes a payload spends besides the room name and the envelope.
+const PAYLOAD_OVERHEAD: usize = FORMAT_SEQUENCED.len() + 8 + 1 + 16;
+
 fn parse_payload(payload: &[u8]) -> Option<Record<'_>> {
+    let (seq, payload) = match payload.strip_prefix(&FORMAT_SEQUENCED[..]) {
+        Some(rest) if rest.len() >= 8 => (
+            u64::from_be_bytes(rest[..8].try_into().expect("8 bytes")),
+            &rest[8..],
+        ),
+        Some(_) => return None,
+        None if payload.first() == Some(&0) => return None,
+        None => (0, payload),
+    };
     let (&room_len, rest) = payload.split_first()?;
     let room_len = usize::from(room_len);
     if rest.len() < room_len + 16 {
@@ -224,6 +245,7 @@ fn parse_payload(payload: &[u8]) -> Option<Record<'_>> {
     Some(Record {
         room,
         id,
+        seq,
         envelope: &rest[room_len + 16..],
     })
 }
@@ -313,12 +335,12 @@ impl EnvelopeLog {
         let mut buf = Vec::with_capacity(
             entries
                 .iter()
-                .map(|e| HEADER_BYTES + 1 + e.room.as_str().len() + 16 + e.envelope.len())
+                .map(|e| HEADER_BYTES + PAYLOAD_OVERHEAD + e.room.as_str().len() + e.envelope.len())
                 .sum(),
         );
         for entry in entries {
             let room = entry.room.as_str().as_bytes();
-            let payload_len = 1 + room.len() + 16 + entry.envelope.len();
+            let payload_len = PAYLOAD_OVERHEAD + room.len() + entry.envelope.len();
             let len = u32::try_from(payload_len)
                 .ok()
                 .filter(|l| *l <= PAYLOAD_BYTES_MAX)
@@ -344,6 +366,8 @@ impl EnvelopeLog {
             let start = buf.len();
             buf.extend_from_slice(&len.to_be_bytes());
             buf.extend_from_slice(&[0; 4]);
+            buf.extend_from_slice(&FORMAT_SEQUENCED);
+            buf.extend_from_slice(&entry.seq.to_be_bytes());
             buf.push(u8::try_from(room.len()).expect("room names are at most 64 bytes"));
             buf.extend_from_slice(room);
             buf.extend_from_slice(&entry.id.to_bytes());
@@ -430,7 +454,7 @@ impl EnvelopeLog {
         }
     }
 
-    /// Reads the envelope of `room`/`id` at `pointer`; `Ok(None)` when the
+    /// Reads the sequence number and envelope of `room`/`id` at `pointer`; `Ok(None)` when the
     /// record is missing, torn, or another message's (only possible for
     /// appends that were never acknowledged).
     ///
@@ -441,7 +465,7 @@ impl EnvelopeLog {
         pointer: Pointer,
         room: &RoomId,
         id: MessageId,
-    ) -> Result<Option<Bytes>, NodeError> {
+    ) -> Result<Option<(u64, Bytes)>, NodeError> {
         let Some(file) = self.reader(pointer.segment)? else {
             return Ok(None);
         };
@@ -456,7 +480,7 @@ impl EnvelopeLog {
         if record.room != room.as_str() || record.id != id.to_bytes() {
             return Ok(None);
         }
-        Ok(Some(Bytes::copy_from_slice(record.envelope)))
+        Ok(Some((record.seq, Bytes::copy_from_slice(record.envelope))))
     }
 
     /// Calls `index` for every intact record from `from` to the end of the
@@ -533,9 +557,11 @@ mod tests {
     fn append(log: &EnvelopeLog, room: &RoomId, items: &[(MessageId, Vec<u8>)]) -> Vec<Pointer> {
         let entries: Vec<Entry<'_>> = items
             .iter()
-            .map(|(id, e)| Entry {
+            .enumerate()
+            .map(|(i, (id, e))| Entry {
                 room,
                 id: *id,
+                seq: i as u64 + 1,
                 envelope: e,
             })
             .collect();
@@ -552,7 +578,7 @@ mod tests {
         log.sync().unwrap();
         for (p, (id, e)) in pointers.iter().zip(&items) {
             assert_eq!(
-                log.read(*p, &room, *id).unwrap().as_deref(),
+                log.read(*p, &room, *id).unwrap().map(|(_, e)| e).as_deref(),
                 Some(e.as_slice())
             );
         }
@@ -573,8 +599,10 @@ mod tests {
             "a new segment after a restart"
         );
         assert_eq!(
-            log.read(pointers[2], &room, items[2].0).unwrap().as_deref(),
-            Some(items[2].1.as_slice())
+            log.read(pointers[2], &room, items[2].0)
+                .unwrap()
+                .map(|(seq, e)| (seq, e.to_vec())),
+            Some((3, items[2].1.clone()))
         );
         let mut seen = Vec::new();
         let visited = log
@@ -616,7 +644,10 @@ mod tests {
         fs::write(&path, raw).unwrap();
         let log = EnvelopeLog::open(dir.path()).unwrap();
         assert_eq!(
-            log.read(pointers[0], &room, items[0].0).unwrap().as_deref(),
+            log.read(pointers[0], &room, items[0].0)
+                .unwrap()
+                .map(|(_, e)| e)
+                .as_deref(),
             Some(items[0].1.as_slice())
         );
         assert_eq!(log.read(pointers[1], &room, items[1].0).unwrap(), None);
@@ -642,7 +673,7 @@ mod tests {
         );
         for (p, (id, e)) in pointers.iter().zip(&items) {
             assert_eq!(
-                log.read(*p, &room, *id).unwrap().as_deref(),
+                log.read(*p, &room, *id).unwrap().map(|(_, e)| e).as_deref(),
                 Some(e.as_slice())
             );
         }
@@ -650,5 +681,39 @@ mod tests {
             log.replay(Position::default(), |_, _, _| Ok(())).unwrap(),
             20
         );
+    }
+
+    #[test]
+    fn records_from_before_sequence_numbers_read_with_sequence_zero() {
+        let dir = tempfile::tempdir().unwrap();
+        let room = RoomId::new("aaa").unwrap();
+        let (id, envelope) = entries(1).remove(0);
+        // The payload of format 0: room_len ‖ room ‖ id ‖ envelope.
+        let mut payload = vec![3u8];
+        payload.extend_from_slice(b"aaa");
+        payload.extend_from_slice(&id.to_bytes());
+        payload.extend_from_slice(&envelope);
+        let mut record = u32::try_from(payload.len()).unwrap().to_be_bytes().to_vec();
+        record.extend_from_slice(&crc32fast::hash(&payload).to_be_bytes());
+        record.extend_from_slice(&payload);
+        std::fs::write(segment_path(dir.path(), 0), &record).unwrap();
+
+        let log = EnvelopeLog::open(dir.path()).unwrap();
+        let pointer = Pointer {
+            segment: 0,
+            offset: 0,
+            len: u32::try_from(payload.len()).unwrap(),
+        };
+        assert_eq!(
+            log.read(pointer, &room, id).unwrap(),
+            Some((0, Bytes::from(envelope)))
+        );
+        assert_eq!(
+            log.replay(Position::default(), |_, _, _| Ok(())).unwrap(),
+            1
+        );
+        // A payload that starts with zero but is not format 1 is torn.
+        assert!(parse_payload(&[0, 2, 0, 0]).is_none());
+        assert!(parse_payload(&[0, 1, 0]).is_none());
     }
 }

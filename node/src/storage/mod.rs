@@ -18,6 +18,7 @@
 pub mod cassandra;
 pub mod durable;
 pub mod envelope_log;
+pub mod log_store;
 pub mod memory;
 pub mod sled;
 
@@ -40,6 +41,10 @@ pub struct StoredMessage {
     pub room: RoomId,
     /// Server-assigned, time-ordered id; its time picks the bucket.
     pub id: MessageId,
+    /// The room's gapless sequence number: 1 for its first message, one
+    /// more for each next (0 for messages stored before sequence numbers
+    /// existed).
+    pub seq: u64,
     /// The envelope exactly as posted (ciphertext only).
     pub envelope: Bytes,
 }

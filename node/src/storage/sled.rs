@@ -358,13 +358,14 @@ impl SledStore {
         value: &sled::IVec,
     ) -> Result<Option<StoredMessage>, NodeError> {
         let id = MessageId::from_bytes(&key[key.len() - 16..]).map_err(NodeError::storage)?;
-        let Some(envelope) = self.log.read(Pointer::from_bytes(value)?, room, id)? else {
+        let Some((seq, envelope)) = self.log.read(Pointer::from_bytes(value)?, room, id)? else {
             tracing::warn!(%room, %id, "timeline entry without its envelope (an unacknowledged append cut by a crash); skipped");
             return Ok(None);
         };
         Ok(Some(StoredMessage {
             room: room.clone(),
             id,
+            seq,
             envelope,
         }))
     }
@@ -496,6 +497,7 @@ impl ChatStore for SledStore {
             .map(|(_, m)| Entry {
                 room: &m.room,
                 id: m.id,
+                seq: m.seq,
                 envelope: &m.envelope,
             })
             .collect();

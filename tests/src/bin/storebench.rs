@@ -221,6 +221,7 @@ async fn append_cell(
                     .map(|i| StoredMessage {
                         room: room.clone(),
                         id: ids.next(now_ms(), (w * 1_000_003 + n + i) as u64),
+                        seq: (n + i + 1) as u64,
                         envelope: pool[(n + i) % pool.len()].clone(),
                     })
                     .collect();

@@ -1,0 +1,470 @@
+//! This node's durable partition-log state: for every partition it
+//! replicates, the term it promised, the entries it accepted, the slot up
+//! to which it applied them to the timeline, and the compaction floor.
+//!
+//! Like the envelope log, a file of checksummed records, appended and
+//! `fdatasync`ed before anything that depends on them leaves the node (a
+//! promise before the Promise, an entry before the Accepted). Each record
+//! says what changed in one partition ([`LogRecord`]); replaying the
+//! records in order rebuilds the state. Every open (and every
+//! [`LOG_FILE_BYTES_MAX`] of appends) starts a new file that begins with a
+//! checkpoint of the whole state, made durable (file and folder) before
+//! the older files are deleted, so the files never hold more than the live
+//! state plus one file of changes.
+//!
+//! Why not sled: entries carry envelopes of up to 512 KiB, and sled
+//! rewrites whole leaves (see `envelope_log.rs`); why not the envelope log
+//! itself: an entry is a vote, and may be overwritten by a later term,
+//! while the envelope log holds only applied messages.
+//!
+//! # Format
+//!
+//! `partition-log-NNNNNNNN.bin` files of records
+//! `len: u32 ‖ crc32(payload): u32 ‖ payload` (big-endian), the payload an
+//! encoded `server.grpc.peer.LogRecord`. A torn record ends the replay of
+//! its file (only the last file can have one: older files were complete
+//! and synced before a newer one was created).
+
+use std::collections::{BTreeMap, HashMap};
+use std::fs::{self, File, OpenOptions};
+use std::io::Write as _;
+use std::os::unix::fs::FileExt as _;
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+
+use prost::Message as _;
+use saferchat_consensus::partition_log::{Entry, Slot, Term};
+use saferchat_proto::peer as pb;
+
+use super::durable::sync_dir;
+use crate::convert::log as conv;
+use crate::error::NodeError;
+use crate::timeline::LogPost;
+
+/// A new file (starting with a checkpoint) is begun beyond this size.
+pub const LOG_FILE_BYTES_MAX: u64 = 64 * 1024 * 1024;
+const HEADER_BYTES: usize = 8;
+const RECORD_BYTES_MAX: u32 = 256 * 1024 * 1024;
+
+/// The durable state of one partition's acceptor.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct PartitionLogState {
+    /// The promised term.
+    pub promised: Term,
+    /// Accepted entries above the floor.
+    pub entries: BTreeMap<Slot, Entry<LogPost>>,
+    /// Slots up to here are compacted away.
+    pub floor: Slot,
+    /// Slots up to here are applied to the timeline.
+    pub applied: Slot,
+}
+
+/// One change to one partition's state.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct LogChange {
+    /// The partition.
+    pub partition: u32,
+    /// A new promise.
+    pub promised: Option<Term>,
+    /// Entries written.
+    pub entries: Vec<(Slot, Entry<LogPost>)>,
+    /// A new compaction floor.
+    pub floor: Option<Slot>,
+    /// A new applied mark.
+    pub applied: Option<Slot>,
+}
+
+impl PartitionLogState {
+    fn apply(&mut self, change: LogChange) {
+        if let Some(t) = change.promised {
+            self.promised = self.promised.max(t);
+        }
+        for (slot, entry) in change.entries {
+            if slot > self.floor {
+                self.entries.insert(slot, entry);
+            }
+        }
+        if let Some(f) = change.floor
+            && f > self.floor
+        {
+            self.floor = f;
+            self.entries.retain(|s, _| *s > f);
+        }
+        if let Some(a) = change.applied {
+            self.applied = self.applied.max(a);
+        }
+    }
+
+    fn checkpoint(&self, partition: u32) -> LogChange {
+        LogChange {
+            partition,
+            promised: Some(self.promised),
+            entries: self.entries.iter().map(|(s, e)| (*s, e.clone())).collect(),
+            floor: Some(self.floor),
+            applied: Some(self.applied),
+        }
+    }
+}
+
+struct Writer {
+    file: File,
+    number: u32,
+    len: u64,
+}
+
+/// The node's partition-log file.
+pub struct LogStore {
+    dir: PathBuf,
+    writer: Mutex<Writer>,
+    /// Set by the first failed sync: the kernel may have dropped the dirty
+    /// pages, so no later sync may be trusted.
+    failed: std::sync::atomic::AtomicBool,
+}
+
+impl std::fmt::Debug for LogStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LogStore").field("dir", &self.dir).finish()
+    }
+}
+
+fn io(what: &str, path: &Path, e: std::io::Error) -> NodeError {
+    NodeError::Storage(format!("partition log: {what} {}: {e}", path.display()))
+}
+
+fn file_path(dir: &Path, n: u32) -> PathBuf {
+    dir.join(format!("partition-log-{n:08}.bin"))
+}
+
+fn files(dir: &Path) -> Result<Vec<u32>, NodeError> {
+    let mut out = Vec::new();
+    for item in fs::read_dir(dir).map_err(|e| io("listing", dir, e))? {
+        let name = item.map_err(|e| io("listing", dir, e))?.file_name();
+        if let Some(n) = name
+            .to_str()
+            .and_then(|n| n.strip_prefix("partition-log-"))
+            .and_then(|n| n.strip_suffix(".bin"))
+            .and_then(|n| n.parse::<u32>().ok())
+        {
+            out.push(n);
+        }
+    }
+    out.sort_unstable();
+    Ok(out)
+}
+
+fn encode(change: &LogChange) -> Vec<u8> {
+    let record = pb::LogRecord {
+        partition: change.partition,
+        promised: change.promised.map(conv::term_to_pb),
+        entries: change
+            .entries
+            .iter()
+            .map(|(s, e)| conv::entry_to_pb(*s, e))
+            .collect(),
+        floor: change.floor.map_or(0, |s| s.0),
+        applied: change.applied.map_or(0, |s| s.0),
+    };
+    let payload = record.encode_to_vec();
+    let mut out = Vec::with_capacity(HEADER_BYTES + payload.len());
+    out.extend_from_slice(
+        &u32::try_from(payload.len())
+            .expect("a record is far below 4 GiB")
+            .to_be_bytes(),
+    );
+    out.extend_from_slice(&crc32fast::hash(&payload).to_be_bytes());
+    out.extend_from_slice(&payload);
+    out
+}
+
+fn decode(payload: &[u8]) -> Option<LogChange> {
+    let r = pb::LogRecord::decode(payload).ok()?;
+    let entries = r
+        .entries
+        .iter()
+        .map(conv::entry_from_pb)
+        .collect::<Result<Vec<_>, _>>()
+        .ok()?;
+    Some(LogChange {
+        partition: r.partition,
+        promised: match r.promised {
+            Some(t) => Some(conv::term_from_pb(&t).ok()?),
+            None => None,
+        },
+        entries,
+        floor: (r.floor > 0).then_some(Slot(r.floor)),
+        applied: (r.applied > 0).then_some(Slot(r.applied)),
+    })
+}
+
+/// Replays one file into `states`.
+fn replay(path: &Path, states: &mut HashMap<u32, PartitionLogState>) -> Result<(), NodeError> {
+    let file = File::open(path).map_err(|e| io("opening", path, e))?;
+    let mut offset = 0u64;
+    loop {
+        let mut header = [0u8; HEADER_BYTES];
+        match file.read_exact_at(&mut header, offset) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => break,
+            Err(e) => return Err(io("reading", path, e)),
+        }
+        let len = u32::from_be_bytes(header[..4].try_into().expect("4 bytes"));
+        let crc = u32::from_be_bytes(header[4..].try_into().expect("4 bytes"));
+        if len > RECORD_BYTES_MAX {
+            break;
+        }
+        let mut payload = vec![0u8; len as usize];
+        match file.read_exact_at(&mut payload, offset + HEADER_BYTES as u64) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => break,
+            Err(e) => return Err(io("reading", path, e)),
+        }
+        if crc32fast::hash(&payload) != crc {
+            break;
+        }
+        let Some(change) = decode(&payload) else {
+            break;
+        };
+        states.entry(change.partition).or_default().apply(change);
+        offset += (HEADER_BYTES + payload.len()) as u64;
+    }
+    Ok(())
+}
+
+impl LogStore {
+    /// Opens the files in `dir` (created if needed), rebuilds every
+    /// partition's state, and starts a new file with a checkpoint of it.
+    ///
+    /// # Errors
+    /// [`NodeError::Storage`] when the folder or a file cannot be used.
+    pub fn open(dir: &Path) -> Result<(LogStore, HashMap<u32, PartitionLogState>), NodeError> {
+        fs::create_dir_all(dir).map_err(|e| io("creating", dir, e))?;
+        let existing = files(dir)?;
+        let mut states = HashMap::new();
+        for n in &existing {
+            replay(&file_path(dir, *n), &mut states)?;
+        }
+        let number = existing.last().map_or(0, |n| n + 1);
+        let writer = start_file(dir, number, &states)?;
+        for n in existing {
+            let path = file_path(dir, n);
+            fs::remove_file(&path).map_err(|e| io("removing", &path, e))?;
+        }
+        sync_dir(dir)?;
+        Ok((
+            LogStore {
+                dir: dir.to_owned(),
+                writer: Mutex::new(writer),
+                failed: std::sync::atomic::AtomicBool::new(false),
+            },
+            states,
+        ))
+    }
+
+    /// Appends changes and makes them durable (one `fdatasync`). Blocking:
+    /// call it off the async executor.
+    ///
+    /// # Errors
+    /// [`NodeError::Storage`] when writing or syncing fails, and for good
+    /// after a failed sync.
+    pub fn write(&self, changes: &[LogChange]) -> Result<(), NodeError> {
+        use std::sync::atomic::Ordering;
+        if self.failed.load(Ordering::SeqCst) {
+            return Err(NodeError::Storage(
+                "partition log: an earlier sync failed; restart the node".into(),
+            ));
+        }
+        if changes.is_empty() {
+            return Ok(());
+        }
+        let mut buf = Vec::new();
+        for c in changes {
+            buf.extend_from_slice(&encode(c));
+        }
+        let mut w = self.writer.lock().expect("lock");
+        let path = file_path(&self.dir, w.number);
+        let result = w
+            .file
+            .write_all(&buf)
+            .and_then(|()| w.file.sync_data())
+            .map_err(|e| io("writing", &path, e));
+        if result.is_err() {
+            self.failed.store(true, Ordering::SeqCst);
+        }
+        w.len += buf.len() as u64;
+        result
+    }
+
+    /// Whether the current file has grown past [`LOG_FILE_BYTES_MAX`]:
+    /// time for [`LogStore::rotate`].
+    pub fn wants_rotation(&self) -> bool {
+        self.writer.lock().expect("lock").len > LOG_FILE_BYTES_MAX
+    }
+
+    /// Starts a new file with a checkpoint of `states` (the whole live
+    /// state), durable before the older file is deleted. Blocking.
+    ///
+    /// # Errors
+    /// [`NodeError::Storage`] when the new file cannot be written.
+    pub fn rotate(&self, states: &HashMap<u32, PartitionLogState>) -> Result<(), NodeError> {
+        let mut w = self.writer.lock().expect("lock");
+        let old = w.number;
+        *w = start_file(&self.dir, old + 1, states)?;
+        let path = file_path(&self.dir, old);
+        fs::remove_file(&path).map_err(|e| io("removing", &path, e))?;
+        sync_dir(&self.dir)
+    }
+}
+
+/// Creates file `number` holding a checkpoint of `states`, synced with
+/// its folder entry.
+fn start_file(
+    dir: &Path,
+    number: u32,
+    states: &HashMap<u32, PartitionLogState>,
+) -> Result<Writer, NodeError> {
+    let path = file_path(dir, number);
+    let mut file = OpenOptions::new()
+        .create_new(true)
+        .append(true)
+        .read(true)
+        .open(&path)
+        .map_err(|e| io("creating", &path, e))?;
+    let mut buf = Vec::new();
+    let mut partitions: Vec<_> = states.keys().copied().collect();
+    partitions.sort_unstable();
+    for p in partitions {
+        buf.extend_from_slice(&encode(&states[&p].checkpoint(p)));
+    }
+    file.write_all(&buf).map_err(|e| io("writing", &path, e))?;
+    file.sync_all().map_err(|e| io("syncing", &path, e))?;
+    sync_dir(dir)?;
+    Ok(Writer {
+        file,
+        number,
+        len: buf.len() as u64,
+    })
+}
+
+/// Applies changes to in-memory states the way a replay would.
+pub fn fold(states: &mut HashMap<u32, PartitionLogState>, changes: Vec<LogChange>) {
+    for c in changes {
+        states.entry(c.partition).or_default().apply(c);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use bytes::Bytes;
+    use saferchat_consensus::NodeId;
+    use saferchat_consensus::partition_log::Value;
+
+    fn term(round: u64) -> Term {
+        Term {
+            round,
+            node: NodeId(2),
+        }
+    }
+
+    fn post(n: u8) -> Entry<LogPost> {
+        Entry {
+            term: term(1),
+            value: Value::Post(LogPost {
+                room: saferchat_consensus::RoomId::new("r").unwrap(),
+                proposed_ms: i64::from(n),
+                seed: u64::from(n),
+                origin: (NodeId(1), u64::from(n)),
+                envelope: Bytes::from(vec![n; 10]),
+            }),
+        }
+    }
+
+    #[test]
+    fn changes_survive_reopening_and_compaction_drops_entries() {
+        let dir = tempfile::tempdir().unwrap();
+        let (store, states) = LogStore::open(dir.path()).unwrap();
+        assert!(states.is_empty());
+        let changes = vec![
+            LogChange {
+                partition: 7,
+                promised: Some(term(1)),
+                entries: vec![(Slot(1), post(1)), (Slot(2), post(2))],
+                ..LogChange::default()
+            },
+            LogChange {
+                partition: 7,
+                entries: vec![(
+                    Slot(2),
+                    Entry {
+                        term: term(2),
+                        value: Value::Noop,
+                    },
+                )],
+                promised: Some(term(2)),
+                ..LogChange::default()
+            },
+            LogChange {
+                partition: 9,
+                promised: Some(term(5)),
+                applied: Some(Slot(3)),
+                ..LogChange::default()
+            },
+        ];
+        store.write(&changes).unwrap();
+        let mut expected = HashMap::new();
+        fold(&mut expected, changes);
+        drop(store);
+
+        let (store, states) = LogStore::open(dir.path()).unwrap();
+        assert_eq!(states, expected);
+        assert_eq!(states[&7].entries[&Slot(2)].value, Value::Noop);
+        assert_eq!(states[&9].applied, Slot(3));
+        // Compaction.
+        let compact = vec![LogChange {
+            partition: 7,
+            floor: Some(Slot(1)),
+            applied: Some(Slot(1)),
+            ..LogChange::default()
+        }];
+        store.write(&compact).unwrap();
+        let mut expected = states;
+        fold(&mut expected, compact);
+        store.rotate(&expected).unwrap();
+        drop(store);
+        let (_store, states) = LogStore::open(dir.path()).unwrap();
+        assert_eq!(states, expected);
+        assert_eq!(
+            states[&7].entries.keys().copied().collect::<Vec<_>>(),
+            [Slot(2)]
+        );
+        assert_eq!(files(dir.path()).unwrap().len(), 1, "older files deleted");
+    }
+
+    #[test]
+    fn a_torn_tail_ends_the_replay() {
+        let dir = tempfile::tempdir().unwrap();
+        let (store, _) = LogStore::open(dir.path()).unwrap();
+        let good = LogChange {
+            partition: 1,
+            promised: Some(term(3)),
+            ..LogChange::default()
+        };
+        store.write(std::slice::from_ref(&good)).unwrap();
+        drop(store);
+        let n = *files(dir.path()).unwrap().last().unwrap();
+        let mut torn = encode(&LogChange {
+            partition: 1,
+            promised: Some(term(9)),
+            ..LogChange::default()
+        });
+        torn.truncate(torn.len() - 1);
+        OpenOptions::new()
+            .append(true)
+            .open(file_path(dir.path(), n))
+            .unwrap()
+            .write_all(&torn)
+            .unwrap();
+        let (_store, states) = LogStore::open(dir.path()).unwrap();
+        assert_eq!(states[&1].promised, term(3));
+    }
+}

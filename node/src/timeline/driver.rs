@@ -1,0 +1,642 @@
+//! The timeline driver: one task that runs the partition log of every
+//! partition this node replicates.
+//!
+//! Each input (an append, a batch of peer messages, a tick) is fed to the
+//! partitions it concerns; then the driver does what their `LogReady`s
+//! ask, in the order the core's contract requires:
+//!
+//! 1. write every changed promise and entry to the partition-log file and
+//!    `fdatasync` it (one sync for the whole input);
+//! 2. send the messages;
+//! 3. apply committed slots, in slot order, to the timeline store
+//!    (durably), then answer the appenders and hand the posts to the rooms'
+//!    actors.
+//!
+//! # Leaders and elections
+//!
+//! A partition's replicas are ranked by placement (the preferred owner
+//! first). A partition nobody has used since this node started has no
+//! leader; the first client that needs one makes its replicas campaign,
+//! the preferred owner at once and the others only if no leader appeared
+//! after [`RANK_STAGGER_MS`] times their rank. A leader sends every
+//! [`HEARTBEAT_MS`] (an empty Accept that carries the commit point); a
+//! follower that hears nothing from the leader for [`ELECTION_TIMEOUT_MS`]
+//! (plus its rank's stagger) runs itself. That bounds failover: a killed
+//! leader is replaced after at most the timeout and the stagger of the
+//! surviving best-ranked replica, plus one round trip to a quorum and the
+//! recovery of the uncommitted tail.
+//!
+//! # Compaction
+//!
+//! Applied entries stay in the log until a partition retains more than
+//! [`RETAINED_BYTES_MAX`] of them, then the oldest are compacted away: a
+//! replica that comes back less than that far behind catches up from the
+//! leader's log. One further behind is reported (`lagging`) and needs the
+//! timeline copied from a replica (not built yet: partition transfer is
+//! part of the elastic cluster work).
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::Arc;
+use std::time::Duration;
+
+use saferchat_consensus::partition_log::{
+    Committed, LogAcceptor, LogConfig, LogMessage, LogReplica, Slot, Term, Value,
+};
+use saferchat_consensus::{Millis, NodeId, RoomId};
+use saferchat_envelope::Envelope;
+use saferchat_placement::Placement;
+use tokio::sync::{mpsc, oneshot};
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+use super::tail::{RoomTail, Sequenced};
+use super::{AppliedPost, Command, Leaders, LogPost, Subscribers, Timeline};
+use crate::clock::Clock;
+use crate::convert;
+use crate::error::NodeError;
+use crate::membership::PeerSender;
+use crate::storage::log_store::{LogChange, LogStore, PartitionLogState};
+use crate::storage::{ChatStore, StoredMessage};
+
+/// A leader's heartbeat period.
+pub const HEARTBEAT_MS: u64 = 250;
+/// A follower that hears nothing from its leader this long runs itself.
+pub const ELECTION_TIMEOUT_MS: u64 = 1_500;
+/// Extra wait per rank below the preferred owner, so replicas rarely
+/// compete.
+pub const RANK_STAGGER_MS: u64 = 500;
+/// Applied entries a partition keeps for replicas that fall behind.
+pub const RETAINED_BYTES_MAX: usize = 16 * 1024 * 1024;
+/// Most values one Accept carries: with envelopes of up to 512 KiB an
+/// Accept stays below 4 MiB.
+pub const ACCEPT_VALUES_MAX: usize = 8;
+/// How often timers are looked at.
+const TICK_MS: u64 = 50;
+/// Peer batches queued for the driver.
+pub const LOG_INBOUND_MAX: usize = 1024;
+/// Appends queued for the driver.
+const COMMAND_QUEUE_MAX: usize = 4096;
+/// How often a failed timeline write is tried before the node stops.
+const APPLY_ATTEMPTS: u32 = 5;
+
+/// Partition-log messages from one peer.
+#[derive(Debug)]
+pub struct LogInbound {
+    /// The sending node (from its certificate).
+    pub from: NodeId,
+    /// The messages, by partition.
+    pub messages: Vec<(u32, LogMessage<LogPost>)>,
+}
+
+type Reply = oneshot::Sender<Result<Sequenced, NodeError>>;
+
+struct Part {
+    replica: LogReplica<LogPost>,
+    /// Replicas ranked, the preferred owner first.
+    rank: u64,
+    /// The term whose leader this node last heard from (or leads).
+    leader: Option<Term>,
+    /// When this node last heard from a leader (or started to wait).
+    heard: Millis,
+    /// Whether a client or a leader made this partition live here.
+    active: bool,
+    last_heartbeat: Millis,
+    /// Applied entries still in the log: slot and size.
+    retained: VecDeque<(Slot, usize)>,
+    retained_bytes: usize,
+}
+
+/// Everything the driver needs.
+pub struct DriverParts {
+    /// This node.
+    pub me: NodeId,
+    /// Partitions and their replicas.
+    pub placement: Arc<Placement>,
+    /// The durable log file and what it held at start.
+    pub store: Arc<LogStore>,
+    /// The states read from it.
+    pub states: HashMap<u32, PartitionLogState>,
+    /// The timeline store applied to.
+    pub chat: Arc<dyn ChatStore>,
+    /// Outgoing peer traffic.
+    pub peers: Arc<dyn PeerSender>,
+    /// Incoming partition-log traffic.
+    pub inbound: mpsc::Receiver<LogInbound>,
+    /// Time.
+    pub clock: Arc<dyn Clock>,
+    /// Stops the driver.
+    pub shutdown: CancellationToken,
+}
+
+struct Driver {
+    me: NodeId,
+    placement: Arc<Placement>,
+    store: Arc<LogStore>,
+    chat: Arc<dyn ChatStore>,
+    peers: Arc<dyn PeerSender>,
+    clock: Arc<dyn Clock>,
+    parts: HashMap<u32, Part>,
+    tails: HashMap<RoomId, RoomTail>,
+    waiters: HashMap<u64, (u32, Reply)>,
+    next_token: u64,
+    leaders: Arc<Leaders>,
+    subscribers: Subscribers,
+    /// Applied marks and compaction floors to write with the next batch.
+    marks: Vec<LogChange>,
+}
+
+/// Starts the driver; its task ends with `Err(Fatal)` if the node can no
+/// longer keep its promises or store what committed.
+pub fn spawn(parts: DriverParts) -> (Timeline, JoinHandle<Result<(), NodeError>>) {
+    let (tx, rx) = mpsc::channel(COMMAND_QUEUE_MAX);
+    let leaders = Arc::new(Leaders::default());
+    let subscribers: Subscribers = Arc::default();
+    let now = parts.clock.monotonic();
+    let mut driver = Driver {
+        me: parts.me,
+        placement: parts.placement,
+        store: parts.store,
+        chat: parts.chat,
+        peers: parts.peers,
+        clock: parts.clock,
+        parts: HashMap::new(),
+        tails: HashMap::new(),
+        waiters: HashMap::new(),
+        // Tokens from a fresh random base: an answer for a post of an
+        // earlier incarnation is never taken for one of this one.
+        next_token: rand::random::<u64>() >> 1,
+        leaders: Arc::clone(&leaders),
+        subscribers: Arc::clone(&subscribers),
+        marks: Vec::new(),
+    };
+    for (partition, state) in parts.states {
+        if driver.replicas(partition).contains(&driver.me) {
+            driver.load(partition, state, now);
+        }
+    }
+    let timeline = Timeline {
+        me: parts.me,
+        tx,
+        leaders,
+        subscribers,
+    };
+    let task = tokio::spawn(driver.run(rx, parts.inbound, parts.shutdown));
+    (timeline, task)
+}
+
+fn fatal(e: &NodeError) -> NodeError {
+    NodeError::Fatal(format!("partition log: {e}"))
+}
+
+impl Driver {
+    fn replicas(&self, partition: u32) -> Vec<NodeId> {
+        if partition >= self.placement.partitions().get() {
+            return Vec::new();
+        }
+        self.placement
+            .replicas(saferchat_placement::PartitionId(partition))
+            .to_vec()
+    }
+
+    fn load(&mut self, partition: u32, state: PartitionLogState, now: Millis) {
+        let replicas = self.replicas(partition);
+        let rank = replicas.iter().position(|n| *n == self.me).unwrap_or(0) as u64;
+        let mut config = LogConfig::new(self.me, replicas);
+        config.batch_max = ACCEPT_VALUES_MAX;
+        let acceptor = LogAcceptor::restore(state.promised, state.entries, state.floor);
+        let retained: VecDeque<(Slot, usize)> = acceptor
+            .entries_from(Slot(0))
+            .into_iter()
+            .take_while(|(s, _)| *s <= state.applied)
+            .map(|(s, e)| (s, value_bytes(&e.value)))
+            .collect();
+        let retained_bytes = retained.iter().map(|(_, b)| b).sum();
+        let replica = LogReplica::new(config, acceptor, state.applied);
+        self.parts.insert(
+            partition,
+            Part {
+                replica,
+                rank,
+                leader: None,
+                heard: now,
+                active: false,
+                last_heartbeat: now,
+                retained,
+                retained_bytes,
+            },
+        );
+    }
+
+    /// The partition's state here, loaded empty on first use; `None` when
+    /// this node does not replicate it.
+    fn part(&mut self, partition: u32) -> Option<&mut Part> {
+        if !self.parts.contains_key(&partition) {
+            if !self.replicas(partition).contains(&self.me) {
+                return None;
+            }
+            let now = self.clock.monotonic();
+            self.load(partition, PartitionLogState::default(), now);
+        }
+        self.parts.get_mut(&partition)
+    }
+
+    async fn run(
+        mut self,
+        mut commands: mpsc::Receiver<Command>,
+        mut inbound: mpsc::Receiver<LogInbound>,
+        shutdown: CancellationToken,
+    ) -> Result<(), NodeError> {
+        let mut tick = tokio::time::interval(Duration::from_millis(TICK_MS));
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            let mut touched = Vec::new();
+            tokio::select! {
+                biased;
+                () = shutdown.cancelled() => break,
+                command = commands.recv() => match command {
+                    Some(c) => {
+                        self.on_command(c, &mut touched);
+                        while let Ok(c) = commands.try_recv() {
+                            self.on_command(c, &mut touched);
+                        }
+                    }
+                    None => break,
+                },
+                Some(batch) = inbound.recv() => {
+                    self.on_inbound(batch, &mut touched);
+                    while let Ok(batch) = inbound.try_recv() {
+                        self.on_inbound(batch, &mut touched);
+                    }
+                }
+                _ = tick.tick() => self.on_tick(&mut touched),
+            }
+            touched.sort_unstable();
+            touched.dedup();
+            self.settle(touched).await?;
+        }
+        for (_, (_, reply)) in self.waiters.drain() {
+            let _ = reply.send(Err(NodeError::Unavailable("node is shutting down".into())));
+        }
+        Ok(())
+    }
+
+    fn on_command(&mut self, command: Command, touched: &mut Vec<u32>) {
+        match command {
+            Command::Touch { partition } => {
+                let now = self.clock.monotonic();
+                let me = self.me;
+                let Some(part) = self.part(partition) else {
+                    return;
+                };
+                if !part.active {
+                    part.active = true;
+                    part.heard = now;
+                }
+                if part.leader.is_none() && part.rank == 0 && part.replica.leading().is_none() {
+                    tracing::debug!(partition, %me, "campaigning: a client needs the partition");
+                    part.replica.campaign();
+                    part.heard = now;
+                    touched.push(partition);
+                }
+            }
+            Command::Append {
+                partition,
+                mut posts,
+                replies,
+            } => {
+                let me = self.me;
+                let first_token = self.next_token;
+                self.next_token += posts.len() as u64;
+                for (i, p) in posts.iter_mut().enumerate() {
+                    p.origin = (me, first_token + i as u64);
+                }
+                let leading = self
+                    .part(partition)
+                    .is_some_and(|p| p.replica.leading().is_some());
+                if !leading {
+                    for reply in replies {
+                        let _ = reply.send(Err(NodeError::Unavailable(
+                            "this node no longer leads the room's partition; reconnect (a retried post is recognised)".into(),
+                        )));
+                    }
+                    return;
+                }
+                for (i, reply) in replies.into_iter().enumerate() {
+                    self.waiters
+                        .insert(first_token + i as u64, (partition, reply));
+                }
+                let part = self.parts.get_mut(&partition).expect("loaded above");
+                let values = posts.into_iter().map(Value::Post).collect();
+                part.replica
+                    .append(values)
+                    .expect("a leading replica appends");
+                touched.push(partition);
+            }
+        }
+    }
+
+    fn on_inbound(&mut self, batch: LogInbound, touched: &mut Vec<u32>) {
+        let now = self.clock.monotonic();
+        for (partition, message) in batch.messages {
+            let Some(part) = self.part(partition) else {
+                continue;
+            };
+            let term = message.term();
+            match &message {
+                // A leader's write: it leads, and is alive.
+                LogMessage::Accept { .. }
+                    if term.node == batch.from && part.leader.is_none_or(|l| l <= term) =>
+                {
+                    part.leader = Some(term);
+                    part.heard = now;
+                    part.active = true;
+                }
+                // A candidate: give it time before running.
+                LogMessage::Prepare { .. }
+                    if term.node == batch.from && part.leader.is_none_or(|l| l < term) =>
+                {
+                    part.leader = None;
+                    part.heard = now;
+                    part.active = true;
+                }
+                _ => {}
+            }
+            part.replica.step(batch.from, message);
+            touched.push(partition);
+        }
+    }
+
+    fn on_tick(&mut self, touched: &mut Vec<u32>) {
+        let now = self.clock.monotonic();
+        for (partition, part) in &mut self.parts {
+            if part.replica.leading().is_some() {
+                if now.since(part.last_heartbeat) >= HEARTBEAT_MS {
+                    part.replica.resend();
+                    part.last_heartbeat = now;
+                    touched.push(*partition);
+                }
+                continue;
+            }
+            if !part.active {
+                continue;
+            }
+            let wait = if part.leader.is_some() {
+                ELECTION_TIMEOUT_MS + part.rank * RANK_STAGGER_MS
+            } else {
+                // No leader known: the preferred owner runs when touched;
+                // the others after their stagger.
+                RANK_STAGGER_MS * part.rank.max(1)
+            };
+            if now.since(part.heard) >= wait {
+                tracing::info!(
+                    partition,
+                    rank = part.rank,
+                    "no leader heard from; campaigning"
+                );
+                metrics::counter!("saferchat_partition_campaigns_total").increment(1);
+                part.leader = None;
+                part.replica.campaign();
+                part.heard = now;
+                touched.push(*partition);
+            }
+        }
+    }
+
+    /// Executes what the touched partitions asked for (see the module
+    /// docs for the order).
+    async fn settle(&mut self, touched: Vec<u32>) -> Result<(), NodeError> {
+        let mut changes = std::mem::take(&mut self.marks);
+        let mut sends = Vec::new();
+        let mut committed: Vec<(u32, Vec<Committed<LogPost>>)> = Vec::new();
+        let mut lost = Vec::new();
+        for partition in touched {
+            let me = self.me;
+            let Some(part) = self.parts.get_mut(&partition) else {
+                continue;
+            };
+            let ready = part.replica.take_ready();
+            if let Some(w) = ready.write {
+                changes.push(LogChange {
+                    partition,
+                    promised: Some(w.promised),
+                    entries: w.entries,
+                    ..LogChange::default()
+                });
+            }
+            for (to, m) in ready.messages {
+                sends.push((to, convert::log::message_to_pb(partition, &m)));
+            }
+            if !ready.committed.is_empty() {
+                committed.push((partition, ready.committed));
+            }
+            for (node, from) in ready.lagging {
+                tracing::warn!(partition, %node, from = from.0, "a replica is behind the retained log and needs the partition copied");
+                metrics::counter!("saferchat_partition_lagging_total").increment(1);
+            }
+            if let Some(term) = ready.leading {
+                tracing::info!(partition, %term, "leading the partition");
+                part.leader = Some(term);
+            }
+            let leading = part.replica.leading();
+            if leading.is_none() && part.leader.is_some_and(|l| l.node == me) {
+                part.leader = None;
+            }
+            if leading.is_none() {
+                lost.push(partition);
+            }
+            let leader = part.leader.map(|t| t.node);
+            self.leaders.set(partition, leader);
+        }
+        if !lost.is_empty() {
+            self.fail_waiters(&lost);
+        }
+        if !changes.is_empty() {
+            let store = Arc::clone(&self.store);
+            tokio::task::spawn_blocking(move || store.write(&changes))
+                .await
+                .map_err(|e| fatal(&NodeError::Storage(e.to_string())))?
+                .map_err(|e| fatal(&e))?;
+        }
+        for (to, m) in sends {
+            self.peers.send_log(to, m);
+        }
+        for (partition, slots) in committed {
+            self.apply(partition, slots).await?;
+        }
+        if self.store.wants_rotation() {
+            self.rotate().await?;
+        }
+        Ok(())
+    }
+
+    fn fail_waiters(&mut self, partitions: &[u32]) {
+        let gone: Vec<u64> = self
+            .waiters
+            .iter()
+            .filter(|(_, (p, _))| partitions.contains(p))
+            .map(|(t, _)| *t)
+            .collect();
+        for token in gone {
+            if let Some((_, reply)) = self.waiters.remove(&token) {
+                let _ = reply.send(Err(NodeError::Unavailable(
+                    "leadership of the room's partition moved before the post committed; it may still commit: reconnect and retry the same post (a retry is recognised)".into(),
+                )));
+            }
+        }
+    }
+
+    /// Applies committed slots to the timeline store, then answers and
+    /// delivers.
+    async fn apply(
+        &mut self,
+        partition: u32,
+        slots: Vec<Committed<LogPost>>,
+    ) -> Result<(), NodeError> {
+        let last = slots.last().map(|c| c.slot).expect("not empty");
+        let mut batch = Vec::new();
+        let mut outcomes = Vec::new();
+        for c in &slots {
+            let Value::Post(post) = &c.value else {
+                continue;
+            };
+            let envelope = match Envelope::decode(post.envelope.clone()) {
+                Ok(e) => e,
+                Err(e) => {
+                    // The leader checked it; every replica skips it alike.
+                    tracing::error!(partition, slot = c.slot.0, error = %e, "a committed post does not decode; skipped");
+                    continue;
+                }
+            };
+            if !self.tails.contains_key(&post.room) {
+                let tail = RoomTail::load(&*self.chat, &post.room)
+                    .await
+                    .map_err(|e| fatal(&e))?;
+                self.tails.insert(post.room.clone(), tail);
+            }
+            let tail = self.tails.get_mut(&post.room).expect("loaded");
+            let placed = tail.place(
+                (envelope.sender, envelope.nonce),
+                post.proposed_ms,
+                post.seed,
+            );
+            if placed.fresh {
+                batch.push(StoredMessage {
+                    room: post.room.clone(),
+                    id: placed.id,
+                    seq: placed.seq,
+                    envelope: post.envelope.clone(),
+                });
+            }
+            outcomes.push((post.origin, post.room.clone(), placed, envelope));
+        }
+        if !batch.is_empty() {
+            let mut attempt = 0;
+            loop {
+                match self.chat.append(&batch).await {
+                    Ok(()) => break,
+                    Err(e) if attempt + 1 < APPLY_ATTEMPTS => {
+                        attempt += 1;
+                        tracing::warn!(partition, error = %e, attempt, "applying committed posts failed; retrying");
+                        tokio::time::sleep(Duration::from_millis(200 << attempt)).await;
+                    }
+                    Err(e) => return Err(fatal(&e)),
+                }
+            }
+        }
+        metrics::counter!("saferchat_posts_stored_total").increment(batch.len() as u64);
+        self.marks.push(LogChange {
+            partition,
+            applied: Some(last),
+            ..LogChange::default()
+        });
+        #[allow(clippy::cast_precision_loss)]
+        metrics::gauge!("saferchat_partition_applied_slot", "partition" => partition.to_string())
+            .set(last.0 as f64);
+        for (origin, room, placed, envelope) in outcomes {
+            if origin.0 == self.me
+                && let Some((_, reply)) = self.waiters.remove(&origin.1)
+            {
+                let _ = reply.send(Ok(placed));
+            }
+            if placed.fresh {
+                self.deliver(&room, placed, envelope);
+            }
+        }
+        self.compact(partition, &slots);
+        Ok(())
+    }
+
+    fn deliver(&self, room: &RoomId, placed: Sequenced, envelope: Envelope) {
+        let mut subscribers = self.subscribers.lock().expect("lock");
+        let Some(list) = subscribers.get_mut(room) else {
+            return;
+        };
+        let post = Arc::new(AppliedPost {
+            id: placed.id,
+            seq: placed.seq,
+            envelope,
+        });
+        list.retain(|tx| tx.send(Arc::clone(&post)).is_ok());
+        if list.is_empty() {
+            subscribers.remove(room);
+        }
+    }
+
+    fn compact(&mut self, partition: u32, slots: &[Committed<LogPost>]) {
+        let Some(part) = self.parts.get_mut(&partition) else {
+            return;
+        };
+        for c in slots {
+            let bytes = value_bytes(&c.value);
+            part.retained.push_back((c.slot, bytes));
+            part.retained_bytes += bytes;
+        }
+        let mut floor = None;
+        while part.retained_bytes > RETAINED_BYTES_MAX {
+            let Some((slot, bytes)) = part.retained.pop_front() else {
+                break;
+            };
+            part.retained_bytes -= bytes;
+            floor = Some(slot);
+        }
+        if let Some(floor) = floor {
+            part.replica.compact(floor);
+            self.marks.push(LogChange {
+                partition,
+                floor: Some(floor),
+                ..LogChange::default()
+            });
+        }
+    }
+
+    async fn rotate(&mut self) -> Result<(), NodeError> {
+        let states: HashMap<u32, PartitionLogState> = self
+            .parts
+            .iter()
+            .map(|(p, part)| {
+                let a = part.replica.acceptor();
+                (
+                    *p,
+                    PartitionLogState {
+                        promised: a.promised(),
+                        entries: a.entries_from(Slot(0)).into_iter().collect(),
+                        floor: a.floor(),
+                        applied: part.replica.released(),
+                    },
+                )
+            })
+            .collect();
+        let store = Arc::clone(&self.store);
+        tokio::task::spawn_blocking(move || store.rotate(&states))
+            .await
+            .map_err(|e| fatal(&NodeError::Storage(e.to_string())))?
+            .map_err(|e| fatal(&e))
+    }
+}
+
+fn value_bytes(v: &Value<LogPost>) -> usize {
+    match v {
+        Value::Post(p) => p.envelope.len() + p.room.as_str().len() + 64,
+        Value::Noop => 16,
+    }
+}

@@ -1,0 +1,190 @@
+//! The replicated timeline of a cluster: every partition's posts go
+//! through its partition log (`saferchat_consensus::partition_log`), whose
+//! leader is the owner of the partition's rooms.
+//!
+//! - A room actor on the leader checks posts and hands them to
+//!   [`Timeline::append`]; the [`driver`] appends them to the log. Once a
+//!   quorum of the partition's replicas has them durably (each replica
+//!   `fdatasync`s its partition-log file before it answers), the slot
+//!   commits.
+//! - Every replica applies committed slots in slot order to its own
+//!   timeline store: [`tail::RoomTail`] gives each post its id and the
+//!   room's next sequence number, the same on every replica, and
+//!   recognises retries. The leader acknowledges a post once it is applied
+//!   there, and every applied post is handed to the room's actor on that
+//!   node ([`Timeline::subscribe`]) for live delivery.
+//! - [`Leaders`] says which node leads each partition, as far as this node
+//!   knows; routing sends clients there.
+//!
+//! A node with no peers does not use any of this: a cluster of one needs
+//! no quorum, its timeline store is its durable log, and its room actors
+//! place posts with [`tail::RoomTail`] themselves.
+
+pub mod driver;
+pub mod tail;
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
+use bytes::Bytes;
+use saferchat_consensus::{NodeId, RoomId};
+use saferchat_envelope::Envelope;
+use tokio::sync::{mpsc, oneshot, watch};
+
+use crate::error::NodeError;
+use crate::message_id::MessageId;
+use tail::Sequenced;
+
+/// A post as the partition log carries it.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct LogPost {
+    /// Its room.
+    pub room: RoomId,
+    /// The leader's clock when appended: the id's time, unless the room's
+    /// last id is later.
+    pub proposed_ms: i64,
+    /// The id's randomness.
+    pub seed: u64,
+    /// The node whose client posted it and that node's token for it.
+    pub origin: (NodeId, u64),
+    /// The envelope as posted.
+    pub envelope: Bytes,
+}
+
+/// A post applied to this node's timeline, for live delivery.
+#[derive(Debug)]
+pub struct AppliedPost {
+    /// Its id.
+    pub id: MessageId,
+    /// Its sequence number.
+    pub seq: u64,
+    /// The envelope.
+    pub envelope: Envelope,
+}
+
+/// Which node leads each partition, as far as this node knows.
+#[derive(Debug)]
+pub struct Leaders {
+    map: Mutex<HashMap<u32, NodeId>>,
+    changed: watch::Sender<u64>,
+}
+
+impl Default for Leaders {
+    fn default() -> Self {
+        Leaders {
+            map: Mutex::new(HashMap::new()),
+            changed: watch::channel(0).0,
+        }
+    }
+}
+
+impl Leaders {
+    /// The leader of `partition`, if known.
+    pub fn get(&self, partition: u32) -> Option<NodeId> {
+        self.map.lock().expect("lock").get(&partition).copied()
+    }
+
+    /// Notified on every change.
+    pub fn watch(&self) -> watch::Receiver<u64> {
+        self.changed.subscribe()
+    }
+
+    fn set(&self, partition: u32, leader: Option<NodeId>) {
+        let mut map = self.map.lock().expect("lock");
+        let old = match leader {
+            Some(l) => map.insert(partition, l),
+            None => map.remove(&partition),
+        };
+        drop(map);
+        if old != leader {
+            self.changed.send_modify(|n| *n += 1);
+        }
+    }
+}
+
+/// What room actors may ask of the driver.
+#[derive(Debug)]
+pub(crate) enum Command {
+    Append {
+        partition: u32,
+        posts: Vec<LogPost>,
+        replies: Vec<oneshot::Sender<Result<Sequenced, NodeError>>>,
+    },
+    Touch {
+        partition: u32,
+    },
+}
+
+type Subscribers = Arc<Mutex<HashMap<RoomId, Vec<mpsc::UnboundedSender<Arc<AppliedPost>>>>>>;
+
+/// A cheap handle on the timeline driver.
+#[derive(Clone, Debug)]
+pub struct Timeline {
+    me: NodeId,
+    tx: mpsc::Sender<Command>,
+    leaders: Arc<Leaders>,
+    subscribers: Subscribers,
+}
+
+fn stopped() -> NodeError {
+    NodeError::Unavailable("the timeline service is shutting down".into())
+}
+
+impl Timeline {
+    /// This node.
+    pub fn me(&self) -> NodeId {
+        self.me
+    }
+
+    /// Who leads what.
+    pub fn leaders(&self) -> &Arc<Leaders> {
+        &self.leaders
+    }
+
+    /// Whether this node leads `partition`.
+    pub fn leads(&self, partition: u32) -> bool {
+        self.leaders.get(partition) == Some(self.me)
+    }
+
+    /// Appends posts to `partition`'s log; each answer comes once the post
+    /// is committed and applied here (or with the error that stopped it:
+    /// then it may still commit under another leader, and a retry of the
+    /// same envelope is recognised).
+    ///
+    /// # Errors
+    /// `Unavailable` when the driver has stopped.
+    pub async fn append(
+        &self,
+        partition: u32,
+        posts: Vec<LogPost>,
+    ) -> Result<Vec<oneshot::Receiver<Result<Sequenced, NodeError>>>, NodeError> {
+        let (replies, receivers): (Vec<_>, Vec<_>) =
+            posts.iter().map(|_| oneshot::channel()).unzip();
+        self.tx
+            .send(Command::Append {
+                partition,
+                posts,
+                replies,
+            })
+            .await
+            .map_err(|_| stopped())?;
+        Ok(receivers)
+    }
+
+    /// A client wants `partition`: elect a leader if it has none.
+    pub fn touch(&self, partition: u32) {
+        let _ = self.tx.try_send(Command::Touch { partition });
+    }
+
+    /// Every post applied to `room` on this node from now on, in order.
+    pub fn subscribe(&self, room: &RoomId) -> mpsc::UnboundedReceiver<Arc<AppliedPost>> {
+        let (tx, rx) = mpsc::unbounded_channel();
+        self.subscribers
+            .lock()
+            .expect("lock")
+            .entry(room.clone())
+            .or_default()
+            .push(tx);
+        rx
+    }
+}

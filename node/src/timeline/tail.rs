@@ -1,0 +1,177 @@
+//! The end of one room's timeline: the next id, the next sequence number,
+//! and the recent posts a retry is recognised by.
+//!
+//! Every post is given its id and sequence number here, in the order the
+//! room's posts are stored. The computation is a pure function of the
+//! tail and of what the post carries (the proposer's clock reading and
+//! random seed), so that every replica of a partition that applies the
+//! same committed log computes the same ids and sequence numbers, and a
+//! replica that applies a slot twice (after a crash between storing and
+//! recording what it applied) recognises its own earlier work.
+//!
+//! A post is a *retry* when its sender and AES-GCM nonce equal those of a
+//! post among the room's last [`RECENT_POSTS`]: a client that never saw its
+//! acknowledgement sends the same envelope again, and gets the original id
+//! and sequence number back instead of a second copy. A nonce is fresh per
+//! message (the envelope format requires it), so two different messages of
+//! one sender never collide; anyone else replaying the envelope is refused
+//! before it gets here, because the sender must be the posting member.
+
+use std::collections::{HashMap, VecDeque};
+
+use saferchat_consensus::{Handle, RoomId};
+use saferchat_envelope::{Envelope, NONCE_BYTES};
+
+use crate::error::NodeError;
+use crate::message_id::{IdGenerator, MessageId};
+use crate::storage::{self, ChatStore, Range};
+
+/// How many recent posts of a room a retry is recognised among. A client
+/// retries within seconds of losing an acknowledgement; at 256 the window
+/// covers several seconds of even a busy room while the tail of an idle
+/// room costs one history page to load.
+pub const RECENT_POSTS: usize = 256;
+
+/// What identifies a post for retries: its sender and nonce.
+pub type PostKey = (Handle, [u8; NONCE_BYTES]);
+
+/// Where a post landed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Sequenced {
+    /// Its id.
+    pub id: MessageId,
+    /// Its per-room sequence number.
+    pub seq: u64,
+    /// False when the post is a retry of an earlier one, whose id and
+    /// number these are: nothing to store or deliver.
+    pub fresh: bool,
+}
+
+/// The end of one room's timeline.
+#[derive(Debug, Default)]
+pub struct RoomTail {
+    ids: IdGenerator,
+    last_seq: u64,
+    recent: VecDeque<PostKey>,
+    by_key: HashMap<PostKey, (MessageId, u64)>,
+}
+
+impl RoomTail {
+    /// The tail of `room` as stored.
+    ///
+    /// # Errors
+    /// Whatever the store reports.
+    pub async fn load(store: &dyn ChatStore, room: &RoomId) -> Result<RoomTail, NodeError> {
+        let newest_first = storage::history(store, room, Range::Before(None), RECENT_POSTS).await?;
+        let mut tail = RoomTail::default();
+        for m in newest_first.iter().rev() {
+            tail.ids = IdGenerator::after(Some(m.id));
+            tail.last_seq = tail.last_seq.max(m.seq);
+            // Stored envelopes were validated when posted; one that no
+            // longer parses simply cannot be retried.
+            if let Ok(e) = Envelope::decode(m.envelope.clone()) {
+                tail.remember((e.sender, e.nonce), m.id, m.seq);
+            }
+        }
+        Ok(tail)
+    }
+
+    /// Places a post: a retry gets its original place, a fresh post the
+    /// next id (from `proposed_ms` and `seed`, never below the last id)
+    /// and the next sequence number.
+    pub fn place(&mut self, key: PostKey, proposed_ms: i64, seed: u64) -> Sequenced {
+        if let Some((id, seq)) = self.by_key.get(&key) {
+            return Sequenced {
+                id: *id,
+                seq: *seq,
+                fresh: false,
+            };
+        }
+        let id = self.ids.next(proposed_ms, seed);
+        self.last_seq += 1;
+        self.remember(key, id, self.last_seq);
+        Sequenced {
+            id,
+            seq: self.last_seq,
+            fresh: true,
+        }
+    }
+
+    /// The newest id placed (or loaded).
+    pub fn last_id(&self) -> Option<MessageId> {
+        self.ids.last()
+    }
+
+    /// The newest sequence number placed (or loaded).
+    pub fn last_seq(&self) -> u64 {
+        self.last_seq
+    }
+
+    fn remember(&mut self, key: PostKey, id: MessageId, seq: u64) {
+        if self.by_key.insert(key, (id, seq)).is_none() {
+            self.recent.push_back(key);
+        }
+        while self.recent.len() > RECENT_POSTS {
+            if let Some(old) = self.recent.pop_front() {
+                self.by_key.remove(&old);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn key(sender: u8, nonce: u8) -> PostKey {
+        (Handle::from_bytes([sender; 32]), [nonce; NONCE_BYTES])
+    }
+
+    #[test]
+    fn fresh_posts_get_increasing_ids_and_gapless_numbers() {
+        let mut tail = RoomTail::default();
+        let a = tail.place(key(1, 1), 1_000, 7);
+        let b = tail.place(key(1, 2), 999, 3); // clock stepped back
+        let c = tail.place(key(2, 1), 1_005, 9);
+        assert_eq!((a.seq, b.seq, c.seq), (1, 2, 3));
+        assert!(a.id < b.id && b.id < c.id);
+        assert!(a.fresh && b.fresh && c.fresh);
+    }
+
+    #[test]
+    fn a_retry_gets_the_original_place_and_nothing_new() {
+        let mut tail = RoomTail::default();
+        let first = tail.place(key(1, 1), 1_000, 7);
+        tail.place(key(1, 2), 1_001, 7);
+        let again = tail.place(key(1, 1), 5_000, 1);
+        assert_eq!((again.id, again.seq, again.fresh), (first.id, 1, false));
+        assert_eq!(tail.last_seq(), 2);
+        // Same nonce, another sender: another post.
+        assert!(tail.place(key(2, 1), 1_002, 7).fresh);
+    }
+
+    #[test]
+    fn placing_is_a_function_of_the_tail_and_the_post() {
+        let posts = [(key(1, 1), 10, 1), (key(2, 1), 10, 2), (key(1, 1), 11, 3)];
+        let run = || {
+            let mut tail = RoomTail::default();
+            posts
+                .iter()
+                .map(|(k, ms, seed)| tail.place(*k, *ms, *seed))
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(run(), run());
+    }
+
+    #[test]
+    fn the_window_forgets_the_oldest_posts() {
+        let mut tail = RoomTail::default();
+        let first = tail.place(key(1, 0), 1, 1);
+        for i in 1..=RECENT_POSTS {
+            let nonce = u8::try_from(i % 251).unwrap();
+            tail.place(key(2 + u8::try_from(i / 251).unwrap(), nonce), 1, 1);
+        }
+        let again = tail.place(key(1, 0), 1, 1);
+        assert!(again.fresh && again.id != first.id);
+    }
+}

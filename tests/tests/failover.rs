@@ -1,0 +1,214 @@
+//! The owner of a room dies in the middle of a burst of posts.
+//!
+//! Alice posts 60 messages into a room served by node L (the leader of
+//! the room's partition log). After 20 acknowledgements L is SIGKILLed.
+//! Her client rejoins through a surviving node (which sends her to the new
+//! leader) and posts again, byte for byte, every post it has no
+//! acknowledgement for. Then:
+//!
+//! - every post is acknowledged exactly once in effect: a post that had
+//!   committed before the kill gets its original id and sequence number
+//!   back, one that had not is stored now; the sequence numbers are 1..60
+//!   in posting order, with no gap and no duplicate;
+//! - the killed node restarts and catches up from the log;
+//! - every node's own store (read directly after the nodes stop) holds
+//!   the same 60 messages, in the same order, numbered 1..60.
+//!
+//! It also prints the failover time (SIGKILL to the first post accepted by
+//! the new leader); `BENCHMARKS.md` says how it was measured.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use saferchat_client::session::{Event, JoinOptions, Session};
+use saferchat_consensus::RoomId;
+use saferchat_node::storage::sled::SledStore;
+use saferchat_node::storage::{self, Range};
+use saferchat_tests::cluster::{Cluster, Options};
+use saferchat_tests::process::fixture_key;
+
+const ROOM: &str = "burst";
+const POSTS: usize = 60;
+const KILL_AFTER: usize = 20;
+const DEADLINE: Duration = Duration::from_secs(120);
+
+/// Joins through node `through` (following redirects), retrying while the
+/// partition elects a new leader.
+async fn join(cluster: &Cluster, through: usize, who: usize) -> Session {
+    let room = RoomId::new(ROOM).unwrap();
+    let me = Arc::new(saferchat_client::test_keys::identity(who));
+    let options = JoinOptions {
+        no_history: true,
+        ..JoinOptions::default()
+    };
+    let started = Instant::now();
+    loop {
+        match Session::join(&cluster.server(through), &room, Arc::clone(&me), &options).await {
+            Ok(s) => return s,
+            Err(e) => {
+                assert!(started.elapsed() < DEADLINE, "could not rejoin: {e}");
+                tokio::task::yield_now().await;
+            }
+        }
+    }
+}
+
+/// A gauge of node `i`'s Prometheus endpoint, by name and labels.
+async fn gauge(cluster: &Cluster, i: usize, series: &str) -> f64 {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let Ok(mut stream) = tokio::net::TcpStream::connect(cluster.metrics[i]).await else {
+        return -1.0;
+    };
+    let _ = stream
+        .write_all(b"GET /metrics HTTP/1.0\r\nHost: x\r\n\r\n")
+        .await;
+    let mut text = String::new();
+    let _ = stream.read_to_string(&mut text).await;
+    text.lines()
+        .find_map(|l| l.strip_prefix(series)?.trim().parse().ok())
+        .unwrap_or(-1.0)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_owner_killed_mid_burst_loses_and_duplicates_nothing() {
+    let mut options = Options::single_dc(3);
+    options.metrics = true;
+    let mut cluster = Cluster::start(options).await;
+    let dir = tempfile::tempdir().unwrap();
+    let (_, alice) = fixture_key(dir.path(), "alice", 0);
+    let (_, bob) = fixture_key(dir.path(), "bob", 1);
+    let mut admin = cluster.admin(0).await;
+    admin.create_chat(ROOM).await.expect("create");
+    admin.add_user(ROOM, &alice, None).await.expect("add alice");
+    admin.add_user(ROOM, &bob, None).await.expect("add bob");
+
+    let mut session = join(&cluster, 0, 0).await;
+    let leader = (0..3)
+        .find(|i| cluster.server(*i) == session.address())
+        .expect("the session is on a node of the cluster");
+    let survivor = (leader + 1) % 3;
+    let envelopes: Vec<Bytes> = (0..POSTS)
+        .map(|i| session.seal(format!("post {i}").as_bytes()).unwrap())
+        .collect();
+
+    // Post the first two thirds, kill the leader after 20 acknowledgements.
+    let mut acked: HashMap<u64, (Bytes, u64)> = HashMap::new();
+    for (i, e) in envelopes.iter().enumerate().take(2 * POSTS / 3) {
+        session.send_raw(i as u64 + 1, e.clone()).await.unwrap();
+    }
+    let mut killed_at = None;
+    loop {
+        let event = tokio::time::timeout(DEADLINE, session.next())
+            .await
+            .expect("events keep coming");
+        match event {
+            Ok(Some(Event::Accepted {
+                seq, id, room_seq, ..
+            })) => {
+                assert!(acked.insert(seq, (id, room_seq)).is_none(), "acked once");
+                if acked.len() == KILL_AFTER && killed_at.is_none() {
+                    cluster.kill(leader);
+                    killed_at = Some(Instant::now());
+                }
+            }
+            Ok(Some(Event::Rejected { seq, message, .. })) => {
+                assert!(
+                    killed_at.is_some(),
+                    "post {seq} refused before the kill: {message}"
+                );
+            }
+            Ok(Some(_)) => {}
+            Ok(None) | Err(_) => break,
+        }
+    }
+    let killed_at = killed_at.expect("the leader was killed");
+
+    // Rejoin and post again whatever has no acknowledgement.
+    let mut first_after_kill = None;
+    while acked.len() < POSTS {
+        assert!(
+            killed_at.elapsed() < DEADLINE,
+            "posts never all acknowledged"
+        );
+        let mut session = join(&cluster, survivor, 0).await;
+        assert_ne!(session.address(), cluster.server(leader));
+        for (i, e) in envelopes.iter().enumerate() {
+            let seq = i as u64 + 1;
+            if !acked.contains_key(&seq) {
+                session.send_raw(seq, e.clone()).await.unwrap();
+            }
+        }
+        while acked.len() < POSTS {
+            match tokio::time::timeout(DEADLINE, session.next()).await {
+                Ok(Ok(Some(Event::Accepted {
+                    seq, id, room_seq, ..
+                }))) => {
+                    first_after_kill.get_or_insert_with(|| killed_at.elapsed());
+                    acked.entry(seq).or_insert((id, room_seq));
+                }
+                Ok(Ok(Some(_))) => {}
+                _ => break,
+            }
+        }
+    }
+    let failover = first_after_kill.expect("a post accepted after the kill");
+    println!("failover: SIGKILL of the leader to the first accepted post: {failover:?}");
+
+    // One order: sequence numbers 1..60 in posting order, ids increasing.
+    let mut ids = Vec::new();
+    for seq in 1..=POSTS as u64 {
+        let (id, room_seq) = &acked[&seq];
+        assert_eq!(*room_seq, seq, "post {seq} is message #{seq} of the room");
+        ids.push(id.clone());
+    }
+    assert!(ids.windows(2).all(|w| w[0] < w[1]), "ids increase");
+
+    // The killed node comes back and catches up from the log.
+    cluster.restart(leader);
+    let partition = saferchat_placement::PartitionCount::DEFAULT.of_room(ROOM).0;
+    let series = format!("saferchat_partition_applied_slot{{partition=\"{partition}\"}}");
+    let new_leader = (0..3)
+        .find(|i| *i != leader && cluster.server(*i) == join_address(&cluster, survivor))
+        .expect("a leader");
+    loop {
+        let want = gauge(&cluster, new_leader, &series).await;
+        let have = gauge(&cluster, leader, &series).await;
+        if want > 0.0 && have == want {
+            break;
+        }
+        assert!(
+            killed_at.elapsed() < 2 * DEADLINE,
+            "the restarted node never caught up ({have} of {want})"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+
+    // Every node's own store: the same 60 messages, in order, 1..60.
+    for node in &mut cluster.nodes {
+        assert!(node.stop(), "a clean stop");
+    }
+    let room = RoomId::new(ROOM).unwrap();
+    for (i, node) in cluster.nodes.iter().enumerate() {
+        let store = SledStore::open(&node.data_dir.join("db")).expect("open the store");
+        let stored = storage::history(&store, &room, Range::After(None), 1000)
+            .await
+            .expect("read");
+        let seqs: Vec<u64> = stored.iter().map(|m| m.seq).collect();
+        assert_eq!(seqs, (1..=POSTS as u64).collect::<Vec<_>>(), "node {i}");
+        let stored_ids: Vec<Bytes> = stored
+            .iter()
+            .map(|m| Bytes::copy_from_slice(&m.id.to_bytes()))
+            .collect();
+        assert_eq!(stored_ids, ids, "node {i} stores the acknowledged ids");
+    }
+}
+
+/// Where a join through node `through` ends (the current leader).
+fn join_address(cluster: &Cluster, through: usize) -> String {
+    let rt = tokio::runtime::Handle::current();
+    tokio::task::block_in_place(|| {
+        rt.block_on(async { join(cluster, through, 1).await.address().to_owned() })
+    })
+}
