@@ -177,6 +177,7 @@ pub async fn run(
     };
     let (membership, driver_task) = driver::spawn(DriverParts {
         config: Arc::clone(&replica),
+        placement: Arc::clone(&placement),
         acceptors: Arc::new(sled.clone()),
         chat: Arc::clone(&chat),
         peers: Arc::clone(&peers),
@@ -185,6 +186,16 @@ pub async fn run(
         known: Arc::clone(&known),
         shutdown: shutdown.clone(),
     });
+    // Rooms whose partition this node does not replicate: ask a replica.
+    let membership = match &tls {
+        Some(tls) => membership.with_remote(membership::remote::Remote::new(
+            NodeId(config.node_id),
+            Arc::clone(&placement),
+            tls,
+            &cluster,
+        )?),
+        None => membership,
+    };
     // A cluster replicates timelines through partition logs; a single
     // node's store is its log (see `timeline`).
     let (log_tx, log_rx) = mpsc::channel(timeline::driver::LOG_INBOUND_MAX);
@@ -241,6 +252,7 @@ pub async fn run(
     let peer_server = match (listeners.peer, tls) {
         (Some(listener), Some(tls)) => Some(tokio::spawn(grpc::serve_peers(
             inbound_tx,
+            ctx.membership.clone(),
             (log_tx, placement.partitions().get()),
             cluster,
             tls,

@@ -56,6 +56,20 @@ pub struct Shape {
     pub replicas_per_datacenter: usize,
     /// Every node, by id.
     pub nodes: Vec<ShapeNode>,
+    /// Where rooms' membership (Paxos acceptors, lease holders) lives:
+    /// [`MEMBERSHIP_ON_PARTITION_REPLICAS`]; files written before this
+    /// field existed read as [`MEMBERSHIP_ON_EVERY_NODE`].
+    #[serde(default = "every_node")]
+    pub membership: String,
+}
+
+/// Rooms' membership replicated on every node (before partitions).
+pub const MEMBERSHIP_ON_EVERY_NODE: &str = "every-node";
+/// Rooms' membership replicated on their partition's replicas.
+pub const MEMBERSHIP_ON_PARTITION_REPLICAS: &str = "partition-replicas";
+
+fn every_node() -> String {
+    MEMBERSHIP_ON_EVERY_NODE.to_owned()
 }
 
 /// A node of the persisted shape.
@@ -88,7 +102,19 @@ impl Shape {
             partitions: config.partitions,
             replicas_per_datacenter: config.replicas_per_datacenter,
             nodes,
+            membership: MEMBERSHIP_ON_PARTITION_REPLICAS.to_owned(),
         }
+    }
+
+    /// Whether every node replicates every partition (no datacenter has
+    /// more nodes than replicas per datacenter): then "every node" and
+    /// "the partition's replicas" are the same acceptor sets.
+    fn every_node_replicates_everything(&self) -> bool {
+        let mut per_dc: std::collections::BTreeMap<&str, usize> = std::collections::BTreeMap::new();
+        for n in &self.nodes {
+            *per_dc.entry(n.datacenter.as_str()).or_default() += 1;
+        }
+        per_dc.values().all(|n| *n <= self.replicas_per_datacenter)
     }
 
     fn describe(&self) -> String {
@@ -118,6 +144,24 @@ pub fn check_or_record(data_dir: &Path, configured: &Shape) -> Result<(), NodeEr
         Ok(text) => {
             let recorded: Shape = toml::from_str(&text)
                 .map_err(|e| NodeError::Config(format!("{}: {e}", path.display())))?;
+            let upgraded = Shape {
+                membership: MEMBERSHIP_ON_PARTITION_REPLICAS.to_owned(),
+                ..recorded.clone()
+            };
+            if recorded.membership == MEMBERSHIP_ON_EVERY_NODE && upgraded == *configured {
+                // Recorded before membership followed partitions. Where every
+                // node replicates every partition the acceptor sets are the
+                // same, so the upgrade only records that; elsewhere moving
+                // rooms' acceptors is a reconfiguration (not built).
+                if recorded.every_node_replicates_everything() {
+                    return write_shape(&path, configured);
+                }
+                return Err(NodeError::Config(format!(
+                    "this data folder ({}) belongs to a cluster whose rooms' membership is replicated on every node; this version keeps it on each partition's {} replicas per datacenter, and moving it for a cluster with more nodes than that per datacenter is a reconfiguration this version cannot do: run the previous version",
+                    path.display(),
+                    recorded.replicas_per_datacenter
+                )));
+            }
             if recorded != *configured {
                 return Err(NodeError::Config(format!(
                     "this data folder belongs to a cluster of {} ({}), but the configuration \
@@ -155,6 +199,48 @@ fn write_shape(path: &PathBuf, shape: &Shape) -> Result<(), NodeError> {
     }
     std::fs::rename(&tmp, path).map_err(storage)?;
     crate::storage::durable::sync_dir(path.parent().unwrap_or(Path::new(".")))
+}
+
+/// The replica configuration of the rooms of `partition`: their Paxos
+/// acceptors are the partition's replicas; the lease holders are all of
+/// them in one datacenter, else the lowest-numbered replica of each
+/// datacenter. `None` when this node is not a replica.
+pub fn room_replicas(
+    all: &saferchat_consensus::ReplicaConfig,
+    placement: &Placement,
+    partition: saferchat_placement::PartitionId,
+) -> Option<saferchat_consensus::ReplicaConfig> {
+    let mut replicas = placement.replicas(partition).to_vec();
+    replicas.sort_unstable();
+    if !replicas.contains(&all.me) {
+        return None;
+    }
+    let dc = |n: NodeId| {
+        placement
+            .nodes()
+            .iter()
+            .find(|c| c.id == n)
+            .map(|c| c.datacenter.clone())
+            .unwrap_or_default()
+    };
+    let mut datacenters: Vec<String> = replicas.iter().map(|n| dc(*n)).collect();
+    datacenters.sort_unstable();
+    datacenters.dedup();
+    let holders = if datacenters.len() == 1 {
+        replicas.clone()
+    } else {
+        datacenters
+            .iter()
+            .filter_map(|d| replicas.iter().copied().find(|n| dc(*n) == *d))
+            .collect()
+    };
+    Some(saferchat_consensus::ReplicaConfig {
+        me: all.me,
+        replicas,
+        holders,
+        lease: all.lease,
+        proposer: all.proposer,
+    })
 }
 
 /// How long a client's call waits for its room's partition to elect a
@@ -360,5 +446,41 @@ mod tests {
         assert!(check_or_record(dir.path(), &Shape::of(&repartitioned)).is_err());
         let single = NodeConfig::default();
         assert!(check_or_record(dir.path(), &Shape::of(&single)).is_err());
+    }
+
+    #[test]
+    fn shapes_from_before_partition_membership_upgrade_only_when_nothing_moves() {
+        let old = |nodes: u64| {
+            let mut text = String::from("partitions = 256\nreplicas_per_datacenter = 3\n");
+            for id in 1..=nodes {
+                text.push_str(&format!("[[nodes]]\nid = {id}\ndatacenter = \"dc1\"\n"));
+            }
+            text
+        };
+        let config = |nodes: u64| {
+            let mut c = three(1);
+            c.peers = (2..=nodes)
+                .map(|id| PeerConfig {
+                    id,
+                    peer_address: format!("127.0.0.1:{}", 9100 + id).parse().unwrap(),
+                    client_address: format!("127.0.0.1:{}", 8100 + id).parse().unwrap(),
+                    datacenter: "dc1".into(),
+                })
+                .collect();
+            c
+        };
+        // Three nodes: every node replicates everything; the file is
+        // upgraded in place.
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join(SHAPE_FILE), old(3)).unwrap();
+        check_or_record(dir.path(), &Shape::of(&config(3))).unwrap();
+        let text = std::fs::read_to_string(dir.path().join(SHAPE_FILE)).unwrap();
+        assert!(text.contains(MEMBERSHIP_ON_PARTITION_REPLICAS), "{text}");
+        check_or_record(dir.path(), &Shape::of(&config(3))).unwrap();
+        // Five nodes: acceptor sets would shrink; refused.
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join(SHAPE_FILE), old(5)).unwrap();
+        let e = check_or_record(dir.path(), &Shape::of(&config(5))).unwrap_err();
+        assert!(e.to_string().contains("reconfiguration"), "{e}");
     }
 }

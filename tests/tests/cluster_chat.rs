@@ -16,16 +16,21 @@ use saferchat_tests::process::{self, fixture_key};
 
 const ROOM: &str = "team";
 
-/// Which node prefers to serve `ROOM` in a cluster of `n`, computed as
-/// the nodes compute it.
-fn owner(n: u64) -> usize {
+/// The placement of a one-datacenter cluster of `n`, as the nodes
+/// compute it.
+fn placement(n: u64) -> Placement {
     let nodes: Vec<ClusterNode> = (1..=n)
         .map(|id| ClusterNode {
             id: NodeId(id),
             datacenter: "dc1".into(),
         })
         .collect();
-    let placement = Placement::build(&nodes, PartitionCount::DEFAULT, 3).unwrap();
+    Placement::build(&nodes, PartitionCount::DEFAULT, 3).unwrap()
+}
+
+/// Which node prefers to serve `ROOM` in a cluster of `n`.
+fn owner(n: u64) -> usize {
+    let placement = placement(n);
     let (p, _) = placement.room(ROOM);
     placement.preferred_owner(p).0 as usize - 1
 }
@@ -112,6 +117,24 @@ async fn chat_across(n: usize) {
         }
     }
     assert_eq!(seen, ["through one node", "through another"]);
+
+    // Membership lives on the room's partition's replicas; the other nodes
+    // (two of five) ask a replica and say so.
+    let shape = placement(n as u64);
+    let (_, replicas) = shape.room(ROOM);
+    for i in 0..n {
+        let reply = cluster.admin(i).await.members(ROOM).await.expect("members");
+        assert_eq!(reply.membership.expect("membership").members.len(), 2);
+        let replica = replicas.contains(&NodeId(i as u64 + 1));
+        assert_eq!(
+            reply.read_path == "forwarded to a replica",
+            !replica,
+            "node {} ({}a replica): {}",
+            i + 1,
+            if replica { "" } else { "not " },
+            reply.read_path
+        );
+    }
 
     // Every node answers history with the same two messages, in order.
     let histories = tokio::task::spawn_blocking(move || {

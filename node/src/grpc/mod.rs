@@ -123,6 +123,7 @@ pub async fn serve_clients(
 /// When the TLS material is unusable or the server fails.
 pub async fn serve_peers(
     inbound: mpsc::Sender<Inbound>,
+    membership: crate::membership::Membership,
     log: (mpsc::Sender<crate::timeline::driver::LogInbound>, u32),
     cluster: Vec<peer::KnownPeer>,
     tls: PeerTls,
@@ -134,8 +135,11 @@ pub async fn serve_peers(
         .map_err(|e| NodeError::Config(format!("peer TLS: {e}")))?
         .tcp_nodelay(true)
         .add_service(
-            PeerServer::new(peer::PeerService::new(inbound, Some(log), cluster))
-                .max_decoding_message_size(peer::PEER_FRAME_BYTES_MAX),
+            PeerServer::new(
+                peer::PeerService::new(inbound, Some(log), cluster)
+                    .with_membership(membership.local()),
+            )
+            .max_decoding_message_size(peer::PEER_FRAME_BYTES_MAX),
         )
         .serve_with_incoming_shutdown(incoming(listener), shutdown.cancelled_owned())
         .await

@@ -80,6 +80,8 @@ pub struct KnownPeer {
 #[derive(Debug, Clone)]
 pub struct PeerService {
     inbound: mpsc::Sender<Inbound>,
+    /// Answers other nodes' membership calls from this node's replicas.
+    membership: Option<crate::membership::Membership>,
     log: Option<(mpsc::Sender<LogInbound>, u32)>,
     /// Datacenter of every node allowed to call.
     cluster: Arc<HashMap<NodeId, String>>,
@@ -94,12 +96,21 @@ impl PeerService {
     ) -> PeerService {
         PeerService {
             inbound,
+            membership: None,
             log,
             cluster: Arc::new(cluster.into_iter().map(|p| (p.id, p.datacenter)).collect()),
         }
     }
 
     /// The calling node, from its verified client certificate.
+    /// Serves membership calls with `membership` (which must not forward:
+    /// see [`crate::membership::Membership::local`]).
+    #[must_use]
+    pub fn with_membership(mut self, membership: crate::membership::Membership) -> PeerService {
+        self.membership = Some(membership);
+        self
+    }
+
     fn caller<T>(&self, request: &Request<T>) -> Result<NodeId, Status> {
         let certs = request.peer_certs().ok_or_else(|| {
             Status::unauthenticated("peer calls need a cluster client certificate")
@@ -161,6 +172,74 @@ fn decode(frame: &pb::PeerFrame) -> Result<Vec<(RoomId, saferchat_consensus::Mes
 
 #[tonic::async_trait]
 impl Peer for PeerService {
+    async fn membership(
+        &self,
+        request: Request<pb::MembershipCall>,
+    ) -> Result<Response<pb::MembershipAnswer>, Status> {
+        let from = self.caller(&request)?;
+        let membership = self
+            .membership
+            .as_ref()
+            .ok_or_else(|| Status::unavailable("membership is not served here"))?;
+        let call = request.into_inner();
+        let room = RoomId::new(&call.room)
+            .map_err(|e| Status::invalid_argument(format!("room name: {e}")))?;
+        let handle = || {
+            <[u8; 32]>::try_from(call.handle.as_ref())
+                .map(saferchat_consensus::Handle::from_bytes)
+                .map_err(|_| Status::invalid_argument("a handle is 32 bytes"))
+        };
+        let id = <[u8; 16]>::try_from(call.change_id.as_ref())
+            .map(|b| saferchat_consensus::ChangeId(u128::from_be_bytes(b)));
+        use saferchat_consensus::Change;
+        let change = match pb::MembershipOp::try_from(call.op) {
+            Ok(pb::MembershipOp::Read) => {
+                let state = membership.read(&room).await?;
+                return Ok(Response::new(pb::MembershipAnswer {
+                    state: Some(convert::state_to_pb(&state)),
+                    read_path: "forwarded".into(),
+                    ..pb::MembershipAnswer::default()
+                }));
+            }
+            Ok(pb::MembershipOp::Status) => {
+                let status = membership.status(&room).await?;
+                return Ok(Response::new(pb::MembershipAnswer {
+                    state: Some(convert::state_to_pb(&status.state)),
+                    read_path: status.read_path.to_owned(),
+                    local_read: status.lease.local_read,
+                    promised_to: status.lease.promised_to.iter().map(|n| n.0).collect(),
+                    ..pb::MembershipAnswer::default()
+                }));
+            }
+            Ok(pb::MembershipOp::Create) => Change::Create,
+            Ok(pb::MembershipOp::Add) => Change::Add(handle()?),
+            Ok(pb::MembershipOp::Remove) => Change::Remove(handle()?),
+            Ok(pb::MembershipOp::RegisterKey) => {
+                if call.public_key.is_empty()
+                    || call.public_key.len() > saferchat_consensus::room::PUBLIC_KEY_BYTES_MAX
+                {
+                    return Err(Status::invalid_argument("public key size"));
+                }
+                Change::RegisterKey(
+                    handle()?,
+                    saferchat_consensus::PublicKey::new(call.public_key.clone()),
+                )
+            }
+            _ => return Err(Status::invalid_argument("unknown membership operation")),
+        };
+        let id = id.map_err(|_| Status::invalid_argument("a change id is 16 bytes"))?;
+        tracing::debug!(%from, %room, "membership change forwarded by a peer");
+        let expected = call.expected.map(saferchat_consensus::Revision);
+        let (applied, state) = membership
+            .change_with_id(&room, change, expected, id)
+            .await?;
+        Ok(Response::new(pb::MembershipAnswer {
+            state: Some(convert::state_to_pb(&state)),
+            changed: applied.changed,
+            ..pb::MembershipAnswer::default()
+        }))
+    }
+
     async fn exchange(
         &self,
         request: Request<Streaming<pb::PeerFrame>>,

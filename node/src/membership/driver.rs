@@ -66,8 +66,11 @@ impl Slot {
 
 /// Everything the driver needs.
 pub struct DriverParts {
-    /// The replica set of every room.
+    /// Every node of the cluster and the timings; a room's replica set is
+    /// its partition's replicas (see [`crate::placement::room_replicas`]).
     pub config: Arc<ReplicaConfig>,
+    /// Which partition a room is in and who replicates it.
+    pub placement: Arc<saferchat_placement::Placement>,
     /// This node's votes.
     pub acceptors: Arc<dyn AcceptorStore>,
     /// Committed memberships.
@@ -86,6 +89,9 @@ pub struct DriverParts {
 
 struct Driver {
     config: Arc<ReplicaConfig>,
+    placement: Arc<saferchat_placement::Placement>,
+    /// Each partition's replica configuration (`None`: not a replica).
+    configs: HashMap<u32, Option<Arc<ReplicaConfig>>>,
     acceptors: Arc<dyn AcceptorStore>,
     chat: Arc<dyn ChatStore>,
     peers: Arc<dyn PeerSender>,
@@ -110,6 +116,8 @@ pub fn spawn(parts: DriverParts) -> (Membership, JoinHandle<Result<(), NodeError
     };
     let driver = Driver {
         config: parts.config,
+        placement: parts.placement,
+        configs: HashMap::new(),
         acceptors: parts.acceptors,
         chat: parts.chat,
         peers: parts.peers,
@@ -169,11 +177,30 @@ impl Driver {
         RequestId(self.next_request)
     }
 
+    /// The replica configuration of `room`'s partition, `None` when this
+    /// node is not one of its replicas.
+    fn config_for(&mut self, room: &RoomId) -> Option<Arc<ReplicaConfig>> {
+        let partition = self.placement.partitions().of_room(room.as_str());
+        let (all, placement) = (&self.config, &self.placement);
+        self.configs
+            .entry(partition.0)
+            .or_insert_with(|| {
+                crate::placement::room_replicas(all, placement, partition).map(Arc::new)
+            })
+            .clone()
+    }
+
     /// Loads a room's replica if it is not loaded.
     async fn ensure(&mut self, room: &RoomId) -> Result<(), NodeError> {
         if self.rooms.contains_key(room) {
             return Ok(());
         }
+        let Some(config) = self.config_for(room) else {
+            return Err(NodeError::FailedPrecondition(format!(
+                "this node does not replicate the membership of room {:?}",
+                room.as_str()
+            )));
+        };
         let durable = self
             .acceptors
             .load_acceptor(room)
@@ -191,7 +218,7 @@ impl Driver {
             readable_until: Millis(0),
         };
         let replica = RoomReplica::new(
-            Arc::clone(&self.config),
+            config,
             durable,
             known,
             self.recovering_until,
@@ -279,8 +306,11 @@ impl Driver {
         let now = self.clock.monotonic();
         let mut touched = Vec::new();
         for (room, message) in batch.messages {
-            if !self.config.replicas.contains(&batch.from) {
-                tracing::warn!(from = %batch.from, "dropping message from a node outside the replica set");
+            if !self
+                .config_for(&room)
+                .is_some_and(|c| c.replicas.contains(&batch.from))
+            {
+                tracing::warn!(from = %batch.from, %room, "dropping a membership message from outside the room's replica set");
                 continue;
             }
             if let Err(e) = self.ensure(&room).await {

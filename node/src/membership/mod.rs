@@ -6,6 +6,7 @@
 //! with no peers is a replica set of one and runs the same code.
 
 pub mod driver;
+pub mod remote;
 pub mod view;
 
 use std::sync::Arc;
@@ -95,6 +96,9 @@ pub(crate) enum Command {
 #[derive(Clone, Debug)]
 pub struct Membership {
     tx: mpsc::Sender<Command>,
+    /// How to reach the replicas of rooms this node does not replicate
+    /// (in a cluster larger than a partition's replica set).
+    remote: Option<Arc<remote::Remote>>,
 }
 
 fn stopped() -> NodeError {
@@ -129,7 +133,58 @@ pub fn change_error(room: &RoomId, e: ChangeError) -> NodeError {
 
 impl Membership {
     pub(crate) fn new(tx: mpsc::Sender<Command>) -> Membership {
-        Membership { tx }
+        Membership { tx, remote: None }
+    }
+
+    /// The same, asking `remote` replicas about rooms this node does not
+    /// replicate.
+    #[must_use]
+    pub fn with_remote(mut self, remote: remote::Remote) -> Membership {
+        self.remote = Some(Arc::new(remote));
+        self
+    }
+
+    /// The same, answering only from this node's replicas (what the peer
+    /// service serves other nodes with: it never forwards again).
+    #[must_use]
+    pub fn local(&self) -> Membership {
+        Membership {
+            tx: self.tx.clone(),
+            remote: None,
+        }
+    }
+
+    fn remote_for(
+        &self,
+        room: &RoomId,
+    ) -> Option<(&remote::Remote, Vec<saferchat_consensus::NodeId>)> {
+        let remote = self.remote.as_deref()?;
+        remote.replicas_of(room).map(|r| (remote, r))
+    }
+
+    async fn ask_remote(
+        remote: &remote::Remote,
+        replicas: &[saferchat_consensus::NodeId],
+        room: &RoomId,
+        op: ppb::MembershipOp,
+        fill: impl FnOnce(&mut ppb::MembershipCall),
+    ) -> Result<(ppb::MembershipAnswer, Arc<RoomState>), NodeError> {
+        let mut call = ppb::MembershipCall {
+            room: room.as_str().to_owned(),
+            op: op as i32,
+            ..ppb::MembershipCall::default()
+        };
+        fill(&mut call);
+        let (answer, replica) = remote.call(replicas, call).await?;
+        let state = answer
+            .state
+            .as_ref()
+            .ok_or_else(|| {
+                NodeError::Unavailable(format!("replica {replica} answered without a state"))
+            })
+            .and_then(crate::convert::state_from_pb)?;
+        metrics::counter!("saferchat_membership_forwarded_total").increment(1);
+        Ok((answer, Arc::new(state)))
     }
 
     async fn ask<T>(
@@ -153,8 +208,51 @@ impl Membership {
         change: Change,
         expected: Option<Revision>,
     ) -> Result<(Applied, Arc<RoomState>), NodeError> {
+        self.change_with_id(room, change, expected, change_id())
+            .await
+    }
+
+    /// [`Membership::change`] with the change's id chosen by the caller
+    /// (a retry with the same id is applied once).
+    ///
+    /// # Errors
+    /// As [`Membership::change`].
+    pub async fn change_with_id(
+        &self,
+        room: &RoomId,
+        change: Change,
+        expected: Option<Revision>,
+        id: ChangeId,
+    ) -> Result<(Applied, Arc<RoomState>), NodeError> {
+        if let Some((remote, replicas)) = self.remote_for(room) {
+            let (op, handle, key) = match &change {
+                Change::Create => (ppb::MembershipOp::Create, None, None),
+                Change::Add(h) => (ppb::MembershipOp::Add, Some(*h), None),
+                Change::Remove(h) => (ppb::MembershipOp::Remove, Some(*h), None),
+                Change::RegisterKey(h, k) => (
+                    ppb::MembershipOp::RegisterKey,
+                    Some(*h),
+                    Some(k.der().clone()),
+                ),
+                Change::Read => (ppb::MembershipOp::Read, None, None),
+            };
+            let (answer, state) = Self::ask_remote(remote, &replicas, room, op, |c| {
+                c.handle = handle
+                    .map(|h| bytes::Bytes::copy_from_slice(h.as_bytes()))
+                    .unwrap_or_default();
+                c.public_key = key.unwrap_or_default();
+                c.expected = expected.map(|r| r.0);
+                c.change_id = bytes::Bytes::copy_from_slice(&id.0.to_be_bytes());
+            })
+            .await?;
+            let applied = Applied {
+                changed: answer.changed,
+                revision: state.revision,
+            };
+            return Ok((applied, state));
+        }
         let proposal = Proposal {
-            id: change_id(),
+            id,
             change,
             expected,
         };
@@ -188,6 +286,12 @@ impl Membership {
     /// # Errors
     /// `Unavailable` when neither is possible in time.
     pub async fn read(&self, room: &RoomId) -> Result<Arc<RoomState>, NodeError> {
+        if let Some((remote, replicas)) = self.remote_for(room) {
+            let op = ppb::MembershipOp::Read;
+            return Ok(Self::ask_remote(remote, &replicas, room, op, |_| {})
+                .await?
+                .1);
+        }
         let started = std::time::Instant::now();
         let (state, path) = self
             .ask(|reply| Command::Read {
@@ -206,6 +310,12 @@ impl Membership {
     /// # Errors
     /// `Unavailable` when the driver has stopped.
     pub async fn watch(&self, room: &RoomId) -> Result<watch::Receiver<View>, NodeError> {
+        if self.remote_for(room).is_some() {
+            return Err(NodeError::FailedPrecondition(format!(
+                "this node does not replicate room {:?}: it cannot hold a lease on it",
+                room.as_str()
+            )));
+        }
         self.ask(|reply| Command::Watch {
             room: room.clone(),
             reply,
@@ -218,6 +328,22 @@ impl Membership {
     /// # Errors
     /// As [`Membership::read`].
     pub async fn status(&self, room: &RoomId) -> Result<Status, NodeError> {
+        if let Some((remote, replicas)) = self.remote_for(room) {
+            let op = ppb::MembershipOp::Status;
+            let (answer, state) = Self::ask_remote(remote, &replicas, room, op, |_| {}).await?;
+            return Ok(Status {
+                state,
+                read_path: "forwarded to a replica",
+                lease: LeaseStatus {
+                    local_read: false,
+                    promised_to: answer
+                        .promised_to
+                        .iter()
+                        .map(|n| saferchat_consensus::NodeId(*n))
+                        .collect(),
+                },
+            });
+        }
         let started = std::time::Instant::now();
         let status = self
             .ask(|reply| Command::Status {
