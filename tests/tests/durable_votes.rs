@@ -1,7 +1,15 @@
 //! A vote is on disk before it leaves the node, by the system calls.
 //!
 //! Node 2 of a three-node cluster is traced with strace while node 1 makes
-//! membership changes that node 2 votes on. Every write of the room's
+//! membership changes that node 2 votes on (and, in the second test, while
+//! a client posts into a room whose partition log node 2 replicates: each
+//! entry written to its partition-log file must be fdatasynced before the
+//! Accept or Accepted that carries it leaves). Peer traffic is TLS, so a
+//! send cannot be matched to the entry it carries; the criterion is the
+//! one `check_order` describes. A driver patched to send before it writes
+//! failed the second test when tried (the last entry written had no send
+//! after its sync), but a reordering that kept sends flowing between
+//! posts could pass it: the criterion is necessary, not sufficient. Every write of the room's
 //! acceptor or membership record into sled's log file must be followed by
 //! an `fdatasync` (or `fsync`) of that file before the send that carries
 //! the vote (`check_order` says how that send is told apart, through TLS,
@@ -31,13 +39,15 @@ enum Event {
     PeerSend,
 }
 
-fn parse(trace: &str, db_file: &str, peer_ports: &[u16]) -> Vec<(usize, Event)> {
+/// `file` is how strace's `-yy` names the file descriptor of the file that
+/// holds votes: a whole path followed by `>`, or the start of one.
+fn parse(trace: &str, file: &str, peer_ports: &[u16]) -> Vec<(usize, Event)> {
     let is_peer_socket = |line: &str| {
         peer_ports
             .iter()
             .any(|p| line.contains(&format!("->127.0.0.1:{p}]>")))
     };
-    let db = format!("{db_file}>");
+    let db = file;
     // A sync of the db file that strace split in two: pid → waiting.
     let mut pending: HashMap<&str, ()> = HashMap::new();
     let mut events = Vec::new();
@@ -47,7 +57,7 @@ fn parse(trace: &str, db_file: &str, peer_ports: &[u16]) -> Vec<(usize, Event)> 
         };
         let call = call.trim_start();
         let is_sync = call.starts_with("fdatasync(") || call.starts_with("fsync(");
-        if is_sync && call.contains(&db) {
+        if is_sync && call.contains(db) {
             if call.contains("<unfinished ...>") {
                 pending.insert(pid, ());
             } else if call.ends_with("= 0") {
@@ -59,7 +69,12 @@ fn parse(trace: &str, db_file: &str, peer_ports: &[u16]) -> Vec<(usize, Event)> 
             if pending.remove(pid).is_some() && call.ends_with("= 0") {
                 events.push((n, Event::Synced));
             }
-        } else if call.starts_with("pwrite64(") && call.contains(&db) && call.contains(ROOM) {
+        } else if ["pwrite64(", "write(", "writev("]
+            .iter()
+            .any(|c| call.starts_with(c))
+            && call.contains(db)
+            && call.contains(ROOM)
+        {
             events.push((n, Event::VoteWrite));
         } else if ["write(", "writev(", "sendmsg(", "sendto("]
             .iter()
@@ -72,23 +87,17 @@ fn parse(trace: &str, db_file: &str, peer_ports: &[u16]) -> Vec<(usize, Event)> 
     events
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_vote_is_fdatasynced_before_any_peer_send() {
+/// Starts strace on node `i`, returning once it traces.
+fn trace(cluster: &Cluster, i: usize, trace_path: &Path) -> std::process::Child {
     let strace = Command::new("strace").arg("-V").output();
     assert!(
         strace.is_ok_and(|o| o.status.success()),
         "this test needs strace (Debian: apt-get install strace; scripts/test.sh installs it)"
     );
-    let cluster = Cluster::start(Options::single_dc(3)).await;
-    let mut admin = cluster.admin(0).await;
-    admin.create_chat(ROOM).await.expect("create");
-
-    let dir = tempfile::tempdir().unwrap();
-    let trace_path = dir.path().join("node2.strace");
-    let pid = cluster.nodes[1].pid().expect("node 2 runs");
+    let pid = cluster.nodes[i].pid().expect("the node runs");
     let mut tracer = Command::new("strace")
         .args(["-f", "-yy", "-s", "65536", "-o"])
-        .arg(&trace_path)
+        .arg(trace_path)
         .args([
             "-e",
             "trace=pwrite64,write,writev,sendmsg,sendto,fdatasync,fsync,sync_file_range",
@@ -118,22 +127,117 @@ async fn a_vote_is_fdatasynced_before_any_peer_send() {
     });
     wait_attached
         .recv_timeout(Duration::from_secs(30))
-        .expect("strace never attached to node 2");
+        .expect("strace never attached to the node");
+    tracer
+}
 
+/// Stops strace and reads what it wrote.
+fn stop(mut tracer: std::process::Child, trace_path: &Path) -> String {
+    let _ = Command::new("kill")
+        .args(["-INT", &tracer.id().to_string()])
+        .status();
+    let _ = tracer.wait();
+    std::fs::read_to_string(trace_path).expect("trace")
+}
+
+/// The first (write, send) pair of a failed [`check_order`], shown.
+fn explain(trace: &str, (w, send): (usize, usize)) -> String {
+    let lines: Vec<&str> = trace.lines().collect();
+    format!(
+        "a peer send (trace line {}) left before the record written at line {} was fdatasynced:\n{}",
+        send + 1,
+        w + 1,
+        lines[w..=send.min(w + 40)]
+            .iter()
+            .map(|l| &l[..l.len().min(200)])
+            .collect::<Vec<_>>()
+            .join("\n")
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_partition_log_entry_is_fdatasynced_before_any_peer_send() {
+    const POSTS: usize = 8;
+    let cluster = Cluster::start(Options::single_dc(3)).await;
+    let mut admin = cluster.admin(0).await;
+    admin.create_chat(ROOM).await.expect("create");
+    let alice = test_keys::identity(0);
+    admin
+        .add_user(ROOM, &alice.handle().to_string(), None)
+        .await
+        .expect("add");
+    let room = saferchat_consensus::RoomId::new(ROOM).unwrap();
+    let mut session = saferchat_client::session::Session::join(
+        &cluster.server(0),
+        &room,
+        std::sync::Arc::new(alice),
+        &saferchat_client::session::JoinOptions::default(),
+    )
+    .await
+    .expect("join");
+
+    let dir = tempfile::tempdir().unwrap();
+    let trace_path = dir.path().join("node2.strace");
+    let tracer = trace(&cluster, 1, &trace_path);
+    for n in 0..POSTS {
+        let seq = session
+            .post(format!("post {n}").as_bytes())
+            .await
+            .expect("post");
+        loop {
+            match tokio::time::timeout(Duration::from_secs(60), session.next()).await {
+                Ok(Ok(Some(saferchat_client::session::Event::Accepted { seq: s, .. })))
+                    if s == seq =>
+                {
+                    break;
+                }
+                Ok(Ok(Some(_))) => {}
+                other => panic!("no acknowledgement for post {n}: {other:?}"),
+            }
+        }
+    }
+    let trace = stop(tracer, &trace_path);
+    let log_dir = cluster.nodes[1].data_dir.join("partition-log");
+    let events = parse(
+        &trace,
+        &format!("{}/partition-log-", log_dir.display()),
+        &cluster.outgoing_peer_ports(1),
+    );
+    let writes = events
+        .iter()
+        .filter(|(_, e)| *e == Event::VoteWrite)
+        .count();
+    assert!(
+        writes >= POSTS,
+        "expected an entry write per post on node 2, saw {writes} in {} trace lines",
+        trace.lines().count()
+    );
+    let checked = check_order(&events).unwrap_or_else(|pair| panic!("{}", explain(&trace, pair)));
+    assert!(
+        checked >= POSTS,
+        "only {checked} entry writes were followed by a peer send"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_vote_is_fdatasynced_before_any_peer_send() {
+    let cluster = Cluster::start(Options::single_dc(3)).await;
+    let mut admin = cluster.admin(0).await;
+    admin.create_chat(ROOM).await.expect("create");
+
+    let dir = tempfile::tempdir().unwrap();
+    let trace_path = dir.path().join("node2.strace");
+    let tracer = trace(&cluster, 1, &trace_path);
     for n in 0..CHANGES {
         let handle = test_keys::identity(n).handle().to_string();
         admin.add_user(ROOM, &handle, None).await.expect("add");
     }
 
-    let _ = Command::new("kill")
-        .args(["-INT", &tracer.id().to_string()])
-        .status();
-    let _ = tracer.wait();
-    let trace = std::fs::read_to_string(&trace_path).expect("trace");
+    let trace = stop(tracer, &trace_path);
     let db_file = cluster.nodes[1].data_dir.join("db").join("db");
     let events = parse(
         &trace,
-        &db_file.display().to_string(),
+        &format!("{}>", db_file.display()),
         &cluster.outgoing_peer_ports(1),
     );
     let writes: Vec<usize> = events
@@ -151,18 +255,10 @@ async fn a_vote_is_fdatasynced_before_any_peer_send() {
         events.iter().any(|(_, e)| *e == Event::PeerSend),
         "saw no send to a peer"
     );
-    let checked = check_order(&events).unwrap_or_else(|(w, send)| {
-        let lines: Vec<&str> = trace.lines().collect();
+    let checked = check_order(&events).unwrap_or_else(|pair| {
         panic!(
-            "a peer send (trace line {}) left before the record written at line {} was fdatasynced \
-             (sled's flush alone is sync_file_range):\n{}",
-            send + 1,
-            w + 1,
-            lines[w..=send.min(w + 40)]
-                .iter()
-                .map(|l| &l[..l.len().min(200)])
-                .collect::<Vec<_>>()
-                .join("\n")
+            "{} (sled's flush alone is sync_file_range)",
+            explain(&trace, pair)
         )
     });
     // Node 2 voted on every change; each vote was followed by a send.
@@ -220,7 +316,7 @@ fn the_parser_reads_strace_lines() {
          10 <... fdatasync resumed>) = 0\n\
          10 write(2<pipe:[1]>, \"log\", 3) = 3\n"
     );
-    let events = parse(&trace, db, &[7001]);
+    let events = parse(&trace, &format!("{db}>"), &[7001]);
     assert_eq!(
         events,
         vec![
