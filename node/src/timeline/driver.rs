@@ -78,6 +78,12 @@ pub const LOG_INBOUND_MAX: usize = 1024;
 const COMMAND_QUEUE_MAX: usize = 4096;
 /// How often a failed timeline write is tried before the node stops.
 const APPLY_ATTEMPTS: u32 = 5;
+/// Room tails kept in memory; beyond this the least recently used one is
+/// dropped (it is reloaded from the store, which holds everything applied,
+/// when the room is next applied to).
+const TAILS_MAX: usize = 4096;
+/// How often subscriptions of stopped room actors are swept.
+const SWEEP_MS: u64 = 10_000;
 
 /// Partition-log messages from one peer.
 #[derive(Debug)]
@@ -136,7 +142,10 @@ struct Driver {
     peers: Arc<dyn PeerSender>,
     clock: Arc<dyn Clock>,
     parts: HashMap<u32, Part>,
-    tails: HashMap<RoomId, RoomTail>,
+    /// Each room's tail and when it was last used (a counter).
+    tails: HashMap<RoomId, (RoomTail, u64)>,
+    uses: u64,
+    last_sweep: Millis,
     waiters: HashMap<u64, (u32, Reply)>,
     next_token: u64,
     leaders: Arc<Leaders>,
@@ -161,6 +170,8 @@ pub fn spawn(parts: DriverParts) -> (Timeline, JoinHandle<Result<(), NodeError>>
         clock: parts.clock,
         parts: HashMap::new(),
         tails: HashMap::new(),
+        uses: 0,
+        last_sweep: now,
         waiters: HashMap::new(),
         // Tokens from a fresh random base: an answer for a post of an
         // earlier incarnation is never taken for one of this one.
@@ -368,6 +379,13 @@ impl Driver {
 
     fn on_tick(&mut self, touched: &mut Vec<u32>) {
         let now = self.clock.monotonic();
+        if now.since(self.last_sweep) >= SWEEP_MS {
+            self.last_sweep = now;
+            self.subscribers.lock().expect("lock").retain(|_, list| {
+                list.retain(|tx| !tx.is_closed());
+                !list.is_empty()
+            });
+        }
         for (partition, part) in &mut self.parts {
             if part.replica.leading().is_some() {
                 if now.since(part.last_heartbeat) >= HEARTBEAT_MS {
@@ -493,6 +511,7 @@ impl Driver {
         slots: Vec<Committed<LogPost>>,
     ) -> Result<(), NodeError> {
         let last = slots.last().map(|c| c.slot).expect("not empty");
+        let batch_start = self.uses;
         let mut batch = Vec::new();
         let mut outcomes = Vec::new();
         for c in &slots {
@@ -511,9 +530,23 @@ impl Driver {
                 let tail = RoomTail::load(&*self.chat, &post.room)
                     .await
                     .map_err(|e| fatal(&e))?;
-                self.tails.insert(post.room.clone(), tail);
+                // Never a room placed in this batch: its tail is ahead of
+                // the store until the batch is stored.
+                if self.tails.len() >= TAILS_MAX
+                    && let Some(oldest) = self
+                        .tails
+                        .iter()
+                        .filter(|(_, (_, used))| *used <= batch_start)
+                        .min_by_key(|(_, (_, used))| *used)
+                        .map(|(r, _)| r.clone())
+                {
+                    self.tails.remove(&oldest);
+                }
+                self.tails.insert(post.room.clone(), (tail, 0));
             }
-            let tail = self.tails.get_mut(&post.room).expect("loaded");
+            self.uses += 1;
+            let (tail, used) = self.tails.get_mut(&post.room).expect("loaded");
+            *used = self.uses;
             let placed = tail.place(
                 (envelope.sender, envelope.nonce),
                 post.proposed_ms,
