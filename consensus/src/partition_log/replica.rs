@@ -290,6 +290,13 @@ impl<T: Clone> LogReplica<T> {
         self.ready.messages.extend(sends);
     }
 
+    /// Stops leading (or running): the node calls this when it has not
+    /// heard from a quorum for a while, so that clients stop waiting on a
+    /// leader that cannot commit. Always safe: a follower only votes.
+    pub fn step_down(&mut self) {
+        self.role = Role::Follower;
+    }
+
     /// Drops log entries the node has applied to its timeline.
     pub fn compact(&mut self, upto: Slot) {
         self.acceptor.compact(upto.min(self.released));

@@ -107,9 +107,35 @@ struct Part {
     /// Whether a client or a leader made this partition live here.
     active: bool,
     last_heartbeat: Millis,
+    /// When each other replica last answered this node's Accepts in the
+    /// term it leads.
+    acks: HashMap<NodeId, Millis>,
+    /// How many replicas the partition has.
+    replica_count: usize,
+    /// When this node last took the lead.
+    led_since: Millis,
     /// Applied entries still in the log: slot and size.
     retained: VecDeque<(Slot, usize)>,
     retained_bytes: usize,
+}
+
+impl Part {
+    /// Whether a quorum of the replicas (this node among them) answered
+    /// within [`ELECTION_TIMEOUT_MS`] (counting from when it took the lead,
+    /// for replicas that have not answered yet): a leader that does not
+    /// hear a quorum steps down, so its clients are sent elsewhere rather
+    /// than wait on posts that cannot commit. The others elect a new
+    /// leader after the same timeout.
+    fn hears_a_quorum(&self, now: Millis) -> bool {
+        let replicas = self.replica_count;
+        let recent = self
+            .acks
+            .values()
+            .filter(|t| now.since(**t) < ELECTION_TIMEOUT_MS)
+            .count()
+            + 1;
+        recent > replicas / 2 || now.since(self.led_since) < ELECTION_TIMEOUT_MS
+    }
 }
 
 /// Everything the driver needs.
@@ -212,6 +238,7 @@ impl Driver {
     fn load(&mut self, partition: u32, state: PartitionLogState, now: Millis) {
         let replicas = self.replicas(partition);
         let rank = replicas.iter().position(|n| *n == self.me).unwrap_or(0) as u64;
+        let replica_count = replicas.len();
         let mut config = LogConfig::new(self.me, replicas);
         config.batch_max = ACCEPT_VALUES_MAX;
         let acceptor = LogAcceptor::restore(state.promised, state.entries, state.floor);
@@ -232,6 +259,9 @@ impl Driver {
                 heard: now,
                 active: false,
                 last_heartbeat: now,
+                acks: HashMap::new(),
+                replica_count,
+                led_since: now,
                 retained,
                 retained_bytes,
             },
@@ -372,6 +402,11 @@ impl Driver {
                 }
                 _ => {}
             }
+            if matches!(message, LogMessage::Accepted { .. })
+                && part.replica.leading() == Some(term)
+            {
+                part.acks.insert(batch.from, now);
+            }
             part.replica.step(batch.from, message);
             touched.push(partition);
         }
@@ -388,6 +423,17 @@ impl Driver {
         }
         for (partition, part) in &mut self.parts {
             if part.replica.leading().is_some() {
+                if !part.hears_a_quorum(now) {
+                    tracing::warn!(
+                        partition,
+                        "no quorum of the partition's replicas answered for a while; stepping down"
+                    );
+                    metrics::counter!("saferchat_partition_step_downs_total").increment(1);
+                    part.replica.step_down();
+                    part.heard = now;
+                    touched.push(*partition);
+                    continue;
+                }
                 if now.since(part.last_heartbeat) >= HEARTBEAT_MS {
                     part.replica.resend();
                     part.last_heartbeat = now;
@@ -454,6 +500,8 @@ impl Driver {
             if let Some(term) = ready.leading {
                 tracing::info!(partition, %term, "leading the partition");
                 part.leader = Some(term);
+                part.led_since = self.clock.monotonic();
+                part.acks.clear();
             }
             let leading = part.replica.leading();
             if leading.is_none() && part.leader.is_some_and(|l| l.node == me) {
