@@ -8,6 +8,8 @@ use crate::error::ClientError;
 
 /// Metadata key a node uses to say which node serves a room.
 pub const REDIRECT_METADATA: &str = "saferchat-redirect";
+/// How many redirects a call follows before giving up.
+pub const REDIRECTS_MAX: usize = 3;
 
 /// `host:port` or a URL, as a URL.
 pub fn url(address: &str) -> String {

@@ -2,7 +2,9 @@
 
 use bytes::Bytes;
 use saferchat_proto::chat::{self as pb, chat_room_client::ChatRoomClient};
+use tonic::transport::Channel;
 
+use crate::connect::{REDIRECTS_MAX, connect, redirect_of};
 use crate::crypto;
 use crate::error::ClientError;
 use crate::session::{Message, Session};
@@ -19,13 +21,57 @@ pub struct Query {
 }
 
 /// Reads stored messages of the session's room, verified and decrypted,
-/// in the order the server sends them.
+/// in the order the server sends them, through the session's node.
+///
+/// A node that does not serve the room forwards the call to the one that
+/// does; a node that answers with a redirect instead (an older node, or
+/// the room moved) is followed, up to [`REDIRECTS_MAX`] times.
 ///
 /// # Errors
 /// The server's status, e.g. UNAUTHENTICATED for an expired token.
 pub async fn read(session: &Session, query: &Query) -> Result<Vec<Message>, ClientError> {
-    let mut client =
-        ChatRoomClient::new(session.channel()).max_decoding_message_size(64 * 1024 * 1024);
+    read_following(session.channel(), session, query).await
+}
+
+/// As [`read`], through the node at `address` (any node of the cluster)
+/// rather than the session's.
+///
+/// # Errors
+/// As [`read`], or a connection failure.
+pub async fn read_via(
+    address: &str,
+    session: &Session,
+    query: &Query,
+) -> Result<Vec<Message>, ClientError> {
+    read_following(connect(address).await?, session, query).await
+}
+
+async fn read_following(
+    mut channel: Channel,
+    session: &Session,
+    query: &Query,
+) -> Result<Vec<Message>, ClientError> {
+    for _ in 0..=REDIRECTS_MAX {
+        match read_on(channel, session, query).await {
+            Err(ClientError::Status(status)) => match redirect_of(&status) {
+                Some(next) => channel = connect(&next).await?,
+                None => return Err(ClientError::Status(status)),
+            },
+            other => return other,
+        }
+    }
+    Err(ClientError::Protocol("too many redirects".into()))
+}
+
+/// One History call over `channel`. Only the call's answer can be a
+/// redirect: a status after pages arrived is an error, never followed
+/// (following it would read those pages again).
+async fn read_on(
+    channel: Channel,
+    session: &Session,
+    query: &Query,
+) -> Result<Vec<Message>, ClientError> {
+    let mut client = ChatRoomClient::new(channel).max_decoding_message_size(64 * 1024 * 1024);
     let request = pb::HistoryRequest {
         chat: session.room().to_string(),
         session: session.token().to_owned(),
@@ -35,7 +81,7 @@ pub async fn read(session: &Session, query: &Query) -> Result<Vec<Message>, Clie
     };
     let mut pages = client.history(request).await?.into_inner();
     let mut out = Vec::new();
-    while let Some(page) = pages.message().await? {
+    while let Some(page) = pages.message().await.map_err(not_a_redirect)? {
         for item in page.items {
             let content = crypto::open(session.identity(), session.room(), item.sealed, |h| {
                 session.key_of(h)
@@ -50,4 +96,10 @@ pub async fn read(session: &Session, query: &Query) -> Result<Vec<Message>, Clie
         }
     }
     Ok(out)
+}
+
+/// A status that ends a stream midway, with any redirect metadata
+/// dropped so that it is reported, not followed.
+fn not_a_redirect(status: tonic::Status) -> ClientError {
+    ClientError::Status(tonic::Status::new(status.code(), status.message()))
 }

@@ -21,15 +21,13 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::Channel;
 use tonic::{Code, Streaming};
 
-use crate::connect::{connect, redirect_of};
+use crate::connect::{REDIRECTS_MAX, connect, redirect_of};
 use crate::crypto::{self, Recipient};
 use crate::error::ClientError;
 use crate::keys::Identity;
 
 /// How often a post is re-sealed for a newer membership before giving up.
 const RESEAL_ATTEMPTS_MAX: u32 = 3;
-/// How many redirects a join follows.
-const REDIRECTS_MAX: usize = 3;
 /// Frames queued towards the server.
 const OUT_FRAMES_MAX: usize = 64;
 

@@ -4,15 +4,31 @@
 //! (its partition log's leader), so bob receives both posts live; every
 //! replica applies the committed posts, and every node's history is the
 //! same.
+//!
+//! History itself is answered by every node: one that does not serve the
+//! room forwards the call to the one that does, so the client library and
+//! plain grpcurl read the same messages through any node, and a forwarded
+//! call is never forwarded again.
 
+use std::process::Command;
 use std::sync::Arc;
 use std::time::Duration;
 
+use bytes::Bytes;
+use saferchat_client::ClientError;
+use saferchat_client::connect::{connect, redirect_of};
+use saferchat_client::history::{self, Query};
 use saferchat_client::session::{Event, JoinOptions, Session};
 use saferchat_consensus::{NodeId, RoomId};
 use saferchat_placement::{ClusterNode, PartitionCount, Placement};
+use saferchat_proto::chat::chat_room_server::{ChatRoom, ChatRoomServer};
+use saferchat_proto::chat::{self as pb, chat_room_client::ChatRoomClient};
 use saferchat_tests::cluster::{Cluster, Options};
 use saferchat_tests::process::{self, fixture_key};
+use tonic::{Code, Status};
+
+/// How long anything a test waits for may take.
+const DEADLINE: Duration = Duration::from_secs(60);
 
 const ROOM: &str = "team";
 
@@ -149,5 +165,335 @@ async fn chat_across(n: usize) {
         let another = h.find("through another").expect(h);
         assert!(one < another, "{h}");
         assert_eq!(h, &histories[0]);
+    }
+}
+
+/// A cluster with `ROOM` and alice in it; alice joined on the room's node
+/// and posted `bodies` there, each acknowledged. Returns the cluster, the
+/// owner's index, alice's session and the acknowledged ids in order.
+async fn room_with_posts(bodies: &[&str]) -> (Cluster, usize, Session, Vec<Bytes>) {
+    let cluster = Cluster::start(Options::single_dc(3)).await;
+    let preferred = owner(3);
+    let alice_id = Arc::new(saferchat_client::test_keys::identity(0));
+    let mut admin = cluster.admin((preferred + 1) % 3).await;
+    admin.create_chat(ROOM).await.expect("create");
+    admin
+        .add_user(ROOM, &alice_id.handle().to_string(), None)
+        .await
+        .expect("add alice");
+    let room = RoomId::new(ROOM).unwrap();
+    let options = JoinOptions {
+        no_history: true,
+        ..JoinOptions::default()
+    };
+    let mut session = Session::join(&cluster.server(preferred), &room, alice_id, &options)
+        .await
+        .expect("alice joins");
+    // The node that serves the room: its partition's leader (the preferred
+    // owner, which a first client makes run at once, unless it lost).
+    let owner = (0..3)
+        .find(|i| cluster.server(*i) == session.address())
+        .expect("a node of the cluster");
+    let mut ids = Vec::new();
+    for body in bodies {
+        let seq = session.post(body.as_bytes()).await.expect("post");
+        loop {
+            let event = tokio::time::timeout(DEADLINE, session.next())
+                .await
+                .expect("a post result in time")
+                .expect("session")
+                .expect("not ended");
+            match event {
+                Event::Accepted { seq: s, id, .. } if s == seq => {
+                    ids.push(id);
+                    break;
+                }
+                Event::Rejected {
+                    seq: s, message, ..
+                } if s == seq => {
+                    panic!("post {body:?} refused: {message}")
+                }
+                _ => {}
+            }
+        }
+    }
+    (cluster, owner, session, ids)
+}
+
+/// History through `address` with a plain generated client, which follows
+/// no redirect; `forwarded` marks the request as one a node forwarded.
+async fn raw_history(address: &str, token: &str, forwarded: bool) -> Result<Vec<Bytes>, Status> {
+    let channel = connect(address).await.expect("connect");
+    let mut request = tonic::Request::new(pb::HistoryRequest {
+        chat: ROOM.into(),
+        session: token.to_owned(),
+        limit: 100,
+        ..pb::HistoryRequest::default()
+    });
+    if forwarded {
+        request
+            .metadata_mut()
+            .insert("saferchat-forwarded", "1".parse().unwrap());
+    }
+    let mut pages = ChatRoomClient::new(channel)
+        .history(request)
+        .await?
+        .into_inner();
+    let mut ids = Vec::new();
+    while let Some(page) = pages.message().await? {
+        ids.extend(page.items.into_iter().map(|d| d.id));
+    }
+    Ok(ids)
+}
+
+/// A node as older versions were: History on a room it does not serve is
+/// answered with a redirect to `to` (or to itself when `to` is `None`).
+struct Redirecting {
+    to: Option<String>,
+    itself: String,
+}
+
+#[tonic::async_trait]
+impl ChatRoom for Redirecting {
+    type PostStream = futures::stream::Empty<Result<pb::ServerFrame, Status>>;
+    type HistoryStream = futures::stream::Empty<Result<pb::HistoryPage, Status>>;
+
+    async fn post(
+        &self,
+        _: tonic::Request<tonic::Streaming<pb::ClientFrame>>,
+    ) -> Result<tonic::Response<Self::PostStream>, Status> {
+        Err(Status::unimplemented("not in this test"))
+    }
+
+    async fn history(
+        &self,
+        _: tonic::Request<pb::HistoryRequest>,
+    ) -> Result<tonic::Response<Self::HistoryStream>, Status> {
+        let to = self.to.as_ref().unwrap_or(&self.itself);
+        let mut status = Status::unavailable(format!("served at {to}"));
+        status
+            .metadata_mut()
+            .insert("saferchat-redirect", to.parse().unwrap());
+        Err(status)
+    }
+
+    async fn members(
+        &self,
+        _: tonic::Request<pb::MembersRequest>,
+    ) -> Result<tonic::Response<saferchat_proto::common::Membership>, Status> {
+        Err(Status::unimplemented("not in this test"))
+    }
+}
+
+/// Serves [`Redirecting`] on a loopback port until the test ends.
+async fn redirecting_node(to: Option<String>) -> String {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let itself = listener.local_addr().expect("address").to_string();
+    let service = ChatRoomServer::new(Redirecting {
+        to,
+        itself: itself.clone(),
+    });
+    tokio::spawn(
+        tonic::transport::Server::builder()
+            .add_service(service)
+            .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
+    );
+    itself
+}
+
+const BODIES: [&str; 5] = ["one", "two", "three", "four", "five"];
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_node_answers_history_by_forwarding_to_the_rooms_node() {
+    let (mut cluster, owner, session, posted) = room_with_posts(&BODIES).await;
+    let query = Query {
+        limit: 100,
+        ..Query::default()
+    };
+
+    // Through every node, the client library reads the owner's timeline:
+    // the same ids, newest first, each verified and decrypted.
+    let newest_first: Vec<Bytes> = posted.iter().rev().cloned().collect();
+    for i in 0..3 {
+        let messages = history::read_via(&cluster.server(i), &session, &query)
+            .await
+            .unwrap_or_else(|e| panic!("history through node {}: {e}", i + 1));
+        let ids: Vec<Bytes> = messages.iter().map(|m| m.id.clone()).collect();
+        assert_eq!(ids, newest_first, "history through node {}", i + 1);
+        let bodies: Vec<String> = messages
+            .into_iter()
+            .map(|m| String::from_utf8(m.content.expect("verified").body).unwrap())
+            .collect();
+        let mut expected: Vec<String> = BODIES.iter().map(|b| (*b).to_owned()).collect();
+        expected.reverse();
+        assert_eq!(bodies, expected, "history through node {}", i + 1);
+
+        // Oldest first after the first post, through this node too.
+        let after = Query {
+            after_id: Some(posted[0].clone()),
+            limit: 2,
+            ..Query::default()
+        };
+        let page = history::read_via(&cluster.server(i), &session, &after)
+            .await
+            .expect("history after an id");
+        let ids: Vec<Bytes> = page.into_iter().map(|m| m.id).collect();
+        assert_eq!(ids, posted[1..3], "history after through node {}", i + 1);
+    }
+
+    // A plain client that follows no redirect gets the same pages
+    // through every node: the others forward the call.
+    for i in 0..3 {
+        let ids = raw_history(&cluster.server(i), session.token(), false)
+            .await
+            .unwrap_or_else(|s| panic!("plain History through node {}: {s:?}", i + 1));
+        assert_eq!(ids, newest_first, "plain History through node {}", i + 1);
+    }
+
+    // A request another node already forwarded is not forwarded again:
+    // a node that does not serve the room answers with the redirect...
+    for i in (0..3).filter(|i| *i != owner) {
+        let status = raw_history(&cluster.server(i), session.token(), true)
+            .await
+            .expect_err("a forwarded request at a node that does not serve the room");
+        assert_eq!(status.code(), Code::Unavailable, "{status:?}");
+        assert_eq!(
+            redirect_of(&status).as_deref(),
+            Some(cluster.server(owner).as_str()),
+            "{status:?}"
+        );
+    }
+    // ...and the owner answers it itself.
+    let ids = raw_history(&cluster.server(owner), session.token(), true)
+        .await
+        .expect("the owner answers a forwarded request");
+    assert_eq!(ids, newest_first);
+
+    // The client library still follows a redirect (from a node that
+    // answers with one instead of forwarding), a bounded number of times.
+    let older = redirecting_node(Some(cluster.server(owner))).await;
+    let messages = history::read_via(&older, &session, &query)
+        .await
+        .expect("history through a redirecting node");
+    let ids: Vec<Bytes> = messages.into_iter().map(|m| m.id).collect();
+    assert_eq!(ids, newest_first);
+    let looping = redirecting_node(None).await;
+    let err = history::read_via(&looping, &session, &query)
+        .await
+        .expect_err("a redirect loop");
+    assert!(
+        matches!(&err, ClientError::Protocol(m) if m.contains("too many redirects")),
+        "{err}"
+    );
+
+    // The caller is still authenticated where the call arrives: a bad
+    // token is refused there, owner or not.
+    for i in 0..3 {
+        let channel = connect(&cluster.server(i)).await.expect("connect");
+        let status = ChatRoomClient::new(channel)
+            .history(pb::HistoryRequest {
+                chat: ROOM.into(),
+                session: "not-a-session-token".into(),
+                ..pb::HistoryRequest::default()
+            })
+            .await
+            .expect_err("a bad token");
+        assert_eq!(status.code(), Code::Unauthenticated, "{status:?}");
+    }
+
+    // With the owner down, another node says which node it could not
+    // reach rather than hanging or redirecting to a dead node.
+    let owner_address = cluster.server(owner);
+    cluster.kill(owner);
+    let other = (owner + 1) % 3;
+    let err = history::read_via(&cluster.server(other), &session, &query)
+        .await
+        .expect_err("the room's node is down");
+    let ClientError::Status(status) = err else {
+        panic!("expected a status, got {err}");
+    };
+    assert_eq!(status.code(), Code::Unavailable, "{status:?}");
+    assert!(status.message().contains(&owner_address), "{status:?}");
+    assert!(redirect_of(&status).is_none(), "{status:?}");
+}
+
+/// grpcurl on the command line: it cannot follow redirects.
+fn grpcurl_history(address: &str, token: &str) -> Vec<String> {
+    let bin = saferchat_tests::bin::grpcurl()
+        .expect("grpcurl not found: run scripts/test.sh (installs it) or set GRPCURL");
+    let request = serde_json::json!({"chat": ROOM, "session": token, "limit": 100}).to_string();
+    let out = Command::new(bin)
+        .args([
+            "-plaintext",
+            "-d",
+            &request,
+            address,
+            "server.grpc.chat.ChatRoom/History",
+        ])
+        .output()
+        .expect("run grpcurl");
+    assert!(
+        out.status.success(),
+        "grpcurl History on {address} failed: {}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // One JSON object per page; ids are bytes, which grpcurl prints in
+    // standard base64.
+    serde_json::Deserializer::from_slice(&out.stdout)
+        .into_iter::<serde_json::Value>()
+        .flat_map(|page| {
+            let page = page.expect("grpcurl prints JSON");
+            page["items"]
+                .as_array()
+                .cloned()
+                .unwrap_or_default()
+                .into_iter()
+                .map(|item| item["id"].as_str().expect("an id").to_owned())
+        })
+        .collect()
+}
+
+/// Standard base64 with padding, as grpcurl prints bytes.
+fn base64(bytes: &[u8]) -> String {
+    const ALPHABET: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+    let mut out = String::new();
+    for chunk in bytes.chunks(3) {
+        let b = [
+            chunk[0],
+            *chunk.get(1).unwrap_or(&0),
+            *chunk.get(2).unwrap_or(&0),
+        ];
+        let n = (u32::from(b[0]) << 16) | (u32::from(b[1]) << 8) | u32::from(b[2]);
+        for k in 0..4 {
+            if k <= chunk.len() {
+                out.push(ALPHABET[(n >> (18 - 6 * k)) as usize & 63] as char);
+            } else {
+                out.push('=');
+            }
+        }
+    }
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs grpcurl: run scripts/test.sh or set GRPCURL"]
+async fn grpcurl_reads_the_same_history_through_every_node() {
+    let (cluster, _, session, posted) = room_with_posts(&BODIES).await;
+    let token = session.token().to_owned();
+    let addresses: Vec<String> = (0..3).map(|i| cluster.server(i)).collect();
+    let histories = tokio::task::spawn_blocking(move || {
+        addresses
+            .iter()
+            .map(|a| grpcurl_history(a, &token))
+            .collect::<Vec<_>>()
+    })
+    .await
+    .unwrap();
+    let newest_first: Vec<String> = posted.iter().rev().map(|id| base64(id)).collect();
+    for (i, ids) in histories.iter().enumerate() {
+        assert_eq!(ids, &newest_first, "grpcurl History through node {}", i + 1);
     }
 }

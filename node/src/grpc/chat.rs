@@ -11,6 +11,7 @@ use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 
+use super::forward::{self, Forwarder};
 use super::{frames, session};
 use crate::context::Context;
 use crate::convert;
@@ -25,12 +26,17 @@ const OUT_FRAMES_MAX: usize = 8;
 #[derive(Debug, Clone)]
 pub struct ChatService {
     ctx: Arc<Context>,
+    /// History for rooms other nodes serve goes through this.
+    forwarder: Arc<Forwarder>,
 }
 
 impl ChatService {
     /// Wraps the node context.
     pub fn new(ctx: Arc<Context>) -> ChatService {
-        ChatService { ctx }
+        ChatService {
+            ctx,
+            forwarder: Arc::new(Forwarder::new()),
+        }
     }
 
     /// Checks a session token for `room` and that its member still is one.
@@ -91,6 +97,7 @@ impl ChatRoom for ChatService {
         &self,
         request: Request<pb::HistoryRequest>,
     ) -> Result<Response<Self::HistoryStream>, Status> {
+        let forwarded = forward::is_forwarded(request.metadata());
         let req = request.into_inner();
         let before = MessageId::from_optional(&req.before_id)
             .map_err(|e| Status::invalid_argument(format!("before_id: {e}")))?;
@@ -116,7 +123,19 @@ impl ChatRoom for ChatService {
             n => n,
         } as usize;
         let (room, user, _) = self.member(&req.chat, &req.session).await?;
-        self.ctx.routing.route(&room).await?;
+        if let Err(redirect) = self.ctx.routing.route(&room).await {
+            // Another node serves the room: ask it, once. A request that
+            // was already forwarded gets the redirect (ownership moved
+            // meanwhile), never a second hop.
+            return match forward::redirect_target(&redirect) {
+                Some(owner) if !forwarded => self
+                    .forwarder
+                    .history(&room, &owner, req)
+                    .await
+                    .map(Response::new),
+                _ => Err(redirect),
+            };
+        }
         let messages = storage::history(&*self.ctx.store, &room, range, limit).await?;
         let items = messages
             .iter()

@@ -6,6 +6,7 @@
 
 pub mod admin;
 pub mod chat;
+pub mod forward;
 pub mod frames;
 pub mod peer;
 pub mod session;

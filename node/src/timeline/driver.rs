@@ -112,6 +112,8 @@ struct Part {
     acks: HashMap<NodeId, Millis>,
     /// How many replicas the partition has.
     replica_count: usize,
+    /// When another replica last ran for leader.
+    candidate_seen: Option<Millis>,
     /// When this node last took the lead.
     led_since: Millis,
     /// Applied entries still in the log: slot and size.
@@ -261,6 +263,7 @@ impl Driver {
                 last_heartbeat: now,
                 acks: HashMap::new(),
                 replica_count,
+                candidate_seen: None,
                 led_since: now,
                 retained,
                 retained_bytes,
@@ -333,7 +336,14 @@ impl Driver {
                     part.active = true;
                     part.heard = now;
                 }
-                if part.leader.is_none() && part.rank == 0 && part.replica.leading().is_none() {
+                let contested = part
+                    .candidate_seen
+                    .is_some_and(|t| now.since(t) < ELECTION_TIMEOUT_MS);
+                if part.leader.is_none()
+                    && part.rank == 0
+                    && part.replica.leading().is_none()
+                    && !contested
+                {
                     tracing::debug!(partition, %me, "campaigning: a client needs the partition");
                     part.replica.campaign();
                     part.heard = now;
@@ -399,6 +409,7 @@ impl Driver {
                     part.leader = None;
                     part.heard = now;
                     part.active = true;
+                    part.candidate_seen = Some(now);
                 }
                 _ => {}
             }
@@ -500,8 +511,16 @@ impl Driver {
             if let Some(term) = ready.leading {
                 tracing::info!(partition, %term, "leading the partition");
                 part.leader = Some(term);
-                part.led_since = self.clock.monotonic();
+                let now = self.clock.monotonic();
+                part.led_since = now;
                 part.acks.clear();
+                // Tell the others at once (an empty Accept when nothing
+                // was recovered), so none of them runs for want of news.
+                part.replica.resend();
+                part.last_heartbeat = now;
+                for (to, m) in part.replica.take_ready().messages {
+                    sends.push((to, convert::log::message_to_pb(partition, &m)));
+                }
             }
             let leading = part.replica.leading();
             if leading.is_none() && part.leader.is_some_and(|l| l.node == me) {
