@@ -1,4 +1,5 @@
-//! Identifiers and counters: nodes, ballots, revisions, requests.
+//! Identifiers and counters: nodes, ballots, revisions (defined in
+//! `saferchat-vocabulary`), requests, changes.
 
 use std::fmt;
 
@@ -62,39 +63,9 @@ impl fmt::Display for Ballot {
     }
 }
 
-/// The revision of a room's membership: the number of committed changes.
-///
-/// Every change that alters the membership produces the next revision; a
-/// change that alters nothing (an idempotent add, a read) keeps it.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
-pub struct Revision(pub u64);
-
-impl Revision {
-    /// The highest revision a room can reach; like [`Ballot::ROUND_MAX`],
-    /// unreachable in practice and a bound that keeps `+ 1` from
-    /// overflowing and absurd peer frames out.
-    pub const MAX: Revision = Revision(1 << 62);
-
-    /// Whether the revision is within [`Revision::MAX`].
-    pub fn is_sane(self) -> bool {
-        self <= Self::MAX
-    }
-
-    /// The revision after this one.
-    ///
-    /// # Panics
-    /// At [`Revision::MAX`]; `apply` refuses changes there first.
-    pub fn next(self) -> Revision {
-        assert!(self < Self::MAX, "revision {self} is exhausted");
-        Revision(self.0 + 1)
-    }
-}
-
-impl fmt::Display for Revision {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}", self.0)
-    }
-}
+// Revisions are vocabulary shared with the envelope crate; re-exported
+// here at the path they had when they were defined in this module.
+pub use saferchat_vocabulary::Revision;
 
 /// A caller's handle on one proposal, echoed in its reply.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]

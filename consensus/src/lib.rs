@@ -5,6 +5,11 @@
 //!
 //! - [`room`]: the replicated value ([`RoomState`]), the changes that move
 //!   it ([`Change`]) and the pure function that applies them ([`apply`]).
+//!   The nouns it is made of ([`RoomId`], [`Handle`], [`PublicKey`],
+//!   [`Revision`], their limits, the read-only [`Membership`] view that
+//!   [`RoomState`] implements) are defined in `saferchat-vocabulary`,
+//!   which the envelope crate uses too, and re-exported here at their
+//!   old paths.
 //! - [`paxos::acceptor`], [`paxos::proposer`]: the register.
 //! - [`lease::grantor`], [`lease::holder`]: quorum leases.
 //! - [`replica`]: the four roles of one room on one node behind one
@@ -12,7 +17,8 @@
 //! - [`partition_log`]: the replicated log of one partition (terms,
 //!   fencing, recovery from a quorum's tail), the core of the
 //!   quorum-replicated timeline.
-//! - [`time`], [`config`], [`ids`], [`message`]: the vocabulary.
+//! - [`time`], [`config`], [`ids`], [`message`]: the vocabulary of the
+//!   protocol (nodes, ballots, drift, messages).
 //!
 //! # What this crate never does
 //!
@@ -53,7 +59,7 @@ pub use paxos::acceptor::AcceptorState;
 pub use paxos::proposer::Outcome;
 pub use replica::{LeaseStatus, Ready, RoomReplica};
 pub use room::{
-    Applied, Change, ChangeError, Handle, ParseError, Proposal, PublicKey, RECENT_CHANGES_MAX,
-    RoomId, RoomState, apply,
+    Applied, Change, ChangeError, Handle, Membership, ParseError, Proposal, PublicKey,
+    RECENT_CHANGES_MAX, RoomId, RoomState, apply,
 };
 pub use time::{Drift, Millis};

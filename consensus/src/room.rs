@@ -5,192 +5,19 @@
 //! proposes it (CASPaxos style). Nothing here knows about ballots or time.
 
 use std::collections::{BTreeMap, VecDeque};
-use std::fmt;
-use std::str::FromStr;
-
-use base64::Engine as _;
-use base64::engine::general_purpose::URL_SAFE_NO_PAD;
-use bytes::Bytes;
-use sha2::{Digest, Sha256};
 
 use crate::ids::{ChangeId, Revision};
 
-/// Longest room name, in bytes.
-pub const ROOM_NAME_BYTES_MAX: usize = 64;
-/// Most members one room may have. Every post wraps its content key once
-/// per member, so this bounds envelope size and sender work too.
-pub const ROOM_MEMBERS_MAX: usize = 1000;
-/// Largest public key (SubjectPublicKeyInfo DER) a member may register. An
-/// RSA-2048 key is 294 bytes; 4096-bit keys would still fit.
-pub const PUBLIC_KEY_BYTES_MAX: usize = 1024;
+// The vocabulary lives in its own crate so that the envelope crate can use
+// it without depending on Paxos; re-exported here at the paths it had when
+// it was defined in this module.
+pub use saferchat_vocabulary::{
+    HANDLE_CHARS, Handle, Membership, PUBLIC_KEY_BYTES_MAX, ParseError, PublicKey,
+    ROOM_MEMBERS_MAX, ROOM_NAME_BYTES_MAX, RoomId, fingerprint_of,
+};
+
 /// How many applied changes a room remembers for deduplicating retries.
 pub const RECENT_CHANGES_MAX: usize = 64;
-/// Length of a handle in its textual form.
-pub const HANDLE_CHARS: usize = 43;
-
-/// Why a name or handle could not be parsed.
-#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
-pub enum ParseError {
-    /// Room names are 1 to 64 bytes of `A-Z a-z 0-9 . _ -`, not starting
-    /// with `.` or `-`.
-    #[error(
-        "room name must be 1-{ROOM_NAME_BYTES_MAX} characters of A-Z a-z 0-9 . _ - and not start with . or -"
-    )]
-    RoomName,
-    /// A handle is 43 characters of unpadded base64url encoding 32 bytes.
-    #[error(
-        "a user handle is {HANDLE_CHARS} characters of unpadded base64url (SHA-256 of the RSA modulus)"
-    )]
-    Handle,
-}
-
-/// The name of a room, validated.
-#[derive(Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
-pub struct RoomId(String);
-
-impl RoomId {
-    /// Validates a room name.
-    ///
-    /// # Errors
-    /// [`ParseError::RoomName`] when the name is empty, too long, or uses
-    /// other characters.
-    pub fn new(name: &str) -> Result<RoomId, ParseError> {
-        let ok = !name.is_empty()
-            && name.len() <= ROOM_NAME_BYTES_MAX
-            && !name.starts_with(['.', '-'])
-            && name
-                .bytes()
-                .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'));
-        if ok {
-            Ok(RoomId(name.to_owned()))
-        } else {
-            Err(ParseError::RoomName)
-        }
-    }
-
-    /// The name as text.
-    pub fn as_str(&self) -> &str {
-        &self.0
-    }
-}
-
-impl fmt::Display for RoomId {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&self.0)
-    }
-}
-
-/// Quoted, so that messages reading `room {room:?}` show `room "aaa"`.
-impl fmt::Debug for RoomId {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{:?}", self.0)
-    }
-}
-
-/// A user's handle: SHA-256 over the big-endian bytes of their RSA modulus.
-///
-/// Written as 43 characters of unpadded base64url. Because it is a hash of
-/// the key, a server cannot substitute another key for a handle without the
-/// client noticing.
-#[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
-pub struct Handle([u8; 32]);
-
-impl Handle {
-    /// The handle of an RSA modulus given as big-endian bytes without
-    /// leading zeros.
-    pub fn of_modulus(modulus_be: &[u8]) -> Handle {
-        let start = modulus_be
-            .iter()
-            .position(|b| *b != 0)
-            .unwrap_or(modulus_be.len());
-        Handle(Sha256::digest(&modulus_be[start..]).into())
-    }
-
-    /// The raw 32 bytes.
-    pub fn as_bytes(&self) -> &[u8; 32] {
-        &self.0
-    }
-
-    /// Builds a handle from its raw bytes.
-    pub fn from_bytes(bytes: [u8; 32]) -> Handle {
-        Handle(bytes)
-    }
-}
-
-impl FromStr for Handle {
-    type Err = ParseError;
-
-    fn from_str(s: &str) -> Result<Handle, ParseError> {
-        if s.len() != HANDLE_CHARS {
-            return Err(ParseError::Handle);
-        }
-        let raw = URL_SAFE_NO_PAD.decode(s).map_err(|_| ParseError::Handle)?;
-        let bytes: [u8; 32] = raw.try_into().map_err(|_| ParseError::Handle)?;
-        // Reject non-canonical spellings (stray low bits in the last
-        // character) so that one handle has exactly one textual form.
-        if URL_SAFE_NO_PAD.encode(bytes) != s {
-            return Err(ParseError::Handle);
-        }
-        Ok(Handle(bytes))
-    }
-}
-
-impl fmt::Display for Handle {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&URL_SAFE_NO_PAD.encode(self.0))
-    }
-}
-
-impl fmt::Debug for Handle {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "Handle({self})")
-    }
-}
-
-/// A member's public key as SubjectPublicKeyInfo DER. Opaque here: the node
-/// checks that it parses and hashes to the member's handle before it
-/// proposes a [`Change::RegisterKey`].
-#[derive(Clone, PartialEq, Eq, Hash)]
-pub struct PublicKey(Bytes);
-
-impl PublicKey {
-    /// Wraps DER bytes.
-    ///
-    /// # Panics
-    /// If the key is empty or longer than [`PUBLIC_KEY_BYTES_MAX`]; callers
-    /// validate input before building one.
-    pub fn new(der: Bytes) -> PublicKey {
-        assert!(!der.is_empty() && der.len() <= PUBLIC_KEY_BYTES_MAX);
-        PublicKey(der)
-    }
-
-    /// The DER bytes.
-    pub fn der(&self) -> &Bytes {
-        &self.0
-    }
-
-    /// A short, human-comparable fingerprint: the first 16 bytes of
-    /// SHA-256 over the DER, as eight groups of four hex digits.
-    pub fn fingerprint(&self) -> String {
-        fingerprint_of(&self.0)
-    }
-}
-
-/// The display fingerprint of SubjectPublicKeyInfo DER bytes.
-pub fn fingerprint_of(der: &[u8]) -> String {
-    let digest = Sha256::digest(der);
-    digest[..16]
-        .chunks(2)
-        .map(|pair| format!("{:02x}{:02x}", pair[0], pair[1]))
-        .collect::<Vec<_>>()
-        .join(" ")
-}
-
-impl fmt::Debug for PublicKey {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "PublicKey({})", self.fingerprint())
-    }
-}
 
 /// The replicated membership of one room.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Hash)]
@@ -224,6 +51,22 @@ impl RoomState {
     /// Whether `handle` is a member (with or without a key).
     pub fn is_member(&self, handle: &Handle) -> bool {
         self.members.contains_key(handle)
+    }
+}
+
+/// The read-only view the envelope checks take, so that they need not
+/// depend on this crate.
+impl Membership for RoomState {
+    fn revision(&self) -> Revision {
+        self.revision
+    }
+
+    fn key_of(&self, handle: &Handle) -> Option<&PublicKey> {
+        self.members.get(handle)?.as_ref()
+    }
+
+    fn recipients(&self) -> impl Iterator<Item = (&Handle, &PublicKey)> {
+        RoomState::recipients(self)
     }
 }
 
@@ -374,6 +217,8 @@ pub fn apply(state: &mut RoomState, proposal: &Proposal) -> Result<Applied, Chan
 
 #[cfg(test)]
 mod tests {
+    use bytes::Bytes;
+
     use super::*;
 
     fn handle(n: u8) -> Handle {
@@ -390,49 +235,6 @@ mod tests {
 
     fn key(n: u8) -> PublicKey {
         PublicKey::new(Bytes::from(vec![n; 294]))
-    }
-
-    #[test]
-    fn room_names_are_validated() {
-        assert!(RoomId::new("aaa").is_ok());
-        assert!(RoomId::new("team-1.ops_x").is_ok());
-        assert!(RoomId::new(&"a".repeat(64)).is_ok());
-        for bad in ["", ".x", "-x", "a b", "é", "a/b", &"a".repeat(65)] {
-            assert_eq!(RoomId::new(bad), Err(ParseError::RoomName), "{bad:?}");
-        }
-    }
-
-    #[test]
-    fn handles_round_trip_and_reject_bad_text() {
-        let h = handle(7);
-        let text = h.to_string();
-        assert_eq!(text.len(), HANDLE_CHARS);
-        assert_eq!(text.parse::<Handle>(), Ok(h));
-        assert_eq!(
-            "BpB1m-4nZG6rMyPRVO8m7AbPvpjU7YUZIFy4ab1ve4M"
-                .parse::<Handle>()
-                .map(|h| h.to_string())
-                .as_deref(),
-            Ok("BpB1m-4nZG6rMyPRVO8m7AbPvpjU7YUZIFy4ab1ve4M")
-        );
-        for bad in [
-            "",
-            "short",
-            "BpB1m-4nZG6rMyPRVO8m7AbPvpjU7YUZIFy4ab1ve4", // 42
-            "BpB1m-4nZG6rMyPRVO8m7AbPvpjU7YUZIFy4ab1ve4M=",
-            "BpB1m+4nZG6rMyPRVO8m7AbPvpjU7YUZIFy4ab1ve4M", // not url-safe
-            "BpB1m-4nZG6rMyPRVO8m7AbPvpjU7YUZIFy4ab1ve4N", // stray low bits
-        ] {
-            assert_eq!(bad.parse::<Handle>(), Err(ParseError::Handle), "{bad:?}");
-        }
-    }
-
-    #[test]
-    fn leading_zero_bytes_do_not_change_the_handle() {
-        assert_eq!(
-            Handle::of_modulus(&[0, 0, 9, 8]),
-            Handle::of_modulus(&[9, 8])
-        );
     }
 
     #[test]
@@ -564,5 +366,13 @@ mod tests {
         apply(&mut s, &prop(3, Change::RegisterKey(handle(2), key(2)))).unwrap();
         let recipients: Vec<_> = s.recipients().map(|(h, _)| *h).collect();
         assert_eq!(recipients, vec![handle(2)]);
+
+        // The read-only view the envelope checks use says the same.
+        let viewed: Vec<_> = Membership::recipients(&s).map(|(h, _)| *h).collect();
+        assert_eq!(viewed, recipients);
+        assert_eq!(Membership::revision(&s), s.revision);
+        assert_eq!(s.key_of(&handle(2)), Some(&key(2)));
+        assert_eq!(s.key_of(&handle(1)), None, "a member without a key");
+        assert_eq!(s.key_of(&handle(3)), None, "not a member");
     }
 }

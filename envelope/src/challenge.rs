@@ -1,7 +1,7 @@
 //! The join challenge: what a joining member signs to prove it holds the
 //! private key of its handle.
 
-use saferchat_consensus::{Handle, RoomId};
+use saferchat_vocabulary::{Handle, RoomId};
 
 /// Length of the server's random challenge.
 pub const NONCE_BYTES: usize = 32;

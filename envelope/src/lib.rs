@@ -29,7 +29,10 @@
 //! # What this crate never does
 //!
 //! It holds no keys and links no RSA or AES: the node uses it to validate
-//! and fan out envelopes, and must never be able to decrypt.
+//! and fan out envelopes, and must never be able to decrypt. Nor does it
+//! depend on the consensus crate: rooms, handles, revisions and their
+//! limits come from `saferchat-vocabulary`, and [`check_membership`] reads
+//! a membership through that crate's [`Membership`] view.
 
 pub mod challenge;
 pub mod merkle;
@@ -37,8 +40,8 @@ pub mod sealed;
 
 use bytes::Bytes;
 use prost::Message as _;
-use saferchat_consensus::{Handle, Revision, RoomId, RoomState};
 use saferchat_proto::envelope as pb;
+use saferchat_vocabulary::{Handle, Membership, Revision, RoomId};
 use sha2::{Digest, Sha256};
 
 /// The only envelope version this crate speaks.
@@ -75,14 +78,14 @@ pub enum EnvelopeError {
     Version(u32),
     /// The room name is invalid.
     #[error("envelope room: {0}")]
-    Room(saferchat_consensus::ParseError),
+    Room(saferchat_vocabulary::ParseError),
     /// The sender or a recipient handle is invalid.
     #[error("envelope {field}: {source}")]
     Handle {
         /// Which field.
         field: &'static str,
         /// Why.
-        source: saferchat_consensus::ParseError,
+        source: saferchat_vocabulary::ParseError,
     },
     /// The nonce is not 12 bytes.
     #[error("nonce must be {NONCE_BYTES} bytes")]
@@ -99,7 +102,7 @@ pub enum EnvelopeError {
     /// More wrapped keys than a room can have members.
     #[error(
         "envelope wraps the key for more than {} members",
-        saferchat_consensus::room::ROOM_MEMBERS_MAX
+        saferchat_vocabulary::ROOM_MEMBERS_MAX
     )]
     TooManyKeys,
     /// Recipients are not in strictly increasing handle order.
@@ -201,7 +204,7 @@ impl Envelope {
         if wire.keys.is_empty() {
             return Err(EnvelopeError::NoKeys);
         }
-        if wire.keys.len() > saferchat_consensus::room::ROOM_MEMBERS_MAX {
+        if wire.keys.len() > saferchat_vocabulary::ROOM_MEMBERS_MAX {
             return Err(EnvelopeError::TooManyKeys);
         }
         let mut keys = Vec::with_capacity(wire.keys.len());
@@ -376,14 +379,17 @@ pub enum Refusal {
 /// this room, from this session's member, who is a member with a key, at
 /// the current revision, wrapped for exactly the current recipients.
 ///
+/// `state` is any [`Membership`] (on the node, the consensus crate's
+/// `RoomState`), so that this crate need not depend on Paxos.
+///
 /// # Errors
 /// The [`Refusal`]; `StaleRevision` and `Recipients` mean "re-wrap for the
 /// current membership and retry".
-pub fn check_membership(
+pub fn check_membership<M: Membership>(
     envelope: &Envelope,
     session_room: &RoomId,
     session_user: &Handle,
-    state: &RoomState,
+    state: &M,
 ) -> Result<(), Refusal> {
     if envelope.room != *session_room {
         return Err(Refusal::WrongRoom {
@@ -394,13 +400,14 @@ pub fn check_membership(
     if envelope.sender != *session_user {
         return Err(Refusal::WrongSender);
     }
-    if !matches!(state.members.get(session_user), Some(Some(_))) {
+    if state.key_of(session_user).is_none() {
         return Err(Refusal::NotMember);
     }
-    if envelope.revision != state.revision {
+    let current = state.revision();
+    if envelope.revision != current {
         return Err(Refusal::StaleRevision {
             envelope: envelope.revision,
-            current: state.revision,
+            current,
         });
     }
     let expected = state.recipients().count();
@@ -411,10 +418,7 @@ pub fn check_membership(
             .zip(state.recipients())
             .all(|(key, (member, _))| key.recipient == *member);
     if !exact {
-        return Err(Refusal::Recipients {
-            expected,
-            current: state.revision,
-        });
+        return Err(Refusal::Recipients { expected, current });
     }
     Ok(())
 }
@@ -422,7 +426,8 @@ pub fn check_membership(
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
-    use saferchat_consensus::PublicKey;
+    use saferchat_vocabulary::PublicKey;
+    use std::collections::BTreeMap;
 
     pub(crate) fn handle(n: u8) -> Handle {
         Handle::of_modulus(&[n; 256])
@@ -448,17 +453,38 @@ pub(crate) mod tests {
         }
     }
 
-    fn state_with(recipients: &[Handle], revision: u64) -> RoomState {
-        let mut s = RoomState {
-            revision: Revision(revision),
-            created: true,
-            ..RoomState::default()
-        };
-        for r in recipients {
-            s.members
-                .insert(*r, Some(PublicKey::new(Bytes::from_static(b"key"))));
+    /// A membership as the node's `RoomState` holds it (members by
+    /// handle, with their key once registered), without the consensus
+    /// crate.
+    struct Members {
+        revision: Revision,
+        members: BTreeMap<Handle, Option<PublicKey>>,
+    }
+
+    impl Membership for Members {
+        fn revision(&self) -> Revision {
+            self.revision
         }
-        s
+
+        fn key_of(&self, handle: &Handle) -> Option<&PublicKey> {
+            self.members.get(handle)?.as_ref()
+        }
+
+        fn recipients(&self) -> impl Iterator<Item = (&Handle, &PublicKey)> {
+            self.members
+                .iter()
+                .filter_map(|(handle, key)| key.as_ref().map(|key| (handle, key)))
+        }
+    }
+
+    fn state_with(recipients: &[Handle], revision: u64) -> Members {
+        Members {
+            revision: Revision(revision),
+            members: recipients
+                .iter()
+                .map(|r| (*r, Some(PublicKey::new(Bytes::from_static(b"key")))))
+                .collect(),
+        }
     }
 
     #[test]

@@ -3,8 +3,8 @@
 
 use bytes::{Bytes, BytesMut};
 use prost::Message as _;
-use saferchat_consensus::{Handle, Revision, RoomId};
 use saferchat_proto::envelope as pb;
+use saferchat_vocabulary::{Handle, Revision, RoomId};
 
 use base64::Engine as _;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
@@ -65,7 +65,7 @@ impl Fanout {
         // a `Sealed` value cost nine allocations. `tail_matches_prost`
         // below checks the bytes against prost's own encoding.
         let key = &self.keys[index];
-        let mut handle = [0u8; saferchat_consensus::room::HANDLE_CHARS];
+        let mut handle = [0u8; saferchat_vocabulary::HANDLE_CHARS];
         let written = URL_SAFE_NO_PAD
             .encode_slice(key.recipient.as_bytes(), &mut handle)
             .expect("a handle is 43 characters");
@@ -165,14 +165,14 @@ pub fn open(bytes: Bytes, me: &Handle) -> Result<Opened, EnvelopeError> {
     if recipient != *me {
         return Err(EnvelopeError::Handle {
             field: "recipient",
-            source: saferchat_consensus::ParseError::Handle,
+            source: saferchat_vocabulary::ParseError::Handle,
         });
     }
     if key.wrapped.is_empty() || key.wrapped.len() > crate::RSA_OUTPUT_BYTES_MAX {
         return Err(EnvelopeError::RsaLength("wrapped key"));
     }
     let count = wire.key_count as usize;
-    if count == 0 || count > saferchat_consensus::room::ROOM_MEMBERS_MAX {
+    if count == 0 || count > saferchat_vocabulary::ROOM_MEMBERS_MAX {
         return Err(EnvelopeError::Path);
     }
     if wire.proof.len() > PATH_HASHES_MAX {
