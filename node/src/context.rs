@@ -1,4 +1,8 @@
-//! What every request handler shares.
+//! What the request handlers share, split by service: the chat face
+//! (sessions, posts, history) gets a [`ChatContext`], the admin face an
+//! [`AdminContext`]; neither sees what only the other needs (the admin
+//! face never touches rooms' hubs or session keys, the chat face never the
+//! admin credential).
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
@@ -6,7 +10,7 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use saferchat_consensus::RoomId;
 use tokio_util::sync::CancellationToken;
 
-use crate::auth::{AdminToken, SessionKeys};
+use crate::auth::SessionKeys;
 use crate::clock::Clock;
 use crate::config::NodeConfig;
 use crate::error::NodeError;
@@ -16,10 +20,54 @@ use crate::placement::Routing;
 use crate::room::Rooms;
 use crate::storage::ChatStore;
 
-/// The node's shared state, one per process.
+/// Which rooms may exist: on a single node every creation passed through
+/// this node's filter, so a miss is certain; in a cluster a room created
+/// elsewhere may not have reached it yet, and the membership read decides.
+#[derive(Debug, Clone)]
+pub struct RoomFilter {
+    known: Arc<KnownRooms>,
+    single_node: bool,
+}
+
+impl RoomFilter {
+    /// The filter of this node.
+    pub fn new(known: Arc<KnownRooms>, single_node: bool) -> RoomFilter {
+        RoomFilter { known, single_node }
+    }
+
+    /// `NotFound` for rooms this node is certain do not exist.
+    ///
+    /// # Errors
+    /// `NotFound`.
+    pub fn check_room_may_exist(&self, room: &RoomId) -> Result<(), NodeError> {
+        if self.single_node && !self.known.may_exist(room) {
+            metrics::counter!("saferchat_unknown_room_lookups_total").increment(1);
+            return Err(NodeError::NotFound(format!(
+                "room {:?} does not exist",
+                room.as_str()
+            )));
+        }
+        Ok(())
+    }
+}
+
+/// What the admin face needs.
 #[derive(Debug)]
-pub struct Context {
-    /// Configuration.
+pub struct AdminContext {
+    /// This node (named among a room's lease holders).
+    pub me: saferchat_consensus::NodeId,
+    /// Membership consensus.
+    pub membership: Membership,
+    /// The room list.
+    pub store: Arc<dyn ChatStore>,
+    /// Room existence filter.
+    pub rooms: RoomFilter,
+}
+
+/// What the chat face needs, one per process.
+#[derive(Debug)]
+pub struct ChatContext {
+    /// Configuration (limits).
     pub config: NodeConfig,
     /// Membership consensus.
     pub membership: Membership,
@@ -28,9 +76,7 @@ pub struct Context {
     /// Rooms and timelines.
     pub store: Arc<dyn ChatStore>,
     /// Room existence filter.
-    pub known: Arc<KnownRooms>,
-    /// Admin credential.
-    pub admin: AdminToken,
+    pub filter: RoomFilter,
     /// Session token keys.
     pub sessions: SessionKeys,
     /// Time.
@@ -46,7 +92,7 @@ pub struct Context {
 /// Counts an open session for as long as it lives.
 #[derive(Debug)]
 pub struct SessionSlot {
-    ctx: Arc<Context>,
+    ctx: Arc<ChatContext>,
     /// This session's id.
     pub id: u64,
 }
@@ -57,7 +103,7 @@ impl Drop for SessionSlot {
     }
 }
 
-impl Context {
+impl ChatContext {
     /// Assembles the context.
     #[allow(clippy::too_many_arguments)]
     pub fn new(
@@ -65,20 +111,18 @@ impl Context {
         membership: Membership,
         rooms: Rooms,
         store: Arc<dyn ChatStore>,
-        known: Arc<KnownRooms>,
-        admin: AdminToken,
+        filter: RoomFilter,
         sessions: SessionKeys,
         clock: Arc<dyn Clock>,
         shutdown: CancellationToken,
         routing: Routing,
-    ) -> Context {
-        Context {
+    ) -> ChatContext {
+        ChatContext {
             config,
             membership,
             rooms,
             store,
-            known,
-            admin,
+            filter,
             sessions,
             clock,
             shutdown,
@@ -110,23 +154,5 @@ impl Context {
     /// Sessions open right now.
     pub fn open_sessions(&self) -> usize {
         self.open_sessions.load(Ordering::SeqCst)
-    }
-
-    /// `NotFound` for rooms this node is certain do not exist. Certain only
-    /// on a single node (every creation passed through it); with peers a
-    /// room created elsewhere may not have reached this node's filter yet,
-    /// so the membership read decides.
-    ///
-    /// # Errors
-    /// `NotFound`.
-    pub fn check_room_may_exist(&self, room: &RoomId) -> Result<(), NodeError> {
-        if self.config.is_single_node() && !self.known.may_exist(room) {
-            metrics::counter!("saferchat_unknown_room_lookups_total").increment(1);
-            return Err(NodeError::NotFound(format!(
-                "room {:?} does not exist",
-                room.as_str()
-            )));
-        }
-        Ok(())
     }
 }

@@ -46,7 +46,7 @@ use tokio_util::sync::CancellationToken;
 use crate::auth::{AdminToken, SessionKeys};
 use crate::clock::Clock;
 use crate::config::{Backend, NodeConfig};
-use crate::context::Context;
+use crate::context::{AdminContext, ChatContext, RoomFilter};
 use crate::error::NodeError;
 use crate::known_rooms::KnownRooms;
 use crate::membership::driver::{self, DriverParts};
@@ -231,13 +231,19 @@ pub async fn run(
     if let Some(addr) = listeners.peer.as_ref().and_then(|l| l.local_addr().ok()) {
         tracing::info!(%addr, "peer listener");
     }
-    let ctx = Arc::new(Context::new(
+    let filter = RoomFilter::new(known, config.is_single_node());
+    let admin_ctx = Arc::new(AdminContext {
+        me: NodeId(config.node_id),
+        membership: membership.clone(),
+        store: Arc::clone(&chat),
+        rooms: filter.clone(),
+    });
+    let ctx = Arc::new(ChatContext::new(
         config.clone(),
         membership,
         rooms,
         Arc::clone(&chat),
-        known,
-        admin,
+        filter,
         sessions,
         clock,
         shutdown.clone(),
@@ -246,6 +252,8 @@ pub async fn run(
 
     let client_server = tokio::spawn(grpc::serve_clients(
         Arc::clone(&ctx),
+        admin_ctx,
+        admin,
         listeners.client,
         shutdown.clone(),
     ));

@@ -7,7 +7,7 @@ use saferchat_consensus::{Change, Handle, Revision, RoomId};
 use saferchat_proto::admin::{self as pb, admin_server::Admin};
 use tonic::{Request, Response, Status};
 
-use crate::context::Context;
+use crate::context::AdminContext;
 use crate::convert;
 use crate::error::NodeError;
 
@@ -19,12 +19,12 @@ const LIST_PAGE_DEFAULT: u32 = 100;
 /// The admin service.
 #[derive(Debug, Clone)]
 pub struct AdminService {
-    ctx: Arc<Context>,
+    ctx: Arc<AdminContext>,
 }
 
 impl AdminService {
     /// Wraps the node context.
-    pub fn new(ctx: Arc<Context>) -> AdminService {
+    pub fn new(ctx: Arc<AdminContext>) -> AdminService {
         AdminService { ctx }
     }
 
@@ -156,12 +156,12 @@ impl Admin for AdminService {
     ) -> Result<Response<pb::MembersReply>, Status> {
         let req = request.into_inner();
         let room = room(&req.chat)?;
-        self.ctx.check_room_may_exist(&room)?;
+        self.ctx.rooms.check_room_may_exist(&room)?;
         let status = self.ctx.membership.status(&room).await?;
         if !status.state.created {
             return Err(NodeError::NotFound(format!("room {:?} does not exist", req.chat)).into());
         }
-        let me = saferchat_consensus::NodeId(self.ctx.config.node_id);
+        let me = self.ctx.me;
         let mut holders = status.lease.promised_to;
         if status.lease.local_read && !holders.contains(&me) {
             holders.push(me);

@@ -13,7 +13,7 @@ use tonic::{Request, Response, Status, Streaming};
 
 use super::forward::{self, Forwarder};
 use super::{frames, session};
-use crate::context::Context;
+use crate::context::ChatContext;
 use crate::convert;
 use crate::error::NodeError;
 use crate::message_id::MessageId;
@@ -25,14 +25,14 @@ const OUT_FRAMES_MAX: usize = 8;
 /// The chat service.
 #[derive(Debug, Clone)]
 pub struct ChatService {
-    ctx: Arc<Context>,
+    ctx: Arc<ChatContext>,
     /// History for rooms other nodes serve goes through this.
     forwarder: Arc<Forwarder>,
 }
 
 impl ChatService {
     /// Wraps the node context.
-    pub fn new(ctx: Arc<Context>) -> ChatService {
+    pub fn new(ctx: Arc<ChatContext>) -> ChatService {
         ChatService {
             ctx,
             forwarder: Arc::new(Forwarder::new()),
@@ -57,7 +57,7 @@ impl ChatService {
             .ctx
             .sessions
             .verify(token, &room, self.ctx.clock.unix_ms())?;
-        self.ctx.check_room_may_exist(&room)?;
+        self.ctx.filter.check_room_may_exist(&room)?;
         let state = self.ctx.membership.read(&room).await?;
         if !state.created {
             return Err(NodeError::NotFound(format!("room {chat:?} does not exist")));

@@ -23,7 +23,8 @@ use tonic::service::interceptor::InterceptedService;
 use tonic::transport::Server;
 use tonic::transport::server::TcpIncoming;
 
-use crate::context::Context;
+use crate::auth::AdminToken;
+use crate::context::{AdminContext, ChatContext};
 use crate::error::NodeError;
 use crate::membership::Inbound;
 use crate::peer_tls::PeerTls;
@@ -64,7 +65,9 @@ fn reflection(itself: &str) -> tonic_reflection::server::Builder<'static> {
 /// # Errors
 /// When the server fails (not when it shuts down).
 pub async fn serve_clients(
-    ctx: Arc<Context>,
+    ctx: Arc<ChatContext>,
+    admin_ctx: Arc<AdminContext>,
+    token: AdminToken,
     listener: TcpListener,
     shutdown: CancellationToken,
 ) -> Result<(), NodeError> {
@@ -84,9 +87,8 @@ pub async fn serve_clients(
         .build_v1alpha()
         .map_err(|e| NodeError::Config(format!("reflection: {e}")))?;
 
-    let token = ctx.admin.clone();
     let admin = InterceptedService::new(
-        AdminServer::new(admin::AdminService::new(Arc::clone(&ctx)))
+        AdminServer::new(admin::AdminService::new(admin_ctx))
             .max_decoding_message_size(GRPC_MESSAGE_BYTES_MAX),
         move |request: tonic::Request<()>| {
             token.check(request.metadata())?;

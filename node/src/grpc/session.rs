@@ -27,7 +27,7 @@ use tokio::sync::{mpsc, oneshot};
 use tonic::{Status, Streaming};
 
 use crate::auth;
-use crate::context::{Context, SessionSlot};
+use crate::context::{ChatContext, SessionSlot};
 use crate::convert;
 use crate::error::NodeError;
 use crate::grpc::frames;
@@ -73,7 +73,7 @@ impl From<NodeError> for End {
 
 /// Serves one `Post` stream until either side ends it.
 pub async fn run(
-    ctx: Arc<Context>,
+    ctx: Arc<ChatContext>,
     slot: SessionSlot,
     mut inbound: Streaming<pb::ClientFrame>,
     out: Out,
@@ -136,7 +136,7 @@ fn invalid(e: impl std::fmt::Display) -> NodeError {
 }
 
 async fn serve(
-    ctx: &Arc<Context>,
+    ctx: &Arc<ChatContext>,
     session: u64,
     inbound: &mut Streaming<pb::ClientFrame>,
     out: &Out,
@@ -153,7 +153,7 @@ async fn serve(
     // A room's sessions all live on the node that serves it: one order of
     // posts, one timeline, and every post reaches every session.
     ctx.routing.route(&room).await.map_err(End::Redirect)?;
-    ctx.check_room_may_exist(&room)?;
+    ctx.filter.check_room_may_exist(&room)?;
     let state = ctx.membership.read(&room).await?;
     if !state.created {
         return Err(NodeError::NotFound(format!("room {:?} does not exist", room.as_str())).into());
@@ -230,7 +230,7 @@ async fn serve(
 /// Registers the member's key on first join (a membership change through
 /// consensus), or checks it against the registered one.
 async fn register(
-    ctx: &Context,
+    ctx: &ChatContext,
     room: &RoomId,
     user: &Handle,
     key: saferchat_consensus::PublicKey,
@@ -259,7 +259,7 @@ async fn register(
 /// Sends stored messages up to `last` (the attach point; later ones come
 /// live): everything after `after` when resuming, else the `recent` newest.
 async fn replay(
-    ctx: &Context,
+    ctx: &ChatContext,
     out: &Out,
     room: &RoomId,
     user: &Handle,
@@ -377,7 +377,7 @@ fn result_frame(outcome: PostOutcome, room: &RoomId) -> server_frame::Frame {
 
 #[allow(clippy::too_many_arguments)]
 async fn live_loop(
-    ctx: &Context,
+    ctx: &ChatContext,
     session: u64,
     inbound: &mut Streaming<pb::ClientFrame>,
     out: &Out,
