@@ -11,6 +11,10 @@
 //!   phases;
 //! - `load.rs`: the engine: envelope pools, senders, receivers, one phase;
 //! - `idle.rs`: memory per idle joined session;
+//! - `saferchat-bench cluster`: many rooms on a cluster of N nodes
+//!   (`cluster.rs` starts the node processes, `rooms.rs` is the workload
+//!   and its checks, `failover.rs` kills leaders, `cluster_report.rs`
+//!   writes the report);
 //! - `handshake.rs`: a join timed step by step;
 //! - `node.rs`: starting and stopping the node under test;
 //! - `procfs.rs`: CPU time, memory and machine facts from `/proc`;
@@ -21,12 +25,16 @@
 //! CPU; the server is pinned to another. Every loop is bounded in count
 //! and time, and traffic goes only to the loopback address.
 
+mod cluster;
+mod cluster_report;
+mod failover;
 mod handshake;
 mod idle;
 mod load;
 mod node;
 mod procfs;
 mod report;
+mod rooms;
 mod run;
 mod stats;
 mod users;
@@ -49,9 +57,13 @@ const REPS_MAX: usize = 20;
 #[command(
     name = "saferchat-bench",
     version,
-    about = "Load generator for a saferchat node: the peer chat-server workload (one room, M members, S senders), real envelopes"
+    about = "Load generator for a saferchat node: the peer chat-server workload (one room, M members, S senders), real envelopes",
+    args_conflicts_with_subcommands = true
 )]
 struct Args {
+    /// Another workload instead of the single-room one.
+    #[command(subcommand)]
+    mode: Option<Mode>,
     /// Room sizes M to run, comma separated.
     #[arg(long, value_delimiter = ',', default_value = "10,100")]
     members: Vec<usize>,
@@ -164,15 +176,142 @@ struct Args {
     tag: String,
 }
 
+#[derive(Debug, clap::Subcommand)]
+enum Mode {
+    /// Many rooms on a cluster: R rooms of M members spread over the
+    /// nodes of a fresh 1-node and 3-node cluster (each its own run),
+    /// fixed-rate and saturation phases, no-loss checks, then leader
+    /// failover trials on a 3-node cluster.
+    Cluster(ClusterArgs),
+}
+
+#[derive(Debug, clap::Args)]
+struct ClusterArgs {
+    /// Cluster sizes, in order (1 = a single node without peers).
+    #[arg(long, value_delimiter = ',', default_value = "1,3")]
+    nodes: Vec<usize>,
+    /// Rooms (R).
+    #[arg(long, default_value_t = 1000)]
+    rooms: usize,
+    /// Members per room (M).
+    #[arg(long, default_value_t = 10)]
+    members: usize,
+    /// Senders per room (the first S members of each room).
+    #[arg(long, default_value_t = 1)]
+    senders_per_room: usize,
+    /// Users the members are drawn from (member i of room r is user
+    /// (r·M + i) mod U); at most 1000, at least M.
+    #[arg(long, default_value_t = 1000)]
+    users: usize,
+    /// Repetitions (each size once per repetition, interleaved).
+    #[arg(long, default_value_t = 1)]
+    reps: usize,
+    /// Load phases in order: rate, sat ("" = none).
+    #[arg(long, value_delimiter = ',', default_value = "rate,sat")]
+    phases: Vec<String>,
+    /// Fixed-rate phase: messages/s over all rooms.
+    #[arg(long, default_value_t = 1000.0)]
+    rate: f64,
+    /// Saturation: posts in flight per sender.
+    #[arg(long, default_value_t = 1)]
+    window: u64,
+    /// Fixed-rate phase: warm-up, s.
+    #[arg(long, default_value_t = 2.0)]
+    rate_warmup: f64,
+    /// Fixed-rate phase: measured, s.
+    #[arg(long, default_value_t = 15.0)]
+    rate_duration: f64,
+    /// Saturation: warm-up, s.
+    #[arg(long, default_value_t = 2.0)]
+    sat_warmup: f64,
+    /// Saturation: measured, s.
+    #[arg(long, default_value_t = 8.0)]
+    sat_duration: f64,
+    /// After each window, s.
+    #[arg(long, default_value_t = 2.0)]
+    drain: f64,
+    /// Longest wait for the last deliveries after the drain, s.
+    #[arg(long, default_value_t = 30.0)]
+    drain_max: f64,
+    /// Distinct envelopes per room, each posted at most once per run.
+    #[arg(long, default_value_t = 150)]
+    pool: usize,
+    /// Rooms set up at once.
+    #[arg(long, default_value_t = 32)]
+    setup_concurrency: usize,
+    /// Threads sealing envelopes.
+    #[arg(long, default_value_t = 2)]
+    seal_threads: usize,
+    /// Where sealed pools are cached ("" = no cache).
+    #[arg(long, default_value = "target/bench-envelopes")]
+    seal_cache: PathBuf,
+    /// Failover trials on a 3-node cluster (0 = none).
+    #[arg(long, default_value_t = 10)]
+    failover_trials: usize,
+    /// Failover: posts per second of the stream.
+    #[arg(long, default_value_t = 50.0)]
+    failover_rate: f64,
+    /// Failover: posting before the kill, s.
+    #[arg(long, default_value_t = 1.0)]
+    failover_before: f64,
+    /// Failover: posting after the first post the new leader accepted, s.
+    #[arg(long, default_value_t = 1.0)]
+    failover_after: f64,
+    /// Failover: pause between rejoin attempts, ms.
+    #[arg(long, default_value_t = 10)]
+    failover_retry_ms: u64,
+    /// Failover: longest a trial may take after the kill, s.
+    #[arg(long, default_value_t = 30.0)]
+    failover_time_max: f64,
+    /// Failover: longest wait for the restarted node to catch up, s.
+    #[arg(long, default_value_t = 30.0)]
+    catchup_max: f64,
+    /// Plaintext bytes per message.
+    #[arg(long, default_value_t = 200)]
+    body_bytes: usize,
+    /// The node binary (default: saferchat-node next to this binary).
+    #[arg(long)]
+    node_bin: Option<PathBuf>,
+    /// CPUs of every node (taskset -c; "" = not pinned).
+    #[arg(long, default_value = "0")]
+    server_cpus: String,
+    /// The CPU this tool pins itself to ("" = not pinned).
+    #[arg(long, default_value = "1")]
+    client_cpu: String,
+    /// chrt -r priority of the nodes and this tool (0 = normal
+    /// scheduling, the default: the machine is shared).
+    #[arg(long, default_value_t = 0)]
+    rt: u32,
+    /// Where cached keys live.
+    #[arg(long, default_value = "target/bench-keys")]
+    keys_dir: PathBuf,
+    /// Where result files go.
+    #[arg(long, default_value = "target/bench-results")]
+    out: PathBuf,
+    /// Where cluster folders go (data deleted after each run, logs kept).
+    #[arg(long, default_value = "target/bench-run")]
+    work_dir: PathBuf,
+    /// Keep the nodes' data folders.
+    #[arg(long)]
+    keep_data: bool,
+    /// RUST_LOG of the nodes in the load runs (the failover cluster logs
+    /// at info: the tool reads the new leader's rank from its log).
+    #[arg(long, default_value = "warn")]
+    node_log: String,
+    /// Tag in result file names.
+    #[arg(long, default_value = "cluster")]
+    tag: String,
+}
+
 /// Re-executes this program under `taskset -c CPU [chrt -r PRIO]` once, so
 /// the whole process (every thread) runs on the client CPU.
-fn pin_self(args: &Args, rt: u32) -> anyhow::Result<()> {
-    if args.client_cpu.is_empty() || std::env::var_os(PINNED_ENV).is_some() {
+fn pin_self(client_cpu: &str, rt: u32) -> anyhow::Result<()> {
+    if client_cpu.is_empty() || std::env::var_os(PINNED_ENV).is_some() {
         return Ok(());
     }
     let exe = std::env::current_exe()?;
     let mut command = Command::new("taskset");
-    command.args(["-c", &args.client_cpu]);
+    command.args(["-c", client_cpu]);
     if rt > 0 {
         command.args(["chrt", "-r", &rt.to_string()]);
     }
@@ -389,16 +528,184 @@ async fn main_async(args: Args, rt: u32) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// `saferchat-bench cluster`: the many-rooms runs, then the failover
+/// trials, then the report.
+async fn cluster_main(args: ClusterArgs) -> anyhow::Result<()> {
+    let started_utc = now_utc();
+    let ticks = procfs::clock_ticks_per_s();
+    anyhow::ensure!(
+        (1..=REPS_MAX).contains(&args.reps),
+        "reps must be 1..={REPS_MAX}"
+    );
+    anyhow::ensure!(
+        (1..=users::USERS_MAX).contains(&args.users) && args.users >= args.members.max(2),
+        "users must be M..={}",
+        users::USERS_MAX
+    );
+    let repo = std::env::current_dir()?;
+    let machine = procfs::machine_facts(&repo);
+    let command = std::env::args()
+        .map(|a| quote(&a))
+        .collect::<Vec<_>>()
+        .join(" ");
+    std::fs::create_dir_all(&args.out)?;
+    let (users, _) = users::load_or_generate(&args.keys_dir, args.users)?;
+    let node_bin = match &args.node_bin {
+        Some(p) => p.clone(),
+        None => std::env::current_exe()?
+            .parent()
+            .context("binary folder")?
+            .join("saferchat-node"),
+    };
+    let phases: Vec<String> = args
+        .phases
+        .iter()
+        .filter(|p| !p.is_empty())
+        .cloned()
+        .collect();
+    let admin_token = random_token();
+    let spec = |nodes: usize, metrics: bool, log_level: &str| cluster::ClusterSpec {
+        binary: node_bin.clone(),
+        nodes,
+        cpus: args.server_cpus.clone(),
+        rt_priority: args.rt,
+        work_dir: args.work_dir.clone(),
+        admin_token: admin_token.clone(),
+        metrics,
+        log_level: log_level.into(),
+        keep_data: args.keep_data,
+    };
+    let seal_cache = (!args.seal_cache.as_os_str().is_empty()).then_some(args.seal_cache.as_path());
+    let mut report = cluster_report::ClusterInvocation {
+        tool: format!("saferchat-bench {}", env!("CARGO_PKG_VERSION")),
+        started_utc,
+        ended_utc: String::new(),
+        command,
+        machine,
+        client_placement: format!(
+            "this process on CPUs {} ({}), one thread (tokio current-thread runtime) plus sealing and signing threads",
+            procfs::cpus_allowed("self"),
+            procfs::scheduling(&std::process::id().to_string())
+        ),
+        loadavg_start: rooms::loadavg_1m(),
+        runs: Vec::new(),
+        failover: None,
+    };
+    let write = |r: &mut cluster_report::ClusterInvocation| -> anyhow::Result<()> {
+        r.ended_utc = now_utc();
+        write_json(&args.out.join(format!("{}-summary.json", args.tag)), r)?;
+        std::fs::write(
+            args.out.join(format!("{}-report.md", args.tag)),
+            cluster_report::markdown(r),
+        )?;
+        Ok(())
+    };
+    if !phases.is_empty() {
+        for rep in 1..=args.reps {
+            for &n in &args.nodes {
+                eprintln!(
+                    "== cluster N={n}: {} rooms × {} members, rep {rep} (load {:.1})",
+                    args.rooms,
+                    args.members,
+                    rooms::loadavg_1m()
+                );
+                let cluster = cluster::Cluster::start(
+                    &spec(n, false, &args.node_log),
+                    &format!("N{n}-rep{rep}"),
+                )?;
+                let plan = rooms::RoomsPlan {
+                    nodes: n,
+                    rooms: args.rooms,
+                    members: args.members,
+                    senders_per_room: args.senders_per_room,
+                    body_bytes: args.body_bytes,
+                    pool: args.pool,
+                    phases: phases.clone(),
+                    rate_msgs_per_s: args.rate,
+                    window: args.window,
+                    rate_warmup_s: args.rate_warmup,
+                    rate_duration_s: args.rate_duration,
+                    sat_warmup_s: args.sat_warmup,
+                    sat_duration_s: args.sat_duration,
+                    drain_s: args.drain,
+                    drain_max_s: args.drain_max,
+                    setup_concurrency: args.setup_concurrency,
+                    seal_threads: args.seal_threads,
+                };
+                let local = tokio::task::LocalSet::new();
+                let result = local
+                    .run_until(rooms::run(
+                        &cluster,
+                        &admin_token,
+                        ticks,
+                        &users,
+                        plan,
+                        seal_cache,
+                        rep,
+                    ))
+                    .await;
+                drop(local);
+                drop(cluster);
+                let result = result.with_context(|| format!("N={n} rep {rep}"))?;
+                write_json(
+                    &args.out.join(format!("{}-N{n}-rep{rep}.json", args.tag)),
+                    &result,
+                )?;
+                report.runs.push(result);
+                write(&mut report)?;
+            }
+        }
+    }
+    if args.failover_trials > 0 {
+        eprintln!(
+            "== failover: {} trials on 3 nodes (load {:.1})",
+            args.failover_trials,
+            rooms::loadavg_1m()
+        );
+        let mut cluster = cluster::Cluster::start(&spec(3, true, "info"), "failover")?;
+        let plan = failover::FailoverPlan {
+            trials: args.failover_trials,
+            rate_per_s: args.failover_rate,
+            before_kill_s: args.failover_before,
+            after_s: args.failover_after,
+            retry_ms: args.failover_retry_ms,
+            trial_time_max_s: args.failover_time_max,
+            catchup_max_s: args.catchup_max,
+        };
+        let result = failover::run(&mut cluster, &admin_token, &users, plan).await;
+        drop(cluster);
+        let result = result.context("failover")?;
+        write_json(
+            &args.out.join(format!("{}-failover.json", args.tag)),
+            &result,
+        )?;
+        report.failover = Some(result);
+    }
+    write(&mut report)?;
+    eprintln!(
+        "report: {}",
+        args.out.join(format!("{}-report.md", args.tag)).display()
+    );
+    Ok(())
+}
+
 fn main() -> ExitCode {
     let args = Args::parse();
-    let rt = args.rt.unwrap_or_else(|| {
-        if std::env::var("BENCH_RT").as_deref() == Ok("0") {
-            0
-        } else {
-            10
-        }
-    });
-    if let Err(e) = pin_self(&args, rt) {
+    let rt = match &args.mode {
+        Some(Mode::Cluster(c)) => c.rt,
+        None => args.rt.unwrap_or_else(|| {
+            if std::env::var("BENCH_RT").as_deref() == Ok("0") {
+                0
+            } else {
+                10
+            }
+        }),
+    };
+    let client_cpu = match &args.mode {
+        Some(Mode::Cluster(c)) => c.client_cpu.clone(),
+        None => args.client_cpu.clone(),
+    };
+    if let Err(e) = pin_self(&client_cpu, rt) {
         eprintln!("saferchat-bench: {e:#}");
         return ExitCode::FAILURE;
     }
@@ -412,7 +719,13 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match runtime.block_on(main_async(args, rt)) {
+    let work = async move {
+        match args.mode {
+            Some(Mode::Cluster(c)) => cluster_main(c).await,
+            None => main_async(args, rt).await,
+        }
+    };
+    match runtime.block_on(work) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("saferchat-bench: {e:#}");

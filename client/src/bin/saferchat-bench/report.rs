@@ -37,7 +37,7 @@ pub struct Invocation {
     pub idle: Option<IdleResult>,
 }
 
-fn cell(values: &[f64], digits: usize) -> String {
+pub fn cell(values: &[f64], digits: usize) -> String {
     match spread(values) {
         None => "–".into(),
         Some((m, lo, hi)) if values.len() == 1 || lo == hi => fmt(m, digits),
@@ -50,7 +50,7 @@ fn cell(values: &[f64], digits: usize) -> String {
     }
 }
 
-fn fmt(v: f64, digits: usize) -> String {
+pub fn fmt(v: f64, digits: usize) -> String {
     if !v.is_finite() {
         return "–".into();
     }
