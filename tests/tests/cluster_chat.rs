@@ -497,3 +497,81 @@ async fn grpcurl_reads_the_same_history_through_every_node() {
         assert_eq!(ids, &newest_first, "grpcurl History through node {}", i + 1);
     }
 }
+
+/// One admin call with plain grpcurl; its JSON answer.
+fn grpcurl_admin(address: &str, method: &str, request: &serde_json::Value) -> serde_json::Value {
+    let bin = saferchat_tests::bin::grpcurl()
+        .expect("grpcurl not found: run scripts/test.sh (installs it) or set GRPCURL");
+    let auth = format!("authorization: Bearer {}", saferchat_tests::ADMIN_TOKEN);
+    let out = Command::new(bin)
+        .args([
+            "-plaintext",
+            "-H",
+            &auth,
+            "-d",
+            &request.to_string(),
+            address,
+        ])
+        .arg(format!("server.grpc.admin.Admin/{method}"))
+        .output()
+        .expect("run grpcurl");
+    assert!(
+        out.status.success(),
+        "grpcurl {method} on {address} failed: {}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).expect("grpcurl prints JSON")
+}
+
+/// The README's grpcurl calls against every node of five: the room is
+/// created through one node, each node adds a member, and every node lists
+/// all of them (the two nodes that do not replicate the room ask a replica).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs grpcurl: run scripts/test.sh or set GRPCURL"]
+async fn grpcurl_admin_calls_work_through_every_node_of_five() {
+    const CHAT: &str = "grpcurl-five";
+    let cluster = Cluster::start(Options::single_dc(5)).await;
+    let addresses: Vec<String> = (0..5).map(|i| cluster.server(i)).collect();
+    let handles: Vec<String> = (0..5)
+        .map(|i| {
+            saferchat_client::test_keys::identity(i)
+                .handle()
+                .to_string()
+        })
+        .collect();
+    let replies = tokio::task::spawn_blocking(move || {
+        let created = grpcurl_admin(
+            &addresses[0],
+            "AddChat",
+            &serde_json::json!({"chat": CHAT, "op": "CREATE"}),
+        );
+        assert_eq!(created["revision"], "1", "{created}");
+        for (address, handle) in addresses.iter().zip(&handles) {
+            let added = grpcurl_admin(
+                address,
+                "AddUser",
+                &serde_json::json!({"chat": CHAT, "op": "ADD", "user": handle}),
+            );
+            assert_eq!(added["changed"], true, "{added}");
+        }
+        addresses
+            .iter()
+            .map(|a| grpcurl_admin(a, "Members", &serde_json::json!({"chat": CHAT})))
+            .collect::<Vec<_>>()
+    })
+    .await
+    .unwrap();
+    for (i, reply) in replies.iter().enumerate() {
+        let members = reply["membership"]["members"]
+            .as_array()
+            .unwrap_or_else(|| panic!("node {}: {reply}", i + 1));
+        assert_eq!(members.len(), 5, "node {}: {reply}", i + 1);
+        assert_eq!(
+            reply["membership"]["revision"],
+            "6",
+            "node {}: {reply}",
+            i + 1
+        );
+    }
+}
