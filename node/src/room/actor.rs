@@ -88,8 +88,10 @@ struct Actor {
     last_seq: u64,
     last_revision: Option<saferchat_consensus::Revision>,
     /// A write failed: later writes in flight are not acknowledged either,
-    /// and the actor stops once they are done, so that the next one starts
-    /// from what storage really holds.
+    /// and once they are done the room's tail is read again from storage
+    /// before the next post is placed, so that numbering continues from
+    /// what storage really holds. Sessions stay open meanwhile; posts are
+    /// refused UNAVAILABLE until storage answers.
     broken: bool,
 }
 
@@ -151,12 +153,9 @@ pub async fn run(
     let mut appending: FuturesOrdered<Appending> = FuturesOrdered::new();
     loop {
         let first = tokio::select! {
-            command = rx.recv(), if appending.len() < APPENDS_IN_FLIGHT_MAX && !actor.broken => command,
+            command = rx.recv(), if appending.len() < APPENDS_IN_FLIGHT_MAX && (!actor.broken || appending.is_empty()) => command,
             Some((accepted, results, started)) = appending.next(), if !appending.is_empty() => {
                 actor.complete(accepted, results, started);
-                if actor.broken && appending.is_empty() {
-                    break;
-                }
                 continue;
             }
             event = timeline_event(&mut actor.writer) => {
@@ -197,9 +196,7 @@ pub async fn run(
             appending.push_back(batch);
         }
     }
-    let e = if actor.broken {
-        NodeError::Unavailable("the room's storage failed; rejoin (posts not acknowledged may be retried: a retry is recognised)".into())
-    } else if actor.deps.shutdown.is_cancelled() {
+    let e = if actor.deps.shutdown.is_cancelled() {
         NodeError::Unavailable("node is shutting down".into())
     } else {
         NodeError::Unavailable(format!(
@@ -406,6 +403,30 @@ impl Actor {
         }
         if accepted.is_empty() {
             return None;
+        }
+        if self.broken && matches!(self.writer, Writer::Local(_)) {
+            // Nothing is in flight (the run loop waits for that).
+            match RoomTail::load(&*self.deps.store, &self.room).await {
+                Ok(fresh) => {
+                    self.writer = Writer::Local(fresh);
+                    self.broken = false;
+                }
+                Err(e) => {
+                    for p in accepted {
+                        self.reply(
+                            p.session,
+                            p.client_seq,
+                            Err((
+                                NodeError::Unavailable(format!(
+                                    "message could not be stored and was not acknowledged: {e}"
+                                )),
+                                None,
+                            )),
+                        );
+                    }
+                    return None;
+                }
+            }
         }
         match &mut self.writer {
             Writer::Local(tail) => {

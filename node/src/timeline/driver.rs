@@ -545,8 +545,8 @@ impl Driver {
         for (to, m) in sends {
             self.peers.send_log(to, m);
         }
-        for (partition, slots) in committed {
-            self.apply(partition, slots).await?;
+        if !committed.is_empty() {
+            self.apply(committed).await?;
         }
         if self.store.wants_rotation() {
             self.rotate().await?;
@@ -570,64 +570,66 @@ impl Driver {
         }
     }
 
-    /// Applies committed slots to the timeline store, then answers and
-    /// delivers.
+    /// Applies committed slots of every partition to the timeline store in
+    /// one append (one sync however many partitions committed: the driver
+    /// must not spend its turn on a sync per partition, or its heartbeats
+    /// would stall under load), then answers and delivers.
     async fn apply(
         &mut self,
-        partition: u32,
-        slots: Vec<Committed<LogPost>>,
+        committed: Vec<(u32, Vec<Committed<LogPost>>)>,
     ) -> Result<(), NodeError> {
-        let last = slots.last().map(|c| c.slot).expect("not empty");
         let batch_start = self.uses;
         let mut batch = Vec::new();
         let mut outcomes = Vec::new();
-        for c in &slots {
-            let Value::Post(post) = &c.value else {
-                continue;
-            };
-            let envelope = match Envelope::decode(post.envelope.clone()) {
-                Ok(e) => e,
-                Err(e) => {
-                    // The leader checked it; every replica skips it alike.
-                    tracing::error!(partition, slot = c.slot.0, error = %e, "a committed post does not decode; skipped");
+        for (partition, slots) in &committed {
+            for c in slots {
+                let Value::Post(post) = &c.value else {
                     continue;
+                };
+                let envelope = match Envelope::decode(post.envelope.clone()) {
+                    Ok(e) => e,
+                    Err(e) => {
+                        // The leader checked it; every replica skips it alike.
+                        tracing::error!(partition, slot = c.slot.0, error = %e, "a committed post does not decode; skipped");
+                        continue;
+                    }
+                };
+                if !self.tails.contains_key(&post.room) {
+                    let tail = RoomTail::load(&*self.chat, &post.room)
+                        .await
+                        .map_err(|e| fatal(&e))?;
+                    // Never a room placed in this batch: its tail is ahead
+                    // of the store until the batch is stored.
+                    if self.tails.len() >= TAILS_MAX
+                        && let Some(oldest) = self
+                            .tails
+                            .iter()
+                            .filter(|(_, (_, used))| *used <= batch_start)
+                            .min_by_key(|(_, (_, used))| *used)
+                            .map(|(r, _)| r.clone())
+                    {
+                        self.tails.remove(&oldest);
+                    }
+                    self.tails.insert(post.room.clone(), (tail, 0));
                 }
-            };
-            if !self.tails.contains_key(&post.room) {
-                let tail = RoomTail::load(&*self.chat, &post.room)
-                    .await
-                    .map_err(|e| fatal(&e))?;
-                // Never a room placed in this batch: its tail is ahead of
-                // the store until the batch is stored.
-                if self.tails.len() >= TAILS_MAX
-                    && let Some(oldest) = self
-                        .tails
-                        .iter()
-                        .filter(|(_, (_, used))| *used <= batch_start)
-                        .min_by_key(|(_, (_, used))| *used)
-                        .map(|(r, _)| r.clone())
-                {
-                    self.tails.remove(&oldest);
+                self.uses += 1;
+                let (tail, used) = self.tails.get_mut(&post.room).expect("loaded");
+                *used = self.uses;
+                let placed = tail.place(
+                    (envelope.sender, envelope.nonce),
+                    post.proposed_ms,
+                    post.seed,
+                );
+                if placed.fresh {
+                    batch.push(StoredMessage {
+                        room: post.room.clone(),
+                        id: placed.id,
+                        seq: placed.seq,
+                        envelope: post.envelope.clone(),
+                    });
                 }
-                self.tails.insert(post.room.clone(), (tail, 0));
+                outcomes.push((post.origin, post.room.clone(), placed, envelope));
             }
-            self.uses += 1;
-            let (tail, used) = self.tails.get_mut(&post.room).expect("loaded");
-            *used = self.uses;
-            let placed = tail.place(
-                (envelope.sender, envelope.nonce),
-                post.proposed_ms,
-                post.seed,
-            );
-            if placed.fresh {
-                batch.push(StoredMessage {
-                    room: post.room.clone(),
-                    id: placed.id,
-                    seq: placed.seq,
-                    envelope: post.envelope.clone(),
-                });
-            }
-            outcomes.push((post.origin, post.room.clone(), placed, envelope));
         }
         if !batch.is_empty() {
             let mut attempt = 0;
@@ -636,7 +638,7 @@ impl Driver {
                     Ok(()) => break,
                     Err(e) if attempt + 1 < APPLY_ATTEMPTS => {
                         attempt += 1;
-                        tracing::warn!(partition, error = %e, attempt, "applying committed posts failed; retrying");
+                        tracing::warn!(error = %e, attempt, "applying committed posts failed; retrying");
                         tokio::time::sleep(Duration::from_millis(200 << attempt)).await;
                     }
                     Err(e) => return Err(fatal(&e)),
@@ -644,14 +646,6 @@ impl Driver {
             }
         }
         metrics::counter!("saferchat_posts_stored_total").increment(batch.len() as u64);
-        self.marks.push(LogChange {
-            partition,
-            applied: Some(last),
-            ..LogChange::default()
-        });
-        #[allow(clippy::cast_precision_loss)]
-        metrics::gauge!("saferchat_partition_applied_slot", "partition" => partition.to_string())
-            .set(last.0 as f64);
         for (origin, room, placed, envelope) in outcomes {
             if origin.0 == self.me
                 && let Some((_, reply)) = self.waiters.remove(&origin.1)
@@ -662,7 +656,18 @@ impl Driver {
                 self.deliver(&room, placed, envelope);
             }
         }
-        self.compact(partition, &slots);
+        for (partition, slots) in committed {
+            let last = slots.last().map(|c| c.slot).expect("not empty");
+            self.marks.push(LogChange {
+                partition,
+                applied: Some(last),
+                ..LogChange::default()
+            });
+            #[allow(clippy::cast_precision_loss)]
+            metrics::gauge!("saferchat_partition_applied_slot", "partition" => partition.to_string())
+                .set(last.0 as f64);
+            self.compact(partition, &slots);
+        }
         Ok(())
     }
 
