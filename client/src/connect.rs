@@ -8,6 +8,10 @@ use crate::error::ClientError;
 
 /// Metadata key a node uses to say which node serves a room.
 pub const REDIRECT_METADATA: &str = "saferchat-redirect";
+/// Request metadata by which this library tells a node that it follows
+/// redirects: the node then redirects a session to the room's node instead
+/// of relaying it there (one hop instead of two).
+pub const FOLLOWS_REDIRECTS_METADATA: &str = "saferchat-follows-redirects";
 /// How many redirects a call follows before giving up.
 pub const REDIRECTS_MAX: usize = 3;
 

@@ -21,7 +21,7 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::Channel;
 use tonic::{Code, Streaming};
 
-use crate::connect::{REDIRECTS_MAX, connect, redirect_of};
+use crate::connect::{FOLLOWS_REDIRECTS_METADATA, REDIRECTS_MAX, connect, redirect_of};
 use crate::crypto::{self, Recipient};
 use crate::error::ClientError;
 use crate::keys::Identity;
@@ -211,7 +211,8 @@ impl Session {
         Err(protocol("too many redirects"))
     }
 
-    /// Joins over an existing channel (no redirects).
+    /// Joins over an existing channel; a redirect is not followed but
+    /// returned as the error ([`redirect_of`] reads it).
     ///
     /// # Errors
     /// As [`Session::join`].
@@ -235,7 +236,12 @@ impl Session {
         .map_err(|_| protocol("session closed"))?;
         let mut client = ChatRoomClient::new(channel.clone())
             .max_decoding_message_size(2 * saferchat_envelope::ENVELOPE_BYTES_MAX);
-        let mut inbound = client.post(ReceiverStream::new(rx)).await?.into_inner();
+        let mut request = tonic::Request::new(ReceiverStream::new(rx));
+        request.metadata_mut().insert(
+            FOLLOWS_REDIRECTS_METADATA,
+            tonic::metadata::MetadataValue::from_static("1"),
+        );
+        let mut inbound = client.post(request).await?.into_inner();
         let server_frame::Frame::Challenge(challenge) = next_frame(&mut inbound).await? else {
             return Err(protocol("expected a challenge"));
         };

@@ -1,9 +1,10 @@
 //! Chat across a three-node cluster, as the cluster issue's report tried
 //! it: bob listens through one node, alice posts through the other two.
-//! Every session of a room is redirected to the node that serves the room
-//! (its partition log's leader), so bob receives both posts live; every
-//! replica applies the committed posts, and every node's history is the
-//! same.
+//! Every session of a room is served by the node that serves the room (its
+//! partition log's leader): our client library follows the other nodes'
+//! redirects there, and a client that follows none is relayed there by the
+//! node it reached. So bob receives both posts live; every replica applies
+//! the committed posts, and every node's history is the same.
 //!
 //! History itself is answered by every node: one that does not serve the
 //! room forwards the call to the one that does, so the client library and
@@ -17,14 +18,16 @@ use std::time::Duration;
 use bytes::Bytes;
 use saferchat_client::ClientError;
 use saferchat_client::connect::{connect, redirect_of};
+use saferchat_client::crypto::{Recipient, open, seal};
 use saferchat_client::history::{self, Query};
 use saferchat_client::session::{Event, JoinOptions, Session};
-use saferchat_consensus::{NodeId, RoomId};
+use saferchat_consensus::{NodeId, Revision, RoomId};
 use saferchat_placement::{ClusterNode, PartitionCount, Placement};
 use saferchat_proto::chat::chat_room_server::{ChatRoom, ChatRoomServer};
-use saferchat_proto::chat::{self as pb, chat_room_client::ChatRoomClient};
+use saferchat_proto::chat::{self as pb, chat_room_client::ChatRoomClient, server_frame};
 use saferchat_tests::cluster::{Cluster, Options};
 use saferchat_tests::process::{self, fixture_key};
+use saferchat_tests::raw::Raw;
 use tonic::{Code, Status};
 
 /// How long anything a test waits for may take.
@@ -574,4 +577,120 @@ async fn grpcurl_admin_calls_work_through_every_node_of_five() {
             i + 1
         );
     }
+}
+
+/// The next live delivery on a raw stream, skipping other frames.
+async fn next_live(raw: &mut Raw) -> pb::Delivery {
+    loop {
+        let frame = tokio::time::timeout(DEADLINE, raw.next())
+            .await
+            .expect("a live delivery in time")
+            .expect("the relayed session stays open");
+        if let server_frame::Frame::Deliveries(d) = frame
+            && !d.history
+            && let Some(item) = d.items.into_iter().next()
+        {
+            return item;
+        }
+    }
+}
+
+/// A client that follows no redirect (grpcurl, a generated stub) joins
+/// through a node that does not serve the room. That node relays the
+/// session to the room's node, so the client is challenged, chats live in
+/// both directions and is removed exactly as on the room's node; its
+/// session token works on every node.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_follows_no_redirect_chats_through_a_relaying_node() {
+    let (cluster, owner, mut alice, _) = room_with_posts(&[]).await;
+    let alice_id = Arc::new(saferchat_client::test_keys::identity(0));
+    let bob = Arc::new(saferchat_client::test_keys::identity(1));
+    let mut admin = cluster.admin(owner).await;
+    admin
+        .add_user(ROOM, &bob.handle().to_string(), None)
+        .await
+        .expect("add bob");
+    let through = (owner + 1) % 3;
+    let (mut raw, joined) = Raw::join(&cluster.server(through), ROOM, &bob).await;
+    assert!(!joined.session.is_empty());
+
+    // Alice posts on the room's node; bob's relayed session has it live.
+    let room = RoomId::new(ROOM).unwrap();
+    // (Her session learns bob's key first, so the post is sealed for him
+    // rather than refused as stale and resealed.)
+    alice.refresh_members().await.expect("members");
+    alice.post(b"to bob, relayed").await.expect("post");
+    let item = next_live(&mut raw).await;
+    assert_eq!(item.seq, 1);
+    let sender_key =
+        |h: &saferchat_consensus::Handle| (*h == alice_id.handle()).then(|| alice_id.public_key());
+    let plain = open(&bob, &room, item.sealed, sender_key).expect("bob opens it");
+    assert_eq!(plain.body, b"to bob, relayed");
+
+    // Bob posts through the relay; the room's node places it next, and
+    // alice has it live.
+    let envelope = seal(
+        &bob,
+        &room,
+        Revision(joined.revision),
+        &[&alice_id, &bob]
+            .iter()
+            .map(|id| Recipient {
+                handle: id.handle(),
+                key: id.public_key(),
+            })
+            .collect::<Vec<_>>(),
+        b"from bob, relayed",
+    )
+    .expect("seal");
+    raw.post(7, envelope.encode()).await;
+    let result = raw.result().await;
+    assert_eq!(result.client_seq, 7);
+    match result.outcome {
+        Some(pb::post_result::Outcome::Accepted(a)) => assert_eq!(a.seq, 2),
+        other => panic!("bob's post through the relay: {other:?}"),
+    }
+    loop {
+        let event = tokio::time::timeout(DEADLINE, alice.next())
+            .await
+            .expect("bob's post reaches alice in time")
+            .expect("session")
+            .expect("not ended");
+        // (Alice's own post comes back to her first.)
+        if let Event::Message(m) = event
+            && m.seq == 2
+        {
+            assert_eq!(m.content.expect("verified").body, b"from bob, relayed");
+            break;
+        }
+    }
+
+    // The token the relayed join issued reads history on the third node.
+    let third = (owner + 2) % 3;
+    let mut reader = ChatRoomClient::new(connect(&cluster.server(third)).await.unwrap());
+    let mut pages = reader
+        .history(pb::HistoryRequest {
+            chat: ROOM.into(),
+            session: joined.session.clone(),
+            ..pb::HistoryRequest::default()
+        })
+        .await
+        .expect("history with the relayed session's token")
+        .into_inner();
+    let mut seqs = Vec::new();
+    while let Some(page) = pages.message().await.expect("page") {
+        seqs.extend(page.items.iter().map(|i| i.seq));
+    }
+    assert_eq!(seqs, [2, 1], "newest first");
+
+    // Removing bob ends his relayed session, as on the room's node.
+    admin
+        .remove_user(ROOM, &bob.handle().to_string(), None)
+        .await
+        .expect("remove bob");
+    let status = tokio::time::timeout(DEADLINE, raw.end())
+        .await
+        .expect("the relayed session ends in time");
+    assert_eq!(status.code(), Code::PermissionDenied, "{status:?}");
+    assert!(status.message().contains("removed"), "{status:?}");
 }

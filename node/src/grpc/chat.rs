@@ -12,7 +12,7 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 
 use super::forward::{self, Forwarder};
-use super::{frames, session};
+use super::{frames, relay, session};
 use crate::context::ChatContext;
 use crate::convert;
 use crate::error::NodeError;
@@ -26,7 +26,8 @@ const OUT_FRAMES_MAX: usize = 8;
 #[derive(Debug, Clone)]
 pub struct ChatService {
     ctx: Arc<ChatContext>,
-    /// History for rooms other nodes serve goes through this.
+    /// History and relayed sessions for rooms other nodes serve go
+    /// through this.
     forwarder: Arc<Forwarder>,
 }
 
@@ -83,12 +84,17 @@ impl ChatRoom for ChatService {
         request: Request<Streaming<pb::ClientFrame>>,
     ) -> Result<Response<Self::PostStream>, Status> {
         let slot = self.ctx.open_session()?;
+        // Relay only for clients that cannot follow a redirect, and never
+        // a stream another node relayed here.
+        let relay = !forward::is_forwarded(request.metadata())
+            && !relay::follows_redirects(request.metadata());
         let (out, rx) = mpsc::channel(OUT_FRAMES_MAX);
         tokio::spawn(session::run(
             Arc::clone(&self.ctx),
             slot,
             request.into_inner(),
             out,
+            relay.then(|| Arc::clone(&self.forwarder)),
         ));
         Ok(Response::new(ReceiverStream::new(rx)))
     }

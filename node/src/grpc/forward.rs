@@ -1,4 +1,5 @@
-//! Forwarding `History` to the node that serves the room.
+//! Forwarding `History` to the node that serves the room, and the channels
+//! to other nodes' client ports that forwarding and relaying share.
 //!
 //! A node that does not serve a room answers its chat calls with
 //! UNAVAILABLE and `saferchat-redirect` metadata naming the node that does
@@ -9,8 +10,8 @@
 //! answer is a few pages, is forwarded: the node sends the same request
 //! (the caller's session token is valid on every node, which share the
 //! session secret) to the owner's client port and streams the owner's
-//! pages back unchanged. The live `Post` stream is still redirected: it is
-//! long-lived and must run on the room's node, not through a second one.
+//! pages back unchanged. The live `Post` stream is relayed the same way
+//! for clients that do not follow redirects ([`super::relay`]).
 //!
 //! Bounds: connecting and each answer (the first response, then every
 //! page) have a timeout, and a request is forwarded at most once. A
@@ -84,7 +85,7 @@ impl Forwarder {
         Forwarder::default()
     }
 
-    fn channel(&self, address: &str) -> Result<Channel, Status> {
+    pub(super) fn channel(&self, address: &str) -> Result<Channel, Status> {
         let mut channels = self.channels.lock().unwrap_or_else(|e| e.into_inner());
         if let Some(channel) = channels.get(address) {
             return Ok(channel.clone());
@@ -143,7 +144,7 @@ impl Forwarder {
 
     /// What the caller gets for a failed forward: the owner's own status,
     /// or UNAVAILABLE naming the owner when it was never reached.
-    fn failure(&self, room: &RoomId, owner: &str, status: Status) -> Status {
+    pub(super) fn failure(&self, room: &RoomId, owner: &str, status: Status) -> Status {
         if reached(&status) {
             return passed_on(status);
         }
@@ -156,14 +157,14 @@ impl Forwarder {
 /// Whether a status came from the owner (decoded from its answer) rather
 /// than from this side of the connection: the transport's own errors
 /// (connecting, a timeout, a broken connection) carry their cause.
-fn reached(status: &Status) -> bool {
+pub(super) fn reached(status: &Status) -> bool {
     std::error::Error::source(status).is_none()
 }
 
 /// The owner's status for the caller: its code and message, and its
 /// redirect if it has one (the room moved on), but none of its other
 /// response headers.
-fn passed_on(status: Status) -> Status {
+pub(super) fn passed_on(status: Status) -> Status {
     let mut out = Status::new(status.code(), status.message());
     if let Some(redirect) = status.metadata().get(REDIRECT_METADATA) {
         out.metadata_mut()
@@ -175,7 +176,7 @@ fn passed_on(status: Status) -> Status {
 fn unreachable_owner(room: &RoomId, owner: &str, cause: &Status) -> Status {
     Status::unavailable(format!(
         "room {:?} is served by the node at {owner}, which this node could not reach to \
-         forward the history request: {}",
+         forward the request: {}",
         room.as_str(),
         cause.message()
     ))

@@ -9,6 +9,7 @@ pub mod chat;
 pub mod forward;
 pub mod frames;
 pub mod peer;
+pub mod relay;
 pub mod session;
 
 use std::sync::Arc;

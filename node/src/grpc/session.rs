@@ -30,7 +30,8 @@ use crate::auth;
 use crate::context::{ChatContext, SessionSlot};
 use crate::convert;
 use crate::error::NodeError;
-use crate::grpc::frames;
+use crate::grpc::forward::{self, Forwarder};
+use crate::grpc::{frames, relay};
 use crate::message_id::MessageId;
 use crate::room::{Live, PostOutcome, Posted, RoomCommand};
 use crate::storage::{self, Range, StoredMessage};
@@ -52,10 +53,11 @@ async fn send(out: &Out, f: server_frame::Frame) -> Result<(), Gone> {
 #[derive(Debug)]
 struct Gone;
 
-enum End {
+pub(super) enum End {
     Gone,
     Error(NodeError),
-    /// Another node serves the room: the status names it.
+    /// A status to pass on as it is: a redirect naming the node that
+    /// serves the room, or what that node said to a relayed session.
     Redirect(Status),
 }
 
@@ -71,15 +73,19 @@ impl From<NodeError> for End {
     }
 }
 
-/// Serves one `Post` stream until either side ends it.
+/// Serves one `Post` stream until either side ends it. With `relay`, a
+/// session for a room another node serves is relayed there; without, the
+/// client is redirected (it follows redirects, or it was relayed here
+/// already).
 pub async fn run(
     ctx: Arc<ChatContext>,
     slot: SessionSlot,
     mut inbound: Streaming<pb::ClientFrame>,
     out: Out,
+    relay: Option<Arc<Forwarder>>,
 ) {
     let end = tokio::select! {
-        end = serve(&ctx, slot.id, &mut inbound, &out) => end,
+        end = serve(&ctx, slot.id, &mut inbound, &out, relay.as_deref()) => end,
         () = ctx.shutdown.cancelled() => Err(End::Error(NodeError::Unavailable("node is shutting down".into()))),
     };
     match end {
@@ -115,7 +121,7 @@ async fn next_frame(
 /// What a broken client stream means: a frame we refused to decode (too
 /// large, malformed) is the client's error and it is told so; anything else
 /// means the client is gone.
-fn inbound_error(status: &Status) -> End {
+pub(super) fn inbound_error(status: &Status) -> End {
     match status.code() {
         tonic::Code::OutOfRange | tonic::Code::ResourceExhausted => {
             End::Error(NodeError::ResourceExhausted(format!(
@@ -140,6 +146,7 @@ async fn serve(
     session: u64,
     inbound: &mut Streaming<pb::ClientFrame>,
     out: &Out,
+    relay: Option<&Forwarder>,
 ) -> Result<(), End> {
     let limits = ctx.config.limits;
     let Frame::Join(join) = next_frame(inbound, limits.join_timeout_ms).await? else {
@@ -151,8 +158,21 @@ async fn serve(
     let user: Handle = join.user.parse().map_err(invalid)?;
     let after = MessageId::from_optional(&join.after_id).map_err(invalid)?;
     // A room's sessions all live on the node that serves it: one order of
-    // posts, one timeline, and every post reaches every session.
-    ctx.routing.route(&room).await.map_err(End::Redirect)?;
+    // posts, one timeline, and every post reaches every session. Clients
+    // elsewhere are redirected there, or relayed.
+    if let Err(redirect) = ctx.routing.route(&room).await {
+        let owner = forward::redirect_target(&redirect);
+        return match (relay, owner) {
+            (Some(forwarder), Some(owner)) => {
+                match relay::run(forwarder, &room, owner, join, inbound, out).await {
+                    relay::Ended::Quietly => Ok(()),
+                    relay::Ended::Status(status) => Err(End::Redirect(status)),
+                    relay::Ended::Client(e) => Err(End::Error(e)),
+                }
+            }
+            _ => Err(End::Redirect(redirect)),
+        };
+    }
     ctx.filter.check_room_may_exist(&room)?;
     let state = ctx.membership.read(&room).await?;
     if !state.created {
