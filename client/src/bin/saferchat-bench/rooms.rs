@@ -1532,11 +1532,10 @@ async fn check_losses(engine: &Rc<RefCell<Engine>>, history: &[(Channel, String)
             }
         }
     }
-    // History on the serving node, every room.
+    // History on the serving node, every room (following one redirect:
+    // leadership may have moved since the session joined).
     let results: Vec<(usize, HistoryRead)> = futures::stream::iter(history.iter().enumerate())
         .map(|(r, (channel, token))| async move {
-            let mut client =
-                ChatRoomClient::new(channel.clone()).max_decoding_message_size(256 * 1024 * 1024);
             let request = pb::HistoryRequest {
                 chat: room_name(r),
                 session: token.clone(),
@@ -1544,7 +1543,9 @@ async fn check_losses(engine: &Rc<RefCell<Engine>>, history: &[(Channel, String)
                 after_id: Bytes::new(),
                 limit: POOL_MAX as u32,
             };
-            let read = async {
+            let read = |channel: Channel, request: pb::HistoryRequest| async move {
+                let mut client =
+                    ChatRoomClient::new(channel).max_decoding_message_size(256 * 1024 * 1024);
                 let mut pages = client.history(request).await?.into_inner();
                 let mut items = Vec::new();
                 while let Some(page) = pages.message().await? {
@@ -1552,7 +1553,18 @@ async fn check_losses(engine: &Rc<RefCell<Engine>>, history: &[(Channel, String)
                 }
                 Ok(items)
             };
-            (r, read.await)
+            let mut result = read(channel.clone(), request.clone()).await;
+            if let Err(status) = &result
+                && let Some(next) = saferchat_client::connect::redirect_of(status)
+            {
+                result = match saferchat_client::connect::connect(&next).await {
+                    Ok(channel) => read(channel, request).await,
+                    Err(e) => Err(tonic::Status::unavailable(format!(
+                        "following the redirect: {e}"
+                    ))),
+                };
+            }
+            (r, result)
         })
         .buffer_unordered(16)
         .collect()
