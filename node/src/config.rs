@@ -335,6 +335,9 @@ impl NodeConfig {
         if let Some(v) = env("SAFERCHAT_LEASE_RENEW_MS") {
             self.lease.renew_every_ms = parse_env("SAFERCHAT_LEASE_RENEW_MS", &v)?;
         }
+        if let Some(v) = env("SAFERCHAT_SESSION_QUEUE_MAX") {
+            self.limits.session_queue_max = parse_env("SAFERCHAT_SESSION_QUEUE_MAX", &v)?;
+        }
         if let Some(v) = env("SAFERCHAT_STORAGE") {
             self.storage.backend = match v.as_str() {
                 "sled" => Backend::Sled,

@@ -175,21 +175,38 @@ async fn chat_across(n: usize) {
 /// and posted `bodies` there, each acknowledged. Returns the cluster, the
 /// owner's index, alice's session and the acknowledged ids in order.
 async fn room_with_posts(bodies: &[&str]) -> (Cluster, usize, Session, Vec<Bytes>) {
-    let cluster = Cluster::start(Options::single_dc(3)).await;
+    let (cluster, owner, mut session) = room_with_alice(Options::single_dc(3), &[]).await;
+    let mut ids = Vec::new();
+    for body in bodies {
+        ids.push(post_acked(&mut session, body.as_bytes()).await);
+    }
+    (cluster, owner, session, ids)
+}
+
+/// A cluster started with `options`, with `ROOM` and alice (and `others`)
+/// in it, alice joined on the room's node. Returns the cluster, the
+/// owner's index and alice's session.
+async fn room_with_alice(
+    options: Options,
+    others: &[&Arc<saferchat_client::Identity>],
+) -> (Cluster, usize, Session) {
+    let cluster = Cluster::start(options).await;
     let preferred = owner(3);
     let alice_id = Arc::new(saferchat_client::test_keys::identity(0));
     let mut admin = cluster.admin((preferred + 1) % 3).await;
     admin.create_chat(ROOM).await.expect("create");
-    admin
-        .add_user(ROOM, &alice_id.handle().to_string(), None)
-        .await
-        .expect("add alice");
+    for id in std::iter::once(&alice_id).chain(others.iter().copied()) {
+        admin
+            .add_user(ROOM, &id.handle().to_string(), None)
+            .await
+            .expect("add a member");
+    }
     let room = RoomId::new(ROOM).unwrap();
     let options = JoinOptions {
         no_history: true,
         ..JoinOptions::default()
     };
-    let mut session = Session::join(&cluster.server(preferred), &room, alice_id, &options)
+    let session = Session::join(&cluster.server(preferred), &room, alice_id, &options)
         .await
         .expect("alice joins");
     // The node that serves the room: its partition's leader (the preferred
@@ -197,30 +214,26 @@ async fn room_with_posts(bodies: &[&str]) -> (Cluster, usize, Session, Vec<Bytes
     let owner = (0..3)
         .find(|i| cluster.server(*i) == session.address())
         .expect("a node of the cluster");
-    let mut ids = Vec::new();
-    for body in bodies {
-        let seq = session.post(body.as_bytes()).await.expect("post");
-        loop {
-            let event = tokio::time::timeout(DEADLINE, session.next())
-                .await
-                .expect("a post result in time")
-                .expect("session")
-                .expect("not ended");
-            match event {
-                Event::Accepted { seq: s, id, .. } if s == seq => {
-                    ids.push(id);
-                    break;
-                }
-                Event::Rejected {
-                    seq: s, message, ..
-                } if s == seq => {
-                    panic!("post {body:?} refused: {message}")
-                }
-                _ => {}
-            }
+    (cluster, owner, session)
+}
+
+/// Posts `body` and waits for its acknowledgement; returns its id.
+async fn post_acked(session: &mut Session, body: &[u8]) -> Bytes {
+    let seq = session.post(body).await.expect("post");
+    loop {
+        let event = tokio::time::timeout(DEADLINE, session.next())
+            .await
+            .expect("a post result in time")
+            .expect("session")
+            .expect("not ended");
+        match event {
+            Event::Accepted { seq: s, id, .. } if s == seq => return id,
+            Event::Rejected {
+                seq: s, message, ..
+            } if s == seq => panic!("post refused: {message}"),
+            _ => {}
         }
     }
-    (cluster, owner, session, ids)
 }
 
 /// History through `address` with a plain generated client, which follows
@@ -693,4 +706,73 @@ async fn a_client_that_follows_no_redirect_chats_through_a_relaying_node() {
         .expect("the relayed session ends in time");
     assert_eq!(status.code(), Code::PermissionDenied, "{status:?}");
     assert!(status.message().contains("removed"), "{status:?}");
+}
+
+/// A relayed session that stops reading is closed by the room's node as
+/// too slow, as a direct one is: the relay's bounded queues and HTTP/2
+/// flow control carry the backpressure back to the room's node, which
+/// never waits for a slow reader. The client gets RESOURCE_EXHAUSTED after
+/// what was queued, in order, and History still holds every post.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_relayed_session_that_stops_reading_is_closed_as_too_slow() {
+    const POSTS: usize = 240;
+    let mut options = Options::single_dc(3);
+    options
+        .env
+        .push(("SAFERCHAT_SESSION_QUEUE_MAX".into(), "16".into()));
+    let bob = Arc::new(saferchat_client::test_keys::identity(1));
+    let (cluster, owner, mut alice) = room_with_alice(options, &[&bob]).await;
+    // Bob joins through another node, which relays him, and then does not
+    // read.
+    let (mut raw, _) = Raw::join(&cluster.server((owner + 1) % 3), ROOM, &bob).await;
+    alice.refresh_members().await.expect("members");
+
+    // Enough bytes to fill both hops' flow-control windows (megabytes) as
+    // well as the relay's and the session's queues.
+    for i in 0..POSTS {
+        let mut body = format!("message {i} ").into_bytes();
+        body.resize(60 * 1024, b'.');
+        post_acked(&mut alice, &body).await;
+    }
+
+    // Bob reads now: what was queued, in order, then RESOURCE_EXHAUSTED.
+    let mut seqs = Vec::new();
+    let end = loop {
+        match tokio::time::timeout(DEADLINE, raw.next())
+            .await
+            .expect("the relayed session ends in time")
+        {
+            Ok(server_frame::Frame::Deliveries(d)) => seqs.extend(d.items.iter().map(|i| i.seq)),
+            Ok(_) => {}
+            Err(status) => break status,
+        }
+    };
+    assert_eq!(end.code(), Code::ResourceExhausted, "{end:?}");
+    assert!(
+        seqs.len() < POSTS,
+        "bob fell behind ({} of {POSTS})",
+        seqs.len()
+    );
+    assert_eq!(
+        seqs,
+        (1..=seqs.len() as u64).collect::<Vec<_>>(),
+        "what he got came in order"
+    );
+    // Nothing is lost: every post is in the room's history, read through
+    // the third node.
+    let query = Query {
+        limit: 1000,
+        ..Query::default()
+    };
+    let stored: Vec<u64> = history::read_via(&cluster.server((owner + 2) % 3), &alice, &query)
+        .await
+        .expect("history")
+        .iter()
+        .map(|m| m.seq)
+        .collect();
+    assert_eq!(
+        stored,
+        (1..=POSTS as u64).rev().collect::<Vec<_>>(),
+        "newest first"
+    );
 }
