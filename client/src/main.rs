@@ -428,6 +428,9 @@ async fn chat(cli: &Cli, room: RoomId, recent: u32) -> anyhow::Result<()> {
     // Accepted posts whose echo has not come back yet: leaving before the
     // echo would hide from the user that the room has the message.
     let mut echoes: std::collections::HashSet<Bytes> = std::collections::HashSet::new();
+    // Own posts whose echo came before their acknowledgement (in a
+    // cluster the two travel separately).
+    let mut echoed_early: std::collections::HashSet<Bytes> = std::collections::HashSet::new();
     loop {
         if !stdin_open && unacknowledged == 0 && echoes.is_empty() {
             return Ok(());
@@ -443,12 +446,17 @@ async fn chat(cli: &Cli, room: RoomId, recent: u32) -> anyhow::Result<()> {
             },
             event = session.next() => match event? {
                 Some(Event::Message(m)) => {
-                    echoes.remove(&m.id);
+                    let mine = m.content.as_ref().is_ok_and(|p| p.sender == id.handle());
+                    if !echoes.remove(&m.id) && mine {
+                        echoed_early.insert(m.id.clone());
+                    }
                     print_message(&m, &id, false);
                 }
                 Some(Event::Accepted { id, .. }) => {
                     unacknowledged = unacknowledged.saturating_sub(1);
-                    echoes.insert(id);
+                    if !echoed_early.remove(&id) {
+                        echoes.insert(id);
+                    }
                 }
                 Some(Event::Rejected { code, message, .. }) => {
                     unacknowledged = unacknowledged.saturating_sub(1);

@@ -162,6 +162,11 @@ pub struct Session {
     pending: HashMap<u64, Pending>,
     next_seq: u64,
     queued: VecDeque<Event>,
+    /// A deliveries frame taken from the stream and not yet decrypted, and
+    /// its decryption once started: kept here so that a `next` dropped
+    /// mid-way (by a `select!`) loses nothing and the next call resumes.
+    stashed: Option<pb::Deliveries>,
+    decrypting: Option<tokio::task::JoinHandle<Vec<Message>>>,
     channel: Channel,
 }
 
@@ -277,6 +282,8 @@ impl Session {
             pending: HashMap::new(),
             next_seq: 1,
             queued: VecDeque::new(),
+            stashed: None,
+            decrypting: None,
             channel,
         };
         session.refresh_members().await?;
@@ -433,6 +440,12 @@ impl Session {
     /// The next event, or `None` when the server ended the session
     /// cleanly.
     ///
+    /// Safe to drop mid-way (as a `select!` branch that lost) as far as
+    /// deliveries go: a frame taken from the stream is kept, with its
+    /// decryption, until a later call hands out its messages. (A dropped
+    /// call can still lose a membership refresh, which the next unknown
+    /// sender repeats, and a re-sealed retry of a stale post.)
+    ///
     /// # Errors
     /// The status the server ended the session with (e.g.
     /// RESOURCE_EXHAUSTED for a reader that fell behind, PERMISSION_DENIED
@@ -442,41 +455,34 @@ impl Session {
             if let Some(event) = self.queued.pop_front() {
                 return Ok(Some(event));
             }
+            // Awaiting a join handle is cancel-safe: the handle stays.
+            if let Some(handle) = self.decrypting.as_mut() {
+                let messages = handle
+                    .await
+                    .map_err(|e| ClientError::Crypto(format!("decryption task: {e}")))?;
+                self.decrypting = None;
+                self.queued.extend(messages.into_iter().map(Event::Message));
+                continue;
+            }
+            if let Some(d) = self.stashed.take() {
+                // A sender who joined since our last look: learn their key
+                // before verifying (the frame stays stashed meanwhile).
+                let d = if d.items.iter().any(|i| self.unknown_sender(&i.sealed)) {
+                    self.stashed = Some(d);
+                    self.refresh_members().await?;
+                    self.stashed.take().expect("stashed above")
+                } else {
+                    d
+                };
+                self.start_decrypting(d);
+                continue;
+            }
             let Some(frame) = self.inbound.message().await? else {
                 return Ok(None);
             };
             let Some(frame) = frame.frame else { continue };
             match frame {
-                server_frame::Frame::Deliveries(d) => {
-                    // A sender who joined since our last look: learn their
-                    // key before verifying.
-                    if d.items.iter().any(|i| self.unknown_sender(&i.sealed)) {
-                        self.refresh_members().await?;
-                    }
-                    // Each open costs an RSA decryption (milliseconds): do
-                    // the batch off the async workers.
-                    let me = Arc::clone(&self.me);
-                    let room = self.room.clone();
-                    let keys = self.keys.clone();
-                    let history = d.history;
-                    let messages = tokio::task::spawn_blocking(move || {
-                        d.items
-                            .into_iter()
-                            .map(|item| Message {
-                                content: crypto::open(&me, &room, item.sealed, |h| {
-                                    keys.get(h).cloned()
-                                }),
-                                id: item.id,
-                                time_ms: item.time_ms,
-                                seq: item.seq,
-                                history,
-                            })
-                            .collect::<Vec<_>>()
-                    })
-                    .await
-                    .map_err(|e| ClientError::Crypto(format!("decryption task: {e}")))?;
-                    self.queued.extend(messages.into_iter().map(Event::Message));
-                }
+                server_frame::Frame::Deliveries(d) => self.stashed = Some(d),
                 server_frame::Frame::Result(r) => self.on_result(r).await?,
                 server_frame::Frame::MembershipChanged(changed) => {
                     if changed.revision > self.members.revision.0 && self.refresh_members().await? {
@@ -489,6 +495,27 @@ impl Session {
                 }
             }
         }
+    }
+
+    /// Opens a frame's deliveries off the async workers (each open costs
+    /// an RSA decryption: milliseconds).
+    fn start_decrypting(&mut self, d: pb::Deliveries) {
+        let me = Arc::clone(&self.me);
+        let room = self.room.clone();
+        let keys = self.keys.clone();
+        let history = d.history;
+        self.decrypting = Some(tokio::task::spawn_blocking(move || {
+            d.items
+                .into_iter()
+                .map(|item| Message {
+                    content: crypto::open(&me, &room, item.sealed, |h| keys.get(h).cloned()),
+                    id: item.id,
+                    time_ms: item.time_ms,
+                    seq: item.seq,
+                    history,
+                })
+                .collect::<Vec<_>>()
+        }));
     }
 
     async fn on_result(&mut self, r: pb::PostResult) -> Result<(), ClientError> {
