@@ -167,23 +167,17 @@ async fn an_owner_killed_mid_burst_loses_and_duplicates_nothing() {
 
     // The killed node comes back and catches up from the log.
     cluster.restart(leader);
-    let partition = saferchat_placement::PartitionCount::DEFAULT.of_room(ROOM).0;
-    let series = format!("saferchat_partition_applied_slot{{partition=\"{partition}\"}}");
     let new_leader = (0..3)
         .find(|i| *i != leader && cluster.server(*i) == join_address(&cluster, survivor))
         .expect("a leader");
-    loop {
-        let want = gauge(&cluster, new_leader, &series).await;
-        let have = gauge(&cluster, leader, &series).await;
-        if want > 0.0 && have == want {
-            break;
-        }
-        assert!(
-            killed_at.elapsed() < 2 * DEADLINE,
-            "the restarted node never caught up ({have} of {want})"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    wait_caught_up(
+        &cluster,
+        leader,
+        new_leader,
+        killed_at,
+        "the restarted node",
+    )
+    .await;
 
     // Every node's own store: the same 60 messages, in order, 1..60.
     for node in &mut cluster.nodes {
@@ -299,23 +293,10 @@ async fn a_cut_off_owner_cannot_write_after_its_successor() {
     );
 
     // The old leader catches up with the new one.
-    let partition = saferchat_placement::PartitionCount::DEFAULT.of_room(ROOM).0;
-    let series = format!("saferchat_partition_applied_slot{{partition=\"{partition}\"}}");
     let new_leader = (0..3)
         .find(|i| cluster.server(*i) == new.address())
         .expect("a node of the cluster");
-    loop {
-        let want = gauge(&cluster, new_leader, &series).await;
-        let have = gauge(&cluster, leader, &series).await;
-        if want > 0.0 && have == want {
-            break;
-        }
-        assert!(
-            started.elapsed() < 2 * DEADLINE,
-            "the old leader never caught up ({have} of {want})"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    wait_caught_up(&cluster, leader, new_leader, started, "the old leader").await;
     drop((old, new));
     for node in &mut cluster.nodes {
         assert!(node.stop(), "a clean stop");
@@ -336,5 +317,30 @@ async fn a_cut_off_owner_cannot_write_after_its_successor() {
             .map(|m| (Bytes::copy_from_slice(&m.id.to_bytes()), m.seq))
             .collect();
         assert_eq!(stored, expected, "node {i}: exactly the acknowledged posts");
+    }
+}
+
+/// Waits until node `behind` has applied `ROOM`'s partition as far as
+/// `leader` has, within twice the deadline counted from `since`.
+async fn wait_caught_up(
+    cluster: &Cluster,
+    behind: usize,
+    leader: usize,
+    since: Instant,
+    who: &str,
+) {
+    let partition = saferchat_placement::PartitionCount::DEFAULT.of_room(ROOM).0;
+    let series = format!("saferchat_partition_applied_slot{{partition=\"{partition}\"}}");
+    loop {
+        let want = gauge(cluster, leader, &series).await;
+        let have = gauge(cluster, behind, &series).await;
+        if want > 0.0 && have == want {
+            return;
+        }
+        assert!(
+            since.elapsed() < 2 * DEADLINE,
+            "{who} never caught up ({have} of {want})"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
