@@ -72,6 +72,11 @@ pub enum Message {
     LeaseRequest {
         /// Holder-chosen sequence number.
         seq: u64,
+        /// How long the holder will read on this grant, from the request,
+        /// on its own clock (its `LeaseConfig::lease_ms`). A grantor grants
+        /// only what its promise and its recovery window cover (see
+        /// [`LeaseConfig::covers`](crate::LeaseConfig::covers)).
+        lease_ms: u64,
     },
     /// A grantor's promise: until the promise expires it will report the
     /// holder on every accept. Carries what the grantor has accepted so a

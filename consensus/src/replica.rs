@@ -227,8 +227,11 @@ impl RoomReplica {
                 self.proposer.on_commit_seen(ballot);
                 self.learn(ballot, &value);
             }
-            Message::LeaseRequest { seq } => {
-                if self.config.is_holder(from) {
+            Message::LeaseRequest { seq, lease_ms } => {
+                // A holder that would read longer than this grantor's
+                // promise lasts gets no grant: its lease would outlive the
+                // promise (a misconfigured or older node).
+                if self.config.is_holder(from) && self.config.lease.covers(lease_ms) {
                     self.grantor.grant(&self.config, now, from);
                     let accepted = self
                         .acceptor
@@ -253,10 +256,11 @@ impl RoomReplica {
     /// timeouts.
     pub fn tick(&mut self, now: Millis) {
         if let Some(seq) = self.holder.due_request(&self.config, now) {
+            let lease_ms = self.config.lease.lease_ms;
             for to in &self.config.replicas {
                 self.ready
                     .messages
-                    .push((*to, Message::LeaseRequest { seq }));
+                    .push((*to, Message::LeaseRequest { seq, lease_ms }));
             }
         }
         let mut effects = Effects::default();

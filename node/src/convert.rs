@@ -236,7 +236,10 @@ pub fn message_to_pb(room: &str, m: &Message) -> ppb::RoomMessage {
             ballot: Some(ballot_to_pb(*ballot)),
             value: Some(state_to_pb(value)),
         }),
-        Message::LeaseRequest { seq } => Body::LeaseRequest(ppb::LeaseRequest { seq: *seq }),
+        Message::LeaseRequest { seq, lease_ms } => Body::LeaseRequest(ppb::LeaseRequest {
+            seq: *seq,
+            lease_ms: *lease_ms,
+        }),
         Message::LeaseGrant { seq, accepted } => Body::LeaseGrant(ppb::LeaseGrant {
             seq: *seq,
             accepted_ballot: accepted.map(|(b, _)| ballot_to_pb(b)),
@@ -308,7 +311,10 @@ pub fn message_from_pb(m: &ppb::RoomMessage) -> Result<Message, NodeError> {
                 ballot: need(&c.ballot)?,
                 value: value(&c.value)?,
             },
-            Body::LeaseRequest(r) => Message::LeaseRequest { seq: r.seq },
+            Body::LeaseRequest(r) => Message::LeaseRequest {
+                seq: r.seq,
+                lease_ms: r.lease_ms,
+            },
             Body::LeaseGrant(g) => Message::LeaseGrant {
                 seq: g.seq,
                 accepted: g
@@ -425,7 +431,10 @@ mod tests {
                 ballot: b,
                 value: Arc::clone(&v),
             },
-            Message::LeaseRequest { seq: 5 },
+            Message::LeaseRequest {
+                seq: 5,
+                lease_ms: 2_000,
+            },
             Message::LeaseGrant {
                 seq: 5,
                 accepted: Some((b, Revision(4))),

@@ -18,10 +18,12 @@
 //!   one's. In particular a value chosen at revision `r + 1` is a proposed
 //!   change applied to the value chosen at revision `r`. (A value records
 //!   its last 64 changes; runs stay below that, so the record is whole.)
-//! - `LeaseReadSafety`: a local read that succeeds returns a revision at least
-//!   as high as that of every round that has committed (produced a
-//!   `Decided` reply) before the read.
-//! - `CommittedIsChosen`: every `Decided` reply carries a chosen value, and
+//! - `LeaseReadSafety`: a local read that succeeds returns a value that has
+//!   every value committed before the read (reported to a caller in a
+//!   `Decided` reply) as a prefix of its history: the same history, at the
+//!   same or a later revision. This is the TLA+ property word for word; a
+//!   check of the revision alone would accept a read of a forked history.
+//! - `CommittedChosen`: every `Decided` reply carries a chosen value, and
 //!   the change's own result agrees with that value's recorded history.
 //! - `OneValuePerBallot`: no two acceptors accept different values at the
 //!   same ballot. Not a property a client sees, but the inductive invariant
@@ -120,7 +122,7 @@ pub const LINEAR_HISTORY: &str = "LinearHistory";
 /// See the module documentation.
 pub const LEASE_READ_SAFETY: &str = "LeaseReadSafety";
 /// See the module documentation.
-pub const COMMITTED_IS_CHOSEN: &str = "CommittedIsChosen";
+pub const COMMITTED_CHOSEN: &str = "CommittedChosen";
 /// See the module documentation.
 pub const ONE_VALUE_PER_BALLOT: &str = "OneValuePerBallot";
 
@@ -143,8 +145,10 @@ pub struct History {
     votes: Vec<Vote>,
     /// Distinct chosen values, in the order they became chosen.
     chosen: Vec<Arc<RoomState>>,
-    /// The highest revision of any round that committed.
-    committed_max: Revision,
+    /// The newest value any round committed (the committed values form one
+    /// chain, which `LinearHistory` checks, so the newest has every other
+    /// as a prefix).
+    committed_newest: Option<Arc<RoomState>>,
 }
 
 impl History {
@@ -154,13 +158,15 @@ impl History {
             majority,
             votes: Vec::new(),
             chosen: Vec::new(),
-            committed_max: Revision(0),
+            committed_newest: None,
         }
     }
 
     /// The highest revision any round committed.
     pub fn committed_max(&self) -> Revision {
-        self.committed_max
+        self.committed_newest
+            .as_ref()
+            .map_or(Revision(0), |state| state.revision)
     }
 
     /// The distinct chosen values, oldest first.
@@ -253,13 +259,7 @@ impl History {
             } else {
                 (&**value, &**other)
             };
-            let prefix: Vec<_> = newer
-                .recent
-                .iter()
-                .filter(|(_, r)| *r <= older.revision)
-                .copied()
-                .collect();
-            if prefix != older.recent.iter().copied().collect::<Vec<_>>() {
+            if !is_prefix(older, newer) {
                 return Err(Violation::new(
                     LINEAR_HISTORY,
                     format!(
@@ -281,7 +281,7 @@ impl History {
     /// even though this reply says it changed nothing.
     ///
     /// # Errors
-    /// `CommittedIsChosen` when the reply does not match the chosen values.
+    /// `CommittedChosen` when the reply does not match the chosen values.
     pub fn on_reply(
         &mut self,
         proposal: &Proposal,
@@ -291,7 +291,7 @@ impl History {
         let Outcome::Decided { result, state } = outcome else {
             return Ok(());
         };
-        let fail = |why: String| Err(Violation::new(COMMITTED_IS_CHOSEN, why));
+        let fail = |why: String| Err(Violation::new(COMMITTED_CHOSEN, why));
         if !self.chosen.contains(state) {
             return fail(format!(
                 "change {:?} decided with a value that is not chosen: {:?} rev {}",
@@ -317,26 +317,52 @@ impl History {
                 ));
             }
         }
-        self.committed_max = self.committed_max.max(state.revision);
+        if self.committed_max() < state.revision {
+            self.committed_newest = Some(Arc::clone(state));
+        }
         Ok(())
     }
 
     /// `node` served a local read of `state`.
     ///
     /// # Errors
-    /// `LeaseReadSafety` when the read misses a committed revision.
+    /// `LeaseReadSafety` when some committed value is not a prefix of the
+    /// value read.
     pub fn check_read(&self, node: NodeId, state: &RoomState) -> Result<(), Violation> {
-        if state.revision < self.committed_max {
+        let Some(committed) = &self.committed_newest else {
+            return Ok(());
+        };
+        if state.revision < committed.revision {
             return Err(Violation::new(
                 LEASE_READ_SAFETY,
                 format!(
                     "{node} read revision {} locally after revision {} committed",
-                    state.revision, self.committed_max
+                    state.revision, committed.revision
+                ),
+            ));
+        }
+        if !is_prefix(committed, state) {
+            return Err(Violation::new(
+                LEASE_READ_SAFETY,
+                format!(
+                    "{node} read {:?} (rev {}) locally, which does not extend the committed {:?} (rev {})",
+                    state.recent, state.revision, committed.recent, committed.revision
                 ),
             ));
         }
         Ok(())
     }
+}
+
+/// Whether `older`'s recorded history is a prefix of `newer`'s: the changes
+/// `newer` records up to `older`'s revision are exactly `older`'s.
+fn is_prefix(older: &RoomState, newer: &RoomState) -> bool {
+    older.revision <= newer.revision
+        && newer
+            .recent
+            .iter()
+            .filter(|(_, r)| *r <= older.revision)
+            .eq(older.recent.iter())
 }
 
 /// Replays a value's recorded history from the room nobody created and

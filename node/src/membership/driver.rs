@@ -102,6 +102,8 @@ struct Driver {
     next_request: u64,
     /// Until then, assume promises made before this process started.
     recovering_until: Millis,
+    /// Peers whose refused lease requests were logged (once each).
+    lease_refusals_logged: BTreeSet<NodeId>,
 }
 
 /// Starts the driver; returns its handle and its task (which ends with
@@ -127,6 +129,7 @@ pub fn spawn(parts: DriverParts) -> (Membership, JoinHandle<Result<(), NodeError
         timers: BinaryHeap::new(),
         next_request: 0,
         recovering_until,
+        lease_refusals_logged: BTreeSet::new(),
     };
     let task = tokio::spawn(driver.run(rx, parts.inbound, parts.shutdown));
     (Membership::new(tx), task)
@@ -318,6 +321,22 @@ impl Driver {
                 continue;
             }
             let slot = self.rooms.get_mut(&room).expect("ensured");
+            if let Message::LeaseRequest { lease_ms, .. } = &message
+                && !slot.replica.config().lease.covers(*lease_ms)
+            {
+                // The core refuses it; say why (once per peer), since the
+                // cluster's leases quietly stop working otherwise.
+                metrics::counter!("saferchat_lease_requests_refused_total").increment(1);
+                if self.lease_refusals_logged.insert(batch.from) {
+                    tracing::warn!(
+                    from = %batch.from,
+                    %room,
+                    requested_ms = lease_ms,
+                    lease_ms = slot.replica.config().lease.lease_ms,
+                    "refusing a lease longer than this node's: SAFERCHAT_LEASE_MS must be the same on every node"
+                    );
+                }
+            }
             slot.replica.step(now, batch.from, message);
             touched.push(room);
         }
