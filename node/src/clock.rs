@@ -27,7 +27,9 @@ pub trait Clock: Send + Sync + std::fmt::Debug + 'static {
 /// The machine's clocks.
 #[derive(Debug)]
 pub struct SystemClock {
-    /// [`boottime_ms`] when the clock was made.
+    /// Where lease time comes from: [`boottime_ms`], except in tests.
+    source: fn() -> u64,
+    /// `source()` when the clock was made.
     origin: u64,
 }
 
@@ -38,15 +40,21 @@ impl SystemClock {
     }
 
     fn starting_now() -> SystemClock {
+        SystemClock::reading(boottime_ms)
+    }
+
+    /// A clock whose lease time is read from `source`.
+    fn reading(source: fn() -> u64) -> SystemClock {
         SystemClock {
-            origin: boottime_ms(),
+            source,
+            origin: source(),
         }
     }
 }
 
 impl Clock for SystemClock {
     fn monotonic(&self) -> Millis {
-        Millis(boottime_ms().saturating_sub(self.origin))
+        Millis((self.source)().saturating_sub(self.origin))
     }
 
     fn unix_ms(&self) -> i64 {
@@ -114,28 +122,80 @@ fn boottime_ms() -> u64 {
 
 #[cfg(test)]
 mod tests {
-    use super::*;
+    use std::sync::atomic::AtomicU64;
 
-    /// The node's lease time is `CLOCK_BOOTTIME` read relative to the
-    /// clock's creation: it lies between two direct readings taken around
-    /// it. (A suspension cannot be staged in a test; the kernel documents
-    /// that this clock counts it and `CLOCK_MONOTONIC` does not.)
+    use super::*;
+    use crate::membership::View;
+
+    /// A machine's two clocks, moved by hand: boot time counts a
+    /// suspension, monotonic time does not.
+    static FAKE_BOOTTIME: AtomicU64 = AtomicU64::new(1_000_000);
+    static FAKE_MONOTONIC: AtomicU64 = AtomicU64::new(900_000);
+
+    fn fake_boottime() -> u64 {
+        FAKE_BOOTTIME.load(Ordering::SeqCst)
+    }
+
+    fn fake_monotonic() -> u64 {
+        FAKE_MONOTONIC.load(Ordering::SeqCst)
+    }
+
+    fn run(ms: u64) {
+        FAKE_BOOTTIME.fetch_add(ms, Ordering::SeqCst);
+        FAKE_MONOTONIC.fetch_add(ms, Ordering::SeqCst);
+    }
+
+    fn suspend(ms: u64) {
+        FAKE_BOOTTIME.fetch_add(ms, Ordering::SeqCst);
+    }
+
+    /// A holder whose machine sleeps through its lease wakes up without
+    /// it on boot time, and would still read on monotonic time: the reason
+    /// the node reads boot time.
+    #[test]
+    fn a_lease_runs_out_while_the_machine_is_suspended() {
+        let boot = SystemClock::reading(fake_boottime);
+        let monotonic = SystemClock::reading(fake_monotonic);
+        run(100);
+        let lease_ms = 2_000;
+        let on_boot = View {
+            state: Some(Arc::default()),
+            readable_until: boot.monotonic().plus(lease_ms),
+        };
+        let on_monotonic = View {
+            readable_until: monotonic.monotonic().plus(lease_ms),
+            ..on_boot.clone()
+        };
+        run(500);
+        assert!(on_boot.read(boot.monotonic()).is_some());
+        assert!(on_monotonic.read(monotonic.monotonic()).is_some());
+        suspend(60_000);
+        run(1);
+        assert!(
+            on_boot.read(boot.monotonic()).is_none(),
+            "slept through the lease"
+        );
+        assert!(
+            on_monotonic.read(monotonic.monotonic()).is_some(),
+            "the clock a suspension stops would still read"
+        );
+    }
+
+    /// The node's clock reads the kernel's boot time, relative to the
+    /// clock's creation.
     #[cfg(target_os = "linux")]
     #[test]
-    fn lease_time_is_boottime() {
+    fn the_node_reads_boottime() {
         let clock = SystemClock::starting_now();
-        let origin = clock.origin;
+        assert!(std::ptr::fn_addr_eq(
+            clock.source,
+            boottime_ms as fn() -> u64
+        ));
         for _ in 0..1_000 {
             let before = boottime_ms();
             let read = clock.monotonic().0;
             let after = boottime_ms();
-            assert!(before - origin <= read && read <= after - origin);
+            assert!(before - clock.origin <= read && read <= after - clock.origin);
         }
-        let monotonic = rustix::time::clock_gettime(rustix::time::ClockId::Monotonic);
-        let boot = rustix::time::clock_gettime(rustix::time::ClockId::Boottime);
-        assert!(
-            boot.tv_sec >= monotonic.tv_sec,
-            "boot time includes whatever monotonic time excludes"
-        );
     }
 }
