@@ -203,8 +203,14 @@ impl RoomReplica {
                 self.answer(from, reply, answer.changed);
             }
             Message::Promise { ballot, accepted } => {
-                self.proposer
-                    .on_promise(&self.config, from, ballot, accepted, &mut effects);
+                let committed = self.holder.known().map(|(_, value)| value);
+                self.proposer.on_promise(
+                    &self.config,
+                    from,
+                    (ballot, accepted),
+                    committed,
+                    &mut effects,
+                );
             }
             Message::Accepted { ballot, holders } => {
                 self.proposer

@@ -76,6 +76,7 @@
 //! | `lease_reads_under_clock_drift` | n1: one; n3 holds a lease | – | 2 steps, per-node drift | complete |
 //! | `lease_reads_across_a_grantor_restart` | n1: one; n3 holds a lease | crash of n2 | 1 step, per-node drift | complete |
 //! | `stale_lease_grants_after_a_restart_are_ignored` | n1: two; n3 holds a lease | crash of n3 | 1 step | 13 actions |
+//! | `a_read_racing_a_change_under_a_lease` | n1: one change; n2: a consensus read; n3 holds a lease | – | – | 14 actions |
 //! | `long_lease_reads_under_clock_drift` | n1: one; n3 leased from n1-n3 in the prefix | – | 3 steps, per-node drift, lease of 12 | complete |
 //! | `long_lease_reads_across_a_grantor_restart` | n1: one; n3 leased from n2, n3 in the prefix | crash of n2 | 2 steps, per-node drift, lease of 12 | complete |
 //!
@@ -954,6 +955,20 @@ fn lease_holder_that_restarts() {
     model.crashable = vec![2];
     model.max_actions = 11;
     check_holds("lease_holder_that_restarts", model);
+}
+
+/// A consensus read at node 2 races a change at node 1 while node 3 holds
+/// a lease: a read that re-commits a value its node learned as committed
+/// skips the wait for lease holders (nothing new becomes visible), one that
+/// re-commits anything else waits like a change. Time stands still, so a
+/// round that waits for node 3 ends only by node 3's answer; paths of up to
+/// 14 actions (enough for both to commit in either order).
+#[test]
+fn a_read_racing_a_change_under_a_lease() {
+    let mut model = RoomModel::new(1, &[(Change::Create, 0), (alice(), 0), (Change::Read, 1)]);
+    model.seekers = vec![2];
+    model.max_actions = 14;
+    check_holds("a_read_racing_a_change_under_a_lease", model);
 }
 
 /// A lease holder and a write under clock drift: leases are requested,

@@ -357,6 +357,80 @@ fn a_silent_holder_delays_commit_until_its_promise_runs_out() {
     assert!(deadline - 100 <= 2 * lease.promise_ms());
 }
 
+/// A failover's first read: node 2 reads (phase 1, then re-accepts the
+/// newest value) while node 3, a holder, is silent. The value is one node 2
+/// learned as committed, so nothing new becomes visible and the read
+/// commits at once; a change in the same situation waits out node 3's
+/// promise (above).
+#[test]
+fn a_read_of_a_known_committed_value_does_not_wait_for_a_silent_holder() {
+    let mut c = Cluster::new(3);
+    c.nodes[0].propose(Millis(0), RequestId(1), proposal(1, Change::Create));
+    c.run(Millis(0));
+    for i in 0..3 {
+        c.nodes[i].want_lease(Millis(10), true);
+    }
+    c.run(Millis(10));
+    assert!(c.nodes[2].read(Millis(10)).is_ok(), "node 3 holds a lease");
+    c.nodes[1].propose(Millis(100), RequestId(2), Proposal::read(ChangeId(2)));
+    c.collect(1);
+    while let Some((from, to, m)) = c.inflight.pop_front() {
+        if to == NodeId(3) {
+            continue;
+        }
+        let i = to.0 as usize - 1;
+        c.nodes[i].step(Millis(100), from, m);
+        c.collect(i);
+    }
+    let read = c
+        .replies
+        .iter()
+        .find(|(node, request, _)| *node == NodeId(2) && *request == RequestId(2));
+    let Some((_, _, Outcome::Decided { state, .. })) = read else {
+        panic!("the read waited: {:?}", c.replies);
+    };
+    assert_eq!(state.revision, Revision(1));
+}
+
+/// The same read when node 2 has not learned the value as committed (its
+/// commit never reached it): the value may be new to node 3, so the read
+/// waits for node 3's promise like a change.
+#[test]
+fn a_read_of_a_value_not_known_committed_waits_for_a_silent_holder() {
+    let mut c = Cluster::new(3);
+    for i in 0..3 {
+        c.nodes[i].want_lease(Millis(0), true);
+    }
+    c.run(Millis(0));
+    // Node 1 creates the room; node 2 accepts but never sees the commit.
+    c.nodes[0].propose(Millis(10), RequestId(1), proposal(1, Change::Create));
+    c.collect(0);
+    while let Some((from, to, m)) = c.inflight.pop_front() {
+        if to == NodeId(2) && matches!(m, Message::Commit { .. }) {
+            continue;
+        }
+        let i = to.0 as usize - 1;
+        c.nodes[i].step(Millis(10), from, m);
+        c.collect(i);
+    }
+    assert!(c.nodes[1].known().is_none(), "node 2 missed the commit");
+    c.nodes[1].propose(Millis(100), RequestId(2), Proposal::read(ChangeId(2)));
+    c.collect(1);
+    while let Some((from, to, m)) = c.inflight.pop_front() {
+        if to == NodeId(3) {
+            continue;
+        }
+        let i = to.0 as usize - 1;
+        c.nodes[i].step(Millis(100), from, m);
+        c.collect(i);
+    }
+    assert!(
+        !c.replies.iter().any(|(node, _, _)| *node == NodeId(2)),
+        "the read must wait for node 3: {:?}",
+        c.replies
+    );
+}
+
 #[test]
 fn concurrent_proposers_both_commit_in_some_order() {
     let mut c = Cluster::new(3);

@@ -94,6 +94,12 @@ struct AcceptRound {
     answered: BTreeSet<NodeId>,
     /// Reported lease holders and how long to wait for each at most.
     waits: BTreeMap<NodeId, Millis>,
+    /// The value is one this node learned as committed, re-accepted by a
+    /// read or a round whose changes all were no-ops. Committing it again
+    /// adds nothing a lease holder could miss, so the round need not wait
+    /// for holders (a new leader's first read no longer waits out the lease
+    /// of the node it replaces).
+    recommit: bool,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
@@ -179,7 +185,8 @@ impl Proposer {
                 },
             };
             self.round = Some(round);
-            self.begin_accept(config, &prepared.value, out);
+            let committed = Arc::clone(&prepared.value);
+            self.begin_accept(config, &prepared.value, Some(&committed), out);
             return;
         }
         let highest = self.max_seen.round.max(floor.round);
@@ -213,8 +220,15 @@ impl Proposer {
         });
     }
 
-    /// Applies the batch to `base` and sends the accepts.
-    fn begin_accept(&mut self, config: &ReplicaConfig, base: &Arc<RoomState>, out: &mut Effects) {
+    /// Applies the batch to `base` and sends the accepts; `committed` is a
+    /// value known to be committed (this node's newest), if any.
+    fn begin_accept(
+        &mut self,
+        config: &ReplicaConfig,
+        base: &Arc<RoomState>,
+        committed: Option<&Arc<RoomState>>,
+        out: &mut Effects,
+    ) {
         let round = self.round.as_mut().expect("a round to accept in");
         round.batch.retain_mut(|queued| {
             if outcome_unknowable(queued, base) {
@@ -254,7 +268,9 @@ impl Proposer {
                 },
             ));
         }
+        let recommit = committed.is_some_and(|c| **c == *value);
         round.phase = RoundPhase::Accept(AcceptRound {
+            recommit,
             value,
             results,
             accepted: BTreeSet::new(),
@@ -264,13 +280,14 @@ impl Proposer {
         });
     }
 
-    /// Phase 1b arrived.
+    /// Phase 1b arrived. `committed` is the newest value this node learned
+    /// as committed.
     pub(crate) fn on_promise(
         &mut self,
         config: &ReplicaConfig,
         from: NodeId,
-        ballot: Ballot,
-        accepted: Option<(Ballot, Arc<RoomState>)>,
+        (ballot, accepted): (Ballot, Option<(Ballot, Arc<RoomState>)>),
+        committed: Option<&Arc<RoomState>>,
         out: &mut Effects,
     ) {
         let Some(round) = self.round.as_mut() else {
@@ -295,7 +312,7 @@ impl Proposer {
             .flatten()
             .max_by_key(|(b, _)| *b)
             .map_or_else(|| Arc::new(RoomState::absent()), |(_, v)| Arc::clone(v));
-        self.begin_accept(config, &base, out);
+        self.begin_accept(config, &base, committed, out);
     }
 
     /// Phase 2b arrived.
@@ -381,10 +398,11 @@ impl Proposer {
         if accept.accepted.len() < config.majority() {
             return;
         }
-        let holders_done = accept
-            .waits
-            .iter()
-            .all(|(holder, until)| accept.answered.contains(holder) || now >= *until);
+        let holders_done = accept.recommit
+            || accept
+                .waits
+                .iter()
+                .all(|(holder, until)| accept.answered.contains(holder) || now >= *until);
         if !holders_done {
             return;
         }
