@@ -501,4 +501,41 @@ CommittedChosen == \A c \in committed : Chosen(c.bal, c.val)
 PromiseCoversLease ==
     PromiseMs * (TICK - SKEW_ASSUMED) >= LEASE * (TICK + SKEW_ASSUMED)
 
+
+-----------------------------------------------------------------------------
+(* State constraint for model checking: CONSTRAINT Unsettled, in the    *)
+(* configs that name it.  TLC still checks the invariants of a state     *)
+(* that fails it, but does not explore that state's successors.  It cuts *)
+(* a behaviour only once no holder can ever read a stale value again, so *)
+(* it cannot hide a LeaseReadSafety violation, whatever guard is off or  *)
+(* however far clocks drift.  It applies only with one change id (every *)
+(* config here); with more it is TRUE.  With one change every committed *)
+(* value is << >> or <<c>>, and each holder is settled when              *)
+(*  - Learned: it knows <<c>>, which every committed value is a prefix   *)
+(*    of; `known` only grows (Learn, kept across Restart);               *)
+(*  - LeaseOver: it has no request left to send (nor will have after a   *)
+(*    restart), every request it remembers is LEASE old (so a grant      *)
+(*    answering it adds no time: Max(@, 0)) and fewer than a majority of *)
+(*    its grants have time left: grants only run down from here, so      *)
+(*    Holds(h) stays FALSE; or                                           *)
+(*  - Blocked: it is pending and never restarts: pending is cleared only *)
+(*    by Learn, and every Learn is of a committed value, which here is  *)
+(*    <<c>> (Init commits << >> without a Commit message), so it cannot *)
+(*    read before it is Learned.                                         *)
+(* The price: OneValuePerBallot, LinearHistory and CommittedChosen are   *)
+(* not checked in what follows a settled state.  With one proposer and  *)
+(* one round they concern that round only, and PaxosRegister checks them *)
+(* in full.                                                              *)
+Learned(h) == Len(known[h].val) = Cardinality(Changes)
+LeaseOver(h) ==
+    /\ nextSeq[h] = MaxSeq
+    /\ h \in Restarting => DURABLE_LEASE_SEQ
+    /\ \A s \in Seqs : requests[h][s] \in {-1, LEASE}
+    /\ Cardinality({g \in Node : grants[h][g] > 0}) < Majority
+Blocked(h) == pending[h] # None /\ h \notin Restarting
+Settled ==
+    /\ Cardinality(Changes) = 1
+    /\ \A h \in Holders : Learned(h) \/ LeaseOver(h) \/ Blocked(h)
+Unsettled == ~Settled
+
 =============================================================================
