@@ -518,10 +518,12 @@ PromiseCoversLease ==
 (*    answering it adds no time: Max(@, 0)) and fewer than a majority of *)
 (*    its grants have time left: grants only run down from here, so      *)
 (*    Holds(h) stays FALSE; or                                           *)
-(*  - Blocked: it is pending and never restarts: pending is cleared only *)
-(*    by Learn, and every Learn is of a committed value, which here is  *)
-(*    <<c>> (Init commits << >> without a Commit message), so it cannot *)
-(*    read before it is Learned.                                         *)
+(*  - Blocked: it is pending, and pending again after any restart (with *)
+(*    RESTART_PENDING a restart sets it to the durable promise, never    *)
+(*    Zero: Init promises Succ(B0) and promises only grow).  Pending is  *)
+(*    cleared only by Learn, and every Learn is of a committed value,    *)
+(*    which here is <<c>> (Init commits << >> without a Commit message), *)
+(*    so it cannot read before it is Learned.                            *)
 (* The price: OneValuePerBallot, LinearHistory and CommittedChosen are   *)
 (* not checked in what follows a settled state.  With one proposer and  *)
 (* one round they concern that round only, and PaxosRegister checks them *)
@@ -532,10 +534,32 @@ LeaseOver(h) ==
     /\ h \in Restarting => DURABLE_LEASE_SEQ
     /\ \A s \in Seqs : requests[h][s] \in {-1, LEASE}
     /\ Cardinality({g \in Node : grants[h][g] > 0}) < Majority
-Blocked(h) == pending[h] # None /\ h \notin Restarting
+Blocked(h) == pending[h] # None /\ (h \in Restarting => RESTART_PENDING)
 Settled ==
     /\ Cardinality(Changes) = 1
     /\ \A h \in Holders : Learned(h) \/ LeaseOver(h) \/ Blocked(h)
 Unsettled == ~Settled
+
+
+(* View for model checking: VIEW View, in the configs that name it.  TLC *)
+(* then counts two states as one when they agree on View.  View forgets  *)
+(* only what no action or invariant can tell apart:                      *)
+(*  - a grantor's promise to a holder and its recovery window are read   *)
+(*    only as their maximum (Unexpired), and every action keeps that     *)
+(*    maximum a function of the previous one: Tick lowers both by the    *)
+(*    same advance (Down(Max(a, b), d) = Max(Down(a, d), Down(b, d))),   *)
+(*    Grant raises the promise to PromiseMs, Restart sets the promise to *)
+(*    0 and the window to PromiseMs (or 0);                              *)
+(*  - a round's wait for a holder that has answered is never read again: *)
+(*    HoldersDone accepts an answered holder whatever its wait, and      *)
+(*    `answered` only grows while the round lasts.                       *)
+GrantorLeft == [g \in Node |-> [h \in Holders |-> Max(promises[g][h], recovering[g])]]
+RoundView == [p \in Proposers |->
+                IF round[p] = NoRound THEN NoRound
+                ELSE LET r == Get(round[p]) IN
+                     Some([r EXCEPT !.waitLeft = [h \in Holders |->
+                              IF h \in r.answered THEN 0 ELSE @[h]]])]
+View == <<acceptorVars, RoundView, prepared, maxSeen, queue, GrantorLeft, holderVars,
+          msgs, granted, histVars>>
 
 =============================================================================
