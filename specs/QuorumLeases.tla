@@ -552,14 +552,30 @@ Unsettled == ~Settled
 (*    0 and the window to PromiseMs (or 0);                              *)
 (*  - a round's wait for a holder that has answered is never read again: *)
 (*    HoldersDone accepts an answered holder whatever its wait, and      *)
-(*    `answered` only grows while the round lasts.                       *)
+(*    `answered` only grows while the round lasts;                       *)
+(*  - a proposer with no round and an empty queue never starts a round   *)
+(*    again (the queue grows only by Abort, or by Restart with a round,  *)
+(*    both needing a round), so its `prepared` and `maxSeen` (read only  *)
+(*    by Drive and to compute their own next values) and the Promise,    *)
+(*    Accepted and Nack messages for its ballots (read only by that      *)
+(*    proposer) no longer matter;                                        *)
+(*  - without DUP_LEASE_REQUESTS, a LeaseRequest every grantor has       *)
+(*    answered is never read again (only Grant reads it).                *)
 GrantorLeft == [g \in Node |-> [h \in Holders |-> Max(promises[g][h], recovering[g])]]
 RoundView == [p \in Proposers |->
                 IF round[p] = NoRound THEN NoRound
                 ELSE LET r == Get(round[p]) IN
                      Some([r EXCEPT !.waitLeft = [h \in Holders |->
                               IF h \in r.answered THEN 0 ELSE @[h]]])]
-View == <<acceptorVars, RoundView, prepared, maxSeen, queue, GrantorLeft, holderVars,
-          msgs, granted, histVars>>
+Done(p) == round[p] = NoRound /\ queue[p] = << >>
+Dead(m) ==
+    \/ m.type \in {"Promise", "Accepted", "Nack"} /\ m.bal[2] \in Proposers /\ Done(m.bal[2])
+    \/ /\ m.type = "LeaseRequest"
+       /\ ~DUP_LEASE_REQUESTS
+       /\ \A g \in Node : <<g, m.from, m.seq>> \in granted
+ProposerView == [p \in Proposers |->
+                   IF Done(p) THEN <<"done">> ELSE <<RoundView[p], prepared[p], maxSeen[p], queue[p]>>]
+View == <<acceptorVars, ProposerView, GrantorLeft, holderVars,
+          {m \in msgs : ~Dead(m)}, granted, histVars>>
 
 =============================================================================
