@@ -16,6 +16,11 @@
 (* i.e. ceil(ms * (1 + rho) / (1 - rho)) as in time.rs.  Safe configs have *)
 (* SKEW_REAL <= SKEW_ASSUMED.                                              *)
 (*                                                                         *)
+(* Drift can only matter if a lease outlives a tick: a Tick lowers every   *)
+(* time left by at least TICK - SKEW_REAL, so with LEASE <= TICK -         *)
+(* SKEW_REAL every grant ends at the next tick whatever the clocks do.     *)
+(* The configs that check drift have LEASE > TICK + SKEW_REAL (README).    *)
+(*                                                                         *)
 (* Every deadline the Rust code keeps as an absolute Millis on its owner's *)
 (* clock (`until`, `recovering_until`, a request's send time, a proposer's *)
 (* wait) is kept here as the time left on that same clock (for a request:  *)
@@ -501,7 +506,6 @@ CommittedChosen == \A c \in committed : Chosen(c.bal, c.val)
 PromiseCoversLease ==
     PromiseMs * (TICK - SKEW_ASSUMED) >= LEASE * (TICK + SKEW_ASSUMED)
 
-
 -----------------------------------------------------------------------------
 (* State constraint for model checking: CONSTRAINT Unsettled, in the    *)
 (* configs that name it.  TLC still checks the invariants of a state     *)
@@ -539,7 +543,6 @@ Settled ==
     /\ Cardinality(Changes) = 1
     /\ \A h \in Holders : Learned(h) \/ LeaseOver(h) \/ Blocked(h)
 Unsettled == ~Settled
-
 
 (* View for model checking: VIEW View, in the configs that name it.  TLC *)
 (* then counts two states as one when they agree on View.  View forgets  *)
