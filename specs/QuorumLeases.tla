@@ -16,6 +16,11 @@
 (* i.e. ceil(ms * (1 + rho) / (1 - rho)) as in time.rs.  Safe configs have *)
 (* SKEW_REAL <= SKEW_ASSUMED.                                              *)
 (*                                                                         *)
+(* Drift can only matter if a lease outlives a tick: a Tick lowers every   *)
+(* time left by at least TICK - SKEW_REAL, so with LEASE <= TICK -         *)
+(* SKEW_REAL every grant ends at the next tick whatever the clocks do.     *)
+(* The configs that check drift have LEASE > TICK + SKEW_REAL (README).    *)
+(*                                                                         *)
 (* Every deadline the Rust code keeps as an absolute Millis on its owner's *)
 (* clock (`until`, `recovering_until`, a request's send time, a proposer's *)
 (* wait) is kept here as the time left on that same clock (for a request:  *)
@@ -497,8 +502,83 @@ LinearHistory ==
     \A v, w \in ChosenValues \cup CommittedValues : IsPrefix(v, w) \/ IsPrefix(w, v)
 CommittedChosen == \A c \in committed : Chosen(c.bal, c.val)
 
-(* Sanity of the time discretisation: the promise outlasts the lease.   *)
+(* Sanity of the time discretisation: the promise outlasts the lease.    *)
 PromiseCoversLease ==
     PromiseMs * (TICK - SKEW_ASSUMED) >= LEASE * (TICK + SKEW_ASSUMED)
+
+-----------------------------------------------------------------------------
+(* State constraint for model checking: CONSTRAINT Unsettled, in the     *)
+(* configs that name it.  TLC still checks the invariants of a state     *)
+(* that fails it, but does not explore that state's successors.  It cuts *)
+(* a behaviour only once no holder can ever read a stale value again, so *)
+(* it cannot hide a LeaseReadSafety violation, whatever guard is off or  *)
+(* however far clocks drift.  It applies only with one change id (every  *)
+(* config here); with more it is TRUE.  With one change every committed  *)
+(* value is << >> or <<c>>, and each holder is settled when              *)
+(*  - Learned: it knows <<c>>, which every committed value is a prefix   *)
+(*    of; `known` only grows (Learn, kept across Restart);               *)
+(*  - LeaseOver: it has no request left to send (nor will have after a   *)
+(*    restart), every request it remembers is LEASE old (so a grant      *)
+(*    answering it adds no time: Max(@, 0)) and fewer than a majority of *)
+(*    its grants have time left: grants only run down from here, so      *)
+(*    Holds(h) stays FALSE; or                                           *)
+(*  - Blocked: it is pending, and pending again after any restart (with  *)
+(*    RESTART_PENDING a restart sets it to the durable promise, never    *)
+(*    Zero: Init promises Succ(B0) and promises only grow).  Pending is  *)
+(*    cleared only by Learn, and every Learn is of a committed value,    *)
+(*    which here is <<c>> (Init commits << >> without a Commit message), *)
+(*    so it cannot read before it is Learned.                            *)
+(* The price: OneValuePerBallot, LinearHistory and CommittedChosen are   *)
+(* not checked in what follows a settled state.  With one proposer and   *)
+(* one round they concern that round only, and PaxosRegister checks them *)
+(* in full.                                                              *)
+Learned(h) == Len(known[h].val) = Cardinality(Changes)
+LeaseOver(h) ==
+    /\ nextSeq[h] = MaxSeq
+    /\ h \in Restarting => DURABLE_LEASE_SEQ
+    /\ \A s \in Seqs : requests[h][s] \in {-1, LEASE}
+    /\ Cardinality({g \in Node : grants[h][g] > 0}) < Majority
+Blocked(h) == pending[h] # None /\ (h \in Restarting => RESTART_PENDING)
+Settled ==
+    /\ Cardinality(Changes) = 1
+    /\ \A h \in Holders : Learned(h) \/ LeaseOver(h) \/ Blocked(h)
+Unsettled == ~Settled
+
+(* View for model checking: VIEW View, in the configs that name it.  TLC *)
+(* then counts two states as one when they agree on View.  View forgets  *)
+(* only what no action or invariant can tell apart:                      *)
+(*  - a grantor's promise to a holder and its recovery window are read   *)
+(*    only as their maximum (Unexpired), and every action keeps that     *)
+(*    maximum a function of the previous one: Tick lowers both by the    *)
+(*    same advance (Down(Max(a, b), d) = Max(Down(a, d), Down(b, d))),   *)
+(*    Grant raises the promise to PromiseMs, Restart sets the promise to *)
+(*    0 and the window to PromiseMs (or 0);                              *)
+(*  - a round's wait for a holder that has answered is never read again: *)
+(*    HoldersDone accepts an answered holder whatever its wait, and      *)
+(*    `answered` only grows while the round lasts;                       *)
+(*  - a proposer with no round and an empty queue never starts a round   *)
+(*    again (the queue grows only by Abort, or by Restart with a round,  *)
+(*    both needing a round), so its `prepared` and `maxSeen` (read only  *)
+(*    by Drive and to compute their own next values) and the Promise,    *)
+(*    Accepted and Nack messages for its ballots (read only by that      *)
+(*    proposer) no longer matter;                                        *)
+(*  - without DUP_LEASE_REQUESTS, a LeaseRequest every grantor has       *)
+(*    answered is never read again (only Grant reads it).                *)
+GrantorLeft == [g \in Node |-> [h \in Holders |-> Max(promises[g][h], recovering[g])]]
+RoundView == [p \in Proposers |->
+                IF round[p] = NoRound THEN NoRound
+                ELSE LET r == Get(round[p]) IN
+                     Some([r EXCEPT !.waitLeft = [h \in Holders |->
+                              IF h \in r.answered THEN 0 ELSE @[h]]])]
+Done(p) == round[p] = NoRound /\ queue[p] = << >>
+Dead(m) ==
+    \/ m.type \in {"Promise", "Accepted", "Nack"} /\ m.bal[2] \in Proposers /\ Done(m.bal[2])
+    \/ /\ m.type = "LeaseRequest"
+       /\ ~DUP_LEASE_REQUESTS
+       /\ \A g \in Node : <<g, m.from, m.seq>> \in granted
+ProposerView == [p \in Proposers |->
+                   IF Done(p) THEN <<"done">> ELSE <<RoundView[p], prepared[p], maxSeen[p], queue[p]>>]
+View == <<acceptorVars, ProposerView, GrantorLeft, holderVars,
+          {m \in msgs : ~Dead(m)}, granted, histVars>>
 
 =============================================================================
