@@ -12,7 +12,7 @@
 # assertions on). ~250 mutants; each is one rebuild of the crate's five
 # test targets (~45 s on 2 cores) plus the tests it needs: unit tests fail
 # in about a second, a mutant they miss runs the model check and the
-# simulation (~65 s). Expect 5-6 hours with one job. Arguments after `--`
+# simulation (~65 s). Expect 4-8 hours with one job. Arguments after `--`
 # go to cargo-mutants, e.g. `-- --shard 1/4` or `-- --iterate`.
 # Results: target/mutants/full/mutants.out/{caught,missed,timeout,unviable}.txt
 #
