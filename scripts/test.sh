@@ -13,6 +13,11 @@
 #
 # Cassandra starts once, in the background, while the workspace builds, and
 # is stopped on exit whatever happens. Extra arguments go to `cargo test`.
+#
+# Last, the CI subset of the consensus mutation tests (scripts/mutants.sh
+# --ci: ~75 mutants, 6-12 minutes on 2 cores, plus ~5 minutes to install
+# cargo-mutants into target/tools the first time); SAFERCHAT_SKIP_MUTANTS=1
+# skips it.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 ROOT=$PWD
@@ -61,3 +66,9 @@ export SAFERCHAT_CASSANDRA="127.0.0.1:$CASSANDRA_PORT"
 step "tests"
 # Tests that need Cassandra are #[ignore]d without it; here it runs.
 cargo test --workspace --locked "$@" -- --include-ignored
+
+if [ "${SAFERCHAT_SKIP_MUTANTS:-}" != 1 ]; then
+  step "mutation tests of the consensus core (CI subset)"
+  stop_cassandra
+  bash scripts/mutants.sh --ci
+fi

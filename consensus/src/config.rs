@@ -244,4 +244,70 @@ mod tests {
         assert!(!ReplicaConfig::single(NodeId(1)).may_have_promised_others());
         assert!(three().may_have_promised_others());
     }
+
+    #[test]
+    fn replica_lists_must_be_non_empty_and_strictly_sorted() {
+        assert_eq!(
+            ReplicaConfig {
+                replicas: vec![],
+                holders: vec![],
+                ..three()
+            }
+            .validate(),
+            Err(ConfigError::Replicas)
+        );
+        assert_eq!(
+            ReplicaConfig {
+                replicas: vec![NodeId(1), NodeId(2), NodeId(2), NodeId(3)],
+                ..three()
+            }
+            .validate(),
+            Err(ConfigError::Replicas)
+        );
+    }
+
+    #[test]
+    fn renewals_must_come_before_half_a_lease() {
+        let mut c = three();
+        c.lease.renew_every_ms = 0;
+        assert_eq!(c.validate(), Err(ConfigError::LeaseTiming));
+        c.lease.renew_every_ms = c.lease.lease_ms / 2;
+        assert_eq!(c.validate(), Err(ConfigError::LeaseTiming));
+        c.lease.renew_every_ms = c.lease.lease_ms / 2 - 1;
+        assert_eq!(c.validate(), Ok(()));
+    }
+
+    #[test]
+    fn majorities_of_even_and_odd_sets() {
+        let set = |n: u64| ReplicaConfig {
+            me: NodeId(1),
+            replicas: (1..=n).map(NodeId).collect(),
+            holders: vec![NodeId(1)],
+            ..ReplicaConfig::single(NodeId(1))
+        };
+        assert_eq!(set(2).majority(), 2);
+        assert_eq!(set(4).majority(), 3);
+        assert_eq!(set(5).majority(), 3);
+    }
+
+    #[test]
+    fn only_configured_holders_hold() {
+        let c = ReplicaConfig {
+            holders: vec![NodeId(1)],
+            ..three()
+        };
+        assert!(c.is_holder(NodeId(1)));
+        assert!(!c.is_holder(NodeId(2)));
+        assert!(three().is_holder(NodeId(3)));
+    }
+
+    #[test]
+    fn promises_and_waits_are_covered_and_guarded() {
+        // At the default 500 ppm: cover(2000) = ceil(2000 * 1.0005 /
+        // 0.9995) = 2003, cover(1000) = 1002; the guard adds 10.
+        let lease = LeaseConfig::default();
+        assert_eq!(lease.promise_ms(), 2_013);
+        assert_eq!(lease.wait_ms(1_000), 1_012);
+        assert_eq!(lease.wait_ms(0), 10);
+    }
 }

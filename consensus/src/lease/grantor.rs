@@ -108,4 +108,39 @@ mod tests {
         );
         assert_eq!(g.unexpired(&c, Millis(5_000)), vec![]);
     }
+
+    #[test]
+    fn promised_lists_the_holders_until_their_promise_ends() {
+        let c = config();
+        let mut g = Grantor::default();
+        assert_eq!(g.promised(Millis(100)), vec![]);
+        g.grant(&c, Millis(100), NodeId(2));
+        let left = c.lease.promise_ms();
+        assert_eq!(g.promised(Millis(100)), vec![NodeId(2)]);
+        assert_eq!(g.promised(Millis(100 + left - 1)), vec![NodeId(2)]);
+        assert_eq!(g.promised(Millis(100 + left)), vec![]);
+    }
+
+    #[test]
+    fn next_expiry_is_the_earliest_unexpired_promise_or_recovery_end() {
+        let c = config();
+        let left = c.lease.promise_ms();
+        let mut g = Grantor::default();
+        assert_eq!(g.next_expiry(Millis(100)), None);
+        g.grant(&c, Millis(100), NodeId(2));
+        assert_eq!(g.next_expiry(Millis(100)), Some(Millis(100 + left)));
+        assert_eq!(
+            g.next_expiry(Millis(100 + left - 1)),
+            Some(Millis(100 + left))
+        );
+        assert_eq!(g.next_expiry(Millis(100 + left)), None);
+
+        let mut g = Grantor::restarted(Millis(5_000));
+        assert_eq!(g.next_expiry(Millis(1_000)), Some(Millis(5_000)));
+        assert_eq!(g.next_expiry(Millis(4_999)), Some(Millis(5_000)));
+        assert_eq!(g.next_expiry(Millis(5_000)), None);
+        g.grant(&c, Millis(100), NodeId(3));
+        assert_eq!(g.next_expiry(Millis(100)), Some(Millis(100 + left)));
+        assert_eq!(g.next_expiry(Millis(100 + left)), Some(Millis(5_000)));
+    }
 }
