@@ -54,10 +54,12 @@ args=(mutants --package saferchat-consensus --jobs 1 --no-shuffle)
 if [ "$ci" = 1 ]; then
   [ ${#files[@]} -gt 0 ] || files=(consensus/src/time.rs consensus/src/config.rs consensus/src/lease/grantor.rs)
   out="$ROOT/target/mutants/ci"
-  # The workspace's own target directory: its dev-profile dependencies are
-  # already built. The copies cargo-mutants builds are at other paths, so
-  # their workspace crates get other hashes and overwrite nothing.
-  export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$ROOT/target}"
+  # A target directory of its own: sharing the workspace's would overwrite
+  # the workspace's consensus crate with the last mutant's build (the copy's
+  # crate gets the same hash, and cargo then takes that artifact as fresh),
+  # so a later `cargo test` would test a mutant. Rebuilding the dev-profile
+  # dependencies here costs a minute or two.
+  export CARGO_TARGET_DIR="$ROOT/target/mutants-target"
   args+=(--cargo-arg=--lib --cargo-arg=--test=scripted --minimum-test-timeout 120)
 else
   [ ${#files[@]} -gt 0 ] || files=(
