@@ -93,10 +93,19 @@ impl Cluster {
     }
 
     fn run(&mut self, now: Millis) {
+        self.run_losing(now, |_, _, _| false);
+    }
+
+    /// Delivers everything in flight, and what that causes, except the
+    /// messages `lost(from, to, message)` picks, which the network loses.
+    fn run_losing(&mut self, now: Millis, lost: impl Fn(NodeId, NodeId, &Message) -> bool) {
         for i in 0..self.nodes.len() {
             self.collect(i);
         }
         while let Some((from, to, message)) = self.inflight.pop_front() {
+            if lost(from, to, &message) {
+                continue;
+            }
             let index = to.0 as usize - 1;
             self.nodes[index].step(now, from, message);
             self.collect(index);
@@ -332,15 +341,7 @@ fn a_silent_holder_delays_commit_until_its_promise_runs_out() {
     c.run(Millis(10));
     // Node 3 goes silent: drop everything addressed to it from now on.
     c.nodes[0].propose(Millis(100), RequestId(2), proposal(2, Change::Add(alice())));
-    c.collect(0);
-    while let Some((from, to, m)) = c.inflight.pop_front() {
-        if to == NodeId(3) {
-            continue;
-        }
-        let i = to.0 as usize - 1;
-        c.nodes[i].step(Millis(100), from, m);
-        c.collect(i);
-    }
+    c.run_losing(Millis(100), |_, to, _| to == NodeId(3));
     assert_eq!(c.replies.len(), 1, "must wait for the silent holder");
     let lease = c.nodes[0].config().lease;
     // Node 3 was granted at t=10 by nodes 1 and 2; their promises end at
@@ -373,15 +374,7 @@ fn a_read_of_a_known_committed_value_does_not_wait_for_a_silent_holder() {
     c.run(Millis(10));
     assert!(c.nodes[2].read(Millis(10)).is_ok(), "node 3 holds a lease");
     c.nodes[1].propose(Millis(100), RequestId(2), Proposal::read(ChangeId(2)));
-    c.collect(1);
-    while let Some((from, to, m)) = c.inflight.pop_front() {
-        if to == NodeId(3) {
-            continue;
-        }
-        let i = to.0 as usize - 1;
-        c.nodes[i].step(Millis(100), from, m);
-        c.collect(i);
-    }
+    c.run_losing(Millis(100), |_, to, _| to == NodeId(3));
     let read = c
         .replies
         .iter()
@@ -404,26 +397,12 @@ fn a_read_of_a_value_not_known_committed_waits_for_a_silent_holder() {
     c.run(Millis(0));
     // Node 1 creates the room; node 2 accepts but never sees the commit.
     c.nodes[0].propose(Millis(10), RequestId(1), proposal(1, Change::Create));
-    c.collect(0);
-    while let Some((from, to, m)) = c.inflight.pop_front() {
-        if to == NodeId(2) && matches!(m, Message::Commit { .. }) {
-            continue;
-        }
-        let i = to.0 as usize - 1;
-        c.nodes[i].step(Millis(10), from, m);
-        c.collect(i);
-    }
+    c.run_losing(Millis(10), |_, to, m| {
+        to == NodeId(2) && matches!(m, Message::Commit { .. })
+    });
     assert!(c.nodes[1].known().is_none(), "node 2 missed the commit");
     c.nodes[1].propose(Millis(100), RequestId(2), Proposal::read(ChangeId(2)));
-    c.collect(1);
-    while let Some((from, to, m)) = c.inflight.pop_front() {
-        if to == NodeId(3) {
-            continue;
-        }
-        let i = to.0 as usize - 1;
-        c.nodes[i].step(Millis(100), from, m);
-        c.collect(i);
-    }
+    c.run_losing(Millis(100), |_, to, _| to == NodeId(3));
     assert!(
         !c.replies.iter().any(|(node, _, _)| *node == NodeId(2)),
         "the read must wait for node 3: {:?}",

@@ -185,8 +185,8 @@ impl Proposer {
                 },
             };
             self.round = Some(round);
-            let committed = Arc::clone(&prepared.value);
-            self.begin_accept(config, &prepared.value, Some(&committed), out);
+            // The fast path's base is the value this proposer committed.
+            self.begin_accept(config, &prepared.value, Some(&prepared.value), out);
             return;
         }
         let highest = self.max_seen.round.max(floor.round);
