@@ -18,9 +18,8 @@
 #
 # --ci: the fast subset CI runs (scripts/test.sh): time.rs, config.rs and
 # lease/grantor.rs against the unit tests and the scripted scenarios only,
-# in the dev profile and the workspace's target directory (so the
-# dependencies built by the workspace build are reused). ~75 mutants at
-# ~5-10 s each: 6-12 minutes on 2 cores after the workspace build.
+# in the dev profile and a target directory of its own (see below). 75
+# mutants in about 2 minutes on 2 cores, its dependency build included.
 #
 # cargo-mutants 27.1.0 is installed from crates.io into target/tools (not
 # globally) when missing: ~5 minutes on 2 cores.

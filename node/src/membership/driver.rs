@@ -329,11 +329,11 @@ impl Driver {
                 metrics::counter!("saferchat_lease_requests_refused_total").increment(1);
                 if self.lease_refusals_logged.insert(batch.from) {
                     tracing::warn!(
-                    from = %batch.from,
-                    %room,
-                    requested_ms = lease_ms,
-                    lease_ms = slot.replica.config().lease.lease_ms,
-                    "refusing a lease longer than this node's: SAFERCHAT_LEASE_MS must be the same on every node"
+                        from = %batch.from,
+                        %room,
+                        requested_ms = lease_ms,
+                        lease_ms = slot.replica.config().lease.lease_ms,
+                        "refusing a lease longer than this node's: SAFERCHAT_LEASE_MS must be the same on every node"
                     );
                 }
             }
