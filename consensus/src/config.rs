@@ -176,17 +176,27 @@ impl ReplicaConfig {
 }
 
 #[cfg(test)]
+impl ReplicaConfig {
+    /// Three replicas, every one a lease holder, default timings, as seen
+    /// from node `me` (for unit tests).
+    pub(crate) fn three_holders(me: u64) -> ReplicaConfig {
+        let all = vec![NodeId(1), NodeId(2), NodeId(3)];
+        ReplicaConfig {
+            me: NodeId(me),
+            replicas: all.clone(),
+            holders: all,
+            lease: LeaseConfig::default(),
+            proposer: ProposerConfig::default(),
+        }
+    }
+}
+
+#[cfg(test)]
 mod tests {
     use super::*;
 
     fn three() -> ReplicaConfig {
-        ReplicaConfig {
-            me: NodeId(2),
-            replicas: vec![NodeId(1), NodeId(2), NodeId(3)],
-            holders: vec![NodeId(1), NodeId(2), NodeId(3)],
-            lease: LeaseConfig::default(),
-            proposer: ProposerConfig::default(),
-        }
+        ReplicaConfig::three_holders(2)
     }
 
     #[test]

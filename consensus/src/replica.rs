@@ -169,9 +169,11 @@ impl RoomReplica {
         self.proposer.has_fast_path()
     }
 
-    /// Whether proposals are queued or in flight.
+    /// Whether proposals are queued or in flight: exactly when the
+    /// proposer has a timer set (a round in flight has its timeout, a
+    /// queued proposal its deadline).
     pub fn proposing(&self) -> bool {
-        self.proposer.busy() || self.proposer.next_wakeup(&self.config).is_some()
+        self.proposer.next_wakeup(&self.config).is_some()
     }
 
     /// Handles one message from `from` (possibly this node).

@@ -41,16 +41,23 @@ struct Cluster {
 
 impl Cluster {
     fn new(n: u64) -> Cluster {
+        Cluster::with(n, |_| {})
+    }
+
+    /// `n` replicas, all holders, with the default timings as `tune`
+    /// changes them.
+    fn with(n: u64, tune: impl Fn(&mut ReplicaConfig)) -> Cluster {
         let ids: Vec<NodeId> = (1..=n).map(NodeId).collect();
         let nodes = ids
             .iter()
             .map(|me| {
-                let config = ReplicaConfig {
+                let mut config = ReplicaConfig {
                     me: *me,
                     replicas: ids.clone(),
                     holders: ids.clone(),
                     ..ReplicaConfig::single(*me)
                 };
+                tune(&mut config);
                 RoomReplica::new(
                     Arc::new(config),
                     AcceptorState::default(),
@@ -476,6 +483,38 @@ impl Cluster {
         self.inflight.retain(|(f, t, _)| !(*f == me && *t == me));
     }
 
+    /// Node `index` proposes adding "user k" for every k in `users`
+    /// (request and change id 10 + k).
+    fn add_users(&mut self, index: usize, now: Millis, users: std::ops::Range<usize>) {
+        for k in users {
+            let handle = Handle::of_modulus(format!("user {k}").as_bytes());
+            let request = RequestId(10 + k as u64);
+            self.nodes[index].propose(
+                now,
+                request,
+                proposal(request.0.into(), Change::Add(handle)),
+            );
+        }
+    }
+
+    /// Ticks every node each 10 ms from `from` until some node answers
+    /// `request` (by 5 s at the latest); returns when, and the answer.
+    fn tick_until_answered(&mut self, from: Millis, request: RequestId) -> (Millis, Outcome) {
+        let mut now = from;
+        loop {
+            if let Some((_, _, outcome)) = self.replies.iter().find(|(_, r, _)| *r == request) {
+                return (now, outcome.clone());
+            }
+            now = now.plus(10);
+            assert!(
+                now.0 < 5_000,
+                "{request:?} never answered: {:?}",
+                self.replies
+            );
+            self.tick_all(now);
+        }
+    }
+
     /// Every (ballot, value) the acceptors hold.
     fn accepted(&self) -> Vec<(Ballot, Arc<RoomState>)> {
         self.nodes
@@ -675,29 +714,9 @@ fn retry_after(intervening: usize) -> (Outcome, Arc<RoomState>) {
     c.collect(0);
     assert!(c.replies.iter().all(|(_, r, _)| *r != RequestId(2)));
     c.nodes[1].propose(aborted, RequestId(3), proposal(3, Change::Remove(alice())));
-    for k in 1..intervening {
-        let handle = Handle::of_modulus(format!("user {k}").as_bytes());
-        let request = RequestId(10 + k as u64);
-        c.nodes[1].propose(
-            aborted,
-            request,
-            proposal(request.0.into(), Change::Add(handle)),
-        );
-    }
+    c.add_users(1, aborted, 1..intervening);
     c.run(aborted);
-    let answered = |c: &Cluster| c.replies.iter().any(|(_, r, _)| *r == RequestId(2));
-    let mut now = aborted;
-    while !answered(&c) {
-        now = now.plus(10);
-        assert!(now.0 < 5_000, "node 1 never answered: {:?}", c.replies);
-        c.tick_all(now);
-    }
-    let outcome = c
-        .replies
-        .iter()
-        .find(|(_, r, _)| *r == RequestId(2))
-        .map(|(_, _, o)| o.clone())
-        .expect("answered");
+    let (now, outcome) = c.tick_until_answered(aborted, RequestId(2));
     c.nodes[1].propose(now, RequestId(4), Proposal::read(ChangeId(4)));
     c.run(now);
     let state = c.nodes[1].known().expect("a committed state").1.clone();
@@ -807,4 +826,294 @@ fn a_room_at_its_last_revision_refuses_changes() {
         Err(saferchat_consensus::ChangeError::RevisionsExhausted)
     );
     assert!(saferchat_consensus::apply(&mut state, &proposal(3, Change::Read)).is_ok());
+}
+
+// Tests of the replica's smaller accessors and timers, written for the
+// mutants that survived the rest of this file and the unit tests (see
+// specs/README.md, "Mutation testing"). The node relies on each of them:
+// `next_wakeup` schedules its timers, `proposing` and `lease_wanted`
+// decide when a room may be unloaded, `read_until` bounds a cached view.
+
+/// The state a created room has after `Cluster::new(n)` and one Create.
+fn created(n: u64) -> Cluster {
+    let mut c = Cluster::new(n);
+    c.nodes[0].propose(Millis(0), RequestId(1), proposal(1, Change::Create));
+    c.run(Millis(0));
+    c
+}
+
+#[test]
+fn ready_is_empty_only_with_nothing_to_do() {
+    assert!(Ready::default().is_empty());
+    let state = Arc::new(RoomState::absent());
+    let readies = [
+        Ready {
+            persist: Some(AcceptorState::default()),
+            ..Ready::default()
+        },
+        Ready {
+            messages: vec![(NodeId(1), Message::Prepare { ballot: b(1, 1) })],
+            ..Ready::default()
+        },
+        Ready {
+            replies: vec![(RequestId(1), Outcome::Unavailable)],
+            ..Ready::default()
+        },
+        Ready {
+            committed: Some((b(1, 1), state)),
+            ..Ready::default()
+        },
+    ];
+    for ready in readies {
+        assert!(!ready.is_empty(), "{ready:?}");
+    }
+}
+
+#[test]
+fn a_lease_is_wanted_renewed_on_time_and_read_until_it_ends() {
+    let mut c = created(3);
+    let node = &c.nodes[0];
+    assert!(!node.proposing(), "the Create is committed");
+    assert!(!node.lease_wanted());
+    assert_eq!(node.next_wakeup(Millis(0)), None, "nothing to do");
+    assert_eq!(node.read_until(Millis(0)), None);
+    for i in 0..3 {
+        c.nodes[i].want_lease(Millis(10), true);
+    }
+    c.run(Millis(10));
+    let lease = c.nodes[0].config().lease;
+    let node = &c.nodes[0];
+    assert!(node.lease_wanted());
+    // The grants count from the request sent at 10; the renewal is due
+    // `renew_every_ms` later (before any promise of the grantors ends).
+    let (state, until) = node.read_until(Millis(11)).expect("a lease");
+    assert_eq!(state.revision, Revision(1));
+    assert_eq!(until, Millis(10 + lease.lease_ms));
+    assert_eq!(
+        node.next_wakeup(Millis(11)),
+        Some(Millis(10 + lease.renew_every_ms))
+    );
+    c.nodes[0].want_lease(Millis(20), false);
+    assert!(!c.nodes[0].lease_wanted());
+}
+
+#[test]
+fn lease_requests_from_nodes_that_may_not_hold_are_not_granted() {
+    let mut c = created(3);
+    let lease_ms = c.nodes[0].config().lease.lease_ms;
+    let outsider = ReplicaConfig {
+        holders: vec![NodeId(1), NodeId(2)],
+        ..c.nodes[0].config().clone()
+    };
+    let mut node = RoomReplica::new(
+        Arc::new(outsider),
+        c.durable[0].clone(),
+        c.nodes[0].known().cloned(),
+        Millis(0),
+        0,
+    );
+    node.step(
+        Millis(5),
+        NodeId(3),
+        Message::LeaseRequest { seq: 1, lease_ms },
+    );
+    assert!(node.take_ready().messages.is_empty(), "n3 holds no leases");
+    node.step(
+        Millis(5),
+        NodeId(2),
+        Message::LeaseRequest { seq: 1, lease_ms },
+    );
+    assert!(matches!(
+        node.take_ready().messages.as_slice(),
+        [(NodeId(2), Message::LeaseGrant { seq: 1, .. })]
+    ));
+    c.nodes[0].step(
+        Millis(5),
+        NodeId(3),
+        Message::LeaseRequest { seq: 1, lease_ms },
+    );
+    assert_eq!(c.nodes[0].take_ready().messages.len(), 1);
+}
+
+#[test]
+fn the_acceptor_state_is_the_vote_the_node_persisted() {
+    let c = created(3);
+    for i in 0..3 {
+        assert_eq!(c.nodes[i].acceptor_state(), &c.durable[i]);
+        assert!(c.durable[i].accepted.is_some());
+    }
+}
+
+/// A 3- or 5-node cluster whose node 1 has sent Prepares for a Create,
+/// none delivered. Rounds never time out in these tests.
+fn preparing(n: u64) -> (Cluster, Ballot) {
+    let mut c = Cluster::with(n, |config| config.proposer.round_timeout_ms = 60_000);
+    c.nodes[0].propose(Millis(0), RequestId(1), proposal(1, Change::Create));
+    c.collect(0);
+    let ballot = match c.inflight.front() {
+        Some((_, _, Message::Prepare { ballot })) => *ballot,
+        other => panic!("expected a prepare, got {other:?}"),
+    };
+    c.inflight.clear();
+    (c, ballot)
+}
+
+#[test]
+fn a_round_refused_by_a_majority_in_phase_one_is_abandoned_at_once() {
+    for n in [3, 5] {
+        let (mut c, ballot) = preparing(n);
+        assert!(c.nodes[0].proposing());
+        let refused_by = |c: &mut Cluster, from: u64| {
+            let nack = Message::Nack {
+                ballot,
+                promised: b(9, from),
+                phase: saferchat_consensus::Phase::Prepare,
+            };
+            c.nodes[0].step(Millis(1), NodeId(from), nack);
+            c.collect(0);
+        };
+        let tolerated = (n - 1) / 2;
+        for from in 2..2 + tolerated {
+            refused_by(&mut c, from);
+            assert_eq!(
+                c.nodes[0].next_wakeup(Millis(1)),
+                Some(Millis(60_000)),
+                "n={n}: {} of {n} refused; the round goes on",
+                from - 1
+            );
+        }
+        refused_by(&mut c, 2 + tolerated);
+        // Abandoned: the proposal waits for the back-off (20-40 ms after
+        // one failure with the default 20 ms base) before the next round.
+        let retry = c.nodes[0].next_wakeup(Millis(1)).expect("a retry is due");
+        assert!((21..=41).contains(&retry.0), "n={n}: retry at {retry:?}");
+        assert!(c.nodes[0].proposing(), "the proposal is still queued");
+        c.nodes[0].tick(retry);
+        c.collect(0);
+        assert!(
+            c.inflight
+                .iter()
+                .any(|(_, _, m)| matches!(m, Message::Prepare { ballot: next } if *next > b(9, 2 + tolerated))),
+            "n={n}: the retry outbids the refusals"
+        );
+    }
+}
+
+#[test]
+fn a_queued_request_fails_at_its_deadline() {
+    let (mut c, _) = preparing(3);
+    let timeout = c.nodes[0].config().proposer.request_timeout_ms;
+    c.nodes[0].propose(Millis(10), RequestId(2), proposal(2, Change::Add(alice())));
+    c.collect(0);
+    // The round's own request fails only when the round ends; the queued
+    // one at its deadline.
+    assert_eq!(
+        c.nodes[0].next_wakeup(Millis(10)),
+        Some(Millis(10 + timeout))
+    );
+    c.nodes[0].tick(Millis(10 + timeout - 1));
+    c.collect(0);
+    assert!(c.replies.is_empty(), "{:?}", c.replies);
+    c.nodes[0].tick(Millis(10 + timeout));
+    c.collect(0);
+    assert_eq!(
+        c.replies,
+        vec![(NodeId(1), RequestId(2), Outcome::Unavailable)]
+    );
+}
+
+#[test]
+fn the_fast_path_is_dropped_only_for_a_higher_promise_or_a_commit_at_or_above_it() {
+    let mut c = created(3);
+    // Node 1 committed at (1, n1) and holds the fast path at (2, n1).
+    assert!(c.nodes[0].has_fast_path());
+    let nack = |promised| Message::Nack {
+        ballot: b(7, 1),
+        promised,
+        phase: saferchat_consensus::Phase::Accept,
+    };
+    c.nodes[0].step(Millis(1), NodeId(2), nack(b(1, 3)));
+    assert!(c.nodes[0].has_fast_path(), "a lower promise");
+    c.nodes[0].step(Millis(1), NodeId(2), nack(b(2, 1)));
+    assert!(c.nodes[0].has_fast_path(), "the fast path's own ballot");
+    c.nodes[0].step(Millis(1), NodeId(2), nack(b(2, 2)));
+    assert!(!c.nodes[0].has_fast_path(), "a higher promise");
+
+    let mut c = created(3);
+    let value = c.nodes[0].known().expect("committed").1.clone();
+    let commit = |ballot| Message::Commit {
+        ballot,
+        value: Arc::clone(&value),
+    };
+    c.nodes[0].step(Millis(1), NodeId(2), commit(b(1, 2)));
+    assert!(c.nodes[0].has_fast_path(), "a commit below the fast path");
+    c.nodes[0].step(Millis(1), NodeId(2), commit(b(2, 1)));
+    assert!(!c.nodes[0].has_fast_path(), "a commit at its ballot");
+    c.collect(0);
+}
+
+/// A round with a quorum that waits for a silent holder wakes up when
+/// that holder's promise runs out, not at the round timeout.
+#[test]
+fn a_waiting_round_wakes_when_the_silent_holders_promise_ends() {
+    let mut c = Cluster::with(3, |config| config.proposer.round_timeout_ms = 60_000);
+    c.nodes[0].propose(Millis(0), RequestId(1), proposal(1, Change::Create));
+    c.run(Millis(0));
+    // Only node 3 holds a lease, then falls silent.
+    c.nodes[2].want_lease(Millis(10), true);
+    c.run(Millis(10));
+    c.nodes[0].propose(Millis(100), RequestId(2), proposal(2, Change::Add(alice())));
+    c.run_losing(Millis(100), |_, to, _| to == NodeId(3));
+    let lease = c.nodes[0].config().lease;
+    // Node 1's own promise to node 3 ends first (it wakes for that too)…
+    let promise_end = Millis(10 + lease.promise_ms());
+    assert_eq!(c.nodes[0].next_wakeup(Millis(100)), Some(promise_end));
+    c.nodes[0].tick(promise_end);
+    c.collect(0);
+    assert_eq!(c.replies.len(), 1, "still waiting for node 3");
+    // …then the wait for node 3, stretched by the drift cover.
+    let remaining = 10 + lease.promise_ms() - 100;
+    let deadline = Millis(100 + lease.wait_ms(remaining));
+    assert!(deadline > promise_end && deadline.0 < 60_000);
+    assert_eq!(c.nodes[0].next_wakeup(promise_end), Some(deadline));
+    c.nodes[0].tick(deadline);
+    c.collect(0);
+    assert_eq!(c.replies.len(), 2, "committed once the wait ran out");
+}
+
+/// The other side of the dedup window (`a_retry_beyond_the_dedup_window…`):
+/// a change whose first accept was never chosen is applied by a retry
+/// while the base is at most `RECENT_CHANGES_MAX` revisions past the
+/// first attempt's base (absence from `recent` then proves it was not
+/// applied), and refused beyond.
+#[test]
+fn an_unchosen_change_retried_at_the_edge_of_the_window_is_applied() {
+    for (intervening, applied) in [(RECENT_CHANGES_MAX, true), (RECENT_CHANGES_MAX + 1, false)] {
+        let mut c = created(3);
+        let t = Millis(1);
+        c.nodes[0].propose(t, RequestId(2), proposal(2, Change::Add(alice())));
+        c.collect(0);
+        // Only node 1's own acceptor gets the accept: never chosen.
+        c.deliver(t, 1, 1, "Accept");
+        c.inflight.clear();
+        let aborted = t.plus(c.nodes[0].config().proposer.round_timeout_ms);
+        c.nodes[0].tick(aborted);
+        c.collect(0);
+        c.inflight.clear();
+        c.add_users(1, aborted, 0..intervening);
+        // Node 1 hears nothing until node 2 is done, so its accepted value
+        // is not recovered by node 2's phase 1.
+        c.run_losing(aborted, |from, _, _| from == NodeId(1));
+        let (_, outcome) = c.tick_until_answered(aborted, RequestId(2));
+        let base = 1 + intervening as u64;
+        if applied {
+            let Outcome::Decided { result, state } = outcome else {
+                panic!("expected a decision, got {outcome:?}");
+            };
+            assert_eq!(result.as_ref().map(|a| a.revision), Ok(Revision(base + 1)));
+            assert!(state.is_member(&alice()));
+        } else {
+            assert_eq!(outcome, Outcome::Unavailable);
+        }
+    }
 }

@@ -76,12 +76,7 @@ mod tests {
     use super::*;
 
     fn config() -> ReplicaConfig {
-        ReplicaConfig {
-            me: NodeId(1),
-            replicas: vec![NodeId(1), NodeId(2), NodeId(3)],
-            holders: vec![NodeId(1), NodeId(2), NodeId(3)],
-            ..ReplicaConfig::single(NodeId(1))
-        }
+        ReplicaConfig::three_holders(1)
     }
 
     #[test]

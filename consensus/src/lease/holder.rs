@@ -233,3 +233,187 @@ impl Holder {
         )
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::LeaseConfig;
+
+    /// Three replicas, all holders; this node is n1. Lease 2,000 ms,
+    /// renewed every 500 ms.
+    fn config() -> ReplicaConfig {
+        ReplicaConfig::three_holders(1)
+    }
+
+    fn state(revision: u64) -> Arc<RoomState> {
+        Arc::new(RoomState {
+            revision: Revision(revision),
+            created: true,
+            ..RoomState::default()
+        })
+    }
+
+    fn ballot(round: u64) -> Ballot {
+        Ballot {
+            round,
+            node: NodeId(2),
+        }
+    }
+
+    /// A wanting holder that knows revision 1 and has sent requests at 0,
+    /// 500 and 1,000 ms (sequence numbers 10, 11, 12).
+    fn requested() -> (ReplicaConfig, Holder) {
+        let c = config();
+        let mut h = Holder::restore(Some((ballot(1), state(1))), 10);
+        h.set_wanted(true);
+        for (at, seq) in [(0, 10), (500, 11), (1_000, 12)] {
+            assert_eq!(h.due_request(&c, Millis(at)), Some(seq));
+        }
+        (c, h)
+    }
+
+    #[test]
+    fn restore_keeps_the_known_state_and_numbers_requests_from_the_base() {
+        let c = config();
+        let mut h = Holder::restore(Some((ballot(3), state(7))), 40);
+        assert_eq!(h.known(), Some(&(ballot(3), state(7))));
+        assert!(!h.wanted());
+        h.set_wanted(true);
+        assert!(h.wanted());
+        assert_eq!(h.due_request(&c, Millis(0)), Some(40));
+        assert_eq!(h.due_request(&c, Millis(500)), Some(41));
+    }
+
+    #[test]
+    fn requests_are_due_every_renewal_period_while_wanted() {
+        let c = config();
+        let mut h = Holder::restore(None, 0);
+        assert_eq!(h.next_request(&c), None, "not wanted");
+        assert_eq!(h.due_request(&c, Millis(0)), None, "not wanted");
+        h.set_wanted(true);
+        assert_eq!(h.next_request(&c), Some(Millis(0)), "due at once");
+        assert_eq!(h.due_request(&c, Millis(100)), Some(0));
+        assert_eq!(h.next_request(&c), Some(Millis(600)));
+        assert_eq!(h.due_request(&c, Millis(599)), None);
+        // Wanting again changes nothing: no early renewal.
+        h.set_wanted(true);
+        assert_eq!(h.due_request(&c, Millis(599)), None);
+        assert_eq!(h.due_request(&c, Millis(600)), Some(1));
+        // Stopping forgets the last request: wanted again, one is due at
+        // once.
+        h.set_wanted(false);
+        assert!(!h.wanted());
+        assert_eq!(h.next_request(&c), None);
+        assert_eq!(h.due_request(&c, Millis(700)), None);
+        h.set_wanted(true);
+        assert_eq!(h.next_request(&c), Some(Millis(0)));
+        assert_eq!(h.due_request(&c, Millis(700)), Some(2));
+    }
+
+    #[test]
+    fn a_node_that_is_not_a_holder_never_requests() {
+        let c = ReplicaConfig {
+            holders: vec![NodeId(2), NodeId(3)],
+            ..config()
+        };
+        let mut h = Holder::restore(None, 0);
+        h.set_wanted(true);
+        assert_eq!(h.due_request(&c, Millis(0)), None);
+        assert_eq!(h.next_request(&c), None);
+        assert_eq!(h.read(&c, Millis(0)), Err(ReadError::NotHolder));
+    }
+
+    #[test]
+    fn a_lease_is_a_majority_of_grants_counted_from_each_request() {
+        let (c, mut h) = requested();
+        assert_eq!(h.read(&c, Millis(1_000)), Err(ReadError::NoLease));
+        h.on_grant(&c, NodeId(1), 10, None); // until 2,000
+        assert!(!h.holds(&c, Millis(1_000)), "one grant of three");
+        h.on_grant(&c, NodeId(2), 11, None); // until 2,500
+        h.on_grant(&c, NodeId(3), 12, None); // until 3,000
+        assert!(h.holds(&c, Millis(1_000)));
+        assert_eq!(h.read(&c, Millis(1_000)), Ok(&state(1)));
+        // Two grants beyond 1,999, ending at 2,500 and 3,000: the read
+        // stays valid until the second of them ends.
+        assert_eq!(h.readable_until(&c, Millis(1_999)), Some(Millis(2_500)));
+        assert_eq!(h.readable_until(&c, Millis(2_000)), Some(Millis(2_500)));
+        // A renewal request keeps the grants that are still running.
+        assert_eq!(h.due_request(&c, Millis(1_500)), Some(13));
+        assert!(h.holds(&c, Millis(1_500)));
+        assert!(h.holds(&c, Millis(2_499)));
+        // A grant that ends at `now` no longer counts.
+        assert!(!h.holds(&c, Millis(2_500)));
+        assert_eq!(h.readable_until(&c, Millis(2_500)), None);
+        assert_eq!(h.read(&c, Millis(2_500)), Err(ReadError::NoLease));
+    }
+
+    #[test]
+    fn readable_until_is_the_majority_th_latest_end_in_a_set_of_five() {
+        let c = ReplicaConfig {
+            replicas: (1..=5).map(NodeId).collect(),
+            holders: (1..=5).map(NodeId).collect(),
+            ..config()
+        };
+        let mut h = Holder::restore(Some((ballot(1), state(1))), 0);
+        h.set_wanted(true);
+        for at in [0, 500, 1_000, 1_500, 2_000] {
+            assert!(h.due_request(&c, Millis(at)).is_some());
+        }
+        for (from, seq) in [(1, 0), (2, 1), (3, 2), (4, 3), (5, 4)] {
+            h.on_grant(&c, NodeId(from), seq, None);
+        }
+        // Ends 2,000 … 4,000; three are needed, so the third latest.
+        assert_eq!(h.readable_until(&c, Millis(2_100)), Some(Millis(3_000)));
+    }
+
+    #[test]
+    fn a_holder_remembers_its_last_sixteen_requests() {
+        // Renewals every millisecond, so that every request is recent.
+        let c = ReplicaConfig {
+            lease: LeaseConfig {
+                renew_every_ms: 1,
+                ..LeaseConfig::default()
+            },
+            ..config()
+        };
+        let mut h = Holder::restore(Some((ballot(1), state(1))), 0);
+        h.set_wanted(true);
+        for at in 0..=16 {
+            assert_eq!(h.due_request(&c, Millis(at)), Some(at));
+        }
+        let now = Millis(16);
+        // Request 0 was the 17th from last: forgotten, its grants ignored.
+        let mut forgotten = h.clone();
+        forgotten.on_grant(&c, NodeId(2), 0, None);
+        forgotten.on_grant(&c, NodeId(3), 0, None);
+        assert_eq!(forgotten.read(&c, now), Err(ReadError::NoLease));
+        // Request 1 is the oldest one remembered.
+        h.on_grant(&c, NodeId(2), 1, None);
+        h.on_grant(&c, NodeId(3), 1, None);
+        assert_eq!(h.read(&c, now), Ok(&state(1)));
+        assert_eq!(
+            h.readable_until(&c, now),
+            Some(Millis(1 + c.lease.lease_ms))
+        );
+    }
+
+    #[test]
+    fn a_newer_accepted_value_blocks_reads_until_its_commit_is_learned() {
+        let (c, mut h) = requested();
+        h.on_grant(&c, NodeId(2), 12, None);
+        h.on_grant(&c, NodeId(3), 12, None);
+        assert!(!h.is_pending());
+        h.on_accept_seen(ballot(1), Revision(1));
+        assert!(!h.is_pending(), "not newer than the known revision");
+        h.on_accept_seen(ballot(2), Revision(2));
+        assert!(h.is_pending());
+        assert_eq!(h.read(&c, Millis(1_000)), Err(ReadError::Pending));
+        assert_eq!(h.readable_until(&c, Millis(1_000)), None);
+        assert!(h.learn(ballot(2), &state(2)));
+        assert!(!h.is_pending());
+        assert_eq!(h.read(&c, Millis(1_000)), Ok(&state(2)));
+        // A grant reporting a newer accepted value blocks reads too.
+        h.on_grant(&c, NodeId(1), 12, Some((ballot(3), Revision(3))));
+        assert!(h.is_pending());
+    }
+}

@@ -132,6 +132,20 @@ mod tests {
     }
 
     #[test]
+    fn a_repeated_prepare_is_promised_again_without_a_new_write() {
+        let ballot = Ballot {
+            round: 3,
+            node: crate::NodeId(2),
+        };
+        let mut a = Acceptor::default();
+        let first = a.on_prepare(ballot);
+        assert!(first.changed);
+        let again = a.on_prepare(ballot);
+        assert_eq!(again.reply, first.reply);
+        assert!(!again.changed, "nothing new to persist");
+    }
+
+    #[test]
     fn promises_only_higher_ballots() {
         let mut a = Acceptor::default();
         let first = a.on_prepare(b(1, 1));

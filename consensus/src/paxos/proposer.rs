@@ -150,11 +150,6 @@ impl Proposer {
         });
     }
 
-    /// Whether a round is in flight.
-    pub fn busy(&self) -> bool {
-        self.round.is_some()
-    }
-
     /// Whether the next round can skip phase 1.
     pub fn has_fast_path(&self) -> bool {
         self.prepared.is_some()
@@ -549,4 +544,55 @@ fn backoff_ms(config: &ReplicaConfig, failures: u32) -> u64 {
         .wrapping_mul(0x9E37_79B9_7F4A_7C15)
         .wrapping_add(u64::from(failures).wrapping_mul(0xBF58_476D_1CE4_E5B9));
     span / 2 + (mix >> 33) % (span / 2 + 1)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config(me: u64, backoff_ms: u64) -> ReplicaConfig {
+        let mut config = ReplicaConfig::single(NodeId(me));
+        config.proposer.backoff_ms = backoff_ms;
+        config
+    }
+
+    /// After `f` failures the wait is drawn from [span/2, span] with
+    /// span = base·2^min(f, 6), and over many nodes every value of that
+    /// range occurs: the jitter spreads retries over the whole range.
+    #[test]
+    fn backoff_covers_half_to_all_of_a_doubling_span() {
+        for base in [1, 2, 20] {
+            for failures in 1..=8 {
+                let span = base << failures.min(6);
+                let seen: std::collections::BTreeSet<u64> = (1..=400)
+                    .map(|me| backoff_ms(&config(me, base), failures))
+                    .collect();
+                let expected: std::collections::BTreeSet<u64> = (span / 2..=span).collect();
+                if span <= 64 {
+                    assert_eq!(seen, expected, "base {base}, {failures} failures");
+                } else {
+                    assert!(
+                        seen.is_subset(&expected),
+                        "base {base}, {failures} failures"
+                    );
+                    let possible = expected.len().min(400);
+                    assert!(
+                        seen.len() > possible / 2,
+                        "base {base}, {failures} failures: {seen:?}"
+                    );
+                }
+            }
+        }
+    }
+
+    /// A zero base counts as 1 ms.
+    #[test]
+    fn a_zero_base_counts_as_one_millisecond() {
+        for failures in 1..=8 {
+            assert_eq!(
+                backoff_ms(&config(7, 0), failures),
+                backoff_ms(&config(7, 1), failures)
+            );
+        }
+    }
 }
