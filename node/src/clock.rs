@@ -112,7 +112,12 @@ fn boottime_ms() -> u64 {
 /// Elsewhere (development builds only: the node is deployed on Linux), the
 /// monotonic clock std offers, which may stop during a suspension.
 #[cfg(not(any(target_os = "linux", target_os = "android")))]
-fn boottime_ms() -> u64 {
+use std_monotonic_ms as boottime_ms;
+
+/// See the `boottime_ms` above; compiled only where CLOCK_BOOTTIME is
+/// missing.
+#[cfg(not(any(target_os = "linux", target_os = "android")))]
+fn std_monotonic_ms() -> u64 {
     use std::sync::OnceLock;
     use std::time::Instant;
     static ORIGIN: OnceLock<Instant> = OnceLock::new();
@@ -197,5 +202,69 @@ mod tests {
             let after = boottime_ms();
             assert!(before - clock.origin <= read && read <= after - clock.origin);
         }
+    }
+
+    /// `boottime_ms` is the kernel's time since boot, which `/proc/uptime`
+    /// also reports (in seconds, to the hundredth).
+    #[cfg(target_os = "linux")]
+    #[test]
+    fn boottime_is_the_time_since_boot() {
+        let uptime_ms = || -> u64 {
+            let text = std::fs::read_to_string("/proc/uptime").expect("/proc/uptime");
+            let secs: f64 = text
+                .split_whitespace()
+                .next()
+                .and_then(|s| s.parse().ok())
+                .expect("uptime seconds");
+            #[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss)]
+            let ms = (secs * 1_000.0) as u64;
+            ms
+        };
+        let before = uptime_ms();
+        let read = boottime_ms();
+        let after = uptime_ms();
+        // /proc/uptime is truncated to 10 ms; a generous margin besides.
+        assert!(
+            before <= read + 10 && read <= after + 1_000,
+            "uptime {before}..{after} ms, boottime_ms {read}"
+        );
+    }
+
+    /// The wall clock reads the system's, or the date a shifted clock was
+    /// moved to (plus the time since).
+    #[test]
+    fn wall_clocks_read_the_system_time_or_their_shifted_date() {
+        let system_now = || {
+            i64::try_from(
+                SystemTime::now()
+                    .duration_since(UNIX_EPOCH)
+                    .expect("after 1970")
+                    .as_millis(),
+            )
+            .expect("fits")
+        };
+        let margin = 60_000; // a loaded machine may stall between reads
+        let before = system_now();
+        let read = SystemClock::starting_now().unix_ms();
+        assert!(before <= read && read <= system_now());
+        let clock = ShiftedClock::at(1_000_000);
+        let read = clock.unix_ms();
+        assert!((1_000_000..1_000_000 + margin).contains(&read), "{read}");
+        clock.set(5_000_000_000);
+        let read = clock.unix_ms();
+        assert!(
+            (5_000_000_000..5_000_000_000 + margin).contains(&read),
+            "{read}"
+        );
+        // Lease time is not shifted: it counts from the clock's creation on
+        // boot time. Wait (by reading, bounded) until 5 ms have passed.
+        let start = boottime_ms();
+        let give_up = start + 60_000;
+        while boottime_ms() < start + 5 {
+            assert!(boottime_ms() < give_up, "boot time stands still");
+            std::hint::spin_loop();
+        }
+        let lease_time = clock.monotonic().0;
+        assert!((5..3_600_000).contains(&lease_time), "{lease_time}");
     }
 }

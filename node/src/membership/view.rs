@@ -29,3 +29,22 @@ impl View {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_view_reads_strictly_before_its_end() {
+        let state = Arc::new(RoomState::default());
+        let view = View {
+            state: Some(Arc::clone(&state)),
+            readable_until: Millis(100),
+        };
+        assert_eq!(view.read(Millis(0)), Some(&state));
+        assert_eq!(view.read(Millis(99)), Some(&state));
+        assert_eq!(view.read(Millis(100)), None);
+        assert_eq!(view.read(Millis(101)), None);
+        assert_eq!(View::default().read(Millis(0)), None, "nothing known");
+    }
+}
