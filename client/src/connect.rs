@@ -6,12 +6,7 @@ use tonic::transport::{Channel, Endpoint};
 
 use crate::error::ClientError;
 
-/// Metadata key a node uses to say which node serves a room.
-pub const REDIRECT_METADATA: &str = "saferchat-redirect";
-/// Request metadata by which this library tells a node that it follows
-/// redirects: the node then redirects a session to the room's node instead
-/// of relaying it there (one hop instead of two).
-pub const FOLLOWS_REDIRECTS_METADATA: &str = "saferchat-follows-redirects";
+pub use saferchat_proto::redirect::{FOLLOWS_REDIRECTS_METADATA, REDIRECT_METADATA, redirect_of};
 /// How many redirects a call follows before giving up.
 pub const REDIRECTS_MAX: usize = 3;
 
@@ -40,16 +35,4 @@ pub async fn connect(address: &str) -> Result<Channel, ClientError> {
         .connect()
         .await
         .map_err(|e| fail(format!("{e} (is a node running there?)")))
-}
-
-/// The address a status redirects to, if it is a redirect.
-pub fn redirect_of(status: &tonic::Status) -> Option<String> {
-    if status.code() != tonic::Code::Unavailable {
-        return None;
-    }
-    status
-        .metadata()
-        .get(REDIRECT_METADATA)
-        .and_then(|v| v.to_str().ok())
-        .map(str::to_owned)
 }

@@ -41,8 +41,7 @@ use crate::config::NodeConfig;
 use crate::error::NodeError;
 use crate::timeline::Timeline;
 
-/// Metadata key naming the client address of the node that serves a room.
-pub const REDIRECT_METADATA: &str = "saferchat-redirect";
+pub use saferchat_proto::redirect::REDIRECT_METADATA;
 /// The file in the data folder that records the cluster's shape.
 pub const SHAPE_FILE: &str = "cluster.toml";
 

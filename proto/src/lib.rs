@@ -10,6 +10,7 @@
 //!   to clients.
 //! - [`codec`]: the codec the generated services use (prost with small
 //!   per-stream buffers).
+//! - [`redirect`]: the redirect status both sides speak.
 //!
 //! This crate holds generated code, and the codec it is generated with.
 //! Domain types live in the crates that own them and convert at the gRPC
@@ -18,6 +19,7 @@
 #![allow(missing_docs, clippy::all, clippy::pedantic)]
 
 pub mod codec;
+pub mod redirect;
 
 /// `server.grpc.common`
 pub mod common {

@@ -133,7 +133,7 @@ impl ChatRoom for ChatService {
             // Another node serves the room: ask it, once. A request that
             // was already forwarded gets the redirect (ownership moved
             // meanwhile), never a second hop.
-            return match forward::redirect_target(&redirect) {
+            return match saferchat_proto::redirect::redirect_of(&redirect) {
                 Some(owner) if !forwarded => self
                     .forwarder
                     .history(&room, &owner, req)

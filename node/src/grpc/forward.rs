@@ -59,18 +59,6 @@ pub fn is_forwarded(metadata: &MetadataMap) -> bool {
     metadata.contains_key(FORWARDED_METADATA)
 }
 
-/// The client address a redirect status names, if it is one.
-pub fn redirect_target(status: &Status) -> Option<String> {
-    if status.code() != tonic::Code::Unavailable {
-        return None;
-    }
-    status
-        .metadata()
-        .get(REDIRECT_METADATA)
-        .and_then(|v| v.to_str().ok())
-        .map(str::to_owned)
-}
-
 /// Channels to other nodes' client ports, one per address (a tonic
 /// channel multiplexes every call on one connection and reconnects by
 /// itself).
@@ -214,6 +202,8 @@ fn relay(
 
 #[cfg(test)]
 mod tests {
+    use saferchat_proto::redirect::redirect_of;
+
     use super::*;
 
     fn redirect(to: &str) -> Status {
@@ -226,15 +216,15 @@ mod tests {
     #[test]
     fn only_unavailable_with_the_metadata_is_a_redirect() {
         assert_eq!(
-            redirect_target(&redirect("127.0.0.1:8102")).as_deref(),
+            redirect_of(&redirect("127.0.0.1:8102")).as_deref(),
             Some("127.0.0.1:8102")
         );
-        assert_eq!(redirect_target(&Status::unavailable("down")), None);
+        assert_eq!(redirect_of(&Status::unavailable("down")), None);
         let mut other = Status::not_found("no room");
         other
             .metadata_mut()
             .insert(REDIRECT_METADATA, "127.0.0.1:8102".parse().unwrap());
-        assert_eq!(redirect_target(&other), None);
+        assert_eq!(redirect_of(&other), None);
     }
 
     #[test]
@@ -256,7 +246,7 @@ mod tests {
         let out = passed_on(owner);
         assert_eq!(out.code(), tonic::Code::Unavailable);
         assert_eq!(out.message(), "served elsewhere");
-        assert_eq!(redirect_target(&out).as_deref(), Some("127.0.0.1:8103"));
+        assert_eq!(redirect_of(&out).as_deref(), Some("127.0.0.1:8103"));
         assert!(out.metadata().get("content-type").is_none());
 
         let denied = passed_on(Status::permission_denied("not a member"));
@@ -283,7 +273,7 @@ mod tests {
         };
         assert_eq!(status.code(), tonic::Code::Unavailable, "{status:?}");
         assert!(status.message().contains(&address), "{status:?}");
-        assert!(redirect_target(&status).is_none());
+        assert!(redirect_of(&status).is_none());
         assert!(!status.message().contains("secret-token"));
         // The broken channel is not kept.
         assert!(forwarder.channels.lock().unwrap().is_empty());

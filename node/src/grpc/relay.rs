@@ -45,9 +45,7 @@ use tonic::{Request, Status, Streaming};
 use super::forward::{self, FORWARDED_METADATA, Forwarder};
 use crate::error::NodeError;
 
-/// Request metadata by which a client says it follows redirects itself:
-/// such a client is redirected, never relayed.
-pub const FOLLOWS_REDIRECTS_METADATA: &str = "saferchat-follows-redirects";
+pub use saferchat_proto::redirect::FOLLOWS_REDIRECTS_METADATA;
 /// Frames queued in each direction before the relay stops reading.
 pub const RELAY_FRAMES_MAX: usize = 8;
 /// Redirects the relay follows while opening the stream (ownership moving
@@ -96,7 +94,7 @@ pub async fn run(
     let (to_owner, first, from_owner) = loop {
         match open(forwarder, room, &owner, join.clone()).await {
             Ok(opened) => break opened,
-            Err(status) => match forward::redirect_target(&status) {
+            Err(status) => match saferchat_proto::redirect::redirect_of(&status) {
                 Some(next) if hops < HOPS_MAX && forward::reached(&status) => {
                     hops += 1;
                     owner = next;

@@ -30,7 +30,7 @@ use crate::auth;
 use crate::context::{ChatContext, SessionSlot};
 use crate::convert;
 use crate::error::NodeError;
-use crate::grpc::forward::{self, Forwarder};
+use crate::grpc::forward::Forwarder;
 use crate::grpc::{frames, relay};
 use crate::message_id::MessageId;
 use crate::room::{Live, PostOutcome, Posted, RoomCommand};
@@ -161,7 +161,7 @@ async fn serve(
     // posts, one timeline, and every post reaches every session. Clients
     // elsewhere are redirected there, or relayed.
     if let Err(redirect) = ctx.routing.route(&room).await {
-        let owner = forward::redirect_target(&redirect);
+        let owner = saferchat_proto::redirect::redirect_of(&redirect);
         return match (relay, owner) {
             (Some(forwarder), Some(owner)) => {
                 match relay::run(forwarder, &room, owner, join, inbound, out).await {
