@@ -1,11 +1,14 @@
 """Parses the deploy/ configs with the node's own loader (--print-config):
 the ConfigMap TOML through the StatefulSet start script (stub getent), and
 every compose node service's environment. Run by deploy/check.sh."""
-import os, subprocess, sys, tempfile, yaml
+import os, re, secrets, subprocess, sys, tempfile, yaml
 root = os.path.abspath(os.path.join(os.path.dirname(__file__), ".."))
 work = tempfile.mkdtemp(prefix="saferchat-deploy-check-")
 node = os.environ.get("SAFERCHAT_NODE_BIN", os.path.join(root, "target/debug/saferchat-node"))
 ok = True
+# What an operator generates: the files ship no secret.
+generated = {"SAFERCHAT_ADMIN_TOKEN": secrets.token_urlsafe(32),
+             "SAFERCHAT_SESSION_SECRET": secrets.token_urlsafe(32)}
 # 1. Kubernetes: the ConfigMap's TOML + the StatefulSet's start script, run
 #    with a stub getent, ending in the node's own --print-config.
 docs = list(yaml.safe_load_all(open(f"{root}/deploy/kubernetes/saferchat.yaml")))
@@ -20,9 +23,7 @@ assert "--print-config" in script, "the start script execs the node with --confi
 open(os.path.join(work, "getent"), "w").write('#!/bin/sh\ncase "$2" in saferchat-0) echo "10.96.0.10 $2";; saferchat-1) echo "10.96.0.11 $2";; saferchat-2) echo "10.96.0.12 $2";; esac\n')
 os.chmod(os.path.join(work, "getent"), 0o755)
 for pod in ["saferchat-0", "saferchat-1", "saferchat-2"]:
-    env = {"PATH": work + ":/usr/bin:/bin", "HOSTNAME": pod,
-           "SAFERCHAT_ADMIN_TOKEN": "change-me-admin-token-0123456789",
-           "SAFERCHAT_SESSION_SECRET": "change-me-session-secret-0123456789abcdef"}
+    env = {"PATH": work + ":/usr/bin:/bin", "HOSTNAME": pod, **generated}
     env.update({e["name"]: e["value"] for e in c["env"] if "value" in e})
     r = subprocess.run(c["command"] + [script], env=env, capture_output=True, text=True)
     print(f"== k8s {pod}: exit {r.returncode}")
@@ -33,13 +34,21 @@ for pod in ["saferchat-0", "saferchat-1", "saferchat-2"]:
         for key in ["node_id", "backend", "keyspace", "replication"]:
             print("  ", next(l for l in out.splitlines() if l.startswith(key)))
         print("   peers:", out.count("[[peers]]"))
-# 2. Compose: every node service's environment, as compose would merge it.
+# 2. Compose: every node service's environment, as compose would merge it,
+#    with ${VAR:?message} taken from the generated secrets (and an unset one
+#    an error, as compose makes it).
+def interpolate(value):
+    def one(m):
+        if m.group(1) not in generated:
+            raise SystemExit(f"compose needs {m.group(1)}, which this check does not set")
+        return generated[m.group(1)]
+    return re.sub(r"\$\{([A-Z_]+):\?[^}]*\}", one, value)
 compose = yaml.safe_load(open(f"{root}/deploy/compose/compose.yaml"))
 for name, svc in compose["services"].items():
     if not name.startswith("node"):
         continue
     env = {"PATH": "/usr/bin:/bin"}
-    env.update({k: str(v) for k, v in svc["environment"].items()})
+    env.update({k: interpolate(str(v)) for k, v in svc["environment"].items()})
     r = subprocess.run([node, "--print-config"], env=env, capture_output=True, text=True)
     print(f"== compose {name}: exit {r.returncode}")
     if r.returncode != 0:

@@ -235,6 +235,19 @@ impl Default for NodeConfig {
     }
 }
 
+/// Secrets that were published in saferchat's example files (the compose
+/// file and the Kubernetes manifest once shipped these values). Anyone who
+/// has read the repository knows them, so a node refuses them, and any
+/// value that still carries a "change-me" marker.
+const PUBLISHED_SECRETS: &[&str] = &[
+    "change-me-admin-token-0123456789",
+    "change-me-session-secret-0123456789abcdef",
+];
+
+fn is_published_secret(value: &str) -> bool {
+    PUBLISHED_SECRETS.contains(&value) || value.to_ascii_lowercase().contains("change-me")
+}
+
 fn invalid(message: impl Into<String>) -> NodeError {
     NodeError::Config(message.into())
 }
@@ -384,15 +397,25 @@ impl NodeConfig {
                 )));
             }
         }
-        if let Some(token) = &self.admin_token
-            && token.len() < 16
-        {
-            return Err(invalid("admin_token must be at least 16 characters"));
+        if let Some(token) = &self.admin_token {
+            if token.len() < 16 {
+                return Err(invalid("admin_token must be at least 16 characters"));
+            }
+            if is_published_secret(token) {
+                return Err(invalid(
+                    "admin_token is an example value published with saferchat: generate one (e.g. openssl rand -base64 32)",
+                ));
+            }
         }
-        if let Some(secret) = &self.session_secret
-            && secret.len() < 32
-        {
-            return Err(invalid("session_secret must be at least 32 bytes"));
+        if let Some(secret) = &self.session_secret {
+            if secret.len() < 32 {
+                return Err(invalid("session_secret must be at least 32 bytes"));
+            }
+            if is_published_secret(secret) {
+                return Err(invalid(
+                    "session_secret is an example value published with saferchat: generate one (e.g. openssl rand -base64 32)",
+                ));
+            }
         }
         if !self.peers.is_empty() && self.peer_listen.is_none() {
             return Err(invalid("peer_listen is required when peers are configured"));
@@ -570,6 +593,35 @@ mod tests {
             .unwrap_err();
         assert!(e.to_string().contains("sled or cassandra"), "{e}");
         assert!(toml::from_str::<NodeConfig>("no_such_key = 1").is_err());
+    }
+
+    #[test]
+    fn published_example_secrets_are_refused() {
+        let strong = "q9Zt3v8mWf2KpL7xR4sN1bH6cJ0dY5eA";
+        for published in PUBLISHED_SECRETS
+            .iter()
+            .copied()
+            .chain(["CHANGE-ME-please-0123456789abcdef0123"])
+        {
+            let token = NodeConfig {
+                admin_token: Some(published.into()),
+                ..NodeConfig::default()
+            };
+            let e = token.validate().unwrap_err().to_string();
+            assert!(e.contains("admin_token is an example value"), "{e}");
+            let secret = NodeConfig {
+                session_secret: Some(format!("{published:0<32}")),
+                ..NodeConfig::default()
+            };
+            let e = secret.validate().unwrap_err().to_string();
+            assert!(e.contains("session_secret is an example value"), "{e}");
+        }
+        let generated = NodeConfig {
+            admin_token: Some(strong.into()),
+            session_secret: Some(strong.into()),
+            ..NodeConfig::default()
+        };
+        generated.validate().unwrap();
     }
 
     #[test]
