@@ -46,6 +46,39 @@ pub enum NodeError {
     Fatal(String),
 }
 
+/// Most characters of client input an error message repeats.
+pub const SHOWN_CHARS_MAX: usize = 64;
+/// Longest status message the node sends. gRPC carries it percent-encoded
+/// in the `grpc-message` header (up to three bytes per byte), and clients
+/// refuse headers beyond 8 KiB by default, reporting RESOURCE_EXHAUSTED
+/// instead of the real error.
+pub const STATUS_MESSAGE_BYTES_MAX: usize = 1_024;
+
+/// Client input as an error message shows it: quoted, and cut to
+/// [`SHOWN_CHARS_MAX`] characters with its length when longer, so an error
+/// never echoes an unbounded value.
+pub fn shown(input: &str) -> String {
+    let mut chars = input.char_indices();
+    match chars.nth(SHOWN_CHARS_MAX) {
+        None => format!("{input:?}"),
+        Some((cut, _)) => format!("{:?}… ({} bytes)", &input[..cut], input.len()),
+    }
+}
+
+/// `message` cut to [`STATUS_MESSAGE_BYTES_MAX`] bytes at a character
+/// boundary (a last guard: messages are built from [`shown`] input).
+fn bounded(mut message: String) -> String {
+    if message.len() > STATUS_MESSAGE_BYTES_MAX {
+        let mut cut = STATUS_MESSAGE_BYTES_MAX - '…'.len_utf8();
+        while !message.is_char_boundary(cut) {
+            cut -= 1;
+        }
+        message.truncate(cut);
+        message.push('…');
+    }
+    message
+}
+
 impl NodeError {
     /// Shorthand for a storage failure.
     pub fn storage(e: impl std::fmt::Display) -> NodeError {
@@ -66,6 +99,36 @@ impl From<NodeError> for Status {
             NodeError::Unavailable(_) | NodeError::Storage(_) => Code::Unavailable,
             NodeError::Config(_) | NodeError::Fatal(_) => Code::Internal,
         };
-        Status::new(code, e.to_string())
+        Status::new(code, bounded(e.to_string()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn client_input_is_shown_cut() {
+        assert_eq!(shown("team"), "\"team\"");
+        let long = "é".repeat(5_000);
+        let s = shown(&long);
+        assert!(
+            s.starts_with(&format!("\"{}\"…", "é".repeat(SHOWN_CHARS_MAX))),
+            "{s}"
+        );
+        assert!(s.ends_with("(10000 bytes)"), "{s}");
+        assert_eq!(
+            shown(&"a".repeat(SHOWN_CHARS_MAX)).len(),
+            SHOWN_CHARS_MAX + 2
+        );
+    }
+
+    #[test]
+    fn status_messages_are_bounded() {
+        let status = Status::from(NodeError::InvalidArgument("ü".repeat(10_000)));
+        assert!(status.message().len() <= STATUS_MESSAGE_BYTES_MAX);
+        assert!(status.message().ends_with('…'));
+        let short = Status::from(NodeError::NotFound("room \"team\" does not exist".into()));
+        assert_eq!(short.message(), "room \"team\" does not exist");
     }
 }

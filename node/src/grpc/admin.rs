@@ -9,7 +9,7 @@ use tonic::{Request, Response, Status};
 
 use crate::context::AdminContext;
 use crate::convert;
-use crate::error::NodeError;
+use crate::error::{NodeError, shown};
 
 /// Most rooms per ListChats page.
 const LIST_PAGE_MAX: u32 = 1000;
@@ -61,12 +61,12 @@ fn change_kind(change: &Change) -> &'static str {
 }
 
 fn room(chat: &str) -> Result<RoomId, NodeError> {
-    RoomId::new(chat).map_err(|e| NodeError::InvalidArgument(format!("chat {chat:?}: {e}")))
+    RoomId::new(chat).map_err(|e| NodeError::InvalidArgument(format!("chat {}: {e}", shown(chat))))
 }
 
 fn user(text: &str) -> Result<Handle, NodeError> {
     text.parse()
-        .map_err(|e| NodeError::InvalidArgument(format!("user {text:?}: {e}")))
+        .map_err(|e| NodeError::InvalidArgument(format!("user {}: {e}", shown(text))))
 }
 
 #[tonic::async_trait]
@@ -159,7 +159,9 @@ impl Admin for AdminService {
         self.ctx.rooms.check_room_may_exist(&room)?;
         let status = self.ctx.membership.status(&room).await?;
         if !status.state.created {
-            return Err(NodeError::NotFound(format!("room {:?} does not exist", req.chat)).into());
+            return Err(
+                NodeError::NotFound(format!("room {} does not exist", shown(&req.chat))).into(),
+            );
         }
         let me = self.ctx.me;
         let mut holders = status.lease.promised_to;
