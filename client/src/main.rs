@@ -3,7 +3,7 @@
 //! ever sees ciphertext.
 
 use std::io::{IsTerminal, Read as _};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::Arc;
 
@@ -13,9 +13,17 @@ use chrono::{DateTime, Utc};
 use clap::{Parser, Subcommand};
 use saferchat_client::admin::Admin;
 use saferchat_client::history::{self, Query};
-use saferchat_client::{Event, Identity, JoinOptions, Message, Session};
+use saferchat_client::keys::{KeyFile, Protection};
+use saferchat_client::{ClientError, Event, Identity, JoinOptions, Message, Session};
 use saferchat_consensus::RoomId;
 use tokio::io::AsyncBufReadExt as _;
+use zeroize::Zeroizing;
+
+/// Where the CLI takes the key file's passphrase from, when set (instead
+/// of asking on the terminal).
+const PASSPHRASE_ENV: &str = "SAFERCHAT_KEY_PASSPHRASE";
+/// The new passphrase for `set-passphrase`.
+const NEW_PASSPHRASE_ENV: &str = "SAFERCHAT_NEW_KEY_PASSPHRASE";
 
 #[derive(Debug, Parser)]
 #[command(name = "saferchat", version, about = "End-to-end encrypted group chat")]
@@ -38,11 +46,24 @@ struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Command {
-    /// Generate an RSA-2048 key pair and print its handle.
+    /// Generate an RSA-2048 key pair and print its handle. The key file is
+    /// encrypted with a passphrase, asked for on the terminal or taken from
+    /// SAFERCHAT_KEY_PASSPHRASE.
     Keygen {
         /// Replace an existing key file.
         #[arg(long)]
         force: bool,
+        /// Store the key unencrypted.
+        #[arg(long)]
+        no_passphrase: bool,
+    },
+    /// Encrypt the key file under a new passphrase (asked for on the
+    /// terminal, or taken from SAFERCHAT_NEW_KEY_PASSPHRASE), or store it
+    /// unencrypted with --no-passphrase.
+    SetPassphrase {
+        /// Store the key unencrypted.
+        #[arg(long)]
+        no_passphrase: bool,
     },
     /// Print your handle and key fingerprint.
     Whoami,
@@ -144,9 +165,71 @@ fn room(name: &str) -> anyhow::Result<RoomId> {
     RoomId::new(name).with_context(|| format!("room {name:?}"))
 }
 
+/// The passphrase of an existing key file: SAFERCHAT_KEY_PASSPHRASE, or
+/// asked for on the terminal.
+fn passphrase_to_read(path: &Path) -> Result<Zeroizing<String>, ClientError> {
+    if let Some(p) = std::env::var_os(PASSPHRASE_ENV) {
+        return Ok(Zeroizing::new(p.to_string_lossy().into_owned()));
+    }
+    if !std::io::stdin().is_terminal() {
+        return Err(ClientError::KeyFile {
+            path: path.display().to_string(),
+            reason: format!("is encrypted: set {PASSPHRASE_ENV} or run on a terminal"),
+        });
+    }
+    rpassword::prompt_password(format!("passphrase for {}: ", path.display()))
+        .map(Zeroizing::new)
+        .map_err(|e| ClientError::KeyFile {
+            path: path.display().to_string(),
+            reason: format!("reading the passphrase: {e}"),
+        })
+}
+
+/// A passphrase for a key file about to be written: `env`, or asked for
+/// twice on the terminal; `None` with --no-passphrase.
+fn passphrase_to_write(
+    env: &str,
+    no_passphrase: bool,
+) -> anyhow::Result<Option<Zeroizing<String>>> {
+    if no_passphrase {
+        return Ok(None);
+    }
+    let passphrase = if let Some(p) = std::env::var_os(env) {
+        Zeroizing::new(p.to_string_lossy().into_owned())
+    } else if std::io::stdin().is_terminal() {
+        let first = Zeroizing::new(rpassword::prompt_password("passphrase for the key file: ")?);
+        let again = Zeroizing::new(rpassword::prompt_password("the same again: ")?);
+        if first != again {
+            bail!("the two passphrases differ; nothing was written");
+        }
+        first
+    } else {
+        bail!(
+            "the key file needs a passphrase: run on a terminal, set {env}, or pass --no-passphrase"
+        );
+    };
+    if passphrase.is_empty() {
+        bail!(
+            "an empty passphrase protects nothing; pass --no-passphrase to store the key unencrypted"
+        );
+    }
+    Ok(Some(passphrase))
+}
+
 fn identity(cli: &Cli) -> anyhow::Result<Arc<Identity>> {
     let path = cli.key.clone().unwrap_or_else(default_key_path);
-    Ok(Arc::new(Identity::load(&path)?))
+    let (id, file) = Identity::load_with(&path, || passphrase_to_read(&path))?;
+    if file == KeyFile::Plain {
+        eprintln!(
+            "warning: {} is not encrypted; `saferchat set-passphrase` encrypts it",
+            path.display()
+        );
+    }
+    Ok(Arc::new(id))
+}
+
+fn protection(passphrase: Option<&Zeroizing<String>>) -> Protection<'_> {
+    passphrase.map_or(Protection::None, |p| Protection::Passphrase(p))
 }
 
 fn time(ms: i64) -> String {
@@ -205,15 +288,36 @@ fn admin_token(token: Option<String>, file: Option<PathBuf>) -> anyhow::Result<S
 
 async fn run(cli: Cli) -> anyhow::Result<()> {
     match &cli.command {
-        Command::Keygen { force } => {
+        Command::Keygen {
+            force,
+            no_passphrase,
+        } => {
             let path = cli.key.clone().unwrap_or_else(default_key_path);
+            if path.exists() && !*force {
+                bail!(
+                    "{} already exists (pass --force to replace it)",
+                    path.display()
+                );
+            }
+            let passphrase = passphrase_to_write(PASSPHRASE_ENV, *no_passphrase)?;
             eprintln!("generating an RSA-2048 key…");
             let id = Identity::generate()?;
-            id.save(&path, *force)?;
+            id.save_as(&path, *force, protection(passphrase.as_ref()))?;
             println!("key:         {}", path.display());
             println!("handle:      {}", id.handle());
             println!("fingerprint: {}", id.fingerprint());
             eprintln!("give your handle to a room admin; keep the key file private");
+        }
+        Command::SetPassphrase { no_passphrase } => {
+            let path = cli.key.clone().unwrap_or_else(default_key_path);
+            let (id, _) = Identity::load_with(&path, || passphrase_to_read(&path))?;
+            let passphrase = passphrase_to_write(NEW_PASSPHRASE_ENV, *no_passphrase)?;
+            id.save_as(&path, true, protection(passphrase.as_ref()))?;
+            if passphrase.is_some() {
+                println!("{}: encrypted under the new passphrase", path.display());
+            } else {
+                println!("{}: stored unencrypted", path.display());
+            }
         }
         Command::Whoami => {
             let id = identity(&cli)?;

@@ -166,6 +166,21 @@ impl Drop for NodeProcess {
 /// Runs the `saferchat` CLI with `args` against `server`, as the user whose
 /// key is `key`, with `stdin` as input.
 pub fn cli(server: &str, key: Option<&Path>, args: &[&str], stdin: Option<&str>) -> Output {
+    cli_with_env(server, key, args, stdin, &[])
+}
+
+/// [`cli`] with extra environment variables (the key passphrase ones are
+/// otherwise removed, so a developer's own never leaks into a test).
+///
+/// # Panics
+/// When the CLI cannot be started.
+pub fn cli_with_env(
+    server: &str,
+    key: Option<&Path>,
+    args: &[&str],
+    stdin: Option<&str>,
+    env: &[(&str, &str)],
+) -> Output {
     let mut command = Command::new(crate::bin::path("saferchat"));
     command.arg("--server").arg(server);
     if let Some(key) = key {
@@ -175,6 +190,9 @@ pub fn cli(server: &str, key: Option<&Path>, args: &[&str], stdin: Option<&str>)
         .args(args)
         .env("SAFERCHAT_ADMIN_TOKEN", ADMIN_TOKEN)
         .env_remove("SAFERCHAT_KEY")
+        .env_remove("SAFERCHAT_KEY_PASSPHRASE")
+        .env_remove("SAFERCHAT_NEW_KEY_PASSPHRASE")
+        .envs(env.iter().copied())
         .stdin(if stdin.is_some() {
             Stdio::piped()
         } else {

@@ -9,7 +9,9 @@ use std::path::Path;
 use bytes::Bytes;
 use saferchat_envelope::Envelope;
 
-use saferchat_tests::process::{NodeProcess, cli, contains, fails, fixture_key, history, ok, send};
+use saferchat_tests::process::{
+    NodeProcess, cli, cli_with_env, contains, fails, fixture_key, history, ok, send,
+};
 
 /// Every file under `dir`, recursively.
 fn files(dir: &Path) -> Vec<std::path::PathBuf> {
@@ -200,4 +202,101 @@ fn two_people_chat_through_a_real_node_and_the_server_sees_no_plaintext() {
         assert!(h.contains("copy that, bring snacks"), "{h}");
     }
     assert!(node.stop());
+}
+
+/// Key files are encrypted with a passphrase unless the owner says not to;
+/// the CLI asks for it only when it has a terminal, otherwise it takes
+/// SAFERCHAT_KEY_PASSPHRASE, and plain files keep working with a warning.
+#[test]
+fn key_files_are_encrypted_unless_asked_not_to() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let server = "127.0.0.1:9"; // never contacted: these commands are local
+    let key = dir.path().join("alice.pem");
+    let key_arg = Some(key.as_path());
+    let pass = [("SAFERCHAT_KEY_PASSPHRASE", "a long passphrase")];
+
+    // No terminal and no passphrase given: refused, nothing written.
+    let err = fails(&cli(server, key_arg, &["keygen"], None));
+    assert!(err.contains("--no-passphrase"), "{err}");
+    assert!(!key.exists());
+
+    let out = ok(&cli_with_env(server, key_arg, &["keygen"], None, &pass));
+    let handle = out
+        .lines()
+        .find_map(|l| l.strip_prefix("handle:"))
+        .expect("a handle")
+        .trim()
+        .to_owned();
+    let text = std::fs::read_to_string(&key).expect("key file");
+    assert!(
+        text.starts_with("-----BEGIN ENCRYPTED PRIVATE KEY-----"),
+        "{text}"
+    );
+    let whoami = cli_with_env(server, key_arg, &["whoami"], None, &pass);
+    assert!(ok(&whoami).contains(&handle));
+    assert!(
+        String::from_utf8_lossy(&whoami.stderr).is_empty(),
+        "no warning"
+    );
+    let err = fails(&cli(server, key_arg, &["whoami"], None));
+    assert!(
+        err.contains("is encrypted: set SAFERCHAT_KEY_PASSPHRASE"),
+        "{err}"
+    );
+    let wrong = [("SAFERCHAT_KEY_PASSPHRASE", "a long passphrasE")];
+    let err = fails(&cli_with_env(server, key_arg, &["whoami"], None, &wrong));
+    assert!(err.contains("wrong passphrase"), "{err}");
+    assert!(
+        !err.contains("a long passphras"),
+        "the passphrase is never printed: {err}"
+    );
+
+    // A new passphrase, then none: same key throughout.
+    let renew = [
+        pass[0],
+        ("SAFERCHAT_NEW_KEY_PASSPHRASE", "another long passphrase"),
+    ];
+    ok(&cli_with_env(
+        server,
+        key_arg,
+        &["set-passphrase"],
+        None,
+        &renew,
+    ));
+    let again = [("SAFERCHAT_KEY_PASSPHRASE", "another long passphrase")];
+    assert!(ok(&cli_with_env(server, key_arg, &["whoami"], None, &again)).contains(&handle));
+    ok(&cli_with_env(
+        server,
+        key_arg,
+        &["set-passphrase", "--no-passphrase"],
+        None,
+        &again,
+    ));
+    let plain = cli(server, key_arg, &["whoami"], None);
+    assert!(ok(&plain).contains(&handle));
+    let warning = String::from_utf8_lossy(&plain.stderr);
+    assert!(warning.contains("is not encrypted"), "{warning}");
+
+    // An empty passphrase protects nothing and is refused.
+    let empty = [("SAFERCHAT_KEY_PASSPHRASE", "")];
+    let other = dir.path().join("bob.pem");
+    let err = fails(&cli_with_env(
+        server,
+        Some(&other),
+        &["keygen"],
+        None,
+        &empty,
+    ));
+    assert!(err.contains("empty passphrase"), "{err}");
+    ok(&cli(
+        server,
+        Some(&other),
+        &["keygen", "--no-passphrase"],
+        None,
+    ));
+    assert!(
+        std::fs::read_to_string(&other)
+            .expect("key file")
+            .starts_with("-----BEGIN PRIVATE KEY-----")
+    );
 }
