@@ -181,8 +181,12 @@ impl Default for CassandraConfig {
 pub struct Limits {
     /// Deliveries queued for one session before it is closed as too slow.
     pub session_queue_max: usize,
-    /// Concurrent chat sessions on this node.
+    /// Concurrent chat sessions on this node (counted once a join is
+    /// proven, or relayed to the node that serves the room).
     pub sessions_max: usize,
+    /// `Post` streams that have not proven their key yet (each gets at most
+    /// `join_timeout_ms` per step).
+    pub joins_pending_max: usize,
     /// Commands queued for one room.
     pub room_queue_max: usize,
     /// Posts written to storage in one batch.
@@ -202,6 +206,7 @@ impl Default for Limits {
         Limits {
             session_queue_max: 1024,
             sessions_max: 100_000,
+            joins_pending_max: 4_096,
             room_queue_max: 4096,
             room_batch_max: 512,
             history_on_join: 50,

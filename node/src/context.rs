@@ -87,6 +87,44 @@ pub struct ChatContext {
     pub routing: Routing,
     next_session: AtomicU64,
     open_sessions: AtomicUsize,
+    pending_joins: AtomicUsize,
+}
+
+/// Counts a `Post` stream that has not proven its key yet, for as long as
+/// it lives or until [`JoinSlot::into_session`]. Pending joins have their
+/// own limit, so streams that never prove anything cannot take the slots
+/// of members' sessions.
+#[derive(Debug)]
+pub struct JoinSlot {
+    ctx: Arc<ChatContext>,
+    /// This session's id.
+    pub id: u64,
+}
+
+impl Drop for JoinSlot {
+    fn drop(&mut self) {
+        self.ctx.pending_joins.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+impl JoinSlot {
+    /// The join was proven (or is relayed to the node that checks it):
+    /// it becomes a session, counted against `limits.sessions_max`.
+    ///
+    /// # Errors
+    /// `ResourceExhausted` at `limits.sessions_max`.
+    pub fn into_session(self) -> Result<SessionSlot, NodeError> {
+        let ctx = Arc::clone(&self.ctx);
+        let open = ctx.open_sessions.fetch_add(1, Ordering::SeqCst);
+        let slot = SessionSlot { ctx, id: self.id };
+        if open >= slot.ctx.config.limits.sessions_max {
+            return Err(NodeError::ResourceExhausted(format!(
+                "this node serves at most {} sessions; try another node or later",
+                slot.ctx.config.limits.sessions_max
+            )));
+        }
+        Ok(slot)
+    }
 }
 
 /// Counts an open session for as long as it lives.
@@ -129,26 +167,33 @@ impl ChatContext {
             routing,
             next_session: AtomicU64::new(1),
             open_sessions: AtomicUsize::new(0),
+            pending_joins: AtomicUsize::new(0),
         }
     }
 
-    /// Takes a session slot, or refuses when the node is full.
+    /// Takes a slot for a stream that has yet to prove its key, or refuses
+    /// when too many are pending.
     ///
     /// # Errors
-    /// `ResourceExhausted` at `limits.sessions_max`.
-    pub fn open_session(self: &Arc<Self>) -> Result<SessionSlot, NodeError> {
-        let open = self.open_sessions.fetch_add(1, Ordering::SeqCst);
-        let slot = SessionSlot {
+    /// `ResourceExhausted` at `limits.joins_pending_max`.
+    pub fn open_join(self: &Arc<Self>) -> Result<JoinSlot, NodeError> {
+        let pending = self.pending_joins.fetch_add(1, Ordering::SeqCst);
+        let slot = JoinSlot {
             ctx: Arc::clone(self),
             id: self.next_session.fetch_add(1, Ordering::Relaxed),
         };
-        if open >= self.config.limits.sessions_max {
+        if pending >= self.config.limits.joins_pending_max {
             return Err(NodeError::ResourceExhausted(format!(
-                "this node serves at most {} sessions; try another node or later",
-                self.config.limits.sessions_max
+                "this node has {} joins waiting for their proof; try another node or later",
+                self.config.limits.joins_pending_max
             )));
         }
         Ok(slot)
+    }
+
+    /// Joins waiting for their proof right now.
+    pub fn pending_joins(&self) -> usize {
+        self.pending_joins.load(Ordering::SeqCst)
     }
 
     /// Sessions open right now.

@@ -136,6 +136,8 @@ async fn unknown_rooms_and_members_are_not_found_and_duplicates_already_exist() 
         code_of(&admin.members("nope").await.unwrap_err()),
         Code::NotFound
     );
+    // A join does not tell a missing room from one the user is not in
+    // (non_members_cannot_tell_missing_rooms_from_rooms_they_are_not_in).
     let join = Session::join(
         &node.server(),
         &RoomId::new("nope").unwrap(),
@@ -143,7 +145,7 @@ async fn unknown_rooms_and_members_are_not_found_and_duplicates_already_exist() 
         &JoinOptions::default(),
     )
     .await;
-    assert_eq!(code_of(&join.unwrap_err()), Code::NotFound);
+    assert_eq!(code_of(&join.unwrap_err()), Code::PermissionDenied);
 
     admin.create_chat("aaa").await.expect("create");
     let dup = admin.create_chat("aaa").await.unwrap_err();
@@ -167,6 +169,102 @@ async fn unknown_rooms_and_members_are_not_found_and_duplicates_already_exist() 
             .expect("add again")
             .changed
     );
+}
+
+/// Before the proof, a missing room, a room without the user and a room
+/// with them all get a challenge; after it, a wrong proof is refused alike
+/// everywhere, and a right one tells a non-member only "missing or not a
+/// member". So nobody can probe who is in which room.
+#[tokio::test]
+async fn non_members_cannot_tell_missing_rooms_from_rooms_they_are_not_in() {
+    let node = TestNode::start().await;
+    let ids = node.room("aaa", &[0]).await;
+    let carol = Arc::new(test_keys::identity(2));
+    let server = node.server();
+    let answer = |room: &'static str, handle: String, proof_by: Arc<Identity>| {
+        let server = server.clone();
+        async move {
+            let (mut raw, c) = Raw::challenged(&server, room, &handle).await;
+            raw.send(proof_frame(room, &proof_by, &c.nonce)).await;
+            match raw.next().await {
+                Ok(frame) => Err(format!("{frame:?}")),
+                Err(status) => Ok((status.code(), status.message().replace(room, "ROOM"))),
+            }
+        }
+    };
+    let carol_handle = carol.handle().to_string();
+    let alice_handle = ids[0].handle().to_string();
+    // Carol's own proof: the same answer for a missing room and a room
+    // she is not in.
+    let missing = answer("nope", carol_handle.clone(), Arc::clone(&carol))
+        .await
+        .unwrap();
+    let not_in = answer("aaa", carol_handle.clone(), Arc::clone(&carol))
+        .await
+        .unwrap();
+    assert_eq!(missing, not_in);
+    assert_eq!(missing.0, Code::PermissionDenied);
+    assert!(
+        missing.1.contains("does not exist or you are not a member"),
+        "{missing:?}"
+    );
+    // Someone without alice's key asking as alice: refused the same way
+    // whether or not alice is in the room.
+    let probe_in = answer("aaa", alice_handle.clone(), Arc::clone(&carol))
+        .await
+        .unwrap();
+    let probe_missing = answer("nope", alice_handle, Arc::clone(&carol))
+        .await
+        .unwrap();
+    assert_eq!(probe_in, probe_missing);
+    assert_ne!(probe_in.0, Code::Ok);
+}
+
+/// Streams that never prove their key hold a pending-join slot, not a
+/// session slot: they cannot keep members out, and they have a limit of
+/// their own.
+#[tokio::test]
+async fn unproven_streams_take_no_session_slots() {
+    let node = TestNode::start_with(|c| {
+        c.limits.sessions_max = 2;
+        c.limits.joins_pending_max = 8;
+    })
+    .await;
+    let ids = node.room("aaa", &[0, 1, 2]).await;
+    let server = node.server();
+    let mut waiting = Vec::new();
+    for _ in 0..7 {
+        let (raw, _) = Raw::challenged(&server, "aaa", &ids[2].handle().to_string()).await;
+        waiting.push(raw);
+    }
+    // Seven streams sit on their challenge; two members still join.
+    let (_a, _) = Raw::join(&server, "aaa", &ids[0]).await;
+    let (_b, _) = Raw::join(&server, "aaa", &ids[1]).await;
+    // The node is now full of sessions: a third proven join is refused.
+    let (mut third, c) = Raw::challenged(&server, "aaa", &ids[2].handle().to_string()).await;
+    third.send(proof_frame("aaa", &ids[2], &c.nonce)).await;
+    let status = third.end().await;
+    assert_eq!(status.code(), Code::ResourceExhausted, "{status:?}");
+    assert!(status.message().contains("sessions"), "{status:?}");
+    drop(third);
+    // Pending joins have their own limit (8: seven waiting plus one more).
+    let (_eighth, _) = Raw::challenged(&server, "aaa", &ids[2].handle().to_string()).await;
+    let channel = saferchat_client::connect::connect(&server)
+        .await
+        .expect("connect");
+    let first = pb::ClientFrame {
+        frame: Some(join_frame("aaa", &ids[2].handle().to_string())),
+    };
+    let status = pb::chat_room_client::ChatRoomClient::new(channel)
+        .post(tokio_stream::iter([first]))
+        .await
+        .expect_err("a ninth pending join");
+    assert_eq!(status.code(), Code::ResourceExhausted, "{status:?}");
+    assert!(
+        status.message().contains("waiting for their proof"),
+        "{status:?}"
+    );
+    drop(waiting);
 }
 
 #[tokio::test]

@@ -83,7 +83,7 @@ impl ChatRoom for ChatService {
         &self,
         request: Request<Streaming<pb::ClientFrame>>,
     ) -> Result<Response<Self::PostStream>, Status> {
-        let slot = self.ctx.open_session()?;
+        let slot = self.ctx.open_join()?;
         // Relay only for clients that cannot follow a redirect, and never
         // a stream another node relayed here.
         let relay = !forward::is_forwarded(request.metadata())

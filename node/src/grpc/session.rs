@@ -27,9 +27,9 @@ use tokio::sync::{mpsc, oneshot};
 use tonic::{Status, Streaming};
 
 use crate::auth;
-use crate::context::{ChatContext, SessionSlot};
+use crate::context::{ChatContext, JoinSlot};
 use crate::convert;
-use crate::error::NodeError;
+use crate::error::{NodeError, shown};
 use crate::grpc::forward::Forwarder;
 use crate::grpc::{frames, relay};
 use crate::message_id::MessageId;
@@ -79,13 +79,13 @@ impl From<NodeError> for End {
 /// already).
 pub async fn run(
     ctx: Arc<ChatContext>,
-    slot: SessionSlot,
+    join: JoinSlot,
     mut inbound: Streaming<pb::ClientFrame>,
     out: Out,
     relay: Option<Arc<Forwarder>>,
 ) {
     let end = tokio::select! {
-        end = serve(&ctx, slot.id, &mut inbound, &out, relay.as_deref()) => end,
+        end = serve(&ctx, join, &mut inbound, &out, relay.as_deref()) => end,
         () = ctx.shutdown.cancelled() => Err(End::Error(NodeError::Unavailable("node is shutting down".into()))),
     };
     match end {
@@ -143,7 +143,7 @@ fn invalid(e: impl std::fmt::Display) -> NodeError {
 
 async fn serve(
     ctx: &Arc<ChatContext>,
-    session: u64,
+    join_slot: JoinSlot,
     inbound: &mut Streaming<pb::ClientFrame>,
     out: &Out,
     relay: Option<&Forwarder>,
@@ -164,6 +164,10 @@ async fn serve(
         let owner = saferchat_proto::redirect::redirect_of(&redirect);
         return match (relay, owner) {
             (Some(forwarder), Some(owner)) => {
+                // A relayed stream counts as a session here for as long as
+                // it lasts; the node it is relayed to checks the proof (and
+                // ends the stream if none comes in time).
+                let _session = join_slot.into_session()?;
                 match relay::run(forwarder, &room, owner, join, inbound, out).await {
                     relay::Ended::Quietly => Ok(()),
                     relay::Ended::Status(status) => Err(End::Redirect(status)),
@@ -173,18 +177,17 @@ async fn serve(
             _ => Err(End::Redirect(redirect)),
         };
     }
-    ctx.filter.check_room_may_exist(&room)?;
-    let state = ctx.membership.read(&room).await?;
-    if !state.created {
-        return Err(NodeError::NotFound(format!("room {:?} does not exist", room.as_str())).into());
-    }
-    if !state.is_member(&user) {
-        return Err(NodeError::PermissionDenied(format!(
-            "you are not a member of room {:?}",
-            room.as_str()
-        ))
-        .into());
-    }
+    // Whether the room exists and has this member is told only to the
+    // owner of the member's key, after the proof: anyone else gets the
+    // same challenge and the same answer for a missing room, a room
+    // without that member and a bad proof, so nobody can probe who is in
+    // which room.
+    let member = if ctx.filter.check_room_may_exist(&room).is_ok() {
+        let state = ctx.membership.read(&room).await?;
+        (state.created && state.is_member(&user)).then_some(state)
+    } else {
+        None
+    };
 
     let nonce: [u8; saferchat_envelope::challenge::NONCE_BYTES] = rand::random();
     send(
@@ -201,6 +204,11 @@ async fn serve(
         .into());
     };
     let key = auth::verify_join(&room, &user, &nonce, &proof.public_key, &proof.signature)?;
+    let Some(state) = member else {
+        return Err(not_a_member(&room).into());
+    };
+    let session_slot = join_slot.into_session()?;
+    let session = session_slot.id;
     let state = register(ctx, &room, &user, key, state).await?;
 
     let (live, mut live_rx) = mpsc::channel(limits.session_queue_max);
@@ -247,6 +255,15 @@ async fn serve(
     result
 }
 
+/// The one answer to a proven join of a room that does not exist or does
+/// not have the user as a member.
+fn not_a_member(room: &RoomId) -> NodeError {
+    NodeError::PermissionDenied(format!(
+        "room {} does not exist or you are not a member of it",
+        shown(room.as_str())
+    ))
+}
+
 /// Registers the member's key on first join (a membership change through
 /// consensus), or checks it against the registered one.
 async fn register(
@@ -267,10 +284,7 @@ async fn register(
             .await
         {
             Ok((_, state)) => Ok(state),
-            Err(NodeError::NotFound(_)) => Err(NodeError::PermissionDenied(format!(
-                "you are not a member of room {:?}",
-                room.as_str()
-            ))),
+            Err(NodeError::NotFound(_)) => Err(not_a_member(room)),
             Err(e) => Err(e),
         },
     }
