@@ -184,6 +184,8 @@ pub struct Limits {
     /// Concurrent chat sessions on this node (counted once a join is
     /// proven, or relayed to the node that serves the room).
     pub sessions_max: usize,
+    /// Sessions of one member (handle) on this node, over all rooms.
+    pub sessions_per_member_max: usize,
     /// `Post` streams that have not proven their key yet (each gets at most
     /// `join_timeout_ms` per step).
     pub joins_pending_max: usize,
@@ -207,6 +209,7 @@ impl Default for Limits {
             session_queue_max: 1024,
             sessions_max: 100_000,
             joins_pending_max: 4_096,
+            sessions_per_member_max: 256,
             room_queue_max: 4096,
             room_batch_max: 512,
             history_on_join: 50,

@@ -4,10 +4,11 @@
 //! face never touches rooms' hubs or session keys, the chat face never the
 //! admin credential).
 
-use std::sync::Arc;
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 
-use saferchat_consensus::RoomId;
+use saferchat_consensus::{Handle, RoomId};
 use tokio_util::sync::CancellationToken;
 
 use crate::auth::SessionKeys;
@@ -88,6 +89,7 @@ pub struct ChatContext {
     next_session: AtomicU64,
     open_sessions: AtomicUsize,
     pending_joins: AtomicUsize,
+    member_sessions: Mutex<HashMap<Handle, usize>>,
 }
 
 /// Counts a `Post` stream that has not proven its key yet, for as long as
@@ -108,15 +110,40 @@ impl Drop for JoinSlot {
 }
 
 impl JoinSlot {
-    /// The join was proven (or is relayed to the node that checks it):
-    /// it becomes a session, counted against `limits.sessions_max`.
+    /// The join of `member` was proven: it becomes a session, counted
+    /// against `limits.sessions_max` and `limits.sessions_per_member_max`.
+    ///
+    /// # Errors
+    /// `ResourceExhausted` at either limit.
+    pub fn into_session(self, member: Handle) -> Result<SessionSlot, NodeError> {
+        let mut slot = self.into_relayed_session()?;
+        let limit = slot.ctx.config.limits.sessions_per_member_max;
+        let mut counts = slot.ctx.member_sessions.lock().expect("lock");
+        let count = counts.entry(member).or_insert(0);
+        if *count >= limit {
+            return Err(NodeError::ResourceExhausted(format!(
+                "you have {limit} sessions on this node, the most one member may have; close one first"
+            )));
+        }
+        *count += 1;
+        drop(counts);
+        slot.member = Some(member);
+        Ok(slot)
+    }
+
+    /// A stream relayed to the node that serves its room (which checks the
+    /// proof): a session here, counted against `limits.sessions_max` only.
     ///
     /// # Errors
     /// `ResourceExhausted` at `limits.sessions_max`.
-    pub fn into_session(self) -> Result<SessionSlot, NodeError> {
+    pub fn into_relayed_session(self) -> Result<SessionSlot, NodeError> {
         let ctx = Arc::clone(&self.ctx);
         let open = ctx.open_sessions.fetch_add(1, Ordering::SeqCst);
-        let slot = SessionSlot { ctx, id: self.id };
+        let slot = SessionSlot {
+            ctx,
+            id: self.id,
+            member: None,
+        };
         if open >= slot.ctx.config.limits.sessions_max {
             return Err(NodeError::ResourceExhausted(format!(
                 "this node serves at most {} sessions; try another node or later",
@@ -133,11 +160,22 @@ pub struct SessionSlot {
     ctx: Arc<ChatContext>,
     /// This session's id.
     pub id: u64,
+    /// The member it counts for (none for a relayed stream).
+    member: Option<Handle>,
 }
 
 impl Drop for SessionSlot {
     fn drop(&mut self) {
         self.ctx.open_sessions.fetch_sub(1, Ordering::SeqCst);
+        if let Some(member) = self.member {
+            let mut counts = self.ctx.member_sessions.lock().expect("lock");
+            if let Some(count) = counts.get_mut(&member) {
+                *count -= 1;
+                if *count == 0 {
+                    counts.remove(&member);
+                }
+            }
+        }
     }
 }
 
@@ -168,6 +206,7 @@ impl ChatContext {
             next_session: AtomicU64::new(1),
             open_sessions: AtomicUsize::new(0),
             pending_joins: AtomicUsize::new(0),
+            member_sessions: Mutex::new(HashMap::new()),
         }
     }
 

@@ -11,7 +11,7 @@ use saferchat_client::history::{self, Query};
 use saferchat_client::test_keys;
 use saferchat_client::{ClientError, Event, Identity, JoinOptions, Session};
 use saferchat_consensus::{Revision, RoomId};
-use saferchat_proto::chat::{self as pb, client_frame::Frame};
+use saferchat_proto::chat::{self as pb, client_frame::Frame, server_frame};
 use saferchat_tests::inproc::TestNode;
 use saferchat_tests::raw::{Raw, join_frame, proof_frame, rejected};
 use tonic::Code;
@@ -265,6 +265,49 @@ async fn unproven_streams_take_no_session_slots() {
         "{status:?}"
     );
     drop(waiting);
+}
+
+/// One member cannot take all of a node's sessions: beyond
+/// `sessions_per_member_max` their joins are refused (after the proof),
+/// others' are not, and a closed session frees its slot.
+#[tokio::test]
+async fn a_member_has_a_bounded_number_of_sessions() {
+    let node = TestNode::start_with(|c| c.limits.sessions_per_member_max = 2).await;
+    let ids = node.room("aaa", &[0, 1]).await;
+    let server = node.server();
+    let (first, _) = Raw::join(&server, "aaa", &ids[0]).await;
+    let (_second, _) = Raw::join(&server, "aaa", &ids[0]).await;
+    let refused = |server: String, id: Arc<Identity>| async move {
+        let (mut raw, c) = Raw::challenged(&server, "aaa", &id.handle().to_string()).await;
+        raw.send(proof_frame("aaa", &id, &c.nonce)).await;
+        match raw.next().await {
+            Ok(server_frame::Frame::Joined(_)) => None,
+            Ok(other) => panic!("expected joined or an error, got {other:?}"),
+            Err(status) => Some(status),
+        }
+    };
+    let status = refused(server.clone(), Arc::clone(&ids[0]))
+        .await
+        .expect("a third session is refused");
+    assert_eq!(status.code(), Code::ResourceExhausted, "{status:?}");
+    assert!(
+        status.message().contains("the most one member may have"),
+        "{status:?}"
+    );
+    assert!(
+        refused(server.clone(), Arc::clone(&ids[1])).await.is_none(),
+        "others still join"
+    );
+    // Closing a session frees its slot once the node has seen it end.
+    drop(first);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    while refused(server.clone(), Arc::clone(&ids[0])).await.is_some() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the slot was never freed"
+        );
+        tokio::task::yield_now().await;
+    }
 }
 
 #[tokio::test]

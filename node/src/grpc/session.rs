@@ -86,6 +86,10 @@ pub async fn run(
 ) {
     let end = tokio::select! {
         end = serve(&ctx, join, &mut inbound, &out, relay.as_deref()) => end,
+        // The client is gone (its stream reset or its connection closed):
+        // end the session now, not at the next delivery, so its slots
+        // come back at once.
+        () = out.closed() => Err(End::Gone),
         () = ctx.shutdown.cancelled() => Err(End::Error(NodeError::Unavailable("node is shutting down".into()))),
     };
     match end {
@@ -167,7 +171,7 @@ async fn serve(
                 // A relayed stream counts as a session here for as long as
                 // it lasts; the node it is relayed to checks the proof (and
                 // ends the stream if none comes in time).
-                let _session = join_slot.into_session()?;
+                let _session = join_slot.into_relayed_session()?;
                 match relay::run(forwarder, &room, owner, join, inbound, out).await {
                     relay::Ended::Quietly => Ok(()),
                     relay::Ended::Status(status) => Err(End::Redirect(status)),
@@ -207,7 +211,7 @@ async fn serve(
     let Some(state) = member else {
         return Err(not_a_member(&room).into());
     };
-    let session_slot = join_slot.into_session()?;
+    let session_slot = join_slot.into_session(user)?;
     let session = session_slot.id;
     let state = register(ctx, &room, &user, key, state).await?;
 
