@@ -822,3 +822,59 @@ async fn a_thousand_concurrent_joins() {
         test_keys::COUNT
     );
 }
+
+/// History is read from the store a few dozen messages at a time and
+/// streamed as the client takes pages: a long history comes back whole, in
+/// order, in both directions, and a limit cuts it exactly.
+#[tokio::test]
+async fn long_histories_stream_whole_and_in_order() {
+    const POSTS: usize = 100;
+    let node = TestNode::start().await;
+    let ids = node.room("aaa", &[0]).await;
+    let mut session = node.join("aaa", &ids[0]).await;
+    let sent: Vec<Vec<u8>> = (0..POSTS)
+        .map(|i| format!("post {i}").into_bytes())
+        .collect();
+    for body in &sent {
+        assert!(matches!(
+            post_until_result(&mut session, body).await,
+            Event::Accepted { .. }
+        ));
+    }
+    let bodies = |messages: Vec<saferchat_client::Message>| -> Vec<Vec<u8>> {
+        messages
+            .into_iter()
+            .map(|m| m.content.expect("verified").body)
+            .collect()
+    };
+    let read = |query: Query| {
+        let session = &session;
+        async move { history::read(session, &query).await.expect("history") }
+    };
+    let all = read(Query {
+        limit: 1_000,
+        ..Query::default()
+    })
+    .await;
+    let oldest_id = all.last().expect("messages").id.clone();
+    let mut expected: Vec<Vec<u8>> = sent.iter().rev().cloned().collect();
+    assert_eq!(bodies(all), expected);
+    let oldest_first = bodies(
+        read(Query {
+            after_id: Some(oldest_id),
+            limit: 1_000,
+            ..Query::default()
+        })
+        .await,
+    );
+    assert_eq!(oldest_first, sent[1..].to_vec());
+    let seventy = bodies(
+        read(Query {
+            limit: 70,
+            ..Query::default()
+        })
+        .await,
+    );
+    expected.truncate(70);
+    assert_eq!(seventy, expected);
+}

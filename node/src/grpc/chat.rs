@@ -21,6 +21,12 @@ use crate::storage::{self, Range};
 
 /// Frames buffered towards one client before the session waits.
 const OUT_FRAMES_MAX: usize = 8;
+/// Messages a history call reads from the store at a time.
+const HISTORY_CHUNK: usize = 32;
+/// Pages a history call prepares ahead of its client. With the chunk this
+/// bounds a call's memory to tens of envelopes, however many it returns
+/// (a page of 1,000 envelopes of 512 KiB, loaded whole, was 500 MB).
+const HISTORY_PAGES_AHEAD: usize = 2;
 
 /// The chat service.
 #[derive(Debug, Clone)]
@@ -142,15 +148,14 @@ impl ChatRoom for ChatService {
                 _ => Err(redirect),
             };
         }
-        let messages = storage::history(&*self.ctx.store, &room, range, limit).await?;
-        let items = messages
-            .iter()
-            .filter_map(|m| frames::seal_stored(m, &user));
-        let pages: Vec<Result<pb::HistoryPage, Status>> = frames::pack(items)
-            .into_iter()
-            .map(|items| Ok(pb::HistoryPage { items }))
-            .collect();
-        Ok(Response::new(Box::pin(tokio_stream::iter(pages))))
+        let store = Arc::clone(&self.ctx.store);
+        let (pages, rx) = mpsc::channel(HISTORY_PAGES_AHEAD);
+        tokio::spawn(async move {
+            if let Err(e) = stream_history(&*store, &room, &user, range, limit, &pages).await {
+                let _ = pages.send(Err(e.into())).await;
+            }
+        });
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
     }
 
     async fn members(
@@ -164,4 +169,41 @@ impl ChatRoom for ChatService {
             &state,
         )))
     }
+}
+
+/// Sends `limit` stored messages of `room` in `range`, sealed for `user`,
+/// as history pages, reading [`HISTORY_CHUNK`] at a time and waiting for
+/// the client to take pages (the channel holds [`HISTORY_PAGES_AHEAD`]).
+/// Stops quietly when the client goes away.
+async fn stream_history(
+    store: &dyn storage::ChatStore,
+    room: &RoomId,
+    user: &saferchat_consensus::Handle,
+    mut range: Range,
+    limit: usize,
+    pages: &mpsc::Sender<Result<pb::HistoryPage, Status>>,
+) -> Result<(), NodeError> {
+    let mut left = limit;
+    while left > 0 {
+        let wanted = left.min(HISTORY_CHUNK);
+        let chunk = storage::history(store, room, range, wanted).await?;
+        let Some(last) = chunk.last() else {
+            return Ok(());
+        };
+        range = match range {
+            Range::Before(_) => Range::Before(Some(last.id)),
+            Range::After(_) => Range::After(Some(last.id)),
+        };
+        left -= chunk.len();
+        let items = chunk.iter().filter_map(|m| frames::seal_stored(m, user));
+        for items in frames::pack(items) {
+            if pages.send(Ok(pb::HistoryPage { items })).await.is_err() {
+                return Ok(());
+            }
+        }
+        if chunk.len() < wanted {
+            return Ok(());
+        }
+    }
+    Ok(())
 }
