@@ -62,6 +62,29 @@ const INBOUND_QUEUE_MAX: usize = 1024;
 /// How long shutdown waits for streams to end before giving up on them.
 const SHUTDOWN_GRACE_MS: u64 = 10_000;
 
+/// Pending connections a listener queues before the node accepts them.
+/// tokio's `TcpListener::bind` asks for 1,024; a node meant for tens of
+/// thousands of sessions sees that many clients reconnect at once after a
+/// restart, and a full queue makes the kernel drop or reset the overflow
+/// (a thousand clients joining at once on a loaded machine got "connection
+/// reset"). The kernel caps it at `net.core.somaxconn` (4,096 by default).
+pub const LISTEN_BACKLOG: u32 = 4_096;
+
+/// Binds a TCP listener on `addr` with [`LISTEN_BACKLOG`].
+///
+/// # Errors
+/// The socket errors (address in use, permission).
+pub fn bind(addr: std::net::SocketAddr) -> std::io::Result<tokio::net::TcpListener> {
+    let socket = if addr.is_ipv4() {
+        tokio::net::TcpSocket::new_v4()?
+    } else {
+        tokio::net::TcpSocket::new_v6()?
+    };
+    socket.set_reuseaddr(true)?;
+    socket.bind(addr)?;
+    socket.listen(LISTEN_BACKLOG)
+}
+
 /// The listeners a node serves on, bound by the caller.
 #[derive(Debug)]
 pub struct Listeners {

@@ -12,7 +12,6 @@ use clap::{Parser, Subcommand};
 use saferchat_node::clock::SystemClock;
 use saferchat_node::config::{LogFormat, NodeConfig, PeerTlsConfig};
 use saferchat_node::{Listeners, run};
-use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
 /// mimalloc: the node allocates and frees a buffer per delivery, and the
@@ -211,13 +210,11 @@ async fn main_async(config: NodeConfig) -> anyhow::Result<()> {
             .with_context(|| format!("starting the metrics endpoint on {addr}"))?;
         tracing::info!(%addr, "metrics on /metrics");
     }
-    let client = TcpListener::bind(config.listen)
-        .await
+    let client = saferchat_node::bind(config.listen)
         .with_context(|| format!("cannot listen on {}", config.listen))?;
     let peer = match config.peer_listen {
         Some(addr) => Some(
-            TcpListener::bind(addr)
-                .await
+            saferchat_node::bind(addr)
                 .with_context(|| format!("cannot listen for peers on {addr}"))?,
         ),
         None => None,
