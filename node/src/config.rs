@@ -14,8 +14,19 @@ use crate::error::NodeError;
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct NodeConfig {
-    /// Client-facing gRPC address (chat and admin services).
+    /// Client-facing gRPC address: chat, health and reflection, and the
+    /// admin service too unless `admin_on_client_port` says otherwise.
     pub listen: SocketAddr,
+    /// A listener of its own for the admin service (with health and
+    /// reflection), so the chat port can face the internet without it.
+    pub admin_listen: Option<SocketAddr>,
+    /// Whether `listen` serves the admin service too. Default: only when
+    /// `listen` is a loopback address.
+    pub admin_on_client_port: Option<bool>,
+    /// Serve `listen` and `admin_listen` in plaintext even on addresses
+    /// other than loopback. The client listeners have no TLS yet, so any
+    /// other address needs this said explicitly.
+    pub insecure_plaintext: bool,
     /// Where sled data, the admin token and the session key live.
     pub data_dir: PathBuf,
     /// The admin bearer token. When absent, one is generated on first
@@ -228,6 +239,9 @@ impl Default for NodeConfig {
             admin_token: None,
             session_secret: None,
             metrics_listen: None,
+            admin_listen: None,
+            admin_on_client_port: None,
+            insecure_plaintext: false,
             log_format: LogFormat::Text,
             node_id: 1,
             datacenter: "dc1".to_owned(),
@@ -316,6 +330,15 @@ impl NodeConfig {
         if let Some(v) = env("SAFERCHAT_LISTEN") {
             self.listen = parse_env("SAFERCHAT_LISTEN", &v)?;
         }
+        if let Some(v) = env("SAFERCHAT_ADMIN_LISTEN") {
+            self.admin_listen = Some(parse_env("SAFERCHAT_ADMIN_LISTEN", &v)?);
+        }
+        if let Some(v) = env("SAFERCHAT_ADMIN_ON_CLIENT_PORT") {
+            self.admin_on_client_port = Some(parse_env("SAFERCHAT_ADMIN_ON_CLIENT_PORT", &v)?);
+        }
+        if let Some(v) = env("SAFERCHAT_INSECURE_PLAINTEXT") {
+            self.insecure_plaintext = parse_env("SAFERCHAT_INSECURE_PLAINTEXT", &v)?;
+        }
         if let Some(v) = env("SAFERCHAT_DATA_DIR") {
             self.data_dir = PathBuf::from(v);
         }
@@ -402,6 +425,21 @@ impl NodeConfig {
             if !crate::peer_tls::is_valid_datacenter(dc) {
                 return Err(invalid(format!(
                     "datacenter {dc:?}: 1-63 lowercase letters, digits and '-' (it is part of a certificate name)"
+                )));
+            }
+        }
+        for (name, addr) in [
+            ("listen", Some(self.listen)),
+            ("admin_listen", self.admin_listen),
+        ] {
+            if let Some(addr) = addr
+                && !addr.ip().is_loopback()
+                && !self.insecure_plaintext
+            {
+                return Err(invalid(format!(
+                    "{name} = {addr} is not a loopback address, and the client listeners have no TLS yet: \
+                     set insecure_plaintext = true (--insecure-plaintext, SAFERCHAT_INSECURE_PLAINTEXT=true) \
+                     to serve it in plaintext anyway"
                 )));
             }
         }
@@ -529,6 +567,13 @@ impl NodeConfig {
         }
     }
 
+    /// Whether the client listener serves the admin service too (see
+    /// [`NodeConfig::admin_on_client_port`]).
+    pub fn serves_admin_on_client_port(&self) -> bool {
+        self.admin_on_client_port
+            .unwrap_or_else(|| self.listen.ip().is_loopback())
+    }
+
     /// Whether this node is alone (the embedded deployment).
     pub fn is_single_node(&self) -> bool {
         self.peers.is_empty()
@@ -601,6 +646,55 @@ mod tests {
             .unwrap_err();
         assert!(e.to_string().contains("sled or cassandra"), "{e}");
         assert!(toml::from_str::<NodeConfig>("no_such_key = 1").is_err());
+    }
+
+    #[test]
+    fn plaintext_beyond_loopback_must_be_asked_for_and_admin_stays_off_it() {
+        let mut c = NodeConfig::default();
+        assert!(
+            c.serves_admin_on_client_port(),
+            "loopback: admin beside chat"
+        );
+        c.validate().unwrap();
+        c.listen = "0.0.0.0:8080".parse().unwrap();
+        let e = c.validate().unwrap_err().to_string();
+        assert!(
+            e.contains("listen = 0.0.0.0:8080") && e.contains("insecure_plaintext"),
+            "{e}"
+        );
+        assert!(
+            !c.serves_admin_on_client_port(),
+            "not on a public chat port"
+        );
+        c.insecure_plaintext = true;
+        c.validate().unwrap();
+        c.admin_on_client_port = Some(true);
+        assert!(c.serves_admin_on_client_port());
+        c.listen = "127.0.0.1:8080".parse().unwrap();
+        c.insecure_plaintext = false;
+        c.admin_on_client_port = Some(false);
+        assert!(!c.serves_admin_on_client_port());
+        c.admin_listen = Some("10.0.0.5:8082".parse().unwrap());
+        let e = c.validate().unwrap_err().to_string();
+        assert!(e.contains("admin_listen = 10.0.0.5:8082"), "{e}");
+        c.admin_listen = Some("[::1]:8082".parse().unwrap());
+        c.validate().unwrap();
+        c.apply_env(env(&[
+            ("SAFERCHAT_ADMIN_LISTEN", "127.0.0.1:8082"),
+            ("SAFERCHAT_ADMIN_ON_CLIENT_PORT", "true"),
+            ("SAFERCHAT_INSECURE_PLAINTEXT", "true"),
+        ]))
+        .unwrap();
+        assert_eq!(c.admin_listen, Some("127.0.0.1:8082".parse().unwrap()));
+        assert_eq!(c.admin_on_client_port, Some(true));
+        assert!(c.insecure_plaintext);
+        let e = c
+            .apply_env(env(&[("SAFERCHAT_INSECURE_PLAINTEXT", "yes")]))
+            .unwrap_err();
+        assert!(
+            e.to_string().contains("SAFERCHAT_INSECURE_PLAINTEXT"),
+            "{e}"
+        );
     }
 
     #[test]

@@ -88,10 +88,12 @@ pub fn bind(addr: std::net::SocketAddr) -> std::io::Result<tokio::net::TcpListen
 /// The listeners a node serves on, bound by the caller.
 #[derive(Debug)]
 pub struct Listeners {
-    /// Chat, admin, health and reflection.
+    /// Chat (and admin where configured), health and reflection.
     pub client: TcpListener,
     /// Node-to-node traffic; required when peers are configured.
     pub peer: Option<TcpListener>,
+    /// The admin face on a listener of its own (`admin_listen`).
+    pub admin: Option<TcpListener>,
 }
 
 fn create_private_dir(path: &std::path::Path) -> Result<(), NodeError> {
@@ -273,10 +275,33 @@ pub async fn run(
         routing,
     ));
 
+    let admin_listener = listeners.admin;
+    if let Some(addr) = admin_listener.as_ref().and_then(|l| l.local_addr().ok()) {
+        tracing::info!(%addr, "admin listener");
+    }
+    let on_client_port = config.serves_admin_on_client_port();
+    if !on_client_port && admin_listener.is_none() {
+        tracing::warn!(
+            "the admin service is not served: set admin_listen (SAFERCHAT_ADMIN_LISTEN) to reach it"
+        );
+    }
+    let admin_server = admin_listener.map(|listener| {
+        tokio::spawn(grpc::serve_clients(
+            None,
+            Some(grpc::AdminFace {
+                ctx: Arc::clone(&admin_ctx),
+                token: admin.clone(),
+            }),
+            listener,
+            shutdown.clone(),
+        ))
+    });
     let client_server = tokio::spawn(grpc::serve_clients(
-        Arc::clone(&ctx),
-        admin_ctx,
-        admin,
+        Some(Arc::clone(&ctx)),
+        on_client_port.then(|| grpc::AdminFace {
+            ctx: admin_ctx,
+            token: admin,
+        }),
         listeners.client,
         shutdown.clone(),
     ));
@@ -325,6 +350,9 @@ pub async fn run(
         Ok(Ok(Err(e))) => tracing::warn!(error = %e, "client listener"),
         Err(_) => tracing::warn!("client connections did not close in time"),
         _ => {}
+    }
+    if let Some(task) = admin_server {
+        let _ = tokio::time::timeout(grace, task).await;
     }
     if let Some(task) = peer_server {
         let _ = tokio::time::timeout(grace, task).await;

@@ -35,6 +35,14 @@ struct Args {
     /// Data folder (default ./saferchat-data).
     #[arg(long)]
     data_dir: Option<PathBuf>,
+    /// Admin service on its own address (by default it shares the client
+    /// address, on loopback only).
+    #[arg(long)]
+    admin_listen: Option<SocketAddr>,
+    /// Serve the client (and admin) addresses in plaintext even when they
+    /// are not loopback addresses: the client listeners have no TLS yet.
+    #[arg(long)]
+    insecure_plaintext: bool,
     /// Prometheus metrics address, e.g. 127.0.0.1:9090.
     #[arg(long)]
     metrics_listen: Option<SocketAddr>,
@@ -124,6 +132,12 @@ fn load(args: &Args) -> anyhow::Result<NodeConfig> {
     }
     if let Some(v) = &args.data_dir {
         config.data_dir.clone_from(v);
+    }
+    if let Some(v) = args.admin_listen {
+        config.admin_listen = Some(v);
+    }
+    if args.insecure_plaintext {
+        config.insecure_plaintext = true;
     }
     if let Some(v) = args.metrics_listen {
         config.metrics_listen = Some(v);
@@ -219,11 +233,22 @@ async fn main_async(config: NodeConfig) -> anyhow::Result<()> {
         ),
         None => None,
     };
+    let admin = match config.admin_listen {
+        Some(addr) => Some(
+            saferchat_node::bind(addr)
+                .with_context(|| format!("cannot listen for admin calls on {addr}"))?,
+        ),
+        None => None,
+    };
     let token = CancellationToken::new();
     tokio::spawn(shutdown_on_signal(token.clone()));
     run(
         config,
-        Listeners { client, peer },
+        Listeners {
+            client,
+            peer,
+            admin,
+        },
         SystemClock::new(),
         token,
     )

@@ -22,6 +22,8 @@ use crate::ADMIN_TOKEN;
 pub struct TestNode {
     /// Client address.
     pub addr: SocketAddr,
+    /// The admin listener's address, when `admin_listen` was set.
+    pub admin_addr: Option<SocketAddr>,
     /// Its configuration.
     pub config: NodeConfig,
     shutdown: CancellationToken,
@@ -55,18 +57,25 @@ impl TestNode {
         adjust(&mut config);
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
         let addr = listener.local_addr().expect("address");
+        let admin = match config.admin_listen {
+            Some(addr) => Some(TcpListener::bind(addr).await.expect("bind admin")),
+            None => None,
+        };
+        let admin_addr = admin.as_ref().map(|l| l.local_addr().expect("address"));
         let shutdown = CancellationToken::new();
         let task = tokio::spawn(run(
             config.clone(),
             Listeners {
                 client: listener,
                 peer: None,
+                admin,
             },
             clock,
             shutdown.clone(),
         ));
         TestNode {
             addr,
+            admin_addr,
             config,
             shutdown,
             task: Some(task),
@@ -81,7 +90,10 @@ impl TestNode {
 
     /// An admin client.
     pub async fn admin(&self) -> Admin {
-        Admin::connect(&self.server(), ADMIN_TOKEN)
+        let address = self
+            .admin_addr
+            .map_or_else(|| self.server(), |a| a.to_string());
+        Admin::connect(&address, ADMIN_TOKEN)
             .await
             .expect("admin connect")
     }

@@ -878,3 +878,34 @@ async fn long_histories_stream_whole_and_in_order() {
     expected.truncate(70);
     assert_eq!(seventy, expected);
 }
+
+/// With an admin listener of its own and admin off the chat port, the chat
+/// port answers admin calls UNIMPLEMENTED and the admin port chat calls
+/// the same, while each serves its own face.
+#[tokio::test]
+async fn the_admin_face_can_live_on_its_own_listener() {
+    let node = TestNode::start_with(|c| {
+        c.admin_listen = Some("127.0.0.1:0".parse().expect("address"));
+        c.admin_on_client_port = Some(false);
+    })
+    .await;
+    let admin_addr = node.admin_addr.expect("an admin listener").to_string();
+    // Admin works on its own port (TestNode::admin uses it).
+    let ids = node.room("aaa", &[0]).await;
+    let mut on_chat_port = Admin::connect(&node.server(), saferchat_tests::ADMIN_TOKEN)
+        .await
+        .expect("connect");
+    let e = on_chat_port.create_chat("bbb").await.unwrap_err();
+    assert_eq!(code_of(&e), Code::Unimplemented, "{e}");
+    // Chat works on the chat port and not on the admin port.
+    still_serves(&node, "aaa", &ids[0]).await;
+    let e = Session::join(
+        &admin_addr,
+        &RoomId::new("aaa").unwrap(),
+        Arc::clone(&ids[0]),
+        &JoinOptions::default(),
+    )
+    .await
+    .unwrap_err();
+    assert_eq!(code_of(&e), Code::Unimplemented, "{e}");
+}

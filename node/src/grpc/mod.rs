@@ -1,8 +1,10 @@
 //! The gRPC edge: services, their wiring, and the two listeners.
 //!
-//! The client listener serves the chat and admin faces, health and
-//! reflection; the peer listener serves only the peer face. Clients never
-//! reach consensus RPCs, and peers never need client credentials.
+//! The client listener serves the chat face (and the admin face on
+//! loopback, or when configured), health and reflection; an admin listener,
+//! when configured, the admin face; the peer listener only the peer face.
+//! Clients never reach consensus RPCs, and peers never need client
+//! credentials.
 
 pub mod admin;
 pub mod chat;
@@ -33,13 +35,6 @@ use crate::peer_tls::PeerTls;
 /// Largest gRPC message accepted: one envelope plus framing.
 pub const GRPC_MESSAGE_BYTES_MAX: usize = saferchat_envelope::ENVELOPE_BYTES_MAX + 64 * 1024;
 
-/// Services listed by reflection on the client listener.
-const CLIENT_SERVICES: &[&str] = &[
-    "server.grpc.admin.Admin",
-    "server.grpc.chat.ChatRoom",
-    "grpc.health.v1.Health",
-];
-
 /// Accepted connections with TCP_NODELAY: the builder's `tcp_nodelay`
 /// applies only to listeners tonic binds itself, and without it small
 /// frames (a join challenge, an acknowledgement) wait for the peer's
@@ -48,56 +43,78 @@ fn incoming(listener: TcpListener) -> TcpIncoming {
     TcpIncoming::from(listener).with_nodelay(Some(true))
 }
 
-/// Reflection over the client services only (the peer face is described
-/// in the same descriptor set but is not served here).
-fn reflection(itself: &str) -> tonic_reflection::server::Builder<'static> {
+/// Reflection over the services one listener serves (the peer face is
+/// described in the same descriptor set but is never served there).
+fn reflection(itself: &str, services: &[&str]) -> tonic_reflection::server::Builder<'static> {
     let mut builder = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(saferchat_proto::FILE_DESCRIPTOR_SET)
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
-        .with_service_name(itself);
-    for name in CLIENT_SERVICES {
+        .with_service_name(itself)
+        .with_service_name("grpc.health.v1.Health");
+    for name in services {
         builder = builder.with_service_name(*name);
     }
     builder
 }
 
-/// Serves the client faces on `listener` until `shutdown`.
+/// The admin face, behind its bearer token.
+pub struct AdminFace {
+    /// What the service needs.
+    pub ctx: Arc<AdminContext>,
+    /// The token every call must carry.
+    pub token: AdminToken,
+}
+
+/// Serves, on one client-side listener until `shutdown`, the chat face
+/// and/or the admin face (each when given), with health and reflection.
+/// The client listener serves chat (and admin on loopback, or when told);
+/// an admin listener serves admin alone.
 ///
 /// # Errors
 /// When the server fails (not when it shuts down).
 pub async fn serve_clients(
-    ctx: Arc<ChatContext>,
-    admin_ctx: Arc<AdminContext>,
-    token: AdminToken,
+    chat: Option<Arc<ChatContext>>,
+    admin: Option<AdminFace>,
     listener: TcpListener,
     shutdown: CancellationToken,
 ) -> Result<(), NodeError> {
     let (health, health_service) = tonic_health::server::health_reporter();
-    health
-        .set_serving::<AdminServer<admin::AdminService>>()
-        .await;
-    health
-        .set_serving::<ChatRoomServer<chat::ChatService>>()
-        .await;
+    let mut services = Vec::new();
+    if admin.is_some() {
+        health
+            .set_serving::<AdminServer<admin::AdminService>>()
+            .await;
+        services.push("server.grpc.admin.Admin");
+    }
+    if chat.is_some() {
+        health
+            .set_serving::<ChatRoomServer<chat::ChatService>>()
+            .await;
+        services.push("server.grpc.chat.ChatRoom");
+    }
 
-    let reflection_v1 = reflection("grpc.reflection.v1.ServerReflection")
+    let reflection_v1 = reflection("grpc.reflection.v1.ServerReflection", &services)
         .build_v1()
         .map_err(|e| NodeError::Config(format!("reflection: {e}")))?;
     // grpcurl 1.8 still asks the v1alpha service.
-    let reflection_v1alpha = reflection("grpc.reflection.v1alpha.ServerReflection")
+    let reflection_v1alpha = reflection("grpc.reflection.v1alpha.ServerReflection", &services)
         .build_v1alpha()
         .map_err(|e| NodeError::Config(format!("reflection: {e}")))?;
 
-    let admin = InterceptedService::new(
-        AdminServer::new(admin::AdminService::new(admin_ctx))
-            .max_decoding_message_size(GRPC_MESSAGE_BYTES_MAX),
-        move |request: tonic::Request<()>| {
-            token.check(request.metadata())?;
-            Ok(request)
-        },
-    );
-    let chat = ChatRoomServer::new(chat::ChatService::new(Arc::clone(&ctx)))
-        .max_decoding_message_size(GRPC_MESSAGE_BYTES_MAX);
+    let admin = admin.map(|AdminFace { ctx, token }| {
+        InterceptedService::new(
+            AdminServer::new(admin::AdminService::new(ctx))
+                .max_decoding_message_size(GRPC_MESSAGE_BYTES_MAX),
+            move |request: tonic::Request<()>| {
+                token.check(request.metadata())?;
+                Ok(request)
+            },
+        )
+    });
+    let chat = chat.map(|ctx| {
+        ChatRoomServer::new(chat::ChatService::new(ctx))
+            .max_decoding_message_size(GRPC_MESSAGE_BYTES_MAX)
+    });
 
     let stopping = shutdown.clone();
     let health_on_stop = health.clone();
@@ -107,8 +124,8 @@ pub async fn serve_clients(
         .add_service(health_service)
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)
-        .add_service(admin)
-        .add_service(chat)
+        .add_optional_service(admin)
+        .add_optional_service(chat)
         .serve_with_incoming_shutdown(incoming(listener), async move {
             stopping.cancelled().await;
             health_on_stop
