@@ -119,6 +119,14 @@ impl Cluster {
         }
     }
 
+    /// Every node asks for leases at `now`, and gets them.
+    fn lease_all(&mut self, now: Millis) {
+        for node in &mut self.nodes {
+            node.want_lease(now, true);
+        }
+        self.run(now);
+    }
+
     fn tick_all(&mut self, now: Millis) {
         for i in 0..self.nodes.len() {
             self.nodes[i].tick(now);
@@ -285,13 +293,8 @@ fn three_nodes_commit_with_one_round_trip_in_steady_state() {
 
 #[test]
 fn holders_read_locally_under_a_lease_and_stop_while_a_change_is_pending() {
-    let mut c = Cluster::new(3);
-    c.nodes[0].propose(Millis(0), RequestId(1), proposal(1, Change::Create));
-    c.run(Millis(0));
-    for i in 0..3 {
-        c.nodes[i].want_lease(Millis(10), true);
-    }
-    c.run(Millis(10));
+    let mut c = created(3);
+    c.lease_all(Millis(10));
     for node in &c.nodes {
         assert_eq!(node.read(Millis(11)).unwrap().revision, Revision(1));
     }
@@ -339,13 +342,8 @@ fn holders_read_locally_under_a_lease_and_stop_while_a_change_is_pending() {
 
 #[test]
 fn a_silent_holder_delays_commit_until_its_promise_runs_out() {
-    let mut c = Cluster::new(3);
-    c.nodes[0].propose(Millis(0), RequestId(1), proposal(1, Change::Create));
-    c.run(Millis(0));
-    for i in 0..3 {
-        c.nodes[i].want_lease(Millis(10), true);
-    }
-    c.run(Millis(10));
+    let mut c = created(3);
+    c.lease_all(Millis(10));
     // Node 3 goes silent: drop everything addressed to it from now on.
     c.nodes[0].propose(Millis(100), RequestId(2), proposal(2, Change::Add(alice())));
     c.run_losing(Millis(100), |_, to, _| to == NodeId(3));
@@ -372,13 +370,8 @@ fn a_silent_holder_delays_commit_until_its_promise_runs_out() {
 /// promise (above).
 #[test]
 fn a_read_of_a_known_committed_value_does_not_wait_for_a_silent_holder() {
-    let mut c = Cluster::new(3);
-    c.nodes[0].propose(Millis(0), RequestId(1), proposal(1, Change::Create));
-    c.run(Millis(0));
-    for i in 0..3 {
-        c.nodes[i].want_lease(Millis(10), true);
-    }
-    c.run(Millis(10));
+    let mut c = created(3);
+    c.lease_all(Millis(10));
     assert!(c.nodes[2].read(Millis(10)).is_ok(), "node 3 holds a lease");
     c.nodes[1].propose(Millis(100), RequestId(2), Proposal::read(ChangeId(2)));
     c.run_losing(Millis(100), |_, to, _| to == NodeId(3));
@@ -877,10 +870,7 @@ fn a_lease_is_wanted_renewed_on_time_and_read_until_it_ends() {
     assert!(!node.lease_wanted());
     assert_eq!(node.next_wakeup(Millis(0)), None, "nothing to do");
     assert_eq!(node.read_until(Millis(0)), None);
-    for i in 0..3 {
-        c.nodes[i].want_lease(Millis(10), true);
-    }
-    c.run(Millis(10));
+    c.lease_all(Millis(10));
     let lease = c.nodes[0].config().lease;
     let node = &c.nodes[0];
     assert!(node.lease_wanted());
