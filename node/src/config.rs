@@ -270,6 +270,20 @@ fn is_published_secret(value: &str) -> bool {
     PUBLISHED_SECRETS.contains(&value) || value.to_ascii_lowercase().contains("change-me")
 }
 
+/// A configured secret must be long enough and not one the repository
+/// published.
+fn check_secret(name: &str, value: &str, min_len: usize, unit: &str) -> Result<(), NodeError> {
+    if value.len() < min_len {
+        return Err(invalid(format!("{name} must be at least {min_len} {unit}")));
+    }
+    if is_published_secret(value) {
+        return Err(invalid(format!(
+            "{name} is an example value published with saferchat: generate one (e.g. openssl rand -base64 32)"
+        )));
+    }
+    Ok(())
+}
+
 fn invalid(message: impl Into<String>) -> NodeError {
     NodeError::Config(message.into())
 }
@@ -444,24 +458,10 @@ impl NodeConfig {
             }
         }
         if let Some(token) = &self.admin_token {
-            if token.len() < 16 {
-                return Err(invalid("admin_token must be at least 16 characters"));
-            }
-            if is_published_secret(token) {
-                return Err(invalid(
-                    "admin_token is an example value published with saferchat: generate one (e.g. openssl rand -base64 32)",
-                ));
-            }
+            check_secret("admin_token", token, 16, "characters")?;
         }
         if let Some(secret) = &self.session_secret {
-            if secret.len() < 32 {
-                return Err(invalid("session_secret must be at least 32 bytes"));
-            }
-            if is_published_secret(secret) {
-                return Err(invalid(
-                    "session_secret is an example value published with saferchat: generate one (e.g. openssl rand -base64 32)",
-                ));
-            }
+            check_secret("session_secret", secret, 32, "bytes")?;
         }
         if !self.peers.is_empty() && self.peer_listen.is_none() {
             return Err(invalid("peer_listen is required when peers are configured"));
