@@ -183,10 +183,11 @@ async fn stream_history(
     limit: usize,
     pages: &mpsc::Sender<Result<pb::HistoryPage, Status>>,
 ) -> Result<(), NodeError> {
+    let buckets = store.buckets(room).await?;
     let mut left = limit;
     while left > 0 {
         let wanted = left.min(HISTORY_CHUNK);
-        let chunk = storage::history(store, room, range, wanted).await?;
+        let chunk = storage::history_in(store, room, &buckets, range, wanted).await?;
         let Some(last) = chunk.last() else {
             return Ok(());
         };

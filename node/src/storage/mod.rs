@@ -139,11 +139,29 @@ pub async fn history(
     range: Range,
     limit: usize,
 ) -> Result<Vec<StoredMessage>, NodeError> {
+    if limit == 0 {
+        return Ok(Vec::new());
+    }
+    let buckets = store.buckets(room).await?;
+    history_in(store, room, &buckets, range, limit).await
+}
+
+/// [`history`] over `buckets`, the room's buckets as the caller listed them
+/// (a caller reading one range in several calls lists them once).
+///
+/// # Errors
+/// Whatever the store reports.
+pub async fn history_in(
+    store: &dyn ChatStore,
+    room: &RoomId,
+    buckets: &[Bucket],
+    range: Range,
+    limit: usize,
+) -> Result<Vec<StoredMessage>, NodeError> {
     let mut out = Vec::new();
     if limit == 0 {
         return Ok(out);
     }
-    let buckets = store.buckets(room).await?;
     match range {
         Range::Before(bound) => {
             let start = bound.map(MessageId::bucket);
