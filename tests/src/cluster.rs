@@ -49,6 +49,9 @@ pub struct Cluster {
     pub metrics: Vec<SocketAddr>,
     /// `(from, to)` → the proxy `from` uses to reach `to`.
     links: HashMap<(usize, usize), Proxy>,
+    /// Node `i`'s client address as everyone knows it: a proxy in front of
+    /// the port the node bound, which stays the same across restarts.
+    fronts: Vec<Proxy>,
     datacenters: Vec<String>,
     /// Node `i`'s peer listener (behind no proxy).
     pub peer_addresses: Vec<SocketAddr>,
@@ -57,47 +60,52 @@ pub struct Cluster {
     _dir: tempfile::TempDir,
 }
 
-/// `count` distinct free loopback ports: all bound at the same time, so no
-/// two can be the same, then released for the nodes to take.
-fn free_ports(count: usize) -> Vec<u16> {
-    let listeners: Vec<_> = (0..count)
-        .map(|_| std::net::TcpListener::bind("127.0.0.1:0").expect("bind"))
-        .collect();
-    listeners
-        .iter()
-        .map(|l| l.local_addr().expect("address").port())
-        .collect()
+/// Attempts at starting one node when the metrics port picked for it was
+/// taken in the meantime.
+const START_ATTEMPTS: usize = 5;
+
+/// A free loopback port, released for a node to take. Only the metrics
+/// endpoint needs one (its exporter binds the address it is given and does
+/// not say which port it got); a start that loses the port to someone else
+/// is retried with another ([`START_ATTEMPTS`]).
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("bind")
+        .port()
+}
+
+const METRICS_LISTEN: &str = "SAFERCHAT_METRICS_LISTEN";
+
+/// Whether a node that did not start lost a port race (and is worth
+/// starting again on another port).
+fn lost_a_port(log: &str) -> bool {
+    log.contains("Address already in use") || log.contains("address in use")
 }
 
 impl Cluster {
     /// Starts the proxies, then the nodes.
     ///
+    /// Every port a node binds is chosen by the kernel when the node binds
+    /// it (port 0); what the other nodes and the clients dial are proxies
+    /// this process holds, pointed at the node once it reported its
+    /// ports. So a node never loses a port picked for it to a parallel
+    /// test, and a restarted node keeps its addresses.
+    ///
     /// # Panics
-    /// When a node does not start (a port picked free can, rarely, be taken
-    /// by someone else before the node binds it).
+    /// When a node does not start.
     pub async fn start(options: Options) -> Cluster {
         let n = options.datacenters.len();
         let dir = tempfile::tempdir().expect("tempdir");
-        // Proxies first (they keep their ports), then every node port at
-        // once, so that no two of them can be handed the same port.
         let mut links = HashMap::new();
         for from in 0..n {
             for to in (0..n).filter(|to| *to != from) {
                 links.insert((from, to), Proxy::start().await);
             }
         }
-        let ports = free_ports(3 * n);
-        let (client_ports, peer_ports) = (&ports[..n], &ports[n..2 * n]);
-        let metrics: Vec<SocketAddr> = if options.metrics {
-            ports[2 * n..]
-                .iter()
-                .map(|p| SocketAddr::from(([127, 0, 0, 1], *p)))
-                .collect()
-        } else {
-            Vec::new()
-        };
-        for ((_, to), proxy) in &links {
-            proxy.set_target(SocketAddr::from(([127, 0, 0, 1], peer_ports[*to])));
+        let mut fronts = Vec::new();
+        for _ in 0..n {
+            fronts.push(Proxy::start().await);
         }
         let tls_dir = dir.path().join("tls");
         let certified: Vec<_> = (0..n)
@@ -109,16 +117,25 @@ impl Cluster {
             })
             .collect();
         saferchat_node::peer_tls::generate(&tls_dir, &certified).expect("cluster certificates");
-        let mut nodes = Vec::new();
+        let mut cluster = Cluster {
+            nodes: Vec::new(),
+            metrics: Vec::new(),
+            links,
+            fronts,
+            datacenters: options.datacenters.clone(),
+            peer_addresses: Vec::new(),
+            tls_dir,
+            _dir: dir,
+        };
         for i in 0..n {
             let peers: Vec<String> = (0..n)
                 .filter(|j| *j != i)
                 .map(|j| {
                     format!(
-                        "{}={}/127.0.0.1:{}@{}",
+                        "{}={}/{}@{}",
                         j + 1,
-                        links[&(i, j)].addr,
-                        client_ports[j],
+                        cluster.links[&(i, j)].addr,
+                        cluster.fronts[j].addr,
                         options.datacenters[j]
                     )
                 })
@@ -129,14 +146,11 @@ impl Cluster {
                     "SAFERCHAT_DATACENTER".into(),
                     options.datacenters[i].clone(),
                 ),
-                (
-                    "SAFERCHAT_PEER_LISTEN".into(),
-                    format!("127.0.0.1:{}", peer_ports[i]),
-                ),
+                ("SAFERCHAT_PEER_LISTEN".into(), "127.0.0.1:0".into()),
                 ("SAFERCHAT_PEERS".into(), peers.join(",")),
                 (
                     "SAFERCHAT_PEER_TLS_DIR".into(),
-                    tls_dir.display().to_string(),
+                    cluster.tls_dir.display().to_string(),
                 ),
                 ("SAFERCHAT_LEASE_MS".into(), options.lease_ms.to_string()),
                 (
@@ -148,29 +162,44 @@ impl Cluster {
                     "cluster-test-session-secret-0123456789abcdef".into(),
                 ),
             ];
-            if let Some(addr) = metrics.get(i) {
-                env.push(("SAFERCHAT_METRICS_LISTEN".into(), addr.to_string()));
-            }
             env.extend(options.env.iter().cloned());
-            let env: Vec<(&str, &str)> =
-                env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
-            nodes.push(NodeProcess::start_on(
-                &format!("127.0.0.1:{}", client_ports[i]),
-                &dir.path().join(format!("node{}", i + 1)),
-                &env,
-            ));
+            let data_dir = cluster._dir.path().join(format!("node{}", i + 1));
+            let mut attempt = 0;
+            let node = loop {
+                attempt += 1;
+                let mut env = env.clone();
+                if options.metrics {
+                    env.push((METRICS_LISTEN.into(), format!("127.0.0.1:{}", free_port())));
+                }
+                let env: Vec<(&str, &str)> =
+                    env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+                match NodeProcess::try_start(&data_dir, &env) {
+                    Ok(node) => break node,
+                    Err(log) if attempt < START_ATTEMPTS && lost_a_port(&log) => {}
+                    Err(log) => panic!("node {} did not start: {log}", i + 1),
+                }
+            };
+            if options.metrics {
+                cluster.metrics.push(metrics_address(&node));
+            }
+            cluster
+                .peer_addresses
+                .push(node.peer_addr.expect("peer listener"));
+            cluster.nodes.push(node);
+            cluster.point_at(i);
         }
-        Cluster {
-            nodes,
-            metrics,
-            links,
-            datacenters: options.datacenters,
-            peer_addresses: peer_ports
-                .iter()
-                .map(|p| SocketAddr::from(([127, 0, 0, 1], *p)))
-                .collect(),
-            tls_dir,
-            _dir: dir,
+        cluster
+    }
+
+    /// Points the proxies in front of node `i` at the ports it bound.
+    fn point_at(&self, i: usize) {
+        let node = &self.nodes[i];
+        self.fronts[i].set_target(node.addr);
+        let peer = node.peer_addr.expect("peer listener");
+        for ((_, to), proxy) in &self.links {
+            if *to == i {
+                proxy.set_target(peer);
+            }
         }
     }
 
@@ -179,9 +208,9 @@ impl Cluster {
         &self.datacenters
     }
 
-    /// Client address of node `i`.
+    /// Client address of node `i` (the same across restarts).
     pub fn server(&self, i: usize) -> String {
-        self.nodes[i].server()
+        self.fronts[i].addr.to_string()
     }
 
     /// An admin client on node `i`.
@@ -234,8 +263,38 @@ impl Cluster {
         self.nodes[i].kill();
     }
 
-    /// Restarts node `i` with its data.
+    /// Restarts node `i` with its data; its addresses stay the same for
+    /// clients and peers.
+    ///
+    /// # Panics
+    /// When it does not start.
     pub fn restart(&mut self, i: usize) {
-        self.nodes[i].restart();
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            match self.nodes[i].try_restart() {
+                Ok(()) => break,
+                Err(log) if attempt < START_ATTEMPTS && lost_a_port(&log) => {
+                    if !self.metrics.is_empty() {
+                        let port = free_port();
+                        self.nodes[i].set_env(METRICS_LISTEN, &format!("127.0.0.1:{port}"));
+                    }
+                }
+                Err(log) => panic!("node {} did not restart: {log}", i + 1),
+            }
+        }
+        if !self.metrics.is_empty() {
+            self.metrics[i] = metrics_address(&self.nodes[i]);
+        }
+        self.peer_addresses[i] = self.nodes[i].peer_addr.expect("peer listener");
+        self.point_at(i);
     }
+}
+
+/// The metrics address a node was started with.
+fn metrics_address(node: &NodeProcess) -> SocketAddr {
+    node.env(METRICS_LISTEN)
+        .expect("metrics asked for")
+        .parse()
+        .expect("metrics address")
 }

@@ -24,10 +24,21 @@ pub struct NodeProcess {
     pub log: PathBuf,
     /// The client address it reported.
     pub addr: SocketAddr,
+    /// The peer address it reported, when it has a peer listener.
+    pub peer_addr: Option<SocketAddr>,
     env: Vec<(String, String)>,
 }
 
-fn ready_address(log: &Path, child: &mut Child) -> SocketAddr {
+/// What a starting node reported before serving.
+#[derive(Debug, Default)]
+struct Reported {
+    client: Option<SocketAddr>,
+    peer: Option<SocketAddr>,
+}
+
+/// Follows the child's log until it serves; `Err` carries the log when it
+/// exited first or took too long.
+fn wait_until_serving(log: &Path, child: &mut Child) -> Result<Reported, String> {
     // The log is written by the child; follow it line by line.
     let (tx, rx) = mpsc::channel();
     let stderr = child.stderr.take().expect("piped stderr");
@@ -39,37 +50,65 @@ fn ready_address(log: &Path, child: &mut Child) -> SocketAddr {
             .create(true)
             .open(&log)
             .expect("log file");
-        let mut sent = false;
+        let mut reported = Some(Reported::default());
         for line in BufReader::new(stderr).lines() {
             let Ok(line) = line else { break };
             use std::io::Write as _;
             let _ = writeln!(file, "{line}");
-            if !sent
-                && let Ok(v) = serde_json::from_str::<serde_json::Value>(&line)
-                && v["fields"]["message"] == "saferchat node serving"
-                && let Some(addr) = v["fields"]["addr"].as_str()
-            {
-                let _ = tx.send(addr.parse::<SocketAddr>().expect("address"));
-                sent = true;
+            let Some(so_far) = reported.as_mut() else {
+                continue;
+            };
+            let Ok(v) = serde_json::from_str::<serde_json::Value>(&line) else {
+                continue;
+            };
+            let addr = || {
+                v["fields"]["addr"]
+                    .as_str()
+                    .map(|a| a.parse::<SocketAddr>().expect("address"))
+            };
+            match v["fields"]["message"].as_str() {
+                Some("peer listener") => so_far.peer = addr(),
+                Some("saferchat node serving") => {
+                    so_far.client = addr();
+                    let _ = tx.send(reported.take().expect("reported once"));
+                }
+                _ => {}
             }
         }
+        // Dropping `tx` without sending tells the waiter the node exited.
     });
-    rx.recv_timeout(START_TIMEOUT).unwrap_or_else(|_| {
-        panic!(
-            "node did not report its address within {START_TIMEOUT:?}; its log:\n{}",
-            std::fs::read_to_string(&log_path).unwrap_or_default()
-        )
-    })
+    let log_text = || std::fs::read_to_string(&log_path).unwrap_or_default();
+    match rx.recv_timeout(START_TIMEOUT) {
+        Ok(reported) => Ok(reported),
+        Err(mpsc::RecvTimeoutError::Disconnected) => {
+            let _ = child.wait();
+            Err(format!(
+                "node exited before serving; its log:\n{}",
+                log_text()
+            ))
+        }
+        Err(mpsc::RecvTimeoutError::Timeout) => {
+            let _ = child.kill();
+            let _ = child.wait();
+            Err(format!(
+                "node did not report its address within {START_TIMEOUT:?}; its log:\n{}",
+                log_text()
+            ))
+        }
+    }
 }
 
 impl NodeProcess {
     /// Starts a node with `data_dir` on 127.0.0.1:0 and extra environment.
+    ///
+    /// # Panics
+    /// When it does not start, with its log.
     pub fn start(data_dir: &Path, env: &[(&str, &str)]) -> NodeProcess {
-        NodeProcess::start_on("127.0.0.1:0", data_dir, env)
+        NodeProcess::try_start(data_dir, env).unwrap_or_else(|log| panic!("{log}"))
     }
 
-    /// Starts a node listening for clients on `listen`.
-    pub fn start_on(listen: &str, data_dir: &Path, env: &[(&str, &str)]) -> NodeProcess {
+    /// [`NodeProcess::start`], or the node's log when it did not start.
+    pub fn try_start(data_dir: &Path, env: &[(&str, &str)]) -> Result<NodeProcess, String> {
         let env: Vec<(String, String)> = env
             .iter()
             .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
@@ -79,19 +118,23 @@ impl NodeProcess {
             data_dir: data_dir.to_path_buf(),
             log: data_dir.with_extension("log"),
             addr: "127.0.0.1:0".parse().expect("address"),
+            peer_addr: None,
             env,
         };
-        node.spawn(listen);
-        node
+        node.spawn()?;
+        Ok(node)
     }
 
-    fn spawn(&mut self, listen: &str) {
+    /// Binds every listener the node opens on port 0 (the client one
+    /// always; the peer one when its environment says 127.0.0.1:0), so no
+    /// port is picked ahead of time and then lost to another test.
+    fn spawn(&mut self) -> Result<(), String> {
         let mut command = Command::new(crate::bin::path("saferchat-node"));
         command
             .arg("--data-dir")
             .arg(&self.data_dir)
             .arg("--listen")
-            .arg(listen)
+            .arg("127.0.0.1:0")
             .env("SAFERCHAT_LOG_FORMAT", "json")
             .env("SAFERCHAT_ADMIN_TOKEN", ADMIN_TOKEN)
             .env("RUST_LOG", "info")
@@ -102,8 +145,25 @@ impl NodeProcess {
             command.env(k, v);
         }
         let mut child = command.spawn().expect("start saferchat-node");
-        self.addr = ready_address(&self.log, &mut child);
+        let reported = wait_until_serving(&self.log, &mut child)?;
+        self.addr = reported.client.expect("the serving line names the address");
+        self.peer_addr = reported.peer;
         self.child = Some(child);
+        Ok(())
+    }
+
+    /// The value of an environment variable the node was given.
+    pub fn env(&self, key: &str) -> Option<&str> {
+        self.env
+            .iter()
+            .find(|(k, _)| k == key)
+            .map(|(_, v)| v.as_str())
+    }
+
+    /// Sets (or replaces) an environment variable for the next restart.
+    pub fn set_env(&mut self, key: &str, value: &str) {
+        self.env.retain(|(k, _)| k != key);
+        self.env.push((key.to_owned(), value.to_owned()));
     }
 
     /// The process id, while it runs.
@@ -144,11 +204,19 @@ impl NodeProcess {
         }
     }
 
-    /// Starts the node again on the same port and data.
+    /// Starts the node again on its data, on fresh ports ([`NodeProcess::addr`]
+    /// and [`NodeProcess::peer_addr`] change).
+    ///
+    /// # Panics
+    /// When it does not start, with its log.
     pub fn restart(&mut self) {
+        self.try_restart().unwrap_or_else(|log| panic!("{log}"));
+    }
+
+    /// [`NodeProcess::restart`], or the node's log when it did not start.
+    pub fn try_restart(&mut self) -> Result<(), String> {
         assert!(self.child.is_none(), "stop or kill the node first");
-        let listen = self.addr.to_string();
-        self.spawn(&listen);
+        self.spawn()
     }
 
     /// The node's log so far.
