@@ -4,7 +4,7 @@ use bytes::Bytes;
 use saferchat_proto::chat::{self as pb, chat_room_client::ChatRoomClient};
 use tonic::transport::Channel;
 
-use crate::connect::{REDIRECTS_MAX, connect, redirect_of};
+use crate::connect::{REDIRECTS_MAX, connect, redirect_of, redirected};
 use crate::crypto;
 use crate::error::ClientError;
 use crate::session::{Message, Session};
@@ -30,7 +30,7 @@ pub struct Query {
 /// # Errors
 /// The server's status, e.g. UNAUTHENTICATED for an expired token.
 pub async fn read(session: &Session, query: &Query) -> Result<Vec<Message>, ClientError> {
-    read_following(session.channel(), session, query).await
+    read_following(session.channel(), session.address(), session, query).await
 }
 
 /// As [`read`], through the node at `address` (any node of the cluster)
@@ -43,18 +43,23 @@ pub async fn read_via(
     session: &Session,
     query: &Query,
 ) -> Result<Vec<Message>, ClientError> {
-    read_following(connect(address).await?, session, query).await
+    read_following(connect(address).await?, address, session, query).await
 }
 
 async fn read_following(
     mut channel: Channel,
+    address: &str,
     session: &Session,
     query: &Query,
 ) -> Result<Vec<Message>, ClientError> {
+    let mut address = address.to_owned();
     for _ in 0..=REDIRECTS_MAX {
         match read_on(channel, session, query).await {
             Err(ClientError::Status(status)) => match redirect_of(&status) {
-                Some(next) => channel = connect(&next).await?,
+                Some(next) => {
+                    address = redirected(&address, &next);
+                    channel = connect(&address).await?;
+                }
                 None => return Err(ClientError::Status(status)),
             },
             other => return other,

@@ -12,10 +12,12 @@ use bytes::Bytes;
 use chrono::{DateTime, Utc};
 use clap::{Parser, Subcommand};
 use saferchat_client::admin::Admin;
+use saferchat_client::connect::Trust;
 use saferchat_client::history::{self, Query};
 use saferchat_client::keys::{KeyFile, Protection};
 use saferchat_client::{ClientError, Event, Identity, JoinOptions, Message, Session};
 use saferchat_consensus::RoomId;
+use saferchat_vocabulary::CertificateFingerprint;
 use tokio::io::AsyncBufReadExt as _;
 use zeroize::Zeroizing;
 
@@ -28,7 +30,7 @@ const NEW_PASSPHRASE_ENV: &str = "SAFERCHAT_NEW_KEY_PASSPHRASE";
 #[derive(Debug, Parser)]
 #[command(name = "saferchat", version, about = "End-to-end encrypted group chat")]
 struct Cli {
-    /// Node address.
+    /// Node address: host:port (plaintext), or https://host:port (TLS).
     #[arg(
         long,
         short,
@@ -40,6 +42,26 @@ struct Cli {
     /// Private key file (PKCS#8 PEM). Default: ~/.config/saferchat/key.pem.
     #[arg(long, short, global = true, env = "SAFERCHAT_KEY")]
     key: Option<PathBuf>,
+    /// TLS: accept only server certificates this CA (PEM file) signed,
+    /// instead of the public web CAs.
+    #[arg(
+        long,
+        global = true,
+        env = "SAFERCHAT_TLS_CA",
+        conflicts_with = "tls_pin"
+    )]
+    tls_ca: Option<PathBuf>,
+    /// TLS: accept only the server certificate with this fingerprint
+    /// (sha256:…, as the node logs it); repeat, or separate with commas,
+    /// for several nodes.
+    #[arg(
+        long,
+        global = true,
+        env = "SAFERCHAT_TLS_PIN",
+        value_delimiter = ',',
+        value_parser = parse_pin
+    )]
+    tls_pin: Vec<CertificateFingerprint>,
     #[command(subcommand)]
     command: Command,
 }
@@ -286,7 +308,31 @@ fn admin_token(token: Option<String>, file: Option<PathBuf>) -> anyhow::Result<S
     bail!("no admin token: pass --token, --token-file, or set SAFERCHAT_ADMIN_TOKEN")
 }
 
+fn parse_pin(text: &str) -> Result<CertificateFingerprint, String> {
+    text.parse().map_err(|e| format!("{e}"))
+}
+
+/// The certificates `https://` addresses accept, from `--tls-ca` or
+/// `--tls-pin`; neither: the public web CAs.
+fn set_trust(cli: &Cli) -> anyhow::Result<()> {
+    let trust = if let Some(path) = &cli.tls_ca {
+        let pem =
+            std::fs::read(path).with_context(|| format!("reading the CA {}", path.display()))?;
+        if !String::from_utf8_lossy(&pem).contains("-----BEGIN CERTIFICATE-----") {
+            bail!("{}: no PEM certificate in it", path.display());
+        }
+        Trust::Ca(pem)
+    } else if !cli.tls_pin.is_empty() {
+        Trust::Pinned(cli.tls_pin.clone())
+    } else {
+        return Ok(());
+    };
+    saferchat_client::connect::set_trust(trust)?;
+    Ok(())
+}
+
 async fn run(cli: Cli) -> anyhow::Result<()> {
+    set_trust(&cli)?;
     match &cli.command {
         Command::Keygen {
             force,
@@ -573,6 +619,20 @@ async fn chat(cli: &Cli, room: RoomId, recent: u32) -> anyhow::Result<()> {
     }
 }
 
+/// Whether a failed call over plaintext looks like it reached a TLS
+/// listener: the connection is dropped at the first bytes, which gRPC
+/// reports as a cancelled or unavailable call, or as an HTTP/2 protocol
+/// error.
+fn may_be_tls(error: &anyhow::Error, server: &str) -> bool {
+    !server.starts_with("https://")
+        && matches!(
+            error.downcast_ref::<ClientError>(),
+            Some(ClientError::Status(s))
+                if matches!(s.code(), tonic::Code::Cancelled | tonic::Code::Unavailable)
+                    || (s.code() == tonic::Code::Internal && s.message().contains("h2 protocol error"))
+        )
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let runtime = match tokio::runtime::Builder::new_multi_thread()
@@ -586,10 +646,16 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
+    let server = cli.server.clone();
     match runtime.block_on(run(cli)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("saferchat: {e:#}");
+            if may_be_tls(&e, &server) {
+                eprintln!(
+                    "saferchat: if that node serves TLS, use https://{server} (with --tls-pin or --tls-ca)"
+                );
+            }
             ExitCode::FAILURE
         }
     }

@@ -21,7 +21,7 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::Channel;
 use tonic::{Code, Streaming};
 
-use crate::connect::{FOLLOWS_REDIRECTS_METADATA, REDIRECTS_MAX, connect, redirect_of};
+use crate::connect::{FOLLOWS_REDIRECTS_METADATA, REDIRECTS_MAX, connect, redirect_of, redirected};
 use crate::crypto::{self, Recipient};
 use crate::error::ClientError;
 use crate::keys::Identity;
@@ -207,7 +207,7 @@ impl Session {
             let channel = connect(&address).await?;
             match Session::join_on(channel, &address, room, Arc::clone(&me), options).await {
                 Err(ClientError::Status(status)) => match redirect_of(&status) {
-                    Some(next) => address = next,
+                    Some(next) => address = redirected(&address, &next),
                     None => return Err(ClientError::Status(status)),
                 },
                 other => return other,

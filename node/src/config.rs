@@ -24,9 +24,11 @@ pub struct NodeConfig {
     /// `listen` is a loopback address.
     pub admin_on_client_port: Option<bool>,
     /// Serve `listen` and `admin_listen` in plaintext even on addresses
-    /// other than loopback. The client listeners have no TLS yet, so any
-    /// other address needs this said explicitly.
+    /// other than loopback. Without `tls`, any other address needs this
+    /// said explicitly.
     pub insecure_plaintext: bool,
+    /// TLS on `listen` and `admin_listen`; absent: plaintext.
+    pub tls: Option<ListenerTlsConfig>,
     /// Where sled data, the admin token and the session key live.
     pub data_dir: PathBuf,
     /// The admin bearer token. When absent, one is generated on first
@@ -61,6 +63,24 @@ pub struct NodeConfig {
     pub storage: StorageConfig,
     /// Resource limits.
     pub limits: Limits,
+}
+
+/// Where the client and admin listeners' TLS certificate comes from:
+/// files (`cert` and `key`), or a self-signed certificate the node makes
+/// once in its data folder (`self_signed`; clients pin its fingerprint).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ListenerTlsConfig {
+    /// The certificate chain (PEM), leaf first.
+    pub cert: Option<PathBuf>,
+    /// Its private key (PEM).
+    pub key: Option<PathBuf>,
+    /// Make (once) and use a self-signed certificate in
+    /// `data_dir/tls/`, for development.
+    pub self_signed: bool,
+    /// Extra DNS names or addresses the self-signed certificate names,
+    /// besides `localhost`, 127.0.0.1, ::1 and the listen addresses.
+    pub names: Vec<String>,
 }
 
 /// Log output format.
@@ -99,6 +119,23 @@ pub struct PeerTlsConfig {
     pub cert: PathBuf,
     /// This node's private key (PEM).
     pub key: PathBuf,
+}
+
+impl ListenerTlsConfig {
+    /// Either both files, or `self_signed`.
+    ///
+    /// # Errors
+    /// [`NodeError::Config`] saying what is missing or contradictory.
+    pub fn validate(&self) -> Result<(), NodeError> {
+        match (&self.cert, &self.key, self.self_signed) {
+            (Some(_), Some(_), false) | (None, None, true) => Ok(()),
+            (Some(_), Some(_), true) => Err(invalid("tls: cert and key, or self_signed, not both")),
+            (None, None, false) => Err(invalid(
+                "tls: set cert and key (PEM files), or self_signed = true",
+            )),
+            _ => Err(invalid("tls: cert and key go together")),
+        }
+    }
 }
 
 impl PeerTlsConfig {
@@ -242,6 +279,7 @@ impl Default for NodeConfig {
             admin_listen: None,
             admin_on_client_port: None,
             insecure_plaintext: false,
+            tls: None,
             log_format: LogFormat::Text,
             node_id: 1,
             datacenter: "dc1".to_owned(),
@@ -353,6 +391,19 @@ impl NodeConfig {
         if let Some(v) = env("SAFERCHAT_INSECURE_PLAINTEXT") {
             self.insecure_plaintext = parse_env("SAFERCHAT_INSECURE_PLAINTEXT", &v)?;
         }
+        if let Some(v) = env("SAFERCHAT_TLS_CERT") {
+            self.tls.get_or_insert_default().cert = Some(PathBuf::from(v));
+        }
+        if let Some(v) = env("SAFERCHAT_TLS_KEY") {
+            self.tls.get_or_insert_default().key = Some(PathBuf::from(v));
+        }
+        if let Some(v) = env("SAFERCHAT_TLS_SELF_SIGNED") {
+            if parse_env("SAFERCHAT_TLS_SELF_SIGNED", &v)? {
+                self.tls.get_or_insert_default().self_signed = true;
+            } else if let Some(tls) = &mut self.tls {
+                tls.self_signed = false;
+            }
+        }
         if let Some(v) = env("SAFERCHAT_DATA_DIR") {
             self.data_dir = PathBuf::from(v);
         }
@@ -442,17 +493,22 @@ impl NodeConfig {
                 )));
             }
         }
+        if let Some(tls) = &self.tls {
+            tls.validate()?;
+        }
         for (name, addr) in [
             ("listen", Some(self.listen)),
             ("admin_listen", self.admin_listen),
         ] {
             if let Some(addr) = addr
                 && !addr.ip().is_loopback()
+                && self.tls.is_none()
                 && !self.insecure_plaintext
             {
                 return Err(invalid(format!(
-                    "{name} = {addr} is not a loopback address, and the client listeners have no TLS yet: \
-                     set insecure_plaintext = true (--insecure-plaintext, SAFERCHAT_INSECURE_PLAINTEXT=true) \
+                    "{name} = {addr} is not a loopback address and no TLS is configured: \
+                     set [tls] (cert and key, or self_signed = true; --tls-cert/--tls-key or --tls-self-signed), \
+                     or insecure_plaintext = true (--insecure-plaintext, SAFERCHAT_INSECURE_PLAINTEXT=true) \
                      to serve it in plaintext anyway"
                 )));
             }
@@ -646,6 +702,36 @@ mod tests {
             .unwrap_err();
         assert!(e.to_string().contains("sled or cassandra"), "{e}");
         assert!(toml::from_str::<NodeConfig>("no_such_key = 1").is_err());
+    }
+
+    #[test]
+    fn tls_allows_any_address_and_its_settings_must_agree() {
+        let mut c = NodeConfig {
+            listen: "0.0.0.0:8443".parse().unwrap(),
+            admin_listen: Some("10.0.0.5:8082".parse().unwrap()),
+            ..NodeConfig::default()
+        };
+        assert!(c.validate().is_err(), "plaintext beyond loopback");
+        c.apply_env(env(&[("SAFERCHAT_TLS_SELF_SIGNED", "true")]))
+            .unwrap();
+        c.validate().unwrap();
+        c.apply_env(env(&[("SAFERCHAT_TLS_CERT", "/etc/s/cert.pem")]))
+            .unwrap();
+        let e = c.validate().unwrap_err().to_string();
+        assert!(e.contains("go together"), "{e}");
+        c.apply_env(env(&[("SAFERCHAT_TLS_KEY", "/etc/s/key.pem")]))
+            .unwrap();
+        let e = c.validate().unwrap_err().to_string();
+        assert!(e.contains("not both"), "{e}");
+        c.apply_env(env(&[("SAFERCHAT_TLS_SELF_SIGNED", "false")]))
+            .unwrap();
+        c.validate().unwrap();
+        let file: NodeConfig =
+            toml::from_str("[tls]\nself_signed = true\nnames = [\"chat.example\"]\n").unwrap();
+        assert_eq!(file.tls.unwrap().names, vec!["chat.example".to_owned()]);
+        let empty: NodeConfig = toml::from_str("[tls]\n").unwrap();
+        let e = empty.validate().unwrap_err().to_string();
+        assert!(e.contains("self_signed = true"), "{e}");
     }
 
     #[test]

@@ -27,6 +27,7 @@ pub mod convert;
 pub mod error;
 pub mod grpc;
 pub mod known_rooms;
+pub mod listener_tls;
 pub mod membership;
 pub mod message_id;
 pub mod peer_tls;
@@ -49,6 +50,7 @@ use crate::config::{Backend, NodeConfig};
 use crate::context::{AdminContext, ChatContext, RoomFilter};
 use crate::error::NodeError;
 use crate::known_rooms::KnownRooms;
+use crate::listener_tls::ListenerTls;
 use crate::membership::driver::{self, DriverParts};
 use crate::membership::{NoPeers, PeerSender};
 use crate::peer_tls::PeerTls;
@@ -275,6 +277,25 @@ pub async fn run(
         routing,
     ));
 
+    let listener_tls = match &config.tls {
+        Some(files) => {
+            let tls = ListenerTls::load(
+                files,
+                &config.data_dir,
+                &[Some(config.listen), config.admin_listen]
+                    .into_iter()
+                    .flatten()
+                    .collect::<Vec<_>>(),
+            )?;
+            tracing::info!(
+                fingerprint = %tls.fingerprint,
+                cert = %tls.cert.display(),
+                "client TLS certificate (clients can pin it: saferchat --tls-pin FINGERPRINT)"
+            );
+            Some(tls.server())
+        }
+        None => None,
+    };
     let admin_listener = listeners.admin;
     if let Some(addr) = admin_listener.as_ref().and_then(|l| l.local_addr().ok()) {
         tracing::info!(%addr, "admin listener");
@@ -292,6 +313,7 @@ pub async fn run(
                 ctx: Arc::clone(&admin_ctx),
                 token: admin.clone(),
             }),
+            listener_tls.clone(),
             listener,
             shutdown.clone(),
         ))
@@ -302,6 +324,7 @@ pub async fn run(
             ctx: admin_ctx,
             token: admin,
         }),
+        listener_tls,
         listeners.client,
         shutdown.clone(),
     ));
@@ -318,7 +341,12 @@ pub async fn run(
         _ => None,
     };
     if let Some(addr) = client_addr {
-        tracing::info!(%addr, data = %config.data_dir.display(), "saferchat node serving");
+        tracing::info!(
+            %addr,
+            tls = config.tls.is_some(),
+            data = %config.data_dir.display(),
+            "saferchat node serving"
+        );
     }
 
     let mut driver_task = driver_task;

@@ -40,9 +40,20 @@ struct Args {
     #[arg(long)]
     admin_listen: Option<SocketAddr>,
     /// Serve the client (and admin) addresses in plaintext even when they
-    /// are not loopback addresses: the client listeners have no TLS yet.
+    /// are not loopback addresses and no TLS is configured.
     #[arg(long)]
     insecure_plaintext: bool,
+    /// TLS on the client and admin listeners: certificate chain (PEM).
+    #[arg(long, requires = "tls_key")]
+    tls_cert: Option<PathBuf>,
+    /// TLS: the certificate's private key (PEM).
+    #[arg(long, requires = "tls_cert")]
+    tls_key: Option<PathBuf>,
+    /// TLS with a self-signed certificate made once in DATA_DIR/tls/ (for
+    /// development); its fingerprint is logged at start, for
+    /// `saferchat --tls-pin`.
+    #[arg(long, conflicts_with = "tls_cert")]
+    tls_self_signed: bool,
     /// Prometheus metrics address, e.g. 127.0.0.1:9090.
     #[arg(long)]
     metrics_listen: Option<SocketAddr>,
@@ -138,6 +149,18 @@ fn load(args: &Args) -> anyhow::Result<NodeConfig> {
     }
     if args.insecure_plaintext {
         config.insecure_plaintext = true;
+    }
+    if let (Some(cert), Some(key)) = (&args.tls_cert, &args.tls_key) {
+        let tls = config.tls.get_or_insert_default();
+        tls.cert = Some(cert.clone());
+        tls.key = Some(key.clone());
+        tls.self_signed = false;
+    }
+    if args.tls_self_signed {
+        let tls = config.tls.get_or_insert_default();
+        tls.self_signed = true;
+        tls.cert = None;
+        tls.key = None;
     }
     if let Some(v) = args.metrics_listen {
         config.metrics_listen = Some(v);

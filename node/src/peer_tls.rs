@@ -109,7 +109,7 @@ pub struct PeerTls {
     me: PeerIdentity,
 }
 
-fn read(path: &Path) -> Result<Vec<u8>, NodeError> {
+pub(crate) fn read(path: &Path) -> Result<Vec<u8>, NodeError> {
     std::fs::read(path).map_err(|e| NodeError::Config(format!("reading {}: {e}", path.display())))
 }
 
@@ -177,7 +177,7 @@ impl PeerTls {
 
 /// The DER of the first certificate in a PEM file (pulled out with
 /// x509-parser's PEM reader, which this module links anyway).
-fn first_certificate_der(pem: &[u8]) -> Option<Vec<u8>> {
+pub(crate) fn first_certificate_der(pem: &[u8]) -> Option<Vec<u8>> {
     x509_parser::pem::Pem::iter_from_buffer(pem)
         .filter_map(Result::ok)
         .find(|p| p.label == "CERTIFICATE")
@@ -195,7 +195,7 @@ pub struct NodeFiles {
     pub key: PathBuf,
 }
 
-fn write_file(path: &Path, contents: &str, private: bool) -> Result<(), NodeError> {
+pub(crate) fn write_file(path: &Path, contents: &str, private: bool) -> Result<(), NodeError> {
     use std::io::Write;
     let mut options = std::fs::OpenOptions::new();
     options.write(true).create(true).truncate(true);
@@ -215,11 +215,11 @@ fn write_file(path: &Path, contents: &str, private: bool) -> Result<(), NodeErro
         .map_err(|e| NodeError::Config(format!("writing {}: {e}", path.display())))
 }
 
-fn cert_error(e: rcgen::Error) -> NodeError {
+pub(crate) fn cert_error(e: rcgen::Error) -> NodeError {
     NodeError::Config(format!("certificate: {e}"))
 }
 
-fn validity(params: &mut rcgen::CertificateParams) {
+pub(crate) fn validity(params: &mut rcgen::CertificateParams) {
     use chrono::Datelike;
     let year = chrono::Utc::now().year();
     params.not_before = rcgen::date_time_ymd(year - 1, 1, 1);

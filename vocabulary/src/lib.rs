@@ -17,6 +17,8 @@
 //! - [`room`]: [`RoomId`] and the limits of a room (name length, members).
 //! - [`handle`]: [`Handle`], a user's name derived from their key.
 //! - [`key`]: [`PublicKey`] and its display fingerprint.
+//! - [`certificate`]: [`CertificateFingerprint`], what a client pins a
+//!   node's TLS certificate by.
 //! - [`revision`]: [`Revision`], the counter of membership changes.
 //! - [`membership`]: [`Membership`], what a room's membership says at one
 //!   revision, read-only. A trait rather than a struct because the value
@@ -30,12 +32,14 @@
 //! No I/O, no keys, no cryptography beyond SHA-256 (a handle *is* a hash):
 //! only values, their validation, and their textual forms.
 
+pub mod certificate;
 pub mod handle;
 pub mod key;
 pub mod membership;
 pub mod revision;
 pub mod room;
 
+pub use certificate::CertificateFingerprint;
 pub use handle::{HANDLE_CHARS, Handle};
 pub use key::{PUBLIC_KEY_BYTES_MAX, PublicKey, fingerprint_of};
 pub use membership::Membership;
@@ -56,4 +60,9 @@ pub enum ParseError {
         "a user handle is {HANDLE_CHARS} characters of unpadded base64url (SHA-256 of the RSA modulus)"
     )]
     Handle,
+    /// A certificate fingerprint is `sha256:` and 64 hex digits.
+    #[error(
+        "a certificate fingerprint is sha256: and 64 hex digits (SHA-256 of the certificate's DER, pairs may be separated by ':')"
+    )]
+    CertificateFingerprint,
 }

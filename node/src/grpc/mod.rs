@@ -75,6 +75,7 @@ pub struct AdminFace {
 pub async fn serve_clients(
     chat: Option<Arc<ChatContext>>,
     admin: Option<AdminFace>,
+    tls: Option<tonic::transport::ServerTlsConfig>,
     listener: TcpListener,
     shutdown: CancellationToken,
 ) -> Result<(), NodeError> {
@@ -118,7 +119,13 @@ pub async fn serve_clients(
 
     let stopping = shutdown.clone();
     let health_on_stop = health.clone();
-    Server::builder()
+    let mut server = Server::builder();
+    if let Some(tls) = tls {
+        server = server
+            .tls_config(tls)
+            .map_err(|e| NodeError::Config(format!("client TLS: {e}")))?;
+    }
+    server
         .tcp_nodelay(true)
         .http2_keepalive_interval(Some(std::time::Duration::from_secs(30)))
         .add_service(health_service)
