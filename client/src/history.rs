@@ -97,6 +97,7 @@ async fn read_on(
                 seq: item.seq,
                 history: true,
                 content,
+                warnings: Vec::new(),
             });
         }
     }

@@ -321,9 +321,26 @@ impl Identity {
     /// # Errors
     /// [`ClientError::Verify`] when it does not decrypt to 32 bytes.
     pub fn unwrap_key(&self, wrapped: &[u8]) -> Result<[u8; 32], ClientError> {
+        self.unwrap_key_labelled(wrapped, None)
+    }
+
+    /// [`Identity::unwrap_key`] with an RSA-OAEP label (envelope v1.1
+    /// binds each wrapped key to its room, revision and recipient).
+    ///
+    /// # Errors
+    /// As [`Identity::unwrap_key`]; a wrong label fails like a wrong key.
+    pub fn unwrap_key_labelled(
+        &self,
+        wrapped: &[u8],
+        label: Option<&[u8]>,
+    ) -> Result<[u8; 32], ClientError> {
+        let padding = match label {
+            Some(label) => rsa::Oaep::<Sha256>::new_with_label(label),
+            None => rsa::Oaep::<Sha256>::new(),
+        };
         let key = self
             .private
-            .oaep_decrypt::<Sha256>(wrapped)
+            .decrypt(padding, wrapped)
             .map_err(|_| ClientError::Verify("content key does not unwrap with your key".into()))?;
         key.as_slice()
             .try_into()

@@ -17,10 +17,12 @@
 pub mod admin;
 pub mod connect;
 pub mod crypto;
+pub mod device;
 pub mod error;
 pub mod history;
 pub mod keys;
 pub mod session;
+pub mod streams;
 #[cfg(any(test, feature = "test-keys"))]
 pub mod test_keys;
 

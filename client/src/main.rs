@@ -238,8 +238,13 @@ fn passphrase_to_write(
     Ok(Some(passphrase))
 }
 
+/// The key file: `--key`, else the default path.
+fn key_path(cli: &Cli) -> PathBuf {
+    cli.key.clone().unwrap_or_else(default_key_path)
+}
+
 fn identity(cli: &Cli) -> anyhow::Result<Arc<Identity>> {
-    let path = cli.key.clone().unwrap_or_else(default_key_path);
+    let path = key_path(cli);
     let (id, file) = Identity::load_with(&path, || passphrase_to_read(&path))?;
     if file == KeyFile::Plain {
         eprintln!(
@@ -269,6 +274,27 @@ fn id_text(id: &[u8]) -> String {
     uuid::Uuid::from_slice(id).map_or_else(|_| "?".into(), |u| u.to_string())
 }
 
+/// How far the sender's signed clock may be from the server's before
+/// both times are shown.
+const CLOCK_SKEW_SHOWN_MS: i64 = 60_000;
+
+/// The time a message is shown at: the sender's own, signed time (v1.1),
+/// with the server's unsigned one beside it when they differ by more than
+/// a minute; the server's time for v1, marked as such.
+fn shown_time(server_ms: i64, chain: Option<&saferchat_envelope::Chain>) -> String {
+    match chain {
+        Some(c) => {
+            let sent = i64::try_from(c.sent_at_ms).unwrap_or(i64::MAX);
+            if (sent - server_ms).abs() > CLOCK_SKEW_SHOWN_MS {
+                format!("{} (server: {})", time(sent), time(server_ms))
+            } else {
+                time(sent)
+            }
+        }
+        None => format!("{} (server time)", time(server_ms)),
+    }
+}
+
 fn print_message(m: &Message, me: &Identity, ids: bool) {
     let prefix = if ids {
         format!("{} ", id_text(&m.id))
@@ -284,9 +310,12 @@ fn print_message(m: &Message, me: &Identity, ids: bool) {
             };
             println!(
                 "{prefix}{} {who}: {}",
-                time(m.time_ms),
+                shown_time(m.time_ms, plain.chain.as_ref()),
                 String::from_utf8_lossy(&plain.body)
             );
+            for warning in &m.warnings {
+                println!("{prefix}  !! {warning}");
+            }
         }
         Err(e) => println!(
             "{prefix}{} !! message {} not shown: {e}",
@@ -400,6 +429,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             let id = identity(&cli)?;
             let options = JoinOptions {
                 no_history: true,
+                state_beside: Some(key_path(&cli)),
                 ..JoinOptions::default()
             };
             let mut session = Session::join(&cli.server, &room, id, &options).await?;
@@ -442,9 +472,10 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             let id = identity(&cli)?;
             let options = JoinOptions {
                 no_history: true,
+                state_beside: Some(key_path(&cli)),
                 ..JoinOptions::default()
             };
-            let session = Session::join(&cli.server, &room, Arc::clone(&id), &options).await?;
+            let mut session = Session::join(&cli.server, &room, Arc::clone(&id), &options).await?;
             let parse = |s: &Option<String>| -> anyhow::Result<Option<Bytes>> {
                 s.as_deref()
                     .map(|t| uuid::Uuid::parse_str(t).map(|u| Bytes::copy_from_slice(u.as_bytes())))
@@ -460,6 +491,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             if query.after_id.is_none() {
                 messages.reverse();
             }
+            session.judge(&mut messages, false)?;
             for m in &messages {
                 print_message(m, &id, *ids);
             }
@@ -469,6 +501,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             let id = identity(&cli)?;
             let options = JoinOptions {
                 no_history: true,
+                state_beside: Some(key_path(&cli)),
                 ..JoinOptions::default()
             };
             let session = Session::join(&cli.server, &room, id, &options).await?;
@@ -563,6 +596,7 @@ async fn chat(cli: &Cli, room: RoomId, recent: u32) -> anyhow::Result<()> {
     let id = identity(cli)?;
     let options = JoinOptions {
         recent,
+        state_beside: Some(key_path(cli)),
         ..JoinOptions::default()
     };
     let mut session = Session::join(&cli.server, &room, Arc::clone(&id), &options).await?;

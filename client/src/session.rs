@@ -22,9 +22,12 @@ use tonic::transport::Channel;
 use tonic::{Code, Streaming};
 
 use crate::connect::{FOLLOWS_REDIRECTS_METADATA, REDIRECTS_MAX, connect, redirect_of, redirected};
-use crate::crypto::{self, Recipient};
+use crate::crypto::{self, Position, Recipient};
+use crate::device::Device;
 use crate::error::ClientError;
 use crate::keys::Identity;
+use crate::streams::{Streams, Warning};
+use saferchat_envelope::Envelope;
 
 /// How often a post is re-sealed for a newer membership before giving up.
 const RESEAL_ATTEMPTS_MAX: u32 = 3;
@@ -40,6 +43,9 @@ pub struct JoinOptions {
     pub after_id: Option<Bytes>,
     /// Receive no history at all.
     pub no_history: bool,
+    /// Keep this device's state beside this key file (`KEY.state/`, see
+    /// `device.rs`); `None`: an ephemeral device, nothing saved.
+    pub state_beside: Option<std::path::PathBuf>,
 }
 
 /// A room's membership as the client trusts it: every key checked against
@@ -72,7 +78,11 @@ impl Members {
                 .map_err(|e| ClientError::Verify(format!("membership lists a bad handle: {e}")))?;
             if !member.public_key.is_empty() {
                 let key = crypto::member_key(&handle, &member.public_key)?;
-                members.recipients.push(Recipient { handle, key });
+                members.recipients.push(Recipient {
+                    handle,
+                    key,
+                    der: member.public_key.clone(),
+                });
             }
             members.all.push((handle, member.fingerprint.clone()));
         }
@@ -81,6 +91,9 @@ impl Members {
 }
 
 /// Something that happened in the room.
+// A message is most events and is moved once, to its reader: boxing it
+// would cost an allocation per message for nothing.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug)]
 pub enum Event {
     /// A message, verified and decrypted — or why it could not be.
@@ -124,6 +137,8 @@ pub struct Message {
     pub history: bool,
     /// The verified sender and body, or why it must not be shown.
     pub content: Result<crypto::Plain, ClientError>,
+    /// What the sender's stream and membership checks found (`streams.rs`).
+    pub warnings: Vec<Warning>,
 }
 
 /// A joined session taken apart by [`Session::into_raw`].
@@ -145,6 +160,8 @@ pub struct RawSession {
 struct Pending {
     body: Vec<u8>,
     attempts: u32,
+    /// Its place in this device's stream, kept when it is re-sealed.
+    position: Position,
 }
 
 /// An open session.
@@ -168,6 +185,8 @@ pub struct Session {
     stashed: Option<pb::Deliveries>,
     decrypting: Option<tokio::task::JoinHandle<Vec<Message>>>,
     channel: Channel,
+    device: Device,
+    streams: Streams,
 }
 
 impl std::fmt::Debug for Session {
@@ -187,6 +206,26 @@ async fn next_frame(
         Some(pb::ServerFrame { frame: Some(f) }) => Ok(f),
         Some(_) => Err(protocol("empty frame")),
         None => Err(protocol("the server closed the session")),
+    }
+}
+
+/// [`Session::judge`] without the saving: each message's stream and
+/// membership checks, in the order given.
+fn judge(streams: &mut Streams, messages: &mut [Message], live: bool) {
+    for m in messages.iter_mut() {
+        let Ok(plain) = &m.content else { continue };
+        let verdict = streams.observe(
+            plain.sender,
+            plain.revision,
+            plain.chain.as_ref(),
+            plain.hash,
+            live,
+        );
+        if verdict.show {
+            m.warnings = verdict.warnings;
+        } else {
+            m.content = Err(ClientError::Verify(Warning::Replayed.to_string()));
+        }
     }
 }
 
@@ -270,7 +309,14 @@ impl Session {
         let server_frame::Frame::Joined(joined) = next_frame(&mut inbound).await? else {
             return Err(protocol("expected joined"));
         };
+        let device = match &options.state_beside {
+            Some(key) => Device::beside(key)?,
+            None => Device::ephemeral(),
+        };
+        let streams = device.streams(room)?;
         let mut session = Session {
+            device,
+            streams,
             room: room.clone(),
             me,
             members: Members::default(),
@@ -361,6 +407,10 @@ impl Session {
     /// Returns whether the membership moved forward.
     fn set_members(&mut self, m: &cpb::Membership) -> Result<bool, ClientError> {
         let members = Members::from_pb(m)?;
+        self.streams.saw_membership(
+            members.revision,
+            crypto::membership_hash(&self.room, members.revision, &members.recipients),
+        );
         for r in &members.recipients {
             self.keys.entry(r.handle).or_insert_with(|| r.key.clone());
         }
@@ -371,15 +421,35 @@ impl Session {
         Ok(newer)
     }
 
-    async fn send_sealed(&mut self, seq: u64, body: &[u8]) -> Result<(), ClientError> {
-        let envelope = crypto::seal(
+    /// Seals `body` as this device's next message in the room.
+    fn seal_next(&mut self, body: &[u8]) -> Result<(Envelope, Position), ClientError> {
+        let (me, room, members) = (&self.me, &self.room, &self.members);
+        self.device.seal_next(room, |position| {
+            crypto::seal_at(
+                me,
+                room,
+                members.revision,
+                &members.recipients,
+                body,
+                position,
+                crypto::now_ms(),
+            )
+        })
+    }
+
+    /// Seals `body` again at its `position` for the current membership.
+    fn reseal(&mut self, body: &[u8], position: &Position) -> Result<Envelope, ClientError> {
+        let envelope = crypto::seal_at(
             &self.me,
             &self.room,
             self.members.revision,
             &self.members.recipients,
             body,
+            position,
+            crypto::now_ms(),
         )?;
-        self.send_raw(seq, envelope.encode()).await
+        self.device.resealed(&self.room, position, &envelope)?;
+        Ok(envelope)
     }
 
     /// Seals `body` for the current members without posting it: post the
@@ -426,15 +496,29 @@ impl Session {
     pub async fn post(&mut self, body: &[u8]) -> Result<u64, ClientError> {
         let seq = self.next_seq;
         self.next_seq += 1;
-        self.send_sealed(seq, body).await?;
+        let (envelope, position) = self.seal_next(body)?;
+        self.send_raw(seq, envelope.encode()).await?;
         self.pending.insert(
             seq,
             Pending {
                 body: body.to_vec(),
                 attempts: 0,
+                position,
             },
         );
         Ok(seq)
+    }
+
+    /// Runs the stream and membership checks over messages in the order
+    /// they are shown (`live`: as delivered, else history read on
+    /// request), adds their warnings, withholds replays, and saves what
+    /// was seen.
+    ///
+    /// # Errors
+    /// The device's state file cannot be written.
+    pub fn judge(&mut self, messages: &mut [Message], live: bool) -> Result<(), ClientError> {
+        judge(&mut self.streams, messages, live);
+        self.device.save_streams(&self.room, &self.streams)
     }
 
     /// The next event, or `None` when the server ended the session
@@ -461,6 +545,9 @@ impl Session {
                     .await
                     .map_err(|e| ClientError::Crypto(format!("decryption task: {e}")))?;
                 self.decrypting = None;
+                let mut messages = messages;
+                let live = !messages.first().is_some_and(|m| m.history);
+                self.judge(&mut messages, live)?;
                 self.queued.extend(messages.into_iter().map(Event::Message));
                 continue;
             }
@@ -513,6 +600,7 @@ impl Session {
                     time_ms: item.time_ms,
                     seq: item.seq,
                     history,
+                    warnings: Vec::new(),
                 })
                 .collect::<Vec<_>>()
         }));
@@ -538,8 +626,9 @@ impl Session {
                         && pending.attempts < RESEAL_ATTEMPTS_MAX
                     {
                         pending.attempts += 1;
-                        let body = pending.body.clone();
-                        return self.send_sealed(seq, &body).await;
+                        let (body, position) = (pending.body.clone(), pending.position);
+                        let envelope = self.reseal(&body, &position)?;
+                        return self.send_raw(seq, envelope.encode()).await;
                     }
                 }
                 self.pending.remove(&seq);
@@ -579,5 +668,135 @@ impl Session {
     pub fn close_posting(&mut self) {
         let (dead, _) = mpsc::channel(1);
         self.out = dead;
+    }
+}
+
+/// A hostile server, played by the test: it relays real sealed envelopes
+/// but replays, drops, reorders, and shows two members different member
+/// lists. Bob's client runs its real checks (open, then judge) and must
+/// say what happened each time.
+#[cfg(test)]
+mod hostile_server {
+    use super::*;
+    use crate::test_keys;
+    use saferchat_envelope::sealed::Fanout;
+
+    struct Room {
+        room: RoomId,
+        alice: Identity,
+        bob: Identity,
+        device: Device,
+    }
+
+    impl Room {
+        fn new() -> Room {
+            Room {
+                room: RoomId::new("aaa").unwrap(),
+                alice: test_keys::identity(0),
+                bob: test_keys::identity(1),
+                device: Device::ephemeral(),
+            }
+        }
+
+        /// Alice's next message, sealed for `recipients` at revision 3.
+        fn alice_posts(&mut self, text: &str, recipients: &[Recipient]) -> Envelope {
+            let (alice, room) = (&self.alice, &self.room);
+            self.device
+                .seal_next(room, |p| {
+                    crypto::seal_at(alice, room, Revision(3), recipients, text.as_bytes(), p, 1)
+                })
+                .unwrap()
+                .0
+        }
+
+        /// What Bob's client makes of `delivered`, live.
+        fn bob_receives(&self, streams: &mut Streams, delivered: &[&Envelope]) -> Vec<Message> {
+            let alice_key = self.alice.public_key();
+            let mut messages: Vec<Message> = delivered
+                .iter()
+                .map(|e| Message {
+                    id: Bytes::new(),
+                    time_ms: 1,
+                    seq: 0,
+                    history: false,
+                    content: crypto::open(
+                        &self.bob,
+                        &self.room,
+                        Fanout::new(e)
+                            .sealed_for_recipient(&self.bob.handle())
+                            .unwrap(),
+                        |_| Some(alice_key.clone()),
+                    ),
+                    warnings: Vec::new(),
+                })
+                .collect();
+            judge(streams, &mut messages, true);
+            messages
+        }
+    }
+
+    fn text(m: &Message) -> String {
+        String::from_utf8(m.content.as_ref().unwrap().body.clone()).unwrap()
+    }
+
+    #[test]
+    fn replays_drops_and_reordering_are_each_reported() {
+        let mut room = Room::new();
+        let members = [Recipient::of(&room.alice), Recipient::of(&room.bob)];
+        let sent: Vec<Envelope> = ["one", "two", "three", "four"]
+            .iter()
+            .map(|t| room.alice_posts(t, &members))
+            .collect();
+        let mut streams = Streams::default();
+        // one, two, two again (replayed), four (three dropped), three (late).
+        let got = room.bob_receives(
+            &mut streams,
+            &[&sent[0], &sent[1], &sent[1], &sent[3], &sent[2]],
+        );
+        assert_eq!(
+            (text(&got[0]), got[0].warnings.clone()),
+            ("one".into(), vec![])
+        );
+        assert_eq!(
+            (text(&got[1]), got[1].warnings.clone()),
+            ("two".into(), vec![])
+        );
+        let replay = got[2].content.as_ref().unwrap_err().to_string();
+        assert!(replay.contains("replay"), "{replay}");
+        assert_eq!(text(&got[3]), "four");
+        assert_eq!(got[3].warnings, vec![Warning::Gap { missing: 1 }]);
+        assert_eq!(text(&got[4]), "three");
+        assert_eq!(got[4].warnings, vec![Warning::OutOfOrder { newest: 4 }]);
+    }
+
+    #[test]
+    fn a_ghost_member_shown_to_one_member_only_is_reported() {
+        let mut room = Room::new();
+        let carol = test_keys::identity(2);
+        // The server shows Alice a room with a ghost, Carol, at revision
+        // 3, and shows Bob the real one (Alice and Bob) at revision 3.
+        let alice_view = [
+            Recipient::of(&room.alice),
+            Recipient::of(&room.bob),
+            Recipient::of(&carol),
+        ];
+        let bob_view = [Recipient::of(&room.alice), Recipient::of(&room.bob)];
+        let mut streams = Streams::default();
+        streams.saw_membership(
+            Revision(3),
+            crypto::membership_hash(&room.room, Revision(3), &bob_view),
+        );
+        let e = room.alice_posts("for bob (and the ghost)", &alice_view);
+        let got = room.bob_receives(&mut streams, &[&e]);
+        assert_eq!(
+            got[0].warnings,
+            vec![Warning::MembershipDiffers {
+                revision: Revision(3)
+            }]
+        );
+        // With the same view on both sides, nothing to report.
+        let honest = room.alice_posts("just us", &bob_view);
+        let got = room.bob_receives(&mut streams, &[&honest]);
+        assert_eq!(got[0].warnings, vec![]);
     }
 }

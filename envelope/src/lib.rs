@@ -1,4 +1,5 @@
-//! Message envelope v1: the bytes a sender posts and a recipient receives.
+//! Message envelopes v1 and v1.1: the bytes a sender posts and a recipient
+//! receives.
 //!
 //! # Layout
 //!
@@ -6,6 +7,8 @@
 //!   validation, the [`signing_input`], and [`check_membership`], the
 //!   checks a server can make without any key;
 //! - [`merkle`]: the tree over wrapped keys whose root the sender signs;
+//! - [`chain`]: what v1.1 adds (the sender's device stream, the
+//!   membership hash, the key commitment, the OAEP label);
 //! - [`challenge`]: what a joining member signs;
 //! - [`sealed`]: what one recipient receives ([`sealed::Fanout`] builds it
 //!   on the server, [`sealed::open`] checks its structure on the client).
@@ -14,13 +17,15 @@
 //!
 //! 1. A fresh 256-bit content key and a 96-bit nonce encrypt the body once
 //!    with AES-256-GCM; the associated data is [`associated_data`] (room,
-//!    sender, revision), so a ciphertext cannot be replayed under another
-//!    header.
+//!    sender, revision; in v1.1 also the device and its sequence number),
+//!    so a ciphertext cannot be replayed under another header.
 //! 2. The content key is wrapped for every member that has a registered key
-//!    at `revision` with RSA-OAEP (SHA-256, MGF1-SHA-256, empty label);
-//!    keys are listed in handle order.
+//!    at `revision` with RSA-OAEP (SHA-256, MGF1-SHA-256; the label is
+//!    empty in v1 and [`chain::oaep_label`] in v1.1); keys are listed in
+//!    handle order.
 //! 3. Leaves `SHA-256(0x00 ‖ handle ‖ wrapped)` form an RFC 6962 tree.
-//! 4. The sender signs [`signing_input`] with RSA-PSS (SHA-256, salt 32).
+//! 4. The sender signs [`signing_input`] with RSA-PSS (SHA-256, salt 32);
+//!    in v1.1 it also covers the [`chain::Chain`].
 //!
 //! A recipient verifies the audit path and the signature against the
 //! sender's key from the room's membership (the key must hash to the
@@ -34,6 +39,7 @@
 //! limits come from `saferchat-vocabulary`, and [`check_membership`] reads
 //! a membership through that crate's [`Membership`] view.
 
+pub mod chain;
 pub mod challenge;
 pub mod merkle;
 pub mod sealed;
@@ -44,8 +50,12 @@ use saferchat_proto::envelope as pb;
 use saferchat_vocabulary::{Handle, Membership, Revision, RoomId};
 use sha2::{Digest, Sha256};
 
-/// The only envelope version this crate speaks.
+pub use chain::Chain;
+
+/// The wire version of envelope v1.
 pub const VERSION: u32 = 1;
+/// The wire version of envelope v1.1.
+pub const VERSION_1_1: u32 = 2;
 /// Largest plaintext body.
 pub const PLAINTEXT_BYTES_MAX: usize = 64 * 1024;
 /// AES-GCM authentication tag length.
@@ -63,6 +73,10 @@ pub const ENVELOPE_BYTES_MAX: usize = 512 * 1024;
 const SIGNING_DOMAIN: &[u8] = b"saferchat/envelope/v1\0";
 /// Domain separation for AES-GCM associated data.
 const AAD_DOMAIN: &[u8] = b"saferchat/body/v1\0";
+/// The same, for v1.1.
+const SIGNING_DOMAIN_1_1: &[u8] = b"saferchat/envelope/v1.1\0";
+/// The same, for v1.1.
+const AAD_DOMAIN_1_1: &[u8] = b"saferchat/body/v1.1\0";
 
 /// Why bytes are not a valid v1 envelope.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
@@ -74,8 +88,11 @@ pub enum EnvelopeError {
     #[error("envelope does not decode: {0}")]
     Decode(String),
     /// A version this build does not speak.
-    #[error("unsupported envelope version {0} (this server speaks {VERSION})")]
+    #[error("unsupported envelope version {0} (this build speaks {VERSION} and {VERSION_1_1})")]
     Version(u32),
+    /// A v1.1 field is malformed, or a v1 envelope carries one.
+    #[error("envelope {0}")]
+    Chain(&'static str),
     /// The room name is invalid.
     #[error("envelope room: {0}")]
     Room(saferchat_vocabulary::ParseError),
@@ -142,6 +159,80 @@ pub struct Envelope {
     pub keys: Vec<WrappedKey>,
     /// RSA-PSS signature over [`signing_input`].
     pub signature: Bytes,
+    /// v1.1: the sender's stream, membership hash and key commitment;
+    /// `None` for v1.
+    pub chain: Option<Chain>,
+}
+
+/// The v1.1 fields as they arrive, before [`parse_chain`].
+pub(crate) struct WireChain<'a> {
+    pub(crate) device: &'a [u8],
+    pub(crate) seq: u64,
+    pub(crate) prev: &'a [u8],
+    pub(crate) sent_at_ms: u64,
+    pub(crate) membership: &'a [u8],
+    pub(crate) key_commitment: &'a [u8],
+}
+
+/// The v1.1 fields of a `pb::Envelope` or `pb::Sealed` (the same names in
+/// both messages) as a [`WireChain`].
+macro_rules! wire_chain {
+    ($wire:expr) => {
+        $crate::WireChain {
+            device: &$wire.device,
+            seq: $wire.device_seq,
+            prev: &$wire.prev_hash,
+            sent_at_ms: $wire.sent_at_ms,
+            membership: &$wire.membership_hash,
+            key_commitment: &$wire.key_commitment,
+        }
+    };
+}
+pub(crate) use wire_chain;
+
+/// The chain of a `version` envelope: none in v1 (where every v1.1 field
+/// must be absent), checked in v1.1.
+pub(crate) fn parse_chain(version: u32, w: &WireChain<'_>) -> Result<Option<Chain>, EnvelopeError> {
+    if version != VERSION && version != VERSION_1_1 {
+        return Err(EnvelopeError::Version(version));
+    }
+    if version == VERSION {
+        let absent = w.device.is_empty()
+            && w.seq == 0
+            && w.prev.is_empty()
+            && w.sent_at_ms == 0
+            && w.membership.is_empty()
+            && w.key_commitment.is_empty();
+        return if absent {
+            Ok(None)
+        } else {
+            Err(EnvelopeError::Chain("v1 carries v1.1 fields"))
+        };
+    }
+    let device = w
+        .device
+        .try_into()
+        .map_err(|_| EnvelopeError::Chain("device must be 16 bytes"))?;
+    let hash = |bytes: &[u8], what| -> Result<chain::Hash, EnvelopeError> {
+        bytes.try_into().map_err(|_| EnvelopeError::Chain(what))
+    };
+    let prev = hash(w.prev, "prev_hash must be 32 bytes")?;
+    if w.seq == 0 {
+        return Err(EnvelopeError::Chain("device_seq starts at 1"));
+    }
+    if (w.seq == 1) != (prev == chain::NO_PREVIOUS) {
+        return Err(EnvelopeError::Chain(
+            "prev_hash is 32 zero bytes exactly when device_seq is 1",
+        ));
+    }
+    Ok(Some(Chain {
+        device,
+        seq: w.seq,
+        prev,
+        sent_at_ms: w.sent_at_ms,
+        membership: hash(w.membership, "membership_hash must be 32 bytes")?,
+        key_commitment: hash(w.key_commitment, "key_commitment must be 32 bytes")?,
+    }))
 }
 
 fn check_rsa_len(bytes: &[u8], what: &'static str) -> Result<(), EnvelopeError> {
@@ -166,7 +257,7 @@ pub(crate) fn check_header(
     ciphertext: &[u8],
     signature: &[u8],
 ) -> Result<(RoomId, Handle, [u8; NONCE_BYTES]), EnvelopeError> {
-    if version != VERSION {
+    if version != VERSION && version != VERSION_1_1 {
         return Err(EnvelopeError::Version(version));
     }
     let room = RoomId::new(room).map_err(EnvelopeError::Room)?;
@@ -193,6 +284,7 @@ impl Envelope {
             return Err(EnvelopeError::TooLarge(bytes.len()));
         }
         let wire = pb::Envelope::decode(bytes).map_err(|e| EnvelopeError::Decode(e.to_string()))?;
+        let chain = parse_chain(wire.version, &wire_chain!(wire))?;
         let (room, sender, nonce) = check_header(
             wire.version,
             &wire.room,
@@ -230,13 +322,39 @@ impl Envelope {
             ciphertext: wire.ciphertext,
             keys,
             signature: wire.signature,
+            chain,
         })
+    }
+
+    /// The wire version: [`VERSION`] or [`VERSION_1_1`].
+    pub fn version(&self) -> u32 {
+        if self.chain.is_some() {
+            VERSION_1_1
+        } else {
+            VERSION
+        }
     }
 
     /// Encodes the envelope.
     pub fn encode(&self) -> Bytes {
+        let chain = self.chain.unwrap_or(Chain {
+            device: [0; chain::DEVICE_BYTES],
+            seq: 0,
+            prev: [0; 32],
+            sent_at_ms: 0,
+            membership: [0; 32],
+            key_commitment: [0; 32],
+        });
+        let v1_1 = self.chain.is_some();
+        let bytes = |b: &[u8]| {
+            if v1_1 {
+                Bytes::copy_from_slice(b)
+            } else {
+                Bytes::new()
+            }
+        };
         let wire = pb::Envelope {
-            version: VERSION,
+            version: self.version(),
             room: self.room.to_string(),
             sender: self.sender.to_string(),
             revision: self.revision.0,
@@ -251,6 +369,12 @@ impl Envelope {
                 })
                 .collect(),
             signature: self.signature.clone(),
+            device: bytes(&chain.device),
+            device_seq: chain.seq,
+            prev_hash: bytes(&chain.prev),
+            sent_at_ms: chain.sent_at_ms,
+            membership_hash: bytes(&chain.membership),
+            key_commitment: bytes(&chain.key_commitment),
         };
         Bytes::from(wire.encode_to_vec())
     }
@@ -275,6 +399,7 @@ impl Envelope {
             &self.ciphertext,
             self.keys.len(),
             &self.key_tree().root(),
+            self.chain.as_ref(),
         )
     }
 }
@@ -282,13 +407,17 @@ impl Envelope {
 /// The bytes an envelope's RSA-PSS signature covers:
 ///
 /// ```text
-/// "saferchat/envelope/v1\0"
+/// "saferchat/envelope/v1\0"   (v1.1: "saferchat/envelope/v1.1\0")
 /// ‖ u16 len ‖ room ‖ sender handle (32 bytes) ‖ u64 revision
 /// ‖ nonce (12) ‖ SHA-256(ciphertext) ‖ u32 key count ‖ Merkle root (32)
+/// v1.1 only:
+/// ‖ device (16) ‖ u64 device_seq ‖ prev_hash (32) ‖ u64 sent_at_ms
+/// ‖ membership_hash (32) ‖ key_commitment (32)
 /// ```
 ///
 /// Integers are big-endian. Everything that identifies the message is
 /// covered; the wrapped keys through the root.
+#[allow(clippy::too_many_arguments)] // each is one field of the layout above
 pub fn signing_input(
     room: &RoomId,
     sender: &Handle,
@@ -297,17 +426,16 @@ pub fn signing_input(
     ciphertext: &[u8],
     key_count: usize,
     root: &merkle::Hash,
+    chain: Option<&Chain>,
 ) -> Vec<u8> {
-    let room = room.as_str().as_bytes();
     let mut out =
-        Vec::with_capacity(SIGNING_DOMAIN.len() + 2 + room.len() + 32 + 8 + 12 + 32 + 4 + 32);
-    out.extend_from_slice(SIGNING_DOMAIN);
-    out.extend_from_slice(
-        &u16::try_from(room.len())
-            .expect("room names are short")
-            .to_be_bytes(),
-    );
-    out.extend_from_slice(room);
+        Vec::with_capacity(SIGNING_DOMAIN_1_1.len() + 2 + 64 + 32 + 8 + 12 + 32 + 4 + 32 + 160);
+    out.extend_from_slice(if chain.is_some() {
+        SIGNING_DOMAIN_1_1
+    } else {
+        SIGNING_DOMAIN
+    });
+    chain::put_room(&mut out, room);
     out.extend_from_slice(sender.as_bytes());
     out.extend_from_slice(&revision.0.to_be_bytes());
     out.extend_from_slice(nonce);
@@ -318,23 +446,44 @@ pub fn signing_input(
             .to_be_bytes(),
     );
     out.extend_from_slice(root);
+    if let Some(c) = chain {
+        out.extend_from_slice(&c.device);
+        out.extend_from_slice(&c.seq.to_be_bytes());
+        out.extend_from_slice(&c.prev);
+        out.extend_from_slice(&c.sent_at_ms.to_be_bytes());
+        out.extend_from_slice(&c.membership);
+        out.extend_from_slice(&c.key_commitment);
+    }
     out
 }
 
 /// The AES-GCM associated data of a body: binds the ciphertext to its
-/// room, sender and revision.
-pub fn associated_data(room: &RoomId, sender: &Handle, revision: Revision) -> Vec<u8> {
-    let room = room.as_str().as_bytes();
-    let mut out = Vec::with_capacity(AAD_DOMAIN.len() + 2 + room.len() + 32 + 8);
-    out.extend_from_slice(AAD_DOMAIN);
-    out.extend_from_slice(
-        &u16::try_from(room.len())
-            .expect("room names are short")
-            .to_be_bytes(),
-    );
-    out.extend_from_slice(room);
+/// room, sender and revision, and in v1.1 to its place in the sender's
+/// stream:
+///
+/// ```text
+/// "saferchat/body/v1\0" ‖ u16 len ‖ room ‖ sender (32) ‖ u64 revision
+/// v1.1: "saferchat/body/v1.1\0" ‖ … the same … ‖ device (16) ‖ u64 device_seq
+/// ```
+pub fn associated_data(
+    room: &RoomId,
+    sender: &Handle,
+    revision: Revision,
+    chain: Option<&Chain>,
+) -> Vec<u8> {
+    let mut out = Vec::with_capacity(AAD_DOMAIN_1_1.len() + 2 + 64 + 32 + 8 + 24);
+    out.extend_from_slice(if chain.is_some() {
+        AAD_DOMAIN_1_1
+    } else {
+        AAD_DOMAIN
+    });
+    chain::put_room(&mut out, room);
     out.extend_from_slice(sender.as_bytes());
     out.extend_from_slice(&revision.0.to_be_bytes());
+    if let Some(c) = chain {
+        out.extend_from_slice(&c.device);
+        out.extend_from_slice(&c.seq.to_be_bytes());
+    }
     out
 }
 
@@ -450,6 +599,21 @@ pub(crate) mod tests {
                 })
                 .collect(),
             signature: Bytes::from(vec![5u8; 256]),
+            chain: Some(Chain {
+                device: [4; chain::DEVICE_BYTES],
+                seq: 5,
+                prev: [6; 32],
+                sent_at_ms: 1_700_000_000_000,
+                membership: [7; 32],
+                key_commitment: [8; 32],
+            }),
+        }
+    }
+
+    pub(crate) fn sample_v1(recipients: &[Handle]) -> Envelope {
+        Envelope {
+            chain: None,
+            ..sample(recipients)
         }
     }
 
@@ -490,7 +654,41 @@ pub(crate) mod tests {
     #[test]
     fn encode_decode_round_trip() {
         let e = sample(&[handle(1), handle(2), handle(3)]);
+        assert_eq!(e.version(), VERSION_1_1);
         assert_eq!(Envelope::decode(e.encode()), Ok(e));
+        let v1 = sample_v1(&[handle(1), handle(2), handle(3)]);
+        assert_eq!(v1.version(), VERSION);
+        assert_eq!(Envelope::decode(v1.encode()), Ok(v1));
+    }
+
+    #[test]
+    fn v1_1_fields_are_checked_and_v1_carries_none() {
+        let good = sample(&[handle(1), handle(2)]);
+        let wire = pb::Envelope::decode(good.encode()).unwrap();
+        let check = |w: &pb::Envelope| Envelope::decode(Bytes::from(w.encode_to_vec()));
+        let refused = |w: &pb::Envelope| matches!(check(w), Err(EnvelopeError::Chain(_)));
+        let mut w = wire.clone();
+        w.device = Bytes::from_static(b"short");
+        assert!(refused(&w));
+        let mut w = wire.clone();
+        w.device_seq = 0;
+        assert!(refused(&w));
+        let mut w = wire.clone();
+        w.device_seq = 1;
+        assert!(refused(&w), "seq 1 names no previous message");
+        w.prev_hash = Bytes::from(vec![0; 32]);
+        assert!(check(&w).is_ok());
+        w.device_seq = 2;
+        assert!(refused(&w), "only seq 1 has no previous message");
+        let mut w = wire.clone();
+        w.membership_hash = Bytes::new();
+        assert!(refused(&w));
+        let mut w = wire.clone();
+        w.key_commitment = Bytes::from(vec![1; 31]);
+        assert!(refused(&w));
+        let mut w = wire.clone();
+        w.version = VERSION;
+        assert!(refused(&w), "a v1 envelope with v1.1 fields");
     }
 
     #[test]
@@ -513,8 +711,8 @@ pub(crate) mod tests {
         let check = |w: &pb::Envelope| Envelope::decode(Bytes::from(w.encode_to_vec()));
 
         let mut w = wire.clone();
-        w.version = 2;
-        assert_eq!(check(&w), Err(EnvelopeError::Version(2)));
+        w.version = 3;
+        assert_eq!(check(&w), Err(EnvelopeError::Version(3)));
         let mut w = wire.clone();
         w.room = "bad room".into();
         assert!(matches!(check(&w), Err(EnvelopeError::Room(_))));
@@ -582,9 +780,29 @@ pub(crate) mod tests {
         let mut v = e.clone();
         v.keys.pop();
         variants.push(v);
+        let chained = |f: fn(&mut Chain)| {
+            let mut v = e.clone();
+            f(v.chain.as_mut().unwrap());
+            v
+        };
+        variants.push(chained(|c| c.device[0] ^= 1));
+        variants.push(chained(|c| c.seq += 1));
+        variants.push(chained(|c| c.prev[0] ^= 1));
+        variants.push(chained(|c| c.sent_at_ms += 1));
+        variants.push(chained(|c| c.membership[0] ^= 1));
+        variants.push(chained(|c| c.key_commitment[0] ^= 1));
+        variants.push(Envelope {
+            chain: None,
+            ..e.clone()
+        });
         for v in variants {
             assert_ne!(v.signing_input(), base);
         }
+        let chain = e.chain.as_ref();
+        assert_ne!(
+            associated_data(&e.room, &e.sender, e.revision, chain),
+            associated_data(&e.room, &e.sender, e.revision, None)
+        );
     }
 
     #[test]

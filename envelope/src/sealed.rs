@@ -10,7 +10,10 @@ use base64::Engine as _;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 
 use crate::merkle::{self, Hash, PATH_HASHES_MAX};
-use crate::{Envelope, EnvelopeError, NONCE_BYTES, WrappedKey, check_header, signing_input};
+use crate::{
+    Chain, Envelope, EnvelopeError, NONCE_BYTES, WrappedKey, check_header, parse_chain,
+    signing_input, wire_chain,
+};
 
 /// Precomputed per-message state for delivering one envelope to many
 /// recipients cheaply.
@@ -29,8 +32,15 @@ pub struct Fanout {
 impl Fanout {
     /// Prepares the fan-out of a validated envelope.
     pub fn new(envelope: &Envelope) -> Fanout {
+        let chain = envelope.chain;
+        let field = |f: fn(&crate::Chain) -> &[u8]| {
+            chain
+                .as_ref()
+                .map(|c| Bytes::copy_from_slice(f(c)))
+                .unwrap_or_default()
+        };
         let shared = pb::Sealed {
-            version: crate::VERSION,
+            version: envelope.version(),
             room: envelope.room.to_string(),
             sender: envelope.sender.to_string(),
             revision: envelope.revision.0,
@@ -38,6 +48,12 @@ impl Fanout {
             ciphertext: envelope.ciphertext.clone(),
             signature: envelope.signature.clone(),
             key_count: u32::try_from(envelope.keys.len()).expect("bounded key count"),
+            device: field(|c| &c.device),
+            device_seq: chain.map_or(0, |c| c.seq),
+            prev_hash: field(|c| &c.prev),
+            sent_at_ms: chain.map_or(0, |c| c.sent_at_ms),
+            membership_hash: field(|c| &c.membership),
+            key_commitment: field(|c| &c.key_commitment),
             ..pb::Sealed::default()
         };
         Fanout {
@@ -135,6 +151,8 @@ pub struct Opened {
     /// What the signature must verify over, with the root recomputed from
     /// this recipient's leaf and audit path.
     pub signing_input: Vec<u8>,
+    /// v1.1: the sender's stream, membership hash and key commitment.
+    pub chain: Option<Chain>,
 }
 
 /// Decodes a sealed envelope meant for `me` and recomputes what its
@@ -146,6 +164,7 @@ pub struct Opened {
 /// key is for someone else, or the audit path does not fit.
 pub fn open(bytes: Bytes, me: &Handle) -> Result<Opened, EnvelopeError> {
     let wire = pb::Sealed::decode(bytes).map_err(|e| EnvelopeError::Decode(e.to_string()))?;
+    let chain = parse_chain(wire.version, &wire_chain!(wire))?;
     let (room, sender, nonce) = check_header(
         wire.version,
         &wire.room,
@@ -195,6 +214,7 @@ pub fn open(bytes: Bytes, me: &Handle) -> Result<Opened, EnvelopeError> {
         &wire.ciphertext,
         count,
         &root,
+        chain.as_ref(),
     );
     Ok(Opened {
         room,
@@ -205,24 +225,31 @@ pub fn open(bytes: Bytes, me: &Handle) -> Result<Opened, EnvelopeError> {
         wrapped: key.wrapped,
         signature: wire.signature,
         signing_input,
+        chain,
     })
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::tests::{handle, sample};
+    use crate::tests::{handle, sample, sample_v1};
 
     #[test]
     fn every_recipient_recomputes_the_signed_input() {
         let recipients: Vec<_> = (1..=13).map(handle).collect();
-        let envelope = sample(&recipients);
+        for envelope in [sample(&recipients), sample_v1(&recipients)] {
+            every_recipient_recomputes(&recipients, &envelope);
+        }
+    }
+
+    fn every_recipient_recomputes(recipients: &[Handle], envelope: &Envelope) {
         let expected = envelope.signing_input();
-        let fanout = Fanout::new(&envelope);
-        for r in &recipients {
+        let fanout = Fanout::new(envelope);
+        for r in recipients {
             let sealed = fanout.sealed_for_recipient(r).unwrap();
             let opened = open(sealed, r).unwrap();
             assert_eq!(opened.signing_input, expected);
+            assert_eq!(opened.chain, envelope.chain);
             assert_eq!(opened.sender, envelope.sender);
             assert_eq!(opened.ciphertext, envelope.ciphertext);
             let i = fanout.index_of(r).unwrap();
@@ -242,8 +269,9 @@ mod tests {
             let fanout = Fanout::new(&envelope);
             for (i, k) in envelope.keys.iter().enumerate() {
                 let ours = pb::Sealed::decode(fanout.sealed_for(i)).unwrap();
+                let chain = envelope.chain.unwrap();
                 let expected = pb::Sealed {
-                    version: crate::VERSION,
+                    version: crate::VERSION_1_1,
                     room: envelope.room.to_string(),
                     sender: envelope.sender.to_string(),
                     revision: envelope.revision.0,
@@ -262,6 +290,12 @@ mod tests {
                         .into_iter()
                         .map(|h| Bytes::copy_from_slice(&h))
                         .collect(),
+                    device: Bytes::copy_from_slice(&chain.device),
+                    device_seq: chain.seq,
+                    prev_hash: Bytes::copy_from_slice(&chain.prev),
+                    sent_at_ms: chain.sent_at_ms,
+                    membership_hash: Bytes::copy_from_slice(&chain.membership),
+                    key_commitment: Bytes::copy_from_slice(&chain.key_commitment),
                 };
                 assert_eq!(ours, expected, "n={n} i={i}");
             }

@@ -24,12 +24,7 @@ fn code_of(e: &ClientError) -> Code {
 }
 
 fn recipients(ids: &[&Arc<Identity>]) -> Vec<Recipient> {
-    ids.iter()
-        .map(|id| Recipient {
-            handle: id.handle(),
-            key: id.public_key(),
-        })
-        .collect()
+    ids.iter().map(|id| Recipient::of(id)).collect()
 }
 
 async fn post_until_result(session: &mut Session, body: &[u8]) -> Event {

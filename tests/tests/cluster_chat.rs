@@ -648,10 +648,7 @@ async fn a_client_that_follows_no_redirect_chats_through_a_relaying_node() {
         Revision(joined.revision),
         &[&alice_id, &bob]
             .iter()
-            .map(|id| Recipient {
-                handle: id.handle(),
-                key: id.public_key(),
-            })
+            .map(|id| Recipient::of(id))
             .collect::<Vec<_>>(),
         b"from bob, relayed",
     )

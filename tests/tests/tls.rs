@@ -63,6 +63,16 @@ fn two_users_chat_over_tls_to_a_pinned_self_signed_node_and_the_pin_survives_a_r
         &pin,
     ));
     assert!(sent.starts_with("sent "), "{sent}");
+    // A second process with Alice's key: the same device, message 2,
+    // naming message 1 (state beside the key file).
+    ok(&cli_with_env(
+        &server,
+        Some(&alice),
+        &["send", "team", "and", "again"],
+        None,
+        &pin,
+    ));
+    assert!(alice.with_extension("pem.state").join("device").exists());
 
     node.stop();
     node.restart();
@@ -80,7 +90,7 @@ fn two_users_chat_over_tls_to_a_pinned_self_signed_node_and_the_pin_survives_a_r
     );
     let shown = ok(&history);
     assert!(
-        shown.contains("over tls"),
+        shown.contains("over tls") && shown.contains("and again") && !shown.contains("!!"),
         "{shown}\n{}",
         String::from_utf8_lossy(&history.stderr)
     );

@@ -123,6 +123,7 @@ fn envelopes(room: &RoomId, members: usize) -> anyhow::Result<Vec<Bytes>> {
             Recipient {
                 handle,
                 key: id.public_key(),
+                der: id.public_der().clone(),
             }
         })
         .collect();
