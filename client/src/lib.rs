@@ -3,9 +3,13 @@
 //! # Layout
 //!
 //! - [`keys`]: a user's RSA-2048 identity, its handle and key file.
-//! - [`crypto`]: sealing a message for every member (envelope v1) and
-//!   opening one: verify, unwrap, decrypt — in that order.
+//! - [`crypto`]: sealing a message for every member (envelope v1.1) and
+//!   opening one: verify, unwrap, check the key commitment, decrypt — in
+//!   that order.
 //! - [`session`]: joining a room and talking in it.
+//! - [`streams`]: a recipient's checks on each sender device's stream
+//!   (gaps, replays, reordering, forks, differing member lists).
+//! - [`device`]: this installation's device id and state, beside the key.
 //! - [`admin`]: the admin face.
 //! - [`history`]: stored messages through the History call.
 //! - [`connect`]: channels and redirects.

@@ -516,6 +516,17 @@ async fn empty_oversized_and_garbage_envelopes_are_refused_and_the_session_goes_
             .contains("larger than")
     );
 
+    // A v1.1 envelope whose first message names a previous one.
+    let mut forked = seal(alice, &room, revision, &recipients(&[alice]), b"x").expect("seal");
+    forked.chain.as_mut().expect("v1.1").prev = [1; 32];
+    raw.post(5, forked.encode()).await;
+    let r = raw.result().await;
+    let refused = rejected(&r).expect("a malformed chain is rejected");
+    assert!(
+        refused.code == Code::InvalidArgument as i32 && refused.message.contains("prev_hash"),
+        "{refused:?}"
+    );
+
     // A frame far above the gRPC message limit ends the stream with a
     // clear status instead of being buffered.
     raw.post(4, Bytes::from(vec![7u8; 4 * 1024 * 1024])).await;
