@@ -19,7 +19,7 @@ use std::fs;
 use std::io::Write as _;
 use std::path::{Path, PathBuf};
 
-use saferchat_consensus::RoomId;
+use saferchat_consensus::{Handle, RoomId};
 use saferchat_envelope::Envelope;
 use saferchat_envelope::chain::{self, DEVICE_BYTES, NO_PREVIOUS};
 use serde::{Deserialize, Serialize};
@@ -43,6 +43,8 @@ pub struct Device {
     id: [u8; DEVICE_BYTES],
     dir: Option<PathBuf>,
     sent: HashMap<RoomId, Seen>,
+    /// Keys seen, for an ephemeral device.
+    contacts: HashMap<String, String>,
 }
 
 fn state_error(path: &Path, e: impl std::fmt::Display) -> ClientError {
@@ -81,6 +83,7 @@ impl Device {
             id: rand::random(),
             dir: None,
             sent: HashMap::new(),
+            contacts: HashMap::new(),
         }
     }
 
@@ -119,6 +122,7 @@ impl Device {
             id,
             dir: Some(dir),
             sent: HashMap::new(),
+            contacts: HashMap::new(),
         })
     }
 
@@ -225,6 +229,47 @@ impl Device {
                 },
             );
         }
+    }
+
+    /// Of `keys` (handle and key fingerprint), those this device never saw
+    /// before in any room; remembers them (`KEY.state/contacts.json`).
+    ///
+    /// # Errors
+    /// A state file that cannot be read or written.
+    pub fn first_seen(
+        &mut self,
+        keys: &[(Handle, String)],
+    ) -> Result<Vec<(Handle, String)>, ClientError> {
+        let Some(dir) = self.dir.clone() else {
+            return Ok(Self::add_contacts(&mut self.contacts, keys));
+        };
+        let path = dir.join("contacts.json");
+        let _lock = Self::lock_dir(&dir)?;
+        let mut known: HashMap<String, String> = match fs::read(&path) {
+            Ok(bytes) => serde_json::from_slice(&bytes).map_err(|e| state_error(&path, e))?,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => HashMap::new(),
+            Err(e) => return Err(state_error(&path, e)),
+        };
+        let new = Self::add_contacts(&mut known, keys);
+        if !new.is_empty() {
+            let bytes = serde_json::to_vec_pretty(&known).expect("contacts serialize");
+            replace(&path, &bytes)?;
+        }
+        Ok(new)
+    }
+
+    fn add_contacts(
+        known: &mut HashMap<String, String>,
+        keys: &[(Handle, String)],
+    ) -> Vec<(Handle, String)> {
+        keys.iter()
+            .filter(|(handle, fingerprint)| {
+                known
+                    .insert(handle.to_string(), fingerprint.clone())
+                    .is_none()
+            })
+            .cloned()
+            .collect()
     }
 
     /// The streams of `room` as saved (empty for an ephemeral device).

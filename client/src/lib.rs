@@ -10,6 +10,7 @@
 //! - [`streams`]: a recipient's checks on each sender device's stream
 //!   (gaps, replays, reordering, forks, differing member lists).
 //! - [`device`]: this installation's device id and state, beside the key.
+//! - [`verify`]: safety numbers and room fingerprints to compare out of band.
 //! - [`admin`]: the admin face.
 //! - [`history`]: stored messages through the History call.
 //! - [`connect`]: channels and redirects.
@@ -29,6 +30,7 @@ pub mod session;
 pub mod streams;
 #[cfg(any(test, feature = "test-keys"))]
 pub mod test_keys;
+pub mod verify;
 
 pub use error::ClientError;
 pub use keys::Identity;

@@ -15,6 +15,8 @@ use saferchat_client::admin::Admin;
 use saferchat_client::connect::Trust;
 use saferchat_client::history::{self, Query};
 use saferchat_client::keys::{KeyFile, Protection};
+use saferchat_client::session::MembershipChange;
+use saferchat_client::verify;
 use saferchat_client::{ClientError, Event, Identity, JoinOptions, Message, Session};
 use saferchat_consensus::RoomId;
 use saferchat_vocabulary::CertificateFingerprint;
@@ -124,6 +126,13 @@ enum Command {
     },
     /// Members of a room you belong to, with key fingerprints.
     Members {
+        /// Room name.
+        room: String,
+    },
+    /// Numbers to compare out of band: the room's fingerprint (members at
+    /// the same revision who see the same digits were shown the same
+    /// members and keys) and your safety number with each member.
+    Verify {
         /// Room name.
         room: String,
     },
@@ -238,6 +247,17 @@ fn passphrase_to_write(
     Ok(Some(passphrase))
 }
 
+/// Joins `room` for a one-shot command: no history, with this key's
+/// device state.
+async fn join_once(cli: &Cli, room: &RoomId, id: Arc<Identity>) -> anyhow::Result<Session> {
+    let options = JoinOptions {
+        no_history: true,
+        state_beside: Some(key_path(cli)),
+        ..JoinOptions::default()
+    };
+    Ok(Session::join(&cli.server, room, id, &options).await?)
+}
+
 /// The key file: `--key`, else the default path.
 fn key_path(cli: &Cli) -> PathBuf {
     cli.key.clone().unwrap_or_else(default_key_path)
@@ -272,6 +292,35 @@ fn short(handle: &saferchat_consensus::Handle) -> String {
 
 fn id_text(id: &[u8]) -> String {
     uuid::Uuid::from_slice(id).map_or_else(|_| "?".into(), |u| u.to_string())
+}
+
+/// A membership change, member by member, with key fingerprints.
+fn print_change(change: &MembershipChange, room: &RoomId) {
+    let revision = change.revision;
+    eprintln!("membership changed (revision {revision})");
+    for (handle, fingerprint) in &change.added {
+        if fingerprint.is_empty() {
+            eprintln!("  added {handle} at revision {revision} (has not joined yet)");
+        } else {
+            eprintln!("  added {handle} ({fingerprint}) at revision {revision}");
+        }
+    }
+    for handle in &change.removed {
+        eprintln!("  removed {handle} at revision {revision}");
+    }
+    for (handle, fingerprint) in &change.keyed {
+        eprintln!("  {handle} joined with key {fingerprint}");
+    }
+    print_first_seen(&change.first_seen, room);
+}
+
+/// Keys this device sees for the first time.
+fn print_first_seen(keys: &[(saferchat_consensus::Handle, String)], room: &RoomId) {
+    for (handle, fingerprint) in keys {
+        eprintln!(
+            "!! new key: {handle} ({fingerprint}); compare it with its owner (saferchat verify {room})"
+        );
+    }
 }
 
 /// How far the sender's signed clock may be from the server's before
@@ -427,12 +476,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 );
             }
             let id = identity(&cli)?;
-            let options = JoinOptions {
-                no_history: true,
-                state_beside: Some(key_path(&cli)),
-                ..JoinOptions::default()
-            };
-            let mut session = Session::join(&cli.server, &room, id, &options).await?;
+            let mut session = join_once(&cli, &room, id).await?;
             let seq = session.post(body.as_bytes()).await?;
             loop {
                 match session.next().await? {
@@ -470,12 +514,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         } => {
             let room = room(name)?;
             let id = identity(&cli)?;
-            let options = JoinOptions {
-                no_history: true,
-                state_beside: Some(key_path(&cli)),
-                ..JoinOptions::default()
-            };
-            let mut session = Session::join(&cli.server, &room, Arc::clone(&id), &options).await?;
+            let mut session = join_once(&cli, &room, Arc::clone(&id)).await?;
             let parse = |s: &Option<String>| -> anyhow::Result<Option<Bytes>> {
                 s.as_deref()
                     .map(|t| uuid::Uuid::parse_str(t).map(|u| Bytes::copy_from_slice(u.as_bytes())))
@@ -499,12 +538,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Members { room: name } => {
             let room = room(name)?;
             let id = identity(&cli)?;
-            let options = JoinOptions {
-                no_history: true,
-                state_beside: Some(key_path(&cli)),
-                ..JoinOptions::default()
-            };
-            let session = Session::join(&cli.server, &room, id, &options).await?;
+            let session = join_once(&cli, &room, id).await?;
             let members = session.members();
             println!("room {room} at revision {}", members.revision);
             for (handle, fingerprint) in &members.all {
@@ -514,6 +548,43 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                     fingerprint.as_str()
                 };
                 println!("  {handle}  {shown}");
+            }
+        }
+        Command::Verify { room: name } => {
+            let room = room(name)?;
+            let id = identity(&cli)?;
+            let mut session = join_once(&cli, &room, Arc::clone(&id)).await?;
+            print_first_seen(&session.take_first_seen(), &room);
+            let members = session.members();
+            println!("room {room} at revision {}", members.revision);
+            println!(
+                "room fingerprint: {}",
+                verify::room_fingerprint(&room, members.revision, &members.recipients)
+            );
+            println!(
+                "  (the same digits for another member at revision {}: you were both shown the same members and keys)",
+                members.revision
+            );
+            println!("safety numbers (compare each with that person, in person or on a call):");
+            let me = (&id.handle(), id.public_der().as_ref());
+            for r in &members.recipients {
+                if r.handle == id.handle() {
+                    continue;
+                }
+                println!(
+                    "  {}  {}",
+                    r.handle,
+                    saferchat_vocabulary::fingerprint_of(&r.der)
+                );
+                println!(
+                    "    {}",
+                    verify::safety_number(me, (&r.handle, r.der.as_ref()))
+                );
+            }
+            for (handle, fingerprint) in &members.all {
+                if fingerprint.is_empty() {
+                    println!("  {handle}  (has not joined yet: no key to verify)");
+                }
             }
         }
         Command::Admin {
@@ -606,6 +677,7 @@ async fn chat(cli: &Cli, room: RoomId, recent: u32) -> anyhow::Result<()> {
         session.members().recipients.len(),
         session.members().revision
     );
+    print_first_seen(&session.take_first_seen(), &room);
     let mut lines = tokio::io::BufReader::new(tokio::io::stdin()).lines();
     let mut stdin_open = true;
     let mut unacknowledged = 0usize;
@@ -646,7 +718,7 @@ async fn chat(cli: &Cli, room: RoomId, recent: u32) -> anyhow::Result<()> {
                     unacknowledged = unacknowledged.saturating_sub(1);
                     eprintln!("not sent ({}): {message}", saferchat_client::error::code_name(code));
                 }
-                Some(Event::Membership(revision)) => eprintln!("membership changed (revision {revision})"),
+                Some(Event::Membership(change)) => print_change(&change, &room),
                 None => bail!("the server closed the session"),
             },
         }

@@ -28,6 +28,7 @@ use crate::error::ClientError;
 use crate::keys::Identity;
 use crate::streams::{Streams, Warning};
 use saferchat_envelope::Envelope;
+use saferchat_vocabulary::fingerprint_of;
 
 /// How often a post is re-sealed for a newer membership before giving up.
 const RESEAL_ATTEMPTS_MAX: u32 = 3;
@@ -61,6 +62,34 @@ pub struct Members {
 }
 
 impl Members {
+    /// What changed from `self` to `newer`.
+    pub fn changes_to(&self, newer: &Members) -> MembershipChange {
+        let before: HashMap<Handle, &String> = self.all.iter().map(|(h, f)| (*h, f)).collect();
+        let after: HashMap<Handle, &String> = newer.all.iter().map(|(h, f)| (*h, f)).collect();
+        MembershipChange {
+            revision: newer.revision,
+            added: newer
+                .all
+                .iter()
+                .filter(|(h, _)| !before.contains_key(h))
+                .cloned()
+                .collect(),
+            removed: self
+                .all
+                .iter()
+                .filter(|(h, _)| !after.contains_key(h))
+                .map(|(h, _)| *h)
+                .collect(),
+            keyed: newer
+                .all
+                .iter()
+                .filter(|(h, f)| !f.is_empty() && before.get(h).is_some_and(|old| old.is_empty()))
+                .cloned()
+                .collect(),
+            first_seen: Vec::new(),
+        }
+    }
+
     /// Checks a membership from the server.
     ///
     /// # Errors
@@ -84,7 +113,13 @@ impl Members {
                     der: member.public_key.clone(),
                 });
             }
-            members.all.push((handle, member.fingerprint.clone()));
+            // The fingerprint is computed here, not taken from the server.
+            let fingerprint = if member.public_key.is_empty() {
+                String::new()
+            } else {
+                fingerprint_of(&member.public_key)
+            };
+            members.all.push((handle, fingerprint));
         }
         Ok(members)
     }
@@ -120,7 +155,23 @@ pub enum Event {
         message: String,
     },
     /// The membership changed.
-    Membership(Revision),
+    Membership(MembershipChange),
+}
+
+/// How a room's membership moved between two revisions this session saw.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct MembershipChange {
+    /// The new revision.
+    pub revision: Revision,
+    /// New members, with their key fingerprint (empty until they join).
+    pub added: Vec<(Handle, String)>,
+    /// Members no longer in the room.
+    pub removed: Vec<Handle>,
+    /// Members who registered their key (joined for the first time).
+    pub keyed: Vec<(Handle, String)>,
+    /// Keys this device had never seen, in any room: compare them with
+    /// their owners.
+    pub first_seen: Vec<(Handle, String)>,
 }
 
 /// A received message.
@@ -187,6 +238,8 @@ pub struct Session {
     channel: Channel,
     device: Device,
     streams: Streams,
+    /// Keys first seen when joining, for [`Session::take_first_seen`].
+    first_seen: Vec<(Handle, String)>,
 }
 
 impl std::fmt::Debug for Session {
@@ -317,6 +370,7 @@ impl Session {
         let mut session = Session {
             device,
             streams,
+            first_seen: Vec::new(),
             room: room.clone(),
             me,
             members: Members::default(),
@@ -405,6 +459,10 @@ impl Session {
     /// Takes a membership from the server unless it is older than the one
     /// held (frames from different paths may arrive out of order).
     /// Returns whether the membership moved forward.
+    ///
+    /// A membership that moves forward queues an [`Event::Membership`]
+    /// with what changed, except the first one of the session (see
+    /// [`Session::take_first_seen`] for the keys it showed).
     fn set_members(&mut self, m: &cpb::Membership) -> Result<bool, ClientError> {
         let members = Members::from_pb(m)?;
         self.streams.saw_membership(
@@ -414,11 +472,32 @@ impl Session {
         for r in &members.recipients {
             self.keys.entry(r.handle).or_insert_with(|| r.key.clone());
         }
+        let first_seen = self.device.first_seen(
+            &members
+                .recipients
+                .iter()
+                .map(|r| (r.handle, fingerprint_of(&r.der)))
+                .collect::<Vec<_>>(),
+        )?;
         let newer = members.revision > self.members.revision;
+        if newer && self.members.revision.0 > 0 {
+            let mut change = self.members.changes_to(&members);
+            change.first_seen = first_seen;
+            self.queued.push_back(Event::Membership(change));
+        } else {
+            self.first_seen.extend(first_seen);
+        }
         if members.revision >= self.members.revision {
             self.members = members;
         }
         Ok(newer)
+    }
+
+    /// Keys seen for the first time by this device when the session
+    /// joined (every member's, on a device's first join): compare them
+    /// with their owners ([`crate::verify`]).
+    pub fn take_first_seen(&mut self) -> Vec<(Handle, String)> {
+        std::mem::take(&mut self.first_seen)
     }
 
     /// Seals `body` as this device's next message in the room.
@@ -572,9 +651,8 @@ impl Session {
                 server_frame::Frame::Deliveries(d) => self.stashed = Some(d),
                 server_frame::Frame::Result(r) => self.on_result(r).await?,
                 server_frame::Frame::MembershipChanged(changed) => {
-                    if changed.revision > self.members.revision.0 && self.refresh_members().await? {
-                        self.queued
-                            .push_back(Event::Membership(self.members.revision));
+                    if changed.revision > self.members.revision.0 {
+                        self.refresh_members().await?;
                     }
                 }
                 server_frame::Frame::Challenge(_) | server_frame::Frame::Joined(_) => {
@@ -798,5 +876,33 @@ mod hostile_server {
         let honest = room.alice_posts("just us", &bob_view);
         let got = room.bob_receives(&mut streams, &[&honest]);
         assert_eq!(got[0].warnings, vec![]);
+    }
+}
+
+#[cfg(test)]
+mod membership_changes {
+    use super::*;
+
+    fn h(n: u8) -> Handle {
+        Handle::of_modulus(&[n; 8])
+    }
+
+    fn members(revision: u64, all: &[(u8, &str)]) -> Members {
+        Members {
+            revision: Revision(revision),
+            recipients: Vec::new(),
+            all: all.iter().map(|(n, f)| (h(*n), (*f).to_owned())).collect(),
+        }
+    }
+
+    #[test]
+    fn added_removed_and_keyed_members_are_named() {
+        let before = members(4, &[(1, "aaaa"), (2, ""), (3, "cccc")]);
+        let after = members(7, &[(1, "aaaa"), (2, "bbbb"), (4, "")]);
+        let change = before.changes_to(&after);
+        assert_eq!(change.revision, Revision(7));
+        assert_eq!(change.added, vec![(h(4), String::new())]);
+        assert_eq!(change.removed, vec![h(3)]);
+        assert_eq!(change.keyed, vec![(h(2), "bbbb".to_owned())]);
     }
 }

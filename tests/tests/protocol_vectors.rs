@@ -208,7 +208,17 @@ fn generate() -> Value {
         "envelope_b64": B64.encode(envelope.encode()),
         "sealed_for_bob_b64": B64.encode(&sealed_for_bob),
     });
+    let verification = json!({
+        "safety_number_alice_bob": saferchat_client::verify::safety_number(
+            (&alice.handle(), alice.public_der().as_ref()),
+            (&bob.handle(), bob.public_der().as_ref()),
+        ),
+        "room_fingerprint_team_revision_5": saferchat_client::verify::room_fingerprint(
+            &room, revision, &recipients,
+        ),
+    });
     json!({
+        "verification": verification,
         "about": "saferchat protocol test vectors: see docs/PROTOCOL.md. Hex is lowercase; base64 is standard with padding. The private keys are published test keys: never use them.",
         "keys": [key_vector("alice", &alice), key_vector("bob", &bob)],
         "join": join,
@@ -423,4 +433,19 @@ fn the_published_vectors_match_this_implementation() {
     .expect("bob opens it");
     assert_eq!(plain.body, s(e, "plaintext_utf8").as_bytes());
     assert_eq!(plain.chain, Some(chain));
+
+    let checks = &v["verification"];
+    assert_eq!(
+        s(checks, "safety_number_alice_bob"),
+        saferchat_client::verify::safety_number(
+            (&bob.handle(), bob.public_der().as_ref()),
+            (&alice.handle(), alice.public_der().as_ref()),
+        ),
+        "safety number"
+    );
+    assert_eq!(
+        s(checks, "room_fingerprint_team_revision_5"),
+        saferchat_client::verify::room_fingerprint(&room, revision, &recipients),
+        "room fingerprint"
+    );
 }
