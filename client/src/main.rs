@@ -725,18 +725,26 @@ async fn chat(cli: &Cli, room: RoomId, recent: u32) -> anyhow::Result<()> {
     }
 }
 
-/// Whether a failed call over plaintext looks like it reached a TLS
-/// listener: the connection is dropped at the first bytes, which gRPC
-/// reports as a cancelled or unavailable call, or as an HTTP/2 protocol
-/// error.
+/// Whether a failed call over plaintext may have reached a TLS listener:
+/// the listener drops the connection at the first bytes, which gRPC
+/// reports (depending on timing) as cancelled, unknown, unavailable or
+/// internal ("h2 protocol error", "transport error").
 fn may_be_tls(error: &anyhow::Error, server: &str) -> bool {
-    !server.starts_with("https://")
-        && matches!(
-            error.downcast_ref::<ClientError>(),
-            Some(ClientError::Status(s))
-                if matches!(s.code(), tonic::Code::Cancelled | tonic::Code::Unavailable)
-                    || (s.code() == tonic::Code::Internal && s.message().contains("h2 protocol error"))
-        )
+    if server.starts_with("https://") {
+        return false;
+    }
+    match error.downcast_ref::<ClientError>() {
+        // Refused: nothing listens there at all.
+        Some(ClientError::Connect { reason, .. }) => !reason.contains("refused"),
+        Some(ClientError::Status(s)) => matches!(
+            s.code(),
+            tonic::Code::Cancelled
+                | tonic::Code::Unknown
+                | tonic::Code::Unavailable
+                | tonic::Code::Internal
+        ),
+        _ => false,
+    }
 }
 
 fn main() -> ExitCode {

@@ -249,6 +249,14 @@ pub struct Limits {
     pub session_token_ms: u64,
     /// How long a joining client has to answer the challenge.
     pub join_timeout_ms: u64,
+    /// Posts one member may make per second through this node (0: no
+    /// limit), and how many at once above that rate.
+    pub posts_per_second: u32,
+    /// See `posts_per_second`.
+    pub posts_burst: u32,
+    /// Concurrent HTTP/2 streams (sessions and calls) on one client
+    /// connection.
+    pub streams_per_connection_max: u32,
 }
 
 impl Default for Limits {
@@ -264,6 +272,10 @@ impl Default for Limits {
             history_max: 1000,
             session_token_ms: 12 * 60 * 60 * 1000,
             join_timeout_ms: 30_000,
+            // A person types far slower; a bot relaying a feed fits too.
+            posts_per_second: 20,
+            posts_burst: 40,
+            streams_per_connection_max: 256,
         }
     }
 }
@@ -444,6 +456,12 @@ impl NodeConfig {
         if let Some(v) = env("SAFERCHAT_LEASE_RENEW_MS") {
             self.lease.renew_every_ms = parse_env("SAFERCHAT_LEASE_RENEW_MS", &v)?;
         }
+        if let Some(v) = env("SAFERCHAT_POSTS_PER_SECOND") {
+            self.limits.posts_per_second = parse_env("SAFERCHAT_POSTS_PER_SECOND", &v)?;
+        }
+        if let Some(v) = env("SAFERCHAT_POSTS_BURST") {
+            self.limits.posts_burst = parse_env("SAFERCHAT_POSTS_BURST", &v)?;
+        }
         if let Some(v) = env("SAFERCHAT_SESSION_QUEUE_MAX") {
             self.limits.session_queue_max = parse_env("SAFERCHAT_SESSION_QUEUE_MAX", &v)?;
         }
@@ -542,6 +560,16 @@ impl NodeConfig {
         }
         if !(1..=9).contains(&self.replicas_per_datacenter) {
             return Err(invalid("replicas_per_datacenter must be 1 to 9"));
+        }
+        if self.limits.posts_per_second > 0 && self.limits.posts_burst == 0 {
+            return Err(invalid(
+                "limits.posts_burst must be 1 or more when posts_per_second limits posting",
+            ));
+        }
+        if self.limits.streams_per_connection_max == 0 {
+            return Err(invalid(
+                "limits.streams_per_connection_max must be 1 or more",
+            ));
         }
         let l = &self.limits;
         if l.session_queue_max < 16 || l.room_queue_max < 16 || l.room_batch_max == 0 {

@@ -86,6 +86,8 @@ pub struct ChatContext {
     pub shutdown: CancellationToken,
     /// Which node serves which room.
     pub routing: Routing,
+    /// How fast one member may post.
+    pub post_rate: crate::post_rate::PostRate,
     next_session: AtomicU64,
     open_sessions: AtomicUsize,
     pending_joins: AtomicUsize,
@@ -193,7 +195,12 @@ impl ChatContext {
         shutdown: CancellationToken,
         routing: Routing,
     ) -> ChatContext {
+        let post_rate = crate::post_rate::PostRate::new(
+            config.limits.posts_per_second,
+            config.limits.posts_burst,
+        );
         ChatContext {
+            post_rate,
             config,
             membership,
             rooms,

@@ -32,6 +32,7 @@ pub mod membership;
 pub mod message_id;
 pub mod peer_tls;
 pub mod placement;
+pub mod post_rate;
 pub mod room;
 pub mod storage;
 pub mod timeline;
@@ -314,6 +315,7 @@ pub async fn run(
                 token: admin.clone(),
             }),
             listener_tls.clone(),
+            config.limits.streams_per_connection_max,
             listener,
             shutdown.clone(),
         ))
@@ -325,6 +327,7 @@ pub async fn run(
             token: admin,
         }),
         listener_tls,
+        config.limits.streams_per_connection_max,
         listeners.client,
         shutdown.clone(),
     ));

@@ -54,6 +54,8 @@ impl TestNode {
             admin_token: Some(ADMIN_TOKEN.to_owned()),
             ..NodeConfig::default()
         };
+        // Tests post in bursts; the limit has tests of its own.
+        config.limits.posts_per_second = 0;
         adjust(&mut config);
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
         let addr = listener.local_addr().expect("address");

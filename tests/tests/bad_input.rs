@@ -915,3 +915,68 @@ async fn the_admin_face_can_live_on_its_own_listener() {
     .unwrap_err();
     assert_eq!(code_of(&e), Code::Unimplemented, "{e}");
 }
+
+#[tokio::test]
+async fn a_member_posting_too_fast_is_refused_and_nothing_refused_is_stored() {
+    let node = TestNode::start_with(|c| {
+        c.limits.posts_per_second = 1;
+        c.limits.posts_burst = 2;
+    })
+    .await;
+    let ids = node.room("aaa", &[0, 1]).await;
+    // Bob joins first (registering his key), so Alice's posts are wrapped
+    // for the final membership and none is re-sealed (a re-sealed post is
+    // posted again, and counts again).
+    let mut bob = node.join("aaa", &ids[1]).await;
+    let mut session = node.join("aaa", &ids[0]).await;
+    const POSTS: u64 = 20;
+    for i in 0..POSTS {
+        session
+            .post(format!("post {i}").as_bytes())
+            .await
+            .expect("post");
+    }
+    let (mut accepted, mut refused) = (0u64, 0u64);
+    while accepted + refused < POSTS {
+        match session.next().await.expect("event").expect("open") {
+            Event::Accepted { .. } => accepted += 1,
+            Event::Rejected { code, message, .. } => {
+                assert_eq!(code, Code::ResourceExhausted, "{message}");
+                assert!(message.contains("posting too fast"), "{message}");
+                refused += 1;
+            }
+            _ => {}
+        }
+    }
+    // Twenty posts sent at once: the burst of two passes, and only a
+    // second's refill per second more; the rest are refused.
+    assert!(
+        refused >= 1 && accepted >= 2,
+        "{accepted} accepted, {refused} refused"
+    );
+    assert!(matches!(
+        post_until_result(&mut bob, b"bob is not limited by alice").await,
+        Event::Accepted { .. }
+    ));
+    let stored = saferchat_client::history::read(
+        &session,
+        &saferchat_client::history::Query {
+            limit: 100,
+            ..Default::default()
+        },
+    )
+    .await
+    .expect("history");
+    let alice_stored = stored
+        .iter()
+        .filter(|m| {
+            m.content
+                .as_ref()
+                .is_ok_and(|p| p.sender == ids[0].handle())
+        })
+        .count() as u64;
+    assert_eq!(
+        alice_stored, accepted,
+        "exactly the accepted posts are stored"
+    );
+}

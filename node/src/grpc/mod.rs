@@ -76,6 +76,7 @@ pub async fn serve_clients(
     chat: Option<Arc<ChatContext>>,
     admin: Option<AdminFace>,
     tls: Option<tonic::transport::ServerTlsConfig>,
+    streams_per_connection: u32,
     listener: TcpListener,
     shutdown: CancellationToken,
 ) -> Result<(), NodeError> {
@@ -127,6 +128,7 @@ pub async fn serve_clients(
     }
     server
         .tcp_nodelay(true)
+        .max_concurrent_streams(Some(streams_per_connection))
         .http2_keepalive_interval(Some(std::time::Duration::from_secs(30)))
         .add_service(health_service)
         .add_service(reflection_v1)

@@ -428,6 +428,15 @@ async fn live_loop(
         tokio::select! {
             next = inbound.message(), if inbound_open => match next {
                 Ok(Some(pb::ClientFrame { frame: Some(Frame::Post(post)) })) => {
+                    if let Err(error) = ctx.post_rate.check(user) {
+                        let rejected = PostOutcome::Rejected {
+                            client_seq: post.client_seq,
+                            error,
+                            state: None,
+                        };
+                        send(out, result_frame(rejected, room)).await?;
+                        continue;
+                    }
                     match Envelope::decode(post.envelope.clone()) {
                         Ok(envelope) => {
                             ctx.rooms.send(room, RoomCommand::Post {

@@ -140,6 +140,8 @@ impl Cluster {
                 ("SAFERCHAT_ADMIN_TOKEN".into(), spec.admin_token.clone()),
                 ("SAFERCHAT_SESSION_SECRET".into(), secret.clone()),
                 ("SAFERCHAT_LOG_FORMAT".into(), "json".into()),
+                // Throughput, not the abuse limit, is measured.
+                ("SAFERCHAT_POSTS_PER_SECOND".into(), "0".into()),
                 ("RUST_LOG".into(), spec.log_level.clone()),
             ];
             if n > 1 {
