@@ -196,11 +196,23 @@ fn room(name: &str) -> anyhow::Result<RoomId> {
     RoomId::new(name).with_context(|| format!("room {name:?}"))
 }
 
+/// A passphrase from the environment variable `name`, if set. A value
+/// that is not UTF-8 is an error, not silently altered.
+fn passphrase_from_env(name: &str) -> Result<Option<Zeroizing<String>>, ClientError> {
+    std::env::var_os(name)
+        .map(|p| {
+            p.into_string()
+                .map(Zeroizing::new)
+                .map_err(|_| ClientError::Input(format!("{name} is not valid UTF-8")))
+        })
+        .transpose()
+}
+
 /// The passphrase of an existing key file: SAFERCHAT_KEY_PASSPHRASE, or
 /// asked for on the terminal.
 fn passphrase_to_read(path: &Path) -> Result<Zeroizing<String>, ClientError> {
-    if let Some(p) = std::env::var_os(PASSPHRASE_ENV) {
-        return Ok(Zeroizing::new(p.to_string_lossy().into_owned()));
+    if let Some(p) = passphrase_from_env(PASSPHRASE_ENV)? {
+        return Ok(p);
     }
     if !std::io::stdin().is_terminal() {
         return Err(ClientError::KeyFile {
@@ -225,8 +237,8 @@ fn passphrase_to_write(
     if no_passphrase {
         return Ok(None);
     }
-    let passphrase = if let Some(p) = std::env::var_os(env) {
-        Zeroizing::new(p.to_string_lossy().into_owned())
+    let passphrase = if let Some(p) = passphrase_from_env(env)? {
+        p
     } else if std::io::stdin().is_terminal() {
         let first = Zeroizing::new(rpassword::prompt_password("passphrase for the key file: ")?);
         let again = Zeroizing::new(rpassword::prompt_password("the same again: ")?);

@@ -39,7 +39,8 @@ use crate::storage::{self, Range, StoredMessage};
 /// Stored messages per frame when replaying history.
 const HISTORY_PAGE_MAX: usize = 100;
 
-type Out = mpsc::Sender<Result<pb::ServerFrame, Status>>;
+/// Frames towards the client (the relay writes the same kind).
+use relay::Out;
 
 fn frame(f: server_frame::Frame) -> pb::ServerFrame {
     pb::ServerFrame { frame: Some(f) }
