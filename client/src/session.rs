@@ -213,6 +213,9 @@ struct Pending {
     attempts: u32,
     /// Its place in this device's stream, kept when it is re-sealed.
     position: Position,
+    /// The envelope bytes last sent: what a retry of an unknown outcome
+    /// sends again, byte for byte.
+    sent: Bytes,
 }
 
 /// An open session.
@@ -576,13 +579,15 @@ impl Session {
         let seq = self.next_seq;
         self.next_seq += 1;
         let (envelope, position) = self.seal_next(body)?;
-        self.send_raw(seq, envelope.encode()).await?;
+        let sent = envelope.encode();
+        self.send_raw(seq, sent.clone()).await?;
         self.pending.insert(
             seq,
             Pending {
                 body: body.to_vec(),
                 attempts: 0,
                 position,
+                sent,
             },
         );
         Ok(seq)
@@ -705,9 +710,24 @@ impl Session {
                     {
                         pending.attempts += 1;
                         let (body, position) = (pending.body.clone(), pending.position);
-                        let envelope = self.reseal(&body, &position)?;
-                        return self.send_raw(seq, envelope.encode()).await;
+                        let envelope = self.reseal(&body, &position)?.encode();
+                        if let Some(pending) = self.pending.get_mut(&seq) {
+                            pending.sent = envelope.clone();
+                        }
+                        return self.send_raw(seq, envelope).await;
                     }
+                }
+                // UNAVAILABLE: the outcome is unknown (the room's leader
+                // changed, or storage failed, while the post was in
+                // flight). The same bytes again are stored at most once:
+                // the node answers a retry with the original id.
+                if code == Code::Unavailable
+                    && let Some(pending) = self.pending.get_mut(&seq)
+                    && pending.attempts < RESEAL_ATTEMPTS_MAX
+                {
+                    pending.attempts += 1;
+                    let again = pending.sent.clone();
+                    return self.send_raw(seq, again).await;
                 }
                 self.pending.remove(&seq);
                 self.queued.push_back(Event::Rejected {

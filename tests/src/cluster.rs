@@ -249,6 +249,11 @@ impl Cluster {
         }
     }
 
+    /// Sets the link node `from` dials node `to` on.
+    pub fn set_link(&self, from: usize, to: usize, link: Link) {
+        self.links[&(from, to)].set(link);
+    }
+
     /// Delays every link between different datacenters by `ms` one way.
     pub fn delay_between_datacenters(&self, ms: u64) {
         for ((from, to), proxy) in &self.links {

@@ -12,12 +12,15 @@
 //! - [`cassandra`]: the Cassandra address the tests use, a store on it,
 //!   and private Cassandra instances for fault tests.
 //! - [`machine`]: machine facts for benchmark reports.
+//! - [`chaos`]: seeded fault schedules against a cluster, and checkers over
+//!   what its clients saw.
 //!
 //! Nodes listen on port 0 and report the port they got in a JSON log line,
 //! so tests never guess ports and never sleep waiting for a server.
 
 pub mod bin;
 pub mod cassandra;
+pub mod chaos;
 pub mod cluster;
 pub mod inproc;
 pub mod machine;

@@ -198,6 +198,25 @@ impl NodeProcess {
         }
     }
 
+    /// SIGSTOP: the process stalls (as in a long pause) until
+    /// [`NodeProcess::resume`].
+    pub fn pause(&self) {
+        self.signal("-STOP");
+    }
+
+    /// SIGCONT.
+    pub fn resume(&self) {
+        self.signal("-CONT");
+    }
+
+    fn signal(&self, which: &str) {
+        if let Some(pid) = self.pid() {
+            let _ = Command::new("kill")
+                .args([which, &pid.to_string()])
+                .status();
+        }
+    }
+
     /// SIGKILL: a crash.
     pub fn kill(&mut self) {
         if let Some(mut child) = self.child.take() {
@@ -342,4 +361,18 @@ pub fn fixture_key(dir: &Path, name: &str, n: usize) -> (PathBuf, String) {
     let id = saferchat_client::test_keys::identity(n);
     id.save(&path, true).expect("write key");
     (path, id.handle().to_string())
+}
+
+/// Every file under `dir`, recursively.
+pub fn files(dir: &Path) -> Vec<std::path::PathBuf> {
+    let mut out = Vec::new();
+    for entry in std::fs::read_dir(dir).expect("read dir").flatten() {
+        let path = entry.path();
+        if path.is_dir() {
+            out.extend(files(&path));
+        } else {
+            out.push(path);
+        }
+    }
+    out
 }

@@ -10,22 +10,8 @@ use bytes::Bytes;
 use saferchat_envelope::Envelope;
 
 use saferchat_tests::process::{
-    NodeProcess, cli, cli_with_env, contains, fails, fixture_key, history, ok, send,
+    NodeProcess, cli, cli_with_env, contains, fails, files, fixture_key, history, ok, send,
 };
-
-/// Every file under `dir`, recursively.
-fn files(dir: &Path) -> Vec<std::path::PathBuf> {
-    let mut out = Vec::new();
-    for entry in std::fs::read_dir(dir).expect("read dir").flatten() {
-        let path = entry.path();
-        if path.is_dir() {
-            out.extend(files(&path));
-        } else {
-            out.push(path);
-        }
-    }
-    out
-}
 
 /// Alters the body of the first envelope in the node's envelope log, as an
 /// attacker with the server's disk would: flips one ciphertext bit and

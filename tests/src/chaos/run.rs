@@ -1,0 +1,388 @@
+//! Plays a [`schedule`](super::schedule) against node processes while
+//! members post and listen, then records what everyone ended with.
+//!
+//! Members `0..MEMBERS` each post through one node (moving to the next
+//! when it fails) and listen through another. A post ends acknowledged,
+//! refused, or unknown (no answer within [`POST_TIMEOUT`]); unknown posts
+//! are not retried, so each text is posted once. After the schedule every
+//! fault is undone, the room's history is read through the cluster, the
+//! nodes stop cleanly and each node's own store is read from disk.
+
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use saferchat_client::session::{Event, JoinOptions, Session};
+use saferchat_client::{Identity, history};
+use saferchat_consensus::RoomId;
+use saferchat_envelope::Envelope;
+use saferchat_envelope::sealed::Fanout;
+use saferchat_node::storage::sled::SledStore;
+use saferchat_node::storage::{self, Range};
+
+use super::history::{History, Outcome, Post, Seen};
+use super::schedule::{Fault, Step, schedule};
+use crate::cluster::{Cluster, Options};
+use crate::netproxy::Link;
+
+/// Members posting and listening.
+pub const MEMBERS: usize = 3;
+/// How long a post may go unanswered before it counts as unknown.
+pub const POST_TIMEOUT: Duration = Duration::from_secs(8);
+/// How long the cluster may take to serve again once every fault is
+/// undone.
+pub const RECOVERY_MAX: Duration = Duration::from_secs(120);
+const ROOM: &str = "chaos";
+/// Messages read per history page at the end.
+const PAGE: u32 = 1000;
+
+/// One chaos run.
+#[derive(Clone, Copy, Debug)]
+pub struct Plan {
+    /// The schedule's seed.
+    pub seed: u64,
+    /// Nodes in the cluster.
+    pub nodes: usize,
+    /// How long faults are injected.
+    pub duration: Duration,
+}
+
+/// What a run did and saw.
+#[derive(Debug)]
+pub struct Outcomes {
+    /// The schedule played.
+    pub steps: Vec<Step>,
+    /// What the clients saw.
+    pub history: History,
+    /// Messages clients could not verify or decrypt (there must be none).
+    pub unreadable: Vec<String>,
+    /// Files under the data folders or logs that hold a posted text.
+    pub plaintext_in: Vec<PathBuf>,
+}
+
+fn identity(member: usize) -> Arc<Identity> {
+    Arc::new(saferchat_client::test_keys::identity(member))
+}
+
+fn room() -> RoomId {
+    RoomId::new(ROOM).expect("room name")
+}
+
+/// Joins through node `through`, trying the next node until `deadline`.
+async fn join_any(
+    servers: &[String],
+    mut through: usize,
+    me: &Arc<Identity>,
+    deadline: Instant,
+) -> Option<(Session, usize)> {
+    let options = JoinOptions {
+        no_history: true,
+        ..JoinOptions::default()
+    };
+    while Instant::now() < deadline {
+        let joined = tokio::time::timeout(
+            POST_TIMEOUT,
+            Session::join(&servers[through], &room(), Arc::clone(me), &options),
+        )
+        .await;
+        if let Ok(Ok(session)) = joined {
+            return Some((session, through));
+        }
+        through = (through + 1) % servers.len();
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    None
+}
+
+/// Posts until `until`, one post at a time.
+async fn poster(
+    servers: Vec<String>,
+    member: usize,
+    seed: u64,
+    until: Instant,
+    posts: Arc<Mutex<Vec<Post>>>,
+) {
+    let me = identity(member);
+    let mut through = member % servers.len();
+    let mut n = 0;
+    while Instant::now() < until {
+        let Some((mut session, at)) = join_any(&servers, through, &me, until).await else {
+            return;
+        };
+        through = at;
+        loop {
+            if Instant::now() >= until {
+                return;
+            }
+            let text = format!("chaos-{seed}-{member}-{n}");
+            n += 1;
+            let outcome = match session.post(text.as_bytes()).await {
+                Err(_) => Outcome::Unknown,
+                Ok(seq) => {
+                    let answer = tokio::time::timeout(POST_TIMEOUT, async {
+                        loop {
+                            match session.next().await {
+                                Ok(Some(Event::Accepted {
+                                    seq: s,
+                                    id,
+                                    room_seq,
+                                    ..
+                                })) if s == seq => {
+                                    return Outcome::Acked {
+                                        id: id.to_vec(),
+                                        seq: room_seq,
+                                    };
+                                }
+                                Ok(Some(Event::Rejected {
+                                    seq: s,
+                                    code,
+                                    message,
+                                })) if s == seq => {
+                                    return Outcome::Refused(format!("{code:?}: {message}"));
+                                }
+                                Ok(Some(_)) => {}
+                                Ok(None) | Err(_) => return Outcome::Unknown,
+                            }
+                        }
+                    })
+                    .await;
+                    answer.unwrap_or(Outcome::Unknown)
+                }
+            };
+            let lost_session = outcome == Outcome::Unknown;
+            posts.lock().expect("lock").push(Post { text, outcome });
+            if lost_session {
+                through = (through + 1) % servers.len();
+                break;
+            }
+        }
+    }
+}
+
+/// Listens until `until`: one list of deliveries per session.
+async fn listener(
+    servers: Vec<String>,
+    member: usize,
+    until: Instant,
+    sessions: Arc<Mutex<Vec<Vec<Seen>>>>,
+    unreadable: Arc<Mutex<Vec<String>>>,
+) {
+    let me = identity(member);
+    let mut through = (member + 1) % servers.len();
+    while Instant::now() < until {
+        let Some((mut session, at)) = join_any(&servers, through, &me, until).await else {
+            return;
+        };
+        through = at;
+        let mut seen = Vec::new();
+        loop {
+            let left = until.saturating_duration_since(Instant::now());
+            match tokio::time::timeout(left, session.next()).await {
+                Ok(Ok(Some(Event::Message(m)))) => match m.content {
+                    Ok(plain) => seen.push(Seen {
+                        id: m.id.to_vec(),
+                        seq: m.seq,
+                        text: String::from_utf8_lossy(&plain.body).into_owned(),
+                    }),
+                    Err(e) => unreadable.lock().expect("lock").push(e.to_string()),
+                },
+                Ok(Ok(Some(_))) => {}
+                Ok(Ok(None) | Err(_)) => {
+                    through = (through + 1) % servers.len();
+                    break;
+                }
+                Err(_) => break,
+            }
+        }
+        sessions.lock().expect("lock").push(seen);
+    }
+}
+
+fn apply(cluster: &mut Cluster, fault: Fault) {
+    match fault {
+        Fault::Kill(n) => cluster.kill(n),
+        Fault::Restart(n) => tokio::task::block_in_place(|| cluster.restart(n)),
+        Fault::Pause(n) => cluster.nodes[n].pause(),
+        Fault::Resume(n) => cluster.nodes[n].resume(),
+        Fault::Isolate(n) => cluster.isolate(n),
+        Fault::Heal(n) => cluster.heal(n),
+        Fault::Cut { from, to } => cluster.set_link(from, to, Link::Blocked),
+        Fault::Mend { from, to } => cluster.set_link(from, to, Link::Open { delay_ms: 0 }),
+        Fault::Delay { from, to, ms } => cluster.set_link(from, to, Link::Open { delay_ms: ms }),
+    }
+}
+
+/// The text of a stored envelope, opened as `reader`.
+fn open_stored(reader: &Identity, raw: &bytes::Bytes) -> Option<String> {
+    let envelope = Envelope::decode(raw.clone()).ok()?;
+    let sealed = Fanout::new(&envelope).sealed_for_recipient(&reader.handle())?;
+    let sender = identity_of(&envelope)?;
+    let plain =
+        saferchat_client::crypto::open(reader, &room(), sealed, |_| Some(sender.public_key()))
+            .ok()?;
+    Some(String::from_utf8_lossy(&plain.body).into_owned())
+}
+
+fn identity_of(envelope: &Envelope) -> Option<Arc<Identity>> {
+    (0..MEMBERS)
+        .map(identity)
+        .find(|id| id.handle() == envelope.sender)
+}
+
+/// Runs `plan`.
+///
+/// # Panics
+/// When the cluster cannot be set up, or does not serve again within
+/// [`RECOVERY_MAX`] after every fault is undone.
+pub async fn run(plan: Plan) -> Outcomes {
+    let steps = schedule(plan.seed, plan.nodes, plan.duration.as_millis() as u64);
+    let mut cluster = Cluster::start(Options::single_dc(plan.nodes)).await;
+    let servers: Vec<String> = (0..plan.nodes).map(|i| cluster.server(i)).collect();
+    let mut admin = cluster.admin(0).await;
+    admin.create_chat(ROOM).await.expect("create the room");
+    for member in 0..MEMBERS {
+        admin
+            .add_user(ROOM, &identity(member).handle().to_string(), None)
+            .await
+            .expect("add a member");
+    }
+    // Every member joins once before the faults: their keys are
+    // registered, so posts are wrapped for all of them.
+    let setup = Instant::now() + RECOVERY_MAX;
+    for member in 0..MEMBERS {
+        join_any(&servers, member, &identity(member), setup)
+            .await
+            .expect("join before the faults");
+    }
+
+    let posts = Arc::new(Mutex::new(Vec::new()));
+    let sessions = Arc::new(Mutex::new(Vec::new()));
+    let unreadable = Arc::new(Mutex::new(Vec::new()));
+    let start = Instant::now();
+    let posting_until = start + plan.duration;
+    let listening_until = posting_until + POST_TIMEOUT + Duration::from_secs(5);
+    let mut tasks = Vec::new();
+    for member in 0..MEMBERS {
+        tasks.push(tokio::spawn(poster(
+            servers.clone(),
+            member,
+            plan.seed,
+            posting_until,
+            Arc::clone(&posts),
+        )));
+        tasks.push(tokio::spawn(listener(
+            servers.clone(),
+            member,
+            listening_until,
+            Arc::clone(&sessions),
+            Arc::clone(&unreadable),
+        )));
+    }
+    for step in &steps {
+        tokio::time::sleep_until((start + Duration::from_millis(step.at_ms)).into()).await;
+        apply(&mut cluster, step.fault);
+    }
+    for task in tasks {
+        task.await.expect("client task");
+    }
+
+    // Everything is undone: the room must serve again, through node 0.
+    let reader = identity(0);
+    let (session, _) = join_any(&servers, 0, &reader, Instant::now() + RECOVERY_MAX)
+        .await
+        .expect("the cluster serves again after the faults");
+    let mut fin = Vec::new();
+    // Oldest first from the start: after the smallest UUIDv7 (time 0; no
+    // after id at all would read newest first).
+    let mut after = Some(bytes::Bytes::from_static(&[
+        0, 0, 0, 0, 0, 0, 0x70, 0, 0x80, 0, 0, 0, 0, 0, 0, 0,
+    ]));
+    loop {
+        let query = history::Query {
+            after_id: after.clone(),
+            limit: PAGE,
+            ..history::Query::default()
+        };
+        let page = history::read(&session, &query)
+            .await
+            .expect("read the final history");
+        let full = page.len() == PAGE as usize;
+        for m in page {
+            after = Some(m.id.clone());
+            let text = match m.content {
+                Ok(p) => String::from_utf8_lossy(&p.body).into_owned(),
+                Err(e) => {
+                    unreadable.lock().expect("lock").push(e.to_string());
+                    continue;
+                }
+            };
+            fin.push(Seen {
+                id: m.id.to_vec(),
+                seq: m.seq,
+                text,
+            });
+        }
+        if !full {
+            break;
+        }
+    }
+    drop(session);
+
+    for node in &mut cluster.nodes {
+        node.stop();
+    }
+    let mut stores = Vec::new();
+    for node in &cluster.nodes {
+        let store = SledStore::open(&node.data_dir.join("db")).expect("open a node's store");
+        let mut mine = Vec::new();
+        let mut after = None;
+        loop {
+            let page = storage::history(&store, &room(), Range::After(after), PAGE as usize)
+                .await
+                .expect("read a node's store");
+            let full = page.len() == PAGE as usize;
+            for m in &page {
+                after = Some(m.id);
+                mine.push(Seen {
+                    id: m.id.to_bytes().to_vec(),
+                    seq: m.seq,
+                    text: open_stored(&reader, &m.envelope)
+                        .unwrap_or_else(|| "<unreadable>".into()),
+                });
+            }
+            if !full {
+                break;
+            }
+        }
+        stores.push(mine);
+    }
+
+    let marker = format!("chaos-{}-", plan.seed);
+    let plaintext_in = cluster
+        .nodes
+        .iter()
+        .flat_map(|n| {
+            crate::process::files(&n.data_dir)
+                .into_iter()
+                .chain([n.log.clone()])
+        })
+        .filter(|path| {
+            std::fs::read(path)
+                .is_ok_and(|bytes| crate::process::contains(&bytes, marker.as_bytes()))
+        })
+        .collect();
+    let posts = std::mem::take(&mut *posts.lock().expect("lock"));
+    let sessions = std::mem::take(&mut *sessions.lock().expect("lock"));
+    let unreadable = std::mem::take(&mut *unreadable.lock().expect("lock"));
+    Outcomes {
+        steps,
+        history: History {
+            posts,
+            sessions,
+            fin,
+            stores,
+        },
+        unreadable,
+        plaintext_in,
+    }
+}

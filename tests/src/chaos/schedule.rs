@@ -1,0 +1,134 @@
+//! A seeded fault schedule: which fault hits which node or link when, and
+//! when it is undone. Episodes follow one another (each is undone before
+//! the next starts), so the cluster always comes back; the last step
+//! leaves everything healed and running.
+
+use rand::{RngExt as _, SeedableRng as _};
+use rand_chacha::ChaCha8Rng;
+
+/// One fault or its undoing.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Fault {
+    /// SIGKILL node `.0`.
+    Kill(usize),
+    /// Start it again on its data.
+    Restart(usize),
+    /// SIGSTOP: a process that stalls (a long pause).
+    Pause(usize),
+    /// SIGCONT.
+    Resume(usize),
+    /// Cut node `.0` off from every other node, both ways.
+    Isolate(usize),
+    /// Reconnect it.
+    Heal(usize),
+    /// Block the connections `from` opens to `to` (one way: `to` can
+    /// still reach `from`).
+    Cut {
+        /// The dialling node.
+        from: usize,
+        /// The dialled node.
+        to: usize,
+    },
+    /// Undo [`Fault::Cut`].
+    Mend {
+        /// The dialling node.
+        from: usize,
+        /// The dialled node.
+        to: usize,
+    },
+    /// Delay every byte on the link `from` → `to` by `ms`.
+    Delay {
+        /// The dialling node.
+        from: usize,
+        /// The dialled node.
+        to: usize,
+        /// One-way delay.
+        ms: u64,
+    },
+}
+
+/// A fault at a time from the start of the run.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Step {
+    /// Milliseconds from the start.
+    pub at_ms: u64,
+    /// What happens.
+    pub fault: Fault,
+}
+
+/// The schedule of `seed` for `nodes` nodes over about `duration_ms`.
+///
+/// # Panics
+/// With fewer than two nodes.
+pub fn schedule(seed: u64, nodes: usize, duration_ms: u64) -> Vec<Step> {
+    assert!(nodes >= 2, "faults between nodes need two");
+    let mut rng = ChaCha8Rng::seed_from_u64(seed);
+    let mut steps = Vec::new();
+    let mut at = rng.random_range(500..1_500);
+    while at < duration_ms {
+        let node = rng.random_range(0..nodes);
+        let other = (node + rng.random_range(1..nodes)) % nodes;
+        let lasts = rng.random_range(500..4_000);
+        let (start, undo) = match rng.random_range(0..5) {
+            0 => (Fault::Kill(node), Fault::Restart(node)),
+            1 => (Fault::Pause(node), Fault::Resume(node)),
+            2 => (Fault::Isolate(node), Fault::Heal(node)),
+            3 => (
+                Fault::Cut {
+                    from: node,
+                    to: other,
+                },
+                Fault::Mend {
+                    from: node,
+                    to: other,
+                },
+            ),
+            _ => (
+                Fault::Delay {
+                    from: node,
+                    to: other,
+                    ms: rng.random_range(20..400),
+                },
+                Fault::Mend {
+                    from: node,
+                    to: other,
+                },
+            ),
+        };
+        steps.push(Step {
+            at_ms: at,
+            fault: start,
+        });
+        steps.push(Step {
+            at_ms: at + lasts,
+            fault: undo,
+        });
+        at += lasts + rng.random_range(300..2_000);
+    }
+    steps
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_seed_is_one_schedule_and_every_fault_is_undone() {
+        let a = schedule(42, 3, 60_000);
+        assert_eq!(a, schedule(42, 3, 60_000));
+        assert_ne!(a, schedule(43, 3, 60_000));
+        assert!(a.len() >= 10, "{} steps", a.len());
+        for pair in a.chunks(2) {
+            let undone = match pair[0].fault {
+                Fault::Kill(n) => Fault::Restart(n),
+                Fault::Pause(n) => Fault::Resume(n),
+                Fault::Isolate(n) => Fault::Heal(n),
+                Fault::Cut { from, to } | Fault::Delay { from, to, .. } => Fault::Mend { from, to },
+                other => panic!("an undo opens an episode: {other:?}"),
+            };
+            assert_eq!(pair[1].fault, undone);
+            assert!(pair[1].at_ms > pair[0].at_ms);
+        }
+        assert!(a.windows(2).all(|w| w[0].at_ms < w[1].at_ms));
+    }
+}
