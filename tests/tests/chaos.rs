@@ -1,7 +1,9 @@
 //! Seeded fault schedules against a three-node cluster with members
 //! posting and listening (`saferchat_tests::chaos`): kills and restarts,
-//! pauses, isolated nodes, one-way cuts and slow links. Then every
-//! checker runs over what the clients saw and the nodes stored.
+//! pauses, isolated nodes, one-way cuts and slow links, while an admin
+//! changes and reads the membership. Then every checker runs over what the
+//! clients saw and the nodes stored, and the membership operations are
+//! checked for linearizability.
 //!
 //! `SEED=n` replays schedule `n` (and runs only it); `CHAOS_SECONDS`
 //! lengthens the fault window (default 20 s).
@@ -9,6 +11,8 @@
 use std::time::Duration;
 
 use saferchat_tests::chaos::history::{Outcome, check};
+use saferchat_tests::chaos::linear::linearizable;
+use saferchat_tests::chaos::membership::Room;
 use saferchat_tests::chaos::run::{Plan, run};
 
 /// Seeds run when `SEED` is not set.
@@ -70,5 +74,20 @@ async fn seeded_fault_schedules_lose_duplicate_and_reorder_nothing() {
             out.plaintext_in
         );
         assert!(acked > 0, "SEED={seed}: nothing was acknowledged at all");
+        let answered = out.membership.iter().filter(|o| o.ret.is_some()).count();
+        eprintln!(
+            "chaos: SEED={seed}: {} membership operations ({answered} answered)",
+            out.membership.len()
+        );
+        assert!(
+            linearizable(
+                &Room {
+                    initial: out.initial.clone()
+                },
+                &out.membership
+            ),
+            "SEED={seed}: membership operations are not linearizable: {:#?}",
+            out.membership
+        );
     }
 }

@@ -4,10 +4,14 @@
 //!
 //! - [`schedule`]: the seeded nemesis schedule (pure).
 //! - [`history`]: what clients saw, and the checkers over it (pure).
+//! - [`linear`]: a linearizability checker (pure).
+//! - [`membership`]: membership operations and their sequential model.
 //! - [`run`]: plays a schedule against node processes with clients.
 //!
 //! Every run prints its seed; `SEED=…` replays the same schedule.
 
 pub mod history;
+pub mod linear;
+pub mod membership;
 pub mod run;
 pub mod schedule;

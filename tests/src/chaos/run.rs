@@ -21,6 +21,8 @@ use saferchat_node::storage::sled::SledStore;
 use saferchat_node::storage::{self, Range};
 
 use super::history::{History, Outcome, Post, Seen};
+use super::linear::Operation;
+use super::membership::{MemberOp, State};
 use super::schedule::{Fault, Step, schedule};
 use crate::cluster::{Cluster, Options};
 use crate::netproxy::Link;
@@ -58,6 +60,95 @@ pub struct Outcomes {
     pub unreadable: Vec<String>,
     /// Files under the data folders or logs that hold a posted text.
     pub plaintext_in: Vec<PathBuf>,
+    /// The room's membership before the faults.
+    pub initial: State,
+    /// Membership changes and reads during the run (times in µs from the
+    /// start).
+    pub membership: Vec<Operation<MemberOp>>,
+}
+
+/// Changes and reads the room's membership until `until` through any node:
+/// adds members who never join, removes some of them again, reads.
+async fn administrator(
+    servers: Vec<String>,
+    seed: u64,
+    start: Instant,
+    until: Instant,
+    ops: Arc<Mutex<Vec<Operation<MemberOp>>>>,
+) {
+    use rand::{RngExt as _, SeedableRng as _};
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed ^ 0xad41);
+    let mut through = 0;
+    let mut added: Vec<String> = Vec::new();
+    let mut n = 0u32;
+    let micros =
+        |t: Instant| u64::try_from(t.duration_since(start).as_micros()).unwrap_or(u64::MAX);
+    while Instant::now() < until {
+        let Ok(Ok(mut admin)) = tokio::time::timeout(
+            POST_TIMEOUT,
+            saferchat_client::admin::Admin::connect(&servers[through], crate::ADMIN_TOKEN),
+        )
+        .await
+        else {
+            through = (through + 1) % servers.len();
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            continue;
+        };
+        while Instant::now() < until {
+            let call = Instant::now();
+            let choice = rng.random_range(0..4);
+            let (op, answered) = if choice == 0 || (choice == 1 && added.is_empty()) {
+                n += 1;
+                let handle = saferchat_consensus::Handle::of_modulus(
+                    format!("chaos member {seed} {n}").as_bytes(),
+                )
+                .to_string();
+                let r =
+                    tokio::time::timeout(POST_TIMEOUT, admin.add_user(ROOM, &handle, None)).await;
+                let out = match r {
+                    Ok(Ok(reply)) => {
+                        added.push(handle.clone());
+                        Some((reply.revision, reply.changed))
+                    }
+                    _ => None,
+                };
+                (MemberOp::Add { handle, out }, out.is_some())
+            } else if choice == 1 {
+                let handle = added.swap_remove(rng.random_range(0..added.len()));
+                let r = tokio::time::timeout(POST_TIMEOUT, admin.remove_user(ROOM, &handle, None))
+                    .await;
+                let out = match r {
+                    Ok(Ok(reply)) => Some((reply.revision, reply.changed)),
+                    _ => None,
+                };
+                (MemberOp::Remove { handle, out }, out.is_some())
+            } else {
+                let r = tokio::time::timeout(POST_TIMEOUT, admin.members(ROOM)).await;
+                let out = match r {
+                    Ok(Ok(reply)) => reply.membership.map(|m| state_of(&m)),
+                    _ => None,
+                };
+                (MemberOp::Read { out: out.clone() }, out.is_some())
+            };
+            ops.lock().expect("lock").push(Operation {
+                call: micros(call),
+                ret: answered.then(|| micros(Instant::now())),
+                op,
+            });
+            if !answered {
+                through = (through + 1) % servers.len();
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(rng.random_range(20..200))).await;
+        }
+    }
+}
+
+fn state_of(m: &saferchat_proto::common::Membership) -> State {
+    (
+        m.revision,
+        m.members.iter().map(|m| m.user.clone()).collect(),
+    )
 }
 
 fn identity(member: usize) -> Arc<Identity> {
@@ -255,13 +346,28 @@ pub async fn run(plan: Plan) -> Outcomes {
             .expect("join before the faults");
     }
 
+    let initial = state_of(
+        &admin
+            .members(ROOM)
+            .await
+            .expect("read the membership")
+            .membership
+            .expect("a membership"),
+    );
+    let membership = Arc::new(Mutex::new(Vec::new()));
     let posts = Arc::new(Mutex::new(Vec::new()));
     let sessions = Arc::new(Mutex::new(Vec::new()));
     let unreadable = Arc::new(Mutex::new(Vec::new()));
     let start = Instant::now();
     let posting_until = start + plan.duration;
     let listening_until = posting_until + POST_TIMEOUT + Duration::from_secs(5);
-    let mut tasks = Vec::new();
+    let mut tasks = vec![tokio::spawn(administrator(
+        servers.clone(),
+        plan.seed,
+        start,
+        posting_until,
+        Arc::clone(&membership),
+    ))];
     for member in 0..MEMBERS {
         tasks.push(tokio::spawn(poster(
             servers.clone(),
@@ -374,7 +480,10 @@ pub async fn run(plan: Plan) -> Outcomes {
     let posts = std::mem::take(&mut *posts.lock().expect("lock"));
     let sessions = std::mem::take(&mut *sessions.lock().expect("lock"));
     let unreadable = std::mem::take(&mut *unreadable.lock().expect("lock"));
+    let membership = std::mem::take(&mut *membership.lock().expect("lock"));
     Outcomes {
+        initial,
+        membership,
         steps,
         history: History {
             posts,
