@@ -2,12 +2,17 @@
 
 use std::path::PathBuf;
 
-/// The folder cargo puts this profile's binaries in (the parent of the
-/// running test binary's `deps` folder).
+/// The folder cargo puts this profile's binaries in: the parent of the
+/// running test binary's `deps` folder, or the folder of a running binary
+/// (`chaos-campaign`).
 pub fn dir() -> PathBuf {
     let exe = std::env::current_exe().expect("current exe");
-    let deps = exe.parent().expect("deps folder");
-    deps.parent().expect("profile folder").to_path_buf()
+    let folder = exe.parent().expect("the executable's folder");
+    if folder.file_name().is_some_and(|n| n == "deps") {
+        folder.parent().expect("profile folder").to_path_buf()
+    } else {
+        folder.to_path_buf()
+    }
 }
 
 /// The path of a workspace binary.
