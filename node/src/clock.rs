@@ -100,6 +100,99 @@ impl Clock for ShiftedClock {
     }
 }
 
+/// Test builds only (feature `test-clock`): the machine's clocks made to
+/// drift or jump, as a control file says, so that chaos tests can break
+/// the drift bound the leases rely on.
+///
+/// The file holds `RATE_PPM OFFSET_MS`: lease time runs at `1 + RATE_PPM /
+/// 10⁶` of real time, and is moved forward by `OFFSET_MS` (wall time by the
+/// same offset). The offset only grows (a monotonic clock never goes back)
+/// and the file is read at most every [`SKEW_READ_EVERY_MS`] of real time.
+#[cfg(feature = "test-clock")]
+#[derive(Debug)]
+pub struct SkewedClock {
+    system: SystemClock,
+    path: std::path::PathBuf,
+    skew: std::sync::Mutex<Skew>,
+}
+
+/// How often a [`SkewedClock`] reads its control file.
+#[cfg(feature = "test-clock")]
+pub const SKEW_READ_EVERY_MS: u64 = 20;
+
+#[cfg(feature = "test-clock")]
+#[derive(Debug, Default)]
+struct Skew {
+    read_at: Option<u64>,
+    rate_ppm: i64,
+    offset_ms: u64,
+    /// Real and skewed time (offset excluded) when the rate last changed.
+    base_real: u64,
+    base_skewed: u64,
+    last: u64,
+}
+
+#[cfg(feature = "test-clock")]
+impl Skew {
+    fn skewed(&self, real: u64) -> u64 {
+        let elapsed = i128::from(real - self.base_real);
+        let scaled = elapsed * (1_000_000 + i128::from(self.rate_ppm)) / 1_000_000;
+        self.base_skewed + u64::try_from(scaled.max(0)).unwrap_or(u64::MAX)
+    }
+}
+
+#[cfg(feature = "test-clock")]
+impl SkewedClock {
+    /// A clock controlled by the file at `path` (no file: no skew).
+    pub fn new(path: std::path::PathBuf) -> Arc<SkewedClock> {
+        Arc::new(SkewedClock {
+            system: SystemClock::starting_now(),
+            path,
+            skew: std::sync::Mutex::new(Skew::default()),
+        })
+    }
+
+    fn control(&self) -> Option<(i64, u64)> {
+        let text = std::fs::read_to_string(&self.path).ok()?;
+        let mut parts = text.split_whitespace();
+        let rate = parts.next()?.parse::<i64>().ok()?;
+        let offset = parts.next()?.parse::<u64>().ok()?;
+        (rate > -1_000_000).then_some((rate, offset))
+    }
+
+    /// Lease time and the wall-clock offset now.
+    fn now(&self) -> (u64, u64) {
+        let real = self.system.monotonic().0;
+        let mut s = self.skew.lock().expect("clock lock");
+        if s.read_at.is_none_or(|at| real >= at + SKEW_READ_EVERY_MS) {
+            s.read_at = Some(real);
+            if let Some((rate, offset)) = self.control() {
+                if rate != s.rate_ppm {
+                    s.base_skewed = s.skewed(real);
+                    s.base_real = real;
+                    s.rate_ppm = rate;
+                }
+                s.offset_ms = s.offset_ms.max(offset);
+            }
+        }
+        let value = (s.skewed(real) + s.offset_ms).max(s.last);
+        s.last = value;
+        (value, s.offset_ms)
+    }
+}
+
+#[cfg(feature = "test-clock")]
+impl Clock for SkewedClock {
+    fn monotonic(&self) -> Millis {
+        Millis(self.now().0)
+    }
+
+    fn unix_ms(&self) -> i64 {
+        let offset = i64::try_from(self.now().1).unwrap_or(i64::MAX);
+        self.system.unix_ms().saturating_add(offset)
+    }
+}
+
 /// Milliseconds of `CLOCK_BOOTTIME`: time since boot, suspensions included.
 #[cfg(any(target_os = "linux", target_os = "android"))]
 fn boottime_ms() -> u64 {
@@ -266,5 +359,32 @@ mod tests {
         }
         let lease_time = clock.monotonic().0;
         assert!((5..3_600_000).contains(&lease_time), "{lease_time}");
+    }
+
+    #[cfg(feature = "test-clock")]
+    #[test]
+    fn a_skewed_clock_follows_its_control_file_and_never_goes_back() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("clock");
+        let clock = SkewedClock::new(path.clone());
+        let start = clock.monotonic().0;
+        std::fs::write(&path, "0 60000").unwrap();
+        // The file is read within SKEW_READ_EVERY_MS of real time: wait on
+        // that condition, not on a fixed sleep.
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+        while clock.monotonic().0 < start + 60_000 {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the jump never showed"
+            );
+            std::thread::yield_now();
+        }
+        let jumped = clock.monotonic().0;
+        std::fs::write(&path, "0 0").unwrap();
+        let deadline = std::time::Instant::now() + std::time::Duration::from_millis(200);
+        while std::time::Instant::now() < deadline {
+            assert!(clock.monotonic().0 >= jumped, "an offset never shrinks");
+        }
+        assert!(clock.unix_ms() > SystemClock::starting_now().unix_ms() + 59_000);
     }
 }

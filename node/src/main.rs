@@ -272,11 +272,28 @@ async fn main_async(config: NodeConfig) -> anyhow::Result<()> {
             peer,
             admin,
         },
-        SystemClock::new(),
+        clock()?,
         token,
     )
     .await?;
     Ok(())
+}
+
+/// The machine's clocks, or in a test build with SAFERCHAT_TEST_CLOCK_FILE
+/// set, clocks that drift and jump as that file says.
+fn clock() -> anyhow::Result<std::sync::Arc<dyn saferchat_node::clock::Clock>> {
+    match std::env::var_os("SAFERCHAT_TEST_CLOCK_FILE") {
+        None => Ok(SystemClock::new()),
+        #[cfg(feature = "test-clock")]
+        Some(path) => {
+            tracing::warn!(path = ?path, "test clock: lease time follows a control file");
+            Ok(saferchat_node::clock::SkewedClock::new(path.into()))
+        }
+        #[cfg(not(feature = "test-clock"))]
+        Some(_) => anyhow::bail!(
+            "SAFERCHAT_TEST_CLOCK_FILE is set, but this build has no test clock (feature test-clock)"
+        ),
+    }
 }
 
 fn main() -> ExitCode {

@@ -25,6 +25,9 @@ pub struct Options {
     /// Whether every node serves Prometheus metrics on its own port
     /// ([`Cluster::metrics`]).
     pub metrics: bool,
+    /// Whether every node's clocks follow a control file the test writes
+    /// ([`Cluster::set_clock`]; test builds of the node only).
+    pub test_clocks: bool,
 }
 
 impl Options {
@@ -36,6 +39,7 @@ impl Options {
             renew_ms: 250,
             env: Vec::new(),
             metrics: false,
+            test_clocks: false,
         }
     }
 }
@@ -163,6 +167,12 @@ impl Cluster {
                 ),
             ];
             env.extend(options.env.iter().cloned());
+            if options.test_clocks {
+                env.push((
+                    "SAFERCHAT_TEST_CLOCK_FILE".into(),
+                    cluster.clock_file(i).display().to_string(),
+                ));
+            }
             let data_dir = cluster._dir.path().join(format!("node{}", i + 1));
             let mut attempt = 0;
             let node = loop {
@@ -189,6 +199,24 @@ impl Cluster {
             cluster.point_at(i);
         }
         cluster
+    }
+
+    fn clock_file(&self, i: usize) -> std::path::PathBuf {
+        self._dir.path().join(format!("node{}.clock", i + 1))
+    }
+
+    /// Makes node `i`'s clocks run at `1 + rate_ppm / 10⁶` of real time,
+    /// `offset_ms` ahead (an offset only ever grows). Needs
+    /// [`Options::test_clocks`]; the node reads the file within
+    /// milliseconds.
+    ///
+    /// # Panics
+    /// When the file cannot be written.
+    pub fn set_clock(&self, i: usize, rate_ppm: i64, offset_ms: u64) {
+        let path = self.clock_file(i);
+        let temporary = path.with_extension("clock.tmp");
+        std::fs::write(&temporary, format!("{rate_ppm} {offset_ms}\n")).expect("write clock");
+        std::fs::rename(&temporary, &path).expect("install clock");
     }
 
     /// Points the proxies in front of node `i` at the ports it bound.

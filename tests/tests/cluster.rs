@@ -76,8 +76,8 @@ async fn membership_commits_with_a_node_down_and_the_node_catches_up() {
             .revision,
         4
     );
-    // Steady state without the dead node: no more stalls.
-    let started = Instant::now();
+    // Steady state without the dead node: the change commits (how long
+    // it takes is measured by the failover benchmark, not asserted here).
     assert_eq!(
         other
             .remove_user("aaa", &handle(2), None)
@@ -85,11 +85,6 @@ async fn membership_commits_with_a_node_down_and_the_node_catches_up() {
             .expect("remove carol")
             .revision,
         5
-    );
-    assert!(
-        started.elapsed() < Duration::from_secs(1),
-        "{:?}",
-        started.elapsed()
     );
 
     cluster.restart(2);
@@ -235,4 +230,93 @@ async fn a_partitioned_lease_holder_stops_local_reads_before_a_write_commits_wit
         revision(r) == 3
     })
     .await;
+}
+
+/// Beyond the drift bound, leases are not safe, and the linearizability
+/// checker says so: the two grantors' clocks jump 30 s ahead, so they
+/// take their promises to the holder (node 3, cut off) for expired while
+/// the holder's own clock still says its lease runs; a change commits
+/// without it, and the holder then answers a read from its lease with the
+/// old membership.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn beyond_the_drift_bound_a_stale_lease_read_happens_and_is_flagged() {
+    use saferchat_tests::chaos::linear::{Operation, linearizable};
+    use saferchat_tests::chaos::membership::{MemberOp, Room, State};
+
+    let options = Options {
+        // A long lease, so the holder's still runs when the write is done.
+        lease_ms: 20_000,
+        renew_ms: 2_000,
+        test_clocks: true,
+        ..Options::single_dc(3)
+    };
+    let cluster = Cluster::start(options).await;
+    let mut admin = cluster.admin(0).await;
+    admin.create_chat("aaa").await.expect("create");
+    admin.add_user("aaa", &handle(0), None).await.expect("add");
+    let held = wait_for(&cluster, 2, "aaa", "a lease read", |r| {
+        revision(r) == 2 && r.read_path == "lease"
+    })
+    .await;
+    let state = |r: &saferchat_proto::admin::MembersReply| -> State {
+        let m = r.membership.as_ref().expect("membership");
+        (
+            m.revision,
+            m.members.iter().map(|m| m.user.clone()).collect(),
+        )
+    };
+    let start = Instant::now();
+    let micros = |t: Instant| u64::try_from(t.duration_since(start).as_micros()).unwrap();
+
+    cluster.isolate(2);
+    for grantor in [0, 1] {
+        cluster.set_clock(grantor, 0, 30_000);
+    }
+    // The grantors read their clock files within milliseconds; the write
+    // is retried until it commits (bounded by the helper's deadline).
+    let call = Instant::now();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let written = loop {
+        match admin.remove_user("aaa", &handle(0), None).await {
+            Ok(r) => break r,
+            Err(e) => assert!(Instant::now() < deadline, "the write never committed: {e}"),
+        }
+    };
+    let returned = Instant::now();
+    assert_eq!(written.revision, 3);
+    let mut holder = cluster.admin(2).await;
+    let read_call = Instant::now();
+    let read = holder.members("aaa").await.expect("the holder answers");
+    let read_returned = Instant::now();
+    assert_eq!(
+        (revision(&read), read.read_path.as_str()),
+        (2, "lease"),
+        "the holder still reads the old membership under its lease"
+    );
+    let history = [
+        Operation {
+            call: micros(call),
+            ret: Some(micros(returned)),
+            op: MemberOp::Remove {
+                handle: handle(0),
+                out: Some((3, true)),
+            },
+        },
+        Operation {
+            call: micros(read_call),
+            ret: Some(micros(read_returned)),
+            op: MemberOp::Read {
+                out: Some(state(&read)),
+            },
+        },
+    ];
+    let room = Room {
+        initial: state(&held),
+    };
+    assert!(
+        !linearizable(&room, &history),
+        "the checker must flag a read beyond the drift bound"
+    );
+    // The same history without the stale read is fine.
+    assert!(linearizable(&room, &history[..1]));
 }

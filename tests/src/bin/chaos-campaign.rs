@@ -98,18 +98,22 @@ async fn main() {
             totals.anomalies.push(format!("SEED={seed}: {a:?}"));
         }
         for u in &out.unreadable {
-            totals.anomalies.push(format!("SEED={seed}: unreadable message: {u}"));
+            totals
+                .anomalies
+                .push(format!("SEED={seed}: unreadable message: {u}"));
         }
         for p in &out.plaintext_in {
-            totals.anomalies.push(format!("SEED={seed}: plaintext in {}", p.display()));
+            totals
+                .anomalies
+                .push(format!("SEED={seed}: plaintext in {}", p.display()));
         }
         let room = Room {
             initial: out.initial.clone(),
         };
         if !linearizable(&room, &out.membership) {
-            totals
-                .anomalies
-                .push(format!("SEED={seed}: membership operations not linearizable"));
+            totals.anomalies.push(format!(
+                "SEED={seed}: membership operations not linearizable"
+            ));
         }
         eprintln!(
             "chaos-campaign: SEED={seed}: {} posts, {} anomalies so far",

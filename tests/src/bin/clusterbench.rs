@@ -500,6 +500,7 @@ impl BenchCluster {
             renew_ms: lease.renew_every_ms,
             env: Vec::new(),
             metrics: true,
+            test_clocks: false,
         })
         .await;
         let mut admins = Vec::new();
