@@ -1,9 +1,9 @@
 //! Seeded fault schedules against a three-node cluster with members
 //! posting and listening (`saferchat_tests::chaos`): kills and restarts,
-//! pauses, isolated nodes, one-way cuts and slow links, while an admin
-//! changes and reads the membership. Then every checker runs over what the
-//! clients saw and the nodes stored, and the membership operations are
-//! checked for linearizability.
+//! pauses, isolated nodes, one-way cuts, slow links and clock drift within
+//! the bound, while an admin changes and reads the membership. Then every
+//! checker runs over what the clients saw and the nodes stored, and the
+//! membership operations are checked for linearizability.
 //!
 //! `SEED=n` replays schedule `n` (and runs only it); `CHAOS_SECONDS`
 //! lengthens the fault window (default 20 s).

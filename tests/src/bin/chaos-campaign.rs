@@ -46,6 +46,8 @@ fn kind(f: Fault) -> &'static str {
         Fault::Isolate(_) => "isolate + heal",
         Fault::Cut { .. } => "one-way cut + mend",
         Fault::Delay { .. } => "slow link + mend",
+        Fault::Drift { ppm: 0, .. } => "undo",
+        Fault::Drift { .. } => "clock drift within the bound + undo",
         Fault::Restart(_) | Fault::Resume(_) | Fault::Heal(_) | Fault::Mend { .. } => "undo",
     }
 }

@@ -300,6 +300,7 @@ fn apply(cluster: &mut Cluster, fault: Fault) {
         Fault::Cut { from, to } => cluster.set_link(from, to, Link::Blocked),
         Fault::Mend { from, to } => cluster.set_link(from, to, Link::Open { delay_ms: 0 }),
         Fault::Delay { from, to, ms } => cluster.set_link(from, to, Link::Open { delay_ms: ms }),
+        Fault::Drift { node, ppm } => cluster.set_clock(node, ppm, 0),
     }
 }
 
@@ -327,7 +328,11 @@ fn identity_of(envelope: &Envelope) -> Option<Arc<Identity>> {
 /// [`RECOVERY_MAX`] after every fault is undone.
 pub async fn run(plan: Plan) -> Outcomes {
     let steps = schedule(plan.seed, plan.nodes, plan.duration.as_millis() as u64);
-    let mut cluster = Cluster::start(Options::single_dc(plan.nodes)).await;
+    let mut cluster = Cluster::start(Options {
+        test_clocks: true,
+        ..Options::single_dc(plan.nodes)
+    })
+    .await;
     let servers: Vec<String> = (0..plan.nodes).map(|i| cluster.server(i)).collect();
     let mut admin = cluster.admin(0).await;
     admin.create_chat(ROOM).await.expect("create the room");

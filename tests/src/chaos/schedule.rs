@@ -36,6 +36,14 @@ pub enum Fault {
         /// The dialled node.
         to: usize,
     },
+    /// Node `node`'s clocks run `ppm` parts per million fast (negative:
+    /// slow); 0 undoes it. Within the configured drift bound (500 ppm).
+    Drift {
+        /// The node.
+        node: usize,
+        /// Rate error.
+        ppm: i64,
+    },
     /// Delay every byte on the link `from` → `to` by `ms`.
     Delay {
         /// The dialling node.
@@ -69,10 +77,17 @@ pub fn schedule(seed: u64, nodes: usize, duration_ms: u64) -> Vec<Step> {
         let node = rng.random_range(0..nodes);
         let other = (node + rng.random_range(1..nodes)) % nodes;
         let lasts = rng.random_range(500..4_000);
-        let (start, undo) = match rng.random_range(0..5) {
+        let (start, undo) = match rng.random_range(0..6) {
             0 => (Fault::Kill(node), Fault::Restart(node)),
             1 => (Fault::Pause(node), Fault::Resume(node)),
             2 => (Fault::Isolate(node), Fault::Heal(node)),
+            4 => (
+                Fault::Drift {
+                    node,
+                    ppm: rng.random_range(-500..=500),
+                },
+                Fault::Drift { node, ppm: 0 },
+            ),
             3 => (
                 Fault::Cut {
                     from: node,
@@ -124,6 +139,7 @@ mod tests {
                 Fault::Pause(n) => Fault::Resume(n),
                 Fault::Isolate(n) => Fault::Heal(n),
                 Fault::Cut { from, to } | Fault::Delay { from, to, .. } => Fault::Mend { from, to },
+                Fault::Drift { node, .. } => Fault::Drift { node, ppm: 0 },
                 other => panic!("an undo opens an episode: {other:?}"),
             };
             assert_eq!(pair[1].fault, undone);
