@@ -384,9 +384,22 @@ impl EnvelopeLog {
             return Ok(());
         }
         let path = segment_path(&self.dir, w.segment);
-        (&*w.file)
-            .write_all(buf)
-            .map_err(|e| io("appending to", &path, e))?;
+        if let Err(e) = (&*w.file).write_all(buf) {
+            // Part of the buffer may be in the file (a full disk takes what
+            // fits). It must not stay: the file is in append mode, so the
+            // next records would land after those bytes while their
+            // pointers count from `w.len`, and be unreadable. Cut the file
+            // back to its last whole record.
+            if let Err(cut) = w.file.set_len(w.len) {
+                self.failed.store(true, std::sync::atomic::Ordering::SeqCst);
+                return Err(io(
+                    &format!("appending failed ({e}), and so did cutting back"),
+                    &path,
+                    cut,
+                ));
+            }
+            return Err(io("appending to", &path, e));
+        }
         w.len += buf.len() as u64;
         if !w.unsynced.iter().any(|f| Arc::ptr_eq(f, &w.file)) {
             let current = Arc::clone(&w.file);
