@@ -1,9 +1,11 @@
 //! Seeded fault schedules against a three-node cluster with members
 //! posting and listening (`saferchat_tests::chaos`): kills and restarts,
 //! pauses, isolated nodes, one-way cuts, slow links and clock drift within
-//! the bound, while an admin changes and reads the membership. Then every
-//! checker runs over what the clients saw and the nodes stored, and the
-//! membership operations are checked for linearizability.
+//! the bound, while an admin changes and reads the membership and removes
+//! a listening member part-way through. Then every checker runs over what
+//! the clients saw and the nodes stored (the removed member got nothing
+//! posted after its removal, and no stored envelope since carries its
+//! key), and the membership operations are checked for linearizability.
 //!
 //! `SEED=n` replays schedule `n` (and runs only it); `CHAOS_SECONDS`
 //! lengthens the fault window (default 20 s).
@@ -74,6 +76,17 @@ async fn seeded_fault_schedules_lose_duplicate_and_reorder_nothing() {
             out.plaintext_in
         );
         assert!(acked > 0, "SEED={seed}: nothing was acknowledged at all");
+        let removal = out.removal.as_ref().expect("the member was removed");
+        eprintln!(
+            "chaos: SEED={seed}: member removed at revision {}",
+            removal.revision
+        );
+        assert!(
+            removal.delivered_after.is_empty() && removal.keyed_after == 0,
+            "SEED={seed}: the removed member got {:?} and {} stored envelopes carry its key",
+            removal.delivered_after,
+            removal.keyed_after
+        );
         let answered = out.membership.iter().filter(|o| o.ret.is_some()).count();
         eprintln!(
             "chaos: SEED={seed}: {} membership operations ({answered} answered)",

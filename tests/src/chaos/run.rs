@@ -29,6 +29,9 @@ use crate::netproxy::Link;
 
 /// Members posting and listening.
 pub const MEMBERS: usize = 3;
+/// A member who listens and is removed part-way through the faults (the
+/// fixture key after the posters').
+pub const REMOVED: usize = MEMBERS;
 /// How long a post may go unanswered before it counts as unknown.
 pub const POST_TIMEOUT: Duration = Duration::from_secs(8);
 /// How long the cluster may take to serve again once every fault is
@@ -65,6 +68,64 @@ pub struct Outcomes {
     /// Membership changes and reads during the run (times in µs from the
     /// start).
     pub membership: Vec<Operation<MemberOp>>,
+    /// The removal of member [`REMOVED`], when it was acknowledged.
+    pub removal: Option<Removal>,
+}
+
+/// What a removed member got after its removal (both must be empty).
+#[derive(Debug)]
+pub struct Removal {
+    /// The revision that removed it.
+    pub revision: u64,
+    /// Texts it was delivered that were posted at or after that revision.
+    pub delivered_after: Vec<String>,
+    /// Stored envelopes at or after that revision with a key for it.
+    pub keyed_after: usize,
+}
+
+/// Removes member [`REMOVED`] at `at`, through any node, until one
+/// attempt is acknowledged (each attempt is recorded for the
+/// linearizability check); returns the revision.
+async fn remover(
+    servers: Vec<String>,
+    start: Instant,
+    at: Instant,
+    until: Instant,
+    ops: Arc<Mutex<Vec<Operation<MemberOp>>>>,
+) -> Option<u64> {
+    tokio::time::sleep_until(at.into()).await;
+    let handle = identity(REMOVED).handle().to_string();
+    let micros =
+        |t: Instant| u64::try_from(t.duration_since(start).as_micros()).unwrap_or(u64::MAX);
+    let mut through = 0;
+    while Instant::now() < until {
+        through = (through + 1) % servers.len();
+        let call = Instant::now();
+        let attempt = tokio::time::timeout(POST_TIMEOUT, async {
+            let mut admin =
+                saferchat_client::admin::Admin::connect(&servers[through], crate::ADMIN_TOKEN)
+                    .await
+                    .ok()?;
+            admin.remove_user(ROOM, &handle, None).await.ok()
+        })
+        .await
+        .ok()
+        .flatten();
+        let out = attempt.as_ref().map(|r| (r.revision, r.changed));
+        ops.lock().expect("lock").push(Operation {
+            call: micros(call),
+            ret: out.map(|_| micros(Instant::now())),
+            op: MemberOp::Remove {
+                handle: handle.clone(),
+                out,
+            },
+        });
+        if let Some(reply) = attempt {
+            return Some(reply.revision);
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    None
 }
 
 /// Changes and reads the room's membership until `until` through any node:
@@ -336,7 +397,7 @@ pub async fn run(plan: Plan) -> Outcomes {
     let servers: Vec<String> = (0..plan.nodes).map(|i| cluster.server(i)).collect();
     let mut admin = cluster.admin(0).await;
     admin.create_chat(ROOM).await.expect("create the room");
-    for member in 0..MEMBERS {
+    for member in 0..=REMOVED {
         admin
             .add_user(ROOM, &identity(member).handle().to_string(), None)
             .await
@@ -345,8 +406,8 @@ pub async fn run(plan: Plan) -> Outcomes {
     // Every member joins once before the faults: their keys are
     // registered, so posts are wrapped for all of them.
     let setup = Instant::now() + RECOVERY_MAX;
-    for member in 0..MEMBERS {
-        join_any(&servers, member, &identity(member), setup)
+    for member in 0..=REMOVED {
+        join_any(&servers, member % servers.len(), &identity(member), setup)
             .await
             .expect("join before the faults");
     }
@@ -366,6 +427,21 @@ pub async fn run(plan: Plan) -> Outcomes {
     let start = Instant::now();
     let posting_until = start + plan.duration;
     let listening_until = posting_until + POST_TIMEOUT + Duration::from_secs(5);
+    let removed_sessions = Arc::new(Mutex::new(Vec::new()));
+    let removed_listener = tokio::spawn(listener(
+        servers.clone(),
+        REMOVED,
+        listening_until,
+        Arc::clone(&removed_sessions),
+        Arc::new(Mutex::new(Vec::new())),
+    ));
+    let removal = tokio::spawn(remover(
+        servers.clone(),
+        start,
+        start + plan.duration * 3 / 5,
+        posting_until + RECOVERY_MAX,
+        Arc::clone(&membership),
+    ));
     let mut tasks = vec![tokio::spawn(administrator(
         servers.clone(),
         plan.seed,
@@ -396,6 +472,10 @@ pub async fn run(plan: Plan) -> Outcomes {
     for task in tasks {
         task.await.expect("client task");
     }
+    removed_listener
+        .await
+        .expect("the removed member's listener");
+    let removed_at = removal.await.expect("the remover");
 
     // Everything is undone: the room must serve again, through node 0.
     let reader = identity(0);
@@ -442,6 +522,9 @@ pub async fn run(plan: Plan) -> Outcomes {
     for node in &mut cluster.nodes {
         node.stop();
     }
+    let removed = identity(REMOVED).handle();
+    let mut revision_of = std::collections::HashMap::new();
+    let mut keyed_after = 0;
     let mut stores = Vec::new();
     for node in &cluster.nodes {
         let store = SledStore::open(&node.data_dir.join("db")).expect("open a node's store");
@@ -454,6 +537,14 @@ pub async fn run(plan: Plan) -> Outcomes {
             let full = page.len() == PAGE as usize;
             for m in &page {
                 after = Some(m.id);
+                if let Ok(e) = Envelope::decode(m.envelope.clone()) {
+                    revision_of.insert(m.seq, e.revision.0);
+                    if removed_at.is_some_and(|r| e.revision.0 >= r)
+                        && e.keys.iter().any(|k| k.recipient == removed)
+                    {
+                        keyed_after += 1;
+                    }
+                }
                 mine.push(Seen {
                     id: m.id.to_bytes().to_vec(),
                     seq: m.seq,
@@ -486,7 +577,20 @@ pub async fn run(plan: Plan) -> Outcomes {
     let sessions = std::mem::take(&mut *sessions.lock().expect("lock"));
     let unreadable = std::mem::take(&mut *unreadable.lock().expect("lock"));
     let membership = std::mem::take(&mut *membership.lock().expect("lock"));
+    let removal = removed_at.map(|revision| Removal {
+        revision,
+        delivered_after: removed_sessions
+            .lock()
+            .expect("lock")
+            .iter()
+            .flatten()
+            .filter(|m| revision_of.get(&m.seq).is_none_or(|r| *r >= revision))
+            .map(|m| m.text.clone())
+            .collect(),
+        keyed_after,
+    });
     Outcomes {
+        removal,
         initial,
         membership,
         steps,
