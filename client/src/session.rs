@@ -475,13 +475,20 @@ impl Session {
         for r in &members.recipients {
             self.keys.entry(r.handle).or_insert_with(|| r.key.clone());
         }
-        let first_seen = self.device.first_seen(
-            &members
-                .recipients
-                .iter()
-                .map(|r| (r.handle, fingerprint_of(&r.der)))
-                .collect::<Vec<_>>(),
-        )?;
+        // The same revision again (a refresh) has the keys already looked
+        // up: skip the device file.
+        let seen_before = members.revision == self.members.revision && members.revision.0 > 0;
+        let first_seen = if seen_before {
+            Vec::new()
+        } else {
+            self.device.first_seen(
+                &members
+                    .recipients
+                    .iter()
+                    .map(|r| (r.handle, fingerprint_of(&r.der)))
+                    .collect::<Vec<_>>(),
+            )?
+        };
         let newer = members.revision > self.members.revision;
         if newer && self.members.revision.0 > 0 {
             let mut change = self.members.changes_to(&members);

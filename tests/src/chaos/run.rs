@@ -83,6 +83,11 @@ pub struct Removal {
     pub keyed_after: usize,
 }
 
+/// Microseconds from `start` to `t`: the clock of recorded operations.
+fn micros_since(start: Instant, t: Instant) -> u64 {
+    u64::try_from(t.duration_since(start).as_micros()).unwrap_or(u64::MAX)
+}
+
 /// Removes member [`REMOVED`] at `at`, through any node, until one
 /// attempt is acknowledged (each attempt is recorded for the
 /// linearizability check); returns the revision.
@@ -95,8 +100,7 @@ async fn remover(
 ) -> Option<u64> {
     tokio::time::sleep_until(at.into()).await;
     let handle = identity(REMOVED).handle().to_string();
-    let micros =
-        |t: Instant| u64::try_from(t.duration_since(start).as_micros()).unwrap_or(u64::MAX);
+    let micros = |t: Instant| micros_since(start, t);
     let mut through = 0;
     while Instant::now() < until {
         through = (through + 1) % servers.len();
@@ -142,8 +146,7 @@ async fn administrator(
     let mut through = 0;
     let mut added: Vec<String> = Vec::new();
     let mut n = 0u32;
-    let micros =
-        |t: Instant| u64::try_from(t.duration_since(start).as_micros()).unwrap_or(u64::MAX);
+    let micros = |t: Instant| micros_since(start, t);
     while Instant::now() < until {
         let Ok(Ok(mut admin)) = tokio::time::timeout(
             POST_TIMEOUT,
