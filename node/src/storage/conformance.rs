@@ -194,6 +194,26 @@ pub async fn idempotent_append(store: &dyn ChatStore) {
     assert_eq!(stored, all);
 }
 
+/// Messages appended without a sync are read back at once, a repeat is
+/// stored once, and a sync keeps them; a durable append after them keeps
+/// the order.
+pub async fn unsynced_appends(store: &dyn ChatStore) {
+    let room = unique_room("unsynced");
+    let all = messages(&room, BEFORE_DECEMBER_MS - 60_000, 1, 6);
+    store.append_unsynced(&all[..2]).await.expect("append");
+    store.append_unsynced(&all[1..4]).await.expect("append");
+    let stored = history(store, &room, Range::After(None), 100)
+        .await
+        .expect("read");
+    assert_eq!(stored, all[..4], "visible before the sync");
+    store.sync_appended().await.expect("sync");
+    store.append(&all[4..]).await.expect("append");
+    let stored = history(store, &room, Range::After(None), 100)
+        .await
+        .expect("read");
+    assert_eq!(stored, all);
+}
+
 /// The largest envelope the node accepts round-trips byte for byte.
 pub async fn largest_message(store: &dyn ChatStore) {
     let room = unique_room("large");
@@ -460,6 +480,12 @@ macro_rules! chat_store_conformance {
         async fn conformance_idempotent_append() {
             let store: std::sync::Arc<dyn $crate::storage::ChatStore> = $make.await;
             $crate::storage::conformance::idempotent_append(&*store).await;
+        }
+        #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+        $(#[$attr])+
+        async fn conformance_unsynced_appends() {
+            let store: std::sync::Arc<dyn $crate::storage::ChatStore> = $make.await;
+            $crate::storage::conformance::unsynced_appends(&*store).await;
         }
         #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
         $(#[$attr])+

@@ -112,6 +112,23 @@ pub trait ChatStore: Send + Sync + std::fmt::Debug + 'static {
     /// a message whose `(room, id)` is already stored stores it once.
     async fn append(&self, batch: &[StoredMessage]) -> Result<(), NodeError>;
 
+    /// Appends like [`ChatStore::append`], but may return before the
+    /// messages are durable: reads see them at once, and they are durable
+    /// once a later [`ChatStore::sync_appended`] returns. For a writer
+    /// whose messages are already durable elsewhere (a partition's
+    /// replicas apply committed log entries, which a quorum synced before
+    /// anyone was answered): it pays one sync for many batches, and says
+    /// what it applied only after that sync. Stores without a cheaper path
+    /// append durably.
+    async fn append_unsynced(&self, batch: &[StoredMessage]) -> Result<(), NodeError> {
+        self.append(batch).await
+    }
+
+    /// Makes every earlier [`ChatStore::append_unsynced`] durable.
+    async fn sync_appended(&self) -> Result<(), NodeError> {
+        Ok(())
+    }
+
     /// The buckets `room` has messages in, oldest first.
     async fn buckets(&self, room: &RoomId) -> Result<Vec<Bucket>, NodeError>;
 

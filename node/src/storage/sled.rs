@@ -479,6 +479,11 @@ impl ChatStore for SledStore {
     }
 
     async fn append(&self, batch: &[StoredMessage]) -> Result<(), NodeError> {
+        self.append_unsynced(batch).await?;
+        self.sync_appended().await
+    }
+
+    async fn append_unsynced(&self, batch: &[StoredMessage]) -> Result<(), NodeError> {
         let indexing = self.index_lock.lock().expect("lock");
         // Stored once: messages already indexed are not written again.
         let mut fresh = Vec::with_capacity(batch.len());
@@ -520,6 +525,10 @@ impl ChatStore for SledStore {
             .apply_batch(writes)
             .map_err(NodeError::storage)?;
         drop(indexing);
+        Ok(())
+    }
+
+    async fn sync_appended(&self) -> Result<(), NodeError> {
         self.sync_for(Durable::Log).await
     }
 
