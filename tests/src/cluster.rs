@@ -4,11 +4,12 @@
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
+use std::sync::Arc;
 
 use saferchat_client::admin::Admin;
 
 use crate::ADMIN_TOKEN;
-use crate::netproxy::{Link, Proxy};
+use crate::netproxy::{Link, Proxy, Tap};
 use crate::process::NodeProcess;
 
 /// How to build the cluster.
@@ -28,6 +29,9 @@ pub struct Options {
     /// Whether every node's clocks follow a control file the test writes
     /// ([`Cluster::set_clock`]; test builds of the node only).
     pub test_clocks: bool,
+    /// Scans every byte between the nodes and between clients and nodes
+    /// (every proxy), from the first connection on.
+    pub wire_tap: Option<Arc<Tap>>,
 }
 
 impl Options {
@@ -40,6 +44,7 @@ impl Options {
             env: Vec::new(),
             metrics: false,
             test_clocks: false,
+            wire_tap: None,
         }
     }
 }
@@ -102,14 +107,21 @@ impl Cluster {
         let n = options.datacenters.len();
         let dir = tempfile::tempdir().expect("tempdir");
         let mut links = HashMap::new();
+        let proxy = || async {
+            let p = Proxy::start().await;
+            if let Some(tap) = &options.wire_tap {
+                p.set_tap(Arc::clone(tap));
+            }
+            p
+        };
         for from in 0..n {
             for to in (0..n).filter(|to| *to != from) {
-                links.insert((from, to), Proxy::start().await);
+                links.insert((from, to), proxy().await);
             }
         }
         let mut fronts = Vec::new();
         for _ in 0..n {
-            fronts.push(Proxy::start().await);
+            fronts.push(proxy().await);
         }
         let tls_dir = dir.path().join("tls");
         let certified: Vec<_> = (0..n)

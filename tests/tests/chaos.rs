@@ -5,7 +5,9 @@
 //! a listening member part-way through. Then every checker runs over what
 //! the clients saw and the nodes stored (the removed member got nothing
 //! posted after its removal, and no stored envelope since carries its
-//! key), and the membership operations are checked for linearizability.
+//! key; no posted text is in a data folder, a log or the capture of every
+//! byte between the processes), and the membership operations are checked
+//! for linearizability.
 //!
 //! `SEED=n` replays schedule `n` (and runs only it); `CHAOS_SECONDS`
 //! lengthens the fault window (default 20 s).
@@ -75,6 +77,17 @@ async fn seeded_fault_schedules_lose_duplicate_and_reorder_nothing() {
             "SEED={seed}: plaintext in {:?}",
             out.plaintext_in
         );
+        eprintln!(
+            "chaos: SEED={seed}: {} bytes captured between the processes",
+            out.wire.bytes
+        );
+        assert!(
+            out.wire.hits == 0,
+            "SEED={seed}: {} posted texts on the wire: {:?}",
+            out.wire.hits,
+            out.wire.excerpts
+        );
+        assert!(out.wire.bytes > 0, "SEED={seed}: the capture saw nothing");
         assert!(acked > 0, "SEED={seed}: nothing was acknowledged at all");
         let removal = out.removal.as_ref().expect("the member was removed");
         eprintln!(

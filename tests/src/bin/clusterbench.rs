@@ -501,6 +501,7 @@ impl BenchCluster {
             env: Vec::new(),
             metrics: true,
             test_clocks: false,
+            wire_tap: None,
         })
         .await;
         let mut admins = Vec::new();

@@ -25,7 +25,7 @@ use super::linear::Operation;
 use super::membership::{MemberOp, State};
 use super::schedule::{Fault, Step, schedule};
 use crate::cluster::{Cluster, Options};
-use crate::netproxy::Link;
+use crate::netproxy::{Link, Tap};
 
 /// Members posting and listening.
 pub const MEMBERS: usize = 3;
@@ -63,6 +63,9 @@ pub struct Outcomes {
     pub unreadable: Vec<String>,
     /// Files under the data folders or logs that hold a posted text.
     pub plaintext_in: Vec<PathBuf>,
+    /// What the wire capture saw: bytes between the processes, and posted
+    /// texts among them (there must be none).
+    pub wire: Wire,
     /// The room's membership before the faults.
     pub initial: State,
     /// Membership changes and reads during the run (times in µs from the
@@ -70,6 +73,18 @@ pub struct Outcomes {
     pub membership: Vec<Operation<MemberOp>>,
     /// The removal of member [`REMOVED`], when it was acknowledged.
     pub removal: Option<Removal>,
+}
+
+/// The capture of every byte between clients and nodes and between nodes
+/// (the harness's proxies, [`crate::netproxy::Tap`]).
+#[derive(Debug)]
+pub struct Wire {
+    /// Bytes captured.
+    pub bytes: u64,
+    /// Posted texts found in them.
+    pub hits: u64,
+    /// The first few, with what followed each.
+    pub excerpts: Vec<String>,
 }
 
 /// What a removed member got after its removal (both must be empty).
@@ -81,6 +96,39 @@ pub struct Removal {
     pub delivered_after: Vec<String>,
     /// Stored envelopes at or after that revision with a key for it.
     pub keyed_after: usize,
+}
+
+/// The files among `paths` that hold `marker`.
+pub fn holding(paths: impl IntoIterator<Item = PathBuf>, marker: &[u8]) -> Vec<PathBuf> {
+    paths
+        .into_iter()
+        .filter(|path| std::fs::read(path).is_ok_and(|b| crate::process::contains(&b, marker)))
+        .collect()
+}
+
+/// Texts of deliveries a member removed at `revision` must not have had:
+/// posts wrapped at or after that revision, or of a revision nobody
+/// stored (a post only the removed member saw is a breach too).
+pub fn delivered_after_removal<'a>(
+    delivered: impl IntoIterator<Item = &'a Seen>,
+    revision_of: &std::collections::HashMap<u64, u64>,
+    revision: u64,
+) -> Vec<String> {
+    delivered
+        .into_iter()
+        .filter(|m| revision_of.get(&m.seq).is_none_or(|r| *r >= revision))
+        .map(|m| m.text.clone())
+        .collect()
+}
+
+/// Whether a stored envelope wraps a key for a member removed at
+/// `revision` although it was sealed at or after that revision.
+pub fn keyed_after_removal(
+    envelope: &Envelope,
+    removed: &saferchat_consensus::Handle,
+    revision: u64,
+) -> bool {
+    envelope.revision.0 >= revision && envelope.keys.iter().any(|k| k.recipient == *removed)
 }
 
 /// Microseconds from `start` to `t`: the clock of recorded operations.
@@ -392,8 +440,11 @@ fn identity_of(envelope: &Envelope) -> Option<Arc<Identity>> {
 /// [`RECOVERY_MAX`] after every fault is undone.
 pub async fn run(plan: Plan) -> Outcomes {
     let steps = schedule(plan.seed, plan.nodes, plan.duration.as_millis() as u64);
+    let marker = format!("chaos-{}-", plan.seed);
+    let tap = Tap::new(marker.as_bytes());
     let mut cluster = Cluster::start(Options {
         test_clocks: true,
+        wire_tap: Some(Arc::clone(&tap)),
         ..Options::single_dc(plan.nodes)
     })
     .await;
@@ -542,9 +593,7 @@ pub async fn run(plan: Plan) -> Outcomes {
                 after = Some(m.id);
                 if let Ok(e) = Envelope::decode(m.envelope.clone()) {
                     revision_of.insert(m.seq, e.revision.0);
-                    if removed_at.is_some_and(|r| e.revision.0 >= r)
-                        && e.keys.iter().any(|k| k.recipient == removed)
-                    {
+                    if removed_at.is_some_and(|r| keyed_after_removal(&e, &removed, r)) {
                         keyed_after += 1;
                     }
                 }
@@ -562,34 +611,25 @@ pub async fn run(plan: Plan) -> Outcomes {
         stores.push(mine);
     }
 
-    let marker = format!("chaos-{}-", plan.seed);
-    let plaintext_in = cluster
-        .nodes
-        .iter()
-        .flat_map(|n| {
+    let plaintext_in = holding(
+        cluster.nodes.iter().flat_map(|n| {
             crate::process::files(&n.data_dir)
                 .into_iter()
                 .chain([n.log.clone()])
-        })
-        .filter(|path| {
-            std::fs::read(path)
-                .is_ok_and(|bytes| crate::process::contains(&bytes, marker.as_bytes()))
-        })
-        .collect();
+        }),
+        marker.as_bytes(),
+    );
     let posts = std::mem::take(&mut *posts.lock().expect("lock"));
     let sessions = std::mem::take(&mut *sessions.lock().expect("lock"));
     let unreadable = std::mem::take(&mut *unreadable.lock().expect("lock"));
     let membership = std::mem::take(&mut *membership.lock().expect("lock"));
     let removal = removed_at.map(|revision| Removal {
         revision,
-        delivered_after: removed_sessions
-            .lock()
-            .expect("lock")
-            .iter()
-            .flatten()
-            .filter(|m| revision_of.get(&m.seq).is_none_or(|r| *r >= revision))
-            .map(|m| m.text.clone())
-            .collect(),
+        delivered_after: delivered_after_removal(
+            removed_sessions.lock().expect("lock").iter().flatten(),
+            &revision_of,
+            revision,
+        ),
         keyed_after,
     });
     Outcomes {
@@ -605,5 +645,89 @@ pub async fn run(plan: Plan) -> Outcomes {
         },
         unreadable,
         plaintext_in,
+        wire: Wire {
+            bytes: tap.bytes(),
+            hits: tap.hits(),
+            excerpts: tap.found(),
+        },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use bytes::Bytes;
+    use saferchat_consensus::{Handle, Revision};
+    use saferchat_envelope::WrappedKey;
+
+    /// The plaintext checker bites: a data folder with a posted text in
+    /// one of its files (in a subfolder, amid other bytes) is reported.
+    #[test]
+    fn a_file_holding_a_posted_text_is_reported() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::create_dir(dir.path().join("db")).unwrap();
+        std::fs::write(dir.path().join("db/clean"), b"ciphertext only").unwrap();
+        std::fs::write(dir.path().join("db/leak"), b"\0\x01chaos-7-2-15\0").unwrap();
+        std::fs::write(dir.path().join("other-seed"), b"chaos-8-2-15").unwrap();
+        let found = holding(crate::process::files(dir.path()), b"chaos-7-");
+        assert_eq!(found, [dir.path().join("db/leak")]);
+    }
+
+    fn seen(seq: u64) -> Seen {
+        Seen {
+            id: vec![seq as u8],
+            seq,
+            text: format!("post {seq}"),
+        }
+    }
+
+    /// The removed-member checker bites on a doctored run: a delivery of a
+    /// post sealed at the removing revision or later, or of a post no
+    /// store holds, is reported; earlier ones are not.
+    #[test]
+    fn deliveries_after_a_removal_are_reported() {
+        let revision_of = [(1, 5), (2, 6), (3, 7), (4, 8)].into_iter().collect();
+        let delivered = [seen(1), seen(2), seen(3), seen(4), seen(9)];
+        assert_eq!(
+            delivered_after_removal(&delivered, &revision_of, 7),
+            ["post 3", "post 4", "post 9"]
+        );
+        assert!(delivered_after_removal(&delivered[..2], &revision_of, 7).is_empty());
+    }
+
+    /// ...and an envelope that still wraps a key for the removed member
+    /// at or after the removing revision is reported.
+    #[test]
+    fn keys_for_a_removed_member_after_its_removal_are_reported() {
+        let removed = Handle::of_modulus(&[1; 256]);
+        let other = Handle::of_modulus(&[2; 256]);
+        let envelope = |revision: u64, recipients: &[Handle]| Envelope {
+            room: saferchat_consensus::RoomId::new("r").unwrap(),
+            sender: other,
+            revision: Revision(revision),
+            nonce: [0; 12],
+            ciphertext: Bytes::from_static(&[0; 32]),
+            keys: recipients
+                .iter()
+                .map(|r| WrappedKey {
+                    recipient: *r,
+                    wrapped: Bytes::from_static(&[0; 256]),
+                })
+                .collect(),
+            signature: Bytes::from_static(&[0; 256]),
+            chain: None,
+        };
+        assert!(keyed_after_removal(
+            &envelope(7, &[removed, other]),
+            &removed,
+            7
+        ));
+        assert!(keyed_after_removal(&envelope(9, &[removed]), &removed, 7));
+        assert!(!keyed_after_removal(
+            &envelope(6, &[removed, other]),
+            &removed,
+            7
+        ));
+        assert!(!keyed_after_removal(&envelope(7, &[other]), &removed, 7));
     }
 }
