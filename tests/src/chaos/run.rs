@@ -23,7 +23,7 @@ use saferchat_node::storage::{self, Range};
 use super::history::{History, Outcome, Post, Seen};
 use super::linear::Operation;
 use super::membership::{MemberOp, State};
-use super::schedule::{Fault, Step, schedule};
+use super::schedule::{Clocks, Fault, Step, schedule_with};
 use crate::cluster::{Cluster, Options};
 use crate::netproxy::{Link, Tap};
 
@@ -50,6 +50,8 @@ pub struct Plan {
     pub nodes: usize,
     /// How long faults are injected.
     pub duration: Duration,
+    /// Clock faults within the drift bound or beyond it.
+    pub clocks: Clocks,
 }
 
 /// What a run did and saw.
@@ -73,6 +75,75 @@ pub struct Outcomes {
     pub membership: Vec<Operation<MemberOp>>,
     /// The removal of member [`REMOVED`], when it was acknowledged.
     pub removal: Option<Removal>,
+    /// The plan's clock faults.
+    pub clocks: Clocks,
+}
+
+/// The checkers' verdict on one run.
+#[derive(Debug, Default)]
+pub struct Verdict {
+    /// What must not happen, and did.
+    pub anomalies: Vec<String>,
+    /// What clocks beyond the drift bound may cause, and did: stale lease
+    /// reads of the membership and what follows from them (a client
+    /// wrapping keys for a membership already changed).
+    pub expected: Vec<String>,
+}
+
+/// Runs every checker over `out`. With clocks within the bound every
+/// finding is an anomaly; beyond it, the membership checkers' findings
+/// are expected (the test says so) and everything else still must hold.
+pub fn judge(out: &Outcomes) -> Verdict {
+    let mut v = Verdict::default();
+    for a in super::history::check(&out.history) {
+        v.anomalies.push(format!("{a:?}"));
+    }
+    for u in &out.unreadable {
+        v.anomalies.push(format!("unreadable message: {u}"));
+    }
+    for p in &out.plaintext_in {
+        v.anomalies.push(format!("plaintext in {}", p.display()));
+    }
+    if out.wire.hits > 0 {
+        v.anomalies.push(format!(
+            "{} posted texts on the wire: {:?}",
+            out.wire.hits, out.wire.excerpts
+        ));
+    }
+    if out.wire.bytes == 0 {
+        v.anomalies.push("the wire capture saw nothing".into());
+    }
+    if !out
+        .history
+        .posts
+        .iter()
+        .any(|p| matches!(p.outcome, Outcome::Acked { .. }))
+    {
+        v.anomalies.push("nothing was acknowledged at all".into());
+    }
+    let mut membership = Vec::new();
+    match &out.removal {
+        None => v.anomalies.push("the member was never removed".into()),
+        Some(r) => {
+            if !r.delivered_after.is_empty() || r.keyed_after > 0 {
+                membership.push(format!(
+                    "the member removed at revision {} got {:?}, and {} stored envelopes since carry its key",
+                    r.revision, r.delivered_after, r.keyed_after
+                ));
+            }
+        }
+    }
+    let room = super::membership::Room {
+        initial: out.initial.clone(),
+    };
+    if !super::linear::linearizable(&room, &out.membership) {
+        membership.push("membership operations are not linearizable".into());
+    }
+    match out.clocks {
+        Clocks::Within => v.anomalies.extend(membership),
+        Clocks::Beyond => v.expected.extend(membership),
+    }
+    v
 }
 
 /// The capture of every byte between clients and nodes and between nodes
@@ -401,7 +472,10 @@ async fn listener(
     }
 }
 
-fn apply(cluster: &mut Cluster, fault: Fault) {
+/// Each node's clock control: its rate error and how far it has jumped.
+type ClockState = Vec<(i64, u64)>;
+
+fn apply(cluster: &mut Cluster, clocks: &mut ClockState, fault: Fault) {
     match fault {
         Fault::Kill(n) => cluster.kill(n),
         Fault::Restart(n) => tokio::task::block_in_place(|| cluster.restart(n)),
@@ -412,7 +486,14 @@ fn apply(cluster: &mut Cluster, fault: Fault) {
         Fault::Cut { from, to } => cluster.set_link(from, to, Link::Blocked),
         Fault::Mend { from, to } => cluster.set_link(from, to, Link::Open { delay_ms: 0 }),
         Fault::Delay { from, to, ms } => cluster.set_link(from, to, Link::Open { delay_ms: ms }),
-        Fault::Drift { node, ppm } => cluster.set_clock(node, ppm, 0),
+        Fault::Drift { node, ppm } => {
+            clocks[node].0 = ppm;
+            cluster.set_clock(node, ppm, clocks[node].1);
+        }
+        Fault::Jump { node, ms } => {
+            clocks[node].1 += ms;
+            cluster.set_clock(node, clocks[node].0, clocks[node].1);
+        }
     }
 }
 
@@ -439,7 +520,12 @@ fn identity_of(envelope: &Envelope) -> Option<Arc<Identity>> {
 /// When the cluster cannot be set up, or does not serve again within
 /// [`RECOVERY_MAX`] after every fault is undone.
 pub async fn run(plan: Plan) -> Outcomes {
-    let steps = schedule(plan.seed, plan.nodes, plan.duration.as_millis() as u64);
+    let steps = schedule_with(
+        plan.seed,
+        plan.nodes,
+        plan.duration.as_millis() as u64,
+        plan.clocks,
+    );
     let marker = format!("chaos-{}-", plan.seed);
     let tap = Tap::new(marker.as_bytes());
     let mut cluster = Cluster::start(Options {
@@ -519,9 +605,10 @@ pub async fn run(plan: Plan) -> Outcomes {
             Arc::clone(&unreadable),
         )));
     }
+    let mut clocks = vec![(0, 0); plan.nodes];
     for step in &steps {
         tokio::time::sleep_until((start + Duration::from_millis(step.at_ms)).into()).await;
-        apply(&mut cluster, step.fault);
+        apply(&mut cluster, &mut clocks, step.fault);
     }
     for task in tasks {
         task.await.expect("client task");
@@ -634,6 +721,7 @@ pub async fn run(plan: Plan) -> Outcomes {
     });
     Outcomes {
         removal,
+        clocks: plan.clocks,
         initial,
         membership,
         steps,

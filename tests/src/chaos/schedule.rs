@@ -44,6 +44,15 @@ pub enum Fault {
         /// Rate error.
         ppm: i64,
     },
+    /// Node `node`'s clocks (the lease clock and the wall clock) jump `ms`
+    /// ahead at once: beyond the drift bound, which covers rates, not
+    /// steps. Undone by `Drift { ppm: 0 }` (time does not go back).
+    Jump {
+        /// The node.
+        node: usize,
+        /// The step.
+        ms: u64,
+    },
     /// Delay every byte on the link `from` → `to` by `ms`.
     Delay {
         /// The dialling node.
@@ -64,11 +73,36 @@ pub struct Step {
     pub fault: Fault,
 }
 
-/// The schedule of `seed` for `nodes` nodes over about `duration_ms`.
+/// Which clock faults a schedule holds.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Clocks {
+    /// Drift within the configured bound (±500 ppm): every checker must
+    /// pass, membership reads under leases included.
+    #[default]
+    Within,
+    /// Drift far beyond the bound (2,000 to 100,000 ppm either way) and
+    /// forward jumps of 1 to 30 s: lease reads may be stale, which the
+    /// membership checkers may flag; nothing else may break (the
+    /// partition log's safety does not rest on clocks).
+    Beyond,
+}
+
+/// The schedule of `seed` for `nodes` nodes over about `duration_ms`,
+/// clocks within the bound.
 ///
 /// # Panics
 /// With fewer than two nodes.
 pub fn schedule(seed: u64, nodes: usize, duration_ms: u64) -> Vec<Step> {
+    schedule_with(seed, nodes, duration_ms, Clocks::Within)
+}
+
+/// The schedule of `seed` with the given clock faults. A seed's
+/// schedule within the bound is the same as before beyond-bound
+/// schedules existed.
+///
+/// # Panics
+/// With fewer than two nodes.
+pub fn schedule_with(seed: u64, nodes: usize, duration_ms: u64, clocks: Clocks) -> Vec<Step> {
     assert!(nodes >= 2, "faults between nodes need two");
     let mut rng = ChaCha8Rng::seed_from_u64(seed);
     let mut steps = Vec::new();
@@ -77,17 +111,38 @@ pub fn schedule(seed: u64, nodes: usize, duration_ms: u64) -> Vec<Step> {
         let node = rng.random_range(0..nodes);
         let other = (node + rng.random_range(1..nodes)) % nodes;
         let lasts = rng.random_range(500..4_000);
-        let (start, undo) = match rng.random_range(0..6) {
+        // Beyond the bound, half the faults are clock faults.
+        let kind = if clocks == Clocks::Beyond && rng.random_bool(0.5) {
+            4
+        } else {
+            rng.random_range(0..6)
+        };
+        let (start, undo) = match kind {
             0 => (Fault::Kill(node), Fault::Restart(node)),
             1 => (Fault::Pause(node), Fault::Resume(node)),
             2 => (Fault::Isolate(node), Fault::Heal(node)),
-            4 => (
+            4 if clocks == Clocks::Within => (
                 Fault::Drift {
                     node,
                     ppm: rng.random_range(-500..=500),
                 },
                 Fault::Drift { node, ppm: 0 },
             ),
+            4 => {
+                let fault = if rng.random_bool(0.5) {
+                    let ppm = rng.random_range(2_000..=100_000);
+                    Fault::Drift {
+                        node,
+                        ppm: if rng.random_bool(0.5) { ppm } else { -ppm },
+                    }
+                } else {
+                    Fault::Jump {
+                        node,
+                        ms: rng.random_range(1_000..=30_000),
+                    }
+                };
+                (fault, Fault::Drift { node, ppm: 0 })
+            }
             3 => (
                 Fault::Cut {
                     from: node,
@@ -129,9 +184,44 @@ mod tests {
 
     #[test]
     fn a_seed_is_one_schedule_and_every_fault_is_undone() {
-        let a = schedule(42, 3, 60_000);
-        assert_eq!(a, schedule(42, 3, 60_000));
-        assert_ne!(a, schedule(43, 3, 60_000));
+        for clocks in [Clocks::Within, Clocks::Beyond] {
+            let a = schedule_with(42, 3, 60_000, clocks);
+            assert_eq!(a, schedule_with(42, 3, 60_000, clocks));
+            assert_ne!(a, schedule_with(43, 3, 60_000, clocks));
+            every_fault_is_undone(&a);
+        }
+    }
+
+    /// Within the bound every drift is at most 500 ppm; beyond it, the
+    /// clock faults are large, and some seed has each kind.
+    #[test]
+    fn clock_faults_keep_to_their_kind() {
+        let within: Vec<Step> = (0..20).flat_map(|s| schedule(s, 3, 60_000)).collect();
+        assert!(within.iter().all(|s| match s.fault {
+            Fault::Drift { ppm, .. } => ppm.abs() <= 500,
+            Fault::Jump { .. } => false,
+            _ => true,
+        }));
+        let beyond: Vec<Step> = (0..20)
+            .flat_map(|s| schedule_with(s, 3, 60_000, Clocks::Beyond))
+            .collect();
+        assert!(
+            beyond
+                .iter()
+                .any(|s| matches!(s.fault, Fault::Jump { ms, .. } if ms >= 1_000))
+        );
+        assert!(
+            beyond
+                .iter()
+                .any(|s| matches!(s.fault, Fault::Drift { ppm, .. } if ppm.abs() >= 2_000))
+        );
+        assert!(beyond.iter().all(|s| match s.fault {
+            Fault::Drift { ppm, .. } => ppm == 0 || ppm.abs() >= 2_000,
+            _ => true,
+        }));
+    }
+
+    fn every_fault_is_undone(a: &[Step]) {
         assert!(a.len() >= 10, "{} steps", a.len());
         for pair in a.chunks(2) {
             let undone = match pair[0].fault {
@@ -139,7 +229,9 @@ mod tests {
                 Fault::Pause(n) => Fault::Resume(n),
                 Fault::Isolate(n) => Fault::Heal(n),
                 Fault::Cut { from, to } | Fault::Delay { from, to, .. } => Fault::Mend { from, to },
-                Fault::Drift { node, .. } => Fault::Drift { node, ppm: 0 },
+                Fault::Drift { node, .. } | Fault::Jump { node, .. } => {
+                    Fault::Drift { node, ppm: 0 }
+                }
                 other => panic!("an undo opens an episode: {other:?}"),
             };
             assert_eq!(pair[1].fault, undone);
