@@ -17,7 +17,10 @@ OUT=target/bench-cassandra
 RT=()
 if [ "${BENCH_RT:-1}" = 1 ]; then RT=(chrt -r 10); fi
 if [ -z "${NO_BUILD:-}" ]; then
-    cargo build --release --locked -p saferchat-node -p saferchat-client
+    # The node alone first: built with the harness crate it would carry the
+    # harness's test-only features (cargo unifies features per build).
+    cargo build --release --locked -p saferchat-node
+    cargo build --release --locked -p saferchat-tests --bin saferchat-bench
 fi
 export CASSANDRA_NODE_DIR="$PWD/$OUT/cassandra"
 export CASSANDRA_PORT=${CASSANDRA_PORT:-19043} CASSANDRA_STORAGE_PORT=${CASSANDRA_STORAGE_PORT:-17001}

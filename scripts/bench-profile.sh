@@ -22,7 +22,10 @@ if [ "${BENCH_RT:-1}" = 1 ]; then RT=(chrt -r 10); fi
 mkdir -p "$OUT"
 rm -rf "$OUT/data"
 if [ -z "${NO_BUILD:-}" ]; then
-    cargo build --release --locked -p saferchat-node -p saferchat-client
+    # The node alone first: built with the harness crate it would carry the
+    # harness's test-only features (cargo unifies features per build).
+    cargo build --release --locked -p saferchat-node
+    cargo build --release --locked -p saferchat-tests --bin saferchat-bench
 fi
 NODE_BIN=${NODE_BIN:-target/release/saferchat-node}
 BENCH_BIN=${BENCH_BIN:-target/release/saferchat-bench}

@@ -11,5 +11,8 @@
 #   scripts/bench.sh --help
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
-cargo build --release --locked -p saferchat-node -p saferchat-client
+# The node alone first: built with the harness crate it would carry the
+# harness's test-only features (cargo unifies features per build).
+cargo build --release --locked -p saferchat-node
+cargo build --release --locked -p saferchat-tests --bin saferchat-bench
 exec target/release/saferchat-bench "$@"

@@ -11,7 +11,9 @@
 //! - [`bin`]: where the binaries are.
 //! - [`cassandra`]: the Cassandra address the tests use, a store on it,
 //!   and private Cassandra instances for fault tests.
-//! - [`machine`]: machine facts for benchmark reports.
+//! - [`procfs`]: CPU time and memory of processes, and machine facts for
+//!   benchmark reports.
+//! - [`stats`]: the one percentile definition of every report.
 //! - [`chaos`]: seeded fault schedules against a cluster, and checkers over
 //!   what its clients saw.
 //!
@@ -23,10 +25,11 @@ pub mod cassandra;
 pub mod chaos;
 pub mod cluster;
 pub mod inproc;
-pub mod machine;
 pub mod netproxy;
 pub mod process;
+pub mod procfs;
 pub mod raw;
+pub mod stats;
 
 /// An admin token used by every test node (a secret only in tests).
 pub const ADMIN_TOKEN: &str = "test-admin-token-0123456789";

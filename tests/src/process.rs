@@ -3,9 +3,9 @@
 use std::io::{BufRead as _, BufReader};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
+use std::process::{Child, Command, ExitStatus, Output, Stdio};
 use std::sync::mpsc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use crate::ADMIN_TOKEN;
 
@@ -13,6 +13,40 @@ use crate::ADMIN_TOKEN;
 const START_TIMEOUT: Duration = Duration::from_secs(20);
 /// How long a node may take to stop after SIGTERM.
 const STOP_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Stops processes the way an operator would: SIGTERM to all, then waits
+/// up to `within` (shared) for each to exit, and SIGKILLs those still
+/// running. Returns each one's exit status, `None` for a killed one. Every
+/// node launcher (tests, `saferchat-bench`) stops its nodes with this.
+pub fn terminate(children: &mut [&mut Child], within: Duration) -> Vec<Option<ExitStatus>> {
+    for child in children.iter() {
+        let _ = Command::new("kill")
+            .args(["-TERM", &child.id().to_string()])
+            .stderr(Stdio::null())
+            .status();
+    }
+    let deadline = Instant::now() + within;
+    children
+        .iter_mut()
+        .map(|child| {
+            loop {
+                match child.try_wait() {
+                    Ok(Some(status)) => break Some(status),
+                    Err(_) => break None,
+                    Ok(None) if Instant::now() >= deadline => {
+                        eprintln!("pid {} did not stop within {within:?}: SIGKILL", child.id());
+                        let _ = child.kill();
+                        let _ = child.wait();
+                        break None;
+                    }
+                    // std has no wait with a timeout; a process exit is
+                    // polled, bounded by the deadline.
+                    Ok(None) => std::thread::sleep(Duration::from_millis(20)),
+                }
+            }
+        })
+        .collect()
+}
 
 /// A running `saferchat-node` process.
 #[derive(Debug)]
@@ -183,19 +217,7 @@ impl NodeProcess {
         let Some(mut child) = self.child.take() else {
             return true;
         };
-        let pid = child.id().to_string();
-        let _ = Command::new("kill").args(["-TERM", &pid]).status();
-        let (tx, rx) = mpsc::channel();
-        std::thread::spawn(move || {
-            let _ = tx.send(child.wait());
-        });
-        match rx.recv_timeout(STOP_TIMEOUT) {
-            Ok(Ok(status)) => status.success(),
-            _ => {
-                let _ = Command::new("kill").args(["-KILL", &pid]).status();
-                false
-            }
-        }
+        terminate(&mut [&mut child], STOP_TIMEOUT)[0].is_some_and(|s| s.success())
     }
 
     /// SIGSTOP: the process stalls (as in a long pause) until

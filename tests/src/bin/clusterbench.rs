@@ -66,7 +66,7 @@ use saferchat_node::storage::AcceptorStore as _;
 use saferchat_node::storage::sled::SledStore;
 use saferchat_tests::ADMIN_TOKEN;
 use saferchat_tests::cluster::{Cluster, Options};
-use saferchat_tests::machine;
+use saferchat_tests::procfs;
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 
 /// Replicas in every cluster.
@@ -203,11 +203,11 @@ fn machine_facts(node_binary: &Path) -> Vec<(String, String)> {
         .filter_map(|l| l.get(3..))
         .map(str::trim)
         .collect();
-    let diff_id = machine::stdout_of(
+    let diff_id = procfs::stdout_of(
         "sh",
         &["-c", "git diff HEAD | git hash-object --stdin | cut -c1-12"],
     );
-    let head = machine::stdout_of("git", &["rev-parse", "--short", "HEAD"]);
+    let head = procfs::stdout_of("git", &["rev-parse", "--short", "HEAD"]);
     let commit = if head.is_empty() || head == "?" {
         "unknown: not run from a git checkout".to_owned()
     } else if dirty_files.is_empty() {
@@ -224,9 +224,9 @@ fn machine_facts(node_binary: &Path) -> Vec<(String, String)> {
         .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
         .map_or_else(
             || "?".to_owned(),
-            |d| machine::stdout_of("date", &["-u", "-d", &format!("@{}", d.as_secs())]),
+            |d| procfs::stdout_of("date", &["-u", "-d", &format!("@{}", d.as_secs())]),
         );
-    let mut facts = machine::common_facts();
+    let mut facts = procfs::common_facts();
     facts.extend([
         (
             "build".into(),
@@ -241,7 +241,7 @@ fn machine_facts(node_binary: &Path) -> Vec<(String, String)> {
             "node binary".into(),
             format!("{} (built {built})", node_binary.display()),
         ),
-        ("load average at start".into(), machine::loadavg()),
+        ("load average at start".into(), procfs::loadavg()),
         (
             "busiest processes at start (%CPU over their lifetime)".into(),
             busiest(),
@@ -257,7 +257,7 @@ fn machine_facts(node_binary: &Path) -> Vec<(String, String)> {
 /// The five busiest other processes, as `ps` sees them: the machine is
 /// shared, and they take CPU from the nodes.
 fn busiest() -> String {
-    machine::stdout_of("ps", &["-eo", "pcpu=,comm=", "--sort=-pcpu"])
+    procfs::stdout_of("ps", &["-eo", "pcpu=,comm=", "--sort=-pcpu"])
         .lines()
         .take(5)
         .map(|l| l.split_whitespace().collect::<Vec<_>>().join(" "))
@@ -269,7 +269,7 @@ fn busiest() -> String {
 /// normal process on their CPU, so they explain outliers), as
 /// `name(rtprio)`.
 fn realtime_processes() -> String {
-    let list: Vec<String> = machine::stdout_of("ps", &["-eo", "rtprio=,pid=,ppid=,comm="])
+    let list: Vec<String> = procfs::stdout_of("ps", &["-eo", "rtprio=,pid=,ppid=,comm="])
         .lines()
         .filter_map(|l| {
             let fields: Vec<&str> = l.split_whitespace().collect();
@@ -572,7 +572,7 @@ impl BenchCluster {
             .filter_map(|n| pid_of(&n.data_dir))
             .map(|pid| {
                 (
-                    machine::cpu_seconds(&pid).unwrap_or(0.0),
+                    procfs::cpu_seconds(&pid).unwrap_or(0.0),
                     run_queue_wait_seconds(&pid),
                 )
             })
@@ -647,13 +647,10 @@ impl Samples {
     }
 }
 
-/// Nearest-rank percentile of sorted values.
+/// The reports' percentile ([`saferchat_tests::stats::percentile`]) as a
+/// number, NaN for no values.
 fn percentile(sorted: &[u64], p: f64) -> f64 {
-    if sorted.is_empty() {
-        return f64::NAN;
-    }
-    let rank = ((p / 100.0) * sorted.len() as f64).ceil() as usize;
-    sorted[rank.clamp(1, sorted.len()) - 1] as f64
+    saferchat_tests::stats::percentile(sorted, p).map_or(f64::NAN, |v| v as f64)
 }
 
 fn code_of(e: &ClientError) -> String {
@@ -860,10 +857,10 @@ async fn snapshot(cluster: &BenchCluster) -> anyhow::Result<Snapshot> {
         metrics: cluster.scrape_all().await?,
         nodes_cpu,
         nodes_wait,
-        bench_cpu: machine::cpu_seconds("self").unwrap_or(0.0),
+        bench_cpu: procfs::cpu_seconds("self").unwrap_or(0.0),
         bench_wait: run_queue_wait_seconds("self"),
         at: Instant::now(),
-        load: machine::loadavg(),
+        load: procfs::loadavg(),
     })
 }
 
@@ -1285,7 +1282,7 @@ async fn run_shape(
     eprintln!("shape {}", shape.describe(args.delay_ms));
     let environment_start = format!(
         "load {} and real-time processes {} at start",
-        machine::loadavg(),
+        procfs::loadavg(),
         realtime_processes()
     );
     let mut cluster = BenchCluster::start_retrying(shape, *lease).await?;
@@ -1479,7 +1476,7 @@ async fn run_shape(
     Ok(ShapeResult {
         environment: format!(
             "{environment_start}; load {} and real-time processes {} at end",
-            machine::loadavg(),
+            procfs::loadavg(),
             realtime_processes()
         ),
         describe: shape.describe(args.delay_ms),
@@ -1785,7 +1782,7 @@ async fn main() -> anyhow::Result<()> {
         &facts,
         &mut persist,
         &results,
-        &machine::loadavg(),
+        &procfs::loadavg(),
     );
     if let Some(parent) = args.out.parent() {
         std::fs::create_dir_all(parent)?;

@@ -39,7 +39,7 @@ use saferchat_node::message_id::IdGenerator;
 use saferchat_node::storage::cassandra::CassandraStore;
 use saferchat_node::storage::sled::SledStore;
 use saferchat_node::storage::{ChatStore, Range, StoredMessage, history};
-use saferchat_tests::machine;
+use saferchat_tests::procfs;
 
 /// Envelopes sealed per room size (reused round robin).
 const POOL: usize = 8;
@@ -90,7 +90,7 @@ struct Args {
 }
 
 fn machine_facts() -> Vec<(String, String)> {
-    let mut facts = machine::common_facts();
+    let mut facts = procfs::common_facts();
     facts.extend([
         (
             "build".into(),
@@ -102,9 +102,9 @@ fn machine_facts() -> Vec<(String, String)> {
         ),
         (
             "commit".into(),
-            machine::stdout_of("git", &["rev-parse", "--short", "HEAD"]),
+            procfs::stdout_of("git", &["rev-parse", "--short", "HEAD"]),
         ),
-        ("load average at start".into(), machine::loadavg()),
+        ("load average at start".into(), procfs::loadavg()),
     ]);
     facts
 }
@@ -137,14 +137,10 @@ fn envelopes(room: &RoomId, members: usize) -> anyhow::Result<Vec<Bytes>> {
         .collect()
 }
 
+/// The reports' percentile ([`saferchat_tests::stats::percentile`]), NaN
+/// for no values.
 fn percentile(sorted: &[f64], p: f64) -> f64 {
-    if sorted.is_empty() {
-        return f64::NAN;
-    }
-    let rank = ((p / 100.0) * (sorted.len() as f64 - 1.0)).round();
-    sorted[usize::try_from(rank as i64)
-        .unwrap_or(0)
-        .min(sorted.len() - 1)]
+    saferchat_tests::stats::percentile(sorted, p).unwrap_or(f64::NAN)
 }
 
 fn now_ms() -> i64 {
@@ -185,8 +181,8 @@ struct Cpu {
 impl Cpu {
     fn sample(&self) -> (Option<f64>, Option<f64>) {
         (
-            machine::cpu_seconds("self"),
-            self.cassandra_pid.as_deref().and_then(machine::cpu_seconds),
+            procfs::cpu_seconds("self"),
+            self.cassandra_pid.as_deref().and_then(procfs::cpu_seconds),
         )
     }
 }
@@ -334,7 +330,7 @@ fn report(
         "- workload: {} rooms appending concurrently, {} s per cell; real envelope v1 bytes (200-byte body sealed for M members); history = last {HISTORY_LIMIT} messages, {} sequential reads on an idle store",
         args.writers, args.seconds, args.history_reads
     );
-    let _ = writeln!(md, "- load average at end: {}\n", machine::loadavg());
+    let _ = writeln!(md, "- load average at end: {}\n", procfs::loadavg());
     let _ = writeln!(
         md,
         "### Appends (one `append` call = one room-actor batch)\n"

@@ -1,5 +1,13 @@
-//! Percentiles and summaries, defined as in the peer harness
-//! (`peers-bench/client/chatbench.py`) so that numbers compare directly.
+//! Percentiles and summaries: one definition for every report (the tests,
+//! `saferchat-bench`, `clusterbench`, `storebench`), the one the peers'
+//! benchmark harness uses (nearest rank at round-half-even of
+//! q/100 × (n − 1)), so saferchat's numbers compare directly with
+//! ejabberd's, prosody's and Synapse's measured beside them.
+//!
+//! Exact values rather than an HDR histogram: the runs keep at most a few
+//! million samples, so sorting them costs less than a second, and an HDR
+//! histogram's bucketing (a relative error per value) is exactly what
+//! would keep the numbers from comparing with the peers'.
 
 /// Nearest-rank percentile of sorted `xs`: the element at
 /// round(q/100 × (n−1)).

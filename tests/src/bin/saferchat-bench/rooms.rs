@@ -36,7 +36,7 @@
 //! messages, numbered 1..N, with the acknowledged ids.
 
 use std::cell::RefCell;
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::io::Write as _;
 use std::path::{Path, PathBuf};
 use std::rc::Rc;
@@ -80,6 +80,11 @@ const VERIFY_ROOMS: usize = 8;
 const LATENCY_SAMPLES_MAX: usize = 20_000_000;
 /// How often the open-loop ticker hands out posts.
 const TICK_MS: u64 = 1;
+/// A post sent this long after its scheduled time counts as late: the
+/// generator fell behind its schedule (its latency still counts from the
+/// scheduled time, so falling behind shows in the figures rather than
+/// hiding in them).
+const LATE_MS: u64 = 5;
 /// How often the drain wait looks at the counters.
 const DRAIN_POLL_MS: u64 = 50;
 /// Most error strings kept per phase.
@@ -246,6 +251,10 @@ pub struct RoomsPhase {
     pub rejected: u64,
     /// Senders whose pool ran out in this phase (0 for a valid phase).
     pub pool_exhausted: u64,
+    /// Posts the generator sent more than 5 ms after they were due (it
+    /// fell behind its schedule), and the longest lag, ms.
+    pub late_posts: u64,
+    pub send_lag_max_ms: f64,
     /// Deliveries of a post to a session that already had it (must be 0).
     pub duplicates: u64,
     /// Sampled deliveries verified and decrypted.
@@ -554,7 +563,11 @@ struct SenderState {
     out: mpsc::Sender<pb::ClientFrame>,
     pool: Vec<Bytes>,
     next: usize,
-    credits: u64,
+    /// Posts owed, each with the instant it was due: its tick in the open
+    /// loop, the echo or rejection that freed it in the closed loop.
+    credits: VecDeque<Instant>,
+    /// When each slot was due (the latency's start: in the open loop the
+    /// scheduled time, not when the post actually left).
     sent_at: Vec<Instant>,
     /// Deliveries to other members still owed, per slot.
     owed: Vec<u16>,
@@ -599,6 +612,10 @@ struct PhaseState {
     ack_latency: Vec<u64>,
     exhausted: u64,
     duplicates: u64,
+    /// Posts sent more than [`LATE_MS`] after they were due, and the
+    /// longest such lag.
+    late: u64,
+    lag_max: Duration,
     samples: HashMap<usize, Sample>,
     errors: Vec<String>,
 }
@@ -667,7 +684,7 @@ impl Engine {
             st.echoed[slot] = true;
             phase.echoes += 1;
             if phase.closed_loop && phase.t_stop.is_some_and(|t| now < t) {
-                st.credits += 1;
+                st.credits.push_back(now);
                 self.pump(sender);
             }
             return;
@@ -762,7 +779,7 @@ impl Engine {
                 );
                 self.phase.error(e);
                 if self.phase.closed_loop {
-                    self.senders[sender].credits += 1;
+                    self.senders[sender].credits.push_back(Instant::now());
                     self.pump(sender);
                 }
             }
@@ -774,13 +791,13 @@ impl Engine {
         let members = u16::try_from(self.members - 1).expect("bounded members");
         let phase = &mut self.phase;
         let st = &mut self.senders[sender];
-        while st.credits > 0 {
+        while let Some(&due) = st.credits.front() {
             if st.next >= st.pool.len() {
                 if !st.exhausted {
                     st.exhausted = true;
                     phase.exhausted += 1;
                 }
-                st.credits = 0;
+                st.credits.clear();
                 return;
             }
             let permit = match st.out.try_reserve() {
@@ -790,13 +807,18 @@ impl Engine {
                     return;
                 }
                 Err(mpsc::error::TrySendError::Closed(())) => {
-                    st.credits = 0;
+                    st.credits.clear();
                     phase.error(format!("sender {sender}: the session's stream is closed"));
                     return;
                 }
             };
             let k = st.next;
-            st.sent_at[k] = Instant::now();
+            let lag = Instant::now().saturating_duration_since(due);
+            if lag > Duration::from_millis(LATE_MS) {
+                phase.late += 1;
+            }
+            phase.lag_max = phase.lag_max.max(lag);
+            st.sent_at[k] = due;
             st.owed[k] = members;
             permit.send(pb::ClientFrame {
                 frame: Some(client_frame::Frame::Post(pb::Post {
@@ -805,7 +827,7 @@ impl Engine {
                 })),
             });
             st.next += 1;
-            st.credits -= 1;
+            st.credits.pop_front();
             phase.sent += 1;
         }
     }
@@ -881,7 +903,10 @@ async fn ticker(engine: Rc<RefCell<Engine>>, rate: f64, start: Instant, t1: Inst
         let mut e = engine.borrow_mut();
         while issued < due {
             let s = (issued % senders as u64) as usize;
-            e.senders[s].credits += 1;
+            // The post's own time on the schedule, not this tick's: post
+            // n is due once n + 1 posts are owed.
+            let scheduled = start + Duration::from_secs_f64((issued + 1) as f64 / rate);
+            e.senders[s].credits.push_back(scheduled);
             e.pump(s);
             issued += 1;
         }
@@ -952,7 +977,7 @@ async fn run_phase(
             ..PhaseState::default()
         };
         for s in &mut e.senders {
-            s.credits = 0;
+            s.credits.clear();
             s.exhausted = s.next >= s.pool.len();
         }
         e.members
@@ -962,8 +987,9 @@ async fn run_phase(
     tokio::time::sleep_until(t_start.into()).await;
     if timing.closed_loop {
         let mut e = engine.borrow_mut();
+        let now = Instant::now();
         for s in 0..e.senders.len() {
-            e.senders[s].credits = timing.window;
+            e.senders[s].credits = std::iter::repeat_n(now, timing.window as usize).collect();
             e.pump(s);
         }
     }
@@ -1033,6 +1059,8 @@ async fn run_phase(
             loadavg_1m: (a0.load, a1.load),
             rejected: p.rejected,
             pool_exhausted: p.exhausted,
+            late_posts: p.late,
+            send_lag_max_ms: p.lag_max.as_secs_f64() * 1e3,
             duplicates: p.duplicates,
             extra_drain_s,
             errors: std::mem::take(&mut p.errors),
@@ -1278,7 +1306,7 @@ pub async fn run(
                 out: outs[k].clone(),
                 pool: Vec::new(),
                 next: 0,
-                credits: 0,
+                credits: VecDeque::new(),
                 sent_at: Vec::new(),
                 owed: Vec::new(),
                 echoed: Vec::new(),
@@ -1373,7 +1401,7 @@ pub async fn run(
         };
         let p = run_phase(&engine, timing, &pids, ticks, &verify).await;
         eprintln!(
-            "  N={n} rep {rep} {name}: {:.0} deliveries/s ({:.0} msgs/s acked), delivery p50 {:.2} / p99 {:.2} ms, ack p50 {:.2} / p99 {:.2} ms, nodes {:.2} cores ({:.2} µs/delivery), client {:.2}, others {:.2}, load {:.1}→{:.1}, delivered {:.4}, exhausted {}, rejected {}{}",
+            "  N={n} rep {rep} {name}: {:.0} deliveries/s ({:.0} msgs/s acked), delivery p50 {:.2} / p99 {:.2} ms, ack p50 {:.2} / p99 {:.2} ms, nodes {:.2} cores ({:.2} µs/delivery), client {:.2}, others {:.2}, load {:.1}→{:.1}, delivered {:.4}, exhausted {}, late {} (lag max {:.1} ms), rejected {}{}",
             p.deliveries_per_s,
             p.acked_msgs_per_s,
             p.latency.p50_ms.unwrap_or(f64::NAN),
@@ -1388,6 +1416,8 @@ pub async fn run(
             p.loadavg_1m.1,
             p.delivered_fraction.unwrap_or(f64::NAN),
             p.pool_exhausted,
+            p.late_posts,
+            p.send_lag_max_ms,
             p.rejected,
             if p.errors.is_empty() {
                 String::new()

@@ -14,6 +14,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, bail};
+use saferchat_tests::process::terminate;
 
 /// How long a node may take to accept connections after starting.
 const START_MS_MAX: u64 = 30_000;
@@ -344,35 +345,15 @@ impl Cluster {
     /// SIGTERM every node, wait (bounded), SIGKILL stragglers; removes the
     /// data folders unless asked to keep them (the logs stay).
     pub fn stop(&mut self) {
-        for node in &self.nodes {
-            if node.child.is_some() {
-                let _ = Command::new("kill")
-                    .args(["-TERM", &node.pid])
-                    .stderr(Stdio::null())
-                    .status();
-            }
-        }
-        let started = Instant::now();
-        for node in &mut self.nodes {
-            let Some(mut child) = node.child.take() else {
-                continue;
-            };
-            loop {
-                match child.try_wait() {
-                    Ok(Some(_)) | Err(_) => break,
-                    Ok(None) if started.elapsed() > Duration::from_millis(STOP_MS_MAX) => {
-                        eprintln!(
-                            "node {} did not stop within {STOP_MS_MAX} ms: SIGKILL",
-                            node.id
-                        );
-                        let _ = child.kill();
-                        let _ = child.wait();
-                        break;
-                    }
-                    Ok(None) => std::thread::sleep(Duration::from_millis(20)),
-                }
-            }
-        }
+        let mut children: Vec<Child> = self
+            .nodes
+            .iter_mut()
+            .filter_map(|n| n.child.take())
+            .collect();
+        terminate(
+            &mut children.iter_mut().collect::<Vec<_>>(),
+            Duration::from_millis(STOP_MS_MAX),
+        );
         if !self.spec.keep_data {
             for node in &self.nodes {
                 let _ = std::fs::remove_dir_all(self.dir.join(format!("n{}", node.id)));

@@ -119,6 +119,16 @@ const PHASE_ROWS: &[(&str, Getter, usize)] = &[
         |p| Some(p.pool_exhausted as f64),
         0,
     ),
+    (
+        "posts sent > 5 ms after their scheduled time (generator behind)",
+        |p| Some(p.late_posts as f64),
+        0,
+    ),
+    (
+        "longest send lag behind the schedule, ms",
+        |p| Some(p.send_lag_max_ms),
+        1,
+    ),
 ];
 
 type RunGetter = fn(&RoomsRun) -> Option<f64>;
@@ -278,7 +288,7 @@ pub fn markdown(inv: &ClusterInvocation) -> String {
         }
         let _ = writeln!(
             out,
-            "Workload: {} rooms of {} members; member i of room r is user (r·M + i) mod U and joins through node (r + i) mod N, following the redirect; every session on its own TCP connection. The first {} member(s) of each room send {}-byte bodies as real envelope v1, pre-sealed: {} distinct envelopes per room, each posted at most once per run (the node takes a repeated sender+nonce among a room's last 256 posts for a retry). Fixed rate: {} messages/s over all rooms, handed to the senders in turn (so to consecutive rooms), {} s warm-up, {} s measured. Saturation: closed loop, {} post(s) in flight per sender (until the sender receives its own post back), {} s warm-up, {} s measured. Deliveries and latency: deliveries to members other than the sender received inside the window; latency = receive instant − send instant in this process. Node CPU: user + system time of every node process from /proc over the window.\n",
+            "Workload: {} rooms of {} members; member i of room r is user (r·M + i) mod U and joins through node (r + i) mod N, following the redirect; every session on its own TCP connection. The first {} member(s) of each room send {}-byte bodies as real envelope v1, pre-sealed: {} distinct envelopes per room, each posted at most once per run (the node takes a repeated sender+nonce among a room's last 256 posts for a retry). Fixed rate: {} messages/s over all rooms, handed to the senders in turn (so to consecutive rooms), {} s warm-up, {} s measured. Saturation: closed loop, {} post(s) in flight per sender (until the sender receives its own post back), {} s warm-up, {} s measured. Deliveries and latency: deliveries to members other than the sender received inside the window; latency = receive instant − the post's due instant in this process (its scheduled time in the fixed-rate phase, so a generator that falls behind shows it in the latency and in the count of late posts; when its predecessor's echo freed it at saturation). Node CPU: user + system time of every node process from /proc over the window.\n",
             p.rooms,
             p.members,
             p.senders_per_room,

@@ -220,7 +220,7 @@ pub fn markdown(inv: &Invocation) -> String {
         let p = &first.plan;
         let _ = writeln!(
             out,
-            "Workload: one room of M members, each its own joined session on its own connection; the first S members send {}-byte bodies as real envelope v1 (AES-256-GCM body, RSA-OAEP key wrapped for every member, RSA-PSS signature), pre-sealed before the phases ({} envelopes per sender, reused cyclically, a slot never reused before every member received it). Fixed rate: 50/M messages/s, {} s warm-up, {} s measured. Saturation: closed loop, {} posts in flight per sender (until the sender receives its own post back), {} s warm-up, {} s measured. Half: open loop at half the saturation message rate. Latency = receive instant − send instant in this process (monotonic clock), over deliveries to members other than the sender received inside the window. After each phase the tool waits up to {} s until every message reached every member.\n",
+            "Workload: one room of M members, each its own joined session on its own connection; the first S members send {}-byte bodies as real envelope v1 (AES-256-GCM body, RSA-OAEP key wrapped for every member, RSA-PSS signature), pre-sealed before the phases ({} envelopes per sender, reused cyclically, a slot never reused before every member received it). Fixed rate: 50/M messages/s, {} s warm-up, {} s measured. Saturation: closed loop, {} posts in flight per sender (until the sender receives its own post back), {} s warm-up, {} s measured. Half: open loop at half the saturation message rate. Latency = receive instant − the instant the post was due in this process (monotonic clock; in the open-loop phases its scheduled time, so a generator that falls behind shows it in the latency and in the count of late posts), over deliveries to members other than the sender received inside the window. After each phase the tool waits up to {} s until every message reached every member.\n",
             p.body_bytes,
             p.pool,
             p.rate_warmup_s,
@@ -356,6 +356,11 @@ pub fn markdown(inv: &Invocation) -> String {
             (
                 "pool stalls (a slot still in flight when due)",
                 |r| Some(r.phases.values().map(|p| p.pool_stalls as f64).sum()),
+                0,
+            ),
+            (
+                "posts sent > 5 ms after they were due (generator behind)",
+                |r| Some(r.phases.values().map(|p| p.late_posts as f64).sum()),
                 0,
             ),
         ];

@@ -8,15 +8,18 @@
 //! reuses them cyclically. Each envelope has its own random nonce, so a
 //! receiver decodes only the nonce field of the `Sealed` it received (no
 //! crypto) and looks up which (sender, slot) it is. The sender stamps a
-//! slot when it posts it; latency is receive instant minus that stamp, both
-//! from this process's monotonic clock. A slot is posted again only after
+//! slot with the instant the post was due (its tick in the open loop, so a
+//! sender that falls behind its schedule shows it in the latency instead
+//! of hiding it: no coordinated omission; the echo that freed it in the
+//! closed loop); latency is receive instant minus that stamp, both from
+//! this process's monotonic clock. A slot is posted again only after
 //! every member (its sender included) has received its previous post, so a
 //! stamp is never overwritten while a copy is still on its way. A sample
 //! of deliveries (the first of each sender at one receiver, per phase) is
 //! verified and decrypted after the phase to prove the envelopes are real.
 
 use std::cell::RefCell;
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::rc::Rc;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -36,6 +39,8 @@ use tonic::Streaming;
 use crate::procfs;
 use crate::stats::percentile;
 
+/// A post sent this long after it was due counts as late.
+const LATE_MS: u64 = 5;
 /// Largest envelope pool per sender.
 pub const POOL_MAX: usize = 4096;
 /// Most latency samples kept per phase (beyond: counted, not stored).
@@ -83,9 +88,9 @@ struct SenderState {
     slots: Vec<Slot>,
     next_slot: usize,
     next_seq: u64,
-    /// Posts owed: granted by an echo (closed loop) or a tick (open loop)
-    /// and not yet sent.
-    credits: u64,
+    /// Posts owed, each with the instant it was due: granted by an echo
+    /// (closed loop) or a tick (open loop) and not yet sent.
+    credits: VecDeque<Instant>,
     stalled: bool,
     wake: Rc<Notify>,
 }
@@ -112,6 +117,10 @@ struct PhaseState {
     deliveries_in_window: u64,
     latency_ns: Vec<u64>,
     stalls: u64,
+    /// Posts sent more than [`LATE_MS`] after they were due, and the
+    /// longest such lag.
+    late: u64,
+    lag_max: Duration,
     accepted: u64,
     rejected: u64,
     duplicates: u64,
@@ -224,7 +233,7 @@ impl Engine {
                 bodies,
                 next_slot: 0,
                 next_seq: 1,
-                credits: 0,
+                credits: VecDeque::new(),
                 stalled: false,
                 wake: Rc::new(Notify::new()),
             })
@@ -276,7 +285,7 @@ impl Engine {
         if echo {
             phase.echoes += 1;
             if phase.closed_loop && phase.t_stop.is_some_and(|t| now < t) {
-                sender.credits += 1;
+                sender.credits.push_back(now);
             }
         } else {
             phase.others_total += 1;
@@ -331,7 +340,7 @@ impl Engine {
         let members = u32::try_from(self.members).expect("bounded members");
         let phase = &mut self.phase;
         let sender = &mut self.senders[s];
-        while sender.credits > 0 {
+        while let Some(&due) = sender.credits.front() {
             let k = sender.next_slot;
             if sender.slots[k].outstanding > 0 {
                 if !sender.stalled {
@@ -350,13 +359,18 @@ impl Engine {
                     phase
                         .errors
                         .push(format!("sender {s}: the session's stream is closed"));
-                    sender.credits = 0;
+                    sender.credits.clear();
                     return;
                 }
             };
             let seq = sender.next_seq;
+            let lag = Instant::now().saturating_duration_since(due);
+            if lag > Duration::from_millis(LATE_MS) {
+                phase.late += 1;
+            }
+            phase.lag_max = phase.lag_max.max(lag);
             sender.slots[k] = Slot {
-                sent_at: Instant::now(),
+                sent_at: due,
                 outstanding: members,
             };
             permit.send(pb::ClientFrame {
@@ -367,7 +381,7 @@ impl Engine {
             });
             sender.next_seq += 1;
             sender.next_slot = (k + 1) % sender.pool.len();
-            sender.credits -= 1;
+            sender.credits.pop_front();
             sender.stalled = false;
             phase.sent += 1;
         }
@@ -542,6 +556,10 @@ pub struct PhaseResult {
     pub other_cpu_cores: f64,
     /// Times a sender's next slot was still in flight when it was due.
     pub pool_stalls: u64,
+    /// Posts sent more than 5 ms after they were due (the generator fell
+    /// behind its schedule), and the longest lag, ms.
+    pub late_posts: u64,
+    pub send_lag_max_ms: f64,
     /// Posts acknowledged.
     pub posts_accepted: u64,
     /// Posts rejected (must be 0).
@@ -595,7 +613,7 @@ pub async fn run_phase(
             ..PhaseState::default()
         };
         for s in &mut e.senders {
-            s.credits = 0;
+            s.credits.clear();
         }
     }
     let mut tickers = Vec::new();
@@ -623,7 +641,7 @@ pub async fn run_phase(
             if let Load::Window(w) = plan.load {
                 let mut e = engine.borrow_mut();
                 for s in 0..senders {
-                    e.senders[s].credits = w;
+                    e.senders[s].credits = std::iter::repeat_n(now, w as usize).collect();
                     e.pump(s);
                 }
             }
@@ -728,6 +746,8 @@ pub async fn run_phase(
             client_cpu_util: client_cpu_s / window_s,
             other_cpu_cores: ((machine_s - client_cpu_s - server_cpu_s) / window_s).max(0.0),
             pool_stalls: p.stalls,
+            late_posts: p.late,
+            send_lag_max_ms: p.lag_max.as_secs_f64() * 1e3,
             posts_accepted: p.accepted,
             posts_rejected: p.rejected,
             duplicates: p.duplicates,
@@ -789,7 +809,7 @@ async fn tick(
         }
         tokio::time::sleep_until(t.into()).await;
         let mut e = engine.borrow_mut();
-        e.senders[s].credits += 1;
+        e.senders[s].credits.push_back(t);
         if t >= t0 {
             e.phase.sent_in_window += 1;
         }

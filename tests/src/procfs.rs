@@ -1,22 +1,51 @@
 //! What the kernel says about processes and the machine: CPU time, memory,
-//! and the facts a report must carry. Linux only (`/proc`).
+//! and the facts a benchmark report must carry (the numbers mean little
+//! without them). Linux only (`/proc`). The one reader of `/proc` for the
+//! tests and every bench binary.
 
 use std::path::Path;
 use std::process::Command;
+use std::sync::OnceLock;
 
 use serde::Serialize;
 
 /// Clock ticks per second of `/proc/*/stat` times (USER_HZ). 100 on every
 /// Linux this runs on; read once from `getconf` in case it is not.
 pub fn clock_ticks_per_s() -> f64 {
-    Command::new("getconf")
-        .arg("CLK_TCK")
+    static TICKS: OnceLock<f64> = OnceLock::new();
+    *TICKS.get_or_init(|| {
+        stdout_of("getconf", &["CLK_TCK"])
+            .parse::<f64>()
+            .ok()
+            .filter(|t| *t > 0.0)
+            .unwrap_or(100.0)
+    })
+}
+
+/// A command's standard output, trimmed; `?` when it cannot run.
+pub fn stdout_of(program: &str, args: &[&str]) -> String {
+    Command::new(program)
+        .args(args)
         .output()
         .ok()
-        .and_then(|o| String::from_utf8(o.stdout).ok())
-        .and_then(|s| s.trim().parse::<f64>().ok())
-        .filter(|t| *t > 0.0)
-        .unwrap_or(100.0)
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned())
+        .unwrap_or_else(|| "?".into())
+}
+
+/// The 1, 5 and 15 minute load averages.
+pub fn loadavg() -> String {
+    std::fs::read_to_string("/proc/loadavg")
+        .unwrap_or_default()
+        .split_whitespace()
+        .take(3)
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+/// CPU seconds (user + system, all threads) a process has used (`pid`
+/// may be `self`); `None` when it is gone.
+pub fn cpu_seconds(pid: &str) -> Option<f64> {
+    process_cpu_s(pid, clock_ticks_per_s())
 }
 
 /// utime + stime of a process (all its threads), in seconds, or `None`
@@ -130,6 +159,20 @@ fn command_line(program: &str, args: &[&str], dir: Option<&Path>) -> String {
         .filter(|o| o.status.success())
         .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned())
         .unwrap_or_default()
+}
+
+/// CPU model, core count, memory, kernel and compiler, as report rows
+/// (from the same readings as [`machine_facts`]).
+pub fn common_facts() -> Vec<(String, String)> {
+    let f = machine_facts(Path::new("."));
+    let cores = std::thread::available_parallelism().map_or(0, |n| n.get());
+    vec![
+        ("CPU".into(), f.cpu_model),
+        ("cores (nproc)".into(), cores.to_string()),
+        ("memory".into(), format!("{} GiB", f.mem_total_gib)),
+        ("kernel".into(), f.kernel),
+        ("rustc".into(), f.rustc),
+    ]
 }
 
 /// Collects [`MachineFacts`]; `repo` is the git checkout the binaries come

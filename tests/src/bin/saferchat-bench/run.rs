@@ -344,7 +344,7 @@ pub async fn run(
         )
         .await;
         eprintln!(
-            "  M={m} rep {rep} {name}: {:.0} deliveries/s, p50 {:.2} ms, p99 {:.2} ms, server cpu {:.2} ({:.2} µs/delivery), client cpu {:.2}, other cpu {:.2}, delivered {:.4}, verified {}/{}{}",
+            "  M={m} rep {rep} {name}: {:.0} deliveries/s, p50 {:.2} ms, p99 {:.2} ms, server cpu {:.2} ({:.2} µs/delivery), client cpu {:.2}, other cpu {:.2}, delivered {:.4}, verified {}/{}, late {} (lag max {:.1} ms){}",
             result.deliveries_per_s,
             result.lat_p50_ms.unwrap_or(f64::NAN),
             result.lat_p99_ms.unwrap_or(f64::NAN),
@@ -355,6 +355,8 @@ pub async fn run(
             result.delivered_fraction.unwrap_or(f64::NAN),
             result.verified_samples,
             result.verified_samples + result.verify_failures,
+            result.late_posts,
+            result.send_lag_max_ms,
             if result.errors.is_empty() {
                 String::new()
             } else {

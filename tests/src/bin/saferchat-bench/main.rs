@@ -17,9 +17,10 @@
 //!   writes the report);
 //! - `handshake.rs`: a join timed step by step;
 //! - `node.rs`: starting and stopping the node under test;
-//! - `procfs.rs`: CPU time, memory and machine facts from `/proc`;
-//! - `users.rs`: cached RSA identities; `stats.rs`: percentiles;
-//!   `report.rs`: the Markdown report.
+//! - `users.rs`: cached RSA identities; `report.rs`: the Markdown report;
+//! - from the harness library (`saferchat_tests`), shared with the tests
+//!   and the other bench binaries: `procfs` (CPU time, memory and machine
+//!   facts from `/proc`) and `stats` (percentiles).
 //!
 //! Everything runs on one thread (a current-thread runtime) pinned to one
 //! CPU; the server is pinned to another. Every loop is bounded in count
@@ -32,11 +33,9 @@ mod handshake;
 mod idle;
 mod load;
 mod node;
-mod procfs;
 mod report;
 mod rooms;
 mod run;
-mod stats;
 mod users;
 
 use std::os::unix::process::CommandExt as _;
@@ -45,6 +44,7 @@ use std::process::{Command, ExitCode};
 
 use anyhow::Context as _;
 use clap::Parser;
+use saferchat_tests::{procfs, stats};
 
 use crate::node::{NodeSpec, Server};
 

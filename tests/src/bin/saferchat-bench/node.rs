@@ -7,6 +7,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, bail};
+use saferchat_tests::process::terminate;
 
 /// How long a node may take to accept connections after starting.
 const START_MS_MAX: u64 = 30_000;
@@ -159,26 +160,7 @@ impl Server {
         let Some(mut child) = self.child.take() else {
             return;
         };
-        let _ = Command::new("kill")
-            .args(["-TERM", &self.pid])
-            .stderr(Stdio::null())
-            .status();
-        let started = Instant::now();
-        loop {
-            match child.try_wait() {
-                Ok(Some(_)) | Err(_) => break,
-                Ok(None) if started.elapsed() > Duration::from_millis(STOP_MS_MAX) => {
-                    eprintln!(
-                        "node {} did not stop within {STOP_MS_MAX} ms: SIGKILL",
-                        self.pid
-                    );
-                    let _ = child.kill();
-                    let _ = child.wait();
-                    break;
-                }
-                Ok(None) => std::thread::sleep(Duration::from_millis(50)),
-            }
-        }
+        terminate(&mut [&mut child], Duration::from_millis(STOP_MS_MAX));
         if !self.keep_data
             && let Some(dir) = self.data_dir.take()
         {
