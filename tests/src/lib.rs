@@ -7,6 +7,8 @@
 //! - [`inproc`]: a node inside the test process, for fast protocol tests.
 //! - [`cluster`], [`netproxy`]: several node processes whose peer links a
 //!   test can cut or slow down.
+//! - [`netns`]: packet loss on chosen links, inside a network namespace
+//!   a test makes for itself.
 //! - [`raw`]: the chat protocol by hand, for bad-input tests.
 //! - [`bin`]: where the binaries are.
 //! - [`cassandra`]: the Cassandra address the tests use, a store on it,
@@ -25,6 +27,7 @@ pub mod cassandra;
 pub mod chaos;
 pub mod cluster;
 pub mod inproc;
+pub mod netns;
 pub mod netproxy;
 pub mod process;
 pub mod procfs;

@@ -25,6 +25,7 @@ use super::linear::Operation;
 use super::membership::{MemberOp, State};
 use super::schedule::{Clocks, Fault, Step, schedule_with};
 use crate::cluster::{Cluster, Options};
+use crate::netns::Loss;
 use crate::netproxy::{Link, Tap};
 
 /// Members posting and listening.
@@ -77,6 +78,11 @@ pub struct Outcomes {
     pub removal: Option<Removal>,
     /// The plan's clock faults.
     pub clocks: Clocks,
+    /// Whether loss faults dropped packets (inside the test's own network
+    /// namespace) or were skipped.
+    pub loss_applied: bool,
+    /// Packets the loss faults dropped.
+    pub packets_dropped: u64,
 }
 
 /// The checkers' verdict on one run.
@@ -475,7 +481,7 @@ async fn listener(
 /// Each node's clock control: its rate error and how far it has jumped.
 type ClockState = Vec<(i64, u64)>;
 
-fn apply(cluster: &mut Cluster, clocks: &mut ClockState, fault: Fault) {
+fn apply(cluster: &mut Cluster, clocks: &mut ClockState, loss: Option<&Loss>, fault: Fault) {
     match fault {
         Fault::Kill(n) => cluster.kill(n),
         Fault::Restart(n) => tokio::task::block_in_place(|| cluster.restart(n)),
@@ -493,6 +499,11 @@ fn apply(cluster: &mut Cluster, clocks: &mut ClockState, fault: Fault) {
         Fault::Jump { node, ms } => {
             clocks[node].1 += ms;
             cluster.set_clock(node, clocks[node].0, clocks[node].1);
+        }
+        Fault::Loss { from, to, percent } => {
+            if let Some(loss) = loss {
+                loss.set(cluster.link_port(from, to), percent);
+            }
         }
     }
 }
@@ -526,6 +537,10 @@ pub async fn run(plan: Plan) -> Outcomes {
         plan.duration.as_millis() as u64,
         plan.clocks,
     );
+    // Inside the test's own network namespace, loss faults drop packets;
+    // elsewhere they are skipped (and the outcome says so).
+    let loss = crate::netns::inside()
+        .then(|| Loss::set_up().unwrap_or_else(|e| panic!("packet loss: {e}")));
     let marker = format!("chaos-{}-", plan.seed);
     let tap = Tap::new(marker.as_bytes());
     let mut cluster = Cluster::start(Options {
@@ -608,7 +623,7 @@ pub async fn run(plan: Plan) -> Outcomes {
     let mut clocks = vec![(0, 0); plan.nodes];
     for step in &steps {
         tokio::time::sleep_until((start + Duration::from_millis(step.at_ms)).into()).await;
-        apply(&mut cluster, &mut clocks, step.fault);
+        apply(&mut cluster, &mut clocks, loss.as_ref(), step.fault);
     }
     for task in tasks {
         task.await.expect("client task");
@@ -722,6 +737,8 @@ pub async fn run(plan: Plan) -> Outcomes {
     Outcomes {
         removal,
         clocks: plan.clocks,
+        loss_applied: loss.is_some(),
+        packets_dropped: loss.as_ref().map_or(0, Loss::dropped),
         initial,
         membership,
         steps,

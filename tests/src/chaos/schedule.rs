@@ -53,6 +53,17 @@ pub enum Fault {
         /// The step.
         ms: u64,
     },
+    /// Drop `percent` % of the packets of the link `from` → `to`, both
+    /// ways (TCP retransmits); 0 undoes it. Needs the test's own network
+    /// namespace ([`crate::netns`]).
+    Loss {
+        /// The dialling node.
+        from: usize,
+        /// The dialled node.
+        to: usize,
+        /// Share of packets dropped.
+        percent: u8,
+    },
     /// Delay every byte on the link `from` → `to` by `ms`.
     Delay {
         /// The dialling node.
@@ -115,7 +126,7 @@ pub fn schedule_with(seed: u64, nodes: usize, duration_ms: u64, clocks: Clocks) 
         let kind = if clocks == Clocks::Beyond && rng.random_bool(0.5) {
             4
         } else {
-            rng.random_range(0..6)
+            rng.random_range(0..7)
         };
         let (start, undo) = match kind {
             0 => (Fault::Kill(node), Fault::Restart(node)),
@@ -143,6 +154,18 @@ pub fn schedule_with(seed: u64, nodes: usize, duration_ms: u64, clocks: Clocks) 
                 };
                 (fault, Fault::Drift { node, ppm: 0 })
             }
+            6 => (
+                Fault::Loss {
+                    from: node,
+                    to: other,
+                    percent: rng.random_range(5..=30),
+                },
+                Fault::Loss {
+                    from: node,
+                    to: other,
+                    percent: 0,
+                },
+            ),
             3 => (
                 Fault::Cut {
                     from: node,
@@ -232,6 +255,11 @@ mod tests {
                 Fault::Drift { node, .. } | Fault::Jump { node, .. } => {
                     Fault::Drift { node, ppm: 0 }
                 }
+                Fault::Loss { from, to, percent } if percent > 0 => Fault::Loss {
+                    from,
+                    to,
+                    percent: 0,
+                },
                 other => panic!("an undo opens an episode: {other:?}"),
             };
             assert_eq!(pair[1].fault, undone);
