@@ -74,6 +74,29 @@ pub fn reexec_in_netns(args: &[String]) -> bool {
         .success()
 }
 
+/// For a test that wants a namespace of its own: `true` when the caller
+/// should go on and run the test here (inside its namespace, or where one
+/// cannot be made: then it says why loss is skipped); otherwise runs test
+/// `name` again inside a fresh namespace, panics if that run failed, and
+/// returns `false`. Blocking.
+///
+/// # Panics
+/// When the run inside the namespace failed.
+pub fn run_here_or_inside(name: &str) -> bool {
+    if inside() {
+        return true;
+    }
+    if let Some(why) = unavailable() {
+        eprintln!("{name}: packet loss is skipped: {why}");
+        return true;
+    }
+    assert!(
+        reexec_in_netns(&test_args(name)),
+        "{name}: the run inside its own network namespace failed"
+    );
+    false
+}
+
 /// The arguments that run test `name` alone in a libtest binary.
 pub fn test_args(name: &str) -> Vec<String> {
     [name, "--exact", "--nocapture", "--test-threads", "1"]

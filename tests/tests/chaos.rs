@@ -54,21 +54,10 @@ fn plans() -> Vec<(u64, Clocks)> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn seeded_fault_schedules_lose_duplicate_and_reorder_nothing() {
-    if !netns::inside() {
-        match netns::unavailable() {
-            None => {
-                let passed = tokio::task::spawn_blocking(|| {
-                    netns::reexec_in_netns(&netns::test_args(
-                        "seeded_fault_schedules_lose_duplicate_and_reorder_nothing",
-                    ))
-                })
-                .await
-                .expect("the namespaced run");
-                assert!(passed, "the run inside its own network namespace failed");
-                return;
-            }
-            Some(why) => eprintln!("chaos: packet-loss faults are skipped: {why}"),
-        }
+    if !tokio::task::block_in_place(|| {
+        netns::run_here_or_inside("seeded_fault_schedules_lose_duplicate_and_reorder_nothing")
+    }) {
+        return;
     }
     let seconds: u64 = std::env::var("CHAOS_SECONDS")
         .ok()
@@ -149,20 +138,12 @@ async fn a_lossy_link_drops_packets_and_tcp_recovers() {
     use saferchat_tests::netproxy::Proxy;
     use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 
+    if !tokio::task::block_in_place(|| {
+        netns::run_here_or_inside("a_lossy_link_drops_packets_and_tcp_recovers")
+    }) {
+        return;
+    }
     if !netns::inside() {
-        match netns::unavailable() {
-            None => {
-                let passed = tokio::task::spawn_blocking(|| {
-                    netns::reexec_in_netns(&netns::test_args(
-                        "a_lossy_link_drops_packets_and_tcp_recovers",
-                    ))
-                })
-                .await
-                .expect("the namespaced run");
-                assert!(passed, "the run inside its own network namespace failed");
-            }
-            Some(why) => eprintln!("skipped: {why}"),
-        }
         return;
     }
     let loss = netns::Loss::set_up().expect("loss rules");
