@@ -15,6 +15,10 @@
 # Cassandra starts once, in the background, while the workspace builds, and
 # is stopped on exit whatever happens. Extra arguments go to `cargo test`.
 #
+# Then each coverage-guided fuzz target for 30 s (scripts/fuzz.sh: installs
+# cargo-afl into target/tools and builds AFL++ the first time, a few
+# minutes; SAFERCHAT_SKIP_FUZZ=1 skips it, FUZZ_SECONDS changes the time).
+#
 # Last, the CI subset of the consensus mutation tests (scripts/mutants.sh
 # --ci: 178 mutants, timed in specs/README.md "Mutation testing", plus ~5 minutes to install
 # cargo-mutants into target/tools the first time); SAFERCHAT_SKIP_MUTANTS=1
@@ -61,6 +65,7 @@ trap stop_cassandra EXIT
 
 step "format and lints"
 cargo fmt --all -- --check
+(cd fuzz && cargo fmt -- --check)
 cargo clippy --workspace --all-targets --locked -- -D warnings
 
 step "build (one profile, every target)"
@@ -74,8 +79,14 @@ step "tests"
 # Tests that need Cassandra are #[ignore]d without it; here it runs.
 cargo test --workspace --locked "$@" -- --include-ignored
 
+stop_cassandra
+
+if [ "${SAFERCHAT_SKIP_FUZZ:-}" != 1 ]; then
+  step "coverage-guided fuzzing (AFL++), each target for ${FUZZ_SECONDS:-30} s"
+  FUZZ_SECONDS="${FUZZ_SECONDS:-30}" bash scripts/fuzz.sh
+fi
+
 if [ "${SAFERCHAT_SKIP_MUTANTS:-}" != 1 ]; then
   step "mutation tests of the consensus core (CI subset)"
-  stop_cassandra
   bash scripts/mutants.sh --ci
 fi

@@ -1,0 +1,37 @@
+//! The protobuf messages each service accepts (chat, admin, peer) and the
+//! node's conversions of peer frames into its consensus messages: never a
+//! panic, whatever the bytes.
+
+use bytes::Bytes;
+use prost::Message as _;
+use saferchat_proto::{admin as apb, chat as cpb, peer as ppb};
+
+fn main() {
+    afl::fuzz!(|data: &[u8]| {
+        let b = || Bytes::copy_from_slice(data);
+        let _ = cpb::ClientFrame::decode(b());
+        let _ = cpb::HistoryRequest::decode(b());
+        let _ = cpb::MembersRequest::decode(b());
+        let _ = apb::AddUserRequest::decode(b());
+        let _ = apb::ListChatsRequest::decode(b());
+        if let Ok(frame) = ppb::PeerFrame::decode(b()) {
+            for m in &frame.messages {
+                let _ = saferchat_node::convert::message_from_pb(m);
+            }
+            for m in &frame.log {
+                let _ = saferchat_node::convert::log::message_from_pb(m);
+            }
+        }
+        if let Ok(r) = ppb::RoomStateRecord::decode(b()) {
+            let _ = saferchat_node::convert::state_from_pb(&r);
+        }
+        if let Ok(r) = ppb::AcceptorRecord::decode(b()) {
+            let _ = saferchat_node::convert::acceptor_from_pb(&r);
+        }
+        if let Ok(r) = ppb::LogRecord::decode(b()) {
+            for e in &r.entries {
+                let _ = saferchat_node::convert::log::entry_from_pb(e);
+            }
+        }
+    });
+}
