@@ -36,6 +36,15 @@ pub fn unavailable() -> Option<String> {
             return Some(format!("`{tool}` is not installed"));
         }
     }
+    // Root in a container may still lack the right to make one.
+    let works = Command::new("unshare")
+        .args(["--net", "true"])
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success());
+    if !works {
+        return Some("`unshare --net` is not permitted here".into());
+    }
     None
 }
 
