@@ -210,6 +210,10 @@ pub struct CassandraConfig {
     /// Replication, e.g. `{'class': 'SimpleStrategy', 'replication_factor': 1}`
     /// or `{'class': 'NetworkTopologyStrategy', 'dc1': 3, 'dc2': 3}`.
     pub replication: String,
+    /// How long a starting node keeps trying to reach Cassandra before it
+    /// gives up, in seconds: nodes and Cassandra may start in any order
+    /// (a restart during a Cassandra outage waits it out). 0 = one try.
+    pub connect_wait_s: u64,
 }
 
 impl Default for CassandraConfig {
@@ -219,6 +223,7 @@ impl Default for CassandraConfig {
             datacenter: "datacenter1".to_owned(),
             keyspace: "saferchat".to_owned(),
             replication: "{'class': 'SimpleStrategy', 'replication_factor': 1}".to_owned(),
+            connect_wait_s: 120,
         }
     }
 }
@@ -491,6 +496,10 @@ impl NodeConfig {
         }
         if let Some(v) = env("SAFERCHAT_CASSANDRA_REPLICATION") {
             self.storage.cassandra.replication = v;
+        }
+        if let Some(v) = env("SAFERCHAT_CASSANDRA_CONNECT_WAIT_S") {
+            self.storage.cassandra.connect_wait_s =
+                parse_env("SAFERCHAT_CASSANDRA_CONNECT_WAIT_S", &v)?;
         }
         Ok(())
     }

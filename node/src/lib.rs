@@ -122,8 +122,26 @@ async fn open_chat_store(
     match config.storage.backend {
         Backend::Sled => Ok(Arc::new(sled.clone())),
         Backend::Cassandra => Ok(Arc::new(
-            CassandraStore::connect(&config.storage.cassandra).await?,
+            connect_cassandra(&config.storage.cassandra).await?,
         )),
+    }
+}
+
+/// Connects to Cassandra, trying again while it is unreachable for up to
+/// `connect_wait_s` (doubling the pause up to 5 s). Configuration errors
+/// (a wrong datacenter, a bad replication string) fail at once.
+async fn connect_cassandra(config: &config::CassandraConfig) -> Result<CassandraStore, NodeError> {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(config.connect_wait_s);
+    let mut pause = Duration::from_millis(250);
+    loop {
+        match CassandraStore::connect(config).await {
+            Err(NodeError::Unavailable(why)) if tokio::time::Instant::now() + pause < deadline => {
+                tracing::warn!(error = %why, retry_in_ms = pause.as_millis() as u64, "Cassandra is not reachable yet");
+                tokio::time::sleep(pause).await;
+                pause = (pause * 2).min(Duration::from_secs(5));
+            }
+            other => return other,
+        }
     }
 }
 

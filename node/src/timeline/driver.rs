@@ -61,6 +61,23 @@
 //! a sync per driver pass off every leader, about a quarter of the syncs
 //! a post cost.
 //!
+//! # When the timeline store fails
+//!
+//! A shared store (Cassandra) can be down or stalled for seconds or
+//! minutes while the nodes and their logs are fine. Committed posts are
+//! safe in the log meanwhile, so a failed apply is not fatal: the batch
+//! goes back to the collected posts, the room tails it moved are dropped
+//! (reloaded from the store, so the retry places every post exactly as
+//! before), and the driver tries again after a backoff of
+//! [`STORE_RETRY_MIN_MS`] doubling to [`STORE_RETRY_MAX_MS`], never
+//! sleeping in its loop (heartbeats and elections go on). Until a retry
+//! succeeds, new posts are refused with UNAVAILABLE (nothing is taken that
+//! cannot be stored), posts already committed are answered once stored,
+//! and this node is not named leader of partitions whose commits wait, so
+//! no client reads a timeline that lacks acknowledged posts. Posts stored
+//! by a failed attempt are recognised on the retry and still delivered
+//! once. Only if [`STALLED_POSTS_MAX`] commits pile up does the node stop.
+//!
 //! # Compaction
 //!
 //! Applied entries stay in the log until a partition retains more than
@@ -111,8 +128,14 @@ const TICK_MS: u64 = 50;
 pub const LOG_INBOUND_MAX: usize = 1024;
 /// Appends queued for the driver.
 const COMMAND_QUEUE_MAX: usize = 4096;
-/// How often a failed timeline write is tried before the node stops.
-const APPLY_ATTEMPTS: u32 = 5;
+/// First wait before applying again after the timeline store failed (see
+/// "When the timeline store fails").
+pub const STORE_RETRY_MIN_MS: u64 = 200;
+/// Longest wait between two attempts.
+pub const STORE_RETRY_MAX_MS: u64 = 5_000;
+/// Committed posts waiting for a failing store, at most; beyond this the
+/// node stops rather than hold more in memory.
+pub const STALLED_POSTS_MAX: usize = 65_536;
 /// A follower applies committed posts to its timeline store at most this
 /// long after they commit (see "Followers apply in batches").
 pub const FOLLOWER_APPLY_DELAY_MS: u64 = 250;
@@ -131,6 +154,28 @@ pub const UNSYNCED_POSTS_MAX: usize = 128;
 const TAILS_MAX: usize = 4096;
 /// How often subscriptions of stopped room actors are swept.
 const SWEEP_MS: u64 = 10_000;
+
+/// The timeline store failing: since when, and when to try again.
+#[derive(Debug)]
+struct Outage {
+    since: Millis,
+    retry_at: Millis,
+    backoff_ms: u64,
+    error: String,
+}
+
+/// A committed post as placed: who to answer, its room and place, and the
+/// envelope to deliver.
+type Placed = ((NodeId, u64), RoomId, Sequenced, Envelope);
+
+/// Why placing and storing a batch failed.
+enum StoreFailed {
+    /// The timeline store failed: the batch waits for the next attempt.
+    Store(NodeError),
+    /// Syncing the store failed: the node stops (after a failed sync the
+    /// page cache no longer says what the disk holds).
+    Fatal(NodeError),
+}
 
 /// Partition-log messages from one peer.
 #[derive(Debug)]
@@ -242,6 +287,11 @@ struct Driver {
     unsynced_posts: usize,
     /// When the oldest unsynced post committed.
     unsynced_since: Option<Millis>,
+    /// Set while the timeline store fails.
+    outage: Option<Outage>,
+    /// Posts placed by an apply that failed: a retry that finds one stored
+    /// (so not fresh) still delivers it, once.
+    undelivered: std::collections::HashSet<crate::message_id::MessageId>,
 }
 
 /// Starts the driver; its task ends with `Err(Fatal)` if the node can no
@@ -275,6 +325,8 @@ pub fn spawn(parts: DriverParts) -> (Timeline, JoinHandle<Result<(), NodeError>>
         unsynced: HashMap::new(),
         unsynced_posts: 0,
         unsynced_since: None,
+        outage: None,
+        undelivered: std::collections::HashSet::new(),
     };
     for (partition, state) in parts.states {
         if driver.replicas(partition).contains(&driver.me) {
@@ -450,6 +502,16 @@ impl Driver {
                 self.next_token += posts.len() as u64;
                 for (i, p) in posts.iter_mut().enumerate() {
                     p.origin = (me, first_token + i as u64);
+                }
+                if let Some(outage) = &self.outage {
+                    let why = format!(
+                        "the timeline store is unavailable ({}); the post was not taken: retry later",
+                        outage.error
+                    );
+                    for reply in replies {
+                        let _ = reply.send(Err(NodeError::Unavailable(why.clone())));
+                    }
+                    return;
                 }
                 let leading = self
                     .part(partition)
@@ -640,6 +702,15 @@ impl Driver {
         }
         let committed = self.batch_followers(committed, &led);
         if !committed.is_empty() {
+            // Name the leaders of what was applied too: a partition whose
+            // commits waited for a failing store is named once they are in.
+            for (partition, _) in &committed {
+                if !leaders.iter().any(|(p, _)| p == partition)
+                    && let Some(part) = self.parts.get(partition)
+                {
+                    leaders.push((*partition, part.leader.map(|t| t.node)));
+                }
+            }
             self.apply(committed).await?;
         }
         let now = self.clock.monotonic();
@@ -651,9 +722,12 @@ impl Driver {
             self.sync_applied().await?;
         }
         // Named leader only now that its timeline holds every committed
-        // post (see "Followers apply in batches").
+        // post (see "Followers apply in batches"); not while some wait
+        // for a failing store.
         for (partition, leader) in leaders {
-            self.leaders.set(partition, leader);
+            let waiting = leader == Some(self.me) && self.deferred.contains_key(&partition);
+            self.leaders
+                .set(partition, if waiting { None } else { leader });
         }
         if self.store.wants_rotation() {
             self.rotate().await?;
@@ -671,6 +745,20 @@ impl Driver {
         led: &[u32],
     ) -> Vec<(u32, Vec<Committed<LogPost>>)> {
         let now = self.clock.monotonic();
+        if let Some(outage) = &self.outage {
+            // Everything waits for the next attempt, in slot order.
+            let retry = now >= outage.retry_at;
+            for (partition, slots) in committed {
+                self.deferred_posts += slots.len();
+                self.deferred_since.get_or_insert(now);
+                self.deferred.entry(partition).or_default().extend(slots);
+            }
+            return if retry {
+                self.take_deferred(|_| true)
+            } else {
+                Vec::new()
+            };
+        }
         let mut now_apply = self.take_deferred(|p| led.contains(&p));
         for (partition, slots) in committed {
             if led.contains(&partition) {
@@ -738,16 +826,74 @@ impl Driver {
     /// Applies committed slots of every partition to the timeline store in
     /// one append (one sync however many partitions committed: the driver
     /// must not spend its turn on a sync per partition, or its heartbeats
-    /// would stall under load), then answers and delivers.
+    /// would stall under load), then answers and delivers. When the store
+    /// fails, the slots wait for the next attempt (see "When the timeline
+    /// store fails").
     async fn apply(
         &mut self,
         committed: Vec<(u32, Vec<Committed<LogPost>>)>,
     ) -> Result<(), NodeError> {
-        let batch_start = self.uses;
         let commit_time = self.clock.monotonic();
+        let outcomes = match self.store_batch(&committed, commit_time).await {
+            Ok(outcomes) => outcomes,
+            Err(StoreFailed::Store(e)) => return self.store_failed(committed, &e),
+            Err(StoreFailed::Fatal(e)) => return Err(e),
+        };
+        if let Some(outage) = self.outage.take() {
+            tracing::info!(
+                down_ms = self.clock.monotonic().since(outage.since),
+                "the timeline store answers again; applying resumed"
+            );
+            metrics::gauge!("saferchat_timeline_store_available").set(1.0);
+        }
+        for (origin, room, placed, envelope) in outcomes {
+            if origin.0 == self.me
+                && let Some((_, reply)) = self.waiters.remove(&origin.1)
+            {
+                let _ = reply.send(Ok(placed));
+            }
+            let stored_by_a_failed_attempt = self.undelivered.remove(&placed.id);
+            if placed.fresh || stored_by_a_failed_attempt {
+                self.deliver(&room, placed, envelope);
+            }
+        }
+        for (partition, slots) in committed {
+            let last = slots.last().map(|c| c.slot).expect("not empty");
+            self.unsynced.insert(partition, last);
+            #[allow(clippy::cast_precision_loss)]
+            metrics::gauge!("saferchat_partition_applied_slot", "partition" => partition.to_string())
+                .set(last.0 as f64);
+            self.unsynced_since.get_or_insert(commit_time);
+            self.retain(partition, &slots);
+        }
+        Ok(())
+    }
+
+    /// Places the committed posts in their rooms and stores the fresh
+    /// ones. On a store error the room tails are dropped (they moved past
+    /// what the store holds) and the placed ids remembered, so a retry
+    /// places every post the same way and delivers each once.
+    async fn store_batch(
+        &mut self,
+        committed: &[(u32, Vec<Committed<LogPost>>)],
+        commit_time: Millis,
+    ) -> Result<Vec<Placed>, StoreFailed> {
+        let batch_start = self.uses;
         let mut batch = Vec::new();
         let mut outcomes = Vec::new();
-        for (partition, slots) in &committed {
+        let mut failed = None;
+        // Per room, the earliest proposal in the batch: a tail loaded now
+        // recognises every post stored since (`RoomTail::load_since`).
+        let mut earliest: HashMap<&RoomId, i64> = HashMap::new();
+        for (_, slots) in committed {
+            for c in slots {
+                if let Value::Post(post) = &c.value {
+                    let e = earliest.entry(&post.room).or_insert(post.proposed_ms);
+                    *e = (*e).min(post.proposed_ms);
+                }
+            }
+        }
+        'place: for (partition, slots) in committed {
             for c in slots {
                 let Value::Post(post) = &c.value else {
                     continue;
@@ -761,9 +907,14 @@ impl Driver {
                     }
                 };
                 if !self.tails.contains_key(&post.room) {
-                    let tail = RoomTail::load(&*self.chat, &post.room)
-                        .await
-                        .map_err(|e| fatal(&e))?;
+                    let since = earliest[&post.room];
+                    let tail = match RoomTail::load_since(&*self.chat, &post.room, since).await {
+                        Ok(tail) => tail,
+                        Err(e) => {
+                            failed = Some(e);
+                            break 'place;
+                        }
+                    };
                     // Never a room placed in this batch: its tail is ahead
                     // of the store until the batch is stored.
                     if self.tails.len() >= TAILS_MAX
@@ -797,44 +948,74 @@ impl Driver {
                 outcomes.push((post.origin, post.room.clone(), placed, envelope));
             }
         }
-        for chunk in batch.chunks(UNSYNCED_POSTS_MAX) {
-            if self.unsynced_posts + chunk.len() > UNSYNCED_POSTS_MAX {
-                self.sync_applied().await?;
-            }
-            let mut attempt = 0;
-            loop {
-                match self.chat.append_unsynced(chunk).await {
-                    Ok(()) => break,
-                    Err(e) if attempt + 1 < APPLY_ATTEMPTS => {
-                        attempt += 1;
-                        tracing::warn!(error = %e, attempt, "applying committed posts failed; retrying");
-                        tokio::time::sleep(Duration::from_millis(200 << attempt)).await;
-                    }
-                    Err(e) => return Err(fatal(&e)),
+        if failed.is_none() {
+            for chunk in batch.chunks(UNSYNCED_POSTS_MAX) {
+                if self.unsynced_posts + chunk.len() > UNSYNCED_POSTS_MAX {
+                    // A failed sync is fatal (see `sync_applied`).
+                    self.sync_applied().await.map_err(StoreFailed::Fatal)?;
                 }
+                if let Err(e) = self.chat.append_unsynced(chunk).await {
+                    failed = Some(e);
+                    break;
+                }
+                self.unsynced_posts += chunk.len();
+                self.unsynced_since.get_or_insert(commit_time);
             }
-            self.unsynced_posts += chunk.len();
-            self.unsynced_since.get_or_insert(commit_time);
+        }
+        if let Some(e) = failed {
+            self.tails.clear();
+            self.undelivered
+                .extend(outcomes.iter().map(|(_, _, placed, _)| placed.id));
+            return Err(StoreFailed::Store(e));
         }
         metrics::counter!("saferchat_posts_stored_total").increment(batch.len() as u64);
-        for (origin, room, placed, envelope) in outcomes {
-            if origin.0 == self.me
-                && let Some((_, reply)) = self.waiters.remove(&origin.1)
-            {
-                let _ = reply.send(Ok(placed));
+        Ok(outcomes)
+    }
+
+    /// Puts `committed` back before whatever was collected since, and
+    /// schedules the next attempt; stops the node only when too much
+    /// waits.
+    fn store_failed(
+        &mut self,
+        committed: Vec<(u32, Vec<Committed<LogPost>>)>,
+        error: &NodeError,
+    ) -> Result<(), NodeError> {
+        let now = self.clock.monotonic();
+        for (partition, mut slots) in committed {
+            self.deferred_posts += slots.len();
+            if let Some(later) = self.deferred.remove(&partition) {
+                slots.extend(later);
             }
-            if placed.fresh {
-                self.deliver(&room, placed, envelope);
-            }
+            self.deferred.insert(partition, slots);
         }
-        for (partition, slots) in committed {
-            let last = slots.last().map(|c| c.slot).expect("not empty");
-            self.unsynced.insert(partition, last);
-            #[allow(clippy::cast_precision_loss)]
-            metrics::gauge!("saferchat_partition_applied_slot", "partition" => partition.to_string())
-                .set(last.0 as f64);
-            self.unsynced_since.get_or_insert(commit_time);
-            self.retain(partition, &slots);
+        self.deferred_since.get_or_insert(now);
+        metrics::counter!("saferchat_timeline_store_failures_total").increment(1);
+        metrics::gauge!("saferchat_timeline_store_available").set(0.0);
+        if self.deferred_posts > STALLED_POSTS_MAX {
+            return Err(fatal(&NodeError::Unavailable(format!(
+                "{} committed posts wait for a timeline store that keeps failing: {error}",
+                self.deferred_posts
+            ))));
+        }
+        let backoff_ms = self.outage.as_ref().map_or(STORE_RETRY_MIN_MS, |o| {
+            (o.backoff_ms * 2).min(STORE_RETRY_MAX_MS)
+        });
+        match &mut self.outage {
+            Some(o) => {
+                tracing::debug!(error = %error, backoff_ms, "the timeline store still fails");
+                o.retry_at = now.plus(backoff_ms);
+                o.backoff_ms = backoff_ms;
+                o.error = error.to_string();
+            }
+            None => {
+                tracing::warn!(error = %error, "the timeline store fails: committed posts wait in the partition log, new posts are refused until it answers");
+                self.outage = Some(Outage {
+                    since: now,
+                    retry_at: now.plus(backoff_ms),
+                    backoff_ms,
+                    error: error.to_string(),
+                });
+            }
         }
         Ok(())
     }

@@ -1,6 +1,8 @@
 //! The driver over a real partition-log file and a timeline store that
-//! loses what was not synced when it "crashes": what the driver answered
-//! must survive, each post once, whatever the store dropped.
+//! loses what was not synced when it "crashes", or fails for a while (as
+//! a Cassandra outage does): what the driver answered must survive, each
+//! post once, whatever the store dropped, and a failing store must not
+//! stop the node.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -8,8 +10,7 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use bytes::Bytes;
-use saferchat_consensus::{Handle, Millis, NodeId, Revision, RoomId};
-use saferchat_envelope::{Envelope, WrappedKey};
+use saferchat_consensus::{Millis, NodeId, RoomId};
 use saferchat_placement::{ClusterNode, PartitionCount, Placement};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
@@ -46,9 +47,24 @@ struct Disk {
     /// What a crash keeps.
     durable: Mutex<Vec<StoredMessage>>,
     pending: Mutex<Vec<StoredMessage>>,
+    /// While set, the store is failing: an append stores this many
+    /// messages of its batch and then fails, and reads fail.
+    failing: Mutex<Option<usize>>,
+    /// Calls that failed.
+    failures: AtomicU64,
 }
 
 impl Disk {
+    fn fail(&self) -> NodeError {
+        self.failures.fetch_add(1, Ordering::SeqCst);
+        NodeError::Storage("the store is down".into())
+    }
+
+    /// The room's sequence numbers as stored (reads that bypass failures).
+    async fn visible_seqs(&self) -> Vec<u64> {
+        stored_seqs(&self.visible).await
+    }
+
     /// A store holding only what was synced here.
     async fn crash(&self) -> Disk {
         let kept = self.durable.lock().unwrap().clone();
@@ -79,6 +95,13 @@ impl ChatStore for Disk {
         self.sync_appended().await
     }
     async fn append_unsynced(&self, batch: &[StoredMessage]) -> Result<(), NodeError> {
+        let failing = *self.failing.lock().unwrap();
+        if let Some(stored) = failing {
+            let part = &batch[..stored.min(batch.len())];
+            self.visible.append(part).await?;
+            self.pending.lock().unwrap().extend_from_slice(part);
+            return Err(self.fail());
+        }
         self.visible.append(batch).await?;
         self.pending.lock().unwrap().extend_from_slice(batch);
         Ok(())
@@ -89,6 +112,9 @@ impl ChatStore for Disk {
         Ok(())
     }
     async fn buckets(&self, room: &RoomId) -> Result<Vec<Bucket>, NodeError> {
+        if self.failing.lock().unwrap().is_some() {
+            return Err(self.fail());
+        }
         self.visible.buckets(room).await
     }
     async fn read_bucket(
@@ -116,25 +142,8 @@ fn room() -> RoomId {
     RoomId::new("team").unwrap()
 }
 
-/// A structurally valid envelope, distinct per `n` (its nonce).
 fn envelope(n: u32) -> Bytes {
-    let member = Handle::of_modulus(&[7; 256]);
-    let mut nonce = [0u8; 12];
-    nonce[..4].copy_from_slice(&n.to_be_bytes());
-    Envelope {
-        room: room(),
-        sender: member,
-        revision: Revision(2),
-        nonce,
-        ciphertext: Bytes::from(vec![9u8; 64]),
-        keys: vec![WrappedKey {
-            recipient: member,
-            wrapped: Bytes::from(vec![1u8; 256]),
-        }],
-        signature: Bytes::from(vec![5u8; 256]),
-        chain: None,
-    }
-    .encode()
+    crate::timeline::test_envelope(&room(), n)
 }
 
 struct Node {
@@ -179,9 +188,8 @@ async fn lead(timeline: &Timeline) -> u32 {
     panic!("no leader after 30 s");
 }
 
-/// Posts `range` and returns each answer's sequence number.
-async fn post(timeline: &Timeline, partition: u32, range: std::ops::Range<u32>) -> Vec<u64> {
-    let posts = range
+fn posts(range: std::ops::Range<u32>) -> Vec<LogPost> {
+    range
         .map(|n| LogPost {
             room: room(),
             proposed_ms: 1_800_000_000_000,
@@ -189,9 +197,13 @@ async fn post(timeline: &Timeline, partition: u32, range: std::ops::Range<u32>) 
             origin: (NodeId(1), 0),
             envelope: envelope(n),
         })
-        .collect();
+        .collect()
+}
+
+/// Posts `range` and returns each answer's sequence number.
+async fn post(timeline: &Timeline, partition: u32, range: std::ops::Range<u32>) -> Vec<u64> {
     let mut seqs = Vec::new();
-    for reply in timeline.append(partition, posts).await.unwrap() {
+    for reply in timeline.append(partition, posts(range)).await.unwrap() {
         seqs.push(reply.await.unwrap().unwrap().seq);
     }
     seqs
@@ -306,6 +318,88 @@ async fn the_store_is_synced_once_enough_posts_gather() {
     let pending = disk.pending.lock().unwrap().len();
     assert!(durable >= 2 * max as usize, "synced {durable}");
     assert!(pending <= max as usize, "unsynced {pending}");
+    node.shutdown.cancel();
+    node.task.await.unwrap().unwrap();
+}
+
+/// Waits (generously) until `done` holds.
+async fn until(what: &str, done: impl Fn() -> bool) {
+    for _ in 0..600 {
+        if done() {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("never: {what}");
+}
+
+/// The store fails in the middle of a batch and stays down: the node keeps
+/// running, refuses new posts with UNAVAILABLE and is not named leader
+/// while committed posts wait; once the store answers they are answered,
+/// stored once and delivered live once each, the one the failed attempt
+/// stored included.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failing_store_holds_posts_back_without_stopping_the_node() {
+    let dir = tempfile::tempdir().unwrap();
+    let clock = Arc::new(StillClock::default());
+    let disk = Arc::new(Disk::default());
+    let node = start(dir.path(), Arc::clone(&disk), Arc::clone(&clock));
+    let partition = lead(&node.timeline).await;
+    let mut live = node.timeline.subscribe(&room());
+    assert_eq!(post(&node.timeline, partition, 0..2).await, vec![1, 2]);
+
+    // One message of the next batch is stored, then the store fails.
+    *disk.failing.lock().unwrap() = Some(1);
+    let waiting = node.timeline.append(partition, posts(2..5)).await.unwrap();
+    until("the store failed", || {
+        disk.failures.load(Ordering::SeqCst) > 0
+    })
+    .await;
+    let refused = node.timeline.append(partition, posts(5..6)).await.unwrap();
+    for reply in refused {
+        let answer = tokio::time::timeout(Duration::from_secs(30), reply)
+            .await
+            .expect("a post sent while the store fails is answered at once");
+        match answer.unwrap() {
+            Err(NodeError::Unavailable(why)) => {
+                assert!(why.contains("timeline store is unavailable"), "{why}");
+            }
+            other => panic!("a post taken while the store fails: {other:?}"),
+        }
+    }
+    until("not named leader while posts wait", || {
+        !node.timeline.leads(partition)
+    })
+    .await;
+    assert!(!node.task.is_finished(), "the node keeps running");
+
+    // The store answers again; the next attempt is due.
+    *disk.failing.lock().unwrap() = None;
+    clock
+        .0
+        .fetch_add(super::STORE_RETRY_MAX_MS, Ordering::SeqCst);
+    let mut seqs = Vec::new();
+    for reply in waiting {
+        seqs.push(reply.await.unwrap().unwrap().seq);
+    }
+    assert_eq!(seqs, vec![3, 4, 5]);
+    assert_eq!(
+        disk.visible_seqs().await,
+        (1..=5).collect::<Vec<_>>(),
+        "each stored once"
+    );
+    let mut delivered = Vec::new();
+    while delivered.len() < 5 {
+        let applied = tokio::time::timeout(Duration::from_secs(30), live.recv())
+            .await
+            .expect("delivered")
+            .expect("subscribed");
+        delivered.push(applied.seq);
+    }
+    assert_eq!(delivered, vec![1, 2, 3, 4, 5]);
+    until("named leader again", || node.timeline.leads(partition)).await;
+    assert_eq!(post(&node.timeline, partition, 6..7).await, vec![6]);
+    assert_eq!(live.recv().await.unwrap().seq, 6, "nothing delivered twice");
     node.shutdown.cancel();
     node.task.await.unwrap().unwrap();
 }

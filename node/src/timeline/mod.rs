@@ -23,6 +23,31 @@
 pub mod driver;
 pub mod tail;
 
+/// A structurally valid envelope of `room` from one fixed sender, distinct
+/// per `n` (its nonce): what the driver and tail tests post.
+#[cfg(test)]
+pub(crate) fn test_envelope(room: &RoomId, n: u32) -> bytes::Bytes {
+    use saferchat_consensus::{Handle, Revision};
+    use saferchat_envelope::{Envelope, WrappedKey};
+    let member = Handle::of_modulus(&[7; 256]);
+    let mut nonce = [0u8; 12];
+    nonce[..4].copy_from_slice(&n.to_be_bytes());
+    Envelope {
+        room: room.clone(),
+        sender: member,
+        revision: Revision(2),
+        nonce,
+        ciphertext: bytes::Bytes::from(vec![9u8; 64]),
+        keys: vec![WrappedKey {
+            recipient: member,
+            wrapped: bytes::Bytes::from(vec![1u8; 256]),
+        }],
+        signature: bytes::Bytes::from(vec![5u8; 256]),
+        chain: None,
+    }
+    .encode()
+}
+
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 

@@ -32,6 +32,11 @@ use crate::storage::{self, ChatStore, Range};
 /// room costs one history page to load.
 pub const RECENT_POSTS: usize = 256;
 
+/// Posts stored since a replica's oldest unapplied post that
+/// [`RoomTail::load_since`] keeps recognisable, at most: more than the
+/// partition log retains of any room.
+pub const BEHIND_MAX: usize = 100_000;
+
 /// What identifies a post for retries: its sender and nonce.
 pub type PostKey = (Handle, [u8; NONCE_BYTES]);
 
@@ -54,6 +59,9 @@ pub struct RoomTail {
     last_seq: u64,
     recent: VecDeque<PostKey>,
     by_key: HashMap<PostKey, (MessageId, u64)>,
+    /// Posts another replica stored past this one's position (see
+    /// [`RoomTail::load_since`]); forgotten once a post is placed fresh.
+    behind: HashMap<PostKey, (MessageId, u64)>,
 }
 
 impl RoomTail {
@@ -76,17 +84,66 @@ impl RoomTail {
         Ok(tail)
     }
 
+    /// The tail of `room` as stored, also recognising every post stored
+    /// with an id at or after `since_ms`.
+    ///
+    /// A store shared by the partition's replicas (Cassandra) may be ahead
+    /// of the replica loading it: others stored what this one is about to
+    /// apply, perhaps far more than [`RECENT_POSTS`] of it (a replica that
+    /// was down). Every post's id is at or after the millisecond its
+    /// leader proposed it, so loading from the earliest proposal among the
+    /// posts about to be applied finds each of them that is stored, and
+    /// none is placed a second time under a new number.
+    ///
+    /// # Errors
+    /// Whatever the store reports.
+    pub async fn load_since(
+        store: &dyn ChatStore,
+        room: &RoomId,
+        since_ms: i64,
+    ) -> Result<RoomTail, NodeError> {
+        const PAGE: usize = 1000;
+        let mut tail = RoomTail::load(store, room).await?;
+        let Some(last) = tail.last_id() else {
+            return Ok(tail);
+        };
+        if last.time_ms() < since_ms {
+            return Ok(tail);
+        }
+        // Strictly after the floor of the millisecond before: every id of
+        // `since_ms` itself is included.
+        let mut after = Some(MessageId::floor_of_ms(since_ms.saturating_sub(1)));
+        loop {
+            let page = storage::history(store, room, Range::After(after), PAGE).await?;
+            for m in &page {
+                if let Ok(e) = Envelope::decode(m.envelope.clone()) {
+                    let key = (e.sender, e.nonce);
+                    if !tail.by_key.contains_key(&key) {
+                        tail.behind.insert(key, (m.id, m.seq));
+                    }
+                }
+            }
+            if page.len() < PAGE || tail.behind.len() >= BEHIND_MAX {
+                break;
+            }
+            after = page.last().map(|m| m.id);
+        }
+        Ok(tail)
+    }
+
     /// Places a post: a retry gets its original place, a fresh post the
     /// next id (from `proposed_ms` and `seed`, never below the last id)
     /// and the next sequence number.
     pub fn place(&mut self, key: PostKey, proposed_ms: i64, seed: u64) -> Sequenced {
-        if let Some((id, seq)) = self.by_key.get(&key) {
+        if let Some((id, seq)) = self.by_key.get(&key).or_else(|| self.behind.get(&key)) {
             return Sequenced {
                 id: *id,
                 seq: *seq,
                 fresh: false,
             };
         }
+        // Past everything stored: the posts still to apply are newer.
+        self.behind = HashMap::new();
         let id = self.ids.next(proposed_ms, seed);
         self.last_seq += 1;
         self.remember(key, id, self.last_seq);
@@ -173,5 +230,75 @@ mod tests {
         }
         let again = tail.place(key(1, 0), 1, 1);
         assert!(again.fresh && again.id != first.id);
+    }
+
+    /// Another replica stored far more than the recent window past this
+    /// one's position in a shared store: loaded from the earliest post
+    /// about to be applied, the tail recognises every one of them, and
+    /// the first post past the store's head is fresh with the next number.
+    /// (A tail of only the recent window places the early ones again.)
+    #[tokio::test]
+    async fn a_tail_loaded_behind_a_shared_store_recognises_what_others_stored() {
+        use crate::storage::StoredMessage;
+        use crate::storage::memory::MemoryChat;
+        let room = RoomId::new("team").unwrap();
+        let post = |n: u32| {
+            let envelope = crate::timeline::test_envelope(&room, n);
+            let e = Envelope::decode(envelope.clone()).unwrap();
+            (
+                (e.sender, e.nonce),
+                1_800_000_000_000 + i64::from(n),
+                u64::from(n),
+                envelope,
+            )
+        };
+        let total = 3 * RECENT_POSTS as u32;
+        let store = MemoryChat::default();
+        let mut ahead = RoomTail::default();
+        let mut placed = Vec::new();
+        for n in 0..total {
+            let (key, ms, seed, envelope) = post(n);
+            let p = ahead.place(key, ms, seed);
+            store
+                .append(&[StoredMessage {
+                    room: room.clone(),
+                    id: p.id,
+                    seq: p.seq,
+                    envelope,
+                }])
+                .await
+                .unwrap();
+            placed.push(p);
+        }
+        // This replica applied up to post 9.
+        let from = 10;
+        let mut windowed = RoomTail::load(&store, &room).await.unwrap();
+        let (key, ms, seed, _) = post(from);
+        assert!(
+            windowed.place(key, ms, seed).fresh,
+            "the window alone misses it"
+        );
+
+        let mut behind = RoomTail::load_since(&store, &room, post(from).1)
+            .await
+            .unwrap();
+        for n in from..total {
+            let (key, ms, seed, _) = post(n);
+            let p = behind.place(key, ms, seed);
+            assert!(!p.fresh, "post {n} is stored already");
+            assert_eq!(
+                (p.id, p.seq),
+                (placed[n as usize].id, placed[n as usize].seq)
+            );
+        }
+        let (key, ms, seed, _) = post(total);
+        let next = behind.place(key, ms, seed);
+        assert!(next.fresh);
+        assert_eq!(next.seq, u64::from(total) + 1);
+        assert_eq!(
+            next,
+            ahead.place(key, ms, seed),
+            "as the replica ahead places it"
+        );
     }
 }
