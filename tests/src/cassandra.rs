@@ -213,8 +213,23 @@ impl PrivateCassandra {
 
     /// Starts the node (keeping its data) and waits for CQL.
     pub fn start_again(&self) {
+        self.launch();
+        self.wait();
+    }
+
+    /// Starts the JVM (keeping its data) without waiting for it to answer.
+    pub fn launch(&self) {
         self.run(&["start"]);
+    }
+
+    /// Waits until the node answers CQL.
+    pub fn wait(&self) {
         self.run(&["wait", &START_WAIT_S.to_string()]);
+    }
+
+    /// The node's folder: data, commit log and logs.
+    pub fn dir(&self) -> &Path {
+        &self.node_dir
     }
 
     /// Stops the node: SIGTERM, so it drains (flushes memtables, syncs the

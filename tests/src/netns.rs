@@ -108,9 +108,18 @@ pub fn run_here_or_inside(name: &str) -> bool {
 
 /// The arguments that run test `name` alone in a libtest binary.
 pub fn test_args(name: &str) -> Vec<String> {
-    [name, "--exact", "--nocapture", "--test-threads", "1"]
-        .map(str::to_owned)
-        .to_vec()
+    // Ignored tests (those that need Cassandra) run too: the caller is
+    // one of them only when it was asked for.
+    [
+        name,
+        "--exact",
+        "--include-ignored",
+        "--nocapture",
+        "--test-threads",
+        "1",
+    ]
+    .map(str::to_owned)
+    .to_vec()
 }
 
 /// Loss rules on the namespace's loopback, by proxy port.

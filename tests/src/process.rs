@@ -72,7 +72,11 @@ struct Reported {
 
 /// Follows the child's log until it serves; `Err` carries the log when it
 /// exited first or took too long.
-fn wait_until_serving(log: &Path, child: &mut Child) -> Result<Reported, String> {
+fn wait_until_serving(
+    log: &Path,
+    child: &mut Child,
+    timeout: Duration,
+) -> Result<Reported, String> {
     // The log is written by the child; follow it line by line.
     let (tx, rx) = mpsc::channel();
     let stderr = child.stderr.take().expect("piped stderr");
@@ -112,7 +116,7 @@ fn wait_until_serving(log: &Path, child: &mut Child) -> Result<Reported, String>
         // Dropping `tx` without sending tells the waiter the node exited.
     });
     let log_text = || std::fs::read_to_string(&log_path).unwrap_or_default();
-    match rx.recv_timeout(START_TIMEOUT) {
+    match rx.recv_timeout(timeout) {
         Ok(reported) => Ok(reported),
         Err(mpsc::RecvTimeoutError::Disconnected) => {
             let _ = child.wait();
@@ -125,7 +129,7 @@ fn wait_until_serving(log: &Path, child: &mut Child) -> Result<Reported, String>
             let _ = child.kill();
             let _ = child.wait();
             Err(format!(
-                "node did not report its address within {START_TIMEOUT:?}; its log:\n{}",
+                "node did not report its address within {timeout:?}; its log:\n{}",
                 log_text()
             ))
         }
@@ -181,11 +185,23 @@ impl NodeProcess {
             command.env(k, v);
         }
         let mut child = command.spawn().expect("start saferchat-node");
-        let reported = wait_until_serving(&self.log, &mut child)?;
+        let reported = wait_until_serving(&self.log, &mut child, self.start_timeout())?;
         self.addr = reported.client.expect("the serving line names the address");
         self.peer_addr = reported.peer;
         self.child = Some(child);
         Ok(())
+    }
+
+    /// How long the node may take to serve: longer on Cassandra, which a
+    /// starting node waits for (`connect_wait_s`, 120 s unless set).
+    fn start_timeout(&self) -> Duration {
+        if self.env("SAFERCHAT_STORAGE") != Some("cassandra") {
+            return START_TIMEOUT;
+        }
+        let wait_s = self
+            .env("SAFERCHAT_CASSANDRA_CONNECT_WAIT_S")
+            .map_or(120, |v| v.parse().expect("a number of seconds"));
+        START_TIMEOUT + Duration::from_secs(wait_s)
     }
 
     /// The value of an environment variable the node was given.
@@ -260,6 +276,14 @@ impl NodeProcess {
     pub fn try_restart(&mut self) -> Result<(), String> {
         assert!(self.child.is_none(), "stop or kill the node first");
         self.spawn()
+    }
+
+    /// How the process ended, if it did (`None` while it runs, or when
+    /// the harness stopped or killed it).
+    pub fn exit_status(&mut self) -> Option<ExitStatus> {
+        self.child
+            .as_mut()
+            .and_then(|c| c.try_wait().ok().flatten())
     }
 
     /// The node's log so far.

@@ -20,25 +20,38 @@
 //! share of a link's packets (nftables on the namespace's loopback);
 //! elsewhere those faults are skipped, and the test says so.
 //!
+//! With Cassandra (the README's test command), one more schedule runs on a
+//! cluster that keeps its timeline in a Cassandra node of the test's own,
+//! which the schedule stops, starts, pauses and resumes among the other
+//! faults; its files are searched for posted texts too.
+//!
 //! `SEED=n` replays schedule `n` (and runs only it; `CLOCKS=beyond` for a
-//! beyond-bound one); `CHAOS_SECONDS` lengthens the fault window (default
-//! 20 s).
+//! beyond-bound one, `STORE=cassandra` for one on Cassandra, which then
+//! runs in the Cassandra test); `CHAOS_SECONDS` lengthens the fault window
+//! (default 20 s).
 
 use std::time::Duration;
 
 use saferchat_tests::chaos::history::Outcome;
 use saferchat_tests::chaos::run::{Plan, judge, run};
-use saferchat_tests::chaos::schedule::{Clocks, Fault};
+use saferchat_tests::chaos::schedule::{Clocks, Fault, Store};
 use saferchat_tests::netns;
 
 /// Schedules run when `SEED` is not set.
-const PLANS: [(u64, Clocks); 3] = [
-    (1, Clocks::Within),
-    (2, Clocks::Within),
-    (3, Clocks::Beyond),
+const PLANS: [(u64, Clocks, Store); 3] = [
+    (1, Clocks::Within, Store::Sled),
+    (2, Clocks::Within, Store::Sled),
+    (3, Clocks::Beyond, Store::Sled),
 ];
+/// ...and on Cassandra.
+const CASSANDRA_PLANS: [(u64, Clocks, Store); 1] = [(4, Clocks::Within, Store::Cassandra)];
 
-fn plans() -> Vec<(u64, Clocks)> {
+/// One chaos run at a time: each loads the 2-core machine fully.
+static ONE_AT_A_TIME: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
+/// The plans of the test on `store`: `SEED` (with `CLOCKS` and `STORE`)
+/// or the fixed ones.
+fn plans(store: Store) -> Vec<(u64, Clocks, Store)> {
     match std::env::var("SEED") {
         Ok(seed) => {
             let clocks = match std::env::var("CLOCKS").as_deref() {
@@ -46,29 +59,65 @@ fn plans() -> Vec<(u64, Clocks)> {
                 Ok("within") | Err(_) => Clocks::Within,
                 Ok(other) => panic!("CLOCKS is within or beyond, not {other:?}"),
             };
-            vec![(seed.parse().expect("SEED is a number"), clocks)]
+            let wanted = match std::env::var("STORE").as_deref() {
+                Ok("cassandra") => Store::Cassandra,
+                Ok("sled") | Err(_) => Store::Sled,
+                Ok(other) => panic!("STORE is sled or cassandra, not {other:?}"),
+            };
+            let seed = seed.parse().expect("SEED is a number");
+            if wanted == store {
+                vec![(seed, clocks, store)]
+            } else {
+                Vec::new()
+            }
         }
+        Err(_) if store == Store::Cassandra => CASSANDRA_PLANS.to_vec(),
         Err(_) => PLANS.to_vec(),
     }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn seeded_fault_schedules_lose_duplicate_and_reorder_nothing() {
-    if !tokio::task::block_in_place(|| {
-        netns::run_here_or_inside("seeded_fault_schedules_lose_duplicate_and_reorder_nothing")
-    }) {
+    schedules(
+        "seeded_fault_schedules_lose_duplicate_and_reorder_nothing",
+        Store::Sled,
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+#[ignore = "needs Cassandra: run scripts/test.sh or set SAFERCHAT_CASSANDRA"]
+async fn seeded_fault_schedules_on_cassandra_lose_duplicate_and_reorder_nothing() {
+    // Like every Cassandra test, only with the README's test command (or
+    // when asked for); the Cassandra node itself is the run's own.
+    let _ = saferchat_tests::cassandra::address();
+    schedules(
+        "seeded_fault_schedules_on_cassandra_lose_duplicate_and_reorder_nothing",
+        Store::Cassandra,
+    )
+    .await;
+}
+
+async fn schedules(test: &str, store: Store) {
+    let plans = plans(store);
+    if plans.is_empty() {
+        return;
+    }
+    let _one = ONE_AT_A_TIME.lock().await;
+    if !tokio::task::block_in_place(|| netns::run_here_or_inside(test)) {
         return;
     }
     let seconds: u64 = std::env::var("CHAOS_SECONDS")
         .ok()
         .map_or(20, |s| s.parse().expect("CHAOS_SECONDS is a number"));
-    for (seed, clocks) in plans() {
-        eprintln!("chaos: SEED={seed} clocks {clocks:?} ({seconds} s of faults)");
+    for (seed, clocks, store) in plans {
+        eprintln!("chaos: SEED={seed} clocks {clocks:?} store {store:?} ({seconds} s of faults)");
         let out = run(Plan {
             seed,
             nodes: 3,
             duration: Duration::from_secs(seconds),
             clocks,
+            store,
         })
         .await;
         let h = &out.history;

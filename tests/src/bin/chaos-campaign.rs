@@ -11,7 +11,12 @@
 //! and checking on a 2-core machine. Anomalies are listed with the seed
 //! that replays them: `SEED=n cargo test -p saferchat-tests --test chaos`
 //! (with `CLOCKS=beyond` for the schedules `--beyond-every` puts beyond the
-//! drift bound).
+//! drift bound, and `STORE=cassandra` plus `SAFERCHAT_CASSANDRA` for those
+//! `--cassandra-every` runs on Cassandra).
+//!
+//! Schedules on Cassandra start a Cassandra node of their own from
+//! `deploy/cassandra` (fetch its jars first: `bash
+//! deploy/cassandra/cassandra.sh fetch`), about a minute more each.
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
@@ -20,7 +25,7 @@ use std::time::{Duration, Instant};
 use clap::Parser;
 use saferchat_tests::chaos::history::Outcome;
 use saferchat_tests::chaos::run::{Plan, judge, run};
-use saferchat_tests::chaos::schedule::{Clocks, Fault};
+use saferchat_tests::chaos::schedule::{Clocks, Fault, Store};
 use saferchat_tests::netns;
 
 #[derive(Debug, Parser)]
@@ -39,6 +44,10 @@ struct Args {
     /// none): stale membership reads are then expected and reported apart.
     #[arg(long, default_value_t = 5)]
     beyond_every: u64,
+    /// Every Nth schedule keeps the timeline in a Cassandra node of its
+    /// own, which the schedule also stops, starts and pauses (0 = none).
+    #[arg(long, default_value_t = 0)]
+    cassandra_every: u64,
     /// Where to write the report (Markdown).
     #[arg(long, default_value = "chaos-report.md")]
     report: std::path::PathBuf,
@@ -57,7 +66,14 @@ fn kind(f: Fault) -> &'static str {
         Fault::Jump { .. } => "clock jump (beyond the bound) + undo",
         Fault::Loss { percent: 0, .. } => "undo",
         Fault::Loss { .. } => "packet loss on a link + undo",
-        Fault::Restart(_) | Fault::Resume(_) | Fault::Heal(_) | Fault::Mend { .. } => "undo",
+        Fault::CassandraStop => "Cassandra stopped + started",
+        Fault::CassandraPause => "Cassandra paused (SIGSTOP) + resumed",
+        Fault::Restart(_)
+        | Fault::Resume(_)
+        | Fault::Heal(_)
+        | Fault::Mend { .. }
+        | Fault::CassandraStart
+        | Fault::CassandraResume => "undo",
     }
 }
 
@@ -72,6 +88,7 @@ struct Totals {
     sessions: u64,
     membership_ops: u64,
     beyond: u64,
+    cassandra: u64,
     loss_skipped: u64,
     anomalies: Vec<String>,
     expected: Vec<String>,
@@ -107,11 +124,18 @@ async fn campaign(args: Args) {
         } else {
             Clocks::Within
         };
+        let store = if args.cassandra_every > 0 && seed % args.cassandra_every == 0 {
+            totals.cassandra += 1;
+            Store::Cassandra
+        } else {
+            Store::Sled
+        };
         let out = run(Plan {
             seed,
             nodes: 3,
             duration: Duration::from_secs(args.seconds),
             clocks,
+            store,
         })
         .await;
         for step in &out.steps {
@@ -142,7 +166,12 @@ async fn campaign(args: Args) {
         }
         let verdict = judge(&out);
         for a in verdict.anomalies {
-            totals.anomalies.push(format!("SEED={seed}: {a}"));
+            let store = if store == Store::Cassandra {
+                " (STORE=cassandra)"
+            } else {
+                ""
+            };
+            totals.anomalies.push(format!("SEED={seed}{store}: {a}"));
         }
         for e in verdict.expected {
             totals
@@ -159,12 +188,13 @@ async fn campaign(args: Args) {
     let _ = writeln!(report, "# Chaos campaign\n");
     let _ = writeln!(
         report,
-        "Seeds {}..{} ({} schedules of {} s of faults on 3 nodes, {} of them with clocks beyond the drift bound), {:.0} minutes in all.\n",
+        "Seeds {}..{} ({} schedules of {} s of faults on 3 nodes, {} of them with clocks beyond the drift bound, {} on Cassandra), {:.0} minutes in all.\n",
         args.first,
         args.first + args.schedules - 1,
         args.schedules,
         args.seconds,
         totals.beyond,
+        totals.cassandra,
         started.elapsed().as_secs_f64() / 60.0
     );
     if totals.loss_skipped > 0 {

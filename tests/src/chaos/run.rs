@@ -17,13 +17,15 @@ use saferchat_client::{Identity, history};
 use saferchat_consensus::RoomId;
 use saferchat_envelope::Envelope;
 use saferchat_envelope::sealed::Fanout;
+use saferchat_node::storage::cassandra::CassandraStore;
 use saferchat_node::storage::sled::SledStore;
 use saferchat_node::storage::{self, Range};
 
 use super::history::{History, Outcome, Post, Seen};
 use super::linear::Operation;
 use super::membership::{MemberOp, State};
-use super::schedule::{Clocks, Fault, Step, schedule_with};
+use super::schedule::{Clocks, Fault, Step, Store, schedule_with};
+use crate::cassandra::PrivateCassandra;
 use crate::cluster::{Cluster, Options};
 use crate::netns::Loss;
 use crate::netproxy::{Link, Tap};
@@ -53,6 +55,8 @@ pub struct Plan {
     pub duration: Duration,
     /// Clock faults within the drift bound or beyond it.
     pub clocks: Clocks,
+    /// The nodes' timeline store, and with it the store faults.
+    pub store: Store,
 }
 
 /// What a run did and saw.
@@ -481,7 +485,65 @@ async fn listener(
 /// Each node's clock control: its rate error and how far it has jumped.
 type ClockState = Vec<(i64, u64)>;
 
-fn apply(cluster: &mut Cluster, clocks: &mut ClockState, loss: Option<&Loss>, fault: Fault) {
+/// Plays the store faults on the run's own Cassandra, in order, on a
+/// thread of their own: stopping a Cassandra node takes seconds (it
+/// drains), and the schedule's other faults must not wait for that.
+struct StoreNemesis {
+    cassandra: Arc<PrivateCassandra>,
+    faults: std::sync::mpsc::Sender<Fault>,
+    worker: std::thread::JoinHandle<()>,
+}
+
+impl StoreNemesis {
+    fn start(cassandra: Arc<PrivateCassandra>) -> StoreNemesis {
+        let (faults, rx) = std::sync::mpsc::channel::<Fault>();
+        let c = Arc::clone(&cassandra);
+        let worker = std::thread::spawn(move || {
+            let signal = |which: &str| {
+                if let Some(pid) = c.pid() {
+                    let _ = std::process::Command::new("kill")
+                        .args([which, &pid.to_string()])
+                        .status();
+                }
+            };
+            for fault in rx {
+                match fault {
+                    Fault::CassandraStop => c.stop(),
+                    Fault::CassandraStart => c.launch(),
+                    Fault::CassandraPause => signal("-STOP"),
+                    Fault::CassandraResume => signal("-CONT"),
+                    other => unreachable!("not a store fault: {other:?}"),
+                }
+            }
+        });
+        StoreNemesis {
+            cassandra,
+            faults,
+            worker,
+        }
+    }
+
+    fn apply(&self, fault: Fault) {
+        self.faults.send(fault).expect("the store nemesis runs");
+    }
+
+    /// Waits until every store fault is played (all of them undone) and
+    /// Cassandra answers again.
+    fn finish(self) -> Arc<PrivateCassandra> {
+        drop(self.faults);
+        self.worker.join().expect("the store nemesis");
+        self.cassandra.wait();
+        self.cassandra
+    }
+}
+
+fn apply(
+    cluster: &mut Cluster,
+    clocks: &mut ClockState,
+    loss: Option<&Loss>,
+    store: Option<&StoreNemesis>,
+    fault: Fault,
+) {
     match fault {
         Fault::Kill(n) => cluster.kill(n),
         Fault::Restart(n) => tokio::task::block_in_place(|| cluster.restart(n)),
@@ -505,7 +567,40 @@ fn apply(cluster: &mut Cluster, clocks: &mut ClockState, loss: Option<&Loss>, fa
                 loss.set(cluster.link_port(from, to), percent);
             }
         }
+        Fault::CassandraStop
+        | Fault::CassandraStart
+        | Fault::CassandraPause
+        | Fault::CassandraResume => store
+            .expect("store faults are scheduled only on Cassandra")
+            .apply(fault),
     }
+}
+
+/// Each node's state and the warnings and errors at the end of its log:
+/// what a failed run needs to be understood after its folders are gone.
+fn postmortem(cluster: &mut Cluster) -> String {
+    const LINES: usize = 15;
+    let mut out = String::new();
+    for (i, node) in cluster.nodes.iter_mut().enumerate() {
+        let state = node
+            .exit_status()
+            .map_or_else(|| "running".to_owned(), |s| format!("exited: {s}"));
+        out.push_str(&format!(
+            "node {} ({state}), last warnings and errors:\n",
+            i + 1
+        ));
+        let log = node.log_text();
+        let bad: Vec<&str> = log
+            .lines()
+            .filter(|l| l.contains("\"WARN\"") || l.contains("\"ERROR\""))
+            .collect();
+        for line in &bad[bad.len().saturating_sub(LINES)..] {
+            out.push_str("  ");
+            out.push_str(line);
+            out.push('\n');
+        }
+    }
+    out
 }
 
 /// The text of a stored envelope, opened as `reader`.
@@ -536,6 +631,7 @@ pub async fn run(plan: Plan) -> Outcomes {
         plan.nodes,
         plan.duration.as_millis() as u64,
         plan.clocks,
+        plan.store,
     );
     // Inside the test's own network namespace, loss faults drop packets;
     // elsewhere they are skipped (and the outcome says so).
@@ -543,12 +639,39 @@ pub async fn run(plan: Plan) -> Outcomes {
         .then(|| Loss::set_up().unwrap_or_else(|e| panic!("packet loss: {e}")));
     let marker = format!("chaos-{}-", plan.seed);
     let tap = Tap::new(marker.as_bytes());
+    // On Cassandra: one node of the run's own (stopping it must not
+    // disturb other tests), one keyspace for the whole cluster.
+    let keyspace = format!("saferchat_chaos_{}", plan.seed);
+    let cassandra = (plan.store == Store::Cassandra).then(|| {
+        Arc::new(tokio::task::block_in_place(|| {
+            PrivateCassandra::start(&format!("chaos-{}", plan.seed))
+        }))
+    });
+    let env = match &cassandra {
+        None => Vec::new(),
+        Some(c) => [
+            ("SAFERCHAT_STORAGE", "cassandra"),
+            ("SAFERCHAT_CASSANDRA_CONTACT_POINTS", c.address().as_str()),
+            (
+                "SAFERCHAT_CASSANDRA_DATACENTER",
+                crate::cassandra::DATACENTER,
+            ),
+            ("SAFERCHAT_CASSANDRA_KEYSPACE", keyspace.as_str()),
+            // A node restarted while Cassandra is down waits for it (a
+            // Cassandra start may take minutes on a loaded machine).
+            ("SAFERCHAT_CASSANDRA_CONNECT_WAIT_S", "300"),
+        ]
+        .map(|(k, v)| (k.to_owned(), v.to_owned()))
+        .to_vec(),
+    };
     let mut cluster = Cluster::start(Options {
         test_clocks: true,
         wire_tap: Some(Arc::clone(&tap)),
+        env,
         ..Options::single_dc(plan.nodes)
     })
     .await;
+    let store_nemesis = cassandra.map(StoreNemesis::start);
     let servers: Vec<String> = (0..plan.nodes).map(|i| cluster.server(i)).collect();
     let mut admin = cluster.admin(0).await;
     admin.create_chat(ROOM).await.expect("create the room");
@@ -623,8 +746,15 @@ pub async fn run(plan: Plan) -> Outcomes {
     let mut clocks = vec![(0, 0); plan.nodes];
     for step in &steps {
         tokio::time::sleep_until((start + Duration::from_millis(step.at_ms)).into()).await;
-        apply(&mut cluster, &mut clocks, loss.as_ref(), step.fault);
+        apply(
+            &mut cluster,
+            &mut clocks,
+            loss.as_ref(),
+            store_nemesis.as_ref(),
+            step.fault,
+        );
     }
+    let cassandra = store_nemesis.map(|n| tokio::task::block_in_place(|| n.finish()));
     for task in tasks {
         task.await.expect("client task");
     }
@@ -635,9 +765,14 @@ pub async fn run(plan: Plan) -> Outcomes {
 
     // Everything is undone: the room must serve again, through node 0.
     let reader = identity(0);
-    let (session, _) = join_any(&servers, 0, &reader, Instant::now() + RECOVERY_MAX)
-        .await
-        .expect("the cluster serves again after the faults");
+    let Some((session, _)) = join_any(&servers, 0, &reader, Instant::now() + RECOVERY_MAX).await
+    else {
+        panic!(
+            "SEED={}: the cluster does not serve again after the faults\n{}",
+            plan.seed,
+            postmortem(&mut cluster)
+        );
+    };
     let mut fin = Vec::new();
     // Oldest first from the start: after the smallest UUIDv7 (time 0; no
     // after id at all would read newest first).
@@ -682,12 +817,27 @@ pub async fn run(plan: Plan) -> Outcomes {
     let mut revision_of = std::collections::HashMap::new();
     let mut keyed_after = 0;
     let mut stores = Vec::new();
-    for node in &cluster.nodes {
-        let store = SledStore::open(&node.data_dir.join("db")).expect("open a node's store");
+    // Each node's own store, or the one Cassandra keyspace they share.
+    let chat_stores: Vec<Arc<dyn storage::ChatStore>> = match &cassandra {
+        None => cluster
+            .nodes
+            .iter()
+            .map(|node| {
+                Arc::new(SledStore::open(&node.data_dir.join("db")).expect("open a node's store"))
+                    as Arc<dyn storage::ChatStore>
+            })
+            .collect(),
+        Some(c) => vec![Arc::new(
+            CassandraStore::connect(&crate::cassandra::config(&c.address(), &keyspace))
+                .await
+                .expect("connect to the run's Cassandra"),
+        )],
+    };
+    for store in &chat_stores {
         let mut mine = Vec::new();
         let mut after = None;
         loop {
-            let page = storage::history(&store, &room(), Range::After(after), PAGE as usize)
+            let page = storage::history(&**store, &room(), Range::After(after), PAGE as usize)
                 .await
                 .expect("read a node's store");
             let full = page.len() == PAGE as usize;
@@ -713,14 +863,31 @@ pub async fn run(plan: Plan) -> Outcomes {
         stores.push(mine);
     }
 
+    drop(chat_stores);
+    if let Some(c) = &cassandra {
+        // Drained: its memtables are in its data files, which are
+        // searched too.
+        tokio::task::block_in_place(|| c.stop());
+    }
     let plaintext_in = holding(
-        cluster.nodes.iter().flat_map(|n| {
-            crate::process::files(&n.data_dir)
-                .into_iter()
-                .chain([n.log.clone()])
-        }),
+        cluster
+            .nodes
+            .iter()
+            .flat_map(|n| {
+                crate::process::files(&n.data_dir)
+                    .into_iter()
+                    .chain([n.log.clone()])
+            })
+            .chain(
+                cassandra
+                    .iter()
+                    .flat_map(|c| crate::process::files(c.dir())),
+            ),
         marker.as_bytes(),
     );
+    if let Some(c) = cassandra {
+        Arc::into_inner(c).expect("one owner left").remove();
+    }
     let posts = std::mem::take(&mut *posts.lock().expect("lock"));
     let sessions = std::mem::take(&mut *sessions.lock().expect("lock"));
     let unreadable = std::mem::take(&mut *unreadable.lock().expect("lock"));

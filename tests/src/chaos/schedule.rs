@@ -73,6 +73,15 @@ pub enum Fault {
         /// One-way delay.
         ms: u64,
     },
+    /// Stop the Cassandra node every saferchat node stores in (SIGTERM:
+    /// it drains first). Only with [`Store::Cassandra`].
+    CassandraStop,
+    /// Start it again on its data (it answers some tens of seconds later).
+    CassandraStart,
+    /// SIGSTOP the Cassandra JVM: a stall such as a long GC pause.
+    CassandraPause,
+    /// SIGCONT.
+    CassandraResume,
 }
 
 /// A fault at a time from the start of the run.
@@ -98,22 +107,40 @@ pub enum Clocks {
     Beyond,
 }
 
+/// Where the nodes keep their timelines, and so which store faults a
+/// schedule holds.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Store {
+    /// Each node its own embedded store: no store faults.
+    #[default]
+    Sled,
+    /// One Cassandra node for the whole cluster, which the schedule stops,
+    /// starts, pauses and resumes.
+    Cassandra,
+}
+
 /// The schedule of `seed` for `nodes` nodes over about `duration_ms`,
-/// clocks within the bound.
+/// clocks within the bound, on the embedded store.
 ///
 /// # Panics
 /// With fewer than two nodes.
 pub fn schedule(seed: u64, nodes: usize, duration_ms: u64) -> Vec<Step> {
-    schedule_with(seed, nodes, duration_ms, Clocks::Within)
+    schedule_with(seed, nodes, duration_ms, Clocks::Within, Store::Sled)
 }
 
-/// The schedule of `seed` with the given clock faults. A seed's
-/// schedule within the bound is the same as before beyond-bound
-/// schedules existed.
+/// The schedule of `seed` with the given clock and store faults. A seed's
+/// schedule within the bound on the embedded store is the same as before
+/// the other kinds existed.
 ///
 /// # Panics
 /// With fewer than two nodes.
-pub fn schedule_with(seed: u64, nodes: usize, duration_ms: u64, clocks: Clocks) -> Vec<Step> {
+pub fn schedule_with(
+    seed: u64,
+    nodes: usize,
+    duration_ms: u64,
+    clocks: Clocks,
+    store: Store,
+) -> Vec<Step> {
     assert!(nodes >= 2, "faults between nodes need two");
     let mut rng = ChaCha8Rng::seed_from_u64(seed);
     let mut steps = Vec::new();
@@ -122,13 +149,18 @@ pub fn schedule_with(seed: u64, nodes: usize, duration_ms: u64, clocks: Clocks) 
         let node = rng.random_range(0..nodes);
         let other = (node + rng.random_range(1..nodes)) % nodes;
         let lasts = rng.random_range(500..4_000);
-        // Beyond the bound, half the faults are clock faults.
+        // Beyond the bound, half the faults are clock faults; on
+        // Cassandra, a quarter are store faults.
         let kind = if clocks == Clocks::Beyond && rng.random_bool(0.5) {
             4
+        } else if store == Store::Cassandra && rng.random_bool(0.25) {
+            7 + rng.random_range(0..2)
         } else {
             rng.random_range(0..7)
         };
         let (start, undo) = match kind {
+            7 => (Fault::CassandraStop, Fault::CassandraStart),
+            8 => (Fault::CassandraPause, Fault::CassandraResume),
             0 => (Fault::Kill(node), Fault::Restart(node)),
             1 => (Fault::Pause(node), Fault::Resume(node)),
             2 => (Fault::Isolate(node), Fault::Heal(node)),
@@ -208,11 +240,38 @@ mod tests {
     #[test]
     fn a_seed_is_one_schedule_and_every_fault_is_undone() {
         for clocks in [Clocks::Within, Clocks::Beyond] {
-            let a = schedule_with(42, 3, 60_000, clocks);
-            assert_eq!(a, schedule_with(42, 3, 60_000, clocks));
-            assert_ne!(a, schedule_with(43, 3, 60_000, clocks));
-            every_fault_is_undone(&a);
+            for store in [Store::Sled, Store::Cassandra] {
+                let a = schedule_with(42, 3, 60_000, clocks, store);
+                assert_eq!(a, schedule_with(42, 3, 60_000, clocks, store));
+                assert_ne!(a, schedule_with(43, 3, 60_000, clocks, store));
+                every_fault_is_undone(&a);
+            }
         }
+    }
+
+    /// Store faults only where there is a Cassandra, and there both kinds.
+    #[test]
+    fn store_faults_only_on_cassandra() {
+        let store_fault = |s: &Step| {
+            matches!(
+                s.fault,
+                Fault::CassandraStop
+                    | Fault::CassandraStart
+                    | Fault::CassandraPause
+                    | Fault::CassandraResume
+            )
+        };
+        for clocks in [Clocks::Within, Clocks::Beyond] {
+            let sled: Vec<Step> = (0..20)
+                .flat_map(|s| schedule_with(s, 3, 60_000, clocks, Store::Sled))
+                .collect();
+            assert!(!sled.iter().any(store_fault));
+        }
+        let cassandra: Vec<Step> = (0..20)
+            .flat_map(|s| schedule_with(s, 3, 60_000, Clocks::Within, Store::Cassandra))
+            .collect();
+        assert!(cassandra.iter().any(|s| s.fault == Fault::CassandraStop));
+        assert!(cassandra.iter().any(|s| s.fault == Fault::CassandraPause));
     }
 
     /// Within the bound every drift is at most 500 ppm; beyond it, the
@@ -226,7 +285,7 @@ mod tests {
             _ => true,
         }));
         let beyond: Vec<Step> = (0..20)
-            .flat_map(|s| schedule_with(s, 3, 60_000, Clocks::Beyond))
+            .flat_map(|s| schedule_with(s, 3, 60_000, Clocks::Beyond, Store::Sled))
             .collect();
         assert!(
             beyond
@@ -260,6 +319,8 @@ mod tests {
                     to,
                     percent: 0,
                 },
+                Fault::CassandraStop => Fault::CassandraStart,
+                Fault::CassandraPause => Fault::CassandraResume,
                 other => panic!("an undo opens an episode: {other:?}"),
             };
             assert_eq!(pair[1].fault, undone);
