@@ -9,6 +9,37 @@
 //! histogram's bucketing (a relative error per value) is exactly what
 //! would keep the numbers from comparing with the peers'.
 
+/// How far an open-loop generator fell behind its schedule (coordinated
+/// omission made visible): latency counts from when a post was due, and
+/// this counts the posts that left more than [`Lateness::LATE`] after
+/// that.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Lateness {
+    /// Posts sent late.
+    pub late: u64,
+    /// The longest lag.
+    pub max: std::time::Duration,
+}
+
+impl Lateness {
+    /// A post sent this long after it was due counts as late.
+    pub const LATE: std::time::Duration = std::time::Duration::from_millis(5);
+
+    /// Records a post due at `due` and sent at `sent`.
+    pub fn record(&mut self, due: std::time::Instant, sent: std::time::Instant) {
+        let lag = sent.saturating_duration_since(due);
+        if lag > Self::LATE {
+            self.late += 1;
+        }
+        self.max = self.max.max(lag);
+    }
+
+    /// The longest lag in milliseconds.
+    pub fn max_ms(&self) -> f64 {
+        self.max.as_secs_f64() * 1e3
+    }
+}
+
 /// Nearest-rank percentile of sorted `xs`: the element at
 /// round(q/100 × (n−1)).
 pub fn percentile<T: Copy>(sorted: &[T], q: f64) -> Option<T> {
@@ -56,5 +87,19 @@ mod tests {
         assert_eq!(percentile::<u64>(&[], 50.0), None);
         assert_eq!(median(&[3.0, 1.0, 2.0, 4.0]), Some(2.5));
         assert_eq!(spread(&[2.0, 1.0, 3.0]), Some((2.0, 1.0, 3.0)));
+    }
+
+    #[test]
+    fn only_posts_beyond_the_late_bound_count_as_late() {
+        use std::time::{Duration, Instant};
+        let due = Instant::now();
+        let mut l = Lateness::default();
+        l.record(due, due + Lateness::LATE);
+        l.record(due + Duration::from_millis(3), due);
+        assert_eq!(l.late, 0, "at the bound, or early, is on time");
+        l.record(due, due + Duration::from_millis(12));
+        assert_eq!(l.late, 1);
+        assert_eq!(l.max, Duration::from_millis(12));
+        assert!((l.max_ms() - 12.0).abs() < 1e-9);
     }
 }

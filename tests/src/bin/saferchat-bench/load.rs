@@ -37,10 +37,8 @@ use tokio::task::JoinHandle;
 use tonic::Streaming;
 
 use crate::procfs;
-use crate::stats::percentile;
+use crate::stats::{Lateness, percentile};
 
-/// A post sent this long after it was due counts as late.
-const LATE_MS: u64 = 5;
 /// Largest envelope pool per sender.
 pub const POOL_MAX: usize = 4096;
 /// Most latency samples kept per phase (beyond: counted, not stored).
@@ -117,10 +115,8 @@ struct PhaseState {
     deliveries_in_window: u64,
     latency_ns: Vec<u64>,
     stalls: u64,
-    /// Posts sent more than [`LATE_MS`] after they were due, and the
-    /// longest such lag.
-    late: u64,
-    lag_max: Duration,
+    /// How far the generator fell behind its schedule.
+    lateness: Lateness,
     accepted: u64,
     rejected: u64,
     duplicates: u64,
@@ -364,11 +360,7 @@ impl Engine {
                 }
             };
             let seq = sender.next_seq;
-            let lag = Instant::now().saturating_duration_since(due);
-            if lag > Duration::from_millis(LATE_MS) {
-                phase.late += 1;
-            }
-            phase.lag_max = phase.lag_max.max(lag);
+            phase.lateness.record(due, Instant::now());
             sender.slots[k] = Slot {
                 sent_at: due,
                 outstanding: members,
@@ -746,8 +738,8 @@ pub async fn run_phase(
             client_cpu_util: client_cpu_s / window_s,
             other_cpu_cores: ((machine_s - client_cpu_s - server_cpu_s) / window_s).max(0.0),
             pool_stalls: p.stalls,
-            late_posts: p.late,
-            send_lag_max_ms: p.lag_max.as_secs_f64() * 1e3,
+            late_posts: p.lateness.late,
+            send_lag_max_ms: p.lateness.max_ms(),
             posts_accepted: p.accepted,
             posts_rejected: p.rejected,
             duplicates: p.duplicates,

@@ -64,7 +64,7 @@ use tonic::Streaming;
 use tonic::transport::Channel;
 
 use crate::cluster::{self, Cluster};
-use crate::stats::{median, percentile};
+use crate::stats::{Lateness, median, percentile};
 
 /// Most rooms.
 pub const ROOMS_MAX: usize = 10_000;
@@ -80,11 +80,6 @@ const VERIFY_ROOMS: usize = 8;
 const LATENCY_SAMPLES_MAX: usize = 20_000_000;
 /// How often the open-loop ticker hands out posts.
 const TICK_MS: u64 = 1;
-/// A post sent this long after its scheduled time counts as late: the
-/// generator fell behind its schedule (its latency still counts from the
-/// scheduled time, so falling behind shows in the figures rather than
-/// hiding in them).
-const LATE_MS: u64 = 5;
 /// How often the drain wait looks at the counters.
 const DRAIN_POLL_MS: u64 = 50;
 /// Most error strings kept per phase.
@@ -612,10 +607,8 @@ struct PhaseState {
     ack_latency: Vec<u64>,
     exhausted: u64,
     duplicates: u64,
-    /// Posts sent more than [`LATE_MS`] after they were due, and the
-    /// longest such lag.
-    late: u64,
-    lag_max: Duration,
+    /// How far the generator fell behind its schedule.
+    lateness: Lateness,
     samples: HashMap<usize, Sample>,
     errors: Vec<String>,
 }
@@ -813,11 +806,7 @@ impl Engine {
                 }
             };
             let k = st.next;
-            let lag = Instant::now().saturating_duration_since(due);
-            if lag > Duration::from_millis(LATE_MS) {
-                phase.late += 1;
-            }
-            phase.lag_max = phase.lag_max.max(lag);
+            phase.lateness.record(due, Instant::now());
             st.sent_at[k] = due;
             st.owed[k] = members;
             permit.send(pb::ClientFrame {
@@ -1059,8 +1048,8 @@ async fn run_phase(
             loadavg_1m: (a0.load, a1.load),
             rejected: p.rejected,
             pool_exhausted: p.exhausted,
-            late_posts: p.late,
-            send_lag_max_ms: p.lag_max.as_secs_f64() * 1e3,
+            late_posts: p.lateness.late,
+            send_lag_max_ms: p.lateness.max_ms(),
             duplicates: p.duplicates,
             extra_drain_s,
             errors: std::mem::take(&mut p.errors),
