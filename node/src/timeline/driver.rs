@@ -76,7 +76,8 @@
 //! and this node is not named leader of partitions whose commits wait, so
 //! no client reads a timeline that lacks acknowledged posts. Posts stored
 //! by a failed attempt are recognised on the retry and still delivered
-//! once. Only if [`STALLED_POSTS_MAX`] commits pile up does the node stop.
+//! once. Only if [`STALLED_POSTS_MAX`] commits (or [`STALLED_BYTES_MAX`])
+//! pile up does the node stop.
 //!
 //! # Compaction
 //!
@@ -136,6 +137,8 @@ pub const STORE_RETRY_MAX_MS: u64 = 5_000;
 /// Committed posts waiting for a failing store, at most; beyond this the
 /// node stops rather than hold more in memory.
 pub const STALLED_POSTS_MAX: usize = 65_536;
+/// ...and their bytes (envelopes are up to 512 KiB each).
+pub const STALLED_BYTES_MAX: usize = 256 * 1024 * 1024;
 /// A follower applies committed posts to its timeline store at most this
 /// long after they commit (see "Followers apply in batches").
 pub const FOLLOWER_APPLY_DELAY_MS: u64 = 250;
@@ -909,7 +912,19 @@ impl Driver {
                 if !self.tails.contains_key(&post.room) {
                     let since = earliest[&post.room];
                     let tail = match RoomTail::load_since(&*self.chat, &post.room, since).await {
-                        Ok(tail) => tail,
+                        Ok(tail) => {
+                            // Rare (a room's first post since start, after a
+                            // failed write, or eviction) and worth a line.
+                            tracing::info!(
+                                room = post.room.as_str(),
+                                partition,
+                                slot = c.slot.0,
+                                last_seq = tail.last_seq(),
+                                since_ms = since,
+                                "room tail loaded"
+                            );
+                            tail
+                        }
                         Err(e) => {
                             failed = Some(e);
                             break 'place;
@@ -991,9 +1006,15 @@ impl Driver {
         self.deferred_since.get_or_insert(now);
         metrics::counter!("saferchat_timeline_store_failures_total").increment(1);
         metrics::gauge!("saferchat_timeline_store_available").set(0.0);
-        if self.deferred_posts > STALLED_POSTS_MAX {
+        let bytes: usize = self
+            .deferred
+            .values()
+            .flatten()
+            .map(|c| value_bytes(&c.value))
+            .sum();
+        if self.deferred_posts > STALLED_POSTS_MAX || bytes > STALLED_BYTES_MAX {
             return Err(fatal(&NodeError::Unavailable(format!(
-                "{} committed posts wait for a timeline store that keeps failing: {error}",
+                "{} committed posts ({bytes} bytes) wait for a timeline store that keeps failing: {error}",
                 self.deferred_posts
             ))));
         }

@@ -116,6 +116,13 @@ impl RoomTail {
         loop {
             let page = storage::history(store, room, Range::After(after), PAGE).await?;
             for m in &page {
+                // Others may have stored more since the first read: the
+                // tail ends at the newest post either read saw, or the
+                // next post would be placed under a number in use.
+                if tail.ids.last().is_none_or(|last| m.id > last) {
+                    tail.ids = IdGenerator::after(Some(m.id));
+                }
+                tail.last_seq = tail.last_seq.max(m.seq);
                 if let Ok(e) = Envelope::decode(m.envelope.clone()) {
                     let key = (e.sender, e.nonce);
                     if !tail.by_key.contains_key(&key) {
@@ -232,6 +239,19 @@ mod tests {
         assert!(again.fresh && again.id != first.id);
     }
 
+    /// Post `n` of the test sender in `room`: its key, proposal time, seed
+    /// and envelope.
+    fn test_post(room: &RoomId, n: u32) -> (PostKey, i64, u64, bytes::Bytes) {
+        let envelope = crate::timeline::test_envelope(room, n);
+        let e = Envelope::decode(envelope.clone()).unwrap();
+        (
+            (e.sender, e.nonce),
+            1_800_000_000_000 + i64::from(n),
+            u64::from(n),
+            envelope,
+        )
+    }
+
     /// Another replica stored far more than the recent window past this
     /// one's position in a shared store: loaded from the earliest post
     /// about to be applied, the tail recognises every one of them, and
@@ -242,16 +262,7 @@ mod tests {
         use crate::storage::StoredMessage;
         use crate::storage::memory::MemoryChat;
         let room = RoomId::new("team").unwrap();
-        let post = |n: u32| {
-            let envelope = crate::timeline::test_envelope(&room, n);
-            let e = Envelope::decode(envelope.clone()).unwrap();
-            (
-                (e.sender, e.nonce),
-                1_800_000_000_000 + i64::from(n),
-                u64::from(n),
-                envelope,
-            )
-        };
+        let post = |n: u32| test_post(&room, n);
         let total = 3 * RECENT_POSTS as u32;
         let store = MemoryChat::default();
         let mut ahead = RoomTail::default();
@@ -300,5 +311,98 @@ mod tests {
             ahead.place(key, ms, seed),
             "as the replica ahead places it"
         );
+    }
+
+    /// A store that another replica appends to between the tail's two
+    /// reads (right after the first, newest-first one).
+    #[derive(Debug)]
+    struct Racing {
+        inner: crate::storage::memory::MemoryChat,
+        later: std::sync::Mutex<Vec<crate::storage::StoredMessage>>,
+    }
+
+    #[async_trait::async_trait]
+    impl ChatStore for Racing {
+        async fn load_room(
+            &self,
+            room: &RoomId,
+        ) -> Result<Option<crate::storage::CommittedRoom>, NodeError> {
+            self.inner.load_room(room).await
+        }
+        async fn save_room(
+            &self,
+            room: &RoomId,
+            committed: &crate::storage::CommittedRoom,
+        ) -> Result<bool, NodeError> {
+            self.inner.save_room(room, committed).await
+        }
+        async fn list_rooms(
+            &self,
+            after: Option<&RoomId>,
+            limit: usize,
+        ) -> Result<Vec<crate::storage::RoomSummary>, NodeError> {
+            self.inner.list_rooms(after, limit).await
+        }
+        async fn append(&self, batch: &[crate::storage::StoredMessage]) -> Result<(), NodeError> {
+            self.inner.append(batch).await
+        }
+        async fn buckets(
+            &self,
+            room: &RoomId,
+        ) -> Result<Vec<crate::message_id::Bucket>, NodeError> {
+            self.inner.buckets(room).await
+        }
+        async fn read_bucket(
+            &self,
+            room: &RoomId,
+            bucket: crate::message_id::Bucket,
+            range: Range,
+            limit: usize,
+        ) -> Result<Vec<crate::storage::StoredMessage>, NodeError> {
+            let page = self.inner.read_bucket(room, bucket, range, limit).await?;
+            if matches!(range, Range::Before(_)) {
+                let later = std::mem::take(&mut *self.later.lock().unwrap());
+                self.inner.append(&later).await?;
+            }
+            Ok(page)
+        }
+    }
+
+    /// Posts stored by another replica between the tail's two reads are
+    /// recognised, and the tail ends after them: the next post gets the
+    /// next number, not one of theirs (found by the Cassandra chaos
+    /// schedule: every post after such a load was numbered two too low).
+    #[tokio::test]
+    async fn a_tail_ends_after_posts_stored_between_its_reads() {
+        use crate::storage::StoredMessage;
+        let room = RoomId::new("team").unwrap();
+        let post = |n: u32| test_post(&room, n);
+        let mut ahead = RoomTail::default();
+        let mut stored = Vec::new();
+        for n in 0..20 {
+            let (key, ms, seed, envelope) = post(n);
+            let p = ahead.place(key, ms, seed);
+            stored.push(StoredMessage {
+                room: room.clone(),
+                id: p.id,
+                seq: p.seq,
+                envelope,
+            });
+        }
+        let store = Racing {
+            inner: crate::storage::memory::MemoryChat::default(),
+            later: std::sync::Mutex::new(stored.split_off(18)),
+        };
+        store.append(&stored).await.unwrap();
+
+        let mut tail = RoomTail::load_since(&store, &room, post(0).1)
+            .await
+            .unwrap();
+        for n in 0..20 {
+            let (key, ms, seed, _) = post(n);
+            assert!(!tail.place(key, ms, seed).fresh, "post {n} is stored");
+        }
+        let (key, ms, seed, _) = post(20);
+        assert_eq!(tail.place(key, ms, seed), ahead.place(key, ms, seed));
     }
 }
