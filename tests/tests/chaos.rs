@@ -28,7 +28,7 @@
 //! `SEED=n` replays schedule `n` (and runs only it; `CLOCKS=beyond` for a
 //! beyond-bound one, `STORE=cassandra` for one on Cassandra, which then
 //! runs in the Cassandra test); `CHAOS_SECONDS` lengthens the fault window
-//! (default 20 s).
+//! (default 20 s); `CHAOS_LOGS=dir` keeps every node's log there.
 
 use std::time::Duration;
 

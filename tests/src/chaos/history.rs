@@ -69,7 +69,16 @@ pub enum Anomaly {
     /// An acknowledged post is not in the final history.
     LostAck(String),
     /// An acknowledged post is there under another id or number.
-    AckMismatch(String),
+    AckMismatch {
+        /// The text.
+        text: String,
+        /// The number its acknowledgement gave.
+        acked_seq: u64,
+        /// The number it is stored under.
+        stored_seq: u64,
+        /// Whether the ids differ too.
+        other_id: bool,
+    },
     /// A refused post was stored.
     RefusedStored(String),
     /// A text is stored more than once.
@@ -116,7 +125,12 @@ pub fn check(h: &History) -> Vec<Anomaly> {
         match (&p.outcome, by_text.get(p.text.as_str())) {
             (Outcome::Acked { .. }, None) => found.push(Anomaly::LostAck(p.text.clone())),
             (Outcome::Acked { id, seq }, Some(m)) if m.id != *id || m.seq != *seq => {
-                found.push(Anomaly::AckMismatch(p.text.clone()));
+                found.push(Anomaly::AckMismatch {
+                    text: p.text.clone(),
+                    acked_seq: *seq,
+                    stored_seq: m.seq,
+                    other_id: m.id != *id,
+                });
             }
             // UNAVAILABLE is the protocol's "outcome unknown".
             (Outcome::Refused(why), Some(_)) if !why.starts_with("Unavailable") => {
@@ -250,7 +264,15 @@ mod tests {
         h.fin[3].id = vec![9; 16];
         h.stores.clear();
         h.sessions.clear();
-        assert_eq!(check(&h), vec![Anomaly::AckMismatch("d".into())]);
+        assert_eq!(
+            check(&h),
+            vec![Anomaly::AckMismatch {
+                text: "d".into(),
+                acked_seq: 4,
+                stored_seq: 4,
+                other_id: true
+            }]
+        );
 
         let mut h = clean();
         h.fin.push(seen(5, "e"));

@@ -864,6 +864,16 @@ pub async fn run(plan: Plan) -> Outcomes {
     }
 
     drop(chat_stores);
+    // `CHAOS_LOGS=dir` keeps every node's log (as `SEED-node-N.log`) for a
+    // run worth reading after its folders are gone.
+    if let Ok(dir) = std::env::var("CHAOS_LOGS") {
+        let dir = PathBuf::from(dir);
+        std::fs::create_dir_all(&dir).expect("create CHAOS_LOGS");
+        for (i, node) in cluster.nodes.iter().enumerate() {
+            let to = dir.join(format!("{}-node-{}.log", plan.seed, i + 1));
+            std::fs::copy(&node.log, &to).expect("copy a node's log");
+        }
+    }
     if let Some(c) = &cassandra {
         // Drained: its memtables are in its data files, which are
         // searched too.
