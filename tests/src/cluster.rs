@@ -32,6 +32,9 @@ pub struct Options {
     /// Scans every byte between the nodes and between clients and nodes
     /// (every proxy), from the first connection on.
     pub wire_tap: Option<Arc<Tap>>,
+    /// Each node's data folder on a tmpfs of this size (`mount -o size=`,
+    /// root only), so that [`Cluster::fill_disk`] can fill it.
+    pub data_tmpfs: Option<String>,
 }
 
 impl Options {
@@ -45,6 +48,7 @@ impl Options {
             metrics: false,
             test_clocks: false,
             wire_tap: None,
+            data_tmpfs: None,
         }
     }
 }
@@ -66,6 +70,9 @@ pub struct Cluster {
     pub peer_addresses: Vec<SocketAddr>,
     /// The cluster CA and node certificates (`saferchat-node certs` layout).
     pub tls_dir: std::path::PathBuf,
+    /// The data folders' tmpfs mounts, when asked for (unmounted after the
+    /// nodes stopped, before the folder goes).
+    tmpfs: Vec<crate::tmpfs::Tmpfs>,
     _dir: tempfile::TempDir,
 }
 
@@ -141,6 +148,7 @@ impl Cluster {
             datacenters: options.datacenters.clone(),
             peer_addresses: Vec::new(),
             tls_dir,
+            tmpfs: Vec::new(),
             _dir: dir,
         };
         for i in 0..n {
@@ -186,6 +194,11 @@ impl Cluster {
                 ));
             }
             let data_dir = cluster._dir.path().join(format!("node{}", i + 1));
+            if let Some(size) = &options.data_tmpfs {
+                let mount = crate::tmpfs::Tmpfs::mount(&data_dir, size)
+                    .unwrap_or_else(|e| panic!("node {}: {e}", i + 1));
+                cluster.tmpfs.push(mount);
+            }
             let mut attempt = 0;
             let node = loop {
                 attempt += 1;
@@ -306,6 +319,28 @@ impl Cluster {
             if self.datacenters[*from] != self.datacenters[*to] {
                 proxy.set(Link::Open { delay_ms: ms });
             }
+        }
+    }
+
+    /// Fills node `i`'s disk (needs [`Options::data_tmpfs`]).
+    pub fn fill_disk(&self, i: usize) {
+        crate::tmpfs::fill(&self.tmpfs[i].at.join("ballast"));
+    }
+
+    /// Frees node `i`'s disk; when the node stopped meanwhile (a full disk
+    /// may stop it), starts it again, as a supervisor would.
+    ///
+    /// # Panics
+    /// When the ballast cannot be removed or the node does not restart.
+    pub fn free_disk(&mut self, i: usize) {
+        std::fs::remove_file(self.tmpfs[i].at.join("ballast")).expect("remove the ballast");
+        if let Some(status) = self.nodes[i].exit_status() {
+            eprintln!(
+                "node {} stopped while its disk was full ({status}); restarting it",
+                i + 1
+            );
+            self.nodes[i].kill();
+            self.restart(i);
         }
     }
 

@@ -16,6 +16,7 @@
 //! - [`procfs`]: CPU time and memory of processes, and machine facts for
 //!   benchmark reports.
 //! - [`stats`]: the one percentile definition of every report.
+//! - [`tmpfs`]: a small tmpfs for a node's data folder, to fill its disk.
 //! - [`chaos`]: seeded fault schedules against a cluster, and checkers over
 //!   what its clients saw.
 //!
@@ -33,6 +34,7 @@ pub mod process;
 pub mod procfs;
 pub mod raw;
 pub mod stats;
+pub mod tmpfs;
 
 /// An admin token used by every test node (a secret only in tests).
 pub const ADMIN_TOKEN: &str = "test-admin-token-0123456789";

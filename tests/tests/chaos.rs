@@ -25,33 +25,57 @@
 //! which the schedule stops, starts, pauses and resumes among the other
 //! faults; its files are searched for posted texts too.
 //!
+//! Run as root, one more schedule puts every node's data folder on a small
+//! tmpfs and fills it now and then (a node that stops on its full disk is
+//! started again once space is back, as a supervisor would).
+//!
 //! `SEED=n` replays schedule `n` (and runs only it; `CLOCKS=beyond` for a
 //! beyond-bound one, `STORE=cassandra` for one on Cassandra, which then
-//! runs in the Cassandra test); `CHAOS_SECONDS` lengthens the fault window
-//! (default 20 s); `CHAOS_LOGS=dir` keeps every node's log there.
+//! runs in the Cassandra test; `DISK=1` adds full disks); `CHAOS_SECONDS`
+//! lengthens the fault window (default 20 s); `CHAOS_LOGS=dir` keeps every
+//! node's log there.
 
 use std::time::Duration;
 
 use saferchat_tests::chaos::history::Outcome;
 use saferchat_tests::chaos::run::{Plan, judge, run};
-use saferchat_tests::chaos::schedule::{Clocks, Fault, Store};
+use saferchat_tests::chaos::schedule::{Clocks, Fault, Kinds, Store};
 use saferchat_tests::netns;
 
 /// Schedules run when `SEED` is not set.
-const PLANS: [(u64, Clocks, Store); 3] = [
-    (1, Clocks::Within, Store::Sled),
-    (2, Clocks::Within, Store::Sled),
-    (3, Clocks::Beyond, Store::Sled),
+const PLANS: [(u64, Kinds); 4] = [
+    (1, Kinds::WITHIN),
+    (2, Kinds::WITHIN),
+    (
+        3,
+        Kinds {
+            clocks: Clocks::Beyond,
+            ..Kinds::WITHIN
+        },
+    ),
+    (
+        6,
+        Kinds {
+            disk: true,
+            ..Kinds::WITHIN
+        },
+    ),
 ];
 /// ...and on Cassandra.
-const CASSANDRA_PLANS: [(u64, Clocks, Store); 1] = [(4, Clocks::Within, Store::Cassandra)];
+const CASSANDRA_PLANS: [(u64, Kinds); 1] = [(
+    4,
+    Kinds {
+        store: Store::Cassandra,
+        ..Kinds::WITHIN
+    },
+)];
 
 /// One chaos run at a time: each loads the 2-core machine fully.
 static ONE_AT_A_TIME: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
-/// The plans of the test on `store`: `SEED` (with `CLOCKS` and `STORE`)
-/// or the fixed ones.
-fn plans(store: Store) -> Vec<(u64, Clocks, Store)> {
+/// The plans of the test on `store`: `SEED` (with `CLOCKS`, `STORE` and
+/// `DISK`) or the fixed ones.
+fn plans(store: Store) -> Vec<(u64, Kinds)> {
     match std::env::var("SEED") {
         Ok(seed) => {
             let clocks = match std::env::var("CLOCKS").as_deref() {
@@ -64,9 +88,17 @@ fn plans(store: Store) -> Vec<(u64, Clocks, Store)> {
                 Ok("sled") | Err(_) => Store::Sled,
                 Ok(other) => panic!("STORE is sled or cassandra, not {other:?}"),
             };
+            let disk = std::env::var("DISK").is_ok_and(|v| v == "1");
             let seed = seed.parse().expect("SEED is a number");
             if wanted == store {
-                vec![(seed, clocks, store)]
+                vec![(
+                    seed,
+                    Kinds {
+                        clocks,
+                        store,
+                        disk,
+                    },
+                )]
             } else {
                 Vec::new()
             }
@@ -110,14 +142,28 @@ async fn schedules(test: &str, store: Store) {
     let seconds: u64 = std::env::var("CHAOS_SECONDS")
         .ok()
         .map_or(20, |s| s.parse().expect("CHAOS_SECONDS is a number"));
-    for (seed, clocks, store) in plans {
-        eprintln!("chaos: SEED={seed} clocks {clocks:?} store {store:?} ({seconds} s of faults)");
+    for (seed, kinds) in plans {
+        if kinds.disk
+            && let Some(why) = saferchat_tests::tmpfs::unavailable()
+        {
+            eprintln!("chaos: SEED={seed}: skipped, full disks need a tmpfs: {why}");
+            continue;
+        }
+        let Kinds {
+            clocks,
+            store,
+            disk,
+        } = kinds;
+        eprintln!(
+            "chaos: SEED={seed} clocks {clocks:?} store {store:?} full disks {disk} ({seconds} s of faults)"
+        );
         let out = run(Plan {
             seed,
             nodes: 3,
             duration: Duration::from_secs(seconds),
             clocks,
             store,
+            disk,
         })
         .await;
         let h = &out.history;
@@ -134,6 +180,13 @@ async fn schedules(test: &str, store: Store) {
             out.wire.bytes,
             out.removal.as_ref().map(|r| r.revision),
             out.membership.len(),
+        );
+        eprintln!(
+            "chaos: SEED={seed}: schedule {:?}",
+            out.steps
+                .iter()
+                .map(|s| (s.at_ms, s.fault))
+                .collect::<Vec<_>>()
         );
         if out
             .steps

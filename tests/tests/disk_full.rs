@@ -8,48 +8,13 @@
 //! record in the envelope log, and posts acknowledged after space came
 //! back were stored behind it, where nothing could read them.
 
-use std::path::{Path, PathBuf};
-use std::process::Command;
 use std::sync::Arc;
 
 use saferchat_client::session::{Event, JoinOptions, Session};
 use saferchat_client::{ClientError, history};
 use saferchat_consensus::RoomId;
 use saferchat_tests::process::NodeProcess;
-
-/// A tmpfs mounted for the test, unmounted when dropped.
-struct Tmpfs(PathBuf);
-
-impl Tmpfs {
-    fn mount(at: &Path, size: &str) -> Tmpfs {
-        std::fs::create_dir_all(at).expect("mount point");
-        let status = Command::new("mount")
-            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
-            .arg(at)
-            .status()
-            .expect("run mount");
-        assert!(
-            status.success(),
-            "mounting a tmpfs failed: this test needs root (CI runs as root)"
-        );
-        Tmpfs(at.to_path_buf())
-    }
-}
-
-impl Drop for Tmpfs {
-    fn drop(&mut self) {
-        let _ = Command::new("umount").arg("-l").arg(&self.0).status();
-    }
-}
-
-/// Writes zeros into `path` until the disk is full.
-fn fill(path: &Path) {
-    use std::io::Write as _;
-    let mut file = std::fs::File::create(path).expect("filler");
-    let chunk = vec![0u8; 64 * 1024];
-    while file.write_all(&chunk).is_ok() {}
-    let _ = file.sync_all();
-}
+use saferchat_tests::tmpfs::{Tmpfs, fill};
 
 async fn post(session: &mut Session, text: &str) -> Result<(), String> {
     let seq = session
@@ -98,8 +63,9 @@ async fn join(node: &NodeProcess) -> Result<Session, ClientError> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_full_disk_refuses_posts_and_loses_none_that_were_acknowledged() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let disk = Tmpfs::mount(&dir.path().join("disk"), "8m");
-    let mut node = NodeProcess::start(&disk.0.join("node"), &[]);
+    let disk = Tmpfs::mount(&dir.path().join("disk"), "8m")
+        .unwrap_or_else(|e| panic!("{e}: this test needs root (CI runs as root)"));
+    let mut node = NodeProcess::start(&disk.at.join("node"), &[]);
     let mut admin =
         saferchat_client::admin::Admin::connect(&node.server(), saferchat_tests::ADMIN_TOKEN)
             .await
@@ -114,7 +80,7 @@ async fn a_full_disk_refuses_posts_and_loses_none_that_were_acknowledged() {
     let mut acked = vec!["before the disk filled".to_owned()];
     post(&mut session, &acked[0]).await.expect("stored");
 
-    let filler = disk.0.join("filler");
+    let filler = disk.at.join("filler");
     fill(&filler);
     let big = "x".repeat(3_000);
     let mut refused = Vec::new();

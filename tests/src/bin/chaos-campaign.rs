@@ -48,6 +48,10 @@ struct Args {
     /// own, which the schedule also stops, starts and pauses (0 = none).
     #[arg(long, default_value_t = 0)]
     cassandra_every: u64,
+    /// Every Nth schedule puts each node's data folder on a small tmpfs
+    /// and fills it now and then (root only; 0 = none).
+    #[arg(long, default_value_t = 0)]
+    disk_every: u64,
     /// Where to write the report (Markdown).
     #[arg(long, default_value = "chaos-report.md")]
     report: std::path::PathBuf,
@@ -68,12 +72,14 @@ fn kind(f: Fault) -> &'static str {
         Fault::Loss { .. } => "packet loss on a link + undo",
         Fault::CassandraStop => "Cassandra stopped + started",
         Fault::CassandraPause => "Cassandra paused (SIGSTOP) + resumed",
+        Fault::FillDisk(_) => "full disk + freed",
         Fault::Restart(_)
         | Fault::Resume(_)
         | Fault::Heal(_)
         | Fault::Mend { .. }
         | Fault::CassandraStart
-        | Fault::CassandraResume => "undo",
+        | Fault::CassandraResume
+        | Fault::FreeDisk(_) => "undo",
     }
 }
 
@@ -136,6 +142,7 @@ async fn campaign(args: Args) {
             duration: Duration::from_secs(args.seconds),
             clocks,
             store,
+            disk: args.disk_every > 0 && seed % args.disk_every == 0,
         })
         .await;
         for step in &out.steps {

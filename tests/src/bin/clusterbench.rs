@@ -498,10 +498,8 @@ impl BenchCluster {
             datacenters: shape.datacenters(),
             lease_ms: lease.lease_ms,
             renew_ms: lease.renew_every_ms,
-            env: Vec::new(),
             metrics: true,
-            test_clocks: false,
-            wire_tap: None,
+            ..Options::single_dc(0)
         })
         .await;
         let mut admins = Vec::new();

@@ -24,7 +24,7 @@ use saferchat_node::storage::{self, Range};
 use super::history::{History, Outcome, Post, Seen};
 use super::linear::Operation;
 use super::membership::{MemberOp, State};
-use super::schedule::{Clocks, Fault, Step, Store, schedule_with};
+use super::schedule::{Clocks, Fault, Kinds, Step, Store, schedule_with};
 use crate::cassandra::PrivateCassandra;
 use crate::cluster::{Cluster, Options};
 use crate::netns::Loss;
@@ -57,6 +57,8 @@ pub struct Plan {
     pub clocks: Clocks,
     /// The nodes' timeline store, and with it the store faults.
     pub store: Store,
+    /// Full disks: every node's data folder on a small tmpfs (root only).
+    pub disk: bool,
 }
 
 /// What a run did and saw.
@@ -567,6 +569,8 @@ fn apply(
                 loss.set(cluster.link_port(from, to), percent);
             }
         }
+        Fault::FillDisk(n) => cluster.fill_disk(n),
+        Fault::FreeDisk(n) => tokio::task::block_in_place(|| cluster.free_disk(n)),
         Fault::CassandraStop
         | Fault::CassandraStart
         | Fault::CassandraPause
@@ -630,8 +634,11 @@ pub async fn run(plan: Plan) -> Outcomes {
         plan.seed,
         plan.nodes,
         plan.duration.as_millis() as u64,
-        plan.clocks,
-        plan.store,
+        Kinds {
+            clocks: plan.clocks,
+            store: plan.store,
+            disk: plan.disk,
+        },
     );
     // Inside the test's own network namespace, loss faults drop packets;
     // elsewhere they are skipped (and the outcome says so).
@@ -668,6 +675,9 @@ pub async fn run(plan: Plan) -> Outcomes {
         test_clocks: true,
         wire_tap: Some(Arc::clone(&tap)),
         env,
+        // Room for a run's data (some MiB) and little more: the ballast
+        // that fills it stays small.
+        data_tmpfs: plan.disk.then(|| "256m".to_owned()),
         ..Options::single_dc(plan.nodes)
     })
     .await;

@@ -82,6 +82,12 @@ pub enum Fault {
     CassandraPause,
     /// SIGCONT.
     CassandraResume,
+    /// Fill node `.0`'s disk (its data folder is a small tmpfs). Only with
+    /// [`Kinds::disk`].
+    FillDisk(usize),
+    /// Free it again; a node that stopped meanwhile is started again (as
+    /// a supervisor would).
+    FreeDisk(usize),
 }
 
 /// A fault at a time from the start of the run.
@@ -119,28 +125,53 @@ pub enum Store {
     Cassandra,
 }
 
+/// Which kinds of faults beyond the basic ones a schedule holds.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Kinds {
+    /// Clock faults within the drift bound or beyond it.
+    pub clocks: Clocks,
+    /// The nodes' timeline store, and with Cassandra its faults.
+    pub store: Store,
+    /// Full disks: each node's data folder on a small tmpfs.
+    pub disk: bool,
+}
+
+impl Kinds {
+    /// Clocks within the bound, the embedded store, no full disks.
+    pub const WITHIN: Kinds = Kinds {
+        clocks: Clocks::Within,
+        store: Store::Sled,
+        disk: false,
+    };
+}
+
+impl Default for Kinds {
+    fn default() -> Kinds {
+        Kinds::WITHIN
+    }
+}
+
 /// The schedule of `seed` for `nodes` nodes over about `duration_ms`,
 /// clocks within the bound, on the embedded store.
 ///
 /// # Panics
 /// With fewer than two nodes.
 pub fn schedule(seed: u64, nodes: usize, duration_ms: u64) -> Vec<Step> {
-    schedule_with(seed, nodes, duration_ms, Clocks::Within, Store::Sled)
+    schedule_with(seed, nodes, duration_ms, Kinds::default())
 }
 
-/// The schedule of `seed` with the given clock and store faults. A seed's
-/// schedule within the bound on the embedded store is the same as before
-/// the other kinds existed.
+/// The schedule of `seed` with the given kinds of faults. A seed's
+/// schedule of the default kinds (clocks within the bound, the embedded
+/// store, no full disks) is the same as before the other kinds existed.
 ///
 /// # Panics
 /// With fewer than two nodes.
-pub fn schedule_with(
-    seed: u64,
-    nodes: usize,
-    duration_ms: u64,
-    clocks: Clocks,
-    store: Store,
-) -> Vec<Step> {
+pub fn schedule_with(seed: u64, nodes: usize, duration_ms: u64, kinds: Kinds) -> Vec<Step> {
+    let Kinds {
+        clocks,
+        store,
+        disk,
+    } = kinds;
     assert!(nodes >= 2, "faults between nodes need two");
     let mut rng = ChaCha8Rng::seed_from_u64(seed);
     let mut steps = Vec::new();
@@ -150,17 +181,21 @@ pub fn schedule_with(
         let other = (node + rng.random_range(1..nodes)) % nodes;
         let lasts = rng.random_range(500..4_000);
         // Beyond the bound, half the faults are clock faults; on
-        // Cassandra, a quarter are store faults.
+        // Cassandra, a quarter are store faults; with full disks, a fifth
+        // are those.
         let kind = if clocks == Clocks::Beyond && rng.random_bool(0.5) {
             4
         } else if store == Store::Cassandra && rng.random_bool(0.25) {
             7 + rng.random_range(0..2)
+        } else if disk && rng.random_bool(0.2) {
+            9
         } else {
             rng.random_range(0..7)
         };
         let (start, undo) = match kind {
             7 => (Fault::CassandraStop, Fault::CassandraStart),
             8 => (Fault::CassandraPause, Fault::CassandraResume),
+            9 => (Fault::FillDisk(node), Fault::FreeDisk(node)),
             0 => (Fault::Kill(node), Fault::Restart(node)),
             1 => (Fault::Pause(node), Fault::Resume(node)),
             2 => (Fault::Isolate(node), Fault::Heal(node)),
@@ -241,10 +276,17 @@ mod tests {
     fn a_seed_is_one_schedule_and_every_fault_is_undone() {
         for clocks in [Clocks::Within, Clocks::Beyond] {
             for store in [Store::Sled, Store::Cassandra] {
-                let a = schedule_with(42, 3, 60_000, clocks, store);
-                assert_eq!(a, schedule_with(42, 3, 60_000, clocks, store));
-                assert_ne!(a, schedule_with(43, 3, 60_000, clocks, store));
-                every_fault_is_undone(&a);
+                for disk in [false, true] {
+                    let kinds = Kinds {
+                        clocks,
+                        store,
+                        disk,
+                    };
+                    let a = schedule_with(42, 3, 60_000, kinds);
+                    assert_eq!(a, schedule_with(42, 3, 60_000, kinds));
+                    assert_ne!(a, schedule_with(43, 3, 60_000, kinds));
+                    every_fault_is_undone(&a);
+                }
             }
         }
     }
@@ -263,12 +305,24 @@ mod tests {
         };
         for clocks in [Clocks::Within, Clocks::Beyond] {
             let sled: Vec<Step> = (0..20)
-                .flat_map(|s| schedule_with(s, 3, 60_000, clocks, Store::Sled))
+                .flat_map(|s| {
+                    let kinds = Kinds {
+                        clocks,
+                        ..Kinds::default()
+                    };
+                    schedule_with(s, 3, 60_000, kinds)
+                })
                 .collect();
             assert!(!sled.iter().any(store_fault));
         }
         let cassandra: Vec<Step> = (0..20)
-            .flat_map(|s| schedule_with(s, 3, 60_000, Clocks::Within, Store::Cassandra))
+            .flat_map(|s| {
+                let kinds = Kinds {
+                    store: Store::Cassandra,
+                    ..Kinds::default()
+                };
+                schedule_with(s, 3, 60_000, kinds)
+            })
             .collect();
         assert!(cassandra.iter().any(|s| s.fault == Fault::CassandraStop));
         assert!(cassandra.iter().any(|s| s.fault == Fault::CassandraPause));
@@ -285,7 +339,13 @@ mod tests {
             _ => true,
         }));
         let beyond: Vec<Step> = (0..20)
-            .flat_map(|s| schedule_with(s, 3, 60_000, Clocks::Beyond, Store::Sled))
+            .flat_map(|s| {
+                let kinds = Kinds {
+                    clocks: Clocks::Beyond,
+                    ..Kinds::default()
+                };
+                schedule_with(s, 3, 60_000, kinds)
+            })
             .collect();
         assert!(
             beyond
@@ -301,6 +361,25 @@ mod tests {
             Fault::Drift { ppm, .. } => ppm == 0 || ppm.abs() >= 2_000,
             _ => true,
         }));
+    }
+
+    /// Full disks only when asked for, and then some.
+    #[test]
+    fn disk_faults_only_when_asked() {
+        let fills = |disk: bool| {
+            (0..20)
+                .flat_map(|s| {
+                    let kinds = Kinds {
+                        disk,
+                        ..Kinds::default()
+                    };
+                    schedule_with(s, 3, 60_000, kinds)
+                })
+                .filter(|s| matches!(s.fault, Fault::FillDisk(_)))
+                .count()
+        };
+        assert_eq!(fills(false), 0);
+        assert!(fills(true) > 0);
     }
 
     fn every_fault_is_undone(a: &[Step]) {
@@ -321,6 +400,7 @@ mod tests {
                 },
                 Fault::CassandraStop => Fault::CassandraStart,
                 Fault::CassandraPause => Fault::CassandraResume,
+                Fault::FillDisk(n) => Fault::FreeDisk(n),
                 other => panic!("an undo opens an episode: {other:?}"),
             };
             assert_eq!(pair[1].fault, undone);
