@@ -334,6 +334,18 @@ impl Cluster {
     /// When the ballast cannot be removed or the node does not restart.
     pub fn free_disk(&mut self, i: usize) {
         std::fs::remove_file(self.tmpfs[i].at.join("ballast")).expect("remove the ballast");
+        // A node that decided to stop (its last "stopping" line after its
+        // last "serving" one) may still be shutting down: wait for its exit
+        // (polled, bounded) so that it is started again too.
+        let log = self.nodes[i].log_text();
+        if log.rfind("\"message\":\"stopping\"")
+            > log.rfind("\"message\":\"saferchat node serving\"")
+        {
+            let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+            while self.nodes[i].exit_status().is_none() && std::time::Instant::now() < deadline {
+                std::thread::sleep(std::time::Duration::from_millis(20));
+            }
+        }
         if let Some(status) = self.nodes[i].exit_status() {
             eprintln!(
                 "node {} stopped while its disk was full ({status}); restarting it",
