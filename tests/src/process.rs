@@ -48,6 +48,14 @@ pub fn terminate(children: &mut [&mut Child], within: Duration) -> Vec<Option<Ex
         .collect()
 }
 
+/// Sends signal `which` (`kill`'s spelling: `-STOP`, `-CONT`) to `pid`;
+/// a process that is gone is not an error.
+pub fn signal(pid: u32, which: &str) {
+    let _ = Command::new("kill")
+        .args([which, &pid.to_string()])
+        .status();
+}
+
 /// A running `saferchat-node` process.
 #[derive(Debug)]
 pub struct NodeProcess {
@@ -249,9 +257,7 @@ impl NodeProcess {
 
     fn signal(&self, which: &str) {
         if let Some(pid) = self.pid() {
-            let _ = Command::new("kill")
-                .args([which, &pid.to_string()])
-                .status();
+            signal(pid, which);
         }
     }
 

@@ -503,9 +503,7 @@ impl StoreNemesis {
         let worker = std::thread::spawn(move || {
             let signal = |which: &str| {
                 if let Some(pid) = c.pid() {
-                    let _ = std::process::Command::new("kill")
-                        .args([which, &pid.to_string()])
-                        .status();
+                    crate::process::signal(pid, which);
                 }
             };
             for fault in rx {
