@@ -12,6 +12,7 @@ const PROTOS: &[&str] = &[
     "admin.proto",
     "chat.proto",
     "peer.proto",
+    "web.proto",
 ];
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {

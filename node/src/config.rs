@@ -20,6 +20,12 @@ pub struct NodeConfig {
     /// A listener of its own for the admin service (with health and
     /// reflection), so the chat port can face the internet without it.
     pub admin_listen: Option<SocketAddr>,
+    /// The web listener for browsers (grpc-web: `BrowserChat`, and
+    /// `ChatRoom`'s `Members` and `History`). Off by default: a node
+    /// exposes no HTTP/1.1 surface unless asked. Beyond loopback it needs
+    /// `tls`, whatever `insecure_plaintext` says: browsers give a page
+    /// WebCrypto only in a secure context (HTTPS, or localhost).
+    pub web_listen: Option<SocketAddr>,
     /// Whether `listen` serves the admin service too. Default: only when
     /// `listen` is a loopback address.
     pub admin_on_client_port: Option<bool>,
@@ -294,6 +300,7 @@ impl Default for NodeConfig {
             session_secret: None,
             metrics_listen: None,
             admin_listen: None,
+            web_listen: None,
             admin_on_client_port: None,
             insecure_plaintext: false,
             tls: None,
@@ -401,6 +408,9 @@ impl NodeConfig {
         }
         if let Some(v) = env("SAFERCHAT_ADMIN_LISTEN") {
             self.admin_listen = Some(parse_env("SAFERCHAT_ADMIN_LISTEN", &v)?);
+        }
+        if let Some(v) = env("SAFERCHAT_WEB_LISTEN") {
+            self.web_listen = Some(parse_env("SAFERCHAT_WEB_LISTEN", &v)?);
         }
         if let Some(v) = env("SAFERCHAT_ADMIN_ON_CLIENT_PORT") {
             self.admin_on_client_port = Some(parse_env("SAFERCHAT_ADMIN_ON_CLIENT_PORT", &v)?);
@@ -539,6 +549,16 @@ impl NodeConfig {
                      to serve it in plaintext anyway"
                 )));
             }
+        }
+        if let Some(addr) = self.web_listen
+            && !addr.ip().is_loopback()
+            && self.tls.is_none()
+        {
+            return Err(invalid(format!(
+                "web_listen = {addr} is not a loopback address and no TLS is configured: \
+                 browsers allow WebCrypto only on HTTPS pages (or localhost), so set [tls] \
+                 (insecure_plaintext does not apply to the web listener)"
+            )));
         }
         if let Some(token) = &self.admin_token {
             check_secret("admin_token", token, 16, "characters")?;
@@ -818,6 +838,31 @@ mod tests {
             e.to_string().contains("SAFERCHAT_INSECURE_PLAINTEXT"),
             "{e}"
         );
+    }
+
+    #[test]
+    fn a_web_listener_beyond_loopback_needs_tls_even_with_insecure_plaintext() {
+        let mut c = NodeConfig::default();
+        c.apply_env(env(&[("SAFERCHAT_WEB_LISTEN", "127.0.0.1:8443")]))
+            .unwrap();
+        assert_eq!(c.web_listen, Some("127.0.0.1:8443".parse().unwrap()));
+        c.validate().unwrap();
+        c.web_listen = Some("10.0.0.5:8443".parse().unwrap());
+        c.insecure_plaintext = true;
+        let e = c.validate().unwrap_err().to_string();
+        assert!(
+            e.contains("web_listen = 10.0.0.5:8443") && e.contains("WebCrypto"),
+            "{e}"
+        );
+        c.tls = Some(ListenerTlsConfig {
+            self_signed: true,
+            ..ListenerTlsConfig::default()
+        });
+        c.validate().unwrap();
+        let e = c
+            .apply_env(env(&[("SAFERCHAT_WEB_LISTEN", "everywhere")]))
+            .unwrap_err();
+        assert!(e.to_string().contains("SAFERCHAT_WEB_LISTEN"), "{e}");
     }
 
     #[test]

@@ -97,6 +97,8 @@ pub struct Listeners {
     pub peer: Option<TcpListener>,
     /// The admin face on a listener of its own (`admin_listen`).
     pub admin: Option<TcpListener>,
+    /// The browser face, grpc-web (`web_listen`).
+    pub web: Option<TcpListener>,
 }
 
 fn create_private_dir(path: &std::path::Path) -> Result<(), NodeError> {
@@ -301,7 +303,7 @@ pub async fn run(
             let tls = ListenerTls::load(
                 files,
                 &config.data_dir,
-                &[Some(config.listen), config.admin_listen]
+                &[Some(config.listen), config.admin_listen, config.web_listen]
                     .into_iter()
                     .flatten()
                     .collect::<Vec<_>>(),
@@ -334,6 +336,17 @@ pub async fn run(
             }),
             listener_tls.clone(),
             config.limits.streams_per_connection_max,
+            listener,
+            shutdown.clone(),
+        ))
+    });
+    let web_server = listeners.web.map(|listener| {
+        if let Ok(addr) = listener.local_addr() {
+            tracing::info!(%addr, tls = listener_tls.is_some(), "web listener (grpc-web for browsers)");
+        }
+        tokio::spawn(grpc::web::serve(
+            Arc::clone(&ctx),
+            listener_tls.clone(),
             listener,
             shutdown.clone(),
         ))
@@ -401,6 +414,9 @@ pub async fn run(
         _ => {}
     }
     if let Some(task) = admin_server {
+        let _ = tokio::time::timeout(grace, task).await;
+    }
+    if let Some(task) = web_server {
         let _ = tokio::time::timeout(grace, task).await;
     }
     if let Some(task) = peer_server {

@@ -39,6 +39,9 @@ struct Args {
     /// address, on loopback only).
     #[arg(long)]
     admin_listen: Option<SocketAddr>,
+    /// The web listener for browsers (grpc-web); off unless given.
+    #[arg(long)]
+    web_listen: Option<SocketAddr>,
     /// Serve the client (and admin) addresses in plaintext even when they
     /// are not loopback addresses and no TLS is configured.
     #[arg(long)]
@@ -146,6 +149,9 @@ fn load(args: &Args) -> anyhow::Result<NodeConfig> {
     }
     if let Some(v) = args.admin_listen {
         config.admin_listen = Some(v);
+    }
+    if let Some(v) = args.web_listen {
+        config.web_listen = Some(v);
     }
     if args.insecure_plaintext {
         config.insecure_plaintext = true;
@@ -263,6 +269,13 @@ async fn main_async(config: NodeConfig) -> anyhow::Result<()> {
         ),
         None => None,
     };
+    let web = match config.web_listen {
+        Some(addr) => Some(
+            saferchat_node::bind(addr)
+                .with_context(|| format!("cannot listen for browsers on {addr}"))?,
+        ),
+        None => None,
+    };
     let token = CancellationToken::new();
     tokio::spawn(shutdown_on_signal(token.clone()));
     run(
@@ -271,6 +284,7 @@ async fn main_async(config: NodeConfig) -> anyhow::Result<()> {
             client,
             peer,
             admin,
+            web,
         },
         clock()?,
         token,

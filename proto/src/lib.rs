@@ -46,6 +46,12 @@ pub mod peer {
     tonic::include_proto!("server.grpc.peer");
 }
 
+/// `server.grpc.web`: the chat face for browsers (grpc-web), a `Post`
+/// session split in a server stream and unary sends.
+pub mod web {
+    tonic::include_proto!("server.grpc.web");
+}
+
 /// Encoded `FileDescriptorSet` of every saferchat service, for server
 /// reflection.
 pub const FILE_DESCRIPTOR_SET: &[u8] =

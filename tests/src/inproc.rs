@@ -24,6 +24,8 @@ pub struct TestNode {
     pub addr: SocketAddr,
     /// The admin listener's address, when `admin_listen` was set.
     pub admin_addr: Option<SocketAddr>,
+    /// The web listener's address, when `web_listen` was set.
+    pub web_addr: Option<SocketAddr>,
     /// Its configuration.
     pub config: NodeConfig,
     shutdown: CancellationToken,
@@ -64,6 +66,11 @@ impl TestNode {
             None => None,
         };
         let admin_addr = admin.as_ref().map(|l| l.local_addr().expect("address"));
+        let web = match config.web_listen {
+            Some(addr) => Some(TcpListener::bind(addr).await.expect("bind web")),
+            None => None,
+        };
+        let web_addr = web.as_ref().map(|l| l.local_addr().expect("address"));
         let shutdown = CancellationToken::new();
         let task = tokio::spawn(run(
             config.clone(),
@@ -71,6 +78,7 @@ impl TestNode {
                 client: listener,
                 peer: None,
                 admin,
+                web,
             },
             clock,
             shutdown.clone(),
@@ -78,6 +86,7 @@ impl TestNode {
         TestNode {
             addr,
             admin_addr,
+            web_addr,
             config,
             shutdown,
             task: Some(task),

@@ -5,28 +5,21 @@
  * a join proof made here satisfies the node.
  *
  * The Rust side is `protocol-interop` (tests/src/bin/protocol-interop.rs),
- * found at $SAFERCHAT_INTEROP or in ../target/debug (`cargo build
- * --workspace` builds it; scripts/test.sh does).
+ * found as `harness.ts` finds every binary.
  */
 import assert from "node:assert/strict";
 import { spawnSync } from "node:child_process";
-import { existsSync, readFileSync } from "node:fs";
-import { fileURLToPath } from "node:url";
+import { readFileSync } from "node:fs";
 import { test } from "node:test";
 import { fromBase64, toBase64, toHex, utf8 } from "../src/protocol/bytes.js";
 import { EnvelopeError, NO_PREVIOUS, encodeEnvelope, open, seal } from "../src/protocol/envelope.js";
 import { joinProof } from "../src/protocol/join.js";
+import { bin } from "./harness.js";
 import { type Identity, type PublicKey, generateIdentity, identityFromPkcs8, pem, unpem } from "../src/protocol/keys.js";
 
 const V = JSON.parse(readFileSync(new URL("../../../docs/protocol-vectors.json", import.meta.url), "utf8"));
-const BIN =
-  process.env.SAFERCHAT_INTEROP ?? fileURLToPath(new URL("../../../target/debug/protocol-interop", import.meta.url));
-
 function rust(request: object): { ok: true; reply: any } | { ok: false; error: string } {
-  if (!existsSync(BIN)) {
-    throw new Error(`${BIN} is missing: build it with \`cargo build --workspace\` or set SAFERCHAT_INTEROP`);
-  }
-  const run = spawnSync(BIN, [], { input: JSON.stringify(request), encoding: "utf8", timeout: 120_000 });
+  const run = spawnSync(bin("protocol-interop"), [], { input: JSON.stringify(request), encoding: "utf8", timeout: 120_000 });
   if (run.error) throw run.error;
   return run.status === 0 ? { ok: true, reply: JSON.parse(run.stdout) } : { ok: false, error: run.stderr };
 }
@@ -84,7 +77,7 @@ test("envelopes sealed here pass the node's checks and open in the Rust client",
   // A key made by this runtime's WebCrypto sends; published keys receive.
   const { identity: carol, pkcs8 } = await generateIdentity();
   const body = "from the browser to Rust: ünïcödé ✓ ".repeat(40);
-  const envelope = await seal({
+  const { envelope, hash } = await seal({
     me: carol,
     room: "interop",
     revision: 12n,
@@ -107,6 +100,7 @@ test("envelopes sealed here pass the node's checks and open in the Rust client",
     assert.equal(r.reply.plaintext, body);
     assert.equal(r.reply.sender, carol.public.handleText);
     assert.equal(r.reply.device_seq, 1);
+    assert.equal(r.reply.message_hash_hex, toHex(hash));
   }
   // A bit flipped anywhere the signature covers: Rust refuses it.
   const tampered = encodeEnvelope(envelope);

@@ -110,7 +110,7 @@ test("envelope v1.1: every deterministic value, sealed again with the vector's k
     seq: BigInt(E.device_seq),
     prev: fromHex(E.prev_hash_hex),
   };
-  const envelope = await sealWith(
+  const { envelope, hash } = await sealWith(
     {
       me: alice,
       room: E.room,
@@ -127,6 +127,7 @@ test("envelope v1.1: every deterministic value, sealed again with the vector's k
   assert.equal(toHex(envelope.membershipHash), E.membership_hash_hex);
   assert.equal(toHex(envelope.keyCommitment), E.key_commitment_hex);
   assert.equal(envelope.sender, E.sender);
+  assert.notEqual(toHex(hash), E.message_hash_hex, "the signature's randomized wraps change the root");
   assert.deepEqual(
     envelope.keys.map((k) => k.recipient),
     E.wrapped_keys.map((k: { recipient: string }) => k.recipient),

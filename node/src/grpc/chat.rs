@@ -98,7 +98,7 @@ impl ChatRoom for ChatService {
         tokio::spawn(session::run(
             Arc::clone(&self.ctx),
             slot,
-            request.into_inner(),
+            Box::pin(request.into_inner()),
             out,
             relay.then(|| Arc::clone(&self.forwarder)),
         ));

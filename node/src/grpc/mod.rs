@@ -13,6 +13,7 @@ pub mod frames;
 pub mod peer;
 pub mod relay;
 pub mod session;
+pub mod web;
 
 use std::sync::Arc;
 

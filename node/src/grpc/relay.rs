@@ -86,7 +86,7 @@ pub async fn run(
     room: &RoomId,
     mut owner: String,
     join: pb::Join,
-    inbound: &mut Streaming<pb::ClientFrame>,
+    inbound: &mut super::session::ClientFrames,
     out: &Out,
 ) -> Ended {
     metrics::counter!("saferchat_sessions_relayed_total").increment(1);
@@ -170,7 +170,7 @@ async fn copy_both_ways(
     forwarder: &Forwarder,
     room: &RoomId,
     owner: &str,
-    inbound: &mut Streaming<pb::ClientFrame>,
+    inbound: &mut super::session::ClientFrames,
     to_owner: mpsc::Sender<pb::ClientFrame>,
     first: pb::ServerFrame,
     mut from_owner: Streaming<pb::ServerFrame>,
@@ -178,7 +178,7 @@ async fn copy_both_ways(
 ) -> Ended {
     let upstream = async move {
         loop {
-            match inbound.message().await {
+            match super::session::message(inbound).await {
                 Ok(Some(frame)) => {
                     if to_owner.send(frame).await.is_err() {
                         // The room's node ended the stream; the other

@@ -20,11 +20,12 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use futures::{Stream, StreamExt as _};
 use saferchat_consensus::{Change, Handle, RoomId, RoomState};
 use saferchat_envelope::Envelope;
 use saferchat_proto::chat::{self as pb, client_frame::Frame, server_frame};
 use tokio::sync::{mpsc, oneshot};
-use tonic::{Status, Streaming};
+use tonic::Status;
 
 use crate::auth;
 use crate::context::{ChatContext, JoinSlot};
@@ -41,6 +42,18 @@ const HISTORY_PAGE_MAX: usize = 100;
 
 /// Frames towards the client (the relay writes the same kind).
 use relay::Out;
+
+/// What a session reads from its client: the inbound half of a `Post`
+/// stream, or the frames a browser sends into its link (`web.rs`). One
+/// session code path serves both, so both get the same checks.
+pub type ClientFrames =
+    std::pin::Pin<Box<dyn Stream<Item = Result<pb::ClientFrame, Status>> + Send>>;
+
+/// The client's next frame; `Ok(None)` once it closed its side. Cancel
+/// safe (a `select!` may drop it).
+pub(super) async fn message(inbound: &mut ClientFrames) -> Result<Option<pb::ClientFrame>, Status> {
+    inbound.next().await.transpose()
+}
 
 fn frame(f: server_frame::Frame) -> pb::ServerFrame {
     pb::ServerFrame { frame: Some(f) }
@@ -81,7 +94,7 @@ impl From<NodeError> for End {
 pub async fn run(
     ctx: Arc<ChatContext>,
     join: JoinSlot,
-    mut inbound: Streaming<pb::ClientFrame>,
+    mut inbound: ClientFrames,
     out: Out,
     relay: Option<Arc<Forwarder>>,
 ) {
@@ -104,11 +117,8 @@ pub async fn run(
     }
 }
 
-async fn next_frame(
-    inbound: &mut Streaming<pb::ClientFrame>,
-    timeout_ms: u64,
-) -> Result<Frame, End> {
-    let next = tokio::time::timeout(Duration::from_millis(timeout_ms), inbound.message())
+async fn next_frame(inbound: &mut ClientFrames, timeout_ms: u64) -> Result<Frame, End> {
+    let next = tokio::time::timeout(Duration::from_millis(timeout_ms), message(inbound))
         .await
         .map_err(|_| {
             NodeError::InvalidArgument(format!("no answer within {timeout_ms} ms; join again"))
@@ -149,7 +159,7 @@ fn invalid(e: impl std::fmt::Display) -> NodeError {
 async fn serve(
     ctx: &Arc<ChatContext>,
     join_slot: JoinSlot,
-    inbound: &mut Streaming<pb::ClientFrame>,
+    inbound: &mut ClientFrames,
     out: &Out,
     relay: Option<&Forwarder>,
 ) -> Result<(), End> {
@@ -418,7 +428,7 @@ fn result_frame(outcome: PostOutcome, room: &RoomId) -> server_frame::Frame {
 async fn live_loop(
     ctx: &ChatContext,
     session: u64,
-    inbound: &mut Streaming<pb::ClientFrame>,
+    inbound: &mut ClientFrames,
     out: &Out,
     room: &RoomId,
     user: &Handle,
@@ -427,7 +437,7 @@ async fn live_loop(
     let mut inbound_open = true;
     loop {
         tokio::select! {
-            next = inbound.message(), if inbound_open => match next {
+            next = message(inbound), if inbound_open => match next {
                 Ok(Some(pb::ClientFrame { frame: Some(Frame::Post(post)) })) => {
                     if let Err(error) = ctx.post_rate.check(user) {
                         let rejected = PostOutcome::Rejected {

@@ -146,8 +146,14 @@ export interface SealInput {
   readonly sentAtMs: bigint;
 }
 
+/** A sealed envelope and its message hash (how the device's next names it). */
+export interface Sealing {
+  readonly envelope: Envelope;
+  readonly hash: Uint8Array;
+}
+
 /** Seals `body` as envelope v1.1 with a fresh content key and nonce. */
-export function seal(input: SealInput): Promise<Envelope> {
+export function seal(input: SealInput): Promise<Sealing> {
   return sealWith(input, randomBytes(32), randomBytes(NONCE_BYTES));
 }
 
@@ -155,7 +161,7 @@ export function seal(input: SealInput): Promise<Envelope> {
  * Seals with a given content key and nonce. Only for test vectors: a
  * content key or nonce used twice breaks AES-GCM.
  */
-export async function sealWith(input: SealInput, contentKey: Uint8Array, nonce: Uint8Array): Promise<Envelope> {
+export async function sealWith(input: SealInput, contentKey: Uint8Array, nonce: Uint8Array): Promise<Sealing> {
   const { me, room, revision, body, position } = input;
   if (!validRoom(room)) throw new EnvelopeError(`not a room name: ${JSON.stringify(room)}`);
   if (body.length === 0) throw new EnvelopeError("message is empty");
@@ -194,7 +200,7 @@ export async function sealWith(input: SealInput, contentKey: Uint8Array, nonce: 
   }
   const leaves = await Promise.all(keys.map((k, i) => leafHash(recipients[i]!.handle, k.wrapped)));
   const input_ = await signingInput(room, sender, revision, nonce, ciphertext, keys.length, await root(leaves), chain);
-  return create(EnvelopeSchema, {
+  const envelope = create(EnvelopeSchema, {
     version: VERSION_1_1,
     room,
     sender: me.public.handleText,
@@ -210,6 +216,7 @@ export async function sealWith(input: SealInput, contentKey: Uint8Array, nonce: 
     membershipHash: chain.membership,
     keyCommitment: chain.keyCommitment,
   });
+  return { envelope, hash: await messageHash(input_) };
 }
 
 /** The protobuf bytes of an envelope (what `Post.envelope` carries). */
