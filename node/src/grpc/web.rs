@@ -20,6 +20,9 @@
 //! relaying to the room's node, so the two paths cannot drift apart. The
 //! link is a bearer capability like the stream itself: only the `Open`
 //! caller learns it, it is never logged, and it dies with the stream.
+//!
+//! The same listener serves the page that uses it (`web/`), so the page
+//! and its calls share one origin and need no CORS.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -182,10 +185,39 @@ impl BrowserChat for WebService {
     }
 }
 
-/// Serves the web listener until `shutdown`: `BrowserChat` and `ChatRoom`
-/// (for `Members` and `History`) over grpc-web, on HTTP/1.1 and HTTP/2.
-/// Same-origin only: no CORS headers are sent, so no other site's page
-/// can call it from a visitor's browser.
+/// The page, built from `web/` (`npm run build:app`; the bundle is
+/// committed so that building the node needs only Rust, and the test
+/// command checks it is what a fresh build makes).
+mod page {
+    pub const INDEX: &[u8] = include_bytes!("../../../web/static/index.html");
+    pub const CSS: &[u8] = include_bytes!("../../../web/static/app.css");
+    pub const JS: &[u8] = include_bytes!("../../../web/dist/app.js");
+}
+
+/// What the page may load and reach: its own script, style and grpc-web
+/// calls, nothing inline, nothing from elsewhere, never framed.
+pub const CONTENT_SECURITY_POLICY: &str = "default-src 'none'; script-src 'self'; \
+     style-src 'self'; connect-src 'self'; img-src 'self'; base-uri 'none'; \
+     form-action 'none'; frame-ancestors 'none'";
+
+fn page_response(body: &'static [u8], content_type: &'static str) -> axum::response::Response {
+    use axum::http::header;
+    axum::response::Response::builder()
+        .header(header::CONTENT_TYPE, content_type)
+        .header(header::CONTENT_SECURITY_POLICY, CONTENT_SECURITY_POLICY)
+        .header(header::X_CONTENT_TYPE_OPTIONS, "nosniff")
+        .header(header::REFERRER_POLICY, "no-referrer")
+        .header(header::CACHE_CONTROL, "no-cache")
+        .header("cross-origin-opener-policy", "same-origin")
+        .body(axum::body::Body::from(body))
+        .expect("static headers are valid")
+}
+
+/// Serves the web listener until `shutdown`: the page (`/`, `/app.js`,
+/// `/app.css`), and `BrowserChat` and `ChatRoom` (for `Members` and
+/// `History`) over grpc-web, on HTTP/1.1 and HTTP/2. Same-origin only: no
+/// CORS headers are sent, so no other site's page can call it from a
+/// visitor's browser.
 ///
 /// # Errors
 /// When the server fails (not when it shuts down).
@@ -201,18 +233,44 @@ pub async fn serve(
             .tls_config(tls)
             .map_err(|e| NodeError::Config(format!("web TLS: {e}")))?;
     }
+    use tower_layer::Layer as _;
+    // grpc-web on the services only: the layer answers any other HTTP/1.1
+    // request with 400, and the page's requests are such.
+    let web = tonic_web::GrpcWebLayer::new();
+    let services = tonic::service::Routes::new(
+        web.layer(
+            BrowserChatServer::new(WebService::new(Arc::clone(&ctx)))
+                .max_decoding_message_size(GRPC_MESSAGE_BYTES_MAX),
+        ),
+    )
+    .add_service(
+        web.layer(
+            ChatRoomServer::new(chat::ChatService::new(ctx))
+                .max_decoding_message_size(GRPC_MESSAGE_BYTES_MAX),
+        ),
+    );
+    use axum::routing::get;
+    let routes = services
+        .into_axum_router()
+        .route(
+            "/",
+            get(|| async { page_response(page::INDEX, "text/html; charset=utf-8") }),
+        )
+        .route(
+            "/app.js",
+            get(|| async { page_response(page::JS, "text/javascript; charset=utf-8") }),
+        )
+        .route(
+            "/app.css",
+            get(|| async { page_response(page::CSS, "text/css; charset=utf-8") }),
+        )
+        // Anything else, a plain 404 (not a gRPC status a browser would
+        // show as an empty page).
+        .fallback(|| async { axum::http::StatusCode::NOT_FOUND });
     server
         .accept_http1(true)
         .tcp_nodelay(true)
-        .layer(tonic_web::GrpcWebLayer::new())
-        .add_service(
-            BrowserChatServer::new(WebService::new(Arc::clone(&ctx)))
-                .max_decoding_message_size(GRPC_MESSAGE_BYTES_MAX),
-        )
-        .add_service(
-            ChatRoomServer::new(chat::ChatService::new(ctx))
-                .max_decoding_message_size(GRPC_MESSAGE_BYTES_MAX),
-        )
+        .add_routes(tonic::service::Routes::from(routes))
         .serve_with_incoming_shutdown(super::incoming(listener), shutdown.cancelled_owned())
         .await
         .map_err(|e| NodeError::Unavailable(format!("web listener failed: {e}")))
