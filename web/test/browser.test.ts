@@ -8,7 +8,7 @@
  * build/screenshots).
  */
 import assert from "node:assert/strict";
-import { chmodSync, existsSync, mkdirSync } from "node:fs";
+import { chmodSync, existsSync, mkdirSync, readFileSync } from "node:fs";
 import { join } from "node:path";
 import { fileURLToPath } from "node:url";
 import { after, before, test } from "node:test";
@@ -143,6 +143,16 @@ test("two browsers and a CLI chat; refusals, removal, reload and key export", as
   chmodSync(exported, 0o600);
   const whoami = cliOk(["-k", exported, "whoami"], { SAFERCHAT_KEY_PASSPHRASE: "browser passphrase" });
   assert.match(whoami, new RegExp(`handle:\\s+${alice.handle}`));
+
+  // Nothing in localStorage or sessionStorage (the token lives in memory).
+  for (const p of [alice, bob, mallory]) {
+    assert.equal(await p.page.evaluate(() => localStorage.length + sessionStorage.length), 0);
+  }
+  // No text, key or token in the node's log.
+  const log = readFileSync(node.log, "utf8");
+  for (const secret of ["hello from", "after bob left", "PRIVATE KEY"]) {
+    assert.ok(!log.includes(secret), `the node's log holds ${JSON.stringify(secret)}`);
+  }
 
   await screenshots(alice.page, "alice");
   await screenshots(bob.page, "bob");

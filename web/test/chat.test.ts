@@ -9,7 +9,10 @@
 import assert from "node:assert/strict";
 import { join as joinPath } from "node:path";
 import { after, before, test } from "node:test";
-import { Code, ConnectError } from "@connectrpc/connect";
+import { create, fromBinary, toBinary } from "@bufbuild/protobuf";
+import { Code, ConnectError, type Interceptor } from "@connectrpc/connect";
+import { SealedSchema } from "../src/gen/envelope_pb.js";
+import { type LinkFrame, LinkFrameSchema } from "../src/gen/web_pb.js";
 import { createGrpcWebTransport } from "@connectrpc/connect-node";
 import { MemoryDevice } from "../src/client/device.js";
 import { type Message, Session } from "../src/client/session.js";
@@ -108,5 +111,67 @@ test("browser users and a CLI user share a room; non-members are refused; the re
   const read = await a2.history(10);
   assert.deepEqual(texts(read).slice(0, 2), ["after bob left", "and from bob's"]);
   a2.close();
+  b.close();
+});
+
+/**
+ * A server that alters the 2nd live delivery's ciphertext and drops the
+ * 4th, as a compromised node could: the altered one is refused (never
+ * shown), and the messages after each hole carry a gap warning.
+ */
+const hostile: Interceptor = (next) => async (req) => {
+  const res = await next(req);
+  if (!res.stream || req.method.name !== "Open") return res;
+  let live = 0;
+  async function* tamper(frames: AsyncIterable<LinkFrame>): AsyncIterable<LinkFrame> {
+    for await (const f of frames) {
+      const inner = f.frame?.frame;
+      if (inner?.case !== "deliveries" || inner.value.history) {
+        yield f;
+        continue;
+      }
+      const items = [];
+      for (const item of inner.value.items) {
+        live++;
+        if (live === 4) continue;
+        if (live === 2) {
+          const sealed = fromBinary(SealedSchema, item.sealed);
+          sealed.ciphertext[0]! ^= 1;
+          item.sealed = toBinary(SealedSchema, sealed);
+        }
+        items.push(item);
+      }
+      inner.value.items = items;
+      yield create(LinkFrameSchema, f);
+    }
+  }
+  return { ...res, message: tamper(res.message as AsyncIterable<LinkFrame>) };
+};
+
+test("a server that alters or drops deliveries is caught: refused, and gaps reported", async () => {
+  const room = "web-hostile";
+  const [alice, bob] = [await browserUser(), await browserUser()];
+  cliOk(["-s", node.server, "admin", "create-chat", room]);
+  for (const h of [alice.id.public.handleText, bob.id.public.handleText]) {
+    cliOk(["-s", node.server, "admin", "add-user", room, h]);
+  }
+  const refused: string[] = [];
+  const a = await Session.join(
+    createGrpcWebTransport({ baseUrl: node.web, httpVersion: "1.1", interceptors: [hostile] }),
+    alice.id,
+    room,
+    alice.device,
+    { message: (m) => alice.got.push(m), refused: (r) => refused.push(r.reason) },
+  );
+  const b = await join(bob, room);
+  for (let i = 1; i <= 5; i++) await b.post(`message ${i}`);
+  await eventually("alice to get what the server let through", () => alice.got.length + refused.length >= 4);
+  assert.deepEqual(texts(alice.got), ["message 1", "message 3", "message 5"]);
+  assert.deepEqual(refused, ["signature does not verify"]);
+  assert.deepEqual(
+    alice.got.map((m) => m.warnings),
+    [[], [{ kind: "gap", missing: 1n }], [{ kind: "gap", missing: 1n }]],
+  );
+  a.close();
   b.close();
 });
