@@ -158,3 +158,20 @@ test("two browsers and a CLI chat; refusals, removal, reload and key export", as
   await screenshots(bob.page, "bob");
   await screenshots(mallory.page, "mallory");
 });
+
+test("the protocol vectors hold under Chromium's WebCrypto", async () => {
+  // A page on a loopback origin (a secure context) that only this test
+  // serves, with the checks `vectors.test.ts` runs under Node.
+  const script = readFileSync(fileURLToPath(new URL("../in-browser/vectors.js", import.meta.url)), "utf8");
+  const page = await (await browser.newContext()).newPage();
+  await page.route("http://127.0.0.1:9/**", (route) =>
+    route.request().url().endsWith("/vectors.js")
+      ? route.fulfill({ contentType: "text/javascript", body: script })
+      : route.fulfill({ contentType: "text/html", body: '<!doctype html><script type="module" src="/vectors.js"></script>' }),
+  );
+  await page.goto("http://127.0.0.1:9/");
+  await page.waitForFunction(() => typeof window.runVectors === "function", null, WAIT);
+  const result = await page.evaluate(() => window.runVectors());
+  assert.deepEqual(result.failures, []);
+  assert.ok(result.ran.length >= 7, result.ran.join(", "));
+});
