@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Runs a saferchat cluster on this machine, on loopback.
 #
-#   deploy/local-cluster.sh start --nodes N [--datacenters D] --dir DIR
+#   deploy/local-cluster.sh start --nodes N [--datacenters D] [--web] --dir DIR
 #   deploy/local-cluster.sh stop --dir DIR
 #
 # start: creates DIR, a cluster CA and node certificates (DIR/tls), a shared
@@ -12,6 +12,9 @@
 # node serves, and prints one line per node:
 #
 #   node ID dc DC client HOST:PORT
+#
+# With --web, every node also serves the browser page and grpc-web on a
+# web listener of its own, and each line ends with `web http://HOST:PORT`.
 #
 # stop: SIGTERM to every node started in DIR, SIGKILL after 30 s.
 #
@@ -57,10 +60,11 @@ EOF
 random_hex() { od -An -N32 -tx1 /dev/urandom | tr -d ' \n'; }
 
 start() {
-  local nodes="" dcs=1 dir=""
+  local nodes="" dcs=1 dir="" web=0
   while [ $# -gt 0 ]; do
     case "$1" in
       --nodes|--datacenters|--dir) [ $# -ge 2 ] || die "$1 needs a value" ;;&
+      --web) web=1; shift ;;
       --nodes) nodes="$2"; shift 2 ;;
       --datacenters) dcs="$2"; shift 2 ;;
       --dir) dir="$2"; shift 2 ;;
@@ -79,7 +83,7 @@ start() {
   dir="$(cd "$dir" && pwd)"
   umask 077
 
-  local ports; read -r -a ports <<<"$(free_ports $((2 * nodes)))"
+  local ports; read -r -a ports <<<"$(free_ports $(((2 + web) * nodes)))"
   local i dc certs=()
   for i in $(seq 1 "$nodes"); do
     certs+=(--node "$i:dc$(( (i - 1) % dcs + 1 ))")
@@ -95,6 +99,11 @@ start() {
       peers="${peers:+$peers,}$j=127.0.0.1:${ports[$((nodes + j - 1))]}/127.0.0.1:${ports[$((j - 1))]}@dc$(( (j - 1) % dcs + 1 ))"
     done
     dc="dc$(( (i - 1) % dcs + 1 ))"
+    local web_info="" extra=()
+    if [ "$web" = 1 ]; then
+      extra=(SAFERCHAT_WEB_LISTEN="127.0.0.1:${ports[$((2 * nodes + i - 1))]}")
+      web_info=" web http://127.0.0.1:${ports[$((2 * nodes + i - 1))]}"
+    fi
     SAFERCHAT_NODE_ID="$i" \
     SAFERCHAT_DATACENTER="$dc" \
     SAFERCHAT_LISTEN="127.0.0.1:$client" \
@@ -104,9 +113,9 @@ start() {
     SAFERCHAT_DATA_DIR="$dir/n$i" \
     SAFERCHAT_ADMIN_TOKEN="$(cat "$dir/admin.token")" \
     SAFERCHAT_SESSION_SECRET="$(cat "$dir/session.secret")" \
-      nohup "$bin" </dev/null >"$dir/n$i.log" 2>&1 &
+      nohup env ${extra[@]+"${extra[@]}"} "$bin" </dev/null >"$dir/n$i.log" 2>&1 &
     echo $! >"$dir/n$i.pid"
-    echo "$i $dc 127.0.0.1:$client" >"$dir/n$i.info"
+    echo "$i $dc 127.0.0.1:$client$web_info" >"$dir/n$i.info"
   done
 
   local deadline=$((SECONDS + ${LOCAL_CLUSTER_START_TIMEOUT_S:-60}))
@@ -127,8 +136,8 @@ start() {
     done
   done
   for i in $(seq 1 "$nodes"); do
-    read -r id dc client <"$dir/n$i.info"
-    echo "node $id dc $dc client $client"
+    read -r id dc client rest <"$dir/n$i.info"
+    echo "node $id dc $dc client $client${rest:+ $rest}"
   done
 }
 
