@@ -14,6 +14,7 @@ import { test } from "node:test";
 import { fromBase64, toBase64, toHex, utf8 } from "../src/protocol/bytes.js";
 import { EnvelopeError, NO_PREVIOUS, encodeEnvelope, open, seal } from "../src/protocol/envelope.js";
 import { joinProof } from "../src/protocol/join.js";
+import { Streams } from "../src/protocol/streams.js";
 import { bin } from "./harness.js";
 import { type Identity, type PublicKey, generateIdentity, identityFromPkcs8, pem, unpem } from "../src/protocol/keys.js";
 
@@ -70,6 +71,28 @@ test("envelopes sealed by the Rust client open here", async () => {
   const sealed = fromBase64(r.reply.sealed[bob.public.handleText]);
   const forged = { ...bob.public, handleText: alice.public.handleText, handle: alice.public.handle };
   await assert.rejects(open(bob, "interop.room_1", sealed, keyOf(forged)), EnvelopeError);
+});
+
+test("envelopes v1, as older clients sealed them, open here without the v1.1 fields", async () => {
+  const { alice, bob, alicePem } = await people();
+  const r = rust({
+    op: "seal",
+    version: 1,
+    sender_pem: alicePem,
+    room: "old-room",
+    revision: 2,
+    recipients_spki: [toBase64(alice.public.der), toBase64(bob.public.der)],
+    plaintext: "stored long ago",
+  });
+  assert.ok(r.ok, !r.ok ? r.error : "");
+  const plain = await open(bob, "old-room", fromBase64(r.reply.sealed[bob.public.handleText]), keyOf(alice.public));
+  assert.equal(new TextDecoder().decode(plain.body), "stored long ago");
+  assert.equal(plain.chain, null);
+  assert.equal(toHex(plain.hash), r.reply.message_hash_hex);
+  // The stream checks show it as unsequenced, as the CLI does.
+  assert.deepEqual(new Streams().observe(plain.sender, plain.revision, plain.chain, plain.hash, true).warnings, [
+    { kind: "unsequenced" },
+  ]);
 });
 
 test("envelopes sealed here pass the node's checks and open in the Rust client", async () => {

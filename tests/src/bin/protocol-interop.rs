@@ -13,7 +13,9 @@
 //!   "plaintext","device_hex","device_seq","prev_hash_hex","sent_at_ms"}`
 //!   → `{"envelope","message_hash_hex","sealed":{handle: Sealed}}`: an
 //!   envelope v1.1 as the CLI seals it, and the `Sealed` the node would
-//!   deliver to each recipient.
+//!   deliver to each recipient. With `"version":1` (and no device
+//!   fields), an envelope v1 as older clients sealed it, still found in
+//!   stored history.
 //! - `{"op":"open","recipient_pem","room","envelope","sender_spki"}` →
 //!   `{"plaintext","sender","device_seq","message_hash_hex"}`: the
 //!   envelope passes the node's structural check, is fanned out as the
@@ -113,6 +115,65 @@ fn recipient(der: Vec<u8>) -> Result<Recipient, String> {
     })
 }
 
+/// Envelope v1 (docs/PROTOCOL.md §5: no device fields, unlabelled wraps),
+/// which today's clients no longer send but still open.
+fn seal_v1(
+    me: &Identity,
+    room: &RoomId,
+    revision: Revision,
+    recipients: &[Recipient],
+    plaintext: &[u8],
+) -> Result<Envelope, String> {
+    use aes_gcm::aead::{Aead, Generate, KeyInit, Payload};
+    use aes_gcm::{Aes256Gcm, Key, Nonce};
+    let content_key = Key::<Aes256Gcm>::generate();
+    let nonce = Nonce::generate();
+    let aad = saferchat_envelope::associated_data(room, &me.handle(), revision, None);
+    let ciphertext = Aes256Gcm::new(&content_key)
+        .encrypt(
+            &nonce,
+            Payload {
+                msg: plaintext,
+                aad: &aad,
+            },
+        )
+        .map_err(|_| "AES-GCM failed".to_owned())?;
+    let mut sorted: Vec<&Recipient> = recipients.iter().collect();
+    sorted.sort_by_key(|m| m.handle);
+    let keys = sorted
+        .iter()
+        .map(|m| {
+            let wrapped = m
+                .key
+                .encrypt(
+                    &mut rand::rng(),
+                    rsa::Oaep::<sha2::Sha256>::new(),
+                    content_key.as_slice(),
+                )
+                .map_err(|e| e.to_string())?;
+            Ok(saferchat_envelope::WrappedKey {
+                recipient: m.handle,
+                wrapped: Bytes::from(wrapped),
+            })
+        })
+        .collect::<Result<Vec<_>, String>>()?;
+    let mut envelope = Envelope {
+        room: room.clone(),
+        sender: me.handle(),
+        revision,
+        nonce: nonce.as_slice().try_into().expect("96-bit nonce"),
+        ciphertext: Bytes::from(ciphertext),
+        keys,
+        signature: Bytes::new(),
+        chain: None,
+    };
+    envelope.signature = Bytes::from(
+        me.sign(&envelope.signing_input())
+            .map_err(|e| e.to_string())?,
+    );
+    Ok(envelope)
+}
+
 fn seal(r: &Value) -> Result<Value, String> {
     let me = Identity::from_pem(text(r, "sender_pem")?).map_err(|e| e.to_string())?;
     let room = room(r)?;
@@ -128,21 +189,26 @@ fn seal(r: &Value) -> Result<Value, String> {
             recipient(der)
         })
         .collect::<Result<Vec<_>, String>>()?;
-    let position = Position {
-        device: unhex(r, "device_hex")?,
-        seq: number(r, "device_seq")?,
-        prev: unhex(r, "prev_hash_hex")?,
+    let plaintext = text(r, "plaintext")?.as_bytes();
+    let envelope = if r["version"].as_u64() == Some(1) {
+        seal_v1(&me, &room, revision, &recipients, plaintext)?
+    } else {
+        let position = Position {
+            device: unhex(r, "device_hex")?,
+            seq: number(r, "device_seq")?,
+            prev: unhex(r, "prev_hash_hex")?,
+        };
+        crypto::seal_at(
+            &me,
+            &room,
+            revision,
+            &recipients,
+            plaintext,
+            &position,
+            number(r, "sent_at_ms")?,
+        )
+        .map_err(|e| e.to_string())?
     };
-    let envelope = crypto::seal_at(
-        &me,
-        &room,
-        revision,
-        &recipients,
-        text(r, "plaintext")?.as_bytes(),
-        &position,
-        number(r, "sent_at_ms")?,
-    )
-    .map_err(|e| e.to_string())?;
     let fanout = Fanout::new(&envelope);
     let sealed: serde_json::Map<String, Value> = recipients
         .iter()
