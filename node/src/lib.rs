@@ -347,6 +347,7 @@ pub async fn run(
         tokio::spawn(grpc::web::serve(
             Arc::clone(&ctx),
             listener_tls.clone(),
+            config.limits.streams_per_connection_max,
             listener,
             shutdown.clone(),
         ))

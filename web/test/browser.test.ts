@@ -128,9 +128,11 @@ test("two browsers and a CLI chat; refusals, removal, reload and key export", as
   assert.ok(!((await bob.page.textContent("#messages")) ?? "").includes("after bob left"));
   assert.match(cliOk(["-s", node.server, "-k", carolKey, "history", room], cliEnv), /after bob left/);
 
-  // A reload keeps the key (same handle) and rejoins with the history.
+  // A reload keeps the key (same handle) and rejoins with the history;
+  // the rooms joined from this browser are listed for a quick switch.
   await alice.page.reload();
   await waitForText(alice.page, "#status", `In ${room}.`);
+  assert.deepEqual(await alice.page.locator("#recent-rooms button").allTextContents(), [room]);
   assert.equal(await alice.page.textContent("#handle"), alice.handle);
   await waitForText(alice.page, "#messages", "after bob left");
   await waitForText(alice.page, "#messages", "hello from the CLI");

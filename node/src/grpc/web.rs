@@ -224,6 +224,7 @@ fn page_response(body: &'static [u8], content_type: &'static str) -> axum::respo
 pub async fn serve(
     ctx: Arc<ChatContext>,
     tls: Option<tonic::transport::ServerTlsConfig>,
+    streams_per_connection: u32,
     listener: TcpListener,
     shutdown: CancellationToken,
 ) -> Result<(), NodeError> {
@@ -270,6 +271,7 @@ pub async fn serve(
     server
         .accept_http1(true)
         .tcp_nodelay(true)
+        .max_concurrent_streams(Some(streams_per_connection))
         .add_routes(tonic::service::Routes::from(routes))
         .serve_with_incoming_shutdown(super::incoming(listener), shutdown.cancelled_owned())
         .await

@@ -11,7 +11,7 @@ import { Session } from "../client/session.js";
 import { decryptKeyFile, encryptKeyFile } from "../protocol/keyfile.js";
 import { type Identity, fingerprint, generateIdentity, identityFromPkcs8 } from "../protocol/keys.js";
 import { describe } from "../protocol/streams.js";
-import { IdbDevice, lastRoom, loadIdentity, saveIdentity, setLastRoom } from "./store.js";
+import { IdbDevice, lastRoom, loadIdentity, recentRooms, saveIdentity, setLastRoom } from "./store.js";
 
 function $<T extends HTMLElement>(id: string): T {
   const e = document.getElementById(id);
@@ -94,6 +94,24 @@ async function showKey(): Promise<void> {
   $("fingerprint").textContent = await fingerprint(me.public.der);
 }
 
+/** The rooms joined from this browser, as buttons that join them again. */
+async function showRecentRooms(): Promise<void> {
+  const list = $("recent-rooms");
+  list.replaceChildren();
+  for (const room of await recentRooms()) {
+    const li = document.createElement("li");
+    const button = document.createElement("button");
+    button.type = "button";
+    button.textContent = room;
+    button.addEventListener("click", () => {
+      $<HTMLInputElement>("room-name").value = room;
+      void join(room);
+    });
+    li.append(button);
+    list.append(li);
+  }
+}
+
 async function join(room: string): Promise<void> {
   if (!me) return;
   session?.close();
@@ -117,6 +135,7 @@ async function join(room: string): Promise<void> {
     });
     session = s;
     await setLastRoom(room);
+    await showRecentRooms();
     $("post-form").hidden = false;
     status(`In ${room}.`);
   } catch (e) {
@@ -201,6 +220,7 @@ async function start(): Promise<void> {
     }
   });
 
+  await showRecentRooms();
   const room = me ? await lastRoom() : undefined;
   if (room) {
     $<HTMLInputElement>("room-name").value = room;

@@ -66,9 +66,20 @@ export async function lastRoom(): Promise<string | undefined> {
   return get<string>("last-room");
 }
 
+/** Rooms joined from this browser, the most recent first. */
+export async function recentRooms(): Promise<string[]> {
+  return (await get<string[]>("rooms")) ?? [];
+}
+
+/** Remembers `room` as the last one joined. */
 export async function setLastRoom(room: string): Promise<void> {
   await put("last-room", room);
+  const rooms = [room, ...(await recentRooms()).filter((r) => r !== room)].slice(0, RECENT_ROOMS_MAX);
+  await put("rooms", rooms);
 }
+
+/** Rooms the page lists for a quick switch. */
+const RECENT_ROOMS_MAX = 20;
 
 /** The device, kept in IndexedDB. */
 export class IdbDevice implements DeviceStore {
