@@ -160,7 +160,9 @@ enum AdminCommand {
     AddUser {
         /// Room name.
         room: String,
-        /// The member's 43-character handle.
+        /// The member's 43-character handle (base64url: it may start
+        /// with `-`, which is taken as the handle, not an option).
+        #[arg(allow_hyphen_values = true)]
         user: String,
         /// Apply only if the room is still at this revision.
         #[arg(long)]
@@ -170,7 +172,8 @@ enum AdminCommand {
     RemoveUser {
         /// Room name.
         room: String,
-        /// The member's handle.
+        /// The member's handle (it may start with `-`).
+        #[arg(allow_hyphen_values = true)]
         user: String,
         /// Apply only if the room is still at this revision.
         #[arg(long)]
@@ -783,6 +786,30 @@ fn main() -> ExitCode {
                 );
             }
             ExitCode::FAILURE
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A handle is base64url: one in 64 starts with `-`, and it is still
+    /// a handle, not an unknown option.
+    #[test]
+    fn a_handle_starting_with_a_dash_is_a_handle() {
+        let handle = "-6dPdjEn6fBDTFff3tGPQTu09Y5uAiTfe-2Zicyula0";
+        for verb in ["add-user", "remove-user"] {
+            let cli = Cli::try_parse_from(["saferchat", "admin", verb, "room", handle])
+                .unwrap_or_else(|e| panic!("{verb}: {e}"));
+            let Command::Admin { command, .. } = cli.command else {
+                panic!("{verb}: not an admin command");
+            };
+            let user = match command {
+                AdminCommand::AddUser { user, .. } | AdminCommand::RemoveUser { user, .. } => user,
+                _ => panic!("{verb}: another command"),
+            };
+            assert_eq!(user, handle);
         }
     }
 }

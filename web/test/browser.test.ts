@@ -37,7 +37,8 @@ after(async () => {
 async function person(width: number): Promise<{ page: Page; handle: string }> {
   const context = await browser.newContext({ viewport: { width, height: 800 }, acceptDownloads: true });
   const page = await context.newPage();
-  await page.goto(node.web);
+  const response = await page.goto(node.web);
+  assert.match(response?.headers()["content-security-policy"] ?? "", /^default-src 'none'; script-src 'self';/);
   await page.waitForSelector("#create-pass", WAIT);
   await page.fill("#create-pass", "browser passphrase");
   await page.fill("#create-pass2", "browser passphrase");
@@ -176,4 +177,23 @@ test("the protocol vectors hold under Chromium's WebCrypto", async () => {
   const result = await page.evaluate(() => window.runVectors());
   assert.deepEqual(result.failures, []);
   assert.ok(result.ran.length >= 7, result.ran.join(", "));
+});
+
+test("beyond plain localhost, the page and its calls run over the node's TLS", async () => {
+  const secure = await NodeProcess.start(true);
+  try {
+    // The node's self-signed certificate; a real deployment has a CA's.
+    const page = await (await browser.newContext({ ignoreHTTPSErrors: true })).newPage();
+    await page.goto(secure.web);
+    assert.equal(await page.evaluate(() => window.isSecureContext && location.protocol), "https:");
+    await page.fill("#create-pass", "tls passphrase");
+    await page.fill("#create-pass2", "tls passphrase");
+    await page.click("#create");
+    await page.waitForFunction(() => document.getElementById("handle")?.textContent?.length === 43, null, WAIT);
+    // grpc-web over TLS reaches the node, which answers as it answers anyone.
+    await joinRoom(page, "no-such-room");
+    await waitForText(page, "#status", "does not exist or you are not a member");
+  } finally {
+    secure.stop();
+  }
 });

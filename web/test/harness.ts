@@ -59,25 +59,38 @@ export const ADMIN_TOKEN = "web-test-admin-token-0123456789";
 export class NodeProcess {
   private constructor(
     readonly dir: string,
+    /** The client listener, as the CLI's `-s` takes it. */
     readonly server: string,
     readonly web: string,
     private readonly child: ChildProcess,
     readonly log: string,
   ) {}
 
-  static async start(): Promise<NodeProcess> {
+  /** Starts a node; `tls`: its listeners (the web one included) serve TLS with a self-signed certificate. */
+  static async start(tls = false): Promise<NodeProcess> {
     const dir = mkdtempSync(join(tmpdir(), "saferchat-web-"));
     const [client, web] = [await freePort(), await freePort()];
     const log = join(dir, "node.log");
     const out = createWriteStream(log);
     const child = spawn(
       bin("saferchat-node"),
-      ["--listen", `127.0.0.1:${client}`, "--web-listen", `127.0.0.1:${web}`, "--data-dir", join(dir, "data")],
+      [
+        "--listen",
+        `127.0.0.1:${client}`,
+        "--web-listen",
+        `127.0.0.1:${web}`,
+        "--data-dir",
+        join(dir, "data"),
+        ...(tls ? ["--tls-self-signed"] : []),
+      ],
       { env: { ...process.env, SAFERCHAT_ADMIN_TOKEN: ADMIN_TOKEN, RUST_LOG: "info" }, stdio: ["ignore", "pipe", "pipe"] },
     );
     child.stdout!.pipe(out);
     child.stderr!.pipe(out);
-    const node = new NodeProcess(dir, `127.0.0.1:${client}`, `http://127.0.0.1:${web}`, child, log);
+    const [server, page] = tls
+      ? [`https://127.0.0.1:${client}`, `https://127.0.0.1:${web}`]
+      : [`127.0.0.1:${client}`, `http://127.0.0.1:${web}`];
+    const node = new NodeProcess(dir, server, page, child, log);
     try {
       await waitForPort(web, 120_000, () => child.exitCode === null);
     } catch (e) {
