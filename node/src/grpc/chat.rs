@@ -19,8 +19,9 @@ use crate::error::NodeError;
 use crate::message_id::MessageId;
 use crate::storage::{self, Range};
 
-/// Frames buffered towards one client before the session waits.
-const OUT_FRAMES_MAX: usize = 8;
+/// Frames buffered towards one client before the session waits (a `Post`
+/// stream's, or a browser's `Open` stream's).
+pub(super) const OUT_FRAMES_MAX: usize = 8;
 /// Messages a history call reads from the store at a time.
 const HISTORY_CHUNK: usize = 32;
 /// Pages a history call prepares ahead of its client. With the chunk this

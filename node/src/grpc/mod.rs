@@ -58,6 +58,21 @@ fn reflection(itself: &str, services: &[&str]) -> tonic_reflection::server::Buil
     builder
 }
 
+/// A server builder, with TLS when given (`what` names the listener in
+/// the error).
+fn server_builder(
+    tls: Option<tonic::transport::ServerTlsConfig>,
+    what: &str,
+) -> Result<Server, NodeError> {
+    let server = Server::builder();
+    match tls {
+        Some(tls) => server
+            .tls_config(tls)
+            .map_err(|e| NodeError::Config(format!("{what} TLS: {e}"))),
+        None => Ok(server),
+    }
+}
+
 /// The admin face, behind its bearer token.
 pub struct AdminFace {
     /// What the service needs.
@@ -121,12 +136,7 @@ pub async fn serve_clients(
 
     let stopping = shutdown.clone();
     let health_on_stop = health.clone();
-    let mut server = Server::builder();
-    if let Some(tls) = tls {
-        server = server
-            .tls_config(tls)
-            .map_err(|e| NodeError::Config(format!("client TLS: {e}")))?;
-    }
+    let server = server_builder(tls, "client")?;
     server
         .tcp_nodelay(true)
         .max_concurrent_streams(Some(streams_per_connection))

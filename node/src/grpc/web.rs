@@ -25,9 +25,11 @@
 //! and its calls share one origin and need no CORS.
 
 use std::collections::HashMap;
+use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use futures::{Stream, StreamExt as _};
 use saferchat_proto::chat::{self as pb, chat_room_server::ChatRoomServer};
 use saferchat_proto::web::browser_chat_server::{BrowserChat, BrowserChatServer};
 use saferchat_proto::web::{LinkFrame, LinkSend, LinkSent};
@@ -47,9 +49,6 @@ pub const LINK_BYTES: usize = 32;
 /// Client frames queued towards a session before `Send` waits: as many as
 /// a `Post` stream's HTTP/2 window typically holds of small frames.
 const LINK_FRAMES_MAX: usize = 8;
-/// Frames buffered towards the browser before the session waits (as for a
-/// `Post` stream).
-const OUT_FRAMES_MAX: usize = 8;
 /// How long `Send` waits for a session that does not take its frame.
 const SEND_TIMEOUT: Duration = Duration::from_secs(30);
 
@@ -107,7 +106,7 @@ fn link_frame(frame: pb::ServerFrame) -> LinkFrame {
 
 #[tonic::async_trait]
 impl BrowserChat for WebService {
-    type OpenStream = ReceiverStream<Result<LinkFrame, Status>>;
+    type OpenStream = Pin<Box<dyn Stream<Item = Result<LinkFrame, Status>> + Send>>;
 
     async fn open(&self, request: Request<pb::Join>) -> Result<Response<Self::OpenStream>, Status> {
         let slot = self.ctx.open_join()?;
@@ -118,44 +117,31 @@ impl BrowserChat for WebService {
         };
         to_session.try_send(Ok(join)).expect("a new queue has room");
         self.links.insert(link, to_session);
-        let (to_browser, browser) = mpsc::channel(OUT_FRAMES_MAX);
-        to_browser
-            .try_send(Ok(LinkFrame {
-                link: bytes::Bytes::copy_from_slice(&link),
-                frame: None,
-            }))
-            .expect("a new queue has room");
-        let (out, mut said) = mpsc::channel(OUT_FRAMES_MAX);
+        let (out, said) = mpsc::channel(chat::OUT_FRAMES_MAX);
         let ctx = Arc::clone(&self.ctx);
         let links = Arc::clone(&self.links);
         let forwarder = Arc::clone(&self.forwarder);
         tokio::spawn(async move {
-            let session = session::run(
+            session::run(
                 ctx,
                 slot,
                 Box::pin(ReceiverStream::new(from_client)),
                 out,
                 Some(forwarder),
-            );
-            // What the session says, as link frames; when the browser is
-            // gone, dropping `said` tells the session so at once.
-            let pump = async move {
-                loop {
-                    tokio::select! {
-                        item = said.recv() => {
-                            let Some(item) = item else { break };
-                            if to_browser.send(item.map(link_frame)).await.is_err() {
-                                break;
-                            }
-                        }
-                        () = to_browser.closed() => break,
-                    }
-                }
-            };
-            tokio::join!(session, pump);
+            )
+            .await;
             links.remove(&link);
         });
-        Ok(Response::new(ReceiverStream::new(browser)))
+        // The link first, then what the session says. When the browser
+        // goes away this stream is dropped with `said`, which tells the
+        // session at once.
+        let first = LinkFrame {
+            link: bytes::Bytes::copy_from_slice(&link),
+            frame: None,
+        };
+        let frames = futures::stream::once(async move { Ok(first) })
+            .chain(ReceiverStream::new(said).map(|item| item.map(link_frame)));
+        Ok(Response::new(Box::pin(frames)))
     }
 
     async fn send(&self, request: Request<LinkSend>) -> Result<Response<LinkSent>, Status> {
@@ -228,12 +214,7 @@ pub async fn serve(
     listener: TcpListener,
     shutdown: CancellationToken,
 ) -> Result<(), NodeError> {
-    let mut server = tonic::transport::Server::builder();
-    if let Some(tls) = tls {
-        server = server
-            .tls_config(tls)
-            .map_err(|e| NodeError::Config(format!("web TLS: {e}")))?;
-    }
+    let server = super::server_builder(tls, "web")?;
     use tower_layer::Layer as _;
     // grpc-web on the services only: the layer answers any other HTTP/1.1
     // request with 400, and the page's requests are such.
