@@ -30,6 +30,17 @@ test("a key file the CLI wrote opens in the browser code, with the same handle",
   await assert.rejects(decryptKeyFile(text, "not the passphrase"), KeyError);
 });
 
+test("a wrong passphrase is refused every time, also when the padding happens to fit", async () => {
+  const { pkcs8 } = await generateIdentity();
+  // Few iterations, so that many wrong passphrases are cheap to try: about
+  // one in 256 leaves valid CBC padding, which alone proves nothing.
+  const file = await encryptKeyFile(pkcs8, PASS, 1);
+  for (let i = 0; i < 1000; i++) {
+    await assert.rejects(decryptKeyFile(file, `wrong ${i}`), /wrong passphrase/);
+  }
+  assert.equal((await decryptKeyFile(file, PASS)).length, pkcs8.length);
+});
+
 test("a key file written by the browser code opens in the CLI, with the same handle", async () => {
   const { identity, pkcs8 } = await generateIdentity();
   const path = join(dir, "browser.pem");

@@ -172,11 +172,23 @@ export async function decryptKeyFile(text: string, passphrase: string): Promise<
   if (iv.length !== 16) throw new KeyError("bad AES-CBC IV");
   const data = outer.take(OCTET_STRING);
   const key = await aesKey(passphrase, salt, iterations);
+  const refused = new KeyError("wrong passphrase, or not an encrypted PKCS#8 RSA key");
+  let pkcs8: Uint8Array;
   try {
-    return new Uint8Array(
+    pkcs8 = new Uint8Array(
       await crypto.subtle.decrypt({ name: "AES-CBC", iv: iv as BufferSource }, key, data as BufferSource),
     );
   } catch {
-    throw new KeyError("wrong passphrase, or not an encrypted PKCS#8 RSA key");
+    throw refused;
   }
+  // A wrong passphrase still ends in valid CBC padding about once in 256
+  // tries, and then "decrypts" to garbage: only a key that parses counts.
+  try {
+    await crypto.subtle.importKey("pkcs8", pkcs8 as BufferSource, { name: "RSA-PSS", hash: "SHA-256" }, false, [
+      "sign",
+    ]);
+  } catch {
+    throw refused;
+  }
+  return pkcs8;
 }
