@@ -266,7 +266,7 @@ async fn a_lossy_link_drops_packets_and_tcp_recovers() {
 
     loss.set(port, 100);
     let connect = tokio::time::timeout(
-        std::time::Duration::from_secs(3),
+        std::time::Duration::from_millis(1500),
         tokio::net::TcpStream::connect(proxy.addr),
     )
     .await;
@@ -276,20 +276,34 @@ async fn a_lossy_link_drops_packets_and_tcp_recovers() {
     );
     assert!(loss.dropped() > 0);
 
-    loss.set(port, 30);
+    // 10 % both ways, echoed in 64 KiB rounds until the rules have dropped
+    // something and at least 256 KiB came back: the assertion below is then
+    // certain, and the run stays short. (One 1 MB transfer at 30 % took 1–50
+    // s: consecutive losses of one segment double TCP's retransmission
+    // timeout each time.)
+    loss.set(port, 10);
     let before = loss.dropped();
     let mut c = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
-    let data: Vec<u8> = (0..1_000_000u32).map(|i| (i % 251) as u8).collect();
     let (mut r, mut w) = c.split();
-    let (sent, back) = tokio::join!(w.write_all(&data), async {
-        let mut back = vec![0u8; data.len()];
-        r.read_exact(&mut back).await.map(|_| back)
-    });
-    sent.unwrap();
-    assert!(back.unwrap() == data, "every byte back, in order");
+    let mut crossed = 0usize;
+    for round in 0..256u32 {
+        if crossed >= 256 * 1024 && loss.dropped() > before {
+            break;
+        }
+        let data: Vec<u8> = (0..65_536u32)
+            .map(|i| (i.wrapping_mul(31).wrapping_add(round) % 251) as u8)
+            .collect();
+        let (sent, back) = tokio::join!(w.write_all(&data), async {
+            let mut back = vec![0u8; data.len()];
+            r.read_exact(&mut back).await.map(|_| back)
+        });
+        sent.unwrap();
+        assert!(back.unwrap() == data, "every byte back, in order");
+        crossed += data.len();
+    }
     assert!(
         loss.dropped() > before,
-        "the rules dropped packets on the way"
+        "the rules dropped packets on the way ({crossed} bytes crossed)"
     );
 
     loss.set(port, 0);
