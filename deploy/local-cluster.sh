@@ -2,6 +2,7 @@
 # Runs a saferchat cluster on this machine, on loopback.
 #
 #   deploy/local-cluster.sh start --nodes N [--datacenters D] [--web] --dir DIR
+#   deploy/local-cluster.sh join --id ID [--datacenter DC] --dir DIR
 #   deploy/local-cluster.sh stop --dir DIR
 #
 # start: creates DIR, a cluster CA and node certificates (DIR/tls), a shared
@@ -16,32 +17,61 @@
 # With --web, every node also serves the browser page and grpc-web on a
 # web listener of its own, and each line ends with `web http://HOST:PORT`.
 #
+# join: adds node ID (datacenter DC, dc1 unless given) to the running
+# cluster in DIR: a certificate from DIR's cluster CA, `saferchat cluster
+# add-node` through node 1, then the node started with --join (it holds no
+# replica slot; it serves clients by handing them to the rooms' owners).
+# Prints its line like start does.
+#
 # stop: SIGTERM to every node started in DIR, SIGKILL after 30 s.
 #
 # The node binary: $SAFERCHAT_NODE_BIN, else target/release/saferchat-node,
 # else target/debug/saferchat-node, else it is built (cargo build --release).
+# The CLI (join only) likewise: $SAFERCHAT_CLI_BIN, else target/…/saferchat.
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 
 die() { echo "local-cluster: $*" >&2; exit 2; }
 usage() {
-  sed -n '4,5p' "${BASH_SOURCE[0]}" | sed 's/^# //' >&2
+  sed -n '4,6p' "${BASH_SOURCE[0]}" | sed 's/^# //' >&2
   exit 2
 }
 
-node_bin() {
-  if [ -n "${SAFERCHAT_NODE_BIN:-}" ]; then
-    [ -x "$SAFERCHAT_NODE_BIN" ] || die "SAFERCHAT_NODE_BIN=$SAFERCHAT_NODE_BIN is not executable"
-    echo "$SAFERCHAT_NODE_BIN"
-  elif [ -x "$ROOT/target/release/saferchat-node" ]; then
-    echo "$ROOT/target/release/saferchat-node"
-  elif [ -x "$ROOT/target/debug/saferchat-node" ]; then
-    echo "$ROOT/target/debug/saferchat-node"
+# A binary: $ENV_VAR if set, else target/release/NAME, else
+# target/debug/NAME, else built (cargo build --release -p PACKAGE).
+bin_of() {
+  local name="$1" package="$2" var="$3"
+  if [ -n "${!var:-}" ]; then
+    [ -x "${!var}" ] || die "$var=${!var} is not executable"
+    echo "${!var}"
+  elif [ -x "$ROOT/target/release/$name" ]; then
+    echo "$ROOT/target/release/$name"
+  elif [ -x "$ROOT/target/debug/$name" ]; then
+    echo "$ROOT/target/debug/$name"
   else
-    echo "local-cluster: building saferchat-node (release)…" >&2
-    (cd "$ROOT" && cargo build --release --quiet -p saferchat-node) >&2
-    echo "$ROOT/target/release/saferchat-node"
+    echo "local-cluster: building $name (release)…" >&2
+    (cd "$ROOT" && cargo build --release --quiet -p "$package") >&2
+    echo "$ROOT/target/release/$name"
   fi
+}
+node_bin() { bin_of saferchat-node saferchat-node SAFERCHAT_NODE_BIN; }
+cli_bin() { bin_of saferchat saferchat-client SAFERCHAT_CLI_BIN; }
+
+# Waits until node ID in DIR serves (or exited, or the deadline passed).
+wait_serving() {
+  local dir="$1" i="$2" deadline="$3"
+  until grep -q "saferchat node serving" "$dir/n$i.log" 2>/dev/null; do
+    if ! kill -0 "$(cat "$dir/n$i.pid")" 2>/dev/null; then
+      echo "local-cluster: node $i exited; its log ($dir/n$i.log):" >&2
+      tail -20 "$dir/n$i.log" >&2
+      return 1
+    fi
+    if [ "$SECONDS" -ge "$deadline" ]; then
+      echo "local-cluster: node $i did not start in time; see $dir/n$i.log" >&2
+      return 1
+    fi
+    sleep 0.2
+  done
 }
 
 # COUNT distinct free loopback ports, all bound at once so none repeats.
@@ -120,25 +150,52 @@ start() {
 
   local deadline=$((SECONDS + ${LOCAL_CLUSTER_START_TIMEOUT_S:-60}))
   for i in $(seq 1 "$nodes"); do
-    until grep -q "saferchat node serving" "$dir/n$i.log" 2>/dev/null; do
-      if ! kill -0 "$(cat "$dir/n$i.pid")" 2>/dev/null; then
-        echo "local-cluster: node $i exited; its log ($dir/n$i.log):" >&2
-        tail -20 "$dir/n$i.log" >&2
-        stop --dir "$dir"
-        exit 1
-      fi
-      if [ "$SECONDS" -ge "$deadline" ]; then
-        echo "local-cluster: node $i did not start in time; see $dir/n$i.log" >&2
-        stop --dir "$dir"
-        exit 1
-      fi
-      sleep 0.2
-    done
+    wait_serving "$dir" "$i" "$deadline" || { stop --dir "$dir"; exit 1; }
   done
   for i in $(seq 1 "$nodes"); do
     read -r id dc client rest <"$dir/n$i.info"
     echo "node $id dc $dc client $client${rest:+ $rest}"
   done
+}
+
+join() {
+  local id="" dc="dc1" dir=""
+  while [ $# -gt 0 ]; do
+    case "$1" in
+      --id|--datacenter|--dir) [ $# -ge 2 ] || die "$1 needs a value" ;;&
+      --id) id="$2"; shift 2 ;;
+      --datacenter) dc="$2"; shift 2 ;;
+      --dir) dir="$2"; shift 2 ;;
+      *) usage ;;
+    esac
+  done
+  [ -n "$dir" ] || usage
+  [[ "$id" =~ ^[1-9][0-9]*$ ]] || die "--id must be a positive number"
+  [ -s "$dir/n1.info" ] || die "$dir has no cluster (start one first)"
+  [ ! -e "$dir/n$id.pid" ] || die "node $id already runs in $dir"
+  dir="$(cd "$dir" && pwd)"
+  umask 077
+  local bin cli; bin="$(node_bin)"; cli="$(cli_bin)"
+  local ports; read -r -a ports <<<"$(free_ports 2)"
+  local client="${ports[0]}" peer="${ports[1]}" first
+  read -r _ _ first _ <"$dir/n1.info"
+  "$bin" certs --dir "$dir/tls" --node "$id:$dc" >/dev/null
+  SAFERCHAT_ADMIN_TOKEN_FILE="$dir/admin.token" "$cli" --server "$first" cluster add-node "$id" \
+    --datacenter "$dc" --peer-address "127.0.0.1:$peer" --client-address "127.0.0.1:$client" >&2
+  SAFERCHAT_NODE_ID="$id" \
+  SAFERCHAT_DATACENTER="$dc" \
+  SAFERCHAT_LISTEN="127.0.0.1:$client" \
+  SAFERCHAT_PEER_LISTEN="127.0.0.1:$peer" \
+  SAFERCHAT_JOIN=true \
+  SAFERCHAT_PEER_TLS_DIR="$dir/tls" \
+  SAFERCHAT_DATA_DIR="$dir/n$id" \
+  SAFERCHAT_ADMIN_TOKEN="$(cat "$dir/admin.token")" \
+  SAFERCHAT_SESSION_SECRET="$(cat "$dir/session.secret")" \
+    nohup "$bin" </dev/null >"$dir/n$id.log" 2>&1 &
+  echo $! >"$dir/n$id.pid"
+  echo "$id $dc 127.0.0.1:$client" >"$dir/n$id.info"
+  wait_serving "$dir" "$id" $((SECONDS + ${LOCAL_CLUSTER_START_TIMEOUT_S:-60})) || exit 1
+  echo "node $id dc $dc client 127.0.0.1:$client"
 }
 
 stop() {
@@ -169,6 +226,7 @@ stop() {
 
 case "${1:-}" in
   start) shift; start "$@" ;;
+  join) shift; join "$@" ;;
   stop) shift; stop "$@" ;;
   *) usage ;;
 esac

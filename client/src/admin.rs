@@ -86,6 +86,37 @@ impl Admin {
         Ok(self.client.rm_user(request).await?.into_inner())
     }
 
+    /// The cluster map as the node applied it, and its map group's state.
+    ///
+    /// # Errors
+    /// UNAUTHENTICATED, UNAVAILABLE, …
+    pub async fn cluster_status(&mut self) -> Result<pb::ClusterStatusReply, ClientError> {
+        let request = self.request(pb::ClusterStatusRequest {});
+        Ok(self.client.cluster_status(request).await?.into_inner())
+    }
+
+    /// Adds a node to the cluster map as joining.
+    ///
+    /// # Errors
+    /// FAILED_PRECONDITION when the id is taken, INVALID_ARGUMENT for a bad
+    /// datacenter or address, UNAVAILABLE without a map leader, …
+    pub async fn add_node(
+        &mut self,
+        node: pb::AddNodeRequest,
+    ) -> Result<pb::MapChangeReply, ClientError> {
+        let request = self.request(node);
+        Ok(self.client.add_node(request).await?.into_inner())
+    }
+
+    /// Removes a node that holds no replica slot from the cluster map.
+    ///
+    /// # Errors
+    /// FAILED_PRECONDITION for a node that holds slots or is unknown, …
+    pub async fn remove_node(&mut self, id: u64) -> Result<pb::MapChangeReply, ClientError> {
+        let request = self.request(pb::RemoveNodeRequest { id });
+        Ok(self.client.remove_node(request).await?.into_inner())
+    }
+
     /// The membership, revision and lease holders of a room.
     ///
     /// # Errors

@@ -138,14 +138,57 @@ enum Command {
     },
     /// Room administration (needs the admin token).
     Admin {
-        /// The admin token.
-        #[arg(long, short, env = "SAFERCHAT_ADMIN_TOKEN", hide_env_values = true)]
-        token: Option<String>,
-        /// A file holding the admin token (e.g. DATA_DIR/admin.token).
-        #[arg(long, env = "SAFERCHAT_ADMIN_TOKEN_FILE")]
-        token_file: Option<PathBuf>,
+        #[command(flatten)]
+        auth: AdminAuth,
         #[command(subcommand)]
         command: AdminCommand,
+    },
+    /// The cluster (needs the admin token).
+    Cluster {
+        #[command(flatten)]
+        auth: AdminAuth,
+        #[command(subcommand)]
+        command: ClusterCommand,
+    },
+}
+
+/// The admin token, given or in a file.
+#[derive(Debug, clap::Args)]
+struct AdminAuth {
+    /// The admin token.
+    #[arg(long, short, env = "SAFERCHAT_ADMIN_TOKEN", hide_env_values = true)]
+    token: Option<String>,
+    /// A file holding the admin token (e.g. DATA_DIR/admin.token).
+    #[arg(long, env = "SAFERCHAT_ADMIN_TOKEN_FILE")]
+    token_file: Option<PathBuf>,
+}
+
+#[derive(Debug, Subcommand)]
+enum ClusterCommand {
+    /// The cluster map as the node you reach has applied it (epoch,
+    /// partitions, nodes) and its view of the map's Raft group.
+    Status,
+    /// Add a node to the cluster map. It joins holding no replica slot
+    /// (it serves clients by forwarding to the rooms' owners); start it
+    /// with `saferchat-node --join` and its certificate from the cluster CA.
+    AddNode {
+        /// Its node id (never used in this cluster before).
+        id: u64,
+        /// Its datacenter.
+        #[arg(long)]
+        datacenter: String,
+        /// host:port of its peer listener, as other nodes reach it.
+        #[arg(long)]
+        peer_address: String,
+        /// host:port of its client listener, as clients reach it.
+        #[arg(long)]
+        client_address: String,
+    },
+    /// Remove a node that holds no replica slot from the cluster map (stop
+    /// it first). Its id is never given out again.
+    RemoveNode {
+        /// Its node id.
+        id: u64,
     },
 }
 
@@ -193,6 +236,56 @@ fn default_key_path() -> PathBuf {
         Some(home) => PathBuf::from(home).join(".config/saferchat/key.pem"),
         None => PathBuf::from("saferchat-key.pem"),
     }
+}
+
+/// `saferchat cluster status`, one fact per line.
+fn show_cluster_status(s: &saferchat_proto::admin::ClusterStatusReply) -> String {
+    use std::fmt::Write as _;
+    let mut out = String::new();
+    if s.epoch == 0 {
+        let _ = writeln!(out, "cluster map: not created yet (asked node {})", s.node);
+    } else {
+        let _ = writeln!(
+            out,
+            "cluster map: epoch {}, {} partitions, {} replicas per datacenter (as node {} applied it)",
+            s.epoch, s.partitions, s.replicas_per_datacenter, s.node
+        );
+    }
+    let leader = if s.map_leader == 0 {
+        "none known".to_owned()
+    } else {
+        format!("node {}", s.map_leader)
+    };
+    let _ = writeln!(
+        out,
+        "map group: leader {leader}, term {}, node {} is {}, applied index {}",
+        s.map_term, s.node, s.role, s.applied_index
+    );
+    for n in &s.nodes {
+        let address = if n.peer_address.is_empty() {
+            "(not recorded)"
+        } else {
+            n.peer_address.as_str()
+        };
+        let role = if n.map_role.is_empty() {
+            "not in the map group yet"
+        } else {
+            n.map_role.as_str()
+        };
+        let _ = writeln!(
+            out,
+            "  node {}  {}  {}  peer {address}  client {}  map {role}",
+            n.id,
+            n.datacenter,
+            n.state,
+            if n.client_address.is_empty() {
+                "(not recorded)"
+            } else {
+                n.client_address.as_str()
+            }
+        );
+    }
+    out
 }
 
 fn room(name: &str) -> anyhow::Result<RoomId> {
@@ -602,12 +695,40 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 }
             }
         }
-        Command::Admin {
-            token,
-            token_file,
-            command,
-        } => {
-            let token = admin_token(token.clone(), token_file.clone())?;
+        Command::Cluster { auth, command } => {
+            let token = admin_token(auth.token.clone(), auth.token_file.clone())?;
+            let mut admin = Admin::connect(&cli.server, &token).await?;
+            match command {
+                ClusterCommand::Status => {
+                    print!("{}", show_cluster_status(&admin.cluster_status().await?));
+                }
+                ClusterCommand::AddNode {
+                    id,
+                    datacenter,
+                    peer_address,
+                    client_address,
+                } => {
+                    let r = admin
+                        .add_node(saferchat_proto::admin::AddNodeRequest {
+                            id: *id,
+                            datacenter: datacenter.clone(),
+                            peer_address: peer_address.clone(),
+                            client_address: client_address.clone(),
+                        })
+                        .await?;
+                    println!(
+                        "added node {id} as joining (cluster map epoch {}); start it with --join",
+                        r.epoch
+                    );
+                }
+                ClusterCommand::RemoveNode { id } => {
+                    let r = admin.remove_node(*id).await?;
+                    println!("removed node {id} (cluster map epoch {})", r.epoch);
+                }
+            }
+        }
+        Command::Admin { auth, command } => {
+            let token = admin_token(auth.token.clone(), auth.token_file.clone())?;
             let mut admin = Admin::connect(&cli.server, &token).await?;
             match command {
                 AdminCommand::CreateChat { room: name } => {

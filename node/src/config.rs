@@ -54,8 +54,15 @@ pub struct NodeConfig {
     pub datacenter: String,
     /// Node-to-node gRPC address; required when `peers` is not empty.
     pub peer_listen: Option<SocketAddr>,
-    /// The other nodes of the replica set. Empty: a single node.
+    /// The other nodes of the replica set. Empty: a single node (unless
+    /// `join`).
     pub peers: Vec<PeerConfig>,
+    /// Join a running cluster instead of starting one: the node waits
+    /// until an operator adds it to the cluster map (`saferchat cluster
+    /// add-node`) and takes the other nodes from the map, so `peers` stays
+    /// empty. A node that joined holds no replica slot in this version: it
+    /// serves clients by redirecting and forwarding to the rooms' owners.
+    pub join: bool,
     /// Mutual TLS on the peer face; required when `peers` is not empty.
     pub peer_tls: Option<PeerTlsConfig>,
     /// Partitions of the room-hash space; fixed when the cluster is created
@@ -112,6 +119,10 @@ pub struct PeerConfig {
     pub client_address: SocketAddr,
     /// Its datacenter.
     pub datacenter: String,
+    /// It joined through the cluster map and holds no replica slot (set
+    /// from the map on a node that joined; never configured).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub joining: bool,
 }
 
 /// The files of this node's peer TLS (see `saferchat-node certs`).
@@ -309,6 +320,7 @@ impl Default for NodeConfig {
             datacenter: "dc1".to_owned(),
             peer_listen: None,
             peers: Vec::new(),
+            join: false,
             peer_tls: None,
             partitions: saferchat_placement::PartitionCount::DEFAULT.get(),
             replicas_per_datacenter: saferchat_placement::ring::REPLICAS_PER_DATACENTER_DEFAULT,
@@ -381,6 +393,7 @@ fn parse_peers(value: &str) -> Result<Vec<PeerConfig>, NodeError> {
                 peer_address: parse_env("SAFERCHAT_PEERS peer address", peer)?,
                 client_address: parse_env("SAFERCHAT_PEERS client address", client)?,
                 datacenter: dc.to_owned(),
+                joining: false,
             })
         })
         .collect()
@@ -461,6 +474,9 @@ impl NodeConfig {
         }
         if let Some(v) = env("SAFERCHAT_PEERS") {
             self.peers = parse_peers(&v)?;
+        }
+        if let Some(v) = env("SAFERCHAT_JOIN") {
+            self.join = parse_env("SAFERCHAT_JOIN", &v)?;
         }
         if let Some(v) = env("SAFERCHAT_PEER_TLS_DIR") {
             self.peer_tls = Some(PeerTlsConfig::in_dir(Path::new(&v), self.node_id));
@@ -566,10 +582,15 @@ impl NodeConfig {
         if let Some(secret) = &self.session_secret {
             check_secret("session_secret", secret, 32, "bytes")?;
         }
-        if !self.peers.is_empty() && self.peer_listen.is_none() {
+        if self.join && self.peers.iter().any(|p| !p.joining) {
+            return Err(invalid(
+                "join and peers do not go together: a joining node learns the other nodes from the cluster map",
+            ));
+        }
+        if !self.is_single_node() && self.peer_listen.is_none() {
             return Err(invalid("peer_listen is required when peers are configured"));
         }
-        if !self.peers.is_empty() && self.peer_tls.is_none() {
+        if !self.is_single_node() && self.peer_tls.is_none() {
             return Err(invalid(
                 "peer_tls is required when peers are configured: nodes talk over mutual TLS \
                  (create certificates with `saferchat-node certs`, then set [peer_tls] or SAFERCHAT_PEER_TLS_DIR)",
@@ -631,7 +652,14 @@ impl NodeConfig {
                 return Err(invalid("cassandra.replication must be a CQL map literal"));
             }
         }
-        self.replica_config()
+        let mut replica = self.replica_config();
+        if self.join {
+            // A joining node holds no replica slot: it is in no replica
+            // set, and only the timings are checked here.
+            replica.replicas = vec![replica.me];
+            replica.holders = vec![replica.me];
+        }
+        replica
             .validate()
             .map_err(|e| invalid(format!("replica set: {e}")))
     }
@@ -640,13 +668,7 @@ impl NodeConfig {
     /// are every replica in a single datacenter, otherwise the lowest node id
     /// of each datacenter.
     pub fn replica_config(&self) -> ReplicaConfig {
-        let mut members: Vec<(u64, &str)> = self
-            .peers
-            .iter()
-            .map(|p| (p.id, p.datacenter.as_str()))
-            .collect();
-        members.push((self.node_id, self.datacenter.as_str()));
-        members.sort_unstable();
+        let members = self.placement_members();
         let replicas: Vec<NodeId> = members.iter().map(|(id, _)| NodeId(*id)).collect();
         let mut datacenters: Vec<&str> = members.iter().map(|(_, dc)| *dc).collect();
         datacenters.sort_unstable();
@@ -689,7 +711,24 @@ impl NodeConfig {
 
     /// Whether this node is alone (the embedded deployment).
     pub fn is_single_node(&self) -> bool {
-        self.peers.is_empty()
+        self.peers.is_empty() && !self.join
+    }
+
+    /// The nodes that hold replica slots, with their datacenters, by id:
+    /// the configured ones, without nodes that joined through the map
+    /// (this one included, when it did).
+    pub fn placement_members(&self) -> Vec<(u64, &str)> {
+        let mut members: Vec<(u64, &str)> = self
+            .peers
+            .iter()
+            .filter(|p| !p.joining)
+            .map(|p| (p.id, p.datacenter.as_str()))
+            .collect();
+        if !self.join {
+            members.push((self.node_id, self.datacenter.as_str()));
+        }
+        members.sort_unstable();
+        members
     }
 }
 
@@ -907,6 +946,7 @@ mod tests {
             peer_address: "127.0.0.1:1".parse().unwrap(),
             client_address: "127.0.0.1:2".parse().unwrap(),
             datacenter: "dc1".into(),
+            joining: false,
         });
         assert!(
             c.validate()
@@ -930,5 +970,42 @@ mod tests {
         let mut c = NodeConfig::default();
         c.lease.renew_every_ms = c.lease.lease_ms;
         assert!(c.validate().is_err());
+    }
+
+    #[test]
+    fn a_joining_node_needs_peer_tls_and_no_configured_peers() {
+        let mut c = NodeConfig {
+            join: true,
+            ..NodeConfig::default()
+        };
+        assert!(!c.is_single_node(), "it joins a cluster");
+        assert!(
+            c.validate()
+                .unwrap_err()
+                .to_string()
+                .contains("peer_listen")
+        );
+        c.peer_listen = Some("127.0.0.1:3".parse().unwrap());
+        assert!(c.validate().unwrap_err().to_string().contains("peer_tls"));
+        c.peer_tls = Some(PeerTlsConfig::in_dir(Path::new("/certs"), 1));
+        c.validate().unwrap();
+        assert!(c.placement_members().is_empty(), "it holds no replica slot");
+        c.peers.push(PeerConfig {
+            id: 2,
+            peer_address: "127.0.0.1:1".parse().unwrap(),
+            client_address: "127.0.0.1:2".parse().unwrap(),
+            datacenter: "dc1".into(),
+            joining: false,
+        });
+        assert!(
+            c.validate()
+                .unwrap_err()
+                .to_string()
+                .contains("join and peers")
+        );
+        // Peers taken from the map: the joined ones hold no slot either.
+        c.peers[0].joining = true;
+        c.validate().unwrap();
+        assert!(c.placement_members().is_empty());
     }
 }

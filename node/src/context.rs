@@ -63,6 +63,8 @@ pub struct AdminContext {
     pub store: Arc<dyn ChatStore>,
     /// Room existence filter.
     pub rooms: RoomFilter,
+    /// The cluster map group (`ClusterStatus`).
+    pub maps: crate::cluster_map::ClusterMaps,
 }
 
 /// What the chat face needs, one per process.

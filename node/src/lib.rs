@@ -21,6 +21,7 @@
 
 pub mod auth;
 pub mod clock;
+pub mod cluster_map;
 pub mod config;
 pub mod context;
 pub mod convert;
@@ -163,6 +164,81 @@ async fn load_known_rooms(store: &dyn ChatStore, known: &KnownRooms) -> Result<u
     Ok(count)
 }
 
+/// The other nodes as the peer links know them.
+fn known_peers(config: &NodeConfig) -> Vec<grpc::peer::KnownPeer> {
+    config
+        .peers
+        .iter()
+        .map(|p| grpc::peer::KnownPeer {
+            id: NodeId(p.id),
+            datacenter: p.datacenter.clone(),
+            address: p.peer_address,
+        })
+        .collect()
+}
+
+/// A node that joins: waits until the cluster map names it, then the
+/// configuration it runs with — the map's partitions and nodes as its
+/// peers (those that joined marked so: they hold no replica slot, nor
+/// does this node). `None` when `shutdown` came first.
+async fn joined(
+    mut config: NodeConfig,
+    maps: &cluster_map::ClusterMaps,
+    shutdown: &CancellationToken,
+) -> Result<Option<NodeConfig>, NodeError> {
+    if !maps.current().nodes.contains_key(&config.node_id) {
+        tracing::info!(
+            node = config.node_id,
+            datacenter = %config.datacenter,
+            "waiting to be added to the cluster map: run `saferchat cluster add-node {} --datacenter {} \
+             --peer-address PEER_HOST:PORT --client-address CLIENT_HOST:PORT` against any member",
+            config.node_id,
+            config.datacenter
+        );
+    }
+    let Some(map) = maps.wait_until_added(shutdown).await else {
+        return Ok(None);
+    };
+    let me = &map.nodes[&config.node_id];
+    if me.datacenter != config.datacenter {
+        return Err(NodeError::Config(format!(
+            "the cluster map places node {} in datacenter {}, but it is configured in {}",
+            config.node_id, me.datacenter, config.datacenter
+        )));
+    }
+    config.partitions = map.partitions;
+    config.replicas_per_datacenter = map.replicas_per_datacenter;
+    config.peers = map
+        .nodes
+        .iter()
+        .filter(|(id, _)| **id != config.node_id)
+        .filter_map(
+            |(id, n)| match (n.peer_address.parse(), n.client_address.parse()) {
+                (Ok(peer_address), Ok(client_address)) => Some(config::PeerConfig {
+                    id: *id,
+                    peer_address,
+                    client_address,
+                    datacenter: n.datacenter.clone(),
+                    joining: n.state == saferchat_placement::NodeState::Joining,
+                }),
+                _ => {
+                    tracing::warn!(
+                        node = id,
+                        "the cluster map has no usable addresses for this node; it is left out"
+                    );
+                    None
+                }
+            },
+        )
+        .collect();
+    tracing::info!(
+        epoch = map.epoch,
+        peers = config.peers.len(),
+        "joined the cluster"
+    );
+    Ok(Some(config))
+}
+
 /// Runs a node until `shutdown` is cancelled (or a fatal error).
 ///
 /// # Errors
@@ -181,6 +257,52 @@ pub async fn run(
         ));
     }
     create_private_dir(&config.data_dir)?;
+    let tls = match &config.peer_tls {
+        Some(files) if !config.is_single_node() => Some(PeerTls::load(
+            files,
+            NodeId(config.node_id),
+            &config.datacenter,
+        )?),
+        _ => None,
+    };
+    let (maps, map_task) = cluster_map::start(cluster_map::MapParts {
+        me: config.node_id,
+        data_dir: &config.data_dir,
+        configured: (!config.join).then(|| cluster_map::configured_shape(&config)),
+        peers: &known_peers(&config),
+        tls: tls.as_ref(),
+        shutdown: shutdown.clone(),
+    })
+    .await?;
+    // The peer listener serves the map group from the start: a node that
+    // joins learns the map through it. Room and partition traffic is
+    // refused as "still joining" until the drivers below exist.
+    let (inbound_tx, inbound_rx) = mpsc::channel(INBOUND_QUEUE_MAX);
+    let peer_service =
+        grpc::peer::PeerService::new(inbound_tx, known_peers(&config)).with_map(maps.clone());
+    if let Some(addr) = listeners.peer.as_ref().and_then(|l| l.local_addr().ok()) {
+        tracing::info!(%addr, "peer listener");
+    }
+    let peer_server = match (listeners.peer, &tls) {
+        (Some(listener), Some(tls)) => Some(tokio::spawn(grpc::serve_peers(
+            peer_service.clone(),
+            tls.clone(),
+            listener,
+            shutdown.clone(),
+        ))),
+        _ => None,
+    };
+    let config = if config.join {
+        match joined(config, &maps, &shutdown).await? {
+            Some(config) => config,
+            None => {
+                maps.shutdown().await;
+                return Ok(());
+            }
+        }
+    } else {
+        config
+    };
     placement::check_or_record(&config.data_dir, &placement::Shape::of(&config))?;
     let placement = Arc::new(placement::build(&config)?);
     let sled = SledStore::open(&config.data_dir.join("db"))?;
@@ -196,24 +318,7 @@ pub async fn run(
 
     let replica = Arc::new(config.replica_config());
     tracing::info!(rooms = rooms_known, "{}", driver::describe(&replica));
-    let (inbound_tx, inbound_rx) = mpsc::channel(INBOUND_QUEUE_MAX);
-    let tls = match &config.peer_tls {
-        Some(files) if !config.is_single_node() => Some(PeerTls::load(
-            files,
-            NodeId(config.node_id),
-            &config.datacenter,
-        )?),
-        _ => None,
-    };
-    let cluster: Vec<grpc::peer::KnownPeer> = config
-        .peers
-        .iter()
-        .map(|p| grpc::peer::KnownPeer {
-            id: NodeId(p.id),
-            datacenter: p.datacenter.clone(),
-            address: p.peer_address,
-        })
-        .collect();
+    let cluster = known_peers(&config);
     let peers: Arc<dyn PeerSender> = match &tls {
         None => Arc::new(NoPeers),
         Some(tls) => Arc::new(grpc::peer::GrpcPeers::start(
@@ -276,15 +381,13 @@ pub async fn run(
         placement: Arc::clone(&placement),
     });
     let client_addr = listeners.client.local_addr().ok();
-    if let Some(addr) = listeners.peer.as_ref().and_then(|l| l.local_addr().ok()) {
-        tracing::info!(%addr, "peer listener");
-    }
     let filter = RoomFilter::new(known, config.is_single_node());
     let admin_ctx = Arc::new(AdminContext {
         me: NodeId(config.node_id),
         membership: membership.clone(),
         store: Arc::clone(&chat),
         rooms: filter.clone(),
+        maps: maps.clone(),
     });
     let ctx = Arc::new(ChatContext::new(
         config.clone(),
@@ -363,18 +466,10 @@ pub async fn run(
         listeners.client,
         shutdown.clone(),
     ));
-    let peer_server = match (listeners.peer, tls) {
-        (Some(listener), Some(tls)) => Some(tokio::spawn(grpc::serve_peers(
-            inbound_tx,
-            ctx.membership.clone(),
-            (log_tx, placement.partitions().get()),
-            cluster,
-            tls,
-            listener,
-            shutdown.clone(),
-        ))),
-        _ => None,
-    };
+    peer_service.serve(grpc::peer::Serving {
+        membership: ctx.membership.local(),
+        log: (log_tx, placement.partitions().get()),
+    });
     if let Some(addr) = client_addr {
         tracing::info!(
             %addr,
@@ -403,11 +498,17 @@ pub async fn run(
             Err(e) => Err(NodeError::Fatal(format!("membership driver panicked: {e}"))),
         },
         result = timeline_done => result,
+        result = map_task => match result {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(e)) => Err(e),
+            Err(e) => Err(NodeError::Fatal(format!("cluster map steward panicked: {e}"))),
+        },
     };
     if let Err(e) = &outcome {
         tracing::error!(error = %e, "stopping");
     }
     shutdown.cancel();
+    maps.shutdown().await;
     let grace = Duration::from_millis(SHUTDOWN_GRACE_MS);
     match tokio::time::timeout(grace, client_server).await {
         Ok(Ok(Err(e))) => tracing::warn!(error = %e, "client listener"),

@@ -66,6 +66,10 @@ struct Args {
     /// This node's id (cluster mode).
     #[arg(long)]
     node_id: Option<u64>,
+    /// Join a running cluster: wait to be added to its map (`saferchat
+    /// cluster add-node`), then learn the other nodes from it.
+    #[arg(long)]
+    join: bool,
     /// Print the effective configuration (without secrets) and exit.
     #[arg(long)]
     print_config: bool,
@@ -173,6 +177,9 @@ fn load(args: &Args) -> anyhow::Result<NodeConfig> {
     }
     if let Some(v) = args.peer_listen {
         config.peer_listen = Some(v);
+    }
+    if args.join {
+        config.join = true;
     }
     if let Some(v) = args.node_id {
         config.node_id = v;

@@ -84,19 +84,14 @@ pub struct ShapeNode {
 impl Shape {
     /// The shape a configuration describes.
     pub fn of(config: &NodeConfig) -> Shape {
-        let mut nodes: Vec<ShapeNode> = config
-            .peers
-            .iter()
-            .map(|p| ShapeNode {
-                id: p.id,
-                datacenter: p.datacenter.clone(),
+        let nodes: Vec<ShapeNode> = config
+            .placement_members()
+            .into_iter()
+            .map(|(id, dc)| ShapeNode {
+                id,
+                datacenter: dc.to_owned(),
             })
-            .chain(std::iter::once(ShapeNode {
-                id: config.node_id,
-                datacenter: config.datacenter.clone(),
-            }))
             .collect();
-        nodes.sort();
         Shape {
             partitions: config.partitions,
             replicas_per_datacenter: config.replicas_per_datacenter,
@@ -395,6 +390,7 @@ mod tests {
                 peer_address: format!("127.0.0.1:{}", 9100 + id).parse().unwrap(),
                 client_address: format!("127.0.0.1:{}", 8100 + id).parse().unwrap(),
                 datacenter: "dc1".into(),
+                joining: false,
             })
             .collect();
         c
@@ -437,6 +433,7 @@ mod tests {
             peer_address: "127.0.0.1:9104".parse().unwrap(),
             client_address: "127.0.0.1:8104".parse().unwrap(),
             datacenter: "dc1".into(),
+            joining: false,
         });
         let e = check_or_record(dir.path(), &Shape::of(&grown)).unwrap_err();
         assert!(e.to_string().contains("n4@dc1"), "{e}");
@@ -464,6 +461,7 @@ mod tests {
                     peer_address: format!("127.0.0.1:{}", 9100 + id).parse().unwrap(),
                     client_address: format!("127.0.0.1:{}", 8100 + id).parse().unwrap(),
                     datacenter: "dc1".into(),
+                    joining: false,
                 })
                 .collect();
             c

@@ -10,6 +10,8 @@
 //!   datacenter with virtual nodes (the `hashring` crate, fed by
 //!   [`stable_hash`]), so that adding a node moves only the replica slots it
 //!   takes over.
+//! - [`map`]: the cluster map (nodes, partition count, an epoch), the
+//!   deterministic state machine the node replicates with Raft.
 //! - [`stable_hash`]: the `std::hash` plumbing that makes `hashring`
 //!   deterministic across builds.
 //!
@@ -18,9 +20,11 @@
 
 #![deny(missing_docs)]
 
+pub mod map;
 pub mod partition;
 pub mod ring;
 pub mod stable_hash;
 
+pub use map::{ClusterMap, MapCommand, MapError, MapNode, NodeState};
 pub use partition::{PartitionCount, PartitionId, room_hash};
 pub use ring::{ClusterNode, Placement, PlacementError};

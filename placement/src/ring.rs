@@ -61,6 +61,9 @@ pub enum PlacementError {
     /// Zero replicas per datacenter.
     #[error("replicas per datacenter must be at least 1")]
     NoReplicas,
+    /// A partition count outside what [`PartitionCount::new`] accepts.
+    #[error("{0} is not a usable partition count")]
+    PartitionCount(u32),
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]

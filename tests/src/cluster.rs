@@ -226,6 +226,55 @@ impl Cluster {
         cluster
     }
 
+    /// Adds node `id` to the cluster map through node `via` (`saferchat
+    /// cluster add-node`) and starts it with `--join`, with a certificate
+    /// from the cluster's CA; its index. It reaches the others directly
+    /// (no link proxies: they are made for the configured nodes), and its
+    /// clients through a front proxy like every node's.
+    pub async fn start_joining(&mut self, id: u64, datacenter: &str, via: usize) -> usize {
+        saferchat_node::peer_tls::generate(
+            &self.tls_dir,
+            &[(saferchat_consensus::NodeId(id), datacenter.to_owned())],
+        )
+        .expect("a certificate from the cluster CA");
+        let front = Proxy::start().await;
+        let data_dir = self._dir.path().join(format!("node{id}"));
+        // The map names the peer port before the node binds it: if another
+        // test took it meanwhile, the node fails to start and so does this.
+        let peer = format!("127.0.0.1:{}", free_port());
+        self.admin(via)
+            .await
+            .add_node(saferchat_proto::admin::AddNodeRequest {
+                id,
+                datacenter: datacenter.to_owned(),
+                peer_address: peer.clone(),
+                client_address: front.addr.to_string(),
+            })
+            .await
+            .expect("add-node");
+        let env = [
+            ("SAFERCHAT_NODE_ID", id.to_string()),
+            ("SAFERCHAT_DATACENTER", datacenter.to_owned()),
+            ("SAFERCHAT_PEER_LISTEN", peer),
+            ("SAFERCHAT_PEER_TLS_DIR", self.tls_dir.display().to_string()),
+            ("SAFERCHAT_JOIN", "true".to_owned()),
+            (
+                "SAFERCHAT_SESSION_SECRET",
+                "cluster-test-session-secret-0123456789abcdef".to_owned(),
+            ),
+        ];
+        let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
+        let node = NodeProcess::try_start(&data_dir, &env)
+            .unwrap_or_else(|log| panic!("node {id} did not join: {log}"));
+        front.set_target(node.addr);
+        self.peer_addresses
+            .push(node.peer_addr.expect("peer listener"));
+        self.nodes.push(node);
+        self.fronts.push(front);
+        self.datacenters.push(datacenter.to_owned());
+        self.nodes.len() - 1
+    }
+
     fn clock_file(&self, i: usize) -> std::path::PathBuf {
         self._dir.path().join(format!("node{}.clock", i + 1))
     }

@@ -1,6 +1,6 @@
 //! `deploy/local-cluster.sh`, as the README uses it: start three nodes in
 //! two datacenters, administer the cluster through any node with the
-//! written token, stop it.
+//! written token, add a fourth node through the cluster map, stop it.
 
 use std::path::PathBuf;
 use std::process::Command;
@@ -22,6 +22,7 @@ fn run(args: &[&str]) -> std::process::Output {
             "SAFERCHAT_NODE_BIN",
             saferchat_tests::bin::path("saferchat-node"),
         )
+        .env("SAFERCHAT_CLI_BIN", saferchat_tests::bin::path("saferchat"))
         .output()
         .expect("run local-cluster.sh")
 }
@@ -84,13 +85,45 @@ fn starts_serves_and_stops_a_cluster() {
     let listed = admin(&nodes[2].2, &["list"]);
     assert!(listed.contains("local"), "{listed}");
 
+    // A fourth node joins through the map and serves at once.
+    let joined = run(&[
+        "join",
+        "--id",
+        "4",
+        "--datacenter",
+        "dc2",
+        "--dir",
+        cluster_arg,
+    ]);
+    let line = String::from_utf8_lossy(&joined.stdout).trim().to_owned();
+    assert!(
+        joined.status.success(),
+        "join failed: {line}{}",
+        String::from_utf8_lossy(&joined.stderr)
+    );
+    let f: Vec<&str> = line.split(' ').collect();
+    assert_eq!(
+        (f.len(), f[0], f[1], f[2], f[3], f[4]),
+        (6, "node", "4", "dc", "dc2", "client")
+    );
+    let members = admin(f[5], &["members", "local"]);
+    assert!(members.contains("forwarded to a replica"), "{members}");
+    let status = process::ok(&process::cli(
+        f[5],
+        None,
+        &["cluster", "--token", written.trim(), "status"],
+        None,
+    ));
+    assert!(status.contains("epoch 2"), "{status}");
+    assert!(status.contains("node 4  dc2  joining"), "{status}");
+
     let stopped = run(&["stop", "--dir", cluster_arg]);
     assert!(stopped.status.success());
     assert_eq!(
         String::from_utf8_lossy(&stopped.stdout).trim(),
-        "stopped 3 node(s)"
+        "stopped 4 node(s)"
     );
-    for n in 1..=3 {
+    for n in 1..=4 {
         assert!(!cluster.join(format!("n{n}.pid")).exists());
     }
 }

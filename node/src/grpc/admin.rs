@@ -175,4 +175,107 @@ impl Admin for AdminService {
             read_path: status.read_path.to_owned(),
         }))
     }
+
+    async fn cluster_status(
+        &self,
+        _request: Request<pb::ClusterStatusRequest>,
+    ) -> Result<Response<pb::ClusterStatusReply>, Status> {
+        let status = self.ctx.maps.status();
+        let role_of = |id: u64| {
+            if status.voters.contains(&id) {
+                "voter"
+            } else if status.learners.contains(&id) {
+                "learner"
+            } else {
+                ""
+            }
+        };
+        Ok(Response::new(pb::ClusterStatusReply {
+            node: self.ctx.me.0,
+            epoch: status.map.epoch,
+            partitions: status.map.partitions,
+            replicas_per_datacenter: u32::try_from(status.map.replicas_per_datacenter)
+                .unwrap_or(u32::MAX),
+            nodes: status
+                .map
+                .nodes
+                .iter()
+                .map(|(id, n)| pb::ClusterNodeInfo {
+                    id: *id,
+                    datacenter: n.datacenter.clone(),
+                    peer_address: n.peer_address.clone(),
+                    map_role: role_of(*id).to_owned(),
+                    state: match n.state {
+                        saferchat_placement::NodeState::Active => "active",
+                        saferchat_placement::NodeState::Joining => "joining",
+                    }
+                    .to_owned(),
+                    client_address: n.client_address.clone(),
+                })
+                .collect(),
+            map_leader: status.leader.unwrap_or(0),
+            map_term: status.term,
+            role: status.role.to_owned(),
+            applied_index: status.applied_index.unwrap_or(0),
+        }))
+    }
+
+    async fn add_node(
+        &self,
+        request: Request<pb::AddNodeRequest>,
+    ) -> Result<Response<pb::MapChangeReply>, Status> {
+        let req = request.into_inner();
+        if req.id == 0 {
+            return Err(Status::invalid_argument("a node id is 1 or more"));
+        }
+        if !crate::peer_tls::is_valid_datacenter(&req.datacenter) {
+            return Err(Status::invalid_argument(format!(
+                "datacenter {}: 1-63 lowercase letters, digits and '-'",
+                shown(&req.datacenter)
+            )));
+        }
+        for (what, address) in [
+            ("peer_address", &req.peer_address),
+            ("client_address", &req.client_address),
+        ] {
+            let parsed: std::net::SocketAddr = address.parse().map_err(|_| {
+                Status::invalid_argument(format!("{what} {}: not host:port", shown(address)))
+            })?;
+            if parsed.ip().is_unspecified() || parsed.port() == 0 {
+                return Err(Status::invalid_argument(format!(
+                    "{what} {}: other nodes and clients must be able to reach it",
+                    shown(address)
+                )));
+            }
+        }
+        let epoch = self
+            .ctx
+            .maps
+            .propose(saferchat_placement::MapCommand::AddNode {
+                id: req.id,
+                node: saferchat_placement::MapNode {
+                    datacenter: req.datacenter,
+                    peer_address: req.peer_address,
+                    client_address: req.client_address,
+                    state: saferchat_placement::NodeState::Joining,
+                },
+            })
+            .await?;
+        tracing::info!(node = req.id, epoch, "node added to the cluster map");
+        Ok(Response::new(pb::MapChangeReply { epoch }))
+    }
+
+    async fn remove_node(
+        &self,
+        request: Request<pb::RemoveNodeRequest>,
+    ) -> Result<Response<pb::MapChangeReply>, Status> {
+        let id = request.into_inner().id;
+        let epoch = self
+            .ctx
+            .maps
+            .propose(saferchat_placement::MapCommand::RemoveNode { id })
+            .await?;
+        tracing::info!(node = id, epoch, "node removed from the cluster map");
+        Ok(Response::new(pb::MapChangeReply { epoch }))
+    }
 }

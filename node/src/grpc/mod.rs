@@ -21,7 +21,6 @@ use saferchat_proto::admin::admin_server::AdminServer;
 use saferchat_proto::chat::chat_room_server::ChatRoomServer;
 use saferchat_proto::peer::peer_server::PeerServer;
 use tokio::net::TcpListener;
-use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tonic::service::interceptor::InterceptedService;
 use tonic::transport::Server;
@@ -30,7 +29,6 @@ use tonic::transport::server::TcpIncoming;
 use crate::auth::AdminToken;
 use crate::context::{AdminContext, ChatContext};
 use crate::error::NodeError;
-use crate::membership::Inbound;
 use crate::peer_tls::PeerTls;
 
 /// Largest gRPC message accepted: one envelope plus framing.
@@ -163,10 +161,7 @@ pub async fn serve_clients(
 /// # Errors
 /// When the TLS material is unusable or the server fails.
 pub async fn serve_peers(
-    inbound: mpsc::Sender<Inbound>,
-    membership: crate::membership::Membership,
-    log: (mpsc::Sender<crate::timeline::driver::LogInbound>, u32),
-    cluster: Vec<peer::KnownPeer>,
+    service: peer::PeerService,
     tls: PeerTls,
     listener: TcpListener,
     shutdown: CancellationToken,
@@ -175,13 +170,7 @@ pub async fn serve_peers(
         .tls_config(tls.server())
         .map_err(|e| NodeError::Config(format!("peer TLS: {e}")))?
         .tcp_nodelay(true)
-        .add_service(
-            PeerServer::new(
-                peer::PeerService::new(inbound, Some(log), cluster)
-                    .with_membership(membership.local()),
-            )
-            .max_decoding_message_size(peer::PEER_FRAME_BYTES_MAX),
-        )
+        .add_service(PeerServer::new(service).max_decoding_message_size(peer::PEER_FRAME_BYTES_MAX))
         .serve_with_incoming_shutdown(incoming(listener), shutdown.cancelled_owned())
         .await
         .map_err(|e| NodeError::Unavailable(format!("peer listener failed: {e}")))

@@ -27,6 +27,7 @@ use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status, Streaming};
 
 use crate::convert;
+use crate::error::NodeError;
 use crate::membership::{Inbound, PeerSender};
 use crate::peer_tls::{self, PeerTls};
 use crate::timeline::LogPost;
@@ -76,60 +77,134 @@ pub struct KnownPeer {
     pub address: SocketAddr,
 }
 
+/// A lazy channel (connected on first use) to `peer`'s peer listener for
+/// unary calls that may take up to `timeout_ms`, over mutual TLS.
+///
+/// # Errors
+/// [`NodeError::Config`] for an unusable address or TLS setting.
+pub fn channel(
+    tls: &PeerTls,
+    peer: &KnownPeer,
+    timeout_ms: u64,
+) -> Result<tonic::transport::Channel, NodeError> {
+    let endpoint = tonic::transport::Endpoint::from_shared(format!("https://{}", peer.address))
+        .map_err(|e| NodeError::Config(format!("peer {}: {e}", peer.id)))?
+        .tls_config(tls.client_for(peer.id, &peer.datacenter))
+        .map_err(|e| NodeError::Config(format!("peer {} TLS: {e}", peer.id)))?
+        .connect_timeout(Duration::from_millis(1_000))
+        .timeout(Duration::from_millis(timeout_ms))
+        .tcp_nodelay(true);
+    Ok(endpoint.connect_lazy())
+}
+
+/// What the peer service hands room and partition traffic to, which
+/// exists only once the node knows its cluster: at once for a configured
+/// node, after it was added to the cluster map for a node that joins. The
+/// service (and its map group calls) runs before that.
+#[derive(Debug)]
+pub struct Serving {
+    /// Answers other nodes' membership calls from this node's replicas
+    /// (must not forward: see [`crate::membership::Membership::local`]).
+    pub membership: crate::membership::Membership,
+    /// Partition-log traffic, and the partition count that bounds it.
+    pub log: (mpsc::Sender<LogInbound>, u32),
+}
+
 /// Receives other nodes' traffic.
 #[derive(Debug, Clone)]
 pub struct PeerService {
     inbound: mpsc::Sender<Inbound>,
-    /// Answers other nodes' membership calls from this node's replicas.
-    membership: Option<crate::membership::Membership>,
-    log: Option<(mpsc::Sender<LogInbound>, u32)>,
-    /// Datacenter of every node allowed to call.
+    serving: Arc<std::sync::OnceLock<Serving>>,
+    /// The cluster map group, for `MapRaft` calls.
+    map: Option<crate::cluster_map::ClusterMaps>,
+    /// Datacenter of every configured node allowed to call.
     cluster: Arc<HashMap<NodeId, String>>,
 }
 
 impl PeerService {
-    /// Forwards frames from the configured peers to the membership driver.
-    pub fn new(
-        inbound: mpsc::Sender<Inbound>,
-        log: Option<(mpsc::Sender<LogInbound>, u32)>,
-        cluster: Vec<KnownPeer>,
-    ) -> PeerService {
+    /// Forwards frames from the configured peers (and the map's nodes) to
+    /// the membership driver, once [`PeerService::serve`] said where.
+    pub fn new(inbound: mpsc::Sender<Inbound>, cluster: Vec<KnownPeer>) -> PeerService {
         PeerService {
             inbound,
-            membership: None,
-            log,
+            serving: Arc::default(),
+            map: None,
             cluster: Arc::new(cluster.into_iter().map(|p| (p.id, p.datacenter)).collect()),
         }
     }
 
-    /// The calling node, from its verified client certificate.
-    /// Serves membership calls with `membership` (which must not forward:
-    /// see [`crate::membership::Membership::local`]).
+    /// Serves membership calls and partition-log frames from now on (once;
+    /// a second call is ignored). Clones of this service share it.
+    pub fn serve(&self, serving: Serving) {
+        let _ = self.serving.set(serving);
+    }
+
+    fn serving(&self) -> Result<&Serving, Status> {
+        self.serving.get().ok_or_else(|| {
+            Status::unavailable("this node is still starting (or joining the cluster)")
+        })
+    }
+
+    /// Serves the cluster map group's calls with `maps`.
     #[must_use]
-    pub fn with_membership(mut self, membership: crate::membership::Membership) -> PeerService {
-        self.membership = Some(membership);
+    pub fn with_map(mut self, maps: crate::cluster_map::ClusterMaps) -> PeerService {
+        self.map = Some(maps);
         self
     }
 
-    fn caller<T>(&self, request: &Request<T>) -> Result<NodeId, Status> {
+    fn identity<T>(request: &Request<T>) -> Result<peer_tls::PeerIdentity, Status> {
         let certs = request.peer_certs().ok_or_else(|| {
             Status::unauthenticated("peer calls need a cluster client certificate")
         })?;
         let leaf = certs
             .first()
             .ok_or_else(|| Status::unauthenticated("no client certificate"))?;
-        let who = peer_tls::identity_of(leaf).map_err(Status::from)?;
-        match self.cluster.get(&who.node) {
-            Some(dc) if *dc == who.datacenter => Ok(who.node),
-            Some(dc) => Err(Status::permission_denied(format!(
+        peer_tls::identity_of(leaf).map_err(Status::from)
+    }
+
+    /// The calling node, from its verified client certificate: a node of
+    /// the configuration, or of the cluster map (a node that joined).
+    fn caller<T>(&self, request: &Request<T>) -> Result<NodeId, Status> {
+        let who = Self::identity(request)?;
+        self.known(&who, false)
+    }
+
+    /// The caller of a map group call: as [`Self::caller`], and any node
+    /// with a cluster certificate while this node has no map yet (a node
+    /// that joins learns the cluster from these calls; they can only
+    /// bring it the map, which the group's quorum decided).
+    fn map_caller<T>(&self, request: &Request<T>) -> Result<NodeId, Status> {
+        let who = Self::identity(request)?;
+        self.known(&who, true)
+    }
+
+    fn known(&self, who: &peer_tls::PeerIdentity, pristine_ok: bool) -> Result<NodeId, Status> {
+        let mismatch = |dc: &str| {
+            Status::permission_denied(format!(
                 "certificate names {} in {}, but {} is configured in {dc}",
                 who.node, who.datacenter, who.node
-            ))),
-            None => Err(Status::permission_denied(format!(
-                "{} is not a peer of this node",
-                who.node
-            ))),
+            ))
+        };
+        if let Some(dc) = self.cluster.get(&who.node) {
+            return if *dc == who.datacenter {
+                Ok(who.node)
+            } else {
+                Err(mismatch(dc))
+            };
         }
+        if let Some(maps) = &self.map {
+            let map = maps.current();
+            match map.nodes.get(&who.node.0) {
+                Some(n) if n.datacenter == who.datacenter => return Ok(who.node),
+                Some(n) => return Err(mismatch(&n.datacenter)),
+                None if pristine_ok && !map.is_created() => return Ok(who.node),
+                None => {}
+            }
+        }
+        Err(Status::permission_denied(format!(
+            "{} is not a peer of this node",
+            who.node
+        )))
     }
 }
 
@@ -177,10 +252,7 @@ impl Peer for PeerService {
         request: Request<pb::MembershipCall>,
     ) -> Result<Response<pb::MembershipAnswer>, Status> {
         let from = self.caller(&request)?;
-        let membership = self
-            .membership
-            .as_ref()
-            .ok_or_else(|| Status::unavailable("membership is not served here"))?;
+        let membership = &self.serving()?.membership;
         let call = request.into_inner();
         let room = RoomId::new(&call.room)
             .map_err(|e| Status::invalid_argument(format!("room name: {e}")))?;
@@ -240,11 +312,43 @@ impl Peer for PeerService {
         }))
     }
 
+    async fn map_propose(
+        &self,
+        request: Request<pb::MapProposeCall>,
+    ) -> Result<Response<pb::MapProposeAnswer>, Status> {
+        let from = self.caller(&request)?;
+        let maps = self
+            .map
+            .as_ref()
+            .ok_or_else(|| Status::unavailable("the cluster map is not served here"))?;
+        let command: saferchat_placement::MapCommand =
+            serde_json::from_slice(&request.into_inner().command)
+                .map_err(|e| Status::invalid_argument(format!("map command: {e}")))?;
+        tracing::debug!(%from, "cluster map change forwarded by a peer");
+        let epoch = maps.propose_from_peer(command).await?;
+        Ok(Response::new(pb::MapProposeAnswer { epoch }))
+    }
+
+    async fn map_raft(
+        &self,
+        request: Request<pb::MapRaftCall>,
+    ) -> Result<Response<pb::MapRaftAnswer>, Status> {
+        let from = self.map_caller(&request)?;
+        let maps = self
+            .map
+            .as_ref()
+            .ok_or_else(|| Status::unavailable("the cluster map is not served here"))?;
+        crate::cluster_map::network::serve(maps.raft(), from.0, request.into_inner())
+            .await
+            .map(Response::new)
+    }
+
     async fn exchange(
         &self,
         request: Request<Streaming<pb::PeerFrame>>,
     ) -> Result<Response<pb::ExchangeSummary>, Status> {
         let from = self.caller(&request)?;
+        let serving = self.serving()?;
         let mut stream = request.into_inner();
         let mut frames = 0;
         while let Some(frame) = stream.message().await? {
@@ -262,14 +366,7 @@ impl Peer for PeerService {
                 metrics::counter!("saferchat_peer_frames_refused_total", "why" => "malformed")
                     .increment(1);
             })?;
-            let log = match &self.log {
-                Some((_, partitions)) => decode_log(&frame, *partitions),
-                None if frame.log.is_empty() => Ok(Vec::new()),
-                None => Err(Status::invalid_argument(
-                    "this node keeps no partition log (it has no peers configured)",
-                )),
-            }
-            .inspect_err(|e| {
+            let log = decode_log(&frame, serving.log.1).inspect_err(|e| {
                 tracing::warn!(%from, error = %e.message(), "refusing a peer frame");
                 metrics::counter!("saferchat_peer_frames_refused_total", "why" => "malformed")
                     .increment(1);
@@ -281,13 +378,16 @@ impl Peer for PeerService {
                     .await
                     .map_err(|_| Status::unavailable("node is shutting down"))?;
             }
-            if let (false, Some((tx, _))) = (log.is_empty(), &self.log) {
-                tx.send(LogInbound {
-                    from,
-                    messages: log,
-                })
-                .await
-                .map_err(|_| Status::unavailable("node is shutting down"))?;
+            if !log.is_empty() {
+                serving
+                    .log
+                    .0
+                    .send(LogInbound {
+                        from,
+                        messages: log,
+                    })
+                    .await
+                    .map_err(|_| Status::unavailable("node is shutting down"))?;
             }
         }
         Ok(Response::new(pb::ExchangeSummary { frames }))

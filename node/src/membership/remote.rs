@@ -13,7 +13,6 @@
 
 use std::collections::HashMap;
 use std::sync::Arc;
-use std::time::Duration;
 
 use saferchat_consensus::{NodeId, RoomId};
 use saferchat_placement::Placement;
@@ -67,15 +66,7 @@ impl Remote {
     ) -> Result<Remote, NodeError> {
         let mut channels = HashMap::new();
         for p in peers {
-            let endpoint =
-                tonic::transport::Endpoint::from_shared(format!("https://{}", p.address))
-                    .map_err(|e| NodeError::Config(format!("peer {}: {e}", p.id)))?
-                    .tls_config(tls.client_for(p.id, &p.datacenter))
-                    .map_err(|e| NodeError::Config(format!("peer {} TLS: {e}", p.id)))?
-                    .connect_timeout(Duration::from_millis(1_000))
-                    .timeout(Duration::from_millis(CALL_TIMEOUT_MS))
-                    .tcp_nodelay(true);
-            channels.insert(p.id, endpoint.connect_lazy());
+            channels.insert(p.id, crate::grpc::peer::channel(tls, p, CALL_TIMEOUT_MS)?);
         }
         Ok(Remote {
             me,

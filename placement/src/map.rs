@@ -1,0 +1,447 @@
+//! The cluster map: which nodes form the cluster, how many partitions it
+//! has, and an epoch that counts every change.
+//!
+//! The map is a replicated state machine (the node runs it in an
+//! `openraft` group): every node applies the same [`MapCommand`]s in the
+//! same order to a [`ClusterMap`], so this type must be deterministic — no
+//! clocks, no randomness, no hash-map iteration order. A command that does
+//! not apply leaves the map unchanged and says why; the epoch grows by one
+//! with every command that applies, so "my map is at epoch E" names one
+//! exact map on every node.
+//!
+//! [`MapCommand::Create`] is proposed from the static configuration when a
+//! cluster first starts; the nodes then check their own configuration
+//! against the map the cluster agreed on. [`MapCommand::AddNode`] adds a
+//! node as *joining*: a member that serves clients (it forwards to the
+//! rooms' owners) and follows the map, but holds no replica slot, so adding
+//! it moves nothing. Giving a joining node partitions (and taking them from
+//! a draining one) is a partition move, not built yet; until then a node
+//! can be removed only while it holds no replica slot.
+
+use std::collections::BTreeMap;
+
+use saferchat_consensus::NodeId;
+use serde::{Deserialize, Serialize};
+
+use crate::partition::PartitionCount;
+use crate::ring::{ClusterNode, Placement, PlacementError};
+
+/// The most nodes that vote in the map's group. Five voters survive two
+/// failures; more would only slow every map change down.
+pub const MAP_VOTERS_MAX: usize = 5;
+
+/// A node as the map records it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MapNode {
+    /// Its datacenter.
+    pub datacenter: String,
+    /// Where other nodes reach its peer listener (`host:port`); empty when
+    /// the node that recorded it did not know.
+    pub peer_address: String,
+    /// Where clients reach it (`host:port`), for redirects; empty when not
+    /// recorded.
+    #[serde(default)]
+    pub client_address: String,
+    /// Whether it holds replica slots.
+    #[serde(default)]
+    pub state: NodeState,
+}
+
+/// A node's part in placement.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub enum NodeState {
+    /// Holds replica slots: the ring places partitions on it.
+    #[default]
+    Active,
+    /// A member that holds no replica slot yet.
+    Joining,
+}
+
+/// The cluster map.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ClusterMap {
+    /// How many commands have applied; 0 before the cluster was created.
+    pub epoch: u64,
+    /// Partitions of the room-hash space (0 before creation).
+    pub partitions: u32,
+    /// Replicas of each partition per datacenter.
+    pub replicas_per_datacenter: usize,
+    /// Every node, by id.
+    pub nodes: BTreeMap<u64, MapNode>,
+    /// Ids of removed nodes: never given again, so that a certificate
+    /// issued for a removed node cannot come back as a new one.
+    #[serde(default)]
+    pub retired: std::collections::BTreeSet<u64>,
+}
+
+/// A change to the map, as replicated in the map's log.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub enum MapCommand {
+    /// Creates the cluster: its first shape.
+    Create {
+        /// Partition count (fixed for the cluster's life).
+        partitions: u32,
+        /// Replicas per datacenter.
+        replicas_per_datacenter: usize,
+        /// Every node.
+        nodes: BTreeMap<u64, MapNode>,
+    },
+    /// Adds a node as [`NodeState::Joining`].
+    AddNode {
+        /// Its id (never used before in this cluster).
+        id: u64,
+        /// Its datacenter and addresses (its state is ignored: joining).
+        node: MapNode,
+    },
+    /// Removes a node that holds no replica slot.
+    RemoveNode {
+        /// Its id.
+        id: u64,
+    },
+}
+
+/// Why a command did not apply.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, thiserror::Error)]
+pub enum MapError {
+    /// `Create` on a map that was already created.
+    #[error("the cluster was already created (epoch {epoch})")]
+    AlreadyCreated {
+        /// The map's epoch.
+        epoch: u64,
+    },
+    /// The shape a `Create` names cannot be placed.
+    #[error("invalid cluster shape: {0}")]
+    Shape(String),
+    /// A command other than `Create` on a map not created yet.
+    #[error("the cluster map was not created yet")]
+    NotCreated,
+    /// `AddNode` with an id in use or used before.
+    #[error("node id {0} is taken (in the cluster now or removed from it before)")]
+    IdTaken(u64),
+    /// `AddNode` without a datacenter or an address.
+    #[error("a node needs a datacenter, a peer address and a client address")]
+    Incomplete,
+    /// `RemoveNode` for a node not in the map.
+    #[error("node {0} is not in the cluster")]
+    UnknownNode(u64),
+    /// `RemoveNode` for a node that holds replica slots.
+    #[error(
+        "node {0} holds replica slots; removing it needs its partitions moved first, which this version cannot do"
+    )]
+    HoldsReplicas(u64),
+}
+
+impl ClusterMap {
+    /// Whether the cluster was created.
+    pub fn is_created(&self) -> bool {
+        self.epoch > 0
+    }
+
+    /// Applies `command`: the new epoch, or why it did not apply (the map
+    /// is then unchanged).
+    ///
+    /// # Errors
+    /// [`MapError`] for a command that does not fit this map.
+    pub fn apply(&mut self, command: &MapCommand) -> Result<u64, MapError> {
+        match command {
+            MapCommand::Create {
+                partitions,
+                replicas_per_datacenter,
+                nodes,
+            } => {
+                if self.is_created() {
+                    return Err(MapError::AlreadyCreated { epoch: self.epoch });
+                }
+                let candidate = ClusterMap {
+                    epoch: self.epoch + 1,
+                    partitions: *partitions,
+                    replicas_per_datacenter: *replicas_per_datacenter,
+                    nodes: nodes.clone(),
+                    retired: std::collections::BTreeSet::new(),
+                };
+                candidate
+                    .placement()
+                    .map_err(|e| MapError::Shape(e.to_string()))?;
+                *self = candidate;
+            }
+            MapCommand::AddNode { id, node } => {
+                if !self.is_created() {
+                    return Err(MapError::NotCreated);
+                }
+                if self.nodes.contains_key(id) || self.retired.contains(id) || *id == 0 {
+                    return Err(MapError::IdTaken(*id));
+                }
+                if node.datacenter.is_empty()
+                    || node.peer_address.is_empty()
+                    || node.client_address.is_empty()
+                {
+                    return Err(MapError::Incomplete);
+                }
+                self.nodes.insert(
+                    *id,
+                    MapNode {
+                        state: NodeState::Joining,
+                        ..node.clone()
+                    },
+                );
+                self.epoch += 1;
+            }
+            MapCommand::RemoveNode { id } => {
+                if !self.is_created() {
+                    return Err(MapError::NotCreated);
+                }
+                match self.nodes.get(id) {
+                    None => return Err(MapError::UnknownNode(*id)),
+                    Some(n) if n.state == NodeState::Active => {
+                        return Err(MapError::HoldsReplicas(*id));
+                    }
+                    Some(_) => {}
+                }
+                self.nodes.remove(id);
+                self.retired.insert(*id);
+                self.epoch += 1;
+            }
+        }
+        Ok(self.epoch)
+    }
+
+    /// The nodes that hold replica slots.
+    pub fn active(&self) -> impl Iterator<Item = (u64, &MapNode)> {
+        self.nodes
+            .iter()
+            .filter(|(_, n)| n.state == NodeState::Active)
+            .map(|(id, n)| (*id, n))
+    }
+
+    /// The placement of partitions this map describes.
+    ///
+    /// # Errors
+    /// A map that was not created, or has an invalid shape.
+    pub fn placement(&self) -> Result<Placement, PlacementError> {
+        let partitions = PartitionCount::new(self.partitions)
+            .ok_or(PlacementError::PartitionCount(self.partitions))?;
+        let nodes: Vec<ClusterNode> = self
+            .active()
+            .map(|(id, n)| ClusterNode {
+                id: NodeId(id),
+                datacenter: n.datacenter.clone(),
+            })
+            .collect();
+        Placement::build(&nodes, partitions, self.replicas_per_datacenter)
+    }
+
+    /// The nodes that vote in the map's group, for a cluster of `nodes`:
+    /// up to [`MAP_VOTERS_MAX`], taken from each datacenter in turn (lowest
+    /// id first), so that the group spans datacenters as evenly as it can.
+    /// Every node computes the same set from the same node list, which is
+    /// what lets each of them start the group with the same voters.
+    pub fn voters_of(nodes: &BTreeMap<u64, MapNode>) -> Vec<u64> {
+        let mut by_dc: BTreeMap<&str, Vec<u64>> = BTreeMap::new();
+        for (id, n) in nodes {
+            by_dc.entry(n.datacenter.as_str()).or_default().push(*id);
+        }
+        let mut voters = Vec::new();
+        let mut round = 0;
+        while voters.len() < MAP_VOTERS_MAX {
+            let taken: Vec<u64> = by_dc
+                .values()
+                .filter_map(|ids| ids.get(round).copied())
+                .collect();
+            if taken.is_empty() {
+                break;
+            }
+            voters.extend(taken);
+            round += 1;
+        }
+        voters.truncate(MAP_VOTERS_MAX);
+        voters.sort_unstable();
+        voters
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn nodes(list: &[(u64, &str)]) -> BTreeMap<u64, MapNode> {
+        list.iter()
+            .map(|(id, dc)| {
+                (
+                    *id,
+                    MapNode {
+                        datacenter: (*dc).to_owned(),
+                        peer_address: format!("127.0.0.1:{}", 7000 + id),
+                        client_address: format!("127.0.0.1:{}", 8000 + id),
+                        state: NodeState::Active,
+                    },
+                )
+            })
+            .collect()
+    }
+
+    fn create(list: &[(u64, &str)]) -> MapCommand {
+        MapCommand::Create {
+            partitions: 64,
+            replicas_per_datacenter: 3,
+            nodes: nodes(list),
+        }
+    }
+
+    #[test]
+    fn create_applies_once_and_counts_an_epoch() {
+        let mut map = ClusterMap::default();
+        assert!(!map.is_created());
+        assert_eq!(
+            map.apply(&create(&[(1, "dc1"), (2, "dc1"), (3, "dc1")])),
+            Ok(1)
+        );
+        assert!(map.is_created());
+        assert_eq!(map.placement().unwrap().nodes().len(), 3);
+        let before = map.clone();
+        assert_eq!(
+            map.apply(&create(&[(1, "dc1")])),
+            Err(MapError::AlreadyCreated { epoch: 1 })
+        );
+        assert_eq!(map, before, "a refused command changes nothing");
+    }
+
+    #[test]
+    fn a_shape_that_cannot_be_placed_is_refused() {
+        let mut map = ClusterMap::default();
+        let empty = MapCommand::Create {
+            partitions: 64,
+            replicas_per_datacenter: 3,
+            nodes: BTreeMap::new(),
+        };
+        assert!(matches!(map.apply(&empty), Err(MapError::Shape(_))));
+        let no_partitions = MapCommand::Create {
+            partitions: 0,
+            replicas_per_datacenter: 3,
+            nodes: nodes(&[(1, "dc1")]),
+        };
+        assert!(matches!(map.apply(&no_partitions), Err(MapError::Shape(_))));
+        assert_eq!(map, ClusterMap::default());
+    }
+
+    #[test]
+    fn the_map_places_partitions_as_the_ring_does() {
+        let list = [(1, "dc1"), (2, "dc1"), (3, "dc1"), (4, "dc1")];
+        let mut map = ClusterMap::default();
+        map.apply(&create(&list)).unwrap();
+        let direct = Placement::build(
+            &list
+                .iter()
+                .map(|(id, dc)| ClusterNode {
+                    id: NodeId(*id),
+                    datacenter: (*dc).to_owned(),
+                })
+                .collect::<Vec<_>>(),
+            PartitionCount::new(64).unwrap(),
+            3,
+        )
+        .unwrap();
+        assert_eq!(map.placement().unwrap().slots_moved(&direct), 0);
+    }
+
+    #[test]
+    fn voters_span_datacenters_and_stop_at_five() {
+        assert_eq!(ClusterMap::voters_of(&nodes(&[(7, "dc1")])), vec![7]);
+        assert_eq!(
+            ClusterMap::voters_of(&nodes(&[(1, "a"), (2, "a"), (3, "a"), (4, "a")])),
+            vec![1, 2, 3, 4]
+        );
+        let seven_in_one = nodes(&(1..=7).map(|i| (i, "a")).collect::<Vec<_>>());
+        assert_eq!(ClusterMap::voters_of(&seven_in_one), vec![1, 2, 3, 4, 5]);
+        // Three datacenters of three: the first round takes 1, 4 and 7, the
+        // second 2 and 5, where the cut at five falls.
+        let three_by_three = nodes(&[
+            (1, "a"),
+            (2, "a"),
+            (3, "a"),
+            (4, "b"),
+            (5, "b"),
+            (6, "b"),
+            (7, "c"),
+            (8, "c"),
+            (9, "c"),
+        ]);
+        let voters = ClusterMap::voters_of(&three_by_three);
+        assert_eq!(voters, vec![1, 2, 4, 5, 7]);
+        for dc in [[1, 2, 3], [4, 5, 6], [7, 8, 9]] {
+            assert!(
+                voters.iter().filter(|v| dc.contains(v)).count() >= 1,
+                "every datacenter votes: {voters:?}"
+            );
+        }
+    }
+
+    fn joining(id: u64) -> MapCommand {
+        MapCommand::AddNode {
+            id,
+            node: nodes(&[(id, "dc1")]).remove(&id).unwrap(),
+        }
+    }
+
+    #[test]
+    fn a_node_added_joins_without_moving_a_replica_slot() {
+        let mut map = ClusterMap::default();
+        assert_eq!(map.apply(&joining(4)), Err(MapError::NotCreated));
+        map.apply(&create(&[(1, "dc1"), (2, "dc1"), (3, "dc1")]))
+            .unwrap();
+        let before = map.placement().unwrap();
+        assert_eq!(map.apply(&joining(4)), Ok(2));
+        assert_eq!(map.nodes[&4].state, NodeState::Joining);
+        assert_eq!(map.placement().unwrap().slots_moved(&before), 0);
+        assert_eq!(map.placement().unwrap().nodes().len(), 3);
+        assert_eq!(map.apply(&joining(4)), Err(MapError::IdTaken(4)));
+        let mut incomplete = joining(5);
+        if let MapCommand::AddNode { node, .. } = &mut incomplete {
+            node.client_address.clear();
+        }
+        assert_eq!(map.apply(&incomplete), Err(MapError::Incomplete));
+        assert_eq!(map.epoch, 2, "refused commands leave the epoch");
+    }
+
+    #[test]
+    fn only_a_node_without_replica_slots_is_removed_and_its_id_is_never_reused() {
+        let mut map = ClusterMap::default();
+        map.apply(&create(&[(1, "dc1"), (2, "dc1"), (3, "dc1")]))
+            .unwrap();
+        assert_eq!(
+            map.apply(&MapCommand::RemoveNode { id: 2 }),
+            Err(MapError::HoldsReplicas(2))
+        );
+        assert_eq!(
+            map.apply(&MapCommand::RemoveNode { id: 9 }),
+            Err(MapError::UnknownNode(9))
+        );
+        map.apply(&joining(4)).unwrap();
+        assert_eq!(map.apply(&MapCommand::RemoveNode { id: 4 }), Ok(3));
+        assert!(!map.nodes.contains_key(&4));
+        assert_eq!(map.apply(&joining(4)), Err(MapError::IdTaken(4)));
+    }
+
+    #[test]
+    fn a_map_written_before_states_and_client_addresses_reads_as_active() {
+        let old = r#"{"epoch":1,"partitions":64,"replicas_per_datacenter":3,
+            "nodes":{"1":{"datacenter":"dc1","peer_address":"127.0.0.1:7001"}}}"#;
+        let map: ClusterMap = serde_json::from_str(old).unwrap();
+        assert_eq!(map.nodes[&1].state, NodeState::Active);
+        assert!(map.retired.is_empty());
+        assert_eq!(map.placement().unwrap().nodes().len(), 1);
+    }
+
+    #[test]
+    fn commands_and_maps_survive_serialization() {
+        let command = create(&[(1, "dc1"), (2, "dc2")]);
+        let text = serde_json::to_string(&command).unwrap();
+        assert_eq!(serde_json::from_str::<MapCommand>(&text).unwrap(), command);
+        let mut map = ClusterMap::default();
+        map.apply(&command).unwrap();
+        let text = serde_json::to_string(&map).unwrap();
+        assert_eq!(serde_json::from_str::<ClusterMap>(&text).unwrap(), map);
+    }
+}
