@@ -268,7 +268,15 @@ pub async fn run(
     let (maps, map_task) = cluster_map::start(cluster_map::MapParts {
         me: config.node_id,
         data_dir: &config.data_dir,
-        configured: (!config.join).then(|| cluster_map::configured_shape(&config)),
+        configured: (!config.join).then(|| {
+            cluster_map::configured_shape(
+                &config,
+                (
+                    listeners.client.local_addr().ok(),
+                    listeners.peer.as_ref().and_then(|l| l.local_addr().ok()),
+                ),
+            )
+        }),
         peers: &known_peers(&config),
         tls: tls.as_ref(),
         shutdown: shutdown.clone(),

@@ -177,6 +177,17 @@ async fn a_node_joins_through_the_map_serves_clients_and_leaves_again() {
     })
     .await;
     assert_eq!(node_ids(&joined), vec![1, 2, 3, 4]);
+    // Every node's addresses are known, the creating node's own included
+    // (from its bound listeners, where its configuration said port 0).
+    for n in &joined.nodes {
+        assert!(
+            !n.peer_address.is_empty()
+                && !n.client_address.is_empty()
+                && !n.peer_address.ends_with(":0")
+                && !n.client_address.ends_with(":0"),
+            "{n:?}"
+        );
+    }
     let four_info = joined.nodes.iter().find(|n| n.id == 4).unwrap();
     assert_eq!(four_info.state, "joining");
     assert_eq!(four_info.map_role, "learner");
@@ -255,4 +266,36 @@ async fn a_node_joins_through_the_map_serves_clients_and_leaves_again() {
         .await
         .expect_err("a retired id");
     assert!(again.to_string().contains("taken"), "{again}");
+}
+
+/// A node that was down while the map changed twice catches up when it
+/// returns: from the group's log, through its learner or follower link.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_down_during_two_map_changes_catches_up() {
+    let mut cluster = Cluster::start(Options::single_dc(3)).await;
+    status_until(&cluster, 0, "a created map with a leader", |s| {
+        s.epoch == 1 && s.map_leader != 0 && s.role != "candidate"
+    })
+    .await;
+    cluster.kill(2);
+    let add = |id: u64| saferchat_proto::admin::AddNodeRequest {
+        id,
+        datacenter: "dc1".into(),
+        peer_address: format!("127.0.0.1:{}", 9000 + id),
+        client_address: format!("127.0.0.1:{}", 8000 + id),
+    };
+    // Two changes while node 3 is down (nodes 5 and 6 never run: the map
+    // only records them).
+    let mut admin = cluster.admin(0).await;
+    assert_eq!(admin.add_node(add(5)).await.expect("add 5").epoch, 2);
+    assert_eq!(admin.remove_node(5).await.expect("remove 5").epoch, 3);
+    cluster.restart(2);
+    let back = status_until(&cluster, 2, "the map at epoch 3", |s| s.epoch == 3).await;
+    assert_eq!(node_ids(&back), vec![1, 2, 3]);
+    // And it applies what comes next like the others.
+    assert_eq!(admin.add_node(add(6)).await.expect("add 6").epoch, 4);
+    for i in 0..3 {
+        let s = status_until(&cluster, i, "epoch 4", |s| s.epoch == 4).await;
+        assert_eq!(node_ids(&s), vec![1, 2, 3, 6]);
+    }
 }

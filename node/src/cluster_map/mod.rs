@@ -299,12 +299,18 @@ impl ClusterMaps {
     }
 }
 
-/// The `Create` command a configuration describes.
-pub fn configured_shape(config: &crate::config::NodeConfig) -> MapCommand {
+/// The `Create` command a configuration describes; this node's own
+/// addresses are the ones its listeners were bound to (`bound`: client,
+/// peer), which say the real port where the configuration says 0.
+pub fn configured_shape(
+    config: &crate::config::NodeConfig,
+    bound: (Option<std::net::SocketAddr>, Option<std::net::SocketAddr>),
+) -> MapCommand {
     // Unspecified (0.0.0.0) is how this node listens, not where others
-    // reach it: left empty rather than recorded wrong.
+    // reach it: left empty rather than recorded wrong (a node that joins
+    // then cannot reach this one directly; see ARCHITECTURE.md).
     let reachable = |a: Option<std::net::SocketAddr>| {
-        a.filter(|a| !a.ip().is_unspecified())
+        a.filter(|a| !a.ip().is_unspecified() && a.port() != 0)
             .map(|a| a.to_string())
             .unwrap_or_default()
     };
@@ -327,8 +333,8 @@ pub fn configured_shape(config: &crate::config::NodeConfig) -> MapCommand {
         config.node_id,
         MapNode {
             datacenter: config.datacenter.clone(),
-            peer_address: reachable(config.peer_listen),
-            client_address: reachable(Some(config.listen)),
+            peer_address: reachable(bound.1.or(config.peer_listen)),
+            client_address: reachable(bound.0.or(Some(config.listen))),
             state: NodeState::Active,
         },
     );
@@ -612,7 +618,7 @@ mod tests {
                 .collect(),
             ..NodeConfig::default()
         };
-        configured_shape(&config)
+        configured_shape(&config, (None, None))
     }
 
     #[test]
@@ -626,6 +632,31 @@ mod tests {
         assert_eq!(nodes[&2].peer_address, "127.0.0.1:7002");
         assert_eq!(nodes[&2].client_address, "127.0.0.1:8002");
         assert_eq!(nodes[&1].client_address, "127.0.0.1:8080");
+        // The bound addresses win over the configured ones (port 0).
+        let config = NodeConfig {
+            listen: ([127, 0, 0, 1], 0).into(),
+            peer_listen: Some(([127, 0, 0, 1], 0).into()),
+            ..NodeConfig::default()
+        };
+        let MapCommand::Create { nodes, .. } = configured_shape(&config, (None, None)) else {
+            unreachable!()
+        };
+        assert_eq!(
+            (
+                nodes[&1].client_address.as_str(),
+                nodes[&1].peer_address.as_str()
+            ),
+            ("", "")
+        );
+        let bound = (
+            Some(([127, 0, 0, 1], 8123).into()),
+            Some(([127, 0, 0, 1], 9123).into()),
+        );
+        let MapCommand::Create { nodes, .. } = configured_shape(&config, bound) else {
+            unreachable!()
+        };
+        assert_eq!(nodes[&1].client_address, "127.0.0.1:8123");
+        assert_eq!(nodes[&1].peer_address, "127.0.0.1:9123");
         let mut map = ClusterMap::default();
         map.apply(&shape).unwrap();
         assert!(agrees(&map, &shape));
