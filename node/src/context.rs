@@ -65,6 +65,9 @@ pub struct AdminContext {
     pub rooms: RoomFilter,
     /// The cluster map group (`ClusterStatus`).
     pub maps: crate::cluster_map::ClusterMaps,
+    /// Listing rooms across the cluster, where this node's store does not
+    /// hold every room (see `grpc/room_list.rs`).
+    pub cluster_list: Option<crate::grpc::room_list::ClusterList>,
 }
 
 /// What the chat face needs, one per process.

@@ -164,6 +164,19 @@ async fn load_known_rooms(store: &dyn ChatStore, known: &KnownRooms) -> Result<u
     Ok(count)
 }
 
+/// Whether this node's store lacks rooms of the cluster: it replicates
+/// only some partitions, and its store is its own (Cassandra's keyspace is
+/// shared by every node).
+fn lists_across_the_cluster(
+    config: &NodeConfig,
+    placement: &saferchat_placement::Placement,
+) -> bool {
+    !config.is_single_node()
+        && config.storage.backend != Backend::Cassandra
+        && placement.partitions_of(NodeId(config.node_id)).len()
+            != placement.partitions().get() as usize
+}
+
 /// The other nodes as the peer links know them.
 fn known_peers(config: &NodeConfig) -> Vec<grpc::peer::KnownPeer> {
     config
@@ -396,6 +409,13 @@ pub async fn run(
         store: Arc::clone(&chat),
         rooms: filter.clone(),
         maps: maps.clone(),
+        cluster_list: lists_across_the_cluster(&config, &placement).then(|| {
+            grpc::room_list::ClusterList {
+                me: NodeId(config.node_id),
+                placement: Arc::clone(&placement),
+                maps: maps.clone(),
+            }
+        }),
     });
     let ctx = Arc::new(ChatContext::new(
         config.clone(),
@@ -477,6 +497,7 @@ pub async fn run(
     peer_service.serve(grpc::peer::Serving {
         membership: ctx.membership.local(),
         log: (log_tx, placement.partitions().get()),
+        store: Arc::clone(&chat),
     });
     if let Some(addr) = client_addr {
         tracing::info!(

@@ -142,6 +142,15 @@ async fn chat_across(n: usize) {
     let shape = placement(n as u64);
     let (_, replicas) = shape.room(ROOM);
     for i in 0..n {
+        // The room list is the cluster's on every node, also on a node
+        // whose store does not hold the room (see `grpc/room_list.rs`).
+        let listed = cluster.admin(i).await.list_chats().await.expect("list");
+        assert_eq!(
+            listed.iter().map(|c| c.chat.as_str()).collect::<Vec<_>>(),
+            [ROOM],
+            "node {}",
+            i + 1
+        );
         let reply = cluster.admin(i).await.members(ROOM).await.expect("members");
         assert_eq!(reply.membership.expect("membership").members.len(), 2);
         let replica = replicas.contains(&NodeId(i as u64 + 1));

@@ -232,6 +232,29 @@ async fn a_node_joins_through_the_map_serves_clients_and_leaves_again() {
     assert!(h4.contains("posted through the joined node"), "{h4}");
     assert_eq!(h4, h1, "one history, whichever node is asked");
 
+    // Its own store holds no room: the list is gathered from the nodes
+    // that hold replicas, and refused when no replica of some partition
+    // answers (it would be short).
+    let mut admin = cluster.admin(four).await;
+    let listed = admin.list_chats().await.expect("list through node 4");
+    let names: Vec<&str> = listed.iter().map(|c| c.chat.as_str()).collect();
+    assert_eq!(names, ["team"]);
+    assert_eq!(listed[0].members, 1);
+    for i in 0..3 {
+        cluster.kill(i);
+    }
+    let short = admin
+        .list_chats()
+        .await
+        .expect_err("a list with every replica down");
+    assert!(
+        short.to_string().contains("no replica that answered"),
+        "{short}"
+    );
+    for i in 0..3 {
+        cluster.restart(i);
+    }
+
     // A node holding replica slots cannot be removed; the joined one can,
     // once stopped, and its id is never given out again.
     let refused = cluster

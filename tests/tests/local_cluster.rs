@@ -108,6 +108,8 @@ fn starts_serves_and_stops_a_cluster() {
     );
     let members = admin(f[5], &["members", "local"]);
     assert!(members.contains("forwarded to a replica"), "{members}");
+    let listed = admin(f[5], &["list"]);
+    assert!(listed.contains("local"), "{listed}");
     let status = process::ok(&process::cli(
         f[5],
         None,

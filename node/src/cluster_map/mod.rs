@@ -190,6 +190,11 @@ impl ClusterMaps {
         self.me
     }
 
+    /// A channel to `node`'s peer listener (configured, or from the map).
+    pub fn channel(&self, node: u64) -> Option<tonic::transport::Channel> {
+        self.dialer.channel(node)
+    }
+
     async fn write_here(&self, command: MapCommand) -> Result<Written, NodeError> {
         use openraft::error::{ClientWriteError, RaftError};
         match self.raft.client_write(command).await {

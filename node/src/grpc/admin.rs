@@ -12,7 +12,7 @@ use crate::convert;
 use crate::error::{NodeError, shown};
 
 /// Most rooms per ListChats page.
-const LIST_PAGE_MAX: u32 = 1000;
+const LIST_PAGE_MAX: u32 = super::room_list::PAGE_MAX;
 /// Rooms per page when the request does not say.
 const LIST_PAGE_DEFAULT: u32 = 100;
 
@@ -127,11 +127,19 @@ impl Admin for AdminService {
         } else {
             Some(room(&req.after)?)
         };
-        let rooms = self
-            .ctx
-            .store
-            .list_rooms(after.as_ref(), limit as usize)
-            .await?;
+        let rooms = match &self.ctx.cluster_list {
+            None => {
+                self.ctx
+                    .store
+                    .list_rooms(after.as_ref(), limit as usize)
+                    .await?
+            }
+            Some(cluster) => {
+                cluster
+                    .list(&self.ctx.store, after.as_ref(), limit as usize)
+                    .await?
+            }
+        };
         let next_after = if rooms.len() == limit as usize {
             rooms.last().map(|r| r.room.to_string()).unwrap_or_default()
         } else {

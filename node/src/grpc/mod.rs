@@ -12,6 +12,7 @@ pub mod forward;
 pub mod frames;
 pub mod peer;
 pub mod relay;
+pub mod room_list;
 pub mod session;
 pub mod web;
 

@@ -108,6 +108,8 @@ pub struct Serving {
     pub membership: crate::membership::Membership,
     /// Partition-log traffic, and the partition count that bounds it.
     pub log: (mpsc::Sender<LogInbound>, u32),
+    /// This node's store (`ListRooms`).
+    pub store: Arc<dyn crate::storage::ChatStore>,
 }
 
 /// Receives other nodes' traffic.
@@ -309,6 +311,43 @@ impl Peer for PeerService {
             state: Some(convert::state_to_pb(&state)),
             changed: applied.changed,
             ..pb::MembershipAnswer::default()
+        }))
+    }
+
+    async fn list_rooms(
+        &self,
+        request: Request<pb::ListRoomsCall>,
+    ) -> Result<Response<pb::ListRoomsAnswer>, Status> {
+        self.caller(&request)?;
+        let serving = self.serving()?;
+        let call = request.into_inner();
+        if call.limit == 0 || call.limit > crate::grpc::room_list::PAGE_MAX {
+            return Err(Status::invalid_argument(format!(
+                "limit must be 1 to {}",
+                crate::grpc::room_list::PAGE_MAX
+            )));
+        }
+        let after = if call.after.is_empty() {
+            None
+        } else {
+            Some(
+                RoomId::new(&call.after)
+                    .map_err(|e| Status::invalid_argument(format!("room name: {e}")))?,
+            )
+        };
+        let rooms = serving
+            .store
+            .list_rooms(after.as_ref(), call.limit as usize)
+            .await?;
+        Ok(Response::new(pb::ListRoomsAnswer {
+            rooms: rooms
+                .into_iter()
+                .map(|r| pb::RoomSummaryRecord {
+                    room: r.room.to_string(),
+                    revision: r.revision,
+                    members: r.members,
+                })
+                .collect(),
         }))
     }
 
