@@ -177,6 +177,18 @@ fn lists_across_the_cluster(
             != placement.partitions().get() as usize
 }
 
+/// How a node task ended, as the node's outcome (`what` names it if it
+/// panicked).
+fn task_outcome(
+    result: Result<Result<(), NodeError>, tokio::task::JoinError>,
+    what: &str,
+) -> Result<(), NodeError> {
+    match result {
+        Ok(outcome) => outcome,
+        Err(e) => Err(NodeError::Fatal(format!("{what} panicked: {e}"))),
+    }
+}
+
 /// The other nodes as the peer links know them.
 fn known_peers(config: &NodeConfig) -> Vec<grpc::peer::KnownPeer> {
     config
@@ -278,6 +290,7 @@ pub async fn run(
         )?),
         _ => None,
     };
+    let configured_peers = known_peers(&config);
     let (maps, map_task) = cluster_map::start(cluster_map::MapParts {
         me: config.node_id,
         data_dir: &config.data_dir,
@@ -290,7 +303,7 @@ pub async fn run(
                 ),
             )
         }),
-        peers: &known_peers(&config),
+        peers: &configured_peers,
         tls: tls.as_ref(),
         shutdown: shutdown.clone(),
     })
@@ -300,7 +313,7 @@ pub async fn run(
     // refused as "still joining" until the drivers below exist.
     let (inbound_tx, inbound_rx) = mpsc::channel(INBOUND_QUEUE_MAX);
     let peer_service =
-        grpc::peer::PeerService::new(inbound_tx, known_peers(&config)).with_map(maps.clone());
+        grpc::peer::PeerService::new(inbound_tx, configured_peers).with_map(maps.clone());
     if let Some(addr) = listeners.peer.as_ref().and_then(|l| l.local_addr().ok()) {
         tracing::info!(%addr, "peer listener");
     }
@@ -511,27 +524,15 @@ pub async fn run(
     let mut driver_task = driver_task;
     let timeline_done = async {
         match timeline_task {
-            Some(task) => match task.await {
-                Ok(Ok(())) => Ok(()),
-                Ok(Err(e)) => Err(e),
-                Err(e) => Err(NodeError::Fatal(format!("timeline driver panicked: {e}"))),
-            },
+            Some(task) => task_outcome(task.await, "timeline driver"),
             None => std::future::pending().await,
         }
     };
     let outcome = tokio::select! {
         () = shutdown.cancelled() => Ok(()),
-        result = &mut driver_task => match result {
-            Ok(Ok(())) => Ok(()),
-            Ok(Err(e)) => Err(e),
-            Err(e) => Err(NodeError::Fatal(format!("membership driver panicked: {e}"))),
-        },
+        result = &mut driver_task => task_outcome(result, "membership driver"),
         result = timeline_done => result,
-        result = map_task => match result {
-            Ok(Ok(())) => Ok(()),
-            Ok(Err(e)) => Err(e),
-            Err(e) => Err(NodeError::Fatal(format!("cluster map steward panicked: {e}"))),
-        },
+        result = map_task => task_outcome(result, "cluster map steward"),
     };
     if let Err(e) = &outcome {
         tracing::error!(error = %e, "stopping");

@@ -28,7 +28,7 @@
 //! clusters of today these are exactly each partition's replicas); timeline
 //! ownership already follows the partitions.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -176,23 +176,18 @@ pub fn check_or_record(data_dir: &Path, configured: &Shape) -> Result<(), NodeEr
     }
 }
 
-fn write_shape(path: &PathBuf, shape: &Shape) -> Result<(), NodeError> {
+fn write_shape(path: &Path, shape: &Shape) -> Result<(), NodeError> {
     let text = format!(
         "# The shape of the cluster this data folder belongs to, recorded at its\n\
          # first start. The node refuses to start with a configuration that differs.\n{}",
         toml::to_string(shape).map_err(|e| NodeError::Config(e.to_string()))?
     );
-    let tmp = path.with_extension("toml.tmp");
-    let storage =
-        |e: std::io::Error| NodeError::Storage(format!("writing {}: {e}", path.display()));
-    {
-        use std::io::Write;
-        let mut f = std::fs::File::create(&tmp).map_err(storage)?;
-        f.write_all(text.as_bytes()).map_err(storage)?;
-        f.sync_all().map_err(storage)?;
-    }
-    std::fs::rename(&tmp, path).map_err(storage)?;
-    crate::storage::durable::sync_dir(path.parent().unwrap_or(Path::new(".")))
+    crate::storage::durable::replace_file(
+        path.parent().unwrap_or(Path::new(".")),
+        SHAPE_FILE,
+        text.as_bytes(),
+    )
+    .map_err(|e| NodeError::Storage(format!("writing {}: {e}", path.display())))
 }
 
 /// The replica configuration of the rooms of `partition`: their Paxos

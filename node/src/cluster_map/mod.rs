@@ -430,9 +430,9 @@ pub async fn start(
     // A node that joins starts nothing: the leader adds it as a learner.
     if let Some(MapCommand::Create { nodes, .. }) = &parts.configured
         && !initialized
-        && ClusterMap::voters_of(nodes).contains(&parts.me)
+        && let voters = ClusterMap::voters_of(nodes)
+        && voters.contains(&parts.me)
     {
-        let voters = ClusterMap::voters_of(nodes);
         let members: BTreeMap<u64, BasicNode> = voters
             .iter()
             .map(|id| (*id, BasicNode::new(&nodes[id].peer_address)))
@@ -443,12 +443,7 @@ pub async fn start(
             Err(e) => tracing::debug!(error = %e, "cluster map group already started"),
         }
     }
-    let task = tokio::spawn(steward(
-        maps.clone(),
-        parts.me,
-        parts.configured,
-        parts.shutdown,
-    ));
+    let task = tokio::spawn(steward(maps.clone(), parts.configured, parts.shutdown));
     Ok((maps, task))
 }
 
@@ -456,10 +451,10 @@ pub async fn start(
 /// the leader creates the map and adds the other nodes as learners.
 async fn steward(
     maps: ClusterMaps,
-    me: u64,
     configured: Option<MapCommand>,
     shutdown: CancellationToken,
 ) -> Result<(), NodeError> {
+    let me = maps.me;
     let mut metrics = maps.raft.metrics();
     let mut map = maps.watch();
     let mut announced = 0;

@@ -4,8 +4,8 @@
 //! The map changes a handful of times in a cluster's life, and its log is
 //! compacted into a snapshot every [`super::SNAPSHOT_EVERY`] entries, so
 //! the whole log state is a few kilobytes. It is kept in memory and every
-//! change rewrites one file: written to a temporary file, `fdatasync`ed,
-//! renamed over the old one, and the folder `fsync`ed. A rename is atomic,
+//! change rewrites one file ([`replace_file`]): written to a temporary
+//! file, synced, renamed over the old one, and the folder `fsync`ed. A rename is atomic,
 //! so a crash leaves the old state or the new one, never a torn record; and
 //! nothing (a vote, an appended entry) is reported to `openraft` — which
 //! then answers a peer — before that sequence returned. A record log with
@@ -19,7 +19,7 @@
 
 use std::collections::BTreeMap;
 use std::fmt::Debug;
-use std::io::{Cursor, Write as _};
+use std::io::Cursor;
 use std::ops::RangeBounds;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
@@ -34,6 +34,7 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 
 use super::{MapReply, TypeConfig};
+use crate::storage::durable::replace_file;
 
 type NodeId = u64;
 type Node = openraft::BasicNode;
@@ -42,19 +43,6 @@ type Node = openraft::BasicNode;
 const LOG_FILE: &str = "log.json";
 /// The snapshot file's name in the map folder.
 const SNAPSHOT_FILE: &str = "snapshot.json";
-
-/// Writes `bytes` to `dir/name` so that after a crash the file holds either
-/// its old content or `bytes`.
-fn replace_durably(dir: &Path, name: &str, bytes: &[u8]) -> std::io::Result<()> {
-    let tmp = dir.join(format!("{name}.tmp"));
-    {
-        let mut f = std::fs::File::create(&tmp)?;
-        f.write_all(bytes)?;
-        f.sync_data()?;
-    }
-    std::fs::rename(&tmp, dir.join(name))?;
-    std::fs::File::open(dir)?.sync_all()
-}
 
 fn read_optional(path: &Path) -> std::io::Result<Option<Vec<u8>>> {
     match std::fs::read(path) {
@@ -112,7 +100,7 @@ impl LogStore {
         let mut next = state.clone();
         change(&mut next);
         let bytes = serde_json::to_vec(&next).map_err(std::io::Error::other)?;
-        replace_durably(&self.dir, LOG_FILE, &bytes)?;
+        replace_file(&self.dir, LOG_FILE, &bytes)?;
         *state = next;
         Ok(())
     }
@@ -296,7 +284,7 @@ impl RaftSnapshotBuilder<TypeConfig> for StateMachine {
         let bytes =
             serde_json::to_vec(&file).map_err(|e| StorageIOError::write_snapshot(None, &e))?;
         // Durable before openraft purges the log it replaces.
-        replace_durably(&self.dir, SNAPSHOT_FILE, &bytes)
+        replace_file(&self.dir, SNAPSHOT_FILE, &bytes)
             .map_err(|e| StorageIOError::write_snapshot(None, &e))?;
         let map_bytes =
             serde_json::to_vec(&file.map).map_err(|e| StorageIOError::write_snapshot(None, &e))?;
@@ -372,7 +360,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         };
         let bytes = serde_json::to_vec(&file)
             .map_err(|e| StorageIOError::write_snapshot(signature.clone(), &e))?;
-        replace_durably(&self.dir, SNAPSHOT_FILE, &bytes)
+        replace_file(&self.dir, SNAPSHOT_FILE, &bytes)
             .map_err(|e| StorageIOError::write_snapshot(signature, &e))?;
         let mut machine = self.machine.lock().expect("map state lock");
         machine.last_applied = meta.last_log_id;

@@ -147,6 +147,12 @@ impl PeerService {
         })
     }
 
+    fn maps(&self) -> Result<&crate::cluster_map::ClusterMaps, Status> {
+        self.map
+            .as_ref()
+            .ok_or_else(|| Status::unavailable("the cluster map is not served here"))
+    }
+
     /// Serves the cluster map group's calls with `maps`.
     #[must_use]
     pub fn with_map(mut self, maps: crate::cluster_map::ClusterMaps) -> PeerService {
@@ -356,10 +362,7 @@ impl Peer for PeerService {
         request: Request<pb::MapProposeCall>,
     ) -> Result<Response<pb::MapProposeAnswer>, Status> {
         let from = self.caller(&request)?;
-        let maps = self
-            .map
-            .as_ref()
-            .ok_or_else(|| Status::unavailable("the cluster map is not served here"))?;
+        let maps = self.maps()?;
         let command: saferchat_placement::MapCommand =
             serde_json::from_slice(&request.into_inner().command)
                 .map_err(|e| Status::invalid_argument(format!("map command: {e}")))?;
@@ -373,10 +376,7 @@ impl Peer for PeerService {
         request: Request<pb::MapRaftCall>,
     ) -> Result<Response<pb::MapRaftAnswer>, Status> {
         let from = self.map_caller(&request)?;
-        let maps = self
-            .map
-            .as_ref()
-            .ok_or_else(|| Status::unavailable("the cluster map is not served here"))?;
+        let maps = self.maps()?;
         crate::cluster_map::network::serve(maps.raft(), from.0, request.into_inner())
             .await
             .map(Response::new)

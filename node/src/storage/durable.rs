@@ -39,6 +39,24 @@ pub fn sync_dir(dir: &Path) -> Result<(), NodeError> {
         .map_err(|e| NodeError::Storage(format!("syncing folder {}: {e}", dir.display())))
 }
 
+/// Replaces the file `dir/name` with `bytes` so that after a crash it holds
+/// either its old content or `bytes`: written to `name.tmp`, synced, renamed
+/// over the old file (atomic), and the folder synced so the rename lasts.
+///
+/// # Errors
+/// The first I/O error; the old file is then untouched.
+pub fn replace_file(dir: &Path, name: &str, bytes: &[u8]) -> std::io::Result<()> {
+    use std::io::Write as _;
+    let tmp = dir.join(format!("{name}.tmp"));
+    {
+        let mut f = File::create(&tmp)?;
+        f.write_all(bytes)?;
+        f.sync_all()?;
+    }
+    std::fs::rename(&tmp, dir.join(name))?;
+    File::open(dir)?.sync_all()
+}
+
 /// sled's files in one database folder, and which blobs are already synced.
 #[derive(Debug)]
 pub struct SledFiles {
