@@ -82,8 +82,20 @@ fn starts_serves_and_stops_a_cluster() {
     };
     let created = admin(&nodes[0].2, &["create-chat", "local"]);
     assert!(created.contains("created room local"), "{created}");
-    let listed = admin(&nodes[2].2, &["list"]);
-    assert!(listed.contains("local"), "{listed}");
+    // Node 3 stores the room once it has applied the commit, which need
+    // not be before the create returned (a quorum accepted it).
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    loop {
+        let listed = admin(&nodes[2].2, &["list"]);
+        if listed.contains("local") {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "node 3 never listed the room: {listed}"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
 
     // A fourth node joins through the map and serves at once.
     let joined = run(&[
