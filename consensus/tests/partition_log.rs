@@ -208,6 +208,61 @@ fn a_candidate_behind_a_compaction_floor_does_not_lead() {
     assert!(net.committed[2].is_empty(), "nothing else took slot 1");
 }
 
+/// A follower that was away while its leader compacted the slots it
+/// misses is told so (`Compacted`), reports itself lagging, and after the
+/// node copied the timeline (`install`) catches up from the log: it
+/// releases exactly the slots after the copy, in order, and stores no
+/// older leader's word about them.
+#[test]
+fn a_follower_behind_the_leaders_floor_installs_a_copy_and_catches_up() {
+    let mut net = Net::new(3);
+    net.nodes[0].campaign().unwrap();
+    net.run(&[3]);
+    net.nodes[0].append(vec![post(10), post(11)]).unwrap();
+    net.run(&[3]);
+    net.nodes[0].compact(Slot(2));
+    assert_eq!(net.nodes[0].acceptor().floor(), Slot(2));
+    // Node 3 comes back; the leader's next write reaches it.
+    net.nodes[0].append(vec![post(12)]).unwrap();
+    net.run(&[]);
+    assert_eq!(
+        net.lagging,
+        vec![(0, NodeId(3), Slot(1)), (2, NodeId(3), Slot(1))],
+        "the leader reports it, and node 3 learns it from the leader"
+    );
+    assert!(
+        net.committed[2].is_empty(),
+        "nothing released across the gap"
+    );
+    // A copy below what the leader compacted moves nothing useful, and a
+    // leader never installs.
+    assert!(!net.nodes[0].install(Slot(9)));
+    // The node copied slots 1 and 2 from the leader.
+    assert!(net.nodes[2].install(Slot(2)));
+    assert!(!net.nodes[2].install(Slot(2)), "once");
+    assert_eq!(net.nodes[2].released(), Slot(2));
+    assert_eq!(net.nodes[2].acceptor().floor(), Slot(2));
+    net.nodes[0].append(vec![post(13)]).unwrap();
+    net.run(&[]);
+    net.nodes[0].resend();
+    net.run(&[]);
+    assert_eq!(net.committed[2], vec![(3, post(12)), (4, post(13))]);
+    // A Compacted from a node that does not lead the newest term is ignored.
+    let lagging = net.lagging.len();
+    net.nodes[2].step(
+        NodeId(2),
+        LogMessage::Compacted {
+            term: Term {
+                round: 0,
+                node: NodeId(2),
+            },
+            floor: Slot(50),
+        },
+    );
+    net.collect(2);
+    assert_eq!(net.lagging.len(), lagging);
+}
+
 /// An idle leader's resend carries the commit point, so followers release
 /// the last slots of a quiet partition.
 #[test]
@@ -263,6 +318,12 @@ struct Sim {
     /// Posts acknowledged by a leader: slot by post.
     acked: BTreeMap<u32, u64>,
     next_post: u32,
+    /// Each node's compaction floor (durable, like its entries).
+    floors: Vec<Slot>,
+    /// Nodes that reported themselves lagging and have not installed a
+    /// copy since.
+    wants_copy: Vec<bool>,
+    copies: usize,
 }
 
 impl Sim {
@@ -285,6 +346,9 @@ impl Sim {
             chosen: BTreeMap::new(),
             acked: BTreeMap::new(),
             next_post: 1,
+            floors: vec![Slot(0); n as usize],
+            wants_copy: vec![false; n as usize],
+            copies: 0,
         }
     }
 
@@ -299,6 +363,9 @@ impl Sim {
         }
         for (to, m) in ready.messages {
             self.net.push((NodeId(i as u64 + 1), to, m));
+        }
+        if ready.lagging.iter().any(|(n, _)| n.0 == i as u64 + 1) {
+            self.wants_copy[i] = true;
         }
         for c in ready.committed {
             if c.slot.0 != self.disk[i].2.0 + 1 {
@@ -335,9 +402,32 @@ impl Sim {
         let (promised, entries, released) = self.disk[i].clone();
         self.nodes[i] = LogReplica::new(
             config(i as u64 + 1, 3, self.checks),
-            LogAcceptor::restore(promised, entries, Slot(0)),
+            LogAcceptor::restore(promised, entries, self.floors[i]),
             released,
         );
+    }
+
+    /// Drops what node `i` released from its log, as the node's driver does
+    /// once it retains too much.
+    fn compact(&mut self, i: usize) {
+        let upto = self.disk[i].2;
+        self.nodes[i].compact(upto);
+        self.floors[i] = self.nodes[i].acceptor().floor();
+        let floor = self.floors[i];
+        self.disk[i].1.retain(|s, _| *s > floor);
+    }
+
+    /// Node `i` copies the timeline node `j` applied (its durable released
+    /// prefix) and installs it, as the node does when it lags.
+    fn copy(&mut self, i: usize, j: usize) {
+        let upto = self.disk[j].2;
+        if self.nodes[i].install(upto) {
+            self.disk[i].2 = upto;
+            self.floors[i] = upto;
+            self.disk[i].1.retain(|s, _| *s > upto);
+            self.wants_copy[i] = false;
+            self.copies += 1;
+        }
     }
 
     fn step(&mut self) -> Result<(), String> {
@@ -356,6 +446,11 @@ impl Sim {
             }
             20..23 => self.restart(i),
             23..26 => self.nodes[i].resend(),
+            30..33 => self.compact(i),
+            33..36 if self.wants_copy[i] => {
+                let j = (i + self.rng.random_range(1..self.nodes.len())) % self.nodes.len();
+                self.copy(i, j);
+            }
             26..30 if !self.net.is_empty() => {
                 // Loss.
                 let k = self.rng.random_range(0..self.net.len());
@@ -411,9 +506,10 @@ impl Sim {
     }
 }
 
-/// Runs one schedule; returns how many posts were acknowledged and how
-/// many terms were led, so a test can tell a busy schedule from an idle one.
-fn simulate(seed: u64, checks: Checks, steps: usize) -> Result<(usize, usize), String> {
+/// Runs one schedule; returns how many posts were acknowledged, how many
+/// terms were led and how many copies were installed, so a test can tell a
+/// busy schedule from an idle one.
+fn simulate(seed: u64, checks: Checks, steps: usize) -> Result<(usize, usize, usize), String> {
     let mut sim = Sim::new(seed, checks);
     let mut terms = std::collections::BTreeSet::new();
     for _ in 0..steps {
@@ -421,7 +517,7 @@ fn simulate(seed: u64, checks: Checks, steps: usize) -> Result<(usize, usize), S
         sim.check_acked()?;
         terms.extend(sim.nodes.iter().filter_map(LogReplica::leading));
     }
-    Ok((sim.acked.len(), terms.len()))
+    Ok((sim.acked.len(), terms.len(), sim.copies))
 }
 
 fn seed_base() -> u64 {
@@ -434,21 +530,24 @@ fn seed_base() -> u64 {
 #[test]
 fn seeded_schedules_keep_every_invariant() {
     let base = seed_base();
-    let (mut acked, mut terms) = (0, 0);
+    let (mut acked, mut terms, mut copies) = (0, 0, 0);
     for k in 0..400 {
         let seed = base + k;
         match simulate(seed, Checks::default(), 600) {
-            Ok((a, t)) => {
+            Ok((a, t, c)) => {
                 acked += a;
                 terms += t;
+                copies += c;
             }
             Err(e) => panic!("SEED={seed}: {e}"),
         }
     }
-    println!("400 schedules from SEED={base}: {acked} posts acknowledged, {terms} terms led");
+    println!(
+        "400 schedules from SEED={base}: {acked} posts acknowledged, {terms} terms led, {copies} copies installed"
+    );
     assert!(
-        acked > 400 && terms > 800,
-        "the schedules did little: {acked} acked, {terms} terms"
+        acked > 400 && terms > 800 && copies > 40,
+        "the schedules did little: {acked} acked, {terms} terms, {copies} copies"
     );
 }
 

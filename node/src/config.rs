@@ -10,6 +10,10 @@ use serde::{Deserialize, Serialize};
 
 use crate::error::NodeError;
 
+/// The smallest `partition_log_retained_bytes`: a few posts, so a replica
+/// that misses a moment's traffic still catches up from the log.
+pub const PARTITION_LOG_RETAINED_MIN: usize = 64 * 1024;
+
 /// Everything a node needs to start.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -70,6 +74,11 @@ pub struct NodeConfig {
     pub partitions: u32,
     /// Replicas of each partition in each datacenter.
     pub replicas_per_datacenter: usize,
+    /// Applied entries each partition's log keeps for replicas that fall
+    /// behind; a replica further behind copies the partition's timeline
+    /// instead. At most 16 MiB: a Promise carries them, and peer frames
+    /// are bounded for that size.
+    pub partition_log_retained_bytes: usize,
     /// Lease timing.
     pub lease: LeaseSettings,
     /// Where rooms and messages are stored.
@@ -324,6 +333,7 @@ impl Default for NodeConfig {
             peer_tls: None,
             partitions: saferchat_placement::PartitionCount::DEFAULT.get(),
             replicas_per_datacenter: saferchat_placement::ring::REPLICAS_PER_DATACENTER_DEFAULT,
+            partition_log_retained_bytes: crate::timeline::driver::RETAINED_BYTES_MAX,
             lease: LeaseSettings::default(),
             storage: StorageConfig::default(),
             limits: Limits::default(),
@@ -453,6 +463,10 @@ impl NodeConfig {
         if let Some(v) = env("SAFERCHAT_SESSION_SECRET") {
             self.session_secret = Some(v);
         }
+        if let Some(v) = env("SAFERCHAT_PARTITION_LOG_RETAINED_BYTES") {
+            self.partition_log_retained_bytes =
+                parse_env("SAFERCHAT_PARTITION_LOG_RETAINED_BYTES", &v)?;
+        }
         if let Some(v) = env("SAFERCHAT_METRICS_LISTEN") {
             self.metrics_listen = Some(parse_env("SAFERCHAT_METRICS_LISTEN", &v)?);
         }
@@ -581,6 +595,15 @@ impl NodeConfig {
         }
         if let Some(secret) = &self.session_secret {
             check_secret("session_secret", secret, 32, "bytes")?;
+        }
+        if !(PARTITION_LOG_RETAINED_MIN..=crate::timeline::driver::RETAINED_BYTES_MAX)
+            .contains(&self.partition_log_retained_bytes)
+        {
+            return Err(invalid(format!(
+                "partition_log_retained_bytes = {}: {PARTITION_LOG_RETAINED_MIN} to {} (a Promise carries them, and peer frames are bounded for that)",
+                self.partition_log_retained_bytes,
+                crate::timeline::driver::RETAINED_BYTES_MAX
+            )));
         }
         if self.join && self.peers.iter().any(|p| !p.joining) {
             return Err(invalid(
@@ -798,6 +821,23 @@ mod tests {
             .unwrap_err();
         assert!(e.to_string().contains("sled or cassandra"), "{e}");
         assert!(toml::from_str::<NodeConfig>("no_such_key = 1").is_err());
+    }
+
+    #[test]
+    fn the_retained_log_is_bounded_both_ways() {
+        let mut c = NodeConfig::default();
+        c.apply_env(env(&[("SAFERCHAT_PARTITION_LOG_RETAINED_BYTES", "65536")]))
+            .unwrap();
+        assert_eq!(c.partition_log_retained_bytes, 65_536);
+        c.validate().unwrap();
+        for bad in [65_535, crate::timeline::driver::RETAINED_BYTES_MAX + 1] {
+            c.partition_log_retained_bytes = bad;
+            let e = c.validate().unwrap_err();
+            assert!(
+                e.to_string().contains("partition_log_retained_bytes"),
+                "{e}"
+            );
+        }
     }
 
     #[test]

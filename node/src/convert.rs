@@ -674,6 +674,10 @@ pub mod log {
                 count: *count,
                 released: released.0,
             }),
+            LogMessage::Compacted { term, floor } => Body::Compacted(ppb::LogCompacted {
+                term: Some(term_to_pb(*term)),
+                floor: floor.0,
+            }),
             LogMessage::Refused { term, promised } => Body::Refused(ppb::LogRefused {
                 term: Some(term_to_pb(*term)),
                 promised: Some(term_to_pb(*promised)),
@@ -724,6 +728,10 @@ pub mod log {
                 first: Slot(a.first),
                 count: a.count,
                 released: Slot(a.released),
+            },
+            Body::Compacted(c) => LogMessage::Compacted {
+                term: term_of(c.term.as_ref())?,
+                floor: Slot(c.floor),
             },
             Body::Refused(r) => LogMessage::Refused {
                 term: term_of(r.term.as_ref())?,
@@ -785,6 +793,10 @@ pub mod log {
                 LogMessage::Refused {
                     term: t,
                     promised: t,
+                },
+                LogMessage::Compacted {
+                    term: t,
+                    floor: Slot(7),
                 },
             ];
             for m in messages {

@@ -401,9 +401,15 @@ pub async fn run(
             inbound: log_rx,
             clock: Arc::clone(&clock),
             shutdown: shutdown.clone(),
+            copier: Some(Arc::new(grpc::partition_copy::PeerCopySource {
+                maps: maps.clone(),
+                placement: Arc::clone(&placement),
+            })),
+            retained_max: config.partition_log_retained_bytes,
         });
         (Some(timeline), Some(task))
     };
+    let copy_timeline = timeline.clone();
     let routing = placement::Routing::new(&config, Arc::clone(&placement), timeline.clone());
     let rooms = Rooms::new(RoomDeps {
         store: Arc::clone(&chat),
@@ -511,6 +517,8 @@ pub async fn run(
         membership: ctx.membership.local(),
         log: (log_tx, placement.partitions().get()),
         store: Arc::clone(&chat),
+        placement: Arc::clone(&placement),
+        timeline: copy_timeline,
     });
     if let Some(addr) = client_addr {
         tracing::info!(

@@ -75,19 +75,7 @@ async fn gauge(cluster: &Cluster, i: usize, series: &str) -> f64 {
 async fn an_owner_killed_mid_burst_loses_and_duplicates_nothing() {
     let mut options = Options::single_dc(3);
     options.metrics = true;
-    let mut cluster = Cluster::start(options).await;
-    let dir = tempfile::tempdir().unwrap();
-    let (_, alice) = fixture_key(dir.path(), "alice", 0);
-    let (_, bob) = fixture_key(dir.path(), "bob", 1);
-    let mut admin = cluster.admin(0).await;
-    admin.create_chat(ROOM).await.expect("create");
-    admin.add_user(ROOM, &alice, None).await.expect("add alice");
-    admin.add_user(ROOM, &bob, None).await.expect("add bob");
-
-    let mut session = join(&cluster, 0, 0).await;
-    let leader = (0..3)
-        .find(|i| cluster.server(*i) == session.address())
-        .expect("the session is on a node of the cluster");
+    let (mut cluster, mut session, leader) = room_with_alice(options).await;
     let survivor = (leader + 1) % 3;
     let envelopes: Vec<Bytes> = (0..POSTS)
         .map(|i| session.seal(format!("post {i}").as_bytes()).unwrap())
@@ -180,6 +168,79 @@ async fn an_owner_killed_mid_burst_loses_and_duplicates_nothing() {
     .await;
 
     // Every node's own store: the same 60 messages, in order, 1..60.
+    stop_and_check_stores(&mut cluster, &ids).await;
+}
+
+/// A replica that was down while the leader compacted its log past what
+/// the replica had cannot catch up from the log: the leader tells it so,
+/// it copies the room's timeline from a replica (`Peer/CopyPartition`),
+/// installs it and catches up from the log after it. With 64 KiB retained
+/// per partition, 200 posts made while it is down are far beyond that.
+/// Every node's own store ends with the same messages, numbered 1..N,
+/// with the acknowledged ids.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replica_behind_the_compacted_log_copies_the_timeline_and_catches_up() {
+    const BEFORE: usize = 10;
+    const WHILE_DOWN: usize = 200;
+    const AFTER: usize = 10;
+    let mut options = Options::single_dc(3);
+    options.metrics = true;
+    options.env = vec![
+        (
+            "SAFERCHAT_PARTITION_LOG_RETAINED_BYTES".into(),
+            "65536".into(),
+        ),
+        ("SAFERCHAT_POSTS_PER_SECOND".into(), "0".into()),
+    ];
+    let (mut cluster, mut session, leader) = room_with_alice(options).await;
+    let behind = (leader + 1) % 3;
+    let started = Instant::now();
+    let mut acked = post_acked(&mut session, "before", BEFORE).await;
+    wait_caught_up(&cluster, behind, leader, started, "the follower").await;
+
+    cluster.kill(behind);
+    acked.extend(post_acked(&mut session, "while down", WHILE_DOWN).await);
+    cluster.restart(behind);
+    acked.extend(post_acked(&mut session, "after", AFTER).await);
+    wait_caught_up(&cluster, behind, leader, started, "the restarted follower").await;
+    let log = cluster.nodes[behind].log_text();
+    assert!(
+        log.contains("installed the partition's timeline copied from a replica"),
+        "the restarted follower caught up by a copy, not from the log"
+    );
+
+    let total = (BEFORE + WHILE_DOWN + AFTER) as u64;
+    let ids: Vec<Bytes> = acked.iter().map(|(id, _)| id.clone()).collect();
+    let seqs: Vec<u64> = acked.iter().map(|(_, seq)| *seq).collect();
+    assert_eq!(
+        seqs,
+        (1..=total).collect::<Vec<_>>(),
+        "acknowledged in order"
+    );
+    stop_and_check_stores(&mut cluster, &ids).await;
+}
+
+/// A cluster started with `options`, `ROOM` with alice and bob in it, and
+/// alice's session on the room's leader, whose index comes last.
+async fn room_with_alice(options: Options) -> (Cluster, Session, usize) {
+    let cluster = Cluster::start(options).await;
+    let dir = tempfile::tempdir().unwrap();
+    let (_, alice) = fixture_key(dir.path(), "alice", 0);
+    let (_, bob) = fixture_key(dir.path(), "bob", 1);
+    let mut admin = cluster.admin(0).await;
+    admin.create_chat(ROOM).await.expect("create");
+    admin.add_user(ROOM, &alice, None).await.expect("add alice");
+    admin.add_user(ROOM, &bob, None).await.expect("add bob");
+    let session = join(&cluster, 0, 0).await;
+    let leader = (0..3)
+        .find(|i| cluster.server(*i) == session.address())
+        .expect("the session is on a node of the cluster");
+    (cluster, session, leader)
+}
+
+/// Stops every node cleanly, then reads each node's own store: the room
+/// holds exactly the acknowledged `ids`, in order, numbered 1..N.
+async fn stop_and_check_stores(cluster: &mut Cluster, ids: &[Bytes]) {
     for node in &mut cluster.nodes {
         assert!(node.stop(), "a clean stop");
     }
@@ -190,12 +251,22 @@ async fn an_owner_killed_mid_burst_loses_and_duplicates_nothing() {
             .await
             .expect("read");
         let seqs: Vec<u64> = stored.iter().map(|m| m.seq).collect();
-        assert_eq!(seqs, (1..=POSTS as u64).collect::<Vec<_>>(), "node {i}");
+        assert_eq!(
+            seqs,
+            (1..=ids.len() as u64).collect::<Vec<_>>(),
+            "node {}",
+            i + 1
+        );
         let stored_ids: Vec<Bytes> = stored
             .iter()
             .map(|m| Bytes::copy_from_slice(&m.id.to_bytes()))
             .collect();
-        assert_eq!(stored_ids, ids, "node {i} stores the acknowledged ids");
+        assert_eq!(
+            stored_ids,
+            ids,
+            "node {} stores the acknowledged ids",
+            i + 1
+        );
     }
 }
 

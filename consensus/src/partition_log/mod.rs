@@ -148,6 +148,16 @@ pub enum LogMessage<T> {
         /// what it missed.
         released: Slot,
     },
+    /// The leader compacted the slots this replica still needs: slots up
+    /// to `floor` are committed and applied there but no longer in its
+    /// log, so the replica must copy the partition's timeline (a snapshot)
+    /// before the log can catch it up.
+    Compacted {
+        /// The leader's term.
+        term: Term,
+        /// The leader's compaction floor.
+        floor: Slot,
+    },
     /// Refused: the replica promised `promised`, above `term`.
     Refused {
         /// The refused term.
@@ -165,6 +175,7 @@ impl<T> LogMessage<T> {
             | LogMessage::Promise { term, .. }
             | LogMessage::Accept { term, .. }
             | LogMessage::Accepted { term, .. }
+            | LogMessage::Compacted { term, .. }
             | LogMessage::Refused { term, .. } => *term,
         }
     }
@@ -195,6 +206,7 @@ impl<T> LogMessage<T> {
                     released,
                     ..
                 } => slot_ok(*first) && *count <= SLOT_MAX - first.0 && released.0 <= SLOT_MAX,
+                LogMessage::Compacted { floor, .. } => floor.0 <= SLOT_MAX,
                 LogMessage::Refused { promised, .. } => promised.is_sane(),
             }
     }

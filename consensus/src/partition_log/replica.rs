@@ -89,8 +89,12 @@ pub struct LogReady<T> {
     pub committed: Vec<Committed<T>>,
     /// This node became leader in this term (after recovery was sent).
     pub leading: Option<Term>,
-    /// Replicas that miss entries this node compacted away: they need the
-    /// timeline from this slot by another way (a snapshot copy).
+    /// Replicas that miss entries compacted away, and the first slot they
+    /// miss: they need the timeline copied (a snapshot) before the log can
+    /// catch them up. This node itself when it ran for leader behind a
+    /// promiser's floor or was told so by its leader
+    /// ([`LogMessage::Compacted`]): the node then copies the timeline from
+    /// another replica and calls [`LogReplica::install`].
     pub lagging: Vec<(NodeId, Slot)>,
 }
 
@@ -302,6 +306,26 @@ impl<T: Clone> LogReplica<T> {
         self.acceptor.compact(upto.min(self.released));
     }
 
+    /// The node copied the partition's timeline from a replica that had
+    /// applied every slot up to `upto` (so they are committed): this
+    /// replica counts them as released and drops its own entries up to
+    /// there, which the copy supersedes. Returns whether anything moved
+    /// (`upto` beyond what was released). Only a follower installs: a
+    /// candidate or leader never lags behind its own log.
+    ///
+    /// Dropping entries is safe for the same reason as compaction: the
+    /// slots are committed, and a candidate that has not released them
+    /// finds this replica's floor above its start and catches up the same
+    /// way instead of recovering them from promises.
+    pub fn install(&mut self, upto: Slot) -> bool {
+        if upto <= self.released || !matches!(self.role, Role::Follower) {
+            return false;
+        }
+        self.released = upto;
+        self.acceptor.compact(upto);
+        true
+    }
+
     /// Handles one message from another replica.
     pub fn step(&mut self, from: NodeId, message: LogMessage<T>) {
         if !message.is_sane() || !self.config.replicas.contains(&from) || from == self.config.me {
@@ -361,6 +385,17 @@ impl<T: Clone> LogReplica<T> {
                 released,
                 ..
             } => self.on_accepted(from, term, first, count, released),
+            LogMessage::Compacted { floor, .. } => {
+                self.observe(term);
+                // Only the leader of the newest term seen speaks for what
+                // the log holds; an older leader's floor is no reason to
+                // copy anything.
+                if term == self.highest && term.node == from && floor >= self.released.next() {
+                    self.ready
+                        .lagging
+                        .push((self.config.me, self.released.next()));
+                }
+            }
             LogMessage::Refused { promised, .. } => self.observe(promised),
         }
     }
@@ -520,6 +555,13 @@ impl<T: Clone> LogReplica<T> {
         let from = released.next();
         if from <= self.acceptor.floor() {
             self.ready.lagging.push((to, from));
+            self.ready.messages.push((
+                to,
+                LogMessage::Compacted {
+                    term,
+                    floor: self.acceptor.floor(),
+                },
+            ));
             return;
         }
         let missing: Vec<(Slot, Value<T>)> = self

@@ -108,8 +108,13 @@ pub struct Serving {
     pub membership: crate::membership::Membership,
     /// Partition-log traffic, and the partition count that bounds it.
     pub log: (mpsc::Sender<LogInbound>, u32),
-    /// This node's store (`ListRooms`).
+    /// This node's store (`ListRooms`, `CopyPartition`).
     pub store: Arc<dyn crate::storage::ChatStore>,
+    /// Which nodes replicate which partitions (`CopyPartition`).
+    pub placement: Arc<saferchat_placement::Placement>,
+    /// The partition logs' applied marks (`CopyPartition`); `None` on a
+    /// node without them.
+    pub timeline: Option<crate::timeline::Timeline>,
 }
 
 /// Receives other nodes' traffic.
@@ -355,6 +360,23 @@ impl Peer for PeerService {
                 })
                 .collect(),
         }))
+    }
+
+    async fn copy_partition(
+        &self,
+        request: Request<pb::CopyPartitionCall>,
+    ) -> Result<Response<pb::CopyPartitionPage>, Status> {
+        let caller = self.caller(&request)?;
+        let serving = self.serving()?;
+        let page = crate::grpc::partition_copy::serve(
+            caller,
+            request.into_inner(),
+            &serving.placement,
+            serving.timeline.as_ref(),
+            &*serving.store,
+        )
+        .await?;
+        Ok(Response::new(page))
     }
 
     async fn map_propose(

@@ -277,7 +277,8 @@ pub async fn concurrent_writers(store: Arc<dyn ChatStore>) {
     assert_eq!(stored_ids, expected, "every message once, in id order");
 }
 
-fn state_at(revision: u64) -> Arc<RoomState> {
+/// A committed room state at `revision` (for tests that need rooms listed).
+pub fn state_at(revision: u64) -> Arc<RoomState> {
     let mut s = RoomState::absent();
     apply(
         &mut s,

@@ -82,11 +82,18 @@
 //! # Compaction
 //!
 //! Applied entries stay in the log until a partition retains more than
-//! [`RETAINED_BYTES_MAX`] of them, then the oldest are compacted away: a
+//! the configured bytes (`partition_log_retained_bytes`, at most
+//! [`RETAINED_BYTES_MAX`]) of them, then the oldest are compacted away: a
 //! replica that comes back less than that far behind catches up from the
-//! leader's log. One further behind is reported (`lagging`) and needs the
-//! timeline copied from a replica (not built yet: partition transfer is
-//! part of the elastic cluster work).
+//! leader's log. One further behind is told so by the leader
+//! (`LogMessage::Compacted`; or finds out running for leader), copies the
+//! partition's timeline from a replica ([`super::copy`], in a task of its
+//! own: the driver goes on meanwhile) and installs it: its log counts the
+//! copied slots as released and applied, then catches up from the
+//! leader's log as usual. A copy starts only when the partition has no
+//! collected or unsynced posts of its own (they would be placed by a tail
+//! that does not know the copy), and after a failed copy the next waits
+//! [`COPY_RETRY_MS`].
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
@@ -157,6 +164,15 @@ pub const UNSYNCED_POSTS_MAX: usize = 128;
 const TAILS_MAX: usize = 4096;
 /// How often subscriptions of stopped room actors are swept.
 const SWEEP_MS: u64 = 10_000;
+/// After a failed copy of a partition, the next waits this long.
+pub const COPY_RETRY_MS: u64 = 1_000;
+
+/// A copy of a partition's timeline that ended.
+#[derive(Debug)]
+struct CopyDone {
+    partition: u32,
+    result: Result<super::copy::Copied, NodeError>,
+}
 
 /// The timeline store failing: since when, and when to try again.
 #[derive(Debug)]
@@ -217,6 +233,10 @@ struct Part {
     /// Applied entries still in the log: slot and size.
     retained: VecDeque<(Slot, usize)>,
     retained_bytes: usize,
+    /// A copy of the partition's timeline is under way.
+    copying: bool,
+    /// No copy starts before this (after a failed one).
+    copy_after: Millis,
 }
 
 impl Part {
@@ -258,6 +278,13 @@ pub struct DriverParts {
     pub clock: Arc<dyn Clock>,
     /// Stops the driver.
     pub shutdown: CancellationToken,
+    /// Where a partition's timeline is copied from when this node's log
+    /// is behind what the others compacted; `None`: it is never copied
+    /// (the lag is only reported).
+    pub copier: Option<Arc<dyn super::copy::CopySource>>,
+    /// Applied bytes each partition's log retains (at most
+    /// [`RETAINED_BYTES_MAX`]).
+    pub retained_max: usize,
 }
 
 struct Driver {
@@ -295,6 +322,12 @@ struct Driver {
     /// Posts placed by an apply that failed: a retry that finds one stored
     /// (so not fresh) still delivers it, once.
     undelivered: std::collections::HashSet<crate::message_id::MessageId>,
+    copier: Option<Arc<dyn super::copy::CopySource>>,
+    copies: (
+        mpsc::UnboundedSender<CopyDone>,
+        Option<mpsc::UnboundedReceiver<CopyDone>>,
+    ),
+    retained_max: usize,
 }
 
 /// Starts the driver; its task ends with `Err(Fatal)` if the node can no
@@ -330,6 +363,12 @@ pub fn spawn(parts: DriverParts) -> (Timeline, JoinHandle<Result<(), NodeError>>
         unsynced_since: None,
         outage: None,
         undelivered: std::collections::HashSet::new(),
+        copier: parts.copier,
+        copies: {
+            let (tx, rx) = mpsc::unbounded_channel();
+            (tx, Some(rx))
+        },
+        retained_max: parts.retained_max.min(RETAINED_BYTES_MAX),
     };
     for (partition, state) in parts.states {
         if driver.replicas(partition).contains(&driver.me) {
@@ -391,6 +430,8 @@ impl Driver {
                 applied: state.applied,
                 retained,
                 retained_bytes,
+                copying: false,
+                copy_after: now,
             },
         );
     }
@@ -416,6 +457,7 @@ impl Driver {
     ) -> Result<(), NodeError> {
         let mut tick = tokio::time::interval(Duration::from_millis(TICK_MS));
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut copies = self.copies.1.take().expect("run once");
         loop {
             let mut touched = Vec::new();
             tokio::select! {
@@ -436,6 +478,7 @@ impl Driver {
                         self.on_inbound(batch, &mut touched);
                     }
                 }
+                Some(done) = copies.recv() => self.on_copied(done, &mut touched),
                 _ = tick.tick() => self.on_tick(&mut touched),
             }
             touched.sort_unstable();
@@ -494,6 +537,9 @@ impl Driver {
                     part.heard = now;
                     touched.push(partition);
                 }
+            }
+            Command::Applied { partition, reply } => {
+                let _ = reply.send(self.part(partition).map(|p| p.applied));
             }
             Command::Append {
                 partition,
@@ -641,6 +687,7 @@ impl Driver {
         let mut lost = Vec::new();
         let mut led = Vec::new();
         let mut leaders = Vec::new();
+        let mut copy_needed = Vec::new();
         for partition in touched {
             let me = self.me;
             let Some(part) = self.parts.get_mut(&partition) else {
@@ -662,8 +709,12 @@ impl Driver {
                 committed.push((partition, ready.committed));
             }
             for (node, from) in ready.lagging {
-                tracing::warn!(partition, %node, from = from.0, "a replica is behind the retained log and needs the partition copied");
-                metrics::counter!("saferchat_partition_lagging_total").increment(1);
+                if node == me {
+                    copy_needed.push((partition, from));
+                } else {
+                    tracing::info!(partition, %node, from = from.0, "a replica is behind the retained log; told to copy the partition");
+                    metrics::counter!("saferchat_partition_lagging_total").increment(1);
+                }
             }
             if let Some(term) = ready.leading {
                 tracing::info!(partition, %term, "leading the partition");
@@ -732,10 +783,117 @@ impl Driver {
             self.leaders
                 .set(partition, if waiting { None } else { leader });
         }
+        for (partition, need) in copy_needed {
+            self.start_copy(partition, need);
+        }
         if self.store.wants_rotation() {
             self.rotate().await?;
         }
         Ok(())
+    }
+
+    /// Copies the partition's timeline from another replica in a task of
+    /// its own, unless one runs, one failed a moment ago, or the partition
+    /// has posts of its own collected or unsynced (see "Compaction"; the
+    /// leader says it again with its next heartbeat).
+    fn start_copy(&mut self, partition: u32, need: Slot) {
+        let now = self.clock.monotonic();
+        let Some(copier) = self.copier.clone() else {
+            tracing::warn!(
+                partition,
+                need = need.0,
+                "this node's log is behind what its peers compacted, and it copies no timelines"
+            );
+            return;
+        };
+        if self.deferred.contains_key(&partition) || self.unsynced.contains_key(&partition) {
+            return;
+        }
+        let me = self.me;
+        let replicas = self.replicas(partition);
+        let Some(part) = self.parts.get_mut(&partition) else {
+            return;
+        };
+        if part.copying || now < part.copy_after {
+            return;
+        }
+        part.copying = true;
+        // The leader first: it tells replicas to copy, and its applied
+        // mark is at least its compaction floor.
+        let hint = part.replica.leader_hint().filter(|l| *l != me);
+        let mut sources: Vec<NodeId> = hint.into_iter().collect();
+        sources.extend(
+            replicas
+                .into_iter()
+                .filter(|n| *n != me && Some(*n) != hint),
+        );
+        tracing::info!(
+            partition,
+            need = need.0,
+            ?sources,
+            "this node's log is behind what its peers compacted; copying the partition's timeline"
+        );
+        let chat = Arc::clone(&self.chat);
+        let done = self.copies.0.clone();
+        tokio::spawn(async move {
+            let result = super::copy::copy(&*copier, &*chat, partition, &sources, need).await;
+            let _ = done.send(CopyDone { partition, result });
+        });
+    }
+
+    /// Installs a finished copy: the log counts its slots as released and
+    /// applied, and the room tails of the partition are reloaded from the
+    /// store (which now holds the copy) when next needed.
+    fn on_copied(&mut self, done: CopyDone, touched: &mut Vec<u32>) {
+        let now = self.clock.monotonic();
+        let partition = done.partition;
+        let placement = Arc::clone(&self.placement);
+        let Some(part) = self.parts.get_mut(&partition) else {
+            return;
+        };
+        part.copying = false;
+        let copied = match done.result {
+            Ok(copied) => copied,
+            Err(e) => {
+                tracing::warn!(partition, error = %e, retry_ms = COPY_RETRY_MS, "copying the partition's timeline failed");
+                metrics::counter!("saferchat_partition_copy_failures_total").increment(1);
+                part.copy_after = now.plus(COPY_RETRY_MS);
+                return;
+            }
+        };
+        if !part.replica.install(copied.applied) {
+            tracing::info!(
+                partition,
+                applied = copied.applied.0,
+                "the copied timeline is not ahead of this node's log; nothing to install"
+            );
+            return;
+        }
+        part.applied = copied.applied;
+        part.retained.clear();
+        part.retained_bytes = 0;
+        self.marks.push(LogChange {
+            partition,
+            floor: Some(copied.applied),
+            applied: Some(copied.applied),
+            ..LogChange::default()
+        });
+        self.tails
+            .retain(|room, _| placement.partitions().of_room(room.as_str()).0 != partition);
+        metrics::counter!("saferchat_partition_copies_total").increment(1);
+        metrics::counter!("saferchat_partition_copied_bytes_total").increment(copied.bytes);
+        #[allow(clippy::cast_precision_loss)]
+        metrics::gauge!("saferchat_partition_applied_slot", "partition" => partition.to_string())
+            .set(copied.applied.0 as f64);
+        tracing::info!(
+            partition,
+            source = %copied.source,
+            applied = copied.applied.0,
+            messages = copied.messages,
+            bytes = copied.bytes,
+            "installed the partition's timeline copied from a replica"
+        );
+        touched.push(partition);
     }
 
     /// What to apply now: led partitions' commits (after anything collected
@@ -1103,7 +1261,7 @@ impl Driver {
             return;
         };
         let mut floor = None;
-        while part.retained_bytes > RETAINED_BYTES_MAX {
+        while part.retained_bytes > self.retained_max {
             let Some(&(slot, bytes)) = part.retained.front() else {
                 break;
             };

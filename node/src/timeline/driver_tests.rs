@@ -166,6 +166,8 @@ fn start(dir: &std::path::Path, chat: Arc<Disk>, clock: Arc<StillClock>) -> Node
         inbound,
         clock,
         shutdown: shutdown.clone(),
+        copier: None,
+        retained_max: super::RETAINED_BYTES_MAX,
     });
     // The sender side of `inbound` is dropped: no peers.
     Node {

@@ -20,6 +20,7 @@
 //! no quorum, its timeline store is its durable log, and its room actors
 //! place posts with [`tail::RoomTail`] themselves.
 
+pub mod copy;
 pub mod driver;
 pub mod tail;
 
@@ -138,6 +139,12 @@ pub(crate) enum Command {
     Touch {
         partition: u32,
     },
+    /// The partition's applied (and synced) mark; `None` when this node
+    /// does not replicate it.
+    Applied {
+        partition: u32,
+        reply: oneshot::Sender<Option<saferchat_consensus::partition_log::Slot>>,
+    },
 }
 
 type Subscribers = Arc<Mutex<HashMap<RoomId, Vec<mpsc::UnboundedSender<Arc<AppliedPost>>>>>>;
@@ -194,6 +201,23 @@ impl Timeline {
             .await
             .map_err(|_| stopped())?;
         Ok(receivers)
+    }
+
+    /// Slots of `partition` applied (and synced) to this node's timeline;
+    /// `None` when this node does not replicate it.
+    ///
+    /// # Errors
+    /// `Unavailable` when the driver has stopped.
+    pub async fn applied(
+        &self,
+        partition: u32,
+    ) -> Result<Option<saferchat_consensus::partition_log::Slot>, NodeError> {
+        let (reply, answer) = oneshot::channel();
+        self.tx
+            .send(Command::Applied { partition, reply })
+            .await
+            .map_err(|_| stopped())?;
+        answer.await.map_err(|_| stopped())
     }
 
     /// A client wants `partition`: elect a leader if it has none.
