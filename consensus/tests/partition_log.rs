@@ -227,8 +227,8 @@ fn a_follower_behind_the_leaders_floor_installs_a_copy_and_catches_up() {
     net.run(&[]);
     assert_eq!(
         net.lagging,
-        vec![(0, NodeId(3), Slot(1)), (2, NodeId(3), Slot(1))],
-        "the leader reports it, and node 3 learns it from the leader"
+        vec![(0, NodeId(3), Slot(2)), (2, NodeId(3), Slot(2))],
+        "the leader reports it, and node 3 learns it from the leader: a copy up to slot 2"
     );
     assert!(
         net.committed[2].is_empty(),
@@ -321,8 +321,8 @@ struct Sim {
     /// Each node's compaction floor (durable, like its entries).
     floors: Vec<Slot>,
     /// Nodes that reported themselves lagging and have not installed a
-    /// copy since.
-    wants_copy: Vec<bool>,
+    /// copy since, and how far the copy must reach.
+    wants_copy: Vec<Option<Slot>>,
     copies: usize,
 }
 
@@ -347,7 +347,7 @@ impl Sim {
             acked: BTreeMap::new(),
             next_post: 1,
             floors: vec![Slot(0); n as usize],
-            wants_copy: vec![false; n as usize],
+            wants_copy: vec![None; n as usize],
             copies: 0,
         }
     }
@@ -364,8 +364,10 @@ impl Sim {
         for (to, m) in ready.messages {
             self.net.push((NodeId(i as u64 + 1), to, m));
         }
-        if ready.lagging.iter().any(|(n, _)| n.0 == i as u64 + 1) {
-            self.wants_copy[i] = true;
+        for (n, need) in &ready.lagging {
+            if n.0 == i as u64 + 1 {
+                self.wants_copy[i] = Some(self.wants_copy[i].map_or(*need, |w| w.max(*need)));
+            }
         }
         for c in ready.committed {
             if c.slot.0 != self.disk[i].2.0 + 1 {
@@ -418,14 +420,18 @@ impl Sim {
     }
 
     /// Node `i` copies the timeline node `j` applied (its durable released
-    /// prefix) and installs it, as the node does when it lags.
+    /// prefix) and installs it, as the node does when it lags: only from
+    /// a replica that applied as far as `i` needs.
     fn copy(&mut self, i: usize, j: usize) {
         let upto = self.disk[j].2;
+        if upto < self.wants_copy[i].unwrap_or(Slot(u64::MAX)) {
+            return;
+        }
         if self.nodes[i].install(upto) {
             self.disk[i].2 = upto;
             self.floors[i] = upto;
             self.disk[i].1.retain(|s, _| *s > upto);
-            self.wants_copy[i] = false;
+            self.wants_copy[i] = None;
             self.copies += 1;
         }
     }
@@ -447,7 +453,7 @@ impl Sim {
             20..23 => self.restart(i),
             23..26 => self.nodes[i].resend(),
             30..33 => self.compact(i),
-            33..36 if self.wants_copy[i] => {
+            33..36 if self.wants_copy[i].is_some() => {
                 let j = (i + self.rng.random_range(1..self.nodes.len())) % self.nodes.len();
                 self.copy(i, j);
             }

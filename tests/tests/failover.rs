@@ -173,7 +173,7 @@ async fn an_owner_killed_mid_burst_loses_and_duplicates_nothing() {
 
 /// A replica that was down while the leader compacted its log past what
 /// the replica had cannot catch up from the log: the leader tells it so,
-/// it copies the room's timeline from a replica (`Peer/CopyPartition`),
+/// it copies the room's timeline from a replica (`Peer/CopyPartitionRooms`, `Peer/CopyRoom`),
 /// installs it and catches up from the log after it. With 64 KiB retained
 /// per partition, 200 posts made while it is down are far beyond that.
 /// Every node's own store ends with the same messages, numbered 1..N,

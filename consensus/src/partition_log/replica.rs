@@ -89,12 +89,12 @@ pub struct LogReady<T> {
     pub committed: Vec<Committed<T>>,
     /// This node became leader in this term (after recovery was sent).
     pub leading: Option<Term>,
-    /// Replicas that miss entries compacted away, and the first slot they
-    /// miss: they need the timeline copied (a snapshot) before the log can
-    /// catch them up. This node itself when it ran for leader behind a
-    /// promiser's floor or was told so by its leader
-    /// ([`LogMessage::Compacted`]): the node then copies the timeline from
-    /// another replica and calls [`LogReplica::install`].
+    /// Replicas that miss entries compacted away, and the slot up to which
+    /// they need the timeline copied (a snapshot) before the log can catch
+    /// them up. This node itself when it ran for leader behind a promiser's
+    /// floor or was told so by its leader ([`LogMessage::Compacted`]): the
+    /// node then copies the timeline from a replica that applied at least
+    /// that far and calls [`LogReplica::install`].
     pub lagging: Vec<(NodeId, Slot)>,
 }
 
@@ -390,10 +390,8 @@ impl<T: Clone> LogReplica<T> {
                 // Only the leader of the newest term seen speaks for what
                 // the log holds; an older leader's floor is no reason to
                 // copy anything.
-                if term == self.highest && term.node == from && floor >= self.released.next() {
-                    self.ready
-                        .lagging
-                        .push((self.config.me, self.released.next()));
+                if term == self.highest && term.node == from && floor > self.released {
+                    self.ready.lagging.push((self.config.me, floor));
                 }
             }
             LogMessage::Refused { promised, .. } => self.observe(promised),
@@ -437,7 +435,10 @@ impl<T: Clone> LogReplica<T> {
             .max()
             .unwrap_or_default();
         if floor >= from || end.0.saturating_sub(from.0) > RECOVERY_SLOTS_MAX {
-            self.ready.lagging.push((self.config.me, from));
+            let need = floor
+                .max(from)
+                .max(Slot(end.0.saturating_sub(RECOVERY_SLOTS_MAX)));
+            self.ready.lagging.push((self.config.me, need));
             self.role = Role::Follower;
             return;
         }
@@ -554,7 +555,7 @@ impl<T: Clone> LogReplica<T> {
         }
         let from = released.next();
         if from <= self.acceptor.floor() {
-            self.ready.lagging.push((to, from));
+            self.ready.lagging.push((to, self.acceptor.floor()));
             self.ready.messages.push((
                 to,
                 LogMessage::Compacted {

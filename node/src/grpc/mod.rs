@@ -172,7 +172,11 @@ pub async fn serve_peers(
         .tls_config(tls.server())
         .map_err(|e| NodeError::Config(format!("peer TLS: {e}")))?
         .tcp_nodelay(true)
-        .add_service(PeerServer::new(service).max_decoding_message_size(peer::PEER_FRAME_BYTES_MAX))
+        .add_service(
+            PeerServer::new(service)
+                .max_decoding_message_size(peer::PEER_FRAME_BYTES_MAX)
+                .max_encoding_message_size(peer::PEER_FRAME_BYTES_MAX),
+        )
         .serve_with_incoming_shutdown(incoming(listener), shutdown.cancelled_owned())
         .await
         .map_err(|e| NodeError::Unavailable(format!("peer listener failed: {e}")))

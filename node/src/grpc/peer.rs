@@ -108,11 +108,11 @@ pub struct Serving {
     pub membership: crate::membership::Membership,
     /// Partition-log traffic, and the partition count that bounds it.
     pub log: (mpsc::Sender<LogInbound>, u32),
-    /// This node's store (`ListRooms`, `CopyPartition`).
+    /// This node's store (`ListRooms`, the partition copy).
     pub store: Arc<dyn crate::storage::ChatStore>,
-    /// Which nodes replicate which partitions (`CopyPartition`).
+    /// Which nodes replicate which partitions (the partition copy).
     pub placement: Arc<saferchat_placement::Placement>,
-    /// The partition logs' applied marks (`CopyPartition`); `None` on a
+    /// The partition logs' applied marks (the partition copy); `None` on a
     /// node without them.
     pub timeline: Option<crate::timeline::Timeline>,
 }
@@ -149,6 +149,17 @@ impl PeerService {
     fn serving(&self) -> Result<&Serving, Status> {
         self.serving.get().ok_or_else(|| {
             Status::unavailable("this node is still starting (or joining the cluster)")
+        })
+    }
+
+    /// What a partition copy's pages are served from, for `caller`.
+    fn copying(&self, caller: NodeId) -> Result<crate::grpc::partition_copy::Serve<'_>, Status> {
+        let serving = self.serving()?;
+        Ok(crate::grpc::partition_copy::Serve {
+            caller,
+            placement: &serving.placement,
+            timeline: serving.timeline.as_ref(),
+            store: &*serving.store,
         })
     }
 
@@ -362,20 +373,21 @@ impl Peer for PeerService {
         }))
     }
 
-    async fn copy_partition(
+    async fn copy_partition_rooms(
         &self,
-        request: Request<pb::CopyPartitionCall>,
-    ) -> Result<Response<pb::CopyPartitionPage>, Status> {
+        request: Request<pb::CopyRoomsCall>,
+    ) -> Result<Response<pb::CopyRoomsPage>, Status> {
         let caller = self.caller(&request)?;
-        let serving = self.serving()?;
-        let page = crate::grpc::partition_copy::serve(
-            caller,
-            request.into_inner(),
-            &serving.placement,
-            serving.timeline.as_ref(),
-            &*serving.store,
-        )
-        .await?;
+        let page = self.copying(caller)?.rooms(request.into_inner()).await?;
+        Ok(Response::new(page))
+    }
+
+    async fn copy_room(
+        &self,
+        request: Request<pb::CopyRoomCall>,
+    ) -> Result<Response<pb::CopyRoomPage>, Status> {
+        let caller = self.caller(&request)?;
+        let page = self.copying(caller)?.room(request.into_inner()).await?;
         Ok(Response::new(page))
     }
 

@@ -250,6 +250,8 @@ struct Statements {
     insert_room: PreparedStatement,
     upsert_name: PreparedStatement,
     names_from: PreparedStatement,
+    rooms_first: PreparedStatement,
+    rooms_after: PreparedStatement,
     names_after: PreparedStatement,
 }
 
@@ -718,6 +720,26 @@ impl Statements {
                 1,
             )
             .await?,
+            rooms_first: prepare(
+                cql(
+                    "SELECT DISTINCT chat FROM {ks}.timeline_buckets LIMIT ?",
+                    ks,
+                ),
+                lq,
+                true,
+                INDEX_PAGE_ROWS,
+            )
+            .await?,
+            rooms_after: prepare(
+                cql(
+                    "SELECT DISTINCT chat FROM {ks}.timeline_buckets WHERE token(chat) > token(?) LIMIT ?",
+                    ks,
+                ),
+                lq,
+                true,
+                INDEX_PAGE_ROWS,
+            )
+            .await?,
             names_from: prepare(
                 cql(
                     "SELECT chat, revision, members FROM {ks}.chat_names WHERE initial = ? LIMIT ?",
@@ -980,6 +1002,46 @@ impl ChatStore for CassandraStore {
         metrics::histogram!("saferchat_cassandra_append_batches").record(chunks.len() as f64);
         try_join_all(chunks.iter().map(|chunk| self.write_chunk(chunk))).await?;
         Ok(())
+    }
+
+    /// In token order of the bucket index's partition key.
+    async fn rooms_with_messages(
+        &self,
+        after: Option<&RoomId>,
+        limit: usize,
+    ) -> Result<Vec<RoomId>, NodeError> {
+        let what = "listing rooms with messages";
+        let rows: Vec<(String,)> = match after {
+            Some(a) => {
+                self.select(
+                    what,
+                    &self.statements.rooms_after,
+                    (a.as_str(), cql_limit(limit)),
+                    limit,
+                )
+                .await?
+            }
+            None => {
+                self.select(
+                    what,
+                    &self.statements.rooms_first,
+                    (cql_limit(limit),),
+                    limit,
+                )
+                .await?
+            }
+        };
+        rows.into_iter()
+            .map(|(name,)| {
+                RoomId::new(&name).map_err(|e| {
+                    NodeError::Storage(format!("cassandra: bad room name {name:?}: {e}"))
+                })
+            })
+            .collect()
+    }
+
+    fn shared(&self) -> bool {
+        true
     }
 
     async fn buckets(&self, room: &RoomId) -> Result<Vec<Bucket>, NodeError> {

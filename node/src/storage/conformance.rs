@@ -403,6 +403,56 @@ pub async fn list_rooms_in_pages(store: &dyn ChatStore) {
     assert!(all.windows(2).all(|w| w[0].room < w[1].room), "name order");
 }
 
+/// Rooms with messages are listed in pages, each once, whether or not
+/// their membership was saved here; a room without messages is not.
+pub async fn rooms_with_messages_in_pages(store: &dyn ChatStore) {
+    let base = unique_room("posted");
+    let rooms: Vec<RoomId> = (0..5)
+        .map(|i| RoomId::new(&format!("{base}-{i}")).expect("valid"))
+        .collect();
+    let mut ids = IdGenerator::after(None);
+    for (i, room) in rooms.iter().enumerate() {
+        // Two buckets for some rooms: listed once all the same.
+        for when in [BEFORE_DECEMBER_MS, BEFORE_DECEMBER_MS + 40 * 24 * 3_600_000]
+            .iter()
+            .take(1 + i % 2)
+        {
+            let message = StoredMessage {
+                room: room.clone(),
+                id: ids.next(*when, i as u64),
+                seq: 1,
+                envelope: Bytes::from_static(b"ciphertext"),
+            };
+            store.append(&[message]).await.expect("append");
+        }
+    }
+    let silent = RoomId::new(&format!("{base}-silent")).expect("valid");
+    let c = CommittedRoom {
+        ballot: Ballot::ZERO,
+        state: state_at(3),
+    };
+    store.save_room(&silent, &c).await.expect("save");
+    let mut seen = Vec::new();
+    let mut after: Option<RoomId> = None;
+    for _ in 0..100_000 {
+        let page = store
+            .rooms_with_messages(after.as_ref(), 2)
+            .await
+            .expect("list");
+        assert!(page.len() <= 2);
+        if page.is_empty() {
+            break;
+        }
+        after = page.last().cloned();
+        seen.extend(page);
+    }
+    let ours: Vec<&RoomId> = seen.iter().filter(|r| rooms.contains(r)).collect();
+    assert_eq!(ours.len(), rooms.len(), "each once: {ours:?}");
+    assert!(!seen.contains(&silent), "a room without messages");
+    let distinct: std::collections::BTreeSet<&RoomId> = seen.iter().collect();
+    assert_eq!(distinct.len(), seen.len(), "no room twice");
+}
+
 /// Acceptor states round-trip; the last save wins.
 pub async fn acceptor_round_trip(store: &dyn AcceptorStore) {
     let a = unique_room("acc");
@@ -517,6 +567,12 @@ macro_rules! chat_store_conformance {
         async fn conformance_list_rooms_in_pages() {
             let store: std::sync::Arc<dyn $crate::storage::ChatStore> = $make.await;
             $crate::storage::conformance::list_rooms_in_pages(&*store).await;
+        }
+        #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+        $(#[$attr])+
+        async fn conformance_rooms_with_messages_in_pages() {
+            let store: std::sync::Arc<dyn $crate::storage::ChatStore> = $make.await;
+            $crate::storage::conformance::rooms_with_messages_in_pages(&*store).await;
         }
     };
     ($make:expr) => {

@@ -84,6 +84,25 @@ impl ChatStore for MemoryChat {
         Ok(())
     }
 
+    async fn rooms_with_messages(
+        &self,
+        after: Option<&RoomId>,
+        limit: usize,
+    ) -> Result<Vec<RoomId>, NodeError> {
+        let buckets = self.buckets.lock().expect("lock");
+        let mut rooms: Vec<RoomId> = Vec::new();
+        for (room, _) in buckets.iter() {
+            if after.is_some_and(|a| room <= a) || rooms.last() == Some(room) {
+                continue;
+            }
+            if rooms.len() == limit {
+                break;
+            }
+            rooms.push(room.clone());
+        }
+        Ok(rooms)
+    }
+
     async fn buckets(&self, room: &RoomId) -> Result<Vec<Bucket>, NodeError> {
         let buckets = self.buckets.lock().expect("lock");
         Ok(buckets

@@ -132,6 +132,25 @@ pub trait ChatStore: Send + Sync + std::fmt::Debug + 'static {
     /// The buckets `room` has messages in, oldest first.
     async fn buckets(&self, room: &RoomId) -> Result<Vec<Bucket>, NodeError>;
 
+    /// Rooms that have messages stored, at most `limit`, in an order the
+    /// store keeps (not necessarily name order), starting after `after` in
+    /// that order. Every room with a message is listed once over the pages,
+    /// including rooms [`ChatStore::list_rooms`] does not know (it lists
+    /// saved memberships, which a replica may lack while it has the room's
+    /// posts): copying a partition's timeline walks this.
+    async fn rooms_with_messages(
+        &self,
+        after: Option<&RoomId>,
+        limit: usize,
+    ) -> Result<Vec<RoomId>, NodeError>;
+
+    /// Whether every node of the cluster writes to this same store (one
+    /// Cassandra keyspace): a replica behind its partition's log then needs
+    /// no copy of the timeline, only the mark of what is in it.
+    fn shared(&self) -> bool {
+        false
+    }
+
     /// Up to `limit` messages of one bucket of `room`, in the order
     /// `range` asks for.
     async fn read_bucket(

@@ -532,6 +532,37 @@ impl ChatStore for SledStore {
         self.sync_for(Durable::Log).await
     }
 
+    async fn rooms_with_messages(
+        &self,
+        after: Option<&RoomId>,
+        limit: usize,
+    ) -> Result<Vec<RoomId>, NodeError> {
+        // Keys are `len(room) ‖ room ‖ bucket`: after every bucket of
+        // `after` (bucket text is ASCII, below 0xff) in key order.
+        let start = after.map_or_else(Vec::new, |a| {
+            let mut k = room_prefix(a);
+            k.push(0xff);
+            k
+        });
+        let mut rooms: Vec<RoomId> = Vec::new();
+        for item in self.buckets.range(start..) {
+            let (key, _) = item.map_err(NodeError::storage)?;
+            let len = usize::from(key[0]);
+            let name = key
+                .get(1..=len)
+                .and_then(|b| std::str::from_utf8(b).ok())
+                .ok_or_else(|| NodeError::Storage("bad bucket-index key".into()))?;
+            if rooms.last().is_some_and(|r| r.as_str() == name) {
+                continue;
+            }
+            if rooms.len() == limit {
+                break;
+            }
+            rooms.push(RoomId::new(name).map_err(NodeError::storage)?);
+        }
+        Ok(rooms)
+    }
+
     async fn buckets(&self, room: &RoomId) -> Result<Vec<Bucket>, NodeError> {
         let prefix = room_prefix(room);
         self.buckets

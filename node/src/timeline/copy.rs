@@ -2,31 +2,36 @@
 //! others compacted away (see the driver's "Compaction").
 //!
 //! A replica that was down while its partition's leader retained more than
-//! [`super::driver::RETAINED_BYTES_MAX`] of newer entries cannot catch up
-//! from the log: the leader tells it so (`LogMessage::Compacted`), or it
-//! finds out itself when it runs for leader. It then copies the timeline of
-//! the partition's rooms from another replica, in pages:
+//! `partition_log_retained_bytes` of newer entries cannot catch up from the
+//! log: the leader tells it so (`LogMessage::Compacted`, with its floor),
+//! or it finds out itself when it runs for leader. It then copies the
+//! timeline of the partition's rooms from another replica:
 //!
-//! - The source answers every page with its *applied mark* `A`, read
-//!   before the page's messages: every slot up to `A` was stored in its
-//!   timeline by then, and stores only grow, so the pages read from the
-//!   first one on hold every post of those slots (and perhaps later ones).
-//! - The copier takes `A` from the first page (it may grow during the
-//!   copy; what the first page said is what the pages are sure to cover),
-//!   appends every page to its own store durably (a message already stored
-//!   is stored once: the store's contract), and only then lets the driver
-//!   install `A`: the log counts the slots up to `A` as released and
-//!   applied, and catches the replica up from there. A post the copy
-//!   brought beyond `A` is applied again from the log and recognised by the
-//!   room's tail (`RoomTail::load_since`), as after a crash.
+//! - The source lists the partition's rooms that have messages
+//!   ([`ChatStore::rooms_with_messages`]: not the saved memberships, which a
+//!   replica may lack for a room whose posts it has), in pages, each with
+//!   its *applied mark* `A` read before the page: every slot up to `A` was
+//!   in its timeline by then, and stores only grow, so every read from the
+//!   first page on holds every post of those slots (and perhaps later
+//!   ones). A source whose mark is below what the copier needs (the
+//!   leader's floor) is skipped.
+//! - For each room, the copier asks for the messages after the newest one
+//!   it has itself, and appends them durably (a message already stored is
+//!   stored once: the store's contract). A replica's store holds, per room,
+//!   a prefix of the room's timeline (it applies in slot order, and copies
+//!   append a prefix of the source's, in id order), so the copy brings only
+//!   what is missing: a second copy after the leader compacted further
+//!   costs what was posted since, and a copy that fails part-way and starts
+//!   again skips what it already brought.
+//! - Then the driver installs `A`: the log counts the slots up to `A` as
+//!   released and applied, and catches the replica up from there. A post
+//!   the copy brought beyond `A` is applied again from the log and
+//!   recognised by the room's tail (`RoomTail::load_since`), as after a
+//!   crash.
 //!
 //! Ids and sequence numbers are copied as stored: every replica computes
-//! the same ones from the same log, so a copied post and one this replica
-//! placed itself are one row.
-//!
-//! Pages are stateless on the source (a cursor of room and message id), so
-//! a source that restarts or a copy that moves to another source loses
-//! nothing but the pages in flight.
+//! the same ones from the same log. On a store that every node shares
+//! (Cassandra) nothing is copied: the source's mark is installed at once.
 
 use std::fmt;
 
@@ -38,114 +43,134 @@ use crate::error::NodeError;
 use crate::message_id::MessageId;
 use crate::storage::{self, ChatStore, Range, StoredMessage};
 
-/// Envelope bytes per page, at most (plus one envelope of up to 512 KiB).
+/// Envelope bytes per page of a room, at most (a single larger message,
+/// which cannot exist, would go alone).
 pub const PAGE_BYTES_MAX: usize = 4 << 20;
-/// Messages per page, at most.
+/// Messages per page of a room, at most.
 pub const PAGE_MESSAGES_MAX: usize = 2_000;
-/// Messages read from the store at a time.
-const READ_CHUNK: usize = 500;
-/// Rooms listed from the store at a time while looking for the next room of
-/// the partition.
-const LIST_CHUNK: usize = 1_000;
+/// Rooms per page of the room list.
+pub const ROOMS_PAGE_MAX: usize = 1_000;
+/// Messages read from the store at a time while filling a page.
+const READ_CHUNK: usize = 64;
 
-/// Where a page starts: a room, after a message of it (its first message
-/// when `None`).
+/// One page of a partition's room list.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Cursor {
-    /// The room.
-    pub room: RoomId,
-    /// The last message already copied.
-    pub after: Option<MessageId>,
-}
-
-/// One page of a partition's timeline.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Page {
+pub struct RoomsPage {
     /// The source's applied mark, read before the page.
     pub applied: Slot,
-    /// Messages, room by room in name order, each room's in id order.
+    /// Rooms of the partition with messages, in the source's store order.
+    pub rooms: Vec<RoomId>,
+    /// Whether this was the last page.
+    pub done: bool,
+}
+
+/// One page of a room's messages.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RoomPage {
+    /// Messages in id order.
     pub messages: Vec<StoredMessage>,
-    /// Where the next page starts; `None` after the last.
-    pub next: Option<Cursor>,
+    /// Whether the room has no more.
+    pub done: bool,
 }
 
 /// Where pages come from: another replica, over the peer link.
 #[async_trait]
 pub trait CopySource: Send + Sync + fmt::Debug + 'static {
-    /// One page of `partition` from `node`.
-    async fn page(
+    /// A page of `partition`'s rooms from `node`, after `after`.
+    async fn rooms(
         &self,
         node: NodeId,
         partition: u32,
-        cursor: Option<&Cursor>,
-    ) -> Result<Page, NodeError>;
+        after: Option<&RoomId>,
+    ) -> Result<RoomsPage, NodeError>;
+
+    /// A page of `room`'s messages from `node`, after `after`.
+    async fn room(
+        &self,
+        node: NodeId,
+        partition: u32,
+        room: &RoomId,
+        after: Option<MessageId>,
+    ) -> Result<RoomPage, NodeError>;
 }
 
-/// Reads one page of the rooms `in_partition` selects from `store`,
-/// starting at `cursor` (the partition's first room when `None`).
+/// Reads one page of the room list: the rooms with messages that
+/// `in_partition` selects, after `after`.
 ///
 /// # Errors
 /// Whatever the store reports.
-pub async fn read_page(
+pub async fn read_rooms(
     store: &dyn ChatStore,
     in_partition: &(dyn Fn(&RoomId) -> bool + Send + Sync),
     applied: Slot,
-    cursor: Option<Cursor>,
-) -> Result<Page, NodeError> {
-    let mut messages = Vec::new();
-    let mut bytes = 0;
-    let (mut room, mut after) = match cursor {
-        Some(c) => (Some(c.room), c.after),
-        None => (next_room(store, None, in_partition).await?, None),
-    };
-    while let Some(r) = room {
-        loop {
-            let want = READ_CHUNK.min(PAGE_MESSAGES_MAX - messages.len());
-            let chunk = storage::history(store, &r, Range::After(after), want).await?;
-            let short = chunk.len() < want;
-            for m in chunk {
-                bytes += m.envelope.len();
-                after = Some(m.id);
-                messages.push(m);
-            }
-            if messages.len() >= PAGE_MESSAGES_MAX || bytes >= PAGE_BYTES_MAX {
-                return Ok(Page {
-                    applied,
-                    messages,
-                    next: Some(Cursor { room: r, after }),
-                });
-            }
-            if short {
-                break;
+    after: Option<RoomId>,
+) -> Result<RoomsPage, NodeError> {
+    let mut rooms = Vec::new();
+    let mut after = after;
+    loop {
+        let listed = store
+            .rooms_with_messages(after.as_ref(), ROOMS_PAGE_MAX)
+            .await?;
+        let last_listed = listed.len() < ROOMS_PAGE_MAX;
+        for room in listed {
+            after = Some(room.clone());
+            if in_partition(&room) {
+                rooms.push(room);
+                if rooms.len() == ROOMS_PAGE_MAX {
+                    // More may follow; the caller asks from this room on.
+                    return Ok(RoomsPage {
+                        applied,
+                        rooms,
+                        done: false,
+                    });
+                }
             }
         }
-        room = next_room(store, Some(&r), in_partition).await?;
-        after = None;
+        if last_listed {
+            return Ok(RoomsPage {
+                applied,
+                rooms,
+                done: true,
+            });
+        }
     }
-    Ok(Page {
-        applied,
-        messages,
-        next: None,
-    })
 }
 
-/// The first room after `after` (in name order) that `in_partition`
-/// selects.
-async fn next_room(
+/// Reads one page of `room`'s messages after `after`: whole messages up to
+/// [`PAGE_BYTES_MAX`] of envelopes and [`PAGE_MESSAGES_MAX`] messages.
+///
+/// # Errors
+/// Whatever the store reports.
+pub async fn read_room(
     store: &dyn ChatStore,
-    after: Option<&RoomId>,
-    in_partition: &(dyn Fn(&RoomId) -> bool + Send + Sync),
-) -> Result<Option<RoomId>, NodeError> {
-    let mut after = after.cloned();
+    room: &RoomId,
+    after: Option<MessageId>,
+) -> Result<RoomPage, NodeError> {
+    let mut messages: Vec<StoredMessage> = Vec::new();
+    let mut bytes = 0;
+    let mut after = after;
     loop {
-        let rooms = store.list_rooms(after.as_ref(), LIST_CHUNK).await?;
-        if let Some(found) = rooms.iter().find(|r| in_partition(&r.room)) {
-            return Ok(Some(found.room.clone()));
+        let chunk = storage::history(store, room, Range::After(after), READ_CHUNK).await?;
+        let short = chunk.len() < READ_CHUNK;
+        for m in chunk {
+            let full = messages.len() >= PAGE_MESSAGES_MAX
+                || (!messages.is_empty() && bytes + m.envelope.len() > PAGE_BYTES_MAX);
+            if full {
+                return Ok(RoomPage {
+                    messages,
+                    done: false,
+                });
+            }
+            bytes += m.envelope.len();
+            after = Some(m.id);
+            messages.push(m);
         }
-        if rooms.len() < LIST_CHUNK {
-            return Ok(None);
+        if short {
+            return Ok(RoomPage {
+                messages,
+                done: true,
+            });
         }
-        after = rooms.last().map(|r| r.room.clone());
     }
 }
 
@@ -197,50 +222,80 @@ async fn copy_from(
     source: NodeId,
     need: Slot,
 ) -> Result<Copied, NodeError> {
-    let first = from.page(source, partition, None).await?;
-    if first.applied < need {
+    let mut page = from.rooms(source, partition, None).await?;
+    if page.applied < need {
         return Err(NodeError::Unavailable(format!(
             "{source} applied partition {partition} only up to {}, and {need} is needed",
-            first.applied
+            page.applied
         )));
     }
-    let applied = first.applied;
-    let (mut messages, mut bytes) = (0u64, 0u64);
-    let mut page = first;
+    let mut copied = Copied {
+        source,
+        applied: page.applied,
+        messages: 0,
+        bytes: 0,
+    };
+    if store.shared() {
+        return Ok(copied);
+    }
     loop {
+        for room in &page.rooms {
+            copy_room(from, store, partition, source, room, &mut copied).await?;
+        }
+        if page.done {
+            return Ok(copied);
+        }
+        let Some(last) = page.rooms.last().cloned() else {
+            return Err(NodeError::Unavailable(format!(
+                "{source} sent an empty room page that is not the last"
+            )));
+        };
+        page = from.rooms(source, partition, Some(&last)).await?;
+    }
+}
+
+/// Brings `room` up to the source, from the newest message this store has.
+async fn copy_room(
+    from: &dyn CopySource,
+    store: &dyn ChatStore,
+    partition: u32,
+    source: NodeId,
+    room: &RoomId,
+    copied: &mut Copied,
+) -> Result<(), NodeError> {
+    let local = |e: NodeError| NodeError::Storage(e.to_string());
+    let mut after = storage::last_id(store, room).await.map_err(local)?;
+    loop {
+        let page = from.room(source, partition, room, after).await?;
         if let Some(bad) = page
             .messages
             .iter()
-            .find(|m| page.next.is_some() && m.room > page.next.as_ref().expect("some").room)
+            .find(|m| m.room != *room || after.is_some_and(|a| m.id <= a))
         {
             return Err(NodeError::Unavailable(format!(
-                "{source} sent room {} beyond its own cursor",
-                bad.room
+                "{source} sent message {} of {} out of order for room {room}",
+                bad.id, bad.room
             )));
         }
-        if !page.messages.is_empty() {
-            store
-                .append(&page.messages)
-                .await
-                .map_err(|e| NodeError::Storage(e.to_string()))?;
-            messages += page.messages.len() as u64;
-            bytes += page
+        if let Some(last) = page.messages.last() {
+            after = Some(last.id);
+            store.append(&page.messages).await.map_err(local)?;
+            copied.messages += page.messages.len() as u64;
+            copied.bytes += page
                 .messages
                 .iter()
                 .map(|m| m.envelope.len() as u64)
                 .sum::<u64>();
         }
-        let Some(cursor) = page.next else {
-            break;
-        };
-        page = from.page(source, partition, Some(&cursor)).await?;
+        if page.done {
+            return Ok(());
+        }
+        if page.messages.is_empty() {
+            return Err(NodeError::Unavailable(format!(
+                "{source} sent an empty page of room {room} that is not the last"
+            )));
+        }
     }
-    Ok(Copied {
-        source,
-        applied,
-        messages,
-        bytes,
-    })
 }
 
 #[cfg(test)]
@@ -254,63 +309,87 @@ mod tests {
     use crate::storage::memory::MemoryChat as MemoryStore;
     use crate::timeline::test_envelope;
 
-    /// Serves pages from a store, as the peer service does, counting calls.
-    #[derive(Debug)]
+    /// Serves pages from stores, as the peer service does, recording the
+    /// calls and the largest page.
+    #[derive(Debug, Default)]
     struct FromStore {
         stores: HashMap<NodeId, (Arc<MemoryStore>, Slot)>,
-        calls: Mutex<u64>,
+        /// Room pages served, and the most envelope bytes in one.
+        room_pages: Mutex<(u64, usize)>,
+    }
+
+    impl FromStore {
+        fn get(&self, node: NodeId) -> Result<&(Arc<MemoryStore>, Slot), NodeError> {
+            self.stores
+                .get(&node)
+                .ok_or_else(|| NodeError::Unavailable(format!("{node} is down")))
+        }
     }
 
     #[async_trait]
     impl CopySource for FromStore {
-        async fn page(
+        async fn rooms(
             &self,
             node: NodeId,
             _partition: u32,
-            cursor: Option<&Cursor>,
-        ) -> Result<Page, NodeError> {
-            *self.calls.lock().unwrap() += 1;
-            let (store, applied) = self
-                .stores
-                .get(&node)
-                .ok_or_else(|| NodeError::Unavailable(format!("{node} is down")))?;
-            read_page(
-                &**store,
-                &|r: &RoomId| r.as_str() != "other",
-                *applied,
-                cursor.cloned(),
-            )
-            .await
+            after: Option<&RoomId>,
+        ) -> Result<RoomsPage, NodeError> {
+            let (store, applied) = self.get(node)?;
+            let in_partition = |r: &RoomId| r.as_str() != "other";
+            read_rooms(&**store, &in_partition, *applied, after.cloned()).await
+        }
+
+        async fn room(
+            &self,
+            node: NodeId,
+            _partition: u32,
+            room: &RoomId,
+            after: Option<MessageId>,
+        ) -> Result<RoomPage, NodeError> {
+            let (store, _) = self.get(node)?;
+            let page = read_room(&**store, room, after).await?;
+            let bytes = page.messages.iter().map(|m| m.envelope.len()).sum();
+            let mut pages = self.room_pages.lock().unwrap();
+            pages.0 += 1;
+            pages.1 = pages.1.max(bytes);
+            Ok(page)
         }
     }
 
-    /// A store with `count` messages of `bytes` (a test envelope when 0)
-    /// in each room.
-    async fn filled(rooms: &[(&str, u32, usize)]) -> Arc<MemoryStore> {
-        let store = Arc::new(MemoryStore::default());
-        for (name, count, envelope_bytes) in rooms {
-            let room = RoomId::new(name).unwrap();
+    /// Appends `count` messages of `bytes` (a test envelope when 0) to
+    /// `room`, numbered after `from`; saves the room's membership when
+    /// `saved`.
+    async fn post(
+        store: &MemoryStore,
+        name: &str,
+        from: u32,
+        count: u32,
+        bytes: usize,
+        saved: bool,
+    ) {
+        let room = RoomId::new(name).unwrap();
+        if saved {
             let committed = crate::storage::CommittedRoom {
                 ballot: saferchat_consensus::Ballot::ZERO,
                 state: crate::storage::conformance::state_at(3),
             };
             store.save_room(&room, &committed).await.unwrap();
-            let mut ids = crate::message_id::IdGenerator::after(None);
-            let batch: Vec<StoredMessage> = (1..=*count)
-                .map(|n| StoredMessage {
-                    room: room.clone(),
-                    id: ids.next(1_700_000_000_000 + i64::from(n), u64::from(n)),
-                    seq: u64::from(n),
-                    envelope: if *envelope_bytes == 0 {
-                        test_envelope(&room, n)
-                    } else {
-                        Bytes::from(vec![n as u8; *envelope_bytes])
-                    },
-                })
-                .collect();
-            store.append(&batch).await.unwrap();
         }
-        store
+        let last = storage::last_id(store, &room).await.unwrap();
+        let mut ids = crate::message_id::IdGenerator::after(last);
+        let batch: Vec<StoredMessage> = (from + 1..=from + count)
+            .map(|n| StoredMessage {
+                room: room.clone(),
+                id: ids.next(1_700_000_000_000 + i64::from(n), u64::from(n)),
+                seq: u64::from(n),
+                envelope: if bytes == 0 {
+                    test_envelope(&room, n)
+                } else {
+                    Bytes::from(vec![n as u8; bytes])
+                },
+            })
+            .collect();
+        store.append(&batch).await.unwrap();
     }
 
     async fn everything(store: &dyn ChatStore, room: &str) -> Vec<StoredMessage> {
@@ -325,24 +404,24 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn a_copy_brings_every_room_of_the_partition_in_pages_and_nothing_else() {
-        // 4,500 small messages in "alpha": three pages by count; 20 of
-        // 300 KiB in "beta": two pages by bytes; "other" is in another
-        // partition. The target has alpha's first 7 already.
-        let source = filled(&[
-            ("alpha", 4_500, 0),
-            ("beta", 20, 300 * 1024),
-            ("other", 5, 0),
-        ])
-        .await;
+    async fn a_copy_brings_every_room_of_the_partition_in_bounded_pages_and_nothing_else() {
+        // 4,500 small messages in "alpha": pages by count; 30 of 300 KiB in
+        // "beta", whose membership this source never saved: pages by bytes;
+        // "other" is in another partition.
+        let source = Arc::new(MemoryStore::default());
+        post(&source, "alpha", 0, 4_500, 0, true).await;
+        post(&source, "beta", 0, 30, 300 * 1024, false).await;
+        post(&source, "other", 0, 5, 0, true).await;
         let from = FromStore {
             stores: HashMap::from([
                 (NodeId(1), (Arc::clone(&source), Slot(10))),
                 (NodeId(2), (Arc::clone(&source), Slot(99))),
             ]),
-            calls: Mutex::new(0),
+            ..FromStore::default()
         };
-        let target = filled(&[("alpha", 7, 0)]).await;
+        // The target has alpha's first 7 already.
+        let target = Arc::new(MemoryStore::default());
+        post(&target, "alpha", 0, 7, 0, true).await;
         // Node 3 is down, node 1 is behind what is needed: node 2 serves.
         let copied = copy(
             &from,
@@ -359,24 +438,35 @@ mod tests {
             assert_eq!(
                 everything(&*target, room).await,
                 everything(&*source, room).await,
-                "{room} copied exactly, once (alpha's first 7 were there already)"
+                "{room} copied exactly, once"
             );
         }
         assert!(everything(&*target, "other").await.is_empty());
-        let pages = *from.calls.lock().unwrap() - 1;
-        assert!(
-            (5..=7).contains(&pages),
-            "bounded pages: {pages} calls to node 2"
+        assert_eq!(copied.messages, 4_493 + 30, "only what the target lacked");
+        let (pages, biggest) = *from.room_pages.lock().unwrap();
+        assert!(biggest <= PAGE_BYTES_MAX, "{biggest} bytes in one page");
+        // alpha: 3 pages by count; beta: 3 by bytes (13 of 300 KiB each).
+        assert_eq!(pages, 6);
+
+        // Copying again brings only what was posted since.
+        post(&source, "alpha", 4_500, 3, 0, true).await;
+        let again = copy(&from, &*target, 0, &[NodeId(2)], Slot(50))
+            .await
+            .unwrap();
+        assert_eq!(again.messages, 3);
+        assert_eq!(
+            everything(&*target, "alpha").await,
+            everything(&*source, "alpha").await
         );
-        assert_eq!(copied.messages, 4_500 + 20);
     }
 
     #[tokio::test]
     async fn no_source_reaching_the_mark_is_an_error() {
-        let source = filled(&[("alpha", 3, 0)]).await;
+        let source = Arc::new(MemoryStore::default());
+        post(&source, "alpha", 0, 3, 0, true).await;
         let from = FromStore {
             stores: HashMap::from([(NodeId(1), (source, Slot(4)))]),
-            calls: Mutex::new(0),
+            ..FromStore::default()
         };
         let target = Arc::new(MemoryStore::default());
         let e = copy(&from, &*target, 0, &[NodeId(1)], Slot(5))

@@ -92,8 +92,10 @@
 //! copied slots as released and applied, then catches up from the
 //! leader's log as usual. A copy starts only when the partition has no
 //! collected or unsynced posts of its own (they would be placed by a tail
-//! that does not know the copy), and after a failed copy the next waits
-//! [`COPY_RETRY_MS`].
+//! that does not know the copy); at most [`COPIES_AT_ONCE`] run at a time
+//! (a node back from a long outage may lag in every partition it holds);
+//! after a failed copy the next waits [`COPY_RETRY_MS`], doubling up to
+//! [`COPY_RETRY_MAX_MS`].
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
@@ -164,8 +166,12 @@ pub const UNSYNCED_POSTS_MAX: usize = 128;
 const TAILS_MAX: usize = 4096;
 /// How often subscriptions of stopped room actors are swept.
 const SWEEP_MS: u64 = 10_000;
-/// After a failed copy of a partition, the next waits this long.
+/// After a failed copy of a partition, the next waits this long...
 pub const COPY_RETRY_MS: u64 = 1_000;
+/// ...doubling with every failure up to this.
+pub const COPY_RETRY_MAX_MS: u64 = 60_000;
+/// Partition copies running at once, at most.
+pub const COPIES_AT_ONCE: usize = 4;
 
 /// A copy of a partition's timeline that ended.
 #[derive(Debug)]
@@ -237,6 +243,8 @@ struct Part {
     copying: bool,
     /// No copy starts before this (after a failed one).
     copy_after: Millis,
+    /// The wait after the next failed copy.
+    copy_backoff_ms: u64,
 }
 
 impl Part {
@@ -323,6 +331,8 @@ struct Driver {
     /// (so not fresh) still delivers it, once.
     undelivered: std::collections::HashSet<crate::message_id::MessageId>,
     copier: Option<Arc<dyn super::copy::CopySource>>,
+    /// Copies running.
+    copying: usize,
     copies: (
         mpsc::UnboundedSender<CopyDone>,
         Option<mpsc::UnboundedReceiver<CopyDone>>,
@@ -364,6 +374,7 @@ pub fn spawn(parts: DriverParts) -> (Timeline, JoinHandle<Result<(), NodeError>>
         outage: None,
         undelivered: std::collections::HashSet::new(),
         copier: parts.copier,
+        copying: 0,
         copies: {
             let (tx, rx) = mpsc::unbounded_channel();
             (tx, Some(rx))
@@ -432,6 +443,7 @@ impl Driver {
                 retained_bytes,
                 copying: false,
                 copy_after: now,
+                copy_backoff_ms: COPY_RETRY_MS,
             },
         );
     }
@@ -712,7 +724,9 @@ impl Driver {
                 if node == me {
                     copy_needed.push((partition, from));
                 } else {
-                    tracing::info!(partition, %node, from = from.0, "a replica is behind the retained log; told to copy the partition");
+                    // Said again with every acknowledgement until the
+                    // replica copied the partition: not worth a line each.
+                    tracing::debug!(partition, %node, need = from.0, "a replica is behind the retained log; told to copy the partition");
                     metrics::counter!("saferchat_partition_lagging_total").increment(1);
                 }
             }
@@ -814,10 +828,11 @@ impl Driver {
         let Some(part) = self.parts.get_mut(&partition) else {
             return;
         };
-        if part.copying || now < part.copy_after {
+        if part.copying || now < part.copy_after || self.copying >= COPIES_AT_ONCE {
             return;
         }
         part.copying = true;
+        self.copying += 1;
         // The leader first: it tells replicas to copy, and its applied
         // mark is at least its compaction floor.
         let hint = part.replica.leader_hint().filter(|l| *l != me);
@@ -848,6 +863,7 @@ impl Driver {
         let now = self.clock.monotonic();
         let partition = done.partition;
         let placement = Arc::clone(&self.placement);
+        self.copying -= 1;
         let Some(part) = self.parts.get_mut(&partition) else {
             return;
         };
@@ -855,12 +871,14 @@ impl Driver {
         let copied = match done.result {
             Ok(copied) => copied,
             Err(e) => {
-                tracing::warn!(partition, error = %e, retry_ms = COPY_RETRY_MS, "copying the partition's timeline failed");
+                tracing::warn!(partition, error = %e, retry_ms = part.copy_backoff_ms, "copying the partition's timeline failed");
                 metrics::counter!("saferchat_partition_copy_failures_total").increment(1);
-                part.copy_after = now.plus(COPY_RETRY_MS);
+                part.copy_after = now.plus(part.copy_backoff_ms);
+                part.copy_backoff_ms = (part.copy_backoff_ms * 2).min(COPY_RETRY_MAX_MS);
                 return;
             }
         };
+        part.copy_backoff_ms = COPY_RETRY_MS;
         if !part.replica.install(copied.applied) {
             tracing::info!(
                 partition,

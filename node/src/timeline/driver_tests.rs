@@ -117,6 +117,13 @@ impl ChatStore for Disk {
         }
         self.visible.buckets(room).await
     }
+    async fn rooms_with_messages(
+        &self,
+        after: Option<&RoomId>,
+        limit: usize,
+    ) -> Result<Vec<RoomId>, NodeError> {
+        self.visible.rooms_with_messages(after, limit).await
+    }
     async fn read_bucket(
         &self,
         room: &RoomId,

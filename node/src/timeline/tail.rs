@@ -85,7 +85,8 @@ impl RoomTail {
     }
 
     /// The tail of `room` as stored, also recognising every post stored
-    /// with an id at or after `since_ms`.
+    /// with an id at or after `since_ms`, and the [`RECENT_POSTS`] before
+    /// it.
     ///
     /// A store shared by the partition's replicas (Cassandra) may be ahead
     /// of the replica loading it: others stored what this one is about to
@@ -134,6 +135,26 @@ impl RoomTail {
                 break;
             }
             after = page.last().map(|m| m.id);
+        }
+        // A post about to be applied may be a retry of one placed shortly
+        // before `since_ms`, which the replicas that applied in order
+        // recognised among their recent posts; the recent window here ends
+        // at the store's head, maybe far later (a copied timeline). So the
+        // posts just before `since_ms` are recognised too.
+        let before = storage::history(
+            store,
+            room,
+            Range::Before(Some(MessageId::floor_of_ms(since_ms))),
+            RECENT_POSTS,
+        )
+        .await?;
+        for m in before {
+            if let Ok(e) = Envelope::decode(m.envelope.clone()) {
+                let key = (e.sender, e.nonce);
+                if !tail.by_key.contains_key(&key) {
+                    tail.behind.entry(key).or_insert((m.id, m.seq));
+                }
+            }
         }
         Ok(tail)
     }
@@ -302,6 +323,16 @@ mod tests {
                 (placed[n as usize].id, placed[n as usize].seq)
             );
         }
+        // A retry of a post placed shortly before the tail's start (a
+        // replica that applied in order had it among its recent posts),
+        // with far more than the recent window stored after it: recognised.
+        let mut again = RoomTail::load_since(&store, &room, post(from + 300).1)
+            .await
+            .unwrap();
+        let (key, ms, seed, _) = post(from + 300 - 200);
+        let p = again.place(key, ms, seed);
+        assert!(!p.fresh, "a retry from just before the tail's start");
+        assert_eq!(p.seq, placed[(from + 100) as usize].seq);
         let (key, ms, seed, _) = post(total);
         let next = behind.place(key, ms, seed);
         assert!(next.fresh);
@@ -351,6 +382,13 @@ mod tests {
             room: &RoomId,
         ) -> Result<Vec<crate::message_id::Bucket>, NodeError> {
             self.inner.buckets(room).await
+        }
+        async fn rooms_with_messages(
+            &self,
+            after: Option<&RoomId>,
+            limit: usize,
+        ) -> Result<Vec<RoomId>, NodeError> {
+            self.inner.rooms_with_messages(after, limit).await
         }
         async fn read_bucket(
             &self,
