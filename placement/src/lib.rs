@@ -12,6 +12,8 @@
 //!   takes over.
 //! - [`map`]: the cluster map (nodes, partition count, an epoch), the
 //!   deterministic state machine the node replicates with Raft.
+//! - [`moves`]: partitions moving between nodes in that map, one replica
+//!   slot at a time (grow, establish, shrink; `specs/PartitionMove.tla`).
 //! - [`stable_hash`]: the `std::hash` plumbing that makes `hashring`
 //!   deterministic across builds.
 //!
@@ -21,10 +23,12 @@
 #![deny(missing_docs)]
 
 pub mod map;
+pub mod moves;
 pub mod partition;
 pub mod ring;
 pub mod stable_hash;
 
 pub use map::{ClusterMap, MapCommand, MapError, MapNode, NodeState};
+pub use moves::{MoveError, Pinned};
 pub use partition::{PartitionCount, PartitionId, room_hash};
 pub use ring::{ClusterNode, Placement, PlacementError};

@@ -15,14 +15,16 @@
 //! node as *joining*: a member that serves clients (it forwards to the
 //! rooms' owners) and follows the map, but holds no replica slot, so adding
 //! it moves nothing. Giving a joining node partitions (and taking them from
-//! a draining one) is a partition move, not built yet; until then a node
-//! can be removed only while it holds no replica slot.
+//! a draining one) moves partitions one replica slot at a time
+//! ([`crate::moves`]); a node can be removed only while it holds no replica
+//! slot.
 
 use std::collections::BTreeMap;
 
 use saferchat_consensus::NodeId;
 use serde::{Deserialize, Serialize};
 
+use crate::moves::{MoveError, Pinned};
 use crate::partition::PartitionCount;
 use crate::ring::{ClusterNode, Placement, PlacementError};
 
@@ -56,6 +58,9 @@ pub enum NodeState {
     Active,
     /// A member that holds no replica slot yet.
     Joining,
+    /// Leaving: the ring places nothing on it, and its slots move to the
+    /// others; removable once it holds none.
+    Draining,
 }
 
 /// The cluster map.
@@ -74,6 +79,19 @@ pub struct ClusterMap {
     /// issued for a removed node cannot come back as a new one.
     #[serde(default)]
     pub retired: std::collections::BTreeSet<u64>,
+    /// Partitions pinned to a replica set other than the ring's while
+    /// they move ([`crate::moves`]).
+    #[serde(default)]
+    pub moving: BTreeMap<u32, Pinned>,
+    /// Each moved partition's epoch: the map epoch of its last grow or
+    /// shrink (absent: [`crate::moves::CREATED_EPOCH`]).
+    #[serde(default)]
+    pub partition_epochs: BTreeMap<u32, u64>,
+    /// Partitions whose epoch no leader of their log has established yet
+    /// (each grow or shrink puts its partition here, `Establish` takes it
+    /// out).
+    #[serde(default)]
+    pub unestablished: std::collections::BTreeSet<u32>,
 }
 
 /// A change to the map, as replicated in the map's log.
@@ -100,6 +118,43 @@ pub enum MapCommand {
     RemoveNode {
         /// Its id.
         id: u64,
+    },
+    /// Makes every joining node active, pinning first the partitions whose
+    /// replica sets that changes ([`crate::moves`]).
+    Rebalance,
+    /// Makes an active node draining, pinning first the partitions whose
+    /// replica sets that changes.
+    Drain {
+        /// Its id.
+        id: u64,
+    },
+    /// A moving partition whose epoch is established gains a node of its
+    /// target.
+    Grow {
+        /// The partition.
+        partition: u32,
+        /// The node.
+        node: u64,
+        /// The partition's epoch the proposer saw.
+        epoch: u64,
+    },
+    /// A leader of the partition's log, elected in the partition's current
+    /// epoch, committed in that epoch everything it recovered.
+    Establish {
+        /// The partition.
+        partition: u32,
+        /// The partition's epoch the leader was elected in.
+        epoch: u64,
+    },
+    /// A moving partition whose epoch is established loses a node its
+    /// target does not have.
+    Shrink {
+        /// The partition.
+        partition: u32,
+        /// The node.
+        node: u64,
+        /// The partition's epoch the proposer saw.
+        epoch: u64,
     },
 }
 
@@ -128,10 +183,14 @@ pub enum MapError {
     #[error("node {0} is not in the cluster")]
     UnknownNode(u64),
     /// `RemoveNode` for a node that holds replica slots.
-    #[error(
-        "node {0} holds replica slots; removing it needs its partitions moved first, which this version cannot do"
-    )]
+    #[error("node {0} holds replica slots; its partitions must move off it first")]
     HoldsReplicas(u64),
+    /// `Drain` of a node that is not active.
+    #[error("node {0} is not active")]
+    NotActive(u64),
+    /// A partition move step that does not apply.
+    #[error(transparent)]
+    Move(#[from] MoveError),
 }
 
 impl ClusterMap {
@@ -160,7 +219,7 @@ impl ClusterMap {
                     partitions: *partitions,
                     replicas_per_datacenter: *replicas_per_datacenter,
                     nodes: nodes.clone(),
-                    retired: std::collections::BTreeSet::new(),
+                    ..ClusterMap::default()
                 };
                 candidate
                     .placement()
@@ -193,16 +252,65 @@ impl ClusterMap {
                 if !self.is_created() {
                     return Err(MapError::NotCreated);
                 }
+                if !self.nodes.contains_key(id) {
+                    return Err(MapError::UnknownNode(*id));
+                }
+                if self
+                    .holds_slots(*id)
+                    .map_err(|e| MapError::Shape(e.to_string()))?
+                {
+                    return Err(MapError::HoldsReplicas(*id));
+                }
+                let mut after = self.clone();
+                after.nodes.remove(id);
+                after.retired.insert(*id);
+                // A node without slots can leave the ring without moving
+                // anything; should the ring still move a slot (an active
+                // node that held none), that would be a move without its
+                // steps, so it is refused.
+                let (before, then) = (self.placement(), after.placement());
+                match (before, then) {
+                    (Ok(b), Ok(a)) if b.slots_moved(&a) == 0 => {}
+                    _ => return Err(MapError::HoldsReplicas(*id)),
+                }
+                after.epoch += 1;
+                *self = after;
+            }
+            MapCommand::Rebalance => {
+                if !self.is_created() {
+                    return Err(MapError::NotCreated);
+                }
+                self.retarget(|map| {
+                    for n in map.nodes.values_mut() {
+                        if n.state == NodeState::Joining {
+                            n.state = NodeState::Active;
+                        }
+                    }
+                })?;
+            }
+            MapCommand::Drain { id } => {
+                if !self.is_created() {
+                    return Err(MapError::NotCreated);
+                }
                 match self.nodes.get(id) {
                     None => return Err(MapError::UnknownNode(*id)),
-                    Some(n) if n.state == NodeState::Active => {
-                        return Err(MapError::HoldsReplicas(*id));
+                    Some(n) if n.state != NodeState::Active => {
+                        return Err(MapError::NotActive(*id));
                     }
                     Some(_) => {}
                 }
-                self.nodes.remove(id);
-                self.retired.insert(*id);
-                self.epoch += 1;
+                let id = *id;
+                self.retarget(|map| {
+                    if let Some(n) = map.nodes.get_mut(&id) {
+                        n.state = NodeState::Draining;
+                    }
+                })?;
+            }
+            MapCommand::Grow { .. } | MapCommand::Establish { .. } | MapCommand::Shrink { .. } => {
+                if !self.is_created() {
+                    return Err(MapError::NotCreated);
+                }
+                self.step(command)?;
             }
         }
         Ok(self.epoch)
@@ -216,11 +324,9 @@ impl ClusterMap {
             .map(|(id, n)| (*id, n))
     }
 
-    /// The placement of partitions this map describes.
-    ///
-    /// # Errors
-    /// A map that was not created, or has an invalid shape.
-    pub fn placement(&self) -> Result<Placement, PlacementError> {
+    /// The ring's placement on the active nodes, without pinned
+    /// partitions (see [`ClusterMap::placement`]).
+    pub(crate) fn ring_placement(&self) -> Result<Placement, PlacementError> {
         let partitions = PartitionCount::new(self.partitions)
             .ok_or(PlacementError::PartitionCount(self.partitions))?;
         let nodes: Vec<ClusterNode> = self

@@ -229,6 +229,22 @@ impl Placement {
             .sum()
     }
 
+    /// Puts `replicas` in place of partition `p`'s set (a partition the
+    /// cluster map pinned while it moves), adding any node the ring does
+    /// not place.
+    ///
+    /// # Panics
+    /// When `p` is not a partition of this placement.
+    pub fn pin(&mut self, p: PartitionId, replicas: &[ClusterNode]) {
+        for n in replicas {
+            if !self.nodes.iter().any(|m| m.id == n.id) {
+                self.nodes.push(n.clone());
+                self.nodes.sort();
+            }
+        }
+        self.table[p.0 as usize] = replicas.iter().map(|n| n.id).collect();
+    }
+
     /// Total replica slots.
     pub fn slots(&self) -> usize {
         self.table.iter().map(Vec::len).sum()

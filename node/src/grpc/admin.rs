@@ -216,6 +216,7 @@ impl Admin for AdminService {
                     state: match n.state {
                         saferchat_placement::NodeState::Active => "active",
                         saferchat_placement::NodeState::Joining => "joining",
+                        saferchat_placement::NodeState::Draining => "draining",
                     }
                     .to_owned(),
                     client_address: n.client_address.clone(),

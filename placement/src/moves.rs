@@ -1,0 +1,676 @@
+//! Partition moves in the cluster map: how the map takes replica slots from
+//! one node to another without any quorum of an old replica set and one of
+//! a new set ever acting apart (`specs/PartitionMove.tla`).
+//!
+//! The *target* of every partition is what the ring places on the map's
+//! active nodes. Until a rebalance, the current replica sets are the
+//! target. [`MapCommand::Rebalance`] (make every joining node active) and
+//! [`MapCommand::Drain`] (make a node draining: the ring leaves it out)
+//! change the target; before they do, every partition whose target changes
+//! is *pinned* to its current set ([`ClusterMap::moving`]), so nothing moves
+//! by itself. Each pinned partition then reaches its target one slot at a
+//! time:
+//!
+//! 1. [`MapCommand::Grow`]: the set gains a node of the target (a quorum of
+//!    the grown set meets every quorum of the set before);
+//! 2. [`MapCommand::Establish`]: a leader of the partition's log elected in
+//!    the grown set's epoch says it committed, in that epoch, everything
+//!    it recovered (so the set before is fenced and all it chose is on a
+//!    quorum of the grown set);
+//! 3. [`MapCommand::Shrink`]: only then the set loses a node the target does
+//!    not have (a quorum of the shrunk set meets every quorum of the grown
+//!    set, though not necessarily one of the set before the grow);
+//! 4. [`MapCommand::Establish`] again, in the shrunk set's epoch.
+//!
+//! Grow and shrink each give the partition a new epoch, and each waits
+//! until the epoch it leaves was established: two sets a step apart always
+//! share a quorum, two sets two steps apart need not, so the set two steps
+//! back must be fenced before the next step (`specs/PartitionMove.tla`
+//! checks the grow-then-shrink of one slot; waiting before a grow too is
+//! what makes slot after slot the same step again). A partition that never
+//! moved is in its first epoch, which has no set before it.
+//!
+//! A partition whose set equals its target is no longer pinned. Every
+//! command names the partition epoch its proposer saw and is refused when
+//! the partition moved on since, so a retried or duplicated step applies
+//! once. [`ClusterMap::next_moves`] says which step each pinned partition
+//! takes next (an `Establish` is the partition leader's to propose).
+
+use std::collections::BTreeSet;
+
+use saferchat_consensus::NodeId;
+use serde::{Deserialize, Serialize};
+
+use crate::map::{ClusterMap, MapCommand, MapError};
+use crate::partition::PartitionId;
+use crate::ring::Placement;
+
+/// The map epoch of a partition that never moved: the cluster's creation.
+pub const CREATED_EPOCH: u64 = 1;
+
+/// A partition pinned to a replica set while it moves to its target.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Pinned {
+    /// Its replicas now, in order (the first is the preferred owner).
+    pub replicas: Vec<u64>,
+}
+
+/// Why a move step did not apply.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, thiserror::Error)]
+pub enum MoveError {
+    /// No such partition.
+    #[error("partition {0} does not exist")]
+    NoPartition(u32),
+    /// The partition is at its target.
+    #[error("partition {0} is not moving")]
+    NotMoving(u32),
+    /// The step names an epoch the partition has left.
+    #[error("partition {partition} is at epoch {current}, not {named}")]
+    StaleEpoch {
+        /// The partition.
+        partition: u32,
+        /// The epoch the step named.
+        named: u64,
+        /// The partition's epoch.
+        current: u64,
+    },
+    /// A step that does not fit where the partition is.
+    #[error("partition {partition}: {reason}")]
+    Refused {
+        /// The partition.
+        partition: u32,
+        /// Why.
+        reason: String,
+    },
+}
+
+impl ClusterMap {
+    /// The epoch of `partition`'s current replica set: the map epoch of its
+    /// last grow or shrink. Partition-log terms and room ballots of the
+    /// partition carry it.
+    pub fn partition_epoch(&self, partition: u32) -> u64 {
+        self.partition_epochs
+            .get(&partition)
+            .copied()
+            .unwrap_or(CREATED_EPOCH)
+    }
+
+    /// Whether `id` holds a replica slot of any partition now.
+    ///
+    /// # Errors
+    /// A map without a valid placement.
+    pub fn holds_slots(&self, id: u64) -> Result<bool, crate::PlacementError> {
+        let placement = self.placement()?;
+        Ok(placement
+            .partitions()
+            .all()
+            .any(|p| placement.replicas(p).contains(&NodeId(id))))
+    }
+
+    /// Whether `partition`'s current epoch was established (always, for a
+    /// partition that never moved).
+    pub fn is_established(&self, partition: u32) -> bool {
+        !self.unestablished.contains(&partition)
+    }
+
+    /// The next step of every moving partition whose epoch is
+    /// established, in partition order: a grow where the set is not larger
+    /// than its target, else a shrink. A partition waiting to be
+    /// established has none (its leader proposes the `Establish`).
+    ///
+    /// # Errors
+    /// A map without a valid placement.
+    pub fn next_moves(&self) -> Result<Vec<MapCommand>, crate::PlacementError> {
+        let target = self.target()?;
+        let mut steps = Vec::new();
+        for (partition, pinned) in &self.moving {
+            if !self.is_established(*partition) {
+                continue;
+            }
+            let want = ids(target.replicas(PartitionId(*partition)));
+            let epoch = self.partition_epoch(*partition);
+            if let Some(node) = self.grow_candidate(&pinned.replicas, &want) {
+                steps.push(MapCommand::Grow {
+                    partition: *partition,
+                    node,
+                    epoch,
+                });
+            } else if let Some(node) = self.shrink_candidate(&pinned.replicas, &want) {
+                steps.push(MapCommand::Shrink {
+                    partition: *partition,
+                    node,
+                    epoch,
+                });
+            }
+        }
+        Ok(steps)
+    }
+
+    /// The ring's placement on the active nodes: where every partition
+    /// goes once no partition is pinned.
+    fn target(&self) -> Result<Placement, crate::PlacementError> {
+        self.ring_placement()
+    }
+
+    /// A node of the target to add: only while the set is not larger than
+    /// the target (one slot moves at a time).
+    fn grow_candidate(&self, now: &[u64], want: &[u64]) -> Option<u64> {
+        if now.len() > want.len() {
+            return None;
+        }
+        want.iter().copied().find(|n| !now.contains(n))
+    }
+
+    /// A node the target does not have, from a datacenter that has more
+    /// replicas now than the target gives it.
+    fn shrink_candidate(&self, now: &[u64], want: &[u64]) -> Option<u64> {
+        let dc = |id: &u64| self.nodes.get(id).map(|n| n.datacenter.as_str());
+        let count = |set: &[u64], d: Option<&str>| set.iter().filter(|n| dc(n) == d).count();
+        now.iter()
+            .copied()
+            .find(|n| !want.contains(n) && count(now, dc(n)) > count(want, dc(n)))
+    }
+
+    /// Changes the target with `change` (node states), pinning first every
+    /// partition whose replica set the change would move.
+    pub(crate) fn retarget(
+        &mut self,
+        change: impl FnOnce(&mut ClusterMap),
+    ) -> Result<usize, MapError> {
+        let before = self
+            .placement()
+            .map_err(|e| MapError::Shape(e.to_string()))?;
+        let mut after = self.clone();
+        change(&mut after);
+        let target = after.target().map_err(|e| MapError::Shape(e.to_string()))?;
+        let mut pinned = 0;
+        for p in before.partitions().all() {
+            let now = ids(before.replicas(p));
+            if now != ids(target.replicas(p)) && !after.moving.contains_key(&p.0) {
+                after.moving.insert(p.0, Pinned { replicas: now });
+                pinned += 1;
+            }
+        }
+        // A partition the new target puts back where it is moves no more.
+        after.moving.retain(|p, pinned| {
+            sorted(&pinned.replicas) != sorted(&ids(target.replicas(PartitionId(*p))))
+        });
+        after.epoch += 1;
+        *self = after;
+        Ok(pinned)
+    }
+
+    /// Applies a grow, establish or shrink of `partition`.
+    pub(crate) fn step(&mut self, command: &MapCommand) -> Result<(), MapError> {
+        let (partition, named) = match command {
+            MapCommand::Grow {
+                partition, epoch, ..
+            }
+            | MapCommand::Establish { partition, epoch }
+            | MapCommand::Shrink {
+                partition, epoch, ..
+            } => (*partition, *epoch),
+            _ => unreachable!("only move steps come here"),
+        };
+        if partition >= self.partitions {
+            return Err(MoveError::NoPartition(partition).into());
+        }
+        let current = self.partition_epoch(partition);
+        if named != current {
+            return Err(MoveError::StaleEpoch {
+                partition,
+                named,
+                current,
+            }
+            .into());
+        }
+        let target = self.target().map_err(|e| MapError::Shape(e.to_string()))?;
+        let want = ids(target.replicas(PartitionId(partition)));
+        let refused =
+            |reason: String| -> MapError { MoveError::Refused { partition, reason }.into() };
+        if let MapCommand::Establish { .. } = command {
+            if self.is_established(partition) {
+                return Err(refused(format!("epoch {current} is established already")));
+            }
+            self.unestablished.remove(&partition);
+            self.epoch += 1;
+            return Ok(());
+        }
+        if !self.is_established(partition) {
+            return Err(refused(format!(
+                "epoch {current} is not established yet: a leader of its set must commit what it recovered first"
+            )));
+        }
+        let Some(pinned) = self.moving.get(&partition).cloned() else {
+            return Err(MoveError::NotMoving(partition).into());
+        };
+        let epoch = self.epoch + 1;
+        let mut next = pinned.clone();
+        match command {
+            MapCommand::Grow { node, .. } => {
+                if pinned.replicas.len() > want.len()
+                    || !want.contains(node)
+                    || pinned.replicas.contains(node)
+                {
+                    return Err(refused(format!(
+                        "node {node} is not a replica it lacks, or it is grown already"
+                    )));
+                }
+                next.replicas.push(*node);
+            }
+            MapCommand::Shrink { node, .. } => {
+                if self.shrink_candidate(&pinned.replicas, &want).is_none()
+                    || !pinned.replicas.contains(node)
+                    || want.contains(node)
+                {
+                    return Err(refused(format!("node {node} is not a replica to drop")));
+                }
+                next.replicas.retain(|n| n != node);
+            }
+            _ => unreachable!("only move steps come here"),
+        }
+        self.unestablished.insert(partition);
+        self.partition_epochs.insert(partition, epoch);
+        if sorted(&next.replicas) == sorted(&want) {
+            self.moving.remove(&partition);
+        } else {
+            self.moving.insert(partition, next);
+        }
+        self.epoch = epoch;
+        Ok(())
+    }
+
+    /// The ring's placement on the active nodes, with the pinned
+    /// partitions' sets put in: where every partition is now.
+    ///
+    /// # Errors
+    /// A map that was not created, or has an invalid shape.
+    pub fn placement(&self) -> Result<Placement, crate::PlacementError> {
+        let mut placement = self.ring_placement()?;
+        for (p, pinned) in &self.moving {
+            let nodes: Vec<crate::ClusterNode> = pinned
+                .replicas
+                .iter()
+                .map(|n| crate::ClusterNode {
+                    id: NodeId(*n),
+                    datacenter: self
+                        .nodes
+                        .get(n)
+                        .map(|m| m.datacenter.clone())
+                        .unwrap_or_default(),
+                })
+                .collect();
+            placement.pin(PartitionId(*p), &nodes);
+        }
+        Ok(placement)
+    }
+}
+
+fn ids(nodes: &[NodeId]) -> Vec<u64> {
+    nodes.iter().map(|n| n.0).collect()
+}
+
+fn sorted(list: &[u64]) -> BTreeSet<u64> {
+    list.iter().copied().collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+
+    use super::*;
+    use crate::map::{MapNode, NodeState};
+
+    fn node(id: u64, dc: &str, state: NodeState) -> (u64, MapNode) {
+        (
+            id,
+            MapNode {
+                datacenter: dc.to_owned(),
+                peer_address: format!("127.0.0.1:{}", 7000 + id),
+                client_address: format!("127.0.0.1:{}", 8000 + id),
+                state,
+            },
+        )
+    }
+
+    fn created(list: &[(u64, &str)], partitions: u32) -> ClusterMap {
+        let mut map = ClusterMap::default();
+        map.apply(&MapCommand::Create {
+            partitions,
+            replicas_per_datacenter: 3,
+            nodes: list
+                .iter()
+                .map(|(id, dc)| node(*id, dc, NodeState::Active))
+                .collect::<BTreeMap<_, _>>(),
+        })
+        .unwrap();
+        map
+    }
+
+    fn join(map: &mut ClusterMap, id: u64, dc: &str) {
+        map.apply(&MapCommand::AddNode {
+            id,
+            node: node(id, dc, NodeState::Joining).1,
+        })
+        .unwrap();
+    }
+
+    /// Runs every step the planner gives, establishing each grown set at
+    /// once (as a leader of the grown set would), checking after each
+    /// command that every set is its target's size or one more. Returns
+    /// how many slots moved.
+    fn run_moves(map: &mut ClusterMap) -> usize {
+        let mut grows = 0;
+        for _ in 0..10_000 {
+            let steps = map.next_moves().unwrap();
+            if steps.is_empty() {
+                return grows;
+            }
+            for step in steps {
+                map.apply(&step).unwrap();
+                let (MapCommand::Grow { partition, .. } | MapCommand::Shrink { partition, .. }) =
+                    step
+                else {
+                    panic!("the plan grows and shrinks: {step:?}");
+                };
+                if matches!(step, MapCommand::Grow { .. }) {
+                    grows += 1;
+                }
+                let epoch = map.partition_epoch(partition);
+                assert_eq!(epoch, map.epoch, "a step starts an epoch");
+                assert!(
+                    map.next_moves()
+                        .unwrap()
+                        .iter()
+                        .all(|s| !matches!(s, MapCommand::Grow { partition: p, .. } | MapCommand::Shrink { partition: p, .. } if *p == partition)),
+                    "no step before the epoch is established"
+                );
+                map.apply(&MapCommand::Establish { partition, epoch })
+                    .unwrap();
+                let placement = map.placement().unwrap();
+                let target = map.target().unwrap();
+                for p in placement.partitions().all() {
+                    let have = placement.replicas(p).len();
+                    let want = target.replicas(p).len();
+                    assert!(have == want || have == want + 1, "{p:?}: {have} of {want}");
+                }
+            }
+        }
+        panic!("the moves never ended");
+    }
+
+    #[test]
+    fn a_fourth_node_takes_a_quarter_of_the_slots_one_at_a_time() {
+        let mut map = created(&[(1, "dc1"), (2, "dc1"), (3, "dc1")], 256);
+        let before = map.placement().unwrap();
+        join(&mut map, 4, "dc1");
+        assert_eq!(map.placement().unwrap().slots_moved(&before), 0);
+        map.apply(&MapCommand::Rebalance).unwrap();
+        assert_eq!(map.nodes[&4].state, NodeState::Active);
+        assert_eq!(
+            map.placement().unwrap().slots_moved(&before),
+            0,
+            "rebalancing pins every partition where it is"
+        );
+        let target = map.target().unwrap();
+        let pinned = map.moving.len();
+        let epochs_before = map.epoch;
+        let moved = run_moves(&mut map);
+        assert!(map.moving.is_empty());
+        assert_eq!(map.placement().unwrap().slots_moved(&target), 0);
+        assert_eq!(moved, target.slots_moved(&before));
+        assert_eq!(moved, pinned, "one slot per moving partition");
+        // Grow, establish, shrink, establish per slot.
+        assert_eq!(map.epoch - epochs_before, 4 * moved as u64);
+        let share = moved as f64 / before.slots() as f64;
+        println!(
+            "3 -> 4 nodes: {moved} of {} slots moved ({:.1} %, ideal 25 %)",
+            before.slots(),
+            share * 100.0
+        );
+        assert!((0.2..0.32).contains(&share), "{share}");
+        for p in target.partitions().all() {
+            let moved_here = !before
+                .replicas(p)
+                .iter()
+                .all(|n| target.replicas(p).contains(n));
+            let epoch = map.partition_epoch(p.0);
+            assert_eq!(epoch > CREATED_EPOCH, moved_here, "{p:?}");
+        }
+    }
+
+    #[test]
+    fn every_step_waits_for_the_last_one_established_and_stale_or_wrong_steps_are_refused() {
+        let mut map = created(&[(1, "dc1"), (2, "dc1"), (3, "dc1")], 64);
+        join(&mut map, 4, "dc1");
+        map.apply(&MapCommand::Rebalance).unwrap();
+        let Some(MapCommand::Grow {
+            partition,
+            node,
+            epoch,
+        }) = map.next_moves().unwrap().first().cloned()
+        else {
+            panic!("a grow first");
+        };
+        assert_eq!((node, epoch), (4, CREATED_EPOCH));
+        let leaving = map.moving[&partition]
+            .replicas
+            .iter()
+            .copied()
+            .find(|n| {
+                !map.target()
+                    .unwrap()
+                    .replicas(PartitionId(partition))
+                    .contains(&NodeId(*n))
+            })
+            .unwrap();
+        let before = map.clone();
+        let refused = |map: &mut ClusterMap, command: MapCommand| {
+            let snapshot = map.clone();
+            let e = map.apply(&command).unwrap_err();
+            assert_eq!(*map, snapshot, "a refused step changes nothing");
+            e
+        };
+        // Shrinking first, establishing first, a node the target lacks.
+        refused(
+            &mut map,
+            MapCommand::Shrink {
+                partition,
+                node: leaving,
+                epoch,
+            },
+        );
+        refused(&mut map, MapCommand::Establish { partition, epoch });
+        refused(
+            &mut map,
+            MapCommand::Grow {
+                partition,
+                node: leaving,
+                epoch,
+            },
+        );
+        assert_eq!(map, before);
+        map.apply(&MapCommand::Grow {
+            partition,
+            node,
+            epoch,
+        })
+        .unwrap();
+        let grown = map.partition_epoch(partition);
+        assert!(grown > epoch);
+        // The same grow again (a retry) names an epoch the partition left.
+        assert!(matches!(
+            refused(
+                &mut map,
+                MapCommand::Grow {
+                    partition,
+                    node,
+                    epoch
+                }
+            ),
+            MapError::Move(MoveError::StaleEpoch { .. })
+        ));
+        // A second grow while grown (and before establishing): one slot at
+        // a time.
+        refused(
+            &mut map,
+            MapCommand::Grow {
+                partition,
+                node: 5,
+                epoch: grown,
+            },
+        );
+        // Not established: no shrink.
+        let e = refused(
+            &mut map,
+            MapCommand::Shrink {
+                partition,
+                node: leaving,
+                epoch: grown,
+            },
+        );
+        assert!(e.to_string().contains("not established"), "{e}");
+        map.apply(&MapCommand::Establish {
+            partition,
+            epoch: grown,
+        })
+        .unwrap();
+        assert_eq!(
+            map.partition_epoch(partition),
+            grown,
+            "establishing is no new set"
+        );
+        // Dropping a node the target keeps is refused; the leaving one is not.
+        let keeper = map.target().unwrap().replicas(PartitionId(partition))[0].0;
+        refused(
+            &mut map,
+            MapCommand::Shrink {
+                partition,
+                node: keeper,
+                epoch: grown,
+            },
+        );
+        map.apply(&MapCommand::Shrink {
+            partition,
+            node: leaving,
+            epoch: grown,
+        })
+        .unwrap();
+        assert!(!map.moving.contains_key(&partition), "at its target");
+        let done = map.partition_epoch(partition);
+        assert!(done > grown);
+        assert!(!map.is_established(partition));
+        map.apply(&MapCommand::Establish {
+            partition,
+            epoch: done,
+        })
+        .unwrap();
+        assert!(map.is_established(partition));
+        assert!(matches!(
+            refused(
+                &mut map,
+                MapCommand::Grow {
+                    partition,
+                    node,
+                    epoch: done
+                }
+            ),
+            MapError::Move(MoveError::NotMoving(_))
+        ));
+        refused(
+            &mut map,
+            MapCommand::Establish {
+                partition: 9_999,
+                epoch: 1,
+            },
+        );
+    }
+
+    /// Draining the node a rebalance just made active, before any slot
+    /// moved, puts every partition back at its target where it is.
+    #[test]
+    fn a_target_that_comes_back_unpins() {
+        let mut map = created(&[(1, "dc1"), (2, "dc1"), (3, "dc1"), (4, "dc1")], 64);
+        let before = map.placement().unwrap();
+        join(&mut map, 5, "dc1");
+        map.apply(&MapCommand::Rebalance).unwrap();
+        assert!(!map.moving.is_empty());
+        map.apply(&MapCommand::Drain { id: 5 }).unwrap();
+        assert!(map.moving.is_empty(), "{:?}", map.moving.keys());
+        assert_eq!(map.placement().unwrap().slots_moved(&before), 0);
+        assert!(map.next_moves().unwrap().is_empty());
+        map.apply(&MapCommand::RemoveNode { id: 5 }).unwrap();
+    }
+
+    #[test]
+    fn a_drained_node_gives_up_every_slot_and_can_then_be_removed() {
+        let mut map = created(&[(1, "dc1"), (2, "dc1"), (3, "dc1"), (4, "dc1")], 64);
+        assert_eq!(
+            map.apply(&MapCommand::RemoveNode { id: 2 }),
+            Err(MapError::HoldsReplicas(2))
+        );
+        assert_eq!(
+            map.apply(&MapCommand::Drain { id: 9 }),
+            Err(MapError::UnknownNode(9))
+        );
+        map.apply(&MapCommand::Drain { id: 2 }).unwrap();
+        assert_eq!(map.nodes[&2].state, NodeState::Draining);
+        assert_eq!(
+            map.apply(&MapCommand::Drain { id: 2 }),
+            Err(MapError::NotActive(2))
+        );
+        assert!(map.holds_slots(2).unwrap(), "nothing moved by itself");
+        assert_eq!(
+            map.apply(&MapCommand::RemoveNode { id: 2 }),
+            Err(MapError::HoldsReplicas(2))
+        );
+        run_moves(&mut map);
+        assert!(!map.holds_slots(2).unwrap());
+        map.apply(&MapCommand::RemoveNode { id: 2 }).unwrap();
+        assert!(map.retired.contains(&2));
+        let placement = map.placement().unwrap();
+        assert_eq!(placement.slots(), 64 * 3);
+    }
+
+    #[test]
+    fn in_two_datacenters_a_slot_moves_within_its_datacenter() {
+        let list = [(1, "a"), (2, "a"), (3, "a"), (4, "b"), (5, "b"), (6, "b")];
+        let mut map = created(&list, 64);
+        join(&mut map, 7, "b");
+        map.apply(&MapCommand::Rebalance).unwrap();
+        for step in map.next_moves().unwrap() {
+            if let MapCommand::Grow {
+                partition, node, ..
+            } = step
+            {
+                assert_eq!(node, 7);
+                let target = map.target().unwrap();
+                let in_a = |set: &[NodeId]| set.iter().filter(|n| n.0 <= 3).count();
+                assert_eq!(in_a(target.replicas(PartitionId(partition))), 3);
+            }
+        }
+        run_moves(&mut map);
+        let placement = map.placement().unwrap();
+        for p in placement.partitions().all() {
+            let set = placement.replicas(p);
+            assert_eq!(set.iter().filter(|n| n.0 <= 3).count(), 3, "{p:?}");
+            assert_eq!(set.len(), 6, "{p:?}");
+        }
+    }
+
+    #[test]
+    fn a_map_from_before_moves_reads_with_none() {
+        let old = r#"{"epoch":3,"partitions":64,"replicas_per_datacenter":3,
+            "nodes":{"1":{"datacenter":"dc1","peer_address":"127.0.0.1:7001"}}}"#;
+        let map: ClusterMap = serde_json::from_str(old).unwrap();
+        assert!(map.moving.is_empty());
+        assert_eq!(map.partition_epoch(5), CREATED_EPOCH);
+        assert!(map.next_moves().unwrap().is_empty());
+        let mut moving = created(&[(1, "dc1"), (2, "dc1"), (3, "dc1")], 64);
+        join(&mut moving, 4, "dc1");
+        moving.apply(&MapCommand::Rebalance).unwrap();
+        let text = serde_json::to_string(&moving).unwrap();
+        assert_eq!(serde_json::from_str::<ClusterMap>(&text).unwrap(), moving);
+    }
+}
