@@ -225,8 +225,6 @@ impl ClusterMap {
             }
             .into());
         }
-        let target = self.target().map_err(|e| MapError::Shape(e.to_string()))?;
-        let want = ids(target.replicas(PartitionId(partition)));
         let refused =
             |reason: String| -> MapError { MoveError::Refused { partition, reason }.into() };
         if let MapCommand::Establish { .. } = command {
@@ -245,6 +243,9 @@ impl ClusterMap {
         let Some(pinned) = self.moving.get(&partition).cloned() else {
             return Err(MoveError::NotMoving(partition).into());
         };
+        // Only a grow or shrink needs the target (a ring built afresh).
+        let target = self.target().map_err(|e| MapError::Shape(e.to_string()))?;
+        let want = ids(target.replicas(PartitionId(partition)));
         let epoch = self.epoch + 1;
         let mut next = pinned.clone();
         match command {
