@@ -37,6 +37,13 @@ use crate::storage::{AcceptorStore, ChatStore, CommittedRoom};
 /// Rooms with no readers, no proposals and no outstanding lease promises
 /// are unloaded after this long (their state is on disk).
 const ROOM_IDLE_MS: u64 = 60_000;
+/// The longest the driver sleeps before it reads its clock again. Timers
+/// are deadlines on the injected clock, which need not run with tokio's
+/// (a test clock jumps or changes rate); without a recheck, a timer armed
+/// before a jump would sleep its whole old span, as a lease-expiry wait
+/// armed before the grantor saw the jump once slept 120 s in a test.
+const TIMER_RECHECK_MS: u64 = 1_000;
+
 /// After a membership read, this node keeps a lease on the room for this
 /// long, so that repeated reads (an operator, a dashboard) become local.
 const READ_INTEREST_MS: u64 = 30_000;
@@ -147,7 +154,7 @@ impl Driver {
             let sleep = async {
                 match next_timer {
                     Some(t) => {
-                        let wait = t.since(self.clock.monotonic());
+                        let wait = t.since(self.clock.monotonic()).min(TIMER_RECHECK_MS);
                         tokio::time::sleep(Duration::from_millis(wait)).await;
                     }
                     None => std::future::pending::<()>().await,
