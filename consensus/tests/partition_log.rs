@@ -4,6 +4,8 @@
 //! (Agreement, AckedDurable, AckedOnce, AckedGapless) and must catch the
 //! two broken variants the spec's broken configs describe.
 
+mod log_ledger;
+
 use std::collections::BTreeMap;
 
 use rand::{RngExt, SeedableRng};
@@ -12,6 +14,8 @@ use saferchat_consensus::NodeId;
 use saferchat_consensus::partition_log::{
     Checks, Committed, LogAcceptor, LogConfig, LogMessage, LogReplica, Slot, Term, Value,
 };
+
+use log_ledger::Ledger;
 
 fn config(me: u64, n: u64, checks: Checks) -> LogConfig {
     let mut c = LogConfig::new(NodeId(me), (1..=n).map(NodeId).collect());
@@ -253,6 +257,7 @@ fn a_follower_behind_the_leaders_floor_installs_a_copy_and_catches_up() {
         NodeId(2),
         LogMessage::Compacted {
             term: Term {
+                epoch: 0,
                 round: 0,
                 node: NodeId(2),
             },
@@ -313,10 +318,8 @@ struct Sim {
         Slot,
     )>,
     net: Vec<(NodeId, NodeId, LogMessage<u32>)>,
-    /// Every (slot, value) any node released, with the first releaser.
-    chosen: BTreeMap<u64, Value<u32>>,
-    /// Posts acknowledged by a leader: slot by post.
-    acked: BTreeMap<u32, u64>,
+    /// Every slot released and every post acknowledged.
+    ledger: Ledger,
     next_post: u32,
     /// Each node's compaction floor (durable, like its entries).
     floors: Vec<Slot>,
@@ -343,8 +346,7 @@ impl Sim {
                 .collect(),
             disk: vec![(Term::ZERO, BTreeMap::new(), Slot(0)); n as usize],
             net: Vec::new(),
-            chosen: BTreeMap::new(),
-            acked: BTreeMap::new(),
+            ledger: Ledger::default(),
             next_post: 1,
             floors: vec![Slot(0); n as usize],
             wants_copy: vec![None; n as usize],
@@ -369,35 +371,12 @@ impl Sim {
                 self.wants_copy[i] = Some(self.wants_copy[i].map_or(*need, |w| w.max(*need)));
             }
         }
-        for c in ready.committed {
-            if c.slot.0 != self.disk[i].2.0 + 1 {
-                return Err(format!(
-                    "n{} released {} after {}",
-                    i + 1,
-                    c.slot,
-                    self.disk[i].2
-                ));
-            }
-            self.disk[i].2 = c.slot;
-            match self.chosen.get(&c.slot.0) {
-                Some(v) if *v != c.value => {
-                    return Err(format!(
-                        "Agreement: {} released as {:?} and as {:?}",
-                        c.slot, v, c.value
-                    ));
-                }
-                _ => {
-                    self.chosen.insert(c.slot.0, c.value.clone());
-                }
-            }
-            if let (true, Value::Post(p)) = (leading, &c.value)
-                && let Some(other) = self.acked.insert(*p, c.slot.0)
-                && other != c.slot.0
-            {
-                return Err(format!("AckedOnce: post {p} in #{other} and {}", c.slot));
-            }
-        }
-        Ok(())
+        self.ledger.release(
+            NodeId(i as u64 + 1),
+            leading,
+            &mut self.disk[i].2,
+            ready.committed,
+        )
     }
 
     fn restart(&mut self, i: usize) {
@@ -483,7 +462,7 @@ impl Sim {
     /// its slot (AckedDurable), and acknowledged slots form a prefix
     /// (AckedGapless).
     fn check_acked(&self) -> Result<(), String> {
-        for (p, slot) in &self.acked {
+        for (p, slot) in &self.ledger.acked {
             let holders = self
                 .disk
                 .iter()
@@ -491,7 +470,8 @@ impl Sim {
                     entries
                         .get(&Slot(*slot))
                         .is_some_and(|e| e.value == Value::Post(*p))
-                        || (released.0 >= *slot && self.chosen.get(slot) == Some(&Value::Post(*p)))
+                        || (released.0 >= *slot
+                            && self.ledger.chosen.get(slot) == Some(&Value::Post(*p)))
                 })
                 .count();
             if holders < 2 {
@@ -500,10 +480,10 @@ impl Sim {
                 ));
             }
         }
-        let mut slots: Vec<u64> = self.acked.values().copied().collect();
+        let mut slots: Vec<u64> = self.ledger.acked.values().copied().collect();
         slots.sort_unstable();
         for (k, s) in slots.iter().enumerate() {
-            let prefix_slot = self.chosen.range(..=*s).count() as u64;
+            let prefix_slot = self.ledger.chosen.range(..=*s).count() as u64;
             if prefix_slot != *s {
                 return Err(format!("AckedGapless: #{s} acknowledged with a gap ({k})"));
             }
@@ -523,14 +503,11 @@ fn simulate(seed: u64, checks: Checks, steps: usize) -> Result<(usize, usize, us
         sim.check_acked()?;
         terms.extend(sim.nodes.iter().filter_map(LogReplica::leading));
     }
-    Ok((sim.acked.len(), terms.len(), sim.copies))
+    Ok((sim.ledger.acked.len(), terms.len(), sim.copies))
 }
 
 fn seed_base() -> u64 {
-    std::env::var("SEED")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(0x5a1e)
+    log_ledger::seed_base(0x5a1e)
 }
 
 #[test]

@@ -552,22 +552,25 @@ pub mod log {
         ppb::Term {
             round: t.round,
             node: t.node.0,
+            epoch: t.epoch,
         }
     }
 
     /// Term from wire.
     ///
     /// # Errors
-    /// A round beyond [`Term::ROUND_MAX`].
+    /// A round beyond [`Term::ROUND_MAX`] or an epoch beyond
+    /// [`Term::EPOCH_MAX`].
     pub fn term_from_pb(t: &ppb::Term) -> Result<Term, NodeError> {
         let term = Term {
+            epoch: t.epoch,
             round: t.round,
             node: NodeId(t.node),
         };
         if term.is_sane() {
             Ok(term)
         } else {
-            Err(corrupt("term round beyond the maximum"))
+            Err(corrupt("term round or epoch beyond the maximum"))
         }
     }
 
@@ -752,6 +755,7 @@ pub mod log {
         #[test]
         fn log_messages_round_trip_and_absurd_ones_are_refused() {
             let t = Term {
+                epoch: 4,
                 round: 3,
                 node: NodeId(2),
             };
@@ -804,12 +808,22 @@ pub mod log {
             }
             let absurd = LogMessage::<LogPost>::Prepare {
                 term: Term {
+                    epoch: 1,
                     round: u64::MAX,
                     node: NodeId(2),
                 },
                 from: Slot(1),
             };
             assert!(message_from_pb(&message_to_pb(1, &absurd)).is_err());
+            let absurd_epoch = LogMessage::<LogPost>::Prepare {
+                term: Term {
+                    epoch: u64::MAX,
+                    round: 1,
+                    node: NodeId(2),
+                },
+                from: Slot(1),
+            };
+            assert!(message_from_pb(&message_to_pb(1, &absurd_epoch)).is_err());
             let beyond = LogMessage::<LogPost>::Prepare {
                 term: t,
                 from: Slot(u64::MAX),

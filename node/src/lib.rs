@@ -394,6 +394,7 @@ pub async fn run(
         let (timeline, task) = timeline::driver::spawn(timeline::driver::DriverParts {
             me: NodeId(config.node_id),
             placement: Arc::clone(&placement),
+            epochs: maps.current().partition_epochs,
             store: Arc::new(store),
             states,
             chat: Arc::clone(&chat),

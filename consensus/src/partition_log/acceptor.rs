@@ -157,6 +157,7 @@ mod tests {
 
     fn t(round: u64, node: u64) -> Term {
         Term {
+            epoch: 0,
             round,
             node: NodeId(node),
         }

@@ -35,11 +35,19 @@ use crate::ids::NodeId;
 pub use acceptor::{LogAcceptor, LogWrite};
 pub use replica::{Checks, Committed, LogConfig, LogReady, LogReplica, NotLeader};
 
-/// A leadership term: a round made unique by the node that runs for it.
-/// Ordered by round, then node.
+/// A leadership term: a round made unique by the node that runs for it,
+/// in the epoch of the partition's replica set it runs in. Ordered by
+/// epoch, then round, then node (the field order): a term of a later
+/// epoch is above every term of an earlier one, so electing a leader of
+/// epoch `e` fences every earlier epoch on a quorum of `e`'s set
+/// (`specs/PartitionMove.tla`, `EPOCH_IN_TERM`). Terms stored before
+/// epochs existed read as epoch 0, below every epoch the map hands out.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct Term {
-    /// Raised by a candidate to outbid earlier terms.
+    /// The map epoch of the replica set the term runs in (see
+    /// `saferchat_placement::ClusterMap::partition_epoch`).
+    pub epoch: u64,
+    /// Raised by a candidate to outbid earlier terms of its epoch.
     pub round: u64,
     /// The node that runs for (and leads in) this term.
     pub node: NodeId,
@@ -48,6 +56,7 @@ pub struct Term {
 impl Term {
     /// Below every term a node runs for.
     pub const ZERO: Term = Term {
+        epoch: 0,
         round: 0,
         node: NodeId(0),
     };
@@ -55,16 +64,30 @@ impl Term {
     /// [`crate::Ballot::ROUND_MAX`]: `+ 1` never overflows, absurd terms
     /// are refused.
     pub const ROUND_MAX: u64 = 1 << 62;
+    /// The highest epoch accepted: map epochs count map changes, and
+    /// anything near `u64::MAX` is corrupt or hostile.
+    pub const EPOCH_MAX: u64 = 1 << 62;
 
-    /// Whether the round is within [`Term::ROUND_MAX`].
+    /// Whether the epoch and round are within bounds.
     pub fn is_sane(self) -> bool {
-        self.round <= Self::ROUND_MAX
+        self.round <= Self::ROUND_MAX && self.epoch <= Self::EPOCH_MAX
+    }
+
+    /// The lowest term of `epoch`: what a replica that knows `epoch`
+    /// answers a message of an earlier epoch with, so that its sender
+    /// learns the epoch moved on.
+    pub fn floor_of(epoch: u64) -> Term {
+        Term {
+            epoch,
+            round: 0,
+            node: NodeId(0),
+        }
     }
 }
 
 impl fmt::Display for Term {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "t{}.{}", self.round, self.node.0)
+        write!(f, "e{}t{}.{}", self.epoch, self.round, self.node.0)
     }
 }
 

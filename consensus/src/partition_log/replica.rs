@@ -23,6 +23,9 @@ pub struct LogConfig {
     pub me: NodeId,
     /// Every replica, sorted, including `me`.
     pub replicas: Vec<NodeId>,
+    /// The map epoch of this replica set: this node campaigns only in it,
+    /// and answers writes and elections of no other (see [`Term`]).
+    pub epoch: u64,
     /// Most values one Accept carries.
     pub batch_max: usize,
     /// Guards a broken test variant may turn off to show what they
@@ -51,7 +54,8 @@ impl Default for Checks {
 }
 
 impl LogConfig {
-    /// A configuration with the default batch size and every guard on.
+    /// A configuration of epoch 0 with the default batch size and every
+    /// guard on.
     pub fn new(me: NodeId, mut replicas: Vec<NodeId>) -> LogConfig {
         replicas.sort_unstable();
         replicas.dedup();
@@ -59,9 +63,17 @@ impl LogConfig {
         LogConfig {
             me,
             replicas,
+            epoch: 0,
             batch_max: 256,
             checks: Checks::default(),
         }
+    }
+
+    /// The same configuration in `epoch`.
+    #[must_use]
+    pub fn in_epoch(mut self, epoch: u64) -> LogConfig {
+        self.epoch = epoch;
+        self
     }
 
     fn majority(&self) -> usize {
@@ -96,6 +108,11 @@ pub struct LogReady<T> {
     /// node then copies the timeline from a replica that applied at least
     /// that far and calls [`LogReplica::install`].
     pub lagging: Vec<(NodeId, Slot)>,
+    /// A replica spoke in an epoch later than this node's configuration:
+    /// the node's copy of the cluster map is behind (the highest such
+    /// epoch). The replica refused what it could not check and will not
+    /// campaign until [`LogReplica::reconfigure`] brings it there.
+    pub newer_epoch: Option<u64>,
 }
 
 impl<T> Default for LogReady<T> {
@@ -106,6 +123,7 @@ impl<T> Default for LogReady<T> {
             committed: Vec::new(),
             leading: None,
             lagging: Vec::new(),
+            newer_epoch: None,
         }
     }
 }
@@ -118,6 +136,7 @@ impl<T> LogReady<T> {
             && self.committed.is_empty()
             && self.leading.is_none()
             && self.lagging.is_empty()
+            && self.newer_epoch.is_none()
     }
 }
 
@@ -146,6 +165,13 @@ enum Role<T> {
         next: Slot,
         /// Uncommitted slots of this term: value and who stored it.
         pending: BTreeMap<Slot, (Value<T>, BTreeSet<NodeId>)>,
+        /// The last slot this leader recovered at its election (or its
+        /// released prefix then): the log as the sets before this epoch
+        /// left it.
+        recovered_to: Slot,
+        /// Other replicas that reported, in this term, a released prefix
+        /// reaching `recovered_to`.
+        caught_up: BTreeSet<NodeId>,
     },
 }
 
@@ -201,19 +227,60 @@ impl<T: Clone> LogReplica<T> {
         }
     }
 
-    /// The node that ran for the newest term seen (possibly this one).
-    pub fn leader_hint(&self) -> Option<NodeId> {
-        (self.highest != Term::ZERO).then_some(self.highest.node)
+    /// The term this node leads if it *established* its epoch: it was
+    /// elected by a quorum of its epoch's set (so no earlier epoch can
+    /// elect or commit again there) and a quorum of that set, itself
+    /// included, has released everything it recovered (so every slot the
+    /// sets before chose is durable, in the log or applied, on a quorum
+    /// of this set, which meets every quorum of the next set). The map
+    /// takes a partition's next move step only after this
+    /// (`specs/PartitionMove.tla`, `ESTABLISH_BEFORE_SHRINK`).
+    pub fn established(&self) -> Option<Term> {
+        let Role::Leader {
+            term,
+            recovered_to,
+            caught_up,
+            ..
+        } = &self.role
+        else {
+            return None;
+        };
+        let others = caught_up
+            .iter()
+            .filter(|n| self.config.replicas.contains(n))
+            .count();
+        (self.released >= *recovered_to && others + 1 >= self.config.majority()).then_some(*term)
     }
 
-    /// Runs for leadership in a term above every term seen, promising it
-    /// locally first. `None` when the rounds are exhausted.
+    /// The node that ran for the newest term seen (possibly this one).
+    pub fn leader_hint(&self) -> Option<NodeId> {
+        // Round 0 is no candidate's: ZERO, or an epoch's floor a refusal
+        // carried.
+        (self.highest.round > 0).then_some(self.highest.node)
+    }
+
+    /// The configuration.
+    pub fn config(&self) -> &LogConfig {
+        &self.config
+    }
+
+    /// Runs for leadership in a term of its configuration's epoch above
+    /// every term seen, promising it locally first. `None` when the rounds
+    /// are exhausted, or when a term of a later epoch was seen: this node
+    /// must learn that epoch's replica set first.
     pub fn campaign(&mut self) -> Option<Term> {
-        let round = self.highest.round.max(self.acceptor.promised().round) + 1;
+        let epoch = self.config.epoch;
+        let promised = self.acceptor.promised();
+        if self.highest.epoch > epoch || promised.epoch > epoch {
+            return None;
+        }
+        let in_epoch = |t: Term| if t.epoch == epoch { t.round } else { 0 };
+        let round = in_epoch(self.highest).max(in_epoch(promised)) + 1;
         if round > Term::ROUND_MAX {
             return None;
         }
         let term = Term {
+            epoch,
             round,
             node: self.config.me,
         };
@@ -263,6 +330,7 @@ impl<T: Clone> LogReplica<T> {
             term,
             pending,
             next,
+            ..
         } = &self.role
         else {
             return;
@@ -326,12 +394,63 @@ impl<T: Clone> LogReplica<T> {
         true
     }
 
+    /// The partition's replica set moved to a later epoch (the cluster map
+    /// says so): from now on this node campaigns in `config.epoch` and
+    /// answers no other. A candidate or leader of an earlier epoch steps
+    /// down: its term is fenced as soon as anyone is elected in the new
+    /// one. Returns whether the configuration changed (a configuration of
+    /// the same or an earlier epoch, or for another node, is ignored).
+    pub fn reconfigure(&mut self, config: LogConfig) -> bool {
+        if config.me != self.config.me || config.epoch <= self.config.epoch {
+            return false;
+        }
+        if let Role::Candidate { term, .. } | Role::Leader { term, .. } = &self.role
+            && term.epoch < config.epoch
+        {
+            self.role = Role::Follower;
+        }
+        self.config = config;
+        true
+    }
+
     /// Handles one message from another replica.
     pub fn step(&mut self, from: NodeId, message: LogMessage<T>) {
-        if !message.is_sane() || !self.config.replicas.contains(&from) || from == self.config.me {
+        if !message.is_sane() || from == self.config.me {
             return;
         }
         let term = message.term();
+        if !self.config.replicas.contains(&from) {
+            // A node of a later epoch's set (a joiner) is news even though
+            // this node cannot answer it yet.
+            if term.epoch > self.config.epoch {
+                self.note_newer_epoch(term.epoch);
+            }
+            return;
+        }
+        let asks = matches!(
+            message,
+            LogMessage::Prepare { .. } | LogMessage::Accept { .. } | LogMessage::Compacted { .. }
+        );
+        if asks && term.epoch != self.config.epoch {
+            // Elections, writes and leader notices are answered only in
+            // this node's epoch. A later one: the map moved on and this
+            // node cannot check the set of that epoch yet, so it learns
+            // the term (and steps down) but answers nothing. An earlier
+            // one: the sender's map is behind; the refusal tells it the
+            // epoch moved on.
+            if term.epoch > self.config.epoch {
+                self.observe(term);
+            } else if !matches!(message, LogMessage::Compacted { .. }) {
+                let promised = self
+                    .acceptor
+                    .promised()
+                    .max(Term::floor_of(self.config.epoch));
+                self.ready
+                    .messages
+                    .push((from, LogMessage::Refused { term, promised }));
+            }
+            return;
+        }
         match message {
             LogMessage::Prepare { term, from: slot } => {
                 let (reply, write) = self.acceptor.on_prepare(term, slot);
@@ -398,8 +517,12 @@ impl<T: Clone> LogReplica<T> {
         }
     }
 
-    /// A term seen: a newer one ends this node's candidacy or leadership.
+    /// A term seen: a newer one ends this node's candidacy or leadership,
+    /// and one of a later epoch says the node's map is behind.
     fn observe(&mut self, term: Term) {
+        if term.epoch > self.config.epoch {
+            self.note_newer_epoch(term.epoch);
+        }
         self.highest = self.highest.max(term);
         let mine = match &self.role {
             Role::Follower => return,
@@ -408,6 +531,10 @@ impl<T: Clone> LogReplica<T> {
         if term > mine {
             self.role = Role::Follower;
         }
+    }
+
+    fn note_newer_epoch(&mut self, epoch: u64) {
+        self.ready.newer_epoch = Some(self.ready.newer_epoch.unwrap_or(0).max(epoch));
     }
 
     /// With promises from a quorum, recover and lead.
@@ -478,6 +605,8 @@ impl<T: Clone> LogReplica<T> {
             term,
             next: from,
             pending: BTreeMap::new(),
+            recovered_to: last,
+            caught_up: BTreeSet::new(),
         };
         self.ready.leading = Some(term);
         if !values.is_empty() {
@@ -492,6 +621,7 @@ impl<T: Clone> LogReplica<T> {
             term,
             next,
             pending,
+            ..
         } = &mut self.role
         else {
             return;
@@ -529,6 +659,8 @@ impl<T: Clone> LogReplica<T> {
         let Role::Leader {
             term: leading,
             pending,
+            recovered_to,
+            caught_up,
             ..
         } = &mut self.role
         else {
@@ -541,6 +673,9 @@ impl<T: Clone> LogReplica<T> {
         // costs no more than the pending ones.
         for (_, (_, acks)) in pending.range_mut(first..Slot(first.0 + count)) {
             acks.insert(from);
+        }
+        if released >= *recovered_to {
+            caught_up.insert(from);
         }
         self.release_as_leader();
         self.catch_up(from, term, released, first);

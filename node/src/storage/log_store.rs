@@ -417,7 +417,10 @@ mod tests {
     use saferchat_consensus::partition_log::Value;
 
     fn term(round: u64) -> Term {
+        // An epoch other than 0, so that a round trip that dropped it
+        // would show.
         Term {
+            epoch: 2,
             round,
             node: NodeId(2),
         }

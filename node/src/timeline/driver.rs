@@ -97,7 +97,7 @@
 //! after a failed copy the next waits [`COPY_RETRY_MS`], doubling up to
 //! [`COPY_RETRY_MAX_MS`].
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -245,6 +245,9 @@ struct Part {
     copy_after: Millis,
     /// The wait after the next failed copy.
     copy_backoff_ms: u64,
+    /// The latest later map epoch a replica was seen running in (0:
+    /// none), so that it is reported once.
+    newer_epoch: u64,
 }
 
 impl Part {
@@ -272,6 +275,11 @@ pub struct DriverParts {
     pub me: NodeId,
     /// Partitions and their replicas.
     pub placement: Arc<Placement>,
+    /// The map epoch of each partition's replica set (absent:
+    /// [`saferchat_placement::CREATED_EPOCH`]), which its terms carry.
+    /// Read from the cluster map at start: the node does not follow
+    /// partition moves at runtime yet.
+    pub epochs: BTreeMap<u32, u64>,
     /// The durable log file and what it held at start.
     pub store: Arc<LogStore>,
     /// The states read from it.
@@ -298,6 +306,7 @@ pub struct DriverParts {
 struct Driver {
     me: NodeId,
     placement: Arc<Placement>,
+    epochs: BTreeMap<u32, u64>,
     store: Arc<LogStore>,
     chat: Arc<dyn ChatStore>,
     peers: Arc<dyn PeerSender>,
@@ -350,6 +359,7 @@ pub fn spawn(parts: DriverParts) -> (Timeline, JoinHandle<Result<(), NodeError>>
     let mut driver = Driver {
         me: parts.me,
         placement: parts.placement,
+        epochs: parts.epochs,
         store: parts.store,
         chat: parts.chat,
         peers: parts.peers,
@@ -414,7 +424,12 @@ impl Driver {
         let replicas = self.replicas(partition);
         let rank = replicas.iter().position(|n| *n == self.me).unwrap_or(0) as u64;
         let replica_count = replicas.len();
-        let mut config = LogConfig::new(self.me, replicas);
+        let epoch = self
+            .epochs
+            .get(&partition)
+            .copied()
+            .unwrap_or(saferchat_placement::CREATED_EPOCH);
+        let mut config = LogConfig::new(self.me, replicas).in_epoch(epoch);
         config.batch_max = ACCEPT_VALUES_MAX;
         let acceptor = LogAcceptor::restore(state.promised, state.entries, state.floor);
         let retained: VecDeque<(Slot, usize)> = acceptor
@@ -444,6 +459,7 @@ impl Driver {
                 copying: false,
                 copy_after: now,
                 copy_backoff_ms: COPY_RETRY_MS,
+                newer_epoch: 0,
             },
         );
     }
@@ -729,6 +745,22 @@ impl Driver {
                     tracing::debug!(partition, %node, need = from.0, "a replica is behind the retained log; told to copy the partition");
                     metrics::counter!("saferchat_partition_lagging_total").increment(1);
                 }
+            }
+            if let Some(epoch) = ready.newer_epoch
+                && epoch > part.newer_epoch
+            {
+                // A replica runs in a later epoch than the map this node
+                // read at start: the partition moved on, and this node
+                // neither answers nor campaigns in it until restarted on
+                // the newer map. Said once per epoch.
+                part.newer_epoch = epoch;
+                tracing::warn!(
+                    partition,
+                    epoch,
+                    known = part.replica.config().epoch,
+                    "a replica of the partition runs in a later map epoch than this node knows"
+                );
+                metrics::counter!("saferchat_partition_newer_epoch_total").increment(1);
             }
             if let Some(term) = ready.leading {
                 tracing::info!(partition, %term, "leading the partition");
