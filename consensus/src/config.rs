@@ -99,6 +99,10 @@ pub struct ReplicaConfig {
     pub me: NodeId,
     /// Every acceptor, sorted, `me` among them.
     pub replicas: Vec<NodeId>,
+    /// The map epoch of this acceptor set (the room's partition epoch):
+    /// this node proposes, accepts and grants leases only in it (see
+    /// [`Ballot`](crate::Ballot)).
+    pub epoch: u64,
     /// The replicas that hold read leases (one per datacenter, or all of a
     /// single-datacenter set). Writes wait for every unexpired holder.
     pub holders: Vec<NodeId>,
@@ -131,6 +135,9 @@ impl ReplicaConfig {
         ReplicaConfig {
             me,
             replicas: vec![me],
+            // The cluster map's first epoch (a single node's rooms never
+            // move).
+            epoch: 1,
             holders: vec![me],
             lease: LeaseConfig::default(),
             proposer: ProposerConfig::default(),
@@ -184,6 +191,7 @@ impl ReplicaConfig {
         ReplicaConfig {
             me: NodeId(me),
             replicas: all.clone(),
+            epoch: 0,
             holders: all,
             lease: LeaseConfig::default(),
             proposer: ProposerConfig::default(),

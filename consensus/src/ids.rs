@@ -13,12 +13,21 @@ impl fmt::Display for NodeId {
     }
 }
 
-/// A Paxos ballot: a round counter made unique by the proposing node.
+/// A Paxos ballot: a round counter made unique by the proposing node, in
+/// the epoch of the acceptor set it runs in.
 ///
-/// Ordered by round first, then node, so two proposers never use the same
-/// ballot and every ballot has a successor owned by its node.
+/// Ordered by epoch, then round, then node (the field order), so two
+/// proposers never use the same ballot, every ballot has a successor owned
+/// by its node, and every ballot of a later acceptor set is above every
+/// ballot of an earlier one: an acceptor's promise in a new epoch fences
+/// the old epoch by itself (`specs/Reconfiguration.tla`). The epoch is the
+/// cluster map's epoch of the room's partition; ballots stored before
+/// epochs existed read as epoch 0.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct Ballot {
+    /// The map epoch of the acceptor set (see
+    /// [`ReplicaConfig::epoch`](crate::ReplicaConfig::epoch)).
+    pub epoch: u64,
     /// Round counter; the part a proposer raises to preempt others.
     pub round: u64,
     /// The node that owns this ballot.
@@ -28,6 +37,7 @@ pub struct Ballot {
 impl Ballot {
     /// The ballot below every ballot a proposer can use.
     pub const ZERO: Ballot = Ballot {
+        epoch: 0,
         round: 0,
         node: NodeId(0),
     };
@@ -41,9 +51,23 @@ impl Ballot {
     /// `u64::MAX` could never be outbid again.
     pub const ROUND_MAX: u64 = 1 << 62;
 
-    /// Whether the round is within [`Ballot::ROUND_MAX`].
+    /// The highest epoch accepted, for the same reason.
+    pub const EPOCH_MAX: u64 = 1 << 62;
+
+    /// Whether the epoch and round are within bounds.
     pub fn is_sane(self) -> bool {
-        self.round <= Self::ROUND_MAX
+        self.round <= Self::ROUND_MAX && self.epoch <= Self::EPOCH_MAX
+    }
+
+    /// The lowest ballot of `epoch`: what an acceptor that knows `epoch`
+    /// refuses an earlier epoch's ballot with, so that its proposer learns
+    /// that the room's acceptor set moved on.
+    pub fn floor_of(epoch: u64) -> Ballot {
+        Ballot {
+            epoch,
+            round: 0,
+            node: NodeId(0),
+        }
     }
 
     /// The next ballot of the same node: the one a proposer piggybacks as
@@ -52,14 +76,14 @@ impl Ballot {
     pub fn successor(self) -> Option<Ballot> {
         (self.round < Self::ROUND_MAX).then(|| Ballot {
             round: self.round + 1,
-            node: self.node,
+            ..self
         })
     }
 }
 
 impl fmt::Display for Ballot {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}.{}", self.round, self.node.0)
+        write!(f, "{}:{}.{}", self.epoch, self.round, self.node.0)
     }
 }
 

@@ -77,6 +77,9 @@ pub enum Message {
         /// only what its promise and its recovery window cover (see
         /// [`LeaseConfig::covers`](crate::LeaseConfig::covers)).
         lease_ms: u64,
+        /// The epoch of the acceptor set the holder asks in: a grantor
+        /// grants only in its own, and none once a later epoch sealed it.
+        epoch: u64,
     },
     /// A grantor's promise: until the promise expires it will report the
     /// holder on every accept. Carries what the grantor has accepted so a
@@ -90,8 +93,19 @@ pub enum Message {
 }
 
 impl Message {
-    /// Whether every ballot and revision in the message is within
-    /// [`Ballot::ROUND_MAX`] and [`Revision::MAX`]. A replica drops a
+    /// The epoch of a message that asks something of an acceptor or a
+    /// grantor (a Prepare, an Accept or a lease request); `None` for
+    /// answers and commits.
+    pub fn asked_epoch(&self) -> Option<u64> {
+        match self {
+            Message::Prepare { ballot } | Message::Accept { ballot, .. } => Some(ballot.epoch),
+            Message::LeaseRequest { epoch, .. } => Some(*epoch),
+            _ => None,
+        }
+    }
+
+    /// Whether every ballot, epoch and revision in the message is within
+    /// [`Ballot::ROUND_MAX`], [`Ballot::EPOCH_MAX`] and [`Revision::MAX`]. A replica drops a
     /// message that is not: no honest node ever sends one, and taking it
     /// would let one frame exhaust a room's ballots.
     pub fn is_sane(&self) -> bool {
@@ -114,7 +128,7 @@ impl Message {
                 ballot, promised, ..
             } => ballot.is_sane() && promised.is_sane(),
             Message::Commit { ballot, value } => ballot.is_sane() && value_ok(value),
-            Message::LeaseRequest { .. } => true,
+            Message::LeaseRequest { epoch, .. } => *epoch <= Ballot::EPOCH_MAX,
             Message::LeaseGrant { accepted, .. } => accepted
                 .as_ref()
                 .is_none_or(|(b, r)| b.is_sane() && r.is_sane()),

@@ -11,7 +11,7 @@ use crate::config::ReplicaConfig;
 use crate::ids::{Ballot, NodeId, RequestId};
 use crate::lease::grantor::Grantor;
 use crate::lease::holder::{Holder, ReadError};
-use crate::message::Message;
+use crate::message::{Message, Phase};
 use crate::paxos::acceptor::{Acceptor, AcceptorState};
 use crate::paxos::proposer::{Effects, Outcome, Proposer};
 use crate::room::{Proposal, RoomState};
@@ -33,6 +33,10 @@ pub struct Ready {
     pub replies: Vec<(RequestId, Outcome)>,
     /// The newest committed state learned, if the local copy moved.
     pub committed: Option<(Ballot, Arc<RoomState>)>,
+    /// A replica spoke in a later epoch than this node's configuration:
+    /// the node's copy of the cluster map is behind (the highest such
+    /// epoch). This replica answered nothing of it.
+    pub newer_epoch: Option<u64>,
 }
 
 impl Ready {
@@ -42,6 +46,7 @@ impl Ready {
             && self.messages.is_empty()
             && self.replies.is_empty()
             && self.committed.is_none()
+            && self.newer_epoch.is_none()
     }
 }
 
@@ -181,6 +186,24 @@ impl RoomReplica {
         if !message.is_sane() {
             return;
         }
+        if let Some(epoch) = message.asked_epoch()
+            && epoch != self.config.epoch
+        {
+            self.other_epoch(from, epoch, &message);
+            return;
+        }
+        match &message {
+            Message::Nack { promised, .. } => self.note_epoch(promised.epoch),
+            Message::Promise {
+                accepted: Some((b, _)),
+                ..
+            } => self.note_epoch(b.epoch),
+            Message::LeaseGrant {
+                accepted: Some((b, _)),
+                ..
+            } => self.note_epoch(b.epoch),
+            _ => {}
+        }
         let mut effects = Effects::default();
         match message {
             Message::Prepare { ballot } => {
@@ -235,11 +258,16 @@ impl RoomReplica {
                 self.proposer.on_commit_seen(ballot);
                 self.learn(ballot, &value);
             }
-            Message::LeaseRequest { seq, lease_ms } => {
+            Message::LeaseRequest { seq, lease_ms, .. } => {
                 // A holder that would read longer than this grantor's
                 // promise lasts gets no grant: its lease would outlive the
-                // promise (a misconfigured or older node).
-                if self.config.is_holder(from) && self.config.lease.covers(lease_ms) {
+                // promise (a misconfigured or older node). Nor does any
+                // holder once this acceptor promised a later epoch's
+                // ballot: that epoch's transfer waits only for the leases
+                // granted before (`specs/Reconfiguration.tla`,
+                // GRANT_FENCE).
+                let sealed = self.acceptor.state().promised.epoch > self.config.epoch;
+                if self.config.is_holder(from) && self.config.lease.covers(lease_ms) && !sealed {
                     self.grantor.grant(&self.config, now, from);
                     let accepted = self
                         .acceptor
@@ -260,15 +288,63 @@ impl RoomReplica {
         self.drive(now);
     }
 
+    /// A Prepare, Accept or lease request of an epoch other than this
+    /// replica's. An earlier one is refused with the floor of this epoch,
+    /// so that its proposer learns the acceptor set moved on (a lease
+    /// request of an earlier epoch is simply not granted). A later one is
+    /// not answered: this node cannot check that epoch's set until its
+    /// map has it.
+    fn other_epoch(&mut self, from: NodeId, epoch: u64, message: &Message) {
+        if epoch > self.config.epoch {
+            self.note_epoch(epoch);
+            return;
+        }
+        let promised = self
+            .acceptor
+            .state()
+            .promised
+            .max(Ballot::floor_of(self.config.epoch));
+        let (ballot, phase) = match message {
+            Message::Prepare { ballot } => (*ballot, Phase::Prepare),
+            Message::Accept { ballot, value, .. } => {
+                // Still a holder's news: the answer below tells the
+                // proposer this node saw the accept.
+                self.holder.on_accept_seen(*ballot, value.revision);
+                (*ballot, Phase::Accept)
+            }
+            _ => return,
+        };
+        self.ready.messages.push((
+            from,
+            Message::Nack {
+                ballot,
+                promised,
+                phase,
+            },
+        ));
+    }
+
+    fn note_epoch(&mut self, epoch: u64) {
+        if epoch > self.config.epoch {
+            self.ready.newer_epoch = Some(self.ready.newer_epoch.unwrap_or(0).max(epoch));
+        }
+    }
+
     /// Advances timers: lease renewals, holder waits, round and request
     /// timeouts.
     pub fn tick(&mut self, now: Millis) {
         if let Some(seq) = self.holder.due_request(&self.config, now) {
             let lease_ms = self.config.lease.lease_ms;
+            let epoch = self.config.epoch;
             for to in &self.config.replicas {
-                self.ready
-                    .messages
-                    .push((*to, Message::LeaseRequest { seq, lease_ms }));
+                self.ready.messages.push((
+                    *to,
+                    Message::LeaseRequest {
+                        seq,
+                        lease_ms,
+                        epoch,
+                    },
+                ));
             }
         }
         let mut effects = Effects::default();

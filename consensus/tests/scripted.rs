@@ -12,6 +12,7 @@ use saferchat_consensus::{
 
 fn b(round: u64, node: u64) -> Ballot {
     Ballot {
+        epoch: 1,
         round,
         node: NodeId(node),
     }
@@ -448,7 +449,12 @@ impl Cluster {
             .inflight
             .iter()
             .position(|(f, t, m)| f.0 == from && t.0 == to && format!("{m:?}").starts_with(kind))
-            .unwrap_or_else(|| panic!("no {kind} from n{from} to n{to} in flight"));
+            .unwrap_or_else(|| {
+                panic!(
+                    "no {kind} from n{from} to n{to} in flight: {:?}",
+                    self.inflight
+                )
+            });
         let (from, to, message) = self.inflight.remove(at).expect("found above");
         let index = to.0 as usize - 1;
         self.nodes[index].step(now, from, message);
@@ -905,13 +911,21 @@ fn lease_requests_from_nodes_that_may_not_hold_are_not_granted() {
     node.step(
         Millis(5),
         NodeId(3),
-        Message::LeaseRequest { seq: 1, lease_ms },
+        Message::LeaseRequest {
+            seq: 1,
+            lease_ms,
+            epoch: 1,
+        },
     );
     assert!(node.take_ready().messages.is_empty(), "n3 holds no leases");
     node.step(
         Millis(5),
         NodeId(2),
-        Message::LeaseRequest { seq: 1, lease_ms },
+        Message::LeaseRequest {
+            seq: 1,
+            lease_ms,
+            epoch: 1,
+        },
     );
     assert!(matches!(
         node.take_ready().messages.as_slice(),
@@ -920,7 +934,11 @@ fn lease_requests_from_nodes_that_may_not_hold_are_not_granted() {
     c.nodes[0].step(
         Millis(5),
         NodeId(3),
-        Message::LeaseRequest { seq: 1, lease_ms },
+        Message::LeaseRequest {
+            seq: 1,
+            lease_ms,
+            epoch: 1,
+        },
     );
     assert_eq!(c.nodes[0].take_ready().messages.len(), 1);
 }

@@ -714,6 +714,9 @@ impl NodeConfig {
         ReplicaConfig {
             me: NodeId(self.node_id),
             replicas,
+            // Every partition's set until it moves (a room's own set comes
+            // from `placement::room_replicas`, with its partition's epoch).
+            epoch: saferchat_placement::CREATED_EPOCH,
             holders,
             lease: LeaseConfig {
                 lease_ms: self.lease.lease_ms,

@@ -23,6 +23,7 @@ fn corrupt(what: &str) -> NodeError {
 /// Ballot to wire.
 pub fn ballot_to_pb(b: Ballot) -> ppb::Ballot {
     ppb::Ballot {
+        epoch: b.epoch,
         round: b.round,
         node: b.node.0,
     }
@@ -31,15 +32,17 @@ pub fn ballot_to_pb(b: Ballot) -> ppb::Ballot {
 /// Ballot from wire (absent: the zero ballot).
 ///
 /// # Errors
-/// A round beyond [`Ballot::ROUND_MAX`]: no honest node sends one, and
-/// accepting it would exhaust the room's ballots.
+/// A round beyond [`Ballot::ROUND_MAX`] or an epoch beyond
+/// [`Ballot::EPOCH_MAX`]: no honest node sends one, and accepting it would
+/// exhaust the room's ballots.
 pub fn ballot_from_pb(b: Option<&ppb::Ballot>) -> Result<Ballot, NodeError> {
     let ballot = b.map_or(Ballot::ZERO, |b| Ballot {
+        epoch: b.epoch,
         round: b.round,
         node: NodeId(b.node),
     });
     if !ballot.is_sane() {
-        return Err(corrupt("ballot round beyond the maximum"));
+        return Err(corrupt("ballot round or epoch beyond the maximum"));
     }
     Ok(ballot)
 }
@@ -236,9 +239,14 @@ pub fn message_to_pb(room: &str, m: &Message) -> ppb::RoomMessage {
             ballot: Some(ballot_to_pb(*ballot)),
             value: Some(state_to_pb(value)),
         }),
-        Message::LeaseRequest { seq, lease_ms } => Body::LeaseRequest(ppb::LeaseRequest {
+        Message::LeaseRequest {
+            seq,
+            lease_ms,
+            epoch,
+        } => Body::LeaseRequest(ppb::LeaseRequest {
             seq: *seq,
             lease_ms: *lease_ms,
+            epoch: *epoch,
         }),
         Message::LeaseGrant { seq, accepted } => Body::LeaseGrant(ppb::LeaseGrant {
             seq: *seq,
@@ -314,6 +322,7 @@ pub fn message_from_pb(m: &ppb::RoomMessage) -> Result<Message, NodeError> {
             Body::LeaseRequest(r) => Message::LeaseRequest {
                 seq: r.seq,
                 lease_ms: r.lease_ms,
+                epoch: r.epoch,
             },
             Body::LeaseGrant(g) => Message::LeaseGrant {
                 seq: g.seq,
@@ -368,11 +377,13 @@ mod tests {
         assert_eq!(state_from_pb(&state_to_pb(&s)).unwrap(), s);
         let a = AcceptorState {
             promised: Ballot {
+                epoch: 2,
                 round: 4,
                 node: NodeId(2),
             },
             accepted: Some((
                 Ballot {
+                    epoch: 0,
                     round: 3,
                     node: NodeId(1),
                 },
@@ -390,6 +401,7 @@ mod tests {
     fn every_message_round_trips() {
         let v = Arc::new(sample_state());
         let b = Ballot {
+            epoch: 5,
             round: 9,
             node: NodeId(3),
         };
@@ -434,6 +446,7 @@ mod tests {
             Message::LeaseRequest {
                 seq: 5,
                 lease_ms: 2_000,
+                epoch: 5,
             },
             Message::LeaseGrant {
                 seq: 5,
@@ -474,10 +487,12 @@ mod tests {
     fn absurd_ballots_and_revisions_are_refused() {
         let v = Arc::new(sample_state());
         let sane = Ballot {
+            epoch: 0,
             round: Ballot::ROUND_MAX,
             node: NodeId(2),
         };
         let absurd = Ballot {
+            epoch: 0,
             round: Ballot::ROUND_MAX + 1,
             node: NodeId(2),
         };
@@ -527,6 +542,7 @@ mod tests {
         }
         let mut record = acceptor_to_pb(&AcceptorState::default());
         record.promised = Some(ppb::Ballot {
+            epoch: 0,
             round: u64::MAX,
             node: 1,
         });

@@ -365,6 +365,7 @@ pub async fn run(
     let (membership, driver_task) = driver::spawn(DriverParts {
         config: Arc::clone(&replica),
         placement: Arc::clone(&placement),
+        epochs: maps.current().partition_epochs,
         acceptors: Arc::new(sled.clone()),
         chat: Arc::clone(&chat),
         peers: Arc::clone(&peers),

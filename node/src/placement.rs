@@ -193,11 +193,13 @@ fn write_shape(path: &Path, shape: &Shape) -> Result<(), NodeError> {
 /// The replica configuration of the rooms of `partition`: their Paxos
 /// acceptors are the partition's replicas; the lease holders are all of
 /// them in one datacenter, else the lowest-numbered replica of each
-/// datacenter. `None` when this node is not a replica.
+/// datacenter; their ballots carry `epoch`, the partition's map epoch.
+/// `None` when this node is not a replica.
 pub fn room_replicas(
     all: &saferchat_consensus::ReplicaConfig,
     placement: &Placement,
     partition: saferchat_placement::PartitionId,
+    epoch: u64,
 ) -> Option<saferchat_consensus::ReplicaConfig> {
     let mut replicas = placement.replicas(partition).to_vec();
     replicas.sort_unstable();
@@ -226,6 +228,7 @@ pub fn room_replicas(
     Some(saferchat_consensus::ReplicaConfig {
         me: all.me,
         replicas,
+        epoch,
         holders,
         lease: all.lease,
         proposer: all.proposer,

@@ -22,7 +22,11 @@ fn forged_commit(room: &str, outsider: &[u8; 32], round: u64) -> pb::RoomMessage
     pb::RoomMessage {
         room: room.to_owned(),
         body: Some(pb::room_message::Body::Commit(pb::Commit {
-            ballot: Some(pb::Ballot { round, node: 2 }),
+            ballot: Some(pb::Ballot {
+                round,
+                node: 2,
+                epoch: 1,
+            }),
             value: Some(pb::RoomStateRecord {
                 revision: 50,
                 created: true,
@@ -180,6 +184,7 @@ async fn the_peer_port_refuses_what_a_cluster_certificate_does_not_vouch_for() {
                 room: "team".into(),
                 body: Some(pb::room_message::Body::Prepare(pb::Prepare {
                     ballot: Some(pb::Ballot {
+                        epoch: 1,
                         round: u64::MAX,
                         node: 3,
                     }),

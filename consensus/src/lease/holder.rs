@@ -255,6 +255,7 @@ mod tests {
 
     fn ballot(round: u64) -> Ballot {
         Ballot {
+            epoch: 0,
             round,
             node: NodeId(2),
         }

@@ -118,6 +118,7 @@ mod tests {
 
     fn b(round: u64, node: u64) -> Ballot {
         Ballot {
+            epoch: 0,
             round,
             node: NodeId(node),
         }
@@ -134,6 +135,7 @@ mod tests {
     #[test]
     fn a_repeated_prepare_is_promised_again_without_a_new_write() {
         let ballot = Ballot {
+            epoch: 0,
             round: 3,
             node: crate::NodeId(2),
         };

@@ -184,8 +184,21 @@ impl Proposer {
             self.begin_accept(config, &prepared.value, Some(&prepared.value), out);
             return;
         }
+        if self.max_seen.epoch > config.epoch || floor.epoch > config.epoch {
+            // The room's acceptor set moved to a later epoch: a ballot of
+            // this one can never win again, and this node may not run in
+            // the later one before it knows that set.
+            for queued in batch {
+                out.replies.push((queued.request, Outcome::Unavailable));
+            }
+            return;
+        }
+        // Rounds rise across epochs too, so a proposer of a new epoch also
+        // outbids, round for round, acceptors that compare rounds alone
+        // (nodes of a version before epochs, in a rolling upgrade).
         let highest = self.max_seen.round.max(floor.round);
         let Some(ballot) = (Ballot {
+            epoch: config.epoch,
             round: highest,
             node: config.me,
         })

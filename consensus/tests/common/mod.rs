@@ -61,6 +61,7 @@ pub fn config(me: u64, n: u64, lease: LeaseConfig, proposer: ProposerConfig) -> 
     ReplicaConfig {
         me: NodeId(me),
         replicas: ids.clone(),
+        epoch: 0,
         holders: ids,
         lease,
         proposer,

@@ -656,6 +656,7 @@ mod tests {
     #[test]
     fn the_largest_message_and_frame_fit_the_limit() {
         let ballot = Some(pb::Ballot {
+            epoch: u64::MAX,
             round: u64::MAX,
             node: u64::MAX,
         });

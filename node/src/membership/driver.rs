@@ -78,6 +78,11 @@ pub struct DriverParts {
     pub config: Arc<ReplicaConfig>,
     /// Which partition a room is in and who replicates it.
     pub placement: Arc<saferchat_placement::Placement>,
+    /// The map epoch of each partition's replica set (absent:
+    /// [`saferchat_placement::CREATED_EPOCH`]), which its rooms' ballots
+    /// carry. Read from the cluster map at start: the node does not follow
+    /// partition moves at runtime yet.
+    pub epochs: std::collections::BTreeMap<u32, u64>,
     /// This node's votes.
     pub acceptors: Arc<dyn AcceptorStore>,
     /// Committed memberships.
@@ -97,6 +102,7 @@ pub struct DriverParts {
 struct Driver {
     config: Arc<ReplicaConfig>,
     placement: Arc<saferchat_placement::Placement>,
+    epochs: std::collections::BTreeMap<u32, u64>,
     /// Each partition's replica configuration (`None`: not a replica).
     configs: HashMap<u32, Option<Arc<ReplicaConfig>>>,
     acceptors: Arc<dyn AcceptorStore>,
@@ -126,6 +132,7 @@ pub fn spawn(parts: DriverParts) -> (Membership, JoinHandle<Result<(), NodeError
     let driver = Driver {
         config: parts.config,
         placement: parts.placement,
+        epochs: parts.epochs,
         configs: HashMap::new(),
         acceptors: parts.acceptors,
         chat: parts.chat,
@@ -192,10 +199,15 @@ impl Driver {
     fn config_for(&mut self, room: &RoomId) -> Option<Arc<ReplicaConfig>> {
         let partition = self.placement.partitions().of_room(room.as_str());
         let (all, placement) = (&self.config, &self.placement);
+        let epoch = self
+            .epochs
+            .get(&partition.0)
+            .copied()
+            .unwrap_or(saferchat_placement::CREATED_EPOCH);
         self.configs
             .entry(partition.0)
             .or_insert_with(|| {
-                crate::placement::room_replicas(all, placement, partition).map(Arc::new)
+                crate::placement::room_replicas(all, placement, partition, epoch).map(Arc::new)
             })
             .clone()
     }
@@ -416,6 +428,18 @@ impl Driver {
                 }
                 if ready.is_empty() {
                     continue;
+                }
+                if let Some(epoch) = ready.newer_epoch {
+                    // A replica of the room runs in a later map epoch than
+                    // this node read at start: the room's partition moved
+                    // on, and this node answers nothing of that epoch.
+                    tracing::debug!(
+                        room = %room,
+                        epoch,
+                        known = slot.replica.config().epoch,
+                        "a replica of the room runs in a later map epoch"
+                    );
+                    metrics::counter!("saferchat_membership_newer_epoch_total").increment(1);
                 }
                 if let Some(state) = &ready.persist {
                     persists.push((room.clone(), state.clone()));

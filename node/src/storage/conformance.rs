@@ -319,6 +319,7 @@ pub async fn room_revision_compare_and_set(store: &dyn ChatStore) {
     let room = unique_room("cas");
     assert_eq!(store.load_room(&room).await.expect("load"), None);
     let ballot = Ballot {
+        epoch: 0,
         round: 3,
         node: NodeId(2),
     };
@@ -358,6 +359,7 @@ pub async fn concurrent_room_saves_keep_the_highest(store: Arc<dyn ChatStore>) {
         tasks.push(tokio::spawn(async move {
             let c = CommittedRoom {
                 ballot: Ballot {
+                    epoch: 0,
                     round: revision,
                     node: NodeId(1),
                 },
@@ -458,8 +460,10 @@ pub async fn acceptor_round_trip(store: &dyn AcceptorStore) {
     let a = unique_room("acc");
     let b = unique_room("acc");
     assert_eq!(store.load_acceptor(&a).await.expect("load"), None);
+    // Epochs other than 0, so that a store that dropped them would show.
     let promised_only = AcceptorState {
         promised: Ballot {
+            epoch: 3,
             round: 2,
             node: NodeId(3),
         },
@@ -467,11 +471,13 @@ pub async fn acceptor_round_trip(store: &dyn AcceptorStore) {
     };
     let with_value = AcceptorState {
         promised: Ballot {
+            epoch: 2,
             round: 5,
             node: NodeId(1),
         },
         accepted: Some((
             Ballot {
+                epoch: 1,
                 round: 4,
                 node: NodeId(1),
             },
@@ -495,6 +501,7 @@ pub async fn acceptor_round_trip(store: &dyn AcceptorStore) {
     );
     let newer = AcceptorState {
         promised: Ballot {
+            epoch: 0,
             round: 7,
             node: NodeId(2),
         },
@@ -678,11 +685,13 @@ mod sled_store {
         let msgs = super::messages(&room, super::BEFORE_DECEMBER_MS, 1, 3);
         let acceptor = saferchat_consensus::AcceptorState {
             promised: saferchat_consensus::Ballot {
+                epoch: 0,
                 round: 1,
                 node: saferchat_consensus::NodeId(1),
             },
             accepted: Some((
                 saferchat_consensus::Ballot {
+                    epoch: 0,
                     round: 1,
                     node: saferchat_consensus::NodeId(1),
                 },

@@ -1231,6 +1231,7 @@ async fn persist_floor() -> anyhow::Result<Samples> {
     let started = Instant::now();
     for n in 0..PERSISTS {
         let ballot = Ballot {
+            epoch: 0,
             round: n as u64 + 1,
             node: NodeId(1),
         };

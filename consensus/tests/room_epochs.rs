@@ -1,0 +1,218 @@
+//! A room's replicas and the map epoch of their acceptor set: ballots
+//! order by epoch first, and a replica proposes, accepts and grants leases
+//! only in its own epoch (`specs/Reconfiguration.tla`, steps 1 and the
+//! grant fence). Exact inputs, exact outputs.
+
+use std::sync::Arc;
+
+use saferchat_consensus::{
+    AcceptorState, Ballot, Change, ChangeId, Message, Millis, NodeId, Outcome, Phase, Proposal,
+    ReplicaConfig, RequestId, RoomReplica,
+};
+
+fn config(me: u64, epoch: u64) -> ReplicaConfig {
+    let all: Vec<NodeId> = (1..=3).map(NodeId).collect();
+    ReplicaConfig {
+        me: NodeId(me),
+        replicas: all.clone(),
+        holders: all,
+        epoch,
+        ..ReplicaConfig::single(NodeId(me))
+    }
+}
+
+fn replica(me: u64, epoch: u64, durable: AcceptorState) -> RoomReplica {
+    RoomReplica::new(Arc::new(config(me, epoch)), durable, None, Millis(0), 0)
+}
+
+fn ballot(epoch: u64, round: u64, node: u64) -> Ballot {
+    Ballot {
+        epoch,
+        round,
+        node: NodeId(node),
+    }
+}
+
+fn create(id: u128) -> Proposal {
+    Proposal {
+        id: ChangeId(id),
+        change: Change::Create,
+        expected: None,
+    }
+}
+
+#[test]
+fn a_ballot_of_a_later_epoch_is_above_every_ballot_of_an_earlier_one() {
+    assert!(ballot(2, 1, 1) > ballot(1, 1_000, 3));
+    assert!(
+        ballot(1, 0, 0) > Ballot::ZERO,
+        "stored before epochs: epoch 0"
+    );
+    assert_eq!(
+        ballot(2, 7, 3).successor(),
+        Some(ballot(2, 8, 3)),
+        "a successor keeps its epoch"
+    );
+}
+
+#[test]
+fn an_acceptor_refuses_an_earlier_epoch_and_the_proposer_gives_up_on_it() {
+    // Node 1 still runs epoch 1; node 2 knows epoch 2.
+    let mut old = replica(1, 1, AcceptorState::default());
+    let mut new = replica(2, 2, AcceptorState::default());
+    old.propose(Millis(0), RequestId(1), create(1));
+    let prepare = old
+        .take_ready()
+        .messages
+        .into_iter()
+        .find(|(to, _)| *to == NodeId(2))
+        .map(|(_, m)| m)
+        .expect("a prepare to node 2");
+    let Message::Prepare { ballot: sent } = prepare else {
+        panic!("{prepare:?}");
+    };
+    assert_eq!(sent.epoch, 1);
+    new.step(Millis(0), NodeId(1), prepare);
+    let ready = new.take_ready();
+    assert!(ready.persist.is_none(), "nothing promised");
+    assert_eq!(
+        ready.messages,
+        vec![(
+            NodeId(1),
+            Message::Nack {
+                ballot: sent,
+                promised: Ballot::floor_of(2),
+                phase: Phase::Prepare,
+            }
+        )]
+    );
+    // A second acceptor refuses too: the round is lost, and no ballot of
+    // epoch 1 can win again, so the proposal fails at once.
+    for from in [2, 3] {
+        old.step(
+            Millis(1),
+            NodeId(from),
+            Message::Nack {
+                ballot: sent,
+                promised: Ballot::floor_of(2),
+                phase: Phase::Prepare,
+            },
+        );
+    }
+    let mut ready = old.take_ready();
+    assert_eq!(
+        ready.newer_epoch,
+        Some(2),
+        "node 1 learns its map is behind"
+    );
+    for at in [10, 100, 1_000, 10_000] {
+        old.tick(Millis(at));
+        let next = old.take_ready();
+        ready.replies.extend(next.replies);
+        assert!(
+            !next
+                .messages
+                .iter()
+                .any(|(_, m)| matches!(m, Message::Prepare { .. })),
+            "no new round in epoch 1: {:?}",
+            next.messages
+        );
+    }
+    assert_eq!(ready.replies, vec![(RequestId(1), Outcome::Unavailable)]);
+}
+
+#[test]
+fn an_acceptor_answers_nothing_of_a_later_epoch() {
+    let mut behind = replica(2, 1, AcceptorState::default());
+    for message in [
+        Message::Prepare {
+            ballot: ballot(2, 1, 3),
+        },
+        Message::LeaseRequest {
+            seq: 1,
+            lease_ms: 2_000,
+            epoch: 2,
+        },
+    ] {
+        behind.step(Millis(0), NodeId(3), message);
+        let ready = behind.take_ready();
+        assert!(ready.messages.is_empty() && ready.persist.is_none());
+        assert_eq!(ready.newer_epoch, Some(2));
+    }
+    assert_eq!(behind.acceptor_state().promised, Ballot::ZERO);
+}
+
+#[test]
+fn a_grantor_grants_only_in_its_epoch_and_not_once_a_later_one_sealed_it() {
+    let request = |epoch| Message::LeaseRequest {
+        seq: 1,
+        lease_ms: 2_000,
+        epoch,
+    };
+    let mut grantor = replica(2, 2, AcceptorState::default());
+    grantor.step(Millis(0), NodeId(3), request(1));
+    assert!(
+        grantor.take_ready().messages.is_empty(),
+        "no lease of an earlier epoch"
+    );
+    grantor.step(Millis(0), NodeId(3), request(2));
+    assert!(matches!(
+        grantor.take_ready().messages.as_slice(),
+        [(NodeId(3), Message::LeaseGrant { seq: 1, .. })]
+    ));
+    // A grantor whose durable promise is of epoch 3 (sealed by the next
+    // set's mover) while its map still says 2 grants nothing: epoch 3's
+    // transfer waits only for the leases its seal was told of.
+    let mut sealed = replica(
+        2,
+        2,
+        AcceptorState {
+            promised: ballot(3, 0, 4),
+            accepted: None,
+        },
+    );
+    sealed.step(Millis(0), NodeId(3), request(2));
+    assert!(sealed.take_ready().messages.is_empty());
+}
+
+#[test]
+fn ballots_stored_before_epochs_are_outbid_by_the_first_epoch() {
+    // A data folder from before epochs: promised round 50 (epoch 0).
+    let mut node = RoomReplica::new(
+        Arc::new(ReplicaConfig::single(NodeId(1))),
+        AcceptorState {
+            promised: ballot(0, 50, 2),
+            accepted: None,
+        },
+        None,
+        Millis(0),
+        0,
+    );
+    node.propose(Millis(0), RequestId(7), create(7));
+    let mut replies = Vec::new();
+    for _ in 0..8 {
+        let ready = node.take_ready();
+        replies.extend(ready.replies);
+        if ready.messages.is_empty() {
+            break;
+        }
+        for (to, m) in ready.messages {
+            assert_eq!(to, NodeId(1));
+            if let Message::Prepare { ballot } | Message::Accept { ballot, .. } = &m {
+                assert_eq!(
+                    (ballot.epoch, ballot.round),
+                    (1, 51),
+                    "epoch 1, and a round above every round seen"
+                );
+            }
+            node.step(Millis(0), NodeId(1), m);
+        }
+    }
+    assert!(
+        matches!(
+            replies.as_slice(),
+            [(RequestId(7), Outcome::Decided { .. })]
+        ),
+        "{replies:?}"
+    );
+}
