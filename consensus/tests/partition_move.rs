@@ -97,7 +97,7 @@ fn a_replica_refuses_an_earlier_epoch_and_its_sender_steps_down_and_learns_of_it
     );
     assert!(old.reconfigure(config(1, 2)));
     let t2 = old.campaign().expect("campaign in epoch 2");
-    assert_eq!(t2, term(2, 1, 1));
+    assert_eq!(t2, term(2, 2, 1), "epoch 2, a round above every round seen");
 }
 
 #[test]
@@ -232,7 +232,7 @@ fn a_leader_establishes_its_epoch_once_a_quorum_released_what_it_recovered() {
     deliver(&mut nodes, &[4]);
     assert_eq!(
         nodes[&2].established(),
-        Some(term(2, 1, 2)),
+        Some(term(2, 2, 2)),
         "1, 2 and 3 released slots 1 to 3: a quorum of four"
     );
 }

@@ -274,8 +274,10 @@ impl<T: Clone> LogReplica<T> {
         if self.highest.epoch > epoch || promised.epoch > epoch {
             return None;
         }
-        let in_epoch = |t: Term| if t.epoch == epoch { t.round } else { 0 };
-        let round = in_epoch(self.highest).max(in_epoch(promised)) + 1;
+        // Rounds rise across epochs too, so a candidate of a new epoch also
+        // outbids, round for round, replicas that compare rounds alone
+        // (nodes of a version before epochs, in a rolling upgrade).
+        let round = self.highest.round.max(promised.round) + 1;
         if round > Term::ROUND_MAX {
             return None;
         }
