@@ -22,7 +22,8 @@
 #
 # --ci: the fast subset CI runs (scripts/test.sh): time.rs, config.rs,
 # lease/grantor.rs, lease/holder.rs, replica.rs and paxos/acceptor.rs
-# against the unit tests and the scripted scenarios only, in the dev profile
+# against the unit tests and the scripted scenarios only (scripted.rs and
+# room_epochs.rs), in the dev profile
 # and a target directory of its own (see below). paxos/proposer.rs stays
 # out: two of its mutants hang the tests until the 2-minute timeout.
 #
@@ -91,7 +92,7 @@ if [ "$ci" = 1 ]; then
   # crate gets the same hash, and cargo then takes that artifact as fresh),
   # so a later `cargo test` would test a mutant. Rebuilding the dev-profile
   # dependencies here costs a minute or two.
-  args=("${common[@]}" --package saferchat-consensus --cargo-arg=--lib --cargo-arg=--test=scripted --minimum-test-timeout 120)
+  args=("${common[@]}" --package saferchat-consensus --cargo-arg=--lib --cargo-arg=--test=scripted --cargo-arg=--test=room_epochs --minimum-test-timeout 120)
   for f in "${files[@]}"; do args+=(--file "$f"); done
   CARGO_TARGET_DIR="$ROOT/target/mutants-target" run ci "$ROOT/target/mutants/ci" "${args[@]}"
 else

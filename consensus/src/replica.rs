@@ -295,9 +295,13 @@ impl RoomReplica {
     /// not answered: this node cannot check that epoch's set until its
     /// map has it.
     fn other_epoch(&mut self, from: NodeId, epoch: u64, message: &Message) {
-        if epoch > self.config.epoch {
-            self.note_epoch(epoch);
-            return;
+        match epoch.cmp(&self.config.epoch) {
+            std::cmp::Ordering::Greater => {
+                self.note_epoch(epoch);
+                return;
+            }
+            std::cmp::Ordering::Equal => return,
+            std::cmp::Ordering::Less => {}
         }
         let promised = self
             .acceptor

@@ -216,3 +216,125 @@ fn ballots_stored_before_epochs_are_outbid_by_the_first_epoch() {
         "{replies:?}"
     );
 }
+
+#[test]
+fn news_of_a_later_epoch_comes_from_any_answer_and_only_a_later_one_counts() {
+    let later = Some((ballot(2, 3, 3), saferchat_consensus::Revision(4)));
+    let value = Arc::new(saferchat_consensus::RoomState::absent());
+    let answers = [
+        (
+            Message::Nack {
+                ballot: ballot(1, 1, 1),
+                promised: ballot(2, 3, 3),
+                phase: Phase::Accept,
+            },
+            Some(2),
+        ),
+        (
+            Message::Promise {
+                ballot: ballot(1, 1, 1),
+                accepted: Some((ballot(2, 3, 3), Arc::clone(&value))),
+            },
+            Some(2),
+        ),
+        (
+            Message::LeaseGrant {
+                seq: 0,
+                accepted: later,
+            },
+            Some(2),
+        ),
+        // The same epoch is no news.
+        (
+            Message::Nack {
+                ballot: ballot(1, 1, 1),
+                promised: ballot(1, 3, 3),
+                phase: Phase::Accept,
+            },
+            None,
+        ),
+        (
+            Message::Promise {
+                ballot: ballot(1, 1, 1),
+                accepted: Some((ballot(1, 3, 3), Arc::clone(&value))),
+            },
+            None,
+        ),
+    ];
+    for (answer, news) in answers {
+        let mut node = replica(1, 1, AcceptorState::default());
+        node.step(Millis(0), NodeId(2), answer.clone());
+        assert_eq!(node.take_ready().newer_epoch, news, "{answer:?}");
+    }
+}
+
+#[test]
+fn an_earlier_accept_is_refused_and_still_counts_as_seen_by_the_holder() {
+    // Node 2 knows epoch 2 and holds a lease on revision 1; node 1 still
+    // proposes revision 2 in epoch 1.
+    let known = Arc::new(saferchat_consensus::RoomState {
+        revision: saferchat_consensus::Revision(1),
+        created: true,
+        ..saferchat_consensus::RoomState::default()
+    });
+    let mut node = RoomReplica::new(
+        Arc::new(config(2, 2)),
+        AcceptorState::default(),
+        Some((ballot(2, 1, 2), known)),
+        Millis(0),
+        0,
+    );
+    node.want_lease(Millis(0), true);
+    let requests = node.take_ready().messages;
+    assert!(
+        requests
+            .iter()
+            .all(|(_, m)| matches!(m, Message::LeaseRequest { epoch: 2, .. })),
+        "{requests:?}"
+    );
+    for from in [2, 3] {
+        node.step(
+            Millis(1),
+            NodeId(from),
+            Message::LeaseGrant {
+                seq: 0,
+                accepted: None,
+            },
+        );
+    }
+    node.take_ready();
+    assert!(node.read(Millis(2)).is_ok(), "a local read under the lease");
+    let value = Arc::new(saferchat_consensus::RoomState {
+        revision: saferchat_consensus::Revision(2),
+        created: true,
+        ..saferchat_consensus::RoomState::default()
+    });
+    node.step(
+        Millis(0),
+        NodeId(1),
+        Message::Accept {
+            ballot: ballot(1, 4, 1),
+            value,
+            next: None,
+        },
+    );
+    let ready = node.take_ready();
+    assert_eq!(
+        ready.messages,
+        vec![(
+            NodeId(1),
+            Message::Nack {
+                ballot: ballot(1, 4, 1),
+                promised: Ballot::floor_of(2),
+                phase: Phase::Accept,
+            }
+        )]
+    );
+    assert!(ready.persist.is_none(), "nothing accepted");
+    assert_eq!(node.acceptor_state().accepted, None);
+    assert_eq!(
+        node.read(Millis(3)).err(),
+        Some(saferchat_consensus::ReadError::Pending),
+        "the refusal tells the proposer this holder saw the accept, so it reads no more until it learns"
+    );
+}
