@@ -362,10 +362,11 @@ pub async fn run(
             &shutdown,
         )),
     };
+    let map_at_start = Arc::new(maps.current());
     let (membership, driver_task) = driver::spawn(DriverParts {
         config: Arc::clone(&replica),
         placement: Arc::clone(&placement),
-        epochs: maps.current().partition_epochs,
+        map: Arc::clone(&map_at_start),
         acceptors: Arc::new(sled.clone()),
         chat: Arc::clone(&chat),
         peers: Arc::clone(&peers),
@@ -395,7 +396,7 @@ pub async fn run(
         let (timeline, task) = timeline::driver::spawn(timeline::driver::DriverParts {
             me: NodeId(config.node_id),
             placement: Arc::clone(&placement),
-            epochs: maps.current().partition_epochs,
+            map: Arc::clone(&map_at_start),
             store: Arc::new(store),
             states,
             chat: Arc::clone(&chat),

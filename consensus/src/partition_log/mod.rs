@@ -47,7 +47,8 @@ pub struct Term {
     /// The map epoch of the replica set the term runs in (see
     /// `saferchat_placement::ClusterMap::partition_epoch`).
     pub epoch: u64,
-    /// Raised by a candidate to outbid earlier terms of its epoch.
+    /// Raised by a candidate above every round it has seen, whatever the
+    /// epoch (see [`crate::partition_log::LogReplica::campaign`]).
     pub round: u64,
     /// The node that runs for (and leads in) this term.
     pub node: NodeId,

@@ -245,11 +245,10 @@ impl<T: Clone> LogReplica<T> {
         else {
             return None;
         };
-        let others = caught_up
-            .iter()
-            .filter(|n| self.config.replicas.contains(n))
-            .count();
-        (self.released >= *recovered_to && others + 1 >= self.config.majority()).then_some(*term)
+        // `caught_up` holds replicas of this configuration only: answers
+        // come from its replicas, and `reconfigure` ends this leadership.
+        (self.released >= *recovered_to && caught_up.len() + 1 >= self.config.majority())
+            .then_some(*term)
     }
 
     /// The node that ran for the newest term seen (possibly this one).

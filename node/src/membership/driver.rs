@@ -78,11 +78,11 @@ pub struct DriverParts {
     pub config: Arc<ReplicaConfig>,
     /// Which partition a room is in and who replicates it.
     pub placement: Arc<saferchat_placement::Placement>,
-    /// The map epoch of each partition's replica set (absent:
-    /// [`saferchat_placement::CREATED_EPOCH`]), which its rooms' ballots
-    /// carry. Read from the cluster map at start: the node does not follow
-    /// partition moves at runtime yet.
-    pub epochs: std::collections::BTreeMap<u32, u64>,
+    /// The cluster map as read at start, for each partition's epoch
+    /// ([`saferchat_placement::ClusterMap::partition_epoch`]), which its
+    /// rooms' ballots carry: the node does not follow partition moves at
+    /// runtime yet.
+    pub map: Arc<saferchat_placement::ClusterMap>,
     /// This node's votes.
     pub acceptors: Arc<dyn AcceptorStore>,
     /// Committed memberships.
@@ -102,7 +102,7 @@ pub struct DriverParts {
 struct Driver {
     config: Arc<ReplicaConfig>,
     placement: Arc<saferchat_placement::Placement>,
-    epochs: std::collections::BTreeMap<u32, u64>,
+    map: Arc<saferchat_placement::ClusterMap>,
     /// Each partition's replica configuration (`None`: not a replica).
     configs: HashMap<u32, Option<Arc<ReplicaConfig>>>,
     acceptors: Arc<dyn AcceptorStore>,
@@ -132,7 +132,7 @@ pub fn spawn(parts: DriverParts) -> (Membership, JoinHandle<Result<(), NodeError
     let driver = Driver {
         config: parts.config,
         placement: parts.placement,
-        epochs: parts.epochs,
+        map: parts.map,
         configs: HashMap::new(),
         acceptors: parts.acceptors,
         chat: parts.chat,
@@ -199,11 +199,7 @@ impl Driver {
     fn config_for(&mut self, room: &RoomId) -> Option<Arc<ReplicaConfig>> {
         let partition = self.placement.partitions().of_room(room.as_str());
         let (all, placement) = (&self.config, &self.placement);
-        let epoch = self
-            .epochs
-            .get(&partition.0)
-            .copied()
-            .unwrap_or(saferchat_placement::CREATED_EPOCH);
+        let epoch = self.map.partition_epoch(partition.0);
         self.configs
             .entry(partition.0)
             .or_insert_with(|| {

@@ -97,7 +97,7 @@
 //! after a failed copy the next waits [`COPY_RETRY_MS`], doubling up to
 //! [`COPY_RETRY_MAX_MS`].
 
-use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -106,7 +106,7 @@ use saferchat_consensus::partition_log::{
 };
 use saferchat_consensus::{Millis, NodeId, RoomId};
 use saferchat_envelope::Envelope;
-use saferchat_placement::Placement;
+use saferchat_placement::{ClusterMap, Placement};
 use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
@@ -275,11 +275,10 @@ pub struct DriverParts {
     pub me: NodeId,
     /// Partitions and their replicas.
     pub placement: Arc<Placement>,
-    /// The map epoch of each partition's replica set (absent:
-    /// [`saferchat_placement::CREATED_EPOCH`]), which its terms carry.
-    /// Read from the cluster map at start: the node does not follow
-    /// partition moves at runtime yet.
-    pub epochs: BTreeMap<u32, u64>,
+    /// The cluster map as read at start, for each partition's epoch
+    /// ([`ClusterMap::partition_epoch`]), which its terms carry: the node
+    /// does not follow partition moves at runtime yet.
+    pub map: Arc<ClusterMap>,
     /// The durable log file and what it held at start.
     pub store: Arc<LogStore>,
     /// The states read from it.
@@ -306,7 +305,7 @@ pub struct DriverParts {
 struct Driver {
     me: NodeId,
     placement: Arc<Placement>,
-    epochs: BTreeMap<u32, u64>,
+    map: Arc<ClusterMap>,
     store: Arc<LogStore>,
     chat: Arc<dyn ChatStore>,
     peers: Arc<dyn PeerSender>,
@@ -359,7 +358,7 @@ pub fn spawn(parts: DriverParts) -> (Timeline, JoinHandle<Result<(), NodeError>>
     let mut driver = Driver {
         me: parts.me,
         placement: parts.placement,
-        epochs: parts.epochs,
+        map: parts.map,
         store: parts.store,
         chat: parts.chat,
         peers: parts.peers,
@@ -424,12 +423,8 @@ impl Driver {
         let replicas = self.replicas(partition);
         let rank = replicas.iter().position(|n| *n == self.me).unwrap_or(0) as u64;
         let replica_count = replicas.len();
-        let epoch = self
-            .epochs
-            .get(&partition)
-            .copied()
-            .unwrap_or(saferchat_placement::CREATED_EPOCH);
-        let mut config = LogConfig::new(self.me, replicas).in_epoch(epoch);
+        let mut config =
+            LogConfig::new(self.me, replicas).in_epoch(self.map.partition_epoch(partition));
         config.batch_max = ACCEPT_VALUES_MAX;
         let acceptor = LogAcceptor::restore(state.promised, state.entries, state.floor);
         let retained: VecDeque<(Slot, usize)> = acceptor

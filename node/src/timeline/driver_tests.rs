@@ -166,7 +166,7 @@ fn start(dir: &std::path::Path, chat: Arc<Disk>, clock: Arc<StillClock>) -> Node
     let (timeline, task) = spawn(DriverParts {
         me: NodeId(1),
         placement: placement(),
-        epochs: std::collections::BTreeMap::new(),
+        map: Arc::default(),
         store: Arc::new(store),
         states,
         chat,
