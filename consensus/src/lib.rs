@@ -14,6 +14,9 @@
 //! - [`lease::grantor`], [`lease::holder`]: quorum leases.
 //! - [`replica`]: the four roles of one room on one node behind one
 //!   interface, emitting a [`Ready`].
+//! - [`handover`]: a partition's room registers handed from one
+//!   acceptor set to the next when the cluster map moves it (seal, wait
+//!   out leases, transfer).
 //! - [`partition_log`]: the replicated log of one partition (terms,
 //!   fencing, recovery from a quorum's tail), the core of the
 //!   quorum-replicated timeline.
@@ -42,6 +45,7 @@
 //! for the TLA+ specifications that state and check the invariants.
 
 pub mod config;
+pub mod handover;
 pub mod ids;
 pub mod lease;
 pub mod message;
@@ -57,7 +61,7 @@ pub use lease::holder::ReadError;
 pub use message::{Message, Phase};
 pub use paxos::acceptor::AcceptorState;
 pub use paxos::proposer::Outcome;
-pub use replica::{LeaseStatus, Ready, RoomReplica};
+pub use replica::{LeaseStatus, Ready, RoomReplica, SealedRoom};
 pub use room::{
     Applied, Change, ChangeError, Handle, Membership, ParseError, Proposal, PublicKey,
     RECENT_CHANGES_MAX, RoomId, RoomState, apply,

@@ -50,6 +50,16 @@ impl Ready {
     }
 }
 
+/// What a sealed room reports to the mover of a handover.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SealedRoom {
+    /// The acceptor's accepted ballot and value.
+    pub accepted: Option<(Ballot, Arc<RoomState>)>,
+    /// The longest lease promise this node still owes on the room, in
+    /// milliseconds of its clock (0: none).
+    pub lease_left_ms: u64,
+}
+
 /// Who holds leases on the room, as far as this node can tell.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct LeaseStatus {
@@ -179,6 +189,68 @@ impl RoomReplica {
     /// queued proposal its deadline).
     pub fn proposing(&self) -> bool {
         self.proposer.next_wakeup(&self.config).is_some()
+    }
+
+    /// Seals this room at a handover's `ballot` (see [`crate::handover`]):
+    /// the acceptor promises it, so this node accepts nothing of an
+    /// earlier epoch any more and grants no earlier-epoch lease; a change
+    /// proposed here fails at once, and a round in flight loses (this
+    /// acceptor refuses it). Answers what the acceptor accepted
+    /// and the longest lease promise this node still owes on the room.
+    ///
+    /// # Errors
+    /// The acceptor's promise, when it is above `ballot` (a later step
+    /// sealed the room first).
+    pub fn seal(&mut self, now: Millis, ballot: Ballot) -> Result<SealedRoom, Ballot> {
+        let promised = self.acceptor.state().promised;
+        if ballot < promised {
+            return Err(promised);
+        }
+        let changed = self.acceptor.on_prepare(ballot).changed;
+        if changed {
+            self.ready.persist = Some(self.acceptor.state().clone());
+        }
+        let lease_left_ms = self
+            .grantor
+            .unexpired(&self.config, now)
+            .into_iter()
+            .map(|(_, left)| left)
+            .max()
+            .unwrap_or(0);
+        self.drive(now);
+        Ok(SealedRoom {
+            accepted: self.acceptor.state().accepted.clone(),
+            lease_left_ms,
+        })
+    }
+
+    /// Accepts a handover's transferred `value` at its `ballot` (see
+    /// [`crate::handover`]); `Ok(true)` when the acceptor state changed
+    /// and must be durable before the node answers. This node's holder
+    /// treats it as an accept it saw: it reads locally again only once it
+    /// learns a commit at or above `ballot`.
+    ///
+    /// # Errors
+    /// The acceptor's promise, when it is above `ballot`, or `ballot`
+    /// itself when a different value was accepted at it already (a mover
+    /// never sends two values at one ballot; such a frame is refused, not
+    /// a reason to stop the node).
+    pub fn install(&mut self, ballot: Ballot, value: &Arc<RoomState>) -> Result<bool, Ballot> {
+        let state = self.acceptor.state();
+        if ballot < state.promised {
+            return Err(state.promised);
+        }
+        if let Some((accepted, held)) = &state.accepted
+            && (*accepted > ballot || (*accepted == ballot && held != value))
+        {
+            return Err(ballot);
+        }
+        self.holder.on_accept_seen(ballot, value.revision);
+        let changed = self.acceptor.on_accept(ballot, value, None).changed;
+        if changed {
+            self.ready.persist = Some(self.acceptor.state().clone());
+        }
+        Ok(changed)
     }
 
     /// Handles one message from `from` (possibly this node).

@@ -338,3 +338,238 @@ fn an_earlier_accept_is_refused_and_still_counts_as_seen_by_the_holder() {
         "the refusal tells the proposer this holder saw the accept, so it reads no more until it learns"
     );
 }
+
+fn room_value(revision: u64) -> Arc<saferchat_consensus::RoomState> {
+    Arc::new(saferchat_consensus::RoomState {
+        revision: saferchat_consensus::Revision(revision),
+        created: true,
+        ..saferchat_consensus::RoomState::default()
+    })
+}
+
+#[test]
+fn a_seal_promises_the_step_reports_the_room_and_its_leases_and_fences_epoch_1() {
+    let accepted = (ballot(1, 4, 1), room_value(3));
+    let mut node = replica(
+        2,
+        1,
+        AcceptorState {
+            promised: ballot(1, 5, 1),
+            accepted: Some(accepted.clone()),
+        },
+    );
+    // A lease granted to node 3 at 1,000 (promise_ms of the default
+    // lease config from then).
+    node.step(
+        Millis(1_000),
+        NodeId(3),
+        Message::LeaseRequest {
+            seq: 1,
+            lease_ms: 2_000,
+            epoch: 1,
+        },
+    );
+    node.take_ready();
+    let promise_ms = config(2, 1).lease.promise_ms();
+
+    assert_eq!(
+        node.seal(Millis(1_000), ballot(1, 2, 3)).map(|_| ()),
+        Err(ballot(1, 5, 1)),
+        "a seal below the promise is refused"
+    );
+    assert!(node.take_ready().persist.is_none());
+    let sealed = node
+        .seal(Millis(1_500), ballot(2, 0, 1))
+        .expect("above the promise");
+    assert_eq!(sealed.accepted, Some(accepted));
+    assert_eq!(sealed.lease_left_ms, promise_ms - 500);
+    let ready = node.take_ready();
+    assert_eq!(
+        ready.persist.map(|s| s.promised),
+        Some(ballot(2, 0, 1)),
+        "durable before the answer leaves"
+    );
+    // A change proposed here now fails at once: epoch 1 cannot win again.
+    node.propose(Millis(1_500), RequestId(9), create(9));
+    assert_eq!(
+        node.take_ready().replies,
+        vec![(RequestId(9), Outcome::Unavailable)]
+    );
+    // Sealed again at the same ballot (a resend): nothing new to persist.
+    assert!(node.seal(Millis(1_600), ballot(2, 0, 1)).is_ok());
+    assert!(node.take_ready().persist.is_none());
+    // A lower seal is refused with the promise.
+    assert_eq!(
+        node.seal(Millis(1_600), ballot(1, 9, 3)).map(|_| ()),
+        Err(ballot(2, 0, 1))
+    );
+    // Epoch 1 is fenced: an Accept is refused, no lease granted.
+    node.step(
+        Millis(1_700),
+        NodeId(1),
+        Message::Accept {
+            ballot: ballot(1, 5, 1),
+            value: room_value(4),
+            next: None,
+        },
+    );
+    node.step(
+        Millis(1_700),
+        NodeId(3),
+        Message::LeaseRequest {
+            seq: 2,
+            lease_ms: 2_000,
+            epoch: 1,
+        },
+    );
+    let ready = node.take_ready();
+    assert!(ready.persist.is_none());
+    assert_eq!(
+        ready.messages,
+        vec![(
+            NodeId(1),
+            Message::Nack {
+                ballot: ballot(1, 5, 1),
+                promised: ballot(2, 0, 1),
+                phase: Phase::Accept,
+            }
+        )]
+    );
+}
+
+#[test]
+fn a_seal_reports_no_lease_when_none_is_owed() {
+    let mut node = replica(2, 1, AcceptorState::default());
+    let sealed = node.seal(Millis(0), ballot(2, 0, 1)).expect("sealed");
+    assert_eq!(sealed.accepted, None);
+    assert_eq!(sealed.lease_left_ms, 0);
+}
+
+#[test]
+fn an_install_accepts_the_transfer_once_and_the_holder_waits_for_a_commit_above_it() {
+    let transfer = ballot(2, 0, 1);
+    let value = room_value(3);
+    // Node 2 of epoch 2, sealed at the transfer's ballot.
+    let mut node = replica(
+        2,
+        2,
+        AcceptorState {
+            promised: transfer,
+            accepted: Some((ballot(1, 4, 1), room_value(2))),
+        },
+    );
+    assert_eq!(
+        node.install(ballot(1, 9, 1), &value),
+        Err(transfer),
+        "below the promise"
+    );
+    assert!(node.take_ready().persist.is_none());
+    assert_eq!(node.install(transfer, &value), Ok(true));
+    assert_eq!(
+        node.take_ready().persist,
+        Some(AcceptorState {
+            promised: transfer,
+            accepted: Some((transfer, Arc::clone(&value))),
+        })
+    );
+    assert_eq!(node.install(transfer, &value), Ok(false), "a resend");
+    assert!(node.take_ready().persist.is_none());
+    assert_eq!(
+        node.install(transfer, &room_value(4)),
+        Err(transfer),
+        "another value at the same ballot is refused, not a panic"
+    );
+    assert_eq!(
+        node.acceptor_state().accepted,
+        Some((transfer, Arc::clone(&value)))
+    );
+}
+
+#[test]
+fn a_holder_stops_reading_at_an_install_until_it_learns_a_commit_at_or_above_it() {
+    let transfer = ballot(2, 0, 1);
+    let before = (ballot(2, 0, 1), room_value(3));
+    let mut node = replica(
+        2,
+        2,
+        AcceptorState {
+            promised: transfer,
+            accepted: None,
+        },
+    );
+    // Node 2 knows revision 3 committed and holds a lease on it from 1
+    // and 3.
+    node.step(
+        Millis(0),
+        NodeId(1),
+        Message::Commit {
+            ballot: before.0,
+            value: Arc::clone(&before.1),
+        },
+    );
+    node.want_lease(Millis(0), true);
+    let seq = node
+        .take_ready()
+        .messages
+        .iter()
+        .find_map(|(_, m)| match m {
+            Message::LeaseRequest { seq, .. } => Some(*seq),
+            _ => None,
+        })
+        .expect("a lease request");
+    for from in [1, 3] {
+        node.step(
+            Millis(1),
+            NodeId(from),
+            Message::LeaseGrant {
+                seq,
+                accepted: Some((before.0, before.1.revision)),
+            },
+        );
+    }
+    assert!(node.read(Millis(2)).is_ok(), "a lease on revision 3");
+    let moved = ballot(2, 2, 1);
+    let next = room_value(4);
+    assert_eq!(node.install(moved, &next), Ok(true));
+    assert!(
+        node.read(Millis(3)).is_err(),
+        "the holder saw a newer accepted value"
+    );
+    node.step(
+        Millis(4),
+        NodeId(1),
+        Message::Commit {
+            ballot: moved,
+            value: Arc::clone(&next),
+        },
+    );
+    assert_eq!(node.read(Millis(5)).map(|v| v.revision), Ok(next.revision));
+}
+
+#[test]
+fn an_install_after_a_later_value_was_accepted_is_refused() {
+    let mut node = replica(
+        2,
+        2,
+        AcceptorState {
+            promised: ballot(2, 0, 1),
+            accepted: Some((ballot(2, 0, 1), room_value(3))),
+        },
+    );
+    // Accepted a later value in epoch 2 at round 3 (an earlier install
+    // went through and the epoch moved on).
+    node.step(
+        Millis(0),
+        NodeId(1),
+        Message::Accept {
+            ballot: ballot(2, 3, 1),
+            value: room_value(4),
+            next: None,
+        },
+    );
+    node.take_ready();
+    assert_eq!(
+        node.install(ballot(2, 0, 1), &room_value(3)),
+        Err(ballot(2, 3, 1))
+    );
+}

@@ -143,6 +143,11 @@ struct Vote {
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub struct History {
     majority: usize,
+    /// Per map epoch, the acceptor set (bit `n`: node `n`), for histories
+    /// whose acceptor set changes: a value is chosen at a ballot once a
+    /// majority of the ballot's epoch's set accepted it. Empty: every
+    /// acceptor is in one set of `majority`.
+    sets: BTreeMap<u64, u64>,
     votes: Vec<Vote>,
     /// Distinct chosen values, in the order they became chosen.
     chosen: Vec<Arc<RoomState>>,
@@ -157,10 +162,31 @@ impl History {
     pub fn new(majority: usize) -> History {
         History {
             majority,
+            sets: BTreeMap::new(),
             votes: Vec::new(),
             chosen: Vec::new(),
             committed_newest: None,
         }
+    }
+
+    /// An empty history whose acceptor set depends on the ballot's epoch
+    /// (`sets`: epoch → bit set of nodes; an epoch missing from it has no
+    /// acceptors, so nothing is chosen in it).
+    pub fn with_sets(sets: BTreeMap<u64, u64>) -> History {
+        History {
+            sets,
+            ..History::new(usize::MAX)
+        }
+    }
+
+    /// Whether `voters` are enough to choose a value at `ballot`.
+    fn is_quorum(&self, ballot: Ballot, voters: u64) -> bool {
+        if self.sets.is_empty() {
+            return voters.count_ones() as usize >= self.majority;
+        }
+        self.sets
+            .get(&ballot.epoch)
+            .is_some_and(|set| (voters & set).count_ones() > set.count_ones() / 2)
     }
 
     /// The highest revision any round committed.
@@ -219,9 +245,8 @@ impl History {
                 self.votes.len() - 1
             }
         };
-        let vote = &mut self.votes[index];
-        vote.voters |= bit;
-        let is_chosen = vote.voters.count_ones() as usize >= self.majority;
+        self.votes[index].voters |= bit;
+        let is_chosen = self.is_quorum(*ballot, self.votes[index].voters);
         if is_chosen && !self.chosen.contains(value) {
             self.check_new_chosen(*ballot, value, catalog)?;
             self.chosen.push(Arc::clone(value));
