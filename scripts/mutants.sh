@@ -21,7 +21,8 @@
 # Results: target/mutants/{full,node}/mutants.out/{caught,missed,timeout,unviable}.txt
 #
 # --ci: the fast subset CI runs (scripts/test.sh): time.rs, config.rs,
-# lease/grantor.rs, lease/holder.rs, replica.rs and paxos/acceptor.rs
+# lease/grantor.rs, lease/holder.rs, replica.rs, paxos/acceptor.rs and
+# handover.rs
 # against the unit tests and the scripted scenarios only (scripted.rs and
 # room_epochs.rs), in the dev profile
 # and a target directory of its own (see below). paxos/proposer.rs stays
@@ -86,6 +87,7 @@ if [ "$ci" = 1 ]; then
     consensus/src/lease/holder.rs
     consensus/src/replica.rs
     consensus/src/paxos/acceptor.rs
+    consensus/src/handover.rs
   )
   # A target directory of its own: sharing the workspace's would overwrite
   # the workspace's consensus crate with the last mutant's build (the copy's
@@ -106,6 +108,7 @@ else
     consensus/src/paxos/mod.rs
     consensus/src/paxos/acceptor.rs
     consensus/src/paxos/proposer.rs
+    consensus/src/handover.rs
     node/src/clock.rs
     node/src/membership/view.rs
   )

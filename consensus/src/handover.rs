@@ -50,6 +50,10 @@ use crate::ids::{Ballot, NodeId};
 use crate::room::{RoomId, RoomState};
 use crate::time::Millis;
 
+/// The values a transfer carries: every room with a value to keep, by
+/// name (shared between the mover's record and every resend).
+pub type TransferredRooms = Arc<Vec<(RoomId, Arc<RoomState>)>>;
+
 /// The partition-level messages of a handover.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum HandoverMessage {
@@ -73,7 +77,7 @@ pub enum HandoverMessage {
         /// `<<E, 0, mover>>`.
         ballot: Ballot,
         /// Every room with a value to keep, by name.
-        rooms: Arc<Vec<(RoomId, Arc<RoomState>)>>,
+        rooms: TransferredRooms,
     },
     /// `New` to the mover: the transfer is durable here.
     Installed {
@@ -175,7 +179,7 @@ pub struct TransferRecord {
     /// The step's ballot.
     pub ballot: Ballot,
     /// The values.
-    pub rooms: Arc<Vec<(RoomId, Arc<RoomState>)>>,
+    pub rooms: TransferredRooms,
 }
 
 /// What the node must do after feeding the mover an input. `persist` is
@@ -599,6 +603,7 @@ mod tests {
         assert_eq!(resent, nodes(&[3]), "the rest of New still gets it");
         h.step(until, NodeId(3), HandoverMessage::Installed { ballot });
         assert!(h.is_complete());
+        assert!(h.is_established(), "complete is established too");
         assert_eq!(h.next_wakeup(), None);
     }
 
@@ -698,6 +703,16 @@ mod tests {
         assert!(h.take_ready().messages.is_empty(), "not due yet");
         h.tick(Millis(57));
         assert_eq!(h.take_ready().messages, first.messages, "the same transfer");
+        // An absurd seal in a refusal is dropped, not taken as a later step.
+        h.step(
+            Millis(60),
+            NodeId(2),
+            HandoverMessage::Refused {
+                ballot: b(3, 0, 1),
+                sealed: b(Ballot::EPOCH_MAX + 1, 0, 2),
+            },
+        );
+        assert_eq!(h.status(), HandoverStatus::Transferring { installed: 0 });
         h.step(
             Millis(60),
             NodeId(2),

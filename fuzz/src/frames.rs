@@ -21,6 +21,15 @@ fn main() {
             for m in &frame.log {
                 let _ = saferchat_node::convert::log::message_from_pb(m);
             }
+            for m in &frame.handover {
+                let _ = saferchat_node::convert::handover::message_from_pb(m);
+            }
+        }
+        if let Ok(r) = ppb::PartitionSealRecord::decode(b()) {
+            let _ = saferchat_node::convert::handover::seal_from_pb(&r);
+        }
+        if let Ok(r) = ppb::HandoverRecord::decode(b()) {
+            let _ = saferchat_node::convert::handover::record_from_pb(&r);
         }
         if let Ok(r) = ppb::RoomStateRecord::decode(b()) {
             let _ = saferchat_node::convert::state_from_pb(&r);

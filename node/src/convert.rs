@@ -848,3 +848,266 @@ pub mod log {
         }
     }
 }
+
+/// The handover of a partition's rooms: messages and durable records.
+pub mod handover {
+    use std::sync::Arc;
+
+    use saferchat_consensus::RoomId;
+    use saferchat_consensus::handover::{
+        HandoverMessage, PartitionSeal, TransferRecord, TransferredRooms,
+    };
+    use saferchat_proto::peer as ppb;
+    use saferchat_proto::peer::handover_message::Body;
+
+    use super::{ballot_from_pb, ballot_to_pb, corrupt, state_from_pb, state_to_pb};
+    use crate::error::NodeError;
+
+    fn room_from(name: &str) -> Result<RoomId, NodeError> {
+        RoomId::new(name).map_err(|e| corrupt(&format!("room name: {e}")))
+    }
+
+    fn need(b: Option<&ppb::Ballot>) -> Result<saferchat_consensus::Ballot, NodeError> {
+        ballot_from_pb(Some(b.ok_or_else(|| corrupt("missing ballot"))?))
+    }
+
+    fn rooms_to_pb(
+        rooms: &[(RoomId, Arc<saferchat_consensus::RoomState>)],
+    ) -> Vec<ppb::TransferredRoom> {
+        rooms
+            .iter()
+            .map(|(room, value)| ppb::TransferredRoom {
+                room: room.as_str().to_owned(),
+                value: Some(state_to_pb(value)),
+            })
+            .collect()
+    }
+
+    fn rooms_from_pb(rooms: &[ppb::TransferredRoom]) -> Result<TransferredRooms, NodeError> {
+        let mut out = Vec::with_capacity(rooms.len());
+        for r in rooms {
+            let value = r.value.as_ref().ok_or_else(|| corrupt("missing value"))?;
+            out.push((room_from(&r.room)?, Arc::new(state_from_pb(value)?)));
+        }
+        Ok(Arc::new(out))
+    }
+
+    /// Handover message to wire.
+    pub fn message_to_pb(partition: u32, m: &HandoverMessage) -> ppb::HandoverMessage {
+        let body = match m {
+            HandoverMessage::Seal { ballot } => Body::Seal(ppb::HandoverSeal {
+                ballot: Some(ballot_to_pb(*ballot)),
+            }),
+            HandoverMessage::Sealed {
+                ballot,
+                rooms,
+                lease_left_ms,
+            } => Body::Sealed(ppb::HandoverSealed {
+                ballot: Some(ballot_to_pb(*ballot)),
+                rooms: rooms
+                    .iter()
+                    .map(|(room, b, value)| ppb::SealedRoom {
+                        room: room.as_str().to_owned(),
+                        accepted_ballot: Some(ballot_to_pb(*b)),
+                        accepted_value: Some(state_to_pb(value)),
+                    })
+                    .collect(),
+                lease_left_ms: *lease_left_ms,
+            }),
+            HandoverMessage::Transfer { ballot, rooms } => Body::Transfer(ppb::HandoverTransfer {
+                ballot: Some(ballot_to_pb(*ballot)),
+                rooms: rooms_to_pb(rooms),
+            }),
+            HandoverMessage::Installed { ballot } => Body::Installed(ppb::HandoverInstalled {
+                ballot: Some(ballot_to_pb(*ballot)),
+            }),
+            HandoverMessage::Refused { ballot, sealed } => Body::Refused(ppb::HandoverRefused {
+                ballot: Some(ballot_to_pb(*ballot)),
+                sealed: Some(ballot_to_pb(*sealed)),
+            }),
+        };
+        ppb::HandoverMessage {
+            partition,
+            body: Some(body),
+        }
+    }
+
+    /// Handover message from wire, with its partition.
+    ///
+    /// # Errors
+    /// A missing ballot or value, a ballot beyond the maximum, a bad room
+    /// name, an empty message.
+    pub fn message_from_pb(m: &ppb::HandoverMessage) -> Result<(u32, HandoverMessage), NodeError> {
+        let message = match m.body.as_ref().ok_or_else(|| corrupt("empty message"))? {
+            Body::Seal(s) => HandoverMessage::Seal {
+                ballot: need(s.ballot.as_ref())?,
+            },
+            Body::Sealed(s) => {
+                let mut rooms = Vec::with_capacity(s.rooms.len());
+                for r in &s.rooms {
+                    let value = r
+                        .accepted_value
+                        .as_ref()
+                        .ok_or_else(|| corrupt("missing value"))?;
+                    rooms.push((
+                        room_from(&r.room)?,
+                        need(r.accepted_ballot.as_ref())?,
+                        Arc::new(state_from_pb(value)?),
+                    ));
+                }
+                HandoverMessage::Sealed {
+                    ballot: need(s.ballot.as_ref())?,
+                    rooms,
+                    lease_left_ms: s.lease_left_ms,
+                }
+            }
+            Body::Transfer(t) => HandoverMessage::Transfer {
+                ballot: need(t.ballot.as_ref())?,
+                rooms: rooms_from_pb(&t.rooms)?,
+            },
+            Body::Installed(i) => HandoverMessage::Installed {
+                ballot: need(i.ballot.as_ref())?,
+            },
+            Body::Refused(r) => HandoverMessage::Refused {
+                ballot: need(r.ballot.as_ref())?,
+                sealed: need(r.sealed.as_ref())?,
+            },
+        };
+        Ok((m.partition, message))
+    }
+
+    /// Partition seal to record.
+    pub fn seal_to_pb(seal: &PartitionSeal) -> ppb::PartitionSealRecord {
+        ppb::PartitionSealRecord {
+            sealed: Some(ballot_to_pb(seal.sealed)),
+            installed: Some(ballot_to_pb(seal.installed)),
+        }
+    }
+
+    /// Partition seal from record.
+    ///
+    /// # Errors
+    /// A ballot beyond the maximum, or installed above sealed.
+    pub fn seal_from_pb(r: &ppb::PartitionSealRecord) -> Result<PartitionSeal, NodeError> {
+        let seal = PartitionSeal {
+            sealed: ballot_from_pb(r.sealed.as_ref())?,
+            installed: ballot_from_pb(r.installed.as_ref())?,
+        };
+        if seal.installed > seal.sealed {
+            return Err(corrupt("partition installed above its seal"));
+        }
+        Ok(seal)
+    }
+
+    /// Transfer record to record.
+    pub fn record_to_pb(record: &TransferRecord) -> ppb::HandoverRecord {
+        ppb::HandoverRecord {
+            ballot: Some(ballot_to_pb(record.ballot)),
+            rooms: rooms_to_pb(&record.rooms),
+        }
+    }
+
+    /// Transfer record from record.
+    ///
+    /// # Errors
+    /// As [`message_from_pb`].
+    pub fn record_from_pb(r: &ppb::HandoverRecord) -> Result<TransferRecord, NodeError> {
+        Ok(TransferRecord {
+            ballot: need(r.ballot.as_ref())?,
+            rooms: rooms_from_pb(&r.rooms)?,
+        })
+    }
+
+    #[cfg(test)]
+    mod tests {
+        use super::*;
+        use saferchat_consensus::{Ballot, NodeId, Revision, RoomState};
+
+        fn b(epoch: u64, round: u64, node: u64) -> Ballot {
+            Ballot {
+                epoch,
+                round,
+                node: NodeId(node),
+            }
+        }
+
+        fn room(name: &str) -> RoomId {
+            RoomId::new(name).unwrap()
+        }
+
+        fn value(revision: u64) -> Arc<RoomState> {
+            Arc::new(RoomState {
+                revision: Revision(revision),
+                created: true,
+                ..RoomState::default()
+            })
+        }
+
+        #[test]
+        fn every_handover_message_and_record_survives_the_wire() {
+            let rooms = Arc::new(vec![(room("a"), value(3)), (room("b"), value(1))]);
+            for m in [
+                HandoverMessage::Seal { ballot: b(2, 0, 1) },
+                HandoverMessage::Sealed {
+                    ballot: b(2, 0, 1),
+                    rooms: vec![(room("a"), b(1, 4, 2), value(3))],
+                    lease_left_ms: 2_011,
+                },
+                HandoverMessage::Transfer {
+                    ballot: b(2, 0, 1),
+                    rooms: Arc::clone(&rooms),
+                },
+                HandoverMessage::Installed { ballot: b(2, 0, 1) },
+                HandoverMessage::Refused {
+                    ballot: b(2, 0, 1),
+                    sealed: b(3, 0, 2),
+                },
+            ] {
+                assert_eq!(message_from_pb(&message_to_pb(7, &m)).unwrap(), (7, m));
+            }
+            let seal = PartitionSeal {
+                sealed: b(3, 0, 2),
+                installed: b(2, 0, 1),
+            };
+            assert_eq!(seal_from_pb(&seal_to_pb(&seal)).unwrap(), seal);
+            let record = TransferRecord {
+                ballot: b(2, 0, 1),
+                rooms,
+            };
+            assert_eq!(record_from_pb(&record_to_pb(&record)).unwrap(), record);
+        }
+
+        #[test]
+        fn malformed_handover_frames_are_refused() {
+            let mut seal = message_to_pb(1, &HandoverMessage::Seal { ballot: b(2, 0, 1) });
+            seal.body = None;
+            assert!(message_from_pb(&seal).is_err(), "empty");
+            let absurd = message_to_pb(
+                1,
+                &HandoverMessage::Seal {
+                    ballot: b(Ballot::EPOCH_MAX + 1, 0, 1),
+                },
+            );
+            assert!(
+                message_from_pb(&absurd).is_err(),
+                "epoch beyond the maximum"
+            );
+            let mut transfer = message_to_pb(
+                1,
+                &HandoverMessage::Transfer {
+                    ballot: b(2, 0, 1),
+                    rooms: Arc::new(vec![(room("a"), value(1))]),
+                },
+            );
+            if let Some(Body::Transfer(t)) = transfer.body.as_mut() {
+                t.rooms[0].room = "no spaces allowed".into();
+            }
+            assert!(message_from_pb(&transfer).is_err(), "bad room name");
+            let inverted = ppb::PartitionSealRecord {
+                sealed: Some(ballot_to_pb(b(2, 0, 1))),
+                installed: Some(ballot_to_pb(b(3, 0, 1))),
+            };
+            assert!(seal_from_pb(&inverted).is_err());
+        }
+    }
+}

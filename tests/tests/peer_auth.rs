@@ -119,6 +119,7 @@ async fn the_peer_port_refuses_what_a_cluster_certificate_does_not_vouch_for() {
         from,
         messages: vec![message],
         log: Vec::new(),
+        handover: Vec::new(),
     };
 
     // Plaintext: the listener speaks only TLS.

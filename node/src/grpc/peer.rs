@@ -255,6 +255,28 @@ fn decode_log(
         .collect()
 }
 
+/// Decodes one frame's handover messages; the first bad one refuses the
+/// frame.
+fn decode_handover(
+    frame: &pb::PeerFrame,
+    partitions: u32,
+) -> Result<Vec<(u32, saferchat_consensus::handover::HandoverMessage)>, Status> {
+    frame
+        .handover
+        .iter()
+        .map(|wire| {
+            if wire.partition >= partitions {
+                return Err(Status::invalid_argument(format!(
+                    "handover message for partition {}, but the cluster has {partitions}",
+                    wire.partition
+                )));
+            }
+            convert::handover::message_from_pb(wire)
+                .map_err(|e| Status::invalid_argument(format!("partition {}: {e}", wire.partition)))
+        })
+        .collect()
+}
+
 fn decode(frame: &pb::PeerFrame) -> Result<Vec<(RoomId, saferchat_consensus::Message)>, Status> {
     frame
         .messages
@@ -444,10 +466,19 @@ impl Peer for PeerService {
                 metrics::counter!("saferchat_peer_frames_refused_total", "why" => "malformed")
                     .increment(1);
             })?;
+            let handover = decode_handover(&frame, serving.log.1).inspect_err(|e| {
+                tracing::warn!(%from, error = %e.message(), "refusing a peer frame");
+                metrics::counter!("saferchat_peer_frames_refused_total", "why" => "malformed")
+                    .increment(1);
+            })?;
             frames += 1;
-            if !messages.is_empty() {
+            if !messages.is_empty() || !handover.is_empty() {
                 self.inbound
-                    .send(Inbound { from, messages })
+                    .send(Inbound {
+                        from,
+                        messages,
+                        handover,
+                    })
                     .await
                     .map_err(|_| Status::unavailable("node is shutting down"))?;
             }
@@ -478,6 +509,7 @@ pub struct GrpcPeers {
 enum Outgoing {
     Room(pb::RoomMessage),
     Log(pb::PartitionMessage),
+    Handover(pb::HandoverMessage),
 }
 
 impl Outgoing {
@@ -485,6 +517,7 @@ impl Outgoing {
         match self {
             Outgoing::Room(m) => m.encoded_len(),
             Outgoing::Log(m) => m.encoded_len(),
+            Outgoing::Handover(m) => m.encoded_len(),
         }
     }
 }
@@ -533,6 +566,16 @@ impl PeerSender for GrpcPeers {
             metrics::counter!("saferchat_peer_messages_dropped_total").increment(1);
         }
     }
+
+    fn send_handover(&self, to: NodeId, message: pb::HandoverMessage) {
+        let Some(queue) = self.queues.get(&to) else {
+            tracing::warn!(%to, "no such peer");
+            return;
+        };
+        if queue.try_send(Outgoing::Handover(message)).is_err() {
+            metrics::counter!("saferchat_peer_messages_dropped_total").increment(1);
+        }
+    }
 }
 
 /// One outgoing link.
@@ -551,6 +594,7 @@ fn fill_frame(first: Outgoing, queue: &mut mpsc::Receiver<Outgoing>) -> pb::Peer
     let push = |m: Outgoing, frame: &mut pb::PeerFrame| match m {
         Outgoing::Room(m) => frame.messages.push(m),
         Outgoing::Log(m) => frame.log.push(m),
+        Outgoing::Handover(m) => frame.handover.push(m),
     };
     push(first, &mut frame);
     let mut count = 1;

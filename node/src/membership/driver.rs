@@ -19,15 +19,19 @@ use std::collections::{BTreeSet, BinaryHeap, HashMap, VecDeque};
 use std::sync::Arc;
 use std::time::Duration;
 
+use saferchat_consensus::handover::{Handover, HandoverMessage, PartitionSeal};
 use saferchat_consensus::{
     AcceptorState, Ballot, ChangeId, Message, Millis, NodeId, Outcome, Proposal, ReplicaConfig,
     RequestId, RoomId, RoomReplica, RoomState,
 };
+use saferchat_placement::CREATED_EPOCH;
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
-use super::{COMMAND_QUEUE_MAX, Command, Inbound, Membership, PeerSender, Status, View};
+use super::{
+    COMMAND_QUEUE_MAX, Command, HandoverStep, Inbound, Membership, PeerSender, Status, View,
+};
 use crate::clock::Clock;
 use crate::convert;
 use crate::error::NodeError;
@@ -47,6 +51,20 @@ const TIMER_RECHECK_MS: u64 = 1_000;
 /// After a membership read, this node keeps a lease on the room for this
 /// long, so that repeated reads (an operator, a dashboard) become local.
 const READ_INTEREST_MS: u64 = 30_000;
+
+/// How often a mover resends a handover message that was not answered.
+const HANDOVER_RETRY_MS: u64 = 500;
+
+/// Acceptor states read per page when a seal walks this node's rooms.
+const SEAL_PAGE: usize = 1_000;
+
+/// A step of a partition's move that this node runs as the mover.
+struct Mover {
+    handover: Handover,
+    /// Told once the step is established (a majority of the new set
+    /// installed) or can never be.
+    reply: Option<oneshot::Sender<Result<(), NodeError>>>,
+}
 
 enum Waiter {
     Change(oneshot::Sender<Outcome>),
@@ -69,6 +87,19 @@ impl Slot {
     fn lease_wanted(&self, now: Millis) -> bool {
         self.view.receiver_count() > 0 || now < self.read_interest_until
     }
+}
+
+/// What sealing a partition's rooms found and changed.
+#[derive(Default)]
+struct SealedRooms {
+    /// Every room with an accepted value: ballot and value.
+    accepted: Vec<(RoomId, Ballot, Arc<RoomState>)>,
+    /// The longest lease promise this node may still owe.
+    lease_left_ms: u64,
+    /// Unloaded rooms whose durable state got the higher promise.
+    raised: Vec<(RoomId, AcceptorState)>,
+    /// Loaded rooms whose replica was sealed (for `settle`).
+    touched: Vec<RoomId>,
 }
 
 /// Everything the driver needs.
@@ -117,6 +148,13 @@ struct Driver {
     recovering_until: Millis,
     /// Peers whose refused lease requests were logged (once each).
     lease_refusals_logged: BTreeSet<NodeId>,
+    /// Each partition's handover state on this node, read from the store
+    /// on first use.
+    seals: HashMap<u32, PartitionSeal>,
+    /// Steps this node moves, by partition.
+    movers: HashMap<u32, Mover>,
+    /// Handover messages this node sent itself, handled next.
+    handover_local: VecDeque<(u32, HandoverMessage)>,
 }
 
 /// Starts the driver; returns its handle and its task (which ends with
@@ -144,6 +182,9 @@ pub fn spawn(parts: DriverParts) -> (Membership, JoinHandle<Result<(), NodeError
         next_request: 0,
         recovering_until,
         lease_refusals_logged: BTreeSet::new(),
+        seals: HashMap::new(),
+        movers: HashMap::new(),
+        handover_local: VecDeque::new(),
     };
     let task = tokio::spawn(driver.run(rx, parts.inbound, parts.shutdown));
     (Membership::new(tx), task)
@@ -157,7 +198,17 @@ impl Driver {
         shutdown: CancellationToken,
     ) -> Result<(), NodeError> {
         loop {
-            let next_timer = self.timers.peek().map(|Reverse((t, _))| *t);
+            let next_timer = self
+                .timers
+                .peek()
+                .map(|Reverse((t, _))| *t)
+                .into_iter()
+                .chain(
+                    self.movers
+                        .values()
+                        .filter_map(|m| m.handover.next_wakeup()),
+                )
+                .min();
             let sleep = async {
                 match next_timer {
                     Some(t) => {
@@ -176,6 +227,11 @@ impl Driver {
                 },
                 Some(batch) = inbound.recv() => self.on_inbound(batch).await?,
                 () = sleep => self.on_timers().await?,
+            }
+        }
+        for (_, mover) in self.movers.drain() {
+            if let Some(reply) = mover.reply {
+                let _ = reply.send(Err(NodeError::Unavailable("node is shutting down".into())));
             }
         }
         for slot in self.rooms.values_mut() {
@@ -197,7 +253,19 @@ impl Driver {
     /// The replica configuration of `room`'s partition, `None` when this
     /// node is not one of its replicas.
     fn config_for(&mut self, room: &RoomId) -> Option<Arc<ReplicaConfig>> {
-        let partition = self.placement.partitions().of_room(room.as_str());
+        let partition = self.partition_of(room);
+        self.config_of(partition)
+    }
+
+    /// A room's partition.
+    fn partition_of(&self, room: &RoomId) -> u32 {
+        self.placement.partitions().of_room(room.as_str()).0
+    }
+
+    /// The replica configuration of `partition`'s rooms, `None` when this
+    /// node is not one of its replicas.
+    fn config_of(&mut self, partition: u32) -> Option<Arc<ReplicaConfig>> {
+        let partition = saferchat_placement::PartitionId(partition);
         let (all, placement) = (&self.config, &self.placement);
         let epoch = self.map.partition_epoch(partition.0);
         self.configs
@@ -219,12 +287,16 @@ impl Driver {
                 room.as_str()
             )));
         };
-        let durable = self
+        let seal = self.seal_of(self.partition_of(room)).await?;
+        let mut durable = self
             .acceptors
             .load_acceptor(room)
             .await
             .map_err(|e| NodeError::Unavailable(format!("loading room {room:?}: {e}")))?
             .unwrap_or_default();
+        // A room this node had no vote for when its partition was sealed
+        // starts with the seal's promise.
+        durable.promised = durable.promised.max(seal.floor());
         let known = self
             .chat
             .load_room(room)
@@ -265,16 +337,23 @@ impl Driver {
             | Command::Read { room, .. }
             | Command::Watch { room, .. }
             | Command::Status { room, .. } => room.clone(),
+            Command::HandOver { .. } => {
+                let Command::HandOver { step, reply } = command else {
+                    unreachable!("matched above")
+                };
+                return self.hand_over(step, reply).await;
+            }
         };
         if let Err(e) = self.ensure(&room).await {
             match command {
                 Command::Propose { reply, .. } => drop(reply.send(Outcome::Unavailable)),
                 Command::Read { reply, .. } => drop(reply.send(Err(e))),
                 Command::Status { reply, .. } => drop(reply.send(Err(e))),
-                Command::Watch { .. } => {}
+                Command::Watch { .. } | Command::HandOver { .. } => {}
             }
             return Ok(());
         }
+        let serving = self.serving(&room);
         let request = self.request_id();
         let slot = self.rooms.get_mut(&room).expect("ensured");
         slot.last_used = now;
@@ -287,7 +366,7 @@ impl Driver {
             }
             Command::Read { reply, .. } => {
                 slot.read_interest_until = now.plus(READ_INTEREST_MS);
-                slot.replica.want_lease(now, true);
+                slot.replica.want_lease(now, serving);
                 if let Ok(state) = slot.replica.read(now) {
                     let _ = reply.send(Ok((Arc::clone(state), "lease")));
                 } else {
@@ -298,7 +377,7 @@ impl Driver {
             }
             Command::Status { reply, .. } => {
                 slot.read_interest_until = now.plus(READ_INTEREST_MS);
-                slot.replica.want_lease(now, true);
+                slot.replica.want_lease(now, serving);
                 if let Ok(state) = slot.replica.read(now) {
                     let status = Status {
                         state: Arc::clone(state),
@@ -314,8 +393,9 @@ impl Driver {
             }
             Command::Watch { reply, .. } => {
                 let _ = reply.send(slot.view.subscribe());
-                slot.replica.want_lease(now, true);
+                slot.replica.want_lease(now, serving);
             }
+            Command::HandOver { .. } => unreachable!("answered above"),
         }
         self.settle(vec![room]).await
     }
@@ -333,6 +413,9 @@ impl Driver {
             }
             if let Err(e) = self.ensure(&room).await {
                 tracing::warn!(%room, error = %e, "cannot load room for a peer message");
+                continue;
+            }
+            if !self.answers(&room, &message) {
                 continue;
             }
             let slot = self.rooms.get_mut(&room).expect("ensured");
@@ -355,7 +438,11 @@ impl Driver {
             slot.replica.step(now, batch.from, message);
             touched.push(room);
         }
-        self.settle(touched).await
+        self.settle(touched).await?;
+        for (partition, message) in batch.handover {
+            self.on_handover(batch.from, partition, message).await?;
+        }
+        self.pump_handovers().await
     }
 
     async fn on_timers(&mut self) -> Result<(), NodeError> {
@@ -370,10 +457,11 @@ impl Driver {
         }
         let mut touched = Vec::new();
         for room in due {
+            let serving = self.serving(&room);
             let Some(slot) = self.rooms.get_mut(&room) else {
                 continue;
             };
-            let wanted = slot.lease_wanted(now);
+            let wanted = slot.lease_wanted(now) && serving;
             if wanted != slot.replica.lease_wanted() {
                 slot.replica.want_lease(now, wanted);
             }
@@ -384,6 +472,7 @@ impl Driver {
             touched.push(room);
         }
         self.settle(touched).await?;
+        self.pump_handovers().await?;
         self.unload_idle(now);
         Ok(())
     }
@@ -474,10 +563,394 @@ impl Driver {
                 }
             }
             for (room, message) in local {
+                if !self.answers(&room, &message) {
+                    continue;
+                }
                 if let Some(slot) = self.rooms.get_mut(&room) {
                     slot.replica.step(now, me, message);
                     touched.push(room);
                 }
+            }
+        }
+        Ok(())
+    }
+
+    /// `partition`'s handover state on this node.
+    async fn seal_of(&mut self, partition: u32) -> Result<PartitionSeal, NodeError> {
+        if let Some(seal) = self.seals.get(&partition) {
+            return Ok(*seal);
+        }
+        let seal = self
+            .acceptors
+            .load_partition_seal(partition)
+            .await
+            .map_err(|e| NodeError::Unavailable(format!("loading partition {partition}: {e}")))?;
+        self.seals.insert(partition, seal);
+        Ok(seal)
+    }
+
+    /// Whether this node serves the epoch its loaded replica of `room`
+    /// runs in: the epoch the partition was created in, or one a transfer
+    /// installed here (`PartitionSeal::serves`).
+    fn serving(&self, room: &RoomId) -> bool {
+        let Some(slot) = self.rooms.get(room) else {
+            return false;
+        };
+        let seal = self
+            .seals
+            .get(&self.partition_of(room))
+            .copied()
+            .unwrap_or_default();
+        seal.serves(slot.replica.config().epoch, CREATED_EPOCH)
+    }
+
+    /// Whether this node answers `message` for a loaded `room`: a Prepare,
+    /// Accept or lease request of an epoch this node is not installed in
+    /// gets no answer (only installed replicas hold the transferred values;
+    /// `specs/Reconfiguration.tla`, WAIT_INSTALL).
+    fn answers(&self, room: &RoomId, message: &Message) -> bool {
+        let Some(epoch) = message.asked_epoch() else {
+            return true;
+        };
+        let seal = self
+            .seals
+            .get(&self.partition_of(room))
+            .copied()
+            .unwrap_or_default();
+        let answers = seal.serves(epoch, CREATED_EPOCH);
+        if !answers {
+            metrics::counter!("saferchat_membership_not_installed_total").increment(1);
+        }
+        answers
+    }
+
+    fn send_handover(&mut self, to: NodeId, partition: u32, message: HandoverMessage) {
+        if to == self.config.me {
+            self.handover_local.push_back((partition, message));
+        } else {
+            self.peers
+                .send_handover(to, convert::handover::message_to_pb(partition, &message));
+        }
+    }
+
+    /// Starts (or resumes, from its durable record) a step this node moves.
+    async fn hand_over(
+        &mut self,
+        step: HandoverStep,
+        reply: oneshot::Sender<Result<(), NodeError>>,
+    ) -> Result<(), NodeError> {
+        let me = self.config.me;
+        if !step.old.contains(&me) || !step.new.contains(&me) {
+            let _ = reply.send(Err(NodeError::InvalidArgument(format!(
+                "the mover of partition {} must be in both sets",
+                step.partition
+            ))));
+            return Ok(());
+        }
+        let ballot = Ballot {
+            epoch: step.epoch,
+            round: 0,
+            node: me,
+        };
+        let record = self
+            .acceptors
+            .load_transfer(step.partition)
+            .await
+            .map_err(|e| NodeError::Unavailable(format!("loading a transfer record: {e}")))?;
+        let handover = match record {
+            // Sent before a restart: exactly that again.
+            Some(record) if record.ballot == ballot => {
+                Handover::resume(record, step.new, HANDOVER_RETRY_MS)
+            }
+            _ => Handover::start(
+                me,
+                step.epoch,
+                step.old,
+                step.new,
+                self.config.lease,
+                HANDOVER_RETRY_MS,
+            ),
+        };
+        tracing::info!(
+            partition = step.partition,
+            epoch = step.epoch,
+            "moving the partition's rooms to their new acceptor set"
+        );
+        let mover = Mover {
+            handover,
+            reply: Some(reply),
+        };
+        if let Some(replaced) = self.movers.insert(step.partition, mover)
+            && let Some(reply) = replaced.reply
+        {
+            let _ = reply.send(Err(NodeError::Unavailable(format!(
+                "another step of partition {} replaced this one",
+                step.partition
+            ))));
+        }
+        self.pump_handovers().await
+    }
+
+    /// Ticks the movers and handles the handover messages this node sent
+    /// itself, until neither has anything left to do.
+    async fn pump_handovers(&mut self) -> Result<(), NodeError> {
+        loop {
+            let now = self.clock.monotonic();
+            let partitions: Vec<u32> = self.movers.keys().copied().collect();
+            for partition in partitions {
+                let mover = self.movers.get_mut(&partition).expect("listed");
+                mover.handover.tick(now);
+                let ready = mover.handover.take_ready();
+                if let Some(record) = &ready.persist {
+                    // The values must be durable before the first transfer
+                    // leaves: the ballot is fixed, so a restarted mover must
+                    // send exactly them again.
+                    self.acceptors
+                        .save_transfer(partition, record)
+                        .await
+                        .map_err(|e| NodeError::Fatal(format!("recording a transfer: {e}")))?;
+                }
+                for (to, message) in ready.messages {
+                    self.send_handover(to, partition, message);
+                }
+                let mover = self.movers.get_mut(&partition).expect("listed");
+                let status = mover.handover.status();
+                if mover.handover.is_established()
+                    && let Some(reply) = mover.reply.take()
+                {
+                    tracing::info!(partition, "partition handover established");
+                    let _ = reply.send(Ok(()));
+                }
+                match status {
+                    saferchat_consensus::handover::HandoverStatus::Done => {
+                        self.movers.remove(&partition);
+                    }
+                    saferchat_consensus::handover::HandoverStatus::Superseded { by } => {
+                        tracing::warn!(partition, %by, "a later step sealed the partition first");
+                        if let Some(reply) = self.movers.remove(&partition).and_then(|m| m.reply) {
+                            let _ = reply.send(Err(NodeError::Unavailable(format!(
+                                "partition {partition} was sealed by a later step ({by})"
+                            ))));
+                        }
+                    }
+                    _ => {}
+                }
+            }
+            let Some((partition, message)) = self.handover_local.pop_front() else {
+                return Ok(());
+            };
+            let me = self.config.me;
+            self.on_handover(me, partition, message).await?;
+        }
+    }
+
+    /// A handover message from `from` (possibly this node).
+    async fn on_handover(
+        &mut self,
+        from: NodeId,
+        partition: u32,
+        message: HandoverMessage,
+    ) -> Result<(), NodeError> {
+        match message {
+            HandoverMessage::Seal { ballot } => self.on_seal(from, partition, ballot).await,
+            HandoverMessage::Transfer { ballot, rooms } => {
+                self.on_transfer(from, partition, ballot, &rooms).await
+            }
+            answer => {
+                let now = self.clock.monotonic();
+                if let Some(mover) = self.movers.get_mut(&partition) {
+                    mover.handover.step(now, from, answer);
+                }
+                Ok(())
+            }
+        }
+    }
+
+    /// Whether a seal or transfer at `ballot` from `from` may be taken: a
+    /// mover speaks in its own name (the peer link authenticated `from`),
+    /// of an epoch this node's map has reached.
+    fn handover_allowed(&self, from: NodeId, partition: u32, ballot: Ballot) -> bool {
+        if ballot.node != from || ballot.round != 0 {
+            tracing::warn!(%from, %ballot, partition, "dropping a handover message in another mover's name");
+            return false;
+        }
+        let known = self.map.partition_epoch(partition);
+        if ballot.epoch > known {
+            tracing::debug!(%from, %ballot, partition, known, "a handover of an epoch this node's map has not reached");
+            return false;
+        }
+        true
+    }
+
+    /// Raises the promise of every room of `partition` this node holds a
+    /// vote for to `ballot`: loaded rooms through their replica (touched,
+    /// for `settle`), the others in their durable state (returned, to be
+    /// saved). Also returns what the rooms accepted and the longest lease
+    /// promise this node may still owe on any of them.
+    async fn seal_rooms(
+        &mut self,
+        partition: u32,
+        ballot: Ballot,
+    ) -> Result<SealedRooms, NodeError> {
+        let now = self.clock.monotonic();
+        let mut sealed = SealedRooms {
+            lease_left_ms: if self.recovering_until > now {
+                self.recovering_until.since(now)
+            } else {
+                0
+            },
+            ..SealedRooms::default()
+        };
+        let placement = Arc::clone(&self.placement);
+        let in_partition =
+            |room: &RoomId| placement.partitions().of_room(room.as_str()).0 == partition;
+        for (room, slot) in self.rooms.iter_mut().filter(|(r, _)| in_partition(r)) {
+            match slot.replica.seal(now, ballot) {
+                Ok(room_seal) => {
+                    sealed.lease_left_ms = sealed.lease_left_ms.max(room_seal.lease_left_ms);
+                    if let Some((b, value)) = room_seal.accepted {
+                        sealed.accepted.push((room.clone(), b, value));
+                    }
+                    sealed.touched.push(room.clone());
+                }
+                Err(promised) => {
+                    tracing::warn!(%room, %promised, %ballot, "a room promised above the partition's seal");
+                }
+            }
+        }
+        let mut after: Option<RoomId> = None;
+        loop {
+            let page = self
+                .acceptors
+                .list_acceptors(after.as_ref(), SEAL_PAGE)
+                .await
+                .map_err(|e| NodeError::Unavailable(format!("listing acceptor states: {e}")))?;
+            let Some((last, _)) = page.last() else { break };
+            after = Some(last.clone());
+            for (room, mut state) in page {
+                if !in_partition(&room) || self.rooms.contains_key(&room) {
+                    continue;
+                }
+                if state.promised > ballot {
+                    tracing::warn!(%room, promised = %state.promised, %ballot, "a room promised above the partition's seal");
+                    continue;
+                }
+                if state.promised < ballot {
+                    state.promised = ballot;
+                    sealed.raised.push((room.clone(), state.clone()));
+                }
+                if let Some((b, value)) = state.accepted {
+                    sealed.accepted.push((room, b, value));
+                }
+            }
+        }
+        Ok(sealed)
+    }
+
+    async fn on_seal(
+        &mut self,
+        from: NodeId,
+        partition: u32,
+        ballot: Ballot,
+    ) -> Result<(), NodeError> {
+        if !self.handover_allowed(from, partition, ballot) {
+            return Ok(());
+        }
+        let mut seal = self.seal_of(partition).await?;
+        if seal.installed >= ballot {
+            // A late copy: the step is past its seal.
+            return Ok(());
+        }
+        if let Err(sealed) = seal.on_seal(ballot) {
+            self.send_handover(from, partition, HandoverMessage::Refused { ballot, sealed });
+            return Ok(());
+        }
+        let sealed = self.seal_rooms(partition, ballot).await?;
+        self.acceptors
+            .save_partition_seal(partition, &seal, &sealed.raised)
+            .await
+            .map_err(|e| NodeError::Fatal(format!("persisting a partition seal: {e}")))?;
+        self.seals.insert(partition, seal);
+        // The loaded rooms' raised promises become durable here, before
+        // the answer below leaves.
+        self.settle(sealed.touched).await?;
+        tracing::info!(partition, %ballot, rooms = sealed.accepted.len(), lease_left_ms = sealed.lease_left_ms, "sealed the partition's rooms for a handover");
+        self.send_handover(
+            from,
+            partition,
+            HandoverMessage::Sealed {
+                ballot,
+                rooms: sealed.accepted,
+                lease_left_ms: sealed.lease_left_ms,
+            },
+        );
+        Ok(())
+    }
+
+    async fn on_transfer(
+        &mut self,
+        from: NodeId,
+        partition: u32,
+        ballot: Ballot,
+        rooms: &[(RoomId, Arc<RoomState>)],
+    ) -> Result<(), NodeError> {
+        if !self.handover_allowed(from, partition, ballot) {
+            return Ok(());
+        }
+        match self.config_of(partition) {
+            Some(config) if config.epoch == ballot.epoch => {}
+            _ => {
+                tracing::warn!(%from, %ballot, partition, "a transfer for a set of the partition this node is not in");
+                return Ok(());
+            }
+        }
+        if let Some((room, _)) = rooms
+            .iter()
+            .find(|(r, _)| self.partition_of(r) != partition)
+        {
+            tracing::warn!(%from, %room, partition, "dropping a transfer naming a room of another partition");
+            return Ok(());
+        }
+        let mut seal = self.seal_of(partition).await?;
+        if seal.installed >= ballot {
+            self.send_handover(from, partition, HandoverMessage::Installed { ballot });
+            return Ok(());
+        }
+        if let Err(sealed) = seal.on_transfer(ballot) {
+            self.send_handover(from, partition, HandoverMessage::Refused { ballot, sealed });
+            return Ok(());
+        }
+        let sealed = self.seal_rooms(partition, ballot).await?;
+        self.acceptors
+            .save_acceptors(&sealed.raised)
+            .await
+            .map_err(|e| NodeError::Fatal(format!("persisting acceptor state: {e}")))?;
+        let mut touched = sealed.touched;
+        for (room, value) in rooms {
+            self.ensure(room).await?;
+            let slot = self.rooms.get_mut(room).expect("ensured");
+            if let Err(refused) = slot.replica.install(ballot, value) {
+                tracing::warn!(%room, %ballot, %refused, "a room refused the transfer; the partition stays uninstalled");
+                return self.settle(touched).await;
+            }
+            touched.push(room.clone());
+        }
+        // Every transferred value is durable before the partition counts
+        // as installed, and that before the answer.
+        self.settle(touched).await?;
+        self.acceptors
+            .save_partition_seal(partition, &seal, &[])
+            .await
+            .map_err(|e| NodeError::Fatal(format!("persisting a partition seal: {e}")))?;
+        self.seals.insert(partition, seal);
+        tracing::info!(partition, %ballot, rooms = rooms.len(), "installed the partition's rooms in a new epoch");
+        self.send_handover(from, partition, HandoverMessage::Installed { ballot });
+        // Its loaded rooms may hold leases again.
+        let now = self.clock.monotonic();
+        let placement = Arc::clone(&self.placement);
+        for room in self.rooms.keys() {
+            if placement.partitions().of_room(room.as_str()).0 == partition {
+                self.timers.push(Reverse((now, room.clone())));
             }
         }
         Ok(())
@@ -578,3 +1051,7 @@ pub fn describe(config: &ReplicaConfig) -> String {
         config.lease.lease_ms
     )
 }
+
+#[cfg(test)]
+#[path = "driver_tests.rs"]
+mod driver_tests;

@@ -31,6 +31,9 @@ pub struct Inbound {
     pub from: saferchat_consensus::NodeId,
     /// Its messages, decoded and checked at the edge.
     pub messages: Vec<(saferchat_consensus::RoomId, saferchat_consensus::Message)>,
+    /// Its handover messages, by partition (see
+    /// [`saferchat_consensus::handover`]).
+    pub handover: Vec<(u32, saferchat_consensus::handover::HandoverMessage)>,
 }
 
 /// Sends consensus messages to other nodes. Sending never blocks and may
@@ -43,6 +46,10 @@ pub trait PeerSender: Send + Sync + 'static {
     /// Queues one partition-log message for `to`; may drop it (the
     /// partition log tolerates loss).
     fn send_log(&self, to: saferchat_consensus::NodeId, message: ppb::PartitionMessage);
+
+    /// Queues one handover message for `to`; may drop it (the mover
+    /// resends until answered).
+    fn send_handover(&self, to: saferchat_consensus::NodeId, message: ppb::HandoverMessage);
 }
 
 /// A node with no peers.
@@ -56,6 +63,10 @@ impl PeerSender for NoPeers {
 
     fn send_log(&self, to: saferchat_consensus::NodeId, _message: ppb::PartitionMessage) {
         tracing::warn!(%to, "dropping a partition-log message for a node that is not configured");
+    }
+
+    fn send_handover(&self, to: saferchat_consensus::NodeId, _message: ppb::HandoverMessage) {
+        tracing::warn!(%to, "dropping a handover message for a node that is not configured");
     }
 }
 
@@ -90,6 +101,24 @@ pub(crate) enum Command {
         room: RoomId,
         reply: oneshot::Sender<Result<Status, NodeError>>,
     },
+    HandOver {
+        step: HandoverStep,
+        reply: oneshot::Sender<Result<(), NodeError>>,
+    },
+}
+
+/// One step of a partition's move, as the mover runs it: the partition's
+/// rooms go from the acceptor set `old` to `new` in map epoch `epoch`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct HandoverStep {
+    /// The partition.
+    pub partition: u32,
+    /// Its epoch after the step.
+    pub epoch: u64,
+    /// Its replicas before the step.
+    pub old: Vec<saferchat_consensus::NodeId>,
+    /// Its replicas after it.
+    pub new: Vec<saferchat_consensus::NodeId>,
 }
 
 /// Handle to the membership driver.
@@ -194,6 +223,19 @@ impl Membership {
         let (reply, rx) = oneshot::channel();
         self.tx.send(make(reply)).await.map_err(|_| stopped())?;
         rx.await.map_err(|_| stopped())
+    }
+
+    /// Runs one step of a partition's move with this node as the mover
+    /// (see [`saferchat_consensus::handover`]); returns once a majority of
+    /// the new set is installed (the driver goes on sending to the rest).
+    ///
+    /// # Errors
+    /// [`NodeError::Unavailable`] when a later step sealed the partition
+    /// first, another step of the partition replaced this one here, or the
+    /// node is shutting down; [`NodeError::Fatal`] when the transfer record
+    /// cannot be made durable.
+    pub async fn hand_over(&self, step: HandoverStep) -> Result<(), NodeError> {
+        self.ask(|reply| Command::HandOver { step, reply }).await?
     }
 
     /// Commits a change through consensus.

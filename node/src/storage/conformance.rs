@@ -587,6 +587,97 @@ macro_rules! chat_store_conformance {
     };
 }
 
+/// Acceptor states list in name order, page by page; a partition's
+/// handover state and a mover's transfer record round-trip, and a seal is
+/// saved with the room states it raised.
+pub async fn acceptor_listing_and_handover_records(store: &dyn AcceptorStore) {
+    use saferchat_consensus::handover::{PartitionSeal, TransferRecord};
+    let ballot = |epoch, round, node| Ballot {
+        epoch,
+        round,
+        node: NodeId(node),
+    };
+    let rooms: Vec<RoomId> = (0..5).map(|_| unique_room("list")).collect();
+    let state = |round| AcceptorState {
+        promised: ballot(1, round, 1),
+        accepted: None,
+    };
+    for (i, room) in rooms.iter().enumerate() {
+        store
+            .save_acceptors(&[(room.clone(), state(i as u64 + 1))])
+            .await
+            .expect("save");
+    }
+    let mut listed = Vec::new();
+    let mut after: Option<RoomId> = None;
+    loop {
+        let page = store.list_acceptors(after.as_ref(), 2).await.expect("list");
+        assert!(page.len() <= 2, "a page holds at most the limit");
+        let Some((last, _)) = page.last() else { break };
+        after = Some(last.clone());
+        listed.extend(page);
+    }
+    assert!(
+        listed.windows(2).all(|w| w[0].0 < w[1].0),
+        "in name order, each once"
+    );
+    for (i, room) in rooms.iter().enumerate() {
+        let found = listed.iter().find(|(r, _)| r == room).map(|(_, s)| s);
+        assert_eq!(found, Some(&state(i as u64 + 1)), "{room:?} listed");
+    }
+
+    assert_eq!(
+        store.load_partition_seal(41).await.expect("load"),
+        PartitionSeal::default(),
+        "never sealed"
+    );
+    let seal = PartitionSeal {
+        sealed: ballot(3, 0, 2),
+        installed: ballot(2, 0, 1),
+    };
+    let raised = AcceptorState {
+        promised: ballot(3, 0, 2),
+        accepted: Some((ballot(2, 0, 1), state_at(4))),
+    };
+    store
+        .save_partition_seal(41, &seal, &[(rooms[0].clone(), raised.clone())])
+        .await
+        .expect("save seal");
+    assert_eq!(store.load_partition_seal(41).await.expect("load"), seal);
+    assert_eq!(
+        store.load_partition_seal(42).await.expect("load"),
+        PartitionSeal::default(),
+        "per partition"
+    );
+    assert_eq!(
+        store.load_acceptor(&rooms[0]).await.expect("load"),
+        Some(raised),
+        "saved with the seal"
+    );
+
+    assert_eq!(store.load_transfer(41).await.expect("load"), None);
+    let first = TransferRecord {
+        ballot: ballot(2, 0, 1),
+        rooms: Arc::new(vec![(rooms[1].clone(), state_at(2))]),
+    };
+    let later = TransferRecord {
+        ballot: ballot(3, 0, 2),
+        rooms: Arc::new(vec![
+            (rooms[1].clone(), state_at(3)),
+            (rooms[2].clone(), state_at(1)),
+        ]),
+    };
+    store.save_transfer(41, &first).await.expect("save");
+    assert_eq!(store.load_transfer(41).await.expect("load"), Some(first));
+    store.save_transfer(41, &later).await.expect("save");
+    assert_eq!(
+        store.load_transfer(41).await.expect("load"),
+        Some(later),
+        "a later step's record replaces it"
+    );
+    assert_eq!(store.load_transfer(40).await.expect("load"), None);
+}
+
 /// One `#[tokio::test]` per [`AcceptorStore`] check.
 #[macro_export]
 macro_rules! acceptor_store_conformance {
@@ -595,6 +686,12 @@ macro_rules! acceptor_store_conformance {
         async fn conformance_acceptor_round_trip() {
             let store: std::sync::Arc<dyn $crate::storage::AcceptorStore> = $make.await;
             $crate::storage::conformance::acceptor_round_trip(&*store).await;
+        }
+
+        #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+        async fn conformance_acceptor_listing_and_handover_records() {
+            let store: std::sync::Arc<dyn $crate::storage::AcceptorStore> = $make.await;
+            $crate::storage::conformance::acceptor_listing_and_handover_records(&*store).await;
         }
     };
 }

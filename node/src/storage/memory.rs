@@ -4,6 +4,7 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::Mutex;
 
 use async_trait::async_trait;
+use saferchat_consensus::handover::{PartitionSeal, TransferRecord};
 use saferchat_consensus::{AcceptorState, RoomId};
 
 use super::{AcceptorStore, ChatStore, CommittedRoom, Range, RoomSummary, StoredMessage};
@@ -13,7 +14,9 @@ use crate::message_id::{Bucket, MessageId};
 /// Acceptor states in a map.
 #[derive(Debug, Default)]
 pub struct MemoryAcceptors {
-    states: Mutex<HashMap<RoomId, AcceptorState>>,
+    states: Mutex<BTreeMap<RoomId, AcceptorState>>,
+    seals: Mutex<HashMap<u32, PartitionSeal>>,
+    transfers: Mutex<HashMap<u32, TransferRecord>>,
 }
 
 #[async_trait]
@@ -27,6 +30,61 @@ impl AcceptorStore for MemoryAcceptors {
         for (room, state) in batch {
             states.insert(room.clone(), state.clone());
         }
+        Ok(())
+    }
+
+    async fn list_acceptors(
+        &self,
+        after: Option<&RoomId>,
+        limit: usize,
+    ) -> Result<Vec<(RoomId, AcceptorState)>, NodeError> {
+        let states = self.states.lock().expect("lock");
+        Ok(states
+            .iter()
+            .filter(|(room, _)| after.is_none_or(|after| *room > after))
+            .take(limit)
+            .map(|(room, state)| (room.clone(), state.clone()))
+            .collect())
+    }
+
+    async fn load_partition_seal(&self, partition: u32) -> Result<PartitionSeal, NodeError> {
+        Ok(self
+            .seals
+            .lock()
+            .expect("lock")
+            .get(&partition)
+            .copied()
+            .unwrap_or_default())
+    }
+
+    async fn save_partition_seal(
+        &self,
+        partition: u32,
+        seal: &PartitionSeal,
+        rooms: &[(RoomId, AcceptorState)],
+    ) -> Result<(), NodeError> {
+        self.seals.lock().expect("lock").insert(partition, *seal);
+        self.save_acceptors(rooms).await
+    }
+
+    async fn load_transfer(&self, partition: u32) -> Result<Option<TransferRecord>, NodeError> {
+        Ok(self
+            .transfers
+            .lock()
+            .expect("lock")
+            .get(&partition)
+            .cloned())
+    }
+
+    async fn save_transfer(
+        &self,
+        partition: u32,
+        record: &TransferRecord,
+    ) -> Result<(), NodeError> {
+        self.transfers
+            .lock()
+            .expect("lock")
+            .insert(partition, record.clone());
         Ok(())
     }
 }

@@ -29,6 +29,7 @@ use std::sync::Arc;
 
 use async_trait::async_trait;
 use bytes::Bytes;
+use saferchat_consensus::handover::{PartitionSeal, TransferRecord};
 use saferchat_consensus::{AcceptorState, Ballot, RoomId, RoomState};
 
 use crate::error::NodeError;
@@ -88,6 +89,38 @@ pub trait AcceptorStore: Send + Sync + std::fmt::Debug + 'static {
     /// durable (survives a crash of this process and of the machine); a
     /// later load returns the last state saved for a room.
     async fn save_acceptors(&self, batch: &[(RoomId, AcceptorState)]) -> Result<(), NodeError>;
+
+    /// Saved states in room-name order, starting after `after`, at most
+    /// `limit`: a handover's seal reports every room of a partition this
+    /// node holds a vote for, and names cannot be listed per partition
+    /// (the partition is a hash of the name), so the seal walks them all.
+    async fn list_acceptors(
+        &self,
+        after: Option<&RoomId>,
+        limit: usize,
+    ) -> Result<Vec<(RoomId, AcceptorState)>, NodeError>;
+
+    /// This node's handover state of `partition` (never sealed: the
+    /// default).
+    async fn load_partition_seal(&self, partition: u32) -> Result<PartitionSeal, NodeError>;
+
+    /// Saves a partition's handover state and the room states the same
+    /// seal or transfer changed. Durable when this returns `Ok`.
+    async fn save_partition_seal(
+        &self,
+        partition: u32,
+        seal: &PartitionSeal,
+        rooms: &[(RoomId, AcceptorState)],
+    ) -> Result<(), NodeError>;
+
+    /// The values this node, as a mover, transfers for `partition`, once
+    /// recorded.
+    async fn load_transfer(&self, partition: u32) -> Result<Option<TransferRecord>, NodeError>;
+
+    /// Records them, durably, before the first transfer leaves the node
+    /// (a later step's record replaces an earlier one).
+    async fn save_transfer(&self, partition: u32, record: &TransferRecord)
+    -> Result<(), NodeError>;
 }
 
 /// Rooms and their timelines.

@@ -29,8 +29,10 @@ use std::path::Path;
 
 use async_trait::async_trait;
 use prost::Message as _;
+use saferchat_consensus::handover::{PartitionSeal, TransferRecord};
 use saferchat_consensus::{AcceptorState, RoomId};
 use saferchat_proto::peer as ppb;
+use std::ops::Bound;
 use std::sync::{Arc, Mutex};
 
 use tokio::sync::{mpsc, oneshot};
@@ -66,6 +68,11 @@ type FlushRequest = (Durable, oneshot::Sender<Result<(), String>>);
 pub struct SledStore {
     db: sled::Db,
     acceptor: sled::Tree,
+    /// Each partition's handover state (`PartitionSealRecord`), by the
+    /// partition's number in big-endian bytes.
+    partition_seals: sled::Tree,
+    /// The mover's transfer record (`HandoverRecord`) per partition.
+    transfers: sled::Tree,
     rooms: sled::Tree,
     timeline: sled::Tree,
     buckets: sled::Tree,
@@ -122,6 +129,8 @@ impl SledStore {
         ));
         Ok(SledStore {
             acceptor: tree("acceptor")?,
+            partition_seals: tree("partition_seal")?,
+            transfers: tree("handover_transfer")?,
             rooms: tree("chat_details")?,
             timeline,
             buckets,
@@ -412,6 +421,82 @@ impl AcceptorStore for SledStore {
                 .insert(room.as_str(), bytes)
                 .map_err(NodeError::storage)?;
         }
+        self.sync().await
+    }
+
+    async fn list_acceptors(
+        &self,
+        after: Option<&RoomId>,
+        limit: usize,
+    ) -> Result<Vec<(RoomId, AcceptorState)>, NodeError> {
+        let range = match after {
+            Some(after) => self
+                .acceptor
+                .range::<&[u8], _>((Bound::Excluded(after.as_str().as_bytes()), Bound::Unbounded)),
+            None => self.acceptor.iter(),
+        };
+        let mut out = Vec::new();
+        for item in range.take(limit) {
+            let (key, raw) = item.map_err(NodeError::storage)?;
+            let name = std::str::from_utf8(&key).map_err(NodeError::storage)?;
+            let room = RoomId::new(name).map_err(NodeError::storage)?;
+            let record = ppb::AcceptorRecord::decode(raw.as_ref()).map_err(NodeError::storage)?;
+            out.push((room, convert::acceptor_from_pb(&record)?));
+        }
+        Ok(out)
+    }
+
+    async fn load_partition_seal(&self, partition: u32) -> Result<PartitionSeal, NodeError> {
+        let Some(raw) = self
+            .partition_seals
+            .get(partition.to_be_bytes())
+            .map_err(NodeError::storage)?
+        else {
+            return Ok(PartitionSeal::default());
+        };
+        let record = ppb::PartitionSealRecord::decode(raw.as_ref()).map_err(NodeError::storage)?;
+        convert::handover::seal_from_pb(&record)
+    }
+
+    async fn save_partition_seal(
+        &self,
+        partition: u32,
+        seal: &PartitionSeal,
+        rooms: &[(RoomId, AcceptorState)],
+    ) -> Result<(), NodeError> {
+        self.partition_seals
+            .insert(
+                partition.to_be_bytes(),
+                convert::handover::seal_to_pb(seal).encode_to_vec(),
+            )
+            .map_err(NodeError::storage)?;
+        // save_acceptors syncs both trees: one durable batch.
+        self.save_acceptors(rooms).await
+    }
+
+    async fn load_transfer(&self, partition: u32) -> Result<Option<TransferRecord>, NodeError> {
+        let Some(raw) = self
+            .transfers
+            .get(partition.to_be_bytes())
+            .map_err(NodeError::storage)?
+        else {
+            return Ok(None);
+        };
+        let record = ppb::HandoverRecord::decode(raw.as_ref()).map_err(NodeError::storage)?;
+        convert::handover::record_from_pb(&record).map(Some)
+    }
+
+    async fn save_transfer(
+        &self,
+        partition: u32,
+        record: &TransferRecord,
+    ) -> Result<(), NodeError> {
+        self.transfers
+            .insert(
+                partition.to_be_bytes(),
+                convert::handover::record_to_pb(record).encode_to_vec(),
+            )
+            .map_err(NodeError::storage)?;
         self.sync().await
     }
 }

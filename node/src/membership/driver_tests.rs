@@ -1,0 +1,290 @@
+//! Drivers of several nodes in one process, wired through the peer wire
+//! format, moving a partition's rooms to a grown acceptor set: the
+//! handover (`saferchat_consensus::handover`) as the node runs it, with
+//! its durable state in the stores a restarted driver reads back.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use saferchat_consensus::{
+    Change, Handle, LeaseConfig, NodeId, ProposerConfig, ReplicaConfig, RoomId,
+};
+use saferchat_placement::{ClusterMap, ClusterNode, PartitionCount, PartitionId, Placement};
+use saferchat_proto::peer as ppb;
+use tokio::sync::mpsc;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+use super::{DriverParts, spawn};
+use crate::clock::SystemClock;
+use crate::convert;
+use crate::error::NodeError;
+use crate::known_rooms::KnownRooms;
+use crate::membership::{HandoverStep, Inbound, Membership, PeerSender};
+use crate::storage::AcceptorStore;
+use crate::storage::memory::{MemoryAcceptors, MemoryChat};
+
+/// Delivers what one node sends to the others' drivers, through the
+/// protobuf conversions a real peer link uses.
+#[derive(Clone, Debug)]
+struct Router {
+    me: NodeId,
+    routes: Arc<Mutex<HashMap<NodeId, mpsc::Sender<Inbound>>>>,
+}
+
+impl Router {
+    fn deliver(&self, to: NodeId, inbound: Inbound) {
+        if let Some(route) = self.routes.lock().unwrap().get(&to) {
+            let _ = route.try_send(inbound);
+        }
+    }
+}
+
+impl PeerSender for Router {
+    fn send(&self, to: NodeId, message: ppb::RoomMessage) {
+        let room = RoomId::new(&message.room).expect("a valid room on the wire");
+        let message = convert::message_from_pb(&message).expect("a valid message");
+        self.deliver(
+            to,
+            Inbound {
+                from: self.me,
+                messages: vec![(room, message)],
+                handover: Vec::new(),
+            },
+        );
+    }
+
+    fn send_log(&self, _to: NodeId, _message: ppb::PartitionMessage) {}
+
+    fn send_handover(&self, to: NodeId, message: ppb::HandoverMessage) {
+        let decoded = convert::handover::message_from_pb(&message).expect("a valid message");
+        self.deliver(
+            to,
+            Inbound {
+                from: self.me,
+                messages: Vec::new(),
+                handover: vec![decoded],
+            },
+        );
+    }
+}
+
+/// A node's durable stores, kept across its driver's restarts.
+#[derive(Clone, Default)]
+struct Disk {
+    acceptors: Arc<MemoryAcceptors>,
+    chat: Arc<MemoryChat>,
+}
+
+struct Running {
+    membership: Membership,
+    task: JoinHandle<Result<(), NodeError>>,
+    stop: CancellationToken,
+}
+
+impl Running {
+    async fn stop(self) {
+        self.stop.cancel();
+        self.task.await.expect("no panic").expect("no fatal error");
+    }
+}
+
+fn cluster_node(id: u64) -> ClusterNode {
+    ClusterNode {
+        id: NodeId(id),
+        datacenter: "dc1".into(),
+    }
+}
+
+/// Short leases, so that the handover's wait is short too.
+fn all(me: u64, nodes: u64) -> ReplicaConfig {
+    let ids: Vec<NodeId> = (1..=nodes).map(NodeId).collect();
+    ReplicaConfig {
+        me: NodeId(me),
+        replicas: ids.clone(),
+        epoch: saferchat_placement::CREATED_EPOCH,
+        holders: ids,
+        lease: LeaseConfig {
+            lease_ms: 300,
+            renew_every_ms: 100,
+            ..LeaseConfig::default()
+        },
+        proposer: ProposerConfig {
+            request_timeout_ms: 2_000,
+            ..ProposerConfig::default()
+        },
+    }
+}
+
+fn start(
+    me: u64,
+    nodes: u64,
+    placement: &Arc<Placement>,
+    map: &Arc<ClusterMap>,
+    disk: &Disk,
+    routes: &Arc<Mutex<HashMap<NodeId, mpsc::Sender<Inbound>>>>,
+) -> Running {
+    let (tx, inbound) = mpsc::channel(1024);
+    routes.lock().unwrap().insert(NodeId(me), tx);
+    let stop = CancellationToken::new();
+    let (membership, task) = spawn(DriverParts {
+        config: Arc::new(all(me, nodes)),
+        placement: Arc::clone(placement),
+        map: Arc::clone(map),
+        acceptors: disk.acceptors.clone(),
+        chat: disk.chat.clone(),
+        peers: Arc::new(Router {
+            me: NodeId(me),
+            routes: Arc::clone(routes),
+        }),
+        inbound,
+        clock: SystemClock::new(),
+        known: Arc::new(KnownRooms::new()),
+        shutdown: stop.clone(),
+    });
+    Running {
+        membership,
+        task,
+        stop,
+    }
+}
+
+fn handle(name: &str) -> Handle {
+    Handle::of_modulus(name.as_bytes())
+}
+
+/// A change, retried while it is unavailable (leases and elections settle
+/// on a loaded machine), for up to a minute.
+async fn change(m: &Membership, room: &RoomId, what: Change) -> Result<(), NodeError> {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let id = saferchat_consensus::ChangeId(rand::random());
+    loop {
+        match m.change_with_id(room, what.clone(), None, id).await {
+            Err(NodeError::Unavailable(_)) if Instant::now() < deadline => {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            other => return other.map(|_| ()),
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_partitions_rooms_move_to_a_grown_set_with_their_members() {
+    let routes = Arc::new(Mutex::new(HashMap::new()));
+    let disks: Vec<Disk> = (0..4).map(|_| Disk::default()).collect();
+    let one = PartitionCount::new(1).unwrap();
+    let three: Arc<Placement> =
+        Arc::new(Placement::build(&(1..=3).map(cluster_node).collect::<Vec<_>>(), one, 3).unwrap());
+    let epoch_1 = Arc::new(ClusterMap::default());
+    let room = RoomId::new("team").unwrap();
+
+    // Epoch 1: {1, 2, 3} keep the room.
+    let mut nodes: Vec<Running> = (1..=3)
+        .map(|n| start(n, 3, &three, &epoch_1, &disks[n as usize - 1], &routes))
+        .collect();
+    change(&nodes[0].membership, &room, Change::Create)
+        .await
+        .unwrap();
+    for name in ["alice", "bob"] {
+        change(&nodes[0].membership, &room, Change::Add(handle(name)))
+            .await
+            .unwrap();
+    }
+    // Every replica learns the commit (the next change's accept carries
+    // it), so that node 3's stale view below is the room as it stood.
+    nodes[2].membership.read(&room).await.unwrap();
+
+    // The map grows the partition to {1, 2, 3, 4} in epoch 2. Nodes 1 and
+    // 2 restart on the new map and node 4 joins; node 3 keeps the old map
+    // (its copy lags), so its seal is not counted: 1 and 2 are the old
+    // set's majority.
+    for n in nodes.drain(..2) {
+        n.stop().await;
+    }
+    let node_3 = nodes.pop().unwrap();
+    let mut grown =
+        Placement::build(&(1..=3).map(cluster_node).collect::<Vec<_>>(), one, 3).unwrap();
+    grown.pin(
+        PartitionId(0),
+        &(1..=4).map(cluster_node).collect::<Vec<_>>(),
+    );
+    let grown = Arc::new(grown);
+    let mut map = ClusterMap::default();
+    map.partition_epochs.insert(0, 2);
+    let epoch_2 = Arc::new(map);
+    let new: Vec<Running> = (1..=4)
+        .filter(|n| *n != 3)
+        .map(|n| start(n, 4, &grown, &epoch_2, &disks[n as usize - 1], &routes))
+        .collect();
+
+    // Not installed yet: node 4 holds nothing and answers nothing of
+    // epoch 2, nor does anyone else, so the room cannot be read there.
+    let early = new[2].membership.read(&room).await;
+    assert!(
+        matches!(early, Err(NodeError::Unavailable(_))),
+        "read before the transfer: {early:?}"
+    );
+
+    let step = HandoverStep {
+        partition: 0,
+        epoch: 2,
+        old: (1..=3).map(NodeId).collect(),
+        new: (1..=4).map(NodeId).collect(),
+    };
+    tokio::time::timeout(Duration::from_secs(60), new[0].membership.hand_over(step))
+        .await
+        .expect("the handover finished in a minute")
+        .expect("established");
+    let record = disks[0]
+        .acceptors
+        .load_transfer(0)
+        .await
+        .unwrap()
+        .expect("the mover recorded what it transferred");
+    assert_eq!(record.rooms.len(), 1);
+    assert_eq!(record.rooms[0].1.members.len(), 2);
+
+    // Node 4 serves the room with its members, and changes commit in
+    // epoch 2.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let state = loop {
+        match new[2].membership.read(&room).await {
+            Ok(state) => break state,
+            Err(NodeError::Unavailable(_)) if Instant::now() < deadline => {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            Err(e) => panic!("reading through node 4: {e}"),
+        }
+    };
+    assert!(state.members.contains_key(&handle("alice")));
+    assert!(state.members.contains_key(&handle("bob")));
+    change(&new[2].membership, &room, Change::Add(handle("carol")))
+        .await
+        .unwrap();
+    let through_2 = new[1].membership.read(&room).await.unwrap();
+    assert_eq!(through_2.members.len(), 3);
+    assert!(
+        through_2.revision > state.revision,
+        "committed after the transfer"
+    );
+    let seal = disks[3].acceptors.load_partition_seal(0).await.unwrap();
+    assert_eq!(seal.installed.epoch, 2, "node 4 is installed in epoch 2");
+
+    // Node 3, still on epoch 1, can change nothing: epoch 1 is sealed.
+    let stale = node_3
+        .membership
+        .change(&room, Change::Add(handle("mallory")), None)
+        .await;
+    assert!(
+        matches!(stale, Err(NodeError::Unavailable(_))),
+        "a change in the sealed epoch: {stale:?}"
+    );
+    let after = new[0].membership.read(&room).await.unwrap();
+    assert!(!after.members.contains_key(&handle("mallory")));
+
+    node_3.stop().await;
+    for n in new {
+        n.stop().await;
+    }
+}
