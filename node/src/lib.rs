@@ -367,6 +367,7 @@ pub async fn run(
         config: Arc::clone(&replica),
         placement: Arc::clone(&placement),
         map: Arc::clone(&map_at_start),
+        maps: Some(maps.watch()),
         acceptors: Arc::new(sled.clone()),
         chat: Arc::clone(&chat),
         peers: Arc::clone(&peers),

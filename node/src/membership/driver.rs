@@ -111,9 +111,11 @@ pub struct DriverParts {
     pub placement: Arc<saferchat_placement::Placement>,
     /// The cluster map as read at start, for each partition's epoch
     /// ([`saferchat_placement::ClusterMap::partition_epoch`]), which its
-    /// rooms' ballots carry: the node does not follow partition moves at
-    /// runtime yet.
+    /// rooms' ballots carry.
     pub map: Arc<saferchat_placement::ClusterMap>,
+    /// The cluster map as it changes (`None`: it never does): a partition
+    /// whose epoch moves gets its new replica set from it.
+    pub maps: Option<watch::Receiver<saferchat_placement::ClusterMap>>,
     /// This node's votes.
     pub acceptors: Arc<dyn AcceptorStore>,
     /// Committed memberships.
@@ -186,7 +188,7 @@ pub fn spawn(parts: DriverParts) -> (Membership, JoinHandle<Result<(), NodeError
         movers: HashMap::new(),
         handover_local: VecDeque::new(),
     };
-    let task = tokio::spawn(driver.run(rx, parts.inbound, parts.shutdown));
+    let task = tokio::spawn(driver.run(rx, parts.inbound, parts.maps, parts.shutdown));
     (Membership::new(tx), task)
 }
 
@@ -195,9 +197,21 @@ impl Driver {
         mut self,
         mut commands: mpsc::Receiver<Command>,
         mut inbound: mpsc::Receiver<Inbound>,
+        maps: Option<watch::Receiver<saferchat_placement::ClusterMap>>,
         shutdown: CancellationToken,
     ) -> Result<(), NodeError> {
+        let mut maps = maps;
+        if let Some(maps) = &mut maps {
+            let current = maps.borrow_and_update().clone();
+            self.follow(current);
+        }
         loop {
+            let map_changed = async {
+                match &mut maps {
+                    Some(maps) => maps.changed().await.is_ok(),
+                    None => std::future::pending().await,
+                }
+            };
             let next_timer = self
                 .timers
                 .peek()
@@ -226,6 +240,16 @@ impl Driver {
                     None => break,
                 },
                 Some(batch) = inbound.recv() => self.on_inbound(batch).await?,
+                changed = map_changed => {
+                    match maps.as_mut() {
+                        Some(watch) if changed => {
+                            let current = watch.borrow_and_update().clone();
+                            self.follow(current);
+                            self.pump_handovers().await?;
+                        }
+                        _ => maps = None,
+                    }
+                }
                 () = sleep => self.on_timers().await?,
             }
         }
@@ -573,6 +597,116 @@ impl Driver {
             }
         }
         Ok(())
+    }
+
+    /// Takes the replica sets and epochs of `map` for every partition whose
+    /// epoch it moved (a grow or a shrink): the partition's rooms get the
+    /// new configuration, and its loaded rooms are rebuilt from their
+    /// durable state, as after a restart (their proposals fail, and the
+    /// lease promises they forget are honoured for a promise period).
+    /// A partition's set changes only with its epoch; a map that places a
+    /// partition elsewhere at the same epoch (a node configured with
+    /// another view of the cluster) is logged and not followed.
+    fn follow(&mut self, map: saferchat_placement::ClusterMap) {
+        if !map.is_created() || map.epoch <= self.map.epoch {
+            return;
+        }
+        let placement = match map.placement() {
+            Ok(placement) if placement.partitions() == self.placement.partitions() => placement,
+            Ok(_) => {
+                tracing::warn!(
+                    epoch = map.epoch,
+                    "the cluster map has another partition count; not followed"
+                );
+                return;
+            }
+            Err(e) => {
+                tracing::warn!(epoch = map.epoch, error = %e, "the cluster map has no placement; not followed");
+                return;
+            }
+        };
+        let mut ours = (*self.placement).clone();
+        let mut moved = Vec::new();
+        for p in placement.partitions().all() {
+            let (before, after) = (self.map.partition_epoch(p.0), map.partition_epoch(p.0));
+            if after == before {
+                if placement.replicas(p) != self.placement.replicas(p) {
+                    tracing::warn!(
+                        partition = p.0,
+                        epoch = after,
+                        "the cluster map places the partition elsewhere at the same epoch; not followed"
+                    );
+                }
+                continue;
+            }
+            let nodes: Vec<saferchat_placement::ClusterNode> = placement
+                .replicas(p)
+                .iter()
+                .filter_map(|n| placement.nodes().iter().find(|c| c.id == *n).cloned())
+                .collect();
+            ours.pin(p, &nodes);
+            moved.push(p.0);
+        }
+        self.map = Arc::new(map);
+        if moved.is_empty() {
+            return;
+        }
+        self.placement = Arc::new(ours);
+        // Rebuilt or dropped replicas forget the lease promises they made:
+        // honour them, as after a restart, for one promise period. Every
+        // seal this node answers meanwhile reports that window, and rooms
+        // loaded meanwhile assume it too (the forgotten promises are not
+        // per room any more).
+        let now = self.clock.monotonic();
+        let recovering = now.plus(self.config.lease.promise_ms());
+        if self.config.may_have_promised_others() {
+            self.recovering_until = self.recovering_until.max(recovering);
+        }
+        for partition in &moved {
+            self.configs.remove(partition);
+            tracing::info!(
+                partition,
+                epoch = self.map.partition_epoch(*partition),
+                replicas = ?self.placement.replicas(saferchat_placement::PartitionId(*partition)),
+                "the partition's rooms have a new acceptor set"
+            );
+        }
+        let rebuild: Vec<RoomId> = self
+            .rooms
+            .keys()
+            .filter(|room| moved.contains(&self.partition_of(room)))
+            .cloned()
+            .collect();
+        for room in rebuild {
+            let config = self.config_for(&room);
+            let slot = self.rooms.get_mut(&room).expect("listed");
+            for (_, waiter) in slot.waiters.drain() {
+                fail(
+                    waiter,
+                    NodeError::Unavailable(format!(
+                        "room {:?} moved to a new acceptor set; try again",
+                        room.as_str()
+                    )),
+                );
+            }
+            match config {
+                Some(config) => {
+                    slot.replica = RoomReplica::new(
+                        config,
+                        slot.replica.acceptor_state().clone(),
+                        slot.replica.known().cloned(),
+                        self.recovering_until,
+                        rand::random(),
+                    );
+                    self.timers.push(Reverse((now, room)));
+                }
+                None => {
+                    // Not a replica any more: its vote stays on disk, for
+                    // a seal of the step that took it out.
+                    self.rooms.remove(&room);
+                }
+            }
+        }
     }
 
     /// `partition`'s handover state on this node.

@@ -10,9 +10,11 @@ use std::time::{Duration, Instant};
 use saferchat_consensus::{
     Change, Handle, LeaseConfig, NodeId, ProposerConfig, ReplicaConfig, RoomId,
 };
-use saferchat_placement::{ClusterMap, ClusterNode, PartitionCount, PartitionId, Placement};
+use saferchat_placement::{
+    ClusterMap, ClusterNode, MapNode, NodeState, PartitionCount, PartitionId, Pinned, Placement,
+};
 use saferchat_proto::peer as ppb;
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
@@ -124,6 +126,7 @@ fn start(
     map: &Arc<ClusterMap>,
     disk: &Disk,
     routes: &Arc<Mutex<HashMap<NodeId, mpsc::Sender<Inbound>>>>,
+    maps: Option<&watch::Receiver<ClusterMap>>,
 ) -> Running {
     let (tx, inbound) = mpsc::channel(1024);
     routes.lock().unwrap().insert(NodeId(me), tx);
@@ -132,6 +135,7 @@ fn start(
         config: Arc::new(all(me, nodes)),
         placement: Arc::clone(placement),
         map: Arc::clone(map),
+        maps: maps.cloned(),
         acceptors: disk.acceptors.clone(),
         chat: disk.chat.clone(),
         peers: Arc::new(Router {
@@ -169,6 +173,21 @@ async fn change(m: &Membership, room: &RoomId, what: Change) -> Result<(), NodeE
     }
 }
 
+/// Runs a step of partition 0 with `mover` as its mover until it is
+/// established (at most a minute).
+async fn hand_over(mover: &Membership, epoch: u64, old: &[u64], new: &[u64]) {
+    let step = HandoverStep {
+        partition: 0,
+        epoch,
+        old: old.iter().copied().map(NodeId).collect(),
+        new: new.iter().copied().map(NodeId).collect(),
+    };
+    tokio::time::timeout(Duration::from_secs(60), mover.hand_over(step))
+        .await
+        .expect("the step finished in a minute")
+        .expect("established");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_partitions_rooms_move_to_a_grown_set_with_their_members() {
     let routes = Arc::new(Mutex::new(HashMap::new()));
@@ -181,7 +200,17 @@ async fn a_partitions_rooms_move_to_a_grown_set_with_their_members() {
 
     // Epoch 1: {1, 2, 3} keep the room.
     let mut nodes: Vec<Running> = (1..=3)
-        .map(|n| start(n, 3, &three, &epoch_1, &disks[n as usize - 1], &routes))
+        .map(|n| {
+            start(
+                n,
+                3,
+                &three,
+                &epoch_1,
+                &disks[n as usize - 1],
+                &routes,
+                None,
+            )
+        })
         .collect();
     change(&nodes[0].membership, &room, Change::Create)
         .await
@@ -215,7 +244,17 @@ async fn a_partitions_rooms_move_to_a_grown_set_with_their_members() {
     let epoch_2 = Arc::new(map);
     let new: Vec<Running> = (1..=4)
         .filter(|n| *n != 3)
-        .map(|n| start(n, 4, &grown, &epoch_2, &disks[n as usize - 1], &routes))
+        .map(|n| {
+            start(
+                n,
+                4,
+                &grown,
+                &epoch_2,
+                &disks[n as usize - 1],
+                &routes,
+                None,
+            )
+        })
         .collect();
 
     // Not installed yet: node 4 holds nothing and answers nothing of
@@ -226,16 +265,7 @@ async fn a_partitions_rooms_move_to_a_grown_set_with_their_members() {
         "read before the transfer: {early:?}"
     );
 
-    let step = HandoverStep {
-        partition: 0,
-        epoch: 2,
-        old: (1..=3).map(NodeId).collect(),
-        new: (1..=4).map(NodeId).collect(),
-    };
-    tokio::time::timeout(Duration::from_secs(60), new[0].membership.hand_over(step))
-        .await
-        .expect("the handover finished in a minute")
-        .expect("established");
+    hand_over(&new[0].membership, 2, &[1, 2, 3], &[1, 2, 3, 4]).await;
     let record = disks[0]
         .acceptors
         .load_transfer(0)
@@ -247,16 +277,7 @@ async fn a_partitions_rooms_move_to_a_grown_set_with_their_members() {
 
     // Node 4 serves the room with its members, and changes commit in
     // epoch 2.
-    let deadline = Instant::now() + Duration::from_secs(60);
-    let state = loop {
-        match new[2].membership.read(&room).await {
-            Ok(state) => break state,
-            Err(NodeError::Unavailable(_)) if Instant::now() < deadline => {
-                tokio::time::sleep(Duration::from_millis(50)).await;
-            }
-            Err(e) => panic!("reading through node 4: {e}"),
-        }
-    };
+    let state = read(&new[2].membership, &room).await;
     assert!(state.members.contains_key(&handle("alice")));
     assert!(state.members.contains_key(&handle("bob")));
     change(&new[2].membership, &room, Change::Add(handle("carol")))
@@ -285,6 +306,138 @@ async fn a_partitions_rooms_move_to_a_grown_set_with_their_members() {
 
     node_3.stop().await;
     for n in new {
+        n.stop().await;
+    }
+}
+
+/// The map of a cluster of nodes 1-3 (active) and 4 (joined), one
+/// partition of three replicas, at map epoch `epoch`, the partition pinned
+/// to `pinned` since epoch `partition_epoch`.
+fn map_at(epoch: u64, pinned: Option<&[u64]>, partition_epoch: u64) -> ClusterMap {
+    let node = |state| MapNode {
+        datacenter: "dc1".into(),
+        peer_address: String::new(),
+        client_address: String::new(),
+        state,
+    };
+    let mut map = ClusterMap {
+        epoch,
+        partitions: 1,
+        replicas_per_datacenter: 3,
+        ..ClusterMap::default()
+    };
+    for id in 1..=3 {
+        map.nodes.insert(id, node(NodeState::Active));
+    }
+    map.nodes.insert(4, node(NodeState::Joining));
+    if let Some(replicas) = pinned {
+        map.moving.insert(
+            0,
+            Pinned {
+                replicas: replicas.to_vec(),
+            },
+        );
+        map.partition_epochs.insert(0, partition_epoch);
+    }
+    map
+}
+
+/// A consensus read, retried while unavailable, for up to a minute.
+async fn read(m: &Membership, room: &RoomId) -> Arc<saferchat_consensus::RoomState> {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        match m.read(room).await {
+            Ok(state) => return state,
+            Err(NodeError::Unavailable(_)) if Instant::now() < deadline => {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            Err(e) => panic!("reading {room:?}: {e}"),
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn running_nodes_follow_the_map_through_a_grow_and_a_shrink() {
+    let routes = Arc::new(Mutex::new(HashMap::new()));
+    let disks: Vec<Disk> = (0..4).map(|_| Disk::default()).collect();
+    let first = map_at(2, None, 1);
+    let placement = Arc::new(first.placement().unwrap());
+    let (publish, maps) = watch::channel(first.clone());
+    let first = Arc::new(first);
+    let nodes: Vec<Running> = (1..=4)
+        .map(|n| {
+            start(
+                n,
+                4,
+                &placement,
+                &first,
+                &disks[n as usize - 1],
+                &routes,
+                Some(&maps),
+            )
+        })
+        .collect();
+    let room = RoomId::new("team").unwrap();
+    change(&nodes[0].membership, &room, Change::Create)
+        .await
+        .unwrap();
+    change(&nodes[1].membership, &room, Change::Add(handle("alice")))
+        .await
+        .unwrap();
+    // Node 4 holds no slot: it does not replicate the room.
+    let outside = nodes[3].membership.read(&room).await;
+    assert!(
+        matches!(outside, Err(NodeError::FailedPrecondition(_))),
+        "{outside:?}"
+    );
+
+    // Grow: {1,2,3} -> {1,2,3,4} at epoch 3; node 1 moves it.
+    publish.send(map_at(3, Some(&[1, 2, 3, 4]), 3)).unwrap();
+    hand_over(&nodes[0].membership, 3, &[1, 2, 3], &[1, 2, 3, 4]).await;
+    let state = read(&nodes[3].membership, &room).await;
+    assert!(
+        state.members.contains_key(&handle("alice")),
+        "node 4 has the room"
+    );
+    change(&nodes[3].membership, &room, Change::Add(handle("bob")))
+        .await
+        .unwrap();
+
+    // Shrink: {1,2,3,4} -> {1,2,4} at epoch 4; node 2 moves it this time.
+    publish.send(map_at(4, Some(&[1, 2, 4]), 4)).unwrap();
+    let shrink = HandoverStep {
+        partition: 0,
+        epoch: 4,
+        old: (1..=4).map(NodeId).collect(),
+        new: vec![NodeId(1), NodeId(2), NodeId(4)],
+    };
+    tokio::time::timeout(
+        Duration::from_secs(60),
+        nodes[1].membership.hand_over(shrink),
+    )
+    .await
+    .expect("the shrink finished in a minute")
+    .expect("established");
+    change(&nodes[0].membership, &room, Change::Add(handle("carol")))
+        .await
+        .unwrap();
+    for n in [0, 1, 3] {
+        let state = read(&nodes[n].membership, &room).await;
+        for name in ["alice", "bob", "carol"] {
+            assert!(
+                state.members.contains_key(&handle(name)),
+                "node {} lost {name}",
+                n + 1
+            );
+        }
+    }
+    // Node 3 left the set: it replicates the room no more.
+    let left = nodes[2].membership.read(&room).await;
+    assert!(
+        matches!(left, Err(NodeError::FailedPrecondition(_))),
+        "{left:?}"
+    );
+    for n in nodes {
         n.stop().await;
     }
 }
