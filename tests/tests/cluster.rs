@@ -275,8 +275,30 @@ async fn beyond_the_drift_bound_a_stale_lease_read_happens_and_is_flagged() {
     for grantor in [0, 1] {
         cluster.set_clock(grantor, 0, 300_000);
     }
-    // The grantors read their clock files within milliseconds; the write
-    // is retried until it commits (bounded by the helper's deadline).
+    // A grantor reads its clock file at most every 20 ms, when it next
+    // reads the time. Until both did, one of them still reports its
+    // promise to node 3 with two minutes left, and the write waits that
+    // out (and the holder's lease with it: the read below then fails). So
+    // the write starts once neither grantor lists node 3 as a holder any
+    // more: both took the promise for expired.
+    for grantor in [0, 1] {
+        let mut grantor_admin = cluster.admin(grantor).await;
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            let status = grantor_admin.members("aaa").await;
+            if status.is_ok_and(|r| !r.lease_holders.iter().any(|h| h == "n3")) {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "node {} never took the jump of its clock",
+                grantor + 1
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+    // The write is retried until it commits (bounded by the helper's
+    // deadline).
     let call = Instant::now();
     let deadline = Instant::now() + Duration::from_secs(60);
     let written = loop {
