@@ -398,6 +398,7 @@ pub async fn run(
             me: NodeId(config.node_id),
             placement: Arc::clone(&placement),
             map: Arc::clone(&map_at_start),
+            maps: Some(maps.watch()),
             store: Arc::new(store),
             states,
             chat: Arc::clone(&chat),

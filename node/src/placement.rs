@@ -235,6 +235,59 @@ pub fn room_replicas(
     })
 }
 
+/// A driver's placement after the cluster map went from `before` to
+/// `after`: every partition whose epoch moved (a grow or a shrink) takes
+/// the map's new replica set; the partitions that moved come with it.
+/// `None` when there is nothing to follow: the map is not created, not
+/// newer, or has no placement of the same partition count. A partition
+/// the map places elsewhere at the same epoch is logged and kept where it
+/// is: a replica set changes only with its epoch, so that difference is a
+/// node configured with another view of the cluster, not a move.
+pub fn follow_map(
+    placement: &Placement,
+    before: &saferchat_placement::ClusterMap,
+    after: &saferchat_placement::ClusterMap,
+) -> Option<(Placement, Vec<u32>)> {
+    if !after.is_created() || after.epoch <= before.epoch {
+        return None;
+    }
+    let mapped = match after.placement() {
+        Ok(mapped) if mapped.partitions() == placement.partitions() => mapped,
+        Ok(_) => {
+            tracing::warn!(
+                epoch = after.epoch,
+                "the cluster map has another partition count; not followed"
+            );
+            return None;
+        }
+        Err(e) => {
+            tracing::warn!(epoch = after.epoch, error = %e, "the cluster map has no placement; not followed");
+            return None;
+        }
+    };
+    let mut ours = placement.clone();
+    let mut moved = Vec::new();
+    for p in mapped.partitions().all() {
+        if after.partition_epoch(p.0) == before.partition_epoch(p.0) {
+            if mapped.replicas(p) != placement.replicas(p) {
+                tracing::warn!(
+                    partition = p.0,
+                    "the cluster map places the partition elsewhere at the same epoch; not followed"
+                );
+            }
+            continue;
+        }
+        let nodes: Vec<saferchat_placement::ClusterNode> = mapped
+            .replicas(p)
+            .iter()
+            .filter_map(|n| mapped.nodes().iter().find(|c| c.id == *n).cloned())
+            .collect();
+        ours.pin(p, &nodes);
+        moved.push(p.0);
+    }
+    Some((ours, moved))
+}
+
 /// How long a client's call waits for its room's partition to elect a
 /// leader before it is told to retry.
 pub const ROUTE_WAIT_MS: u64 = 8_000;
@@ -374,6 +427,81 @@ impl Routing {
 mod tests {
     use super::*;
     use crate::config::PeerConfig;
+
+    fn map_of(epoch: u64, moved: Option<(u32, Vec<u64>, u64)>) -> saferchat_placement::ClusterMap {
+        let mut map = saferchat_placement::ClusterMap {
+            epoch,
+            partitions: 4,
+            replicas_per_datacenter: 3,
+            ..saferchat_placement::ClusterMap::default()
+        };
+        for id in 1..=4 {
+            map.nodes.insert(
+                id,
+                saferchat_placement::MapNode {
+                    datacenter: "dc1".into(),
+                    peer_address: String::new(),
+                    client_address: String::new(),
+                    state: if id == 4 {
+                        saferchat_placement::NodeState::Joining
+                    } else {
+                        saferchat_placement::NodeState::Active
+                    },
+                },
+            );
+        }
+        if let Some((p, replicas, at)) = moved {
+            map.moving
+                .insert(p, saferchat_placement::Pinned { replicas });
+            map.partition_epochs.insert(p, at);
+        }
+        map
+    }
+
+    #[test]
+    fn a_driver_follows_only_partitions_whose_epoch_moved() {
+        let before = map_of(1, None);
+        let placement = before.placement().unwrap();
+        assert_eq!(
+            follow_map(
+                &placement,
+                &before,
+                &saferchat_placement::ClusterMap::default()
+            ),
+            None,
+            "a map not created"
+        );
+        assert_eq!(follow_map(&placement, &before, &before), None, "not newer");
+        // A node joined: nothing moves.
+        let (same, moved) = follow_map(&placement, &before, &map_of(2, None)).unwrap();
+        assert!(moved.is_empty());
+        assert_eq!(same, placement);
+        // Partition 2 grows to node 4 in epoch 3.
+        let grown = map_of(3, Some((2, vec![1, 2, 3, 4], 3)));
+        let (after, moved) = follow_map(&placement, &before, &grown).unwrap();
+        assert_eq!(moved, vec![2]);
+        assert_eq!(
+            after.replicas(PartitionId(2)),
+            (1..=4).map(NodeId).collect::<Vec<_>>()
+        );
+        assert_eq!(
+            after.replicas(PartitionId(1)),
+            placement.replicas(PartitionId(1))
+        );
+        // Pinned elsewhere without a new epoch: not followed.
+        let mut odd = map_of(3, Some((1, vec![4], 1)));
+        odd.partition_epochs.remove(&1);
+        let (kept, moved) = follow_map(&placement, &before, &odd).unwrap();
+        assert!(moved.is_empty());
+        assert_eq!(
+            kept.replicas(PartitionId(1)),
+            placement.replicas(PartitionId(1))
+        );
+        // Another partition count: not followed.
+        let mut other = map_of(3, None);
+        other.partitions = 8;
+        assert_eq!(follow_map(&placement, &before, &other), None);
+    }
 
     fn three(node_id: u64) -> NodeConfig {
         let mut c = NodeConfig {

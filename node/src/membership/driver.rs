@@ -608,50 +608,16 @@ impl Driver {
     /// partition elsewhere at the same epoch (a node configured with
     /// another view of the cluster) is logged and not followed.
     fn follow(&mut self, map: saferchat_placement::ClusterMap) {
-        if !map.is_created() || map.epoch <= self.map.epoch {
+        let Some((placement, moved)) =
+            crate::placement::follow_map(&self.placement, &self.map, &map)
+        else {
             return;
-        }
-        let placement = match map.placement() {
-            Ok(placement) if placement.partitions() == self.placement.partitions() => placement,
-            Ok(_) => {
-                tracing::warn!(
-                    epoch = map.epoch,
-                    "the cluster map has another partition count; not followed"
-                );
-                return;
-            }
-            Err(e) => {
-                tracing::warn!(epoch = map.epoch, error = %e, "the cluster map has no placement; not followed");
-                return;
-            }
         };
-        let mut ours = (*self.placement).clone();
-        let mut moved = Vec::new();
-        for p in placement.partitions().all() {
-            let (before, after) = (self.map.partition_epoch(p.0), map.partition_epoch(p.0));
-            if after == before {
-                if placement.replicas(p) != self.placement.replicas(p) {
-                    tracing::warn!(
-                        partition = p.0,
-                        epoch = after,
-                        "the cluster map places the partition elsewhere at the same epoch; not followed"
-                    );
-                }
-                continue;
-            }
-            let nodes: Vec<saferchat_placement::ClusterNode> = placement
-                .replicas(p)
-                .iter()
-                .filter_map(|n| placement.nodes().iter().find(|c| c.id == *n).cloned())
-                .collect();
-            ours.pin(p, &nodes);
-            moved.push(p.0);
-        }
         self.map = Arc::new(map);
+        self.placement = Arc::new(placement);
         if moved.is_empty() {
             return;
         }
-        self.placement = Arc::new(ours);
         // Rebuilt or dropped replicas forget the lease promises they made:
         // honour them, as after a restart, for one promise period. Every
         // seal this node answers meanwhile reports that window, and rooms

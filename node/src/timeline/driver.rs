@@ -276,9 +276,11 @@ pub struct DriverParts {
     /// Partitions and their replicas.
     pub placement: Arc<Placement>,
     /// The cluster map as read at start, for each partition's epoch
-    /// ([`ClusterMap::partition_epoch`]), which its terms carry: the node
-    /// does not follow partition moves at runtime yet.
+    /// ([`ClusterMap::partition_epoch`]), which its terms carry.
     pub map: Arc<ClusterMap>,
+    /// The cluster map as it changes (`None`: it never does): a partition
+    /// whose epoch moves gets its new replica set from it.
+    pub maps: Option<tokio::sync::watch::Receiver<ClusterMap>>,
     /// The durable log file and what it held at start.
     pub store: Arc<LogStore>,
     /// The states read from it.
@@ -401,7 +403,7 @@ pub fn spawn(parts: DriverParts) -> (Timeline, JoinHandle<Result<(), NodeError>>
         leaders,
         subscribers,
     };
-    let task = tokio::spawn(driver.run(rx, parts.inbound, parts.shutdown));
+    let task = tokio::spawn(driver.run(rx, parts.inbound, parts.maps, parts.shutdown));
     (timeline, task)
 }
 
@@ -459,6 +461,45 @@ impl Driver {
         );
     }
 
+    /// Takes the replica sets and epochs of `map` for every partition whose
+    /// epoch it moved (a grow or a shrink). A loaded partition this node
+    /// still replicates moves its log to the new epoch
+    /// (`LogReplica::reconfigure`: a leader of the old one steps down, and
+    /// its waiting posts are told to retry); one it left keeps its old
+    /// configuration, which answers only the old epoch, where the new
+    /// set's leader fences it. A partition placed elsewhere at the same
+    /// epoch is logged and not followed: a set changes only with its epoch.
+    fn follow(&mut self, map: ClusterMap, touched: &mut Vec<u32>) {
+        let Some((placement, moved)) =
+            crate::placement::follow_map(&self.placement, &self.map, &map)
+        else {
+            return;
+        };
+        self.map = Arc::new(map);
+        self.placement = Arc::new(placement);
+        for partition in moved {
+            let replicas = self.replicas(partition);
+            let epoch = self.map.partition_epoch(partition);
+            tracing::info!(partition, epoch, replicas = ?replicas, "the partition's log has a new replica set");
+            let me = self.me;
+            let Some(part) = self.parts.get_mut(&partition) else {
+                continue;
+            };
+            if !replicas.contains(&me) {
+                continue;
+            }
+            let mut config = LogConfig::new(me, replicas.clone()).in_epoch(epoch);
+            config.batch_max = ACCEPT_VALUES_MAX;
+            if part.replica.reconfigure(config) {
+                part.rank = replicas.iter().position(|n| *n == me).unwrap_or(0) as u64;
+                part.replica_count = replicas.len();
+                part.acks.clear();
+                part.leader = None;
+                touched.push(partition);
+            }
+        }
+    }
+
     /// The partition's state here, loaded empty on first use; `None` when
     /// this node does not replicate it.
     fn part(&mut self, partition: u32) -> Option<&mut Part> {
@@ -476,16 +517,36 @@ impl Driver {
         mut self,
         mut commands: mpsc::Receiver<Command>,
         mut inbound: mpsc::Receiver<LogInbound>,
+        mut maps: Option<tokio::sync::watch::Receiver<ClusterMap>>,
         shutdown: CancellationToken,
     ) -> Result<(), NodeError> {
         let mut tick = tokio::time::interval(Duration::from_millis(TICK_MS));
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut copies = self.copies.1.take().expect("run once");
+        if let Some(maps) = &mut maps {
+            let current = maps.borrow_and_update().clone();
+            let mut touched = Vec::new();
+            self.follow(current, &mut touched);
+            self.settle(touched).await?;
+        }
         loop {
             let mut touched = Vec::new();
+            let map_changed = async {
+                match &mut maps {
+                    Some(maps) => maps.changed().await.is_ok(),
+                    None => std::future::pending().await,
+                }
+            };
             tokio::select! {
                 biased;
                 () = shutdown.cancelled() => break,
+                changed = map_changed => match maps.as_mut() {
+                    Some(watch) if changed => {
+                        let current = watch.borrow_and_update().clone();
+                        self.follow(current, &mut touched);
+                    }
+                    _ => maps = None,
+                },
                 command = commands.recv() => match command {
                     Some(c) => {
                         self.on_command(c, &mut touched);

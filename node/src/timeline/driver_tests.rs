@@ -160,6 +160,15 @@ struct Node {
 }
 
 fn start(dir: &std::path::Path, chat: Arc<Disk>, clock: Arc<StillClock>) -> Node {
+    start_following(dir, chat, clock, None)
+}
+
+fn start_following(
+    dir: &std::path::Path,
+    chat: Arc<Disk>,
+    clock: Arc<StillClock>,
+    maps: Option<tokio::sync::watch::Receiver<saferchat_placement::ClusterMap>>,
+) -> Node {
     let (store, states) = LogStore::open(dir).unwrap();
     let (_inbound_tx, inbound) = tokio::sync::mpsc::channel(8);
     let shutdown = CancellationToken::new();
@@ -167,6 +176,7 @@ fn start(dir: &std::path::Path, chat: Arc<Disk>, clock: Arc<StillClock>) -> Node
         me: NodeId(1),
         placement: placement(),
         map: Arc::default(),
+        maps,
         store: Arc::new(store),
         states,
         chat,
@@ -412,4 +422,78 @@ async fn a_failing_store_holds_posts_back_without_stopping_the_node() {
     assert_eq!(live.recv().await.unwrap().seq, 6, "nothing delivered twice");
     node.shutdown.cancel();
     node.task.await.unwrap().unwrap();
+}
+
+/// The map of this one-node cluster at `epoch`, partition `moved` (if any)
+/// in epoch `epoch` on the same node.
+fn one_node_map(epoch: u64, moved: Option<u32>) -> saferchat_placement::ClusterMap {
+    let mut map = saferchat_placement::ClusterMap {
+        epoch,
+        partitions: PARTITIONS,
+        replicas_per_datacenter: 1,
+        ..saferchat_placement::ClusterMap::default()
+    };
+    map.nodes.insert(
+        1,
+        saferchat_placement::MapNode {
+            datacenter: "dc1".into(),
+            peer_address: String::new(),
+            client_address: String::new(),
+            state: saferchat_placement::NodeState::Active,
+        },
+    );
+    if let Some(p) = moved {
+        map.moving
+            .insert(p, saferchat_placement::Pinned { replicas: vec![1] });
+        map.partition_epochs.insert(p, epoch);
+    }
+    map
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_partition_whose_epoch_moves_runs_its_log_in_the_new_epoch() {
+    let dir = tempfile::tempdir().unwrap();
+    let clock = Arc::new(StillClock::default());
+    let disk = Arc::new(Disk::default());
+    let (publish, maps) = tokio::sync::watch::channel(one_node_map(1, None));
+    let node = start_following(
+        dir.path(),
+        Arc::clone(&disk),
+        Arc::clone(&clock),
+        Some(maps),
+    );
+    let partition = lead(&node.timeline).await;
+    assert_eq!(post(&node.timeline, partition, 0..3).await, vec![1, 2, 3]);
+
+    // The map moves the partition (to the same node, in epoch 2): the
+    // leader of epoch 1 steps down and leads again in epoch 2, and the
+    // log goes on where it was.
+    publish.send(one_node_map(2, Some(partition))).unwrap();
+    let mut seqs = Vec::new();
+    for _ in 0..600 {
+        lead(&node.timeline).await;
+        match node.timeline.append(partition, posts(3..5)).await {
+            Ok(replies) => {
+                let mut answered = Vec::new();
+                for reply in replies {
+                    if let Ok(Ok(placed)) = reply.await {
+                        answered.push(placed.seq);
+                    }
+                }
+                if answered.len() == 2 {
+                    seqs = answered;
+                    break;
+                }
+            }
+            Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
+        }
+    }
+    assert_eq!(seqs, vec![4, 5], "the log goes on in the new epoch");
+    node.shutdown.cancel();
+    node.task.await.unwrap().unwrap();
+    let (_, states) = LogStore::open(dir.path()).unwrap();
+    assert_eq!(
+        states[&partition].promised.epoch, 2,
+        "the partition's log promised a term of epoch 2"
+    );
 }
