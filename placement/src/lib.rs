@@ -29,6 +29,6 @@ pub mod ring;
 pub mod stable_hash;
 
 pub use map::{ClusterMap, MapCommand, MapError, MapNode, NodeState};
-pub use moves::{CREATED_EPOCH, MoveError, Pinned};
+pub use moves::{CREATED_EPOCH, MoveError, MoveStep, Pinned};
 pub use partition::{PartitionCount, PartitionId, room_hash};
 pub use ring::{ClusterNode, Placement, PlacementError};

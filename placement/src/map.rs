@@ -92,6 +92,10 @@ pub struct ClusterMap {
     /// out).
     #[serde(default)]
     pub unestablished: std::collections::BTreeSet<u32>,
+    /// Each moved partition's replica set before its last grow or shrink:
+    /// the set the step's handover seals (`ClusterMap::step_of`).
+    #[serde(default)]
+    pub previous_sets: BTreeMap<u32, Vec<u64>>,
 }
 
 /// A change to the map, as replicated in the map's log.

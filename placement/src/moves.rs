@@ -56,6 +56,20 @@ pub struct Pinned {
     pub replicas: Vec<u64>,
 }
 
+/// A partition's grow or shrink while its epoch is not established.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct MoveStep {
+    /// The partition's epoch after the step.
+    pub epoch: u64,
+    /// Its replicas before the step, sorted.
+    pub before: Vec<u64>,
+    /// Its replicas after it, sorted.
+    pub after: Vec<u64>,
+    /// The node that hands the partition's rooms over: the lowest id in
+    /// both sets.
+    pub mover: u64,
+}
+
 /// Why a move step did not apply.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, thiserror::Error)]
 pub enum MoveError {
@@ -145,6 +159,37 @@ impl ClusterMap {
             }
         }
         Ok(steps)
+    }
+
+    /// The step `partition` is in while its epoch is not established:
+    /// its epoch, its replica set before the step and after it (sorted),
+    /// and the step's mover, the lowest node id in both sets (a grow or a
+    /// shrink moves one slot, so the sets share all but one node). `None`
+    /// for a partition whose epoch is established.
+    ///
+    /// # Errors
+    /// A map without a valid placement.
+    pub fn step_of(&self, partition: u32) -> Result<Option<MoveStep>, crate::PlacementError> {
+        if self.is_established(partition) {
+            return Ok(None);
+        }
+        let Some(before) = self.previous_sets.get(&partition) else {
+            return Ok(None);
+        };
+        let placement = self.placement()?;
+        let mut after = ids(placement.replicas(PartitionId(partition)));
+        after.sort_unstable();
+        let mut before = before.clone();
+        before.sort_unstable();
+        let Some(mover) = before.iter().copied().find(|n| after.contains(n)) else {
+            return Ok(None);
+        };
+        Ok(Some(MoveStep {
+            epoch: self.partition_epoch(partition),
+            before,
+            after,
+            mover,
+        }))
     }
 
     /// The ring's placement on the active nodes: where every partition
@@ -273,6 +318,8 @@ impl ClusterMap {
         }
         self.unestablished.insert(partition);
         self.partition_epochs.insert(partition, epoch);
+        self.previous_sets
+            .insert(partition, pinned.replicas.clone());
         if sorted(&next.replicas) == sorted(&want) {
             self.moving.remove(&partition);
         } else {
@@ -369,12 +416,37 @@ mod tests {
                 return grows;
             }
             for step in steps {
-                map.apply(&step).unwrap();
                 let (MapCommand::Grow { partition, .. } | MapCommand::Shrink { partition, .. }) =
                     step
                 else {
                     panic!("the plan grows and shrinks: {step:?}");
                 };
+                let mut set_before = ids(map.placement().unwrap().replicas(PartitionId(partition)));
+                set_before.sort_unstable();
+                assert_eq!(
+                    map.step_of(partition).unwrap(),
+                    None,
+                    "established before the step"
+                );
+                map.apply(&step).unwrap();
+                // The step names both sets and a mover in both, and they
+                // differ by the one node the step added or dropped.
+                let moving = map.step_of(partition).unwrap().expect("a step under way");
+                let mut set_after = ids(map.placement().unwrap().replicas(PartitionId(partition)));
+                set_after.sort_unstable();
+                assert_eq!((&moving.before, &moving.after), (&set_before, &set_after));
+                assert_eq!(moving.epoch, map.partition_epoch(partition));
+                assert!(
+                    moving.before.contains(&moving.mover) && moving.after.contains(&moving.mover)
+                );
+                assert!(
+                    moving
+                        .before
+                        .iter()
+                        .all(|n| *n >= moving.mover || !moving.after.contains(n))
+                );
+                let (old, new) = (sorted(&moving.before), sorted(&moving.after));
+                assert_eq!(old.symmetric_difference(&new).count(), 1, "{moving:?}");
                 if matches!(step, MapCommand::Grow { .. }) {
                     grows += 1;
                 }
@@ -389,6 +461,7 @@ mod tests {
                 );
                 map.apply(&MapCommand::Establish { partition, epoch })
                     .unwrap();
+                assert_eq!(map.step_of(partition).unwrap(), None, "established");
                 let placement = map.placement().unwrap();
                 let target = map.target().unwrap();
                 for p in placement.partitions().all() {
