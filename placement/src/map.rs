@@ -96,6 +96,10 @@ pub struct ClusterMap {
     /// the set the step's handover seals (`ClusterMap::step_of`).
     #[serde(default)]
     pub previous_sets: BTreeMap<u32, Vec<u64>>,
+    /// Unestablished partitions whose rooms were handed over to their
+    /// current set (`MapCommand::HandedOver`).
+    #[serde(default)]
+    pub handed_over: std::collections::BTreeSet<u32>,
 }
 
 /// A change to the map, as replicated in the map's log.
@@ -148,6 +152,15 @@ pub enum MapCommand {
         /// The partition.
         partition: u32,
         /// The partition's epoch the leader was elected in.
+        epoch: u64,
+    },
+    /// The mover of a partition's step handed its rooms' acceptors over to
+    /// the step's set (`saferchat_consensus::handover`): a majority of it
+    /// holds every room's value. `Establish` waits for it too.
+    HandedOver {
+        /// The partition.
+        partition: u32,
+        /// The partition's epoch the mover handed over to.
         epoch: u64,
     },
     /// A moving partition whose epoch is established loses a node its
@@ -310,7 +323,10 @@ impl ClusterMap {
                     }
                 })?;
             }
-            MapCommand::Grow { .. } | MapCommand::Establish { .. } | MapCommand::Shrink { .. } => {
+            MapCommand::Grow { .. }
+            | MapCommand::Establish { .. }
+            | MapCommand::HandedOver { .. }
+            | MapCommand::Shrink { .. } => {
                 if !self.is_created() {
                     return Err(MapError::NotCreated);
                 }

@@ -13,14 +13,17 @@
 //!
 //! 1. [`MapCommand::Grow`]: the set gains a node of the target (a quorum of
 //!    the grown set meets every quorum of the set before);
-//! 2. [`MapCommand::Establish`]: a leader of the partition's log elected in
-//!    the grown set's epoch says it committed, in that epoch, everything
-//!    it recovered (so the set before is fenced and all it chose is on a
-//!    quorum of the grown set);
+//! 2. [`MapCommand::HandedOver`]: the step's mover handed the rooms'
+//!    acceptors over to the grown set (`saferchat_consensus::handover`),
+//!    then [`MapCommand::Establish`]: a leader of the partition's log
+//!    elected in the grown set's epoch says it committed, in that epoch,
+//!    everything it recovered (so the set before is fenced and all it
+//!    chose is on a quorum of the grown set);
 //! 3. [`MapCommand::Shrink`]: only then the set loses a node the target does
 //!    not have (a quorum of the shrunk set meets every quorum of the grown
 //!    set, though not necessarily one of the set before the grow);
-//! 4. [`MapCommand::Establish`] again, in the shrunk set's epoch.
+//! 4. [`MapCommand::HandedOver`] and [`MapCommand::Establish`] again, in
+//!    the shrunk set's epoch.
 //!
 //! Grow and shrink each give the partition a new epoch, and each waits
 //! until the epoch it leaves was established: two sets a step apart always
@@ -253,6 +256,7 @@ impl ClusterMap {
                 partition, epoch, ..
             }
             | MapCommand::Establish { partition, epoch }
+            | MapCommand::HandedOver { partition, epoch }
             | MapCommand::Shrink {
                 partition, epoch, ..
             } => (*partition, *epoch),
@@ -272,11 +276,27 @@ impl ClusterMap {
         }
         let refused =
             |reason: String| -> MapError { MoveError::Refused { partition, reason }.into() };
+        if let MapCommand::HandedOver { .. } = command {
+            if self.is_established(partition) || self.handed_over.contains(&partition) {
+                return Err(refused(format!(
+                    "the rooms of epoch {current} were handed over already"
+                )));
+            }
+            self.handed_over.insert(partition);
+            self.epoch += 1;
+            return Ok(());
+        }
         if let MapCommand::Establish { .. } = command {
             if self.is_established(partition) {
                 return Err(refused(format!("epoch {current} is established already")));
             }
+            if !self.handed_over.contains(&partition) {
+                return Err(refused(format!(
+                    "the rooms of epoch {current} are not handed over to its set yet"
+                )));
+            }
             self.unestablished.remove(&partition);
+            self.handed_over.remove(&partition);
             self.epoch += 1;
             return Ok(());
         }
@@ -459,9 +479,26 @@ mod tests {
                         .all(|s| !matches!(s, MapCommand::Grow { partition: p, .. } | MapCommand::Shrink { partition: p, .. } if *p == partition)),
                     "no step before the epoch is established"
                 );
+                assert!(
+                    map.apply(&MapCommand::Establish { partition, epoch })
+                        .is_err(),
+                    "no Establish before the rooms are handed over"
+                );
+                map.apply(&MapCommand::HandedOver { partition, epoch })
+                    .unwrap();
+                assert!(
+                    map.apply(&MapCommand::HandedOver { partition, epoch })
+                        .is_err(),
+                    "handed over once"
+                );
                 map.apply(&MapCommand::Establish { partition, epoch })
                     .unwrap();
                 assert_eq!(map.step_of(partition).unwrap(), None, "established");
+                assert!(
+                    map.apply(&MapCommand::HandedOver { partition, epoch })
+                        .is_err(),
+                    "nothing to hand over once established"
+                );
                 let placement = map.placement().unwrap();
                 let target = map.target().unwrap();
                 for p in placement.partitions().all() {
@@ -495,8 +532,9 @@ mod tests {
         assert_eq!(map.placement().unwrap().slots_moved(&target), 0);
         assert_eq!(moved, target.slots_moved(&before));
         assert_eq!(moved, pinned, "one slot per moving partition");
-        // Grow, establish, shrink, establish per slot.
-        assert_eq!(map.epoch - epochs_before, 4 * moved as u64);
+        // Grow, hand over, establish, shrink, hand over, establish per
+        // slot.
+        assert_eq!(map.epoch - epochs_before, 6 * moved as u64);
         let share = moved as f64 / before.slots() as f64;
         println!(
             "3 -> 4 nodes: {moved} of {} slots moved ({:.1} %, ideal 25 %)",
@@ -605,6 +643,25 @@ mod tests {
             },
         );
         assert!(e.to_string().contains("not established"), "{e}");
+        // Not handed over: no Establish; a hand-over of another epoch is
+        // stale.
+        let e = refused(
+            &mut map,
+            MapCommand::Establish {
+                partition,
+                epoch: grown,
+            },
+        );
+        assert!(e.to_string().contains("not handed over"), "{e}");
+        assert!(matches!(
+            refused(&mut map, MapCommand::HandedOver { partition, epoch }),
+            MapError::Move(MoveError::StaleEpoch { .. })
+        ));
+        map.apply(&MapCommand::HandedOver {
+            partition,
+            epoch: grown,
+        })
+        .unwrap();
         map.apply(&MapCommand::Establish {
             partition,
             epoch: grown,
@@ -635,6 +692,11 @@ mod tests {
         let done = map.partition_epoch(partition);
         assert!(done > grown);
         assert!(!map.is_established(partition));
+        map.apply(&MapCommand::HandedOver {
+            partition,
+            epoch: done,
+        })
+        .unwrap();
         map.apply(&MapCommand::Establish {
             partition,
             epoch: done,
