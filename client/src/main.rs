@@ -261,6 +261,13 @@ fn show_cluster_status(s: &saferchat_proto::admin::ClusterStatusReply) -> String
         "map group: leader {leader}, term {}, node {} is {}, applied index {}",
         s.map_term, s.node, s.role, s.applied_index
     );
+    if s.moving_partitions > 0 || s.unestablished_partitions > 0 {
+        let _ = writeln!(
+            out,
+            "moving: {} partitions still to move, {} with a step not established yet",
+            s.moving_partitions, s.unestablished_partitions
+        );
+    }
     for n in &s.nodes {
         let address = if n.peer_address.is_empty() {
             "(not recorded)"

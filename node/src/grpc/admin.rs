@@ -225,6 +225,9 @@ impl Admin for AdminService {
             map_leader: status.leader.unwrap_or(0),
             map_term: status.term,
             role: status.role.to_owned(),
+            moving_partitions: u32::try_from(status.map.moving.len()).unwrap_or(u32::MAX),
+            unestablished_partitions: u32::try_from(status.map.unestablished.len())
+                .unwrap_or(u32::MAX),
             applied_index: status.applied_index.unwrap_or(0),
         }))
     }

@@ -625,6 +625,15 @@ impl Driver {
             Command::Applied { partition, reply } => {
                 let _ = reply.send(self.part(partition).map(|p| p.applied));
             }
+            Command::Established { partition, reply } => {
+                let epoch = self.parts.get(&partition).and_then(|p| {
+                    p.replica
+                        .established()
+                        .filter(|term| term.epoch == p.replica.config().epoch)
+                        .map(|term| term.epoch)
+                });
+                let _ = reply.send(epoch);
+            }
             Command::Append {
                 partition,
                 mut posts,

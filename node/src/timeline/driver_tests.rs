@@ -464,6 +464,16 @@ async fn a_partition_whose_epoch_moves_runs_its_log_in_the_new_epoch() {
     );
     let partition = lead(&node.timeline).await;
     assert_eq!(post(&node.timeline, partition, 0..3).await, vec![1, 2, 3]);
+    assert_eq!(
+        node.timeline.established(partition).await.unwrap(),
+        Some(1),
+        "the leader committed what it recovered, in epoch 1"
+    );
+    assert_eq!(
+        node.timeline.established(partition + 1).await.unwrap(),
+        None,
+        "a partition it does not lead"
+    );
 
     // The map moves the partition (to the same node, in epoch 2): the
     // leader of epoch 1 steps down and leads again in epoch 2, and the
@@ -489,6 +499,16 @@ async fn a_partition_whose_epoch_moves_runs_its_log_in_the_new_epoch() {
         }
     }
     assert_eq!(seqs, vec![4, 5], "the log goes on in the new epoch");
+    let mut established = None;
+    for _ in 0..600 {
+        established = node.timeline.established(partition).await.unwrap();
+        if established == Some(2) {
+            break;
+        }
+        node.timeline.touch(partition);
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(established, Some(2), "established in the new epoch");
     node.shutdown.cancel();
     node.task.await.unwrap().unwrap();
     let (_, states) = LogStore::open(dir.path()).unwrap();

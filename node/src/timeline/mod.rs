@@ -145,6 +145,12 @@ pub(crate) enum Command {
         partition: u32,
         reply: oneshot::Sender<Option<saferchat_consensus::partition_log::Slot>>,
     },
+    /// The epoch this node leads the partition's log in, if it
+    /// established it (`LogReplica::established`).
+    Established {
+        partition: u32,
+        reply: oneshot::Sender<Option<u64>>,
+    },
 }
 
 type Subscribers = Arc<Mutex<HashMap<RoomId, Vec<mpsc::UnboundedSender<Arc<AppliedPost>>>>>>;
@@ -215,6 +221,22 @@ impl Timeline {
         let (reply, answer) = oneshot::channel();
         self.tx
             .send(Command::Applied { partition, reply })
+            .await
+            .map_err(|_| stopped())?;
+        answer.await.map_err(|_| stopped())
+    }
+
+    /// The epoch in which this node leads `partition`'s log and has
+    /// established it: it committed, in that epoch, everything it
+    /// recovered (what the cluster map's `Establish` stands for). `None`
+    /// when it does not lead, or not yet.
+    ///
+    /// # Errors
+    /// `Unavailable` when the driver has stopped.
+    pub async fn established(&self, partition: u32) -> Result<Option<u64>, NodeError> {
+        let (reply, answer) = oneshot::channel();
+        self.tx
+            .send(Command::Established { partition, reply })
             .await
             .map_err(|_| stopped())?;
         answer.await.map_err(|_| stopped())
