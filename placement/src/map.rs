@@ -100,6 +100,11 @@ pub struct ClusterMap {
     /// current set (`MapCommand::HandedOver`).
     #[serde(default)]
     pub handed_over: std::collections::BTreeSet<u32>,
+    /// The nodes the cluster was created with, and their datacenters: what
+    /// a node's static configuration must still describe once nodes have
+    /// joined, drained and left (empty in maps from before it was kept).
+    #[serde(default)]
+    pub created_with: BTreeMap<u64, String>,
 }
 
 /// A change to the map, as replicated in the map's log.
@@ -236,6 +241,10 @@ impl ClusterMap {
                     partitions: *partitions,
                     replicas_per_datacenter: *replicas_per_datacenter,
                     nodes: nodes.clone(),
+                    created_with: nodes
+                        .iter()
+                        .map(|(id, n)| (*id, n.datacenter.clone()))
+                        .collect(),
                     ..ClusterMap::default()
                 };
                 candidate

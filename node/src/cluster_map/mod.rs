@@ -361,18 +361,27 @@ fn agrees(map: &ClusterMap, configured: &MapCommand) -> bool {
     else {
         return false;
     };
-    // Nodes that joined through the map are in no configuration.
-    let active: Vec<(u64, String)> = map
-        .active()
-        .map(|(id, m)| (id, m.datacenter.clone()))
-        .collect();
     let configured: Vec<(u64, String)> = nodes
         .iter()
         .map(|(id, m)| (*id, m.datacenter.clone()))
         .collect();
+    // The configuration describes the cluster as it was created; nodes
+    // that joined, drained or left since are in no configuration. (A map
+    // from before the creation was recorded: its active nodes, which no
+    // move changed then.)
+    let created: Vec<(u64, String)> = if map.created_with.is_empty() {
+        map.active()
+            .map(|(id, m)| (id, m.datacenter.clone()))
+            .collect()
+    } else {
+        map.created_with
+            .iter()
+            .map(|(id, dc)| (*id, dc.clone()))
+            .collect()
+    };
     map.partitions == *partitions
         && map.replicas_per_datacenter == *replicas_per_datacenter
-        && active == configured
+        && created == configured
 }
 
 fn describe(partitions: u32, replicas: usize, nodes: &BTreeMap<u64, MapNode>) -> String {
@@ -676,6 +685,20 @@ mod tests {
         })
         .unwrap();
         assert!(agrees(&map, &shape));
+        // Nor does the map that made it active and drained node 3.
+        map.apply(&MapCommand::Rebalance).unwrap();
+        map.apply(&MapCommand::Drain { id: 3 }).unwrap();
+        assert!(
+            agrees(&map, &shape),
+            "moves do not change the configuration"
+        );
+        assert!(!agrees(&map, &other));
+        // A map kept before its creation was recorded: its active nodes.
+        let mut old = ClusterMap::default();
+        old.apply(&shape).unwrap();
+        old.created_with.clear();
+        assert!(agrees(&old, &shape));
+        assert!(!agrees(&old, &other));
     }
 
     #[tokio::test]
