@@ -355,12 +355,10 @@ pub async fn run(
     let cluster = known_peers(&config);
     let peers: Arc<dyn PeerSender> = match &tls {
         None => Arc::new(NoPeers),
-        Some(tls) => Arc::new(grpc::peer::GrpcPeers::start(
-            NodeId(config.node_id),
-            tls,
-            &cluster,
-            &shutdown,
-        )),
+        Some(tls) => Arc::new(
+            grpc::peer::GrpcPeers::start(NodeId(config.node_id), tls, &cluster, &shutdown)
+                .with_map(maps.clone()),
+        ),
     };
     let map_at_start = Arc::new(maps.current());
     let (membership, driver_task) = driver::spawn(DriverParts {

@@ -501,7 +501,13 @@ impl Peer for PeerService {
 /// Sends to peers over their `Exchange` service.
 #[derive(Debug)]
 pub struct GrpcPeers {
-    queues: HashMap<NodeId, mpsc::Sender<Outgoing>>,
+    me: NodeId,
+    tls: PeerTls,
+    shutdown: CancellationToken,
+    queues: std::sync::Mutex<HashMap<NodeId, mpsc::Sender<Outgoing>>>,
+    /// Where nodes that joined after the start are found: a link to one
+    /// opens on the first message for it.
+    maps: Option<crate::cluster_map::ClusterMaps>,
 }
 
 /// One message queued for a peer.
@@ -530,51 +536,85 @@ impl GrpcPeers {
         peers: &[KnownPeer],
         shutdown: &CancellationToken,
     ) -> GrpcPeers {
-        let mut queues = HashMap::new();
+        let peers_out = GrpcPeers {
+            me,
+            tls: tls.clone(),
+            shutdown: shutdown.clone(),
+            queues: std::sync::Mutex::new(HashMap::new()),
+            maps: None,
+        };
         for peer in peers {
-            let (tx, rx) = mpsc::channel(PEER_QUEUE_MAX);
-            let link = Link {
-                me,
-                peer: peer.id,
-                addr: peer.address,
-                tls: tls.client_for(peer.id, &peer.datacenter),
-            };
-            tokio::spawn(sender(link, rx, shutdown.clone()));
-            queues.insert(peer.id, tx);
+            peers_out.open(peer);
         }
-        GrpcPeers { queues }
+        peers_out
+    }
+
+    /// The same, opening links on demand to nodes the cluster map names.
+    #[must_use]
+    pub fn with_map(mut self, maps: crate::cluster_map::ClusterMaps) -> GrpcPeers {
+        self.maps = Some(maps);
+        self
+    }
+
+    /// Starts the sender task of a link to `peer`.
+    fn open(&self, peer: &KnownPeer) -> mpsc::Sender<Outgoing> {
+        let (tx, rx) = mpsc::channel(PEER_QUEUE_MAX);
+        let link = Link {
+            me: self.me,
+            peer: peer.id,
+            addr: peer.address,
+            tls: self.tls.client_for(peer.id, &peer.datacenter),
+        };
+        tokio::spawn(sender(link, rx, self.shutdown.clone()));
+        self.queues
+            .lock()
+            .expect("peer queues lock")
+            .insert(peer.id, tx.clone());
+        tx
+    }
+
+    /// The queue of the link to `to`; a node the map names but no link
+    /// was opened to yet (it joined after this node started) gets one.
+    fn queue(&self, to: NodeId) -> Option<mpsc::Sender<Outgoing>> {
+        if let Some(queue) = self.queues.lock().expect("peer queues lock").get(&to) {
+            return Some(queue.clone());
+        }
+        let map = self.maps.as_ref()?.current();
+        let node = map.nodes.get(&to.0)?;
+        let Ok(address) = node.peer_address.parse() else {
+            tracing::warn!(%to, address = %node.peer_address, "the cluster map has no usable peer address for this node");
+            return None;
+        };
+        tracing::info!(%to, %address, "opening a peer link to a node of the cluster map");
+        Some(self.open(&KnownPeer {
+            id: to,
+            datacenter: node.datacenter.clone(),
+            address,
+        }))
+    }
+
+    fn enqueue(&self, to: NodeId, message: Outgoing) {
+        let Some(queue) = self.queue(to) else {
+            tracing::warn!(%to, "no such peer");
+            return;
+        };
+        if queue.try_send(message).is_err() {
+            metrics::counter!("saferchat_peer_messages_dropped_total").increment(1);
+        }
     }
 }
 
 impl PeerSender for GrpcPeers {
     fn send(&self, to: NodeId, message: pb::RoomMessage) {
-        let Some(queue) = self.queues.get(&to) else {
-            tracing::warn!(%to, "no such peer");
-            return;
-        };
-        if queue.try_send(Outgoing::Room(message)).is_err() {
-            metrics::counter!("saferchat_peer_messages_dropped_total").increment(1);
-        }
+        self.enqueue(to, Outgoing::Room(message));
     }
 
     fn send_log(&self, to: NodeId, message: pb::PartitionMessage) {
-        let Some(queue) = self.queues.get(&to) else {
-            tracing::warn!(%to, "no such peer");
-            return;
-        };
-        if queue.try_send(Outgoing::Log(message)).is_err() {
-            metrics::counter!("saferchat_peer_messages_dropped_total").increment(1);
-        }
+        self.enqueue(to, Outgoing::Log(message));
     }
 
     fn send_handover(&self, to: NodeId, message: pb::HandoverMessage) {
-        let Some(queue) = self.queues.get(&to) else {
-            tracing::warn!(%to, "no such peer");
-            return;
-        };
-        if queue.try_send(Outgoing::Handover(message)).is_err() {
-            metrics::counter!("saferchat_peer_messages_dropped_total").increment(1);
-        }
+        self.enqueue(to, Outgoing::Handover(message));
     }
 }
 
