@@ -117,6 +117,24 @@ impl Admin {
         Ok(self.client.remove_node(request).await?.into_inner())
     }
 
+    /// Makes every joining node active; partitions then move to them.
+    ///
+    /// # Errors
+    /// FAILED_PRECONDITION when the cluster map is not created, …
+    pub async fn rebalance(&mut self) -> Result<pb::MapChangeReply, ClientError> {
+        let request = self.request(pb::RebalanceRequest {});
+        Ok(self.client.rebalance(request).await?.into_inner())
+    }
+
+    /// Makes an active node draining; its partitions then move off it.
+    ///
+    /// # Errors
+    /// FAILED_PRECONDITION for a node that is not active, …
+    pub async fn drain(&mut self, id: u64) -> Result<pb::MapChangeReply, ClientError> {
+        let request = self.request(pb::DrainRequest { id });
+        Ok(self.client.drain(request).await?.into_inner())
+    }
+
     /// The membership, revision and lease holders of a room.
     ///
     /// # Errors

@@ -190,6 +190,16 @@ enum ClusterCommand {
         /// Its node id.
         id: u64,
     },
+    /// Make every joining node active: partitions move to them one replica
+    /// slot at a time while clients chat (`status` shows how many still
+    /// move).
+    Rebalance,
+    /// Move every replica slot off an active node, after which
+    /// `remove-node` removes it.
+    Drain {
+        /// Its node id.
+        id: u64,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -731,6 +741,20 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 ClusterCommand::RemoveNode { id } => {
                     let r = admin.remove_node(*id).await?;
                     println!("removed node {id} (cluster map epoch {})", r.epoch);
+                }
+                ClusterCommand::Rebalance => {
+                    let r = admin.rebalance().await?;
+                    println!(
+                        "rebalancing (cluster map epoch {}): partitions move to the joined nodes; `saferchat cluster status` shows how many still move",
+                        r.epoch
+                    );
+                }
+                ClusterCommand::Drain { id } => {
+                    let r = admin.drain(*id).await?;
+                    println!(
+                        "draining node {id} (cluster map epoch {}): remove it with `saferchat cluster remove-node {id}` once it holds no partition",
+                        r.epoch
+                    );
                 }
             }
         }

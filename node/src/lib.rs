@@ -10,6 +10,7 @@
 //! - [`membership`]: the driver that runs the consensus core of every room
 //!   and publishes lease-protected views of membership.
 //! - [`storage`]: the storage contract, its stores and conformance suite.
+//! - [`mover`]: carries out the partition moves the cluster map plans.
 //! - [`auth`], [`config`], [`clock`], [`convert`], [`message_id`],
 //!   [`known_rooms`], [`context`], [`error`]: the supporting cast.
 //!
@@ -31,6 +32,7 @@ pub mod known_rooms;
 pub mod listener_tls;
 pub mod membership;
 pub mod message_id;
+pub mod mover;
 pub mod peer_tls;
 pub mod placement;
 pub mod post_rate;
@@ -376,12 +378,15 @@ pub async fn run(
     });
     // Rooms whose partition this node does not replicate: ask a replica.
     let membership = match &tls {
-        Some(tls) => membership.with_remote(membership::remote::Remote::new(
-            NodeId(config.node_id),
-            Arc::clone(&placement),
-            tls,
-            &cluster,
-        )?),
+        Some(tls) => membership.with_remote(
+            membership::remote::Remote::new(
+                NodeId(config.node_id),
+                Arc::clone(&placement),
+                tls,
+                &cluster,
+            )?
+            .with_map(maps.watch()),
+        ),
         None => membership,
     };
     // A cluster replicates timelines through partition logs; a single
@@ -413,7 +418,9 @@ pub async fn run(
         (Some(timeline), Some(task))
     };
     let copy_timeline = timeline.clone();
-    let routing = placement::Routing::new(&config, Arc::clone(&placement), timeline.clone());
+    let mover_timeline = timeline.clone();
+    let routing = placement::Routing::new(&config, Arc::clone(&placement), timeline.clone())
+        .with_map(maps.watch());
     let rooms = Rooms::new(RoomDeps {
         store: Arc::clone(&chat),
         membership: membership.clone(),
@@ -516,6 +523,16 @@ pub async fn run(
         listeners.client,
         shutdown.clone(),
     ));
+    // Partition moves: only a cluster has partition logs to move.
+    if let Some(timeline) = mover_timeline {
+        tokio::spawn(mover::run(mover::MoverParts {
+            me: config.node_id,
+            maps: maps.clone(),
+            membership: ctx.membership.local(),
+            timeline,
+            shutdown: shutdown.clone(),
+        }));
+    }
     peer_service.serve(grpc::peer::Serving {
         membership: ctx.membership.local(),
         log: (log_tx, placement.partitions().get()),

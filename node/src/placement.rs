@@ -288,6 +288,53 @@ pub fn follow_map(
     Some((ours, moved))
 }
 
+/// A placement that follows the cluster map's partition moves (see
+/// [`follow_map`]), read on each use: for the parts of the node that
+/// route and forward rather than run a driver.
+#[derive(Debug)]
+pub struct FollowedPlacement {
+    cached: std::sync::RwLock<(Arc<saferchat_placement::ClusterMap>, Arc<Placement>)>,
+    maps: Option<tokio::sync::watch::Receiver<saferchat_placement::ClusterMap>>,
+}
+
+impl FollowedPlacement {
+    /// `placement`, following `maps` when given.
+    pub fn new(
+        placement: Arc<Placement>,
+        maps: Option<tokio::sync::watch::Receiver<saferchat_placement::ClusterMap>>,
+    ) -> FollowedPlacement {
+        FollowedPlacement {
+            cached: std::sync::RwLock::new((Arc::default(), placement)),
+            maps,
+        }
+    }
+
+    /// The placement now.
+    pub fn current(&self) -> Arc<Placement> {
+        if let Some(maps) = &self.maps {
+            let latest = maps.borrow();
+            let stale = self.cached.read().expect("placement lock").0.epoch < latest.epoch;
+            if stale {
+                let map = latest.clone();
+                drop(latest);
+                let mut cached = self.cached.write().expect("placement lock");
+                if cached.0.epoch < map.epoch {
+                    if let Some((placement, _)) = follow_map(&cached.1, &cached.0, &map) {
+                        cached.1 = Arc::new(placement);
+                    }
+                    cached.0 = Arc::new(map);
+                }
+            }
+        }
+        Arc::clone(&self.cached.read().expect("placement lock").1)
+    }
+
+    /// A node's entry in the cluster map, when it follows one.
+    pub fn map_node(&self, id: NodeId) -> Option<saferchat_placement::MapNode> {
+        self.maps.as_ref()?.borrow().nodes.get(&id.0).cloned()
+    }
+}
+
 /// How long a client's call waits for its room's partition to elect a
 /// leader before it is told to retry.
 pub const ROUTE_WAIT_MS: u64 = 8_000;
@@ -296,8 +343,10 @@ pub const ROUTE_WAIT_MS: u64 = 8_000;
 #[derive(Debug)]
 pub struct Routing {
     me: NodeId,
-    placement: Arc<Placement>,
-    /// Client address of every other node.
+    /// The placement, following the cluster map's moves (the client
+    /// addresses of nodes that joined come from the map too).
+    placement: FollowedPlacement,
+    /// Client address of every other node, as configured.
     clients: Vec<(NodeId, std::net::SocketAddr)>,
     /// The partition logs' leaders (none on a single node).
     timeline: Option<Timeline>,
@@ -334,7 +383,7 @@ impl Routing {
     ) -> Routing {
         Routing {
             me: NodeId(config.node_id),
-            placement,
+            placement: FollowedPlacement::new(placement, None),
             clients: config
                 .peers
                 .iter()
@@ -344,20 +393,31 @@ impl Routing {
         }
     }
 
-    /// The placement.
-    pub fn placement(&self) -> &Placement {
-        &self.placement
+    /// The same, following the cluster map's partition moves and learning
+    /// the client addresses of nodes that joined from it.
+    #[must_use]
+    pub fn with_map(
+        mut self,
+        maps: tokio::sync::watch::Receiver<saferchat_placement::ClusterMap>,
+    ) -> Routing {
+        self.placement = FollowedPlacement::new(self.placement.current(), Some(maps));
+        self
+    }
+
+    /// The placement now.
+    pub fn placement(&self) -> Arc<Placement> {
+        self.placement.current()
     }
 
     /// The partition a room belongs to.
     pub fn partition(&self, room: &RoomId) -> PartitionId {
-        self.placement.partitions().of_room(room.as_str())
+        self.placement().partitions().of_room(room.as_str())
     }
 
     /// The node that serves a room's messages while nothing is wrong: its
     /// partition's preferred owner, which every node computes alike.
     pub fn preferred_owner(&self, room: &RoomId) -> NodeId {
-        self.placement.preferred_owner(self.partition(room))
+        self.placement().preferred_owner(self.partition(room))
     }
 
     /// `Ok` if this node serves the room's messages now (a single node, or
@@ -374,9 +434,10 @@ impl Routing {
         let Some(timeline) = &self.timeline else {
             return Ok(());
         };
-        let partition = self.partition(room);
-        if !self.placement.replicas(partition).contains(&self.me) {
-            return Err(self.redirect(room, self.placement.preferred_owner(partition)));
+        let placement = self.placement();
+        let partition = placement.partitions().of_room(room.as_str());
+        if !placement.replicas(partition).contains(&self.me) {
+            return Err(self.redirect(room, placement.preferred_owner(partition)));
         }
         let mut changed = timeline.leaders().watch();
         let deadline = tokio::time::Instant::now() + Duration::from_millis(ROUTE_WAIT_MS);
@@ -392,7 +453,7 @@ impl Routing {
                         return Err(Status::unavailable(format!(
                             "room {:?}: its partition has no leader yet (fewer than a quorum of its replicas {:?} may be up); retry shortly",
                             room.as_str(),
-                            self.placement.replicas(partition)
+                            placement.replicas(partition)
                         )));
                     }
                 }
@@ -401,11 +462,13 @@ impl Routing {
     }
 
     fn redirect(&self, room: &RoomId, to: NodeId) -> Status {
+        let from_map = || self.placement.map_node(to)?.client_address.parse().ok();
         let Some(address) = self
             .clients
             .iter()
             .find(|(id, _)| *id == to)
             .map(|(_, a)| *a)
+            .or_else(from_map)
         else {
             return Status::unavailable(format!(
                 "room {:?} is served by node {to}, whose address this node does not know",

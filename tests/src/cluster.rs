@@ -322,6 +322,36 @@ impl Cluster {
             .expect("admin connect")
     }
 
+    /// Asks node `i` for its cluster map status until `done` holds, for
+    /// up to `secs` seconds.
+    ///
+    /// # Panics
+    /// When it never does, with the last answer.
+    pub async fn status_until(
+        &self,
+        i: usize,
+        secs: u64,
+        what: &str,
+        done: impl Fn(&saferchat_proto::admin::ClusterStatusReply) -> bool,
+    ) -> saferchat_proto::admin::ClusterStatusReply {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(secs);
+        let mut last = None;
+        loop {
+            if let Ok(reply) = self.admin(i).await.cluster_status().await {
+                if done(&reply) {
+                    return reply;
+                }
+                last = Some(reply);
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "node {} never reached: {what}; last answer {last:?}",
+                i + 1
+            );
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        }
+    }
+
     /// The loopback ports of the proxies node `i` dials to reach its
     /// peers: every byte it sends to another node goes to one of them.
     pub fn outgoing_peer_ports(&self, i: usize) -> Vec<u16> {

@@ -3,37 +3,12 @@
 //! node back when it returns, and its messages cannot be sent in another
 //! node's name.
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use saferchat_proto::admin::ClusterStatusReply;
 use saferchat_proto::peer::{self as pb, peer_client::PeerClient};
 use saferchat_tests::cluster::{Cluster, Options};
 use tonic::transport::{Certificate, ClientTlsConfig, Endpoint, Identity};
-
-/// Asks node `i` for its map status until `done` holds (bounded).
-async fn status_until(
-    cluster: &Cluster,
-    i: usize,
-    what: &str,
-    done: impl Fn(&ClusterStatusReply) -> bool,
-) -> ClusterStatusReply {
-    let deadline = Instant::now() + Duration::from_secs(60);
-    let mut last = None;
-    loop {
-        if let Ok(reply) = cluster.admin(i).await.cluster_status().await {
-            if done(&reply) {
-                return reply;
-            }
-            last = Some(reply);
-        }
-        assert!(
-            Instant::now() < deadline,
-            "node {} never reached: {what}; last answer {last:?}",
-            i + 1
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}
 
 fn node_ids(s: &ClusterStatusReply) -> Vec<u64> {
     s.nodes.iter().map(|n| n.id).collect()
@@ -42,39 +17,41 @@ fn node_ids(s: &ClusterStatusReply) -> Vec<u64> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_node_applies_one_map_and_the_group_outlives_its_leader() {
     let mut cluster = Cluster::start(Options::single_dc(3)).await;
-    let first = status_until(&cluster, 0, "a created map with a leader", |s| {
-        s.epoch == 1 && s.map_leader != 0
-    })
-    .await;
+    let first = cluster
+        .status_until(0, 60, "a created map with a leader", |s| {
+            s.epoch == 1 && s.map_leader != 0
+        })
+        .await;
     assert_eq!(first.partitions, 256);
     assert_eq!(first.replicas_per_datacenter, 3);
     assert_eq!(node_ids(&first), vec![1, 2, 3]);
     assert!(first.nodes.iter().all(|n| n.map_role == "voter"));
     for i in 1..3 {
-        let s = status_until(&cluster, i, "the same map", |s| {
-            s.epoch == 1 && s.map_leader != 0
-        })
-        .await;
+        let s = cluster
+            .status_until(i, 60, "the same map", |s| s.epoch == 1 && s.map_leader != 0)
+            .await;
         assert_eq!(node_ids(&s), node_ids(&first));
         assert_eq!(s.partitions, first.partitions);
     }
 
     // Kill the map's leader: the two others elect one of themselves and
     // keep the same map.
-    let leader = status_until(&cluster, 0, "agreement on the leader", |s| {
-        s.map_leader != 0 && s.role != "candidate"
-    })
-    .await
-    .map_leader;
+    let leader = cluster
+        .status_until(0, 60, "agreement on the leader", |s| {
+            s.map_leader != 0 && s.role != "candidate"
+        })
+        .await
+        .map_leader;
     let old = usize::try_from(leader - 1).unwrap();
     cluster.kill(old);
     let survivors: Vec<usize> = (0..3).filter(|i| *i != old).collect();
     let mut new_leader = 0;
     for &i in &survivors {
-        let s = status_until(&cluster, i, "a new map leader", |s| {
-            s.map_leader != 0 && s.map_leader != leader && s.map_term > first.map_term
-        })
-        .await;
+        let s = cluster
+            .status_until(i, 60, "a new map leader", |s| {
+                s.map_leader != 0 && s.map_leader != leader && s.map_term > first.map_term
+            })
+            .await;
         assert_eq!(s.epoch, 1, "the map outlives its leader");
         if new_leader == 0 {
             new_leader = s.map_leader;
@@ -84,10 +61,11 @@ async fn every_node_applies_one_map_and_the_group_outlives_its_leader() {
     // The old leader comes back as a follower of the group and still has the
     // map it applied before (from its own disk, then the group).
     cluster.restart(old);
-    let back = status_until(&cluster, old, "following the new leader", |s| {
-        s.map_leader != 0 && s.map_leader != leader && s.role == "follower"
-    })
-    .await;
+    let back = cluster
+        .status_until(old, 60, "following the new leader", |s| {
+            s.map_leader != 0 && s.map_leader != leader && s.role == "follower"
+        })
+        .await;
     assert_eq!(back.epoch, 1);
     assert_eq!(node_ids(&back), vec![1, 2, 3]);
 }
@@ -105,10 +83,11 @@ fn tls(dir: &std::path::Path, node: u64, target: u64) -> ClientTlsConfig {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_map_message_in_another_nodes_name_is_refused() {
     let cluster = Cluster::start(Options::single_dc(3)).await;
-    let before = status_until(&cluster, 1, "a created map with a leader", |s| {
-        s.epoch == 1 && s.map_leader != 0
-    })
-    .await;
+    let before = cluster
+        .status_until(1, 60, "a created map with a leader", |s| {
+            s.epoch == 1 && s.map_leader != 0
+        })
+        .await;
 
     // Node 3's own certificate, a vote request naming node 1 as the
     // candidate at a far higher term: granted, it would depose the leader.
@@ -166,16 +145,18 @@ async fn a_node_joins_through_the_map_serves_clients_and_leaves_again() {
     use saferchat_tests::process::{self, fixture_key};
 
     let mut cluster = Cluster::start(Options::single_dc(3)).await;
-    status_until(&cluster, 0, "a created map", |s| {
-        s.epoch == 1 && s.map_leader != 0
-    })
-    .await;
+    cluster
+        .status_until(0, 60, "a created map", |s| {
+            s.epoch == 1 && s.map_leader != 0
+        })
+        .await;
     let four = cluster.start_joining(4, "dc1", 1).await;
 
-    let joined = status_until(&cluster, four, "the map naming node 4", |s| {
-        s.epoch == 2 && s.role == "learner"
-    })
-    .await;
+    let joined = cluster
+        .status_until(four, 60, "the map naming node 4", |s| {
+            s.epoch == 2 && s.role == "learner"
+        })
+        .await;
     assert_eq!(node_ids(&joined), vec![1, 2, 3, 4]);
     // Every node's addresses are known, the creating node's own included
     // (from its bound listeners, where its configuration said port 0).
@@ -195,7 +176,9 @@ async fn a_node_joins_through_the_map_serves_clients_and_leaves_again() {
         assert_eq!(n.state, "active");
     }
     for i in 0..3 {
-        status_until(&cluster, i, "epoch 2", |s| s.epoch == 2).await;
+        cluster
+            .status_until(i, 60, "epoch 2", |s| s.epoch == 2)
+            .await;
     }
 
     // Admin, posts and history through the node that holds nothing.
@@ -275,7 +258,9 @@ async fn a_node_joins_through_the_map_serves_clients_and_leaves_again() {
         .await
         .expect("remove 4");
     assert_eq!(removed.epoch, 3);
-    let after = status_until(&cluster, 2, "epoch 3", |s| s.epoch == 3).await;
+    let after = cluster
+        .status_until(2, 60, "epoch 3", |s| s.epoch == 3)
+        .await;
     assert_eq!(node_ids(&after), vec![1, 2, 3]);
     let again = cluster
         .admin(2)
@@ -296,10 +281,11 @@ async fn a_node_joins_through_the_map_serves_clients_and_leaves_again() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_node_down_during_two_map_changes_catches_up() {
     let mut cluster = Cluster::start(Options::single_dc(3)).await;
-    status_until(&cluster, 0, "a created map with a leader", |s| {
-        s.epoch == 1 && s.map_leader != 0 && s.role != "candidate"
-    })
-    .await;
+    cluster
+        .status_until(0, 60, "a created map with a leader", |s| {
+            s.epoch == 1 && s.map_leader != 0 && s.role != "candidate"
+        })
+        .await;
     cluster.kill(2);
     let add = |id: u64| saferchat_proto::admin::AddNodeRequest {
         id,
@@ -313,12 +299,16 @@ async fn a_node_down_during_two_map_changes_catches_up() {
     assert_eq!(admin.add_node(add(5)).await.expect("add 5").epoch, 2);
     assert_eq!(admin.remove_node(5).await.expect("remove 5").epoch, 3);
     cluster.restart(2);
-    let back = status_until(&cluster, 2, "the map at epoch 3", |s| s.epoch == 3).await;
+    let back = cluster
+        .status_until(2, 60, "the map at epoch 3", |s| s.epoch == 3)
+        .await;
     assert_eq!(node_ids(&back), vec![1, 2, 3]);
     // And it applies what comes next like the others.
     assert_eq!(admin.add_node(add(6)).await.expect("add 6").epoch, 4);
     for i in 0..3 {
-        let s = status_until(&cluster, i, "epoch 4", |s| s.epoch == 4).await;
+        let s = cluster
+            .status_until(i, 60, "epoch 4", |s| s.epoch == 4)
+            .await;
         assert_eq!(node_ids(&s), vec![1, 2, 3, 6]);
     }
 }

@@ -290,4 +290,38 @@ impl Admin for AdminService {
         tracing::info!(node = id, epoch, "node removed from the cluster map");
         Ok(Response::new(pb::MapChangeReply { epoch }))
     }
+
+    async fn rebalance(
+        &self,
+        _request: Request<pb::RebalanceRequest>,
+    ) -> Result<Response<pb::MapChangeReply>, Status> {
+        let epoch = self
+            .ctx
+            .maps
+            .propose(saferchat_placement::MapCommand::Rebalance)
+            .await?;
+        tracing::info!(
+            epoch,
+            "rebalancing: joining nodes are active, partitions move to them"
+        );
+        Ok(Response::new(pb::MapChangeReply { epoch }))
+    }
+
+    async fn drain(
+        &self,
+        request: Request<pb::DrainRequest>,
+    ) -> Result<Response<pb::MapChangeReply>, Status> {
+        let id = request.into_inner().id;
+        let epoch = self
+            .ctx
+            .maps
+            .propose(saferchat_placement::MapCommand::Drain { id })
+            .await?;
+        tracing::info!(
+            node = id,
+            epoch,
+            "draining: the node's partitions move to the others"
+        );
+        Ok(Response::new(pb::MapChangeReply { epoch }))
+    }
 }

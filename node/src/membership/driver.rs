@@ -306,8 +306,11 @@ impl Driver {
             return Ok(());
         }
         let Some(config) = self.config_for(room) else {
-            return Err(NodeError::FailedPrecondition(format!(
-                "this node does not replicate the membership of room {:?}",
+            // Unavailable, not a precondition: a node forwarding here
+            // placed the room by a map that moved since (or not yet), and
+            // tries the next replica.
+            return Err(NodeError::Unavailable(format!(
+                "this node does not replicate the membership of room {:?} (its partition moved); ask one of its replicas",
                 room.as_str()
             )));
         };

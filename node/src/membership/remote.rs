@@ -32,8 +32,9 @@ const CALL_TIMEOUT_MS: u64 = 15_000;
 #[derive(Debug)]
 pub struct Remote {
     me: NodeId,
-    placement: Arc<Placement>,
-    channels: HashMap<NodeId, Channel>,
+    placement: crate::placement::FollowedPlacement,
+    tls: PeerTls,
+    channels: std::sync::Mutex<HashMap<NodeId, Channel>>,
 }
 
 /// A replica's status back as the error its own clients would get.
@@ -70,15 +71,49 @@ impl Remote {
         }
         Ok(Remote {
             me,
-            placement,
-            channels,
+            placement: crate::placement::FollowedPlacement::new(placement, None),
+            tls: tls.clone(),
+            channels: std::sync::Mutex::new(channels),
         })
+    }
+
+    /// The same, following the cluster map's partition moves and reaching
+    /// nodes that joined through it.
+    #[must_use]
+    pub fn with_map(
+        mut self,
+        maps: tokio::sync::watch::Receiver<saferchat_placement::ClusterMap>,
+    ) -> Remote {
+        self.placement =
+            crate::placement::FollowedPlacement::new(self.placement.current(), Some(maps));
+        self
     }
 
     /// The replicas to ask about `room`, `None` when this node is one.
     pub fn replicas_of(&self, room: &RoomId) -> Option<Vec<NodeId>> {
-        let (_, replicas) = self.placement.room(room.as_str());
+        let placement = self.placement.current();
+        let (_, replicas) = placement.room(room.as_str());
         (!replicas.contains(&self.me)).then(|| replicas.to_vec())
+    }
+
+    /// The channel to `node`: configured, or opened to the address the
+    /// cluster map gives a node that joined.
+    fn channel(&self, node: NodeId) -> Option<Channel> {
+        if let Some(channel) = self.channels.lock().expect("channels lock").get(&node) {
+            return Some(channel.clone());
+        }
+        let entry = self.placement.map_node(node)?;
+        let peer = KnownPeer {
+            id: node,
+            datacenter: entry.datacenter,
+            address: entry.peer_address.parse().ok()?,
+        };
+        let channel = crate::grpc::peer::channel(&self.tls, &peer, CALL_TIMEOUT_MS).ok()?;
+        self.channels
+            .lock()
+            .expect("channels lock")
+            .insert(node, channel.clone());
+        Some(channel)
     }
 
     /// Asks the replicas in turn; returns the first answer and who gave it.
@@ -92,7 +127,7 @@ impl Remote {
     ) -> Result<(pb::MembershipAnswer, NodeId), NodeError> {
         let mut last = NodeError::Unavailable("the room has no membership replicas".into());
         for replica in replicas {
-            let Some(channel) = self.channels.get(replica) else {
+            let Some(channel) = self.channel(*replica) else {
                 continue;
             };
             let mut client = PeerClient::new(channel.clone());

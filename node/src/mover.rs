@@ -1,0 +1,157 @@
+//! The mover: the task that carries partition moves out once the cluster
+//! map plans them (`saferchat_placement::moves`).
+//!
+//! It runs on every node of a cluster and looks at the map whenever it
+//! changes (and every [`MOVER_TICK_MS`], for what waits on others):
+//!
+//! - On the map group's leader, it proposes the planned steps
+//!   (`ClusterMap::next_moves`: a grow, or a shrink once the set before was
+//!   established). A step a node proposed twice is refused as stale.
+//! - On the mover of a step (the lowest node id in both sets,
+//!   `ClusterMap::step_of`), it hands the partition's rooms to the new set
+//!   (`Membership::hand_over`) and then proposes `HandedOver`.
+//! - On every replica of a partition whose epoch is not established, it
+//!   makes the partition's log live, so that a leader is elected in the
+//!   new epoch; the leader proposes `Establish` once its log is
+//!   established (`Timeline::established`) and the rooms were handed over.
+//!
+//! Every proposal goes through `ClusterMaps::propose`, which forwards to
+//! the map group's leader; every command names the partition epoch it
+//! was made for, so a retry or a duplicate from another node applies once.
+
+use std::collections::{BTreeSet, HashSet};
+use std::time::Duration;
+
+use saferchat_consensus::NodeId;
+use saferchat_placement::MapCommand;
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+use crate::cluster_map::ClusterMaps;
+use crate::error::NodeError;
+use crate::membership::{HandoverStep, Membership};
+use crate::timeline::Timeline;
+
+/// How often the mover looks again at steps that wait on others (an
+/// election, a handover, a map commit).
+pub const MOVER_TICK_MS: u64 = 500;
+
+/// Everything the mover needs.
+pub struct MoverParts {
+    /// This node.
+    pub me: u64,
+    /// The cluster map.
+    pub maps: ClusterMaps,
+    /// This node's membership driver (local: it never forwards).
+    pub membership: Membership,
+    /// This node's partition logs.
+    pub timeline: Timeline,
+    /// Stops the task.
+    pub shutdown: CancellationToken,
+}
+
+/// Runs the mover until `shutdown`.
+///
+/// # Errors
+/// Never at present; the type leaves room for a fatal error.
+pub async fn run(parts: MoverParts) -> Result<(), NodeError> {
+    let MoverParts {
+        me,
+        maps,
+        membership,
+        timeline,
+        shutdown,
+    } = parts;
+    let mut changes = maps.watch();
+    let mut tick = tokio::time::interval(Duration::from_millis(MOVER_TICK_MS));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    // Handovers this node runs: (partition, epoch); a finished one tells
+    // the loop through `done`.
+    let mut handing: HashSet<(u32, u64)> = HashSet::new();
+    let (done_tx, mut done) = mpsc::unbounded_channel::<(u32, u64)>();
+    loop {
+        tokio::select! {
+            () = shutdown.cancelled() => return Ok(()),
+            changed = changes.changed() => {
+                if changed.is_err() {
+                    return Ok(());
+                }
+            }
+            _ = tick.tick() => {}
+            Some(step) = done.recv() => {
+                handing.remove(&step);
+            }
+        }
+        let status = maps.status();
+        let map = status.map;
+        if !map.is_created() {
+            continue;
+        }
+        if status.leader == Some(me) {
+            match map.next_moves() {
+                Ok(steps) => {
+                    for step in steps {
+                        propose(&maps, step).await;
+                    }
+                }
+                Err(e) => tracing::warn!(error = %e, "the cluster map has no placement"),
+            }
+        }
+        let unestablished: BTreeSet<u32> = map.unestablished.clone();
+        for partition in unestablished {
+            let step = match map.step_of(partition) {
+                Ok(Some(step)) => step,
+                Ok(None) => continue,
+                Err(e) => {
+                    tracing::warn!(partition, error = %e, "no step for an unestablished partition");
+                    continue;
+                }
+            };
+            if step.after.contains(&me) {
+                timeline.touch(partition);
+            }
+            let handed = map.handed_over.contains(&partition);
+            if step.mover == me && !handed && handing.insert((partition, step.epoch)) {
+                let membership = membership.clone();
+                let maps = maps.clone();
+                let done = done_tx.clone();
+                let shutdown = shutdown.clone();
+                tokio::spawn(async move {
+                    let handover = HandoverStep {
+                        partition,
+                        epoch: step.epoch,
+                        old: step.before.iter().copied().map(NodeId).collect(),
+                        new: step.after.iter().copied().map(NodeId).collect(),
+                    };
+                    tokio::select! {
+                        () = shutdown.cancelled() => {}
+                        result = membership.hand_over(handover) => match result {
+                            Ok(()) => {
+                                propose(&maps, MapCommand::HandedOver { partition, epoch: step.epoch }).await;
+                            }
+                            Err(e) => {
+                                tracing::warn!(partition, epoch = step.epoch, error = %e, "handing the partition's rooms over failed; trying again");
+                            }
+                        },
+                    }
+                    let _ = done.send((partition, step.epoch));
+                });
+            }
+            if handed
+                && let Ok(Some(epoch)) = timeline.established(partition).await
+                && epoch == step.epoch
+            {
+                propose(&maps, MapCommand::Establish { partition, epoch }).await;
+            }
+        }
+    }
+}
+
+/// Proposes a step; a refusal (stale, already applied) is expected when
+/// several nodes see the same step, so it is only logged.
+async fn propose(maps: &ClusterMaps, command: MapCommand) {
+    match maps.propose(command.clone()).await {
+        Ok(epoch) => tracing::info!(?command, epoch, "partition move step applied"),
+        Err(e) => tracing::debug!(?command, error = %e, "partition move step not applied"),
+    }
+}
