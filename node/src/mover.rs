@@ -8,7 +8,7 @@
 //!   (`ClusterMap::next_moves`: a grow, or a shrink once the set before was
 //!   established). A step a node proposed twice is refused as stale.
 //! - On the mover of a step (the lowest node id in both sets,
-//!   `ClusterMap::step_of`), it hands the partition's rooms to the new set
+//!   `ClusterMap::steps`), it hands the partition's rooms to the new set
 //!   (`Membership::hand_over`) and then proposes `HandedOver`.
 //! - On every replica of a partition whose epoch is not established, it
 //!   makes the partition's log live, so that a leader is elected in the
@@ -19,7 +19,7 @@
 //! the map group's leader; every command names the partition epoch it
 //! was made for, so a retry or a duplicate from another node applies once.
 
-use std::collections::{BTreeSet, HashSet};
+use std::collections::HashSet;
 use std::time::Duration;
 
 use saferchat_consensus::NodeId;
@@ -97,16 +97,14 @@ pub async fn run(parts: MoverParts) -> Result<(), NodeError> {
                 Err(e) => tracing::warn!(error = %e, "the cluster map has no placement"),
             }
         }
-        let unestablished: BTreeSet<u32> = map.unestablished.clone();
-        for partition in unestablished {
-            let step = match map.step_of(partition) {
-                Ok(Some(step)) => step,
-                Ok(None) => continue,
-                Err(e) => {
-                    tracing::warn!(partition, error = %e, "no step for an unestablished partition");
-                    continue;
-                }
-            };
+        let steps = match map.steps() {
+            Ok(steps) => steps,
+            Err(e) => {
+                tracing::warn!(error = %e, "the cluster map has no placement");
+                continue;
+            }
+        };
+        for (partition, step) in steps {
             if step.after.contains(&me) {
                 timeline.touch(partition);
             }

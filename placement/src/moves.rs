@@ -39,7 +39,7 @@
 //! once. [`ClusterMap::next_moves`] says which step each pinned partition
 //! takes next (an `Establish` is the partition leader's to propose).
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 
 use saferchat_consensus::NodeId;
 use serde::{Deserialize, Serialize};
@@ -176,23 +176,44 @@ impl ClusterMap {
         if self.is_established(partition) {
             return Ok(None);
         }
-        let Some(before) = self.previous_sets.get(&partition) else {
-            return Ok(None);
-        };
+        Ok(self.steps()?.remove(&partition))
+    }
+
+    /// [`ClusterMap::step_of`] for every partition whose epoch is not
+    /// established, by partition, with the placement built once (a ring
+    /// is built per call, which a caller looking at every moving partition
+    /// should not pay per partition).
+    ///
+    /// # Errors
+    /// A map without a valid placement.
+    pub fn steps(&self) -> Result<BTreeMap<u32, MoveStep>, crate::PlacementError> {
+        let mut steps = BTreeMap::new();
+        if self.unestablished.is_empty() {
+            return Ok(steps);
+        }
         let placement = self.placement()?;
-        let mut after = ids(placement.replicas(PartitionId(partition)));
-        after.sort_unstable();
-        let mut before = before.clone();
-        before.sort_unstable();
-        let Some(mover) = before.iter().copied().find(|n| after.contains(n)) else {
-            return Ok(None);
-        };
-        Ok(Some(MoveStep {
-            epoch: self.partition_epoch(partition),
-            before,
-            after,
-            mover,
-        }))
+        for partition in &self.unestablished {
+            let Some(before) = self.previous_sets.get(partition) else {
+                continue;
+            };
+            let mut after = ids(placement.replicas(PartitionId(*partition)));
+            after.sort_unstable();
+            let mut before = before.clone();
+            before.sort_unstable();
+            let Some(mover) = before.iter().copied().find(|n| after.contains(n)) else {
+                continue;
+            };
+            steps.insert(
+                *partition,
+                MoveStep {
+                    epoch: self.partition_epoch(*partition),
+                    before,
+                    after,
+                    mover,
+                },
+            );
+        }
+        Ok(steps)
     }
 
     /// The ring's placement on the active nodes: where every partition

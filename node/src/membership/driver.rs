@@ -699,12 +699,17 @@ impl Driver {
         let Some(slot) = self.rooms.get(room) else {
             return false;
         };
-        let seal = self
-            .seals
+        self.serves(room, slot.replica.config().epoch)
+    }
+
+    /// Whether this node serves `epoch` in `room`'s partition, by the seal
+    /// loaded with the room (`PartitionSeal::serves`).
+    fn serves(&self, room: &RoomId, epoch: u64) -> bool {
+        self.seals
             .get(&self.partition_of(room))
             .copied()
-            .unwrap_or_default();
-        seal.serves(slot.replica.config().epoch, CREATED_EPOCH)
+            .unwrap_or_default()
+            .serves(epoch, CREATED_EPOCH)
     }
 
     /// Whether this node answers `message` for a loaded `room`: a Prepare,
@@ -715,12 +720,7 @@ impl Driver {
         let Some(epoch) = message.asked_epoch() else {
             return true;
         };
-        let seal = self
-            .seals
-            .get(&self.partition_of(room))
-            .copied()
-            .unwrap_or_default();
-        let answers = seal.serves(epoch, CREATED_EPOCH);
+        let answers = self.serves(room, epoch);
         if !answers {
             metrics::counter!("saferchat_membership_not_installed_total").increment(1);
         }
