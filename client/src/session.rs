@@ -9,6 +9,7 @@
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
+use std::time::Duration;
 
 use bytes::Bytes;
 use saferchat_consensus::{Handle, Revision, RoomId};
@@ -34,6 +35,11 @@ use saferchat_vocabulary::fingerprint_of;
 const RESEAL_ATTEMPTS_MAX: u32 = 3;
 /// Frames queued towards the server.
 const OUT_FRAMES_MAX: usize = 64;
+
+/// How long one join attempt (connecting, the challenge, the proof, the
+/// membership) may take. A node relaying the join waits up to 15 s for the
+/// room's node; this leaves room for that and a lease wait on top.
+pub const JOIN_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// How to join.
 #[derive(Clone, Debug, Default)]
@@ -299,8 +305,22 @@ impl Session {
     ) -> Result<Session, ClientError> {
         let mut address = address.to_owned();
         for _ in 0..=REDIRECTS_MAX {
-            let channel = connect(&address).await?;
-            match Session::join_on(channel, &address, room, Arc::clone(&me), options).await {
+            // A node that accepts the connection but never answers (it is
+            // stalled, or waits on something of its own) must not hold the
+            // caller for ever: each attempt is bounded, and the caller
+            // tries again or elsewhere.
+            let attempt = async {
+                let channel = connect(&address).await?;
+                Session::join_on(channel, &address, room, Arc::clone(&me), options).await
+            };
+            let joined = tokio::time::timeout(JOIN_TIMEOUT, attempt)
+                .await
+                .unwrap_or_else(|_| {
+                    Err(ClientError::Status(tonic::Status::deadline_exceeded(
+                        format!("{address} did not complete the join within {JOIN_TIMEOUT:?}"),
+                    )))
+                });
+            match joined {
                 Err(ClientError::Status(status)) => match redirect_of(&status) {
                     Some(next) => address = redirected(&address, &next),
                     None => return Err(ClientError::Status(status)),

@@ -17,6 +17,7 @@
 //!   benchmark reports.
 //! - [`stats`]: the one percentile definition of every report.
 //! - [`tmpfs`]: a small tmpfs for a node's data folder, to fill its disk.
+//! - [`watchdog`]: a bound on how long a test may hold node processes.
 //! - [`chaos`]: seeded fault schedules against a cluster, and checkers over
 //!   what its clients saw.
 //!
@@ -35,6 +36,7 @@ pub mod procfs;
 pub mod raw;
 pub mod stats;
 pub mod tmpfs;
+pub mod watchdog;
 
 /// An admin token used by every test node (a secret only in tests).
 pub const ADMIN_TOKEN: &str = "test-admin-token-0123456789";

@@ -69,6 +69,8 @@ pub struct NodeProcess {
     /// The peer address it reported, when it has a peer listener.
     pub peer_addr: Option<SocketAddr>,
     env: Vec<(String, String)>,
+    /// Bounds the test holding this node ([`crate::watchdog`]).
+    _watchdog: crate::watchdog::Watchdog,
 }
 
 /// What a starting node reported before serving.
@@ -166,6 +168,10 @@ impl NodeProcess {
             addr: "127.0.0.1:0".parse().expect("address"),
             peer_addr: None,
             env,
+            _watchdog: crate::watchdog::Watchdog::arm(
+                format!("the test holding node {}", data_dir.display()),
+                crate::watchdog::limit(),
+            ),
         };
         node.spawn()?;
         Ok(node)
@@ -193,7 +199,9 @@ impl NodeProcess {
             command.env(k, v);
         }
         let mut child = command.spawn().expect("start saferchat-node");
-        let reported = wait_until_serving(&self.log, &mut child, self.start_timeout())?;
+        crate::watchdog::started(child.id());
+        let reported = wait_until_serving(&self.log, &mut child, self.start_timeout())
+            .inspect_err(|_| crate::watchdog::ended(child.id()))?;
         self.addr = reported.client.expect("the serving line names the address");
         self.peer_addr = reported.peer;
         self.child = Some(child);
@@ -241,7 +249,9 @@ impl NodeProcess {
         let Some(mut child) = self.child.take() else {
             return true;
         };
-        terminate(&mut [&mut child], STOP_TIMEOUT)[0].is_some_and(|s| s.success())
+        let stopped = terminate(&mut [&mut child], STOP_TIMEOUT)[0].is_some_and(|s| s.success());
+        crate::watchdog::ended(child.id());
+        stopped
     }
 
     /// SIGSTOP: the process stalls (as in a long pause) until
@@ -266,6 +276,7 @@ impl NodeProcess {
         if let Some(mut child) = self.child.take() {
             let _ = child.kill();
             let _ = child.wait();
+            crate::watchdog::ended(child.id());
         }
     }
 
@@ -287,9 +298,12 @@ impl NodeProcess {
     /// How the process ended, if it did (`None` while it runs, or when
     /// the harness stopped or killed it).
     pub fn exit_status(&mut self) -> Option<ExitStatus> {
-        self.child
-            .as_mut()
-            .and_then(|c| c.try_wait().ok().flatten())
+        let child = self.child.as_mut()?;
+        let status = child.try_wait().ok().flatten();
+        if status.is_some() {
+            crate::watchdog::ended(child.id());
+        }
+        status
     }
 
     /// The node's log so far.
@@ -427,4 +441,31 @@ pub fn files(dir: &Path) -> Vec<std::path::PathBuf> {
         }
     }
     out
+}
+
+/// One gauge or counter of a node's Prometheus text, by full series name
+/// (name and labels as the exporter writes them).
+pub async fn scrape_value(addr: std::net::SocketAddr, series: &str) -> Option<f64> {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let mut stream = tokio::time::timeout(
+        std::time::Duration::from_secs(2),
+        tokio::net::TcpStream::connect(addr),
+    )
+    .await
+    .ok()?
+    .ok()?;
+    stream
+        .write_all(b"GET /metrics HTTP/1.0\r\nHost: x\r\n\r\n")
+        .await
+        .ok()?;
+    let mut text = String::new();
+    tokio::time::timeout(
+        std::time::Duration::from_secs(5),
+        stream.read_to_string(&mut text),
+    )
+    .await
+    .ok()?
+    .ok()?;
+    text.lines()
+        .find_map(|l| l.strip_prefix(series)?.trim().parse().ok())
 }

@@ -55,19 +55,11 @@ async fn join(cluster: &Cluster, through: usize, who: usize) -> Session {
     }
 }
 
-/// A gauge of node `i`'s Prometheus endpoint, by name and labels.
+/// A gauge of node `i`'s Prometheus endpoint, by name and labels (-1
+/// when the endpoint does not answer).
 async fn gauge(cluster: &Cluster, i: usize, series: &str) -> f64 {
-    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
-    let Ok(mut stream) = tokio::net::TcpStream::connect(cluster.metrics[i]).await else {
-        return -1.0;
-    };
-    let _ = stream
-        .write_all(b"GET /metrics HTTP/1.0\r\nHost: x\r\n\r\n")
-        .await;
-    let mut text = String::new();
-    let _ = stream.read_to_string(&mut text).await;
-    text.lines()
-        .find_map(|l| l.strip_prefix(series)?.trim().parse().ok())
+    saferchat_tests::process::scrape_value(cluster.metrics[i], series)
+        .await
         .unwrap_or(-1.0)
 }
 

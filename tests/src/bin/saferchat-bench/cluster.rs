@@ -375,24 +375,4 @@ pub fn cpu_of(pids: &[String], ticks_per_s: f64) -> Vec<Option<f64>> {
         .collect()
 }
 
-/// One gauge or counter of a node's Prometheus text, by full series name
-/// (name and labels as the exporter writes them).
-pub async fn scrape_value(addr: SocketAddr, series: &str) -> Option<f64> {
-    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
-    let mut stream =
-        tokio::time::timeout(Duration::from_secs(2), tokio::net::TcpStream::connect(addr))
-            .await
-            .ok()?
-            .ok()?;
-    stream
-        .write_all(b"GET /metrics HTTP/1.0\r\nHost: x\r\n\r\n")
-        .await
-        .ok()?;
-    let mut text = String::new();
-    tokio::time::timeout(Duration::from_secs(5), stream.read_to_string(&mut text))
-        .await
-        .ok()?
-        .ok()?;
-    text.lines()
-        .find_map(|l| l.strip_prefix(series)?.trim().parse().ok())
-}
+pub use saferchat_tests::process::scrape_value;
