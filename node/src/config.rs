@@ -58,6 +58,15 @@ pub struct NodeConfig {
     pub datacenter: String,
     /// Node-to-node gRPC address; required when `peers` is not empty.
     pub peer_listen: Option<SocketAddr>,
+    /// Where other nodes reach this node's peer face, when that is not
+    /// `peer_listen` (a proxy, NAT, or `peer_listen` on `0.0.0.0`). The
+    /// cluster map records it when this node creates the map, and nodes
+    /// that join dial it; absent: `peer_listen` as bound.
+    pub advertise_peer_address: Option<SocketAddr>,
+    /// Where other nodes (forwarding) and clients (redirected) reach this
+    /// node's client face, when that is not `listen`; absent: `listen`
+    /// as bound.
+    pub advertise_client_address: Option<SocketAddr>,
     /// The other nodes of the replica set. Empty: a single node (unless
     /// `join`).
     pub peers: Vec<PeerConfig>,
@@ -328,6 +337,8 @@ impl Default for NodeConfig {
             node_id: 1,
             datacenter: "dc1".to_owned(),
             peer_listen: None,
+            advertise_peer_address: None,
+            advertise_client_address: None,
             peers: Vec::new(),
             join: false,
             peer_tls: None,
@@ -488,6 +499,17 @@ impl NodeConfig {
         }
         if let Some(v) = env("SAFERCHAT_PEERS") {
             self.peers = parse_peers(&v)?;
+        }
+        if let Some(v) = env("SAFERCHAT_ADVERTISE") {
+            let (peer, client) = v.split_once('/').ok_or_else(|| {
+                invalid(format!(
+                    "SAFERCHAT_ADVERTISE={v:?}: expected peer_host:port/client_host:port"
+                ))
+            })?;
+            self.advertise_peer_address =
+                Some(parse_env("SAFERCHAT_ADVERTISE peer address", peer)?);
+            self.advertise_client_address =
+                Some(parse_env("SAFERCHAT_ADVERTISE client address", client)?);
         }
         if let Some(v) = env("SAFERCHAT_JOIN") {
             self.join = parse_env("SAFERCHAT_JOIN", &v)?;
@@ -819,6 +841,20 @@ mod tests {
         assert!(e.to_string().contains("SAFERCHAT_LISTEN"), "{e}");
         let e = c.apply_env(env(&[("SAFERCHAT_PEERS", "2=x")])).unwrap_err();
         assert!(e.to_string().contains("SAFERCHAT_PEERS"), "{e}");
+        let e = c
+            .apply_env(env(&[("SAFERCHAT_ADVERTISE", "127.0.0.1:1")]))
+            .unwrap_err();
+        assert!(e.to_string().contains("SAFERCHAT_ADVERTISE"), "{e}");
+        c.apply_env(env(&[(
+            "SAFERCHAT_ADVERTISE",
+            "10.0.0.1:7001/10.0.0.1:8001",
+        )]))
+        .unwrap();
+        assert_eq!(c.advertise_peer_address, Some(([10, 0, 0, 1], 7001).into()));
+        assert_eq!(
+            c.advertise_client_address,
+            Some(([10, 0, 0, 1], 8001).into())
+        );
         let e = c
             .apply_env(env(&[("SAFERCHAT_STORAGE", "mongo")]))
             .unwrap_err();

@@ -166,17 +166,12 @@ async fn load_known_rooms(store: &dyn ChatStore, known: &KnownRooms) -> Result<u
     Ok(count)
 }
 
-/// Whether this node's store lacks rooms of the cluster: it replicates
-/// only some partitions, and its store is its own (Cassandra's keyspace is
-/// shared by every node).
-fn lists_across_the_cluster(
-    config: &NodeConfig,
-    placement: &saferchat_placement::Placement,
-) -> bool {
-    !config.is_single_node()
-        && config.storage.backend != Backend::Cassandra
-        && placement.partitions_of(NodeId(config.node_id)).len()
-            != placement.partitions().get() as usize
+/// Whether this node's store may lack rooms of the cluster: it is in a
+/// cluster (partition moves may leave it some partitions only, whatever it
+/// started with) and its store is its own (Cassandra's keyspace is shared
+/// by every node).
+fn lists_across_the_cluster(config: &NodeConfig) -> bool {
+    !config.is_single_node() && config.storage.backend != Backend::Cassandra
 }
 
 /// How a node task ended, as the node's outcome (`what` names it if it
@@ -438,12 +433,13 @@ pub async fn run(
         store: Arc::clone(&chat),
         rooms: filter.clone(),
         maps: maps.clone(),
-        cluster_list: lists_across_the_cluster(&config, &placement).then(|| {
-            grpc::room_list::ClusterList {
-                me: NodeId(config.node_id),
-                placement: Arc::clone(&placement),
-                maps: maps.clone(),
-            }
+        cluster_list: lists_across_the_cluster(&config).then(|| grpc::room_list::ClusterList {
+            me: NodeId(config.node_id),
+            placement: Arc::new(placement::FollowedPlacement::new(
+                Arc::clone(&placement),
+                Some(maps.watch()),
+            )),
+            maps: maps.clone(),
         }),
     });
     let ctx = Arc::new(ChatContext::new(

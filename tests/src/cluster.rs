@@ -65,6 +65,11 @@ pub struct Cluster {
     /// Node `i`'s client address as everyone knows it: a proxy in front of
     /// the port the node bound, which stays the same across restarts.
     fronts: Vec<Proxy>,
+    /// Node `i`'s peer address for nodes that join through the map (the
+    /// configured nodes reach it through `links`): a proxy it advertises,
+    /// so the address the map records stays right across restarts. `None`
+    /// for a node that joined (its peer port is fixed).
+    ingress: Vec<Option<Proxy>>,
     datacenters: Vec<String>,
     /// Node `i`'s peer listener (behind no proxy).
     pub peer_addresses: Vec<SocketAddr>,
@@ -112,7 +117,12 @@ impl Cluster {
     /// When a node does not start.
     pub async fn start(options: Options) -> Cluster {
         let n = options.datacenters.len();
-        let dir = tempfile::tempdir().expect("tempdir");
+        let mut dir = tempfile::tempdir().expect("tempdir");
+        if std::env::var_os("SAFERCHAT_KEEP_TEST_DIRS").is_some() {
+            // For debugging a failure or a hang: the nodes' logs and data stay.
+            dir.disable_cleanup(true);
+            eprintln!("cluster folder (kept): {}", dir.path().display());
+        }
         let mut links = HashMap::new();
         let proxy = || async {
             let p = Proxy::start().await;
@@ -127,8 +137,10 @@ impl Cluster {
             }
         }
         let mut fronts = Vec::new();
+        let mut ingress = Vec::new();
         for _ in 0..n {
             fronts.push(proxy().await);
+            ingress.push(Some(proxy().await));
         }
         let tls_dir = dir.path().join("tls");
         let certified: Vec<_> = (0..n)
@@ -145,6 +157,7 @@ impl Cluster {
             metrics: Vec::new(),
             links,
             fronts,
+            ingress,
             datacenters: options.datacenters.clone(),
             peer_addresses: Vec::new(),
             tls_dir,
@@ -172,6 +185,14 @@ impl Cluster {
                 ),
                 ("SAFERCHAT_PEER_LISTEN".into(), "127.0.0.1:0".into()),
                 ("SAFERCHAT_PEERS".into(), peers.join(",")),
+                (
+                    "SAFERCHAT_ADVERTISE".into(),
+                    format!(
+                        "{}/{}",
+                        cluster.ingress[i].as_ref().expect("a configured node").addr,
+                        cluster.fronts[i].addr
+                    ),
+                ),
                 (
                     "SAFERCHAT_PEER_TLS_DIR".into(),
                     cluster.tls_dir.display().to_string(),
@@ -271,6 +292,7 @@ impl Cluster {
             .push(node.peer_addr.expect("peer listener"));
         self.nodes.push(node);
         self.fronts.push(front);
+        self.ingress.push(None);
         self.datacenters.push(datacenter.to_owned());
         self.nodes.len() - 1
     }
@@ -298,6 +320,9 @@ impl Cluster {
         let node = &self.nodes[i];
         self.fronts[i].set_target(node.addr);
         let peer = node.peer_addr.expect("peer listener");
+        if let Some(ingress) = &self.ingress[i] {
+            ingress.set_target(peer);
+        }
         for ((_, to), proxy) in &self.links {
             if *to == i {
                 proxy.set_target(peer);

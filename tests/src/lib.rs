@@ -7,6 +7,8 @@
 //! - [`inproc`]: a node inside the test process, for fast protocol tests.
 //! - [`cluster`], [`netproxy`]: several node processes whose peer links a
 //!   test can cut or slow down.
+//! - [`load`]: members posting and listening through any node, for
+//!   cluster tests, and the room's history read back.
 //! - [`netns`]: packet loss on chosen links, inside a network namespace
 //!   a test makes for itself.
 //! - [`raw`]: the chat protocol by hand, for bad-input tests.
@@ -29,6 +31,7 @@ pub mod cassandra;
 pub mod chaos;
 pub mod cluster;
 pub mod inproc;
+pub mod load;
 pub mod netns;
 pub mod netproxy;
 pub mod process;

@@ -1,41 +1,155 @@
-//! Partition moves on real node processes: a fourth node joins three,
-//! a rebalance moves partitions to it one replica slot at a time (grow,
-//! rooms handed over, log established, shrink, …), then a drain moves
-//! every slot off node 3, which is removed; rooms keep their posts and
-//! members throughout, each post once and in order, and every node shows
-//! the same history.
+//! Partition moves on real node processes, under a steady chat load.
+//!
+//! In each of four rooms alice posts one message at a time and bob
+//! listens, through whichever node answers, for the whole test. Meanwhile:
+//!
+//! 1. a fourth node joins three and a rebalance moves partitions to it one
+//!    replica slot at a time (grow, rooms handed over, log established,
+//!    shrink, …); part-way through, the node leading the map's Raft group
+//!    is killed, the others elect a new leader, and the killed node comes
+//!    back: the moves complete;
+//! 2. a drain moves every slot off node 3, which is then removed.
+//!
+//! Then, per room (`chaos::history::check`): every acknowledged post is in
+//! the history exactly once, with the id and number its acknowledgement
+//! gave, numbered 1, 2, 3, … in one order; nothing refused is stored;
+//! nothing is delivered twice or out of order to a listener; and every
+//! node left shows the same history. The longest time alice could not get
+//! a post acknowledged is printed, and bounded. After the rebalance the
+//! admin room list through every node names every room, although no node
+//! holds every partition any more.
 
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use saferchat_consensus::RoomId;
+use saferchat_tests::chaos::history::{self, History, Outcome, Post, Seen};
 use saferchat_tests::cluster::{Cluster, Options};
-use saferchat_tests::process::{self, fixture_key};
+use saferchat_tests::load::{self, Poster};
+
+const ROOMS: [&str; 4] = ["r1", "r2", "r3", "r4"];
+/// Rooms without posts, listed at the end.
+const QUIET_ROOMS: usize = 16;
+const ALICE: usize = 0;
+const BOB: usize = 1;
+/// How long a whole phase (its moves) may take on a loaded machine.
+const PHASE_S: u64 = 300;
+/// The longest alice may go without an acknowledged post: a move pauses a
+/// room for a lease period and an election, not for minutes.
+const STALL_MAX: Duration = Duration::from_secs(60);
+
+/// One phase's chat load: a poster and a listener per room.
+struct Load {
+    stop: Arc<AtomicBool>,
+    posters: Vec<tokio::task::JoinHandle<load::Posted>>,
+    listeners: Vec<tokio::task::JoinHandle<()>>,
+}
+
+/// What the clients of one room saw over the whole test.
+#[derive(Default)]
+struct Seen4 {
+    posts: Arc<Mutex<Vec<Post>>>,
+    sessions: Arc<Mutex<Vec<Vec<Seen>>>>,
+    unreadable: Arc<Mutex<Vec<String>>>,
+}
+
+impl Load {
+    /// Starts posting and listening in every room through `servers`,
+    /// until [`Load::stop`] (and at most 2 × `PHASE_S`).
+    fn start(servers: &[String], phase: &str, seen: &[Seen4]) -> Load {
+        let stop = Arc::new(AtomicBool::new(false));
+        let bound = Instant::now() + Duration::from_secs(2 * PHASE_S);
+        let mut posters = Vec::new();
+        let mut listeners = Vec::new();
+        for (room, seen) in ROOMS.iter().zip(seen) {
+            let room = RoomId::new(room).unwrap();
+            let poster = Poster {
+                servers: servers.to_vec(),
+                room: room.clone(),
+                member: ALICE,
+                prefix: format!("{phase}-{room}"),
+                gap: Duration::from_millis(200),
+                until: bound,
+                stop: Arc::clone(&stop),
+            };
+            posters.push(tokio::spawn(poster.run(Arc::clone(&seen.posts))));
+            let listen = load::listen(
+                servers.to_vec(),
+                room,
+                BOB,
+                bound,
+                Arc::clone(&seen.sessions),
+                Arc::clone(&seen.unreadable),
+            );
+            let stop = Arc::clone(&stop);
+            listeners.push(tokio::spawn(async move {
+                tokio::select! {
+                    () = listen => {}
+                    () = stopped(stop) => {}
+                }
+            }));
+        }
+        Load {
+            stop,
+            posters,
+            listeners,
+        }
+    }
+
+    /// Stops the posters after the post each has in flight, then the
+    /// listeners; returns the longest time a poster went without an
+    /// acknowledgement.
+    async fn stop(self) -> Duration {
+        self.stop.store(true, Ordering::Relaxed);
+        let mut longest = Duration::ZERO;
+        for task in self.posters {
+            let posted = task.await.expect("a poster");
+            longest = longest.max(posted.longest_without_ack);
+        }
+        for task in self.listeners {
+            task.await.expect("a listener");
+        }
+        longest
+    }
+}
+
+/// Resolves once `stop` is set (polled: the listener it ends is idle).
+async fn stopped(stop: Arc<AtomicBool>) {
+    let mut tick = tokio::time::interval(Duration::from_millis(100));
+    while !stop.load(Ordering::Relaxed) {
+        tick.tick().await;
+    }
+}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_fourth_node_takes_its_partitions_and_every_post_stays() {
+async fn partitions_move_under_chat_load_and_every_post_stays() {
     let mut cluster = Cluster::start(Options::single_dc(3)).await;
     cluster
         .status_until(0, 60, "a created map", |s| {
             s.epoch == 1 && s.map_leader != 0
         })
         .await;
-    let dir = tempfile::tempdir().unwrap();
-    let (alice_key, alice) = fixture_key(dir.path(), "alice", 0);
     let mut admin = cluster.admin(0).await;
-    for room in ["r1", "r2", "r3", "r4"] {
+    for room in ROOMS {
         admin.create_chat(room).await.expect("create");
-        admin.add_user(room, &alice, None).await.expect("add");
-    }
-    let servers: Vec<String> = (0..3).map(|i| cluster.server(i)).collect();
-    let key = alice_key.clone();
-    let first = servers.clone();
-    tokio::task::spawn_blocking(move || {
-        for room in ["r1", "r2", "r3", "r4"] {
-            for (i, server) in first.iter().enumerate() {
-                process::send(server, &key, room, &format!("before {room} {i}"));
-            }
+        for member in [ALICE, BOB] {
+            let handle = load::identity(member).handle().to_string();
+            admin.add_user(room, &handle, None).await.expect("add");
         }
-    })
-    .await
-    .unwrap();
+    }
+    // Rooms without posts, for the admin room list: spread over more
+    // partitions than any one node of four holds.
+    let mut quiet: Vec<String> = (0..QUIET_ROOMS).map(|i| format!("quiet-{i}")).collect();
+    for room in &quiet {
+        admin.create_chat(room).await.expect("create");
+    }
+    let seen: Vec<Seen4> = ROOMS.iter().map(|_| Seen4::default()).collect();
 
+    // 1. Node 4 joins; a rebalance moves slots to it; the map leader dies
+    // part-way and comes back.
+    let first: Vec<String> = (0..3).map(|i| cluster.server(i)).collect();
+    let load = Load::start(&first, "grow", &seen);
     let four = cluster.start_joining(4, "dc1", 1).await;
     cluster
         .status_until(four, 60, "the map naming node 4", |s| {
@@ -43,11 +157,33 @@ async fn a_fourth_node_takes_its_partitions_and_every_post_stays() {
         })
         .await;
     let rebalanced = cluster.admin(0).await.rebalance().await.expect("rebalance");
+    let moving = cluster
+        .status_until(1, PHASE_S, "a move under way", |s| {
+            s.epoch > rebalanced.epoch && s.moving_partitions > 0 && s.map_leader != 0
+        })
+        .await;
+    let leader = usize::try_from(moving.map_leader - 1).unwrap();
+    let witness = if leader == 1 { 0 } else { 1 };
+    println!(
+        "killing node {} (the map leader) at epoch {} with {} partitions moving",
+        leader + 1,
+        moving.epoch,
+        moving.moving_partitions
+    );
+    cluster.kill(leader);
+    let after = cluster
+        .status_until(witness, PHASE_S, "a new map leader", |s| {
+            s.map_leader != 0 && s.map_leader != moving.map_leader
+        })
+        .await;
+    println!(
+        "node {} leads the map (term {}) at epoch {}",
+        after.map_leader, after.map_term, after.epoch
+    );
+    cluster.restart(leader);
     let done = cluster
-        .status_until(0, 300, "every partition moved", |s| {
-            s.epoch > rebalanced.epoch
-                && s.moving_partitions == 0
-                && s.unestablished_partitions == 0
+        .status_until(0, PHASE_S, "every partition moved", |s| {
+            s.epoch > moving.epoch && s.moving_partitions == 0 && s.unestablished_partitions == 0
         })
         .await;
     assert_eq!(
@@ -59,51 +195,36 @@ async fn a_fourth_node_takes_its_partitions_and_every_post_stays() {
     );
     // Six map commands per slot moved: at least one slot moved.
     assert!(done.epoch >= rebalanced.epoch + 6, "{done:?}");
-
-    let mut every: Vec<String> = (0..3).map(|i| cluster.server(i)).collect();
-    every.push(cluster.server(four));
-    let key = alice_key.clone();
-    let histories = tokio::task::spawn_blocking(move || {
-        for room in ["r1", "r2", "r3", "r4"] {
-            process::send(&every[3], &key, room, &format!("after {room} via 4"));
-            process::send(&every[1], &key, room, &format!("after {room} via 2"));
-        }
-        let mut out = Vec::new();
-        for room in ["r1", "r2", "r3", "r4"] {
-            let seen: Vec<String> = every
-                .iter()
-                .map(|s| process::history(s, &key, room))
-                .collect();
-            out.push((room, seen));
-        }
-        out
-    })
-    .await
-    .unwrap();
-    for (room, seen) in histories {
-        for (i, h) in seen.iter().enumerate() {
-            assert_eq!(*h, seen[0], "{room}: node {} shows another history", i + 1);
-        }
-        let h = &seen[0];
-        for line in (0..3)
-            .map(|i| format!("before {room} {i}"))
-            .chain([format!("after {room} via 4"), format!("after {room} via 2")])
-        {
-            assert_eq!(
-                h.matches(line.as_str()).count(),
-                1,
-                "{room}: {line} once in {h}"
-            );
-        }
-        let last_before = h.find(&format!("before {room} 2")).unwrap();
-        let first_after = h.find(&format!("after {room} via 4")).unwrap();
-        assert!(last_before < first_after, "{room}: in order: {h}");
+    // Every node now holds about three quarters of the partitions; the
+    // room list through each is still the whole list, rooms created since
+    // included (a node keeps what it stored before a partition moved away).
+    let mut admin = cluster.admin(1).await;
+    for i in 0..QUIET_ROOMS {
+        let room = format!("late-{i}");
+        admin.create_chat(&room).await.expect("create");
+        quiet.push(room);
     }
+    for i in [0, 1, 2, four] {
+        let listed = cluster.admin(i).await.list_chats().await.expect("list");
+        let names: Vec<&str> = listed.iter().map(|c| c.chat.as_str()).collect();
+        for room in ROOMS
+            .iter()
+            .copied()
+            .chain(quiet.iter().map(String::as_str))
+        {
+            assert!(names.contains(&room), "node {}: {room} in {names:?}", i + 1);
+        }
+    }
+    let stall = load.stop().await;
+    println!("grow: the longest alice went without an acknowledged post: {stall:?}");
+    assert!(stall < STALL_MAX, "grow: a room stalled for {stall:?}");
 
-    // Drain node 3: its slots move to the others; then it can go.
+    // 2. Drain node 3 under load, through the nodes that stay; remove it.
+    let stay: Vec<String> = [0, 1, four].iter().map(|i| cluster.server(*i)).collect();
+    let load = Load::start(&stay, "drain", &seen);
     let drained = cluster.admin(0).await.drain(3).await.expect("drain");
     cluster
-        .status_until(0, 300, "node 3 drained", |s| {
+        .status_until(0, PHASE_S, "node 3 drained", |s| {
             s.epoch > drained.epoch && s.moving_partitions == 0 && s.unestablished_partitions == 0
         })
         .await;
@@ -114,39 +235,51 @@ async fn a_fourth_node_takes_its_partitions_and_every_post_stays() {
         .remove_node(3)
         .await
         .expect("a drained node holds no slot");
-    let rest: Vec<String> = [0, 1, four].iter().map(|i| cluster.server(*i)).collect();
-    let key = alice_key.clone();
-    let histories = tokio::task::spawn_blocking(move || {
-        for room in ["r1", "r2", "r3", "r4"] {
-            process::send(&rest[0], &key, room, &format!("drained {room}"));
-        }
-        ["r1", "r2", "r3", "r4"]
-            .iter()
-            .map(|room| {
-                let seen: Vec<String> = rest
-                    .iter()
-                    .map(|s| process::history(s, &key, room))
-                    .collect();
-                (*room, seen)
-            })
-            .collect::<Vec<_>>()
-    })
-    .await
-    .unwrap();
-    for (room, seen) in histories {
-        for h in &seen {
-            assert_eq!(*h, seen[0], "{room}: one history on the three nodes left");
-        }
-        for line in (0..3).map(|i| format!("before {room} {i}")).chain([
-            format!("after {room} via 4"),
-            format!("after {room} via 2"),
-            format!("drained {room}"),
-        ]) {
-            assert_eq!(
-                seen[0].matches(line.as_str()).count(),
-                1,
-                "{room}: {line} once"
+    let stall = load.stop().await;
+    println!("drain: the longest alice went without an acknowledged post: {stall:?}");
+    assert!(stall < STALL_MAX, "drain: a room stalled for {stall:?}");
+
+    // Every room: one history on the three nodes left, and the checks.
+    for (room, seen) in ROOMS.iter().zip(&seen) {
+        let room_id = RoomId::new(room).unwrap();
+        let deadline = Instant::now() + Duration::from_secs(PHASE_S);
+        let (session, _) = load::join_any(&stay, &room_id, 0, &load::identity(BOB), deadline)
+            .await
+            .expect("the room serves after the moves");
+        let mut read = Vec::new();
+        for server in &stay {
+            read.push(
+                load::read_all(&session, Some(server), &seen.unreadable)
+                    .await
+                    .expect("read the history"),
             );
         }
+        for (i, h) in read.iter().enumerate() {
+            assert_eq!(*h, read[0], "{room}: node {} shows another history", i + 1);
+        }
+        let posts = std::mem::take(&mut *seen.posts.lock().unwrap());
+        let acked = posts
+            .iter()
+            .filter(|p| matches!(p.outcome, Outcome::Acked { .. }))
+            .count();
+        let h = History {
+            posts,
+            sessions: std::mem::take(&mut *seen.sessions.lock().unwrap()),
+            fin: read.swap_remove(0),
+            stores: Vec::new(),
+        };
+        println!(
+            "{room}: {} posts, {acked} acknowledged, {} in the history, {} listening sessions",
+            h.posts.len(),
+            h.fin.len(),
+            h.sessions.len()
+        );
+        assert!(acked > 0, "{room}: alice got posts through");
+        let anomalies = history::check(&h);
+        assert!(anomalies.is_empty(), "{room}: {anomalies:?}");
+        assert!(
+            seen.unreadable.lock().unwrap().is_empty(),
+            "{room}: every message decrypts"
+        );
     }
 }

@@ -305,8 +305,9 @@ impl ClusterMaps {
 }
 
 /// The `Create` command a configuration describes; this node's own
-/// addresses are the ones its listeners were bound to (`bound`: client,
-/// peer), which say the real port where the configuration says 0.
+/// addresses are the advertised ones when configured, else the ones its
+/// listeners were bound to (`bound`: client, peer), which say the real
+/// port where the configuration says 0.
 pub fn configured_shape(
     config: &crate::config::NodeConfig,
     bound: (Option<std::net::SocketAddr>, Option<std::net::SocketAddr>),
@@ -338,8 +339,18 @@ pub fn configured_shape(
         config.node_id,
         MapNode {
             datacenter: config.datacenter.clone(),
-            peer_address: reachable(bound.1.or(config.peer_listen)),
-            client_address: reachable(bound.0.or(Some(config.listen))),
+            peer_address: reachable(
+                config
+                    .advertise_peer_address
+                    .or(bound.1)
+                    .or(config.peer_listen),
+            ),
+            client_address: reachable(
+                config
+                    .advertise_client_address
+                    .or(bound.0)
+                    .or(Some(config.listen)),
+            ),
             state: NodeState::Active,
         },
     );
@@ -666,6 +677,17 @@ mod tests {
         };
         assert_eq!(nodes[&1].client_address, "127.0.0.1:8123");
         assert_eq!(nodes[&1].peer_address, "127.0.0.1:9123");
+        // Advertised addresses win over both (a proxy or NAT in front).
+        let advertised = NodeConfig {
+            advertise_peer_address: Some(([10, 0, 0, 1], 7001).into()),
+            advertise_client_address: Some(([10, 0, 0, 1], 8001).into()),
+            ..config.clone()
+        };
+        let MapCommand::Create { nodes, .. } = configured_shape(&advertised, bound) else {
+            unreachable!()
+        };
+        assert_eq!(nodes[&1].client_address, "10.0.0.1:8001");
+        assert_eq!(nodes[&1].peer_address, "10.0.0.1:7001");
         let mut map = ClusterMap::default();
         map.apply(&shape).unwrap();
         assert!(agrees(&map, &shape));

@@ -2,7 +2,8 @@
 //! room.
 //!
 //! Each node's store holds the rooms of the partitions it replicates. On a
-//! single node, on a node that replicates every partition, and on Cassandra
+//! single node, on a node that replicates every partition (now: the
+//! placement follows the cluster map's moves), and on Cassandra
 //! (one keyspace shared by every node) that store is the whole list; a node
 //! that replicates only some partitions (a cluster larger than the replica
 //! count, or a node that joined through the cluster map and holds none)
@@ -20,11 +21,11 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use saferchat_consensus::{NodeId, RoomId};
-use saferchat_placement::Placement;
 use saferchat_proto::peer::{self as pb, peer_client::PeerClient};
 
 use crate::cluster_map::ClusterMaps;
 use crate::error::NodeError;
+use crate::placement::FollowedPlacement;
 use crate::storage::{ChatStore, RoomSummary};
 
 /// Most rooms per page.
@@ -38,8 +39,10 @@ const ASK_TIMEOUT_MS: u64 = 5_000;
 pub struct ClusterList {
     /// This node.
     pub me: NodeId,
-    /// Which nodes hold which partitions.
-    pub placement: Arc<Placement>,
+    /// Which nodes hold which partitions, following the cluster map's
+    /// moves: after a rebalance a node may hold fewer partitions (or,
+    /// joined, some) than it started with.
+    pub placement: Arc<FollowedPlacement>,
     /// Channels to the other nodes.
     pub maps: ClusterMaps,
 }
@@ -56,7 +59,12 @@ impl ClusterList {
         after: Option<&RoomId>,
         limit: usize,
     ) -> Result<Vec<RoomSummary>, NodeError> {
-        let holders: Vec<NodeId> = self.placement.nodes().iter().map(|n| n.id).collect();
+        let placement = self.placement.current();
+        if placement.partitions_of(self.me).len() == placement.partitions().get() as usize {
+            // This node replicates every partition: its store is the list.
+            return store.list_rooms(after, limit).await;
+        }
+        let holders: Vec<NodeId> = placement.nodes().iter().map(|n| n.id).collect();
         let asks = holders.iter().map(|node| async move {
             let answer = if *node == self.me {
                 store.list_rooms(after, limit).await
@@ -83,17 +91,10 @@ impl ClusterList {
                 Err(e) => tracing::debug!(%node, error = %e, "listing rooms"),
             }
         }
-        let uncovered = self
-            .placement
+        let uncovered = placement
             .partitions()
             .all()
-            .filter(|p| {
-                !self
-                    .placement
-                    .replicas(*p)
-                    .iter()
-                    .any(|n| answered.contains(n))
-            })
+            .filter(|p| !placement.replicas(*p).iter().any(|n| answered.contains(n)))
             .count();
         if uncovered > 0 {
             return Err(NodeError::Unavailable(format!(

@@ -12,8 +12,7 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use saferchat_client::session::{Event, JoinOptions, Session};
-use saferchat_client::{Identity, history};
+use saferchat_client::Identity;
 use saferchat_consensus::RoomId;
 use saferchat_envelope::Envelope;
 use saferchat_envelope::sealed::Fanout;
@@ -21,12 +20,13 @@ use saferchat_node::storage::cassandra::CassandraStore;
 use saferchat_node::storage::sled::SledStore;
 use saferchat_node::storage::{self, Range};
 
-use super::history::{History, Outcome, Post, Seen};
+use super::history::{History, Outcome, Seen};
 use super::linear::Operation;
 use super::membership::{MemberOp, State};
 use super::schedule::{Clocks, Fault, Kinds, Step, Store, schedule_with};
 use crate::cassandra::PrivateCassandra;
 use crate::cluster::{Cluster, Options};
+use crate::load::{self, identity, join_any};
 use crate::netns::Loss;
 use crate::netproxy::{Link, Tap};
 
@@ -35,8 +35,7 @@ pub const MEMBERS: usize = 3;
 /// A member who listens and is removed part-way through the faults (the
 /// fixture key after the posters').
 pub const REMOVED: usize = MEMBERS;
-/// How long a post may go unanswered before it counts as unknown.
-pub const POST_TIMEOUT: Duration = Duration::from_secs(8);
+pub use crate::load::POST_TIMEOUT;
 /// How long the cluster may take to serve again once every fault is
 /// undone.
 pub const RECOVERY_MAX: Duration = Duration::from_secs(120);
@@ -346,142 +345,8 @@ fn state_of(m: &saferchat_proto::common::Membership) -> State {
     )
 }
 
-fn identity(member: usize) -> Arc<Identity> {
-    Arc::new(saferchat_client::test_keys::identity(member))
-}
-
 fn room() -> RoomId {
     RoomId::new(ROOM).expect("room name")
-}
-
-/// Joins through node `through`, trying the next node until `deadline`.
-async fn join_any(
-    servers: &[String],
-    mut through: usize,
-    me: &Arc<Identity>,
-    deadline: Instant,
-) -> Option<(Session, usize)> {
-    let options = JoinOptions {
-        no_history: true,
-        ..JoinOptions::default()
-    };
-    while Instant::now() < deadline {
-        let joined = tokio::time::timeout(
-            POST_TIMEOUT,
-            Session::join(&servers[through], &room(), Arc::clone(me), &options),
-        )
-        .await;
-        if let Ok(Ok(session)) = joined {
-            return Some((session, through));
-        }
-        through = (through + 1) % servers.len();
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    None
-}
-
-/// Posts until `until`, one post at a time.
-async fn poster(
-    servers: Vec<String>,
-    member: usize,
-    seed: u64,
-    until: Instant,
-    posts: Arc<Mutex<Vec<Post>>>,
-) {
-    let me = identity(member);
-    let mut through = member % servers.len();
-    let mut n = 0;
-    while Instant::now() < until {
-        let Some((mut session, at)) = join_any(&servers, through, &me, until).await else {
-            return;
-        };
-        through = at;
-        loop {
-            if Instant::now() >= until {
-                return;
-            }
-            let text = format!("chaos-{seed}-{member}-{n}");
-            n += 1;
-            let outcome = match session.post(text.as_bytes()).await {
-                Err(_) => Outcome::Unknown,
-                Ok(seq) => {
-                    let answer = tokio::time::timeout(POST_TIMEOUT, async {
-                        loop {
-                            match session.next().await {
-                                Ok(Some(Event::Accepted {
-                                    seq: s,
-                                    id,
-                                    room_seq,
-                                    ..
-                                })) if s == seq => {
-                                    return Outcome::Acked {
-                                        id: id.to_vec(),
-                                        seq: room_seq,
-                                    };
-                                }
-                                Ok(Some(Event::Rejected {
-                                    seq: s,
-                                    code,
-                                    message,
-                                })) if s == seq => {
-                                    return Outcome::Refused(format!("{code:?}: {message}"));
-                                }
-                                Ok(Some(_)) => {}
-                                Ok(None) | Err(_) => return Outcome::Unknown,
-                            }
-                        }
-                    })
-                    .await;
-                    answer.unwrap_or(Outcome::Unknown)
-                }
-            };
-            let lost_session = outcome == Outcome::Unknown;
-            posts.lock().expect("lock").push(Post { text, outcome });
-            if lost_session {
-                through = (through + 1) % servers.len();
-                break;
-            }
-        }
-    }
-}
-
-/// Listens until `until`: one list of deliveries per session.
-async fn listener(
-    servers: Vec<String>,
-    member: usize,
-    until: Instant,
-    sessions: Arc<Mutex<Vec<Vec<Seen>>>>,
-    unreadable: Arc<Mutex<Vec<String>>>,
-) {
-    let me = identity(member);
-    let mut through = (member + 1) % servers.len();
-    while Instant::now() < until {
-        let Some((mut session, at)) = join_any(&servers, through, &me, until).await else {
-            return;
-        };
-        through = at;
-        let mut seen = Vec::new();
-        loop {
-            let left = until.saturating_duration_since(Instant::now());
-            match tokio::time::timeout(left, session.next()).await {
-                Ok(Ok(Some(Event::Message(m)))) => match m.content {
-                    Ok(plain) => seen.push(Seen {
-                        id: m.id.to_vec(),
-                        seq: m.seq,
-                        text: String::from_utf8_lossy(&plain.body).into_owned(),
-                    }),
-                    Err(e) => unreadable.lock().expect("lock").push(e.to_string()),
-                },
-                Ok(Ok(Some(_))) => {}
-                Ok(Ok(None) | Err(_)) => {
-                    through = (through + 1) % servers.len();
-                    break;
-                }
-                Err(_) => break,
-            }
-        }
-        sessions.lock().expect("lock").push(seen);
-    }
 }
 
 /// Each node's clock control: its rate error and how far it has jumped.
@@ -693,9 +558,15 @@ pub async fn run(plan: Plan) -> Outcomes {
     // registered, so posts are wrapped for all of them.
     let setup = Instant::now() + RECOVERY_MAX;
     for member in 0..=REMOVED {
-        join_any(&servers, member % servers.len(), &identity(member), setup)
-            .await
-            .expect("join before the faults");
+        join_any(
+            &servers,
+            &room(),
+            member % servers.len(),
+            &identity(member),
+            setup,
+        )
+        .await
+        .expect("join before the faults");
     }
 
     let initial = state_of(
@@ -714,8 +585,9 @@ pub async fn run(plan: Plan) -> Outcomes {
     let posting_until = start + plan.duration;
     let listening_until = posting_until + POST_TIMEOUT + Duration::from_secs(5);
     let removed_sessions = Arc::new(Mutex::new(Vec::new()));
-    let removed_listener = tokio::spawn(listener(
+    let removed_listener = tokio::spawn(load::listen(
         servers.clone(),
+        room(),
         REMOVED,
         listening_until,
         Arc::clone(&removed_sessions),
@@ -736,15 +608,22 @@ pub async fn run(plan: Plan) -> Outcomes {
         Arc::clone(&membership),
     ))];
     for member in 0..MEMBERS {
-        tasks.push(tokio::spawn(poster(
-            servers.clone(),
+        let poster = load::Poster {
+            servers: servers.clone(),
+            room: room(),
             member,
-            plan.seed,
-            posting_until,
-            Arc::clone(&posts),
-        )));
-        tasks.push(tokio::spawn(listener(
+            prefix: format!("chaos-{}", plan.seed),
+            gap: Duration::ZERO,
+            until: posting_until,
+            stop: Arc::default(),
+        };
+        let posts = Arc::clone(&posts);
+        tasks.push(tokio::spawn(async move {
+            poster.run(posts).await;
+        }));
+        tasks.push(tokio::spawn(load::listen(
             servers.clone(),
+            room(),
             member,
             listening_until,
             Arc::clone(&sessions),
@@ -773,7 +652,8 @@ pub async fn run(plan: Plan) -> Outcomes {
 
     // Everything is undone: the room must serve again, through node 0.
     let reader = identity(0);
-    let Some((session, _)) = join_any(&servers, 0, &reader, Instant::now() + RECOVERY_MAX).await
+    let Some((session, _)) =
+        join_any(&servers, &room(), 0, &reader, Instant::now() + RECOVERY_MAX).await
     else {
         panic!(
             "SEED={}: the cluster does not serve again after the faults\n{}",
@@ -781,41 +661,9 @@ pub async fn run(plan: Plan) -> Outcomes {
             postmortem(&mut cluster)
         );
     };
-    let mut fin = Vec::new();
-    // Oldest first from the start: after the smallest UUIDv7 (time 0; no
-    // after id at all would read newest first).
-    let mut after = Some(bytes::Bytes::from_static(&[
-        0, 0, 0, 0, 0, 0, 0x70, 0, 0x80, 0, 0, 0, 0, 0, 0, 0,
-    ]));
-    loop {
-        let query = history::Query {
-            after_id: after.clone(),
-            limit: PAGE,
-            ..history::Query::default()
-        };
-        let page = history::read(&session, &query)
-            .await
-            .expect("read the final history");
-        let full = page.len() == PAGE as usize;
-        for m in page {
-            after = Some(m.id.clone());
-            let text = match m.content {
-                Ok(p) => String::from_utf8_lossy(&p.body).into_owned(),
-                Err(e) => {
-                    unreadable.lock().expect("lock").push(e.to_string());
-                    continue;
-                }
-            };
-            fin.push(Seen {
-                id: m.id.to_vec(),
-                seq: m.seq,
-                text,
-            });
-        }
-        if !full {
-            break;
-        }
-    }
+    let fin = load::read_all(&session, None, &unreadable)
+        .await
+        .expect("read the final history");
     drop(session);
 
     for node in &mut cluster.nodes {

@@ -1,0 +1,262 @@
+//! Chat load for cluster tests: members who post one message at a time
+//! and members who listen, each through whichever node answers, moving to
+//! the next node when one fails; and the room's whole history read back
+//! through one node. What they record is what
+//! [`crate::chaos::history::check`] judges.
+//!
+//! A post ends acknowledged, refused, or unknown (no answer within
+//! [`POST_TIMEOUT`]); unknown posts are not retried, so each text is
+//! posted once and may be stored at most once.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use saferchat_client::session::{Event, JoinOptions, Session};
+use saferchat_client::{Identity, history};
+use saferchat_consensus::RoomId;
+
+use crate::chaos::history::{Outcome, Post, Seen};
+
+/// How long a post may go unanswered before it counts as unknown.
+pub const POST_TIMEOUT: Duration = Duration::from_secs(8);
+/// Messages read per history page.
+const PAGE: u32 = 1000;
+
+/// A test member's identity (the fixture keys, by number).
+pub fn identity(member: usize) -> Arc<Identity> {
+    Arc::new(saferchat_client::test_keys::identity(member))
+}
+
+/// Joins `room` through node `through`, trying the next node until
+/// `deadline`; returns the session and the node it was joined through.
+pub async fn join_any(
+    servers: &[String],
+    room: &RoomId,
+    mut through: usize,
+    me: &Arc<Identity>,
+    deadline: Instant,
+) -> Option<(Session, usize)> {
+    let options = JoinOptions {
+        no_history: true,
+        ..JoinOptions::default()
+    };
+    while Instant::now() < deadline {
+        let joined = tokio::time::timeout(
+            POST_TIMEOUT,
+            Session::join(&servers[through], room, Arc::clone(me), &options),
+        )
+        .await;
+        if let Ok(Ok(session)) = joined {
+            return Some((session, through));
+        }
+        through = (through + 1) % servers.len();
+        // Paces the retries (not a synchronisation: the next attempt
+        // succeeds or fails on its own).
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    None
+}
+
+/// One member posting.
+#[derive(Clone, Debug)]
+pub struct Poster {
+    /// The nodes, tried in turn.
+    pub servers: Vec<String>,
+    /// The room.
+    pub room: RoomId,
+    /// The fixture member who posts (and joins first through node
+    /// `member % servers.len()`).
+    pub member: usize,
+    /// Texts are `{prefix}-{member}-{n}`: unique in the run.
+    pub prefix: String,
+    /// Time between one post's answer and the next post.
+    pub gap: Duration,
+    /// When to stop at the latest.
+    pub until: Instant,
+    /// Set to stop earlier (after the post in flight).
+    pub stop: Arc<AtomicBool>,
+}
+
+/// What a [`Poster`] saw, besides its posts.
+#[derive(Clone, Debug, Default)]
+pub struct Posted {
+    /// Each acknowledged post: when it was answered, and how long after
+    /// it was sent.
+    pub acks: Vec<(Instant, Duration)>,
+    /// The longest time between the first post and an acknowledgement,
+    /// or between two acknowledgements: how long the member could not
+    /// chat.
+    pub longest_without_ack: Duration,
+    /// Sessions joined (1 + how often the member had to join again).
+    pub sessions: usize,
+}
+
+impl Poster {
+    /// Posts until `until`, one post at a time; every attempt is pushed to
+    /// `posts`.
+    pub async fn run(self, posts: Arc<Mutex<Vec<Post>>>) -> Posted {
+        let me = identity(self.member);
+        let mut through = self.member % self.servers.len();
+        let mut n = 0;
+        let mut posted = Posted::default();
+        let mut last_ack: Option<Instant> = None;
+        let going = || Instant::now() < self.until && !self.stop.load(Ordering::Relaxed);
+        while going() {
+            let Some((mut session, at)) =
+                join_any(&self.servers, &self.room, through, &me, self.until).await
+            else {
+                break;
+            };
+            posted.sessions += 1;
+            through = at;
+            while going() {
+                let text = format!("{}-{}-{n}", self.prefix, self.member);
+                n += 1;
+                let started = Instant::now();
+                let outcome = post_one(&mut session, &text).await;
+                let answered = Instant::now();
+                if matches!(outcome, Outcome::Acked { .. }) {
+                    let since = last_ack.unwrap_or(started);
+                    posted.longest_without_ack = posted.longest_without_ack.max(answered - since);
+                    posted.acks.push((answered, answered - started));
+                    last_ack = Some(answered);
+                }
+                let lost_session = outcome == Outcome::Unknown;
+                posts.lock().expect("lock").push(Post { text, outcome });
+                if lost_session {
+                    through = (through + 1) % self.servers.len();
+                    break;
+                }
+                tokio::time::sleep(self.gap).await;
+            }
+        }
+        if let Some(last) = last_ack {
+            posted.longest_without_ack = posted.longest_without_ack.max(Instant::now() - last);
+        }
+        posted
+    }
+}
+
+/// Posts `text` and waits for its answer.
+async fn post_one(session: &mut Session, text: &str) -> Outcome {
+    let Ok(seq) = session.post(text.as_bytes()).await else {
+        return Outcome::Unknown;
+    };
+    let answer = tokio::time::timeout(POST_TIMEOUT, async {
+        loop {
+            match session.next().await {
+                Ok(Some(Event::Accepted {
+                    seq: s,
+                    id,
+                    room_seq,
+                    ..
+                })) if s == seq => {
+                    return Outcome::Acked {
+                        id: id.to_vec(),
+                        seq: room_seq,
+                    };
+                }
+                Ok(Some(Event::Rejected {
+                    seq: s,
+                    code,
+                    message,
+                })) if s == seq => {
+                    return Outcome::Refused(format!("{code:?}: {message}"));
+                }
+                Ok(Some(_)) => {}
+                Ok(None) | Err(_) => return Outcome::Unknown,
+            }
+        }
+    })
+    .await;
+    answer.unwrap_or(Outcome::Unknown)
+}
+
+/// Listens to `room` as `member` until `until` (joining first through
+/// node `(member + 1) % servers.len()`): one list of deliveries per
+/// session in `sessions`; a delivery that does not decrypt is described
+/// in `unreadable`.
+pub async fn listen(
+    servers: Vec<String>,
+    room: RoomId,
+    member: usize,
+    until: Instant,
+    sessions: Arc<Mutex<Vec<Vec<Seen>>>>,
+    unreadable: Arc<Mutex<Vec<String>>>,
+) {
+    let me = identity(member);
+    let mut through = (member + 1) % servers.len();
+    while Instant::now() < until {
+        let Some((mut session, at)) = join_any(&servers, &room, through, &me, until).await else {
+            return;
+        };
+        through = at;
+        let mut seen = Vec::new();
+        loop {
+            let left = until.saturating_duration_since(Instant::now());
+            match tokio::time::timeout(left, session.next()).await {
+                Ok(Ok(Some(Event::Message(m)))) => match m.content {
+                    Ok(plain) => seen.push(Seen {
+                        id: m.id.to_vec(),
+                        seq: m.seq,
+                        text: String::from_utf8_lossy(&plain.body).into_owned(),
+                    }),
+                    Err(e) => unreadable.lock().expect("lock").push(e.to_string()),
+                },
+                Ok(Ok(Some(_))) => {}
+                Ok(Ok(None) | Err(_)) => {
+                    through = (through + 1) % servers.len();
+                    break;
+                }
+                Err(_) => break,
+            }
+        }
+        sessions.lock().expect("lock").push(seen);
+    }
+}
+
+/// The room's whole history, oldest first, read through `session`'s node
+/// (or through `via`, another node); a message that does not decrypt is
+/// described in `unreadable`.
+///
+/// # Errors
+/// The history call's error.
+pub async fn read_all(
+    session: &Session,
+    via: Option<&str>,
+    unreadable: &Mutex<Vec<String>>,
+) -> Result<Vec<Seen>, saferchat_client::ClientError> {
+    let mut all = Vec::new();
+    // Oldest first from the start: after the smallest UUIDv7 (time 0; no
+    // after id at all would read newest first).
+    let mut after = Some(bytes::Bytes::from_static(&[
+        0, 0, 0, 0, 0, 0, 0x70, 0, 0x80, 0, 0, 0, 0, 0, 0, 0,
+    ]));
+    loop {
+        let query = history::Query {
+            after_id: after.clone(),
+            limit: PAGE,
+            ..history::Query::default()
+        };
+        let page = match via {
+            Some(server) => history::read_via(server, session, &query).await?,
+            None => history::read(session, &query).await?,
+        };
+        let full = page.len() == PAGE as usize;
+        for m in page {
+            after = Some(m.id.clone());
+            match m.content {
+                Ok(p) => all.push(Seen {
+                    id: m.id.to_vec(),
+                    seq: m.seq,
+                    text: String::from_utf8_lossy(&p.body).into_owned(),
+                }),
+                Err(e) => unreadable.lock().expect("lock").push(e.to_string()),
+            }
+        }
+        if !full {
+            return Ok(all);
+        }
+    }
+}
