@@ -533,7 +533,10 @@ pub async fn run(
         membership: ctx.membership.local(),
         log: (log_tx, placement.partitions().get()),
         store: Arc::clone(&chat),
-        placement: Arc::clone(&placement),
+        placement: Arc::new(placement::FollowedPlacement::new(
+            Arc::clone(&placement),
+            Some(maps.watch()),
+        )),
         timeline: copy_timeline,
     });
     if let Some(addr) = client_addr {

@@ -260,3 +260,121 @@ pub async fn read_all(
         }
     }
 }
+
+/// The text of a stored envelope, opened as `reader`; the sender is one of
+/// the fixture members `senders`.
+pub fn open_stored(
+    reader: &Identity,
+    room: &RoomId,
+    raw: &bytes::Bytes,
+    senders: std::ops::Range<usize>,
+) -> Option<String> {
+    use saferchat_envelope::Envelope;
+    use saferchat_envelope::sealed::Fanout;
+    let envelope = Envelope::decode(raw.clone()).ok()?;
+    let sealed = Fanout::new(&envelope).sealed_for_recipient(&reader.handle())?;
+    let sender = senders
+        .map(identity)
+        .find(|id| id.handle() == envelope.sender)?;
+    let plain =
+        saferchat_client::crypto::open(reader, room, sealed, |_| Some(sender.public_key())).ok()?;
+    Some(String::from_utf8_lossy(&plain.body).into_owned())
+}
+
+/// A stopped node's own store of each of `rooms` (sled, in
+/// `data_dir/db`, opened once and closed: its lock is held until its tasks
+/// end), oldest first, opened as `reader` (texts that do not open read
+/// `<unreadable>`).
+///
+/// # Panics
+/// When the store cannot be opened or read.
+pub async fn stored(
+    data_dir: &std::path::Path,
+    rooms: &[RoomId],
+    reader: &Identity,
+    senders: std::ops::Range<usize>,
+) -> Vec<Vec<Seen>> {
+    use saferchat_node::storage::{self, Range, sled::SledStore};
+    let store = SledStore::open(&data_dir.join("db")).expect("open a node's store");
+    let mut all = Vec::new();
+    for room in rooms {
+        let mut out = Vec::new();
+        let mut after = None;
+        loop {
+            let page = storage::history(&store, room, Range::After(after), PAGE as usize)
+                .await
+                .expect("read a node's store");
+            let full = page.len() == PAGE as usize;
+            for m in &page {
+                after = Some(m.id);
+                out.push(Seen {
+                    id: m.id.to_bytes().to_vec(),
+                    seq: m.seq,
+                    text: open_stored(reader, room, &m.envelope, senders.clone())
+                        .unwrap_or_else(|| "<unreadable>".into()),
+                });
+            }
+            if !full {
+                break;
+            }
+        }
+        all.push(out);
+    }
+    store.close().await.expect("close a node's store");
+    all
+}
+
+/// Posts `n` texts `{prefix}-{member}-{i}-` (then `pad` more bytes) into
+/// `room` as `member`, at most 16 in flight, and waits for every answer;
+/// every post is returned, acknowledged (a refusal or a lost session is an
+/// error).
+///
+/// # Errors
+/// No node let the member join, a post was refused, or the session ended.
+pub async fn fill(
+    servers: &[String],
+    room: &RoomId,
+    member: usize,
+    prefix: &str,
+    n: usize,
+    pad: usize,
+) -> Result<Vec<Post>, String> {
+    const WINDOW: usize = 16;
+    let deadline = Instant::now() + POST_TIMEOUT * 8;
+    let (mut session, _) = join_any(servers, room, 0, &identity(member), deadline)
+        .await
+        .ok_or("no node let the member join")?;
+    let mut texts = std::collections::HashMap::new();
+    let mut posts = Vec::new();
+    let mut sent = 0;
+    while posts.len() < n {
+        while sent < n && sent - posts.len() < WINDOW {
+            let text = format!("{prefix}-{member}-{sent}-{}", "x".repeat(pad));
+            let seq = session
+                .post(text.as_bytes())
+                .await
+                .map_err(|e| e.to_string())?;
+            texts.insert(seq, text);
+            sent += 1;
+        }
+        let event = tokio::time::timeout(POST_TIMEOUT * 4, session.next())
+            .await
+            .map_err(|_| "no answer to the fill")?
+            .map_err(|e| e.to_string())?;
+        match event {
+            Some(Event::Accepted {
+                seq, id, room_seq, ..
+            }) => posts.push(Post {
+                text: texts.remove(&seq).ok_or("an answer to no post")?,
+                outcome: Outcome::Acked {
+                    id: id.to_vec(),
+                    seq: room_seq,
+                },
+            }),
+            Some(Event::Rejected { message, .. }) => return Err(format!("refused: {message}")),
+            Some(_) => {}
+            None => return Err("the session ended".into()),
+        }
+    }
+    Ok(posts)
+}

@@ -1,7 +1,10 @@
 //! Partition moves on real node processes, under a steady chat load.
 //!
-//! In each of four rooms alice posts one message at a time and bob
-//! listens, through whichever node answers, for the whole test. Meanwhile:
+//! Each of four rooms first gets 120 posts, more than the 64 KiB each
+//! partition log keeps here, so a node that joins a partition copies its
+//! rooms' timelines from a replica. Then alice posts one message at a time
+//! and bob listens, through whichever node answers, for the whole test.
+//! Meanwhile:
 //!
 //! 1. a fourth node joins three and a rebalance moves partitions to it one
 //!    replica slot at a time (grow, rooms handed over, log established,
@@ -13,11 +16,13 @@
 //! Then, per room (`chaos::history::check`): every acknowledged post is in
 //! the history exactly once, with the id and number its acknowledgement
 //! gave, numbered 1, 2, 3, … in one order; nothing refused is stored;
-//! nothing is delivered twice or out of order to a listener; and every
-//! node left shows the same history. The longest time alice could not get
-//! a post acknowledged is printed, and bounded. After the rebalance the
-//! admin room list through every node names every room, although no node
-//! holds every partition any more.
+//! nothing is delivered twice or out of order to a listener; every node
+//! left shows the same history; and each one's own store, read after it
+//! stopped, is that history or a prefix of it, node 4's from the first
+//! post on. The longest time alice could not get a post acknowledged is
+//! printed, and bounded. After the rebalance the admin room list through
+//! every node names every room, although no node holds every partition
+//! any more.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
@@ -29,6 +34,9 @@ use saferchat_tests::cluster::{Cluster, Options};
 use saferchat_tests::load::{self, Poster};
 
 const ROOMS: [&str; 4] = ["r1", "r2", "r3", "r4"];
+/// Posts in each room before anything moves: beyond the 64 KiB each
+/// partition log keeps.
+const FILL: usize = 120;
 /// Rooms without posts, listed at the end.
 const QUIET_ROOMS: usize = 16;
 const ALICE: usize = 0;
@@ -124,7 +132,17 @@ async fn stopped(stop: Arc<AtomicBool>) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn partitions_move_under_chat_load_and_every_post_stays() {
-    let mut cluster = Cluster::start(Options::single_dc(3)).await;
+    // Each partition log keeps 64 KiB: the fill below is more than that,
+    // so the joining node, behind what its peers compacted, copies the
+    // rooms' timelines from them.
+    let mut cluster = Cluster::start(Options {
+        env: vec![(
+            "SAFERCHAT_PARTITION_LOG_RETAINED_BYTES".into(),
+            "65536".into(),
+        )],
+        ..Options::single_dc(3)
+    })
+    .await;
     cluster
         .status_until(0, 60, "a created map", |s| {
             s.epoch == 1 && s.map_leader != 0
@@ -149,6 +167,26 @@ async fn partitions_move_under_chat_load_and_every_post_stays() {
     // 1. Node 4 joins; a rebalance moves slots to it; the map leader dies
     // part-way and comes back.
     let first: Vec<String> = (0..3).map(|i| cluster.server(i)).collect();
+    for (room, seen) in ROOMS.iter().zip(&seen) {
+        // Bob joins once first: his key is registered, so every post is
+        // wrapped for him too.
+        let deadline = Instant::now() + Duration::from_secs(PHASE_S);
+        let room_id = RoomId::new(room).unwrap();
+        load::join_any(&first, &room_id, 1, &load::identity(BOB), deadline)
+            .await
+            .expect("bob joins");
+        let posts = load::fill(
+            &first,
+            &RoomId::new(room).unwrap(),
+            ALICE,
+            "fill",
+            FILL,
+            512,
+        )
+        .await
+        .unwrap_or_else(|e| panic!("{room}: fill: {e}"));
+        seen.posts.lock().unwrap().extend(posts);
+    }
     let load = Load::start(&first, "grow", &seen);
     let four = cluster.start_joining(4, "dc1", 1).await;
     cluster
@@ -239,7 +277,8 @@ async fn partitions_move_under_chat_load_and_every_post_stays() {
     println!("drain: the longest alice went without an acknowledged post: {stall:?}");
     assert!(stall < STALL_MAX, "drain: a room stalled for {stall:?}");
 
-    // Every room: one history on the three nodes left, and the checks.
+    // Every room: one history through the three nodes left.
+    let mut reads = Vec::new();
     for (room, seen) in ROOMS.iter().zip(&seen) {
         let room_id = RoomId::new(room).unwrap();
         let deadline = Instant::now() + Duration::from_secs(PHASE_S);
@@ -257,6 +296,21 @@ async fn partitions_move_under_chat_load_and_every_post_stays() {
         for (i, h) in read.iter().enumerate() {
             assert_eq!(*h, read[0], "{room}: node {} shows another history", i + 1);
         }
+        reads.push(read.swap_remove(0));
+    }
+
+    // Each node's own store, read after it stopped, then the checks.
+    let mut stores: Vec<Vec<Vec<Seen>>> = ROOMS.iter().map(|_| Vec::new()).collect();
+    let rooms: Vec<RoomId> = ROOMS.iter().map(|r| RoomId::new(r).unwrap()).collect();
+    let bob = load::identity(BOB);
+    for i in [0, 1, four] {
+        assert!(cluster.nodes[i].stop(), "node {} stops cleanly", i + 1);
+        let mine = load::stored(&cluster.nodes[i].data_dir, &rooms, &bob, ALICE..BOB).await;
+        for (r, stored) in mine.into_iter().enumerate() {
+            stores[r].push(stored);
+        }
+    }
+    for (((room, seen), fin), stores) in ROOMS.iter().zip(&seen).zip(reads).zip(stores) {
         let posts = std::mem::take(&mut *seen.posts.lock().unwrap());
         let acked = posts
             .iter()
@@ -265,16 +319,25 @@ async fn partitions_move_under_chat_load_and_every_post_stays() {
         let h = History {
             posts,
             sessions: std::mem::take(&mut *seen.sessions.lock().unwrap()),
-            fin: read.swap_remove(0),
-            stores: Vec::new(),
+            fin,
+            stores,
         };
         println!(
-            "{room}: {} posts, {acked} acknowledged, {} in the history, {} listening sessions",
+            "{room}: {} posts, {acked} acknowledged, {} in the history, {} listening sessions, stores of nodes 1, 2, 4: {:?}",
             h.posts.len(),
             h.fin.len(),
-            h.sessions.len()
+            h.sessions.len(),
+            h.stores.iter().map(Vec::len).collect::<Vec<_>>()
         );
-        assert!(acked > 0, "{room}: alice got posts through");
+        // Node 4 holds every partition now (three nodes, three replicas):
+        // its store has the room from its first post, copied from the
+        // others (the checker says it is a prefix of the history).
+        assert!(
+            h.stores[2].len() >= FILL,
+            "{room}: node 4 stores {} posts",
+            h.stores[2].len()
+        );
+        assert!(acked > FILL, "{room}: alice got posts through");
         let anomalies = history::check(&h);
         assert!(anomalies.is_empty(), "{room}: {anomalies:?}");
         assert!(

@@ -32,8 +32,9 @@ const _: () = assert!(PAGE_WIRE_BYTES_MAX <= crate::grpc::peer::PEER_FRAME_BYTES
 pub struct Serve<'a> {
     /// The calling node (from its certificate).
     pub caller: NodeId,
-    /// Which nodes replicate which partitions.
-    pub placement: &'a Arc<Placement>,
+    /// Which nodes replicate which partitions now (following the cluster
+    /// map's moves: a node that joined copies partitions it was given).
+    pub placement: Arc<Placement>,
     /// The partition logs' applied marks; `None` on a single node.
     pub timeline: Option<&'a Timeline>,
     /// This node's store.
@@ -96,7 +97,7 @@ impl Serve<'_> {
                 "this node does not replicate partition {partition}"
             ))
         })?;
-        let placement = Arc::clone(self.placement);
+        let placement = Arc::clone(&self.placement);
         let in_partition =
             move |room: &RoomId| placement.partitions().of_room(room.as_str()).0 == partition;
         let page = copy::read_rooms(self.store, &in_partition, applied, after).await?;

@@ -110,8 +110,9 @@ pub struct Serving {
     pub log: (mpsc::Sender<LogInbound>, u32),
     /// This node's store (`ListRooms`, the partition copy).
     pub store: Arc<dyn crate::storage::ChatStore>,
-    /// Which nodes replicate which partitions (the partition copy).
-    pub placement: Arc<saferchat_placement::Placement>,
+    /// Which nodes replicate which partitions (the partition copy),
+    /// following the cluster map's moves.
+    pub placement: Arc<crate::placement::FollowedPlacement>,
     /// The partition logs' applied marks (the partition copy); `None` on a
     /// node without them.
     pub timeline: Option<crate::timeline::Timeline>,
@@ -157,7 +158,7 @@ impl PeerService {
         let serving = self.serving()?;
         Ok(crate::grpc::partition_copy::Serve {
             caller,
-            placement: &serving.placement,
+            placement: serving.placement.current(),
             timeline: serving.timeline.as_ref(),
             store: &*serving.store,
         })

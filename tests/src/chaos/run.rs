@@ -12,10 +12,8 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use saferchat_client::Identity;
 use saferchat_consensus::RoomId;
 use saferchat_envelope::Envelope;
-use saferchat_envelope::sealed::Fanout;
 use saferchat_node::storage::cassandra::CassandraStore;
 use saferchat_node::storage::sled::SledStore;
 use saferchat_node::storage::{self, Range};
@@ -470,23 +468,6 @@ fn postmortem(cluster: &mut Cluster) -> String {
     out
 }
 
-/// The text of a stored envelope, opened as `reader`.
-fn open_stored(reader: &Identity, raw: &bytes::Bytes) -> Option<String> {
-    let envelope = Envelope::decode(raw.clone()).ok()?;
-    let sealed = Fanout::new(&envelope).sealed_for_recipient(&reader.handle())?;
-    let sender = identity_of(&envelope)?;
-    let plain =
-        saferchat_client::crypto::open(reader, &room(), sealed, |_| Some(sender.public_key()))
-            .ok()?;
-    Some(String::from_utf8_lossy(&plain.body).into_owned())
-}
-
-fn identity_of(envelope: &Envelope) -> Option<Arc<Identity>> {
-    (0..MEMBERS)
-        .map(identity)
-        .find(|id| id.handle() == envelope.sender)
-}
-
 /// Runs `plan`.
 ///
 /// # Panics
@@ -708,7 +689,7 @@ pub async fn run(plan: Plan) -> Outcomes {
                 mine.push(Seen {
                     id: m.id.to_bytes().to_vec(),
                     seq: m.seq,
-                    text: open_stored(&reader, &m.envelope)
+                    text: load::open_stored(&reader, &room(), &m.envelope, 0..MEMBERS)
                         .unwrap_or_else(|| "<unreadable>".into()),
                 });
             }
