@@ -284,9 +284,18 @@ impl Cluster {
                 "cluster-test-session-secret-0123456789abcdef".to_owned(),
             ),
         ];
+        let mut env: Vec<(&str, String)> = env.to_vec();
+        // Metrics like the others', when the cluster has them.
+        let metrics = (!self.metrics.is_empty()).then(|| format!("127.0.0.1:{}", free_port()));
+        if let Some(m) = &metrics {
+            env.push((METRICS_LISTEN, m.clone()));
+        }
         let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
         let node = NodeProcess::try_start(&data_dir, &env)
             .unwrap_or_else(|log| panic!("node {id} did not join: {log}"));
+        if metrics.is_some() {
+            self.metrics.push(metrics_address(&node));
+        }
         front.set_target(node.addr);
         self.peer_addresses
             .push(node.peer_addr.expect("peer listener"));
