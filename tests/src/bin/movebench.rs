@@ -18,7 +18,10 @@
 //! - the whole rebalance: from the admin call to the map with nothing
 //!   moving and every partition established, and the slots moved;
 //! - the probe's post latency (post to acknowledgement) before the
-//!   rebalance and during it: median, p99, largest, and how many posts.
+//!   rebalance and during it: median, p99, largest, and how many posts;
+//!   how many probe posts were refused or left unanswered (8 s, or the
+//!   session ended), how many sessions the probe joined, and the longest
+//!   it went without an acknowledgement.
 //!
 //! The room names are chosen so that both rooms' partitions move (the ring
 //! is computed here for 3 and 4 nodes). The links between the nodes go
@@ -44,6 +47,7 @@ use anyhow::Context as _;
 use clap::Parser;
 use saferchat_consensus::{NodeId, RoomId};
 use saferchat_placement::{ClusterNode, PartitionCount, PartitionId, Placement};
+use saferchat_tests::chaos::history::Outcome;
 use saferchat_tests::cluster::{Cluster, Options};
 use saferchat_tests::load::{self, Poster};
 use saferchat_tests::{process, procfs, stats};
@@ -89,6 +93,13 @@ struct Row {
     slots_moved: usize,
     before: Latency,
     during: Latency,
+    /// Probe posts of the whole run refused, and left without an answer.
+    probe_refused: usize,
+    probe_unknown: usize,
+    /// Sessions the probe joined, and the longest it went without an
+    /// acknowledgement.
+    probe_sessions: usize,
+    probe_longest_gap: Duration,
 }
 
 /// Post latencies of a window.
@@ -325,6 +336,14 @@ async fn run_one(args: &Args, messages: usize, logs_to: &Path) -> anyhow::Result
                 .collect(),
         )
     };
+    let (probe_refused, probe_unknown) = {
+        let posts = posts.lock().expect("lock");
+        let count = |f: fn(&Outcome) -> bool| posts.iter().filter(|p| f(&p.outcome)).count();
+        (
+            count(|o| matches!(o, Outcome::Refused(_))),
+            count(|o| *o == Outcome::Unknown),
+        )
+    };
     let before = window(started - Duration::from_secs(args.baseline_s), started);
     let during = window(started, finished);
     for node in &mut cluster.nodes {
@@ -356,6 +375,10 @@ async fn run_one(args: &Args, messages: usize, logs_to: &Path) -> anyhow::Result
         slots_moved,
         before,
         during,
+        probe_refused,
+        probe_unknown,
+        probe_sessions: posted.sessions,
+        probe_longest_gap: posted.longest_without_ack,
     })
 }
 
@@ -373,13 +396,13 @@ fn report(args: &Args, rows: &[Row]) -> String {
     );
     let _ = writeln!(
         r,
-        "| messages in `big` | fill (s) | `big`'s partition moved in (s) | node 4 caught up with `big`'s log after (s) | partitions moved: median / largest (s) | rebalance (s) | slots moved | probe before: posts, p50 / p99 / max (ms) | probe during: posts, p50 / p99 / max (ms) |"
+        "| messages in `big` | fill (s) | `big`'s partition moved in (s) | node 4 caught up with `big`'s log after (s) | partitions moved: median / largest (s) | rebalance (s) | slots moved | probe before: posts, p50 / p99 / max (ms) | probe during: posts, p50 / p99 / max (ms) | probe posts refused / unanswered, sessions, longest without an acknowledgement (whole run) |"
     );
-    let _ = writeln!(r, "|---|---|---|---|---|---|---|---|---|");
+    let _ = writeln!(r, "|---|---|---|---|---|---|---|---|---|---|");
     for row in rows {
         let _ = writeln!(
             r,
-            "| {} | {:.1} | {} (partition {}) | {} | {} partitions: {:.1} / {:.1} | {:.1} | {} | {}: {:.1} / {:.1} / {:.1} | {}: {:.1} / {:.1} / {:.1} |",
+            "| {} | {:.1} | {} (partition {}) | {} | {} partitions: {:.1} / {:.1} | {:.1} | {} | {}: {:.1} / {:.1} / {:.1} | {}: {:.1} / {:.1} / {:.1} | {} / {}, {}, {:.2} s |",
             row.messages,
             row.fill_s,
             row.big_move_s
@@ -400,6 +423,10 @@ fn report(args: &Args, rows: &[Row]) -> String {
             row.during.p50_ms,
             row.during.p99_ms,
             row.during.max_ms,
+            row.probe_refused,
+            row.probe_unknown,
+            row.probe_sessions,
+            row.probe_longest_gap.as_secs_f64(),
         );
     }
     r
