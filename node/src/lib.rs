@@ -426,6 +426,12 @@ pub async fn run(
         placement: Arc::clone(&placement),
     });
     let client_addr = listeners.client.local_addr().ok();
+    // One placement following the map for the admin room list and the
+    // partition copy's check (each follower rebuilds the ring per epoch).
+    let followed = Arc::new(placement::FollowedPlacement::new(
+        Arc::clone(&placement),
+        Some(maps.watch()),
+    ));
     let filter = RoomFilter::new(known, config.is_single_node());
     let admin_ctx = Arc::new(AdminContext {
         me: NodeId(config.node_id),
@@ -435,10 +441,7 @@ pub async fn run(
         maps: maps.clone(),
         cluster_list: lists_across_the_cluster(&config).then(|| grpc::room_list::ClusterList {
             me: NodeId(config.node_id),
-            placement: Arc::new(placement::FollowedPlacement::new(
-                Arc::clone(&placement),
-                Some(maps.watch()),
-            )),
+            placement: Arc::clone(&followed),
             maps: maps.clone(),
         }),
     });
@@ -533,10 +536,7 @@ pub async fn run(
         membership: ctx.membership.local(),
         log: (log_tx, placement.partitions().get()),
         store: Arc::clone(&chat),
-        placement: Arc::new(placement::FollowedPlacement::new(
-            Arc::clone(&placement),
-            Some(maps.watch()),
-        )),
+        placement: followed,
         timeline: copy_timeline,
     });
     if let Some(addr) = client_addr {

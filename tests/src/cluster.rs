@@ -386,6 +386,18 @@ impl Cluster {
         }
     }
 
+    /// Waits (up to 60 s) until node `i` has the created cluster map
+    /// (epoch 1) and knows the map group's leader; its answer.
+    ///
+    /// # Panics
+    /// When it never does.
+    pub async fn map_created(&self, i: usize) -> saferchat_proto::admin::ClusterStatusReply {
+        self.status_until(i, 60, "a created map with a leader", |s| {
+            s.epoch == 1 && s.map_leader != 0
+        })
+        .await
+    }
+
     /// The loopback ports of the proxies node `i` dials to reach its
     /// peers: every byte it sends to another node goes to one of them.
     pub fn outgoing_peer_ports(&self, i: usize) -> Vec<u16> {

@@ -8,13 +8,13 @@
 //! [`POST_TIMEOUT`]); unknown posts are not retried, so each text is
 //! posted once and may be stored at most once.
 
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use saferchat_client::session::{Event, JoinOptions, Session};
 use saferchat_client::{Identity, history};
 use saferchat_consensus::RoomId;
+use tokio_util::sync::CancellationToken;
 
 use crate::chaos::history::{Outcome, Post, Seen};
 
@@ -74,8 +74,8 @@ pub struct Poster {
     pub gap: Duration,
     /// When to stop at the latest.
     pub until: Instant,
-    /// Set to stop earlier (after the post in flight).
-    pub stop: Arc<AtomicBool>,
+    /// Cancelled to stop earlier (after the post in flight).
+    pub stop: CancellationToken,
 }
 
 /// What a [`Poster`] saw, besides its posts.
@@ -101,7 +101,7 @@ impl Poster {
         let mut n = 0;
         let mut posted = Posted::default();
         let mut last_ack: Option<Instant> = None;
-        let going = || Instant::now() < self.until && !self.stop.load(Ordering::Relaxed);
+        let going = || Instant::now() < self.until && !self.stop.is_cancelled();
         while going() {
             let Some((mut session, at)) =
                 join_any(&self.servers, &self.room, through, &me, self.until).await

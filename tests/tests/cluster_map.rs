@@ -17,11 +17,7 @@ fn node_ids(s: &ClusterStatusReply) -> Vec<u64> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_node_applies_one_map_and_the_group_outlives_its_leader() {
     let mut cluster = Cluster::start(Options::single_dc(3)).await;
-    let first = cluster
-        .status_until(0, 60, "a created map with a leader", |s| {
-            s.epoch == 1 && s.map_leader != 0
-        })
-        .await;
+    let first = cluster.map_created(0).await;
     assert_eq!(first.partitions, 256);
     assert_eq!(first.replicas_per_datacenter, 3);
     assert_eq!(node_ids(&first), vec![1, 2, 3]);
@@ -83,11 +79,7 @@ fn tls(dir: &std::path::Path, node: u64, target: u64) -> ClientTlsConfig {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_map_message_in_another_nodes_name_is_refused() {
     let cluster = Cluster::start(Options::single_dc(3)).await;
-    let before = cluster
-        .status_until(1, 60, "a created map with a leader", |s| {
-            s.epoch == 1 && s.map_leader != 0
-        })
-        .await;
+    let before = cluster.map_created(1).await;
 
     // Node 3's own certificate, a vote request naming node 1 as the
     // candidate at a far higher term: granted, it would depose the leader.
@@ -145,11 +137,7 @@ async fn a_node_joins_through_the_map_serves_clients_and_leaves_again() {
     use saferchat_tests::process::{self, fixture_key};
 
     let mut cluster = Cluster::start(Options::single_dc(3)).await;
-    cluster
-        .status_until(0, 60, "a created map", |s| {
-            s.epoch == 1 && s.map_leader != 0
-        })
-        .await;
+    cluster.map_created(0).await;
     let four = cluster.start_joining(4, "dc1", 1).await;
 
     let joined = cluster

@@ -24,7 +24,6 @@
 //! every node names every room, although no node holds every partition
 //! any more.
 
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -32,6 +31,7 @@ use saferchat_consensus::RoomId;
 use saferchat_tests::chaos::history::{self, History, Outcome, Post, Seen};
 use saferchat_tests::cluster::{Cluster, Options};
 use saferchat_tests::load::{self, Poster};
+use tokio_util::sync::CancellationToken;
 
 const ROOMS: [&str; 4] = ["r1", "r2", "r3", "r4"];
 /// Posts in each room before anything moves: beyond the 64 KiB each
@@ -49,7 +49,7 @@ const STALL_MAX: Duration = Duration::from_secs(60);
 
 /// One phase's chat load: a poster and a listener per room.
 struct Load {
-    stop: Arc<AtomicBool>,
+    stop: CancellationToken,
     posters: Vec<tokio::task::JoinHandle<load::Posted>>,
     listeners: Vec<tokio::task::JoinHandle<()>>,
 }
@@ -66,7 +66,7 @@ impl Load {
     /// Starts posting and listening in every room through `servers`,
     /// until [`Load::stop`] (and at most 2 × `PHASE_S`).
     fn start(servers: &[String], phase: &str, seen: &[Seen4]) -> Load {
-        let stop = Arc::new(AtomicBool::new(false));
+        let stop = CancellationToken::new();
         let bound = Instant::now() + Duration::from_secs(2 * PHASE_S);
         let mut posters = Vec::new();
         let mut listeners = Vec::new();
@@ -79,7 +79,7 @@ impl Load {
                 prefix: format!("{phase}-{room}"),
                 gap: Duration::from_millis(200),
                 until: bound,
-                stop: Arc::clone(&stop),
+                stop: stop.clone(),
             };
             posters.push(tokio::spawn(poster.run(Arc::clone(&seen.posts))));
             let listen = load::listen(
@@ -90,11 +90,11 @@ impl Load {
                 Arc::clone(&seen.sessions),
                 Arc::clone(&seen.unreadable),
             );
-            let stop = Arc::clone(&stop);
+            let stop = stop.clone();
             listeners.push(tokio::spawn(async move {
                 tokio::select! {
                     () = listen => {}
-                    () = stopped(stop) => {}
+                    () = stop.cancelled() => {}
                 }
             }));
         }
@@ -109,7 +109,7 @@ impl Load {
     /// listeners; returns the longest time a poster went without an
     /// acknowledgement.
     async fn stop(self) -> Duration {
-        self.stop.store(true, Ordering::Relaxed);
+        self.stop.cancel();
         let mut longest = Duration::ZERO;
         for task in self.posters {
             let posted = task.await.expect("a poster");
@@ -119,14 +119,6 @@ impl Load {
             task.await.expect("a listener");
         }
         longest
-    }
-}
-
-/// Resolves once `stop` is set (polled: the listener it ends is idle).
-async fn stopped(stop: Arc<AtomicBool>) {
-    let mut tick = tokio::time::interval(Duration::from_millis(100));
-    while !stop.load(Ordering::Relaxed) {
-        tick.tick().await;
     }
 }
 
@@ -143,11 +135,7 @@ async fn partitions_move_under_chat_load_and_every_post_stays() {
         ..Options::single_dc(3)
     })
     .await;
-    cluster
-        .status_until(0, 60, "a created map", |s| {
-            s.epoch == 1 && s.map_leader != 0
-        })
-        .await;
+    cluster.map_created(0).await;
     let mut admin = cluster.admin(0).await;
     for room in ROOMS {
         admin.create_chat(room).await.expect("create");

@@ -2,8 +2,8 @@
 //! room.
 //!
 //! Each node's store holds the rooms of the partitions it replicates. On a
-//! single node, on a node that replicates every partition (now: the
-//! placement follows the cluster map's moves), and on Cassandra
+//! single node, on a node that replicates every partition (in the
+//! placement as the cluster map moved it), and on Cassandra
 //! (one keyspace shared by every node) that store is the whole list; a node
 //! that replicates only some partitions (a cluster larger than the replica
 //! count, or a node that joined through the cluster map and holds none)

@@ -39,7 +39,6 @@
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -51,6 +50,7 @@ use saferchat_tests::chaos::history::Outcome;
 use saferchat_tests::cluster::{Cluster, Options};
 use saferchat_tests::load::{self, Poster};
 use saferchat_tests::{process, procfs, stats};
+use tokio_util::sync::CancellationToken;
 
 /// How long the rebalance may take before the run is given up.
 const MOVE_MAX_S: u64 = 900;
@@ -254,11 +254,7 @@ async fn run_one(args: &Args, messages: usize, logs_to: &Path) -> anyhow::Result
         ..Options::single_dc(3)
     })
     .await;
-    cluster
-        .status_until(0, 60, "a created map", |s| {
-            s.epoch == 1 && s.map_leader != 0
-        })
-        .await;
+    cluster.map_created(0).await;
     let big_name = moving_room("big", None)?;
     let big_partition = PartitionCount::DEFAULT.of_room(&big_name);
     let probe_name = moving_room("probe", Some(big_partition))?;
@@ -286,7 +282,7 @@ async fn run_one(args: &Args, messages: usize, logs_to: &Path) -> anyhow::Result
     let fill_s = filling.elapsed().as_secs_f64();
     eprintln!("movebench: {messages} messages in {big_name} in {fill_s:.1} s");
 
-    let stop = Arc::new(AtomicBool::new(false));
+    let stop = CancellationToken::new();
     let probe = Poster {
         servers: servers.clone(),
         room: RoomId::new(&probe_name)?,
@@ -294,7 +290,7 @@ async fn run_one(args: &Args, messages: usize, logs_to: &Path) -> anyhow::Result
         prefix: "probe".into(),
         gap: Duration::from_millis(args.probe_gap_ms),
         until: Instant::now() + Duration::from_secs(args.baseline_s + MOVE_MAX_S + 60),
-        stop: Arc::clone(&stop),
+        stop: stop.clone(),
     };
     let posts = Arc::new(Mutex::new(Vec::new()));
     let probing = tokio::spawn(probe.run(Arc::clone(&posts)));
@@ -324,7 +320,7 @@ async fn run_one(args: &Args, messages: usize, logs_to: &Path) -> anyhow::Result
     );
     let finished = Instant::now();
     let caught_up_s = caught_up.map(|at| (at - started).as_secs_f64());
-    stop.store(true, Ordering::Relaxed);
+    stop.cancel();
     let posted = probing.await.context("the probe")?;
     let window = |from: Instant, to: Instant| {
         Latency::of(

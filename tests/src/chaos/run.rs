@@ -596,7 +596,7 @@ pub async fn run(plan: Plan) -> Outcomes {
             prefix: format!("chaos-{}", plan.seed),
             gap: Duration::ZERO,
             until: posting_until,
-            stop: Arc::default(),
+            stop: tokio_util::sync::CancellationToken::new(),
         };
         let posts = Arc::clone(&posts);
         tasks.push(tokio::spawn(async move {
