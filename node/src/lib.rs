@@ -369,6 +369,7 @@ pub async fn run(
         inbound: inbound_rx,
         clock: Arc::clone(&clock),
         known: Arc::clone(&known),
+        chat_repair_after: driver::CHAT_DETAILS_REPAIR_AFTER,
         shutdown: shutdown.clone(),
     });
     // Rooms whose partition this node does not replicate: ask a replica.

@@ -58,6 +58,44 @@ const HANDOVER_RETRY_MS: u64 = 500;
 /// Acceptor states read per page when a seal walks this node's rooms.
 const SEAL_PAGE: usize = 1_000;
 
+/// On a store every node shares, how long a replica that learned a commit
+/// it did not propose waits before it checks that the proposer recorded
+/// it (see [`ChatDetailsWriter`]).
+pub const CHAT_DETAILS_REPAIR_AFTER: Duration = Duration::from_secs(10);
+
+/// Who writes a learned commit to the committed-membership cache
+/// (`chat_details`).
+///
+/// Every replica of a room learns each commit. On a node's own store
+/// (sled) each writes its own row. On a store every node shares
+/// (Cassandra) that would be one compare-and-set per replica on the same
+/// row for every change, contending with each other (a lightweight
+/// transaction is four round trips, more when retried), so only the
+/// proposer whose round chose the value (the node in the commit's ballot)
+/// writes it at once. The others *repair*: after
+/// [`CHAT_DETAILS_REPAIR_AFTER`] they read the row (no transaction) and
+/// write only if it is still behind, which happens when the proposer
+/// stopped between the commit and its write. The compare-and-set on the
+/// revision keeps the newest whichever writes land.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ChatDetailsWriter {
+    /// Write now.
+    Now,
+    /// Check later; write only if the row is still behind.
+    Repair,
+}
+
+impl ChatDetailsWriter {
+    /// The writer for a commit chosen at `ballot`, learned by `me`.
+    pub fn of(shared_store: bool, ballot: Ballot, me: NodeId) -> ChatDetailsWriter {
+        if !shared_store || ballot.node == me {
+            ChatDetailsWriter::Now
+        } else {
+            ChatDetailsWriter::Repair
+        }
+    }
+}
+
 /// A step of a partition's move that this node runs as the mover.
 struct Mover {
     handover: Handover,
@@ -128,6 +166,9 @@ pub struct DriverParts {
     pub clock: Arc<dyn Clock>,
     /// Room existence filter, updated on every commit.
     pub known: Arc<KnownRooms>,
+    /// How long a replica waits before it repairs a commit the proposer
+    /// did not record (a shared store only; [`ChatDetailsWriter`]).
+    pub chat_repair_after: Duration,
     /// Stops the driver.
     pub shutdown: CancellationToken,
 }
@@ -143,6 +184,7 @@ struct Driver {
     peers: Arc<dyn PeerSender>,
     clock: Arc<dyn Clock>,
     known: Arc<KnownRooms>,
+    chat_repair_after: Duration,
     rooms: HashMap<RoomId, Slot>,
     timers: BinaryHeap<Reverse<(Millis, RoomId)>>,
     next_request: u64,
@@ -179,6 +221,7 @@ pub fn spawn(parts: DriverParts) -> (Membership, JoinHandle<Result<(), NodeError
         peers: parts.peers,
         clock: parts.clock,
         known: parts.known,
+        chat_repair_after: parts.chat_repair_after,
         rooms: HashMap::new(),
         timers: BinaryHeap::new(),
         next_request: 0,
@@ -1066,15 +1109,38 @@ impl Driver {
         metrics::counter!("saferchat_membership_commits_learned_total").increment(1);
         let chat = Arc::clone(&self.chat);
         let room = room.clone();
+        let writer = ChatDetailsWriter::of(chat.shared(), ballot, self.config.me);
+        let repair_after = self.chat_repair_after;
         // A cache of the consensus state (the acceptors hold the truth), so
         // it is written in the background; compare-and-set on the revision
         // keeps the newest whatever order the writes land in.
         tokio::spawn(async move {
-            if let Err(e) = chat
+            if writer == ChatDetailsWriter::Repair {
+                tokio::time::sleep(repair_after).await;
+                match chat.load_room(&room).await {
+                    Ok(Some(saved)) if saved.state.revision >= state.revision => return,
+                    Ok(_) => {}
+                    Err(e) => {
+                        tracing::warn!(%room, error = %e, "could not check recorded membership");
+                        return;
+                    }
+                }
+            }
+            match chat
                 .save_room(&room, &CommittedRoom { ballot, state })
                 .await
             {
-                tracing::warn!(%room, error = %e, "could not record committed membership");
+                Ok(_) => {
+                    let by = match writer {
+                        ChatDetailsWriter::Now => "now",
+                        ChatDetailsWriter::Repair => "repair",
+                    };
+                    metrics::counter!("saferchat_chat_details_writes_total", "by" => by)
+                        .increment(1);
+                }
+                Err(e) => {
+                    tracing::warn!(%room, error = %e, "could not record committed membership");
+                }
             }
         });
     }

@@ -24,8 +24,8 @@ use crate::convert;
 use crate::error::NodeError;
 use crate::known_rooms::KnownRooms;
 use crate::membership::{HandoverStep, Inbound, Membership, PeerSender};
-use crate::storage::AcceptorStore;
 use crate::storage::memory::{MemoryAcceptors, MemoryChat};
+use crate::storage::{AcceptorStore, ChatStore, CommittedRoom};
 
 /// Delivers what one node sends to the others' drivers, through the
 /// protobuf conversions a real peer link uses.
@@ -128,6 +128,30 @@ fn start(
     routes: &Arc<Mutex<HashMap<NodeId, mpsc::Sender<Inbound>>>>,
     maps: Option<&watch::Receiver<ClusterMap>>,
 ) -> Running {
+    start_with(
+        me,
+        nodes,
+        placement,
+        map,
+        disk,
+        disk.chat.clone(),
+        routes,
+        maps,
+    )
+}
+
+/// [`start`] with another store of committed memberships.
+#[allow(clippy::too_many_arguments)]
+fn start_with(
+    me: u64,
+    nodes: u64,
+    placement: &Arc<Placement>,
+    map: &Arc<ClusterMap>,
+    disk: &Disk,
+    chat: Arc<dyn ChatStore>,
+    routes: &Arc<Mutex<HashMap<NodeId, mpsc::Sender<Inbound>>>>,
+    maps: Option<&watch::Receiver<ClusterMap>>,
+) -> Running {
     let (tx, inbound) = mpsc::channel(1024);
     routes.lock().unwrap().insert(NodeId(me), tx);
     let stop = CancellationToken::new();
@@ -137,7 +161,7 @@ fn start(
         map: Arc::clone(map),
         maps: maps.cloned(),
         acceptors: disk.acceptors.clone(),
-        chat: disk.chat.clone(),
+        chat,
         peers: Arc::new(Router {
             me: NodeId(me),
             routes: Arc::clone(routes),
@@ -145,6 +169,7 @@ fn start(
         inbound,
         clock: SystemClock::new(),
         known: Arc::new(KnownRooms::new()),
+        chat_repair_after: Duration::from_secs(2),
         shutdown: stop.clone(),
     });
     Running {
@@ -440,4 +465,178 @@ async fn running_nodes_follow_the_map_through_a_grow_and_a_shrink() {
     for n in nodes {
         n.stop().await;
     }
+}
+
+/// One node's view of a store every node shares (as Cassandra is): saves
+/// are logged by node, and a node's saves can be dropped, as if it stopped
+/// between learning a commit and recording it.
+#[derive(Debug)]
+struct SharedChat {
+    node: u64,
+    inner: Arc<MemoryChat>,
+    /// `(node, revision)` of every save that reached the store.
+    saves: Arc<Mutex<Vec<(u64, u64)>>>,
+    /// Nodes whose saves are dropped.
+    muted: Arc<Mutex<Vec<u64>>>,
+}
+
+#[async_trait::async_trait]
+impl ChatStore for SharedChat {
+    async fn load_room(&self, room: &RoomId) -> Result<Option<CommittedRoom>, NodeError> {
+        self.inner.load_room(room).await
+    }
+    async fn save_room(&self, room: &RoomId, committed: &CommittedRoom) -> Result<bool, NodeError> {
+        if self.muted.lock().unwrap().contains(&self.node) {
+            return Ok(false);
+        }
+        self.saves
+            .lock()
+            .unwrap()
+            .push((self.node, committed.state.revision.0));
+        self.inner.save_room(room, committed).await
+    }
+    async fn list_rooms(
+        &self,
+        after: Option<&RoomId>,
+        limit: usize,
+    ) -> Result<Vec<crate::storage::RoomSummary>, NodeError> {
+        self.inner.list_rooms(after, limit).await
+    }
+    async fn append(&self, batch: &[crate::storage::StoredMessage]) -> Result<(), NodeError> {
+        self.inner.append(batch).await
+    }
+    async fn buckets(&self, room: &RoomId) -> Result<Vec<crate::message_id::Bucket>, NodeError> {
+        self.inner.buckets(room).await
+    }
+    async fn rooms_with_messages(
+        &self,
+        after: Option<&RoomId>,
+        limit: usize,
+    ) -> Result<Vec<RoomId>, NodeError> {
+        self.inner.rooms_with_messages(after, limit).await
+    }
+    fn shared(&self) -> bool {
+        true
+    }
+    async fn read_bucket(
+        &self,
+        room: &RoomId,
+        bucket: crate::message_id::Bucket,
+        range: crate::storage::Range,
+        limit: usize,
+    ) -> Result<Vec<crate::storage::StoredMessage>, NodeError> {
+        self.inner.read_bucket(room, bucket, range, limit).await
+    }
+}
+
+/// The revision of `room` in `store`, waiting (up to a minute) until it
+/// reaches `revision`.
+async fn recorded(store: &MemoryChat, room: &RoomId, revision: u64) -> u64 {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let saved = store
+            .load_room(room)
+            .await
+            .unwrap()
+            .map_or(0, |c| c.state.revision.0);
+        if saved >= revision || Instant::now() > deadline {
+            return saved;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn on_a_shared_store_the_proposer_records_each_commit_and_the_others_repair_a_missed_one() {
+    let routes = Arc::new(Mutex::new(HashMap::new()));
+    let disks: Vec<Disk> = (0..3).map(|_| Disk::default()).collect();
+    let one = PartitionCount::new(1).unwrap();
+    let placement: Arc<Placement> =
+        Arc::new(Placement::build(&(1..=3).map(cluster_node).collect::<Vec<_>>(), one, 3).unwrap());
+    let map = Arc::new(ClusterMap::default());
+    let store = Arc::new(MemoryChat::default());
+    let saves = Arc::new(Mutex::new(Vec::new()));
+    let muted = Arc::new(Mutex::new(Vec::new()));
+    let nodes: Vec<Running> = (1..=3)
+        .map(|n| {
+            let chat = Arc::new(SharedChat {
+                node: n,
+                inner: Arc::clone(&store),
+                saves: Arc::clone(&saves),
+                muted: Arc::clone(&muted),
+            });
+            start_with(
+                n,
+                3,
+                &placement,
+                &map,
+                &disks[n as usize - 1],
+                chat,
+                &routes,
+                None,
+            )
+        })
+        .collect();
+    let room = RoomId::new("team").unwrap();
+
+    // Node 1 proposes three changes and records each.
+    change(&nodes[0].membership, &room, Change::Create)
+        .await
+        .unwrap();
+    for name in ["alice", "bob"] {
+        change(&nodes[0].membership, &room, Change::Add(handle(name)))
+            .await
+            .unwrap();
+    }
+    assert_eq!(recorded(&store, &room, 3).await, 3);
+
+    // Node 1 stops recording; its next commit is repaired by a replica
+    // that learned it.
+    muted.lock().unwrap().push(1);
+    change(&nodes[0].membership, &room, Change::Add(handle("carol")))
+        .await
+        .unwrap();
+    assert_eq!(recorded(&store, &room, 4).await, 4, "repaired");
+    let saves = saves.lock().unwrap().clone();
+    let early: Vec<u64> = saves
+        .iter()
+        .filter(|(_, revision)| *revision <= 3)
+        .map(|(node, _)| *node)
+        .collect();
+    assert!(
+        !early.is_empty() && early.iter().all(|node| *node == 1),
+        "only the proposer recorded revisions 1 to 3: {saves:?}"
+    );
+    assert!(
+        saves
+            .iter()
+            .any(|(node, revision)| *revision == 4 && *node != 1),
+        "another replica recorded revision 4: {saves:?}"
+    );
+    for n in nodes {
+        n.stop().await;
+    }
+}
+
+#[test]
+fn only_the_proposer_writes_a_shared_store_at_once() {
+    use crate::membership::driver::ChatDetailsWriter;
+    let ballot = saferchat_consensus::Ballot {
+        epoch: 1,
+        round: 3,
+        node: NodeId(2),
+    };
+    assert_eq!(
+        ChatDetailsWriter::of(true, ballot, NodeId(2)),
+        ChatDetailsWriter::Now
+    );
+    assert_eq!(
+        ChatDetailsWriter::of(true, ballot, NodeId(1)),
+        ChatDetailsWriter::Repair
+    );
+    assert_eq!(
+        ChatDetailsWriter::of(false, ballot, NodeId(1)),
+        ChatDetailsWriter::Now,
+        "a node's own store is written by every replica"
+    );
 }

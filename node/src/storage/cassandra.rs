@@ -58,8 +58,9 @@
 //!   (R + W > RF): history read after an ack contains the acked message.
 //! - The `chat_details` compare-and-set: a lightweight transaction with
 //!   serial consistency `SERIAL` and commit consistency `LOCAL_QUORUM`.
-//!   Committed memberships are saved by whichever node learns the commit,
-//!   in any datacenter; `LOCAL_SERIAL` would run Paxos only among one
+//!   Committed memberships are saved by the proposer of the commit (or a
+//!   replica repairing a write it missed: `ChatDetailsWriter`), which may
+//!   be in any datacenter; `LOCAL_SERIAL` would run Paxos only among one
 //!   datacenter's replicas, so two datacenters could each "win" and
 //!   last-write-wins could then move a room back to an older revision.
 //!   `SERIAL` costs a cross-datacenter round trip, paid once per membership
