@@ -235,6 +235,21 @@ fn a_leader_establishes_its_epoch_once_a_quorum_released_what_it_recovered() {
         Some(term(2, 2, 2)),
         "1, 2 and 3 released slots 1 to 3: a quorum of four"
     );
+    for n in 1..=3 {
+        assert!(nodes[&2].has_caught_up(NodeId(n)), "node {n}");
+    }
+    assert!(
+        !nodes[&2].has_caught_up(NodeId(4)),
+        "node 4, the one the grow added, holds nothing yet"
+    );
+    assert!(!nodes[&1].has_caught_up(NodeId(1)), "node 1 does not lead");
+    // Node 4 comes up: the leader's next resend catches it up.
+    nodes.get_mut(&2).unwrap().resend();
+    deliver(&mut nodes, &[]);
+    nodes.get_mut(&2).unwrap().resend();
+    deliver(&mut nodes, &[]);
+    assert_eq!(nodes[&4].released(), Slot(3));
+    assert!(nodes[&2].has_caught_up(NodeId(4)));
 }
 
 // ---------------------------------------------------------------------

@@ -13,7 +13,10 @@
 //! - On every replica of a partition whose epoch is not established, it
 //!   makes the partition's log live, so that a leader is elected in the
 //!   new epoch; the leader proposes `Establish` once its log is
-//!   established (`Timeline::established`) and the rooms were handed over.
+//!   established (`Timeline::established`) and the rooms were handed over,
+//!   and, for a grow, once the node it added holds everything the leader
+//!   recovered (`ClusterMap::establish_waits_for`): the shrink that comes
+//!   next then never leaves the partition's posts on fewer replicas.
 //!
 //! Every proposal goes through `ClusterMaps::propose`, which forwards to
 //! the map group's leader; every command names the partition epoch it
@@ -109,6 +112,7 @@ pub async fn run(parts: MoverParts) -> Result<(), NodeError> {
                 timeline.touch(partition);
             }
             let handed = map.handed_over.contains(&partition);
+            let waits_for = map.establish_waits_for(&step).map(NodeId);
             if step.mover == me && !handed && handing.insert((partition, step.epoch)) {
                 let membership = membership.clone();
                 let maps = maps.clone();
@@ -136,7 +140,7 @@ pub async fn run(parts: MoverParts) -> Result<(), NodeError> {
                 });
             }
             if handed
-                && let Ok(Some(epoch)) = timeline.established(partition).await
+                && let Ok(Some(epoch)) = timeline.established(partition, waits_for).await
                 && epoch == step.epoch
             {
                 propose(&maps, MapCommand::Establish { partition, epoch }).await;

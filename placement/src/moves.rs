@@ -44,7 +44,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use saferchat_consensus::NodeId;
 use serde::{Deserialize, Serialize};
 
-use crate::map::{ClusterMap, MapCommand, MapError};
+use crate::map::{ClusterMap, MapCommand, MapError, NodeState};
 use crate::partition::PartitionId;
 use crate::ring::Placement;
 
@@ -129,6 +129,28 @@ impl ClusterMap {
     /// partition that never moved).
     pub fn is_established(&self, partition: u32) -> bool {
         !self.unestablished.contains(&partition)
+    }
+
+    /// The node whose catch-up the `Establish` of `step` waits for: the
+    /// node a grow added, so that the shrink the map takes next never
+    /// leaves the partition's earlier posts on fewer replicas than before
+    /// the move (`LogReplica::has_caught_up`). `None` for a shrink, and
+    /// for an added node that is draining or gone: a node that never
+    /// catches up would otherwise hold the move for good, and the
+    /// operator's drain or removal of it is what lets the move go on.
+    pub fn establish_waits_for(&self, step: &MoveStep) -> Option<u64> {
+        if step.after.len() <= step.before.len() {
+            return None;
+        }
+        let added = step
+            .after
+            .iter()
+            .copied()
+            .find(|n| !step.before.contains(n))?;
+        match self.nodes.get(&added) {
+            Some(node) if node.state != NodeState::Draining => Some(added),
+            _ => None,
+        }
     }
 
     /// The next step of every moving partition whose epoch is
@@ -409,7 +431,7 @@ mod tests {
     use std::collections::BTreeMap;
 
     use super::*;
-    use crate::map::{MapNode, NodeState};
+    use crate::map::MapNode;
 
     fn node(id: u64, dc: &str, state: NodeState) -> (u64, MapNode) {
         (
@@ -488,8 +510,17 @@ mod tests {
                 );
                 let (old, new) = (sorted(&moving.before), sorted(&moving.after));
                 assert_eq!(old.symmetric_difference(&new).count(), 1, "{moving:?}");
-                if matches!(step, MapCommand::Grow { .. }) {
-                    grows += 1;
+                match step {
+                    MapCommand::Grow { node, .. } => {
+                        grows += 1;
+                        let draining = map.nodes[&node].state == NodeState::Draining;
+                        assert_eq!(
+                            map.establish_waits_for(&moving),
+                            (!draining).then_some(node),
+                            "a grow is established once the added node caught up"
+                        );
+                    }
+                    _ => assert_eq!(map.establish_waits_for(&moving), None, "a shrink"),
                 }
                 let epoch = map.partition_epoch(partition);
                 assert_eq!(epoch, map.epoch, "a step starts an epoch");
@@ -571,6 +602,36 @@ mod tests {
             let epoch = map.partition_epoch(p.0);
             assert_eq!(epoch > CREATED_EPOCH, moved_here, "{p:?}");
         }
+    }
+
+    #[test]
+    fn a_grow_waits_for_its_node_to_catch_up_unless_that_node_is_draining() {
+        let mut map = created(&[(1, "dc1"), (2, "dc1"), (3, "dc1")], 16);
+        join(&mut map, 4, "dc1");
+        map.apply(&MapCommand::Rebalance).unwrap();
+        let step = map
+            .next_moves()
+            .unwrap()
+            .into_iter()
+            .find(|s| matches!(s, MapCommand::Grow { .. }))
+            .expect("a grow onto node 4");
+        let MapCommand::Grow {
+            partition, node, ..
+        } = step
+        else {
+            unreachable!()
+        };
+        assert_eq!(node, 4);
+        map.apply(&step).unwrap();
+        let moving = map.step_of(partition).unwrap().expect("under way");
+        assert_eq!(map.establish_waits_for(&moving), Some(4));
+        // Node 4 never catches up; the operator drains it.
+        map.apply(&MapCommand::Drain { id: 4 }).unwrap();
+        assert_eq!(
+            map.establish_waits_for(&moving),
+            None,
+            "a draining node no longer holds the move"
+        );
     }
 
     #[test]

@@ -251,6 +251,33 @@ impl<T: Clone> LogReplica<T> {
             .then_some(*term)
     }
 
+    /// Whether `node` holds everything this leader recovered at its
+    /// election: it reported, in this term, a released prefix (applied, or
+    /// copied and installed) reaching the recovered slots; the leader
+    /// itself once it released them. `false` on a node that does not
+    /// lead.
+    ///
+    /// The map waits for this of the node a grow added before it counts
+    /// the grow established, so that the shrink after it never leaves the
+    /// partition's earlier posts on fewer replicas than it had: a quorum
+    /// holding them (what [`LogReplica::established`] asks) keeps them
+    /// safe, this keeps them as redundant as before the move.
+    pub fn has_caught_up(&self, node: NodeId) -> bool {
+        let Role::Leader {
+            recovered_to,
+            caught_up,
+            ..
+        } = &self.role
+        else {
+            return false;
+        };
+        if node == self.config.me {
+            self.released >= *recovered_to
+        } else {
+            caught_up.contains(&node)
+        }
+    }
+
     /// The node that ran for the newest term seen (possibly this one).
     pub fn leader_hint(&self) -> Option<NodeId> {
         // Round 0 is no candidate's: ZERO, or an epoch's floor a refusal

@@ -625,11 +625,16 @@ impl Driver {
             Command::Applied { partition, reply } => {
                 let _ = reply.send(self.part(partition).map(|p| p.applied));
             }
-            Command::Established { partition, reply } => {
+            Command::Established {
+                partition,
+                with,
+                reply,
+            } => {
                 let epoch = self.parts.get(&partition).and_then(|p| {
                     p.replica
                         .established()
                         .filter(|term| term.epoch == p.replica.config().epoch)
+                        .filter(|_| with.is_none_or(|node| p.replica.has_caught_up(node)))
                         .map(|term| term.epoch)
                 });
                 let _ = reply.send(epoch);

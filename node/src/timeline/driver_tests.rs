@@ -465,12 +465,31 @@ async fn a_partition_whose_epoch_moves_runs_its_log_in_the_new_epoch() {
     let partition = lead(&node.timeline).await;
     assert_eq!(post(&node.timeline, partition, 0..3).await, vec![1, 2, 3]);
     assert_eq!(
-        node.timeline.established(partition).await.unwrap(),
+        node.timeline.established(partition, None).await.unwrap(),
         Some(1),
         "the leader committed what it recovered, in epoch 1"
     );
     assert_eq!(
-        node.timeline.established(partition + 1).await.unwrap(),
+        node.timeline
+            .established(partition, Some(node.timeline.me()))
+            .await
+            .unwrap(),
+        Some(1),
+        "the leader holds what it recovered"
+    );
+    assert_eq!(
+        node.timeline
+            .established(partition, Some(NodeId(9)))
+            .await
+            .unwrap(),
+        None,
+        "a node that never reported having it"
+    );
+    assert_eq!(
+        node.timeline
+            .established(partition + 1, None)
+            .await
+            .unwrap(),
         None,
         "a partition it does not lead"
     );
@@ -501,7 +520,7 @@ async fn a_partition_whose_epoch_moves_runs_its_log_in_the_new_epoch() {
     assert_eq!(seqs, vec![4, 5], "the log goes on in the new epoch");
     let mut established = None;
     for _ in 0..600 {
-        established = node.timeline.established(partition).await.unwrap();
+        established = node.timeline.established(partition, None).await.unwrap();
         if established == Some(2) {
             break;
         }

@@ -146,9 +146,11 @@ pub(crate) enum Command {
         reply: oneshot::Sender<Option<saferchat_consensus::partition_log::Slot>>,
     },
     /// The epoch this node leads the partition's log in, if it
-    /// established it (`LogReplica::established`).
+    /// established it (`LogReplica::established`) and `with` caught up
+    /// (`LogReplica::has_caught_up`).
     Established {
         partition: u32,
+        with: Option<NodeId>,
         reply: oneshot::Sender<Option<u64>>,
     },
 }
@@ -228,15 +230,24 @@ impl Timeline {
 
     /// The epoch in which this node leads `partition`'s log and has
     /// established it: it committed, in that epoch, everything it
-    /// recovered (what the cluster map's `Establish` stands for). `None`
-    /// when it does not lead, or not yet.
+    /// recovered (what the cluster map's `Establish` stands for), and
+    /// `with`, if named, holds all of that too (the node a grow added).
+    /// `None` when it does not lead, or not yet.
     ///
     /// # Errors
     /// `Unavailable` when the driver has stopped.
-    pub async fn established(&self, partition: u32) -> Result<Option<u64>, NodeError> {
+    pub async fn established(
+        &self,
+        partition: u32,
+        with: Option<NodeId>,
+    ) -> Result<Option<u64>, NodeError> {
         let (reply, answer) = oneshot::channel();
         self.tx
-            .send(Command::Established { partition, reply })
+            .send(Command::Established {
+                partition,
+                with,
+                reply,
+            })
             .await
             .map_err(|_| stopped())?;
         answer.await.map_err(|_| stopped())
