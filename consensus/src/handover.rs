@@ -9,17 +9,18 @@
 //! advance (a room may be created while it moves):
 //!
 //! 1. **Seal.** The *mover* sends [`HandoverMessage::Seal`] at
-//!    `B = <<E, 0, mover>>` to `Old`. An acceptor records the seal durably
+//!    `B = <<E, 0, mover>>` to `Old` and `New`. An acceptor records the seal durably
 //!    for the whole partition ([`PartitionSeal`]), raises the promise of
 //!    every room it holds to `B` ([`crate::RoomReplica::seal`]), and answers
 //!    with every room's accepted ballot and value and the longest lease
 //!    promise it still owes on any of them. From then on it refuses every
 //!    earlier-epoch Prepare and Accept of the partition (its promise) and
 //!    grants no earlier-epoch lease (the grant fence).
-//! 2. **Wait.** With answers from a majority of `Old`, the mover takes, per
-//!    room, the value of the highest accepted ballot among them (a room
-//!    that none of them holds was never chosen) and waits until every
-//!    reported lease promise has run out on its own clock.
+//! 2. **Wait.** With answers from a majority of `Old` *and* a majority of
+//!    `New`, the mover takes, per room, the value of the highest accepted
+//!    ballot below `B` among them (a room that none of them holds was
+//!    never chosen) and waits until every reported lease promise has run
+//!    out on its own clock.
 //! 3. **Transfer.** It records the values durably, then sends them to `New`
 //!    at `B` ([`HandoverMessage::Transfer`]). An acceptor of `New` that
 //!    accepts them is *installed* for epoch `E`: only installed acceptors
@@ -31,13 +32,39 @@
 //!    node is installed (a late copy at `B` is harmless: a later round's
 //!    phase 1 takes the higher ballot of any quorum).
 //!
-//! The mover of a step is one node named by the map (the node adds
-//! nothing to the map for it: the lowest id in both sets). Its ballot is
-//! fixed by the epoch, so it must never send two different transfers at
-//! it: the values are recorded ([`TransferRecord`]) before the first
-//! Transfer leaves the node, and a mover that restarts with a record
-//! resends exactly that record; one that restarts without one never sent
-//! a Transfer and may seal again from the start.
+//! The mover of a step is one node named by the map (the lowest id in
+//! both sets that is not draining). Its ballot is fixed by the epoch, so
+//! it must never send two different transfers at it: the values are
+//! recorded ([`TransferRecord`]) before the first Transfer leaves the
+//! node, and a mover that restarts with a record resends exactly that
+//! record; one that restarts without one never sent a Transfer and may
+//! seal again from the start.
+//!
+//! **Takeover.** A mover that dies for good would hold its step for
+//! ever; once the operator drains it, the map names the next node of both
+//! sets, whose ballot `B' = <<E, 0, mover'>>` is higher. Its transfer is a
+//! second phase 2 in epoch `E`, and the first mover may have installed
+//! part of `New` at `B` already (a majority, even, which makes its
+//! values chosen at `B`). That is why every mover seals `New` as well:
+//! sealing a majority of `Old` finds what earlier epochs chose, sealing a
+//! majority of `New` finds what an earlier mover of `E` chose, and
+//! promising `B'` on both stops either from choosing anything below it,
+//! which is Paxos's phase 1 over the two sets that could have chosen
+//! below `B'`. Every proposer of epoch `E` runs at a round above 0, so
+//! above every mover's ballot: a room an earlier install already let
+//! move on keeps its newer value (an installed acceptor skips such a
+//! room; the driver's `on_transfer`). An earlier mover that is still
+//! running is refused by the higher seal and stops
+//! ([`HandoverStatus::Superseded`]). With the map's one-slot steps a
+//! majority of `Old` already meets every majority of `New` (the sets
+//! share all but one node, so the two majorities hold more nodes than
+//! both sets together), so the `Old` seal alone would find an earlier
+//! mover's chosen values too, as long as the mover keeps values of its
+//! own epoch below its ballot; sealing `New` as well makes the argument
+//! hold for any two sets, for one more message per step. The
+//! simulation (`consensus/tests/room_handover.rs`) hands steps to a
+//! second mover in the middle of them, with the first one crashed or
+//! still running.
 //!
 //! Sans-I/O like the rest of the crate: time is an argument, messages and
 //! the record to persist come out in a [`HandoverReady`].
@@ -85,8 +112,8 @@ pub enum HandoverMessage {
         ballot: Ballot,
     },
     /// Either set to the mover: this acceptor is sealed at a higher
-    /// ballot (a later step's mover got there first), so this step can
-    /// never finish.
+    /// ballot (a later step's mover, or a mover that took this step
+    /// over, got there first), so this mover can never finish.
     Refused {
         /// The ballot refused.
         ballot: Ballot,
@@ -195,9 +222,9 @@ pub struct HandoverReady {
 /// Where a handover stands.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum HandoverStatus {
-    /// Waiting for a majority of `Old` to seal.
+    /// Waiting for a majority of `Old` and one of `New` to seal.
     Sealing {
-        /// Acceptors that answered.
+        /// Acceptors that answered (of either set).
         sealed: usize,
     },
     /// Waiting out the reported leases.
@@ -214,7 +241,7 @@ pub enum HandoverStatus {
     /// Every node of `New` is installed (a majority established the
     /// step before that).
     Done,
-    /// A higher seal was seen: this step can never finish.
+    /// A higher seal was seen: this mover can never finish.
     Superseded {
         /// The seal seen.
         by: Ballot,
@@ -245,7 +272,8 @@ enum Stage {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Handover {
     ballot: Ballot,
-    old: Vec<NodeId>,
+    /// Sets a majority of each must seal before the transfer.
+    seal: Vec<Vec<NodeId>>,
     new: Vec<NodeId>,
     lease: LeaseConfig,
     retry_ms: u64,
@@ -260,12 +288,28 @@ fn majority(set: &[NodeId]) -> usize {
 
 impl Handover {
     /// A step to run from its start: `mover` moves the partition from
-    /// `old` to `new` in `epoch`; messages are resent every `retry_ms`
-    /// until answered. The first [`Handover::tick`] sends the seal.
+    /// `old` to `new` in `epoch`, sealing a majority of each first;
+    /// messages are resent every `retry_ms` until answered. The first
+    /// [`Handover::tick`] sends the seal.
     pub fn start(
         mover: NodeId,
         epoch: u64,
         old: Vec<NodeId>,
+        new: Vec<NodeId>,
+        lease: LeaseConfig,
+        retry_ms: u64,
+    ) -> Handover {
+        Handover::sealing(mover, epoch, vec![old, new.clone()], new, lease, retry_ms)
+    }
+
+    /// [`Handover::start`] that seals a majority of each of `seal`
+    /// instead of `Old` and `New`. Every set that may have chosen below
+    /// the mover's ballot must be among them, which is what `start` does;
+    /// the simulation's broken variants leave one out.
+    pub fn sealing(
+        mover: NodeId,
+        epoch: u64,
+        seal: Vec<Vec<NodeId>>,
         new: Vec<NodeId>,
         lease: LeaseConfig,
         retry_ms: u64,
@@ -276,7 +320,7 @@ impl Handover {
                 round: 0,
                 node: mover,
             },
-            old,
+            seal,
             new,
             lease,
             retry_ms: retry_ms.max(1),
@@ -294,7 +338,7 @@ impl Handover {
     pub fn resume(record: TransferRecord, new: Vec<NodeId>, retry_ms: u64) -> Handover {
         Handover {
             ballot: record.ballot,
-            old: Vec::new(),
+            seal: Vec::new(),
             new,
             lease: LeaseConfig::default(),
             retry_ms: retry_ms.max(1),
@@ -345,18 +389,34 @@ impl Handover {
         self.stage == Stage::Done
     }
 
+    /// Whether a refusal that names `sealed` ends this mover: a later
+    /// epoch's seal (a later step), or a higher mover's ballot of this
+    /// epoch (round 0: a mover that took the step over). A higher ballot
+    /// of this epoch at a round above 0 is a proposer that runs after the
+    /// step's install, and ends nothing.
+    fn superseded_by(&self, sealed: Ballot) -> bool {
+        sealed.epoch > self.ballot.epoch
+            || (sealed.epoch == self.ballot.epoch && sealed.round == 0 && sealed > self.ballot)
+    }
+
     /// Handles an answer from `from`.
     pub fn step(&mut self, now: Millis, from: NodeId, message: HandoverMessage) {
         if !message.is_sane() || message.ballot() != self.ballot {
             return;
         }
-        match (&mut self.stage, message) {
-            // Only a later epoch's seal supersedes the step: a higher
-            // ballot of this epoch is a proposer that runs after the
-            // step's install.
-            (_, HandoverMessage::Refused { sealed, .. }) if sealed.epoch > self.ballot.epoch => {
+        if let HandoverMessage::Refused { sealed, .. } = message {
+            if self.superseded_by(sealed) {
                 self.stage = Stage::Superseded(sealed);
             }
+            return;
+        }
+        let sealer = self.seal.iter().any(|set| set.contains(&from));
+        let sets = &self.seal;
+        let enough = |answers: &BTreeMap<NodeId, Millis>| {
+            sets.iter()
+                .all(|set| set.iter().filter(|n| answers.contains_key(n)).count() >= majority(set))
+        };
+        match (&mut self.stage, message) {
             (
                 Stage::Sealing { answers, rooms },
                 HandoverMessage::Sealed {
@@ -364,13 +424,17 @@ impl Handover {
                     lease_left_ms,
                     ..
                 },
-            ) if self.old.contains(&from) => {
+            ) if sealer => {
                 let until = now.plus(self.lease.wait_ms(lease_left_ms));
                 let entry = answers.entry(from).or_insert(until);
                 *entry = (*entry).max(until);
                 for (room, ballot, value) in held {
-                    // Only earlier epochs' values can be here: the seal
-                    // promised this ballot, which is the epoch's first.
+                    // Phase 1: only what was accepted below this ballot
+                    // (earlier epochs', or an earlier mover's of this
+                    // one). Above it is a proposer of this epoch that ran
+                    // after an earlier mover's install; what it accepted
+                    // is not this mover's to carry, and its acceptors
+                    // refuse this ballot's transfer for that room.
                     if ballot >= self.ballot {
                         continue;
                     }
@@ -381,7 +445,7 @@ impl Handover {
                         }
                     }
                 }
-                if answers.len() >= majority(&self.old) {
+                if enough(answers) {
                     let until = answers.values().copied().max().unwrap_or(now);
                     self.stage = Stage::Waiting {
                         until,
@@ -429,7 +493,8 @@ impl Handover {
         let ballot = self.ballot;
         match &self.stage {
             Stage::Sealing { answers, .. } => {
-                for to in self.old.iter().filter(|n| !answers.contains_key(n)) {
+                let all: BTreeSet<NodeId> = self.seal.iter().flatten().copied().collect();
+                for to in all.iter().filter(|n| !answers.contains_key(n)) {
                     self.ready
                         .messages
                         .push((*to, HandoverMessage::Seal { ballot }));
@@ -528,7 +593,7 @@ mod tests {
         );
         h.tick(Millis(0));
         let seals = h.take_ready().messages;
-        assert_eq!(seals.len(), 3);
+        assert_eq!(seals.len(), 4, "to Old and New");
         let ballot = b(2, 0, 1);
         assert!(
             seals
@@ -547,13 +612,13 @@ mod tests {
                 lease_left_ms: 0,
             },
         );
-        // Not of Old: ignored.
+        // Of neither set: ignored.
         h.step(
             Millis(10),
-            NodeId(4),
+            NodeId(5),
             HandoverMessage::Sealed {
                 ballot,
-                rooms: vec![(room("a"), b(1, 9, 4), value(9))],
+                rooms: vec![(room("a"), b(1, 9, 5), value(9))],
                 lease_left_ms: 0,
             },
         );
@@ -566,6 +631,21 @@ mod tests {
                 ballot,
                 rooms: vec![(room("a"), b(1, 4, 3), value(4))],
                 lease_left_ms: 1_000,
+            },
+        );
+        assert_eq!(
+            h.status(),
+            HandoverStatus::Sealing { sealed: 2 },
+            "a majority of Old, but 2 of New's 4 are no majority"
+        );
+        // Node 4, of New only, holds nothing of the partition yet.
+        h.step(
+            Millis(30),
+            NodeId(4),
+            HandoverMessage::Sealed {
+                ballot,
+                rooms: Vec::new(),
+                lease_left_ms: 0,
             },
         );
         let until = Millis(20).plus(lease().wait_ms(1_000));
@@ -672,7 +752,11 @@ mod tests {
             .into_iter()
             .map(|(to, _)| to)
             .collect();
-        assert_eq!(resent, nodes(&[1, 3]), "only to those that did not answer");
+        assert_eq!(
+            resent,
+            nodes(&[1, 3, 4]),
+            "only to those of either set that did not answer"
+        );
         assert_eq!(h.next_wakeup(), Some(Millis(200)));
         // An older value of "a" from node 3 does not replace node 2's.
         h.step(
@@ -680,12 +764,111 @@ mod tests {
             NodeId(3),
             sealed(ballot, 0, vec![(room("a"), b(1, 1, 3), value(1))]),
         );
+        assert_eq!(
+            h.status(),
+            HandoverStatus::Sealing { sealed: 2 },
+            "New has 2 of 4"
+        );
+        h.step(Millis(40), NodeId(4), sealed(ballot, 0, vec![]));
         let until = Millis(10).plus(lease().wait_ms(500));
         assert_eq!(h.status(), HandoverStatus::Waiting { until });
         assert_eq!(h.next_wakeup(), Some(until));
         h.tick(until);
         let record = h.take_ready().persist.expect("recorded");
         assert_eq!(*record.rooms, vec![(room("a"), value(2))]);
+    }
+
+    #[test]
+    fn a_takeover_finds_what_an_earlier_mover_installed_in_new_and_supersedes_it() {
+        // Node 1 moved epoch 2 from {1, 2, 3} to {1, 2, 3, 4} and died
+        // after installing nodes 2 and 4 (a majority of New with itself);
+        // node 2 takes the step over at the higher <<2, 0, 2>>.
+        let first = b(2, 0, 1);
+        let ballot = b(2, 0, 2);
+        let mut h = Handover::start(
+            NodeId(2),
+            2,
+            nodes(&[1, 2, 3]),
+            nodes(&[1, 2, 3, 4]),
+            lease(),
+            100,
+        );
+        assert_eq!(h.ballot(), ballot);
+        let sealed = |rooms| HandoverMessage::Sealed {
+            ballot,
+            rooms,
+            lease_left_ms: 0,
+        };
+        // Node 3 (Old) still holds the epoch-1 value; nodes 2 and 4 hold
+        // the first mover's transfer, and node 4 also a value a proposer
+        // of epoch 2 accepted after the install (above this ballot: not
+        // this mover's to carry).
+        h.step(
+            Millis(1),
+            NodeId(3),
+            sealed(vec![(room("a"), b(1, 4, 3), value(4))]),
+        );
+        h.step(
+            Millis(1),
+            NodeId(2),
+            sealed(vec![(room("a"), first, value(5))]),
+        );
+        assert_eq!(h.status(), HandoverStatus::Sealing { sealed: 2 });
+        h.step(
+            Millis(1),
+            NodeId(4),
+            sealed(vec![
+                (room("a"), first, value(5)),
+                (room("b"), b(2, 3, 4), value(1)),
+            ]),
+        );
+        let until = Millis(1).plus(lease().wait_ms(0));
+        assert_eq!(h.status(), HandoverStatus::Waiting { until });
+        h.tick(until);
+        let record = h.take_ready().persist.expect("recorded");
+        assert_eq!(
+            *record.rooms,
+            vec![(room("a"), value(5))],
+            "the value the first mover installed, not the older one of Old"
+        );
+        // The first mover, refused by the higher seal, stops; a proposer's
+        // higher ballot of the epoch does not stop it.
+        let mut old = Handover::start(
+            NodeId(1),
+            2,
+            nodes(&[1, 2, 3]),
+            nodes(&[1, 2, 3, 4]),
+            lease(),
+            100,
+        );
+        old.step(
+            Millis(2),
+            NodeId(4),
+            HandoverMessage::Refused {
+                ballot: first,
+                sealed: b(2, 3, 4),
+            },
+        );
+        assert_eq!(old.status(), HandoverStatus::Sealing { sealed: 0 });
+        old.step(
+            Millis(2),
+            NodeId(4),
+            HandoverMessage::Refused {
+                ballot: first,
+                sealed: ballot,
+            },
+        );
+        assert_eq!(old.status(), HandoverStatus::Superseded { by: ballot });
+        // ...and the taking-over mover is not stopped by the first's seal.
+        h.step(
+            Millis(3),
+            NodeId(1),
+            HandoverMessage::Refused {
+                ballot,
+                sealed: first,
+            },
+        );
+        assert_eq!(h.status(), HandoverStatus::Transferring { installed: 0 });
     }
 
     #[test]

@@ -198,14 +198,14 @@ impl RoomReplica {
     /// acceptor refuses it). Answers what the acceptor accepted
     /// and the longest lease promise this node still owes on the room.
     ///
-    /// # Errors
-    /// The acceptor's promise, when it is above `ballot` (a later step
-    /// sealed the room first).
-    pub fn seal(&mut self, now: Millis, ballot: Ballot) -> Result<SealedRoom, Ballot> {
-        let promised = self.acceptor.state().promised;
-        if ballot < promised {
-            return Err(promised);
-        }
+    /// An acceptor that promised above `ballot` already keeps that
+    /// promise and still answers what it accepted: it accepts nothing
+    /// below its promise, so nothing below `ballot` either, which is all
+    /// a mover's phase 1 needs of it. (That is a room a proposer of the
+    /// mover's epoch moved on after an earlier mover's install, when a
+    /// mover takes a step over; leaving its value out of the answer would
+    /// let the new mover carry an older one.)
+    pub fn seal(&mut self, now: Millis, ballot: Ballot) -> SealedRoom {
         let changed = self.acceptor.on_prepare(ballot).changed;
         if changed {
             self.ready.persist = Some(self.acceptor.state().clone());
@@ -218,10 +218,10 @@ impl RoomReplica {
             .max()
             .unwrap_or(0);
         self.drive(now);
-        Ok(SealedRoom {
+        SealedRoom {
             accepted: self.acceptor.state().accepted.clone(),
             lease_left_ms,
-        })
+        }
     }
 
     /// Accepts a handover's transferred `value` at its `ballot` (see

@@ -372,15 +372,15 @@ fn a_seal_promises_the_step_reports_the_room_and_its_leases_and_fences_epoch_1()
     node.take_ready();
     let promise_ms = config(2, 1).lease.promise_ms();
 
+    let below = node.seal(Millis(1_000), ballot(1, 2, 3));
     assert_eq!(
-        node.seal(Millis(1_000), ballot(1, 2, 3)).map(|_| ()),
-        Err(ballot(1, 5, 1)),
-        "a seal below the promise is refused"
+        below.accepted,
+        Some(accepted.clone()),
+        "a seal below the promise keeps the promise and still hears what was accepted"
     );
     assert!(node.take_ready().persist.is_none());
-    let sealed = node
-        .seal(Millis(1_500), ballot(2, 0, 1))
-        .expect("above the promise");
+    assert_eq!(node.acceptor_state().promised, ballot(1, 5, 1));
+    let sealed = node.seal(Millis(1_500), ballot(2, 0, 1));
     assert_eq!(sealed.accepted, Some(accepted));
     assert_eq!(sealed.lease_left_ms, promise_ms - 500);
     let ready = node.take_ready();
@@ -396,13 +396,12 @@ fn a_seal_promises_the_step_reports_the_room_and_its_leases_and_fences_epoch_1()
         vec![(RequestId(9), Outcome::Unavailable)]
     );
     // Sealed again at the same ballot (a resend): nothing new to persist.
-    assert!(node.seal(Millis(1_600), ballot(2, 0, 1)).is_ok());
+    node.seal(Millis(1_600), ballot(2, 0, 1));
     assert!(node.take_ready().persist.is_none());
-    // A lower seal is refused with the promise.
-    assert_eq!(
-        node.seal(Millis(1_600), ballot(1, 9, 3)).map(|_| ()),
-        Err(ballot(2, 0, 1))
-    );
+    // A lower seal leaves the promise where it is.
+    node.seal(Millis(1_600), ballot(1, 9, 3));
+    assert!(node.take_ready().persist.is_none());
+    assert_eq!(node.acceptor_state().promised, ballot(2, 0, 1));
     // Epoch 1 is fenced: an Accept is refused, no lease granted.
     node.step(
         Millis(1_700),
@@ -440,7 +439,7 @@ fn a_seal_promises_the_step_reports_the_room_and_its_leases_and_fences_epoch_1()
 #[test]
 fn a_seal_reports_no_lease_when_none_is_owed() {
     let mut node = replica(2, 1, AcceptorState::default());
-    let sealed = node.seal(Millis(0), ballot(2, 0, 1)).expect("sealed");
+    let sealed = node.seal(Millis(0), ballot(2, 0, 1));
     assert_eq!(sealed.accepted, None);
     assert_eq!(sealed.lease_left_ms, 0);
 }

@@ -69,7 +69,7 @@ pub struct MoveStep {
     /// Its replicas after it, sorted.
     pub after: Vec<u64>,
     /// The node that hands the partition's rooms over: the lowest id in
-    /// both sets.
+    /// both sets that is not draining.
     pub mover: u64,
 }
 
@@ -131,6 +131,23 @@ impl ClusterMap {
         !self.unestablished.contains(&partition)
     }
 
+    /// The mover of a step from `before` to `after` (both sorted): the
+    /// lowest id in both sets that is not draining. Draining a mover that
+    /// died hands its step to the next node of both sets, whose ballot
+    /// `<<epoch, 0, mover>>` is higher (`saferchat_consensus::handover`,
+    /// "Takeover"). A draining node never becomes active again, so the
+    /// mover only ever moves up; with every node of both sets draining it
+    /// is the highest of them, for the same reason.
+    fn mover_of(&self, before: &[u64], after: &[u64]) -> Option<u64> {
+        let both = || before.iter().copied().filter(|n| after.contains(n));
+        let draining = |n: &u64| {
+            self.nodes
+                .get(n)
+                .is_some_and(|node| node.state == NodeState::Draining)
+        };
+        both().find(|n| !draining(n)).or_else(|| both().next_back())
+    }
+
     /// The node whose catch-up the `Establish` of `step` waits for: the
     /// node a grow added, so that the shrink the map takes next never
     /// leaves the partition's earlier posts on fewer replicas than before
@@ -188,8 +205,9 @@ impl ClusterMap {
 
     /// The step `partition` is in while its epoch is not established:
     /// its epoch, its replica set before the step and after it (sorted),
-    /// and the step's mover, the lowest node id in both sets (a grow or a
-    /// shrink moves one slot, so the sets share all but one node). `None`
+    /// and the step's mover, the lowest node id in both sets that is not
+    /// draining (a grow or a shrink moves one slot, so the sets share all
+    /// but one node). `None`
     /// for a partition whose epoch is established.
     ///
     /// # Errors
@@ -222,7 +240,7 @@ impl ClusterMap {
             after.sort_unstable();
             let mut before = before.clone();
             before.sort_unstable();
-            let Some(mover) = before.iter().copied().find(|n| after.contains(n)) else {
+            let Some(mover) = self.mover_of(&before, &after) else {
                 continue;
             };
             steps.insert(
@@ -503,10 +521,10 @@ mod tests {
                     moving.before.contains(&moving.mover) && moving.after.contains(&moving.mover)
                 );
                 assert!(
-                    moving
-                        .before
-                        .iter()
-                        .all(|n| *n >= moving.mover || !moving.after.contains(n))
+                    moving.before.iter().all(|n| *n >= moving.mover
+                        || !moving.after.contains(n)
+                        || map.nodes[n].state == NodeState::Draining),
+                    "the lowest of both sets that is not draining"
                 );
                 let (old, new) = (sorted(&moving.before), sorted(&moving.after));
                 assert_eq!(old.symmetric_difference(&new).count(), 1, "{moving:?}");
@@ -602,6 +620,44 @@ mod tests {
             let epoch = map.partition_epoch(p.0);
             assert_eq!(epoch > CREATED_EPOCH, moved_here, "{p:?}");
         }
+    }
+
+    #[test]
+    fn draining_a_steps_mover_hands_the_step_to_the_next_node_of_both_sets() {
+        let mut map = created(&[(1, "dc1"), (2, "dc1"), (3, "dc1")], 16);
+        join(&mut map, 4, "dc1");
+        map.apply(&MapCommand::Rebalance).unwrap();
+        let step = map.next_moves().unwrap().remove(0);
+        let MapCommand::Grow { partition, .. } = step else {
+            panic!("a grow first: {step:?}")
+        };
+        map.apply(&step).unwrap();
+        let first = map.step_of(partition).unwrap().expect("under way");
+        let both: Vec<u64> = first
+            .before
+            .iter()
+            .copied()
+            .filter(|n| first.after.contains(n))
+            .collect();
+        assert_eq!(first.mover, both[0]);
+        // The mover dies for good; the operator drains it.
+        map.apply(&MapCommand::Drain { id: first.mover }).unwrap();
+        let taken = map.step_of(partition).unwrap().expect("still under way");
+        assert_eq!(
+            (taken.epoch, &taken.before, &taken.after),
+            (first.epoch, &first.before, &first.after),
+            "the same step"
+        );
+        assert_eq!(taken.mover, both[1], "the next node of both sets");
+        // It goes on from there: handed over and established, the planner
+        // moves the drained node's slots away.
+        let epoch = taken.epoch;
+        map.apply(&MapCommand::HandedOver { partition, epoch })
+            .unwrap();
+        map.apply(&MapCommand::Establish { partition, epoch })
+            .unwrap();
+        run_moves(&mut map);
+        assert!(!map.holds_slots(first.mover).unwrap());
     }
 
     #[test]

@@ -486,6 +486,30 @@ impl Cluster {
         self.nodes[i].kill();
     }
 
+    /// Stops each of nodes `which` cleanly and reads its own store of
+    /// `rooms` as fixture member `reader` (senders: members `senders`):
+    /// per node, per room, oldest first ([`crate::load::stored`]).
+    ///
+    /// # Panics
+    /// When a node does not stop cleanly or its store cannot be read.
+    pub async fn stopped_stores(
+        &mut self,
+        which: &[usize],
+        rooms: &[saferchat_consensus::RoomId],
+        reader: usize,
+        senders: std::ops::Range<usize>,
+    ) -> Vec<Vec<Vec<crate::chaos::history::Seen>>> {
+        let reader = crate::load::identity(reader);
+        let mut stores = Vec::new();
+        for &i in which {
+            assert!(self.nodes[i].stop(), "node {} stops cleanly", i + 1);
+            stores.push(
+                crate::load::stored(&self.nodes[i].data_dir, rooms, &reader, senders.clone()).await,
+            );
+        }
+        stores
+    }
+
     /// Restarts node `i` with its data; its addresses stay the same for
     /// clients and peers.
     ///

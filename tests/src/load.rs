@@ -378,3 +378,189 @@ pub async fn fill(
     }
     Ok(posts)
 }
+
+/// What the clients of one room saw over a whole test: the posts with
+/// their outcomes, each listening session's deliveries, and what did not
+/// decrypt.
+#[derive(Default)]
+pub struct RoomRecord {
+    /// Every post made, with its outcome.
+    pub posts: Arc<Mutex<Vec<Post>>>,
+    /// One list of deliveries per listening session.
+    pub sessions: Arc<Mutex<Vec<Vec<Seen>>>>,
+    /// Deliveries that did not decrypt.
+    pub unreadable: Arc<Mutex<Vec<String>>>,
+}
+
+/// A steady chat load over some rooms: in each, `poster` posts one
+/// message at a time (200 ms apart) and `listener` listens, through
+/// whichever of the servers answers, until [`RoomsLoad::stop`].
+pub struct RoomsLoad {
+    stop: CancellationToken,
+    posters: Vec<tokio::task::JoinHandle<Posted>>,
+    listeners: Vec<tokio::task::JoinHandle<()>>,
+}
+
+impl RoomsLoad {
+    /// Starts the load in `rooms` through `servers`, recording into
+    /// `records` (one per room); it ends at `until` at the latest. Posts
+    /// are texts `{phase}-{room}-…`.
+    pub fn start(
+        servers: &[String],
+        rooms: &[RoomId],
+        (poster, listener): (usize, usize),
+        phase: &str,
+        records: &[RoomRecord],
+        until: Instant,
+    ) -> RoomsLoad {
+        let stop = CancellationToken::new();
+        let mut posters = Vec::new();
+        let mut listeners = Vec::new();
+        for (room, record) in rooms.iter().zip(records) {
+            let posting = Poster {
+                servers: servers.to_vec(),
+                room: room.clone(),
+                member: poster,
+                prefix: format!("{phase}-{room}"),
+                gap: Duration::from_millis(200),
+                until,
+                stop: stop.clone(),
+            };
+            posters.push(tokio::spawn(posting.run(Arc::clone(&record.posts))));
+            let listen = listen(
+                servers.to_vec(),
+                room.clone(),
+                listener,
+                until,
+                Arc::clone(&record.sessions),
+                Arc::clone(&record.unreadable),
+            );
+            let stop = stop.clone();
+            listeners.push(tokio::spawn(async move {
+                tokio::select! {
+                    () = listen => {}
+                    () = stop.cancelled() => {}
+                }
+            }));
+        }
+        RoomsLoad {
+            stop,
+            posters,
+            listeners,
+        }
+    }
+
+    /// Stops the posters after the post each has in flight, then the
+    /// listeners; returns the longest time a poster went without an
+    /// acknowledgement.
+    ///
+    /// # Panics
+    /// When a poster or listener task panicked.
+    pub async fn stop(self) -> Duration {
+        self.stop.cancel();
+        let mut longest = Duration::ZERO;
+        for task in self.posters {
+            let posted = task.await.expect("a poster");
+            longest = longest.max(posted.longest_without_ack);
+        }
+        for task in self.listeners {
+            task.await.expect("a listener");
+        }
+        longest
+    }
+}
+
+/// Each room's history, read as `reader` through every one of `servers`
+/// (joining through any of them by `deadline`).
+///
+/// # Panics
+/// When no server lets the reader join, a read fails, or two servers show
+/// different histories of a room.
+pub async fn agreed_histories(
+    servers: &[String],
+    rooms: &[RoomId],
+    reader: usize,
+    records: &[RoomRecord],
+    deadline: Instant,
+) -> Vec<Vec<Seen>> {
+    let mut agreed = Vec::new();
+    for (room, record) in rooms.iter().zip(records) {
+        let (session, _) = join_any(servers, room, 0, &identity(reader), deadline)
+            .await
+            .expect("the room serves");
+        let mut reads = Vec::new();
+        for server in servers {
+            reads.push(
+                read_all(&session, Some(server), &record.unreadable)
+                    .await
+                    .expect("read the history"),
+            );
+        }
+        for (i, h) in reads.iter().enumerate() {
+            assert_eq!(*h, reads[0], "{room}: {} shows another history", servers[i]);
+        }
+        agreed.push(reads.swap_remove(0));
+    }
+    agreed
+}
+
+/// Judges each room after a run: what its clients saw (`records`, taken
+/// out), the history the nodes agree on (`histories`), and each stopped
+/// node's own store (`stores`, per node, per room; labelled `nodes`) must
+/// pass [`crate::chaos::history::check`]; every delivery decrypts; more
+/// than `fill` posts were acknowledged; and the stores of the nodes in
+/// `full` hold at least `fill` posts of every room (they replicate it from
+/// its first post). Prints a line per room.
+///
+/// # Panics
+/// On any of those failing.
+pub fn judge_rooms(
+    rooms: &[RoomId],
+    records: &[RoomRecord],
+    histories: Vec<Vec<Seen>>,
+    stores: Vec<Vec<Vec<Seen>>>,
+    nodes: &[u64],
+    (fill, full): (usize, &[u64]),
+) {
+    use crate::chaos::history::{self, History};
+    let mut by_room: Vec<Vec<Vec<Seen>>> = rooms.iter().map(|_| Vec::new()).collect();
+    for node in stores {
+        for (r, stored) in node.into_iter().enumerate() {
+            by_room[r].push(stored);
+        }
+    }
+    for (((room, record), fin), stores) in rooms.iter().zip(records).zip(histories).zip(by_room) {
+        let posts = std::mem::take(&mut *record.posts.lock().expect("lock"));
+        let acked = posts
+            .iter()
+            .filter(|p| matches!(p.outcome, Outcome::Acked { .. }))
+            .count();
+        let h = History {
+            posts,
+            sessions: std::mem::take(&mut *record.sessions.lock().expect("lock")),
+            fin,
+            stores,
+        };
+        println!(
+            "{room}: {} posts, {acked} acknowledged, {} in the history, {} listening sessions, stores of nodes {nodes:?}: {:?}",
+            h.posts.len(),
+            h.fin.len(),
+            h.sessions.len(),
+            h.stores.iter().map(Vec::len).collect::<Vec<_>>()
+        );
+        for (node, stored) in nodes.iter().zip(&h.stores) {
+            assert!(
+                !full.contains(node) || stored.len() >= fill,
+                "{room}: node {node} stores {} posts",
+                stored.len()
+            );
+        }
+        assert!(acked > fill, "{room}: posts got through");
+        let anomalies = history::check(&h);
+        assert!(anomalies.is_empty(), "{room}: {anomalies:?}");
+        assert!(
+            record.unreadable.lock().expect("lock").is_empty(),
+            "{room}: every message decrypts"
+        );
+    }
+}

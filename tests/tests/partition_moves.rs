@@ -24,14 +24,11 @@
 //! every node names every room, although no node holds every partition
 //! any more.
 
-use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use saferchat_consensus::RoomId;
-use saferchat_tests::chaos::history::{self, History, Outcome, Post, Seen};
 use saferchat_tests::cluster::{Cluster, Options};
-use saferchat_tests::load::{self, Poster};
-use tokio_util::sync::CancellationToken;
+use saferchat_tests::load::{self, RoomRecord, RoomsLoad};
 
 const ROOMS: [&str; 4] = ["r1", "r2", "r3", "r4"];
 /// Posts in each room before anything moves: beyond the 64 KiB each
@@ -47,79 +44,12 @@ const PHASE_S: u64 = 300;
 /// room for a lease period and an election, not for minutes.
 const STALL_MAX: Duration = Duration::from_secs(60);
 
-/// One phase's chat load: a poster and a listener per room.
-struct Load {
-    stop: CancellationToken,
-    posters: Vec<tokio::task::JoinHandle<load::Posted>>,
-    listeners: Vec<tokio::task::JoinHandle<()>>,
-}
-
-/// What the clients of one room saw over the whole test.
-#[derive(Default)]
-struct Seen4 {
-    posts: Arc<Mutex<Vec<Post>>>,
-    sessions: Arc<Mutex<Vec<Vec<Seen>>>>,
-    unreadable: Arc<Mutex<Vec<String>>>,
-}
-
-impl Load {
-    /// Starts posting and listening in every room through `servers`,
-    /// until [`Load::stop`] (and at most 2 × `PHASE_S`).
-    fn start(servers: &[String], phase: &str, seen: &[Seen4]) -> Load {
-        let stop = CancellationToken::new();
-        let bound = Instant::now() + Duration::from_secs(2 * PHASE_S);
-        let mut posters = Vec::new();
-        let mut listeners = Vec::new();
-        for (room, seen) in ROOMS.iter().zip(seen) {
-            let room = RoomId::new(room).unwrap();
-            let poster = Poster {
-                servers: servers.to_vec(),
-                room: room.clone(),
-                member: ALICE,
-                prefix: format!("{phase}-{room}"),
-                gap: Duration::from_millis(200),
-                until: bound,
-                stop: stop.clone(),
-            };
-            posters.push(tokio::spawn(poster.run(Arc::clone(&seen.posts))));
-            let listen = load::listen(
-                servers.to_vec(),
-                room,
-                BOB,
-                bound,
-                Arc::clone(&seen.sessions),
-                Arc::clone(&seen.unreadable),
-            );
-            let stop = stop.clone();
-            listeners.push(tokio::spawn(async move {
-                tokio::select! {
-                    () = listen => {}
-                    () = stop.cancelled() => {}
-                }
-            }));
-        }
-        Load {
-            stop,
-            posters,
-            listeners,
-        }
-    }
-
-    /// Stops the posters after the post each has in flight, then the
-    /// listeners; returns the longest time a poster went without an
-    /// acknowledgement.
-    async fn stop(self) -> Duration {
-        self.stop.cancel();
-        let mut longest = Duration::ZERO;
-        for task in self.posters {
-            let posted = task.await.expect("a poster");
-            longest = longest.max(posted.longest_without_ack);
-        }
-        for task in self.listeners {
-            task.await.expect("a listener");
-        }
-        longest
-    }
+/// Starts a phase's chat load in every room through `servers`, at most
+/// 2 × `PHASE_S` long.
+fn load_phase(servers: &[String], phase: &str, seen: &[RoomRecord]) -> RoomsLoad {
+    let rooms: Vec<RoomId> = ROOMS.iter().map(|r| RoomId::new(r).unwrap()).collect();
+    let until = Instant::now() + Duration::from_secs(2 * PHASE_S);
+    RoomsLoad::start(servers, &rooms, (ALICE, BOB), phase, seen, until)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -150,7 +80,7 @@ async fn partitions_move_under_chat_load_and_every_post_stays() {
     for room in &quiet {
         admin.create_chat(room).await.expect("create");
     }
-    let seen: Vec<Seen4> = ROOMS.iter().map(|_| Seen4::default()).collect();
+    let seen: Vec<RoomRecord> = ROOMS.iter().map(|_| RoomRecord::default()).collect();
 
     // 1. Node 4 joins; a rebalance moves slots to it; the map leader dies
     // part-way and comes back.
@@ -175,7 +105,7 @@ async fn partitions_move_under_chat_load_and_every_post_stays() {
         .unwrap_or_else(|e| panic!("{room}: fill: {e}"));
         seen.posts.lock().unwrap().extend(posts);
     }
-    let load = Load::start(&first, "grow", &seen);
+    let load = load_phase(&first, "grow", &seen);
     let four = cluster.start_joining(4, "dc1", 1).await;
     cluster
         .status_until(four, 60, "the map naming node 4", |s| {
@@ -247,7 +177,7 @@ async fn partitions_move_under_chat_load_and_every_post_stays() {
 
     // 2. Drain node 3 under load, through the nodes that stay; remove it.
     let stay: Vec<String> = [0, 1, four].iter().map(|i| cluster.server(*i)).collect();
-    let load = Load::start(&stay, "drain", &seen);
+    let load = load_phase(&stay, "drain", &seen);
     let drained = cluster.admin(0).await.drain(3).await.expect("drain");
     cluster
         .status_until(0, PHASE_S, "node 3 drained", |s| {
@@ -266,71 +196,15 @@ async fn partitions_move_under_chat_load_and_every_post_stays() {
     assert!(stall < STALL_MAX, "drain: a room stalled for {stall:?}");
 
     // Every room: one history through the three nodes left.
-    let mut reads = Vec::new();
-    for (room, seen) in ROOMS.iter().zip(&seen) {
-        let room_id = RoomId::new(room).unwrap();
-        let deadline = Instant::now() + Duration::from_secs(PHASE_S);
-        let (session, _) = load::join_any(&stay, &room_id, 0, &load::identity(BOB), deadline)
-            .await
-            .expect("the room serves after the moves");
-        let mut read = Vec::new();
-        for server in &stay {
-            read.push(
-                load::read_all(&session, Some(server), &seen.unreadable)
-                    .await
-                    .expect("read the history"),
-            );
-        }
-        for (i, h) in read.iter().enumerate() {
-            assert_eq!(*h, read[0], "{room}: node {} shows another history", i + 1);
-        }
-        reads.push(read.swap_remove(0));
-    }
-
-    // Each node's own store, read after it stopped, then the checks.
-    let mut stores: Vec<Vec<Vec<Seen>>> = ROOMS.iter().map(|_| Vec::new()).collect();
     let rooms: Vec<RoomId> = ROOMS.iter().map(|r| RoomId::new(r).unwrap()).collect();
-    let bob = load::identity(BOB);
-    for i in [0, 1, four] {
-        assert!(cluster.nodes[i].stop(), "node {} stops cleanly", i + 1);
-        let mine = load::stored(&cluster.nodes[i].data_dir, &rooms, &bob, ALICE..BOB).await;
-        for (r, stored) in mine.into_iter().enumerate() {
-            stores[r].push(stored);
-        }
-    }
-    for (((room, seen), fin), stores) in ROOMS.iter().zip(&seen).zip(reads).zip(stores) {
-        let posts = std::mem::take(&mut *seen.posts.lock().unwrap());
-        let acked = posts
-            .iter()
-            .filter(|p| matches!(p.outcome, Outcome::Acked { .. }))
-            .count();
-        let h = History {
-            posts,
-            sessions: std::mem::take(&mut *seen.sessions.lock().unwrap()),
-            fin,
-            stores,
-        };
-        println!(
-            "{room}: {} posts, {acked} acknowledged, {} in the history, {} listening sessions, stores of nodes 1, 2, 4: {:?}",
-            h.posts.len(),
-            h.fin.len(),
-            h.sessions.len(),
-            h.stores.iter().map(Vec::len).collect::<Vec<_>>()
-        );
-        // Node 4 holds every partition now (three nodes, three replicas):
-        // its store has the room from its first post, copied from the
-        // others (the checker says it is a prefix of the history).
-        assert!(
-            h.stores[2].len() >= FILL,
-            "{room}: node 4 stores {} posts",
-            h.stores[2].len()
-        );
-        assert!(acked > FILL, "{room}: alice got posts through");
-        let anomalies = history::check(&h);
-        assert!(anomalies.is_empty(), "{room}: {anomalies:?}");
-        assert!(
-            seen.unreadable.lock().unwrap().is_empty(),
-            "{room}: every message decrypts"
-        );
-    }
+    let deadline = Instant::now() + Duration::from_secs(PHASE_S);
+    let reads = load::agreed_histories(&stay, &rooms, BOB, &seen, deadline).await;
+
+    // Each node's own store, read after it stopped, then the checks. Node
+    // 4 holds every partition now (three nodes, three replicas): its store
+    // has every room from its first post, copied from the others.
+    let stores = cluster
+        .stopped_stores(&[0, 1, four], &rooms, BOB, ALICE..BOB)
+        .await;
+    load::judge_rooms(&rooms, &seen, reads, stores, &[1, 2, 4], (FILL, &[4]));
 }

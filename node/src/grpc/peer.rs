@@ -53,6 +53,13 @@ pub const ROOM_MESSAGE_BYTES_MAX: usize =
 /// [`ACCEPT_VALUES_MAX`] envelopes.
 pub const LOG_MESSAGE_BYTES_MAX: usize =
     2 * RETAINED_BYTES_MAX + ACCEPT_VALUES_MAX * (saferchat_envelope::ENVELOPE_BYTES_MAX + 1024);
+/// The largest single message a frame is sure to carry whatever precedes
+/// it: a larger one would make its whole frame too large for the peer,
+/// which refuses the frame, so it is never queued (see
+/// [`GrpcPeers::enqueue`]). About 36 MiB; only a partition handover can
+/// come near it (every room of a partition in one message).
+pub const PEER_MESSAGE_BYTES_MAX: usize = PEER_FRAME_BYTES_MAX - FRAME_BYTES_SOFT_MAX;
+
 /// A frame closes at its soft size, so the largest is the soft size plus
 /// one largest message.
 pub const PEER_FRAME_BYTES_MAX: usize = FRAME_BYTES_SOFT_MAX
@@ -595,6 +602,18 @@ impl GrpcPeers {
     }
 
     fn enqueue(&self, to: NodeId, message: Outgoing) {
+        if !fits(&message) {
+            // Its frame would be refused whole, with every other message
+            // in it, at each resend: drop this one alone, loudly.
+            metrics::counter!("saferchat_peer_messages_too_large_total").increment(1);
+            tracing::error!(
+                %to,
+                bytes = message.encoded_len(),
+                max = PEER_MESSAGE_BYTES_MAX,
+                "dropping a peer message too large for any frame"
+            );
+            return;
+        }
         let Some(queue) = self.queue(to) else {
             tracing::warn!(%to, "no such peer");
             return;
@@ -625,6 +644,11 @@ struct Link {
     peer: NodeId,
     addr: SocketAddr,
     tls: tonic::transport::ClientTlsConfig,
+}
+
+/// Whether `message` fits in a frame whatever precedes it.
+fn fits(message: &Outgoing) -> bool {
+    message.encoded_len() <= PEER_MESSAGE_BYTES_MAX
 }
 
 /// Takes queued messages into one frame: at most `FRAME_MESSAGES_MAX`
@@ -763,5 +787,31 @@ mod tests {
         assert!(frame.messages.len() < 5, "a frame closes at its soft size");
         frame.from = u64::MAX;
         assert!(frame.encoded_len() <= PEER_FRAME_BYTES_MAX);
+    }
+
+    /// A handover too large for any frame does not fit (it is never
+    /// queued: its frame would be refused whole); a large one that does
+    /// fit is sent.
+    #[test]
+    fn a_message_too_large_for_any_frame_does_not_fit() {
+        let transfer = |rooms: usize| {
+            Outgoing::Handover(pb::HandoverMessage {
+                partition: 1,
+                body: Some(pb::handover_message::Body::Transfer(pb::HandoverTransfer {
+                    ballot: None,
+                    rooms: (0..rooms)
+                        .map(|i| pb::TransferredRoom {
+                            room: format!("room-{i}"),
+                            value: Some(biggest_state()),
+                        })
+                        .collect(),
+                })),
+            })
+        };
+        let one = transfer(1).encoded_len();
+        assert!(fits(&transfer(PEER_MESSAGE_BYTES_MAX / one - 1)));
+        let too_large = transfer(PEER_MESSAGE_BYTES_MAX / one + 2);
+        assert!(too_large.encoded_len() > PEER_MESSAGE_BYTES_MAX);
+        assert!(!fits(&too_large));
     }
 }

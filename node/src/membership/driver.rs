@@ -199,6 +199,8 @@ struct Driver {
     movers: HashMap<u32, Mover>,
     /// Handover messages this node sent itself, handled next.
     handover_local: VecDeque<(u32, HandoverMessage)>,
+    /// Handover steps whose messages were too large to send, logged once.
+    oversized_logged: BTreeSet<(u32, Ballot)>,
 }
 
 /// Starts the driver; returns its handle and its task (which ends with
@@ -230,6 +232,7 @@ pub fn spawn(parts: DriverParts) -> (Membership, JoinHandle<Result<(), NodeError
         seals: HashMap::new(),
         movers: HashMap::new(),
         handover_local: VecDeque::new(),
+        oversized_logged: BTreeSet::new(),
     };
     let task = tokio::spawn(driver.run(rx, parts.inbound, parts.maps, parts.shutdown));
     (Membership::new(tx), task)
@@ -773,10 +776,27 @@ impl Driver {
     fn send_handover(&mut self, to: NodeId, partition: u32, message: HandoverMessage) {
         if to == self.config.me {
             self.handover_local.push_back((partition, message));
-        } else {
-            self.peers
-                .send_handover(to, convert::handover::message_to_pb(partition, &message));
+            return;
         }
+        let wire = convert::handover::message_to_pb(partition, &message);
+        let bytes = prost::Message::encoded_len(&wire);
+        if bytes > crate::grpc::peer::PEER_MESSAGE_BYTES_MAX {
+            // Every room of the partition travels in one message; the peer
+            // would refuse it (and its frame) at every resend. The move of
+            // this partition cannot go on: say so once per step.
+            if self.oversized_logged.insert((partition, message.ballot())) {
+                metrics::counter!("saferchat_handover_too_large_total").increment(1);
+                tracing::error!(
+                    partition,
+                    ballot = %message.ballot(),
+                    bytes,
+                    max = crate::grpc::peer::PEER_MESSAGE_BYTES_MAX,
+                    "the partition's rooms do not fit in one peer message; its move cannot go on"
+                );
+            }
+            return;
+        }
+        self.peers.send_handover(to, wire);
     }
 
     /// Starts (or resumes, from its durable record) a step this node moves.
@@ -951,18 +971,12 @@ impl Driver {
         let in_partition =
             |room: &RoomId| placement.partitions().of_room(room.as_str()).0 == partition;
         for (room, slot) in self.rooms.iter_mut().filter(|(r, _)| in_partition(r)) {
-            match slot.replica.seal(now, ballot) {
-                Ok(room_seal) => {
-                    sealed.lease_left_ms = sealed.lease_left_ms.max(room_seal.lease_left_ms);
-                    if let Some((b, value)) = room_seal.accepted {
-                        sealed.accepted.push((room.clone(), b, value));
-                    }
-                    sealed.touched.push(room.clone());
-                }
-                Err(promised) => {
-                    tracing::warn!(%room, %promised, %ballot, "a room promised above the partition's seal");
-                }
+            let room_seal = slot.replica.seal(now, ballot);
+            sealed.lease_left_ms = sealed.lease_left_ms.max(room_seal.lease_left_ms);
+            if let Some((b, value)) = room_seal.accepted {
+                sealed.accepted.push((room.clone(), b, value));
             }
+            sealed.touched.push(room.clone());
         }
         let mut after: Option<RoomId> = None;
         loop {
@@ -977,10 +991,8 @@ impl Driver {
                 if !in_partition(&room) || self.rooms.contains_key(&room) {
                     continue;
                 }
-                if state.promised > ballot {
-                    tracing::warn!(%room, promised = %state.promised, %ballot, "a room promised above the partition's seal");
-                    continue;
-                }
+                // A room promised above the seal keeps its promise and
+                // still reports what it accepted (`RoomReplica::seal`).
                 if state.promised < ballot {
                     state.promised = ballot;
                     sealed.raised.push((room.clone(), state.clone()));
@@ -1062,6 +1074,11 @@ impl Driver {
             self.send_handover(from, partition, HandoverMessage::Installed { ballot });
             return Ok(());
         }
+        // Installed in this epoch already, by a mover this one took the
+        // step over from: a room a proposer of the epoch moved on since
+        // (its promise is above every mover's ballot) keeps its newer
+        // value (`saferchat_consensus::handover`, "Takeover").
+        let serving = seal.installed.epoch == ballot.epoch;
         if let Err(sealed) = seal.on_transfer(ballot) {
             self.send_handover(from, partition, HandoverMessage::Refused { ballot, sealed });
             return Ok(());
@@ -1075,9 +1092,16 @@ impl Driver {
         for (room, value) in rooms {
             self.ensure(room).await?;
             let slot = self.rooms.get_mut(room).expect("ensured");
-            if let Err(refused) = slot.replica.install(ballot, value) {
-                tracing::warn!(%room, %ballot, %refused, "a room refused the transfer; the partition stays uninstalled");
-                return self.settle(touched).await;
+            match slot.replica.install(ballot, value) {
+                Ok(_) => {}
+                Err(promised) if serving && promised > ballot => {
+                    tracing::info!(%room, %ballot, %promised, "a room moved on since an earlier install of this epoch; it keeps its value");
+                    continue;
+                }
+                Err(refused) => {
+                    tracing::warn!(%room, %ballot, %refused, "a room refused the transfer; the partition stays uninstalled");
+                    return self.settle(touched).await;
+                }
             }
             touched.push(room.clone());
         }
