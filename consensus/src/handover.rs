@@ -248,17 +248,34 @@ pub enum HandoverStatus {
     },
 }
 
+/// What the seals found of one room.
+#[derive(Clone, Debug, PartialEq, Eq)]
+enum Found {
+    /// The highest value accepted below the mover's ballot, and its
+    /// ballot.
+    Value(Ballot, Arc<RoomState>),
+    /// Some replica accepted the room at or above the mover's ballot: a
+    /// proposer of the epoch moved it on after an earlier mover's install.
+    /// That replica's answer says nothing of what it held below the
+    /// ballot (the later accept replaced it), so this mover cannot know
+    /// the room's value; it leaves the room out. That is safe: the
+    /// proposer ran phase 1 on a quorum of the new set installed by the
+    /// earlier mover, whose values for the room (at that mover's ballot
+    /// or above, kept for good) every later quorum of the new set meets.
+    MovedOn,
+}
+
 #[derive(Clone, Debug, PartialEq, Eq)]
 enum Stage {
     Sealing {
         /// Answers so far, and the latest time each asks to wait until.
         answers: BTreeMap<NodeId, Millis>,
-        /// Per room, the highest accepted ballot and its value.
-        rooms: BTreeMap<RoomId, (Ballot, Arc<RoomState>)>,
+        /// Per room, what the answers found.
+        rooms: BTreeMap<RoomId, Found>,
     },
     Waiting {
         until: Millis,
-        rooms: BTreeMap<RoomId, (Ballot, Arc<RoomState>)>,
+        rooms: BTreeMap<RoomId, Found>,
     },
     Transferring {
         record: TransferRecord,
@@ -429,19 +446,19 @@ impl Handover {
                 let entry = answers.entry(from).or_insert(until);
                 *entry = (*entry).max(until);
                 for (room, ballot, value) in held {
-                    // Phase 1: only what was accepted below this ballot
-                    // (earlier epochs', or an earlier mover's of this
-                    // one). Above it is a proposer of this epoch that ran
-                    // after an earlier mover's install; what it accepted
-                    // is not this mover's to carry, and its acceptors
-                    // refuse this ballot's transfer for that room.
+                    // Phase 1: the highest value accepted below this
+                    // ballot (earlier epochs', or an earlier mover's of
+                    // this one); a room accepted at or above it has moved
+                    // on and is left out ([`Found::MovedOn`]).
                     if ballot >= self.ballot {
+                        rooms.insert(room, Found::MovedOn);
                         continue;
                     }
                     match rooms.get(&room) {
-                        Some((known, _)) if *known >= ballot => {}
+                        Some(Found::MovedOn) => {}
+                        Some(Found::Value(known, _)) if *known >= ballot => {}
                         _ => {
-                            rooms.insert(room, (ballot, value));
+                            rooms.insert(room, Found::Value(ballot, value));
                         }
                     }
                 }
@@ -476,7 +493,10 @@ impl Handover {
                 rooms: Arc::new(
                     std::mem::take(rooms)
                         .into_iter()
-                        .map(|(room, (_, value))| (room, value))
+                        .filter_map(|(room, found)| match found {
+                            Found::Value(_, value) => Some((room, value)),
+                            Found::MovedOn => None,
+                        })
                         .collect(),
                 ),
             };
@@ -806,7 +826,10 @@ mod tests {
         h.step(
             Millis(1),
             NodeId(3),
-            sealed(vec![(room("a"), b(1, 4, 3), value(4))]),
+            sealed(vec![
+                (room("a"), b(1, 4, 3), value(4)),
+                (room("c"), b(1, 2, 3), value(2)),
+            ]),
         );
         h.step(
             Millis(1),
@@ -820,6 +843,7 @@ mod tests {
             sealed(vec![
                 (room("a"), first, value(5)),
                 (room("b"), b(2, 3, 4), value(1)),
+                (room("c"), b(2, 1, 4), value(7)),
             ]),
         );
         let until = Millis(1).plus(lease().wait_ms(0));
@@ -829,7 +853,9 @@ mod tests {
         assert_eq!(
             *record.rooms,
             vec![(room("a"), value(5))],
-            "the value the first mover installed, not the older one of Old"
+            "the value the first mover installed, not the older one of Old; \
+             b and c moved on at node 4 (whose answer hides what it held \
+             below this ballot), so node 3's older c is not carried either"
         );
         // The first mover, refused by the higher seal, stops; a proposer's
         // higher ballot of the epoch does not stop it.
