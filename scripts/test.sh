@@ -23,7 +23,7 @@
 # minutes; SAFERCHAT_SKIP_FUZZ=1 skips it, FUZZ_SECONDS changes the time).
 #
 # Last, the CI subset of the consensus mutation tests (scripts/mutants.sh
-# --ci: 178 mutants, timed in specs/README.md "Mutation testing", plus ~5 minutes to install
+# --ci: 294 mutants (about 5 to 11 minutes here), timed in specs/README.md "Mutation testing", plus ~5 minutes to install
 # cargo-mutants into target/tools the first time); SAFERCHAT_SKIP_MUTANTS=1
 # skips it.
 set -euo pipefail

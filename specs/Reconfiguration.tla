@@ -8,20 +8,30 @@
 (*  - Ballots carry the map epoch as their most significant part:          *)
 (*    <<epoch, round, node>>.  The register of epoch 1 is run by Old, that *)
 (*    of epoch 2 by New; quorums are majorities of the epoch's set.        *)
-(*  - Seal.  The mover (the node that moves the partition, a member of     *)
-(*    both sets here) sends Seal with the ballot B2 = <<2, 0, mover>> to   *)
-(*    Old.  An Old acceptor whose promise is not above B2 promises B2 (so  *)
-(*    it refuses every epoch-1 ballot from then on) and answers with what  *)
-(*    it accepted and the leases it grants.  A sealed grantor grants no    *)
-(*    more epoch-1 leases (GRANT_FENCE).                                   *)
-(*  - When a quorum of Old has answered, the mover takes the value of the  *)
-(*    highest accepted ballot among them (SEAL_QUORUM), and waits until    *)
-(*    every lease they reported has run out (WAIT_LEASES).                 *)
-(*  - Transfer.  It then writes that value to New at B2 (phase 2 only: the *)
-(*    seal was its phase 1).  A New acceptor that accepted B2 is           *)
-(*    installed; only installed acceptors answer epoch-2 Prepares          *)
+(*  - Seal.  A mover (a node that moves the partition, a member of both   *)
+(*    sets here) sends Seal with its ballot B(m) = <<2, 0, m>> to Old and  *)
+(*    New.  An acceptor whose promise is not above B(m) promises it (so    *)
+(*    it refuses every lower ballot from then on); one whose promise is    *)
+(*    above keeps it (REPORT_ALL).  Either answers with what it accepted   *)
+(*    and the leases it grants.  A sealed grantor grants no more epoch-1   *)
+(*    leases (GRANT_FENCE).                                                *)
+(*  - When a quorum of Old and one of New (SEAL_NEW) have answered, the    *)
+(*    mover takes the value of the highest accepted ballot below B(m)     *)
+(*    among them (SEAL_QUORUM), and waits until every lease they reported  *)
+(*    has run out (WAIT_LEASES).  If an answer shows the room accepted at  *)
+(*    or above B(m) (an epoch-2 round, or a higher mover, after an         *)
+(*    install), that acceptor's earlier values are gone from its answer,   *)
+(*    and the mover transfers nothing (SKIP_MOVED_ON).                     *)
+(*  - Transfer.  It then writes that value to New at B(m) (phase 2 only:   *)
+(*    the seal was its phase 1).  A New acceptor that accepted a transfer  *)
+(*    is installed; only installed acceptors answer epoch-2 Prepares       *)
 (*    (WAIT_INSTALL), so every epoch-2 round builds on the transferred     *)
 (*    value.                                                               *)
+(*  - Takeover.  Several movers may run, in any interleaving: the map      *)
+(*    hands a step whose mover died to the next node of both sets, whose   *)
+(*    ballot is higher, while the first may have installed part or a       *)
+(*    quorum of New, and epoch-2 proposers (rounds from 1, above every     *)
+(*    mover's round 0) may have moved acceptors on since.                  *)
 (*                                                                         *)
 (* Leases (QuorumLeases.tla checks them with clocks and drift; here time   *)
 (* is abstract): a holder reads under a lease while a quorum of Old        *)
@@ -43,7 +53,7 @@ EXTENDS Naturals, Sequences, FiniteSets
 CONSTANTS
     Old,            \* the acceptors of epoch 1
     New,            \* the acceptors of epoch 2
-    Mover,          \* the node that seals Old and transfers to New
+    Movers,         \* the nodes that may seal and transfer (each in Old and New)
     Proposers1,     \* nodes proposing in epoch 1 (subset of Old)
     Proposers2,     \* nodes proposing in epoch 2 (subset of New)
     Holders,        \* nodes holding epoch-1 leases
@@ -51,9 +61,12 @@ CONSTANTS
     SEAL_QUORUM,    \* TRUE: the transferred value is read from a quorum of Old
     WAIT_LEASES,    \* TRUE: the transfer waits for the reported leases to end
     WAIT_INSTALL,   \* TRUE: New acceptors answer epoch-2 Prepares only once installed
-    GRANT_FENCE     \* TRUE: a sealed grantor grants no more epoch-1 leases
+    GRANT_FENCE,    \* TRUE: a sealed grantor grants no more epoch-1 leases
+    SEAL_NEW,       \* TRUE: a mover also reads a quorum of New
+    REPORT_ALL,     \* TRUE: an acceptor promised above a seal still reports what it accepted
+    SKIP_MOVED_ON   \* TRUE: a mover leaves out a room some answer shows accepted at or above its ballot
 
-Node == Old \cup New \cup {Mover} \cup Holders
+Node == Old \cup New \cup Movers \cup Holders
 Set(e) == IF e = 1 THEN Old ELSE New
 Quorums(S) == {Q \in SUBSET S : 2 * Cardinality(Q) > Cardinality(S)}
 
@@ -63,7 +76,7 @@ BLT(a, b) == \/ a[1] < b[1]
              \/ a[1] = b[1] /\ a[2] < b[2]
              \/ a[1] = b[1] /\ a[2] = b[2] /\ a[3] < b[3]
 BLE(a, b) == a = b \/ BLT(a, b)
-B2 == <<2, 0, Mover>>
+B(m) == <<2, 0, m>>
 
 (* Values: the sequence of change ids applied so far.  Proposer p's one   *)
 (* change is p itself (distinct per proposer).                           *)
@@ -85,7 +98,7 @@ VARIABLES
     acked,      \* [Holders -> set of values the holder acknowledged]
     known,      \* [Holders -> the newest chosen value the holder learned]
     prop,       \* [Proposers -> [rnd, phase]]
-    mover,      \* [phase, val, leases]
+    mover,      \* [Movers -> [phase, val, leases]]
     msgs,       \* every message ever sent
     votes       \* every <<acceptor, ballot, value>> ever accepted
 
@@ -110,7 +123,7 @@ Init ==
     /\ acked = [h \in Holders |-> {}]
     /\ known = [h \in Holders |-> Absent]
     /\ prop = [p \in Proposers |-> [rnd |-> 0, phase |-> "idle"]]
-    /\ mover = [phase |-> "idle", val |-> Absent, leases |-> {}]
+    /\ mover = [m \in Movers |-> [phase |-> "idle", val |-> Absent, leases |-> {}]]
     /\ msgs = {}
     /\ votes = {}
 
@@ -199,43 +212,60 @@ Expire(g, h) ==
     /\ grants' = [grants EXCEPT ![g] = @ \ {h}]
     /\ UNCHANGED <<promised, accepted, acked, known, prop, mover, msgs, votes>>
 
-(* The mover seals Old.                                                  *)
-Seal ==
-    /\ mover.phase = "idle"
-    /\ mover' = [mover EXCEPT !.phase = "seal"]
-    /\ Send([type |-> "Seal", bal |-> B2])
+(* A mover seals Old and New.                                            *)
+Seal(m) ==
+    /\ mover[m].phase = "idle"
+    /\ mover' = [mover EXCEPT ![m].phase = "seal"]
+    /\ Send([type |-> "Seal", bal |-> B(m)])
     /\ UNCHANGED <<promised, accepted, grants, acked, known, prop, votes>>
 
+(* An acceptor answers a seal.  One whose promise is above the seal (a    *)
+(* higher mover's, or an epoch-2 proposer's after an install) keeps it    *)
+(* and, with REPORT_ALL, still reports what it accepted: it accepts       *)
+(* nothing below its promise, so nothing below the seal either.  Without  *)
+(* REPORT_ALL it answers as if it held nothing (what the node did before  *)
+(* takeovers).                                                             *)
 ReceiveSeal(a) ==
     \E m \in msgs :
     /\ m.type = "Seal"
-    /\ a \in Old
-    /\ BLT(promised[a], m.bal)
-    /\ promised' = [promised EXCEPT ![a] = m.bal]
-    /\ Send([type |-> "Sealed", from |-> a, acc |-> accepted[a],
-             leases |-> {<<a, h>> : h \in grants[a]}])
+    /\ a \in Old \cup New
+    /\ ~\E r \in msgs : r.type = "Sealed" /\ r.from = a /\ r.bal = m.bal
+    /\ IF BLT(promised[a], m.bal)
+       THEN /\ promised' = [promised EXCEPT ![a] = m.bal]
+            /\ Send([type |-> "Sealed", from |-> a, bal |-> m.bal, acc |-> accepted[a],
+                     leases |-> IF a \in Old THEN {<<a, h>> : h \in grants[a]} ELSE {}])
+       ELSE /\ UNCHANGED promised
+            /\ Send([type |-> "Sealed", from |-> a, bal |-> m.bal,
+                     acc |-> IF REPORT_ALL THEN accepted[a] ELSE None,
+                     leases |-> IF a \in Old THEN {<<a, h>> : h \in grants[a]} ELSE {}])
     /\ UNCHANGED <<accepted, grants, acked, known, prop, mover, votes>>
 
-(* With a quorum of Old sealed (or, broken, only its own acceptor), the   *)
-(* mover knows the value to transfer and the leases to wait for.         *)
-Collect ==
-    /\ mover.phase = "seal"
-    /\ LET ss == {m \in msgs : m.type = "Sealed"}
-           Qs == IF SEAL_QUORUM THEN Quorums(Old) ELSE {{Mover}}
-       IN \E Q \in Qs :
-          /\ \A a \in Q : \E m \in ss : m.from = a
-          /\ LET got == {m \in ss : m.from \in Q} IN
-             mover' = [phase |-> "wait",
-                       val |-> Highest(UNION {m.acc : m \in got}),
-                       leases |-> UNION {m.leases : m \in got}]
+(* With a quorum of Old and one of New sealed (or, broken, only its own   *)
+(* acceptor, or Old only), the mover knows the value to transfer and the  *)
+(* leases to wait for.                                                    *)
+Collect(m) ==
+    /\ mover[m].phase = "seal"
+    /\ LET ss == {r \in msgs : r.type = "Sealed" /\ r.bal = B(m)}
+           Qs == IF SEAL_QUORUM THEN Quorums(Old) ELSE {{m}}
+           Ns == IF SEAL_QUORUM /\ SEAL_NEW THEN Quorums(New) ELSE {{}}
+       IN \E Q \in Qs, N \in Ns :
+          /\ \A a \in Q \cup N : \E r \in ss : r.from = a
+          /\ LET got == {r \in ss : r.from \in Q \cup N}
+                 accs == UNION {r.acc : r \in got}
+                 below == {x \in accs : BLT(x.bal, B(m))}
+                 movedOn == \E x \in accs : BLE(B(m), x.bal)
+             IN mover' = [mover EXCEPT ![m] =
+                            [phase |-> IF SKIP_MOVED_ON /\ movedOn THEN "done" ELSE "wait",
+                             val |-> Highest(below),
+                             leases |-> UNION {r.leases : r \in got}]]
     /\ UNCHANGED <<promised, accepted, grants, acked, known, prop, msgs, votes>>
 
 (* Once the reported leases ran out (WAIT_LEASES), write the value to New. *)
-Transfer ==
-    /\ mover.phase = "wait"
-    /\ WAIT_LEASES => \A l \in mover.leases : l[2] \notin grants[l[1]]
-    /\ mover' = [mover EXCEPT !.phase = "done"]
-    /\ Send([type |-> "Transfer", bal |-> B2, val |-> mover.val])
+Transfer(m) ==
+    /\ mover[m].phase = "wait"
+    /\ WAIT_LEASES => \A l \in mover[m].leases : l[2] \notin grants[l[1]]
+    /\ mover' = [mover EXCEPT ![m].phase = "done"]
+    /\ Send([type |-> "Transfer", bal |-> B(m), val |-> mover[m].val])
     /\ UNCHANGED <<promised, accepted, grants, acked, known, prop, votes>>
 
 Next ==
@@ -243,7 +273,7 @@ Next ==
     \/ \E a \in Node : ReceivePrepare(a) \/ ReceiveAccept(a) \/ ReceiveSeal(a)
     \/ \E h \in Holders : Acknowledge(h) \/ Learn(h)
     \/ \E g \in Old, h \in Holders : Grant(g, h) \/ Expire(g, h)
-    \/ Seal \/ Collect \/ Transfer
+    \/ \E m \in Movers : Seal(m) \/ Collect(m) \/ Transfer(m)
 
 Spec == Init /\ [][Next]_vars
 
@@ -261,7 +291,7 @@ LeaseReadSafety ==
 
 TypeOK ==
     /\ \A n \in Node : Cardinality(accepted[n]) <= 1
-    /\ mover.phase \in {"idle", "seal", "wait", "done"}
+    /\ \A m \in Movers : mover[m].phase \in {"idle", "seal", "wait", "done"}
 
 (* For the state graph to be finite: every change is one proposer's id.  *)
 =============================================================================

@@ -52,8 +52,11 @@
 //! which is Paxos's phase 1 over the two sets that could have chosen
 //! below `B'`. Every proposer of epoch `E` runs at a round above 0, so
 //! above every mover's ballot: a room an earlier install already let
-//! move on keeps its newer value (an installed acceptor skips such a
-//! room; the driver's `on_transfer`). An earlier mover that is still
+//! move on keeps its newer value. The new mover leaves out of its
+//! transfer every room some answer shows accepted at or above `B'`
+//! (that answer no longer says what its replica held below `B'`;
+//! `Found::MovedOn`), and an installed acceptor skips a room its promise
+//! has moved past (the driver's `on_transfer`). An earlier mover that is still
 //! running is refused by the higher seal and stops
 //! ([`HandoverStatus::Superseded`]). With the map's one-slot steps a
 //! majority of `Old` already meets every majority of `New` (the sets
@@ -834,7 +837,10 @@ mod tests {
         h.step(
             Millis(1),
             NodeId(2),
-            sealed(vec![(room("a"), first, value(5))]),
+            sealed(vec![
+                (room("a"), first, value(5)),
+                (room("d"), b(2, 2, 4), value(3)),
+            ]),
         );
         assert_eq!(h.status(), HandoverStatus::Sealing { sealed: 2 });
         h.step(
@@ -844,6 +850,7 @@ mod tests {
                 (room("a"), first, value(5)),
                 (room("b"), b(2, 3, 4), value(1)),
                 (room("c"), b(2, 1, 4), value(7)),
+                (room("d"), first, value(2)),
             ]),
         );
         let until = Millis(1).plus(lease().wait_ms(0));
@@ -855,7 +862,8 @@ mod tests {
             vec![(room("a"), value(5))],
             "the value the first mover installed, not the older one of Old; \
              b and c moved on at node 4 (whose answer hides what it held \
-             below this ballot), so node 3's older c is not carried either"
+             below this ballot), so node 3's older c is not carried either, \
+             and d, moved on at node 2, stays out whatever came after"
         );
         // The first mover, refused by the higher seal, stops; a proposer's
         // higher ballot of the epoch does not stop it.
@@ -873,6 +881,16 @@ mod tests {
             HandoverMessage::Refused {
                 ballot: first,
                 sealed: b(2, 3, 4),
+            },
+        );
+        assert_eq!(old.status(), HandoverStatus::Sealing { sealed: 0 });
+        // A refusal at its own ballot is no later mover's.
+        old.step(
+            Millis(2),
+            NodeId(3),
+            HandoverMessage::Refused {
+                ballot: first,
+                sealed: first,
             },
         );
         assert_eq!(old.status(), HandoverStatus::Sealing { sealed: 0 });
