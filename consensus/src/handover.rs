@@ -195,6 +195,17 @@ impl PartitionSeal {
         epoch <= created_epoch || self.installed.epoch >= epoch
     }
 
+    /// Whether a room that refused a transfer at `ballot` because it
+    /// promised `promised` has moved on since an earlier mover of the same
+    /// epoch installed this replica (`self` is the seal before the
+    /// transfer): a proposer of the epoch ran there after that install, so
+    /// the room keeps its newer value and the transfer installs the
+    /// partition all the same ("Takeover" above). Any other refusal leaves
+    /// the partition uninstalled.
+    pub fn moved_on_since_install(&self, ballot: Ballot, promised: Ballot) -> bool {
+        self.installed.epoch == ballot.epoch && promised > ballot
+    }
+
     /// The promise a room of the partition must start with on this node
     /// (a room this node had no state for when the partition was sealed).
     pub fn floor(&self) -> Ballot {
@@ -602,6 +613,12 @@ mod tests {
         assert!(seal.serves(2, 1));
         assert!(!seal.serves(3, 1));
         assert_eq!(seal.floor(), b(2, 0, 2));
+        // Installed in epoch 2: a room a proposer of epoch 2 moved on is
+        // kept in a later mover's transfer; a refusal at the ballot itself,
+        // or on a replica not installed in the epoch, is not.
+        assert!(seal.moved_on_since_install(b(2, 0, 3), b(2, 1, 4)));
+        assert!(!seal.moved_on_since_install(b(2, 0, 3), b(2, 0, 3)));
+        assert!(!PartitionSeal::default().moved_on_since_install(b(2, 0, 3), b(2, 1, 4)));
     }
 
     #[test]

@@ -651,8 +651,9 @@ impl Sim {
                 }
                 // Installed in this epoch by an earlier mover: a room a
                 // proposer of the epoch moved on since keeps its newer
-                // value (the driver's rule too).
-                let serving = self.nodes[i].durable.seal.installed.epoch == ballot.epoch;
+                // value (`PartitionSeal::moved_on_since_install`, as in the
+                // driver).
+                let before = self.nodes[i].durable.seal;
                 let now = self.now(i);
                 for room in self.held(i) {
                     if let Some(replica) = self.replica(i, &room) {
@@ -669,7 +670,7 @@ impl Sim {
                     };
                     match replica.install(ballot, value) {
                         Ok(_) => {}
-                        Err(promised) if serving && promised > ballot => {
+                        Err(promised) if before.moved_on_since_install(ballot, promised) => {
                             self.log(|| {
                                 format!(
                                     "{id}: {room:?} moved on to {promised} since its install; kept"

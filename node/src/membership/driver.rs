@@ -1074,11 +1074,7 @@ impl Driver {
             self.send_handover(from, partition, HandoverMessage::Installed { ballot });
             return Ok(());
         }
-        // Installed in this epoch already, by a mover this one took the
-        // step over from: a room a proposer of the epoch moved on since
-        // (its promise is above every mover's ballot) keeps its newer
-        // value (`saferchat_consensus::handover`, "Takeover").
-        let serving = seal.installed.epoch == ballot.epoch;
+        let before = seal;
         if let Err(sealed) = seal.on_transfer(ballot) {
             self.send_handover(from, partition, HandoverMessage::Refused { ballot, sealed });
             return Ok(());
@@ -1094,7 +1090,7 @@ impl Driver {
             let slot = self.rooms.get_mut(room).expect("ensured");
             match slot.replica.install(ballot, value) {
                 Ok(_) => {}
-                Err(promised) if serving && promised > ballot => {
+                Err(promised) if before.moved_on_since_install(ballot, promised) => {
                     tracing::info!(%room, %ballot, %promised, "a room moved on since an earlier install of this epoch; it keeps its value");
                     continue;
                 }
