@@ -1,6 +1,6 @@
 //! The protobuf messages each service accepts (chat, admin, peer) and the
-//! node's conversions of peer frames into its consensus messages: never a
-//! panic, whatever the bytes.
+//! node's conversions of peer frames into its consensus messages, and the
+//! joining of a message sent in parts: never a panic, whatever the bytes.
 
 use bytes::Bytes;
 use prost::Message as _;
@@ -23,6 +23,16 @@ fn main() {
             }
             for m in &frame.handover {
                 let _ = saferchat_node::convert::handover::message_from_pb(m);
+            }
+        }
+        // A stream's frames, length-delimited, their parts joined.
+        let mut stream = b();
+        let mut joining = saferchat_node::grpc::message_parts::Joining::default();
+        while let Ok(frame) = ppb::PeerFrame::decode_length_delimited(&mut stream) {
+            if let Some(part) = frame.part
+                && joining.push(part).is_err()
+            {
+                break;
             }
         }
         if let Ok(r) = ppb::PartitionSealRecord::decode(b()) {

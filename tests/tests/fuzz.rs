@@ -127,6 +127,15 @@ fn service_messages_and_peer_frames_never_panic() {
             if let Ok(r) = ppb::AcceptorRecord::decode(b()) {
                 let _ = saferchat_node::convert::acceptor_from_pb(&r);
             }
+            let mut stream = b();
+            let mut joining = saferchat_node::grpc::message_parts::Joining::default();
+            while let Ok(frame) = ppb::PeerFrame::decode_length_delimited(&mut stream) {
+                if let Some(part) = frame.part
+                    && joining.push(part).is_err()
+                {
+                    break;
+                }
+            }
             Ok(())
         })
         .unwrap();

@@ -1,8 +1,9 @@
 //! The peer port of a three-node cluster trusts nothing but a cluster
 //! certificate: a caller without one, or with one from another CA, gets no
 //! frame through; a node with a valid certificate cannot speak for another
-//! node; a frame with an absurd ballot is refused; and the room's
-//! membership is untouched by all of it.
+//! node; a frame with an absurd ballot is refused; a message sent in parts
+//! is joined only in order, and what its parts make is held to the same
+//! rules; and the room's membership is untouched by all of it.
 
 use std::path::Path;
 use std::time::{Duration, Instant};
@@ -61,6 +62,16 @@ async fn send_frame(
     tls: Option<ClientTlsConfig>,
     frame: pb::PeerFrame,
 ) -> Result<u64, tonic::Status> {
+    send_frames(cluster, target, tls, vec![frame]).await
+}
+
+/// [`send_frame`] with several frames on one stream.
+async fn send_frames(
+    cluster: &Cluster,
+    target: u64,
+    tls: Option<ClientTlsConfig>,
+    frames: Vec<pb::PeerFrame>,
+) -> Result<u64, tonic::Status> {
     let addr = cluster.peer_addresses[target as usize - 1];
     let endpoint = match tls {
         Some(tls) => Endpoint::from_shared(format!("https://{addr}"))
@@ -77,7 +88,7 @@ async fn send_frame(
         .map_err(|e| tonic::Status::unavailable(format!("connect: {e}")))?;
     let mut client = PeerClient::new(channel);
     client
-        .exchange(tokio_stream::iter(vec![frame]))
+        .exchange(tokio_stream::iter(frames))
         .await
         .map(|r| r.into_inner().frames)
 }
@@ -118,8 +129,18 @@ async fn the_peer_port_refuses_what_a_cluster_certificate_does_not_vouch_for() {
     let frame = |from: u64, message: pb::RoomMessage| pb::PeerFrame {
         from,
         messages: vec![message],
-        log: Vec::new(),
-        handover: Vec::new(),
+        ..pb::PeerFrame::default()
+    };
+    // `whole` in parts, each in a frame from `from`.
+    let in_parts = |from: u64, whole: &pb::PeerFrame| -> Vec<pb::PeerFrame> {
+        saferchat_node::grpc::message_parts::split(1, whole)
+            .into_iter()
+            .map(|part| pb::PeerFrame {
+                from,
+                part: Some(part),
+                ..pb::PeerFrame::default()
+            })
+            .collect()
     };
 
     // Plaintext: the listener speaks only TLS.
@@ -196,6 +217,64 @@ async fn the_peer_port_refuses_what_a_cluster_certificate_does_not_vouch_for() {
     .await
     .expect_err("absurd ballot accepted");
     assert_eq!(absurd.code(), tonic::Code::InvalidArgument, "{absurd:?}");
+
+    // Node 3's certificate, the forged commit from "n1" in parts: the
+    // parts join, and what they make is refused by name.
+    let forged_whole = pb::PeerFrame {
+        from: 1,
+        messages: vec![forged_commit("team", &outsider, 9)],
+        ..pb::PeerFrame::default()
+    };
+    let forged = send_frames(
+        &cluster,
+        2,
+        Some(tls(&cluster.tls_dir, Some(3), 2)),
+        in_parts(3, &forged_whole),
+    )
+    .await
+    .expect_err("forged from in parts accepted");
+    assert_eq!(forged.code(), tonic::Code::PermissionDenied, "{forged:?}");
+
+    // A message of more than 4 MiB (handover answers nobody waits for)
+    // in parts: joined and taken; the same parts out of order: refused.
+    let stray = pb::HandoverMessage {
+        partition: 0,
+        body: Some(pb::handover_message::Body::Installed(
+            pb::HandoverInstalled {
+                ballot: Some(pb::Ballot {
+                    epoch: 1,
+                    round: 0,
+                    node: 3,
+                }),
+            },
+        )),
+    };
+    let large = pb::PeerFrame {
+        handover: vec![stray; 600_000],
+        ..pb::PeerFrame::default()
+    };
+    let parts = in_parts(3, &large);
+    assert!(parts.len() >= 2, "{} parts", parts.len());
+    let taken = send_frames(
+        &cluster,
+        1,
+        Some(tls(&cluster.tls_dir, Some(3), 1)),
+        parts.clone(),
+    )
+    .await
+    .expect("a message in parts");
+    assert_eq!(taken, parts.len() as u64);
+    let mut shuffled = parts;
+    shuffled.swap(0, 1);
+    let refused = send_frames(
+        &cluster,
+        1,
+        Some(tls(&cluster.tls_dir, Some(3), 1)),
+        shuffled,
+    )
+    .await
+    .expect_err("parts out of order accepted");
+    assert_eq!(refused.code(), tonic::Code::InvalidArgument, "{refused:?}");
 
     // Nothing of the above changed the room, and it still changes.
     for (revision, members) in members_everywhere(&cluster, "team").await {

@@ -10,6 +10,7 @@ pub mod admin;
 pub mod chat;
 pub mod forward;
 pub mod frames;
+pub mod message_parts;
 pub mod partition_copy;
 pub mod peer;
 pub mod relay;

@@ -11,6 +11,10 @@
 //! decoded here, at the edge: a frame with a malformed or absurd message
 //! (a ballot round past `Ballot::ROUND_MAX`, say) ends the stream with
 //! `INVALID_ARGUMENT` and none of it reaches the consensus core.
+//!
+//! A message too large for a frame (a handover of a partition with many
+//! rooms) travels in parts, each in a frame of its own, and is joined
+//! before it is decoded ([`crate::grpc::message_parts`]).
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -28,7 +32,8 @@ use tonic::{Request, Response, Status, Streaming};
 
 use crate::convert;
 use crate::error::NodeError;
-use crate::membership::{Inbound, PeerSender};
+use crate::grpc::message_parts;
+use crate::membership::{Inbound, PeerSender, TooLarge};
 use crate::peer_tls::{self, PeerTls};
 use crate::timeline::LogPost;
 use crate::timeline::driver::{ACCEPT_VALUES_MAX, LogInbound, RETAINED_BYTES_MAX};
@@ -55,10 +60,14 @@ pub const LOG_MESSAGE_BYTES_MAX: usize =
     2 * RETAINED_BYTES_MAX + ACCEPT_VALUES_MAX * (saferchat_envelope::ENVELOPE_BYTES_MAX + 1024);
 /// The largest single message a frame is sure to carry whatever precedes
 /// it: a larger one would make its whole frame too large for the peer,
-/// which refuses the frame, so it is never queued (see
+/// which refuses the frame, so it is sent in parts instead (see
 /// [`GrpcPeers::enqueue`]). About 36 MiB; only a partition handover can
 /// come near it (every room of a partition in one message).
 pub const PEER_MESSAGE_BYTES_MAX: usize = PEER_FRAME_BYTES_MAX - FRAME_BYTES_SOFT_MAX;
+/// Bytes of messages in parts queued on one link at most: a resend of a
+/// large transfer while the last one still waits is dropped (the mover
+/// sends it again later) rather than piling copies up in memory.
+const SPLIT_QUEUED_BYTES_MAX: usize = message_parts::SPLIT_FRAME_BYTES_MAX;
 
 /// A frame closes at its soft size, so the largest is the soft size plus
 /// one largest message.
@@ -454,55 +463,124 @@ impl Peer for PeerService {
         let serving = self.serving()?;
         let mut stream = request.into_inner();
         let mut frames = 0;
+        let mut reader = FrameReader::new(from);
         while let Some(frame) = stream.message().await? {
-            if frame.from != 0 && frame.from != from.0 {
-                tracing::warn!(%from, claimed = frame.from, "peer frame with a forged sender");
-                metrics::counter!("saferchat_peer_frames_refused_total", "why" => "forged_from")
-                    .increment(1);
-                return Err(Status::permission_denied(format!(
-                    "frame claims to come from n{}, but the connection is {from}'s",
-                    frame.from
-                )));
-            }
-            let messages = decode(&frame).inspect_err(|e| {
-                tracing::warn!(%from, error = %e.message(), "refusing a peer frame");
-                metrics::counter!("saferchat_peer_frames_refused_total", "why" => "malformed")
-                    .increment(1);
-            })?;
-            let log = decode_log(&frame, serving.log.1).inspect_err(|e| {
-                tracing::warn!(%from, error = %e.message(), "refusing a peer frame");
-                metrics::counter!("saferchat_peer_frames_refused_total", "why" => "malformed")
-                    .increment(1);
-            })?;
-            let handover = decode_handover(&frame, serving.log.1).inspect_err(|e| {
-                tracing::warn!(%from, error = %e.message(), "refusing a peer frame");
-                metrics::counter!("saferchat_peer_frames_refused_total", "why" => "malformed")
-                    .increment(1);
-            })?;
             frames += 1;
-            if !messages.is_empty() || !handover.is_empty() {
-                self.inbound
-                    .send(Inbound {
-                        from,
-                        messages,
-                        handover,
-                    })
-                    .await
-                    .map_err(|_| Status::unavailable("node is shutting down"))?;
-            }
-            if !log.is_empty() {
-                serving
-                    .log
-                    .0
-                    .send(LogInbound {
-                        from,
-                        messages: log,
-                    })
-                    .await
-                    .map_err(|_| Status::unavailable("node is shutting down"))?;
+            if let Some(whole) = reader.read(frame)? {
+                self.take_frame(from, serving, whole).await?;
             }
         }
         Ok(Response::new(pb::ExchangeSummary { frames }))
+    }
+}
+
+/// Refuses a malformed frame (the stream ends with it), loudly.
+fn refuse(from: NodeId, why: String) -> Status {
+    tracing::warn!(%from, error = %why, "refusing a peer frame");
+    metrics::counter!("saferchat_peer_frames_refused_total", "why" => "malformed").increment(1);
+    Status::invalid_argument(why)
+}
+
+/// A frame's `from` must be the connection's node, or 0.
+fn check_from(from: NodeId, claimed: u64) -> Result<(), Status> {
+    if claimed != 0 && claimed != from.0 {
+        tracing::warn!(%from, claimed, "peer frame with a forged sender");
+        metrics::counter!("saferchat_peer_frames_refused_total", "why" => "forged_from")
+            .increment(1);
+        return Err(Status::permission_denied(format!(
+            "frame claims to come from n{claimed}, but the connection is {from}'s"
+        )));
+    }
+    Ok(())
+}
+
+/// The frames of one `Exchange` stream, whole: a frame received whole is
+/// passed on, the parts of a message are joined first.
+#[derive(Debug)]
+struct FrameReader {
+    from: NodeId,
+    joining: message_parts::Joining,
+}
+
+impl FrameReader {
+    fn new(from: NodeId) -> FrameReader {
+        FrameReader {
+            from,
+            joining: message_parts::Joining::default(),
+        }
+    }
+
+    /// The next frame received; a whole frame once there is one.
+    ///
+    /// # Errors
+    /// The status that ends the stream: a forged sender, a part out of
+    /// order or with company, parts that make no frame.
+    fn read(&mut self, mut frame: pb::PeerFrame) -> Result<Option<pb::PeerFrame>, Status> {
+        let from = self.from;
+        check_from(from, frame.from)?;
+        let Some(part) = frame.part.take() else {
+            if self.joining.is_joining() {
+                return Err(refuse(
+                    from,
+                    "a frame between the parts of a message".into(),
+                ));
+            }
+            return Ok(Some(frame));
+        };
+        let bare = pb::PeerFrame {
+            from: frame.from,
+            ..pb::PeerFrame::default()
+        };
+        if frame != bare {
+            return Err(refuse(
+                from,
+                "a frame with a part carries nothing else".into(),
+            ));
+        }
+        let whole = self.joining.push(part).map_err(|e| refuse(from, e))?;
+        if let Some(whole) = &whole {
+            check_from(from, whole.from)?;
+            metrics::counter!("saferchat_peer_messages_joined_total").increment(1);
+        }
+        Ok(whole)
+    }
+}
+
+impl PeerService {
+    /// Decodes a whole frame (received whole, or joined from parts) and
+    /// hands its messages to the drivers.
+    async fn take_frame(
+        &self,
+        from: NodeId,
+        serving: &Serving,
+        frame: pb::PeerFrame,
+    ) -> Result<(), Status> {
+        let malformed = |e: Status| refuse(from, e.message().to_owned());
+        let messages = decode(&frame).map_err(malformed)?;
+        let log = decode_log(&frame, serving.log.1).map_err(malformed)?;
+        let handover = decode_handover(&frame, serving.log.1).map_err(malformed)?;
+        if !messages.is_empty() || !handover.is_empty() {
+            self.inbound
+                .send(Inbound {
+                    from,
+                    messages,
+                    handover,
+                })
+                .await
+                .map_err(|_| Status::unavailable("node is shutting down"))?;
+        }
+        if !log.is_empty() {
+            serving
+                .log
+                .0
+                .send(LogInbound {
+                    from,
+                    messages: log,
+                })
+                .await
+                .map_err(|_| Status::unavailable("node is shutting down"))?;
+        }
+        Ok(())
     }
 }
 
@@ -512,10 +590,19 @@ pub struct GrpcPeers {
     me: NodeId,
     tls: PeerTls,
     shutdown: CancellationToken,
-    queues: std::sync::Mutex<HashMap<NodeId, mpsc::Sender<Outgoing>>>,
+    queues: std::sync::Mutex<HashMap<NodeId, LinkQueue>>,
+    /// Numbers messages sent in parts.
+    split_messages: std::sync::atomic::AtomicU64,
     /// Where nodes that joined after the start are found: a link to one
     /// opens on the first message for it.
     maps: Option<crate::cluster_map::ClusterMaps>,
+}
+
+/// The queue of one link, and the bytes of messages in parts on it.
+#[derive(Clone, Debug)]
+struct LinkQueue {
+    tx: mpsc::Sender<Outgoing>,
+    split_queued: Arc<std::sync::atomic::AtomicUsize>,
 }
 
 /// One message queued for a peer.
@@ -524,6 +611,24 @@ enum Outgoing {
     Room(pb::RoomMessage),
     Log(pb::PartitionMessage),
     Handover(pb::HandoverMessage),
+    /// A message too large for a frame, in parts that leave together.
+    Parts(Split),
+}
+
+/// The parts of one message, holding their share of the link's
+/// [`SPLIT_QUEUED_BYTES_MAX`] until sent or dropped.
+#[derive(Debug)]
+struct Split {
+    parts: Vec<pb::MessagePart>,
+    bytes: usize,
+    queued: Arc<std::sync::atomic::AtomicUsize>,
+}
+
+impl Drop for Split {
+    fn drop(&mut self) {
+        self.queued
+            .fetch_sub(self.bytes, std::sync::atomic::Ordering::AcqRel);
+    }
 }
 
 impl Outgoing {
@@ -532,7 +637,20 @@ impl Outgoing {
             Outgoing::Room(m) => m.encoded_len(),
             Outgoing::Log(m) => m.encoded_len(),
             Outgoing::Handover(m) => m.encoded_len(),
+            Outgoing::Parts(split) => split.bytes,
         }
+    }
+
+    /// A frame of this message alone.
+    fn alone(self) -> pb::PeerFrame {
+        let mut frame = pb::PeerFrame::default();
+        match self {
+            Outgoing::Room(m) => frame.messages.push(m),
+            Outgoing::Log(m) => frame.log.push(m),
+            Outgoing::Handover(m) => frame.handover.push(m),
+            Outgoing::Parts(_) => unreachable!("parts are frames of their own"),
+        }
+        frame
     }
 }
 
@@ -549,6 +667,7 @@ impl GrpcPeers {
             tls: tls.clone(),
             shutdown: shutdown.clone(),
             queues: std::sync::Mutex::new(HashMap::new()),
+            split_messages: std::sync::atomic::AtomicU64::new(0),
             maps: None,
         };
         for peer in peers {
@@ -565,8 +684,12 @@ impl GrpcPeers {
     }
 
     /// Starts the sender task of a link to `peer`.
-    fn open(&self, peer: &KnownPeer) -> mpsc::Sender<Outgoing> {
+    fn open(&self, peer: &KnownPeer) -> LinkQueue {
         let (tx, rx) = mpsc::channel(PEER_QUEUE_MAX);
+        let queue = LinkQueue {
+            tx,
+            split_queued: Arc::default(),
+        };
         let link = Link {
             me: self.me,
             peer: peer.id,
@@ -577,13 +700,13 @@ impl GrpcPeers {
         self.queues
             .lock()
             .expect("peer queues lock")
-            .insert(peer.id, tx.clone());
-        tx
+            .insert(peer.id, queue.clone());
+        queue
     }
 
     /// The queue of the link to `to`; a node the map names but no link
     /// was opened to yet (it joined after this node started) gets one.
-    fn queue(&self, to: NodeId) -> Option<mpsc::Sender<Outgoing>> {
+    fn queue(&self, to: NodeId) -> Option<LinkQueue> {
         if let Some(queue) = self.queues.lock().expect("peer queues lock").get(&to) {
             return Some(queue.clone());
         }
@@ -601,40 +724,67 @@ impl GrpcPeers {
         }))
     }
 
-    fn enqueue(&self, to: NodeId, message: Outgoing) {
-        if !fits(&message) {
-            // Its frame would be refused whole, with every other message
-            // in it, at each resend: drop this one alone, loudly.
+    /// Queues `message` for `to`, in parts when it is too large for a
+    /// frame; drops it when the queue is full.
+    ///
+    /// # Errors
+    /// [`TooLarge`] for a message no link carries even in parts.
+    fn enqueue(&self, to: NodeId, message: Outgoing) -> Result<(), TooLarge> {
+        let bytes = message.encoded_len();
+        if bytes > message_parts::SPLIT_FRAME_BYTES_MAX - 16 {
             metrics::counter!("saferchat_peer_messages_too_large_total").increment(1);
-            tracing::error!(
-                %to,
-                bytes = message.encoded_len(),
-                max = PEER_MESSAGE_BYTES_MAX,
-                "dropping a peer message too large for any frame"
-            );
-            return;
+            return Err(TooLarge {
+                bytes,
+                max: message_parts::SPLIT_FRAME_BYTES_MAX - 16,
+            });
         }
         let Some(queue) = self.queue(to) else {
             tracing::warn!(%to, "no such peer");
-            return;
+            return Ok(());
         };
-        if queue.try_send(message).is_err() {
+        let item = if bytes <= PEER_MESSAGE_BYTES_MAX {
+            message
+        } else {
+            // Its frame would be refused whole: send it in parts, unless
+            // earlier ones still wait on this link.
+            use std::sync::atomic::Ordering;
+            let before = queue.split_queued.fetch_add(bytes, Ordering::AcqRel);
+            let mut split = Split {
+                parts: Vec::new(),
+                bytes,
+                queued: Arc::clone(&queue.split_queued),
+            };
+            if before + bytes > SPLIT_QUEUED_BYTES_MAX {
+                // (Dropping `split` gives the bytes back.)
+                metrics::counter!("saferchat_peer_messages_dropped_total").increment(1);
+                return Ok(());
+            }
+            let number = self.split_messages.fetch_add(1, Ordering::Relaxed);
+            split.parts = message_parts::split(number, &message.alone());
+            Outgoing::Parts(split)
+        };
+        if queue.tx.try_send(item).is_err() {
             metrics::counter!("saferchat_peer_messages_dropped_total").increment(1);
         }
+        Ok(())
     }
 }
 
 impl PeerSender for GrpcPeers {
     fn send(&self, to: NodeId, message: pb::RoomMessage) {
-        self.enqueue(to, Outgoing::Room(message));
+        if let Err(e) = self.enqueue(to, Outgoing::Room(message)) {
+            tracing::error!(%to, bytes = e.bytes, max = e.max, "dropping a room message too large for any link");
+        }
     }
 
     fn send_log(&self, to: NodeId, message: pb::PartitionMessage) {
-        self.enqueue(to, Outgoing::Log(message));
+        if let Err(e) = self.enqueue(to, Outgoing::Log(message)) {
+            tracing::error!(%to, bytes = e.bytes, max = e.max, "dropping a partition-log message too large for any link");
+        }
     }
 
-    fn send_handover(&self, to: NodeId, message: pb::HandoverMessage) {
-        self.enqueue(to, Outgoing::Handover(message));
+    fn send_handover(&self, to: NodeId, message: pb::HandoverMessage) -> Result<(), TooLarge> {
+        self.enqueue(to, Outgoing::Handover(message))
     }
 }
 
@@ -646,34 +796,60 @@ struct Link {
     tls: tonic::transport::ClientTlsConfig,
 }
 
-/// Whether `message` fits in a frame whatever precedes it.
-fn fits(message: &Outgoing) -> bool {
-    message.encoded_len() <= PEER_MESSAGE_BYTES_MAX
-}
-
 /// Takes queued messages into one frame: at most `FRAME_MESSAGES_MAX`
-/// messages, closed once they reach `FRAME_BYTES_SOFT_MAX` bytes.
-fn fill_frame(first: Outgoing, queue: &mut mpsc::Receiver<Outgoing>) -> pb::PeerFrame {
+/// messages, closed once they reach `FRAME_BYTES_SOFT_MAX` bytes, or at a
+/// message in parts, which is given back (its parts are frames of their
+/// own).
+fn fill_frame(
+    first: Outgoing,
+    queue: &mut mpsc::Receiver<Outgoing>,
+) -> (pb::PeerFrame, Option<Outgoing>) {
     let mut bytes = first.encoded_len();
-    let mut frame = pb::PeerFrame::default();
-    let push = |m: Outgoing, frame: &mut pb::PeerFrame| match m {
-        Outgoing::Room(m) => frame.messages.push(m),
-        Outgoing::Log(m) => frame.log.push(m),
-        Outgoing::Handover(m) => frame.handover.push(m),
-    };
-    push(first, &mut frame);
+    let mut frame = first.alone();
     let mut count = 1;
     while count < FRAME_MESSAGES_MAX && bytes < FRAME_BYTES_SOFT_MAX {
         match queue.try_recv() {
+            Ok(parts @ Outgoing::Parts(_)) => return (frame, Some(parts)),
             Ok(m) => {
                 bytes += m.encoded_len();
-                push(m, &mut frame);
+                let alone = m.alone();
+                frame.messages.extend(alone.messages);
+                frame.log.extend(alone.log);
+                frame.handover.extend(alone.handover);
                 count += 1;
             }
             Err(_) => break,
         }
     }
-    frame
+    (frame, None)
+}
+
+/// The frames that carry `first` (and what follows it in `queue`, up to a
+/// frame's limits): one frame of messages, or one frame per part of a
+/// message in parts, with that message's hold on the link's budget. A
+/// message in parts met while filling a frame is left in `next`.
+fn frames_of(
+    first: Outgoing,
+    queue: &mut mpsc::Receiver<Outgoing>,
+    next: &mut Option<Outgoing>,
+) -> (Vec<pb::PeerFrame>, Option<Split>) {
+    match first {
+        Outgoing::Parts(mut split) => {
+            let frames = std::mem::take(&mut split.parts)
+                .into_iter()
+                .map(|part| pb::PeerFrame {
+                    part: Some(part),
+                    ..pb::PeerFrame::default()
+                })
+                .collect();
+            (frames, Some(split))
+        }
+        other => {
+            let (frame, given_back) = fill_frame(other, queue);
+            *next = given_back;
+            (vec![frame], None)
+        }
+    }
 }
 
 async fn sender(link: Link, mut queue: mpsc::Receiver<Outgoing>, shutdown: CancellationToken) {
@@ -719,17 +895,28 @@ async fn sender(link: Link, mut queue: mpsc::Receiver<Outgoing>, shutdown: Cance
         let mut client = PeerClient::new(channel).max_encoding_message_size(PEER_FRAME_BYTES_MAX);
         let call =
             tokio::spawn(async move { client.exchange(ReceiverStream::new(frames_rx)).await });
-        loop {
-            let first = tokio::select! {
-                m = queue.recv() => m,
-                () = shutdown.cancelled() => return,
+        let mut next = None;
+        'stream: loop {
+            let first = match next.take() {
+                Some(m) => m,
+                None => {
+                    let first = tokio::select! {
+                        m = queue.recv() => m,
+                        () = shutdown.cancelled() => return,
+                    };
+                    let Some(first) = first else { return };
+                    first
+                }
             };
-            let Some(first) = first else { return };
-            let mut frame = fill_frame(first, &mut queue);
-            frame.from = me.0;
-            if frames.send(frame).await.is_err() || call.is_finished() {
-                tracing::info!(%peer, "peer stream broke; reconnecting");
-                break;
+            // A message in parts keeps its share of the link's budget
+            // until its last part left.
+            let (out, _budget) = frames_of(first, &mut queue, &mut next);
+            for mut frame in out {
+                frame.from = me.0;
+                if frames.send(frame).await.is_err() || call.is_finished() {
+                    tracing::info!(%peer, "peer stream broke; reconnecting");
+                    break 'stream;
+                }
             }
         }
         call.abort();
@@ -783,35 +970,213 @@ mod tests {
         for _ in 0..4 {
             tx.try_send(Outgoing::Room(message.clone())).unwrap();
         }
-        let mut frame = fill_frame(Outgoing::Room(message), &mut rx);
+        let (mut frame, next) = fill_frame(Outgoing::Room(message), &mut rx);
+        assert!(next.is_none());
         assert!(frame.messages.len() < 5, "a frame closes at its soft size");
         frame.from = u64::MAX;
         assert!(frame.encoded_len() <= PEER_FRAME_BYTES_MAX);
     }
 
-    /// A handover too large for any frame does not fit (it is never
-    /// queued: its frame would be refused whole); a large one that does
-    /// fit is sent.
-    #[test]
-    fn a_message_too_large_for_any_frame_does_not_fit() {
-        let transfer = |rooms: usize| {
-            Outgoing::Handover(pb::HandoverMessage {
-                partition: 1,
-                body: Some(pb::handover_message::Body::Transfer(pb::HandoverTransfer {
-                    ballot: None,
-                    rooms: (0..rooms)
-                        .map(|i| pb::TransferredRoom {
-                            room: format!("room-{i}"),
-                            value: Some(biggest_state()),
-                        })
-                        .collect(),
-                })),
-            })
-        };
+    fn transfer(rooms: usize) -> pb::HandoverMessage {
+        pb::HandoverMessage {
+            partition: 1,
+            body: Some(pb::handover_message::Body::Transfer(pb::HandoverTransfer {
+                ballot: None,
+                rooms: (0..rooms)
+                    .map(|i| pb::TransferredRoom {
+                        room: format!("room-{i}"),
+                        value: Some(biggest_state()),
+                    })
+                    .collect(),
+            })),
+        }
+    }
+
+    fn room_message(room: &str) -> pb::RoomMessage {
+        pb::RoomMessage {
+            room: room.into(),
+            body: Some(pb::room_message::Body::Prepare(pb::Prepare {
+                ballot: Some(pb::Ballot {
+                    epoch: 1,
+                    round: 1,
+                    node: 1,
+                }),
+            })),
+        }
+    }
+
+    /// Senders to `n2` with no link task: what they queue stays in the
+    /// returned receiver.
+    fn unlinked() -> (GrpcPeers, mpsc::Receiver<Outgoing>, tempfile::TempDir) {
+        let dir = tempfile::tempdir().unwrap();
+        let files = peer_tls::generate(dir.path(), &[(NodeId(1), "dc1".into())]).unwrap();
+        let tls = PeerTls::load(
+            &crate::config::PeerTlsConfig {
+                ca: dir.path().join("ca.pem"),
+                cert: files[0].cert.clone(),
+                key: files[0].key.clone(),
+            },
+            NodeId(1),
+            "dc1",
+        )
+        .unwrap();
+        let peers = GrpcPeers::start(NodeId(1), &tls, &[], &CancellationToken::new());
+        let (tx, rx) = mpsc::channel(PEER_QUEUE_MAX);
+        peers.queues.lock().unwrap().insert(
+            NodeId(2),
+            LinkQueue {
+                tx,
+                split_queued: Arc::default(),
+            },
+        );
+        (peers, rx, dir)
+    }
+
+    /// What the link task would send for everything queued, read back
+    /// as the receiving end of the stream reads it.
+    fn through_the_link(
+        queue: &mut mpsc::Receiver<Outgoing>,
+    ) -> Result<Vec<pb::PeerFrame>, Status> {
+        let mut sent = Vec::new();
+        let mut next = None;
+        while let Some(first) = next.take().or_else(|| queue.try_recv().ok()) {
+            let (frames, _budget) = frames_of(first, queue, &mut next);
+            sent.extend(frames.into_iter().map(|mut f| {
+                f.from = 1;
+                f
+            }));
+        }
+        assert!(
+            sent.iter().all(|f| f.encoded_len() <= PEER_FRAME_BYTES_MAX),
+            "every frame fits the listener's limit"
+        );
+        let mut reader = FrameReader::new(NodeId(1));
+        let mut whole = Vec::new();
+        for frame in sent {
+            whole.extend(reader.read(frame)?);
+        }
+        Ok(whole)
+    }
+
+    /// A transfer too large for a frame goes in parts, each frame within
+    /// the listener's limit, and arrives whole, in its place among the
+    /// messages queued around it.
+    #[tokio::test]
+    async fn a_message_too_large_for_a_frame_arrives_whole_in_its_place() {
+        let (peers, mut queue, _dir) = unlinked();
         let one = transfer(1).encoded_len();
-        assert!(fits(&transfer(PEER_MESSAGE_BYTES_MAX / one - 1)));
-        let too_large = transfer(PEER_MESSAGE_BYTES_MAX / one + 2);
-        assert!(too_large.encoded_len() > PEER_MESSAGE_BYTES_MAX);
-        assert!(!fits(&too_large));
+        let large = transfer(PEER_MESSAGE_BYTES_MAX / one + 2);
+        assert!(large.encoded_len() > PEER_MESSAGE_BYTES_MAX);
+        peers.send(NodeId(2), room_message("before"));
+        peers.send_handover(NodeId(2), large.clone()).unwrap();
+        peers.send(NodeId(2), room_message("after"));
+        let fits = transfer(PEER_MESSAGE_BYTES_MAX / one - 1);
+        peers.send_handover(NodeId(2), fits.clone()).unwrap();
+        let whole = through_the_link(&mut queue).unwrap();
+        let rooms: Vec<_> = whole
+            .iter()
+            .flat_map(|f| &f.messages)
+            .map(|m| m.room.as_str())
+            .collect();
+        assert_eq!(rooms, ["before", "after"]);
+        assert_eq!(
+            whole.len(),
+            3,
+            "before | large, joined | after with the one that fits"
+        );
+        assert_eq!(whole[1].handover, vec![large]);
+        assert_eq!(whole[2].handover, vec![fits]);
+        assert_eq!(
+            peers.queues.lock().unwrap()[&NodeId(2)]
+                .split_queued
+                .load(std::sync::atomic::Ordering::Acquire),
+            0,
+            "the budget is given back once sent"
+        );
+    }
+
+    /// Resends of a large message while the last one still waits on the
+    /// link are dropped rather than piled up; one past what any link
+    /// carries is refused with its size.
+    #[tokio::test]
+    async fn large_messages_are_bounded_per_link_and_in_size() {
+        let (peers, mut queue, _dir) = unlinked();
+        let one = transfer(1).encoded_len();
+        let large = transfer(PEER_MESSAGE_BYTES_MAX / one + 2);
+        let fit = SPLIT_QUEUED_BYTES_MAX / large.encoded_len();
+        for _ in 0..fit + 3 {
+            peers.send_handover(NodeId(2), large.clone()).unwrap();
+        }
+        let mut queued = 0;
+        while let Ok(item) = queue.try_recv() {
+            assert!(matches!(item, Outgoing::Parts(_)));
+            queued += 1;
+        }
+        assert_eq!(queued, fit);
+        peers.send_handover(NodeId(2), large.clone()).unwrap();
+        assert_eq!(
+            through_the_link(&mut queue).unwrap().len(),
+            1,
+            "room again once sent"
+        );
+        let too_large = transfer(message_parts::SPLIT_FRAME_BYTES_MAX / one + 1);
+        let refused = peers.send_handover(NodeId(2), too_large).unwrap_err();
+        assert!(refused.bytes > refused.max);
+        assert!(queue.try_recv().is_err());
+    }
+
+    /// The receiving end refuses parts mixed with other frames, and a
+    /// forged sender inside the joined frame.
+    #[test]
+    fn parts_keep_to_themselves_and_to_their_sender() {
+        let frame = |part, from| pb::PeerFrame {
+            from,
+            part,
+            ..pb::PeerFrame::default()
+        };
+        let whole = pb::PeerFrame {
+            handover: vec![transfer(40)],
+            ..pb::PeerFrame::default()
+        };
+        let parts = message_parts::split(1, &whole);
+        let mut reader = FrameReader::new(NodeId(1));
+        assert_eq!(reader.read(frame(Some(parts[0].clone()), 1)).unwrap(), None);
+        let between = reader.read(frame(None, 1)).unwrap_err();
+        assert_eq!(between.code(), tonic::Code::InvalidArgument);
+
+        let mut reader = FrameReader::new(NodeId(1));
+        let mut crowded = frame(Some(parts[0].clone()), 1);
+        crowded.messages.push(room_message("a"));
+        assert!(
+            reader
+                .read(crowded)
+                .unwrap_err()
+                .message()
+                .contains("nothing else")
+        );
+
+        let mut reader = FrameReader::new(NodeId(1));
+        let forged = message_parts::split(
+            2,
+            &pb::PeerFrame {
+                from: 7,
+                ..whole.clone()
+            },
+        );
+        let mut last = None;
+        for part in forged {
+            last = Some(reader.read(frame(Some(part), 1)));
+        }
+        assert_eq!(
+            last.unwrap().unwrap_err().code(),
+            tonic::Code::PermissionDenied
+        );
+
+        let mut reader = FrameReader::new(NodeId(1));
+        let mut out = None;
+        for part in parts {
+            out = reader.read(frame(Some(part), 0)).unwrap();
+        }
+        assert_eq!(out, Some(whole));
     }
 }

@@ -779,24 +779,21 @@ impl Driver {
             return;
         }
         let wire = convert::handover::message_to_pb(partition, &message);
-        let bytes = prost::Message::encoded_len(&wire);
-        if bytes > crate::grpc::peer::PEER_MESSAGE_BYTES_MAX {
-            // Every room of the partition travels in one message; the peer
-            // would refuse it (and its frame) at every resend. The move of
-            // this partition cannot go on: say so once per step.
+        if let Err(too_large) = self.peers.send_handover(to, wire) {
+            // Every room of the partition travels in one message, which
+            // no link carries: the move of this partition cannot go on.
+            // Say so once per step.
             if self.oversized_logged.insert((partition, message.ballot())) {
                 metrics::counter!("saferchat_handover_too_large_total").increment(1);
                 tracing::error!(
                     partition,
                     ballot = %message.ballot(),
-                    bytes,
-                    max = crate::grpc::peer::PEER_MESSAGE_BYTES_MAX,
+                    bytes = too_large.bytes,
+                    max = too_large.max,
                     "the partition's rooms do not fit in one peer message; its move cannot go on"
                 );
             }
-            return;
         }
-        self.peers.send_handover(to, wire);
     }
 
     /// Starts (or resumes, from its durable record) a step this node moves.

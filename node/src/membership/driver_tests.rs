@@ -59,7 +59,11 @@ impl PeerSender for Router {
 
     fn send_log(&self, _to: NodeId, _message: ppb::PartitionMessage) {}
 
-    fn send_handover(&self, to: NodeId, message: ppb::HandoverMessage) {
+    fn send_handover(
+        &self,
+        to: NodeId,
+        message: ppb::HandoverMessage,
+    ) -> Result<(), crate::membership::TooLarge> {
         let decoded = convert::handover::message_from_pb(&message).expect("a valid message");
         self.deliver(
             to,
@@ -69,6 +73,7 @@ impl PeerSender for Router {
                 handover: vec![decoded],
             },
         );
+        Ok(())
     }
 }
 

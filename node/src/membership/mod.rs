@@ -49,7 +49,24 @@ pub trait PeerSender: Send + Sync + 'static {
 
     /// Queues one handover message for `to`; may drop it (the mover
     /// resends until answered).
-    fn send_handover(&self, to: saferchat_consensus::NodeId, message: ppb::HandoverMessage);
+    ///
+    /// # Errors
+    /// [`TooLarge`] when no link could ever carry the message (a partition
+    /// with more membership state than a split message holds).
+    fn send_handover(
+        &self,
+        to: saferchat_consensus::NodeId,
+        message: ppb::HandoverMessage,
+    ) -> Result<(), TooLarge>;
+}
+
+/// A message larger than any peer link carries.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct TooLarge {
+    /// Its encoded size.
+    pub bytes: usize,
+    /// The most a link carries.
+    pub max: usize,
 }
 
 /// A node with no peers.
@@ -65,8 +82,13 @@ impl PeerSender for NoPeers {
         tracing::warn!(%to, "dropping a partition-log message for a node that is not configured");
     }
 
-    fn send_handover(&self, to: saferchat_consensus::NodeId, _message: ppb::HandoverMessage) {
+    fn send_handover(
+        &self,
+        to: saferchat_consensus::NodeId,
+        _message: ppb::HandoverMessage,
+    ) -> Result<(), TooLarge> {
         tracing::warn!(%to, "dropping a handover message for a node that is not configured");
+        Ok(())
     }
 }
 
