@@ -114,15 +114,13 @@ pub async fn run(parts: MoverParts) -> Result<(), NodeError> {
             let handed = map.handed_over.contains(&partition);
             let waits_for = map.establish_waits_for(&step).map(NodeId);
             if step.mover == me && !handed && handing.insert((partition, step.epoch)) {
-                let first = step.before.iter().find(|n| step.after.contains(n));
-                if first != Some(&me) {
-                    // The map passed over a draining node of both sets: a
-                    // dead mover's step taken over, or a step it would
+                if let Some(draining) = step.passed_over() {
+                    // A dead mover's step taken over, or a step it would
                     // have moved.
                     tracing::info!(
                         partition,
                         epoch = step.epoch,
-                        draining = ?first,
+                        draining,
                         "moving the step in place of a draining node"
                     );
                     metrics::counter!("saferchat_handover_steps_for_draining_total").increment(1);

@@ -73,6 +73,21 @@ pub struct MoveStep {
     pub mover: u64,
 }
 
+impl MoveStep {
+    /// The node of both sets that the map passed over for a draining one
+    /// when it named the mover (the mover of a step taken over), if any.
+    pub fn passed_over(&self) -> Option<u64> {
+        in_both(&self.before, &self.after)
+            .next()
+            .filter(|first| *first != self.mover)
+    }
+}
+
+/// The ids in both of two sorted sets, lowest first.
+fn in_both<'a>(before: &'a [u64], after: &'a [u64]) -> impl DoubleEndedIterator<Item = u64> + 'a {
+    before.iter().copied().filter(|n| after.contains(n))
+}
+
 /// Why a move step did not apply.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, thiserror::Error)]
 pub enum MoveError {
@@ -139,7 +154,7 @@ impl ClusterMap {
     /// mover only ever moves up; with every node of both sets draining it
     /// is the highest of them, for the same reason.
     fn mover_of(&self, before: &[u64], after: &[u64]) -> Option<u64> {
-        let both = || before.iter().copied().filter(|n| after.contains(n));
+        let both = || in_both(before, after);
         let draining = |n: &u64| {
             self.nodes
                 .get(n)
@@ -640,6 +655,7 @@ mod tests {
             .filter(|n| first.after.contains(n))
             .collect();
         assert_eq!(first.mover, both[0]);
+        assert_eq!(first.passed_over(), None);
         // The mover dies for good; the operator drains it.
         map.apply(&MapCommand::Drain { id: first.mover }).unwrap();
         let taken = map.step_of(partition).unwrap().expect("still under way");
@@ -649,6 +665,7 @@ mod tests {
             "the same step"
         );
         assert_eq!(taken.mover, both[1], "the next node of both sets");
+        assert_eq!(taken.passed_over(), Some(first.mover));
         // It goes on from there: handed over and established, the planner
         // moves the drained node's slots away.
         let epoch = taken.epoch;
