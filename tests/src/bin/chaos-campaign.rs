@@ -14,6 +14,13 @@
 //! drift bound, and `STORE=cassandra` plus `SAFERCHAT_CASSANDRA` for those
 //! `--cassandra-every` runs on Cassandra).
 //!
+//! A campaign of a thousand schedules runs for many hours; with `--state
+//! FILE` it records where it stands after every schedule (the totals so
+//! far and the next seed), and the same command run again goes on from
+//! there: an interrupted campaign (a reboot, a session that ended) loses
+//! at most the schedule under way. The report is rewritten after every
+//! schedule.
+//!
 //! Schedules on Cassandra start a Cassandra node of their own from
 //! `deploy/cassandra` (fetch its jars first: `bash
 //! deploy/cassandra/cassandra.sh fetch`), about a minute more each.
@@ -55,6 +62,125 @@ struct Args {
     /// Where to write the report (Markdown).
     #[arg(long, default_value = "chaos-report.md")]
     report: std::path::PathBuf,
+    /// Where the campaign records its progress; when the file exists, the
+    /// campaign goes on from it (it must be the same campaign: the same
+    /// seeds, window and mix).
+    #[arg(long)]
+    state: Option<std::path::PathBuf>,
+    /// What the nodes were built from (a commit, say), for the report: a
+    /// campaign resumed on another build lists which seeds ran on which.
+    #[arg(long, default_value = "unnamed")]
+    build: String,
+}
+
+impl Args {
+    /// What makes two runs the same campaign.
+    fn campaign(&self) -> Campaign {
+        Campaign {
+            first: self.first,
+            schedules: self.schedules,
+            seconds: self.seconds,
+            beyond_every: self.beyond_every,
+            cassandra_every: self.cassandra_every,
+            disk_every: self.disk_every,
+        }
+    }
+}
+
+/// The arguments that define a campaign.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+struct Campaign {
+    first: u64,
+    schedules: u64,
+    seconds: u64,
+    beyond_every: u64,
+    cassandra_every: u64,
+    disk_every: u64,
+}
+
+/// Where a campaign stands, as `--state` keeps it.
+#[derive(Debug, serde::Serialize, serde::Deserialize)]
+struct Progress {
+    campaign: Campaign,
+    /// The next seed to run.
+    next: u64,
+    /// Time spent on the schedules run so far, over every run of the
+    /// campaign.
+    seconds_spent: f64,
+    totals: Totals,
+    /// Which seeds ran on which build, in order.
+    #[serde(default)]
+    builds: Vec<BuildRun>,
+}
+
+/// Seeds `first..=last` ran on `build`.
+#[derive(Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+struct BuildRun {
+    build: String,
+    first: u64,
+    last: u64,
+}
+
+impl Progress {
+    /// Counts `seed` as run on `build`.
+    fn ran(&mut self, seed: u64, build: &str) {
+        match self.builds.last_mut() {
+            Some(run) if run.build == build && run.last + 1 == seed => run.last = seed,
+            _ => self.builds.push(BuildRun {
+                build: build.to_owned(),
+                first: seed,
+                last: seed,
+            }),
+        }
+        self.next = seed + 1;
+    }
+}
+
+impl Progress {
+    /// The progress recorded in `path`, or a fresh start.
+    ///
+    /// # Errors
+    /// A file that does not parse, or records another campaign.
+    fn load(path: Option<&std::path::Path>, campaign: &Campaign) -> Result<Progress, String> {
+        let fresh = Progress {
+            campaign: campaign.clone(),
+            next: campaign.first,
+            seconds_spent: 0.0,
+            totals: Totals::default(),
+            builds: Vec::new(),
+        };
+        let Some(path) = path else { return Ok(fresh) };
+        let bytes = match std::fs::read(path) {
+            Ok(bytes) => bytes,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(fresh),
+            Err(e) => return Err(format!("{}: {e}", path.display())),
+        };
+        let progress: Progress = serde_json::from_slice(&bytes)
+            .map_err(|e| format!("{}: not a campaign's state: {e}", path.display()))?;
+        if progress.campaign != *campaign {
+            return Err(format!(
+                "{} records another campaign ({:?}); this one is {campaign:?}",
+                path.display(),
+                progress.campaign
+            ));
+        }
+        Ok(progress)
+    }
+
+    /// Records the progress in `path` (a whole file or the one before it:
+    /// written aside, synced, renamed).
+    fn save(&self, path: &std::path::Path) -> std::io::Result<()> {
+        use std::io::Write as _;
+        let aside = path.with_extension("tmp");
+        let mut file = std::fs::File::create(&aside)?;
+        file.write_all(&serde_json::to_vec_pretty(self).expect("progress serializes"))?;
+        file.sync_all()?;
+        std::fs::rename(&aside, path)?;
+        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+            std::fs::File::open(dir)?.sync_all()?;
+        }
+        Ok(())
+    }
 }
 
 fn kind(f: Fault) -> &'static str {
@@ -83,9 +209,9 @@ fn kind(f: Fault) -> &'static str {
     }
 }
 
-#[derive(Default)]
+#[derive(Debug, Default, serde::Serialize, serde::Deserialize)]
 struct Totals {
-    faults: BTreeMap<&'static str, u64>,
+    faults: BTreeMap<String, u64>,
     posts: u64,
     acked: u64,
     unknown: u64,
@@ -120,9 +246,23 @@ fn main() {
 }
 
 async fn campaign(args: Args) {
-    let mut totals = Totals::default();
-    let started = Instant::now();
-    for seed in args.first..args.first + args.schedules {
+    let mut progress = match Progress::load(args.state.as_deref(), &args.campaign()) {
+        Ok(progress) => progress,
+        Err(e) => {
+            eprintln!("chaos-campaign: {e}");
+            std::process::exit(2);
+        }
+    };
+    if progress.next > args.first {
+        eprintln!(
+            "chaos-campaign: going on from SEED={} ({} schedules done)",
+            progress.next,
+            progress.next - args.first
+        );
+    }
+    for seed in progress.next..args.first + args.schedules {
+        let started = Instant::now();
+        let totals = &mut progress.totals;
         eprintln!("chaos-campaign: SEED={seed}");
         let clocks = if args.beyond_every > 0 && seed % args.beyond_every == 0 {
             totals.beyond += 1;
@@ -148,7 +288,7 @@ async fn campaign(args: Args) {
         for step in &out.steps {
             let k = kind(step.fault);
             if k != "undo" {
-                *totals.faults.entry(k).or_default() += 1;
+                *totals.faults.entry(k.to_owned()).or_default() += 1;
             }
         }
         let h = &out.history;
@@ -190,20 +330,60 @@ async fn campaign(args: Args) {
             h.posts.len(),
             totals.anomalies.len()
         );
+        progress.ran(seed, &args.build);
+        progress.seconds_spent += started.elapsed().as_secs_f64();
+        if let Some(path) = &args.state
+            && let Err(e) = progress.save(path)
+        {
+            eprintln!(
+                "chaos-campaign: recording progress in {}: {e}",
+                path.display()
+            );
+            std::process::exit(2);
+        }
+        write_report(&args, &progress);
     }
+    let report = write_report(&args, &progress);
+    print!("{report}");
+    if !progress.totals.anomalies.is_empty() {
+        std::process::exit(1);
+    }
+}
+
+/// Writes the report of what ran so far; returns it.
+fn write_report(args: &Args, progress: &Progress) -> String {
+    let totals = &progress.totals;
+    let done = progress.next - args.first;
     let mut report = String::new();
     let _ = writeln!(report, "# Chaos campaign\n");
+    if done < args.schedules {
+        let _ = writeln!(
+            report,
+            "Under way: {done} of {} schedules run.\n",
+            args.schedules
+        );
+    }
     let _ = writeln!(
         report,
         "Seeds {}..{} ({} schedules of {} s of faults on 3 nodes, {} of them with clocks beyond the drift bound, {} on Cassandra), {:.0} minutes in all.\n",
         args.first,
-        args.first + args.schedules - 1,
-        args.schedules,
+        args.first + done.max(1) - 1,
+        done,
         args.seconds,
         totals.beyond,
         totals.cassandra,
-        started.elapsed().as_secs_f64() / 60.0
+        progress.seconds_spent / 60.0
     );
+    for run in &progress.builds {
+        let _ = writeln!(
+            report,
+            "- seeds {}..{} on build {}",
+            run.first, run.last, run.build
+        );
+    }
+    if !progress.builds.is_empty() {
+        let _ = writeln!(report);
+    }
     if totals.loss_skipped > 0 {
         let _ = writeln!(
             report,
@@ -239,8 +419,66 @@ async fn campaign(args: Args) {
         let _ = writeln!(report, "- {e}");
     }
     std::fs::write(&args.report, &report).expect("write the report");
-    print!("{report}");
-    if !totals.anomalies.is_empty() {
-        std::process::exit(1);
+    report
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn campaign() -> Campaign {
+        Campaign {
+            first: 11,
+            schedules: 1000,
+            seconds: 20,
+            beyond_every: 5,
+            cassandra_every: 0,
+            disk_every: 0,
+        }
+    }
+
+    #[test]
+    fn a_campaign_goes_on_from_its_recorded_progress_and_only_its_own() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("state.json");
+        let fresh = Progress::load(Some(&path), &campaign()).unwrap();
+        assert_eq!((fresh.next, fresh.totals.posts), (11, 0));
+
+        let mut progress = fresh;
+        for seed in 11..14 {
+            progress.ran(seed, if seed < 13 { "a" } else { "b" });
+        }
+        assert_eq!(progress.next, 14);
+        progress.seconds_spent = 165.0;
+        progress.totals.posts = 4_321;
+        progress.totals.faults.insert("kill + restart".into(), 3);
+        progress.totals.anomalies.push("SEED=12: lost".into());
+        progress.save(&path).unwrap();
+        assert!(!path.with_extension("tmp").exists());
+
+        let again = Progress::load(Some(&path), &campaign()).unwrap();
+        assert_eq!((again.next, again.seconds_spent), (14, 165.0));
+        assert_eq!(again.totals.posts, 4_321);
+        assert_eq!(again.totals.faults["kill + restart"], 3);
+        assert_eq!(again.totals.anomalies, ["SEED=12: lost"]);
+        let runs: Vec<_> = again
+            .builds
+            .iter()
+            .map(|r| (r.build.as_str(), r.first, r.last))
+            .collect();
+        assert_eq!(runs, [("a", 11, 12), ("b", 13, 13)]);
+
+        let other = Campaign {
+            seconds: 30,
+            ..campaign()
+        };
+        let refused = Progress::load(Some(&path), &other).unwrap_err();
+        assert!(refused.contains("another campaign"), "{refused}");
+        std::fs::write(&path, b"{").unwrap();
+        assert!(
+            Progress::load(Some(&path), &campaign())
+                .unwrap_err()
+                .contains("not a campaign's state")
+        );
     }
 }
