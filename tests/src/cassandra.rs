@@ -42,6 +42,32 @@ pub fn address() -> String {
     })
 }
 
+/// The variable holding the two-datacenter pair's CQL addresses,
+/// `dc1_host:port,dc2_host:port` (`cassandra.sh pair`).
+pub const PAIR_ENV: &str = "SAFERCHAT_CASSANDRA_PAIR";
+/// The datacenters of the pair, in the order of [`PAIR_ENV`].
+pub const PAIR_DATACENTERS: [&str; 2] = ["dc1", "dc2"];
+/// A keyspace replication with one replica in each datacenter of the pair.
+pub const PAIR_REPLICATION: &str = "{'class': 'NetworkTopologyStrategy', 'dc1': 1, 'dc2': 1}";
+
+/// The pair's addresses, dc1's first.
+///
+/// # Panics
+/// When `SAFERCHAT_CASSANDRA_PAIR` is not set (or not two addresses).
+pub fn pair() -> [String; 2] {
+    let value = std::env::var(PAIR_ENV).unwrap_or_else(|_| {
+        panic!(
+            "{PAIR_ENV} is not set: this test needs the two-datacenter Cassandra pair. Run \
+             scripts/test.sh, or start it (bash deploy/cassandra/cassandra.sh fetch, then \
+             pair start, then pair wait) and export {PAIR_ENV}=127.0.0.2:9042,127.0.0.3:9042"
+        )
+    });
+    let addresses: Vec<String> = value.split(',').map(str::to_owned).collect();
+    addresses
+        .try_into()
+        .unwrap_or_else(|_| panic!("{PAIR_ENV}={value}: expected two addresses, dc1's first"))
+}
+
 /// Store settings for `keyspace` on the Cassandra at `address` (RF 1).
 pub fn config(address: &str, keyspace: &str) -> CassandraConfig {
     CassandraConfig {

@@ -23,6 +23,9 @@ pub struct Options {
     pub renew_ms: u64,
     /// Extra environment for every node.
     pub env: Vec<(String, String)>,
+    /// Extra environment for the nodes of one datacenter: `(datacenter,
+    /// name, value)` (its Cassandra contact point, say).
+    pub datacenter_env: Vec<(String, String, String)>,
     /// Whether every node serves Prometheus metrics on its own port
     /// ([`Cluster::metrics`]).
     pub metrics: bool,
@@ -45,6 +48,7 @@ impl Options {
             lease_ms: 1_000,
             renew_ms: 250,
             env: Vec::new(),
+            datacenter_env: Vec::new(),
             metrics: false,
             test_clocks: false,
             wire_tap: None,
@@ -208,6 +212,13 @@ impl Cluster {
                 ),
             ];
             env.extend(options.env.iter().cloned());
+            env.extend(
+                options
+                    .datacenter_env
+                    .iter()
+                    .filter(|(dc, _, _)| *dc == options.datacenters[i])
+                    .map(|(_, k, v)| (k.clone(), v.clone())),
+            );
             if options.test_clocks {
                 env.push((
                     "SAFERCHAT_TEST_CLOCK_FILE".into(),
