@@ -13,6 +13,9 @@
 //!    back: the moves complete;
 //! 2. a drain moves every slot off node 3, which is then removed.
 //!
+//! The handover messages of the moves travel in parts (a test build's
+//! `SAFERCHAT_TEST_SPLIT_BYTES`), as a partition with many rooms' would.
+//!
 //! Then, per room (`chaos::history::check`): every acknowledged post is in
 //! the history exactly once, with the id and number its acknowledgement
 //! gave, numbered 1, 2, 3, … in one order; nothing refused is stored;
@@ -57,11 +60,18 @@ async fn partitions_move_under_chat_load_and_every_post_stays() {
     // Each partition log keeps 64 KiB: the fill below is more than that,
     // so the joining node, behind what its peers compacted, copies the
     // rooms' timelines from them.
+    // And the handovers of the rooms' partitions travel in parts, as a
+    // partition of many rooms' would (every handover message of more than
+    // 256 bytes, in 256-byte parts).
     let mut cluster = Cluster::start(Options {
-        env: vec![(
-            "SAFERCHAT_PARTITION_LOG_RETAINED_BYTES".into(),
-            "65536".into(),
-        )],
+        env: vec![
+            (
+                "SAFERCHAT_PARTITION_LOG_RETAINED_BYTES".into(),
+                "65536".into(),
+            ),
+            ("SAFERCHAT_TEST_SPLIT_BYTES".into(), "256".into()),
+        ],
+        metrics: true,
         ..Options::single_dc(3)
     })
     .await;
@@ -194,6 +204,16 @@ async fn partitions_move_under_chat_load_and_every_post_stays() {
     let stall = load.stop().await;
     println!("drain: the longest alice went without an acknowledged post: {stall:?}");
     assert!(stall < STALL_MAX, "drain: a room stalled for {stall:?}");
+
+    // Node 4 took its rooms' partitions from transfers sent in parts.
+    let joined = saferchat_tests::process::scrape_value(
+        cluster.metrics[four],
+        "saferchat_peer_messages_joined_total",
+    )
+    .await
+    .unwrap_or(0.0);
+    println!("node 4 joined {joined} handover messages sent in parts");
+    assert!(joined >= 1.0, "node 4 joined no message sent in parts");
 
     // Every room: one history through the three nodes left.
     let rooms: Vec<RoomId> = ROOMS.iter().map(|r| RoomId::new(r).unwrap()).collect();

@@ -30,24 +30,38 @@ pub const SPLIT_FRAME_BYTES_MAX: usize = 256 * 1024 * 1024;
 const PARTS_MAX: usize = SPLIT_FRAME_BYTES_MAX / PART_BYTES;
 const _: () = assert!(PARTS_MAX * PART_BYTES == SPLIT_FRAME_BYTES_MAX);
 
-/// Cuts `frame` (one message, `from` 0) into parts numbered `message`.
+/// Cuts `frame` (one message, `from` 0) into parts numbered `message`, of
+/// [`PART_BYTES`] each but the last.
 ///
 /// # Panics
 /// When the frame is larger than [`SPLIT_FRAME_BYTES_MAX`]: the sender
 /// checks that before it encodes.
 pub fn split(message: u64, frame: &pb::PeerFrame) -> Vec<pb::MessagePart> {
+    split_in(message, frame, PART_BYTES)
+}
+
+/// [`split`] into parts of `part_bytes` (at most [`PART_BYTES`]; more when
+/// the frame would otherwise need more parts than a receiver joins): a
+/// test build cuts small messages into several parts with it.
+///
+/// # Panics
+/// As [`split`].
+pub fn split_in(message: u64, frame: &pb::PeerFrame, part_bytes: usize) -> Vec<pb::MessagePart> {
     let bytes = Bytes::from(frame.encode_to_vec());
     assert!(
         bytes.len() <= SPLIT_FRAME_BYTES_MAX,
         "split frame too large"
     );
-    let count = bytes.len().div_ceil(PART_BYTES).max(1);
+    let part = part_bytes
+        .clamp(1, PART_BYTES)
+        .max(bytes.len().div_ceil(PARTS_MAX));
+    let count = bytes.len().div_ceil(part).max(1);
     (0..count)
         .map(|index| pb::MessagePart {
             message,
             index: index as u32,
             count: count as u32,
-            piece: bytes.slice(index * PART_BYTES..((index + 1) * PART_BYTES).min(bytes.len())),
+            piece: bytes.slice(index * part..((index + 1) * part).min(bytes.len())),
         })
         .collect()
 }
@@ -202,6 +216,18 @@ mod tests {
             assert!(parts.iter().all(|p| p.piece.len() <= PART_BYTES));
             assert_eq!(join(parts).unwrap(), vec![whole]);
         }
+    }
+
+    #[test]
+    fn small_parts_join_too_and_never_exceed_the_count_a_receiver_takes() {
+        let whole = frame(20_000);
+        let parts = split_in(3, &whole, 1_000);
+        assert_eq!(parts.len(), whole.encoded_len().div_ceil(1_000));
+        assert_eq!(join(parts).unwrap(), vec![whole]);
+        let large = frame(PART_BYTES);
+        let parts = split_in(4, &large, 1);
+        assert_eq!(parts.len(), PARTS_MAX);
+        assert_eq!(join(parts).unwrap(), vec![large]);
     }
 
     #[test]

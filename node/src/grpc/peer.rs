@@ -593,6 +593,11 @@ pub struct GrpcPeers {
     queues: std::sync::Mutex<HashMap<NodeId, LinkQueue>>,
     /// Numbers messages sent in parts.
     split_messages: std::sync::atomic::AtomicU64,
+    /// Messages larger than this go in parts of (about) this size:
+    /// [`PEER_MESSAGE_BYTES_MAX`] and [`message_parts::PART_BYTES`], or
+    /// [`test_split`]'s.
+    split_above: usize,
+    part_bytes: usize,
     /// Where nodes that joined after the start are found: a link to one
     /// opens on the first message for it.
     maps: Option<crate::cluster_map::ClusterMaps>,
@@ -668,7 +673,17 @@ impl GrpcPeers {
             shutdown: shutdown.clone(),
             queues: std::sync::Mutex::new(HashMap::new()),
             split_messages: std::sync::atomic::AtomicU64::new(0),
+            split_above: PEER_MESSAGE_BYTES_MAX,
+            part_bytes: message_parts::PART_BYTES,
             maps: None,
+        };
+        let peers_out = match test_split() {
+            Some(bytes) => GrpcPeers {
+                split_above: bytes,
+                part_bytes: bytes,
+                ..peers_out
+            },
+            None => peers_out,
         };
         for peer in peers {
             peers_out.open(peer);
@@ -742,7 +757,12 @@ impl GrpcPeers {
             tracing::warn!(%to, "no such peer");
             return Ok(());
         };
-        let item = if bytes <= PEER_MESSAGE_BYTES_MAX {
+        // (A test build's smaller split applies to handovers only.)
+        let (split_above, part_bytes) = match message {
+            Outgoing::Handover(_) => (self.split_above, self.part_bytes),
+            _ => (PEER_MESSAGE_BYTES_MAX, message_parts::PART_BYTES),
+        };
+        let item = if bytes <= split_above {
             message
         } else {
             // Its frame would be refused whole: send it in parts, unless
@@ -760,7 +780,7 @@ impl GrpcPeers {
                 return Ok(());
             }
             let number = self.split_messages.fetch_add(1, Ordering::Relaxed);
-            split.parts = message_parts::split(number, &message.alone());
+            split.parts = message_parts::split_in(number, &message.alone(), part_bytes);
             Outgoing::Parts(split)
         };
         if queue.tx.try_send(item).is_err() {
@@ -785,6 +805,24 @@ impl PeerSender for GrpcPeers {
 
     fn send_handover(&self, to: NodeId, message: pb::HandoverMessage) -> Result<(), TooLarge> {
         self.enqueue(to, Outgoing::Handover(message))
+    }
+}
+
+/// In a test build (feature `test-split`), `SAFERCHAT_TEST_SPLIT_BYTES`:
+/// handover messages larger than that go in parts of that size, so that
+/// tests of small partitions move them in parts too. Never in a release
+/// build.
+fn test_split() -> Option<usize> {
+    if !cfg!(feature = "test-split") {
+        return None;
+    }
+    let bytes = std::env::var("SAFERCHAT_TEST_SPLIT_BYTES").ok()?;
+    match bytes.parse::<usize>() {
+        Ok(n) if n > 0 => Some(n.min(PEER_MESSAGE_BYTES_MAX)),
+        _ => {
+            tracing::warn!(%bytes, "SAFERCHAT_TEST_SPLIT_BYTES is not a positive number; ignored");
+            None
+        }
     }
 }
 
