@@ -593,9 +593,10 @@ pub struct GrpcPeers {
     queues: std::sync::Mutex<HashMap<NodeId, LinkQueue>>,
     /// Numbers messages sent in parts.
     split_messages: std::sync::atomic::AtomicU64,
-    /// Messages larger than this go in parts of (about) this size:
-    /// [`PEER_MESSAGE_BYTES_MAX`] and [`message_parts::PART_BYTES`], or
-    /// [`test_split`]'s.
+    /// Handover messages larger than `split_above` go in parts of
+    /// `part_bytes`: [`PEER_MESSAGE_BYTES_MAX`] and
+    /// [`message_parts::PART_BYTES`], as for every other message, unless a
+    /// test build says otherwise ([`test_split`]).
     split_above: usize,
     part_bytes: usize,
     /// Where nodes that joined after the start are found: a link to one
@@ -667,23 +668,19 @@ impl GrpcPeers {
         peers: &[KnownPeer],
         shutdown: &CancellationToken,
     ) -> GrpcPeers {
+        let (split_above, part_bytes) = test_split().map_or(
+            (PEER_MESSAGE_BYTES_MAX, message_parts::PART_BYTES),
+            |bytes| (bytes, bytes),
+        );
         let peers_out = GrpcPeers {
             me,
             tls: tls.clone(),
             shutdown: shutdown.clone(),
             queues: std::sync::Mutex::new(HashMap::new()),
             split_messages: std::sync::atomic::AtomicU64::new(0),
-            split_above: PEER_MESSAGE_BYTES_MAX,
-            part_bytes: message_parts::PART_BYTES,
+            split_above,
+            part_bytes,
             maps: None,
-        };
-        let peers_out = match test_split() {
-            Some(bytes) => GrpcPeers {
-                split_above: bytes,
-                part_bytes: bytes,
-                ..peers_out
-            },
-            None => peers_out,
         };
         for peer in peers {
             peers_out.open(peer);

@@ -4,7 +4,8 @@
 //!
 //! ```text
 //! cargo build --workspace --all-targets
-//! target/debug/chaos-campaign --first 1 --schedules 1000 --seconds 20 --report chaos-report.md
+//! target/debug/chaos-campaign --first 1 --schedules 1000 --seconds 20 --report chaos-report.md \
+//!     --state chaos-state.json --build "$(git rev-parse --short HEAD)"
 //! ```
 //!
 //! Each schedule takes its fault window plus about half a minute of setup
