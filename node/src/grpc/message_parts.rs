@@ -26,6 +26,9 @@ pub const PART_BYTES: usize = 4 * 1024 * 1024;
 /// stream while it joins. A partition's membership state beyond this
 /// cannot move (about 800,000 room memberships with 2048-bit keys).
 pub const SPLIT_FRAME_BYTES_MAX: usize = 256 * 1024 * 1024;
+/// The largest message sent in parts: the frame around it adds a field
+/// tag and a length (at most 6 bytes) to [`SPLIT_FRAME_BYTES_MAX`]'s share.
+pub const SPLIT_MESSAGE_BYTES_MAX: usize = SPLIT_FRAME_BYTES_MAX - 16;
 /// The most parts one message can have.
 const PARTS_MAX: usize = SPLIT_FRAME_BYTES_MAX / PART_BYTES;
 const _: () = assert!(PARTS_MAX * PART_BYTES == SPLIT_FRAME_BYTES_MAX);

@@ -647,15 +647,20 @@ impl Outgoing {
         }
     }
 
-    /// A frame of this message alone.
-    fn alone(self) -> pb::PeerFrame {
-        let mut frame = pb::PeerFrame::default();
+    /// Adds this message to `frame`.
+    fn push_into(self, frame: &mut pb::PeerFrame) {
         match self {
             Outgoing::Room(m) => frame.messages.push(m),
             Outgoing::Log(m) => frame.log.push(m),
             Outgoing::Handover(m) => frame.handover.push(m),
             Outgoing::Parts(_) => unreachable!("parts are frames of their own"),
         }
+    }
+
+    /// A frame of this message alone.
+    fn alone(self) -> pb::PeerFrame {
+        let mut frame = pb::PeerFrame::default();
+        self.push_into(&mut frame);
         frame
     }
 }
@@ -743,11 +748,11 @@ impl GrpcPeers {
     /// [`TooLarge`] for a message no link carries even in parts.
     fn enqueue(&self, to: NodeId, message: Outgoing) -> Result<(), TooLarge> {
         let bytes = message.encoded_len();
-        if bytes > message_parts::SPLIT_FRAME_BYTES_MAX - 16 {
+        if bytes > message_parts::SPLIT_MESSAGE_BYTES_MAX {
             metrics::counter!("saferchat_peer_messages_too_large_total").increment(1);
             return Err(TooLarge {
                 bytes,
-                max: message_parts::SPLIT_FRAME_BYTES_MAX - 16,
+                max: message_parts::SPLIT_MESSAGE_BYTES_MAX,
             });
         }
         let Some(queue) = self.queue(to) else {
@@ -847,10 +852,7 @@ fn fill_frame(
             Ok(parts @ Outgoing::Parts(_)) => return (frame, Some(parts)),
             Ok(m) => {
                 bytes += m.encoded_len();
-                let alone = m.alone();
-                frame.messages.extend(alone.messages);
-                frame.log.extend(alone.log);
-                frame.handover.extend(alone.handover);
+                m.push_into(&mut frame);
                 count += 1;
             }
             Err(_) => break,
