@@ -253,6 +253,15 @@ impl RoomReplica {
         Ok(changed)
     }
 
+    /// This node's partition was installed in the replica's epoch (see
+    /// [`crate::handover`]): the acceptor set answers again, and a change
+    /// or read queued while it could not goes out now, without the
+    /// back-off its unanswered rounds built up.
+    pub fn acceptors_ready(&mut self, now: Millis) {
+        self.proposer.acceptors_ready(now);
+        self.drive(now);
+    }
+
     /// Handles one message from `from` (possibly this node).
     pub fn step(&mut self, now: Millis, from: NodeId, message: Message) {
         if !message.is_sane() {

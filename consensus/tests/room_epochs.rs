@@ -572,3 +572,101 @@ fn an_install_after_a_later_value_was_accepted_is_refused() {
         Err(ballot(2, 3, 1))
     );
 }
+
+/// Delivers the messages `nodes` (node `i + 1` at index `i`) have to send,
+/// and what those cause, at `now` until none is left; returns the replies
+/// node 1 gave its callers.
+fn deliver_all(nodes: &mut [RoomReplica], now: Millis) -> Vec<(RequestId, Outcome)> {
+    let mut replies = Vec::new();
+    loop {
+        let mut sent = Vec::new();
+        for (i, node) in nodes.iter_mut().enumerate() {
+            let ready = node.take_ready();
+            if i == 0 {
+                replies.extend(ready.replies);
+            }
+            let from = NodeId(i as u64 + 1);
+            sent.extend(ready.messages.into_iter().map(|(to, m)| (from, to, m)));
+        }
+        if sent.is_empty() {
+            return replies;
+        }
+        for (from, to, message) in sent {
+            nodes[usize::try_from(to.0 - 1).unwrap()].step(now, from, message);
+        }
+    }
+}
+
+/// The Prepares in `ready`, by the ballot they carry, with how many nodes
+/// each went to.
+fn prepares(messages: &[(NodeId, Message)]) -> Vec<(Ballot, usize)> {
+    let mut out: Vec<(Ballot, usize)> = Vec::new();
+    for (_, m) in messages {
+        if let Message::Prepare { ballot } = m {
+            match out.iter_mut().find(|(b, _)| b == ballot) {
+                Some((_, n)) => *n += 1,
+                None => out.push((*ballot, 1)),
+            }
+        }
+    }
+    out
+}
+
+#[test]
+fn a_request_queued_while_the_set_could_not_answer_goes_out_at_the_install_without_back_off() {
+    // Node 1 runs epoch 2 before its partition is installed: the other
+    // replicas drop its Prepares, so its rounds time out and back off.
+    let mut node = replica(1, 2, AcceptorState::default());
+    node.propose(Millis(0), RequestId(1), create(1));
+    let mut highest = Ballot::ZERO;
+    let mut now = Millis(0);
+    let mut rounds = 0;
+    while now < Millis(3_000) {
+        let ready = node.take_ready();
+        assert!(ready.replies.is_empty(), "not yet at its deadline");
+        for (ballot, _) in prepares(&ready.messages) {
+            highest = highest.max(ballot);
+            rounds += 1;
+        }
+        now = node.next_wakeup(now).expect("a round or a retry is due");
+        node.tick(now);
+    }
+    assert!(rounds >= 4, "{rounds} rounds");
+    // Just after a wakeup nothing more is due.
+    let ready = node.take_ready();
+    for (ballot, _) in prepares(&ready.messages) {
+        highest = highest.max(ballot);
+    }
+    let installed = Millis(now.0 + 1);
+    node.tick(installed);
+    assert!(
+        prepares(&node.take_ready().messages).is_empty(),
+        "nothing due one millisecond after a wakeup"
+    );
+    // The install: a round goes out at once, above every earlier one, to
+    // every replica.
+    node.acceptors_ready(installed);
+    let ready = node.take_ready();
+    let sent = prepares(&ready.messages);
+    assert_eq!(sent.len(), 1, "{sent:?}");
+    assert!(sent[0].0 > highest, "{sent:?} above {highest}");
+    assert_eq!(sent[0].1, 3, "to every replica");
+    // Installed replicas answer it: the change commits, well before its
+    // deadline (5 s after it was queued).
+    let mut nodes = vec![
+        node,
+        replica(2, 2, AcceptorState::default()),
+        replica(3, 2, AcceptorState::default()),
+    ];
+    for (to, message) in ready.messages {
+        nodes[usize::try_from(to.0 - 1).unwrap()].step(installed, NodeId(1), message);
+    }
+    let replies = deliver_all(&mut nodes, installed);
+    assert!(
+        matches!(
+            replies.as_slice(),
+            [(RequestId(1), Outcome::Decided { result: Ok(_), .. })]
+        ),
+        "{replies:?}"
+    );
+}

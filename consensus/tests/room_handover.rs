@@ -703,6 +703,9 @@ impl Sim {
                         .values_mut()
                     {
                         replica.want_lease(now, true);
+                        // As the driver does: what waited for the set
+                        // goes out now.
+                        replica.acceptors_ready(now);
                     }
                     for room in self.held(i) {
                         self.flush(i, &room)?;
@@ -1144,13 +1147,15 @@ fn new_acceptors_that_serve_before_their_install_break_the_rooms() {
     );
 }
 
-/// The schedule in which the correct variant's simulation first found the
-/// bug this variant reproduces: the first mover installs two of four new
-/// acceptors and dies, proposers of the new epoch get promises from those
-/// two, and a mover that takes the step over hears nothing of their rooms
-/// and carries older values. Such a schedule is rare (none in another 6,000
-/// searched), so the test replays it rather than searching.
-const OMIT_MOVED_ON_SEED: u64 = 12_630;
+/// A schedule in which the broken variant loses a value: the first mover
+/// installs part of the new acceptors and dies, proposers of the new epoch
+/// get promises from those, and a mover that takes the step over hears
+/// nothing of their rooms and carries older values. Such schedules are
+/// rare, so the test replays one rather than searching. (The simulation
+/// first found the bug at seed 12,630; this one was found by running the
+/// broken variant over seeds from 0 after proposers began to retry at
+/// once when their partition is installed, which changed every schedule.)
+const OMIT_MOVED_ON_SEED: u64 = 2_021;
 
 #[test]
 fn a_takeover_that_misses_rooms_promised_above_its_seal_loses_a_chosen_value() {

@@ -472,6 +472,29 @@ impl Proposer {
         }
     }
 
+    /// The acceptors this proposer's rounds go to can answer again (its
+    /// partition was installed here in the proposer's epoch; until then
+    /// they dropped every Prepare unanswered). The rounds that failed
+    /// meanwhile say nothing about contention, so their back-off is
+    /// dropped, and a round still in phase 1 (whose Prepares may have
+    /// been dropped) is given up for a new one: without this a request
+    /// queued during the move waits out up to a round timeout and the
+    /// longest back-off after the install, or fails at its deadline
+    /// although the set could answer it. Giving up a round is always
+    /// safe; the next one has a higher ballot.
+    pub(crate) fn acceptors_ready(&mut self, now: Millis) {
+        self.failures = 0;
+        self.retry_at = now;
+        if let Some(round) = self
+            .round
+            .take_if(|r| matches!(r.phase, RoundPhase::Prepare { .. }))
+        {
+            for queued in round.batch.into_iter().rev() {
+                self.queue.push_front(queued);
+            }
+        }
+    }
+
     /// Timeouts: abandons a round stuck below a quorum, commits a round
     /// whose holder waits ran out, fails expired requests, starts the next
     /// round.

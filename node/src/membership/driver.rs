@@ -1108,15 +1108,23 @@ impl Driver {
         self.seals.insert(partition, seal);
         tracing::info!(partition, %ballot, rooms = rooms.len(), "installed the partition's rooms in a new epoch");
         self.send_handover(from, partition, HandoverMessage::Installed { ballot });
-        // Its loaded rooms may hold leases again.
+        // Its loaded rooms may hold leases again, and what they queued
+        // while the set could not answer goes out now.
         let now = self.clock.monotonic();
         let placement = Arc::clone(&self.placement);
-        for room in self.rooms.keys() {
+        let mut ready = Vec::new();
+        for (room, slot) in &mut self.rooms {
             if placement.partitions().of_room(room.as_str()).0 == partition {
-                self.timers.push(Reverse((now, room.clone())));
+                if slot.replica.config().epoch == ballot.epoch {
+                    slot.replica.acceptors_ready(now);
+                }
+                ready.push(room.clone());
             }
         }
-        Ok(())
+        for room in &ready {
+            self.timers.push(Reverse((now, room.clone())));
+        }
+        self.settle(ready).await
     }
 
     fn on_commit(&self, room: &RoomId, ballot: Ballot, state: Arc<RoomState>) {
