@@ -18,7 +18,9 @@
 //!   recovered (`ClusterMap::establish_waits_for`): the shrink that comes
 //!   next then never leaves the partition's posts on fewer replicas.
 //!
-//! Every proposal goes through `ClusterMaps::propose`, which forwards to
+//! Every proposal runs in a task of its own (a proposal may wait seconds
+//! for a map leader; the loop goes on meanwhile) and goes through
+//! `ClusterMaps::propose`, which forwards to
 //! the map group's leader; every command names the partition epoch it
 //! was made for, so a retry or a duplicate from another node applies once.
 
@@ -72,6 +74,9 @@ pub async fn run(parts: MoverParts) -> Result<(), NodeError> {
     // the loop through `done`.
     let mut handing: HashSet<(u32, u64)> = HashSet::new();
     let (done_tx, mut done) = mpsc::unbounded_channel::<(u32, u64)>();
+    // Map commands this node has in flight; a finished one tells the loop
+    // through `proposed`.
+    let mut proposals = Proposals::new(maps.clone(), shutdown.clone());
     loop {
         tokio::select! {
             () = shutdown.cancelled() => return Ok(()),
@@ -84,6 +89,9 @@ pub async fn run(parts: MoverParts) -> Result<(), NodeError> {
             Some(step) = done.recv() => {
                 handing.remove(&step);
             }
+            Some(key) = proposals.finished.recv() => {
+                proposals.in_flight.remove(&key);
+            }
         }
         let status = maps.status();
         let map = status.map;
@@ -94,7 +102,7 @@ pub async fn run(parts: MoverParts) -> Result<(), NodeError> {
             match map.next_moves() {
                 Ok(steps) => {
                     for step in steps {
-                        propose(&maps, step).await;
+                        proposals.start(step);
                     }
                 }
                 Err(e) => tracing::warn!(error = %e, "the cluster map has no placement"),
@@ -154,9 +162,74 @@ pub async fn run(parts: MoverParts) -> Result<(), NodeError> {
                 && let Ok(Some(epoch)) = timeline.established(partition, waits_for).await
                 && epoch == step.epoch
             {
-                propose(&maps, MapCommand::Establish { partition, epoch }).await;
+                proposals.start(MapCommand::Establish { partition, epoch });
             }
         }
+    }
+}
+
+/// What identifies a partition step's command: its kind, partition and
+/// epoch.
+type ProposalKey = (&'static str, u32, u64);
+
+/// The map commands this node proposes for partition moves, each in a task
+/// of its own. A proposal can wait seconds (for a map leader, after one
+/// died, up to `ClusterMaps::propose`'s bound); awaited in the loop, it
+/// held up every other partition's step, the start of handovers included,
+/// and with hundreds of partitions moving at once the proposals queued
+/// behind each other.
+struct Proposals {
+    maps: ClusterMaps,
+    shutdown: CancellationToken,
+    /// Commands proposed and not yet answered: the same step is not
+    /// proposed again meanwhile (it would only be refused as stale).
+    in_flight: HashSet<ProposalKey>,
+    done: mpsc::UnboundedSender<ProposalKey>,
+    /// Keys of the proposals that finished.
+    finished: mpsc::UnboundedReceiver<ProposalKey>,
+}
+
+impl Proposals {
+    fn new(maps: ClusterMaps, shutdown: CancellationToken) -> Proposals {
+        let (done, finished) = mpsc::unbounded_channel();
+        Proposals {
+            maps,
+            shutdown,
+            in_flight: HashSet::new(),
+            done,
+            finished,
+        }
+    }
+
+    /// Proposes `command` in a task, unless the same step is in flight.
+    fn start(&mut self, command: MapCommand) {
+        let key = match &command {
+            MapCommand::Grow {
+                partition, epoch, ..
+            } => Some(("grow", *partition, *epoch)),
+            MapCommand::Shrink {
+                partition, epoch, ..
+            } => Some(("shrink", *partition, *epoch)),
+            MapCommand::Establish { partition, epoch } => Some(("establish", *partition, *epoch)),
+            _ => None,
+        };
+        if let Some(key) = key
+            && !self.in_flight.insert(key)
+        {
+            return;
+        }
+        let maps = self.maps.clone();
+        let shutdown = self.shutdown.clone();
+        let done = self.done.clone();
+        tokio::spawn(async move {
+            tokio::select! {
+                () = shutdown.cancelled() => {}
+                () = propose(&maps, command) => {}
+            }
+            if let Some(key) = key {
+                let _ = done.send(key);
+            }
+        });
     }
 }
 
