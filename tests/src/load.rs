@@ -20,6 +20,8 @@ use crate::chaos::history::{Outcome, Post, Seen};
 
 /// How long a post may go unanswered before it counts as unknown.
 pub const POST_TIMEOUT: Duration = Duration::from_secs(8);
+/// A post answered later than this is reported on stderr.
+const SLOW_POST: Duration = Duration::from_secs(2);
 /// Messages read per history page.
 const PAGE: u32 = 1000;
 
@@ -47,8 +49,20 @@ pub async fn join_any(
             Session::join(&servers[through], room, Arc::clone(me), &options),
         )
         .await;
-        if let Ok(Ok(session)) = joined {
-            return Some((session, through));
+        match joined {
+            Ok(Ok(session)) => return Some((session, through)),
+            Ok(Err(e)) => eprintln!(
+                "{} {} joining {room} through {}: {e}",
+                wall_clock(),
+                me.handle(),
+                servers[through]
+            ),
+            Err(_) => eprintln!(
+                "{} {} joining {room} through {}: no answer in {POST_TIMEOUT:?}",
+                wall_clock(),
+                me.handle(),
+                servers[through]
+            ),
         }
         through = (through + 1) % servers.len();
         // Paces the retries (not a synchronisation: the next attempt
@@ -56,6 +70,15 @@ pub async fn join_any(
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     None
+}
+
+/// Seconds since the Unix epoch, to the millisecond: what a line on
+/// stderr is set beside the nodes' logs by.
+fn wall_clock() -> String {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default();
+    format!("{}.{:03}", now.as_secs(), now.subsec_millis())
 }
 
 /// One member posting.
@@ -118,14 +141,41 @@ impl Poster {
                 let answered = Instant::now();
                 if matches!(outcome, Outcome::Acked { .. }) {
                     let since = last_ack.unwrap_or(started);
+                    if answered - since > SLOW_POST {
+                        eprintln!(
+                            "{} {}: {:?} without an acknowledged post, until now",
+                            wall_clock(),
+                            self.room,
+                            answered - since
+                        );
+                    }
                     posted.longest_without_ack = posted.longest_without_ack.max(answered - since);
                     posted.acks.push((answered, answered - started));
                     last_ack = Some(answered);
                 }
+                let took = answered - started;
+                if took > SLOW_POST || !matches!(outcome, Outcome::Acked { .. }) {
+                    // Why a member could not chat is what a failed stall
+                    // bound needs explained: which node, which answer.
+                    eprintln!(
+                        "{} {text} through {}: {outcome:?} after {took:?}",
+                        wall_clock(),
+                        self.servers[through]
+                    );
+                }
+                // UNAVAILABLE asks the client to reconnect (the node no
+                // longer leads the room's partition, or cannot tell what
+                // became of the post); through the same node, which
+                // forwards to the room's new owner.
+                let reconnect =
+                    matches!(&outcome, Outcome::Refused(why) if why.starts_with("Unavailable"));
                 let lost_session = outcome == Outcome::Unknown;
                 posts.lock().expect("lock").push(Post { text, outcome });
                 if lost_session {
                     through = (through + 1) % self.servers.len();
+                    break;
+                }
+                if reconnect {
                     break;
                 }
                 tokio::time::sleep(self.gap).await;
