@@ -628,7 +628,9 @@ fn a_request_queued_while_the_set_could_not_answer_goes_out_at_the_install_witho
             highest = highest.max(ballot);
             rounds += 1;
         }
-        now = node.next_wakeup(now).expect("a round or a retry is due");
+        let next = node.next_wakeup(now).expect("a round or a retry is due");
+        assert!(next > now, "a wakeup after {now:?}: {next:?}");
+        now = next;
         node.tick(now);
     }
     assert!(rounds >= 4, "{rounds} rounds");
