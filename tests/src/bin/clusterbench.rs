@@ -1208,7 +1208,12 @@ async fn stall_trial(
     timed_change(&admin, &room, &user(1), true).await?;
     let stall_ms = killed.elapsed().as_secs_f64() * 1000.0;
     let next_ms = timed_change(&admin, &room, &user(1), false).await?;
-    cluster.cluster.nodes[VICTIM].restart();
+    // The restarted node binds new ports: the cluster points the proxies
+    // in front of it there, and the admin client follows.
+    cluster.cluster.restart(VICTIM);
+    cluster.admins[VICTIM] = Admin::connect(&cluster.cluster.nodes[VICTIM].server(), ADMIN_TOKEN)
+        .await
+        .context("admin connect after the restart")?;
     eprintln!(
         "  stall trial {trial}: offset {offset_ms} ms, baseline {baseline_ms:.1} ms, stall {stall_ms:.0} ms, next {next_ms:.1} ms"
     );
