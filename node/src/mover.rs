@@ -75,7 +75,7 @@ pub async fn run(parts: MoverParts) -> Result<(), NodeError> {
     let mut handing: HashSet<(u32, u64)> = HashSet::new();
     let (done_tx, mut done) = mpsc::unbounded_channel::<(u32, u64)>();
     // Map commands this node has in flight; a finished one tells the loop
-    // through `proposed`.
+    // through `Proposals::finished`.
     let mut proposals = Proposals::new(maps.clone(), shutdown.clone());
     loop {
         tokio::select! {
