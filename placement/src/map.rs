@@ -20,7 +20,7 @@
 //! slot.
 
 use std::collections::BTreeMap;
-use std::sync::{Arc, Mutex};
+use std::sync::Mutex;
 
 use saferchat_consensus::NodeId;
 use serde::{Deserialize, Serialize};
@@ -43,7 +43,7 @@ type RingKey = (Vec<ClusterNode>, u32, usize);
 /// is all the ring depends on, as they are: rebuilt each time, the nodes
 /// fell seconds behind the map. It is a pure function's results, so
 /// sharing them across the process changes nothing but time.
-static RING_CACHE: Mutex<Vec<(RingKey, Arc<Placement>)>> = Mutex::new(Vec::new());
+static RING_CACHE: Mutex<Vec<(RingKey, Placement)>> = Mutex::new(Vec::new());
 
 /// Ring placements kept: the current shape, the target of a move and a
 /// few more.
@@ -390,7 +390,7 @@ impl ClusterMap {
         let mut cache = RING_CACHE.lock().unwrap_or_else(|e| e.into_inner());
         if let Some(i) = cache.iter().position(|(k, _)| *k == key) {
             let hit = cache.remove(i);
-            let placement = Placement::clone(&hit.1);
+            let placement = hit.1.clone();
             cache.push(hit);
             return Ok(placement);
         }
@@ -398,7 +398,7 @@ impl ClusterMap {
         if cache.len() >= RING_CACHE_MAX {
             cache.remove(0);
         }
-        cache.push((key, Arc::new(built.clone())));
+        cache.push((key, built.clone()));
         Ok(built)
     }
 

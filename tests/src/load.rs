@@ -49,21 +49,17 @@ pub async fn join_any(
             Session::join(&servers[through], room, Arc::clone(me), &options),
         )
         .await;
-        match joined {
+        let failed = match joined {
             Ok(Ok(session)) => return Some((session, through)),
-            Ok(Err(e)) => eprintln!(
-                "{} {} joining {room} through {}: {e}",
-                wall_clock(),
-                me.handle(),
-                servers[through]
-            ),
-            Err(_) => eprintln!(
-                "{} {} joining {room} through {}: no answer in {POST_TIMEOUT:?}",
-                wall_clock(),
-                me.handle(),
-                servers[through]
-            ),
-        }
+            Ok(Err(e)) => e.to_string(),
+            Err(_) => format!("no answer in {POST_TIMEOUT:?}"),
+        };
+        eprintln!(
+            "{} {} joining {room} through {}: {failed}",
+            wall_clock(),
+            me.handle(),
+            servers[through]
+        );
         through = (through + 1) % servers.len();
         // Paces the retries (not a synchronisation: the next attempt
         // succeeds or fails on its own).
