@@ -23,6 +23,17 @@ fn config(me: u64, n: u64, checks: Checks) -> LogConfig {
     c
 }
 
+/// Voters `1..=voters`, learners after them up to `n`.
+fn config_with_learners(me: u64, voters: u64, n: u64, checks: Checks) -> LogConfig {
+    let mut c = LogConfig::with_learners(
+        NodeId(me),
+        (1..=voters).map(NodeId).collect(),
+        (voters + 1..=n).map(NodeId).collect(),
+    );
+    c.checks = checks;
+    c
+}
+
 fn post(v: u32) -> Value<u32> {
     Value::Post(v)
 }
@@ -310,6 +321,14 @@ const POSTS: u32 = 12;
 struct Sim {
     rng: ChaCha8Rng,
     checks: Checks,
+    /// Nodes `1..=voters` vote; the rest are learners.
+    voters: u64,
+    /// Posts acknowledged as stored on a majority of the learners too
+    /// ([`LogReplica::stored_by`]): slot by post.
+    remote_acked: BTreeMap<u32, u64>,
+    /// How many learners `stored_by` is asked for (a majority; a broken
+    /// test variant asks for fewer).
+    remote_count: usize,
     nodes: Vec<LogReplica<u32>>,
     /// What each node has durably: promise, entries, released prefix.
     disk: Vec<(
@@ -331,14 +350,22 @@ struct Sim {
 
 impl Sim {
     fn new(seed: u64, checks: Checks) -> Sim {
-        let n = 3;
+        Sim::with_learners(seed, checks, 0)
+    }
+
+    fn with_learners(seed: u64, checks: Checks, learners: u64) -> Sim {
+        let voters = 3;
+        let n = voters + learners;
         Sim {
             rng: ChaCha8Rng::seed_from_u64(seed),
             checks,
+            voters,
+            remote_acked: BTreeMap::new(),
+            remote_count: learners as usize / 2 + 1,
             nodes: (1..=n)
                 .map(|me| {
                     LogReplica::new(
-                        config(me, n, checks),
+                        config_with_learners(me, voters, n, checks),
                         LogAcceptor::restore(Term::ZERO, [], Slot(0)),
                         Slot(0),
                     )
@@ -356,6 +383,22 @@ impl Sim {
 
     fn collect(&mut self, i: usize) -> Result<(), String> {
         let leading = self.nodes[i].leading().is_some();
+        if leading && i as u64 >= self.voters {
+            return Err(format!("learner {} leads", i + 1));
+        }
+        if leading && self.nodes.len() as u64 > self.voters {
+            // What the node would acknowledge at the cross-datacenter
+            // level: posts a majority of the learners stored.
+            let learners: Vec<NodeId> = (self.voters + 1..=self.nodes.len() as u64)
+                .map(NodeId)
+                .collect();
+            let stored = self.nodes[i].stored_by(&learners, self.remote_count);
+            for (p, slot) in &self.ledger.acked {
+                if *slot <= stored.0 {
+                    self.remote_acked.insert(*p, *slot);
+                }
+            }
+        }
         let ready = self.nodes[i].take_ready();
         if let Some(w) = ready.write {
             self.disk[i].0 = w.promised;
@@ -382,7 +425,12 @@ impl Sim {
     fn restart(&mut self, i: usize) {
         let (promised, entries, released) = self.disk[i].clone();
         self.nodes[i] = LogReplica::new(
-            config(i as u64 + 1, 3, self.checks),
+            config_with_learners(
+                i as u64 + 1,
+                self.voters,
+                self.nodes.len() as u64,
+                self.checks,
+            ),
             LogAcceptor::restore(promised, entries, self.floors[i]),
             released,
         );
@@ -462,21 +510,39 @@ impl Sim {
     /// its slot (AckedDurable), and acknowledged slots form a prefix
     /// (AckedGapless).
     fn check_acked(&self) -> Result<(), String> {
+        let holds = |(_, entries, released): &&(
+            Term,
+            BTreeMap<Slot, saferchat_consensus::partition_log::Entry<u32>>,
+            Slot,
+        ),
+                     p: u32,
+                     slot: u64| {
+            entries
+                .get(&Slot(slot))
+                .is_some_and(|e| e.value == Value::Post(p))
+                || (released.0 >= slot && self.ledger.chosen.get(&slot) == Some(&Value::Post(p)))
+        };
+        let voters = self.voters as usize;
         for (p, slot) in &self.ledger.acked {
-            let holders = self
-                .disk
+            let holders = self.disk[..voters]
                 .iter()
-                .filter(|(_, entries, released)| {
-                    entries
-                        .get(&Slot(*slot))
-                        .is_some_and(|e| e.value == Value::Post(*p))
-                        || (released.0 >= *slot
-                            && self.ledger.chosen.get(slot) == Some(&Value::Post(*p)))
-                })
+                .filter(|d| holds(d, *p, *slot))
                 .count();
             if holders < 2 {
                 return Err(format!(
-                    "AckedDurable: post {p} in #{slot} is on {holders} node(s)"
+                    "AckedDurable: post {p} in #{slot} is on {holders} voter(s)"
+                ));
+            }
+        }
+        let learners = self.disk.len() - voters;
+        for (p, slot) in &self.remote_acked {
+            let holders = self.disk[voters..]
+                .iter()
+                .filter(|d| holds(d, *p, *slot))
+                .count();
+            if holders < learners / 2 + 1 {
+                return Err(format!(
+                    "RemoteDurable: post {p} in #{slot} is on {holders} learner(s)"
                 ));
             }
         }
@@ -496,7 +562,10 @@ impl Sim {
 /// terms were led and how many copies were installed, so a test can tell a
 /// busy schedule from an idle one.
 fn simulate(seed: u64, checks: Checks, steps: usize) -> Result<(usize, usize, usize), String> {
-    let mut sim = Sim::new(seed, checks);
+    simulate_with(Sim::new(seed, checks), steps)
+}
+
+fn simulate_with(mut sim: Sim, steps: usize) -> Result<(usize, usize, usize), String> {
     let mut terms = std::collections::BTreeSet::new();
     for _ in 0..steps {
         sim.step()?;
@@ -562,4 +631,202 @@ fn broken_without_tail_read_is_caught() {
         tail_read: false,
     });
     println!("without the tail read: {found}");
+}
+
+/// Three voters and three learners (a partition's replicas in its home
+/// datacenter and in one other): the same faults, and learners that
+/// compact and copy like voters. Agreement and AckedOnce hold over every
+/// node's releases, acknowledged posts stay on a majority of the voters,
+/// a learner never leads, and posts that [`LogReplica::stored_by`] said a
+/// majority of the learners stored stay there. After the faults stop, the
+/// learners catch up on everything the leader released, by the log or by
+/// a copy.
+#[test]
+fn seeded_schedules_with_learners_keep_every_invariant_and_the_learners_catch_up() {
+    let base = seed_base();
+    let (mut acked, mut remote, mut remote_under_faults, mut copies) = (0, 0, 0, 0);
+    for k in 0..300 {
+        let seed = base + k;
+        let mut sim = Sim::with_learners(seed, Checks::default(), 3);
+        for _ in 0..600 {
+            if let Err(e) = sim.step().and_then(|()| sim.check_acked()) {
+                panic!("SEED={seed}: {e}");
+            }
+        }
+        remote_under_faults += sim.remote_acked.len();
+        if let Err(e) = heal(&mut sim) {
+            panic!("SEED={seed}: {e}");
+        }
+        acked += sim.ledger.acked.len();
+        remote += sim.remote_acked.len();
+        copies += sim.copies;
+    }
+    println!(
+        "300 schedules with learners from SEED={base}: {acked} posts acknowledged, {remote} of them stored on a majority of the learners ({remote_under_faults} before the network healed), {copies} copies installed"
+    );
+    assert!(
+        acked > 300 && remote_under_faults > 100 && copies > 30,
+        "the schedules did little: {acked} acked, {remote_under_faults} remote, {copies} copies"
+    );
+}
+
+/// The RemoteDurable check bites: a node that took one learner's word for
+/// the cross-datacenter level (instead of a majority's) acknowledges
+/// posts that a majority of the learners do not hold.
+#[test]
+fn broken_remote_level_on_one_learner_is_caught() {
+    let base = seed_base();
+    for k in 0..2_000 {
+        let mut sim = Sim::with_learners(base + k, Checks::default(), 3);
+        sim.remote_count = 1;
+        for _ in 0..600 {
+            if let Err(e) = sim.step().and_then(|()| sim.check_acked()) {
+                assert!(e.starts_with("RemoteDurable"), "SEED={}: {e}", base + k);
+                println!("one learner's word: SEED={}: {e}", base + k);
+                return;
+            }
+        }
+    }
+    panic!("no schedule caught a level acknowledged on one learner");
+}
+
+/// The network heals: node 1 leads (campaigning until it does), resends
+/// on a reliable network, and lagging nodes copy from it; every node,
+/// learners included, must then have released what the leader had.
+fn heal(sim: &mut Sim) -> Result<(), String> {
+    let deliver = |sim: &mut Sim| -> Result<(), String> {
+        for i in 0..sim.nodes.len() {
+            sim.collect(i)?;
+        }
+        let mut budget = 100_000;
+        while let Some((from, to, m)) = (!sim.net.is_empty()).then(|| sim.net.remove(0)) {
+            let j = to.0 as usize - 1;
+            sim.nodes[j].step(from, m);
+            sim.collect(j)?;
+            budget -= 1;
+            if budget == 0 {
+                return Err("the healed network never went quiet".into());
+            }
+        }
+        Ok(())
+    };
+    // Node 1 may lead a term that another node's late candidacy outbid;
+    // it learns so on its first resend and runs again.
+    for _ in 0..30 {
+        if sim.nodes[0].leading().is_none() {
+            sim.nodes[0].campaign();
+        } else {
+            sim.nodes[0].resend();
+        }
+        deliver(sim)?;
+        // Lagging nodes (node 1 too, behind a promiser's floor) copy from
+        // the node that applied the most.
+        let source = (0..sim.nodes.len())
+            .max_by_key(|j| sim.disk[*j].2)
+            .unwrap_or(0);
+        for i in 0..sim.nodes.len() {
+            if i != source && sim.wants_copy[i].is_some() {
+                sim.copy(i, source);
+            }
+        }
+        sim.check_acked()?;
+    }
+    if sim.nodes[0].leading().is_none() {
+        return Err("node 1 does not lead on a healed network".into());
+    }
+    let target = sim.nodes[0].released();
+    for (i, node) in sim.nodes.iter().enumerate() {
+        if node.released() < target {
+            return Err(format!(
+                "node {} released {} of the leader's {target} after healing (promised {:?}, leader {:?}, floor {}, entries {:?}, wants {:?})",
+                i + 1,
+                node.released(),
+                node.acceptor().promised(),
+                sim.nodes[0].leading(),
+                node.acceptor().floor(),
+                node.acceptor()
+                    .entries_from(Slot(0))
+                    .iter()
+                    .map(|(s, e)| (s.0, e.term))
+                    .collect::<Vec<_>>(),
+                sim.wants_copy[i],
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// A learner never runs for leader, a slot commits on the voters alone,
+/// and `stored_by` reports the learners' durable prefix.
+#[test]
+fn learners_follow_without_voting_and_report_what_they_stored() {
+    let nodes = |me| {
+        LogReplica::new(
+            config_with_learners(me, 3, 5, Checks::default()),
+            LogAcceptor::restore(Term::ZERO, [], Slot(0)),
+            Slot(0),
+        )
+    };
+    let mut net = Net {
+        nodes: (1..=5).map(nodes).collect(),
+        inflight: Vec::new(),
+        committed: vec![Vec::new(); 5],
+        lagging: Vec::new(),
+    };
+    assert_eq!(net.nodes[3].campaign(), None, "a learner does not campaign");
+    net.nodes[0].campaign().unwrap();
+    net.collect(0);
+    assert!(
+        net.inflight.iter().all(|(_, to, _)| to.0 <= 3),
+        "only voters are asked for a promise"
+    );
+    net.run(&[]);
+    let learners = [NodeId(4), NodeId(5)];
+    // The learners are cut off: slots still commit on the voters.
+    net.nodes[0].append(vec![post(10), post(11)]).unwrap();
+    net.run(&[4, 5]);
+    assert_eq!(net.committed[0], vec![(1, post(10)), (2, post(11))]);
+    assert_eq!(net.nodes[0].stored_by(&learners, 1), Slot(0));
+    // Node 4 comes back and stores them; a majority of the two needs both.
+    net.nodes[0].resend();
+    net.run(&[5]);
+    assert_eq!(net.nodes[0].stored_by(&learners, 1), Slot(2));
+    assert_eq!(net.nodes[0].stored_by(&learners, 2), Slot(0));
+    assert_eq!(net.committed[3], vec![(1, post(10)), (2, post(11))]);
+    net.nodes[0].resend();
+    net.run(&[]);
+    assert_eq!(net.nodes[0].stored_by(&learners, 2), Slot(2));
+    assert_eq!(net.committed[4], vec![(1, post(10)), (2, post(11))]);
+    // A slot a learner stored but the voters did not is pending, and not
+    // committed by the learners' word; a resend gives it to the voters
+    // again, not to the learner that has it.
+    net.nodes[0].append(vec![post(12)]).unwrap();
+    net.run(&[2, 3]);
+    assert_eq!(net.committed[0].len(), 2, "not committed on learners");
+    assert_eq!(net.nodes[0].stored_by(&learners, 2), Slot(3));
+    net.nodes[0].resend();
+    net.collect(0);
+    for (_, to, m) in &net.inflight {
+        let LogMessage::Accept { values, .. } = m else {
+            panic!("a resend is an Accept: {m:?}");
+        };
+        assert_eq!(values.is_empty(), to.0 >= 4, "to {to}: {values:?}");
+    }
+    net.run(&[]);
+    assert_eq!(net.committed[0].last(), Some(&(3, post(12))));
+    // A learner's Prepare (no honest node sends one) is not answered.
+    let term = Term {
+        epoch: 0,
+        round: 99,
+        node: NodeId(4),
+    };
+    net.nodes[1].step(
+        NodeId(4),
+        LogMessage::Prepare {
+            term,
+            from: Slot(1),
+        },
+    );
+    assert!(net.nodes[1].take_ready().messages.is_empty());
+    assert!(net.nodes[0].leading().is_some());
 }

@@ -21,8 +21,17 @@ use crate::ids::NodeId;
 pub struct LogConfig {
     /// This node.
     pub me: NodeId,
-    /// Every replica, sorted, including `me`.
+    /// Every voting replica, sorted: they elect leaders, and a slot
+    /// commits once a majority of them stored it.
     pub replicas: Vec<NodeId>,
+    /// Replicas that only follow, sorted, none of them a voter: they store
+    /// every slot durably and release the committed prefix like a voter,
+    /// but never campaign, are never asked for a promise, and count in no
+    /// quorum. The replicas of a partition in datacenters other than its
+    /// home are its learners, so a post commits on a quorum in the home
+    /// datacenter alone while every other datacenter still receives the
+    /// partition's slots in order (see [`LogReplica::stored_by`]).
+    pub learners: Vec<NodeId>,
     /// The map epoch of this replica set: this node campaigns only in it,
     /// and answers writes and elections of no other (see [`Term`]).
     pub epoch: u64,
@@ -63,6 +72,7 @@ impl LogConfig {
         LogConfig {
             me,
             replicas,
+            learners: Vec::new(),
             epoch: 0,
             batch_max: 256,
             checks: Checks::default(),
@@ -76,8 +86,45 @@ impl LogConfig {
         self
     }
 
+    /// A configuration whose voters are `voters` and whose learners are
+    /// `learners` (a node in both votes); `me` is one of either.
+    pub fn with_learners(me: NodeId, voters: Vec<NodeId>, mut learners: Vec<NodeId>) -> LogConfig {
+        let mut voters = voters;
+        voters.sort_unstable();
+        voters.dedup();
+        learners.sort_unstable();
+        learners.dedup();
+        learners.retain(|n| !voters.contains(n));
+        assert!(
+            voters.contains(&me) || learners.contains(&me),
+            "{me} is one of the replicas"
+        );
+        assert!(!voters.is_empty(), "a partition has voters");
+        LogConfig {
+            me,
+            replicas: voters,
+            learners,
+            epoch: 0,
+            batch_max: 256,
+            checks: Checks::default(),
+        }
+    }
+
+    /// Whether this node only follows.
+    pub fn is_learner(&self) -> bool {
+        self.learners.contains(&self.me)
+    }
+
     fn majority(&self) -> usize {
         self.replicas.len() / 2 + 1
+    }
+
+    fn is_voter(&self, node: NodeId) -> bool {
+        self.replicas.contains(&node)
+    }
+
+    fn knows(&self, node: NodeId) -> bool {
+        self.replicas.contains(&node) || self.learners.contains(&node)
     }
 }
 
@@ -163,15 +210,20 @@ enum Role<T> {
     Leader {
         term: Term,
         next: Slot,
-        /// Uncommitted slots of this term: value and who stored it.
+        /// Uncommitted slots of this term: value and who stored it
+        /// (voters and learners; only voters count towards a commit).
         pending: BTreeMap<Slot, (Value<T>, BTreeSet<NodeId>)>,
         /// The last slot this leader recovered at its election (or its
         /// released prefix then): the log as the sets before this epoch
         /// left it.
         recovered_to: Slot,
         /// Other replicas that reported, in this term, a released prefix
-        /// reaching `recovered_to`.
+        /// reaching `recovered_to` (voters and learners; only voters count
+        /// towards [`LogReplica::established`]).
         caught_up: BTreeSet<NodeId>,
+        /// Each learner's durable prefix as reported in this term: every
+        /// slot up to it is stored there.
+        stored: BTreeMap<NodeId, Slot>,
     },
 }
 
@@ -247,8 +299,11 @@ impl<T: Clone> LogReplica<T> {
         };
         // `caught_up` holds replicas of this configuration only: answers
         // come from its replicas, and `reconfigure` ends this leadership.
-        (self.released >= *recovered_to && caught_up.len() + 1 >= self.config.majority())
-            .then_some(*term)
+        let voters = caught_up
+            .iter()
+            .filter(|n| self.config.is_voter(**n))
+            .count();
+        (self.released >= *recovered_to && voters + 1 >= self.config.majority()).then_some(*term)
     }
 
     /// Whether `node` holds everything this leader recovered at its
@@ -278,6 +333,38 @@ impl<T: Clone> LogReplica<T> {
         }
     }
 
+    /// On a leader, the highest slot that at least `count` of `nodes`
+    /// (learners of this configuration) reported durably stored, with
+    /// every slot before it, in this term; [`Slot::default`] when fewer
+    /// than `count` reported or this node does not lead. The node holds a
+    /// post's acknowledgement for this when the post asks to be durable in
+    /// another datacenter as well: `nodes` are that datacenter's replicas
+    /// and `count` their majority, so any leader later elected among them
+    /// recovers the post.
+    pub fn stored_by(&self, nodes: &[NodeId], count: usize) -> Slot {
+        let Role::Leader { stored, .. } = &self.role else {
+            return Slot::default();
+        };
+        if count == 0 {
+            return self.released;
+        }
+        let mut marks: Vec<Slot> = nodes
+            .iter()
+            .filter_map(|n| stored.get(n).copied())
+            .collect();
+        marks.sort_unstable_by(|a, b| b.cmp(a));
+        marks.get(count - 1).copied().unwrap_or_default()
+    }
+
+    /// On a leader, each learner's reported durable prefix in this term
+    /// (learners that have not reported are absent).
+    pub fn learner_marks(&self) -> Vec<(NodeId, Slot)> {
+        match &self.role {
+            Role::Leader { stored, .. } => stored.iter().map(|(n, s)| (*n, *s)).collect(),
+            _ => Vec::new(),
+        }
+    }
+
     /// The node that ran for the newest term seen (possibly this one).
     pub fn leader_hint(&self) -> Option<NodeId> {
         // Round 0 is no candidate's: ZERO, or an epoch's floor a refusal
@@ -295,6 +382,9 @@ impl<T: Clone> LogReplica<T> {
     /// are exhausted, or when a term of a later epoch was seen: this node
     /// must learn that epoch's replica set first.
     pub fn campaign(&mut self) -> Option<Term> {
+        if self.config.is_learner() {
+            return None;
+        }
         let epoch = self.config.epoch;
         let promised = self.acceptor.promised();
         if self.highest.epoch > epoch || promised.epoch > epoch {
@@ -324,7 +414,7 @@ impl<T: Clone> LogReplica<T> {
             from,
             promises: BTreeMap::from([(self.config.me, (floor, entries))]),
         };
-        for to in self.others() {
+        for to in self.other_voters() {
             self.ready
                 .messages
                 .push((to, LogMessage::Prepare { term, from }));
@@ -390,6 +480,28 @@ impl<T: Clone> LogReplica<T> {
         self.ready.messages.extend(sends);
     }
 
+    /// A learner that needs a leader (a client is waiting) tells the
+    /// voters it is there and what it released: an empty `Accepted` in
+    /// the newest term it saw. A leader of that term takes it as any
+    /// follower's report (and resends what the learner lacks); any other
+    /// voter ignores it, but the node's driver takes it as a reason to
+    /// make the partition live, so that its voters elect a leader. Does
+    /// nothing on a voter, which campaigns itself.
+    pub fn nudge(&mut self) {
+        if !self.config.is_learner() {
+            return;
+        }
+        let message = LogMessage::Accepted {
+            term: self.highest,
+            first: self.released.next(),
+            count: 0,
+            released: self.released,
+        };
+        for to in self.config.replicas.clone() {
+            self.ready.messages.push((to, message.clone()));
+        }
+    }
+
     /// Stops leading (or running): the node calls this when it has not
     /// heard from a quorum for a while, so that clients stop waiting on a
     /// leader that cannot commit. Always safe: a follower only votes.
@@ -447,11 +559,24 @@ impl<T: Clone> LogReplica<T> {
             return;
         }
         let term = message.term();
-        if !self.config.replicas.contains(&from) {
+        if !self.config.knows(from) {
             // A node of a later epoch's set (a joiner) is news even though
             // this node cannot answer it yet.
             if term.epoch > self.config.epoch {
                 self.note_newer_epoch(term.epoch);
+            }
+            return;
+        }
+        let election = matches!(
+            message,
+            LogMessage::Prepare { .. } | LogMessage::Promise { .. }
+        );
+        if election && (self.config.is_learner() || !self.config.is_voter(from)) {
+            // Elections are among voters only: a learner neither asks nor
+            // promises. One of a later epoch (where this node may vote)
+            // still says the map moved on.
+            if term.epoch > self.config.epoch {
+                self.observe(term);
             }
             return;
         }
@@ -635,6 +760,7 @@ impl<T: Clone> LogReplica<T> {
             pending: BTreeMap::new(),
             recovered_to: last,
             caught_up: BTreeSet::new(),
+            stored: BTreeMap::new(),
         };
         self.ready.leading = Some(term);
         if !values.is_empty() {
@@ -689,6 +815,7 @@ impl<T: Clone> LogReplica<T> {
             pending,
             recovered_to,
             caught_up,
+            stored,
             ..
         } = &mut self.role
         else {
@@ -698,9 +825,21 @@ impl<T: Clone> LogReplica<T> {
             return;
         }
         // Only the slots this leader has pending: a report of 2^62 slots
-        // costs no more than the pending ones.
+        // costs no more than the pending ones. Learners' acknowledgements
+        // are kept too (so that a resend skips what they stored), but only
+        // voters' count towards a commit.
         for (_, (_, acks)) in pending.range_mut(first..Slot(first.0 + count)) {
             acks.insert(from);
+        }
+        if !self.config.is_voter(from) {
+            // A learner stored `first ..= first + count - 1` in this term
+            // and everything up to what it released; its durable prefix
+            // grows by a run that starts within it.
+            let mark = stored.entry(from).or_default();
+            *mark = (*mark).max(released);
+            if count > 0 && first.0 <= mark.0 + 1 {
+                *mark = (*mark).max(Slot(first.0 + count - 1));
+            }
         }
         if released >= *recovered_to {
             caught_up.insert(from);
@@ -747,7 +886,7 @@ impl<T: Clone> LogReplica<T> {
             return;
         };
         while let Some((value, acks)) = pending.get(&self.released.next()) {
-            if acks.len() < majority {
+            if acks.iter().filter(|n| self.config.is_voter(**n)).count() < majority {
                 break;
             }
             let slot = self.released.next();
@@ -793,7 +932,19 @@ impl<T: Clone> LogReplica<T> {
         }
     }
 
+    /// Every other replica, voters first: whom a leader writes to.
     fn others(&self) -> Vec<NodeId> {
+        self.config
+            .replicas
+            .iter()
+            .chain(&self.config.learners)
+            .copied()
+            .filter(|n| *n != self.config.me)
+            .collect()
+    }
+
+    /// The other voters: whom a candidate asks for a promise.
+    fn other_voters(&self) -> Vec<NodeId> {
         self.config
             .replicas
             .iter()
