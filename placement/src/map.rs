@@ -31,7 +31,7 @@ use crate::ring::{ClusterNode, Placement, PlacementError};
 
 /// A ring placement's inputs: the active nodes, the partition count and
 /// the replicas per datacenter.
-type RingKey = (Vec<ClusterNode>, u32, usize);
+type RingKey = (Vec<ClusterNode>, u32, usize, Vec<String>);
 
 /// Ring placements recently built, by their inputs, least recently used
 /// first. Building one walks the whole ring once per partition (`hashring`
@@ -376,6 +376,20 @@ impl ClusterMap {
 
     /// The ring's placement on the active nodes, without pinned
     /// partitions (see [`ClusterMap::placement`]).
+    /// The datacenters the cluster was created with, in name order (those
+    /// of every node in a map from before `created_with` was kept):
+    /// partitions are homed in them (`Placement::home`).
+    pub fn created_datacenters(&self) -> Vec<String> {
+        let mut dcs: Vec<String> = if self.created_with.is_empty() {
+            self.nodes.values().map(|n| n.datacenter.clone()).collect()
+        } else {
+            self.created_with.values().cloned().collect()
+        };
+        dcs.sort_unstable();
+        dcs.dedup();
+        dcs
+    }
+
     pub(crate) fn ring_placement(&self) -> Result<Placement, PlacementError> {
         let partitions = PartitionCount::new(self.partitions)
             .ok_or(PlacementError::PartitionCount(self.partitions))?;
@@ -386,7 +400,12 @@ impl ClusterMap {
                 datacenter: n.datacenter.clone(),
             })
             .collect();
-        let key = (nodes, self.partitions, self.replicas_per_datacenter);
+        let key = (
+            nodes,
+            self.partitions,
+            self.replicas_per_datacenter,
+            self.created_datacenters(),
+        );
         let mut cache = RING_CACHE.lock().unwrap_or_else(|e| e.into_inner());
         if let Some(i) = cache.iter().position(|(k, _)| *k == key) {
             let hit = cache.remove(i);
@@ -394,7 +413,8 @@ impl ClusterMap {
             cache.push(hit);
             return Ok(placement);
         }
-        let built = Placement::build(&key.0, partitions, self.replicas_per_datacenter)?;
+        let built = Placement::build(&key.0, partitions, self.replicas_per_datacenter)?
+            .with_homes(self.created_datacenters());
         if cache.len() >= RING_CACHE_MAX {
             cache.remove(0);
         }

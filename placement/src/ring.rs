@@ -98,6 +98,9 @@ pub struct Placement {
     /// Per partition: its replicas, datacenters in name order, each
     /// datacenter's nodes in ring order.
     table: Vec<Vec<NodeId>>,
+    /// The datacenters partitions take turns to call home, in name order
+    /// (see [`Placement::home`]).
+    homes: Vec<String>,
 }
 
 impl Placement {
@@ -156,12 +159,78 @@ impl Placement {
                 replicas
             })
             .collect();
+        let homes = by_dc.keys().map(|d| (*d).to_owned()).collect();
         Ok(Placement {
             partitions,
             replicas_per_datacenter,
             nodes: sorted,
             table,
+            homes,
         })
+    }
+
+    /// The same placement with partitions homed in `datacenters` (sorted
+    /// here) rather than in the datacenters of the nodes it was built
+    /// from: the cluster map homes partitions in the datacenters the
+    /// cluster was created with, so a datacenter that joins later moves
+    /// no partition's home (a home that changed without a move step
+    /// would change who votes on its log). An empty list keeps the
+    /// homes as built.
+    #[must_use]
+    pub fn with_homes(mut self, mut datacenters: Vec<String>) -> Placement {
+        datacenters.sort_unstable();
+        datacenters.dedup();
+        if !datacenters.is_empty() {
+            self.homes = datacenters;
+        }
+        self
+    }
+
+    /// The datacenter partition `p` calls home: the `p mod D`-th of the
+    /// cluster's `D` datacenters in name order, so partitions (and with
+    /// them rooms) are homed evenly across datacenters. Its log's voters
+    /// are its replicas there ([`Placement::voters`]); its replicas in
+    /// every other datacenter follow the log without voting
+    /// ([`Placement::learners`]).
+    pub fn home(&self, p: PartitionId) -> &str {
+        &self.homes[p.0 as usize % self.homes.len()]
+    }
+
+    /// The datacenter of `node`, if it is placed.
+    pub fn datacenter_of(&self, node: NodeId) -> Option<&str> {
+        self.nodes
+            .iter()
+            .find(|n| n.id == node)
+            .map(|n| n.datacenter.as_str())
+    }
+
+    /// The replicas of partition `p` in its home datacenter, in placement
+    /// order: its log's voters. When none is there (only a map whose home
+    /// datacenter lost every node could say so), every replica votes.
+    pub fn voters(&self, p: PartitionId) -> Vec<NodeId> {
+        let home = self.home(p);
+        let voters: Vec<NodeId> = self
+            .replicas(p)
+            .iter()
+            .copied()
+            .filter(|n| self.datacenter_of(*n) == Some(home))
+            .collect();
+        if voters.is_empty() {
+            self.replicas(p).to_vec()
+        } else {
+            voters
+        }
+    }
+
+    /// The replicas of partition `p` outside its home datacenter, in
+    /// placement order: they follow its log without voting.
+    pub fn learners(&self, p: PartitionId) -> Vec<NodeId> {
+        let voters = self.voters(p);
+        self.replicas(p)
+            .iter()
+            .copied()
+            .filter(|n| !voters.contains(n))
+            .collect()
     }
 
     /// The partition count.
@@ -189,10 +258,10 @@ impl Placement {
     }
 
     /// The node that serves partition `p` while nothing is wrong: its first
-    /// replica. (Which node actually leads is the partition log's business;
-    /// this is the one it prefers.)
+    /// replica in its home datacenter. (Which node actually leads is the
+    /// partition log's business; this is the one it prefers.)
     pub fn preferred_owner(&self, p: PartitionId) -> NodeId {
-        self.replicas(p)[0]
+        self.voters(p)[0]
     }
 
     /// The partition of a room and its replicas.
@@ -362,6 +431,50 @@ mod ring_tests {
             assert_eq!(r.len(), 5, "3 in dc1, both of dc2");
             assert!(r[..3].iter().all(|n| n.0 <= 4));
             assert!(r[3..].iter().all(|n| n.0 >= 5));
+        }
+    }
+
+    #[test]
+    fn partitions_take_turns_to_call_a_datacenter_home() {
+        let node = |id, dc: &str| ClusterNode {
+            id: NodeId(id),
+            datacenter: dc.into(),
+        };
+        let nodes: Vec<ClusterNode> = (1..=6)
+            .map(|id| node(id, if id <= 3 { "east" } else { "west" }))
+            .collect();
+        let p = Placement::build(&nodes, PartitionCount::DEFAULT, 3).unwrap();
+        let mut homed = BTreeMap::new();
+        for part in PartitionCount::DEFAULT.all() {
+            let home = if part.0 % 2 == 0 { "east" } else { "west" };
+            assert_eq!(p.home(part), home);
+            *homed.entry(home).or_insert(0) += 1;
+            let voters = p.voters(part);
+            assert_eq!(voters.len(), 3);
+            assert!(voters.iter().all(|n| p.datacenter_of(*n) == Some(home)));
+            let learners = p.learners(part);
+            assert_eq!(learners.len(), 3);
+            assert!(learners.iter().all(|n| p.datacenter_of(*n) != Some(home)));
+            assert_eq!(p.preferred_owner(part), voters[0]);
+        }
+        assert_eq!(homed, BTreeMap::from([("east", 128), ("west", 128)]));
+        // A datacenter that joins later homes nothing when the homes are
+        // the created ones.
+        let mut grown = nodes.clone();
+        grown.push(node(7, "central"));
+        let q = Placement::build(&grown, PartitionCount::DEFAULT, 3)
+            .unwrap()
+            .with_homes(vec!["west".into(), "east".into()]);
+        for part in PartitionCount::DEFAULT.all() {
+            assert_eq!(q.home(part), p.home(part));
+            assert_eq!(q.voters(part), p.voters(part));
+            assert_eq!(q.learners(part).len(), 4, "west's three and central's one");
+        }
+        // One datacenter: every replica votes.
+        let one = Placement::build(&dc1(1..=3), PartitionCount::DEFAULT, 3).unwrap();
+        for part in PartitionCount::DEFAULT.all() {
+            assert_eq!(one.voters(part), one.replicas(part));
+            assert!(one.learners(part).is_empty());
         }
     }
 }
