@@ -68,6 +68,15 @@ struct Cli {
     command: Command,
 }
 
+/// The post durability levels, as the command line names them.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+enum DurabilityArg {
+    /// A majority of the room's replicas in its home datacenter.
+    Local,
+    /// Also a majority of its replicas in one other datacenter.
+    CrossDatacenter,
+}
+
 #[derive(Debug, Subcommand)]
 enum Command {
     /// Generate an RSA-2048 key pair and print its handle. The key file is
@@ -97,6 +106,11 @@ enum Command {
         room: String,
         /// The message; read from standard input when absent.
         message: Vec<String>,
+        /// When the server acknowledges: `local` (a majority of the
+        /// room's replicas in its home datacenter has it) or
+        /// `cross-datacenter` (one other datacenter's majority too).
+        #[arg(long, value_enum, default_value_t = DurabilityArg::Local)]
+        durability: DurabilityArg,
     },
     /// Chat interactively: lines you type are posted; messages print as
     /// `time sender: text`.
@@ -576,6 +590,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Send {
             room: name,
             message,
+            durability,
         } => {
             let room = room(name)?;
             let body = if message.is_empty() {
@@ -602,6 +617,12 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             }
             let id = identity(&cli)?;
             let mut session = join_once(&cli, &room, id).await?;
+            session.set_durability(match durability {
+                DurabilityArg::Local => saferchat_proto::chat::Durability::Local,
+                DurabilityArg::CrossDatacenter => {
+                    saferchat_proto::chat::Durability::CrossDatacenter
+                }
+            });
             let seq = session.post(body.as_bytes()).await?;
             loop {
                 match session.next().await? {

@@ -238,6 +238,8 @@ pub struct Session {
     inbound: Streaming<pb::ServerFrame>,
     pending: HashMap<u64, Pending>,
     next_seq: u64,
+    /// The durability level the next posts ask for.
+    durability: pb::Durability,
     queued: VecDeque<Event>,
     /// A deliveries frame taken from the stream and not yet decrypted, and
     /// its decryption once started: kept here so that a `next` dropped
@@ -404,6 +406,7 @@ impl Session {
             inbound,
             pending: HashMap::new(),
             next_seq: 1,
+            durability: pb::Durability::Local,
             queued: VecDeque::new(),
             stashed: None,
             decrypting: None,
@@ -580,6 +583,14 @@ impl Session {
         .encode())
     }
 
+    /// The durability level the following posts ask for (`Local`, the
+    /// default: a majority of the room's replicas in its home datacenter;
+    /// `CrossDatacenter`: one other datacenter's majority as well, before
+    /// the acknowledgement).
+    pub fn set_durability(&mut self, durability: pb::Durability) {
+        self.durability = durability;
+    }
+
     /// Sends already-encoded envelope bytes as post `seq` (benchmarks and
     /// tests of bad input).
     ///
@@ -591,6 +602,7 @@ impl Session {
                 frame: Some(client_frame::Frame::Post(pb::Post {
                     client_seq: seq,
                     envelope,
+                    durability: self.durability.into(),
                 })),
             })
             .await

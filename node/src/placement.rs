@@ -60,6 +60,22 @@ pub struct Shape {
     /// field existed read as [`MEMBERSHIP_ON_EVERY_NODE`].
     #[serde(default = "every_node")]
     pub membership: String,
+    /// Who votes on a partition's log: [`TIMELINE_HOME_DATACENTER`];
+    /// files written before this field existed read as
+    /// [`TIMELINE_EVERY_DATACENTER`].
+    #[serde(default = "every_datacenter")]
+    pub timeline: String,
+}
+
+/// Every replica of a partition, in every datacenter, votes on its log
+/// (before home datacenters).
+pub const TIMELINE_EVERY_DATACENTER: &str = "every-datacenter";
+/// A partition's replicas in its home datacenter vote on its log; the
+/// others follow it (`Placement::home`).
+pub const TIMELINE_HOME_DATACENTER: &str = "home-datacenter";
+
+fn every_datacenter() -> String {
+    TIMELINE_EVERY_DATACENTER.to_owned()
 }
 
 /// Rooms' membership replicated on every node (before partitions).
@@ -97,7 +113,15 @@ impl Shape {
             replicas_per_datacenter: config.replicas_per_datacenter,
             nodes,
             membership: MEMBERSHIP_ON_PARTITION_REPLICAS.to_owned(),
+            timeline: TIMELINE_HOME_DATACENTER.to_owned(),
         }
+    }
+
+    fn datacenters(&self) -> usize {
+        let mut dcs: Vec<&str> = self.nodes.iter().map(|n| n.datacenter.as_str()).collect();
+        dcs.sort_unstable();
+        dcs.dedup();
+        dcs.len()
     }
 
     /// Whether every node replicates every partition (no datacenter has
@@ -136,8 +160,28 @@ pub fn check_or_record(data_dir: &Path, configured: &Shape) -> Result<(), NodeEr
     let path = data_dir.join(SHAPE_FILE);
     match std::fs::read_to_string(&path) {
         Ok(text) => {
-            let recorded: Shape = toml::from_str(&text)
+            let mut recorded: Shape = toml::from_str(&text)
                 .map_err(|e| NodeError::Config(format!("{}: {e}", path.display())))?;
+            if recorded.timeline == TIMELINE_EVERY_DATACENTER {
+                // Recorded before partitions had a home datacenter. In one
+                // datacenter every replica is in the home, so the voters
+                // are the same and the upgrade only records that. Across
+                // datacenters the voters would shrink to the home's: a
+                // quorum of those need not meet a quorum of the old set,
+                // so a chosen slot could be overwritten. That is a
+                // reconfiguration this version does not do.
+                if recorded.datacenters() > 1 {
+                    return Err(NodeError::Config(format!(
+                        "this data folder ({}) belongs to a cluster whose partition logs are voted on in every datacenter; this version has each partition's replicas in its home datacenter vote and the others follow, and moving a running cluster's logs to that is a reconfiguration this version cannot do: run the previous version",
+                        path.display()
+                    )));
+                }
+                recorded.timeline = TIMELINE_HOME_DATACENTER.to_owned();
+                let upgraded = recorded.clone();
+                if upgraded == *configured {
+                    write_shape(&path, configured)?;
+                }
+            }
             let upgraded = Shape {
                 membership: MEMBERSHIP_ON_PARTITION_REPLICAS.to_owned(),
                 ..recorded.clone()
@@ -451,9 +495,10 @@ impl Routing {
                     let waited = tokio::time::timeout_at(deadline, changed.changed()).await;
                     if !matches!(waited, Ok(Ok(()))) {
                         return Err(Status::unavailable(format!(
-                            "room {:?}: its partition has no leader yet (fewer than a quorum of its replicas {:?} may be up); retry shortly",
+                            "room {:?}: its partition has no leader yet (fewer than a quorum of its voting replicas {:?}, in its home datacenter, {}, may be up); retry shortly",
                             room.as_str(),
-                            placement.replicas(partition)
+                            placement.voters(partition),
+                            placement.home(partition)
                         )));
                     }
                 }

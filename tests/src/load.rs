@@ -610,3 +610,42 @@ pub fn judge_rooms(
         );
     }
 }
+
+/// Posts `n` messages `"{label} {i}"` on `session` and waits for every
+/// acknowledgement, each within `deadline`: (id, room sequence number)
+/// in posting order.
+///
+/// # Panics
+/// On a refusal, or when the session ends or an acknowledgement does not
+/// come in time (a test's assertion).
+pub async fn post_acked(
+    session: &mut Session,
+    label: &str,
+    n: usize,
+    deadline: Duration,
+) -> Vec<(bytes::Bytes, u64)> {
+    let mut seqs = Vec::new();
+    for i in 0..n {
+        seqs.push(
+            session
+                .post(format!("{label} {i}").as_bytes())
+                .await
+                .unwrap(),
+        );
+    }
+    let mut acked: std::collections::HashMap<u64, (bytes::Bytes, u64)> =
+        std::collections::HashMap::new();
+    while acked.len() < n {
+        match tokio::time::timeout(deadline, session.next()).await {
+            Ok(Ok(Some(Event::Accepted {
+                seq, id, room_seq, ..
+            }))) => {
+                acked.insert(seq, (id, room_seq));
+            }
+            Ok(Ok(Some(Event::Rejected { message, .. }))) => panic!("{label}: refused: {message}"),
+            Ok(Ok(Some(_))) => {}
+            other => panic!("{label}: session ended: {other:?}"),
+        }
+    }
+    seqs.iter().map(|s| acked[s].clone()).collect()
+}

@@ -89,6 +89,7 @@ impl Raw {
         self.send(Frame::Post(pb::Post {
             client_seq: seq,
             envelope,
+            ..pb::Post::default()
         }))
         .await;
     }

@@ -40,6 +40,33 @@ impl Lateness {
     }
 }
 
+/// Latencies of one phase of a benchmark: how many, p50, p99 and the
+/// largest, in milliseconds.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct Latency {
+    /// Samples.
+    pub posts: usize,
+    /// Median.
+    pub p50_ms: f64,
+    /// 99th percentile.
+    pub p99_ms: f64,
+    /// Largest.
+    pub max_ms: f64,
+}
+
+impl Latency {
+    /// The summary of `ms` (any order).
+    pub fn of(mut ms: Vec<f64>) -> Latency {
+        ms.sort_by(f64::total_cmp);
+        Latency {
+            posts: ms.len(),
+            p50_ms: percentile(&ms, 50.0).unwrap_or(0.0),
+            p99_ms: percentile(&ms, 99.0).unwrap_or(0.0),
+            max_ms: ms.last().copied().unwrap_or(0.0),
+        }
+    }
+}
+
 /// Nearest-rank percentile of sorted `xs`: the element at
 /// round(q/100 × (n−1)).
 pub fn percentile<T: Copy>(sorted: &[T], q: f64) -> Option<T> {

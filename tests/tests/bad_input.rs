@@ -980,3 +980,52 @@ async fn a_member_posting_too_fast_is_refused_and_nothing_refused_is_stored() {
         "exactly the accepted posts are stored"
     );
 }
+
+/// A single node has one datacenter: a post that asks to be durable in
+/// another is refused (FAILED_PRECONDITION, saying so) and stored nowhere;
+/// an unknown level is INVALID_ARGUMENT; the session goes on at the
+/// local level.
+#[tokio::test]
+async fn durability_levels_a_single_node_cannot_give_are_refused() {
+    let node = TestNode::start().await;
+    let ids = node.room("aaa", &[0]).await;
+    let alice = &ids[0];
+    let mut session = node.join("aaa", alice).await;
+    session.set_durability(pb::Durability::CrossDatacenter);
+    let Event::Rejected { code, message, .. } =
+        post_until_result(&mut session, b"in two datacenters").await
+    else {
+        panic!("a single node acknowledged a cross-datacenter post");
+    };
+    assert_eq!(code, Code::FailedPrecondition, "{message}");
+    assert!(message.contains("one datacenter"), "{message}");
+
+    let (mut raw, joined) = Raw::join(&node.server(), "aaa", alice).await;
+    let envelope = seal(
+        alice,
+        &RoomId::new("aaa").unwrap(),
+        Revision(joined.revision),
+        &recipients(&[alice]),
+        b"at level 7",
+    )
+    .expect("seal");
+    raw.send(Frame::Post(pb::Post {
+        client_seq: 1,
+        envelope: envelope.encode(),
+        durability: 7,
+    }))
+    .await;
+    let r = raw.result().await;
+    let rej = rejected(&r).expect("rejected");
+    assert_eq!(rej.code, Code::InvalidArgument as i32, "{}", rej.message);
+
+    session.set_durability(pb::Durability::Local);
+    assert!(matches!(
+        post_until_result(&mut session, b"locally").await,
+        Event::Accepted { seq: 2, .. }
+    ));
+    let stored = history::read(&session, &Query::default())
+        .await
+        .expect("history");
+    assert_eq!(stored.len(), 1, "only the local post is stored");
+}

@@ -27,6 +27,7 @@ use saferchat_consensus::RoomId;
 use saferchat_node::storage::sled::SledStore;
 use saferchat_node::storage::{self, Range};
 use saferchat_tests::cluster::{Cluster, Options};
+use saferchat_tests::load;
 use saferchat_tests::process::fixture_key;
 
 const ROOM: &str = "burst";
@@ -187,13 +188,13 @@ async fn a_replica_behind_the_compacted_log_copies_the_timeline_and_catches_up()
     let (mut cluster, mut session, leader) = room_with_alice(options).await;
     let behind = (leader + 1) % 3;
     let started = Instant::now();
-    let mut acked = post_acked(&mut session, "before", BEFORE).await;
+    let mut acked = load::post_acked(&mut session, "before", BEFORE, DEADLINE).await;
     wait_caught_up(&cluster, behind, leader, started, "the follower").await;
 
     cluster.kill(behind);
-    acked.extend(post_acked(&mut session, "while down", WHILE_DOWN).await);
+    acked.extend(load::post_acked(&mut session, "while down", WHILE_DOWN, DEADLINE).await);
     cluster.restart(behind);
-    acked.extend(post_acked(&mut session, "after", AFTER).await);
+    acked.extend(load::post_acked(&mut session, "after", AFTER, DEADLINE).await);
     wait_caught_up(&cluster, behind, leader, started, "the restarted follower").await;
     let log = cluster.nodes[behind].log_text();
     assert!(
@@ -270,34 +271,6 @@ fn join_address(cluster: &Cluster, through: usize) -> String {
     })
 }
 
-/// Posts `n` messages on `session` and waits for every acknowledgement;
-/// returns (client seq → (id, room seq)).
-async fn post_acked(session: &mut Session, label: &str, n: usize) -> Vec<(Bytes, u64)> {
-    let mut seqs = Vec::new();
-    for i in 0..n {
-        seqs.push(
-            session
-                .post(format!("{label} {i}").as_bytes())
-                .await
-                .unwrap(),
-        );
-    }
-    let mut acked: HashMap<u64, (Bytes, u64)> = HashMap::new();
-    while acked.len() < n {
-        match tokio::time::timeout(DEADLINE, session.next()).await {
-            Ok(Ok(Some(Event::Accepted {
-                seq, id, room_seq, ..
-            }))) => {
-                acked.insert(seq, (id, room_seq));
-            }
-            Ok(Ok(Some(Event::Rejected { message, .. }))) => panic!("{label}: refused: {message}"),
-            Ok(Ok(Some(_))) => {}
-            other => panic!("{label}: session ended: {other:?}"),
-        }
-    }
-    seqs.iter().map(|s| acked[s].clone()).collect()
-}
-
 /// The leader of a room is cut off from the other nodes while its client
 /// keeps posting to it. The others elect a new leader and the room goes
 /// on there. When the old leader is reconnected, nothing it was given
@@ -319,7 +292,7 @@ async fn a_cut_off_owner_cannot_write_after_its_successor() {
     let leader = (0..3)
         .find(|i| cluster.server(*i) == old.address())
         .expect("a node of the cluster");
-    let before = post_acked(&mut old, "before", 5).await;
+    let before = load::post_acked(&mut old, "before", 5, DEADLINE).await;
 
     cluster.isolate(leader);
     let started = Instant::now();
@@ -338,7 +311,7 @@ async fn a_cut_off_owner_cannot_write_after_its_successor() {
         }
         assert!(started.elapsed() < DEADLINE, "no new leader was elected");
     };
-    let after = post_acked(&mut new, "after", 5).await;
+    let after = load::post_acked(&mut new, "after", 5, DEADLINE).await;
 
     cluster.heal(leader);
     // Whatever the old session heard back, an acknowledgement of a post

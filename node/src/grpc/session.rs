@@ -36,6 +36,7 @@ use crate::grpc::{frames, relay};
 use crate::message_id::MessageId;
 use crate::room::{Live, PostOutcome, Posted, RoomCommand};
 use crate::storage::{self, Range, StoredMessage};
+use crate::timeline::Durability;
 
 /// Stored messages per frame when replaying history.
 const HISTORY_PAGE_MAX: usize = 100;
@@ -448,6 +449,22 @@ async fn live_loop(
                         send(out, result_frame(rejected, room)).await?;
                         continue;
                     }
+                    let durability = match pb::Durability::try_from(post.durability) {
+                        Ok(pb::Durability::Local) => Durability::Local,
+                        Ok(pb::Durability::CrossDatacenter) => Durability::CrossDatacenter,
+                        Err(_) => {
+                            let rejected = PostOutcome::Rejected {
+                                client_seq: post.client_seq,
+                                error: NodeError::InvalidArgument(format!(
+                                    "unknown durability level {} (0: local, 1: cross-datacenter)",
+                                    post.durability
+                                )),
+                                state: None,
+                            };
+                            send(out, result_frame(rejected, room)).await?;
+                            continue;
+                        }
+                    };
                     match Envelope::decode(post.envelope.clone()) {
                         Ok(envelope) => {
                             ctx.rooms.send(room, RoomCommand::Post {
@@ -456,6 +473,7 @@ async fn live_loop(
                                 client_seq: post.client_seq,
                                 envelope,
                                 raw: post.envelope,
+                                durability,
                             }).await?;
                         }
                         Err(e) => {

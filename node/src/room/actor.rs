@@ -21,7 +21,7 @@ use crate::membership::View;
 use crate::message_id::MessageId;
 use crate::storage::StoredMessage;
 use crate::timeline::tail::{RoomTail, Sequenced};
-use crate::timeline::{AppliedPost, LogPost, Timeline};
+use crate::timeline::{AppliedPost, Durability, LogPost, Timeline};
 
 /// A room with no sessions stops after this long without commands.
 const IDLE_STOP_MS: u64 = 30_000;
@@ -73,6 +73,7 @@ struct Pending {
     client_seq: u64,
     envelope: saferchat_envelope::Envelope,
     raw: bytes::Bytes,
+    durability: Durability,
 }
 
 struct Actor {
@@ -337,12 +338,14 @@ impl Actor {
                     client_seq,
                     envelope,
                     raw,
+                    durability,
                 } => posts.push(Pending {
                     session,
                     user,
                     client_seq,
                     envelope,
                     raw,
+                    durability,
                 }),
             }
         }
@@ -395,6 +398,21 @@ impl Actor {
                     Err((
                         refusal_error(&refusal),
                         with_state.then(|| Arc::clone(&state)),
+                    )),
+                );
+                continue;
+            }
+            if p.durability == Durability::CrossDatacenter
+                && matches!(self.writer, Writer::Local(_))
+            {
+                self.reply(
+                    p.session,
+                    p.client_seq,
+                    Err((
+                        NodeError::FailedPrecondition(
+                            "this node runs alone, in one datacenter: a post cannot be durable in another datacenter; post it at the local level".into(),
+                        ),
+                        None,
                     )),
                 );
                 continue;
@@ -472,11 +490,12 @@ impl Actor {
                         envelope: p.raw.clone(),
                     })
                     .collect();
+                let durability = accepted.iter().map(|p| p.durability).collect();
                 let timeline = timeline.clone();
                 let partition = *partition;
                 Some(Box::pin(async move {
                     let started = std::time::Instant::now();
-                    let results = match timeline.append(partition, posts).await {
+                    let results = match timeline.append(partition, posts, durability).await {
                         Ok(replies) => {
                             let mut results = Vec::with_capacity(replies.len());
                             for reply in replies {

@@ -116,6 +116,8 @@ pub enum RoomCommand {
         envelope: Envelope,
         /// The envelope as received, stored verbatim.
         raw: Bytes,
+        /// When to acknowledge it.
+        durability: crate::timeline::Durability,
     },
 }
 

@@ -112,7 +112,7 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
 use super::tail::{RoomTail, Sequenced};
-use super::{AppliedPost, Command, Leaders, LogPost, Subscribers, Timeline};
+use super::{AppliedPost, Command, Durability, Leaders, LogPost, Subscribers, Timeline};
 use crate::clock::Clock;
 use crate::convert;
 use crate::error::NodeError;
@@ -191,7 +191,7 @@ struct Outage {
 
 /// A committed post as placed: who to answer, its room and place, and the
 /// envelope to deliver.
-type Placed = ((NodeId, u64), RoomId, Sequenced, Envelope);
+type Placed = ((NodeId, u64), RoomId, Sequenced, Envelope, Slot);
 
 /// Why placing and storing a batch failed.
 enum StoreFailed {
@@ -215,7 +215,8 @@ type Reply = oneshot::Sender<Result<Sequenced, NodeError>>;
 
 struct Part {
     replica: LogReplica<LogPost>,
-    /// Replicas ranked, the preferred owner first.
+    /// Voters ranked, the preferred owner first (a learner ranks after
+    /// every voter).
     rank: u64,
     /// The term whose leader this node last heard from (or leads).
     leader: Option<Term>,
@@ -224,10 +225,14 @@ struct Part {
     /// Whether a client or a leader made this partition live here.
     active: bool,
     last_heartbeat: Millis,
+    /// A learner: when a client last needed a leader here, and when it
+    /// last nudged the voters for one (`LogReplica::nudge`).
+    wanted: Option<Millis>,
+    nudged: Option<Millis>,
     /// When each other replica last answered this node's Accepts in the
     /// term it leads.
     acks: HashMap<NodeId, Millis>,
-    /// How many replicas the partition has.
+    /// How many voters the partition's log has.
     replica_count: usize,
     /// When another replica last ran for leader.
     candidate_seen: Option<Millis>,
@@ -248,9 +253,35 @@ struct Part {
     /// The latest later map epoch a replica was seen running in (0:
     /// none), so that it is reported once.
     newer_epoch: u64,
+    /// On a leader, when its last [`COMMIT_TIMES_MAX`] slots committed:
+    /// the replication lag to other datacenters in milliseconds.
+    commit_times: VecDeque<(Slot, Millis)>,
 }
 
+/// Commit times a leader keeps per partition; a datacenter further behind
+/// reads as behind since the oldest of them.
+const COMMIT_TIMES_MAX: usize = 4_096;
+
 impl Part {
+    /// On a learner that knows no leader while a client waited for one in
+    /// the last [`crate::placement::ROUTE_WAIT_MS`]: tells the voters,
+    /// at most once per [`RANK_STAGGER_MS`] (a nudge may be lost, and a
+    /// voter that was down may be back). Whether it did.
+    fn nudge_voters(&mut self, now: Millis) -> bool {
+        let waiting = self
+            .wanted
+            .is_some_and(|t| now.since(t) < crate::placement::ROUTE_WAIT_MS);
+        if self.leader.is_some()
+            || !waiting
+            || self.nudged.is_some_and(|t| now.since(t) < RANK_STAGGER_MS)
+        {
+            return false;
+        }
+        self.replica.nudge();
+        self.nudged = Some(now);
+        true
+    }
+
     /// Whether a quorum of the replicas (this node among them) answered
     /// within [`ELECTION_TIMEOUT_MS`] (counting from when it took the lead,
     /// for replicas that have not answered yet): a leader that does not
@@ -259,10 +290,11 @@ impl Part {
     /// leader after the same timeout.
     fn hears_a_quorum(&self, now: Millis) -> bool {
         let replicas = self.replica_count;
+        let voters = &self.replica.config().replicas;
         let recent = self
             .acks
-            .values()
-            .filter(|t| now.since(**t) < ELECTION_TIMEOUT_MS)
+            .iter()
+            .filter(|(n, t)| voters.contains(n) && now.since(**t) < ELECTION_TIMEOUT_MS)
             .count()
             + 1;
         recent > replicas / 2 || now.since(self.led_since) < ELECTION_TIMEOUT_MS
@@ -304,6 +336,20 @@ pub struct DriverParts {
     pub retained_max: usize,
 }
 
+/// A committed post whose client asked for another datacenter's copy
+/// before the acknowledgement.
+struct RemoteWaiter {
+    partition: u32,
+    slot: Slot,
+    placed: Sequenced,
+    since: Millis,
+    reply: Reply,
+}
+
+/// How long a post of [`Durability::CrossDatacenter`] waits for another
+/// datacenter before it is answered UNAVAILABLE (it stays committed).
+pub const CROSS_DATACENTER_WAIT_MS: u64 = 10_000;
+
 struct Driver {
     me: NodeId,
     placement: Arc<Placement>,
@@ -317,7 +363,10 @@ struct Driver {
     tails: HashMap<RoomId, (RoomTail, u64)>,
     uses: u64,
     last_sweep: Millis,
-    waiters: HashMap<u64, (u32, Reply)>,
+    waiters: HashMap<u64, (u32, Reply, Durability)>,
+    /// Posts of [`Durability::CrossDatacenter`] committed and applied
+    /// here, waiting for another datacenter to confirm them.
+    remote_waiters: Vec<RemoteWaiter>,
     next_token: u64,
     leaders: Arc<Leaders>,
     subscribers: Subscribers,
@@ -370,6 +419,7 @@ pub fn spawn(parts: DriverParts) -> (Timeline, JoinHandle<Result<(), NodeError>>
         uses: 0,
         last_sweep: now,
         waiters: HashMap::new(),
+        remote_waiters: Vec::new(),
         // Tokens from a fresh random base: an answer for a post of an
         // earlier incarnation is never taken for one of this one.
         next_token: rand::random::<u64>() >> 1,
@@ -407,6 +457,18 @@ pub fn spawn(parts: DriverParts) -> (Timeline, JoinHandle<Result<(), NodeError>>
     (timeline, task)
 }
 
+/// A replica's rank among the voters (the preferred owner first) and how
+/// many voters there are; a learner ranks after every voter and never
+/// campaigns.
+fn rank_of(config: &LogConfig) -> (u64, usize) {
+    let rank = config
+        .replicas
+        .iter()
+        .position(|n| *n == config.me)
+        .unwrap_or(config.replicas.len()) as u64;
+    (rank, config.replicas.len())
+}
+
 fn fatal(e: &NodeError) -> NodeError {
     NodeError::Fatal(format!("partition log: {e}"))
 }
@@ -421,13 +483,23 @@ impl Driver {
             .to_vec()
     }
 
-    fn load(&mut self, partition: u32, state: PartitionLogState, now: Millis) {
-        let replicas = self.replicas(partition);
-        let rank = replicas.iter().position(|n| *n == self.me).unwrap_or(0) as u64;
-        let replica_count = replicas.len();
-        let mut config =
-            LogConfig::new(self.me, replicas).in_epoch(self.map.partition_epoch(partition));
+    /// The partition's log configuration on this node: its replicas in
+    /// its home datacenter vote, the others learn (`Placement::voters`).
+    fn log_config(&self, partition: u32, epoch: u64) -> LogConfig {
+        let p = saferchat_placement::PartitionId(partition);
+        let mut config = LogConfig::with_learners(
+            self.me,
+            self.placement.voters(p),
+            self.placement.learners(p),
+        )
+        .in_epoch(epoch);
         config.batch_max = ACCEPT_VALUES_MAX;
+        config
+    }
+
+    fn load(&mut self, partition: u32, state: PartitionLogState, now: Millis) {
+        let config = self.log_config(partition, self.map.partition_epoch(partition));
+        let (rank, replica_count) = rank_of(&config);
         let acceptor = LogAcceptor::restore(state.promised, state.entries, state.floor);
         let retained: VecDeque<(Slot, usize)> = acceptor
             .entries_from(Slot(0))
@@ -457,6 +529,9 @@ impl Driver {
                 copy_after: now,
                 copy_backoff_ms: COPY_RETRY_MS,
                 newer_epoch: 0,
+                commit_times: VecDeque::new(),
+                wanted: None,
+                nudged: None,
             },
         );
     }
@@ -481,18 +556,15 @@ impl Driver {
             let replicas = self.replicas(partition);
             let epoch = self.map.partition_epoch(partition);
             tracing::info!(partition, epoch, replicas = ?replicas, "the partition's log has a new replica set");
-            let me = self.me;
-            let Some(part) = self.parts.get_mut(&partition) else {
-                continue;
-            };
-            if !replicas.contains(&me) {
+            if !self.parts.contains_key(&partition) || !replicas.contains(&self.me) {
                 continue;
             }
-            let mut config = LogConfig::new(me, replicas.clone()).in_epoch(epoch);
-            config.batch_max = ACCEPT_VALUES_MAX;
+            let config = self.log_config(partition, epoch);
+            let (rank, replica_count) = rank_of(&config);
+            let part = self.parts.get_mut(&partition).expect("loaded");
             if part.replica.reconfigure(config) {
-                part.rank = replicas.iter().position(|n| *n == me).unwrap_or(0) as u64;
-                part.replica_count = replicas.len();
+                part.rank = rank;
+                part.replica_count = replica_count;
                 part.acks.clear();
                 part.leader = None;
                 touched.push(partition);
@@ -590,8 +662,13 @@ impl Driver {
                 }
             }
         }
-        for (_, (_, reply)) in self.waiters.drain() {
+        for (_, (_, reply, _)) in self.waiters.drain() {
             let _ = reply.send(Err(NodeError::Unavailable("node is shutting down".into())));
+        }
+        for waiter in self.remote_waiters.drain(..) {
+            let _ = waiter.reply.send(Err(NodeError::Unavailable(
+                "node is shutting down; the post committed in its home datacenter, but no other datacenter confirmed it yet: retry the same post (a retry is recognised)".into(),
+            )));
         }
         Ok(())
     }
@@ -607,6 +684,15 @@ impl Driver {
                 if !part.active {
                     part.active = true;
                     part.heard = now;
+                }
+                if part.replica.config().is_learner() {
+                    // It cannot run: it wakes the voters instead, now and
+                    // on the ticks while clients wait (`nudge_voters`).
+                    part.wanted = Some(now);
+                    if part.nudge_voters(now) {
+                        touched.push(partition);
+                    }
+                    return;
                 }
                 let contested = part
                     .candidate_seen
@@ -642,8 +728,39 @@ impl Driver {
             Command::Append {
                 partition,
                 mut posts,
+                durability,
                 replies,
             } => {
+                if durability.contains(&Durability::CrossDatacenter)
+                    && self.cross_datacenter_groups(partition).is_empty()
+                {
+                    // Refused before anything is appended: the others of
+                    // the batch go on.
+                    let mut kept = (Vec::new(), Vec::new(), Vec::new());
+                    for ((post, reply), level) in posts.into_iter().zip(replies).zip(durability) {
+                        if level == Durability::CrossDatacenter {
+                            let _ = reply.send(Err(NodeError::FailedPrecondition(
+                                "the room's partition has no replica outside its home datacenter (the cluster has one datacenter): a post cannot be durable in another; post it at the local level".into(),
+                            )));
+                        } else {
+                            kept.0.push(post);
+                            kept.1.push(reply);
+                            kept.2.push(level);
+                        }
+                    }
+                    if !kept.0.is_empty() {
+                        self.on_command(
+                            Command::Append {
+                                partition,
+                                posts: kept.0,
+                                replies: kept.1,
+                                durability: kept.2,
+                            },
+                            touched,
+                        );
+                    }
+                    return;
+                }
                 let me = self.me;
                 let first_token = self.next_token;
                 self.next_token += posts.len() as u64;
@@ -671,9 +788,9 @@ impl Driver {
                     }
                     return;
                 }
-                for (i, reply) in replies.into_iter().enumerate() {
+                for (i, (reply, level)) in replies.into_iter().zip(durability).enumerate() {
                     self.waiters
-                        .insert(first_token + i as u64, (partition, reply));
+                        .insert(first_token + i as u64, (partition, reply, level));
                 }
                 let part = self.parts.get_mut(&partition).expect("loaded above");
                 let values = posts.into_iter().map(Value::Post).collect();
@@ -717,6 +834,15 @@ impl Driver {
             {
                 part.acks.insert(batch.from, now);
             }
+            // A learner's report to a voter that does not lead it: a
+            // client waits there for a leader (`LogReplica::nudge`).
+            if !part.active
+                && matches!(message, LogMessage::Accepted { .. })
+                && part.replica.config().learners.contains(&batch.from)
+            {
+                part.active = true;
+                part.heard = now;
+            }
             part.replica.step(batch.from, message);
             touched.push(partition);
         }
@@ -724,6 +850,7 @@ impl Driver {
 
     fn on_tick(&mut self, touched: &mut Vec<u32>) {
         let now = self.clock.monotonic();
+        let mut lagging = Vec::new();
         if now.since(self.last_sweep) >= SWEEP_MS {
             self.last_sweep = now;
             self.subscribers.lock().expect("lock").retain(|_, list| {
@@ -747,6 +874,20 @@ impl Driver {
                 if now.since(part.last_heartbeat) >= HEARTBEAT_MS {
                     part.replica.resend();
                     part.last_heartbeat = now;
+                    touched.push(*partition);
+                    lagging.push(*partition);
+                }
+                continue;
+            }
+            if part.replica.config().is_learner() {
+                // A learner waits for the voters' leader; it never runs.
+                // It forgets a leader it stopped hearing from, so that
+                // clients are sent to the voters rather than to it.
+                if part.leader.is_some() && now.since(part.heard) >= ELECTION_TIMEOUT_MS {
+                    part.leader = None;
+                    touched.push(*partition);
+                }
+                if part.nudge_voters(now) {
                     touched.push(*partition);
                 }
                 continue;
@@ -773,6 +914,9 @@ impl Driver {
                 part.heard = now;
                 touched.push(*partition);
             }
+        }
+        for partition in lagging {
+            self.report_lag(partition, now);
         }
     }
 
@@ -838,6 +982,7 @@ impl Driver {
                 let now = self.clock.monotonic();
                 part.led_since = now;
                 part.acks.clear();
+                part.commit_times.clear();
                 // Tell the others at once (an empty Accept when nothing
                 // was recovered), so none of them runs for want of news.
                 part.replica.resend();
@@ -905,6 +1050,7 @@ impl Driver {
         if self.store.wants_rotation() {
             self.rotate().await?;
         }
+        self.release_remote_waiters();
         Ok(())
     }
 
@@ -1092,14 +1238,128 @@ impl Driver {
         let gone: Vec<u64> = self
             .waiters
             .iter()
-            .filter(|(_, (p, _))| partitions.contains(p))
+            .filter(|(_, (p, _, _))| partitions.contains(p))
             .map(|(t, _)| *t)
             .collect();
         for token in gone {
-            if let Some((_, reply)) = self.waiters.remove(&token) {
+            if let Some((_, reply, _)) = self.waiters.remove(&token) {
                 let _ = reply.send(Err(NodeError::Unavailable(
                     "leadership of the room's partition moved before the post committed; it may still commit: reconnect and retry the same post (a retry is recognised)".into(),
                 )));
+            }
+        }
+        let (gone, kept): (Vec<RemoteWaiter>, Vec<RemoteWaiter>) = self
+            .remote_waiters
+            .drain(..)
+            .partition(|w| partitions.contains(&w.partition));
+        self.remote_waiters = kept;
+        for waiter in gone {
+            let _ = waiter.reply.send(Err(NodeError::Unavailable(
+                "leadership of the room's partition moved after the post committed in its home datacenter but before another datacenter confirmed it: reconnect and retry the same post (a retry is recognised)".into(),
+            )));
+        }
+    }
+
+    /// The partition's replicas outside its home datacenter (its
+    /// learners), grouped by datacenter; empty when it has none.
+    fn cross_datacenter_groups(&self, partition: u32) -> Vec<(String, Vec<NodeId>)> {
+        if partition >= self.placement.partitions().get() {
+            return Vec::new();
+        }
+        let p = saferchat_placement::PartitionId(partition);
+        let mut groups: std::collections::BTreeMap<String, Vec<NodeId>> =
+            std::collections::BTreeMap::new();
+        for n in self.placement.learners(p) {
+            let dc = self
+                .placement
+                .datacenter_of(n)
+                .unwrap_or_default()
+                .to_owned();
+            groups.entry(dc).or_default().push(n);
+        }
+        groups.into_iter().collect()
+    }
+
+    /// The highest slot of `partition` a majority of some other
+    /// datacenter's replicas stored (on its leader; 0 elsewhere).
+    fn cross_datacenter_mark(&self, partition: u32) -> Slot {
+        let Some(part) = self.parts.get(&partition) else {
+            return Slot::default();
+        };
+        self.cross_datacenter_groups(partition)
+            .iter()
+            .map(|(_, nodes)| part.replica.stored_by(nodes, nodes.len() / 2 + 1))
+            .max()
+            .unwrap_or_default()
+    }
+
+    /// Sets the replication lag gauges of a partition this node leads:
+    /// for each other datacenter, how many committed slots a majority of
+    /// its replicas has not stored yet, and for how long the oldest of
+    /// them has been committed.
+    fn report_lag(&self, partition: u32, now: Millis) {
+        let Some(part) = self.parts.get(&partition) else {
+            return;
+        };
+        let released = part.replica.released();
+        let from = self
+            .placement
+            .datacenter_of(self.me)
+            .unwrap_or_default()
+            .to_owned();
+        for (dc, nodes) in self.cross_datacenter_groups(partition) {
+            let mark = part.replica.stored_by(&nodes, nodes.len() / 2 + 1);
+            let slots = released.0.saturating_sub(mark.0);
+            let ms = if slots == 0 {
+                0
+            } else {
+                part.commit_times
+                    .iter()
+                    .find(|(s, _)| *s > mark)
+                    .or(part.commit_times.front())
+                    .map_or(0, |(_, t)| now.since(*t))
+            };
+            let labels = [
+                ("partition", partition.to_string()),
+                ("from", from.clone()),
+                ("to", dc),
+            ];
+            #[allow(clippy::cast_precision_loss)]
+            {
+                metrics::gauge!("saferchat_replication_lag_slots", &labels).set(slots as f64);
+                metrics::gauge!("saferchat_replication_lag_ms", &labels).set(ms as f64);
+            }
+        }
+    }
+
+    /// Answers the posts of [`Durability::CrossDatacenter`] that another
+    /// datacenter now holds, and those that waited for one too long.
+    fn release_remote_waiters(&mut self) {
+        if self.remote_waiters.is_empty() {
+            return;
+        }
+        let now = self.clock.monotonic();
+        let mut marks: HashMap<u32, Slot> = HashMap::new();
+        for w in &self.remote_waiters {
+            marks
+                .entry(w.partition)
+                .or_insert_with(|| self.cross_datacenter_mark(w.partition));
+        }
+        let waiting = std::mem::take(&mut self.remote_waiters);
+        for w in waiting {
+            if marks[&w.partition] >= w.slot {
+                metrics::histogram!("saferchat_cross_datacenter_wait_seconds")
+                    .record(now.since(w.since) as f64 / 1000.0);
+                let _ = w.reply.send(Ok(w.placed));
+            } else if now.since(w.since) >= CROSS_DATACENTER_WAIT_MS {
+                metrics::counter!("saferchat_cross_datacenter_timeouts_total").increment(1);
+                let _ = w.reply.send(Err(NodeError::Unavailable(format!(
+                    "the post committed in its room's home datacenter (message #{} of the room), but no other datacenter confirmed it within {} s; it is kept and delivered: retry the same post to learn when another datacenter holds it (a retry is recognised)",
+                    w.placed.seq,
+                    CROSS_DATACENTER_WAIT_MS / 1000
+                ))));
+            } else {
+                self.remote_waiters.push(w);
             }
         }
     }
@@ -1127,11 +1387,21 @@ impl Driver {
             );
             metrics::gauge!("saferchat_timeline_store_available").set(1.0);
         }
-        for (origin, room, placed, envelope) in outcomes {
+        for (origin, room, placed, envelope, slot) in outcomes {
             if origin.0 == self.me
-                && let Some((_, reply)) = self.waiters.remove(&origin.1)
+                && let Some((partition, reply, level)) = self.waiters.remove(&origin.1)
             {
-                let _ = reply.send(Ok(placed));
+                if level == Durability::CrossDatacenter {
+                    self.remote_waiters.push(RemoteWaiter {
+                        partition,
+                        slot,
+                        placed,
+                        since: commit_time,
+                        reply,
+                    });
+                } else {
+                    let _ = reply.send(Ok(placed));
+                }
             }
             let stored_by_a_failed_attempt = self.undelivered.remove(&placed.id);
             if placed.fresh || stored_by_a_failed_attempt {
@@ -1140,6 +1410,15 @@ impl Driver {
         }
         for (partition, slots) in committed {
             let last = slots.last().map(|c| c.slot).expect("not empty");
+            if let Some(part) = self.parts.get_mut(&partition)
+                && part.replica.leading().is_some()
+                && !part.replica.config().learners.is_empty()
+            {
+                part.commit_times.push_back((last, commit_time));
+                while part.commit_times.len() > COMMIT_TIMES_MAX {
+                    part.commit_times.pop_front();
+                }
+            }
             self.unsynced.insert(partition, last);
             #[allow(clippy::cast_precision_loss)]
             metrics::gauge!("saferchat_partition_applied_slot", "partition" => partition.to_string())
@@ -1238,7 +1517,7 @@ impl Driver {
                         envelope: post.envelope.clone(),
                     });
                 }
-                outcomes.push((post.origin, post.room.clone(), placed, envelope));
+                outcomes.push((post.origin, post.room.clone(), placed, envelope, c.slot));
             }
         }
         if failed.is_none() {
@@ -1258,7 +1537,7 @@ impl Driver {
         if let Some(e) = failed {
             self.tails.clear();
             self.undelivered
-                .extend(outcomes.iter().map(|(_, _, placed, _)| placed.id));
+                .extend(outcomes.iter().map(|(_, _, placed, _, _)| placed.id));
             return Err(StoreFailed::Store(e));
         }
         metrics::counter!("saferchat_posts_stored_total").increment(batch.len() as u64);

@@ -223,7 +223,11 @@ fn posts(range: std::ops::Range<u32>) -> Vec<LogPost> {
 /// Posts `range` and returns each answer's sequence number.
 async fn post(timeline: &Timeline, partition: u32, range: std::ops::Range<u32>) -> Vec<u64> {
     let mut seqs = Vec::new();
-    for reply in timeline.append(partition, posts(range)).await.unwrap() {
+    for reply in timeline
+        .append(partition, posts(range), Vec::new())
+        .await
+        .unwrap()
+    {
         seqs.push(reply.await.unwrap().unwrap().seq);
     }
     seqs
@@ -370,12 +374,20 @@ async fn a_failing_store_holds_posts_back_without_stopping_the_node() {
 
     // One message of the next batch is stored, then the store fails.
     *disk.failing.lock().unwrap() = Some(1);
-    let waiting = node.timeline.append(partition, posts(2..5)).await.unwrap();
+    let waiting = node
+        .timeline
+        .append(partition, posts(2..5), Vec::new())
+        .await
+        .unwrap();
     until("the store failed", || {
         disk.failures.load(Ordering::SeqCst) > 0
     })
     .await;
-    let refused = node.timeline.append(partition, posts(5..6)).await.unwrap();
+    let refused = node
+        .timeline
+        .append(partition, posts(5..6), Vec::new())
+        .await
+        .unwrap();
     for reply in refused {
         let answer = tokio::time::timeout(Duration::from_secs(30), reply)
             .await
@@ -501,7 +513,11 @@ async fn a_partition_whose_epoch_moves_runs_its_log_in_the_new_epoch() {
     let mut seqs = Vec::new();
     for _ in 0..600 {
         lead(&node.timeline).await;
-        match node.timeline.append(partition, posts(3..5)).await {
+        match node
+            .timeline
+            .append(partition, posts(3..5), Vec::new())
+            .await
+        {
             Ok(replies) => {
                 let mut answered = Vec::new();
                 for reply in replies {

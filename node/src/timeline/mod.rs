@@ -77,6 +77,18 @@ pub struct LogPost {
     pub envelope: Bytes,
 }
 
+/// When a post is acknowledged (the chat protocol's `Durability`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Durability {
+    /// Durable on a majority of the partition's voters (its replicas in
+    /// its home datacenter).
+    #[default]
+    Local,
+    /// Also durable on a majority of the partition's replicas in at least
+    /// one other datacenter (`LogReplica::stored_by`).
+    CrossDatacenter,
+}
+
 /// A post applied to this node's timeline, for live delivery.
 #[derive(Debug)]
 pub struct AppliedPost {
@@ -134,6 +146,7 @@ pub(crate) enum Command {
     Append {
         partition: u32,
         posts: Vec<LogPost>,
+        durability: Vec<Durability>,
         replies: Vec<oneshot::Sender<Result<Sequenced, NodeError>>>,
     },
     Touch {
@@ -187,9 +200,12 @@ impl Timeline {
     }
 
     /// Appends posts to `partition`'s log; each answer comes once the post
-    /// is committed and applied here (or with the error that stopped it:
-    /// then it may still commit under another leader, and a retry of the
-    /// same envelope is recognised).
+    /// is committed and applied here, and for a post of
+    /// [`Durability::CrossDatacenter`] once another datacenter holds it
+    /// too (or with the error that stopped it: then it may still commit
+    /// under another leader, and a retry of the same envelope is
+    /// recognised). `durability` is each post's level, in order (a post
+    /// without one is [`Durability::Local`]).
     ///
     /// # Errors
     /// `Unavailable` when the driver has stopped.
@@ -197,13 +213,16 @@ impl Timeline {
         &self,
         partition: u32,
         posts: Vec<LogPost>,
+        mut durability: Vec<Durability>,
     ) -> Result<Vec<oneshot::Receiver<Result<Sequenced, NodeError>>>, NodeError> {
+        durability.resize(posts.len(), Durability::Local);
         let (replies, receivers): (Vec<_>, Vec<_>) =
             posts.iter().map(|_| oneshot::channel()).unzip();
         self.tx
             .send(Command::Append {
                 partition,
                 posts,
+                durability,
                 replies,
             })
             .await

@@ -49,6 +49,7 @@ use saferchat_placement::{ClusterNode, PartitionCount, PartitionId, Placement};
 use saferchat_tests::chaos::history::Outcome;
 use saferchat_tests::cluster::{Cluster, Options};
 use saferchat_tests::load::{self, Poster};
+use saferchat_tests::stats::Latency;
 use saferchat_tests::{process, procfs, stats};
 use tokio_util::sync::CancellationToken;
 
@@ -100,27 +101,6 @@ struct Row {
     /// acknowledgement.
     probe_sessions: usize,
     probe_longest_gap: Duration,
-}
-
-/// Post latencies of a window.
-#[derive(Debug, Default)]
-struct Latency {
-    posts: usize,
-    p50_ms: f64,
-    p99_ms: f64,
-    max_ms: f64,
-}
-
-impl Latency {
-    fn of(mut ms: Vec<f64>) -> Latency {
-        ms.sort_by(f64::total_cmp);
-        Latency {
-            posts: ms.len(),
-            p50_ms: stats::percentile(&ms, 50.0).unwrap_or(0.0),
-            p99_ms: stats::percentile(&ms, 99.0).unwrap_or(0.0),
-            max_ms: ms.last().copied().unwrap_or(0.0),
-        }
-    }
 }
 
 /// A room name, `{stem}-N` for the smallest N, whose partition's replica

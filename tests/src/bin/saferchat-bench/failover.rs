@@ -178,6 +178,7 @@ fn post(seq: usize, envelope: &Bytes) -> pb::ClientFrame {
         frame: Some(client_frame::Frame::Post(pb::Post {
             client_seq: seq as u64 + 1,
             envelope: envelope.clone(),
+            ..pb::Post::default()
         })),
     }
 }

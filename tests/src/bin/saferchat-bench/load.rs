@@ -369,6 +369,7 @@ impl Engine {
                 frame: Some(client_frame::Frame::Post(pb::Post {
                     client_seq: seq,
                     envelope: sender.pool[k].clone(),
+                    ..pb::Post::default()
                 })),
             });
             sender.next_seq += 1;

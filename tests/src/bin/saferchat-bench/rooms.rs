@@ -813,6 +813,7 @@ impl Engine {
                 frame: Some(client_frame::Frame::Post(pb::Post {
                     client_seq: k as u64 + 1,
                     envelope: st.pool[k].clone(),
+                    ..pb::Post::default()
                 })),
             });
             st.next += 1;

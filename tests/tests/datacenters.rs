@@ -1,0 +1,316 @@
+//! Partitions with a home datacenter, on the sled store.
+//!
+//! Five nodes: `dc1` = nodes 1-3, `dc2` = nodes 4-5 (three replicas per
+//! datacenter, so every node replicates every partition). A partition's
+//! replicas in its home datacenter vote on its log; the others follow it
+//! as learners. Room `A` is homed in `dc1`, room `B` in `dc2`. Then:
+//!
+//! - posts to either room, made through a node of the other datacenter,
+//!   are acknowledged by the home's leader, and every node stores them;
+//! - with every node of `dc2` stopped, `A` goes on (its voters and a
+//!   majority of its membership acceptors are in `dc1`), and `B` is
+//!   refused with a status that says its home datacenter's replicas are
+//!   not there (a partition's home does not move by itself);
+//! - `dc2` comes back after `A` compacted its log far beyond what `dc2`
+//!   had (64 KiB retained, 200 posts): its learners copy the partition and
+//!   catch up from the log; `B` serves again;
+//! - every node's own store ends with the same messages of each room, in
+//!   one order, numbered 1..N, with the acknowledged ids.
+//!
+//! Along the way, the cross-datacenter durability level: acknowledged
+//! once `dc2` holds the post too; while `dc2` is down, answered
+//! UNAVAILABLE after 10 s (the post is kept), and the same envelope
+//! retried once `dc2` is back gets the original number. And the
+//! leader's replication lag gauges: how far `dc2` is behind, in slots
+//! and milliseconds, while it is down, and 0 once it caught up.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use saferchat_client::session::{Event, JoinOptions, Session};
+use saferchat_consensus::RoomId;
+use saferchat_node::storage::sled::SledStore;
+use saferchat_node::storage::{self, Range};
+use saferchat_placement::PartitionCount;
+use saferchat_proto::chat::Durability;
+use saferchat_tests::cluster::{Cluster, Options};
+use saferchat_tests::load;
+use saferchat_tests::process::fixture_key;
+
+const DEADLINE: Duration = Duration::from_secs(120);
+const DC1: [usize; 3] = [0, 1, 2];
+const DC2: [usize; 2] = [3, 4];
+
+/// The first room name `room-<k>` whose partition is homed in the
+/// datacenter of index `home` (partitions alternate between `dc1` and
+/// `dc2`).
+fn room_homed(home: u32) -> String {
+    (0..)
+        .map(|k| format!("room-{k}"))
+        .find(|r| PartitionCount::DEFAULT.of_room(r).0 % 2 == home)
+        .expect("a name")
+}
+
+fn options() -> Options {
+    let mut options = Options::single_dc(5);
+    options.datacenters = ["dc1", "dc1", "dc1", "dc2", "dc2"]
+        .iter()
+        .map(|d| (*d).to_owned())
+        .collect();
+    options.metrics = true;
+    options.env = vec![
+        (
+            "SAFERCHAT_PARTITION_LOG_RETAINED_BYTES".into(),
+            "65536".into(),
+        ),
+        ("SAFERCHAT_POSTS_PER_SECOND".into(), "0".into()),
+    ];
+    options
+}
+
+/// Joins `room` through node `through` as fixture user `who`, following
+/// redirects, retrying refusals until the deadline.
+async fn join(cluster: &Cluster, room: &str, through: usize, who: usize) -> Session {
+    let started = Instant::now();
+    loop {
+        match try_join(cluster, room, through, who).await {
+            Ok(s) => return s,
+            Err(e) => {
+                assert!(started.elapsed() < DEADLINE, "could not join {room}: {e}");
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+        }
+    }
+}
+
+async fn try_join(
+    cluster: &Cluster,
+    room: &str,
+    through: usize,
+    who: usize,
+) -> Result<Session, saferchat_client::ClientError> {
+    let room = RoomId::new(room).unwrap();
+    let me = Arc::new(saferchat_client::test_keys::identity(who));
+    let options = JoinOptions {
+        no_history: true,
+        ..JoinOptions::default()
+    };
+    Session::join(&cluster.server(through), &room, me, &options).await
+}
+
+/// The node a session ended on.
+fn node_of(cluster: &Cluster, session: &Session) -> usize {
+    (0..cluster.nodes.len())
+        .find(|i| cluster.server(*i) == session.address())
+        .expect("a node of the cluster")
+}
+
+/// Waits for the outcome of post `seq`: `Ok((id, room seq))` or the
+/// refusal's message.
+async fn outcome(session: &mut Session, seq: u64) -> Result<(Bytes, u64), String> {
+    loop {
+        match tokio::time::timeout(DEADLINE, session.next()).await {
+            Ok(Ok(Some(Event::Accepted {
+                seq: s,
+                id,
+                room_seq,
+                ..
+            }))) if s == seq => return Ok((id, room_seq)),
+            Ok(Ok(Some(Event::Rejected {
+                seq: s, message, ..
+            }))) if s == seq => return Err(message),
+            Ok(Ok(Some(_))) => {}
+            other => panic!("post {seq}: session ended: {other:?}"),
+        }
+    }
+}
+
+/// A gauge of node `i`, once `accept` holds for it.
+async fn gauge_until(
+    cluster: &Cluster,
+    i: usize,
+    series: &str,
+    accept: impl Fn(f64) -> bool,
+) -> f64 {
+    let started = Instant::now();
+    loop {
+        if let Some(v) = saferchat_tests::process::scrape_value(cluster.metrics[i], series).await
+            && accept(v)
+        {
+            return v;
+        }
+        assert!(
+            started.elapsed() < DEADLINE,
+            "node {}: {series} never as expected",
+            i + 1
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// Waits until node `i` applied as much of `room`'s partition as node
+/// `leader` did.
+async fn wait_caught_up(cluster: &Cluster, room: &str, i: usize, leader: usize) {
+    let partition = PartitionCount::DEFAULT.of_room(room).0;
+    let series = format!("saferchat_partition_applied_slot{{partition=\"{partition}\"}}");
+    let started = Instant::now();
+    loop {
+        let want = saferchat_tests::process::scrape_value(cluster.metrics[leader], &series).await;
+        let have = saferchat_tests::process::scrape_value(cluster.metrics[i], &series).await;
+        if let (Some(want), Some(have)) = (want, have)
+            && want > 0.0
+            && have == want
+        {
+            return;
+        }
+        assert!(
+            started.elapsed() < 2 * DEADLINE,
+            "node {} never caught up on {room} ({have:?} of {want:?})",
+            i + 1
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn partitions_are_voted_on_at_home_and_followed_everywhere() {
+    let a = room_homed(0);
+    let b = room_homed(1);
+    let mut cluster = Cluster::start(options()).await;
+    let dir = tempfile::tempdir().unwrap();
+    let (_, alice) = fixture_key(dir.path(), "alice", 0);
+    let mut admin = cluster.admin(0).await;
+    for room in [&a, &b] {
+        admin.create_chat(room).await.expect("create");
+        admin.add_user(room, &alice, None).await.expect("add alice");
+    }
+
+    // Each room through a node of the other datacenter: the client ends on
+    // the home's leader.
+    let mut in_a = join(&cluster, &a, DC2[0], 0).await;
+    let mut in_b = join(&cluster, &b, DC1[0], 0).await;
+    let a_leader = node_of(&cluster, &in_a);
+    let b_leader = node_of(&cluster, &in_b);
+    assert!(DC1.contains(&a_leader), "{a} is served in dc1");
+    assert!(DC2.contains(&b_leader), "{b} is served in dc2");
+    let mut acked_a = load::post_acked(&mut in_a, "a first", 20, DEADLINE).await;
+    let mut acked_b = load::post_acked(&mut in_b, "b first", 20, DEADLINE).await;
+    // At the cross-datacenter level: acknowledged once dc2 holds them.
+    in_a.set_durability(Durability::CrossDatacenter);
+    acked_a.extend(load::post_acked(&mut in_a, "a in two datacenters", 10, DEADLINE).await);
+    in_a.set_durability(Durability::Local);
+    let partition_a = PartitionCount::DEFAULT.of_room(&a).0;
+    let lag = |unit: &str| {
+        format!(
+            "saferchat_replication_lag_{unit}{{partition=\"{partition_a}\",from=\"dc1\",to=\"dc2\"}}"
+        )
+    };
+    for i in 0..5 {
+        wait_caught_up(&cluster, &a, i, a_leader).await;
+        wait_caught_up(&cluster, &b, i, b_leader).await;
+    }
+
+    // dc2 goes away: A goes on, B has no voter left.
+    drop(in_b);
+    for i in DC2 {
+        cluster.kill(i);
+    }
+    acked_a.extend(load::post_acked(&mut in_a, "a while dc2 is down", 200, DEADLINE).await);
+    let behind = gauge_until(&cluster, a_leader, &lag("slots"), |v| v >= 200.0).await;
+    gauge_until(&cluster, a_leader, &lag("ms"), |v| v > 0.0).await;
+    println!("dc2 is {behind} slots behind on {a} while down");
+    // No other datacenter can confirm a post: refused after 10 s, kept.
+    in_a.set_durability(Durability::CrossDatacenter);
+    let envelope = in_a.seal(b"a kept while dc2 is down").unwrap();
+    let seq = 10_000;
+    in_a.send_raw(seq, envelope.clone()).await.unwrap();
+    let refused = outcome(&mut in_a, seq)
+        .await
+        .expect_err("no datacenter confirms");
+    assert!(
+        refused.contains("no other datacenter confirmed"),
+        "{refused}"
+    );
+    in_a.set_durability(Durability::Local);
+    // Until dc1's learners of B stop waiting for its dead leader they
+    // send clients there, who cannot connect.
+    let started = Instant::now();
+    let refused = loop {
+        match try_join(&cluster, &b, DC1[1], 0).await {
+            Ok(_) => panic!("{b} served while its home datacenter is down"),
+            Err(e) if e.to_string().contains("no leader") => break e.to_string(),
+            Err(e) => {
+                // Sent to the dead leader: the connection fails or is
+                // cancelled.
+                assert!(started.elapsed() < DEADLINE, "still sent to dc2: {e}");
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+        }
+    };
+    assert!(
+        refused.contains("no leader") && refused.contains("home datacenter, dc2"),
+        "the refusal says why: {refused}"
+    );
+
+    // dc2 comes back: its learners of A are far behind the compacted log.
+    for i in DC2 {
+        cluster.restart(i);
+    }
+    // The same envelope again, at the cross-datacenter level: dc2 holds
+    // it now, and it is the post stored before.
+    in_a.set_durability(Durability::CrossDatacenter);
+    in_a.send_raw(seq + 1, envelope).await.unwrap();
+    let kept = outcome(&mut in_a, seq + 1).await.expect("dc2 confirms it");
+    assert_eq!(kept.1, acked_a.len() as u64 + 1, "the kept post's number");
+    acked_a.push(kept);
+    in_a.set_durability(Durability::Local);
+    acked_a.extend(load::post_acked(&mut in_a, "a after", 10, DEADLINE).await);
+    gauge_until(&cluster, a_leader, &lag("slots"), |v| v == 0.0).await;
+    for i in DC2 {
+        wait_caught_up(&cluster, &a, i, a_leader).await;
+        assert!(
+            cluster.nodes[i]
+                .log_text()
+                .contains("installed the partition's timeline copied from a replica"),
+            "node {} caught up on {a} by a copy",
+            i + 1
+        );
+    }
+    let mut in_b = join(&cluster, &b, DC1[2], 0).await;
+    assert!(DC2.contains(&node_of(&cluster, &in_b)));
+    acked_b.extend(load::post_acked(&mut in_b, "b after", 10, DEADLINE).await);
+    let b_leader = node_of(&cluster, &in_b);
+    for i in 0..5 {
+        wait_caught_up(&cluster, &b, i, b_leader).await;
+    }
+    drop((in_a, in_b));
+
+    for node in &mut cluster.nodes {
+        assert!(node.stop(), "a clean stop");
+    }
+    for (i, node) in cluster.nodes.iter().enumerate() {
+        let store = SledStore::open(&node.data_dir.join("db")).expect("open the store");
+        for (room, acked) in [(&a, &acked_a), (&b, &acked_b)] {
+            let seqs: Vec<u64> = acked.iter().map(|(_, s)| *s).collect();
+            assert_eq!(seqs, (1..=acked.len() as u64).collect::<Vec<_>>());
+            let ids: Vec<Bytes> = acked.iter().map(|(id, _)| id.clone()).collect();
+            let room_id = RoomId::new(room).unwrap();
+            let stored = storage::history(&store, &room_id, Range::After(None), 1000)
+                .await
+                .expect("read");
+            let stored_ids: Vec<Bytes> = stored
+                .iter()
+                .map(|m| Bytes::copy_from_slice(&m.id.to_bytes()))
+                .collect();
+            assert_eq!(
+                stored_ids,
+                ids,
+                "node {} stores {room} as acknowledged",
+                i + 1
+            );
+            let stored_seqs: Vec<u64> = stored.iter().map(|m| m.seq).collect();
+            assert_eq!(stored_seqs, seqs, "node {} numbers {room} alike", i + 1);
+        }
+    }
+}
