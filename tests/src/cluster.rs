@@ -57,6 +57,32 @@ impl Options {
     }
 }
 
+impl Options {
+    /// Five nodes: three in `dc1` (nodes 1-3) and two in `dc2` (4-5).
+    /// Rooms' membership is voted on in every datacenter, so `dc1` alone
+    /// keeps a majority of it when `dc2` is down (with three and three,
+    /// neither would).
+    pub fn three_and_two() -> Options {
+        Options {
+            datacenters: ["dc1", "dc1", "dc1", "dc2", "dc2"]
+                .iter()
+                .map(|d| (*d).to_owned())
+                .collect(),
+            ..Options::single_dc(5)
+        }
+    }
+}
+
+/// The first room name `{stem}-<k>` whose partition is homed in the
+/// `home`-th of `datacenters` datacenters (partitions take turns,
+/// `Placement::home`).
+pub fn room_homed(stem: &str, home: u32, datacenters: u32) -> String {
+    (0..)
+        .map(|k| format!("{stem}-{k}"))
+        .find(|r| saferchat_placement::PartitionCount::DEFAULT.of_room(r).0 % datacenters == home)
+        .expect("a name")
+}
+
 /// A running cluster.
 #[derive(Debug)]
 pub struct Cluster {

@@ -34,7 +34,7 @@ use saferchat_node::storage::sled::SledStore;
 use saferchat_node::storage::{self, Range};
 use saferchat_placement::PartitionCount;
 use saferchat_proto::chat::Durability;
-use saferchat_tests::cluster::{Cluster, Options};
+use saferchat_tests::cluster::{Cluster, Options, room_homed};
 use saferchat_tests::load;
 use saferchat_tests::process::fixture_key;
 
@@ -42,22 +42,8 @@ const DEADLINE: Duration = Duration::from_secs(120);
 const DC1: [usize; 3] = [0, 1, 2];
 const DC2: [usize; 2] = [3, 4];
 
-/// The first room name `room-<k>` whose partition is homed in the
-/// datacenter of index `home` (partitions alternate between `dc1` and
-/// `dc2`).
-fn room_homed(home: u32) -> String {
-    (0..)
-        .map(|k| format!("room-{k}"))
-        .find(|r| PartitionCount::DEFAULT.of_room(r).0 % 2 == home)
-        .expect("a name")
-}
-
 fn options() -> Options {
-    let mut options = Options::single_dc(5);
-    options.datacenters = ["dc1", "dc1", "dc1", "dc2", "dc2"]
-        .iter()
-        .map(|d| (*d).to_owned())
-        .collect();
+    let mut options = Options::three_and_two();
     options.metrics = true;
     options.env = vec![
         (
@@ -175,8 +161,8 @@ async fn wait_caught_up(cluster: &Cluster, room: &str, i: usize, leader: usize) 
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn partitions_are_voted_on_at_home_and_followed_everywhere() {
-    let a = room_homed(0);
-    let b = room_homed(1);
+    let a = room_homed("room", 0, 2);
+    let b = room_homed("room", 1, 2);
     let mut cluster = Cluster::start(options()).await;
     let dir = tempfile::tempdir().unwrap();
     let (_, alice) = fixture_key(dir.path(), "alice", 0);

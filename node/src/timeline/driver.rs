@@ -232,8 +232,6 @@ struct Part {
     /// When each other replica last answered this node's Accepts in the
     /// term it leads.
     acks: HashMap<NodeId, Millis>,
-    /// How many voters the partition's log has.
-    replica_count: usize,
     /// When another replica last ran for leader.
     candidate_seen: Option<Millis>,
     /// When this node last took the lead.
@@ -289,8 +287,8 @@ impl Part {
     /// than wait on posts that cannot commit. The others elect a new
     /// leader after the same timeout.
     fn hears_a_quorum(&self, now: Millis) -> bool {
-        let replicas = self.replica_count;
         let voters = &self.replica.config().replicas;
+        let replicas = voters.len();
         let recent = self
             .acks
             .iter()
@@ -457,16 +455,14 @@ pub fn spawn(parts: DriverParts) -> (Timeline, JoinHandle<Result<(), NodeError>>
     (timeline, task)
 }
 
-/// A replica's rank among the voters (the preferred owner first) and how
-/// many voters there are; a learner ranks after every voter and never
-/// campaigns.
-fn rank_of(config: &LogConfig) -> (u64, usize) {
-    let rank = config
+/// A replica's rank among the voters (the preferred owner first); a
+/// learner ranks after every voter and never campaigns.
+fn rank_of(config: &LogConfig) -> u64 {
+    config
         .replicas
         .iter()
         .position(|n| *n == config.me)
-        .unwrap_or(config.replicas.len()) as u64;
-    (rank, config.replicas.len())
+        .unwrap_or(config.replicas.len()) as u64
 }
 
 fn fatal(e: &NodeError) -> NodeError {
@@ -499,7 +495,7 @@ impl Driver {
 
     fn load(&mut self, partition: u32, state: PartitionLogState, now: Millis) {
         let config = self.log_config(partition, self.map.partition_epoch(partition));
-        let (rank, replica_count) = rank_of(&config);
+        let rank = rank_of(&config);
         let acceptor = LogAcceptor::restore(state.promised, state.entries, state.floor);
         let retained: VecDeque<(Slot, usize)> = acceptor
             .entries_from(Slot(0))
@@ -519,7 +515,6 @@ impl Driver {
                 active: false,
                 last_heartbeat: now,
                 acks: HashMap::new(),
-                replica_count,
                 candidate_seen: None,
                 led_since: now,
                 applied: state.applied,
@@ -560,11 +555,10 @@ impl Driver {
                 continue;
             }
             let config = self.log_config(partition, epoch);
-            let (rank, replica_count) = rank_of(&config);
+            let rank = rank_of(&config);
             let part = self.parts.get_mut(&partition).expect("loaded");
             if part.replica.reconfigure(config) {
                 part.rank = rank;
-                part.replica_count = replica_count;
                 part.acks.clear();
                 part.leader = None;
                 touched.push(partition);
@@ -728,8 +722,8 @@ impl Driver {
             Command::Append {
                 partition,
                 mut posts,
-                durability,
-                replies,
+                mut durability,
+                mut replies,
             } => {
                 if durability.contains(&Durability::CrossDatacenter)
                     && self.cross_datacenter_groups(partition).is_empty()
@@ -748,18 +742,10 @@ impl Driver {
                             kept.2.push(level);
                         }
                     }
-                    if !kept.0.is_empty() {
-                        self.on_command(
-                            Command::Append {
-                                partition,
-                                posts: kept.0,
-                                replies: kept.1,
-                                durability: kept.2,
-                            },
-                            touched,
-                        );
+                    (posts, replies, durability) = kept;
+                    if posts.is_empty() {
+                        return;
                     }
-                    return;
                 }
                 let me = self.me;
                 let first_token = self.next_token;

@@ -45,7 +45,7 @@ use saferchat_client::session::{Event, JoinOptions, Session};
 use saferchat_consensus::RoomId;
 use saferchat_placement::PartitionCount;
 use saferchat_proto::chat::Durability;
-use saferchat_tests::cluster::{Cluster, Options};
+use saferchat_tests::cluster::{Cluster, Options, room_homed};
 use saferchat_tests::stats::Latency;
 use saferchat_tests::{load, process, procfs};
 
@@ -96,14 +96,6 @@ struct Row {
     lag_p50_ms: Option<f64>,
     lag_p99_ms: Option<f64>,
     catch_ups: Vec<CatchUp>,
-}
-
-/// The first room name `home-<k>` homed in `dc1` (even partitions).
-fn home_room() -> String {
-    (0..)
-        .map(|k| format!("home-{k}"))
-        .find(|r| PartitionCount::DEFAULT.of_room(r).0.is_multiple_of(2))
-        .expect("a name")
 }
 
 /// Posts `n` messages one at a time; the latency of each.
@@ -160,17 +152,13 @@ async fn caught_up(cluster: &Cluster, partition: u32) -> anyhow::Result<()> {
 }
 
 async fn run_one(args: &Args, delay_ms: u64) -> anyhow::Result<Row> {
-    let mut options = Options::single_dc(5);
-    options.datacenters = ["dc1", "dc1", "dc1", "dc2", "dc2"]
-        .iter()
-        .map(|d| (*d).to_owned())
-        .collect();
+    let mut options = Options::three_and_two();
     options.metrics = true;
     options.env = vec![("SAFERCHAT_POSTS_PER_SECOND".into(), "0".into())];
     let mut cluster = Cluster::start(options).await;
     cluster.delay_between_datacenters(delay_ms);
     cluster.map_created(0).await;
-    let room_name = home_room();
+    let room_name = room_homed("home", 0, 2);
     let partition = PartitionCount::DEFAULT.of_room(&room_name).0;
     let mut admin = cluster.admin(0).await;
     let alice = load::identity(0).handle().to_string();
