@@ -830,3 +830,72 @@ fn learners_follow_without_voting_and_report_what_they_stored() {
     assert!(net.nodes[1].take_ready().messages.is_empty());
     assert!(net.nodes[0].leading().is_some());
 }
+
+#[test]
+fn a_learner_knows_whether_its_copy_holds_every_commit_it_heard_of() {
+    let nodes = |me| {
+        LogReplica::new(
+            config_with_learners(me, 3, 4, Checks::default()),
+            LogAcceptor::restore(Term::ZERO, [], Slot(0)),
+            Slot(0),
+        )
+    };
+    let mut net = Net {
+        nodes: (1..=4).map(nodes).collect(),
+        inflight: Vec::new(),
+        committed: vec![Vec::new(); 4],
+        lagging: Vec::new(),
+    };
+    assert!(
+        !net.nodes[3].caught_up_with_heard(),
+        "a replica that heard from no leader cannot tell"
+    );
+    net.nodes[0].campaign().unwrap();
+    net.run(&[]);
+    assert!(net.nodes[0].caught_up_with_heard(), "a leader is");
+    net.nodes[0].append(vec![post(10), post(11)]).unwrap();
+    net.run(&[]);
+    net.nodes[0].resend();
+    net.run(&[]);
+    assert_eq!(net.nodes[3].released(), Slot(2));
+    assert!(net.nodes[3].caught_up_with_heard());
+    // The learner misses slot 3 but hears a later commit point: behind.
+    net.nodes[0].append(vec![post(12)]).unwrap();
+    net.run(&[4]);
+    net.nodes[0].append(vec![post(13)]).unwrap();
+    net.collect(0);
+    // Deliver slot 4's Accept (commit point 3) to the learner only after
+    // dropping the resend of slot 3: it stores 4, hears 3, releases none.
+    let to_learner: Vec<_> = net
+        .inflight
+        .iter()
+        .filter(|(_, to, _)| to.0 == 4)
+        .cloned()
+        .collect();
+    net.inflight.retain(|(_, to, _)| to.0 != 4);
+    net.run(&[4]);
+    for (from, _, m) in to_learner {
+        net.nodes[3].step(from, m);
+    }
+    net.nodes[3].take_ready();
+    assert_eq!(net.nodes[3].released(), Slot(2));
+    assert!(
+        !net.nodes[3].caught_up_with_heard(),
+        "slot 3 is committed and missing here"
+    );
+    // The leader's resend fills the gap.
+    net.nodes[0].resend();
+    net.run(&[]);
+    assert!(net.nodes[3].released() >= Slot(3));
+    net.nodes[0].resend();
+    net.run(&[]);
+    assert_eq!(net.nodes[3].released(), Slot(4));
+    assert!(net.nodes[3].caught_up_with_heard());
+    // Rebuilt from its durable state (a restart), it cannot tell again.
+    let restarted = LogReplica::new(
+        config_with_learners(4, 3, 4, Checks::default()),
+        net.nodes[3].acceptor().clone(),
+        net.nodes[3].released(),
+    );
+    assert!(!restarted.caught_up_with_heard());
+}

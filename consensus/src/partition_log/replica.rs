@@ -237,6 +237,11 @@ pub struct LogReplica<T> {
     highest: Term,
     /// Everything up to here was released as committed, in order.
     released: Slot,
+    /// The highest commit point a leader's Accept (that this node took)
+    /// carried since the replica was built; `None` before the first. Not
+    /// kept across restarts: a replica that restarted knows nothing of
+    /// what was committed while it was down until a leader tells it.
+    heard: Option<Slot>,
     ready: LogReady<T>,
 }
 
@@ -252,6 +257,7 @@ impl<T: Clone> LogReplica<T> {
             role: Role::Follower,
             highest,
             released,
+            heard: None,
             ready: LogReady::default(),
         }
     }
@@ -269,6 +275,24 @@ impl<T: Clone> LogReplica<T> {
     /// The committed prefix released so far.
     pub fn released(&self) -> Slot {
         self.released
+    }
+
+    /// Whether this replica has released everything it knows to be
+    /// committed: a leader always; a follower once a leader's Accept
+    /// reached it since it started and it released up to the newest
+    /// commit point it heard. A follower that answers reads from its own
+    /// copy (a learner serving history in its datacenter) asks this
+    /// first: false means its copy misses slots it has heard committed,
+    /// or it cannot tell.
+    ///
+    /// It says nothing about slots committed since the last Accept
+    /// arrived: a follower cut off from its leader stays "caught up" with
+    /// what it last heard.
+    pub fn caught_up_with_heard(&self) -> bool {
+        match self.role {
+            Role::Leader { .. } => true,
+            _ => self.heard.is_some_and(|heard| self.released >= heard),
+        }
     }
 
     /// The term this node leads, if it leads.
@@ -624,6 +648,7 @@ impl<T: Clone> LogReplica<T> {
                 self.merge_write(write);
                 self.observe(term);
                 if stored {
+                    self.heard = self.heard.max(Some(commit));
                     self.release_as_follower(term, commit);
                 }
                 let reply = match reply {
