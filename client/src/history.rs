@@ -21,15 +21,30 @@ pub struct Query {
 }
 
 /// Reads stored messages of the session's room, verified and decrypted,
-/// in the order the server sends them, through the session's node.
+/// in the order the server sends them, through the node the session was
+/// opened on ([`Session::dialed`], before any redirect); when that node
+/// cannot be reached or answers UNAVAILABLE, through the session's own
+/// node (the room's owner when the session was opened).
 ///
-/// A node that does not serve the room forwards the call to the one that
-/// does; a node that answers with a redirect instead (an older node, or
-/// the room moved) is followed, up to [`REDIRECTS_MAX`] times.
+/// The node answers from its own copy when it keeps one outside the
+/// room's home datacenter, else forwards the call to the room's owner; a
+/// node that answers with a redirect instead (an older node, or the room
+/// moved) is followed, up to [`REDIRECTS_MAX`] times. Either way the
+/// answer holds every message up to the highest sequence number the
+/// session has seen ([`Session::seen_seq`]): read your writes.
 ///
 /// # Errors
 /// The server's status, e.g. UNAUTHENTICATED for an expired token.
 pub async fn read(session: &Session, query: &Query) -> Result<Vec<Message>, ClientError> {
+    if session.dialed() != session.address()
+        && let Ok(channel) = session.dialed_channel().await
+    {
+        match read_following(channel, session.dialed(), session, query).await {
+            Err(ClientError::Status(s)) if s.code() == tonic::Code::Unavailable => {}
+            Err(ClientError::Connect { .. }) => {}
+            other => return other,
+        }
+    }
     read_following(session.channel(), session.address(), session, query).await
 }
 
@@ -83,6 +98,7 @@ async fn read_on(
         before_id: query.before_id.clone().unwrap_or_default(),
         after_id: query.after_id.clone().unwrap_or_default(),
         limit: query.limit,
+        min_seq: session.seen_seq(),
     };
     let mut pages = client.history(request).await?.into_inner();
     let mut out = Vec::new();

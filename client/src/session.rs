@@ -247,6 +247,16 @@ pub struct Session {
     stashed: Option<pb::Deliveries>,
     decrypting: Option<tokio::task::JoinHandle<Vec<Message>>>,
     channel: Channel,
+    /// The node the session was first opened on, before any redirect: in
+    /// a cluster spanning datacenters, one in the client's own, which
+    /// answers history from its copy. Its channel is opened on the first
+    /// read that needs it.
+    dialed: String,
+    dialed_channel: tokio::sync::OnceCell<Channel>,
+    /// The highest room sequence number this session has seen: at
+    /// joining, delivered, or acknowledged. History reads ask for a copy
+    /// that holds it (`HistoryRequest.min_seq`).
+    seen_seq: u64,
     device: Device,
     streams: Streams,
     /// Keys first seen when joining, for [`Session::take_first_seen`].
@@ -305,6 +315,7 @@ impl Session {
         me: Arc<Identity>,
         options: &JoinOptions,
     ) -> Result<Session, ClientError> {
+        let first = address.to_owned();
         let mut address = address.to_owned();
         for _ in 0..=REDIRECTS_MAX {
             // A node that accepts the connection but never answers (it is
@@ -327,7 +338,12 @@ impl Session {
                     Some(next) => address = redirected(&address, &next),
                     None => return Err(ClientError::Status(status)),
                 },
-                other => return other,
+                other => {
+                    return other.map(|mut session| {
+                        session.dialed = first.clone();
+                        session
+                    });
+                }
             }
         }
         Err(protocol("too many redirects"))
@@ -411,6 +427,9 @@ impl Session {
             stashed: None,
             decrypting: None,
             channel,
+            dialed: address.to_owned(),
+            dialed_channel: tokio::sync::OnceCell::new(),
+            seen_seq: joined.last_seq,
         };
         session.refresh_members().await?;
         if session.members.revision.0 < joined.revision {
@@ -470,6 +489,33 @@ impl Session {
     /// The node this session is connected to.
     pub fn address(&self) -> &str {
         &self.address
+    }
+
+    /// The node the session was first opened on, before any redirect
+    /// (history is read there: see [`crate::history::read`]).
+    pub fn dialed(&self) -> &str {
+        &self.dialed
+    }
+
+    /// A channel to [`Session::dialed`]: the session's own when no
+    /// redirect was followed, else one opened on first use and kept.
+    ///
+    /// # Errors
+    /// A connection failure.
+    pub async fn dialed_channel(&self) -> Result<Channel, ClientError> {
+        if self.dialed == self.address {
+            return Ok(self.channel.clone());
+        }
+        self.dialed_channel
+            .get_or_try_init(|| connect(&self.dialed))
+            .await
+            .cloned()
+    }
+
+    /// The highest room sequence number this session has seen (at
+    /// joining, delivered or acknowledged); 0 for none.
+    pub fn seen_seq(&self) -> u64 {
+        self.seen_seq
     }
 
     /// The underlying channel (for History and Members calls).
@@ -709,6 +755,9 @@ impl Session {
     /// Opens a frame's deliveries off the async workers (each open costs
     /// an RSA decryption: milliseconds).
     fn start_decrypting(&mut self, d: pb::Deliveries) {
+        if let Some(newest) = d.items.iter().map(|item| item.seq).max() {
+            self.seen_seq = self.seen_seq.max(newest);
+        }
         let me = Arc::clone(&self.me);
         let room = self.room.clone();
         let keys = self.keys.clone();
@@ -733,6 +782,7 @@ impl Session {
         match r.outcome {
             Some(pb::post_result::Outcome::Accepted(a)) => {
                 self.pending.remove(&seq);
+                self.seen_seq = self.seen_seq.max(a.seq);
                 self.queued.push_back(Event::Accepted {
                     seq,
                     id: a.id,

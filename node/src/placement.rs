@@ -464,6 +464,26 @@ impl Routing {
         self.placement().preferred_owner(self.partition(room))
     }
 
+    /// The replicated timeline, on a node of a cluster.
+    pub fn timeline(&self) -> Option<&Timeline> {
+        self.timeline.as_ref()
+    }
+
+    /// Whether this node may answer a read of `room`'s history from its
+    /// own copy rather than ask the room's owner: it is a learner of the
+    /// room's partition whose copy holds every slot it heard committed
+    /// ([`Timeline::reads_locally`]). False on a single node, whose own
+    /// copy is the only one and which [`Routing::route`] already admits.
+    pub async fn reads_locally(&self, room: &RoomId) -> bool {
+        let Some(timeline) = &self.timeline else {
+            return false;
+        };
+        timeline
+            .reads_locally(self.partition(room).0)
+            .await
+            .unwrap_or(false)
+    }
+
     /// `Ok` if this node serves the room's messages now (a single node, or
     /// the leader of the room's partition log), else a status that
     /// redirects the client to the node that does. Waits up to

@@ -7,6 +7,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 
 use saferchat_client::admin::Admin;
+use saferchat_client::session::{JoinOptions, Session};
 
 use crate::ADMIN_TOKEN;
 use crate::netproxy::{Link, Proxy, Tap};
@@ -69,6 +70,19 @@ impl Options {
                 .map(|d| (*d).to_owned())
                 .collect(),
             ..Options::single_dc(5)
+        }
+    }
+
+    /// Six nodes, two in each of `dc1` (nodes 1-2), `dc2` (3-4) and `dc3`
+    /// (5-6): any two datacenters hold a majority of every room's
+    /// membership acceptors, one alone does not.
+    pub fn two_in_each_of_three() -> Options {
+        Options {
+            datacenters: ["dc1", "dc1", "dc2", "dc2", "dc3", "dc3"]
+                .iter()
+                .map(|d| (*d).to_owned())
+                .collect(),
+            ..Options::single_dc(6)
         }
     }
 }
@@ -473,6 +487,113 @@ impl Cluster {
     /// Sets the link node `from` dials node `to` on.
     pub fn set_link(&self, from: usize, to: usize, link: Link) {
         self.links[&(from, to)].set(link);
+    }
+
+    /// The node a session ended on (after redirects).
+    ///
+    /// # Panics
+    /// When it is none of the cluster's.
+    pub fn node_of(&self, session: &Session) -> usize {
+        (0..self.nodes.len())
+            .find(|i| self.server(*i) == session.address())
+            .expect("a node of the cluster")
+    }
+
+    /// Joins `room` through node `through` as fixture user `who` (no
+    /// history), following redirects.
+    ///
+    /// # Errors
+    /// The join's.
+    pub async fn try_join(
+        &self,
+        room: &str,
+        through: usize,
+        who: usize,
+    ) -> Result<Session, saferchat_client::ClientError> {
+        let room = saferchat_consensus::RoomId::new(room)
+            .map_err(|e| saferchat_client::ClientError::Protocol(e.to_string()))?;
+        let me = Arc::new(saferchat_client::test_keys::identity(who));
+        let options = JoinOptions {
+            no_history: true,
+            ..JoinOptions::default()
+        };
+        Session::join(&self.server(through), &room, me, &options).await
+    }
+
+    /// [`Cluster::try_join`], retried every 200 ms until `deadline` passes.
+    ///
+    /// # Panics
+    /// When no join succeeded by then.
+    pub async fn join(
+        &self,
+        room: &str,
+        through: usize,
+        who: usize,
+        deadline: std::time::Duration,
+    ) -> Session {
+        let started = std::time::Instant::now();
+        loop {
+            match self.try_join(room, through, who).await {
+                Ok(s) => return s,
+                Err(e) => {
+                    assert!(started.elapsed() < deadline, "could not join {room}: {e}");
+                    tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+                }
+            }
+        }
+    }
+
+    /// Waits (polling every 100 ms, up to `deadline`) until node `i`
+    /// applied as much of `room`'s partition as node `leader` did
+    /// (`saferchat_partition_applied_slot`; needs [`Options::metrics`]).
+    ///
+    /// # Panics
+    /// When it did not by then.
+    pub async fn wait_caught_up(
+        &self,
+        room: &str,
+        i: usize,
+        leader: usize,
+        deadline: std::time::Duration,
+    ) {
+        let partition = saferchat_placement::PartitionCount::DEFAULT.of_room(room).0;
+        let series = format!("saferchat_partition_applied_slot{{partition=\"{partition}\"}}");
+        let started = std::time::Instant::now();
+        loop {
+            let want = crate::process::scrape_value(self.metrics[leader], &series).await;
+            let have = crate::process::scrape_value(self.metrics[i], &series).await;
+            if let (Some(want), Some(have)) = (want, have)
+                && want > 0.0
+                && have == want
+            {
+                return;
+            }
+            assert!(
+                started.elapsed() < deadline,
+                "node {} never caught up on {room} ({have:?} of {want:?})",
+                i + 1
+            );
+            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        }
+    }
+
+    /// Cuts datacenter `dc` off from every other one, both ways: its nodes
+    /// still reach each other, and clients still reach every node.
+    pub fn cut_off_datacenter(&self, dc: &str) {
+        self.set_links_across(dc, Link::Blocked);
+    }
+
+    /// Reconnects datacenter `dc` to the others.
+    pub fn reconnect_datacenter(&self, dc: &str) {
+        self.set_links_across(dc, Link::Open { delay_ms: 0 });
+    }
+
+    fn set_links_across(&self, dc: &str, link: Link) {
+        for ((from, to), proxy) in &self.links {
+            if (self.datacenters[*from] == dc) != (self.datacenters[*to] == dc) {
+                proxy.set(link);
+            }
+        }
     }
 
     /// Delays every link between different datacenters by `ms` one way.

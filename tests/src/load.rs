@@ -649,3 +649,33 @@ pub async fn post_acked(
     }
     seqs.iter().map(|s| acked[s].clone()).collect()
 }
+
+/// Waits up to `deadline` for the outcome of post `seq`: `Ok((id, room
+/// seq))`, or the refusal's message (also when the session ends: the node
+/// ended it).
+///
+/// # Panics
+/// When no outcome came by then.
+pub async fn outcome(
+    session: &mut Session,
+    seq: u64,
+    deadline: Duration,
+) -> Result<(bytes::Bytes, u64), String> {
+    loop {
+        match tokio::time::timeout(deadline, session.next()).await {
+            Ok(Ok(Some(Event::Accepted {
+                seq: s,
+                id,
+                room_seq,
+                ..
+            }))) if s == seq => return Ok((id, room_seq)),
+            Ok(Ok(Some(Event::Rejected {
+                seq: s, message, ..
+            }))) if s == seq => return Err(message),
+            Ok(Ok(Some(_))) => {}
+            Ok(Ok(None)) => return Err("the session ended".into()),
+            Ok(Err(e)) => return Err(e.to_string()),
+            Err(_) => panic!("post {seq}: no outcome within {deadline:?}"),
+        }
+    }
+}

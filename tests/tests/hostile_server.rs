@@ -63,6 +63,7 @@ async fn handshake(inbound: &mut Streaming<pb::ClientFrame>, out: &Out) -> bool 
         revision: REVISION,
         session: "fake".into(),
         session_expires_ms: i64::MAX,
+        last_seq: 0,
     };
     send(out, server_frame::Frame::Joined(joined)).await;
     true

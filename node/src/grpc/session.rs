@@ -240,7 +240,7 @@ async fn serve(
             },
         )
         .await?;
-    let last = attached
+    let (last, last_seq) = attached
         .await
         .map_err(|_| NodeError::Unavailable("room stopped while joining".into()))??;
     tracing::debug!(room = %room, %user, session, "joined");
@@ -254,6 +254,7 @@ async fn serve(
                 revision: state.revision.0,
                 session: ctx.sessions.issue(&room, &user, expires),
                 session_expires_ms: expires,
+                last_seq,
             }),
         )
         .await?;

@@ -325,7 +325,7 @@ impl Actor {
                     }
                     self.sessions.insert(session, Session { user, live, close });
                     metrics::gauge!("saferchat_sessions").increment(1.0);
-                    let _ = reply.send(Ok(self.last_delivered));
+                    let _ = reply.send(Ok((self.last_delivered, self.last_seq)));
                 }
                 RoomCommand::Detach { session } => {
                     if self.sessions.remove(&session).is_some() {

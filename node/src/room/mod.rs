@@ -87,8 +87,9 @@ pub enum PostOutcome {
 #[allow(clippy::large_enum_variant)]
 #[derive(Debug)]
 pub enum RoomCommand {
-    /// Start delivering to a session. Replies with the newest id stored so
-    /// far: history up to it, live messages after it.
+    /// Start delivering to a session. Replies with the newest message
+    /// delivered so far, its id and sequence number (0: none): history up
+    /// to it, live messages after it.
     Attach {
         /// The session.
         session: SessionId,
@@ -97,7 +98,7 @@ pub enum RoomCommand {
         /// Where to send.
         live: mpsc::Sender<Live>,
         /// The answer.
-        reply: oneshot::Sender<Result<Option<MessageId>, NodeError>>,
+        reply: oneshot::Sender<Result<(Option<MessageId>, u64), NodeError>>,
     },
     /// Stop delivering to a session.
     Detach {

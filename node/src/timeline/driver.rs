@@ -705,6 +705,17 @@ impl Driver {
             Command::Applied { partition, reply } => {
                 let _ = reply.send(self.part(partition).map(|p| p.applied));
             }
+            Command::ReadsLocally { partition, reply } => {
+                // Never loads the partition: one that is not loaded has
+                // heard from no leader since the node started.
+                let local = self.parts.get(&partition).is_some_and(|p| {
+                    p.replica.config().is_learner()
+                        && !p.copying
+                        && p.replica.caught_up_with_heard()
+                        && p.applied >= p.replica.released()
+                });
+                let _ = reply.send(local);
+            }
             Command::Established {
                 partition,
                 with,

@@ -158,6 +158,12 @@ pub(crate) enum Command {
         partition: u32,
         reply: oneshot::Sender<Option<saferchat_consensus::partition_log::Slot>>,
     },
+    /// Whether this node may answer reads of the partition from its own
+    /// copy (see [`Timeline::reads_locally`]).
+    ReadsLocally {
+        partition: u32,
+        reply: oneshot::Sender<bool>,
+    },
     /// The epoch this node leads the partition's log in, if it
     /// established it (`LogReplica::established`) and `with` caught up
     /// (`LogReplica::has_caught_up`).
@@ -242,6 +248,26 @@ impl Timeline {
         let (reply, answer) = oneshot::channel();
         self.tx
             .send(Command::Applied { partition, reply })
+            .await
+            .map_err(|_| stopped())?;
+        answer.await.map_err(|_| stopped())
+    }
+
+    /// Whether this node may answer history reads of `partition` from its
+    /// own timeline store: it is one of the partition's learners (a
+    /// replica outside its home datacenter), has heard from a leader
+    /// since it started, and has applied every slot it heard committed
+    /// (`LogReplica::caught_up_with_heard`), so its copy trails the home
+    /// only by what is in flight. False on voters (they are next to the
+    /// leader, which reads fresher), on a node that does not replicate
+    /// the partition or has not loaded it, and while a copy is under way.
+    ///
+    /// # Errors
+    /// `Unavailable` when the driver has stopped.
+    pub async fn reads_locally(&self, partition: u32) -> Result<bool, NodeError> {
+        let (reply, answer) = oneshot::channel();
+        self.tx
+            .send(Command::ReadsLocally { partition, reply })
             .await
             .map_err(|_| stopped())?;
         answer.await.map_err(|_| stopped())

@@ -84,6 +84,8 @@ export class Session {
   private readonly pending = new Map<bigint, Pending>();
   private posting: Promise<unknown> = Promise.resolve();
   private closed = false;
+  /** The highest room sequence number seen (at joining, delivered, accepted): history asks for a copy holding it. */
+  private seenSeq = 0n;
 
   private constructor(
     private readonly me: Identity,
@@ -145,6 +147,7 @@ export class Session {
         Streams.restore(state.streams),
         on,
       );
+      session.seenSeq = joined.value.lastSeq;
       for (const der of state.keys) {
         const key = await importPublicKey(fromHex(der));
         session.keys.set(key.handleText, key);
@@ -188,6 +191,7 @@ export class Session {
       session: this.token,
       limit,
       beforeId: beforeId ?? new Uint8Array(0),
+      minSeq: this.seenSeq,
     });
     for await (const page of pages) {
       for (const item of page.items) {
@@ -218,6 +222,7 @@ export class Session {
       const bytes = encodeEnvelope(envelope);
       const result = await this.send(bytes);
       if (result.outcome.case === "accepted") {
+        if (result.outcome.value.seq > this.seenSeq) this.seenSeq = result.outcome.value.seq;
         return { id: result.outcome.value.id, seq: result.outcome.value.seq };
       }
       const rejected = result.outcome.value;
@@ -268,6 +273,7 @@ export class Session {
     switch (f.case) {
       case "deliveries":
         for (const item of f.value.items) {
+          if (item.seq > this.seenSeq) this.seenSeq = item.seq;
           const m = await this.openOne(item, !f.value.history, true);
           if (m) this.on.message?.(m);
         }

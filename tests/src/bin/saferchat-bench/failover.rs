@@ -418,6 +418,7 @@ pub async fn run(
                 before_id: Bytes::new(),
                 after_id: Bytes::new(),
                 limit: POSTS_MAX as u32,
+                min_seq: 0,
             };
             match client.history(request).await {
                 Ok(pages) => {

@@ -1562,6 +1562,7 @@ async fn check_losses(engine: &Rc<RefCell<Engine>>, history: &[(Channel, String)
                 before_id: Bytes::new(),
                 after_id: Bytes::new(),
                 limit: POOL_MAX as u32,
+                min_seq: 0,
             };
             let read = |channel: Channel, request: pb::HistoryRequest| async move {
                 let mut client =
