@@ -236,9 +236,25 @@ fn write_shape(path: &Path, shape: &Shape) -> Result<(), NodeError> {
 
 /// The replica configuration of the rooms of `partition`: their Paxos
 /// acceptors are the partition's replicas; the lease holders are all of
-/// them in one datacenter, else the lowest-numbered replica of each
-/// datacenter; their ballots carry `epoch`, the partition's map epoch.
-/// `None` when this node is not a replica.
+/// them in one datacenter, else every replica in the partition's home
+/// datacenter (its log's voters) and the first replica of each other
+/// datacenter in placement order; their ballots carry `epoch`, the
+/// partition's map epoch. `None` when this node is not a replica.
+///
+/// Every voter holds a lease because whichever of them leads the
+/// partition's log owns its rooms and checks every post against the
+/// membership: as a holder it reads it locally, where any other node
+/// would need a quorum read across datacenters for each batch of posts.
+/// A change waits for every unexpired holder's acknowledgement; the
+/// voters are in the proposer's datacenter or one round trip away, like
+/// the one holder of each other datacenter.
+///
+/// The holders were once the lowest-numbered replica of each datacenter.
+/// Changing them is safe while nodes disagree (a rolling upgrade): a
+/// grantor reports every holder it promised, whatever it now takes the
+/// holders to be, and a restarted grantor reports every replica while it
+/// recovers (`Grantor::restarted`), so no commit skips a holder that may
+/// still read under a lease.
 pub fn room_replicas(
     all: &saferchat_consensus::ReplicaConfig,
     placement: &Placement,
@@ -264,10 +280,17 @@ pub fn room_replicas(
     let holders = if datacenters.len() == 1 {
         replicas.clone()
     } else {
-        datacenters
+        let ordered = placement.replicas(partition);
+        let home = placement.voters(partition);
+        let mut holders: Vec<NodeId> = datacenters
             .iter()
-            .filter_map(|d| replicas.iter().copied().find(|n| dc(*n) == *d))
-            .collect()
+            .filter_map(|d| ordered.iter().copied().find(|n| dc(*n) == *d))
+            .chain(home.iter().copied())
+            .filter(|n| replicas.contains(n))
+            .collect();
+        holders.sort_unstable();
+        holders.dedup();
+        holders
     };
     Some(saferchat_consensus::ReplicaConfig {
         me: all.me,
@@ -555,6 +578,49 @@ impl Routing {
 mod tests {
     use super::*;
     use crate::config::PeerConfig;
+
+    #[test]
+    fn every_home_replica_and_one_replica_of_each_other_datacenter_hold_leases() {
+        let nodes: Vec<ClusterNode> = (1..=6)
+            .map(|id| ClusterNode {
+                id: NodeId(id),
+                datacenter: if id <= 3 { "dc1" } else { "dc2" }.into(),
+            })
+            .collect();
+        let placement = Placement::build(&nodes, PartitionCount::new(16).unwrap(), 3).unwrap();
+        let mut all = saferchat_consensus::ReplicaConfig::single(NodeId(1));
+        all.replicas = (1..=6).map(NodeId).collect();
+        for p in placement.partitions().all() {
+            let config = room_replicas(&all, &placement, p, 1).expect("node 1 replicates all");
+            let voters = placement.voters(p);
+            let mut want: Vec<NodeId> = voters.clone();
+            let other = placement
+                .replicas(p)
+                .iter()
+                .copied()
+                .find(|n| !voters.contains(n))
+                .expect("a replica in the other datacenter");
+            want.push(other);
+            want.sort_unstable();
+            assert_eq!(config.holders, want, "partition {p:?}");
+            assert!(
+                config.holders.contains(&placement.preferred_owner(p)),
+                "the preferred owner reads under a lease"
+            );
+            assert_eq!(config.replicas.len(), 6);
+        }
+        // One datacenter: every replica.
+        let one: Vec<ClusterNode> = (1..=3)
+            .map(|id| ClusterNode {
+                id: NodeId(id),
+                datacenter: "dc1".into(),
+            })
+            .collect();
+        let placement = Placement::build(&one, PartitionCount::new(16).unwrap(), 3).unwrap();
+        all.replicas = (1..=3).map(NodeId).collect();
+        let config = room_replicas(&all, &placement, PartitionId(0), 1).unwrap();
+        assert_eq!(config.holders, all.replicas);
+    }
 
     fn map_of(epoch: u64, moved: Option<(u32, Vec<u64>, u64)>) -> saferchat_placement::ClusterMap {
         let mut map = saferchat_placement::ClusterMap {

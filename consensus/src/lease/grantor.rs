@@ -7,7 +7,7 @@ use crate::ids::NodeId;
 use crate::time::Millis;
 
 /// Promises this node has made to lease holders for one room. Volatile:
-/// after a restart the node assumes it promised every holder (see
+/// after a restart the node assumes it promised every replica (see
 /// [`Grantor::restarted`]).
 #[derive(Clone, Debug, Default, PartialEq, Eq, Hash)]
 pub struct Grantor {
@@ -20,7 +20,13 @@ pub struct Grantor {
 
 impl Grantor {
     /// A grantor that may have made promises before a restart which it no
-    /// longer remembers; it honours them until `recovering_until`.
+    /// longer remembers; it honours them until `recovering_until`, as if
+    /// it had promised every replica of the room: not only the configured
+    /// holders, since the node that made those promises may have taken
+    /// other nodes for holders (a version that chose them differently, or
+    /// the configuration of an earlier map epoch). A replica that answers
+    /// the accept costs nothing; one that is down delays a commit to the
+    /// end of the window, as a holder would.
     pub fn restarted(recovering_until: Millis) -> Grantor {
         Grantor {
             promises: BTreeMap::new(),
@@ -46,7 +52,7 @@ impl Grantor {
             .collect();
         if now < self.recovering_until {
             let left = self.recovering_until.since(now);
-            for holder in &config.holders {
+            for holder in &config.replicas {
                 let entry = out.entry(*holder).or_default();
                 *entry = (*entry).max(left);
             }
@@ -102,6 +108,19 @@ mod tests {
             vec![(NodeId(1), 4_000), (NodeId(2), 4_000), (NodeId(3), 4_000)]
         );
         assert_eq!(g.unexpired(&c, Millis(5_000)), vec![]);
+    }
+
+    #[test]
+    fn a_restarted_grantor_reports_every_replica_not_only_todays_holders() {
+        // One holder configured now; before the restart this node may have
+        // promised replicas that another version took for holders.
+        let mut c = config();
+        c.holders = vec![NodeId(1)];
+        let mut g = Grantor::restarted(Millis(5_000));
+        assert_eq!(
+            g.unexpired(&c, Millis(1_000)),
+            vec![(NodeId(1), 4_000), (NodeId(2), 4_000), (NodeId(3), 4_000)]
+        );
     }
 
     #[test]
