@@ -443,9 +443,9 @@ pub fn files(dir: &Path) -> Vec<std::path::PathBuf> {
     out
 }
 
-/// One gauge or counter of a node's Prometheus text, by full series name
-/// (name and labels as the exporter writes them).
-pub async fn scrape_value(addr: std::net::SocketAddr, series: &str) -> Option<f64> {
+/// A node's Prometheus text, or `None` when it does not answer (within
+/// 2 s to connect, 5 s to read).
+pub async fn scrape(addr: std::net::SocketAddr) -> Option<String> {
     use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
     let mut stream = tokio::time::timeout(
         std::time::Duration::from_secs(2),
@@ -466,6 +466,14 @@ pub async fn scrape_value(addr: std::net::SocketAddr, series: &str) -> Option<f6
     .await
     .ok()?
     .ok()?;
-    text.lines()
+    Some(text)
+}
+
+/// One gauge or counter of a node's Prometheus text, by full series name
+/// (name and labels as the exporter writes them).
+pub async fn scrape_value(addr: std::net::SocketAddr, series: &str) -> Option<f64> {
+    scrape(addr)
+        .await?
+        .lines()
         .find_map(|l| l.strip_prefix(series)?.trim().parse().ok())
 }

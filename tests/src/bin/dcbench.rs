@@ -19,6 +19,20 @@
 //!   whether it caught up from the log or by copying the partition (more
 //!   than the 16 MiB the log retains).
 //!
+//! - with `--throughput-seconds S` (0: skipped), the same workload on two
+//!   shapes, a fresh cluster each: one datacenter of three nodes, and two
+//!   datacenters of three (the first `--delays` value between them). In
+//!   `--throughput-rooms` rooms (in two datacenters, homed in each in
+//!   turn), one member per room posts through a node of the room's home
+//!   datacenter with `--in-flight` posts outstanding, for S seconds:
+//!   acknowledged posts per second, post latency, the CPU seconds the
+//!   node processes and this process (client and proxies) used, and the
+//!   replication lag under that load (every 250 ms, the largest
+//!   `saferchat_replication_lag_ms` any leader exports). All of it
+//!   shares the machine's cores, so the second shape's extra replicas
+//!   compete with the first shape's work for the same CPU: the figure is
+//!   what one machine's cores give, not what six machines would.
+//!
 //! Why three and two: rooms' membership is voted on by the replicas in
 //! every datacenter, so with three and three a datacenter down leaves no
 //! majority for it, and posting stops everywhere once the leases run out;
@@ -33,6 +47,7 @@
 //! ```text
 //! cargo build --release -p saferchat-node -p saferchat-tests --bin dcbench
 //! target/release/dcbench --delays 10,50 --posts 300 --catch-up 2000,20000 --out target/dcbench/report.md
+//! target/release/dcbench --only-throughput --throughput-seconds 30 --delays 10 --out target/dcbench/throughput.md
 //! ```
 
 use std::fmt::Write as _;
@@ -74,6 +89,22 @@ struct Args {
     /// Bytes of each message's text.
     #[arg(long, default_value_t = 1024)]
     body_bytes: usize,
+    /// Seconds of the throughput comparison per shape (0: skipped).
+    #[arg(long, default_value_t = 0)]
+    throughput_seconds: u64,
+    /// Rooms the throughput comparison posts to.
+    #[arg(long, default_value_t = 16)]
+    throughput_rooms: usize,
+    /// Messages sealed beforehand per room for the comparison: a room
+    /// whose pool runs out stops posting before the time is up.
+    #[arg(long, default_value_t = 1_500)]
+    pool_per_room: usize,
+    /// Posts each room's member keeps outstanding in the comparison.
+    #[arg(long, default_value_t = 4)]
+    in_flight: usize,
+    /// Only the throughput comparison: no latency, lag or catch-up runs.
+    #[arg(long)]
+    only_throughput: bool,
     /// Where the Markdown report goes.
     #[arg(long, default_value = "target/dcbench/report.md")]
     out: PathBuf,
@@ -96,6 +127,225 @@ struct Row {
     lag_p50_ms: Option<f64>,
     lag_p99_ms: Option<f64>,
     catch_ups: Vec<CatchUp>,
+}
+
+/// One shape's throughput.
+#[derive(Debug)]
+struct Throughput {
+    shape: String,
+    posts: usize,
+    seconds: f64,
+    latency: Latency,
+    nodes_cpu_s: f64,
+    bench_cpu_s: f64,
+    /// Every 250 ms under load, the largest `saferchat_replication_lag_ms`
+    /// any leader reported (empty in one datacenter).
+    lag_ms: Vec<f64>,
+}
+
+/// Until `until`, every 250 ms: the largest replication lag in ms that any
+/// node's leaders export (`saferchat_replication_lag_ms`, every partition
+/// and datacenter pair), or nothing when none exports one.
+async fn sample_lag(metrics: Vec<std::net::SocketAddr>, until: Instant) -> Vec<f64> {
+    let mut samples = Vec::new();
+    while Instant::now() < until {
+        let mut largest: Option<f64> = None;
+        for addr in &metrics {
+            let Some(text) = process::scrape(*addr).await else {
+                continue;
+            };
+            for line in text
+                .lines()
+                .filter(|l| l.starts_with("saferchat_replication_lag_ms{"))
+            {
+                if let Some(v) = line.rsplit(' ').next().and_then(|v| v.parse::<f64>().ok()) {
+                    largest = Some(largest.map_or(v, |l: f64| l.max(v)));
+                }
+            }
+        }
+        samples.extend(largest);
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    samples
+}
+
+/// Posts the sealed envelopes of `pool` through `session` until `until`
+/// or until they run out, keeping `in_flight` outstanding; the latency of
+/// each acknowledged post. Sealing signs with RSA and opening a delivery
+/// decrypts with it, milliseconds each: the pool is sealed beforehand and
+/// the session taken raw, its deliveries (the member's own posts coming
+/// back) read and dropped unopened, so that this process's CPU goes to
+/// sending and receiving and the nodes are what is measured.
+async fn pipelined(
+    session: Session,
+    in_flight: usize,
+    pool: Vec<bytes::Bytes>,
+    until: Instant,
+) -> anyhow::Result<Vec<f64>> {
+    use saferchat_proto::chat::{self as pb, client_frame, post_result, server_frame};
+    let raw = session.into_raw();
+    let (out, mut inbound) = (raw.out, raw.inbound);
+    let mut sent: std::collections::HashMap<u64, Instant> = std::collections::HashMap::new();
+    let mut ms = Vec::new();
+    let mut pool = pool.into_iter();
+    // Above the numbers `Session::post` used for the warm-up.
+    let mut seq = 1_000_000u64;
+    loop {
+        while Instant::now() < until && sent.len() < in_flight {
+            let Some(envelope) = pool.next() else { break };
+            let post = pb::Post {
+                client_seq: seq,
+                envelope,
+                durability: pb::Durability::Local as i32,
+            };
+            out.send(pb::ClientFrame {
+                frame: Some(client_frame::Frame::Post(post)),
+            })
+            .await
+            .map_err(|_| anyhow::anyhow!("the session ended"))?;
+            sent.insert(seq, Instant::now());
+            seq += 1;
+        }
+        if sent.is_empty() {
+            return Ok(ms);
+        }
+        let frame = tokio::time::timeout(POST_MAX, inbound.message())
+            .await
+            .context("a post went unanswered")??
+            .context("the session ended")?;
+        if let Some(server_frame::Frame::Result(result)) = frame.frame {
+            match result.outcome {
+                Some(post_result::Outcome::Accepted(_)) => {
+                    if let Some(at) = sent.remove(&result.client_seq) {
+                        ms.push(at.elapsed().as_secs_f64() * 1e3);
+                    }
+                }
+                Some(post_result::Outcome::Rejected(r)) => {
+                    anyhow::bail!("post refused: {}", r.message)
+                }
+                None => anyhow::bail!("an empty post result"),
+            }
+        }
+    }
+}
+
+/// The throughput workload on a fresh cluster of `datacenters` (one entry
+/// per node), `delay_ms` between datacenters.
+async fn throughput(
+    args: &Args,
+    shape: &str,
+    datacenters: &[&str],
+    delay_ms: u64,
+) -> anyhow::Result<Throughput> {
+    let mut options = Options::single_dc(datacenters.len());
+    options.datacenters = datacenters.iter().map(|d| (*d).to_owned()).collect();
+    options.metrics = true;
+    options.env = vec![("SAFERCHAT_POSTS_PER_SECOND".into(), "0".into())];
+    let mut cluster = Cluster::start(options).await;
+    cluster.delay_between_datacenters(delay_ms);
+    cluster.map_created(0).await;
+    let dcs: Vec<&str> = {
+        let mut d = datacenters.to_vec();
+        d.sort_unstable();
+        d.dedup();
+        d
+    };
+    let mut admin = cluster.admin(0).await;
+    let alice = load::identity(0).handle().to_string();
+    let body = "x".repeat(args.body_bytes.saturating_sub(16));
+    let options = JoinOptions {
+        no_history: true,
+        ..JoinOptions::default()
+    };
+    let mut sessions = Vec::new();
+    for r in 0..args.throughput_rooms {
+        let home = r % dcs.len();
+        let name = room_homed(&format!("load{r}"), home as u32, dcs.len() as u32);
+        admin.create_chat(&name).await.context("create")?;
+        admin.add_user(&name, &alice, None).await.context("add")?;
+        let through = datacenters
+            .iter()
+            .enumerate()
+            .filter(|(_, d)| **d == dcs[home])
+            .map(|(i, _)| i)
+            .nth(r / dcs.len() % 3)
+            .context("a node at home")?;
+        let mut session = Session::join(
+            &cluster.server(through),
+            &RoomId::new(&name)?,
+            load::identity(0),
+            &options,
+        )
+        .await
+        .context("join")?;
+        closed_loop(&mut session, 5, &body).await?;
+        sessions.push(session);
+    }
+    // Seal every room's pool, the rooms in parallel on the runtime's
+    // workers.
+    let per_room = args.pool_per_room;
+    let sealing: Vec<_> = sessions
+        .into_iter()
+        .map(|session| {
+            let body = body.clone();
+            tokio::spawn(async move {
+                tokio::task::block_in_place(|| {
+                    let pool: Result<Vec<bytes::Bytes>, _> = (0..per_room)
+                        .map(|n| session.seal(format!("{n} {body}").as_bytes()))
+                        .collect();
+                    pool.map(|pool| (session, pool))
+                })
+            })
+        })
+        .collect();
+    let mut pools = Vec::new();
+    for s in sealing {
+        pools.push(s.await??);
+    }
+    let ticks = procfs::clock_ticks_per_s();
+    let pids: Vec<String> = cluster
+        .nodes
+        .iter()
+        .filter_map(|n| n.pid().map(|p| p.to_string()))
+        .collect();
+    let cpu = |pids: &[String]| -> f64 {
+        pids.iter()
+            .filter_map(|p| procfs::process_cpu_s(p, ticks))
+            .sum()
+    };
+    let me = [std::process::id().to_string()];
+    let (nodes_before, me_before) = (cpu(&pids), cpu(&me));
+    let started = Instant::now();
+    let until = started + Duration::from_secs(args.throughput_seconds);
+    let sampler = tokio::spawn(sample_lag(cluster.metrics.clone(), until));
+    let tasks: Vec<_> = pools
+        .into_iter()
+        .map(|(s, pool)| tokio::spawn(pipelined(s, args.in_flight, pool, until)))
+        .collect();
+    let mut ms = Vec::new();
+    for t in tasks {
+        ms.extend(t.await??);
+    }
+    let seconds = started.elapsed().as_secs_f64();
+    let lag_ms = sampler.await?;
+    let (nodes_cpu_s, bench_cpu_s) = (cpu(&pids) - nodes_before, cpu(&me) - me_before);
+    for node in &mut cluster.nodes {
+        node.stop();
+    }
+    let posts = ms.len();
+    eprintln!(
+        "dcbench: {shape}: {posts} posts in {seconds:.1} s, {:.0}/s",
+        posts as f64 / seconds
+    );
+    Ok(Throughput {
+        shape: shape.to_owned(),
+        posts,
+        seconds,
+        latency: Latency::of(ms),
+        nodes_cpu_s,
+        bench_cpu_s,
+        lag_ms,
+    })
 }
 
 /// Posts `n` messages one at a time; the latency of each.
@@ -253,13 +503,18 @@ fn copies_in(log: &str) -> usize {
         .count()
 }
 
-fn report(args: &Args, rows: &[Row]) -> String {
-    let mut r = String::new();
-    let _ = writeln!(r, "# dcbench\n");
-    let _ = writeln!(r, "`{}`\n", std::env::args().collect::<Vec<_>>().join(" "));
-    for (k, v) in procfs::common_facts() {
-        let _ = writeln!(r, "- {k}: {v}");
+/// Median and largest of lag samples, or a dash without any.
+fn lag_cell(samples: &[f64]) -> String {
+    let mut sorted = samples.to_vec();
+    sorted.sort_by(f64::total_cmp);
+    match (saferchat_tests::stats::median(&sorted), sorted.last()) {
+        (Some(median), Some(max)) => format!("{median:.0} / {max:.0} ({} samples)", sorted.len()),
+        _ => "—".to_owned(),
     }
+}
+
+/// The latency, lag and catch-up tables.
+fn latency_tables(r: &mut String, args: &Args, rows: &[Row]) {
     let _ = writeln!(
         r,
         "- five nodes, dc1 = nodes 1-3, dc2 = nodes 4-5; a room homed in dc1, posts through node 1, one at a time, {} bytes of text\n",
@@ -309,6 +564,49 @@ fn report(args: &Args, rows: &[Row]) -> String {
             );
         }
     }
+}
+
+fn report(args: &Args, rows: &[Row], throughputs: &[Throughput]) -> String {
+    let mut r = String::new();
+    let _ = writeln!(r, "# dcbench\n");
+    let _ = writeln!(r, "`{}`\n", std::env::args().collect::<Vec<_>>().join(" "));
+    for (k, v) in procfs::common_facts() {
+        let _ = writeln!(r, "- {k}: {v}");
+    }
+    if !rows.is_empty() {
+        latency_tables(&mut r, args, rows);
+    }
+    if !throughputs.is_empty() {
+        let _ = writeln!(
+            r,
+            "\n{} rooms, homed in each datacenter in turn, one member each posting through a node of the home with {} posts outstanding, {} s per shape (or until the {} messages sealed beforehand per room ran out), {} bytes of text:\n",
+            args.throughput_rooms,
+            args.in_flight,
+            args.throughput_seconds,
+            args.pool_per_room,
+            args.body_bytes
+        );
+        let _ = writeln!(
+            r,
+            "| shape | posts acknowledged | posts/s | latency p50 / p99 / max (ms) | CPU s: node processes / this process (client and proxies) | replication lag under this load, largest over partitions every 250 ms: median / max (ms) |"
+        );
+        let _ = writeln!(r, "|---|---|---|---|---|---|");
+        for t in throughputs {
+            let _ = writeln!(
+                r,
+                "| {} | {} | {:.0} | {:.1} / {:.1} / {:.1} | {:.1} / {:.1} | {} |",
+                t.shape,
+                t.posts,
+                t.posts as f64 / t.seconds,
+                t.latency.p50_ms,
+                t.latency.p99_ms,
+                t.latency.max_ms,
+                t.nodes_cpu_s,
+                t.bench_cpu_s,
+                lag_cell(&t.lag_ms),
+            );
+        }
+    }
     r
 }
 
@@ -316,11 +614,28 @@ fn report(args: &Args, rows: &[Row]) -> String {
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     anyhow::ensure!(args.posts > 0, "--posts must be at least 1");
-    let mut rows = Vec::new();
-    for &delay in &args.delays {
-        rows.push(run_one(&args, delay).await?);
+    anyhow::ensure!(args.in_flight > 0, "--in-flight must be at least 1");
+    let mut throughputs = Vec::new();
+    if args.throughput_seconds > 0 {
+        let delay = args.delays.first().copied().unwrap_or(0);
+        throughputs.push(throughput(&args, "1 x 3 (dc1)", &["dc1"; 3], 0).await?);
+        throughputs.push(
+            throughput(
+                &args,
+                &format!("2 x 3 (dc1, dc2; {delay} ms one way)"),
+                &["dc1", "dc1", "dc1", "dc2", "dc2", "dc2"],
+                delay,
+            )
+            .await?,
+        );
     }
-    let text = report(&args, &rows);
+    let mut rows = Vec::new();
+    if !args.only_throughput {
+        for &delay in &args.delays {
+            rows.push(run_one(&args, delay).await?);
+        }
+    }
+    let text = report(&args, &rows, &throughputs);
     if let Some(dir) = args.out.parent() {
         std::fs::create_dir_all(dir)?;
     }
