@@ -501,10 +501,15 @@ impl Routing {
         let Some(timeline) = &self.timeline else {
             return false;
         };
-        timeline
-            .reads_locally(self.partition(room).0)
-            .await
-            .unwrap_or(false)
+        // Only a learner can: every other node (all of them in one
+        // datacenter) answers here, without a round trip to the driver
+        // task that carries every partition's log traffic.
+        let placement = self.placement();
+        let partition = placement.partitions().of_room(room.as_str());
+        if !placement.learners(partition).contains(&self.me) {
+            return false;
+        }
+        timeline.reads_locally(partition.0).await.unwrap_or(false)
     }
 
     /// `Ok` if this node serves the room's messages now (a single node, or
