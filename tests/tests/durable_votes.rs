@@ -17,7 +17,7 @@
 //! durable; without the node's extra sync this test finds no `fdatasync`
 //! of the file at all.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::Duration;
@@ -48,8 +48,16 @@ fn parse(trace: &str, file: &str, peer_ports: &[u16]) -> Vec<(usize, Event)> {
             .any(|p| line.contains(&format!("->127.0.0.1:{p}]>")))
     };
     let db = file;
-    // A sync of the db file that strace split in two: pid → waiting.
-    let mut pending: HashMap<&str, ()> = HashMap::new();
+    // A sync of the db file that strace split in two: pid → how many of
+    // `unsynced` were written before it started.
+    let mut pending: HashMap<&str, usize> = HashMap::new();
+    // Record writes (their bytes) since the last sync, and those a sync
+    // made durable: a node may write the same record again (a leader
+    // re-sent an Accept), and its answer may then leave before the second
+    // copy's sync, rightly: the first copy is durable. Such a write is
+    // not a new vote.
+    let mut unsynced: Vec<&str> = Vec::new();
+    let mut durable: HashSet<&str> = HashSet::new();
     let mut events = Vec::new();
     for (n, line) in trace.lines().enumerate() {
         let Some((pid, call)) = line.split_once(' ') else {
@@ -59,14 +67,18 @@ fn parse(trace: &str, file: &str, peer_ports: &[u16]) -> Vec<(usize, Event)> {
         let is_sync = call.starts_with("fdatasync(") || call.starts_with("fsync(");
         if is_sync && call.contains(db) {
             if call.contains("<unfinished ...>") {
-                pending.insert(pid, ());
+                pending.insert(pid, unsynced.len());
             } else if call.ends_with("= 0") {
+                durable.extend(unsynced.drain(..));
                 events.push((n, Event::Synced));
             }
         } else if call.starts_with("<... fdatasync resumed>")
             || call.starts_with("<... fsync resumed>")
         {
-            if pending.remove(pid).is_some() && call.ends_with("= 0") {
+            if let Some(before) = pending.remove(pid)
+                && call.ends_with("= 0")
+            {
+                durable.extend(unsynced.drain(..before.min(unsynced.len())));
                 events.push((n, Event::Synced));
             }
         } else if ["pwrite64(", "write(", "writev("]
@@ -74,7 +86,13 @@ fn parse(trace: &str, file: &str, peer_ports: &[u16]) -> Vec<(usize, Event)> {
             .any(|c| call.starts_with(c))
             && call.contains(db)
             && call.contains(ROOM)
+            && carries_a_vote(call, db)
         {
+            let bytes = payload(call).unwrap_or(call);
+            if durable.contains(bytes) {
+                continue;
+            }
+            unsynced.push(bytes);
             events.push((n, Event::VoteWrite));
         } else if ["write(", "writev(", "sendmsg(", "sendto("]
             .iter()
@@ -85,6 +103,130 @@ fn parse(trace: &str, file: &str, peer_ports: &[u16]) -> Vec<(usize, Event)> {
         }
     }
     events
+}
+
+/// Whether a write of the vote file carries a vote: for the partition
+/// log, any record of the room; for sled's log, the room's
+/// `AcceptorRecord`, not its `CommittedRecord` (learning a commit sends
+/// nothing, so an unrelated send in its wake, such as a new connection's
+/// handshake, must not be judged as a vote leaving early; a run under load
+/// was failed that way). A sled log message stores a key as `len ‖ key`
+/// and a value as `len ‖ value`, lengths in sled 0.34's varint; the two
+/// records differ by their top-level protobuf fields: an acceptor record
+/// has `promised` alone or all three, a committed one `ballot` and
+/// `state`. A write this cannot read counts as a vote: the check then
+/// judges more, never less.
+fn carries_a_vote(call: &str, db: &str) -> bool {
+    if !db.ends_with("db>") {
+        return true;
+    }
+    let Some(bytes) = payload(call).map(unescape) else {
+        return true;
+    };
+    let mut key = vec![u8::try_from(ROOM.len()).expect("short name")];
+    key.extend_from_slice(ROOM.as_bytes());
+    // One write may carry several records (sled batches what was inserted
+    // since its last flush): it carries a vote when any of them is one.
+    let mut found = false;
+    for at in (0..bytes.len()).filter(|&i| bytes[i..].starts_with(&key)) {
+        found = true;
+        let rest = &bytes[at + key.len()..];
+        let fields = sled_varint(rest)
+            .and_then(|(len, skip)| rest.get(skip..skip + len))
+            .and_then(top_level_fields);
+        if fields.is_none_or(|f| f != [1, 2]) {
+            return true;
+        }
+    }
+    !found
+}
+
+/// The string argument of a traced write, still escaped.
+fn payload(call: &str) -> Option<&str> {
+    call.split_once(", \"")
+        .and_then(|(_, rest)| rest.rsplit_once("\", "))
+        .map(|(payload, _)| payload)
+}
+
+/// Undoes strace's escaping of a string argument (`\n`, `\"`, octal).
+fn unescape(s: &str) -> Vec<u8> {
+    let raw = s.as_bytes();
+    let mut out = Vec::with_capacity(raw.len());
+    let mut i = 0;
+    while i < raw.len() {
+        if raw[i] != b'\\' || i + 1 == raw.len() {
+            out.push(raw[i]);
+            i += 1;
+            continue;
+        }
+        let c = raw[i + 1];
+        i += 2;
+        let simple = match c {
+            b'n' => Some(b'\n'),
+            b't' => Some(b'\t'),
+            b'r' => Some(b'\r'),
+            b'v' => Some(0x0b),
+            b'f' => Some(0x0c),
+            b'"' | b'\\' => Some(c),
+            _ => None,
+        };
+        if let Some(b) = simple {
+            out.push(b);
+            continue;
+        }
+        let mut value = u32::from(c - b'0');
+        let mut digits = 1;
+        while digits < 3 && i < raw.len() && (b'0'..=b'7').contains(&raw[i]) {
+            value = value * 8 + u32::from(raw[i] - b'0');
+            i += 1;
+            digits += 1;
+        }
+        out.push(u8::try_from(value).unwrap_or(u8::MAX));
+    }
+    out
+}
+
+/// sled 0.34's length prefix: one byte up to 240, then a marker byte and
+/// big-endian bytes. Returns the value and how many bytes it took.
+fn sled_varint(b: &[u8]) -> Option<(usize, usize)> {
+    let first = usize::from(*b.first()?);
+    match first {
+        0..=240 => Some((first, 1)),
+        241..=248 => Some((240 + 256 * (first - 241) + usize::from(*b.get(1)?), 2)),
+        249 => Some((
+            2288 + 256 * usize::from(*b.get(1)?) + usize::from(*b.get(2)?),
+            3,
+        )),
+        _ => None,
+    }
+}
+
+/// The field numbers of a protobuf message's top level, in order, when
+/// every field is a length-delimited one (as in both records).
+fn top_level_fields(mut b: &[u8]) -> Option<Vec<u64>> {
+    fn varint(b: &mut &[u8]) -> Option<u64> {
+        let mut v = 0u64;
+        for shift in (0..64).step_by(7) {
+            let (&byte, rest) = b.split_first()?;
+            *b = rest;
+            v |= u64::from(byte & 0x7f) << shift;
+            if byte & 0x80 == 0 {
+                return Some(v);
+            }
+        }
+        None
+    }
+    let mut fields = Vec::new();
+    while !b.is_empty() {
+        let tag = varint(&mut b)?;
+        if tag & 7 != 2 {
+            return None;
+        }
+        let len = usize::try_from(varint(&mut b)?).ok()?;
+        b = b.get(len..)?;
+        fields.push(tag >> 3);
+    }
+    Some(fields)
 }
 
 /// Starts strace on node `i`, returning once it traces.
@@ -276,10 +418,10 @@ async fn a_vote_is_fdatasynced_before_any_peer_send() {
 /// For every record write followed by sends to peers (before the next
 /// record write), an fdatasync of the file must come after the write and
 /// before at least one of those sends: the one that carries the vote.
-/// Sends that all come before the sync mean the vote left first. (Any one
-/// send may be an older message a sender task was still flushing, so one
-/// early send alone is not judged.) A write with no send after it (the
-/// trace ended first) says nothing. Returns how many writes were judged,
+/// Sends that all come before the sync mean the vote left first. (A send
+/// before the sync may be an older message a sender task was still
+/// flushing: it is allowed as long as one send follows the sync.) A write
+/// with no send after it (the trace ended first) says nothing. Returns how many writes were judged,
 /// or the first (write, send) pair that shows a vote leaving unsynced.
 fn check_order(events: &[(usize, Event)]) -> Result<usize, (usize, usize)> {
     let writes: Vec<usize> = events
@@ -346,6 +488,54 @@ fn the_parser_reads_strace_lines() {
         Ok(1),
         "an older send before the sync is fine when one follows it; a trailing write is not judged"
     );
+    let rewritten = format!(
+        "10 pwrite64(12<{db}>, \"..{ROOM}..\", 300, 0) = 300\n\
+         10 fdatasync(12<{db}>) = 0\n\
+         10 pwrite64(12<{db}>, \"..{ROOM}..\", 300, 300) = 300\n\
+         11 writev(9<TCP:[127.0.0.1:5000->127.0.0.1:7001]>, [..], 2) = 90\n\
+         10 pwrite64(12<{db}>, \"..{ROOM}.!\", 300, 600) = 300\n\
+         10 pwrite64(12<{db}>, \"..{ROOM}.!\", 300, 900) = 300\n"
+    );
+    assert_eq!(
+        parse(&rewritten, &format!("{db}>"), &[7001]),
+        vec![
+            (0, Event::VoteWrite),
+            (1, Event::Synced),
+            (3, Event::PeerSend),
+            (4, Event::VoteWrite),
+            (5, Event::VoteWrite),
+        ],
+        "a record written again after a sync made it durable is no new vote; one not yet synced is"
+    );
     let never_synced = [(0, Event::VoteWrite), (1, Event::PeerSend)];
     assert_eq!(check_order(&never_synced), Err((0, 1)));
+}
+
+#[test]
+fn only_acceptor_records_count_as_votes_in_sleds_log() {
+    let db = "/d/node2/db/db>";
+    // A pwrite64 of sled's log carrying the room's key with each value.
+    let write = |values: &[&str]| {
+        let records: String = values.iter().map(|v| format!("\\0\\22{ROOM}{v}")).collect();
+        format!("pwrite64(13</d/node2/db/db>, \"{records}\", 40, 0) = 40")
+    };
+    // CommittedRecord { ballot, state }: learning a commit sends nothing.
+    let committed = "\\10\\n\\2\\10\\5\\22\\2\\10\\1";
+    // AcceptorRecord { promised, accepted_ballot, accepted_value }.
+    let accepted = "\\f\\n\\2\\10\\6\\22\\2\\10\\5\\32\\2\\10\\1";
+    // AcceptorRecord { promised }: a promise with nothing accepted.
+    let promised = "\\4\\n\\2\\10\\6";
+    assert!(!carries_a_vote(&write(&[committed]), db));
+    assert!(carries_a_vote(&write(&[accepted]), db));
+    assert!(carries_a_vote(&write(&[promised]), db));
+    assert!(
+        carries_a_vote(&write(&[committed, accepted]), db),
+        "one write of both records carries the vote"
+    );
+    assert!(
+        carries_a_vote(&write(&["\\377"]), db),
+        "a record it cannot read is judged"
+    );
+    assert_eq!(unescape("\\0\\22a\\\"\\\\\\3777"), b"\0\x12a\"\\\xff7");
+    assert_eq!(sled_varint(&[241, 29]), Some((269, 2)));
 }
