@@ -117,7 +117,24 @@ export SAFERCHAT_CASSANDRA_PAIR="127.0.0.2:$CASSANDRA_PORT,127.0.0.3:$CASSANDRA_
 
 step "tests"
 # Tests that need Cassandra are #[ignore]d without it; here it runs.
-cargo test --workspace --locked "$@" -- --include-ignored
+# The chaos schedules (about 5 minutes, mostly waiting out their faults)
+# run next to the other tests rather than after them; their output is
+# shown once they end. Both runs select the whole workspace, so they
+# resolve the same features and share one build.
+CHAOS_LOG="$ROOT/target/chaos-tests.log"
+cargo test --workspace --locked --test chaos "$@" -- --include-ignored >"$CHAOS_LOG" 2>&1 &
+chaos_pid=$!
+tests_status=0
+cargo test --workspace --locked "$@" -- --include-ignored \
+  --skip seeded_fault_schedules --skip a_lossy_link_drops_packets || tests_status=$?
+chaos_status=0
+wait "$chaos_pid" || chaos_status=$?
+step "chaos tests (ran alongside the others)"
+cat "$CHAOS_LOG"
+if [ "$tests_status" -ne 0 ] || [ "$chaos_status" -ne 0 ]; then
+  echo "tests failed (workspace: exit $tests_status, chaos: exit $chaos_status)" >&2
+  exit 1
+fi
 
 stop_cassandra
 
