@@ -170,6 +170,16 @@ fn start_following(
     maps: Option<tokio::sync::watch::Receiver<saferchat_placement::ClusterMap>>,
 ) -> Node {
     let (store, states) = LogStore::open(dir).unwrap();
+    start_on(store, states, chat, clock, maps)
+}
+
+fn start_on(
+    store: LogStore,
+    states: std::collections::HashMap<u32, crate::storage::log_store::PartitionLogState>,
+    chat: Arc<Disk>,
+    clock: Arc<StillClock>,
+    maps: Option<tokio::sync::watch::Receiver<saferchat_placement::ClusterMap>>,
+) -> Node {
     let (_inbound_tx, inbound) = tokio::sync::mpsc::channel(8);
     let shutdown = CancellationToken::new();
     let (timeline, task) = spawn(DriverParts {
@@ -321,6 +331,66 @@ async fn posts_applied_without_a_sync_are_applied_again_after_a_crash() {
     node.shutdown.cancel();
     node.task.await.unwrap().unwrap();
     assert_eq!(disk.durable.lock().unwrap().len(), 13);
+}
+
+/// The numbers of the partition-log files in `dir`.
+fn log_files(dir: &std::path::Path) -> Vec<u32> {
+    let mut numbers: Vec<u32> = std::fs::read_dir(dir)
+        .unwrap()
+        .filter_map(|e| {
+            let name = e.unwrap().file_name().into_string().unwrap();
+            name.strip_prefix("partition-log-")?
+                .strip_suffix(".bin")?
+                .parse()
+                .ok()
+        })
+        .collect();
+    numbers.sort_unstable();
+    numbers
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_log_rotates_while_posts_go_on_and_a_crash_keeps_every_answered_post() {
+    let dir = tempfile::tempdir().unwrap();
+    let clock = Arc::new(StillClock::default());
+    let disk = Arc::new(Disk::default());
+    // Rotated after 4 KiB (or the checkpoint's size): several times over
+    // these posts, each checkpoint written beside the file in use.
+    let (store, states) = LogStore::open_rotating_after(dir.path(), 4 * 1024).unwrap();
+    let first = log_files(dir.path());
+    let node = start_on(store, states, Arc::clone(&disk), Arc::clone(&clock), None);
+    let partition = lead(&node.timeline).await;
+    let mut answered = Vec::new();
+    let mut batch = 0;
+    // Posts go on until two rotations finished (bounded: 2,000 posts).
+    while log_files(dir.path())[0] < first[0] + 2 {
+        assert!(batch < 400, "the log never rotated twice");
+        answered.extend(post(&node.timeline, partition, batch * 5..batch * 5 + 5).await);
+        batch += 1;
+    }
+    let posted = answered.len();
+    assert_eq!(answered, (1..=posted as u64).collect::<Vec<_>>());
+    // (A rotation finishing right now holds two files for a moment.)
+    until("the old files are deleted", || {
+        log_files(dir.path()).len() == 1
+    })
+    .await;
+
+    // Crash: every answered post comes back from the rotated log.
+    node.task.abort();
+    let _ = node.task.await;
+    let disk = Arc::new(disk.crash().await);
+    let node = start(dir.path(), Arc::clone(&disk), Arc::clone(&clock));
+    let partition = lead(&node.timeline).await;
+    assert_eq!(
+        stored(&*disk, posted).await,
+        (1..=posted as u64).collect::<Vec<_>>()
+    );
+    assert_eq!(
+        post(&node.timeline, partition, 10_000..10_001).await,
+        vec![posted as u64 + 1],
+        "numbering goes on after the last answered post"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
