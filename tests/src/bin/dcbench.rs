@@ -19,9 +19,9 @@
 //!   whether it caught up from the log or by copying the partition (more
 //!   than the 16 MiB the log retains).
 //!
-//! - with `--throughput-seconds S` (0: skipped), the same workload on two
-//!   shapes, a fresh cluster each: one datacenter of three nodes, and two
-//!   datacenters of three (the first `--delays` value between them). In
+//! - with `--throughput-seconds S` (0: skipped), the same workload on a
+//!   fresh cluster of each shape: one datacenter of three nodes, and two
+//!   datacenters of three, once per `--delays` value between them. In
 //!   `--throughput-rooms` rooms (in two datacenters, homed in each in
 //!   turn), one member per room posts through a node of the room's home
 //!   datacenter with `--in-flight` posts outstanding, for S seconds:
@@ -105,6 +105,12 @@ struct Args {
     /// Only the throughput comparison: no latency, lag or catch-up runs.
     #[arg(long)]
     only_throughput: bool,
+    /// Where each throughput run leaves every node's log and its metrics
+    /// as scraped when the load ended (`saferchat_timeline_step_seconds`
+    /// says which of the timeline driver's steps held it up); none when
+    /// absent.
+    #[arg(long)]
+    node_output: Option<PathBuf>,
     /// Where the Markdown report goes.
     #[arg(long, default_value = "target/dcbench/report.md")]
     out: PathBuf,
@@ -329,6 +335,21 @@ async fn throughput(
     let seconds = started.elapsed().as_secs_f64();
     let lag_ms = sampler.await?;
     let (nodes_cpu_s, bench_cpu_s) = (cpu(&pids) - nodes_before, cpu(&me) - me_before);
+    if let Some(dir) = &args.node_output {
+        std::fs::create_dir_all(dir)?;
+        let shape_name: String = shape
+            .chars()
+            .map(|c| if c.is_ascii_alphanumeric() { c } else { '-' })
+            .collect();
+        for (i, node) in cluster.nodes.iter().enumerate() {
+            let stem = dir.join(format!("{shape_name}-n{}", i + 1));
+            std::fs::write(stem.with_extension("log"), node.log_text())?;
+            let metrics = process::scrape(cluster.metrics[i])
+                .await
+                .unwrap_or_default();
+            std::fs::write(stem.with_extension("metrics"), metrics)?;
+        }
+    }
     for node in &mut cluster.nodes {
         node.stop();
     }
@@ -617,17 +638,18 @@ async fn main() -> anyhow::Result<()> {
     anyhow::ensure!(args.in_flight > 0, "--in-flight must be at least 1");
     let mut throughputs = Vec::new();
     if args.throughput_seconds > 0 {
-        let delay = args.delays.first().copied().unwrap_or(0);
         throughputs.push(throughput(&args, "1 x 3 (dc1)", &["dc1"; 3], 0).await?);
-        throughputs.push(
-            throughput(
-                &args,
-                &format!("2 x 3 (dc1, dc2; {delay} ms one way)"),
-                &["dc1", "dc1", "dc1", "dc2", "dc2", "dc2"],
-                delay,
-            )
-            .await?,
-        );
+        for &delay in &args.delays {
+            throughputs.push(
+                throughput(
+                    &args,
+                    &format!("2 x 3 (dc1, dc2; {delay} ms one way)"),
+                    &["dc1", "dc1", "dc1", "dc2", "dc2", "dc2"],
+                    delay,
+                )
+                .await?,
+            );
+        }
     }
     let mut rows = Vec::new();
     if !args.only_throughput {
