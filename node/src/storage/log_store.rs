@@ -185,7 +185,8 @@ fn file_path(dir: &Path, n: u32) -> PathBuf {
     dir.join(format!("partition-log-{n:08}.bin"))
 }
 
-fn files(dir: &Path) -> Result<Vec<u32>, NodeError> {
+/// The numbers of the partition-log files in `dir`, in order.
+pub(crate) fn files(dir: &Path) -> Result<Vec<u32>, NodeError> {
     let mut out = Vec::new();
     for item in fs::read_dir(dir).map_err(|e| io("listing", dir, e))? {
         let name = item.map_err(|e| io("listing", dir, e))?.file_name();
@@ -408,10 +409,11 @@ impl LogStore {
 
     /// Starts a new file with a checkpoint of `states` (the whole live
     /// state), durable before the older file is deleted. Blocking: the
-    /// steps below in one call, for a caller with nothing else to do.
+    /// steps below in one call, for tests (the driver runs them apart).
     ///
     /// # Errors
     /// [`NodeError::Storage`] when the new file cannot be written.
+    #[cfg(test)]
     pub fn rotate(&self, states: &HashMap<u32, PartitionLogState>) -> Result<(), NodeError> {
         let prepared = self.prepare_rotation(states, self.rotation_point())?;
         self.finish_rotation(prepared)

@@ -20,7 +20,7 @@ use crate::clock::Clock;
 use crate::error::NodeError;
 use crate::membership::NoPeers;
 use crate::message_id::Bucket;
-use crate::storage::log_store::LogStore;
+use crate::storage::log_store::{LogStore, files};
 use crate::storage::memory::MemoryChat;
 use crate::storage::{ChatStore, CommittedRoom, Range, RoomSummary, StoredMessage, history};
 use crate::timeline::{LogPost, Timeline};
@@ -333,22 +333,6 @@ async fn posts_applied_without_a_sync_are_applied_again_after_a_crash() {
     assert_eq!(disk.durable.lock().unwrap().len(), 13);
 }
 
-/// The numbers of the partition-log files in `dir`.
-fn log_files(dir: &std::path::Path) -> Vec<u32> {
-    let mut numbers: Vec<u32> = std::fs::read_dir(dir)
-        .unwrap()
-        .filter_map(|e| {
-            let name = e.unwrap().file_name().into_string().unwrap();
-            name.strip_prefix("partition-log-")?
-                .strip_suffix(".bin")?
-                .parse()
-                .ok()
-        })
-        .collect();
-    numbers.sort_unstable();
-    numbers
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_log_rotates_while_posts_go_on_and_a_crash_keeps_every_answered_post() {
     let dir = tempfile::tempdir().unwrap();
@@ -357,13 +341,13 @@ async fn the_log_rotates_while_posts_go_on_and_a_crash_keeps_every_answered_post
     // Rotated after 4 KiB (or the checkpoint's size): several times over
     // these posts, each checkpoint written beside the file in use.
     let (store, states) = LogStore::open_rotating_after(dir.path(), 4 * 1024).unwrap();
-    let first = log_files(dir.path());
+    let first = files(dir.path()).unwrap();
     let node = start_on(store, states, Arc::clone(&disk), Arc::clone(&clock), None);
     let partition = lead(&node.timeline).await;
     let mut answered = Vec::new();
     let mut batch = 0;
     // Posts go on until two rotations finished (bounded: 2,000 posts).
-    while log_files(dir.path())[0] < first[0] + 2 {
+    while files(dir.path()).unwrap()[0] < first[0] + 2 {
         assert!(batch < 400, "the log never rotated twice");
         answered.extend(post(&node.timeline, partition, batch * 5..batch * 5 + 5).await);
         batch += 1;
@@ -372,7 +356,7 @@ async fn the_log_rotates_while_posts_go_on_and_a_crash_keeps_every_answered_post
     assert_eq!(answered, (1..=posted as u64).collect::<Vec<_>>());
     // (A rotation finishing right now holds two files for a moment.)
     until("the old files are deleted", || {
-        log_files(dir.path()).len() == 1
+        files(dir.path()).unwrap().len() == 1
     })
     .await;
 
