@@ -19,7 +19,8 @@
 //!   out leases, transfer).
 //! - [`partition_log`]: the replicated log of one partition (terms,
 //!   fencing, recovery from a quorum's tail), the core of the
-//!   quorum-replicated timeline.
+//!   quorum-replicated timeline, with the home lease and the failover
+//!   election that move a partition's home to another datacenter.
 //! - [`time`], [`config`], [`ids`], [`message`]: the vocabulary of the
 //!   protocol (nodes, ballots, drift, messages).
 //!

@@ -619,7 +619,7 @@ fn must_break(checks: Checks) -> String {
 fn broken_without_fencing_is_caught() {
     let found = must_break(Checks {
         fencing: false,
-        tail_read: true,
+        ..Checks::default()
     });
     println!("without fencing: {found}");
 }
@@ -627,8 +627,8 @@ fn broken_without_fencing_is_caught() {
 #[test]
 fn broken_without_tail_read_is_caught() {
     let found = must_break(Checks {
-        fencing: true,
         tail_read: false,
+        ..Checks::default()
     });
     println!("without the tail read: {found}");
 }

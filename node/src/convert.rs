@@ -701,6 +701,14 @@ pub mod log {
                 term: Some(term_to_pb(*term)),
                 promised: Some(term_to_pb(*promised)),
             }),
+            LogMessage::LeaseRequest { term, seq } => Body::LeaseRequest(ppb::LogLeaseRequest {
+                term: Some(term_to_pb(*term)),
+                seq: *seq,
+            }),
+            LogMessage::LeaseGrant { term, seq } => Body::LeaseGrant(ppb::LogLeaseGrant {
+                term: Some(term_to_pb(*term)),
+                seq: *seq,
+            }),
         };
         ppb::PartitionMessage {
             partition,
@@ -755,6 +763,14 @@ pub mod log {
             Body::Refused(r) => LogMessage::Refused {
                 term: term_of(r.term.as_ref())?,
                 promised: term_of(r.promised.as_ref())?,
+            },
+            Body::LeaseRequest(r) => LogMessage::LeaseRequest {
+                term: term_of(r.term.as_ref())?,
+                seq: r.seq,
+            },
+            Body::LeaseGrant(g) => LogMessage::LeaseGrant {
+                term: term_of(g.term.as_ref())?,
+                seq: g.seq,
             },
         };
         if message.is_sane() {
@@ -818,6 +834,8 @@ pub mod log {
                     term: t,
                     floor: Slot(7),
                 },
+                LogMessage::LeaseRequest { term: t, seq: 9 },
+                LogMessage::LeaseGrant { term: t, seq: 9 },
             ];
             for m in messages {
                 assert_eq!(message_from_pb(&message_to_pb(1, &m)).unwrap(), m);

@@ -22,10 +22,23 @@
 //!   ([`Committed`]) strictly in slot order, so acknowledgements and
 //!   delivery follow one gapless order.
 //!
+//! - **Fail over** (`specs/HomeFailover.tla`). When the partition's home
+//!   datacenter is lost, the cluster map moves the home to another one in
+//!   a new epoch. With [`LogConfig::home_lease`] set, a leader releases
+//!   only while a majority of *all* the replicas grant it a lease
+//!   ([`home_lease`]); an election of a failover epoch
+//!   ([`LogConfig::failover`]) reads the learners too, needs a majority of
+//!   all the replicas and of every other datacenter, waits until the
+//!   grants its promisers gave ran out, and cuts the recovered log at its
+//!   first hole. The old home, even alive behind a cut, releases nothing
+//!   after the new home does, and every post acknowledged at the
+//!   cross-datacenter level is in the new home's log.
+//!
 //! Like the room register, everything durable is a command in [`LogReady`]
 //! that the node performs before it sends anything of the same `LogReady`.
 
 pub mod acceptor;
+pub mod home_lease;
 pub mod replica;
 
 use std::fmt;
@@ -33,7 +46,8 @@ use std::fmt;
 use crate::ids::NodeId;
 
 pub use acceptor::{LogAcceptor, LogWrite};
-pub use replica::{Checks, Committed, LogConfig, LogReady, LogReplica, NotLeader};
+pub use home_lease::{LeaseGrantor, LeaseHolder};
+pub use replica::{Checks, Committed, Failover, LogConfig, LogReady, LogReplica, NotLeader};
 
 /// A leadership term: a round made unique by the node that runs for it,
 /// in the epoch of the partition's replica set it runs in. Ordered by
@@ -182,6 +196,20 @@ pub enum LogMessage<T> {
         /// The leader's compaction floor.
         floor: Slot,
     },
+    /// The leader of `term` asks for a home lease ([`home_lease`]).
+    LeaseRequest {
+        /// The leader's term.
+        term: Term,
+        /// The request's number within the term.
+        seq: u64,
+    },
+    /// The home lease asked for by request `seq` of `term` is granted.
+    LeaseGrant {
+        /// The leader's term.
+        term: Term,
+        /// The request answered.
+        seq: u64,
+    },
     /// Refused: the replica promised `promised`, above `term`.
     Refused {
         /// The refused term.
@@ -200,6 +228,8 @@ impl<T> LogMessage<T> {
             | LogMessage::Accept { term, .. }
             | LogMessage::Accepted { term, .. }
             | LogMessage::Compacted { term, .. }
+            | LogMessage::LeaseRequest { term, .. }
+            | LogMessage::LeaseGrant { term, .. }
             | LogMessage::Refused { term, .. } => *term,
         }
     }
@@ -231,6 +261,7 @@ impl<T> LogMessage<T> {
                     ..
                 } => slot_ok(*first) && *count <= SLOT_MAX - first.0 && released.0 <= SLOT_MAX,
                 LogMessage::Compacted { floor, .. } => floor.0 <= SLOT_MAX,
+                LogMessage::LeaseRequest { .. } | LogMessage::LeaseGrant { .. } => true,
                 LogMessage::Refused { promised, .. } => promised.is_sane(),
             }
     }

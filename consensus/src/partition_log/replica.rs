@@ -13,8 +13,11 @@
 use std::collections::{BTreeMap, BTreeSet};
 
 use super::acceptor::{LogAcceptor, LogWrite};
+use super::home_lease::{LeaseGrantor, LeaseHolder};
 use super::{Entry, LogMessage, RECOVERY_SLOTS_MAX, Slot, Term, Value};
+use crate::config::LeaseConfig;
 use crate::ids::NodeId;
+use crate::time::Millis;
 
 /// The replicas of a partition and the guards of the protocol.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -37,10 +40,39 @@ pub struct LogConfig {
     pub epoch: u64,
     /// Most values one Accept carries.
     pub batch_max: usize,
+    /// Set in an epoch that a home failover created, until the cluster
+    /// map records that a leader established it: its elections read
+    /// learners too ([`Failover`]).
+    pub failover: Option<Failover>,
+    /// The home lease's timing. When set, a leader releases slots only
+    /// while it holds grants from a majority of all the replicas, voters
+    /// and learners ([`super::home_lease`]), and a replica answers a
+    /// failover epoch's Prepare only once the grants it gave ran out. The
+    /// node calls [`LogReplica::tick`] with a fresh reading of its clock
+    /// before every input while it is set.
+    pub home_lease: Option<LeaseConfig>,
     /// Guards a broken test variant may turn off to show what they
     /// protect; `Checks::default()` is the protocol.
     #[doc(hidden)]
     pub checks: Checks,
+}
+
+/// What an election of a failover epoch needs (`specs/HomeFailover.tla`,
+/// `WIDE_RECOVERY`): promises from a majority of all the partition's
+/// replicas and from a majority of each group, one group per datacenter
+/// other than the lost home (the new home's voters are one of them). A
+/// post acknowledged at the cross-datacenter level is stored, with every
+/// slot before it, on a majority of some other datacenter, which this
+/// meets; the majority of all meets every home lease's.
+///
+/// The candidate recovers the highest-term entry of each slot and cuts the
+/// log at the first slot no promiser has, rather than filling holes with
+/// no-ops: the old home released a post after a hole after a post the new
+/// home does not have, and keeping it would give it another place.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Failover {
+    /// The replicas of each datacenter but the lost home.
+    pub groups: Vec<Vec<NodeId>>,
 }
 
 /// The protocol's guards (all on outside of tests).
@@ -51,6 +83,12 @@ pub struct Checks {
     pub fencing: bool,
     /// A new leader adopts the highest-term entries of a quorum.
     pub tail_read: bool,
+    /// A replica answers a failover epoch's Prepare (and runs in one)
+    /// only once the home-lease grants it gave ran out.
+    pub lease_wait: bool,
+    /// A failover epoch's elections read a majority of all the replicas
+    /// and of every group, not only of the voters.
+    pub wide_recovery: bool,
 }
 
 impl Default for Checks {
@@ -58,6 +96,8 @@ impl Default for Checks {
         Checks {
             fencing: true,
             tail_read: true,
+            lease_wait: true,
+            wide_recovery: true,
         }
     }
 }
@@ -75,6 +115,8 @@ impl LogConfig {
             learners: Vec::new(),
             epoch: 0,
             batch_max: 256,
+            failover: None,
+            home_lease: None,
             checks: Checks::default(),
         }
     }
@@ -106,6 +148,8 @@ impl LogConfig {
             learners,
             epoch: 0,
             batch_max: 256,
+            failover: None,
+            home_lease: None,
             checks: Checks::default(),
         }
     }
@@ -117,6 +161,32 @@ impl LogConfig {
 
     fn majority(&self) -> usize {
         self.replicas.len() / 2 + 1
+    }
+
+    /// Every replica, voters and learners, sorted: whose grants make a
+    /// home lease.
+    pub fn all(&self) -> Vec<NodeId> {
+        let mut all: Vec<NodeId> = self
+            .replicas
+            .iter()
+            .chain(&self.learners)
+            .copied()
+            .collect();
+        all.sort_unstable();
+        all
+    }
+
+    /// Whether promises from `promisers` elect a candidate: a majority of
+    /// the voters, and in a failover epoch also a majority of all the
+    /// replicas and of each of [`Failover::groups`].
+    pub fn elected_by(&self, promisers: &BTreeSet<NodeId>) -> bool {
+        let majority_of =
+            |set: &[NodeId]| 2 * set.iter().filter(|n| promisers.contains(n)).count() > set.len();
+        let wide = |f: &Failover| {
+            !self.checks.wide_recovery
+                || (majority_of(&self.all()) && f.groups.iter().all(|g| majority_of(g)))
+        };
+        majority_of(&self.replicas) && self.failover.as_ref().is_none_or(wide)
     }
 
     fn is_voter(&self, node: NodeId) -> bool {
@@ -224,6 +294,9 @@ enum Role<T> {
         /// Each learner's durable prefix as reported in this term: every
         /// slot up to it is stored there.
         stored: BTreeMap<NodeId, Slot>,
+        /// The home lease's grants in this term (unused without
+        /// [`LogConfig::home_lease`]).
+        lease: LeaseHolder,
     },
 }
 
@@ -242,6 +315,13 @@ pub struct LogReplica<T> {
     /// kept across restarts: a replica that restarted knows nothing of
     /// what was committed while it was down until a leader tells it.
     heard: Option<Slot>,
+    /// The latest reading of the node's clock ([`LogReplica::tick`]).
+    now: Millis,
+    /// The home-lease grants this replica gave.
+    grantor: LeaseGrantor,
+    /// Prepares of a failover epoch held back until the grants this
+    /// replica gave ran out: candidate, term and asked slot.
+    deferred: Vec<(NodeId, Term, Slot)>,
     ready: LogReady<T>,
 }
 
@@ -258,8 +338,86 @@ impl<T: Clone> LogReplica<T> {
             highest,
             released,
             heard: None,
+            now: Millis::default(),
+            grantor: LeaseGrantor::default(),
+            deferred: Vec::new(),
             ready: LogReady::default(),
         }
+    }
+
+    /// A reading of the node's clock: renews the home lease when a renewal
+    /// is due, releases what a renewed lease allows, and answers the
+    /// failover Prepares held back once this replica's grants ran out.
+    /// With [`LogConfig::home_lease`] set, the node calls this with a
+    /// fresh reading before every input (a message, an append), so that
+    /// grants and releases are timed by a clock read after the input
+    /// arrived; readings never go back.
+    pub fn tick(&mut self, now: Millis) {
+        self.now = self.now.max(now);
+        let Some(lease) = self.config.home_lease else {
+            return;
+        };
+        self.grantor.start(&lease, self.now);
+        self.renew_lease();
+        self.release_as_leader();
+        if !self.deferred.is_empty() && !self.grantor.promising(self.now) {
+            for (from, term, slot) in std::mem::take(&mut self.deferred) {
+                self.step(from, LogMessage::Prepare { term, from: slot });
+            }
+        }
+    }
+
+    /// On a leader, asks every other replica for a home lease when a
+    /// renewal is due, granting its own at once.
+    fn renew_lease(&mut self) {
+        let Some(lease) = self.config.home_lease else {
+            return;
+        };
+        let me = self.config.me;
+        let others = self.others();
+        if let Role::Leader {
+            term,
+            lease: holder,
+            ..
+        } = &mut self.role
+            && let Some(seq) = holder.due(&lease, me, self.now)
+        {
+            let term = *term;
+            self.grantor.grant(&lease, self.now);
+            for to in others {
+                self.ready
+                    .messages
+                    .push((to, LogMessage::LeaseRequest { term, seq }));
+            }
+        }
+    }
+
+    /// Until when this leader holds its home lease, if it does now
+    /// (`None` also when it does not lead, or when the configuration has
+    /// no home lease).
+    pub fn home_lease_until(&self) -> Option<Millis> {
+        self.config.home_lease?;
+        match &self.role {
+            Role::Leader { lease, .. } => lease.holds_until(&self.config.all(), self.now),
+            _ => None,
+        }
+    }
+
+    /// When [`LogReplica::tick`] has something to do next: the home
+    /// lease's renewal on a leader, the end of this replica's grants while
+    /// a Prepare waits for it.
+    pub fn next_tick(&self) -> Option<Millis> {
+        let lease = self.config.home_lease?;
+        let renewal = match &self.role {
+            Role::Leader { lease: holder, .. } => Some(holder.next_request(&lease)),
+            _ => None,
+        };
+        let deferred = if self.deferred.is_empty() {
+            None
+        } else {
+            self.grantor.until()
+        };
+        renewal.into_iter().chain(deferred).min()
     }
 
     /// Takes what the node must do now.
@@ -403,10 +561,20 @@ impl<T: Clone> LogReplica<T> {
 
     /// Runs for leadership in a term of its configuration's epoch above
     /// every term seen, promising it locally first. `None` when the rounds
-    /// are exhausted, or when a term of a later epoch was seen: this node
-    /// must learn that epoch's replica set first.
+    /// are exhausted, when a term of a later epoch was seen (this node
+    /// must learn that epoch's replica set first), or, in a failover epoch,
+    /// while home-lease grants this node gave may still bind it.
     pub fn campaign(&mut self) -> Option<Term> {
         if self.config.is_learner() {
+            return None;
+        }
+        if self.config.failover.is_some()
+            && self.config.home_lease.is_some()
+            && self.config.checks.lease_wait
+            && self.grantor.promising(self.now)
+        {
+            // LEASE_WAIT holds for a candidate's own promise too: the old
+            // home's leader may still count a grant of this node.
             return None;
         }
         let epoch = self.config.epoch;
@@ -438,7 +606,13 @@ impl<T: Clone> LogReplica<T> {
             from,
             promises: BTreeMap::from([(self.config.me, (floor, entries))]),
         };
-        for to in self.other_voters() {
+        // A failover epoch's election reads the learners too.
+        let targets = if self.config.failover.is_some() {
+            self.others()
+        } else {
+            self.other_voters()
+        };
+        for to in targets {
             self.ready
                 .messages
                 .push((to, LogMessage::Prepare { term, from }));
@@ -564,7 +738,24 @@ impl<T: Clone> LogReplica<T> {
     /// down: its term is fenced as soon as anyone is elected in the new
     /// one. Returns whether the configuration changed (a configuration of
     /// the same or an earlier epoch, or for another node, is ignored).
+    ///
+    /// The same epoch is taken when only [`LogConfig::failover`] is lifted:
+    /// the map recorded that a leader established the failover epoch, so
+    /// its elections read the voters alone from then on; the leader, if
+    /// any, goes on.
     pub fn reconfigure(&mut self, config: LogConfig) -> bool {
+        if config.me == self.config.me
+            && config.epoch == self.config.epoch
+            && self.config.failover.is_some()
+            && config.failover.is_none()
+            && (LogConfig {
+                failover: self.config.failover.clone(),
+                ..config.clone()
+            }) == self.config
+        {
+            self.config = config;
+            return true;
+        }
         if config.me != self.config.me || config.epoch <= self.config.epoch {
             return false;
         }
@@ -595,10 +786,11 @@ impl<T: Clone> LogReplica<T> {
             message,
             LogMessage::Prepare { .. } | LogMessage::Promise { .. }
         );
-        if election && (self.config.is_learner() || !self.config.is_voter(from)) {
-            // Elections are among voters only: a learner neither asks nor
-            // promises. One of a later epoch (where this node may vote)
-            // still says the map moved on.
+        if election && !self.takes_part(from, &message) {
+            // Elections are among voters only, but for a failover epoch's,
+            // which learners answer too: a learner never asks. One of a
+            // later epoch (where this node may vote) still says the map
+            // moved on.
             if term.epoch > self.config.epoch {
                 self.observe(term);
             }
@@ -606,7 +798,10 @@ impl<T: Clone> LogReplica<T> {
         }
         let asks = matches!(
             message,
-            LogMessage::Prepare { .. } | LogMessage::Accept { .. } | LogMessage::Compacted { .. }
+            LogMessage::Prepare { .. }
+                | LogMessage::Accept { .. }
+                | LogMessage::Compacted { .. }
+                | LogMessage::LeaseRequest { .. }
         );
         if asks && term.epoch != self.config.epoch {
             // Elections, writes and leader notices are answered only in
@@ -630,6 +825,21 @@ impl<T: Clone> LogReplica<T> {
         }
         match message {
             LogMessage::Prepare { term, from: slot } => {
+                if self.config.failover.is_some()
+                    && self.config.home_lease.is_some()
+                    && self.config.checks.lease_wait
+                    && self.grantor.promising(self.now)
+                    && term > self.acceptor.promised()
+                {
+                    // LEASE_WAIT: a leader of the old epoch may still
+                    // release under a grant of this replica; answer once
+                    // the grants ran out (`tick`).
+                    self.deferred.retain(|(n, t, _)| *n != from || *t > term);
+                    if !self.deferred.iter().any(|(n, _, _)| *n == from) {
+                        self.deferred.push((from, term, slot));
+                    }
+                    return;
+                }
                 let (reply, write) = self.acceptor.on_prepare(term, slot);
                 self.merge_write(write);
                 self.observe(term);
@@ -691,8 +901,66 @@ impl<T: Clone> LogReplica<T> {
                     self.ready.lagging.push((self.config.me, floor));
                 }
             }
+            LogMessage::LeaseRequest { term, seq } => self.on_lease_request(from, term, seq),
+            LogMessage::LeaseGrant { term, seq } => {
+                let Some(lease) = self.config.home_lease else {
+                    return;
+                };
+                if let Role::Leader {
+                    term: leading,
+                    lease: holder,
+                    ..
+                } = &mut self.role
+                    && *leading == term
+                {
+                    holder.on_grant(&lease, from, seq);
+                    self.release_as_leader();
+                }
+            }
             LogMessage::Refused { promised, .. } => self.observe(promised),
         }
+    }
+
+    /// Whether `from`'s election message is one this node takes part in:
+    /// a Prepare from a voter, answered by voters (and by learners in a
+    /// failover epoch); a Promise to a candidate, from a voter (or from
+    /// any replica in a failover epoch).
+    fn takes_part(&self, from: NodeId, message: &LogMessage<T>) -> bool {
+        let open = self.config.failover.is_some() && message.term().epoch == self.config.epoch;
+        match message {
+            LogMessage::Prepare { .. } => {
+                self.config.is_voter(from) && (open || !self.config.is_learner())
+            }
+            LogMessage::Promise { .. } => {
+                !self.config.is_learner() && (open || self.config.is_voter(from))
+            }
+            _ => true,
+        }
+    }
+
+    /// The leader of `term` asks for a home lease: granted unless this
+    /// replica promised a later term (then refused, so the leader learns
+    /// it was deposed). Requests of another epoch never get here, so a
+    /// replica that knows a failover epoch grants nothing to the old one.
+    fn on_lease_request(&mut self, from: NodeId, term: Term, seq: u64) {
+        let Some(lease) = self.config.home_lease else {
+            return;
+        };
+        if term.node != from {
+            return;
+        }
+        let promised = self.acceptor.promised();
+        if term < promised {
+            self.ready
+                .messages
+                .push((from, LogMessage::Refused { term, promised }));
+            return;
+        }
+        self.observe(term);
+        self.grantor.grant(&lease, self.now);
+        self.ready
+            .messages
+            .push((from, LogMessage::LeaseGrant { term, seq }));
     }
 
     /// A term seen: a newer one ends this node's candidacy or leadership,
@@ -725,7 +993,7 @@ impl<T: Clone> LogReplica<T> {
         else {
             return;
         };
-        if promises.len() < self.config.majority() {
+        if !self.config.elected_by(&promises.keys().copied().collect()) {
             return;
         }
         let (term, from) = (*term, *from);
@@ -771,11 +1039,20 @@ impl<T: Clone> LogReplica<T> {
                 }
             }
         }
-        let last = recovered
-            .keys()
-            .next_back()
-            .copied()
-            .unwrap_or(self.released);
+        let last = if self.config.failover.is_some() {
+            // Cut at the first slot no promiser has (see `Failover`).
+            let mut last = Slot(from.0 - 1);
+            while recovered.contains_key(&last.next()) {
+                last = last.next();
+            }
+            last
+        } else {
+            recovered
+                .keys()
+                .next_back()
+                .copied()
+                .unwrap_or(self.released)
+        };
         let values: Vec<Value<T>> = (from.0..=last.0)
             .map(|s| recovered.remove(&Slot(s)).map_or(Value::Noop, |e| e.value))
             .collect();
@@ -786,8 +1063,10 @@ impl<T: Clone> LogReplica<T> {
             recovered_to: last,
             caught_up: BTreeSet::new(),
             stored: BTreeMap::new(),
+            lease: LeaseHolder::default(),
         };
         self.ready.leading = Some(term);
+        self.renew_lease();
         if !values.is_empty() {
             self.write_as_leader(from, values);
         }
@@ -904,8 +1183,12 @@ impl<T: Clone> LogReplica<T> {
         self.ready.messages.extend(sends);
     }
 
-    /// Releases the leader's committed prefix, in order.
+    /// Releases the leader's committed prefix, in order; with a home
+    /// lease, only while the lease holds.
     fn release_as_leader(&mut self) {
+        if self.config.home_lease.is_some() && self.home_lease_until().is_none() {
+            return;
+        }
         let majority = self.config.majority();
         let Role::Leader { pending, .. } = &mut self.role else {
             return;

@@ -1,0 +1,752 @@
+//! Failing a partition's home over to another datacenter
+//! (`specs/HomeFailover.tla`): the home lease that fences the old home,
+//! the failover election that waits out the grants it gave and reads a
+//! majority of every other datacenter, and the cut of the recovered log at
+//! its first hole. Scripted flows on a hand-driven network, each node with
+//! its own clock, and a seeded simulation (below) that must catch each
+//! guard turned off.
+
+use std::collections::BTreeMap;
+
+use rand::{RngExt, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+use saferchat_consensus::partition_log::{
+    Checks, Entry, Failover, LogAcceptor, LogConfig, LogMessage, LogReplica, Slot, Term, Value,
+};
+use saferchat_consensus::{Drift, LeaseConfig, Millis, NodeId};
+
+fn lease() -> LeaseConfig {
+    LeaseConfig {
+        lease_ms: 1_000,
+        renew_every_ms: 250,
+        guard_ms: 10,
+        drift: Drift::new(500),
+    }
+}
+
+fn ids(v: &[u64]) -> Vec<NodeId> {
+    v.iter().copied().map(NodeId).collect()
+}
+
+/// Node `me` of a partition with `voters` and `learners`, a home lease,
+/// in `epoch`, a failover epoch when `groups` is given.
+fn config(
+    me: u64,
+    voters: &[u64],
+    learners: &[u64],
+    epoch: u64,
+    groups: Option<&[&[u64]]>,
+) -> LogConfig {
+    let mut c = LogConfig::with_learners(NodeId(me), ids(voters), ids(learners)).in_epoch(epoch);
+    c.home_lease = Some(lease());
+    c.failover = groups.map(|g| Failover {
+        groups: g.iter().map(|g| ids(g)).collect(),
+    });
+    c
+}
+
+fn post(v: u32) -> Value<u32> {
+    Value::Post(v)
+}
+
+/// Replicas on a hand-driven network; every node reads its own clock.
+struct Net {
+    nodes: BTreeMap<u64, LogReplica<u32>>,
+    clocks: BTreeMap<u64, Millis>,
+    inflight: Vec<(NodeId, NodeId, LogMessage<u32>)>,
+    released: BTreeMap<u64, Vec<(u64, Value<u32>)>>,
+    newer_epoch: BTreeMap<u64, u64>,
+}
+
+impl Net {
+    fn new(configs: Vec<LogConfig>) -> Net {
+        let mut net = Net {
+            nodes: BTreeMap::new(),
+            clocks: BTreeMap::new(),
+            inflight: Vec::new(),
+            released: BTreeMap::new(),
+            newer_epoch: BTreeMap::new(),
+        };
+        for c in configs {
+            let me = c.me.0;
+            net.nodes.insert(
+                me,
+                LogReplica::new(c, LogAcceptor::restore(Term::ZERO, [], Slot(0)), Slot(0)),
+            );
+            net.set_clock(me, 0);
+        }
+        net
+    }
+
+    fn node(&mut self, n: u64) -> &mut LogReplica<u32> {
+        self.nodes.get_mut(&n).unwrap()
+    }
+
+    /// Moves node `n`'s clock to `t` (never back) and ticks it.
+    fn set_clock(&mut self, n: u64, t: u64) {
+        let now = Millis(t);
+        self.clocks.insert(n, now);
+        self.node(n).tick(now);
+        self.collect(n);
+    }
+
+    fn collect(&mut self, n: u64) {
+        let ready = self.node(n).take_ready();
+        for (to, m) in ready.messages {
+            self.inflight.push((NodeId(n), to, m));
+        }
+        if let Some(e) = ready.newer_epoch {
+            self.newer_epoch.insert(n, e);
+        }
+        self.released
+            .entry(n)
+            .or_default()
+            .extend(ready.committed.into_iter().map(|c| (c.slot.0, c.value)));
+    }
+
+    /// Delivers everything in flight (each message after a tick of its
+    /// receiver's clock) except what `drop` says is lost.
+    fn run(&mut self, drop: impl Fn(u64, u64, &LogMessage<u32>) -> bool) {
+        let ns: Vec<u64> = self.nodes.keys().copied().collect();
+        for n in ns {
+            self.collect(n);
+        }
+        while !self.inflight.is_empty() {
+            let (from, to, m) = self.inflight.remove(0);
+            if drop(from.0, to.0, &m) || !self.nodes.contains_key(&to.0) {
+                continue;
+            }
+            let now = self.clocks[&to.0];
+            let node = self.node(to.0);
+            node.tick(now);
+            node.step(from, m);
+            self.collect(to.0);
+        }
+    }
+
+    fn released(&self, n: u64) -> Vec<(u64, Value<u32>)> {
+        self.released.get(&n).cloned().unwrap_or_default()
+    }
+}
+
+fn cut(nodes: &'static [u64]) -> impl Fn(u64, u64, &LogMessage<u32>) -> bool {
+    move |from, to, _| nodes.contains(&from) || nodes.contains(&to)
+}
+
+#[test]
+fn a_leader_releases_only_while_a_majority_of_all_replicas_grant_its_home_lease() {
+    // Home voters 1 and 2; learners 3, 4 and 5 in other datacenters.
+    let (v, l) = (&[1, 2][..], &[3, 4, 5][..]);
+    let mut net = Net::new((1..=5).map(|me| config(me, v, l, 1, None)).collect());
+    net.node(1).campaign().unwrap();
+    net.run(cut(&[3, 4, 5]));
+    assert!(net.node(1).leading().is_some(), "voters elect");
+    assert_eq!(net.node(1).home_lease_until(), None, "2 of 5 grants");
+    net.node(1).append(vec![post(7)]).unwrap();
+    net.run(cut(&[3, 4, 5]));
+    assert_eq!(
+        net.released(1),
+        vec![],
+        "committed by the voters, but no lease"
+    );
+
+    // Learner 3 comes back; the next renewal brings its grant.
+    net.set_clock(1, 250);
+    net.run(cut(&[4, 5]));
+    assert_eq!(net.node(1).home_lease_until(), Some(Millis(1_250)));
+    assert_eq!(net.released(1), vec![(1, post(7))]);
+
+    // Learner 3 is cut off again: renewals fail, the lease runs out at the
+    // end of the last grant, and a post committed after stays unreleased.
+    for t in [500, 750, 1_000, 1_249] {
+        net.set_clock(1, t);
+        net.run(cut(&[3, 4, 5]));
+    }
+    assert_eq!(net.node(1).home_lease_until(), Some(Millis(1_250)));
+    net.set_clock(1, 1_250);
+    net.run(cut(&[3, 4, 5]));
+    assert_eq!(net.node(1).home_lease_until(), None);
+    net.node(1).append(vec![post(8)]).unwrap();
+    net.run(cut(&[3, 4, 5]));
+    assert_eq!(net.released(1), vec![(1, post(7))]);
+    assert!(
+        net.node(1).leading().is_some(),
+        "still leads, cannot release"
+    );
+
+    // Any majority of all the replicas will do: 4 and 5 answer the next renewal.
+    net.set_clock(1, 1_500);
+    net.run(cut(&[3]));
+    assert_eq!(net.released(1), vec![(1, post(7)), (2, post(8))]);
+}
+
+/// Epoch 1: node 1 is the home's only voter, 2 and 3 learn (one
+/// datacenter each). Node 1 leads, holds a lease from itself and 2, and
+/// released `posts` in order; what `lost` names never arrived.
+fn old_home(posts: &[u32], lost: impl Fn(u64, &LogMessage<u32>) -> bool) -> Net {
+    let mut net = Net::new(vec![
+        config(1, &[1], &[2, 3], 1, None),
+        config(2, &[1], &[2, 3], 1, None),
+        config(3, &[1], &[2, 3], 1, None),
+    ]);
+    net.node(1).campaign().unwrap();
+    net.run(|_, _, _| false);
+    for p in posts {
+        net.node(1).append(vec![post(*p)]).unwrap();
+        net.run(|_, to, m| lost(to, m));
+    }
+    net
+}
+
+/// Nodes 2 and 3 learn that the map moved the home to node 2's datacenter
+/// in epoch 2: a failover epoch, whose elections need 2 and 3.
+fn fail_over(net: &mut Net) {
+    let (v, l, groups) = (&[2][..], &[1, 3][..], &[&[2][..], &[3][..]][..]);
+    for me in [2, 3] {
+        assert!(net.node(me).reconfigure(config(me, v, l, 2, Some(groups))));
+    }
+}
+
+#[test]
+fn a_failover_candidate_waits_out_the_grants_given_and_reads_every_other_datacenter() {
+    let mut net = old_home(&[10], |_, _| false);
+    assert_eq!(net.released(1), vec![(1, post(10))]);
+    fail_over(&mut net);
+    let promise = lease().promise_ms();
+
+    // Node 2 granted node 1 a lease at time 0: it does not run until that
+    // promise ran out.
+    net.set_clock(2, promise - 1);
+    assert_eq!(net.node(2).campaign(), None);
+    net.set_clock(2, promise);
+    let term = net.node(2).campaign().unwrap();
+    assert_eq!(term.epoch, 2);
+
+    // Node 3's clock is behind: its grant to node 1 still runs, so it
+    // holds the Prepare back, and node 2 cannot lead with its own promise
+    // alone (nor with node 1's, which is cut off).
+    net.set_clock(3, promise - 1);
+    net.run(cut(&[1]));
+    assert!(net.node(2).leading().is_none());
+    net.set_clock(3, promise);
+    net.run(cut(&[1]));
+    assert_eq!(net.node(2).leading(), Some(term));
+
+    // It recovered node 1's post from node 3, holds a lease from 2 and 3
+    // (two of three), and releases it, then its own.
+    assert!(net.node(2).home_lease_until().is_some());
+    net.node(2).append(vec![post(20)]).unwrap();
+    net.run(cut(&[1]));
+    assert_eq!(net.released(2), vec![(1, post(10)), (2, post(20))]);
+}
+
+#[test]
+fn the_old_home_cut_off_loses_its_lease_and_a_replica_of_the_new_epoch_refuses_it() {
+    let mut net = old_home(&[10], |_, _| false);
+    fail_over(&mut net);
+    // Node 1 renews: 2 and 3 know epoch 2 and refuse, so it learns that
+    // the map moved on and stops leading.
+    net.set_clock(1, 250);
+    net.run(|_, _, _| false);
+    assert_eq!(net.newer_epoch.get(&1), Some(&2));
+    assert!(net.node(1).leading().is_none());
+    assert_eq!(net.node(1).home_lease_until(), None);
+    assert_eq!(net.released(1), vec![(1, post(10))]);
+}
+
+#[test]
+fn a_failover_leader_cuts_the_recovered_log_at_its_first_hole() {
+    // Node 3 stored slots 1 and 3 but not 2 (its Accept was lost), and
+    // node 2 none of them (cut off from the old home's writes).
+    let mut net = old_home(&[1, 2, 3], |to, m| {
+        let LogMessage::Accept { first, values, .. } = m else {
+            return false;
+        };
+        !values.is_empty() && (to == 2 || (to == 3 && *first == Slot(2)))
+    });
+    assert_eq!(
+        net.released(1),
+        vec![(1, post(1)), (2, post(2)), (3, post(3))]
+    );
+    fail_over(&mut net);
+    let promise = lease().promise_ms();
+    for n in [2, 3] {
+        net.set_clock(n, promise);
+    }
+    net.node(2).campaign().unwrap();
+    net.run(cut(&[1]));
+    assert!(net.node(2).leading().is_some());
+    net.node(2).append(vec![post(99)]).unwrap();
+    net.run(cut(&[1]));
+    // Slot 3 (a post released after the lost slot 2) is not kept: the
+    // new home's log goes on from slot 1.
+    assert_eq!(net.released(2), vec![(1, post(1)), (2, post(99))]);
+}
+
+#[test]
+fn a_restarted_replica_holds_a_failover_prepare_back_for_one_promise() {
+    let mut net = old_home(&[10], |_, _| false);
+    fail_over(&mut net);
+    // Node 3 restarts (its durable state kept, its grants forgotten): its
+    // first reading of the clock starts one whole promise.
+    let acceptor = net.node(3).acceptor().clone();
+    let released = net.node(3).released();
+    let c = net.node(3).config().clone();
+    net.nodes.insert(3, LogReplica::new(c, acceptor, released));
+    let promise = lease().promise_ms();
+    net.set_clock(3, 5_000);
+    net.set_clock(2, 5_000);
+    net.node(2).campaign().unwrap();
+    net.run(cut(&[1]));
+    assert!(net.node(2).leading().is_none());
+    net.set_clock(3, 5_000 + promise);
+    net.run(cut(&[1]));
+    assert!(net.node(2).leading().is_some());
+}
+
+// ---------------------------------------------------------------------
+// Seeded simulation.
+//
+// Three datacenters of three replicas: `H1` the old home, `H2` the new
+// one, `H3` a third. Real time advances a few milliseconds per step and
+// every node reads its own clock, offset and drifting within the lease's
+// bound. Messages are lost, duplicated and reordered, leaders crash and
+// restart, `H1` may be cut off from the rest (and healed), and the map
+// fails the home over to `H2` at any moment (an operator may do so while
+// the old home is alive), then records `Establish` (a broken map records
+// it as soon as the new home has a leader). Compaction and copies
+// are left to the other simulations. Checked on every release by a
+// leader (an acknowledgement): agreement within each epoch, the fence (no
+// release of epoch 1 after epoch 2's first, in real time), and that every
+// post acknowledged at the cross-datacenter level is what epoch 2 has at
+// its slot; each guard off must be caught.
+
+const H1: [u64; 3] = [1, 2, 3];
+const H2: [u64; 3] = [4, 5, 6];
+const H3: [u64; 3] = [7, 8, 9];
+const NODES: usize = 9;
+const POSTS: u32 = 60;
+
+fn sim_config(me: u64, epoch: u64, failover: bool, checks: Checks) -> LogConfig {
+    let (voters, learners): (&[u64], Vec<u64>) = if epoch == 1 {
+        (&H1, H2.iter().chain(&H3).copied().collect())
+    } else {
+        (&H2, H1.iter().chain(&H3).copied().collect())
+    };
+    let mut c = LogConfig::with_learners(NodeId(me), ids(voters), ids(&learners)).in_epoch(epoch);
+    c.home_lease = Some(lease());
+    c.checks = checks;
+    if epoch == 2 && failover {
+        c.failover = Some(Failover {
+            groups: vec![ids(&H2), ids(&H3)],
+        });
+    }
+    c
+}
+
+type Disk = (Term, BTreeMap<Slot, Entry<u32>>, Slot);
+
+struct Sim {
+    rng: ChaCha8Rng,
+    checks: Checks,
+    /// Broken map: it records `Establish` as soon as epoch 2 has a leader.
+    early_narrow: bool,
+    /// Real time, in milliseconds.
+    real: u64,
+    /// Each node's clock: offset and drift in parts per million.
+    clocks: Vec<(u64, i64)>,
+    nodes: Vec<LogReplica<u32>>,
+    /// The epoch each node knows, and whether it knows epoch 2 established.
+    known: Vec<(u64, bool)>,
+    disk: Vec<Disk>,
+    net: Vec<(NodeId, NodeId, LogMessage<u32>)>,
+    /// `H1` cut off from the other datacenters.
+    cut: bool,
+    /// When (real time) `H1` is cut off, the map moves the home, and the
+    /// cut heals (never, for some schedules); a schedule without a cut
+    /// has an operator move the home of a healthy partition.
+    cut_at: Option<u64>,
+    move_at: u64,
+    heal_at: Option<u64>,
+    /// Whether the cut leaves `H1` and `H3` connected (only `H2` is cut
+    /// off from the old home).
+    partial: bool,
+    /// Per mille of steps that lose a message, and percent of a node's
+    /// steps that learn the map.
+    loss: u32,
+    learn: u32,
+    map_epoch: u64,
+    established: bool,
+    next_post: u32,
+    /// What leaders released (acknowledged), by epoch and slot.
+    acks: BTreeMap<(u64, u64), Value<u32>>,
+    /// Posts acknowledged in epoch 2, by post: slot.
+    acked_new: BTreeMap<u32, u64>,
+    /// Posts acknowledged at the cross-datacenter level, by slot.
+    cross: BTreeMap<u64, u32>,
+    /// Real time of epoch 2's first release.
+    first_new_release: Option<u64>,
+}
+
+impl Sim {
+    fn new(seed: u64, checks: Checks, early_narrow: bool) -> Sim {
+        let mut rng = ChaCha8Rng::seed_from_u64(seed);
+        let clocks = (0..NODES)
+            .map(|_| (rng.random_range(0..10_000), rng.random_range(-400..=400)))
+            .collect();
+        let cut_at = (rng.random_range(0..10) > 0).then(|| rng.random_range(1_000..6_000));
+        let move_at = cut_at.unwrap_or(3_000) + rng.random_range(0..2_000);
+        let heal_at = rng
+            .random_bool(0.5)
+            .then(|| move_at + rng.random_range(0..4_000));
+        let partial = rng.random_bool(0.3);
+        let loss = [20, 150][rng.random_range(0..2)];
+        let learn = [3, 20][rng.random_range(0..2)];
+        Sim {
+            rng,
+            checks,
+            early_narrow,
+            real: 0,
+            clocks,
+            nodes: (1..=NODES as u64)
+                .map(|me| {
+                    LogReplica::new(
+                        sim_config(me, 1, false, checks),
+                        LogAcceptor::restore(Term::ZERO, [], Slot(0)),
+                        Slot(0),
+                    )
+                })
+                .collect(),
+            known: vec![(1, false); NODES],
+            disk: vec![(Term::ZERO, BTreeMap::new(), Slot(0)); NODES],
+            net: Vec::new(),
+            cut: false,
+            cut_at,
+            move_at,
+            heal_at,
+            partial,
+            loss,
+            learn,
+            map_epoch: 1,
+            established: false,
+            next_post: 1,
+            acks: BTreeMap::new(),
+            acked_new: BTreeMap::new(),
+            cross: BTreeMap::new(),
+            first_new_release: None,
+        }
+    }
+
+    fn now(&self, i: usize) -> Millis {
+        let (offset, ppm) = self.clocks[i];
+        let drift = i64::try_from(self.real).unwrap() * ppm / 1_000_000;
+        Millis(offset + u64::try_from(i64::try_from(self.real).unwrap() + drift).unwrap())
+    }
+
+    fn tick(&mut self, i: usize) {
+        let now = self.now(i);
+        self.nodes[i].tick(now);
+    }
+
+    fn in_home(i: usize) -> bool {
+        H1.contains(&(i as u64 + 1))
+    }
+
+    /// Node `i` cannot reach the map while cut off from both other
+    /// datacenters.
+    fn reaches_map(&self, i: usize) -> bool {
+        !(self.cut && !self.partial && Self::in_home(i))
+    }
+
+    /// Whether the cut drops messages between nodes `i` and `j`.
+    fn cut_between(&self, i: usize, j: usize) -> bool {
+        let dc = |n: usize| n / 3;
+        self.cut
+            && dc(i) != dc(j)
+            && (dc(i) == 0 || dc(j) == 0)
+            && !(self.partial && (dc(i) == 2 || dc(j) == 2))
+    }
+
+    fn collect(&mut self, i: usize) -> Result<(), String> {
+        let epoch_led = self.nodes[i].leading().map(|t| t.epoch);
+        let ready = self.nodes[i].take_ready();
+        if let Some(w) = ready.write {
+            self.disk[i].0 = w.promised;
+            self.disk[i].1.extend(w.entries);
+        }
+        let me = NodeId(i as u64 + 1);
+        for (to, m) in ready.messages {
+            self.net.push((me, to, m));
+        }
+        for c in ready.committed {
+            if c.slot != self.disk[i].2.next() {
+                return Err(format!("{me} released {} after {}", c.slot, self.disk[i].2));
+            }
+            self.disk[i].2 = c.slot;
+            if let Some(e) = epoch_led {
+                self.acknowledged(me, e, c.slot.0, c.value)?;
+            }
+        }
+        self.cross_acknowledge(i)
+    }
+
+    fn acknowledged(
+        &mut self,
+        me: NodeId,
+        epoch: u64,
+        slot: u64,
+        value: Value<u32>,
+    ) -> Result<(), String> {
+        if let Some(v) = self.acks.get(&(epoch, slot))
+            && *v != value
+        {
+            return Err(format!(
+                "Agreement in epoch {epoch}: #{slot} is {v:?} and {value:?} ({me})"
+            ));
+        }
+        if epoch == 1 && self.first_new_release.is_some_and(|t| t < self.real) {
+            return Err(format!(
+                "Fence: {me} released #{slot} of epoch 1 at {} ms, after epoch 2 first released at {:?} ms",
+                self.real, self.first_new_release
+            ));
+        }
+        if epoch == 2 {
+            self.first_new_release.get_or_insert(self.real);
+            if let Some(p) = self.cross.get(&slot)
+                && value != Value::Post(*p)
+            {
+                return Err(format!(
+                    "CrossKept: #{slot} held post {p}, released as {value:?} by {me}"
+                ));
+            }
+            if let Value::Post(p) = value
+                && let Some(other) = self.acked_new.insert(p, slot)
+                && other != slot
+            {
+                return Err(format!("AckedOnce: post {p} in #{other} and #{slot}"));
+            }
+        }
+        self.acks.insert((epoch, slot), value);
+        Ok(())
+    }
+
+    /// An epoch-1 leader acknowledges at the cross-datacenter level what
+    /// it released and a majority of `H2` or of `H3` stored.
+    fn cross_acknowledge(&mut self, i: usize) -> Result<(), String> {
+        let node = &self.nodes[i];
+        if node.leading().map(|t| t.epoch) != Some(1) {
+            return Ok(());
+        }
+        let released = node.released();
+        let stored = node
+            .stored_by(&ids(&H2), 2)
+            .max(node.stored_by(&ids(&H3), 2));
+        for s in 1..=stored.min(released).0 {
+            if self.cross.contains_key(&s) {
+                continue;
+            }
+            let Some(Value::Post(p)) = self.acks.get(&(1, s)).cloned() else {
+                continue;
+            };
+            if let Some(v) = self.acks.get(&(2, s))
+                && *v != Value::Post(p)
+            {
+                return Err(format!(
+                    "CrossKept: post {p} acknowledged at #{s} after epoch 2 released {v:?} there"
+                ));
+            }
+            self.cross.insert(s, p);
+        }
+        Ok(())
+    }
+
+    fn restart(&mut self, i: usize) {
+        let (promised, entries, released) = self.disk[i].clone();
+        let (epoch, established) = self.known[i];
+        self.nodes[i] = LogReplica::new(
+            sim_config(i as u64 + 1, epoch, epoch == 2 && !established, self.checks),
+            LogAcceptor::restore(promised, entries, Slot(0)),
+            released,
+        );
+    }
+
+    /// Node `i` learns what the map holds, if it can reach it.
+    fn learn(&mut self, i: usize) {
+        if !self.reaches_map(i) || self.known[i] == (self.map_epoch, self.established) {
+            return;
+        }
+        self.known[i] = (self.map_epoch, self.established);
+        let c = sim_config(i as u64 + 1, self.map_epoch, !self.established, self.checks);
+        self.nodes[i].reconfigure(c);
+    }
+
+    /// A post for node `i`, taken if it leads.
+    fn append(&mut self, i: usize) {
+        if self.nodes[i]
+            .append(vec![Value::Post(self.next_post)])
+            .is_ok()
+        {
+            self.next_post += 1;
+        }
+    }
+
+    /// The map records `Establish` once a leader of epoch 2 established it
+    /// (broken: once epoch 2 has a leader).
+    fn establish(&mut self) {
+        let early = self.early_narrow;
+        self.established |= self.nodes.iter().any(|n| {
+            n.established().is_some_and(|t| t.epoch == 2)
+                || (early && n.leading().is_some_and(|t| t.epoch == 2))
+        });
+    }
+
+    fn step(&mut self) -> Result<(), String> {
+        self.real += self.rng.random_range(0..=3);
+        self.cut = self.cut_at.is_some_and(|t| self.real >= t)
+            && self.heal_at.is_none_or(|t| self.real < t);
+        if self.real >= self.move_at {
+            self.map_epoch = 2;
+        }
+        if self.early_narrow {
+            self.establish();
+        }
+        let i = self.rng.random_range(0..NODES);
+        self.tick(i);
+        if self.rng.random_range(0..1_000) < self.loss && !self.net.is_empty() {
+            let k = self.rng.random_range(0..self.net.len());
+            self.net.swap_remove(k);
+        }
+        let learn = self.rng.random_range(0..100) < self.learn;
+        if learn {
+            self.learn(i);
+        }
+        match self.rng.random_range(0..200) {
+            // Campaigns now and then, and soon after the home moved while
+            // the new home has no leader (an election timeout's stand-in).
+            0..2 => {
+                self.nodes[i].campaign();
+            }
+            2..12
+                if self.known[i].0 == 2
+                    && !self
+                        .nodes
+                        .iter()
+                        .any(|n| n.leading().is_some_and(|t| t.epoch == 2)) =>
+            {
+                self.nodes[i].campaign();
+            }
+            3..30 if self.next_post <= POSTS => self.append(i),
+            30..32 => self.restart(i),
+            32..40 => self.nodes[i].resend(),
+            80..83 if self.map_epoch == 2 => self.establish(),
+            _ if !self.net.is_empty() => {
+                // Mostly among the oldest: messages take a few steps, not
+                // hundreds (the lease is a few hundred steps long).
+                let k = self.rng.random_range(0..self.net.len().min(8));
+                let (from, to, m) = if self.rng.random_range(0..10) == 0 {
+                    self.net[k].clone()
+                } else {
+                    self.net.remove(k)
+                };
+                let j = usize::try_from(to.0).unwrap() - 1;
+                if !self.cut_between(j, usize::try_from(from.0).unwrap() - 1) {
+                    self.tick(j);
+                    self.nodes[j].step(from, m);
+                    self.collect(j)?;
+                }
+            }
+            _ => {}
+        }
+        self.collect(i)
+    }
+}
+
+/// What one schedule did: posts released by epoch-2 leaders, and
+/// cross-datacenter acknowledgements.
+fn simulate(
+    seed: u64,
+    checks: Checks,
+    early_narrow: bool,
+    steps: usize,
+) -> Result<(usize, usize), String> {
+    let mut sim = Sim::new(seed, checks, early_narrow);
+    for _ in 0..steps {
+        sim.step()?;
+    }
+    let new = sim.acks.keys().filter(|(e, _)| *e == 2).count();
+    Ok((new, sim.cross.len()))
+}
+
+fn seed_base() -> u64 {
+    std::env::var("SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0x40fe)
+}
+
+#[test]
+fn seeded_failovers_keep_the_fence_and_every_cross_datacenter_post() {
+    let base = seed_base();
+    let (mut new, mut cross, mut failed_over) = (0, 0, 0);
+    for k in 0..300 {
+        let seed = base + k;
+        match simulate(seed, Checks::default(), false, 6_000) {
+            Ok((n, c)) => {
+                new += n;
+                cross += c;
+                failed_over += usize::from(n > 0);
+            }
+            Err(e) => panic!("SEED={seed}: {e}"),
+        }
+    }
+    println!(
+        "300 schedules from SEED={base}: {new} slots released by the new home in {failed_over} schedules, {cross} posts acknowledged across datacenters"
+    );
+    assert!(
+        failed_over > 100 && cross > 300,
+        "the schedules did little: {failed_over} failed over, {cross} cross-datacenter acknowledgements"
+    );
+}
+
+fn must_break(checks: Checks, early_narrow: bool, what: &str) -> String {
+    let base = seed_base();
+    for k in 0..3_000 {
+        if let Err(e) = simulate(base + k, checks, early_narrow, 6_000) {
+            println!("{what}: SEED={}: {e}", base + k);
+            return e;
+        }
+    }
+    panic!("no schedule broke {what}");
+}
+
+#[test]
+fn broken_without_the_lease_wait_is_caught() {
+    let e = must_break(
+        Checks {
+            lease_wait: false,
+            ..Checks::default()
+        },
+        false,
+        "no lease wait",
+    );
+    assert!(e.starts_with("Fence") || e.starts_with("CrossKept"), "{e}");
+}
+
+#[test]
+fn broken_narrow_recovery_is_caught() {
+    let e = must_break(
+        Checks {
+            wide_recovery: false,
+            ..Checks::default()
+        },
+        false,
+        "narrow recovery",
+    );
+    assert!(e.starts_with("Fence") || e.starts_with("CrossKept"), "{e}");
+}
+
+#[test]
+fn broken_narrow_elections_before_establish_are_caught() {
+    let e = must_break(Checks::default(), true, "narrow before Establish");
+    assert!(e.starts_with("CrossKept") || e.starts_with("Agreement"), "{e}");
+}
