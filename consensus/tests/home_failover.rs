@@ -748,5 +748,8 @@ fn broken_narrow_recovery_is_caught() {
 #[test]
 fn broken_narrow_elections_before_establish_are_caught() {
     let e = must_break(Checks::default(), true, "narrow before Establish");
-    assert!(e.starts_with("CrossKept") || e.starts_with("Agreement"), "{e}");
+    assert!(
+        e.starts_with("CrossKept") || e.starts_with("Agreement"),
+        "{e}"
+    );
 }
