@@ -374,22 +374,33 @@ impl<T: Clone> LogReplica<T> {
             return;
         };
         let me = self.config.me;
-        let others = self.others();
-        if let Role::Leader {
+        let Role::Leader {
             term,
             lease: holder,
             ..
         } = &mut self.role
-            && let Some(seq) = holder.due(&lease, me, self.now)
-        {
-            let term = *term;
-            self.grantor.grant(&lease, self.now);
-            for to in others {
-                self.ready
-                    .messages
-                    .push((to, LogMessage::LeaseRequest { term, seq }));
-            }
+        else {
+            return;
+        };
+        let Some(seq) = holder.due(&lease, me, self.now) else {
+            return;
+        };
+        let term = *term;
+        self.grantor.grant(&lease, self.now);
+        for to in self.others() {
+            self.ready
+                .messages
+                .push((to, LogMessage::LeaseRequest { term, seq }));
         }
+    }
+
+    /// Whether home-lease grants this replica gave may still bind it in a
+    /// failover epoch (`LEASE_WAIT`): it neither runs nor promises then.
+    fn bound_by_grants(&self) -> bool {
+        self.config.failover.is_some()
+            && self.config.home_lease.is_some()
+            && self.config.checks.lease_wait
+            && self.grantor.promising(self.now)
     }
 
     /// Until when this leader holds its home lease, if it does now
@@ -568,11 +579,7 @@ impl<T: Clone> LogReplica<T> {
         if self.config.is_learner() {
             return None;
         }
-        if self.config.failover.is_some()
-            && self.config.home_lease.is_some()
-            && self.config.checks.lease_wait
-            && self.grantor.promising(self.now)
-        {
+        if self.bound_by_grants() {
             // LEASE_WAIT holds for a candidate's own promise too: the old
             // home's leader may still count a grant of this node.
             return None;
@@ -825,12 +832,7 @@ impl<T: Clone> LogReplica<T> {
         }
         match message {
             LogMessage::Prepare { term, from: slot } => {
-                if self.config.failover.is_some()
-                    && self.config.home_lease.is_some()
-                    && self.config.checks.lease_wait
-                    && self.grantor.promising(self.now)
-                    && term > self.acceptor.promised()
-                {
+                if self.bound_by_grants() && term > self.acceptor.promised() {
                     // LEASE_WAIT: a leader of the old epoch may still
                     // release under a grant of this replica; answer once
                     // the grants ran out (`tick`).
