@@ -135,6 +135,25 @@ impl Admin {
         Ok(self.client.drain(request).await?.into_inner())
     }
 
+    /// Moves the home of every partition homed in `from` (or of
+    /// `partitions`) to `to`.
+    ///
+    /// # Errors
+    /// FAILED_PRECONDITION when no partition could move, …
+    pub async fn move_homes(
+        &mut self,
+        from: &str,
+        to: &str,
+        partitions: Vec<u32>,
+    ) -> Result<pb::MoveHomesReply, ClientError> {
+        let request = self.request(pb::MoveHomesRequest {
+            from: from.to_owned(),
+            to: to.to_owned(),
+            partitions,
+        });
+        Ok(self.client.move_homes(request).await?.into_inner())
+    }
+
     /// The membership, revision and lease holders of a room.
     ///
     /// # Errors

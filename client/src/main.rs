@@ -214,6 +214,21 @@ enum ClusterCommand {
         /// Its node id.
         id: u64,
     },
+    /// Move the home of every partition homed in a datacenter (or of the
+    /// given partitions) to another datacenter: what to do when a home
+    /// datacenter is lost. Posts acknowledged at the cross-datacenter
+    /// level survive; local-level posts not yet copied out may not.
+    MoveHomes {
+        /// The datacenter whose partitions move.
+        #[arg(long, required_unless_present = "partition")]
+        from: Option<String>,
+        /// Their new home.
+        #[arg(long)]
+        to: String,
+        /// Only this partition (repeatable).
+        #[arg(long)]
+        partition: Vec<u32>,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -290,6 +305,13 @@ fn show_cluster_status(s: &saferchat_proto::admin::ClusterStatusReply) -> String
             out,
             "moving: {} partitions still to move, {} with a step not established yet",
             s.moving_partitions, s.unestablished_partitions
+        );
+    }
+    if s.moved_homes > 0 || s.failing_over_partitions > 0 {
+        let _ = writeln!(
+            out,
+            "homes: {} partitions homed away from their turn's datacenter, {} of them not established in their new home yet",
+            s.moved_homes, s.failing_over_partitions
         );
     }
     for n in &s.nodes {
@@ -776,6 +798,22 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                         "draining node {id} (cluster map epoch {}): remove it with `saferchat cluster remove-node {id}` once it holds no partition",
                         r.epoch
                     );
+                }
+                ClusterCommand::MoveHomes {
+                    from,
+                    to,
+                    partition,
+                } => {
+                    let from = from.clone().unwrap_or_default();
+                    let r = admin.move_homes(&from, to, partition.clone()).await?;
+                    println!(
+                        "moved the home of {} partition(s) to {to} (cluster map epoch {}); each serves again once a leader in {to} is elected by a majority of every other datacenter",
+                        r.moved.len(),
+                        r.epoch
+                    );
+                    for refused in &r.refused {
+                        println!("not moved: {refused}");
+                    }
                 }
             }
         }

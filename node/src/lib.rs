@@ -410,6 +410,7 @@ pub async fn run(
                 placement: Arc::clone(&placement),
             })),
             retained_max: config.partition_log_retained_bytes,
+            home_lease: replica.lease,
         });
         (Some(timeline), Some(task))
     };

@@ -350,6 +350,9 @@ pub fn follow_map(
             .filter_map(|n| mapped.nodes().iter().find(|c| c.id == *n).cloned())
             .collect();
         ours.pin(p, &nodes);
+        // A home move (`MapCommand::MoveHome`) changes the voters with the
+        // epoch, not the replicas.
+        ours.move_home(p, mapped.home(p));
         moved.push(p.0);
     }
     Some((ours, moved))

@@ -126,6 +126,16 @@ pub struct ClusterMap {
     /// joined, drained and left (empty in maps from before it was kept).
     #[serde(default)]
     pub created_with: BTreeMap<u64, String>,
+    /// Partitions an operator homed in another datacenter than their
+    /// turn's ([`MapCommand::MoveHome`]), and where.
+    #[serde(default)]
+    pub moved_homes: BTreeMap<u32, String>,
+    /// Partitions whose home moved and whose new epoch no leader has
+    /// established yet, with the home they left: until then their log's
+    /// elections also read the replicas outside the new home
+    /// (`saferchat_consensus::partition_log::Failover`).
+    #[serde(default)]
+    pub failing_over: BTreeMap<u32, String>,
 }
 
 /// A change to the map, as replicated in the map's log.
@@ -187,6 +197,21 @@ pub enum MapCommand {
         /// The partition.
         partition: u32,
         /// The partition's epoch the mover handed over to.
+        epoch: u64,
+    },
+    /// Homes a partition in another datacenter, in a new partition epoch
+    /// whose log the new home's replicas vote on. The operator's answer to
+    /// a lost (or leaving) home datacenter: the old home may still be
+    /// alive behind a cut, which the home lease fences
+    /// (`specs/HomeFailover.tla`). Refused while the partition moves or
+    /// its epoch is not established, and where its replicas outside the
+    /// home are no majority of all (two datacenters).
+    MoveHome {
+        /// The partition.
+        partition: u32,
+        /// The datacenter that becomes its home.
+        datacenter: String,
+        /// The partition's epoch the proposer saw.
         epoch: u64,
     },
     /// A moving partition whose epoch is established loses a node its
@@ -356,6 +381,7 @@ impl ClusterMap {
             MapCommand::Grow { .. }
             | MapCommand::Establish { .. }
             | MapCommand::HandedOver { .. }
+            | MapCommand::MoveHome { .. }
             | MapCommand::Shrink { .. } => {
                 if !self.is_created() {
                     return Err(MapError::NotCreated);

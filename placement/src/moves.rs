@@ -255,7 +255,22 @@ impl ClusterMap {
             after.sort_unstable();
             let mut before = before.clone();
             before.sort_unstable();
-            let Some(mover) = self.mover_of(&before, &after) else {
+            let mover = match self.failing_over.get(partition) {
+                // A home move's set is the same before and after; its
+                // lowest node in the new home moves it, since the old
+                // home may be the datacenter that was lost.
+                Some(_) => {
+                    let home = placement.home(PartitionId(*partition));
+                    let in_home: Vec<u64> = after
+                        .iter()
+                        .copied()
+                        .filter(|n| self.nodes.get(n).is_some_and(|m| m.datacenter == home))
+                        .collect();
+                    self.mover_of(&in_home, &in_home)
+                }
+                None => self.mover_of(&before, &after),
+            };
+            let Some(mover) = mover else {
                 continue;
             };
             steps.insert(
@@ -333,6 +348,9 @@ impl ClusterMap {
             }
             | MapCommand::Establish { partition, epoch }
             | MapCommand::HandedOver { partition, epoch }
+            | MapCommand::MoveHome {
+                partition, epoch, ..
+            }
             | MapCommand::Shrink {
                 partition, epoch, ..
             } => (*partition, *epoch),
@@ -373,6 +391,7 @@ impl ClusterMap {
             }
             self.unestablished.remove(&partition);
             self.handed_over.remove(&partition);
+            self.failing_over.remove(&partition);
             self.epoch += 1;
             return Ok(());
         }
@@ -380,6 +399,9 @@ impl ClusterMap {
             return Err(refused(format!(
                 "epoch {current} is not established yet: a leader of its set must commit what it recovered first"
             )));
+        }
+        if let MapCommand::MoveHome { datacenter, .. } = command {
+            return self.move_home(partition, datacenter);
         }
         let Some(pinned) = self.moving.get(&partition).cloned() else {
             return Err(MoveError::NotMoving(partition).into());
@@ -425,6 +447,60 @@ impl ClusterMap {
         Ok(())
     }
 
+    /// Applies [`MapCommand::MoveHome`] of an established partition: a
+    /// new partition epoch with the same replicas, homed in `datacenter`.
+    /// Like a grow or shrink, the step hands the rooms over (their
+    /// acceptors are the same nodes, but their ballots carry the new
+    /// epoch) before a leader of the new home establishes it.
+    fn move_home(&mut self, partition: u32, datacenter: &str) -> Result<(), MapError> {
+        let refused =
+            |reason: String| -> MapError { MoveError::Refused { partition, reason }.into() };
+        if self.moving.contains_key(&partition) {
+            return Err(refused(
+                "it is moving between replica sets; its home can move once it reached its target"
+                    .into(),
+            ));
+        }
+        let placement = self
+            .placement()
+            .map_err(|e| MapError::Shape(e.to_string()))?;
+        let p = PartitionId(partition);
+        let home = placement.home(p).to_owned();
+        if home == datacenter {
+            return Err(refused(format!("its home is {datacenter} already")));
+        }
+        let replicas = ids(placement.replicas(p));
+        if !placement
+            .replicas(p)
+            .iter()
+            .any(|n| placement.datacenter_of(*n) == Some(datacenter))
+        {
+            return Err(refused(format!(
+                "it has no replica in datacenter {datacenter:?}"
+            )));
+        }
+        if !placement.can_fail_over(p) {
+            return Err(refused(format!(
+                "its replicas outside {home} are no majority of its {} replicas, so no other datacenter can take over its log without {home}",
+                replicas.len()
+            )));
+        }
+        let epoch = self.epoch + 1;
+        self.unestablished.insert(partition);
+        self.partition_epochs.insert(partition, epoch);
+        self.previous_sets.insert(partition, replicas);
+        self.failing_over.insert(partition, home);
+        let mut moved = placement;
+        moved.move_home(p, datacenter);
+        if moved.home(p) == moved.turn_home(p) {
+            self.moved_homes.remove(&partition);
+        } else {
+            self.moved_homes.insert(partition, datacenter.to_owned());
+        }
+        self.epoch = epoch;
+        Ok(())
+    }
+
     /// The ring's placement on the active nodes, with the pinned
     /// partitions' sets put in: where every partition is now.
     ///
@@ -446,6 +522,9 @@ impl ClusterMap {
                 })
                 .collect();
             placement.pin(PartitionId(*p), &nodes);
+        }
+        for (p, datacenter) in &self.moved_homes {
+            placement.move_home(PartitionId(*p), datacenter);
         }
         Ok(placement)
     }
@@ -963,5 +1042,132 @@ mod tests {
         moving.apply(&MapCommand::Rebalance).unwrap();
         let text = serde_json::to_string(&moving).unwrap();
         assert_eq!(serde_json::from_str::<ClusterMap>(&text).unwrap(), moving);
+    }
+
+    fn three_datacenters() -> ClusterMap {
+        created(
+            &[
+                (1, "a"),
+                (2, "a"),
+                (3, "a"),
+                (4, "b"),
+                (5, "b"),
+                (6, "b"),
+                (7, "c"),
+                (8, "c"),
+                (9, "c"),
+            ],
+            16,
+        )
+    }
+
+    #[test]
+    fn a_home_moves_in_a_new_epoch_that_reads_every_other_datacenter_until_established() {
+        let mut map = three_datacenters();
+        let p = PartitionId(0);
+        let before = map.placement().unwrap();
+        assert_eq!(before.home(p), "a");
+        let mut voters: Vec<u64> = before.voters(p).iter().map(|n| n.0).collect();
+        voters.sort_unstable();
+        assert_eq!(voters, [1, 2, 3]);
+        assert!(before.can_fail_over(p));
+        let epoch = map.partition_epoch(0);
+        map.apply(&MapCommand::MoveHome {
+            partition: 0,
+            datacenter: "b".into(),
+            epoch,
+        })
+        .unwrap();
+        let after = map.placement().unwrap();
+        assert_eq!(after.home(p), "b");
+        let mut voters: Vec<u64> = after.voters(p).iter().map(|n| n.0).collect();
+        voters.sort_unstable();
+        assert_eq!(voters, [4, 5, 6]);
+        assert_eq!(after.replicas(p), before.replicas(p), "the same replicas");
+        // Every other partition stays where it was.
+        for q in before.partitions().all().skip(1) {
+            assert_eq!(after.home(q), before.home(q));
+        }
+        assert_eq!(map.partition_epoch(0), map.epoch);
+        assert_eq!(map.failing_over.get(&0).map(String::as_str), Some("a"));
+        // The step is moved by the new home's lowest node (the old home
+        // may be gone) and hands the rooms over to the same set.
+        let step = map.step_of(0).unwrap().expect("a step under way");
+        assert_eq!(step.before, step.after);
+        assert_eq!(step.mover, 4);
+        assert_eq!(map.establish_waits_for(&step), None);
+        // Nothing else moves the partition meanwhile.
+        let stale = MapCommand::MoveHome {
+            partition: 0,
+            datacenter: "c".into(),
+            epoch,
+        };
+        assert!(matches!(
+            map.apply(&stale),
+            Err(MapError::Move(MoveError::StaleEpoch { .. }))
+        ));
+        let again = MapCommand::MoveHome {
+            partition: 0,
+            datacenter: "c".into(),
+            epoch: map.partition_epoch(0),
+        };
+        assert!(map.apply(&again).is_err(), "not established yet");
+        let epoch = map.partition_epoch(0);
+        map.apply(&MapCommand::HandedOver {
+            partition: 0,
+            epoch,
+        })
+        .unwrap();
+        map.apply(&MapCommand::Establish {
+            partition: 0,
+            epoch,
+        })
+        .unwrap();
+        assert!(map.failing_over.is_empty());
+        assert_eq!(map.placement().unwrap().home(p), "b");
+        // Moving it back undoes the override.
+        map.apply(&MapCommand::MoveHome {
+            partition: 0,
+            datacenter: "a".into(),
+            epoch,
+        })
+        .unwrap();
+        assert!(map.moved_homes.is_empty());
+        assert_eq!(map.failing_over.get(&0).map(String::as_str), Some("b"));
+        let text = serde_json::to_string(&map).unwrap();
+        assert_eq!(serde_json::from_str::<ClusterMap>(&text).unwrap(), map);
+    }
+
+    #[test]
+    fn a_home_move_is_refused_where_no_other_datacenter_can_take_over() {
+        let refused = |map: &mut ClusterMap, partition: u32, dc: &str| {
+            let epoch = map.partition_epoch(partition);
+            let before = map.clone();
+            let result = map.apply(&MapCommand::MoveHome {
+                partition,
+                datacenter: dc.into(),
+                epoch,
+            });
+            assert!(
+                matches!(result, Err(MapError::Move(MoveError::Refused { .. }))),
+                "{result:?}"
+            );
+            assert_eq!(*map, before, "a refused command changes nothing");
+        };
+        // Two datacenters of three: the other holds half, no majority.
+        let mut two = created(
+            &[(1, "a"), (2, "a"), (3, "a"), (4, "b"), (5, "b"), (6, "b")],
+            16,
+        );
+        refused(&mut two, 0, "b");
+        // Its own home, or a datacenter it has no replica in.
+        let mut three = three_datacenters();
+        refused(&mut three, 0, "a");
+        refused(&mut three, 0, "nowhere");
+        // A partition moving between sets.
+        join(&mut three, 10, "b");
+        three.apply(&MapCommand::Rebalance).unwrap();
+        let moving = *three.moving.keys().next().expect("a partition moves");
+        refused(&mut three, moving, "c");
     }
 }

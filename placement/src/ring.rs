@@ -101,6 +101,9 @@ pub struct Placement {
     /// The datacenters partitions take turns to call home, in name order
     /// (see [`Placement::home`]).
     homes: Vec<String>,
+    /// Partitions whose home an operator moved to another datacenter
+    /// (`MapCommand::MoveHome`), and where to.
+    moved_homes: BTreeMap<u32, String>,
 }
 
 impl Placement {
@@ -166,6 +169,7 @@ impl Placement {
             nodes: sorted,
             table,
             homes,
+            moved_homes: BTreeMap::new(),
         })
     }
 
@@ -192,8 +196,39 @@ impl Placement {
     /// are its replicas there ([`Placement::voters`]); its replicas in
     /// every other datacenter follow the log without voting
     /// ([`Placement::learners`]).
+    ///
+    /// A home moved by the cluster map ([`Placement::move_home`]) wins.
     pub fn home(&self, p: PartitionId) -> &str {
+        self.moved_homes
+            .get(&p.0)
+            .map_or_else(|| self.turn_home(p), String::as_str)
+    }
+
+    /// The datacenter whose turn it is to home `p`, moved or not.
+    pub fn turn_home(&self, p: PartitionId) -> &str {
         &self.homes[p.0 as usize % self.homes.len()]
+    }
+
+    /// Homes partition `p` in `datacenter` from now on (its turn's
+    /// datacenter again: the move is undone).
+    pub fn move_home(&mut self, p: PartitionId, datacenter: &str) {
+        if self.turn_home(p) == datacenter {
+            self.moved_homes.remove(&p.0);
+        } else {
+            self.moved_homes.insert(p.0, datacenter.to_owned());
+        }
+    }
+
+    /// Whether partition `p`'s home can fail over to another datacenter
+    /// (`MapCommand::MoveHome` with its home lost): its replicas outside
+    /// the home are a majority of all its replicas, so that they can elect
+    /// a new home's leader by the majority of all that every home lease
+    /// needs too. Not so with two datacenters of equal size (half is no
+    /// majority), nor with one.
+    pub fn can_fail_over(&self, p: PartitionId) -> bool {
+        let all = self.replicas(p).len();
+        let outside = self.learners(p).len();
+        2 * outside > all
     }
 
     /// The datacenter of `node`, if it is placed.

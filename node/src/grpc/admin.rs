@@ -228,6 +228,9 @@ impl Admin for AdminService {
             moving_partitions: u32::try_from(status.map.moving.len()).unwrap_or(u32::MAX),
             unestablished_partitions: u32::try_from(status.map.unestablished.len())
                 .unwrap_or(u32::MAX),
+            failing_over_partitions: u32::try_from(status.map.failing_over.len())
+                .unwrap_or(u32::MAX),
+            moved_homes: u32::try_from(status.map.moved_homes.len()).unwrap_or(u32::MAX),
             applied_index: status.applied_index.unwrap_or(0),
         }))
     }
@@ -323,5 +326,80 @@ impl Admin for AdminService {
             "draining: the node's partitions move to the others"
         );
         Ok(Response::new(pb::MapChangeReply { epoch }))
+    }
+
+    async fn move_homes(
+        &self,
+        request: Request<pb::MoveHomesRequest>,
+    ) -> Result<Response<pb::MoveHomesReply>, Status> {
+        let request = request.into_inner();
+        let map = self.ctx.maps.current();
+        if !map.is_created() {
+            return Err(Status::failed_precondition(
+                "the cluster map was not created yet",
+            ));
+        }
+        if request.to.is_empty() || (request.from.is_empty() && request.partitions.is_empty()) {
+            return Err(Status::invalid_argument(
+                "name the new home (`to`) and the datacenter whose partitions move (`from`) or the partitions",
+            ));
+        }
+        let placement = map
+            .placement()
+            .map_err(|e| Status::failed_precondition(e.to_string()))?;
+        let count = placement.partitions().get();
+        let partitions: Vec<u32> = if request.partitions.is_empty() {
+            placement
+                .partitions()
+                .all()
+                .filter(|p| placement.home(*p) == request.from)
+                .map(|p| p.0)
+                .collect()
+        } else {
+            if let Some(bad) = request.partitions.iter().find(|p| **p >= count) {
+                return Err(Status::invalid_argument(format!(
+                    "partition {bad} does not exist (the cluster has {count})"
+                )));
+            }
+            request.partitions.clone()
+        };
+        if partitions.is_empty() {
+            return Err(Status::failed_precondition(format!(
+                "no partition is homed in datacenter {:?}",
+                request.from
+            )));
+        }
+        let mut reply = pb::MoveHomesReply {
+            epoch: map.epoch,
+            ..pb::MoveHomesReply::default()
+        };
+        for partition in partitions {
+            let command = saferchat_placement::MapCommand::MoveHome {
+                partition,
+                datacenter: request.to.clone(),
+                epoch: map.partition_epoch(partition),
+            };
+            match self.ctx.maps.propose(command).await {
+                Ok(epoch) => {
+                    reply.epoch = epoch;
+                    reply.moved.push(partition);
+                }
+                Err(e) => reply.refused.push(format!("partition {partition}: {e}")),
+            }
+        }
+        tracing::info!(
+            to = %request.to,
+            moved = reply.moved.len(),
+            refused = reply.refused.len(),
+            epoch = reply.epoch,
+            "partition homes moved"
+        );
+        if reply.moved.is_empty() {
+            return Err(Status::failed_precondition(format!(
+                "no partition's home moved: {}",
+                reply.refused.join("; ")
+            )));
+        }
+        Ok(Response::new(reply))
     }
 }

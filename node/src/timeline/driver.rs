@@ -102,9 +102,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use saferchat_consensus::partition_log::{
-    Committed, LogAcceptor, LogConfig, LogMessage, LogReplica, Slot, Term, Value,
+    Committed, Failover, LogAcceptor, LogConfig, LogMessage, LogReplica, Slot, Term, Value,
 };
-use saferchat_consensus::{Millis, NodeId, RoomId};
+use saferchat_consensus::{LeaseConfig, Millis, NodeId, RoomId};
 use saferchat_envelope::Envelope;
 use saferchat_placement::{ClusterMap, Placement};
 use tokio::sync::{mpsc, oneshot};
@@ -172,6 +172,10 @@ pub const COPY_RETRY_MS: u64 = 1_000;
 pub const COPY_RETRY_MAX_MS: u64 = 60_000;
 /// Partition copies running at once, at most.
 pub const COPIES_AT_ONCE: usize = 4;
+/// A leader that has held no home lease this long (since it took the lead,
+/// or since its lease ran out) refuses posts and answers those waiting:
+/// its datacenter is cut off from the others (see "Home failover").
+pub const HOME_LEASE_GRACE_MS: u64 = ELECTION_TIMEOUT_MS;
 
 /// A copy of a partition's timeline that ended.
 #[derive(Debug)]
@@ -188,6 +192,10 @@ struct Outage {
     backoff_ms: u64,
     error: String,
 }
+
+/// What a post is told on a leader cut off from the partition's other
+/// datacenters.
+const CUT_OFF: &str = "this node's datacenter is cut off from the other datacenters of the room's partition (it holds no home lease), so it cannot acknowledge posts; the post may still be kept: retry the same post later or through another datacenter (a retry is recognised)";
 
 /// A committed post as placed: who to answer, its room and place, and the
 /// envelope to deliver.
@@ -254,6 +262,9 @@ struct Part {
     /// On a leader, when its last [`COMMIT_TIMES_MAX`] slots committed:
     /// the replication lag to other datacenters in milliseconds.
     commit_times: VecDeque<(Slot, Millis)>,
+    /// On a leader whose log has a home lease: since when it has held
+    /// none (from when it took the lead until the first grants).
+    lease_lapsed: Option<Millis>,
 }
 
 /// Commit times a leader keeps per partition; a datacenter further behind
@@ -278,6 +289,34 @@ impl Part {
         self.replica.nudge();
         self.nudged = Some(now);
         true
+    }
+
+    /// On a leader whose log has a home lease: whether it has held none for
+    /// [`HOME_LEASE_GRACE_MS`] or more, so that what it commits is not
+    /// released (see "Home failover"). Its posts are refused then.
+    fn cut_off(&self, now: Millis) -> bool {
+        self.lease_lapsed
+            .is_some_and(|since| now.since(since) >= HOME_LEASE_GRACE_MS)
+    }
+
+    /// Feeds the replica a reading of the lease clock (the home lease's
+    /// grants and releases are timed by it) and keeps
+    /// [`Part::lease_lapsed`] true.
+    fn tick(&mut self, partition: u32, now: Millis) {
+        self.replica.tick(now);
+        let leads_without_lease = self.replica.leading().is_some()
+            && self.replica.config().home_lease.is_some()
+            && self.replica.home_lease_until().is_none();
+        match (leads_without_lease, self.lease_lapsed) {
+            (true, None) => self.lease_lapsed = Some(now),
+            (false, Some(since)) => {
+                if now.since(since) >= HOME_LEASE_GRACE_MS {
+                    tracing::info!(partition, "the partition's home lease is held again");
+                }
+                self.lease_lapsed = None;
+            }
+            _ => {}
+        }
     }
 
     /// Whether a quorum of the replicas (this node among them) answered
@@ -332,6 +371,9 @@ pub struct DriverParts {
     /// Applied bytes each partition's log retains (at most
     /// [`RETAINED_BYTES_MAX`]).
     pub retained_max: usize,
+    /// The timing of home leases (the rooms' lease timing), for the
+    /// partitions whose home can fail over (see "Home failover").
+    pub home_lease: LeaseConfig,
 }
 
 /// A committed post whose client asked for another datacenter's copy
@@ -395,6 +437,7 @@ struct Driver {
         Option<mpsc::UnboundedReceiver<CopyDone>>,
     ),
     retained_max: usize,
+    home_lease: LeaseConfig,
     /// A rotation of the partition-log file whose new checkpoint is being
     /// written off this loop (see [`Driver::rotate`]).
     rotation: Option<JoinHandle<Result<PreparedFile, NodeError>>>,
@@ -442,6 +485,7 @@ pub fn spawn(parts: DriverParts) -> (Timeline, JoinHandle<Result<(), NodeError>>
             (tx, Some(rx))
         },
         retained_max: parts.retained_max.min(RETAINED_BYTES_MAX),
+        home_lease: parts.home_lease,
         rotation: None,
     };
     for (partition, state) in parts.states {
@@ -485,6 +529,10 @@ impl Driver {
 
     /// The partition's log configuration on this node: its replicas in
     /// its home datacenter vote, the others learn (`Placement::voters`).
+    /// Where the home can fail over, releases need a home lease; while the
+    /// map says the partition's home moved and no leader established the
+    /// new epoch, elections also read every datacenter but the lost home
+    /// (see "Home failover").
     fn log_config(&self, partition: u32, epoch: u64) -> LogConfig {
         let p = saferchat_placement::PartitionId(partition);
         let mut config = LogConfig::with_learners(
@@ -494,6 +542,24 @@ impl Driver {
         )
         .in_epoch(epoch);
         config.batch_max = ACCEPT_VALUES_MAX;
+        if self.placement.can_fail_over(p) {
+            config.home_lease = Some(self.home_lease);
+        }
+        if let Some(lost) = self.map.failing_over.get(&partition)
+            && self.map.partition_epoch(partition) == epoch
+        {
+            let mut groups: std::collections::BTreeMap<&str, Vec<NodeId>> =
+                std::collections::BTreeMap::new();
+            for n in self.placement.replicas(p) {
+                match self.placement.datacenter_of(*n) {
+                    Some(dc) if dc != lost => groups.entry(dc).or_default().push(*n),
+                    _ => {}
+                }
+            }
+            config.failover = Some(Failover {
+                groups: groups.into_values().collect(),
+            });
+        }
         config
     }
 
@@ -529,6 +595,7 @@ impl Driver {
                 copy_backoff_ms: COPY_RETRY_MS,
                 newer_epoch: 0,
                 commit_times: VecDeque::new(),
+                lease_lapsed: None,
                 wanted: None,
                 nudged: None,
             },
@@ -551,6 +618,25 @@ impl Driver {
         };
         self.map = Arc::new(map);
         self.placement = Arc::new(placement);
+        // A home move's epoch established: its elections read the voters
+        // alone from now on (the same epoch, so not among `moved`).
+        let established: Vec<u32> = self
+            .parts
+            .iter()
+            .filter(|(p, part)| {
+                part.replica.config().failover.is_some() && !self.map.failing_over.contains_key(p)
+            })
+            .map(|(p, _)| *p)
+            .collect();
+        for partition in established {
+            let epoch = self.parts[&partition].replica.config().epoch;
+            let config = self.log_config(partition, epoch);
+            let part = self.parts.get_mut(&partition).expect("loaded");
+            if part.replica.reconfigure(config) {
+                tracing::info!(partition, epoch, "the partition's new home is established");
+                touched.push(partition);
+            }
+        }
         for partition in moved {
             let replicas = self.replicas(partition);
             let epoch = self.map.partition_epoch(partition);
@@ -701,6 +787,7 @@ impl Driver {
                     && !contested
                 {
                     tracing::debug!(partition, %me, "campaigning: a client needs the partition");
+                    part.tick(partition, now);
                     part.replica.campaign();
                     part.heard = now;
                     touched.push(partition);
@@ -778,6 +865,19 @@ impl Driver {
                     }
                     return;
                 }
+                let now = self.clock.monotonic();
+                let cut_off = self.part(partition).is_some_and(|p| {
+                    p.tick(partition, now);
+                    p.cut_off(now)
+                });
+                if cut_off {
+                    metrics::counter!("saferchat_partition_posts_refused_cut_off_total")
+                        .increment(replies.len() as u64);
+                    for reply in replies {
+                        let _ = reply.send(Err(NodeError::Unavailable(CUT_OFF.into())));
+                    }
+                    return;
+                }
                 let leading = self
                     .part(partition)
                     .is_some_and(|p| p.replica.leading().is_some());
@@ -844,6 +944,7 @@ impl Driver {
                 part.active = true;
                 part.heard = now;
             }
+            part.tick(partition, now);
             part.replica.step(batch.from, message);
             touched.push(partition);
         }
@@ -859,7 +960,28 @@ impl Driver {
                 !list.is_empty()
             });
         }
+        let mut cut_off = Vec::new();
         for (partition, part) in &mut self.parts {
+            if part.replica.config().home_lease.is_some() {
+                let was_cut_off = part.cut_off(now);
+                if part.replica.next_tick().is_some_and(|t| t <= now) {
+                    touched.push(*partition);
+                }
+                part.tick(*partition, now);
+                if part.cut_off(now) {
+                    if !was_cut_off {
+                        tracing::warn!(
+                            partition,
+                            "no majority of the partition's replicas, every datacenter counted, renewed this leader's home lease; its posts are refused until they do"
+                        );
+                        metrics::counter!("saferchat_partition_home_lease_lapses_total")
+                            .increment(1);
+                    }
+                    // Posts appended before the grace ran out (an append
+                    // may be what noticed it first).
+                    cut_off.push(*partition);
+                }
+            }
             if part.replica.leading().is_some() {
                 if !part.hears_a_quorum(now) {
                     tracing::warn!(
@@ -904,6 +1026,7 @@ impl Driver {
                 RANK_STAGGER_MS * part.rank.max(1)
             };
             if now.since(part.heard) >= wait {
+                part.tick(*partition, now);
                 tracing::info!(
                     partition,
                     rank = part.rank,
@@ -918,6 +1041,9 @@ impl Driver {
         }
         for partition in lagging {
             self.report_lag(partition, now);
+        }
+        if !cut_off.is_empty() {
+            self.fail_waiters_with(&cut_off, CUT_OFF);
         }
     }
 
@@ -1237,20 +1363,13 @@ impl Driver {
         out
     }
 
+    /// Answers the posts waiting on `partitions`, whose leadership this
+    /// node lost.
     fn fail_waiters(&mut self, partitions: &[u32]) {
-        let gone: Vec<u64> = self
-            .waiters
-            .iter()
-            .filter(|(_, (p, _, _))| partitions.contains(p))
-            .map(|(t, _)| *t)
-            .collect();
-        for token in gone {
-            if let Some((_, reply, _)) = self.waiters.remove(&token) {
-                let _ = reply.send(Err(NodeError::Unavailable(
-                    "leadership of the room's partition moved before the post committed; it may still commit: reconnect and retry the same post (a retry is recognised)".into(),
-                )));
-            }
-        }
+        self.fail_waiters_with(
+            partitions,
+            "leadership of the room's partition moved before the post committed; it may still commit: reconnect and retry the same post (a retry is recognised)",
+        );
         let (gone, kept): (Vec<RemoteWaiter>, Vec<RemoteWaiter>) = self
             .remote_waiters
             .drain(..)
@@ -1260,6 +1379,23 @@ impl Driver {
             let _ = waiter.reply.send(Err(NodeError::Unavailable(
                 "leadership of the room's partition moved after the post committed in its home datacenter but before another datacenter confirmed it: reconnect and retry the same post (a retry is recognised)".into(),
             )));
+        }
+    }
+
+    /// Answers the posts of `partitions` waiting to commit with
+    /// UNAVAILABLE and `why` (those committed and waiting for another
+    /// datacenter keep waiting).
+    fn fail_waiters_with(&mut self, partitions: &[u32], why: &str) {
+        let gone: Vec<u64> = self
+            .waiters
+            .iter()
+            .filter(|(_, (p, _, _))| partitions.contains(p))
+            .map(|(t, _)| *t)
+            .collect();
+        for token in gone {
+            if let Some((_, reply, _)) = self.waiters.remove(&token) {
+                let _ = reply.send(Err(NodeError::Unavailable(why.into())));
+            }
         }
     }
 

@@ -196,6 +196,7 @@ fn start_on(
         shutdown: shutdown.clone(),
         copier: None,
         retained_max: super::RETAINED_BYTES_MAX,
+        home_lease: saferchat_consensus::LeaseConfig::default(),
     });
     // The sender side of `inbound` is dropped: no peers.
     Node {
