@@ -144,6 +144,9 @@ struct Throughput {
     latency: Latency,
     nodes_cpu_s: f64,
     bench_cpu_s: f64,
+    /// Times a room's load joined again after an UNAVAILABLE answer (a
+    /// leader change under load).
+    reconnects: usize,
     /// Every 250 ms under load, the largest `saferchat_replication_lag_ms`
     /// any leader reported (empty in one datacenter).
     lag_ms: Vec<f64>,
@@ -175,62 +178,106 @@ async fn sample_lag(metrics: Vec<std::net::SocketAddr>, until: Instant) -> Vec<f
     samples
 }
 
+/// Where a pipelined load joins its room again after an UNAVAILABLE.
+struct Rejoin {
+    server: String,
+    room: RoomId,
+}
+
+/// Reconnects a pipelined load may make before it gives up.
+const RECONNECTS_MAX: usize = 20;
+
 /// Posts the sealed envelopes of `pool` through `session` until `until`
 /// or until they run out, keeping `in_flight` outstanding; the latency of
-/// each acknowledged post. Sealing signs with RSA and opening a delivery
-/// decrypts with it, milliseconds each: the pool is sealed beforehand and
-/// the session taken raw, its deliveries (the member's own posts coming
-/// back) read and dropped unopened, so that this process's CPU goes to
-/// sending and receiving and the nodes are what is measured.
+/// each acknowledged post, from when it was first sent, and how many
+/// times the load reconnected. Sealing signs with RSA and opening a
+/// delivery decrypts with it, milliseconds each: the pool is sealed
+/// beforehand and the session taken raw, its deliveries (the member's own
+/// posts coming back) read and dropped unopened, so that this process's
+/// CPU goes to sending and receiving and the nodes are what is measured.
+///
+/// A post answered UNAVAILABLE (the node stopped leading the room's
+/// partition while it was in flight, which a leader change during a long
+/// run does) is what the protocol asks clients to retry: the load joins
+/// the room again through the same node and sends every outstanding
+/// envelope again, which the room recognises by its id.
 async fn pipelined(
     session: Session,
+    rejoin: Rejoin,
     in_flight: usize,
     pool: Vec<bytes::Bytes>,
     until: Instant,
-) -> anyhow::Result<Vec<f64>> {
+) -> anyhow::Result<(Vec<f64>, usize)> {
     use saferchat_proto::chat::{self as pb, client_frame, post_result, server_frame};
     let raw = session.into_raw();
-    let (out, mut inbound) = (raw.out, raw.inbound);
-    let mut sent: std::collections::HashMap<u64, Instant> = std::collections::HashMap::new();
+    let (mut out, mut inbound) = (raw.out, raw.inbound);
+    let mut sent: std::collections::HashMap<u64, (Instant, bytes::Bytes)> =
+        std::collections::HashMap::new();
     let mut ms = Vec::new();
+    let mut reconnects = 0;
     let mut pool = pool.into_iter();
     // Above the numbers `Session::post` used for the warm-up.
     let mut seq = 1_000_000u64;
+    let frame = |client_seq: u64, envelope: bytes::Bytes| pb::ClientFrame {
+        frame: Some(client_frame::Frame::Post(pb::Post {
+            client_seq,
+            envelope,
+            durability: pb::Durability::Local as i32,
+        })),
+    };
     loop {
         while Instant::now() < until && sent.len() < in_flight {
             let Some(envelope) = pool.next() else { break };
-            let post = pb::Post {
-                client_seq: seq,
-                envelope,
-                durability: pb::Durability::Local as i32,
-            };
-            out.send(pb::ClientFrame {
-                frame: Some(client_frame::Frame::Post(post)),
-            })
-            .await
-            .map_err(|_| anyhow::anyhow!("the session ended"))?;
-            sent.insert(seq, Instant::now());
+            out.send(frame(seq, envelope.clone()))
+                .await
+                .map_err(|_| anyhow::anyhow!("the session ended"))?;
+            sent.insert(seq, (Instant::now(), envelope));
             seq += 1;
         }
         if sent.is_empty() {
-            return Ok(ms);
+            return Ok((ms, reconnects));
         }
-        let frame = tokio::time::timeout(POST_MAX, inbound.message())
+        let frame_in = tokio::time::timeout(POST_MAX, inbound.message())
             .await
             .context("a post went unanswered")??
             .context("the session ended")?;
-        if let Some(server_frame::Frame::Result(result)) = frame.frame {
-            match result.outcome {
-                Some(post_result::Outcome::Accepted(_)) => {
-                    if let Some(at) = sent.remove(&result.client_seq) {
-                        ms.push(at.elapsed().as_secs_f64() * 1e3);
-                    }
+        let Some(server_frame::Frame::Result(result)) = frame_in.frame else {
+            continue;
+        };
+        match result.outcome {
+            Some(post_result::Outcome::Accepted(_)) => {
+                if let Some((at, _)) = sent.remove(&result.client_seq) {
+                    ms.push(at.elapsed().as_secs_f64() * 1e3);
                 }
-                Some(post_result::Outcome::Rejected(r)) => {
-                    anyhow::bail!("post refused: {}", r.message)
-                }
-                None => anyhow::bail!("an empty post result"),
             }
+            Some(post_result::Outcome::Rejected(r))
+                if r.code == tonic::Code::Unavailable as i32 && reconnects < RECONNECTS_MAX =>
+            {
+                reconnects += 1;
+                eprintln!(
+                    "dcbench: {}: {} (reconnecting, {reconnects} of at most {RECONNECTS_MAX})",
+                    rejoin.room, r.message
+                );
+                let options = JoinOptions {
+                    no_history: true,
+                    ..JoinOptions::default()
+                };
+                let session =
+                    Session::join(&rejoin.server, &rejoin.room, load::identity(0), &options)
+                        .await
+                        .context("join again")?;
+                let raw = session.into_raw();
+                (out, inbound) = (raw.out, raw.inbound);
+                for (client_seq, (_, envelope)) in &sent {
+                    out.send(frame(*client_seq, envelope.clone()))
+                        .await
+                        .map_err(|_| anyhow::anyhow!("the session ended"))?;
+                }
+            }
+            Some(post_result::Outcome::Rejected(r)) => {
+                anyhow::bail!("post refused: {}", r.message)
+            }
+            None => anyhow::bail!("an empty post result"),
         }
     }
 }
@@ -264,6 +311,7 @@ async fn throughput(
         ..JoinOptions::default()
     };
     let mut sessions = Vec::new();
+    let mut rejoins = Vec::new();
     for r in 0..args.throughput_rooms {
         let home = r % dcs.len();
         let name = room_homed(&format!("load{r}"), home as u32, dcs.len() as u32);
@@ -286,6 +334,10 @@ async fn throughput(
         .context("join")?;
         closed_loop(&mut session, 5, &body).await?;
         sessions.push(session);
+        rejoins.push(Rejoin {
+            server: cluster.server(through),
+            room: RoomId::new(&name)?,
+        });
     }
     // Seal every room's pool, the rooms in parallel on the runtime's
     // workers.
@@ -326,11 +378,15 @@ async fn throughput(
     let sampler = tokio::spawn(sample_lag(cluster.metrics.clone(), until));
     let tasks: Vec<_> = pools
         .into_iter()
-        .map(|(s, pool)| tokio::spawn(pipelined(s, args.in_flight, pool, until)))
+        .zip(rejoins)
+        .map(|((s, pool), rejoin)| tokio::spawn(pipelined(s, rejoin, args.in_flight, pool, until)))
         .collect();
     let mut ms = Vec::new();
+    let mut reconnects = 0;
     for t in tasks {
-        ms.extend(t.await??);
+        let (latencies, again) = t.await??;
+        ms.extend(latencies);
+        reconnects += again;
     }
     let seconds = started.elapsed().as_secs_f64();
     let lag_ms = sampler.await?;
@@ -365,6 +421,7 @@ async fn throughput(
         latency: Latency::of(ms),
         nodes_cpu_s,
         bench_cpu_s,
+        reconnects,
         lag_ms,
     })
 }
@@ -609,13 +666,13 @@ fn report(args: &Args, rows: &[Row], throughputs: &[Throughput]) -> String {
         );
         let _ = writeln!(
             r,
-            "| shape | posts acknowledged | posts/s | latency p50 / p99 / max (ms) | CPU s: node processes / this process (client and proxies) | replication lag under this load, largest over partitions every 250 ms: median / max (ms) |"
+            "| shape | posts acknowledged | posts/s | latency p50 / p99 / max (ms) | CPU s: node processes / this process (client and proxies) | replication lag under this load, largest over partitions every 250 ms: median / max (ms) | reconnects after UNAVAILABLE |"
         );
-        let _ = writeln!(r, "|---|---|---|---|---|---|");
+        let _ = writeln!(r, "|---|---|---|---|---|---|---|");
         for t in throughputs {
             let _ = writeln!(
                 r,
-                "| {} | {} | {:.0} | {:.1} / {:.1} / {:.1} | {:.1} / {:.1} | {} |",
+                "| {} | {} | {:.0} | {:.1} / {:.1} / {:.1} | {:.1} / {:.1} | {} | {} |",
                 t.shape,
                 t.posts,
                 t.posts as f64 / t.seconds,
@@ -625,6 +682,7 @@ fn report(args: &Args, rows: &[Row], throughputs: &[Throughput]) -> String {
                 t.nodes_cpu_s,
                 t.bench_cpu_s,
                 lag_cell(&t.lag_ms),
+                t.reconnects,
             );
         }
     }
