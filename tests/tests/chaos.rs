@@ -29,9 +29,14 @@
 //! tmpfs and fills it now and then (a node that stops on its full disk is
 //! started again once space is back, as a supervisor would).
 //!
+//! One more runs six nodes in three datacenters of two (every node
+//! replicates every partition; the room is homed in one of them) and also
+//! kills whole datacenters and cuts them off from the others.
+//!
 //! `SEED=n` replays schedule `n` (and runs only it; `CLOCKS=beyond` for a
 //! beyond-bound one, `STORE=cassandra` for one on Cassandra, which then
-//! runs in the Cassandra test; `DISK=1` adds full disks); `CHAOS_SECONDS`
+//! runs in the Cassandra test; `DISK=1` adds full disks; `DATACENTERS=1`
+//! runs it in three datacenters); `CHAOS_SECONDS`
 //! lengthens the fault window (default 20 s); `CHAOS_LOGS=dir` keeps every
 //! node's log there.
 
@@ -45,7 +50,6 @@ use saferchat_tests::netns;
 /// Schedules run when `SEED` is not set.
 const PLANS: [(u64, Kinds); 4] = [
     (1, Kinds::WITHIN),
-    (2, Kinds::WITHIN),
     (
         3,
         Kinds {
@@ -57,6 +61,13 @@ const PLANS: [(u64, Kinds); 4] = [
         6,
         Kinds {
             disk: true,
+            ..Kinds::WITHIN
+        },
+    ),
+    (
+        7,
+        Kinds {
+            datacenters: true,
             ..Kinds::WITHIN
         },
     ),
@@ -89,6 +100,7 @@ fn plans(store: Store) -> Vec<(u64, Kinds)> {
                 Ok(other) => panic!("STORE is sled or cassandra, not {other:?}"),
             };
             let disk = std::env::var("DISK").is_ok_and(|v| v == "1");
+            let datacenters = std::env::var("DATACENTERS").is_ok_and(|v| v == "1");
             let seed = seed.parse().expect("SEED is a number");
             if wanted == store {
                 vec![(
@@ -97,6 +109,7 @@ fn plans(store: Store) -> Vec<(u64, Kinds)> {
                         clocks,
                         store,
                         disk,
+                        datacenters,
                     },
                 )]
             } else {
@@ -153,17 +166,19 @@ async fn schedules(test: &str, store: Store) {
             clocks,
             store,
             disk,
+            datacenters,
         } = kinds;
         eprintln!(
-            "chaos: SEED={seed} clocks {clocks:?} store {store:?} full disks {disk} ({seconds} s of faults)"
+            "chaos: SEED={seed} clocks {clocks:?} store {store:?} full disks {disk} three datacenters {datacenters} ({seconds} s of faults)"
         );
         let out = run(Plan {
             seed,
-            nodes: 3,
+            nodes: if datacenters { 6 } else { 3 },
             duration: Duration::from_secs(seconds),
             clocks,
             store,
             disk,
+            datacenters,
         })
         .await;
         let h = &out.history;

@@ -37,7 +37,9 @@ use saferchat_tests::chaos::schedule::{Clocks, Fault, Store};
 use saferchat_tests::netns;
 
 #[derive(Debug, Parser)]
-#[command(about = "Runs seeded chaos schedules against 3-node clusters and reports")]
+#[command(
+    about = "Runs seeded chaos schedules against 3-node clusters (or 6 nodes in three datacenters) and reports"
+)]
 struct Args {
     /// First seed.
     #[arg(long, default_value_t = 1)]
@@ -60,6 +62,10 @@ struct Args {
     /// and fills it now and then (root only; 0 = none).
     #[arg(long, default_value_t = 0)]
     disk_every: u64,
+    /// Every Nth schedule runs six nodes in three datacenters of two and
+    /// also kills or cuts off whole datacenters (0 = none).
+    #[arg(long, default_value_t = 0)]
+    datacenters_every: u64,
     /// Where to write the report (Markdown).
     #[arg(long, default_value = "chaos-report.md")]
     report: std::path::PathBuf,
@@ -84,6 +90,7 @@ impl Args {
             beyond_every: self.beyond_every,
             cassandra_every: self.cassandra_every,
             disk_every: self.disk_every,
+            datacenters_every: self.datacenters_every,
         }
     }
 }
@@ -97,6 +104,9 @@ struct Campaign {
     beyond_every: u64,
     cassandra_every: u64,
     disk_every: u64,
+    /// Absent in the state of campaigns from before it existed (none).
+    #[serde(default)]
+    datacenters_every: u64,
 }
 
 /// Where a campaign stands, as `--state` keeps it.
@@ -200,6 +210,9 @@ fn kind(f: Fault) -> &'static str {
         Fault::CassandraStop => "Cassandra stopped + started",
         Fault::CassandraPause => "Cassandra paused (SIGSTOP) + resumed",
         Fault::FillDisk(_) => "full disk + freed",
+        Fault::KillDatacenter(_) => "whole datacenter killed + restarted",
+        Fault::CutDatacenter(_) => "whole datacenter cut off + reconnected",
+        Fault::RestartDatacenter(_) | Fault::ReconnectDatacenter(_) => "undo",
         Fault::Restart(_)
         | Fault::Resume(_)
         | Fault::Heal(_)
@@ -222,6 +235,9 @@ struct Totals {
     membership_ops: u64,
     beyond: u64,
     cassandra: u64,
+    /// Schedules run in three datacenters.
+    #[serde(default)]
+    datacenters: u64,
     loss_skipped: u64,
     anomalies: Vec<String>,
     expected: Vec<String>,
@@ -277,13 +293,18 @@ async fn campaign(args: Args) {
         } else {
             Store::Sled
         };
+        let datacenters = args.datacenters_every > 0 && seed % args.datacenters_every == 0;
+        if datacenters {
+            totals.datacenters += 1;
+        }
         let out = run(Plan {
             seed,
-            nodes: 3,
+            nodes: if datacenters { 6 } else { 3 },
             duration: Duration::from_secs(args.seconds),
             clocks,
             store,
             disk: args.disk_every > 0 && seed % args.disk_every == 0,
+            datacenters,
         })
         .await;
         for step in &out.steps {
@@ -366,13 +387,14 @@ fn write_report(args: &Args, progress: &Progress) -> String {
     }
     let _ = writeln!(
         report,
-        "Seeds {}..{} ({} schedules of {} s of faults on 3 nodes, {} of them with clocks beyond the drift bound, {} on Cassandra), {:.0} minutes in all.\n",
+        "Seeds {}..{} ({} schedules of {} s of faults on 3 nodes, or 6 in three datacenters, {} of them with clocks beyond the drift bound, {} on Cassandra, {} in three datacenters), {:.0} minutes in all.\n",
         args.first,
         args.first + done.max(1) - 1,
         done,
         args.seconds,
         totals.beyond,
         totals.cassandra,
+        totals.datacenters,
         progress.seconds_spent / 60.0
     );
     for run in &progress.builds {
@@ -435,6 +457,7 @@ mod tests {
             beyond_every: 5,
             cassandra_every: 0,
             disk_every: 0,
+            datacenters_every: 0,
         }
     }
 

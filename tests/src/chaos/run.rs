@@ -21,7 +21,7 @@ use saferchat_node::storage::{self, Range};
 use super::history::{History, Outcome, Seen};
 use super::linear::Operation;
 use super::membership::{MemberOp, State};
-use super::schedule::{Clocks, Fault, Kinds, Step, Store, schedule_with};
+use super::schedule::{Clocks, Fault, Kinds, Step, Store, datacenter_of, schedule_with};
 use crate::cassandra::PrivateCassandra;
 use crate::cluster::{Cluster, Options};
 use crate::load::{self, identity, join_any};
@@ -56,6 +56,9 @@ pub struct Plan {
     pub store: Store,
     /// Full disks: every node's data folder on a small tmpfs (root only).
     pub disk: bool,
+    /// Three datacenters (`dc1` to `dc3`, the nodes spread evenly in
+    /// order), whole ones killed and cut off.
+    pub datacenters: bool,
 }
 
 /// What a run did and saw.
@@ -430,6 +433,21 @@ fn apply(
                 loss.set(cluster.link_port(from, to), percent);
             }
         }
+        Fault::KillDatacenter(d) | Fault::RestartDatacenter(d) => {
+            let name = format!("dc{}", d + 1);
+            let nodes: Vec<usize> = (0..cluster.nodes.len())
+                .filter(|i| cluster.datacenters()[*i] == name)
+                .collect();
+            for n in nodes {
+                if matches!(fault, Fault::KillDatacenter(_)) {
+                    cluster.kill(n);
+                } else {
+                    tokio::task::block_in_place(|| cluster.restart(n));
+                }
+            }
+        }
+        Fault::CutDatacenter(d) => cluster.cut_off_datacenter(&format!("dc{}", d + 1)),
+        Fault::ReconnectDatacenter(d) => cluster.reconnect_datacenter(&format!("dc{}", d + 1)),
         Fault::FillDisk(n) => cluster.fill_disk(n),
         Fault::FreeDisk(n) => tokio::task::block_in_place(|| cluster.free_disk(n)),
         Fault::CassandraStop
@@ -482,6 +500,7 @@ pub async fn run(plan: Plan) -> Outcomes {
             clocks: plan.clocks,
             store: plan.store,
             disk: plan.disk,
+            datacenters: plan.datacenters,
         },
     );
     // Inside the test's own network namespace, loss faults drop packets;
@@ -522,6 +541,15 @@ pub async fn run(plan: Plan) -> Outcomes {
         // Room for a run's data (some MiB) and little more: the ballast
         // that fills it stays small.
         data_tmpfs: plan.disk.then(|| "256m".to_owned()),
+        datacenters: (0..plan.nodes)
+            .map(|i| {
+                if plan.datacenters {
+                    format!("dc{}", datacenter_of(i, plan.nodes) + 1)
+                } else {
+                    "dc1".to_owned()
+                }
+            })
+            .collect(),
         ..Options::single_dc(plan.nodes)
     })
     .await;

@@ -88,6 +88,16 @@ pub enum Fault {
     /// Free it again; a node that stopped meanwhile is started again (as
     /// a supervisor would).
     FreeDisk(usize),
+    /// SIGKILL every node of datacenter `.0` (0-based, in name order) at
+    /// once. Only with [`Kinds::datacenters`].
+    KillDatacenter(usize),
+    /// Start them all again on their data.
+    RestartDatacenter(usize),
+    /// Cut datacenter `.0` off from the others, both ways (its nodes
+    /// still reach each other, clients still reach every node).
+    CutDatacenter(usize),
+    /// Reconnect it.
+    ReconnectDatacenter(usize),
 }
 
 /// A fault at a time from the start of the run.
@@ -134,6 +144,9 @@ pub struct Kinds {
     pub store: Store,
     /// Full disks: each node's data folder on a small tmpfs.
     pub disk: bool,
+    /// Three datacenters, the nodes spread evenly over them in order, and
+    /// whole datacenters killed or cut off.
+    pub datacenters: bool,
 }
 
 impl Kinds {
@@ -142,6 +155,7 @@ impl Kinds {
         clocks: Clocks::Within,
         store: Store::Sled,
         disk: false,
+        datacenters: false,
     };
 }
 
@@ -149,6 +163,15 @@ impl Default for Kinds {
     fn default() -> Kinds {
         Kinds::WITHIN
     }
+}
+
+/// How many datacenters [`Kinds::datacenters`] spreads the nodes over.
+pub const DATACENTERS: usize = 3;
+
+/// The datacenter (0-based, in name order) of node `node` of `nodes` with
+/// [`Kinds::datacenters`].
+pub fn datacenter_of(node: usize, nodes: usize) -> usize {
+    node * DATACENTERS / nodes
 }
 
 /// The schedule of `seed` for `nodes` nodes over about `duration_ms`,
@@ -171,8 +194,13 @@ pub fn schedule_with(seed: u64, nodes: usize, duration_ms: u64, kinds: Kinds) ->
         clocks,
         store,
         disk,
+        datacenters,
     } = kinds;
     assert!(nodes >= 2, "faults between nodes need two");
+    assert!(
+        !datacenters || nodes.is_multiple_of(DATACENTERS),
+        "{nodes} nodes do not spread evenly over {DATACENTERS} datacenters"
+    );
     let mut rng = ChaCha8Rng::seed_from_u64(seed);
     let mut steps = Vec::new();
     let mut at = rng.random_range(500..1_500);
@@ -182,17 +210,22 @@ pub fn schedule_with(seed: u64, nodes: usize, duration_ms: u64, kinds: Kinds) ->
         let lasts = rng.random_range(500..4_000);
         // Beyond the bound, half the faults are clock faults; on
         // Cassandra, a quarter are store faults; with full disks, a fifth
-        // are those.
+        // are those; in datacenters, a third are whole datacenters'.
         let kind = if clocks == Clocks::Beyond && rng.random_bool(0.5) {
             4
         } else if store == Store::Cassandra && rng.random_bool(0.25) {
             7 + rng.random_range(0..2)
         } else if disk && rng.random_bool(0.2) {
             9
+        } else if datacenters && rng.random_bool(1.0 / 3.0) {
+            10 + rng.random_range(0..2)
         } else {
             rng.random_range(0..7)
         };
+        let dc = datacenter_of(node, nodes);
         let (start, undo) = match kind {
+            10 => (Fault::KillDatacenter(dc), Fault::RestartDatacenter(dc)),
+            11 => (Fault::CutDatacenter(dc), Fault::ReconnectDatacenter(dc)),
             7 => (Fault::CassandraStop, Fault::CassandraStart),
             8 => (Fault::CassandraPause, Fault::CassandraResume),
             9 => (Fault::FillDisk(node), Fault::FreeDisk(node)),
@@ -276,15 +309,16 @@ mod tests {
     fn a_seed_is_one_schedule_and_every_fault_is_undone() {
         for clocks in [Clocks::Within, Clocks::Beyond] {
             for store in [Store::Sled, Store::Cassandra] {
-                for disk in [false, true] {
+                for (disk, datacenters) in [(false, false), (true, false), (false, true)] {
                     let kinds = Kinds {
                         clocks,
                         store,
                         disk,
+                        datacenters,
                     };
-                    let a = schedule_with(42, 3, 60_000, kinds);
-                    assert_eq!(a, schedule_with(42, 3, 60_000, kinds));
-                    assert_ne!(a, schedule_with(43, 3, 60_000, kinds));
+                    let a = schedule_with(42, 6, 60_000, kinds);
+                    assert_eq!(a, schedule_with(42, 6, 60_000, kinds));
+                    assert_ne!(a, schedule_with(43, 6, 60_000, kinds));
                     every_fault_is_undone(&a);
                 }
             }
@@ -382,6 +416,51 @@ mod tests {
         assert!(fills(true) > 0);
     }
 
+    /// Whole datacenters only when asked for, then both kinds and every
+    /// datacenter; and a seed's schedule without them is the one it
+    /// always was (the campaign's earlier seeds replay as they ran).
+    #[test]
+    fn datacenter_faults_only_when_asked() {
+        let of = |datacenters: bool| -> Vec<Step> {
+            (0..20)
+                .flat_map(|s| {
+                    let kinds = Kinds {
+                        datacenters,
+                        ..Kinds::default()
+                    };
+                    schedule_with(s, 6, 60_000, kinds)
+                })
+                .collect()
+        };
+        let whole =
+            |s: &Step| matches!(s.fault, Fault::KillDatacenter(_) | Fault::CutDatacenter(_));
+        assert!(!of(false).iter().any(whole));
+        let with = of(true);
+        for d in 0..DATACENTERS {
+            assert!(
+                with.iter().any(|s| s.fault == Fault::KillDatacenter(d)),
+                "a kill of {d}"
+            );
+            assert!(
+                with.iter().any(|s| s.fault == Fault::CutDatacenter(d)),
+                "a cut of {d}"
+            );
+        }
+        assert_eq!(
+            schedule(7, 3, 60_000),
+            schedule_with(7, 3, 60_000, Kinds::WITHIN)
+        );
+        assert_eq!(
+            [
+                datacenter_of(0, 6),
+                datacenter_of(1, 6),
+                datacenter_of(2, 6),
+                datacenter_of(5, 6)
+            ],
+            [0, 0, 1, 2]
+        );
+    }
+
     fn every_fault_is_undone(a: &[Step]) {
         assert!(a.len() >= 10, "{} steps", a.len());
         for pair in a.chunks(2) {
@@ -401,6 +480,8 @@ mod tests {
                 Fault::CassandraStop => Fault::CassandraStart,
                 Fault::CassandraPause => Fault::CassandraResume,
                 Fault::FillDisk(n) => Fault::FreeDisk(n),
+                Fault::KillDatacenter(d) => Fault::RestartDatacenter(d),
+                Fault::CutDatacenter(d) => Fault::ReconnectDatacenter(d),
                 other => panic!("an undo opens an episode: {other:?}"),
             };
             assert_eq!(pair[1].fault, undone);
