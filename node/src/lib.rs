@@ -358,9 +358,12 @@ pub async fn run(
         ),
     };
     let map_at_start = Arc::new(maps.current());
+    // The drivers start from the moves of the map they start with (its
+    // snapshot's) and follow the newer ones.
+    let placement_at_start = Arc::new(placement::at_map(&placement, &map_at_start));
     let (membership, driver_task) = driver::spawn(DriverParts {
         config: Arc::clone(&replica),
-        placement: Arc::clone(&placement),
+        placement: Arc::clone(&placement_at_start),
         map: Arc::clone(&map_at_start),
         maps: Some(maps.watch()),
         acceptors: Arc::new(sled.clone()),
@@ -395,7 +398,7 @@ pub async fn run(
             storage::log_store::LogStore::open(&config.data_dir.join("partition-log"))?;
         let (timeline, task) = timeline::driver::spawn(timeline::driver::DriverParts {
             me: NodeId(config.node_id),
-            placement: Arc::clone(&placement),
+            placement: Arc::clone(&placement_at_start),
             map: Arc::clone(&map_at_start),
             maps: Some(maps.watch()),
             store: Arc::new(store),

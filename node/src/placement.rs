@@ -358,6 +358,19 @@ pub fn follow_map(
     Some((ours, moved))
 }
 
+/// The configured `placement` with every partition move and home move of
+/// `map` in it: where the drivers start from. The map a node starts with
+/// is its last snapshot's, which may hold hundreds of moves (a snapshot is
+/// taken every 64 map commands); the drivers follow only maps newer than
+/// the one they start with, so they must start from the placement that
+/// map describes, or a restarted node would run a moved partition with its
+/// configured replicas in the moved epoch, and leave unloaded the state of
+/// a partition it gained.
+pub fn at_map(placement: &Placement, map: &saferchat_placement::ClusterMap) -> Placement {
+    follow_map(placement, &saferchat_placement::ClusterMap::default(), map)
+        .map_or_else(|| placement.clone(), |(at, _)| at)
+}
+
 /// A placement that follows the cluster map's partition moves (see
 /// [`follow_map`]), read on each use: for the parts of the node that
 /// route and forward rather than run a driver.
@@ -658,6 +671,62 @@ mod tests {
             map.partition_epochs.insert(p, at);
         }
         map
+    }
+
+    #[test]
+    fn a_driver_starts_from_every_move_of_the_map_it_starts_with() {
+        let configured = map_of(1, None).placement().unwrap();
+        assert_eq!(
+            at_map(&configured, &saferchat_placement::ClusterMap::default()),
+            configured
+        );
+        let grown = map_of(9, Some((2, vec![1, 2, 3, 4], 7)));
+        let started = at_map(&configured, &grown);
+        assert_eq!(
+            started.replicas(PartitionId(2)),
+            (1..=4).map(NodeId).collect::<Vec<_>>()
+        );
+        assert_eq!(
+            started.replicas(PartitionId(1)),
+            configured.replicas(PartitionId(1))
+        );
+        // A home moved: three datacenters of two, partition 0 homed in dc2.
+        let mut map = saferchat_placement::ClusterMap::default();
+        map.apply(&saferchat_placement::MapCommand::Create {
+            partitions: 4,
+            replicas_per_datacenter: 2,
+            nodes: (1..=6)
+                .map(|id: u64| {
+                    (
+                        id,
+                        saferchat_placement::MapNode {
+                            datacenter: format!("dc{}", id.div_ceil(2)),
+                            peer_address: format!("127.0.0.1:{}", 7000 + id),
+                            client_address: format!("127.0.0.1:{}", 8000 + id),
+                            state: saferchat_placement::NodeState::Active,
+                        },
+                    )
+                })
+                .collect(),
+        })
+        .unwrap();
+        let configured = map.placement().unwrap();
+        assert_eq!(configured.home(PartitionId(0)), "dc1");
+        map.apply(&saferchat_placement::MapCommand::MoveHome {
+            partition: 0,
+            datacenter: "dc2".into(),
+            epoch: 1,
+        })
+        .unwrap();
+        let started = at_map(&configured, &map);
+        assert_eq!(started.home(PartitionId(0)), "dc2");
+        let mut voters = started.voters(PartitionId(0));
+        voters.sort_unstable();
+        assert_eq!(voters, [NodeId(3), NodeId(4)]);
+        assert_eq!(
+            started.home(PartitionId(1)),
+            configured.home(PartitionId(1))
+        );
     }
 
     #[test]

@@ -17,6 +17,8 @@
 //!   in `dc2` was elected by every survivor (each waits out the grants it
 //!   gave `dc1`'s leader first), and the map records the move established;
 //!   the time from the command to the first acknowledged post is printed;
+//! - both nodes of the new home restart (from a map snapshot that holds
+//!   the moves) and serve `X` again;
 //! - every post acknowledged before the loss is kept at its number (the
 //!   cross-datacenter posts came last, and one of them holds every slot
 //!   before it on a majority of another datacenter); every surviving
@@ -131,6 +133,26 @@ async fn a_lost_home_datacenter_fails_over_and_keeps_what_was_acknowledged() {
         established.moved_homes as usize,
         moved.moved.len(),
         "the moved homes stay moved"
+    );
+
+    // Both voters of the new home restart: they start from their last
+    // map snapshot, which holds the moves, and must run the moved
+    // partitions as voters of the new home (a node that took its
+    // configured placement would see dc1's dead nodes as the voters).
+    drop(in_x);
+    for i in [2, 3] {
+        cluster.kill(i);
+    }
+    for i in [2, 3] {
+        tokio::task::block_in_place(|| cluster.restart(i));
+    }
+    let mut in_x = cluster.join(&x, SURVIVORS[3], 0, DEADLINE).await;
+    acked.extend(load::post_acked(&mut in_x, "after the restart", 10, DEADLINE).await);
+    let owner = cluster.node_of(&in_x);
+    assert!(
+        [2, 3].contains(&owner),
+        "still served by dc2 (node {})",
+        owner + 1
     );
 
     for i in SURVIVORS {
