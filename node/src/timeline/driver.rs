@@ -310,7 +310,7 @@ impl Part {
         match (leads_without_lease, self.lease_lapsed) {
             (true, None) => self.lease_lapsed = Some(now),
             (false, Some(since)) => {
-                if now.since(since) >= HOME_LEASE_GRACE_MS {
+                if self.replica.leading().is_some() && now.since(since) >= HOME_LEASE_GRACE_MS {
                     tracing::info!(partition, "the partition's home lease is held again");
                 }
                 self.lease_lapsed = None;
