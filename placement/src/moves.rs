@@ -69,14 +69,20 @@ pub struct MoveStep {
     /// Its replicas after it, sorted.
     pub after: Vec<u64>,
     /// The node that hands the partition's rooms over: the lowest id in
-    /// both sets that is not draining.
+    /// both sets that is not draining (for a home move, whose sets are the
+    /// same, the lowest of the new home's).
     pub mover: u64,
 }
 
 impl MoveStep {
     /// The node of both sets that the map passed over for a draining one
     /// when it named the mover (the mover of a step taken over), if any.
+    /// `None` for a home move (the same set before and after), whose
+    /// mover is chosen in the new home rather than passed over to.
     pub fn passed_over(&self) -> Option<u64> {
+        if self.before == self.after {
+            return None;
+        }
         in_both(&self.before, &self.after)
             .next()
             .filter(|first| *first != self.mover)
@@ -455,12 +461,10 @@ impl ClusterMap {
     fn move_home(&mut self, partition: u32, datacenter: &str) -> Result<(), MapError> {
         let refused =
             |reason: String| -> MapError { MoveError::Refused { partition, reason }.into() };
-        if self.moving.contains_key(&partition) {
-            return Err(refused(
-                "it is moving between replica sets; its home can move once it reached its target"
-                    .into(),
-            ));
-        }
+        // A partition pinned while it moves between replica sets may move
+        // its home too (its set stays as it is): a datacenter lost in the
+        // middle of a rebalance or a drain must not strand the partitions
+        // homed there, whose next step would need their dead voters.
         let placement = self
             .placement()
             .map_err(|e| MapError::Shape(e.to_string()))?;
@@ -485,13 +489,22 @@ impl ClusterMap {
                 replicas.len()
             )));
         }
+        let mut moved = placement;
+        moved.move_home(p, datacenter);
+        if !moved.can_fail_over(p) {
+            // The new epoch's promisers must wait out the grants they gave
+            // the old home, which only a log with a home lease does; and a
+            // home that could not fail over in turn would hold no lease.
+            return Err(refused(format!(
+                "its replicas outside {datacenter} would be no majority of its {} replicas, so {datacenter} could not hold a home lease",
+                replicas.len()
+            )));
+        }
         let epoch = self.epoch + 1;
         self.unestablished.insert(partition);
         self.partition_epochs.insert(partition, epoch);
         self.previous_sets.insert(partition, replicas);
         self.failing_over.insert(partition, home);
-        let mut moved = placement;
-        moved.move_home(p, datacenter);
         if moved.home(p) == moved.turn_home(p) {
             self.moved_homes.remove(&partition);
         } else {
@@ -1095,6 +1108,7 @@ mod tests {
         let step = map.step_of(0).unwrap().expect("a step under way");
         assert_eq!(step.before, step.after);
         assert_eq!(step.mover, 4);
+        assert_eq!(step.passed_over(), None, "no draining node passed over");
         assert_eq!(map.establish_waits_for(&step), None);
         // Nothing else moves the partition meanwhile.
         let stale = MapCommand::MoveHome {
@@ -1164,10 +1178,74 @@ mod tests {
         let mut three = three_datacenters();
         refused(&mut three, 0, "a");
         refused(&mut three, 0, "nowhere");
-        // A partition moving between sets.
-        join(&mut three, 10, "b");
-        three.apply(&MapCommand::Rebalance).unwrap();
-        let moving = *three.moving.keys().next().expect("a partition moves");
-        refused(&mut three, moving, "c");
+        // A new home whose replicas are half of all: it could hold no
+        // home lease. Datacenters of 3, 2 and 1 nodes, 6 replicas each:
+        // partition 2 is homed in `c` (5 of 6 outside); `a` would have 3
+        // of 6 outside, `b` 4.
+        let mut uneven = created(
+            &[(1, "a"), (2, "a"), (3, "a"), (4, "b"), (5, "b"), (6, "c")],
+            16,
+        );
+        assert_eq!(uneven.placement().unwrap().home(PartitionId(2)), "c");
+        refused(&mut uneven, 2, "a");
+        let epoch = uneven.partition_epoch(2);
+        uneven
+            .apply(&MapCommand::MoveHome {
+                partition: 2,
+                datacenter: "b".into(),
+                epoch,
+            })
+            .unwrap();
+    }
+
+    #[test]
+    fn a_partition_moving_between_sets_can_move_its_home_and_then_goes_on() {
+        let mut map = three_datacenters();
+        join(&mut map, 10, "b");
+        map.apply(&MapCommand::Rebalance).unwrap();
+        let (&moving, pinned) = map.moving.iter().next().expect("a partition moves");
+        let pinned = pinned.clone();
+        let home = map
+            .placement()
+            .unwrap()
+            .home(PartitionId(moving))
+            .to_owned();
+        let to = if home == "a" { "c" } else { "a" };
+        let epoch = map.partition_epoch(moving);
+        map.apply(&MapCommand::MoveHome {
+            partition: moving,
+            datacenter: to.into(),
+            epoch,
+        })
+        .unwrap();
+        assert_eq!(map.moving[&moving], pinned, "its set stays as it was");
+        let placement = map.placement().unwrap();
+        assert_eq!(placement.home(PartitionId(moving)), to);
+        assert!(
+            !map.next_moves()
+                .unwrap()
+                .iter()
+                .any(|c| matches!(c, MapCommand::Grow { partition, .. } | MapCommand::Shrink { partition, .. } if *partition == moving)),
+            "no step before the home move is established"
+        );
+        let epoch = map.partition_epoch(moving);
+        map.apply(&MapCommand::HandedOver {
+            partition: moving,
+            epoch,
+        })
+        .unwrap();
+        map.apply(&MapCommand::Establish {
+            partition: moving,
+            epoch,
+        })
+        .unwrap();
+        assert!(
+            map.next_moves()
+                .unwrap()
+                .iter()
+                .any(|c| matches!(c, MapCommand::Grow { partition, .. } | MapCommand::Shrink { partition, .. } if *partition == moving)),
+            "then it moves on towards its target"
+        );
+        assert_eq!(map.placement().unwrap().home(PartitionId(moving)), to);
     }
 }

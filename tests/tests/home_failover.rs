@@ -30,7 +30,8 @@
 //! on acknowledging under the leases it held, then refuses with a status
 //! that says why; the new home acknowledges only after that (the fence:
 //! every survivor waits out the grants it gave `dc1`'s leader before it
-//! promises the new home). What `dc1` acknowledged at the local level
+//! promises the new home), and `dc1`'s leader reports its home lease
+//! lapsed. What `dc1` acknowledged at the local level
 //! after the cut is the level's loss window: the test counts it, and
 //! checks that every post acknowledged at the cross-datacenter level, and
 //! every post the new home acknowledged, is kept. (`dc1` is then stopped,
@@ -46,7 +47,7 @@ use saferchat_node::storage::{self, Range};
 use saferchat_proto::chat::Durability;
 use saferchat_tests::cluster::{Cluster, Options, room_homed};
 use saferchat_tests::load;
-use saferchat_tests::process::fixture_key;
+use saferchat_tests::process::{self, fixture_key};
 
 const DEADLINE: Duration = Duration::from_secs(120);
 const DC1: [usize; 2] = [0, 1];
@@ -303,6 +304,27 @@ async fn a_home_cut_off_and_moved_is_fenced_before_the_new_home_acknowledges() {
             old_last < new_first,
             "the old home acknowledged nothing after the new home did"
         );
+    }
+    // Whichever refusal the old side's client met first (its membership
+    // lease has the same timing), dc1's leader of the room's partition
+    // lost its home lease and said so.
+    let series = "saferchat_partition_home_lease_lapses_total";
+    let lapsed = Instant::now();
+    loop {
+        let mut lapses = 0.0;
+        for i in DC1 {
+            lapses += process::scrape_value(cluster.metrics[i], series)
+                .await
+                .unwrap_or(0.0);
+        }
+        if lapses >= 1.0 {
+            break;
+        }
+        assert!(
+            lapsed.elapsed() < DEADLINE,
+            "no leader in dc1 reported its home lease lapsed"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
     }
     let owner = cluster.node_of(&new_side);
     assert!(

@@ -344,6 +344,18 @@ impl Admin for AdminService {
                 "name the new home (`to`) and the datacenter whose partitions move (`from`) or the partitions",
             ));
         }
+        if !map.created_datacenters().contains(&request.to) {
+            return Err(Status::invalid_argument(format!(
+                "datacenter {:?} is not one of the cluster's ({})",
+                request.to,
+                map.created_datacenters().join(", ")
+            )));
+        }
+        if request.from == request.to {
+            return Err(Status::invalid_argument(
+                "`from` and `to` name the same datacenter",
+            ));
+        }
         let placement = map
             .placement()
             .map_err(|e| Status::failed_precondition(e.to_string()))?;

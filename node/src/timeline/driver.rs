@@ -96,6 +96,22 @@
 //! (a node back from a long outage may lag in every partition it holds);
 //! after a failed copy the next waits [`COPY_RETRY_MS`], doubling up to
 //! [`COPY_RETRY_MAX_MS`].
+//!
+//! # Home failover
+//!
+//! Where a partition's home can fail over to another datacenter (its
+//! replicas outside the home are a majority of all), its log has a home
+//! lease: a leader releases slots only under grants from a majority of
+//! all the replicas (`LogConfig::home_lease`, `specs/HomeFailover.tla`).
+//! The driver gives the log a fresh reading of the lease clock before
+//! every input (`Part::tick`) and on its timer when a renewal or a
+//! held-back Prepare is due. A leader that held no lease for
+//! [`HOME_LEASE_GRACE_MS`] is cut off from the other datacenters: the
+//! posts that waited that long are answered UNAVAILABLE, saying so. While
+//! the cluster map says the partition's home moved and no leader
+//! established the new epoch, the log's elections also read every
+//! datacenter but the lost home (`LogConfig::failover`); `follow` lifts
+//! that once the map recorded `Establish`.
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
@@ -173,8 +189,10 @@ pub const COPY_RETRY_MAX_MS: u64 = 60_000;
 /// Partition copies running at once, at most.
 pub const COPIES_AT_ONCE: usize = 4;
 /// A leader that has held no home lease this long (since it took the lead,
-/// or since its lease ran out) refuses posts and answers those waiting:
-/// its datacenter is cut off from the others (see "Home failover").
+/// or since its lease ran out) is cut off from the partition's other
+/// datacenters: its posts that waited this long are answered UNAVAILABLE
+/// (see "Home failover"; a post appended meanwhile still waits, as the
+/// lease may be back at the next renewal).
 pub const HOME_LEASE_GRACE_MS: u64 = ELECTION_TIMEOUT_MS;
 
 /// A copy of a partition's timeline that ended.
@@ -195,7 +213,7 @@ struct Outage {
 
 /// What a post is told on a leader cut off from the partition's other
 /// datacenters.
-const CUT_OFF: &str = "this node's datacenter is cut off from the other datacenters of the room's partition (it holds no home lease), so it cannot acknowledge posts; the post may still be kept: retry the same post later or through another datacenter (a retry is recognised)";
+const CUT_OFF: &str = "this node's datacenter is cut off from the other datacenters of the room's partition (it holds no home lease), so it cannot acknowledge posts; the post may still be kept: retry the same post once the datacenters are connected again or the partition's home was moved (a retry is recognised)";
 
 /// A committed post as placed: who to answer, its room and place, and the
 /// envelope to deliver.
@@ -265,6 +283,9 @@ struct Part {
     /// On a leader whose log has a home lease: since when it has held
     /// none (from when it took the lead until the first grants).
     lease_lapsed: Option<Millis>,
+    /// Whether the lapse was reported (logged and counted) once it became
+    /// a cut-off ([`Part::cut_off`]).
+    cut_off_said: bool,
 }
 
 /// Commit times a leader keeps per partition; a datacenter further behind
@@ -293,7 +314,7 @@ impl Part {
 
     /// On a leader whose log has a home lease: whether it has held none for
     /// [`HOME_LEASE_GRACE_MS`] or more, so that what it commits is not
-    /// released (see "Home failover"). Its posts are refused then.
+    /// released. Its posts that waited as long are answered then.
     fn cut_off(&self, now: Millis) -> bool {
         self.lease_lapsed
             .is_some_and(|since| now.since(since) >= HOME_LEASE_GRACE_MS)
@@ -314,6 +335,7 @@ impl Part {
                     tracing::info!(partition, "the partition's home lease is held again");
                 }
                 self.lease_lapsed = None;
+                self.cut_off_said = false;
             }
             _ => {}
         }
@@ -403,7 +425,9 @@ struct Driver {
     tails: HashMap<RoomId, (RoomTail, u64)>,
     uses: u64,
     last_sweep: Millis,
-    waiters: HashMap<u64, (u32, Reply, Durability)>,
+    /// Posts appended here and not answered yet, by token: partition,
+    /// answer, level, and when they were appended.
+    waiters: HashMap<u64, (u32, Reply, Durability, Millis)>,
     /// Posts of [`Durability::CrossDatacenter`] committed and applied
     /// here, waiting for another datacenter to confirm them.
     remote_waiters: Vec<RemoteWaiter>,
@@ -542,7 +566,11 @@ impl Driver {
         )
         .in_epoch(epoch);
         config.batch_max = ACCEPT_VALUES_MAX;
-        if self.placement.can_fail_over(p) {
+        // A failover epoch always has the lease: its promisers wait out
+        // the grants they gave the old home only where it is set (the map
+        // refuses a new home that could not fail over in turn, so this is
+        // a second guard).
+        if self.placement.can_fail_over(p) || self.map.failing_over.contains_key(&partition) {
             config.home_lease = Some(self.home_lease);
         }
         if let Some(lost) = self.map.failing_over.get(&partition)
@@ -596,6 +624,7 @@ impl Driver {
                 newer_epoch: 0,
                 commit_times: VecDeque::new(),
                 lease_lapsed: None,
+                cut_off_said: false,
                 wanted: None,
                 nudged: None,
             },
@@ -620,13 +649,21 @@ impl Driver {
         self.placement = Arc::new(placement);
         // A home move's epoch established: its elections read the voters
         // alone from now on (the same epoch, so not among `moved`).
+        // Only where this node is still a replica in that same epoch: a map
+        // that also moved the partition on (or away from this node) since
+        // is the loop below's.
         let established: Vec<u32> = self
             .parts
             .iter()
             .filter(|(p, part)| {
-                part.replica.config().failover.is_some() && !self.map.failing_over.contains_key(p)
+                let config = part.replica.config();
+                config.failover.is_some()
+                    && !self.map.failing_over.contains_key(p)
+                    && self.map.partition_epoch(**p) == config.epoch
+                    && !moved.contains(*p)
             })
             .map(|(p, _)| *p)
+            .filter(|p| self.replicas(*p).contains(&self.me))
             .collect();
         for partition in established {
             let epoch = self.parts[&partition].replica.config().epoch;
@@ -746,7 +783,7 @@ impl Driver {
                 }
             }
         }
-        for (_, (_, reply, _)) in self.waiters.drain() {
+        for (_, (_, reply, _, _)) in self.waiters.drain() {
             let _ = reply.send(Err(NodeError::Unavailable("node is shutting down".into())));
         }
         for waiter in self.remote_waiters.drain(..) {
@@ -865,19 +902,17 @@ impl Driver {
                     }
                     return;
                 }
+                // A fresh reading of the lease clock before the append;
+                // whatever it released or sent is settled, even when the
+                // post is refused. A leader that holds no home lease still
+                // appends: the lease may be back within a renewal (a cut
+                // just healed), and a post it does not release within
+                // [`HOME_LEASE_GRACE_MS`] is answered then (`on_tick`).
                 let now = self.clock.monotonic();
-                let cut_off = self.part(partition).is_some_and(|p| {
+                if let Some(p) = self.part(partition) {
                     p.tick(partition, now);
-                    p.cut_off(now)
-                });
-                if cut_off {
-                    metrics::counter!("saferchat_partition_posts_refused_cut_off_total")
-                        .increment(replies.len() as u64);
-                    for reply in replies {
-                        let _ = reply.send(Err(NodeError::Unavailable(CUT_OFF.into())));
-                    }
-                    return;
                 }
+                touched.push(partition);
                 let leading = self
                     .part(partition)
                     .is_some_and(|p| p.replica.leading().is_some());
@@ -891,7 +926,7 @@ impl Driver {
                 }
                 for (i, (reply, level)) in replies.into_iter().zip(durability).enumerate() {
                     self.waiters
-                        .insert(first_token + i as u64, (partition, reply, level));
+                        .insert(first_token + i as u64, (partition, reply, level, now));
                 }
                 let part = self.parts.get_mut(&partition).expect("loaded above");
                 let values = posts.into_iter().map(Value::Post).collect();
@@ -963,13 +998,13 @@ impl Driver {
         let mut cut_off = Vec::new();
         for (partition, part) in &mut self.parts {
             if part.replica.config().home_lease.is_some() {
-                let was_cut_off = part.cut_off(now);
                 if part.replica.next_tick().is_some_and(|t| t <= now) {
                     touched.push(*partition);
                 }
                 part.tick(*partition, now);
                 if part.cut_off(now) {
-                    if !was_cut_off {
+                    if !part.cut_off_said {
+                        part.cut_off_said = true;
                         tracing::warn!(
                             partition,
                             "no majority of the partition's replicas, every datacenter counted, renewed this leader's home lease; its posts are refused until they do"
@@ -977,8 +1012,7 @@ impl Driver {
                         metrics::counter!("saferchat_partition_home_lease_lapses_total")
                             .increment(1);
                     }
-                    // Posts appended before the grace ran out (an append
-                    // may be what noticed it first).
+                    // Its posts that waited the grace out are answered.
                     cut_off.push(*partition);
                 }
             }
@@ -1043,7 +1077,11 @@ impl Driver {
             self.report_lag(partition, now);
         }
         if !cut_off.is_empty() {
-            self.fail_waiters_with(&cut_off, CUT_OFF);
+            let refused = self.fail_waiters_with(&cut_off, CUT_OFF, |since| {
+                now.since(since) >= HOME_LEASE_GRACE_MS
+            });
+            metrics::counter!("saferchat_partition_posts_refused_cut_off_total")
+                .increment(refused as u64);
         }
     }
 
@@ -1369,6 +1407,7 @@ impl Driver {
         self.fail_waiters_with(
             partitions,
             "leadership of the room's partition moved before the post committed; it may still commit: reconnect and retry the same post (a retry is recognised)",
+            |_| true,
         );
         let (gone, kept): (Vec<RemoteWaiter>, Vec<RemoteWaiter>) = self
             .remote_waiters
@@ -1382,21 +1421,28 @@ impl Driver {
         }
     }
 
-    /// Answers the posts of `partitions` waiting to commit with
-    /// UNAVAILABLE and `why` (those committed and waiting for another
-    /// datacenter keep waiting).
-    fn fail_waiters_with(&mut self, partitions: &[u32], why: &str) {
+    /// Answers the posts of `partitions` waiting to commit that were
+    /// appended at a time `due` accepts with UNAVAILABLE and `why` (those
+    /// committed and waiting for another datacenter keep waiting); how
+    /// many.
+    fn fail_waiters_with(
+        &mut self,
+        partitions: &[u32],
+        why: &str,
+        due: impl Fn(Millis) -> bool,
+    ) -> usize {
         let gone: Vec<u64> = self
             .waiters
             .iter()
-            .filter(|(_, (p, _, _))| partitions.contains(p))
+            .filter(|(_, (p, _, _, since))| partitions.contains(p) && due(*since))
             .map(|(t, _)| *t)
             .collect();
-        for token in gone {
-            if let Some((_, reply, _)) = self.waiters.remove(&token) {
+        for token in &gone {
+            if let Some((_, reply, _, _)) = self.waiters.remove(token) {
                 let _ = reply.send(Err(NodeError::Unavailable(why.into())));
             }
         }
+        gone.len()
     }
 
     /// The partition's replicas outside its home datacenter (its
@@ -1528,7 +1574,7 @@ impl Driver {
         }
         for (origin, room, placed, envelope, slot) in outcomes {
             if origin.0 == self.me
-                && let Some((partition, reply, level)) = self.waiters.remove(&origin.1)
+                && let Some((partition, reply, level, _)) = self.waiters.remove(&origin.1)
             {
                 if level == Durability::CrossDatacenter {
                     self.remote_waiters.push(RemoteWaiter {

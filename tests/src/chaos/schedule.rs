@@ -447,10 +447,6 @@ mod tests {
             );
         }
         assert_eq!(
-            schedule(7, 3, 60_000),
-            schedule_with(7, 3, 60_000, Kinds::WITHIN)
-        );
-        assert_eq!(
             [
                 datacenter_of(0, 6),
                 datacenter_of(1, 6),
