@@ -203,9 +203,10 @@ pub enum MapCommand {
     /// whose log the new home's replicas vote on. The operator's answer to
     /// a lost (or leaving) home datacenter: the old home may still be
     /// alive behind a cut, which the home lease fences
-    /// (`specs/HomeFailover.tla`). Refused while the partition moves or
-    /// its epoch is not established, and where its replicas outside the
-    /// home are no majority of all (two datacenters).
+    /// (`specs/HomeFailover.tla`). Refused while the partition's epoch is
+    /// not established, and where its replicas outside the old or the new
+    /// home are no majority of all (two datacenters); a partition pinned
+    /// while it moves between replica sets may move its home.
     MoveHome {
         /// The partition.
         partition: u32,

@@ -344,11 +344,12 @@ impl Admin for AdminService {
                 "name the new home (`to`) and the datacenter whose partitions move (`from`) or the partitions",
             ));
         }
-        if !map.created_datacenters().contains(&request.to) {
+        let datacenters = map.created_datacenters();
+        if !datacenters.contains(&request.to) {
             return Err(Status::invalid_argument(format!(
                 "datacenter {:?} is not one of the cluster's ({})",
                 request.to,
-                map.created_datacenters().join(", ")
+                datacenters.join(", ")
             )));
         }
         if request.from == request.to {

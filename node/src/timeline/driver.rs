@@ -909,13 +909,11 @@ impl Driver {
                 // just healed), and a post it does not release within
                 // [`HOME_LEASE_GRACE_MS`] is answered then (`on_tick`).
                 let now = self.clock.monotonic();
-                if let Some(p) = self.part(partition) {
+                let leading = self.part(partition).is_some_and(|p| {
                     p.tick(partition, now);
-                }
+                    p.replica.leading().is_some()
+                });
                 touched.push(partition);
-                let leading = self
-                    .part(partition)
-                    .is_some_and(|p| p.replica.leading().is_some());
                 if !leading {
                     for reply in replies {
                         let _ = reply.send(Err(NodeError::Unavailable(
@@ -933,7 +931,6 @@ impl Driver {
                 part.replica
                     .append(values)
                     .expect("a leading replica appends");
-                touched.push(partition);
             }
         }
     }
@@ -997,24 +994,22 @@ impl Driver {
         }
         let mut cut_off = Vec::new();
         for (partition, part) in &mut self.parts {
-            if part.replica.config().home_lease.is_some() {
-                if part.replica.next_tick().is_some_and(|t| t <= now) {
-                    touched.push(*partition);
+            // Without a home lease nothing is ever due, and no lapse.
+            if part.replica.next_tick().is_some_and(|t| t <= now) {
+                touched.push(*partition);
+            }
+            part.tick(*partition, now);
+            if part.cut_off(now) {
+                if !part.cut_off_said {
+                    part.cut_off_said = true;
+                    tracing::warn!(
+                        partition,
+                        "no majority of the partition's replicas, every datacenter counted, renewed this leader's home lease; its posts are refused until they do"
+                    );
+                    metrics::counter!("saferchat_partition_home_lease_lapses_total").increment(1);
                 }
-                part.tick(*partition, now);
-                if part.cut_off(now) {
-                    if !part.cut_off_said {
-                        part.cut_off_said = true;
-                        tracing::warn!(
-                            partition,
-                            "no majority of the partition's replicas, every datacenter counted, renewed this leader's home lease; its posts are refused until they do"
-                        );
-                        metrics::counter!("saferchat_partition_home_lease_lapses_total")
-                            .increment(1);
-                    }
-                    // Its posts that waited the grace out are answered.
-                    cut_off.push(*partition);
-                }
+                // Its posts that waited the grace out are answered.
+                cut_off.push(*partition);
             }
             if part.replica.leading().is_some() {
                 if !part.hears_a_quorum(now) {
@@ -1060,7 +1055,6 @@ impl Driver {
                 RANK_STAGGER_MS * part.rank.max(1)
             };
             if now.since(part.heard) >= wait {
-                part.tick(*partition, now);
                 tracing::info!(
                     partition,
                     rank = part.rank,

@@ -21,7 +21,9 @@ use saferchat_node::storage::{self, Range};
 use super::history::{History, Outcome, Seen};
 use super::linear::Operation;
 use super::membership::{MemberOp, State};
-use super::schedule::{Clocks, Fault, Kinds, Step, Store, datacenter_of, schedule_with};
+use super::schedule::{
+    Clocks, Fault, Kinds, Step, Store, datacenter_name, datacenter_of, schedule_with,
+};
 use crate::cassandra::PrivateCassandra;
 use crate::cluster::{Cluster, Options};
 use crate::load::{self, identity, join_any};
@@ -434,7 +436,7 @@ fn apply(
             }
         }
         Fault::KillDatacenter(d) | Fault::RestartDatacenter(d) => {
-            let name = format!("dc{}", d + 1);
+            let name = datacenter_name(d);
             let nodes: Vec<usize> = (0..cluster.nodes.len())
                 .filter(|i| cluster.datacenters()[*i] == name)
                 .collect();
@@ -446,8 +448,8 @@ fn apply(
                 }
             }
         }
-        Fault::CutDatacenter(d) => cluster.cut_off_datacenter(&format!("dc{}", d + 1)),
-        Fault::ReconnectDatacenter(d) => cluster.reconnect_datacenter(&format!("dc{}", d + 1)),
+        Fault::CutDatacenter(d) => cluster.cut_off_datacenter(&datacenter_name(d)),
+        Fault::ReconnectDatacenter(d) => cluster.reconnect_datacenter(&datacenter_name(d)),
         Fault::FillDisk(n) => cluster.fill_disk(n),
         Fault::FreeDisk(n) => tokio::task::block_in_place(|| cluster.free_disk(n)),
         Fault::CassandraStop
@@ -544,7 +546,7 @@ pub async fn run(plan: Plan) -> Outcomes {
         datacenters: (0..plan.nodes)
             .map(|i| {
                 if plan.datacenters {
-                    format!("dc{}", datacenter_of(i, plan.nodes) + 1)
+                    datacenter_name(datacenter_of(i, plan.nodes))
                 } else {
                     "dc1".to_owned()
                 }

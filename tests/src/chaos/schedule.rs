@@ -168,6 +168,12 @@ impl Default for Kinds {
 /// How many datacenters [`Kinds::datacenters`] spreads the nodes over.
 pub const DATACENTERS: usize = 3;
 
+/// The name of datacenter `d` (0-based) with [`Kinds::datacenters`]:
+/// `dc1` to `dc3`.
+pub fn datacenter_name(d: usize) -> String {
+    format!("dc{}", d + 1)
+}
+
 /// The datacenter (0-based, in name order) of node `node` of `nodes` with
 /// [`Kinds::datacenters`].
 pub fn datacenter_of(node: usize, nodes: usize) -> usize {
