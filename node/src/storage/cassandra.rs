@@ -104,6 +104,29 @@
 //! whose ack was lost, such a post may show up in history although its
 //! sender was told UNAVAILABLE and may post it again under a new id.
 //!
+//! # Truncating a room
+//!
+//! [`CassandraStore::truncate_room`] reads the ids it is about to delete
+//! (to count them) with the newest write timestamp among them, then
+//! deletes with one tombstone per partition, newest bucket first: a range
+//! tombstone `when > after` in the bucket holding `after`, a partition
+//! tombstone in each later one. The tombstone carries that newest write
+//! timestamp (`USING TIMESTAMP`) rather than the coordinator's clock: it
+//! still covers every row it read (a tombstone wins a tie), and a message
+//! appended later under a deleted id, stamped by a coordinator's clock at
+//! that later time, is hidden by it only if the coordinators' clocks
+//! disagree by more than the age of the newest deleted row (with the
+//! coordinator's clock, by more than the time between the delete and the
+//! append, which may be milliseconds). The
+//! deletes are `LOCAL_QUORUM`, like appends, so an acknowledged truncation
+//! is as durable as an acknowledged post.
+//!
+//! `timeline_buckets` keeps its rows: every node remembers which buckets it
+//! indexed (`known_buckets`) and would not index a deleted one again, so
+//! its later posts there would be missing from history. A listed bucket
+//! without messages reads as empty, and the index could already list one
+//! (an append whose bucket row landed and whose messages did not).
+//!
 //! # Migrations
 //!
 //! [`CassandraStore::connect`] creates the keyspace (with the configured
@@ -254,6 +277,10 @@ struct Statements {
     rooms_first: PreparedStatement,
     rooms_after: PreparedStatement,
     names_after: PreparedStatement,
+    truncation_scan: PreparedStatement,
+    truncation_scan_after: PreparedStatement,
+    delete_bucket: PreparedStatement,
+    delete_after: PreparedStatement,
 }
 
 /// The Cassandra-backed chat store; cheap to clone.
@@ -322,6 +349,14 @@ fn initial_of(room: &RoomId) -> String {
         "room names start with a letter, digit or '_'"
     );
     char::from(first).to_string()
+}
+
+/// This machine's clock in microseconds since the epoch (Cassandra's
+/// write-timestamp unit).
+fn now_micros() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| i64::try_from(d.as_micros()).unwrap_or(i64::MAX))
 }
 
 fn to_i64(v: u64, what: &str) -> Result<i64, NodeError> {
@@ -430,31 +465,52 @@ impl CassandraStore {
         let pages_max = limit / page_rows * 4 + 8;
         let mut state = PagingState::start();
         for _ in 0..pages_max {
-            let (result, paging) = self
-                .session
-                .execute_single_page(statement, &values, state)
-                .await
-                .map_err(|e| execution_error(what, &e))?;
-            let rows = result
-                .into_rows_result()
-                .map_err(|e| NodeError::Storage(format!("cassandra: {what}: {e}")))?;
-            for row in rows
-                .rows::<R>()
-                .map_err(|e| NodeError::Storage(format!("cassandra: {what}: {e}")))?
-            {
-                out.push(row.map_err(|e| NodeError::Storage(format!("cassandra: {what}: {e}")))?);
+            let (rows, next) = self.page::<R>(what, statement, &values, state).await?;
+            for row in rows {
+                out.push(row);
                 if out.len() >= limit {
                     return Ok(out);
                 }
             }
-            match paging.into_paging_control_flow() {
-                ControlFlow::Break(()) => return Ok(out),
-                ControlFlow::Continue(next) => state = next,
+            match next {
+                None => return Ok(out),
+                Some(next) => state = next,
             }
         }
         Err(NodeError::Storage(format!(
             "cassandra: {what}: more pages than {limit} rows need"
         )))
+    }
+
+    /// One page of a `SELECT` from `state`: its rows, and where the next
+    /// page starts (`None` after the last).
+    async fn page<R>(
+        &self,
+        what: &str,
+        statement: &PreparedStatement,
+        values: &impl SerializeRow,
+        state: PagingState,
+    ) -> Result<(Vec<R>, Option<PagingState>), NodeError>
+    where
+        R: for<'f, 'm> DeserializeRow<'f, 'm>,
+    {
+        let failed = |e: &dyn fmt::Display| NodeError::Storage(format!("cassandra: {what}: {e}"));
+        let (result, paging) = self
+            .session
+            .execute_single_page(statement, values, state)
+            .await
+            .map_err(|e| execution_error(what, &e))?;
+        let rows = result.into_rows_result().map_err(|e| failed(&e))?;
+        let rows = rows
+            .rows::<R>()
+            .map_err(|e| failed(&e))?
+            .collect::<Result<Vec<R>, _>>()
+            .map_err(|e| failed(&e))?;
+        let next = match paging.into_paging_control_flow() {
+            ControlFlow::Break(()) => None,
+            ControlFlow::Continue(next) => Some(next),
+        };
+        Ok((rows, next))
     }
 
     /// Records `(room, bucket)` pairs in `timeline_buckets` unless this
@@ -527,6 +583,34 @@ impl CassandraStore {
         };
         result.map_err(|e| execution_error(&what, &e))?;
         Ok(())
+    }
+
+    /// How many rows a truncation scan finds and the newest write
+    /// timestamp among them (microseconds), reading every page.
+    async fn scan_for_truncation(
+        &self,
+        what: &str,
+        statement: &PreparedStatement,
+        values: impl SerializeRow,
+    ) -> Result<(u64, Option<i64>), NodeError> {
+        let (mut rows_seen, mut newest) = (0u64, None::<i64>);
+        let mut state = PagingState::start();
+        loop {
+            let (rows, next) = self
+                .page::<(uuid::Uuid, Option<i64>)>(what, statement, &values, state)
+                .await?;
+            for (_, written) in rows {
+                // A row without an envelope (never written by this node):
+                // the present covers it, as a coordinator's clock would.
+                let written = written.unwrap_or_else(now_micros);
+                newest = Some(newest.map_or(written, |n| n.max(written)));
+                rows_seen += 1;
+            }
+            match next {
+                None => return Ok((rows_seen, newest)),
+                Some(next) => state = next,
+            }
+        }
     }
 
     /// One compare-and-set statement: `Ok((applied, stored revision))`.
@@ -760,6 +844,52 @@ impl Statements {
                 lq,
                 true,
                 INDEX_PAGE_ROWS,
+            )
+            .await?,
+            truncation_scan: prepare(
+                cql(
+                    "SELECT when, WRITETIME(envelope) FROM {ks}.timeline \
+                     WHERE chat = ? AND time_bucket = ?",
+                    ks,
+                ),
+                lq,
+                true,
+                INDEX_PAGE_ROWS,
+            )
+            .await?,
+            truncation_scan_after: prepare(
+                cql(
+                    "SELECT when, WRITETIME(envelope) FROM {ks}.timeline \
+                     WHERE chat = ? AND time_bucket = ? AND when > ?",
+                    ks,
+                ),
+                lq,
+                true,
+                INDEX_PAGE_ROWS,
+            )
+            .await?,
+            // Idempotent: the timestamp is given, so a retry writes the
+            // same tombstone.
+            delete_bucket: prepare(
+                cql(
+                    "DELETE FROM {ks}.timeline USING TIMESTAMP ? \
+                     WHERE chat = ? AND time_bucket = ?",
+                    ks,
+                ),
+                lq,
+                true,
+                1,
+            )
+            .await?,
+            delete_after: prepare(
+                cql(
+                    "DELETE FROM {ks}.timeline USING TIMESTAMP ? \
+                     WHERE chat = ? AND time_bucket = ? AND when > ?",
+                    ks,
+                ),
+                lq,
+                true,
+                1,
             )
             .await?,
         })
@@ -1003,6 +1133,64 @@ impl ChatStore for CassandraStore {
         metrics::histogram!("saferchat_cassandra_append_batches").record(chunks.len() as f64);
         try_join_all(chunks.iter().map(|chunk| self.write_chunk(chunk))).await?;
         Ok(())
+    }
+
+    /// See the module docs ("Truncating a room"): the bucket index keeps
+    /// its rows, so `buckets` and `rooms_with_messages` may go on listing
+    /// buckets and rooms left without messages.
+    async fn truncate_room(
+        &self,
+        room: &RoomId,
+        after: Option<MessageId>,
+    ) -> Result<u64, NodeError> {
+        let from = after.map(MessageId::bucket);
+        let buckets = self.buckets(room).await?;
+        let st = &self.statements;
+        let mut deleted = 0u64;
+        // Newest first: one that fails part-way leaves a prefix.
+        for bucket in buckets.into_iter().rev() {
+            if from.is_some_and(|f| bucket < f) {
+                break;
+            }
+            let (chat, time_bucket) = (room.as_str(), bucket.to_string());
+            let what = format!("truncating bucket {bucket} of room {room:?}");
+            let within = after.filter(|a| a.bucket() == bucket);
+            let (found, newest) = match within {
+                Some(a) => {
+                    self.scan_for_truncation(
+                        &what,
+                        &st.truncation_scan_after,
+                        (chat, &time_bucket, a.to_uuid()),
+                    )
+                    .await?
+                }
+                None => {
+                    self.scan_for_truncation(&what, &st.truncation_scan, (chat, &time_bucket))
+                        .await?
+                }
+            };
+            let Some(newest) = newest else {
+                continue;
+            };
+            let done = match within {
+                Some(a) => {
+                    self.session
+                        .execute_unpaged(
+                            &st.delete_after,
+                            (newest, chat, &time_bucket, a.to_uuid()),
+                        )
+                        .await
+                }
+                None => {
+                    self.session
+                        .execute_unpaged(&st.delete_bucket, (newest, chat, &time_bucket))
+                        .await
+                }
+            };
+            done.map_err(|e| execution_error(&what, &e))?;
+            deleted += found;
+        }
+        Ok(deleted)
     }
 
     /// In token order of the bucket index's partition key.

@@ -277,6 +277,180 @@ pub async fn concurrent_writers(store: Arc<dyn ChatStore>) {
     assert_eq!(stored_ids, expected, "every message once, in id order");
 }
 
+/// Whether `room` is among [`ChatStore::rooms_with_messages`], walking
+/// every page.
+async fn lists_room(store: &dyn ChatStore, room: &RoomId) -> bool {
+    let mut after: Option<RoomId> = None;
+    loop {
+        let page = store
+            .rooms_with_messages(after.as_ref(), 1000)
+            .await
+            .expect("list");
+        if page.contains(room) {
+            return true;
+        }
+        let Some(last) = page.last() else {
+            return false;
+        };
+        after = Some(last.clone());
+    }
+}
+
+/// What [`ChatStore::buckets`] and [`ChatStore::rooms_with_messages`] say
+/// of `room` after a truncation left it messages in `expected` (oldest
+/// first): exactly those, or, for a shared store, at least those (its index
+/// keeps buckets left empty; see [`ChatStore::truncate_room`]).
+async fn check_indexes(store: &dyn ChatStore, room: &RoomId, expected: &[StoredMessage]) {
+    let with_messages: Vec<Bucket> = expected
+        .iter()
+        .map(|m| m.id.bucket())
+        .collect::<BTreeSet<_>>()
+        .into_iter()
+        .collect();
+    let listed = store.buckets(room).await.expect("buckets");
+    if store.shared() {
+        assert!(
+            with_messages.iter().all(|b| listed.contains(b)),
+            "{listed:?} lists every bucket in {with_messages:?}"
+        );
+        if !expected.is_empty() {
+            assert!(lists_room(store, room).await, "a room with messages");
+        }
+    } else {
+        assert_eq!(listed, with_messages, "only buckets with messages");
+        assert_eq!(
+            lists_room(store, room).await,
+            !expected.is_empty(),
+            "listed exactly while it has messages"
+        );
+    }
+    let newest_first: Vec<StoredMessage> = expected.iter().rev().cloned().collect();
+    assert_eq!(
+        history(store, room, Range::Before(None), 1000)
+            .await
+            .expect("read"),
+        newest_first
+    );
+    assert_eq!(
+        history(store, room, Range::After(None), 1000)
+            .await
+            .expect("read"),
+        expected
+    );
+    assert_eq!(
+        super::last_id(store, room).await.expect("last"),
+        expected.last().map(|m| m.id)
+    );
+}
+
+/// Ten messages ten days apart from 2026-11-05: three in November, three
+/// in December, three in January 2027, one in February.
+pub fn four_buckets(room: &RoomId) -> Vec<StoredMessage> {
+    const DAY_MS: i64 = 24 * 3_600_000;
+    let all = messages(room, BEFORE_DECEMBER_MS - 25 * DAY_MS, 10 * DAY_MS, 10);
+    let months: Vec<u32> = all.iter().map(|m| m.id.bucket().month).collect();
+    assert_eq!(months, [11, 11, 11, 12, 12, 12, 1, 1, 1, 2]);
+    all
+}
+
+/// Truncating a room deletes exactly its messages after the given id, in
+/// every bucket from that id's on, and counts them; the room's history,
+/// last id and indexes follow; other rooms are untouched; messages
+/// appended afterwards are stored, a deleted id's new body included.
+pub async fn truncate_room(store: &dyn ChatStore) {
+    let room = unique_room("trunc");
+    let other = unique_room("trunc-other");
+    let all = four_buckets(&room);
+    let others = four_buckets(&other);
+    store.append(&all).await.expect("append");
+    store.append(&others).await.expect("append");
+
+    assert_eq!(
+        store
+            .truncate_room(&room, Some(all[9].id))
+            .await
+            .expect("truncate"),
+        0,
+        "nothing after the last"
+    );
+    check_indexes(store, &room, &all).await;
+
+    // After the middle one of December: the rest of December, January and
+    // February go.
+    assert_eq!(
+        store
+            .truncate_room(&room, Some(all[4].id))
+            .await
+            .expect("truncate"),
+        5
+    );
+    check_indexes(store, &room, &all[..5]).await;
+    check_indexes(store, &other, &others).await;
+    assert_eq!(
+        store
+            .truncate_room(&room, Some(all[4].id))
+            .await
+            .expect("truncate"),
+        0,
+        "again: nothing left to delete"
+    );
+
+    // After an id in a month left without messages (January): nothing
+    // is above it.
+    let mid_january = MessageId::floor_of_ms(all[7].id.time_ms());
+    assert_eq!(
+        store
+            .truncate_room(&room, Some(mid_january))
+            .await
+            .expect("truncate"),
+        0
+    );
+    check_indexes(store, &room, &all[..5]).await;
+
+    // Deleted ids can be stored again, with whatever they now carry.
+    let mut again = all.clone();
+    for m in &mut again[5..] {
+        m.envelope = Bytes::from(format!("again {}", m.id));
+        m.seq += 1000;
+    }
+    store.append(&again[5..]).await.expect("append again");
+    check_indexes(store, &room, &again).await;
+
+    // After an id below every message (October): all go, as with `None`.
+    let october = MessageId::floor_of_ms(BEFORE_DECEMBER_MS - 45 * 24 * 3_600_000);
+    assert_eq!(october.bucket().month, 10);
+    assert_eq!(
+        store
+            .truncate_room(&room, Some(october))
+            .await
+            .expect("truncate"),
+        10
+    );
+    check_indexes(store, &room, &[]).await;
+    store.append(&all[..2]).await.expect("append");
+    check_indexes(store, &room, &all[..2]).await;
+
+    assert_eq!(
+        store.truncate_room(&other, None).await.expect("truncate"),
+        10
+    );
+    check_indexes(store, &other, &[]).await;
+    assert_eq!(
+        store.truncate_room(&other, None).await.expect("truncate"),
+        0
+    );
+    check_indexes(store, &room, &all[..2]).await;
+    store.append(&others[9..]).await.expect("append");
+    check_indexes(store, &other, &others[9..]).await;
+
+    let silent = unique_room("trunc-silent");
+    assert_eq!(
+        store.truncate_room(&silent, None).await.expect("truncate"),
+        0,
+        "a room without messages"
+    );
+}
+
 /// A committed room state at `revision` (for tests that need rooms listed).
 pub fn state_at(revision: u64) -> Arc<RoomState> {
     let mut s = RoomState::absent();
@@ -581,6 +755,12 @@ macro_rules! chat_store_conformance {
             let store: std::sync::Arc<dyn $crate::storage::ChatStore> = $make.await;
             $crate::storage::conformance::rooms_with_messages_in_pages(&*store).await;
         }
+        #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+        $(#[$attr])+
+        async fn conformance_truncate_room() {
+            let store: std::sync::Arc<dyn $crate::storage::ChatStore> = $make.await;
+            $crate::storage::conformance::truncate_room(&*store).await;
+        }
     };
     ($make:expr) => {
         $crate::chat_store_conformance!(#[allow(unused_attributes)] $make);
@@ -772,6 +952,84 @@ mod sled_store {
                 .expect("read"),
             msgs
         );
+    }
+
+    /// A truncation holds across a restart, and so do messages appended
+    /// after it under the deleted ids.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_truncation_survives_a_reopen() {
+        use crate::storage::{ChatStore, Range, history};
+        let dir = tempfile::tempdir().expect("tempdir");
+        let room = super::unique_room("trunc-reopen");
+        let all = super::four_buckets(&room);
+        let store = SledStore::open(dir.path()).expect("open");
+        store.append(&all).await.expect("append");
+        assert_eq!(
+            store
+                .truncate_room(&room, Some(all[2].id))
+                .await
+                .expect("truncate"),
+            7
+        );
+        store.close().await.expect("close");
+        let store = SledStore::open(dir.path()).expect("reopen");
+        super::check_indexes(&store, &room, &all[..3]).await;
+        let mut again = all.clone();
+        for m in &mut again[3..] {
+            m.envelope = bytes::Bytes::from(format!("again {}", m.id));
+        }
+        store.append(&again[3..]).await.expect("append again");
+        store.close().await.expect("close");
+        let store = SledStore::open(dir.path()).expect("reopen");
+        assert_eq!(
+            history(&store, &room, Range::After(None), 100)
+                .await
+                .expect("read"),
+            again
+        );
+        store.close().await.expect("close");
+    }
+
+    /// Copies a folder tree (what a crash would leave on disk, taken while
+    /// the store still runs: everything it made durable is in the files).
+    fn copy_tree(from: &std::path::Path, to: &std::path::Path) {
+        std::fs::create_dir_all(to).expect("mkdir");
+        for entry in std::fs::read_dir(from).expect("list") {
+            let entry = entry.expect("entry");
+            let target = to.join(entry.file_name());
+            if entry.file_type().expect("type").is_dir() {
+                copy_tree(&entry.path(), &target);
+            } else {
+                std::fs::copy(entry.path(), &target).expect("copy");
+            }
+        }
+    }
+
+    /// A truncation is durable when it returns, without a shutdown: the
+    /// deleted messages' log records lie past the checkpoint the store
+    /// opened with, and a restart that replayed from there would index
+    /// them again.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_truncation_survives_a_crash() {
+        use crate::storage::ChatStore;
+        let dir = tempfile::tempdir().expect("tempdir");
+        let room = super::unique_room("trunc-crash");
+        let all = super::four_buckets(&room);
+        let store = SledStore::open(dir.path()).expect("open");
+        store.append(&all).await.expect("append");
+        assert_eq!(
+            store
+                .truncate_room(&room, Some(all[4].id))
+                .await
+                .expect("truncate"),
+            5
+        );
+        let crashed = tempfile::tempdir().expect("tempdir");
+        copy_tree(dir.path(), crashed.path());
+        store.close().await.expect("close");
+        let store = SledStore::open(crashed.path()).expect("open the copy");
+        super::check_indexes(&store, &room, &all[..5]).await;
+        store.close().await.expect("close");
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

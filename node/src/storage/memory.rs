@@ -142,6 +142,45 @@ impl ChatStore for MemoryChat {
         Ok(())
     }
 
+    /// Removes the messages and every bucket left empty, so the bucket set
+    /// (which `buckets` and `rooms_with_messages` read) lists exactly the
+    /// buckets with messages.
+    async fn truncate_room(
+        &self,
+        room: &RoomId,
+        after: Option<MessageId>,
+    ) -> Result<u64, NodeError> {
+        let mut timeline = self.timeline.lock().expect("lock");
+        let mut buckets = self.buckets.lock().expect("lock");
+        let from = after.map(MessageId::bucket);
+        let affected: Vec<Bucket> = buckets
+            .iter()
+            .filter(|(r, b)| r == room && from.is_none_or(|f| *b >= f))
+            .map(|(_, b)| *b)
+            .collect();
+        let mut deleted = 0u64;
+        for bucket in affected {
+            let doomed: Vec<(RoomId, Bucket, MessageId)> = timeline
+                .range((room.clone(), bucket, MessageId::floor_of_ms(0))..)
+                .take_while(|((r, b, _), _)| r == room && *b == bucket)
+                .filter(|((_, _, id), _)| after.is_none_or(|a| *id > a))
+                .map(|(key, _)| key.clone())
+                .collect();
+            for key in &doomed {
+                timeline.remove(key);
+            }
+            deleted += doomed.len() as u64;
+            let left = timeline
+                .range((room.clone(), bucket, MessageId::floor_of_ms(0))..)
+                .next()
+                .is_some_and(|((r, b, _), _)| r == room && *b == bucket);
+            if !left {
+                buckets.remove(&(room.clone(), bucket));
+            }
+        }
+        Ok(deleted)
+    }
+
     async fn rooms_with_messages(
         &self,
         after: Option<&RoomId>,

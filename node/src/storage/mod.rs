@@ -177,6 +177,33 @@ pub trait ChatStore: Send + Sync + std::fmt::Debug + 'static {
         limit: usize,
     ) -> Result<Vec<RoomId>, NodeError>;
 
+    /// Deletes every message of `room` with an id above `after` (every
+    /// message when `None`), durably: when this returns `Ok`, a restart
+    /// does not bring them back. Returns how many it deleted. Messages
+    /// appended later are stored and read as if the deleted ones had never
+    /// been, under any id, a deleted one's included.
+    ///
+    /// Why: a replica of a partition whose home datacenter failed over may
+    /// hold posts its old home released that the new home replaced (a
+    /// divergent tail). It cuts its copy back to the last message it shares
+    /// with the new home before copying the rest (see `timeline/copy.rs`),
+    /// since a copy only ever appends after the newest message it has.
+    ///
+    /// Afterwards [`ChatStore::buckets`] and
+    /// [`ChatStore::rooms_with_messages`] no longer list a bucket or a room
+    /// left without messages, except in a [shared](ChatStore::shared)
+    /// store: there other nodes remember which buckets they indexed and
+    /// would not index one again, so its index keeps them (a listed bucket
+    /// without messages reads as empty). A message appended while this
+    /// runs may or may not be deleted. A call that fails may have deleted
+    /// some of the messages, newest first: the room keeps a prefix of its
+    /// timeline.
+    async fn truncate_room(
+        &self,
+        room: &RoomId,
+        after: Option<MessageId>,
+    ) -> Result<u64, NodeError>;
+
     /// Whether every node of the cluster writes to this same store (one
     /// Cassandra keyspace): a replica behind its partition's log then needs
     /// no copy of the timeline, only the mark of what is in it.

@@ -24,6 +24,12 @@
 //! records a checkpoint; [`SledStore::open`] re-indexes whatever the log
 //! holds past the last durable checkpoint, so a crash loses no acknowledged
 //! message from the index.
+//!
+//! A truncation ([`ChatStore::truncate_room`]) removes index entries only:
+//! the envelopes stay in the log, unreferenced. It is durable once a
+//! checkpoint past their log records is: before that, a restart would
+//! re-index them from the log. So it runs a checkpoint before returning,
+//! and checkpoints never move back.
 
 use std::path::Path;
 
@@ -63,6 +69,19 @@ enum Durable {
 
 type FlushRequest = (Durable, oneshot::Sender<Result<(), String>>);
 
+/// What the index lock guards besides the index: truncations that changed
+/// it, and how many of them a completed checkpoint covers. A truncation is
+/// durable once a checkpoint that began after it completed (see the module
+/// docs).
+#[derive(Debug, Default)]
+struct Indexing {
+    /// Bumped by each truncation that changed the index.
+    truncations: u64,
+    /// The highest `truncations` a completed checkpoint read (before it
+    /// flushed).
+    durable_truncations: u64,
+}
+
 /// The sled-backed store; cheap to clone.
 #[derive(Clone, Debug)]
 pub struct SledStore {
@@ -82,8 +101,8 @@ pub struct SledStore {
     files: Arc<Mutex<SledFiles>>,
     /// Held while appending to the log and indexing, and while reading the
     /// log's end for a checkpoint: a checkpoint never passes a record whose
-    /// index entry is not in sled yet.
-    index_lock: Arc<Mutex<()>>,
+    /// index entry is not in sled yet. Also held while truncating.
+    index_lock: Arc<Mutex<Indexing>>,
     flush: mpsc::Sender<FlushRequest>,
     /// The group-commit and checkpoint tasks, for [`SledStore::close`].
     tasks: Arc<Mutex<Vec<JoinHandle<()>>>>,
@@ -114,7 +133,7 @@ impl SledStore {
             (tree("timeline")?, tree("timeline_buckets")?, tree("meta")?);
         recover_index(&db, &mut files, &log, &timeline, &buckets, &meta)?;
         let files = Arc::new(Mutex::new(files));
-        let index_lock = Arc::new(Mutex::new(()));
+        let index_lock = Arc::new(Mutex::new(Indexing::default()));
         let (flush, requests) = mpsc::channel(FLUSH_QUEUE_MAX);
         let task = group_commit(db.clone(), Arc::clone(&files), Arc::clone(&log), requests);
         let stop = tokio_util::sync::CancellationToken::new();
@@ -252,16 +271,18 @@ async fn flush_durably(db: &sled::Db, files: &Arc<Mutex<SledFiles>>) -> Result<(
 }
 
 /// Flushes the timeline index and records the log position it covers.
+/// The recorded position never moves back (two checkpoints may overlap):
+/// a truncation relies on replay never reaching what it deleted again.
 async fn checkpoint(
     db: &sled::Db,
     files: &Arc<Mutex<SledFiles>>,
     log: &Arc<EnvelopeLog>,
     meta: &sled::Tree,
-    index_lock: &Mutex<()>,
+    index_lock: &Mutex<Indexing>,
 ) -> Result<(), String> {
-    let covered = {
-        let _indexing = index_lock.lock().expect("lock");
-        log.end()
+    let (covered, truncated) = {
+        let indexing = index_lock.lock().expect("lock");
+        (log.end(), indexing.truncations)
     };
     let syncing = Arc::clone(log);
     tokio::task::spawn_blocking(move || syncing.sync())
@@ -269,9 +290,17 @@ async fn checkpoint(
         .map_err(|e| e.to_string())?
         .map_err(|e| e.to_string())?;
     flush_durably(db, files).await?;
-    meta.insert(CHECKPOINT_KEY, &covered.to_bytes()[..])
-        .map_err(|e| e.to_string())?;
-    flush_durably(db, files).await
+    meta.fetch_and_update(CHECKPOINT_KEY, |old| {
+        let newest = old
+            .and_then(Position::from_bytes)
+            .map_or(covered, |old| old.max(covered));
+        Some(newest.to_bytes().to_vec())
+    })
+    .map_err(|e| e.to_string())?;
+    flush_durably(db, files).await?;
+    let mut indexing = index_lock.lock().expect("lock");
+    indexing.durable_truncations = indexing.durable_truncations.max(truncated);
+    Ok(())
 }
 
 /// Flushes and checkpoints the timeline index every few seconds, on its own
@@ -281,7 +310,7 @@ async fn checkpoints(
     files: Arc<Mutex<SledFiles>>,
     log: Arc<EnvelopeLog>,
     meta: sled::Tree,
-    index_lock: Arc<Mutex<()>>,
+    index_lock: Arc<Mutex<Indexing>>,
     store_alive: mpsc::WeakSender<FlushRequest>,
     stop: tokio_util::sync::CancellationToken,
 ) {
@@ -377,6 +406,75 @@ impl SledStore {
             seq,
             envelope,
         }))
+    }
+
+    /// The buckets `room` has index entries in, oldest first.
+    fn room_buckets(&self, room: &RoomId) -> Result<Vec<Bucket>, NodeError> {
+        let prefix = room_prefix(room);
+        self.buckets
+            .scan_prefix(&prefix)
+            .map(|item| {
+                let (key, _) = item.map_err(NodeError::storage)?;
+                let text = std::str::from_utf8(&key[prefix.len()..]).map_err(NodeError::storage)?;
+                Bucket::parse(text)
+                    .ok_or_else(|| NodeError::Storage(format!("bad bucket key {text:?}")))
+            })
+            .collect()
+    }
+
+    /// Removes the index entries of `room` above `after` (all when `None`)
+    /// and the bucket entries left without any; returns how many index
+    /// entries it removed and whether it changed anything. Call under the
+    /// index lock.
+    fn remove_after(
+        &self,
+        room: &RoomId,
+        after: Option<MessageId>,
+    ) -> Result<(u64, bool), NodeError> {
+        let from = after.map(MessageId::bucket);
+        let mut removed = 0u64;
+        let mut changed = false;
+        // Newest bucket first: one that fails part-way leaves a prefix of
+        // the timeline, as the copy expects of a replica's store.
+        for bucket in self.room_buckets(room)?.into_iter().rev() {
+            if from.is_some_and(|f| bucket < f) {
+                break;
+            }
+            let prefix = bucket_prefix(room, bucket);
+            let start = match after {
+                Some(a) if a.bucket() == bucket => {
+                    let mut k = message_key(room, a);
+                    k.push(0); // the first key strictly after `a`
+                    k
+                }
+                _ => prefix.clone(),
+            };
+            let mut writes = sled::Batch::default();
+            for item in self
+                .timeline
+                .range(start..)
+                .take_while(|item| item.as_ref().map_or(true, |(k, _)| k.starts_with(&prefix)))
+            {
+                let (key, _) = item.map_err(NodeError::storage)?;
+                writes.remove(key);
+                removed += 1;
+            }
+            self.timeline
+                .apply_batch(writes)
+                .map_err(NodeError::storage)?;
+            if self
+                .timeline
+                .scan_prefix(&prefix)
+                .next()
+                .transpose()
+                .map_err(NodeError::storage)?
+                .is_none()
+            {
+                self.buckets.remove(&prefix).map_err(NodeError::storage)?;
+                changed = true;
+            }
+        }
+        Ok((removed, changed || removed > 0))
     }
 
     /// Collects up to `limit` messages from index entries.
@@ -617,6 +715,34 @@ impl ChatStore for SledStore {
         self.sync_for(Durable::Log).await
     }
 
+    /// Removes index entries, and the bucket entries left empty (so
+    /// `buckets` and `rooms_with_messages` list only buckets with
+    /// messages, as before), then runs a checkpoint: it makes the removal
+    /// durable in sled and moves the replay start past the log records of
+    /// what was removed, which a restart would otherwise index again. A
+    /// call that removes nothing still waits for a checkpoint if an earlier
+    /// truncation's has not completed (it failed, or its caller gave up),
+    /// so that its `Ok` means durable too.
+    async fn truncate_room(
+        &self,
+        room: &RoomId,
+        after: Option<MessageId>,
+    ) -> Result<u64, NodeError> {
+        let (result, pending) = {
+            let mut indexing = self.index_lock.lock().expect("lock");
+            let result = self.remove_after(room, after);
+            // On an error too: some entries may be gone.
+            if result.as_ref().map_or(true, |(_, changed)| *changed) {
+                indexing.truncations += 1;
+            }
+            (result, indexing.durable_truncations < indexing.truncations)
+        };
+        if pending {
+            self.flush().await?;
+        }
+        result.map(|(removed, _)| removed)
+    }
+
     async fn rooms_with_messages(
         &self,
         after: Option<&RoomId>,
@@ -649,16 +775,7 @@ impl ChatStore for SledStore {
     }
 
     async fn buckets(&self, room: &RoomId) -> Result<Vec<Bucket>, NodeError> {
-        let prefix = room_prefix(room);
-        self.buckets
-            .scan_prefix(&prefix)
-            .map(|item| {
-                let (key, _) = item.map_err(NodeError::storage)?;
-                let text = std::str::from_utf8(&key[prefix.len()..]).map_err(NodeError::storage)?;
-                Bucket::parse(text)
-                    .ok_or_else(|| NodeError::Storage(format!("bad bucket key {text:?}")))
-            })
-            .collect()
+        self.room_buckets(room)
     }
 
     async fn read_bucket(

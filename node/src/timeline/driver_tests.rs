@@ -124,6 +124,16 @@ impl ChatStore for Disk {
     ) -> Result<Vec<RoomId>, NodeError> {
         self.visible.rooms_with_messages(after, limit).await
     }
+    async fn truncate_room(
+        &self,
+        room: &RoomId,
+        after: Option<crate::message_id::MessageId>,
+    ) -> Result<u64, NodeError> {
+        let kept = |m: &StoredMessage| m.room != *room || after.is_some_and(|a| m.id <= a);
+        self.durable.lock().unwrap().retain(kept);
+        self.pending.lock().unwrap().retain(kept);
+        self.visible.truncate_room(room, after).await
+    }
     async fn read_bucket(
         &self,
         room: &RoomId,

@@ -390,6 +390,13 @@ mod tests {
         ) -> Result<Vec<RoomId>, NodeError> {
             self.inner.rooms_with_messages(after, limit).await
         }
+        async fn truncate_room(
+            &self,
+            room: &RoomId,
+            after: Option<crate::message_id::MessageId>,
+        ) -> Result<u64, NodeError> {
+            self.inner.truncate_room(room, after).await
+        }
         async fn read_bucket(
             &self,
             room: &RoomId,
