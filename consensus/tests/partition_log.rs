@@ -279,6 +279,113 @@ fn a_follower_behind_the_leaders_floor_installs_a_copy_and_catches_up() {
     assert_eq!(net.lagging.len(), lagging);
 }
 
+/// A held follower (its timeline may carry a home failover's divergent
+/// tail) stores and answers but releases nothing; once the node cut its
+/// timeline back and rewound the log, even below what it had released,
+/// the leader resends everything after the rewind point and it releases
+/// that again, in order.
+#[test]
+fn a_held_follower_releases_nothing_until_it_rewinds_then_catches_up_from_there() {
+    let mut net = Net::new(3);
+    net.nodes[0].campaign().unwrap();
+    net.run(&[]);
+    net.nodes[0].append(vec![post(10)]).unwrap();
+    net.run(&[]);
+    net.nodes[0].resend();
+    net.run(&[]);
+    assert_eq!(net.committed[2], vec![(1, post(10))]);
+    net.nodes[2].hold(true);
+    assert!(net.nodes[2].is_held());
+    net.nodes[0].append(vec![post(11), post(12)]).unwrap();
+    net.run(&[]);
+    net.nodes[0].resend();
+    net.run(&[]);
+    assert_eq!(net.committed[0].len(), 3, "its votes still count");
+    assert_eq!(net.committed[2], vec![(1, post(10))], "held: nothing more");
+    assert_eq!(
+        net.nodes[2].acceptor().entry(Slot(3)).unwrap().value,
+        post(12)
+    );
+    // A leader defines the log: it never rewinds.
+    assert!(!net.nodes[0].rewind(Slot(0), 0));
+    // The node kept nothing of the timeline: it rewinds to slot 0.
+    net.committed[2].clear();
+    assert!(net.nodes[2].rewind(Slot(0), 0));
+    assert!(!net.nodes[2].is_held());
+    assert_eq!(net.nodes[2].released(), Slot(0));
+    assert!(!net.nodes[2].caught_up_with_heard(), "it must hear again");
+    net.nodes[0].resend();
+    net.run(&[]);
+    net.nodes[0].resend();
+    net.run(&[]);
+    assert_eq!(
+        net.committed[2],
+        vec![(1, post(10)), (2, post(11)), (3, post(12))]
+    );
+    assert!(net.nodes[2].caught_up_with_heard());
+}
+
+/// A held voter still counts for a leader's establishment: it reports as
+/// released the committed slots it holds (two voters, so the leader
+/// cannot establish without it).
+#[test]
+fn a_held_voter_counts_for_establishment_with_what_it_holds() {
+    let mut net = Net::new(2);
+    net.nodes[0].campaign().unwrap();
+    net.run(&[]);
+    net.nodes[0].append(vec![post(10), post(11)]).unwrap();
+    net.run(&[]);
+    assert!(net.committed[1].is_empty(), "not told the commit point yet");
+    net.nodes[1].hold(true);
+    // A new term recovers slots 1 and 2 and writes them again.
+    net.nodes[0].step_down();
+    net.nodes[0].campaign().unwrap();
+    net.run(&[]);
+    net.nodes[0].resend();
+    net.run(&[]);
+    assert!(net.nodes[0].leading().is_some());
+    assert!(net.committed[1].is_empty(), "held: nothing released");
+    assert!(
+        net.nodes[0].established().is_some(),
+        "the held voter holds what the leader recovered"
+    );
+    assert!(net.nodes[0].has_caught_up(NodeId(2)));
+}
+
+/// A rewind drops the entries written before the failover epoch (the old
+/// home's, perhaps divergent), wherever they are, and those up to the
+/// copied slot, and puts the floor there even below where it was.
+#[test]
+fn a_rewind_drops_entries_of_earlier_epochs_and_moves_the_floor_to_the_copy() {
+    let term = |epoch, round| Term {
+        epoch,
+        round,
+        node: NodeId(1),
+    };
+    let entry = |t, v| saferchat_consensus::partition_log::Entry {
+        term: t,
+        value: post(v),
+    };
+    let mut a = LogAcceptor::restore(
+        term(2, 1),
+        [
+            (Slot(5), entry(term(1, 3), 5)),
+            (Slot(6), entry(term(2, 1), 6)),
+            (Slot(7), entry(term(1, 3), 7)),
+            (Slot(8), entry(term(2, 1), 8)),
+        ],
+        Slot(4),
+    );
+    a.rewind(Slot(2), 2);
+    assert_eq!(a.floor(), Slot(2));
+    let kept: Vec<u64> = a.entries_from(Slot(0)).iter().map(|(s, _)| s.0).collect();
+    assert_eq!(kept, [6, 8]);
+    a.rewind(Slot(6), 2);
+    let kept: Vec<u64> = a.entries_from(Slot(0)).iter().map(|(s, _)| s.0).collect();
+    assert_eq!(kept, [8]);
+    assert_eq!(a.promised(), term(2, 1), "the promise stays");
+}
+
 /// An idle leader's resend carries the commit point, so followers release
 /// the last slots of a quiet partition.
 #[test]

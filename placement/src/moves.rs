@@ -134,6 +134,12 @@ impl ClusterMap {
             .unwrap_or(CREATED_EPOCH)
     }
 
+    /// The epoch of `partition`'s last home move (0: its home never moved):
+    /// see [`ClusterMap::failover_epochs`].
+    pub fn failover_epoch(&self, partition: u32) -> u64 {
+        self.failover_epochs.get(&partition).copied().unwrap_or(0)
+    }
+
     /// Whether `id` holds a replica slot of any partition now.
     ///
     /// # Errors
@@ -505,6 +511,7 @@ impl ClusterMap {
         self.partition_epochs.insert(partition, epoch);
         self.previous_sets.insert(partition, replicas);
         self.failing_over.insert(partition, home);
+        self.failover_epochs.insert(partition, epoch);
         if moved.home(p) == moved.turn_home(p) {
             self.moved_homes.remove(&partition);
         } else {
@@ -1138,6 +1145,8 @@ mod tests {
         })
         .unwrap();
         assert!(map.failing_over.is_empty());
+        assert_eq!(map.failover_epoch(0), epoch, "kept after Establish");
+        assert_eq!(map.failover_epoch(1), 0);
         assert_eq!(map.placement().unwrap().home(p), "b");
         // Moving it back undoes the override.
         map.apply(&MapCommand::MoveHome {
@@ -1148,6 +1157,7 @@ mod tests {
         .unwrap();
         assert!(map.moved_homes.is_empty());
         assert_eq!(map.failing_over.get(&0).map(String::as_str), Some("b"));
+        assert_eq!(map.failover_epoch(0), map.partition_epoch(0));
         let text = serde_json::to_string(&map).unwrap();
         assert_eq!(serde_json::from_str::<ClusterMap>(&text).unwrap(), map);
     }

@@ -34,8 +34,12 @@
 //! lapsed. What `dc1` acknowledged at the local level
 //! after the cut is the level's loss window: the test counts it, and
 //! checks that every post acknowledged at the cross-datacenter level, and
-//! every post the new home acknowledged, is kept. (`dc1` is then stopped,
-//! not healed: a returning old home's divergent tail is not handled yet.)
+//! every post the new home acknowledged, is kept. Then the cut heals:
+//! `dc1`'s nodes, whose timelines hold posts the new home replaced (a
+//! divergent tail), check them against the new home's, cut them back,
+//! copy the rest and follow the new home; in the end all six nodes hold
+//! the same history, and `dc1`'s leader cut at least the posts it had
+//! acknowledged that were lost.
 
 use std::collections::HashSet;
 use std::time::{Duration, Instant};
@@ -52,6 +56,7 @@ use saferchat_tests::process::{self, fixture_key};
 const DEADLINE: Duration = Duration::from_secs(120);
 const DC1: [usize; 2] = [0, 1];
 const SURVIVORS: [usize; 4] = [2, 3, 4, 5];
+const ALL: [usize; 6] = [0, 1, 2, 3, 4, 5];
 
 /// Posts tried on the cut-off side before the test gives up waiting for
 /// a refusal.
@@ -161,7 +166,7 @@ async fn a_lost_home_datacenter_fails_over_and_keeps_what_was_acknowledged() {
     }
     drop(in_x);
     let stores = stores_of(&mut cluster, &SURVIVORS, &x).await;
-    let history = one_history(&stores, &acked, &x);
+    let history = one_history(&stores, &SURVIVORS, &acked, &x);
     println!(
         "{x}: {} messages on every surviving node, {} acknowledged, all kept",
         history.len(),
@@ -195,6 +200,7 @@ async fn stores_of(cluster: &mut Cluster, which: &[usize], room: &str) -> Vec<Ve
 /// twice, every post of `kept` at its number.
 fn one_history<'a>(
     stores: &'a [Vec<(u64, Bytes)>],
+    which: &[usize],
     kept: &[(Bytes, u64)],
     room: &str,
 ) -> &'a [(u64, Bytes)] {
@@ -204,8 +210,8 @@ fn one_history<'a>(
             store,
             history,
             "node {} holds {room} as node {} does",
-            SURVIVORS[k] + 1,
-            SURVIVORS[0] + 1
+            which[k] + 1,
+            which[0] + 1
         );
     }
     let seqs: Vec<u64> = history.iter().map(|(s, _)| *s).collect();
@@ -345,17 +351,64 @@ async fn a_home_cut_off_and_moved_is_fenced_before_the_new_home_acknowledges() {
         cluster.wait_caught_up(&x, i, owner, 2 * DEADLINE).await;
     }
     drop((old_side, new_side));
-    for i in DC1 {
-        cluster.kill(i);
-    }
 
-    let stores = stores_of(&mut cluster, &SURVIVORS, &x).await;
-    let history = one_history(&stores, &kept, &x);
+    // The cut heals. A post through dc1 goes to the new home, and dc1's
+    // nodes, told of the leader, check their copies against its.
+    cluster.reconnect_datacenter("dc1");
+    let healed = Instant::now();
+    let mut back = cluster.join(&x, DC1[0], 0, DEADLINE).await;
+    kept.extend(load::post_acked(&mut back, "healed", 5, DEADLINE).await);
+    let owner = cluster.node_of(&back);
+    assert!(
+        [2, 3].contains(&owner),
+        "served by the new home (node {})",
+        owner + 1
+    );
+    let partition = saferchat_placement::PartitionCount::DEFAULT.of_room(&x).0;
+    let checks = format!("saferchat_partition_failover_checks_total{{partition=\"{partition}\"}}");
+    let mut cut_by_dc1 = Vec::new();
+    for i in DC1 {
+        loop {
+            let done = process::scrape_value(cluster.metrics[i], &checks).await;
+            if done.is_some_and(|n| n >= 1.0) {
+                break;
+            }
+            assert!(
+                healed.elapsed() < 2 * DEADLINE,
+                "node {} never checked its timeline of {x} against the new home's",
+                i + 1
+            );
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        cut_by_dc1.push(
+            process::scrape_value(
+                cluster.metrics[i],
+                "saferchat_partition_divergent_posts_cut_total",
+            )
+            .await
+            .unwrap_or(0.0),
+        );
+    }
+    println!(
+        "dc1 checked {x} {:.1} s after the heal, its nodes cut {cut_by_dc1:?} posts",
+        healed.elapsed().as_secs_f64()
+    );
+    for i in ALL {
+        cluster.wait_caught_up(&x, i, owner, 2 * DEADLINE).await;
+    }
+    drop(back);
+
+    let stores = stores_of(&mut cluster, &ALL, &x).await;
+    let history = one_history(&stores, &ALL, &kept, &x);
     let ids: HashSet<&Bytes> = history.iter().map(|(_, id)| id).collect();
     let lost = old_acked.iter().filter(|(id, _)| !ids.contains(id)).count();
     println!(
-        "{x}: {} messages on every survivor; of {} local posts dc1 acknowledged after the cut, {lost} are lost (the local level's window); every other acknowledged post is kept",
+        "{x}: {} messages on every node; of {} local posts dc1 acknowledged after the cut, {lost} are lost (the local level's window); every other acknowledged post is kept",
         history.len(),
         old_acked.len()
+    );
+    assert!(
+        cut_by_dc1.iter().any(|cut| *cut >= lost as f64),
+        "dc1's leader cut the {lost} lost posts it had applied ({cut_by_dc1:?})"
     );
 }

@@ -142,6 +142,19 @@ impl<T: Clone> LogAcceptor<T> {
         }
     }
 
+    /// Starts again from a timeline copied up to `upto` after a home
+    /// failover of `epoch` (see [`super::LogReplica::rewind`]): drops the
+    /// entries up to `upto` and every entry written before `epoch`, and
+    /// puts the floor at `upto`, even below where it was. Entries of
+    /// earlier epochs may be the old home's divergent tail; once the
+    /// failover epoch is established its log no longer needs them, and a
+    /// later election must not find them.
+    pub fn rewind(&mut self, upto: Slot, epoch: u64) {
+        self.entries
+            .retain(|s, e| *s > upto && e.term.epoch >= epoch);
+        self.floor = upto;
+    }
+
     fn refuse(&self, term: Term) -> LogMessage<T> {
         LogMessage::Refused {
             term,

@@ -322,6 +322,11 @@ pub struct LogReplica<T> {
     /// Prepares of a failover epoch held back until the grants this
     /// replica gave ran out: candidate, term and asked slot.
     deferred: Vec<(NodeId, Term, Slot)>,
+    /// A follower that releases nothing ([`LogReplica::hold`]).
+    held: bool,
+    /// On a held follower, what it would have released: the committed
+    /// slots it holds in the term that committed them.
+    held_through: Slot,
     ready: LogReady<T>,
 }
 
@@ -341,6 +346,8 @@ impl<T: Clone> LogReplica<T> {
             now: Millis::default(),
             grantor: LeaseGrantor::default(),
             deferred: Vec::new(),
+            held: false,
+            held_through: Slot(0),
             ready: LogReady::default(),
         }
     }
@@ -700,7 +707,7 @@ impl<T: Clone> LogReplica<T> {
             term: self.highest,
             first: self.released.next(),
             count: 0,
-            released: self.released,
+            released: self.reported(),
         };
         for to in self.config.replicas.clone() {
             self.ready.messages.push((to, message.clone()));
@@ -736,6 +743,58 @@ impl<T: Clone> LogReplica<T> {
         }
         self.released = upto;
         self.acceptor.compact(upto);
+        true
+    }
+
+    /// While `held`, this replica releases nothing as a follower; it still
+    /// stores, answers and votes. The node holds a replica whose timeline
+    /// may carry a divergent tail (slots an old home released that a home
+    /// failover replaced) until it checked it against the new home's, so
+    /// that it applies no later slot on top of that tail.
+    ///
+    /// A held follower reports as released what it would have released:
+    /// it holds those committed entries in its log, which is what a
+    /// leader counts it caught up for ([`LogReplica::established`] needs a
+    /// quorum of voters holding what it recovered, and the new home of a
+    /// failover may have no voter to spare); the node compacts nothing of
+    /// a held log, and after [`LogReplica::rewind`] it reports what it
+    /// released again.
+    pub fn hold(&mut self, held: bool) {
+        self.held = held;
+        self.held_through = Slot(0);
+    }
+
+    /// What this replica tells a leader it released (see
+    /// [`LogReplica::hold`]).
+    fn reported(&self) -> Slot {
+        if self.held {
+            self.released.max(self.held_through)
+        } else {
+            self.released
+        }
+    }
+
+    /// Whether the replica is held ([`LogReplica::hold`]).
+    pub fn is_held(&self) -> bool {
+        self.held
+    }
+
+    /// The node cut its timeline back to what it shares with the new home
+    /// of a failover of `epoch` and copied the rest from a replica that had
+    /// applied every slot up to `upto`: the replica counts exactly those as
+    /// released, even fewer than before (what it released beyond may be
+    /// the old home's divergent tail), drops its entries of earlier epochs
+    /// ([`LogAcceptor::rewind`]) and is no longer held; the leader then
+    /// resends the slots after `upto`. Only a follower rewinds (a leader
+    /// defines the log). Returns whether it did.
+    pub fn rewind(&mut self, upto: Slot, epoch: u64) -> bool {
+        if !matches!(self.role, Role::Follower) {
+            return false;
+        }
+        self.released = upto;
+        self.heard = None;
+        self.acceptor.rewind(upto, epoch);
+        self.hold(false);
         true
     }
 
@@ -870,7 +929,7 @@ impl<T: Clone> LogReplica<T> {
                         term,
                         first,
                         count,
-                        released: self.released,
+                        released: self.reported(),
                     },
                     refused => refused,
                 };
@@ -1212,22 +1271,30 @@ impl<T: Clone> LogReplica<T> {
     /// A follower releases slots up to the leader's commit point that it
     /// holds in the leader's term (an entry of an older term may not be
     /// the one chosen).
+    /// (Held, it only notes how far it would have released.)
     fn release_as_follower(&mut self, term: Term, commit: Slot) {
         if !matches!(self.role, Role::Follower) {
             return;
         }
-        while self.released < commit {
-            let slot = self.released.next();
+        let mut through = self.reported();
+        while through < commit {
+            let slot = through.next();
             match self.acceptor.entry(slot) {
                 Some(e) if e.term == term => {
-                    self.ready.committed.push(Committed {
-                        slot,
-                        value: e.value.clone(),
-                    });
-                    self.released = slot;
+                    if !self.held {
+                        self.ready.committed.push(Committed {
+                            slot,
+                            value: e.value.clone(),
+                        });
+                        self.released = slot;
+                    }
+                    through = slot;
                 }
                 _ => break,
             }
+        }
+        if self.held {
+            self.held_through = through;
         }
     }
 

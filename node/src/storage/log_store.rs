@@ -69,6 +69,19 @@ pub struct PartitionLogState {
     pub floor: Slot,
     /// Slots up to here are applied to the timeline.
     pub applied: Slot,
+    /// The latest home failover epoch whose divergence check this replica
+    /// finished, or never needed (0: none).
+    pub checked: u64,
+}
+
+/// A replica's timeline cut back after a home failover and copied up to a
+/// slot ([`LogChange::rewind`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Rewind {
+    /// The failover epoch checked.
+    pub epoch: u64,
+    /// The slot the timeline now holds every post of, and no later one.
+    pub applied: Slot,
 }
 
 /// One change to one partition's state.
@@ -84,10 +97,27 @@ pub struct LogChange {
     pub floor: Option<Slot>,
     /// A new applied mark.
     pub applied: Option<Slot>,
+    /// A failover epoch checked.
+    pub checked: Option<u64>,
+    /// A rewind, applied before everything else of the change: the
+    /// applied mark and floor become its slot (even lower), entries up to
+    /// it and of earlier epochs than its own are dropped, and its epoch is
+    /// checked.
+    pub rewind: Option<Rewind>,
 }
 
 impl PartitionLogState {
     fn apply(&mut self, change: LogChange) {
+        if let Some(r) = change.rewind {
+            self.applied = r.applied;
+            self.floor = r.applied;
+            self.entries
+                .retain(|s, e| *s > r.applied && e.term.epoch >= r.epoch);
+            self.checked = self.checked.max(r.epoch);
+        }
+        if let Some(c) = change.checked {
+            self.checked = self.checked.max(c);
+        }
         if let Some(t) = change.promised {
             self.promised = self.promised.max(t);
         }
@@ -114,6 +144,8 @@ impl PartitionLogState {
             entries: self.entries.iter().map(|(s, e)| (*s, e.clone())).collect(),
             floor: Some(self.floor),
             applied: Some(self.applied),
+            checked: Some(self.checked),
+            rewind: None,
         }
     }
 }
@@ -230,6 +262,11 @@ fn encode(change: &LogChange) -> Vec<u8> {
             .collect(),
         floor: change.floor.map_or(0, |s| s.0),
         applied: change.applied.map_or(0, |s| s.0),
+        checked: change.checked.unwrap_or(0),
+        rewind: change.rewind.map(|r| pb::LogRewind {
+            epoch: r.epoch,
+            applied: r.applied.0,
+        }),
     };
     let payload = record.encode_to_vec();
     // An empty record changes nothing, and a zero length ends the replay.
@@ -264,6 +301,11 @@ fn decode(payload: &[u8]) -> Option<LogChange> {
         entries,
         floor: (r.floor > 0).then_some(Slot(r.floor)),
         applied: (r.applied > 0).then_some(Slot(r.applied)),
+        checked: (r.checked > 0).then_some(r.checked),
+        rewind: r.rewind.map(|w| Rewind {
+            epoch: w.epoch,
+            applied: Slot(w.applied),
+        }),
     })
 }
 
@@ -678,6 +720,57 @@ mod tests {
             [Slot(2)]
         );
         assert_eq!(files(dir.path()).unwrap().len(), 1, "older files deleted");
+    }
+
+    /// A rewind lowers the applied mark and the floor, drops the entries up
+    /// to it and those of earlier epochs, and the checked epoch survives
+    /// reopening and a rotation's checkpoint.
+    #[test]
+    fn a_rewind_lowers_the_marks_and_drops_old_epochs_entries_for_good() {
+        let dir = tempfile::tempdir().unwrap();
+        let (store, _) = LogStore::open(dir.path()).unwrap();
+        let old = |n: u8| Entry {
+            term: Term {
+                epoch: 1,
+                ..term(1)
+            },
+            ..post(n)
+        };
+        let changes = vec![
+            LogChange {
+                partition: 3,
+                promised: Some(term(1)),
+                entries: vec![(Slot(5), old(5)), (Slot(6), post(6)), (Slot(7), old(7))],
+                floor: Some(Slot(4)),
+                applied: Some(Slot(7)),
+                ..LogChange::default()
+            },
+            LogChange {
+                partition: 3,
+                rewind: Some(Rewind {
+                    epoch: 2,
+                    applied: Slot(2),
+                }),
+                ..LogChange::default()
+            },
+        ];
+        store.write(&changes).unwrap();
+        drop(store);
+        let (store, states) = LogStore::open(dir.path()).unwrap();
+        let state = &states[&3];
+        assert_eq!(
+            (state.applied, state.floor, state.checked),
+            (Slot(2), Slot(2), 2)
+        );
+        assert_eq!(
+            state.entries.keys().copied().collect::<Vec<_>>(),
+            [Slot(6)],
+            "epoch 1's entries dropped"
+        );
+        store.rotate(&states).unwrap();
+        drop(store);
+        let (_store, again) = LogStore::open(dir.path()).unwrap();
+        assert_eq!(again, states, "the checkpoint keeps it");
     }
 
     #[test]

@@ -32,6 +32,24 @@
 //! Ids and sequence numbers are copied as stored: every replica computes
 //! the same ones from the same log. On a store that every node shares
 //! (Cassandra) nothing is copied: the source's mark is installed at once.
+//!
+//! # After a home failover: cutting a divergent tail
+//!
+//! A replica that applied the partition's log before a failover of its
+//! home may hold posts the old home released and the new home replaced
+//! (the local level's loss window): from some message on, its copy of a
+//! room is not a prefix of the room's timeline any more. Before it copies,
+//! [`cut_divergent`] compares each of its rooms with the source (the
+//! partition's leader in the failover epoch or later, which defines the
+//! timeline) and truncates the room after the last message both hold;
+//! the copy then brings the rest. Only the end of a room is compared: the
+//! newest messages first, a window that grows eightfold while its oldest
+//! message is not the source's. A message with the same id and sequence
+//! number on both sides is the same post in the same place, with the same
+//! history before it (ids are drawn by the leader that appended the post
+//! and follow the room's previous id), so the first match proves the
+//! prefix common; after the first difference the two never agree again
+//! (the new home's log holds none of the old home's later slots).
 
 use std::fmt;
 
@@ -254,6 +272,26 @@ async fn copy_from(
     }
 }
 
+/// Refuses a page with a message of another room, or not after `after`.
+fn in_order(
+    page: &RoomPage,
+    source: NodeId,
+    room: &RoomId,
+    after: Option<MessageId>,
+) -> Result<(), NodeError> {
+    match page
+        .messages
+        .iter()
+        .find(|m| m.room != *room || after.is_some_and(|a| m.id <= a))
+    {
+        Some(bad) => Err(NodeError::Unavailable(format!(
+            "{source} sent message {} of {} out of order for room {room}",
+            bad.id, bad.room
+        ))),
+        None => Ok(()),
+    }
+}
+
 /// Brings `room` up to the source, from the newest message this store has.
 async fn copy_room(
     from: &dyn CopySource,
@@ -267,16 +305,7 @@ async fn copy_room(
     let mut after = storage::last_id(store, room).await.map_err(local)?;
     loop {
         let page = from.room(source, partition, room, after).await?;
-        if let Some(bad) = page
-            .messages
-            .iter()
-            .find(|m| m.room != *room || after.is_some_and(|a| m.id <= a))
-        {
-            return Err(NodeError::Unavailable(format!(
-                "{source} sent message {} of {} out of order for room {room}",
-                bad.id, bad.room
-            )));
-        }
+        in_order(&page, source, room, after)?;
         if let Some(last) = page.messages.last() {
             after = Some(last.id);
             store.append(&page.messages).await.map_err(local)?;
@@ -295,6 +324,122 @@ async fn copy_room(
                 "{source} sent an empty page of room {room} that is not the last"
             )));
         }
+    }
+}
+
+/// Messages of a room compared at first when looking for a divergent
+/// tail; each further try compares eight times as many.
+const PROBE_MESSAGES: usize = 16;
+
+/// What [`cut_divergent`] cut.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Cut {
+    /// Rooms looked at.
+    pub rooms: u64,
+    /// Rooms truncated.
+    pub cut_rooms: u64,
+    /// Messages deleted.
+    pub messages: u64,
+}
+
+/// Truncates every room of `partition` in `store` after the last message
+/// it shares with `source` (see the module's "After a home failover").
+/// Nothing is cut on a store every node shares: there is no other copy to
+/// compare with.
+///
+/// # Errors
+/// The source's error (UNAVAILABLE when it cannot serve), or a page out of
+/// order; the local store's error as `Storage`.
+pub async fn cut_divergent(
+    from: &dyn CopySource,
+    store: &dyn ChatStore,
+    in_partition: &(dyn Fn(&RoomId) -> bool + Send + Sync),
+    partition: u32,
+    source: NodeId,
+) -> Result<Cut, NodeError> {
+    let local = |e: NodeError| NodeError::Storage(e.to_string());
+    let mut cut = Cut::default();
+    if store.shared() {
+        return Ok(cut);
+    }
+    let mut after = None;
+    loop {
+        let page = read_rooms(store, in_partition, Slot(0), after)
+            .await
+            .map_err(local)?;
+        for room in &page.rooms {
+            cut.rooms += 1;
+            if let Some(keep) = divergence(from, store, partition, source, room).await? {
+                let deleted = store.truncate_room(room, keep).await.map_err(local)?;
+                tracing::info!(partition, %room, deleted, "cut a room's divergent tail after a home failover");
+                cut.cut_rooms += 1;
+                cut.messages += deleted;
+            }
+        }
+        if page.done {
+            return Ok(cut);
+        }
+        after = page.rooms.last().cloned();
+    }
+}
+
+/// Where `room` in `store` stops being a prefix of the source's: `None`
+/// when it is one, `Some(keep)` when everything after `keep` (everything,
+/// for `None`) must go.
+async fn divergence(
+    from: &dyn CopySource,
+    store: &dyn ChatStore,
+    partition: u32,
+    source: NodeId,
+    room: &RoomId,
+) -> Result<Option<Option<MessageId>>, NodeError> {
+    let local = |e: NodeError| NodeError::Storage(e.to_string());
+    let mut window = PROBE_MESSAGES;
+    loop {
+        let mut newest = storage::history(store, room, Range::Before(None), window)
+            .await
+            .map_err(local)?;
+        newest.reverse();
+        // The window's oldest message is the anchor, unless the window
+        // holds the whole room.
+        let (anchor, ours) = if newest.len() < window {
+            (None, &newest[..])
+        } else {
+            (Some(newest[0].id), &newest[1..])
+        };
+        let mut matched = 0;
+        let mut after = anchor;
+        'pages: loop {
+            let page = from.room(source, partition, room, after).await?;
+            in_order(&page, source, room, after)?;
+            for theirs in &page.messages {
+                if matched == ours.len() || *theirs != ours[matched] {
+                    break 'pages;
+                }
+                matched += 1;
+            }
+            if page.done || matched == ours.len() {
+                break;
+            }
+            let Some(last) = page.messages.last() else {
+                return Err(NodeError::Unavailable(format!(
+                    "{source} sent an empty page of room {room} that is not the last"
+                )));
+            };
+            after = Some(last.id);
+        }
+        if matched == ours.len() {
+            return Ok(None);
+        }
+        if matched > 0 {
+            return Ok(Some(Some(ours[matched - 1].id)));
+        }
+        if anchor.is_none() {
+            return Ok(Some(None));
+        }
+        // The first message after the anchor differs: the anchor itself
+        // may be past the divergence.
+        window = window.saturating_mul(8);
     }
 }
 
@@ -458,6 +603,100 @@ mod tests {
             everything(&*target, "alpha").await,
             everything(&*source, "alpha").await
         );
+    }
+
+    /// Appends `count` messages to `name` numbered after `from`, drawn by a
+    /// leader whose randomness is `seed` (two leaders draw different ids
+    /// for the same place).
+    async fn post_by(store: &MemoryStore, name: &str, from: u32, count: u32, seed: u64) {
+        let room = RoomId::new(name).unwrap();
+        let last = storage::last_id(store, &room).await.unwrap();
+        let mut ids = crate::message_id::IdGenerator::after(last);
+        let batch: Vec<StoredMessage> = (from + 1..=from + count)
+            .map(|n| StoredMessage {
+                room: room.clone(),
+                id: ids.next(1_700_000_000_000 + i64::from(n), seed ^ u64::from(n)),
+                seq: u64::from(n),
+                envelope: test_envelope(&room, n ^ (seed as u32)),
+            })
+            .collect();
+        store.append(&batch).await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn a_divergent_tail_is_cut_back_to_the_last_shared_message_and_the_copy_brings_the_rest()
+    {
+        let source = Arc::new(MemoryStore::default());
+        let target = Arc::new(MemoryStore::default());
+        // alpha: 40 shared, then 5 of the old home's, while the new home
+        // went on with 300 of its own.
+        // beta: nothing shared, 3 against 2.
+        // gamma: the target is 30 behind, no divergence.
+        // delta: 1,000 shared, then 100 divergent (the probe widens).
+        // epsilon: only the target has it.
+        // other: another partition, never looked at.
+        for store in [&source, &target] {
+            post_by(store, "alpha", 0, 40, 1).await;
+            post_by(store, "gamma", 0, 20, 1).await;
+            post_by(store, "delta", 0, 1_000, 1).await;
+            post_by(store, "other", 0, 3, 1).await;
+        }
+        post_by(&target, "alpha", 40, 5, 2).await;
+        post_by(&source, "alpha", 40, 300, 3).await;
+        post_by(&target, "beta", 0, 3, 2).await;
+        post_by(&source, "beta", 0, 2, 3).await;
+        post_by(&source, "gamma", 20, 30, 1).await;
+        post_by(&target, "delta", 1_000, 100, 2).await;
+        post_by(&source, "delta", 1_000, 7, 3).await;
+        post_by(&target, "epsilon", 0, 4, 2).await;
+        post_by(&target, "other", 3, 2, 2).await;
+        let from = FromStore {
+            stores: HashMap::from([(NodeId(1), (Arc::clone(&source), Slot(77)))]),
+            ..FromStore::default()
+        };
+        let in_partition = |r: &RoomId| r.as_str() != "other";
+        let cut = cut_divergent(&from, &*target, &in_partition, 0, NodeId(1))
+            .await
+            .unwrap();
+        assert_eq!(
+            cut,
+            Cut {
+                rooms: 5,
+                cut_rooms: 4,
+                messages: 5 + 3 + 100 + 4
+            }
+        );
+        let copied = copy(&from, &*target, 0, &[NodeId(1)], Slot(0))
+            .await
+            .unwrap();
+        assert_eq!(copied.applied, Slot(77));
+        assert_eq!(copied.messages, 300 + 2 + 30 + 7);
+        for room in ["alpha", "beta", "gamma", "delta", "epsilon"] {
+            assert_eq!(
+                everything(&*target, room).await,
+                everything(&*source, room).await,
+                "{room} is the source's timeline"
+            );
+        }
+        assert_eq!(everything(&*target, "other").await.len(), 5, "untouched");
+        // Checking again finds nothing to cut.
+        let again = cut_divergent(&from, &*target, &in_partition, 0, NodeId(1))
+            .await
+            .unwrap();
+        assert_eq!((again.cut_rooms, again.messages), (0, 0));
+    }
+
+    #[tokio::test]
+    async fn a_source_that_cannot_serve_the_check_cuts_nothing() {
+        let target = Arc::new(MemoryStore::default());
+        post_by(&target, "alpha", 0, 4, 2).await;
+        let from = FromStore::default();
+        let in_partition = |_: &RoomId| true;
+        let e = cut_divergent(&from, &*target, &in_partition, 0, NodeId(1))
+            .await
+            .unwrap_err();
+        assert!(e.to_string().contains("down"), "{e}");
+        assert_eq!(everything(&*target, "alpha").await.len(), 4);
     }
 
     #[tokio::test]

@@ -133,7 +133,7 @@ use crate::clock::Clock;
 use crate::convert;
 use crate::error::NodeError;
 use crate::membership::PeerSender;
-use crate::storage::log_store::{LogChange, LogStore, PartitionLogState, PreparedFile};
+use crate::storage::log_store::{LogChange, LogStore, PartitionLogState, PreparedFile, Rewind};
 use crate::storage::{ChatStore, StoredMessage};
 
 /// A leader's heartbeat period.
@@ -199,7 +199,10 @@ pub const HOME_LEASE_GRACE_MS: u64 = ELECTION_TIMEOUT_MS;
 #[derive(Debug)]
 struct CopyDone {
     partition: u32,
-    result: Result<super::copy::Copied, NodeError>,
+    /// The failover epoch whose divergence check this copy ends (see
+    /// "Home failover"); `None` for a copy of a lagging replica.
+    check: Option<u64>,
+    result: Result<(super::copy::Copied, super::copy::Cut), NodeError>,
 }
 
 /// The timeline store failing: since when, and when to try again.
@@ -286,6 +289,12 @@ struct Part {
     /// Whether the lapse was reported (logged and counted) once it became
     /// a cut-off ([`Part::cut_off`]).
     cut_off_said: bool,
+    /// The latest home failover epoch this replica checked its timeline
+    /// against (or never needed to), as written to the log file.
+    checked: u64,
+    /// A failover epoch whose check this replica still owes: its log is
+    /// held ([`LogReplica::hold`]) until then (see "Home failover").
+    unchecked: Option<u64>,
 }
 
 /// Commit times a leader keeps per partition; a datacenter further behind
@@ -594,6 +603,7 @@ impl Driver {
     fn load(&mut self, partition: u32, state: PartitionLogState, now: Millis) {
         let config = self.log_config(partition, self.map.partition_epoch(partition));
         let rank = rank_of(&config);
+        let empty = state == PartitionLogState::default();
         let acceptor = LogAcceptor::restore(state.promised, state.entries, state.floor);
         let retained: VecDeque<(Slot, usize)> = acceptor
             .entries_from(Slot(0))
@@ -602,7 +612,22 @@ impl Driver {
             .map(|(s, e)| (s, value_bytes(&e.value)))
             .collect();
         let retained_bytes = retained.iter().map(|(_, b)| b).sum();
-        let replica = LogReplica::new(config, acceptor, state.applied);
+        // A replica that applied nothing of the partition holds no tail
+        // to check; one that did and has not checked the latest failover
+        // is held until it has.
+        let failover = self.map.failover_epoch(partition);
+        let mut checked = state.checked;
+        if failover > checked && empty {
+            checked = failover;
+            self.marks.push(LogChange {
+                partition,
+                checked: Some(failover),
+                ..LogChange::default()
+            });
+        }
+        let unchecked = (failover > checked).then_some(failover);
+        let mut replica = LogReplica::new(config, acceptor, state.applied);
+        replica.hold(unchecked.is_some());
         self.parts.insert(
             partition,
             Part {
@@ -625,6 +650,8 @@ impl Driver {
                 commit_times: VecDeque::new(),
                 lease_lapsed: None,
                 cut_off_said: false,
+                checked,
+                unchecked,
                 wanted: None,
                 nudged: None,
             },
@@ -689,6 +716,21 @@ impl Driver {
                 part.acks.clear();
                 part.leader = None;
                 touched.push(partition);
+            }
+        }
+        // A home moved: every replica that applied the partition before
+        // holds its log until it checked its timeline against the new
+        // home's (the leader that defines it excepted: see `settle`).
+        for (partition, part) in &mut self.parts {
+            let failover = self.map.failover_epoch(*partition);
+            if failover > part.checked && part.unchecked.is_none_or(|u| u < failover) {
+                tracing::info!(
+                    partition,
+                    epoch = failover,
+                    "the partition's home moved: this replica applies nothing more until it checked its timeline against the new home's"
+                );
+                part.unchecked = Some(failover);
+                part.replica.hold(true);
             }
         }
     }
@@ -822,6 +864,7 @@ impl Driver {
                     && part.rank == 0
                     && part.replica.leading().is_none()
                     && !contested
+                    && !(part.copying && part.unchecked.is_some())
                 {
                     tracing::debug!(partition, %me, "campaigning: a client needs the partition");
                     part.tick(partition, now);
@@ -839,6 +882,7 @@ impl Driver {
                 let local = self.parts.get(&partition).is_some_and(|p| {
                     p.replica.config().is_learner()
                         && !p.copying
+                        && p.unchecked.is_none()
                         && p.replica.caught_up_with_heard()
                         && p.applied >= p.replica.released()
                 });
@@ -1044,7 +1088,9 @@ impl Driver {
                 }
                 continue;
             }
-            if !part.active {
+            if !part.active || (part.copying && part.unchecked.is_some()) {
+                // (A replica whose check runs does not run: the check may
+                // cut its timeline.)
                 continue;
             }
             let wait = if part.leader.is_some() {
@@ -1069,6 +1115,23 @@ impl Driver {
         }
         for partition in lagging {
             self.report_lag(partition, now);
+        }
+        let checks: Vec<(u32, u64, NodeId)> = self
+            .parts
+            .iter()
+            .filter_map(|(partition, part)| {
+                let epoch = part.unchecked?;
+                let leader = part.leader?;
+                let ready = !part.copying
+                    && leader.epoch >= epoch
+                    && leader.node != self.me
+                    && part.replica.leading().is_none()
+                    && !self.map.failing_over.contains_key(partition);
+                ready.then_some((*partition, epoch, leader.node))
+            })
+            .collect();
+        for (partition, epoch, source) in checks {
+            self.start_check(partition, epoch, source);
         }
         if !cut_off.is_empty() {
             let refused = self.fail_waiters_with(&cut_off, CUT_OFF, |since| {
@@ -1137,6 +1200,18 @@ impl Driver {
             }
             if let Some(term) = ready.leading {
                 tracing::info!(partition, %term, "leading the partition");
+                if let Some(epoch) = part.unchecked.filter(|e| term.epoch >= *e) {
+                    // Its log is the failover epoch's: what it released is
+                    // the timeline the others check theirs against.
+                    part.unchecked = None;
+                    part.checked = epoch;
+                    part.replica.hold(false);
+                    changes.push(LogChange {
+                        partition,
+                        checked: Some(epoch),
+                        ..LogChange::default()
+                    });
+                }
                 part.leader = Some(term);
                 let now = self.clock.monotonic();
                 part.led_since = now;
@@ -1237,7 +1312,12 @@ impl Driver {
         let Some(part) = self.parts.get_mut(&partition) else {
             return;
         };
-        if part.copying || now < part.copy_after || self.copying >= COPIES_AT_ONCE {
+        if part.copying
+            || part.unchecked.is_some()
+            || now < part.copy_after
+            || self.copying >= COPIES_AT_ONCE
+        {
+            // (An unchecked replica's check copies the partition.)
             return;
         }
         part.copying = true;
@@ -1260,8 +1340,66 @@ impl Driver {
         let chat = Arc::clone(&self.chat);
         let done = self.copies.0.clone();
         tokio::spawn(async move {
-            let result = super::copy::copy(&*copier, &*chat, partition, &sources, need).await;
-            let _ = done.send(CopyDone { partition, result });
+            let result = super::copy::copy(&*copier, &*chat, partition, &sources, need)
+                .await
+                .map(|copied| (copied, super::copy::Cut::default()));
+            let _ = done.send(CopyDone {
+                partition,
+                check: None,
+                result,
+            });
+        });
+    }
+
+    /// Checks the timeline of a partition whose home failed over against
+    /// `source`, a leader of the failover epoch or later, in a task of its
+    /// own: cuts every room back to the last message both hold
+    /// (`copy::cut_divergent`) and copies the rest, then [`on_copied`]
+    /// rewinds the log to the copy. Unless a copy runs, one failed a moment
+    /// ago, or posts of the partition wait to be applied or synced (they
+    /// were released before the log was held).
+    fn start_check(&mut self, partition: u32, epoch: u64, source: NodeId) {
+        let now = self.clock.monotonic();
+        let Some(copier) = self.copier.clone() else {
+            return;
+        };
+        if self.deferred.contains_key(&partition) || self.unsynced.contains_key(&partition) {
+            return;
+        }
+        let Some(part) = self.parts.get_mut(&partition) else {
+            return;
+        };
+        if part.copying || now < part.copy_after || self.copying >= COPIES_AT_ONCE {
+            return;
+        }
+        part.copying = true;
+        self.copying += 1;
+        tracing::info!(
+            partition,
+            epoch,
+            %source,
+            "checking the partition's timeline against the new home's after a home failover"
+        );
+        let chat = Arc::clone(&self.chat);
+        let placement = Arc::clone(&self.placement);
+        let done = self.copies.0.clone();
+        tokio::spawn(async move {
+            let in_partition =
+                move |r: &RoomId| placement.partitions().of_room(r.as_str()).0 == partition;
+            let result = async {
+                let cut =
+                    super::copy::cut_divergent(&*copier, &*chat, &in_partition, partition, source)
+                        .await?;
+                let copied =
+                    super::copy::copy(&*copier, &*chat, partition, &[source], Slot(0)).await?;
+                Ok((copied, cut))
+            }
+            .await;
+            let _ = done.send(CopyDone {
+                partition,
+                check: Some(epoch),
+                result,
+            });
         });
     }
 
@@ -1277,8 +1415,8 @@ impl Driver {
             return;
         };
         part.copying = false;
-        let copied = match done.result {
-            Ok(copied) => copied,
+        let (copied, cut) = match done.result {
+            Ok(done) => done,
             Err(e) => {
                 tracing::warn!(partition, error = %e, retry_ms = part.copy_backoff_ms, "copying the partition's timeline failed");
                 metrics::counter!("saferchat_partition_copy_failures_total").increment(1);
@@ -1288,6 +1426,50 @@ impl Driver {
             }
         };
         part.copy_backoff_ms = COPY_RETRY_MS;
+        if let Some(epoch) = done.check {
+            if part.unchecked != Some(epoch) || !part.replica.rewind(copied.applied, epoch) {
+                // It led meanwhile, or a later failover came: that one's
+                // check comes next.
+                tracing::info!(partition, epoch, "the finished check no longer applies");
+                return;
+            }
+            part.unchecked = None;
+            part.checked = epoch;
+            part.applied = copied.applied;
+            part.retained.clear();
+            part.retained_bytes = 0;
+            self.marks.push(LogChange {
+                partition,
+                rewind: Some(Rewind {
+                    epoch,
+                    applied: copied.applied,
+                }),
+                ..LogChange::default()
+            });
+            self.tails
+                .retain(|room, _| placement.partitions().of_room(room.as_str()).0 != partition);
+            metrics::counter!("saferchat_partition_failover_checks_total", "partition" => partition.to_string())
+                .increment(1);
+            #[allow(clippy::cast_precision_loss)]
+            metrics::gauge!("saferchat_partition_applied_slot", "partition" => partition.to_string())
+                .set(copied.applied.0 as f64);
+            metrics::counter!("saferchat_partition_divergent_posts_cut_total")
+                .increment(cut.messages);
+            metrics::counter!("saferchat_partition_copied_bytes_total").increment(copied.bytes);
+            tracing::info!(
+                partition,
+                epoch,
+                source = %copied.source,
+                rooms = cut.rooms,
+                cut_rooms = cut.cut_rooms,
+                cut_posts = cut.messages,
+                applied = copied.applied.0,
+                copied = copied.messages,
+                "checked the partition's timeline against the new home's and rewound its log to the copy"
+            );
+            touched.push(partition);
+            return;
+        }
         if !part.replica.install(copied.applied) {
             tracing::info!(
                 partition,
@@ -1840,6 +2022,11 @@ impl Driver {
         let Some(part) = self.parts.get_mut(&partition) else {
             return;
         };
+        if part.unchecked.is_some() {
+            // A held log keeps what it would have released (it reports it
+            // so: `LogReplica::hold`) until the check rewinds it.
+            return;
+        }
         let mut floor = None;
         while part.retained_bytes > self.retained_max {
             let Some(&(slot, bytes)) = part.retained.front() else {
@@ -1904,6 +2091,7 @@ impl Driver {
                         // synced to the store must be applied again after
                         // a crash.
                         applied: part.applied,
+                        checked: part.checked,
                     },
                 )
             })
