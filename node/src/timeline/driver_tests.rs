@@ -617,3 +617,280 @@ async fn a_partition_whose_epoch_moves_runs_its_log_in_the_new_epoch() {
         "the partition's log promised a term of epoch 2"
     );
 }
+
+/// Serves copy pages from one store, as the partition's leader would, or
+/// fails while `down`.
+#[derive(Debug)]
+struct LeaderPages {
+    store: MemoryChat,
+    applied: saferchat_consensus::partition_log::Slot,
+    down: std::sync::atomic::AtomicBool,
+    /// Pages asked for.
+    asked: AtomicU64,
+}
+
+#[async_trait]
+impl super::super::copy::CopySource for LeaderPages {
+    async fn rooms(
+        &self,
+        _node: NodeId,
+        _partition: u32,
+        after: Option<&RoomId>,
+    ) -> Result<super::super::copy::RoomsPage, NodeError> {
+        self.asked.fetch_add(1, Ordering::SeqCst);
+        if self.down.load(Ordering::SeqCst) {
+            return Err(NodeError::Unavailable("the leader is unreachable".into()));
+        }
+        let all = |_: &RoomId| true;
+        super::super::copy::read_rooms(&self.store, &all, self.applied, after.cloned()).await
+    }
+
+    async fn room(
+        &self,
+        _node: NodeId,
+        _partition: u32,
+        room: &RoomId,
+        after: Option<crate::message_id::MessageId>,
+    ) -> Result<super::super::copy::RoomPage, NodeError> {
+        self.asked.fetch_add(1, Ordering::SeqCst);
+        if self.down.load(Ordering::SeqCst) {
+            return Err(NodeError::Unavailable("the leader is unreachable".into()));
+        }
+        super::super::copy::read_room(&self.store, room, after).await
+    }
+}
+
+async fn ids_of(store: &dyn ChatStore) -> Vec<crate::message_id::MessageId> {
+    history(store, &room(), Range::After(None), 10_000)
+        .await
+        .unwrap()
+        .iter()
+        .map(|m| m.id)
+        .collect()
+}
+
+/// `count` messages of the room numbered after `from`, ids drawn by a
+/// leader whose randomness is `seed`.
+fn messages(
+    last: Option<crate::message_id::MessageId>,
+    from: u64,
+    count: u64,
+    seed: u64,
+) -> Vec<StoredMessage> {
+    let mut ids = crate::message_id::IdGenerator::after(last);
+    (from + 1..=from + count)
+        .map(|n| StoredMessage {
+            room: room(),
+            id: ids.next(1_800_000_000_000 + i64::try_from(n).unwrap(), seed ^ n),
+            seq: n,
+            envelope: envelope(u32::try_from(n).unwrap() ^ u32::try_from(seed).unwrap()),
+        })
+        .collect()
+}
+
+/// A replica that applied five slots of its partition before the home
+/// failed over (epoch 3), the last two of them posts the new home replaced:
+/// held, it applies none of the new leader's commits; its check fails while
+/// the leader is unreachable and survives a restart; then it cuts the two,
+/// copies the leader's, rewinds its log to the leader's mark, and applies
+/// the leader's next commit at the number after the leader's; restarted
+/// again, it stays checked.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replica_with_a_divergent_tail_is_held_then_cuts_it_and_follows_the_new_home() {
+    use saferchat_consensus::partition_log::{Entry, LogMessage, Slot, Term, Value};
+
+    let dir = tempfile::tempdir().unwrap();
+    let nodes = [1, 2].map(|id| ClusterNode {
+        id: NodeId(id),
+        datacenter: "dc1".into(),
+    });
+    let placement =
+        Arc::new(Placement::build(&nodes, PartitionCount::new(PARTITIONS).unwrap(), 2).unwrap());
+    let partition = placement.room(room().as_str()).0.0;
+    let mut map = one_node_map(3, None);
+    map.partition_epochs.insert(partition, 3);
+    map.failover_epochs.insert(partition, 3);
+    let old = Term {
+        epoch: 1,
+        round: 1,
+        node: NodeId(1),
+    };
+    let new = Term {
+        epoch: 3,
+        round: 1,
+        node: NodeId(2),
+    };
+    // This node's timeline: three shared posts and two of its own; its
+    // log applied slots 1-5 in epoch 1 and still holds slot 5.
+    let disk = Arc::new(Disk::default());
+    let shared = messages(None, 0, 3, 1);
+    disk.append(&shared).await.unwrap();
+    disk.append(&messages(Some(shared[2].id), 3, 2, 2))
+        .await
+        .unwrap();
+    {
+        let (store, _) = LogStore::open(dir.path()).unwrap();
+        store
+            .write(&[crate::storage::log_store::LogChange {
+                partition,
+                promised: Some(old),
+                entries: vec![(
+                    Slot(5),
+                    Entry {
+                        term: old,
+                        value: Value::Post(posts(5..6).remove(0)),
+                    },
+                )],
+                floor: Some(Slot(4)),
+                applied: Some(Slot(5)),
+                ..Default::default()
+            }])
+            .unwrap();
+    }
+    // The new home's timeline: the three shared, then two of its own.
+    let leader = Arc::new(LeaderPages {
+        store: MemoryChat::default(),
+        applied: Slot(5),
+        down: std::sync::atomic::AtomicBool::new(true),
+        asked: AtomicU64::new(0),
+    });
+    leader.store.append(&shared).await.unwrap();
+    let theirs = messages(Some(shared[2].id), 3, 2, 3);
+    leader.store.append(&theirs).await.unwrap();
+
+    let clock = Arc::new(StillClock::default());
+    let start = |disk: &Arc<Disk>| {
+        let (store, states) = LogStore::open(dir.path()).unwrap();
+        let (inbound_tx, inbound) = tokio::sync::mpsc::channel(8);
+        let shutdown = CancellationToken::new();
+        let (timeline, task) = spawn(DriverParts {
+            me: NodeId(1),
+            placement: Arc::clone(&placement),
+            map: Arc::new(map.clone()),
+            maps: None,
+            store: Arc::new(store),
+            states,
+            chat: Arc::clone(disk) as Arc<dyn ChatStore>,
+            peers: Arc::new(NoPeers),
+            inbound,
+            clock: Arc::clone(&clock) as Arc<dyn Clock>,
+            shutdown: shutdown.clone(),
+            copier: Some(Arc::clone(&leader) as Arc<dyn super::super::copy::CopySource>),
+            retained_max: super::RETAINED_BYTES_MAX,
+            home_lease: saferchat_consensus::LeaseConfig::default(),
+        });
+        (
+            Node {
+                timeline,
+                task,
+                shutdown,
+            },
+            inbound_tx,
+        )
+    };
+    // The new leader writes slots 4-6 in epoch 3 (posts 40, 41 and 42)
+    // and says they are committed.
+    let accept = |first: u64, range: std::ops::Range<u32>, commit: u64| super::LogInbound {
+        from: NodeId(2),
+        messages: vec![(
+            partition,
+            LogMessage::Accept {
+                term: new,
+                first: Slot(first),
+                values: posts(range).into_iter().map(Value::Post).collect(),
+                commit: Slot(commit),
+            },
+        )],
+    };
+    let ours: Vec<u64> = stored_seqs(&*disk).await;
+    assert_eq!(ours, [1, 2, 3, 4, 5]);
+
+    let (node, inbound) = start(&disk);
+    inbound.send(accept(4, 40..43, 6)).await.unwrap();
+    // The check fails (the leader is unreachable); nothing is applied
+    // meanwhile, while the leader's commits go on arriving. (Time moves
+    // less than an election timeout between two of the leader's
+    // messages: this node never runs.)
+    until("a check asked the leader", || {
+        leader.asked.load(Ordering::SeqCst) >= 1
+    })
+    .await;
+    for _ in 0..10 {
+        inbound.send(accept(4, 40..43, 6)).await.unwrap();
+        clock.0.fetch_add(300, Ordering::SeqCst);
+        tokio::time::sleep(Duration::from_millis(60)).await;
+    }
+    let before: Vec<_> = shared
+        .iter()
+        .map(|m| m.id)
+        .chain(ids_of(&*disk).await.into_iter().skip(3))
+        .collect();
+    assert_eq!(ids_of(&*disk).await, before, "nothing cut");
+    assert_eq!(stored_seqs(&*disk).await, [1, 2, 3, 4, 5], "held");
+    assert_eq!(
+        node.timeline.applied(partition).await.unwrap(),
+        Some(Slot(5))
+    );
+    assert!(!node.timeline.reads_locally(partition).await.unwrap());
+    node.shutdown.cancel();
+    node.task.await.unwrap().unwrap();
+    let (_, states) = LogStore::open(dir.path()).unwrap();
+    assert_eq!(states[&partition].checked, 0, "not checked yet");
+
+    // Restarted, still held; the leader is reachable now.
+    leader.down.store(false, Ordering::SeqCst);
+    let (node, inbound) = start(&disk);
+    inbound.send(accept(4, 40..43, 6)).await.unwrap();
+    for _ in 0..600 {
+        if ids_of(&*disk).await[3..] == theirs.iter().map(|m| m.id).collect::<Vec<_>>()[..] {
+            break;
+        }
+        inbound.send(accept(4, 40..43, 6)).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let copied = history(&*disk, &room(), Range::After(None), 100)
+        .await
+        .unwrap();
+    let expected: Vec<StoredMessage> = shared.iter().chain(&theirs).cloned().collect();
+    assert_eq!(
+        copied, expected,
+        "cut back to the three shared, then the leader's"
+    );
+    // The leader's next commit (slot 6, post 42, which it resends as its
+    // follower now reports slot 5) is applied after the leader's fifth.
+    let mut seqs = Vec::new();
+    for _ in 0..600 {
+        inbound.send(accept(6, 42..43, 6)).await.unwrap();
+        clock.0.fetch_add(300, Ordering::SeqCst);
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        seqs = stored_seqs(&*disk).await;
+        if seqs.len() == 6 {
+            break;
+        }
+    }
+    assert_eq!(seqs, [1, 2, 3, 4, 5, 6]);
+    node.shutdown.cancel();
+    node.task.await.unwrap().unwrap();
+    let (_, states) = LogStore::open(dir.path()).unwrap();
+    let state = &states[&partition];
+    assert_eq!(state.checked, 3);
+    assert_eq!(state.applied, Slot(6));
+    assert!(
+        state.entries.values().all(|e| e.term.epoch >= 3),
+        "no entry of the old epoch is left"
+    );
+
+    // Restarted again: checked, it applies the next commit at once.
+    let (node, inbound) = start(&disk);
+    for _ in 0..600 {
+        inbound.send(accept(7, 43..44, 7)).await.unwrap();
+        clock.0.fetch_add(300, Ordering::SeqCst);
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        if stored_seqs(&*disk).await.len() == 7 {
+            break;
+        }
+    }
+    assert_eq!(stored_seqs(&*disk).await, [1, 2, 3, 4, 5, 6, 7]);
+    node.shutdown.cancel();
+    node.task.await.unwrap().unwrap();
+}
