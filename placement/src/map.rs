@@ -136,13 +136,14 @@ pub struct ClusterMap {
     /// (`saferchat_consensus::partition_log::Failover`).
     #[serde(default)]
     pub failing_over: BTreeMap<u32, String>,
-    /// Each partition's latest failover epoch (the epoch of its last
-    /// [`MapCommand::MoveHome`]), kept for good: a replica that had applied
-    /// the partition's log before that epoch may hold posts the old home
-    /// released and the new home replaced (a divergent tail), and checks
-    /// its timeline against the new home's before it applies again.
+    /// Each partition's failover epochs (the epochs of its
+    /// [`MapCommand::MoveHome`]s), kept for good: a replica that had
+    /// applied the partition's log before one of them may hold posts the
+    /// old home released and the new home replaced (a divergent tail), and
+    /// checks its timeline against that epoch's before it applies again,
+    /// the oldest it missed first.
     #[serde(default)]
-    pub failover_epochs: BTreeMap<u32, u64>,
+    pub failover_epochs: BTreeMap<u32, std::collections::BTreeSet<u64>>,
 }
 
 /// A change to the map, as replicated in the map's log.

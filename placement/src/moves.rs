@@ -137,7 +137,20 @@ impl ClusterMap {
     /// The epoch of `partition`'s last home move (0: its home never moved):
     /// see [`ClusterMap::failover_epochs`].
     pub fn failover_epoch(&self, partition: u32) -> u64 {
-        self.failover_epochs.get(&partition).copied().unwrap_or(0)
+        self.failover_epochs
+            .get(&partition)
+            .and_then(|epochs| epochs.last().copied())
+            .unwrap_or(0)
+    }
+
+    /// The oldest failover epoch of `partition` above `checked`: the check
+    /// a replica that checked up to `checked` owes next.
+    pub fn owed_check(&self, partition: u32, checked: u64) -> Option<u64> {
+        self.failover_epochs
+            .get(&partition)?
+            .range(checked + 1..)
+            .next()
+            .copied()
     }
 
     /// Whether `id` holds a replica slot of any partition now.
@@ -511,7 +524,10 @@ impl ClusterMap {
         self.partition_epochs.insert(partition, epoch);
         self.previous_sets.insert(partition, replicas);
         self.failing_over.insert(partition, home);
-        self.failover_epochs.insert(partition, epoch);
+        self.failover_epochs
+            .entry(partition)
+            .or_default()
+            .insert(epoch);
         if moved.home(p) == moved.turn_home(p) {
             self.moved_homes.remove(&partition);
         } else {
@@ -1158,6 +1174,10 @@ mod tests {
         assert!(map.moved_homes.is_empty());
         assert_eq!(map.failing_over.get(&0).map(String::as_str), Some("b"));
         assert_eq!(map.failover_epoch(0), map.partition_epoch(0));
+        assert_eq!(map.owed_check(0, 0), Some(epoch), "the first move first");
+        assert_eq!(map.owed_check(0, epoch), Some(map.partition_epoch(0)));
+        assert_eq!(map.owed_check(0, map.partition_epoch(0)), None);
+        assert_eq!(map.owed_check(1, 0), None);
         let text = serde_json::to_string(&map).unwrap();
         assert_eq!(serde_json::from_str::<ClusterMap>(&text).unwrap(), map);
     }

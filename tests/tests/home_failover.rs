@@ -19,11 +19,13 @@
 //!   the time from the command to the first acknowledged post is printed;
 //! - both nodes of the new home restart (from a map snapshot that holds
 //!   the moves) and serve `X` again;
+//! - `dc1` comes back on its data; its nodes learn the moves from the
+//!   map, check their copies of `X`'s partition against the new home's
+//!   and follow it;
 //! - every post acknowledged before the loss is kept at its number (the
 //!   cross-datacenter posts came last, and one of them holds every slot
-//!   before it on a majority of another datacenter); every surviving
-//!   node's store holds the same history of `X`, numbered 1..N, no id
-//!   twice.
+//!   before it on a majority of another datacenter); every node's store
+//!   holds the same history of `X`, numbered 1..N, no id twice.
 //!
 //! And with `dc1` alive behind a cut rather than dead, its homes moved
 //! the moment the cut comes, while clients post on both sides: `dc1` goes
@@ -161,17 +163,55 @@ async fn a_lost_home_datacenter_fails_over_and_keeps_what_was_acknowledged() {
         owner + 1
     );
 
-    for i in SURVIVORS {
+    drop(in_x);
+
+    // dc1 comes back on its data: its nodes learn the moves from the map,
+    // check their copies against the new home's and follow it.
+    for i in DC1 {
+        cluster.restart(i);
+    }
+    let mut back = cluster.join(&x, DC1[1], 0, DEADLINE).await;
+    acked.extend(load::post_acked(&mut back, "dc1 is back", 5, DEADLINE).await);
+    let owner = cluster.node_of(&back);
+    assert!(
+        [2, 3].contains(&owner),
+        "still served by dc2 (node {})",
+        owner + 1
+    );
+    for i in DC1 {
+        wait_checked(&cluster, i, &x).await;
+    }
+    for i in ALL {
         cluster.wait_caught_up(&x, i, owner, 2 * DEADLINE).await;
     }
-    drop(in_x);
-    let stores = stores_of(&mut cluster, &SURVIVORS, &x).await;
-    let history = one_history(&stores, &SURVIVORS, &acked, &x);
+    drop(back);
+    let stores = stores_of(&mut cluster, &ALL, &x).await;
+    let history = one_history(&stores, &ALL, &acked, &x);
     println!(
-        "{x}: {} messages on every surviving node, {} acknowledged, all kept",
+        "{x}: {} messages on every node, dc1's returned ones included; {} acknowledged, all kept",
         history.len(),
         acked.len()
     );
+}
+
+/// Waits until node `i` checked its copy of `room`'s partition against
+/// the partition's new home.
+async fn wait_checked(cluster: &Cluster, i: usize, room: &str) {
+    let partition = saferchat_placement::PartitionCount::DEFAULT.of_room(room).0;
+    let checks = format!("saferchat_partition_failover_checks_total{{partition=\"{partition}\"}}");
+    let started = Instant::now();
+    loop {
+        let done = process::scrape_value(cluster.metrics[i], &checks).await;
+        if done.is_some_and(|n| n >= 1.0) {
+            return;
+        }
+        assert!(
+            started.elapsed() < 2 * DEADLINE,
+            "node {} never checked its timeline of {room} against the new home's",
+            i + 1
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
 }
 
 /// Each node's own store of `room` (surviving nodes `which`, stopped
@@ -364,22 +404,9 @@ async fn a_home_cut_off_and_moved_is_fenced_before_the_new_home_acknowledges() {
         "served by the new home (node {})",
         owner + 1
     );
-    let partition = saferchat_placement::PartitionCount::DEFAULT.of_room(&x).0;
-    let checks = format!("saferchat_partition_failover_checks_total{{partition=\"{partition}\"}}");
     let mut cut_by_dc1 = Vec::new();
     for i in DC1 {
-        loop {
-            let done = process::scrape_value(cluster.metrics[i], &checks).await;
-            if done.is_some_and(|n| n >= 1.0) {
-                break;
-            }
-            assert!(
-                healed.elapsed() < 2 * DEADLINE,
-                "node {} never checked its timeline of {x} against the new home's",
-                i + 1
-            );
-            tokio::time::sleep(Duration::from_millis(200)).await;
-        }
+        wait_checked(&cluster, i, &x).await;
         cut_by_dc1.push(
             process::scrape_value(
                 cluster.metrics[i],

@@ -779,6 +779,11 @@ impl<T: Clone> LogReplica<T> {
         self.held
     }
 
+    /// Whether it neither leads nor runs for leader.
+    pub fn is_follower(&self) -> bool {
+        matches!(self.role, Role::Follower)
+    }
+
     /// The node cut its timeline back to what it shares with the new home
     /// of a failover of `epoch` and copied the rest from a replica that had
     /// applied every slot up to `upto`: the replica counts exactly those as

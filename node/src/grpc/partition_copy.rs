@@ -92,7 +92,7 @@ impl Serve<'_> {
         let timeline = self.timeline.ok_or_else(|| {
             Status::failed_precondition("this node keeps no partition logs (a single node)")
         })?;
-        let applied = timeline.applied(partition).await?.ok_or_else(|| {
+        let (applied, checked) = timeline.copy_mark(partition).await?.ok_or_else(|| {
             Status::failed_precondition(format!(
                 "this node does not replicate partition {partition}"
             ))
@@ -100,11 +100,12 @@ impl Serve<'_> {
         let placement = Arc::clone(&self.placement);
         let in_partition =
             move |room: &RoomId| placement.partitions().of_room(room.as_str()).0 == partition;
-        let page = copy::read_rooms(self.store, &in_partition, applied, after).await?;
+        let page = copy::read_rooms(self.store, &in_partition, (applied, checked), after).await?;
         Ok(pb::CopyRoomsPage {
             applied: page.applied.0,
             rooms: page.rooms.iter().map(ToString::to_string).collect(),
             done: page.done,
+            checked: page.checked,
         })
     }
 
@@ -180,6 +181,7 @@ fn rooms_page_from_pb(
         .collect::<Result<Vec<_>, NodeError>>()?;
     Ok(RoomsPage {
         applied: Slot(page.applied),
+        checked: page.checked,
         rooms,
         done: page.done,
     })
@@ -304,9 +306,10 @@ mod tests {
             applied: 42,
             rooms: vec![mine.to_string()],
             done: true,
+            checked: 7,
         };
         let back = rooms_page_from_pb(rooms.clone(), 3, &placement).unwrap();
-        assert_eq!(back.applied, Slot(42));
+        assert_eq!((back.applied, back.checked), (Slot(42), 7));
         assert_eq!(back.rooms, vec![mine]);
         let mut foreign_page = rooms;
         foreign_page.rooms.push(foreign.to_string());

@@ -38,18 +38,19 @@
 //! A replica that applied the partition's log before a failover of its
 //! home may hold posts the old home released and the new home replaced
 //! (the local level's loss window): from some message on, its copy of a
-//! room is not a prefix of the room's timeline any more. Before it copies,
-//! [`cut_divergent`] compares each of its rooms with the source (the
-//! partition's leader in the failover epoch or later, which defines the
-//! timeline) and truncates the room after the last message both hold;
-//! the copy then brings the rest. Only the end of a room is compared: the
-//! newest messages first, a window that grows eightfold while its oldest
-//! message is not the source's. A message with the same id and sequence
-//! number on both sides is the same post in the same place, with the same
-//! history before it (ids are drawn by the leader that appended the post
-//! and follow the room's previous id), so the first match proves the
-//! prefix common; after the first difference the two never agree again
-//! (the new home's log holds none of the old home's later slots).
+//! room is not a prefix of the room's timeline any more. [`check`] finds a
+//! source whose own timeline is checked against that failover epoch (the
+//! epoch's leader is, by definition), compares each of this replica's
+//! rooms with the source's from the first message on, in pages on both
+//! sides ([`cut_divergent`]), truncates a room after the last message both
+//! hold in the same place, and then copies the rest as above. The whole
+//! room is compared: the same message in the same place on both sides does
+//! not prove the messages before it equal (an id is drawn from the post's
+//! time and randomness, not from the message before it, and a failover
+//! leader may recover a later slot of the old home's log after an earlier
+//! one it filled differently), so nothing short of the whole prefix does.
+//! It costs a read of the partition's timeline from the source, once per
+//! failover a replica missed; only what differs is written.
 
 use std::fmt;
 
@@ -76,6 +77,9 @@ const READ_CHUNK: usize = 64;
 pub struct RoomsPage {
     /// The source's applied mark, read before the page.
     pub applied: Slot,
+    /// The latest home failover epoch the source's timeline of the
+    /// partition is checked against (see "After a home failover").
+    pub checked: u64,
     /// Rooms of the partition with messages, in the source's store order.
     pub rooms: Vec<RoomId>,
     /// Whether this was the last page.
@@ -120,7 +124,7 @@ pub trait CopySource: Send + Sync + fmt::Debug + 'static {
 pub async fn read_rooms(
     store: &dyn ChatStore,
     in_partition: &(dyn Fn(&RoomId) -> bool + Send + Sync),
-    applied: Slot,
+    (applied, checked): (Slot, u64),
     after: Option<RoomId>,
 ) -> Result<RoomsPage, NodeError> {
     let mut rooms = Vec::new();
@@ -138,6 +142,7 @@ pub async fn read_rooms(
                     // More may follow; the caller asks from this room on.
                     return Ok(RoomsPage {
                         applied,
+                        checked,
                         rooms,
                         done: false,
                     });
@@ -147,6 +152,7 @@ pub async fn read_rooms(
         if last_listed {
             return Ok(RoomsPage {
                 applied,
+                checked,
                 rooms,
                 done: true,
             });
@@ -327,10 +333,6 @@ async fn copy_room(
     }
 }
 
-/// Messages of a room compared at first when looking for a divergent
-/// tail; each further try compares eight times as many.
-const PROBE_MESSAGES: usize = 16;
-
 /// What [`cut_divergent`] cut.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Cut {
@@ -342,10 +344,54 @@ pub struct Cut {
     pub messages: u64,
 }
 
+/// Checks `partition` in `store` against the first of `sources` whose own
+/// timeline is checked against failover epoch `owed` (see the module's
+/// "After a home failover"): cuts what differs, then copies the rest from
+/// the same source.
+///
+/// # Errors
+/// The last source's error (UNAVAILABLE when none could serve the check);
+/// the local store's error.
+pub async fn check(
+    from: &dyn CopySource,
+    store: &dyn ChatStore,
+    in_partition: &(dyn Fn(&RoomId) -> bool + Send + Sync),
+    partition: u32,
+    sources: &[NodeId],
+    owed: u64,
+) -> Result<(Copied, Cut), NodeError> {
+    let mut last = NodeError::Unavailable(format!(
+        "no replica to check partition {partition} against failover epoch {owed}"
+    ));
+    for source in sources {
+        let checked = async {
+            let page = from.rooms(*source, partition, None).await?;
+            if page.checked < owed {
+                return Err(NodeError::Unavailable(format!(
+                    "{source} has not checked partition {partition} against failover epoch {owed} itself (only {})",
+                    page.checked
+                )));
+            }
+            let cut = cut_divergent(from, store, in_partition, partition, *source).await?;
+            let copied = copy_from(from, store, partition, *source, Slot(0)).await?;
+            Ok((copied, cut))
+        };
+        match checked.await {
+            Ok(done) => return Ok(done),
+            Err(NodeError::Storage(e)) => return Err(NodeError::Storage(e)),
+            Err(e) => {
+                tracing::info!(partition, %source, error = %e, "checking the partition against this replica failed; trying the next");
+                last = e;
+            }
+        }
+    }
+    Err(last)
+}
+
 /// Truncates every room of `partition` in `store` after the last message
-/// it shares with `source` (see the module's "After a home failover").
-/// Nothing is cut on a store every node shares: there is no other copy to
-/// compare with.
+/// it holds in the same place as `source` (see the module's "After a home
+/// failover"). Nothing is cut on a store every node shares: there is no
+/// other copy to compare with.
 ///
 /// # Errors
 /// The source's error (UNAVAILABLE when it cannot serve), or a page out of
@@ -364,7 +410,7 @@ pub async fn cut_divergent(
     }
     let mut after = None;
     loop {
-        let page = read_rooms(store, in_partition, Slot(0), after)
+        let page = read_rooms(store, in_partition, (Slot(0), 0), after)
             .await
             .map_err(local)?;
         for room in &page.rooms {
@@ -385,7 +431,8 @@ pub async fn cut_divergent(
 
 /// Where `room` in `store` stops being a prefix of the source's: `None`
 /// when it is one, `Some(keep)` when everything after `keep` (everything,
-/// for `None`) must go.
+/// for `None`) must go. Walks both from the first message, a chunk of the
+/// store and a page of the source at a time.
 async fn divergence(
     from: &dyn CopySource,
     store: &dyn ChatStore,
@@ -394,52 +441,38 @@ async fn divergence(
     room: &RoomId,
 ) -> Result<Option<Option<MessageId>>, NodeError> {
     let local = |e: NodeError| NodeError::Storage(e.to_string());
-    let mut window = PROBE_MESSAGES;
+    let mut common = None;
+    let mut theirs: std::collections::VecDeque<StoredMessage> = std::collections::VecDeque::new();
+    let (mut their_cursor, mut theirs_done) = (None, false);
     loop {
-        let mut newest = storage::history(store, room, Range::Before(None), window)
+        let ours = storage::history(store, room, Range::After(common), READ_CHUNK)
             .await
             .map_err(local)?;
-        newest.reverse();
-        // The window's oldest message is the anchor, unless the window
-        // holds the whole room.
-        let (anchor, ours) = if newest.len() < window {
-            (None, &newest[..])
-        } else {
-            (Some(newest[0].id), &newest[1..])
-        };
-        let mut matched = 0;
-        let mut after = anchor;
-        'pages: loop {
-            let page = from.room(source, partition, room, after).await?;
-            in_order(&page, source, room, after)?;
-            for theirs in &page.messages {
-                if matched == ours.len() || *theirs != ours[matched] {
-                    break 'pages;
+        let last_chunk = ours.len() < READ_CHUNK;
+        for mine in ours {
+            while theirs.is_empty() && !theirs_done {
+                let page = from.room(source, partition, room, their_cursor).await?;
+                in_order(&page, source, room, their_cursor)?;
+                match page.messages.last() {
+                    Some(last) => their_cursor = Some(last.id),
+                    None if !page.done => {
+                        return Err(NodeError::Unavailable(format!(
+                            "{source} sent an empty page of room {room} that is not the last"
+                        )));
+                    }
+                    None => {}
                 }
-                matched += 1;
+                theirs_done = page.done;
+                theirs.extend(page.messages);
             }
-            if page.done || matched == ours.len() {
-                break;
+            if theirs.pop_front().as_ref() != Some(&mine) {
+                return Ok(Some(common));
             }
-            let Some(last) = page.messages.last() else {
-                return Err(NodeError::Unavailable(format!(
-                    "{source} sent an empty page of room {room} that is not the last"
-                )));
-            };
-            after = Some(last.id);
+            common = Some(mine.id);
         }
-        if matched == ours.len() {
+        if last_chunk {
             return Ok(None);
         }
-        if matched > 0 {
-            return Ok(Some(Some(ours[matched - 1].id)));
-        }
-        if anchor.is_none() {
-            return Ok(Some(None));
-        }
-        // The first message after the anchor differs: the anchor itself
-        // may be past the divergence.
-        window = window.saturating_mul(8);
     }
 }
 
@@ -459,6 +492,8 @@ mod tests {
     #[derive(Debug, Default)]
     struct FromStore {
         stores: HashMap<NodeId, (Arc<MemoryStore>, Slot)>,
+        /// The failover epoch each node says it checked (0 when absent).
+        checked: HashMap<NodeId, u64>,
         /// Room pages served, and the most envelope bytes in one.
         room_pages: Mutex<(u64, usize)>,
     }
@@ -481,7 +516,8 @@ mod tests {
         ) -> Result<RoomsPage, NodeError> {
             let (store, applied) = self.get(node)?;
             let in_partition = |r: &RoomId| r.as_str() != "other";
-            read_rooms(&**store, &in_partition, *applied, after.cloned()).await
+            let checked = self.checked.get(&node).copied().unwrap_or(0);
+            read_rooms(&**store, &in_partition, (*applied, checked), after.cloned()).await
         }
 
         async fn room(
@@ -632,13 +668,17 @@ mod tests {
         // went on with 300 of its own.
         // beta: nothing shared, 3 against 2.
         // gamma: the target is 30 behind, no divergence.
-        // delta: 1,000 shared, then 100 divergent (the probe widens).
+        // delta: 1,000 shared, then 100 divergent.
         // epsilon: only the target has it.
+        // zeta: 5 shared, then each its own sixth, then the same seventh
+        // (same id, number and envelope: the id does not depend on the
+        // message before it).
         // other: another partition, never looked at.
         for store in [&source, &target] {
             post_by(store, "alpha", 0, 40, 1).await;
             post_by(store, "gamma", 0, 20, 1).await;
             post_by(store, "delta", 0, 1_000, 1).await;
+            post_by(store, "zeta", 0, 5, 1).await;
             post_by(store, "other", 0, 3, 1).await;
         }
         post_by(&target, "alpha", 40, 5, 2).await;
@@ -650,28 +690,57 @@ mod tests {
         post_by(&source, "delta", 1_000, 7, 3).await;
         post_by(&target, "epsilon", 0, 4, 2).await;
         post_by(&target, "other", 3, 2, 2).await;
+        post_by(&target, "zeta", 5, 1, 2).await;
+        post_by(&source, "zeta", 5, 1, 3).await;
+        let zeta = RoomId::new("zeta").unwrap();
+        let seventh = |after: MessageId| StoredMessage {
+            room: zeta.clone(),
+            id: crate::message_id::IdGenerator::after(Some(after)).next(1_800_000_000_000, 77),
+            seq: 7,
+            envelope: test_envelope(&zeta, 7),
+        };
+        let (ours, theirs) = (
+            seventh(storage::last_id(&*target, &zeta).await.unwrap().unwrap()),
+            seventh(storage::last_id(&*source, &zeta).await.unwrap().unwrap()),
+        );
+        assert_eq!(
+            ours, theirs,
+            "the same seventh message after different sixths"
+        );
+        target.append(&[ours]).await.unwrap();
+        source.append(&[theirs]).await.unwrap();
         let from = FromStore {
-            stores: HashMap::from([(NodeId(1), (Arc::clone(&source), Slot(77)))]),
+            stores: HashMap::from([
+                (NodeId(1), (Arc::clone(&source), Slot(77))),
+                (NodeId(2), (Arc::clone(&target), Slot(99))),
+            ]),
+            checked: HashMap::from([(NodeId(1), 3), (NodeId(2), 2)]),
             ..FromStore::default()
         };
         let in_partition = |r: &RoomId| r.as_str() != "other";
-        let cut = cut_divergent(&from, &*target, &in_partition, 0, NodeId(1))
-            .await
-            .unwrap();
+        // Node 3 is down and node 2 has not checked epoch 3 itself: node
+        // 1 serves.
+        let (copied, cut) = check(
+            &from,
+            &*target,
+            &in_partition,
+            0,
+            &[NodeId(3), NodeId(2), NodeId(1)],
+            3,
+        )
+        .await
+        .unwrap();
         assert_eq!(
             cut,
             Cut {
-                rooms: 5,
-                cut_rooms: 4,
-                messages: 5 + 3 + 100 + 4
+                rooms: 6,
+                cut_rooms: 5,
+                messages: 5 + 3 + 100 + 4 + 2
             }
         );
-        let copied = copy(&from, &*target, 0, &[NodeId(1)], Slot(0))
-            .await
-            .unwrap();
-        assert_eq!(copied.applied, Slot(77));
-        assert_eq!(copied.messages, 300 + 2 + 30 + 7);
-        for room in ["alpha", "beta", "gamma", "delta", "epsilon"] {
+        assert_eq!((copied.source, copied.applied), (NodeId(1), Slot(77)));
+        assert_eq!(copied.messages, 300 + 2 + 30 + 7 + 2);
+        for room in ["alpha", "beta", "gamma", "delta", "epsilon", "zeta"] {
             assert_eq!(
                 everything(&*target, room).await,
                 everything(&*source, room).await,
@@ -679,11 +748,16 @@ mod tests {
             );
         }
         assert_eq!(everything(&*target, "other").await.len(), 5, "untouched");
-        // Checking again finds nothing to cut.
-        let again = cut_divergent(&from, &*target, &in_partition, 0, NodeId(1))
+        // Checking again cuts nothing and copies nothing.
+        let (copied, cut) = check(&from, &*target, &in_partition, 0, &[NodeId(1)], 3)
             .await
             .unwrap();
-        assert_eq!((again.cut_rooms, again.messages), (0, 0));
+        assert_eq!((cut.cut_rooms, cut.messages, copied.messages), (0, 0, 0));
+        // No source checked epoch 4.
+        let e = check(&from, &*target, &in_partition, 0, &[NodeId(1)], 4)
+            .await
+            .unwrap_err();
+        assert!(e.to_string().contains("has not checked"), "{e}");
     }
 
     #[tokio::test]

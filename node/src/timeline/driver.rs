@@ -350,6 +350,24 @@ impl Part {
         }
     }
 
+    /// Whether this replica may run for leader: always, unless it owes a
+    /// failover check (see "Home failover"). Then only in the failover
+    /// epoch it owes, while the map has not established it (the new
+    /// home's voters all owe it, and one of them must lead it; its log
+    /// then defines the epoch), and not while a check or copy runs. A
+    /// replica that owes an earlier epoch than its log runs in must not
+    /// lead on a prefix it has not checked.
+    fn may_campaign(&self, map: &ClusterMap, partition: u32) -> bool {
+        match self.unchecked {
+            None => true,
+            Some(owed) => {
+                !self.copying
+                    && owed == self.replica.config().epoch
+                    && map.failing_over.contains_key(&partition)
+            }
+        }
+    }
+
     /// Whether a quorum of the replicas (this node among them) answered
     /// within [`ELECTION_TIMEOUT_MS`] (counting from when it took the lead,
     /// for replicas that have not answered yet): a leader that does not
@@ -603,7 +621,6 @@ impl Driver {
     fn load(&mut self, partition: u32, state: PartitionLogState, now: Millis) {
         let config = self.log_config(partition, self.map.partition_epoch(partition));
         let rank = rank_of(&config);
-        let empty = state == PartitionLogState::default();
         let acceptor = LogAcceptor::restore(state.promised, state.entries, state.floor);
         let retained: VecDeque<(Slot, usize)> = acceptor
             .entries_from(Slot(0))
@@ -612,20 +629,12 @@ impl Driver {
             .map(|(s, e)| (s, value_bytes(&e.value)))
             .collect();
         let retained_bytes = retained.iter().map(|(_, b)| b).sum();
-        // A replica that applied nothing of the partition holds no tail
-        // to check; one that did and has not checked the latest failover
-        // is held until it has.
-        let failover = self.map.failover_epoch(partition);
-        let mut checked = state.checked;
-        if failover > checked && empty {
-            checked = failover;
-            self.marks.push(LogChange {
-                partition,
-                checked: Some(failover),
-                ..LogChange::default()
-            });
-        }
-        let unchecked = (failover > checked).then_some(failover);
+        // A replica that has not checked every failover of the partition
+        // is held until it has (see "Home failover"). Even one whose log
+        // state is empty: its timeline store may hold the partition's
+        // rooms from an earlier membership.
+        let checked = state.checked;
+        let unchecked = self.map.owed_check(partition, checked);
         let mut replica = LogReplica::new(config, acceptor, state.applied);
         replica.hold(unchecked.is_some());
         self.parts.insert(
@@ -720,16 +729,19 @@ impl Driver {
         }
         // A home moved: every replica that applied the partition before
         // holds its log until it checked its timeline against the new
-        // home's (the leader that defines it excepted: see `settle`).
+        // home's (the leader that defines it excepted: see `settle`). One
+        // that still owes an older check keeps owing that one first.
         for (partition, part) in &mut self.parts {
-            let failover = self.map.failover_epoch(*partition);
-            if failover > part.checked && part.unchecked.is_none_or(|u| u < failover) {
+            if part.unchecked.is_some() {
+                continue;
+            }
+            if let Some(owed) = self.map.owed_check(*partition, part.checked) {
                 tracing::info!(
                     partition,
-                    epoch = failover,
+                    epoch = owed,
                     "the partition's home moved: this replica applies nothing more until it checked its timeline against the new home's"
                 );
-                part.unchecked = Some(failover);
+                part.unchecked = Some(owed);
                 part.replica.hold(true);
             }
         }
@@ -841,6 +853,7 @@ impl Driver {
             Command::Touch { partition } => {
                 let now = self.clock.monotonic();
                 let me = self.me;
+                let map = Arc::clone(&self.map);
                 let Some(part) = self.part(partition) else {
                     return;
                 };
@@ -864,7 +877,7 @@ impl Driver {
                     && part.rank == 0
                     && part.replica.leading().is_none()
                     && !contested
-                    && !(part.copying && part.unchecked.is_some())
+                    && part.may_campaign(&map, partition)
                 {
                     tracing::debug!(partition, %me, "campaigning: a client needs the partition");
                     part.tick(partition, now);
@@ -874,7 +887,7 @@ impl Driver {
                 }
             }
             Command::Applied { partition, reply } => {
-                let _ = reply.send(self.part(partition).map(|p| p.applied));
+                let _ = reply.send(self.part(partition).map(|p| (p.applied, p.checked)));
             }
             Command::ReadsLocally { partition, reply } => {
                 // Never loads the partition: one that is not loaded has
@@ -1088,9 +1101,7 @@ impl Driver {
                 }
                 continue;
             }
-            if !part.active || (part.copying && part.unchecked.is_some()) {
-                // (A replica whose check runs does not run: the check may
-                // cut its timeline.)
+            if !part.active || !part.may_campaign(&self.map, *partition) {
                 continue;
             }
             let wait = if part.leader.is_some() {
@@ -1116,22 +1127,22 @@ impl Driver {
         for partition in lagging {
             self.report_lag(partition, now);
         }
-        let checks: Vec<(u32, u64, NodeId)> = self
+        // A check starts once the map established the epoch owed (its
+        // leader released everything it recovered), on a follower only:
+        // the check may cut the store under it.
+        let checks: Vec<(u32, u64)> = self
             .parts
             .iter()
             .filter_map(|(partition, part)| {
                 let epoch = part.unchecked?;
-                let leader = part.leader?;
-                let ready = !part.copying
-                    && leader.epoch >= epoch
-                    && leader.node != self.me
-                    && part.replica.leading().is_none()
-                    && !self.map.failing_over.contains_key(partition);
-                ready.then_some((*partition, epoch, leader.node))
+                let established = self.map.partition_epoch(*partition) > epoch
+                    || !self.map.failing_over.contains_key(partition);
+                (established && !part.copying && part.replica.is_follower())
+                    .then_some((*partition, epoch))
             })
             .collect();
-        for (partition, epoch, source) in checks {
-            self.start_check(partition, epoch, source);
+        for (partition, epoch) in checks {
+            self.start_check(partition, epoch);
         }
         if !cut_off.is_empty() {
             let refused = self.fail_waiters_with(&cut_off, CUT_OFF, |since| {
@@ -1200,12 +1211,13 @@ impl Driver {
             }
             if let Some(term) = ready.leading {
                 tracing::info!(partition, %term, "leading the partition");
-                if let Some(epoch) = part.unchecked.filter(|e| term.epoch >= *e) {
-                    // Its log is the failover epoch's: what it released is
-                    // the timeline the others check theirs against.
-                    part.unchecked = None;
+                if let Some(epoch) = part.unchecked.filter(|e| term.epoch == *e) {
+                    // It leads the failover epoch it owed: its log is that
+                    // epoch's, and what it released is the timeline the
+                    // others check theirs against.
                     part.checked = epoch;
-                    part.replica.hold(false);
+                    part.unchecked = self.map.owed_check(partition, epoch);
+                    part.replica.hold(part.unchecked.is_some());
                     changes.push(LogChange {
                         partition,
                         checked: Some(epoch),
@@ -1290,12 +1302,39 @@ impl Driver {
         Ok(())
     }
 
+    /// Marks a copy (or a check) of `partition` as running and returns the
+    /// replicas to take it from, the leader first (it tells replicas to
+    /// copy, and its applied mark is at least its compaction floor);
+    /// `None` when one runs, one failed a moment ago, [`COPIES_AT_ONCE`]
+    /// run, or the partition has posts of its own collected or unsynced.
+    fn begin_copy(&mut self, partition: u32) -> Option<Vec<NodeId>> {
+        let now = self.clock.monotonic();
+        if self.deferred.contains_key(&partition) || self.unsynced.contains_key(&partition) {
+            return None;
+        }
+        let me = self.me;
+        let replicas = self.replicas(partition);
+        let part = self.parts.get_mut(&partition)?;
+        if part.copying || now < part.copy_after || self.copying >= COPIES_AT_ONCE {
+            return None;
+        }
+        part.copying = true;
+        self.copying += 1;
+        let hint = part.replica.leader_hint().filter(|l| *l != me);
+        let mut sources: Vec<NodeId> = hint.into_iter().collect();
+        sources.extend(
+            replicas
+                .into_iter()
+                .filter(|n| *n != me && Some(*n) != hint),
+        );
+        Some(sources)
+    }
+
     /// Copies the partition's timeline from another replica in a task of
     /// its own, unless one runs, one failed a moment ago, or the partition
     /// has posts of its own collected or unsynced (see "Compaction"; the
     /// leader says it again with its next heartbeat).
     fn start_copy(&mut self, partition: u32, need: Slot) {
-        let now = self.clock.monotonic();
         let Some(copier) = self.copier.clone() else {
             tracing::warn!(
                 partition,
@@ -1304,33 +1343,13 @@ impl Driver {
             );
             return;
         };
-        if self.deferred.contains_key(&partition) || self.unsynced.contains_key(&partition) {
-            return;
-        }
-        let me = self.me;
-        let replicas = self.replicas(partition);
-        let Some(part) = self.parts.get_mut(&partition) else {
+        // (A held replica copies too: a voter of a new home that fell
+        // behind the leader's compacted log holds what it copied, and the
+        // new home may need it to establish; its check later cuts
+        // whatever of its old tail the copy landed after.)
+        let Some(sources) = self.begin_copy(partition) else {
             return;
         };
-        if part.copying
-            || part.unchecked.is_some()
-            || now < part.copy_after
-            || self.copying >= COPIES_AT_ONCE
-        {
-            // (An unchecked replica's check copies the partition.)
-            return;
-        }
-        part.copying = true;
-        self.copying += 1;
-        // The leader first: it tells replicas to copy, and its applied
-        // mark is at least its compaction floor.
-        let hint = part.replica.leader_hint().filter(|l| *l != me);
-        let mut sources: Vec<NodeId> = hint.into_iter().collect();
-        sources.extend(
-            replicas
-                .into_iter()
-                .filter(|n| *n != me && Some(*n) != hint),
-        );
         tracing::info!(
             partition,
             need = need.0,
@@ -1351,33 +1370,29 @@ impl Driver {
         });
     }
 
-    /// Checks the timeline of a partition whose home failed over against
-    /// `source`, a leader of the failover epoch or later, in a task of its
-    /// own: cuts every room back to the last message both hold
-    /// (`copy::cut_divergent`) and copies the rest, then [`on_copied`]
-    /// rewinds the log to the copy. Unless a copy runs, one failed a moment
-    /// ago, or posts of the partition wait to be applied or synced (they
-    /// were released before the log was held).
-    fn start_check(&mut self, partition: u32, epoch: u64, source: NodeId) {
-        let now = self.clock.monotonic();
+    /// Checks the timeline of a partition whose home failed over in
+    /// `epoch` against a replica checked against that epoch itself (the
+    /// leader first), in a task of its own: cuts every room back to the
+    /// last message both hold and copies the rest (`copy::check`), then
+    /// [`Driver::on_copied`] rewinds the log to the copy. Unless a copy
+    /// runs, one failed a moment ago, or posts of the partition wait to be
+    /// applied or synced (they were released before the log was held).
+    fn start_check(&mut self, partition: u32, epoch: u64) {
         let Some(copier) = self.copier.clone() else {
+            tracing::warn!(
+                partition,
+                epoch,
+                "the partition's home failed over and this node copies no timelines, so it cannot check its own: it stays held"
+            );
             return;
         };
-        if self.deferred.contains_key(&partition) || self.unsynced.contains_key(&partition) {
-            return;
-        }
-        let Some(part) = self.parts.get_mut(&partition) else {
+        let Some(sources) = self.begin_copy(partition) else {
             return;
         };
-        if part.copying || now < part.copy_after || self.copying >= COPIES_AT_ONCE {
-            return;
-        }
-        part.copying = true;
-        self.copying += 1;
         tracing::info!(
             partition,
             epoch,
-            %source,
+            ?sources,
             "checking the partition's timeline against the new home's after a home failover"
         );
         let chat = Arc::clone(&self.chat);
@@ -1386,15 +1401,9 @@ impl Driver {
         tokio::spawn(async move {
             let in_partition =
                 move |r: &RoomId| placement.partitions().of_room(r.as_str()).0 == partition;
-            let result = async {
-                let cut =
-                    super::copy::cut_divergent(&*copier, &*chat, &in_partition, partition, source)
-                        .await?;
-                let copied =
-                    super::copy::copy(&*copier, &*chat, partition, &[source], Slot(0)).await?;
-                Ok((copied, cut))
-            }
-            .await;
+            let result =
+                super::copy::check(&*copier, &*chat, &in_partition, partition, &sources, epoch)
+                    .await;
             let _ = done.send(CopyDone {
                 partition,
                 check: Some(epoch),
@@ -1427,14 +1436,19 @@ impl Driver {
         };
         part.copy_backoff_ms = COPY_RETRY_MS;
         if let Some(epoch) = done.check {
+            // The store was cut and copied: the room tails are reloaded
+            // from it, whatever comes next.
+            self.tails
+                .retain(|room, _| placement.partitions().of_room(room.as_str()).0 != partition);
             if part.unchecked != Some(epoch) || !part.replica.rewind(copied.applied, epoch) {
-                // It led meanwhile, or a later failover came: that one's
-                // check comes next.
-                tracing::info!(partition, epoch, "the finished check no longer applies");
+                // Not a follower any more: no check starts on a candidate
+                // or a leader, and one whose check runs does not run.
+                tracing::warn!(partition, epoch, "the finished check no longer applies");
                 return;
             }
-            part.unchecked = None;
             part.checked = epoch;
+            part.unchecked = self.map.owed_check(partition, epoch);
+            part.replica.hold(part.unchecked.is_some());
             part.applied = copied.applied;
             part.retained.clear();
             part.retained_bytes = 0;
@@ -1446,8 +1460,6 @@ impl Driver {
                 }),
                 ..LogChange::default()
             });
-            self.tails
-                .retain(|room, _| placement.partitions().of_room(room.as_str()).0 != partition);
             metrics::counter!("saferchat_partition_failover_checks_total", "partition" => partition.to_string())
                 .increment(1);
             #[allow(clippy::cast_precision_loss)]

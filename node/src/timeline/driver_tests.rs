@@ -642,7 +642,7 @@ impl super::super::copy::CopySource for LeaderPages {
             return Err(NodeError::Unavailable("the leader is unreachable".into()));
         }
         let all = |_: &RoomId| true;
-        super::super::copy::read_rooms(&self.store, &all, self.applied, after.cloned()).await
+        super::super::copy::read_rooms(&self.store, &all, (self.applied, 3), after.cloned()).await
     }
 
     async fn room(
@@ -709,7 +709,7 @@ async fn a_replica_with_a_divergent_tail_is_held_then_cuts_it_and_follows_the_ne
     let partition = placement.room(room().as_str()).0.0;
     let mut map = one_node_map(3, None);
     map.partition_epochs.insert(partition, 3);
-    map.failover_epochs.insert(partition, 3);
+    map.failover_epochs.insert(partition, [3].into());
     let old = Term {
         epoch: 1,
         round: 1,

@@ -152,11 +152,12 @@ pub(crate) enum Command {
     Touch {
         partition: u32,
     },
-    /// The partition's applied (and synced) mark; `None` when this node
-    /// does not replicate it.
+    /// The partition's applied (and synced) mark and the failover epoch
+    /// its timeline is checked against; `None` when this node does not
+    /// replicate it.
     Applied {
         partition: u32,
-        reply: oneshot::Sender<Option<saferchat_consensus::partition_log::Slot>>,
+        reply: oneshot::Sender<Option<(saferchat_consensus::partition_log::Slot, u64)>>,
     },
     /// Whether this node may answer reads of the partition from its own
     /// copy (see [`Timeline::reads_locally`]).
@@ -245,6 +246,20 @@ impl Timeline {
         &self,
         partition: u32,
     ) -> Result<Option<saferchat_consensus::partition_log::Slot>, NodeError> {
+        Ok(self.copy_mark(partition).await?.map(|(applied, _)| applied))
+    }
+
+    /// What a copy from this node starts from: the partition's applied
+    /// mark and the latest home failover epoch its timeline is checked
+    /// against (`copy::RoomsPage`); `None` when this node does not
+    /// replicate it.
+    ///
+    /// # Errors
+    /// `Unavailable` when the driver has stopped.
+    pub async fn copy_mark(
+        &self,
+        partition: u32,
+    ) -> Result<Option<(saferchat_consensus::partition_log::Slot, u64)>, NodeError> {
         let (reply, answer) = oneshot::channel();
         self.tx
             .send(Command::Applied { partition, reply })
