@@ -670,9 +670,7 @@ mod tests {
         // gamma: the target is 30 behind, no divergence.
         // delta: 1,000 shared, then 100 divergent.
         // epsilon: only the target has it.
-        // zeta: 5 shared, then each its own sixth, then the same seventh
-        // (same id, number and envelope: the id does not depend on the
-        // message before it).
+        // zeta: 5 shared, then see below.
         // other: another partition, never looked at.
         for store in [&source, &target] {
             post_by(store, "alpha", 0, 40, 1).await;
@@ -690,25 +688,42 @@ mod tests {
         post_by(&source, "delta", 1_000, 7, 3).await;
         post_by(&target, "epsilon", 0, 4, 2).await;
         post_by(&target, "other", 3, 2, 2).await;
-        post_by(&target, "zeta", 5, 1, 2).await;
-        post_by(&source, "zeta", 5, 1, 3).await;
+        // zeta: each its own sixth (the source's drawn earlier, so its id
+        // is below the target's), then the same fifteen (ids do not chain:
+        // the same id, number and envelope on both sides).
         let zeta = RoomId::new("zeta").unwrap();
-        let seventh = |after: MessageId| StoredMessage {
-            room: zeta.clone(),
-            id: crate::message_id::IdGenerator::after(Some(after)).next(1_800_000_000_000, 77),
-            seq: 7,
-            envelope: test_envelope(&zeta, 7),
-        };
+        for (store, ms, seed) in [
+            (&target, 1_750_000_000_000, 2),
+            (&source, 1_749_999_999_999, 3),
+        ] {
+            let last = storage::last_id(&**store, &zeta).await.unwrap();
+            let mut ids = crate::message_id::IdGenerator::after(last);
+            let mut batch = vec![StoredMessage {
+                room: zeta.clone(),
+                id: ids.next(ms, seed),
+                seq: 6,
+                envelope: test_envelope(&zeta, 600 + u32::try_from(seed).unwrap()),
+            }];
+            for k in 0..15u32 {
+                batch.push(StoredMessage {
+                    room: zeta.clone(),
+                    id: ids.next(1_800_000_000_000 + i64::from(k), 77 + u64::from(k)),
+                    seq: 7 + u64::from(k),
+                    envelope: test_envelope(&zeta, 7 + k),
+                });
+            }
+            store.append(&batch).await.unwrap();
+        }
         let (ours, theirs) = (
-            seventh(storage::last_id(&*target, &zeta).await.unwrap().unwrap()),
-            seventh(storage::last_id(&*source, &zeta).await.unwrap().unwrap()),
+            everything(&*target, "zeta").await,
+            everything(&*source, "zeta").await,
         );
+        assert!(theirs[5].id < ours[5].id);
         assert_eq!(
-            ours, theirs,
-            "the same seventh message after different sixths"
+            ours[6..],
+            theirs[6..],
+            "the same fifteen after different sixths"
         );
-        target.append(&[ours]).await.unwrap();
-        source.append(&[theirs]).await.unwrap();
         let from = FromStore {
             stores: HashMap::from([
                 (NodeId(1), (Arc::clone(&source), Slot(77))),
@@ -735,11 +750,11 @@ mod tests {
             Cut {
                 rooms: 6,
                 cut_rooms: 5,
-                messages: 5 + 3 + 100 + 4 + 2
+                messages: 5 + 3 + 100 + 4 + 16
             }
         );
         assert_eq!((copied.source, copied.applied), (NodeId(1), Slot(77)));
-        assert_eq!(copied.messages, 300 + 2 + 30 + 7 + 2);
+        assert_eq!(copied.messages, 300 + 2 + 30 + 7 + 16);
         for room in ["alpha", "beta", "gamma", "delta", "epsilon", "zeta"] {
             assert_eq!(
                 everything(&*target, room).await,
