@@ -225,13 +225,38 @@ pub async fn copy(
     sources: &[NodeId],
     need: Slot,
 ) -> Result<Copied, NodeError> {
-    let mut last = NodeError::Unavailable(format!("no replica to copy partition {partition} from"));
+    first_source(
+        partition,
+        sources,
+        format!("no replica to copy partition {partition} from"),
+        |source| copy_from(from, store, partition, source, need),
+    )
+    .await
+}
+
+/// The first of `sources` that `attempt` succeeds with: a source that
+/// fails is logged and the next one tried; the local store's error ends
+/// the attempts. `none` is the error when there is no source.
+///
+/// # Errors
+/// The local store's error, or the last source's (`none` without any).
+async fn first_source<T, F, Fut>(
+    partition: u32,
+    sources: &[NodeId],
+    none: String,
+    mut attempt: F,
+) -> Result<T, NodeError>
+where
+    F: FnMut(NodeId) -> Fut,
+    Fut: std::future::Future<Output = Result<T, NodeError>>,
+{
+    let mut last = NodeError::Unavailable(none);
     for source in sources {
-        match copy_from(from, store, partition, *source, need).await {
-            Ok(copied) => return Ok(copied),
+        match attempt(*source).await {
+            Ok(done) => return Ok(done),
             Err(NodeError::Storage(e)) => return Err(NodeError::Storage(e)),
             Err(e) => {
-                tracing::info!(partition, %source, error = %e, "copying the partition from this replica failed; trying the next");
+                tracing::info!(partition, %source, error = %e, "this replica could not serve the copy or check; trying the next");
                 last = e;
             }
         }
@@ -360,32 +385,24 @@ pub async fn check(
     sources: &[NodeId],
     owed: u64,
 ) -> Result<(Copied, Cut), NodeError> {
-    let mut last = NodeError::Unavailable(format!(
-        "no replica to check partition {partition} against failover epoch {owed}"
-    ));
-    for source in sources {
-        let checked = async {
-            let page = from.rooms(*source, partition, None).await?;
+    first_source(
+        partition,
+        sources,
+        format!("no replica to check partition {partition} against failover epoch {owed}"),
+        |source| async move {
+            let page = from.rooms(source, partition, None).await?;
             if page.checked < owed {
                 return Err(NodeError::Unavailable(format!(
                     "{source} has not checked partition {partition} against failover epoch {owed} itself (only {})",
                     page.checked
                 )));
             }
-            let cut = cut_divergent(from, store, in_partition, partition, *source).await?;
-            let copied = copy_from(from, store, partition, *source, Slot(0)).await?;
+            let cut = cut_divergent(from, store, in_partition, partition, source).await?;
+            let copied = copy_from(from, store, partition, source, Slot(0)).await?;
             Ok((copied, cut))
-        };
-        match checked.await {
-            Ok(done) => return Ok(done),
-            Err(NodeError::Storage(e)) => return Err(NodeError::Storage(e)),
-            Err(e) => {
-                tracing::info!(partition, %source, error = %e, "checking the partition against this replica failed; trying the next");
-                last = e;
-            }
-        }
-    }
-    Err(last)
+        },
+    )
+    .await
 }
 
 /// Truncates every room of `partition` in `store` after the last message

@@ -237,18 +237,6 @@ impl Timeline {
         Ok(receivers)
     }
 
-    /// Slots of `partition` applied (and synced) to this node's timeline;
-    /// `None` when this node does not replicate it.
-    ///
-    /// # Errors
-    /// `Unavailable` when the driver has stopped.
-    pub async fn applied(
-        &self,
-        partition: u32,
-    ) -> Result<Option<saferchat_consensus::partition_log::Slot>, NodeError> {
-        Ok(self.copy_mark(partition).await?.map(|(applied, _)| applied))
-    }
-
     /// What a copy from this node starts from: the partition's applied
     /// mark and the latest home failover epoch its timeline is checked
     /// against (`copy::RoomsPage`); `None` when this node does not
