@@ -95,10 +95,28 @@ pub struct MemoryChat {
     rooms: Mutex<BTreeMap<RoomId, CommittedRoom>>,
     timeline: Mutex<BTreeMap<(RoomId, Bucket, MessageId), StoredMessage>>,
     buckets: Mutex<BTreeSet<(RoomId, Bucket)>>,
+    /// Says it is [shared](ChatStore::shared) (tests of what nodes do on
+    /// Cassandra, with one instance standing for one datacenter's copy).
+    shared: bool,
+}
+
+impl MemoryChat {
+    /// An empty store that says it is [shared](ChatStore::shared).
+    #[cfg(test)]
+    pub fn new_shared() -> MemoryChat {
+        MemoryChat {
+            shared: true,
+            ..MemoryChat::default()
+        }
+    }
 }
 
 #[async_trait]
 impl ChatStore for MemoryChat {
+    fn shared(&self) -> bool {
+        self.shared
+    }
+
     async fn load_room(&self, room: &RoomId) -> Result<Option<CommittedRoom>, NodeError> {
         Ok(self.rooms.lock().expect("lock").get(room).cloned())
     }

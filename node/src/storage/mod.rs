@@ -204,9 +204,11 @@ pub trait ChatStore: Send + Sync + std::fmt::Debug + 'static {
         after: Option<MessageId>,
     ) -> Result<u64, NodeError>;
 
-    /// Whether every node of the cluster writes to this same store (one
-    /// Cassandra keyspace): a replica behind its partition's log then needs
-    /// no copy of the timeline, only the mark of what is in it.
+    /// Whether the nodes of the cluster share this store (one Cassandra
+    /// keyspace, each node reading and writing its datacenter's replicas):
+    /// a replica behind its partition's log then needs no copy from a
+    /// replica of its own datacenter, only the mark of what is in it (see
+    /// `timeline/copy.rs`).
     fn shared(&self) -> bool {
         false
     }

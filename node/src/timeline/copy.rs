@@ -30,8 +30,19 @@
 //!   crash.
 //!
 //! Ids and sequence numbers are copied as stored: every replica computes
-//! the same ones from the same log. On a store that every node shares
-//! (Cassandra) nothing is copied: the source's mark is installed at once.
+//! the same ones from the same log.
+//!
+//! On a store the nodes share (Cassandra) a source *of the same
+//! datacenter* writes the same copy of the store as the copier (each
+//! node writes and reads its datacenter's replicas): nothing is copied
+//! from it, its mark is installed at once. A source in another
+//! datacenter is copied from like any other, because the copier's
+//! datacenter may lack what the source applied: Cassandra brings it over
+//! only through hints, which it keeps for a few hours (and not at all
+//! when they are off), or a repair. Such a copy compares each room from
+//! its first message and writes what is missing: rows reach a datacenter
+//! through Cassandra's replication in no particular order, so the copy is
+//! not a prefix, and "after the newest message" would skip holes.
 //!
 //! # After a home failover: cutting a divergent tail
 //!
@@ -222,16 +233,66 @@ pub async fn copy(
     from: &dyn CopySource,
     store: &dyn ChatStore,
     partition: u32,
-    sources: &[NodeId],
+    sources: &Sources,
     need: Slot,
 ) -> Result<Copied, NodeError> {
     first_source(
         partition,
-        sources,
+        &sources.nodes,
         format!("no replica to copy partition {partition} from"),
-        |source| copy_from(from, store, partition, source, need),
+        |source| {
+            copy_from(
+                from,
+                store,
+                partition,
+                (source, sources.same_copy(source)),
+                need,
+            )
+        },
     )
     .await
+}
+
+/// The replicas a copy or a check may read from, in the order to try
+/// them, and which of them write the same copy of the store as this node
+/// (on a store the nodes share, those of this node's datacenter: see the
+/// module's documentation).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Sources {
+    /// The replicas, in order.
+    pub nodes: Vec<NodeId>,
+    /// Those among them whose applied posts are in this node's copy.
+    pub same_copy: std::collections::BTreeSet<NodeId>,
+}
+
+impl Sources {
+    /// The replicas `nodes` in the order given, except that on a `shared`
+    /// store those `in_my_datacenter` come first and write this node's
+    /// copy (what they applied is in it already, so copying from them is
+    /// free).
+    pub fn new(
+        mut nodes: Vec<NodeId>,
+        shared: bool,
+        in_my_datacenter: impl Fn(NodeId) -> bool,
+    ) -> Sources {
+        let same_copy: std::collections::BTreeSet<NodeId> = if shared {
+            nodes
+                .iter()
+                .copied()
+                .filter(|n| in_my_datacenter(*n))
+                .collect()
+        } else {
+            std::collections::BTreeSet::new()
+        };
+        nodes.sort_by_key(|n| !same_copy.contains(n));
+        Sources { nodes, same_copy }
+    }
+
+    /// Whether `source`'s applied posts are in this node's copy of the
+    /// store already.
+    pub fn same_copy(&self, source: NodeId) -> bool {
+        self.same_copy.contains(&source)
+    }
 }
 
 /// The first of `sources` that `attempt` succeeds with: a source that
@@ -264,11 +325,13 @@ where
     Err(last)
 }
 
+/// Copies from `source`; `same_copy`: it writes this node's copy of the
+/// store, so its mark is installed without copying.
 async fn copy_from(
     from: &dyn CopySource,
     store: &dyn ChatStore,
     partition: u32,
-    source: NodeId,
+    (source, same_copy): (NodeId, bool),
     need: Slot,
 ) -> Result<Copied, NodeError> {
     let mut page = from.rooms(source, partition, None).await?;
@@ -284,7 +347,7 @@ async fn copy_from(
         messages: 0,
         bytes: 0,
     };
-    if store.shared() {
+    if same_copy {
         return Ok(copied);
     }
     loop {
@@ -333,29 +396,70 @@ async fn copy_room(
     copied: &mut Copied,
 ) -> Result<(), NodeError> {
     let local = |e: NodeError| NodeError::Storage(e.to_string());
-    let mut after = storage::last_id(store, room).await.map_err(local)?;
+    // A store of this node's own holds a prefix of the room: the copy
+    // starts after its newest message. A shared one may have holes.
+    let from_start = store.shared();
+    let mut after = if from_start {
+        None
+    } else {
+        storage::last_id(store, room).await.map_err(local)?
+    };
     loop {
         let page = from.room(source, partition, room, after).await?;
         in_order(&page, source, room, after)?;
-        if let Some(last) = page.messages.last() {
-            after = Some(last.id);
-            store.append(&page.messages).await.map_err(local)?;
-            copied.messages += page.messages.len() as u64;
-            copied.bytes += page
-                .messages
-                .iter()
-                .map(|m| m.envelope.len() as u64)
-                .sum::<u64>();
-        }
-        if page.done {
-            return Ok(());
-        }
-        if page.messages.is_empty() {
+        let RoomPage { messages, done } = page;
+        if let Some(last) = messages.last().map(|m| m.id) {
+            let missing = if from_start {
+                lacking(store, room, after, messages).await.map_err(local)?
+            } else {
+                messages
+            };
+            after = Some(last);
+            if !missing.is_empty() {
+                store.append(&missing).await.map_err(local)?;
+            }
+            copied.messages += missing.len() as u64;
+            copied.bytes += missing.iter().map(|m| m.envelope.len() as u64).sum::<u64>();
+        } else if !done {
             return Err(NodeError::Unavailable(format!(
                 "{source} sent an empty page of room {room} that is not the last"
             )));
         }
+        if done {
+            return Ok(());
+        }
     }
+}
+
+/// The messages of `page` (a source's page of `room`, ids above `after`,
+/// in order) that `store` lacks: those whose ids it does not hold between
+/// `after` and the page's last.
+async fn lacking(
+    store: &dyn ChatStore,
+    room: &RoomId,
+    after: Option<MessageId>,
+    page: Vec<StoredMessage>,
+) -> Result<Vec<StoredMessage>, NodeError> {
+    let Some(last) = page.last().map(|m| m.id) else {
+        return Ok(page);
+    };
+    let mut held = std::collections::HashSet::new();
+    let mut cursor = after;
+    'read: loop {
+        let chunk = storage::history(store, room, Range::After(cursor), READ_CHUNK).await?;
+        let short = chunk.len() < READ_CHUNK;
+        for m in &chunk {
+            if m.id > last {
+                break 'read;
+            }
+            held.insert(m.id);
+        }
+        match chunk.last() {
+            Some(m) if !short => cursor = Some(m.id),
+            _ => break,
+        }
+    }
+    Ok(page.into_iter().filter(|m| !held.contains(&m.id)).collect())
 }
 
 /// What [`cut_divergent`] cut.
@@ -382,12 +486,12 @@ pub async fn check(
     store: &dyn ChatStore,
     in_partition: &(dyn Fn(&RoomId) -> bool + Send + Sync),
     partition: u32,
-    sources: &[NodeId],
+    sources: &Sources,
     owed: u64,
 ) -> Result<(Copied, Cut), NodeError> {
     first_source(
         partition,
-        sources,
+        &sources.nodes,
         format!("no replica to check partition {partition} against failover epoch {owed}"),
         |source| async move {
             let page = from.rooms(source, partition, None).await?;
@@ -398,7 +502,14 @@ pub async fn check(
                 )));
             }
             let cut = cut_divergent(from, store, in_partition, partition, source).await?;
-            let copied = copy_from(from, store, partition, source, Slot(0)).await?;
+            let copied = copy_from(
+                from,
+                store,
+                partition,
+                (source, sources.same_copy(source)),
+                Slot(0),
+            )
+            .await?;
             Ok((copied, cut))
         },
     )
@@ -407,8 +518,12 @@ pub async fn check(
 
 /// Truncates every room of `partition` in `store` after the last message
 /// it holds in the same place as `source` (see the module's "After a home
-/// failover"). Nothing is cut on a store every node shares: there is no
-/// other copy to compare with.
+/// failover"). Nothing is cut on a store the nodes share (not done yet):
+/// Cassandra's replication brings the old home's divergent rows into the
+/// other datacenters' copies too, so comparing copies finds nothing, and
+/// a truncation after a message would delete the new home's posts whose
+/// ids fall among the divergent ones. Such rows stay in the shared
+/// keyspace.
 ///
 /// # Errors
 /// The source's error (UNAVAILABLE when it cannot serve), or a page out of
@@ -503,6 +618,14 @@ mod tests {
     use super::*;
     use crate::storage::memory::MemoryChat as MemoryStore;
     use crate::timeline::test_envelope;
+
+    /// The replicas `ids`, in order, none writing the target's copy.
+    fn nodes(ids: &[u64]) -> Sources {
+        Sources {
+            nodes: ids.iter().map(|n| NodeId(*n)).collect(),
+            ..Sources::default()
+        }
+    }
 
     /// Serves pages from stores, as the peer service does, recording the
     /// calls and the largest page.
@@ -621,15 +744,9 @@ mod tests {
         let target = Arc::new(MemoryStore::default());
         post(&target, "alpha", 0, 7, 0, true).await;
         // Node 3 is down, node 1 is behind what is needed: node 2 serves.
-        let copied = copy(
-            &from,
-            &*target,
-            0,
-            &[NodeId(3), NodeId(1), NodeId(2)],
-            Slot(50),
-        )
-        .await
-        .unwrap();
+        let copied = copy(&from, &*target, 0, &nodes(&[3, 1, 2]), Slot(50))
+            .await
+            .unwrap();
         assert_eq!(copied.source, NodeId(2));
         assert_eq!(copied.applied, Slot(99));
         for room in ["alpha", "beta"] {
@@ -648,7 +765,7 @@ mod tests {
 
         // Copying again brings only what was posted since.
         post(&source, "alpha", 4_500, 3, 0, true).await;
-        let again = copy(&from, &*target, 0, &[NodeId(2)], Slot(50))
+        let again = copy(&from, &*target, 0, &nodes(&[2]), Slot(50))
             .await
             .unwrap();
         assert_eq!(again.messages, 3);
@@ -752,16 +869,9 @@ mod tests {
         let in_partition = |r: &RoomId| r.as_str() != "other";
         // Node 3 is down and node 2 has not checked epoch 3 itself: node
         // 1 serves.
-        let (copied, cut) = check(
-            &from,
-            &*target,
-            &in_partition,
-            0,
-            &[NodeId(3), NodeId(2), NodeId(1)],
-            3,
-        )
-        .await
-        .unwrap();
+        let (copied, cut) = check(&from, &*target, &in_partition, 0, &nodes(&[3, 2, 1]), 3)
+            .await
+            .unwrap();
         assert_eq!(
             cut,
             Cut {
@@ -781,12 +891,12 @@ mod tests {
         }
         assert_eq!(everything(&*target, "other").await.len(), 5, "untouched");
         // Checking again cuts nothing and copies nothing.
-        let (copied, cut) = check(&from, &*target, &in_partition, 0, &[NodeId(1)], 3)
+        let (copied, cut) = check(&from, &*target, &in_partition, 0, &nodes(&[1]), 3)
             .await
             .unwrap();
         assert_eq!((cut.cut_rooms, cut.messages, copied.messages), (0, 0, 0));
         // No source checked epoch 4.
-        let e = check(&from, &*target, &in_partition, 0, &[NodeId(1)], 4)
+        let e = check(&from, &*target, &in_partition, 0, &nodes(&[1]), 4)
             .await
             .unwrap_err();
         assert!(e.to_string().contains("has not checked"), "{e}");
@@ -814,9 +924,76 @@ mod tests {
             ..FromStore::default()
         };
         let target = Arc::new(MemoryStore::default());
-        let e = copy(&from, &*target, 0, &[NodeId(1)], Slot(5))
+        let e = copy(&from, &*target, 0, &nodes(&[1]), Slot(5))
             .await
             .unwrap_err();
         assert!(e.to_string().contains("only up to"), "{e}");
+    }
+
+    #[test]
+    fn on_a_shared_store_the_replicas_of_this_datacenter_come_first_and_write_its_copy() {
+        let dc1 = |n: NodeId| n.0 <= 3;
+        let order = vec![NodeId(5), NodeId(2), NodeId(4), NodeId(3)];
+        let shared = Sources::new(order.clone(), true, dc1);
+        assert_eq!(
+            shared.nodes,
+            [NodeId(2), NodeId(3), NodeId(5), NodeId(4)],
+            "this datacenter first, each group in the order given"
+        );
+        assert!(shared.same_copy(NodeId(2)) && shared.same_copy(NodeId(3)));
+        assert!(!shared.same_copy(NodeId(5)) && !shared.same_copy(NodeId(4)));
+        let own = Sources::new(order.clone(), false, dc1);
+        assert_eq!(own.nodes, order, "a store of its own: the order given");
+        assert!(own.same_copy.is_empty(), "and every source is copied from");
+    }
+
+    #[tokio::test]
+    async fn on_a_shared_store_a_copy_from_another_datacenter_fills_the_holes_and_one_from_its_own_copies_nothing()
+     {
+        // The other datacenter's copy of the shared store has alpha's 500
+        // and beta's 40; this datacenter's copy got only some of them
+        // through the store's own replication: alpha's first 100 and
+        // 301-400 (a hole between, and nothing after), none of beta's.
+        let theirs = Arc::new(MemoryStore::new_shared());
+        post(&theirs, "alpha", 0, 500, 0, true).await;
+        post(&theirs, "beta", 0, 40, 0, true).await;
+        let ours = Arc::new(MemoryStore::new_shared());
+        let alpha = everything(&*theirs, "alpha").await;
+        ours.append(&alpha[..100]).await.unwrap();
+        ours.append(&alpha[300..400]).await.unwrap();
+        let from = FromStore {
+            stores: HashMap::from([
+                (NodeId(4), (Arc::clone(&theirs), Slot(60))),
+                (NodeId(2), (Arc::clone(&ours), Slot(60))),
+            ]),
+            ..FromStore::default()
+        };
+        // Node 2 is in this datacenter: its mark is installed, nothing
+        // is copied (what it applied is in this copy already).
+        let same = Sources {
+            nodes: vec![NodeId(2), NodeId(4)],
+            same_copy: [NodeId(2)].into(),
+        };
+        let copied = copy(&from, &*ours, 0, &same, Slot(50)).await.unwrap();
+        assert_eq!((copied.source, copied.messages), (NodeId(2), 0));
+        assert_eq!(everything(&*ours, "alpha").await.len(), 200);
+        // Node 4 is in the other datacenter: the holes are filled, and
+        // only what was missing is written.
+        let copied = copy(&from, &*ours, 0, &nodes(&[4]), Slot(50))
+            .await
+            .unwrap();
+        assert_eq!((copied.source, copied.messages), (NodeId(4), 300 + 40));
+        for room in ["alpha", "beta"] {
+            assert_eq!(
+                everything(&*ours, room).await,
+                everything(&*theirs, room).await,
+                "{room} is whole"
+            );
+        }
+        // Again: nothing is missing, nothing is written.
+        let copied = copy(&from, &*ours, 0, &nodes(&[4]), Slot(50))
+            .await
+            .unwrap();
+        assert_eq!(copied.messages, 0);
     }
 }

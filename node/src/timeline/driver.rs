@@ -1304,10 +1304,11 @@ impl Driver {
 
     /// Marks a copy (or a check) of `partition` as running and returns the
     /// replicas to take it from, the leader first (it tells replicas to
-    /// copy, and its applied mark is at least its compaction floor);
+    /// copy, and its applied mark is at least its compaction floor), and
+    /// on a shared store the replicas of this datacenter before the rest;
     /// `None` when one runs, one failed a moment ago, [`COPIES_AT_ONCE`]
     /// run, or the partition has posts of its own collected or unsynced.
-    fn begin_copy(&mut self, partition: u32) -> Option<Vec<NodeId>> {
+    fn begin_copy(&mut self, partition: u32) -> Option<super::copy::Sources> {
         let now = self.clock.monotonic();
         if self.deferred.contains_key(&partition) || self.unsynced.contains_key(&partition) {
             return None;
@@ -1321,13 +1322,16 @@ impl Driver {
         part.copying = true;
         self.copying += 1;
         let hint = part.replica.leader_hint().filter(|l| *l != me);
-        let mut sources: Vec<NodeId> = hint.into_iter().collect();
-        sources.extend(
+        let mut nodes: Vec<NodeId> = hint.into_iter().collect();
+        nodes.extend(
             replicas
                 .into_iter()
                 .filter(|n| *n != me && Some(*n) != hint),
         );
-        Some(sources)
+        let mine = self.placement.datacenter_of(me);
+        Some(super::copy::Sources::new(nodes, self.chat.shared(), |n| {
+            mine.is_some() && self.placement.datacenter_of(n) == mine
+        }))
     }
 
     /// Copies the partition's timeline from another replica in a task of
