@@ -240,15 +240,7 @@ pub async fn copy(
         partition,
         &sources.nodes,
         format!("no replica to copy partition {partition} from"),
-        |source| {
-            copy_from(
-                from,
-                store,
-                partition,
-                (source, sources.same_copy(source)),
-                need,
-            )
-        },
+        |source| copy_from(from, store, partition, (sources, source), need),
     )
     .await
 }
@@ -325,13 +317,13 @@ where
     Err(last)
 }
 
-/// Copies from `source`; `same_copy`: it writes this node's copy of the
-/// store, so its mark is installed without copying.
+/// Copies from `source`, one of `sources`; from one that writes this
+/// node's copy of the store, only its mark is taken.
 async fn copy_from(
     from: &dyn CopySource,
     store: &dyn ChatStore,
     partition: u32,
-    (source, same_copy): (NodeId, bool),
+    (sources, source): (&Sources, NodeId),
     need: Slot,
 ) -> Result<Copied, NodeError> {
     let mut page = from.rooms(source, partition, None).await?;
@@ -347,7 +339,7 @@ async fn copy_from(
         messages: 0,
         bytes: 0,
     };
-    if same_copy {
+    if sources.same_copy(source) {
         return Ok(copied);
     }
     loop {
@@ -502,14 +494,7 @@ pub async fn check(
                 )));
             }
             let cut = cut_divergent(from, store, in_partition, partition, source).await?;
-            let copied = copy_from(
-                from,
-                store,
-                partition,
-                (source, sources.same_copy(source)),
-                Slot(0),
-            )
-            .await?;
+            let copied = copy_from(from, store, partition, (sources, source), Slot(0)).await?;
             Ok((copied, cut))
         },
     )
