@@ -5,6 +5,8 @@
 #
 #   scripts/fuzz.sh                 every target for FUZZ_SECONDS (default 60) each
 #   scripts/fuzz.sh envelope 600    one target, ten minutes
+#   scripts/fuzz.sh --prepare       only install and build (scripts/test.sh
+#                                   runs this in the background early on)
 #
 # Targets (fuzz/src/): envelope (decode and round-trip), sealed (a
 # recipient opening its delivery), frames (chat, admin and peer messages and
@@ -26,6 +28,8 @@ TOOLS="$ROOT/target/tools"
 SECONDS_EACH=${2:-${FUZZ_SECONDS:-60}}
 MEMORY_MB=${FUZZ_MEMORY_MB:-1024}
 ALL=(envelope sealed frames config)
+prepare=0
+if [ "${1:-}" = --prepare ]; then prepare=1; shift; fi
 if [ $# -ge 1 ]; then TARGETS=("$1"); else TARGETS=("${ALL[@]}"); fi
 
 if ! { [ -x "$TOOLS/bin/cargo-afl" ] && "$TOOLS/bin/cargo-afl" afl --version 2>/dev/null | grep -qF "$AFL_VERSION"; }; then
@@ -43,6 +47,7 @@ fi
 echo "==> building the fuzz targets with AFL's instrumentation"
 export CARGO_TARGET_DIR="$ROOT/target/fuzz"
 (cd fuzz && cargo afl build --locked)
+if [ "$prepare" = 1 ]; then exit 0; fi
 
 # No UI, no CPU-frequency or core-dump-pattern checks (a CI machine owns
 # neither), and a deterministic start.

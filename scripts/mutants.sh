@@ -7,7 +7,11 @@
 # listed survives, or the unmutated tree fails its tests; a mutant whose
 # tests time out counts as caught (and is listed).
 #
-#   scripts/mutants.sh [--ci] [FILE...] [-- CARGO-MUTANTS-ARGS...]
+#   scripts/mutants.sh [--ci] [--prepare] [FILE...] [-- CARGO-MUTANTS-ARGS...]
+#
+# --prepare: only install cargo-mutants and, with --ci, build the crate's
+# dependencies in the CI subset's target directory (scripts/test.sh runs
+# this in the background early on).
 #
 # Full mode (default): every in-scope file (or the FILEs given). Consensus
 # files against every test of the crate, built with the `mutants` profile
@@ -39,11 +43,13 @@ TOOLS="$ROOT/target/tools"
 CARGO_MUTANTS="$TOOLS/bin/cargo-mutants"
 
 ci=0
+prepare=0
 files=()
 extra=()
 while [ $# -gt 0 ]; do
   case "$1" in
     --ci) ci=1 ;;
+    --prepare) prepare=1 ;;
     --) shift; extra=("$@"); break ;;
     -*) echo "unknown option $1 (cargo-mutants options go after --)" >&2; exit 2 ;;
     *) files+=("$1") ;;
@@ -54,6 +60,21 @@ done
 if ! { [ -x "$CARGO_MUTANTS" ] && "$CARGO_MUTANTS" mutants --version | grep -qF "$MUTANTS_VERSION"; }; then
   echo "==> installing cargo-mutants $MUTANTS_VERSION into $TOOLS"
   cargo install cargo-mutants --locked --version "$MUTANTS_VERSION" --root "$TOOLS"
+fi
+
+# The test targets the CI subset builds for each mutant (see --ci below).
+CI_TARGETS=(--lib --test=scripted --test=room_epochs)
+if [ "$prepare" = 1 ]; then
+  if [ "$ci" = 1 ]; then
+    # The dependencies, built once in the CI subset's target directory; the
+    # crate's own hash there does not depend on where its tree is, so the
+    # baseline build in cargo-mutants' copy reuses them and rebuilds only
+    # the crate.
+    echo "==> building the consensus tests' dependencies in target/mutants-target"
+    CARGO_TARGET_DIR="$ROOT/target/mutants-target" cargo test --locked --no-run \
+      --package saferchat-consensus "${CI_TARGETS[@]}"
+  fi
+  exit 0
 fi
 
 # One cargo-mutants run: run NAME OUT ARGS... (results in OUT/mutants.out).
@@ -94,7 +115,8 @@ if [ "$ci" = 1 ]; then
   # crate gets the same hash, and cargo then takes that artifact as fresh),
   # so a later `cargo test` would test a mutant. Rebuilding the dev-profile
   # dependencies here costs a minute or two.
-  args=("${common[@]}" --package saferchat-consensus --cargo-arg=--lib --cargo-arg=--test=scripted --cargo-arg=--test=room_epochs --minimum-test-timeout 120)
+  args=("${common[@]}" --package saferchat-consensus --minimum-test-timeout 120)
+  for t in "${CI_TARGETS[@]}"; do args+=("--cargo-arg=$t"); done
   for f in "${files[@]}"; do args+=(--file "$f"); done
   CARGO_TARGET_DIR="$ROOT/target/mutants-target" run ci "$ROOT/target/mutants/ci" "${args[@]}"
 else

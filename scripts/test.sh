@@ -24,17 +24,38 @@
 #
 # Then each coverage-guided fuzz target for 30 s (scripts/fuzz.sh: installs
 # cargo-afl into target/tools and builds AFL++ the first time, a few
-# minutes; SAFERCHAT_SKIP_FUZZ=1 skips it, FUZZ_SECONDS changes the time).
+# minutes, done in the background while the workspace builds and tests;
+# SAFERCHAT_SKIP_FUZZ=1 skips it, FUZZ_SECONDS changes the time).
 #
 # Last, the CI subset of the consensus mutation tests (scripts/mutants.sh
-# --ci: 294 mutants (about 5 to 11 minutes here), timed in specs/README.md "Mutation testing", plus ~5 minutes to install
-# cargo-mutants into target/tools the first time); SAFERCHAT_SKIP_MUTANTS=1
-# skips it.
+# --ci: 302 mutants (about 12 minutes here), timed in specs/README.md
+# "Mutation testing", plus ~5 minutes to install cargo-mutants into
+# target/tools the first time, also done in the background);
+# SAFERCHAT_SKIP_MUTANTS=1 skips it.
+#
+# Every step prints the seconds since the start, and the run ends with a
+# table of each step's duration.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 ROOT=$PWD
 
-step() { printf '\n==> %s\n' "$*"; }
+# Each step prints how long the run has taken so far, and the exit trap
+# prints every step's duration, so a slow CI run shows where its time went.
+STEP_NAMES=()
+STEP_STARTS=()
+step() {
+  STEP_NAMES+=("$*")
+  STEP_STARTS+=("$SECONDS")
+  printf '\n==> [%d s] %s\n' "$SECONDS" "$*"
+}
+step_times() {
+  local i end
+  printf '\n==> step durations (s), %d s in all\n' "$SECONDS"
+  for i in "${!STEP_NAMES[@]}"; do
+    end=${STEP_STARTS[$((i + 1))]:-$SECONDS}
+    printf '%6d  %.90s\n' $((end - ${STEP_STARTS[$i]})) "${STEP_NAMES[$i]}"
+  done
+}
 
 TOOLS="$ROOT/target/tools"
 mkdir -p "$TOOLS"
@@ -73,6 +94,29 @@ strace -V | head -1
 nft --version
 chromium --version 2>/dev/null || true
 
+# The fuzzing and mutation steps at the end need tools built from crates.io
+# (cargo-afl and AFL++, cargo-mutants) and builds of their own (the
+# instrumented fuzz targets, the consensus crate's dependencies in the
+# mutation tests' target directory): many CPU-minutes that would otherwise
+# run after everything else. Built here, in the background at the lowest
+# CPU priority, they take only the CPU the build and the tests leave idle
+# (linking, tests waiting on timers and Cassandra), so the tests' timing is
+# not disturbed; the steps at the end wait for them (and redo, loudly,
+# whatever they could not finish).
+step "late steps' tools: built in the background at the lowest CPU priority (log: target/prepare-late-steps.log)"
+PREP_LOG="$ROOT/target/prepare-late-steps.log"
+prep_pid=""
+if [ "${SAFERCHAT_SKIP_FUZZ:-}" != 1 ] || [ "${SAFERCHAT_SKIP_MUTANTS:-}" != 1 ]; then
+  # setsid: its own process group, so the exit trap can stop every cargo
+  # under it.
+  setsid nice -n 19 bash -c '
+    set -e
+    if [ "${SAFERCHAT_SKIP_FUZZ:-}" != 1 ]; then bash scripts/fuzz.sh --prepare; fi
+    if [ "${SAFERCHAT_SKIP_MUTANTS:-}" != 1 ]; then bash scripts/mutants.sh --ci --prepare; fi
+  ' >"$PREP_LOG" 2>&1 &
+  prep_pid=$!
+fi
+
 step "Cassandra: fetch jars, start one node and a two-datacenter pair (in the background)"
 export CASSANDRA_NODE_DIR="$ROOT/target/cassandra-test"
 export CASSANDRA_PAIR_DIR="$ROOT/target/cassandra-pair"
@@ -86,7 +130,12 @@ stop_cassandra() {
   bash "$ROOT/deploy/cassandra/cassandra.sh" stop || true
   bash "$ROOT/deploy/cassandra/cassandra.sh" pair stop || true
 }
-trap stop_cassandra EXIT
+on_exit() {
+  if [ -n "$prep_pid" ]; then kill -- -"$prep_pid" 2>/dev/null || true; fi
+  stop_cassandra
+  step_times
+}
+trap on_exit EXIT
 
 step "format and lints"
 cargo fmt --all -- --check
@@ -137,6 +186,17 @@ if [ "$tests_status" -ne 0 ] || [ "$chaos_status" -ne 0 ]; then
 fi
 
 stop_cassandra
+
+if [ -n "$prep_pid" ]; then
+  step "wait for the late steps' tools (built in the background)"
+  prep_status=0
+  wait "$prep_pid" || prep_status=$?
+  prep_pid=""
+  if [ "$prep_status" -ne 0 ]; then
+    echo "preparing them failed (exit $prep_status); the steps below retry. The end of its log:"
+    tail -40 "$PREP_LOG"
+  fi
+fi
 
 if [ "${SAFERCHAT_SKIP_FUZZ:-}" != 1 ]; then
   step "coverage-guided fuzzing (AFL++), each target for ${FUZZ_SECONDS:-30} s"
