@@ -22,16 +22,18 @@
 # Cassandra (the node and the pair) starts once, in the background, while
 # the workspace builds, and is stopped on exit whatever happens. Extra arguments go to `cargo test`.
 #
-# Then each coverage-guided fuzz target for 30 s (scripts/fuzz.sh: installs
-# cargo-afl into target/tools and builds AFL++ the first time, a few
-# minutes, done in the background while the workspace builds and tests;
+# The tests run in three lanes side by side (see "tests" below). Then each
+# coverage-guided fuzz target for 30 s (scripts/fuzz.sh: installs cargo-afl
+# into target/tools and builds AFL++ the first time, a few minutes, done
+# in the background while the workspace builds and tests;
 # SAFERCHAT_SKIP_FUZZ=1 skips it, FUZZ_SECONDS changes the time).
 #
-# Last, the CI subset of the consensus mutation tests (scripts/mutants.sh
-# --ci: 302 mutants (about 12 minutes here), timed in specs/README.md
+# The CI subset of the consensus mutation tests (scripts/mutants.sh --ci:
+# 302 mutants, about 12 minutes of one core, timed in specs/README.md
 # "Mutation testing", plus ~5 minutes to install cargo-mutants into
-# target/tools the first time, also done in the background);
-# SAFERCHAT_SKIP_MUTANTS=1 skips it.
+# target/tools the first time) runs in the background at the lowest CPU
+# priority from the browser client's step on, and the run ends when it
+# does; SAFERCHAT_SKIP_MUTANTS=1 skips it.
 #
 # Every step prints the seconds since the start, and the run ends with a
 # table of each step's duration.
@@ -94,27 +96,39 @@ strace -V | head -1
 nft --version
 chromium --version 2>/dev/null || true
 
-# The fuzzing and mutation steps at the end need tools built from crates.io
-# (cargo-afl and AFL++, cargo-mutants) and builds of their own (the
-# instrumented fuzz targets, the consensus crate's dependencies in the
-# mutation tests' target directory): many CPU-minutes that would otherwise
-# run after everything else. Built here, in the background at the lowest
-# CPU priority, they take only the CPU the build and the tests leave idle
-# (linking, tests waiting on timers and Cassandra), so the tests' timing is
-# not disturbed; the steps at the end wait for them (and redo, loudly,
-# whatever they could not finish).
-step "late steps' tools: built in the background at the lowest CPU priority (log: target/prepare-late-steps.log)"
-PREP_LOG="$ROOT/target/prepare-late-steps.log"
-prep_pid=""
-if [ "${SAFERCHAT_SKIP_FUZZ:-}" != 1 ] || [ "${SAFERCHAT_SKIP_MUTANTS:-}" != 1 ]; then
-  # setsid: its own process group, so the exit trap can stop every cargo
-  # under it.
+# The fuzzing step at the end needs tools built from crates.io (cargo-afl,
+# AFL++) and the instrumented fuzz targets; the mutation tests need
+# cargo-mutants and the consensus crate's dependencies in a target
+# directory of their own, and then rebuild the crate once per mutant. All
+# of it runs in the background at the lowest CPU priority (nice 19): it
+# takes the CPU the build and the tests leave idle (linking, tests waiting
+# on timers and Cassandra), and the tests, at normal priority, keep the
+# CPU they want, so their timing is not disturbed. The mutation tests
+# themselves start once the tree stops changing (after the browser
+# client's npm step; their copy of the tree skips ignored files anyway),
+# and the end of the run waits for them. setsid: each job its own process
+# group, so the exit trap stops every cargo under it.
+FUZZ_PREP_LOG="$ROOT/target/fuzz-prepare.log"
+MUTANTS_LOG="$ROOT/target/mutants-ci.log"
+fuzz_prep_pid=""
+mutants_pid=""
+if [ "${SAFERCHAT_SKIP_FUZZ:-}" != 1 ]; then
+  step "fuzzing tools: built in the background at the lowest CPU priority (log: target/fuzz-prepare.log)"
+  setsid nice -n 19 bash scripts/fuzz.sh --prepare >"$FUZZ_PREP_LOG" 2>&1 &
+  fuzz_prep_pid=$!
+fi
+if [ "${SAFERCHAT_SKIP_MUTANTS:-}" != 1 ]; then
+  step "mutation tests' tools: built in the background at the lowest CPU priority (log: target/mutants-ci.log)"
+  mkdir -p "$ROOT/target/mutants-ci"
+  rm -f "$ROOT/target/mutants-ci/start"
+  # They wait for target/mutants-ci/start, written after the npm step.
   setsid nice -n 19 bash -c '
-    set -e
-    if [ "${SAFERCHAT_SKIP_FUZZ:-}" != 1 ]; then bash scripts/fuzz.sh --prepare; fi
-    if [ "${SAFERCHAT_SKIP_MUTANTS:-}" != 1 ]; then bash scripts/mutants.sh --ci --prepare; fi
-  ' >"$PREP_LOG" 2>&1 &
-  prep_pid=$!
+    bash scripts/mutants.sh --ci --prepare || echo "preparing failed; the run below retries"
+    while [ ! -e target/mutants-ci/start ]; do sleep 2; done
+    echo "==> [$(date +%T)] the tree is settled: running the mutation tests"
+    exec bash scripts/mutants.sh --ci
+  ' >"$MUTANTS_LOG" 2>&1 &
+  mutants_pid=$!
 fi
 
 step "Cassandra: fetch jars, start one node and a two-datacenter pair (in the background)"
@@ -131,7 +145,8 @@ stop_cassandra() {
   bash "$ROOT/deploy/cassandra/cassandra.sh" pair stop || true
 }
 on_exit() {
-  if [ -n "$prep_pid" ]; then kill -- -"$prep_pid" 2>/dev/null || true; fi
+  local pid
+  for pid in $fuzz_prep_pid $mutants_pid; do kill -- -"$pid" 2>/dev/null || true; done
   stop_cassandra
   step_times
 }
@@ -157,6 +172,8 @@ step "browser client (web/): npm ci; the committed page bundle is what a fresh b
   fi &&
   SAFERCHAT_BIN_DIR="$ROOT/target/debug" SAFERCHAT_ARTIFACTS="$ROOT/target/artifacts/screenshots" npm test)
 echo "screenshots of the browser test: target/artifacts/screenshots"
+# The tree no longer changes: the mutation tests may copy it.
+if [ -n "$mutants_pid" ]; then touch "$ROOT/target/mutants-ci/start"; fi
 
 step "wait for Cassandra"
 bash deploy/cassandra/cassandra.sh wait 240
@@ -164,46 +181,82 @@ bash deploy/cassandra/cassandra.sh pair wait 240
 export SAFERCHAT_CASSANDRA="127.0.0.1:$CASSANDRA_PORT"
 export SAFERCHAT_CASSANDRA_PAIR="127.0.0.2:$CASSANDRA_PORT,127.0.0.3:$CASSANDRA_PORT"
 
-step "tests"
-# Tests that need Cassandra are #[ignore]d without it; here it runs.
-# The chaos schedules (about 5 minutes, mostly waiting out their faults)
-# run next to the other tests rather than after them; their output is
-# shown once they end. Both runs select the whole workspace, so they
-# resolve the same features and share one build.
-CHAOS_LOG="$ROOT/target/chaos-tests.log"
+# The test binaries, in three lanes side by side (one `cargo test` runs
+# its binaries one after another, and most of the saferchat-tests ones
+# spend their time waiting on real processes, timers and Cassandra):
+# - processes: the saferchat-tests package's tests (real node processes),
+#   shown as they run;
+# - units: every other test target, the unit tests of every crate (the
+#   consensus model check and simulation are the long ones) and the doc
+#   tests;
+# - chaos: the seeded fault schedules (about 6 minutes, mostly waiting out
+#   their faults).
+# Every lane selects the whole workspace (--workspace, then targets by
+# name), so they resolve the same features as the build and share it. The
+# lanes' targets come from `cargo metadata`, so a new test file lands in
+# one without an edit here; a name in both sets (home_failover) runs both
+# targets in the processes lane. Tests that need Cassandra are #[ignore]d
+# without it; here it runs.
+step "tests: three lanes side by side (processes shown live; units and chaos shown when they end)"
+lanes=$(cargo metadata --format-version 1 --no-deps --locked | python3 -c '
+import json, sys
+procs, units = set(), set()
+for package in json.load(sys.stdin)["packages"]:
+    for target in package["targets"]:
+        if "test" in target["kind"]:
+            (procs if package["name"] == "saferchat-tests" else units).add(target["name"])
+procs.discard("chaos")
+print(" ".join("--test " + t for t in sorted(procs)))
+print(" ".join("--test " + t for t in sorted(units - procs)))
+')
+read -r -a proc_targets <<<"$(sed -n 1p <<<"$lanes")"
+read -r -a unit_targets <<<"$(sed -n 2p <<<"$lanes")"
+CHAOS_LOG="$ROOT/target/tests-chaos.log"
+UNITS_LOG="$ROOT/target/tests-units.log"
 cargo test --workspace --locked --test chaos "$@" -- --include-ignored >"$CHAOS_LOG" 2>&1 &
 chaos_pid=$!
-tests_status=0
-cargo test --workspace --locked "$@" -- --include-ignored \
-  --skip seeded_fault_schedules --skip a_lossy_link_drops_packets || tests_status=$?
+{
+  cargo test --workspace --locked --lib --bins "${unit_targets[@]}" "$@" -- --include-ignored &&
+    cargo test --workspace --locked --doc "$@" -- --include-ignored
+} >"$UNITS_LOG" 2>&1 &
+units_pid=$!
+procs_status=0
+cargo test --workspace --locked "${proc_targets[@]}" "$@" -- --include-ignored || procs_status=$?
+units_status=0
+wait "$units_pid" || units_status=$?
 chaos_status=0
 wait "$chaos_pid" || chaos_status=$?
-step "chaos tests (ran alongside the others)"
+step "tests: the units lane (ran alongside)"
+cat "$UNITS_LOG"
+step "tests: the chaos lane (ran alongside)"
 cat "$CHAOS_LOG"
-if [ "$tests_status" -ne 0 ] || [ "$chaos_status" -ne 0 ]; then
-  echo "tests failed (workspace: exit $tests_status, chaos: exit $chaos_status)" >&2
+if [ "$procs_status" -ne 0 ] || [ "$units_status" -ne 0 ] || [ "$chaos_status" -ne 0 ]; then
+  echo "tests failed (processes: exit $procs_status, units: exit $units_status, chaos: exit $chaos_status)" >&2
   exit 1
 fi
 
 stop_cassandra
 
-if [ -n "$prep_pid" ]; then
-  step "wait for the late steps' tools (built in the background)"
-  prep_status=0
-  wait "$prep_pid" || prep_status=$?
-  prep_pid=""
-  if [ "$prep_status" -ne 0 ]; then
-    echo "preparing them failed (exit $prep_status); the steps below retry. The end of its log:"
-    tail -40 "$PREP_LOG"
+if [ -n "$fuzz_prep_pid" ]; then
+  step "coverage-guided fuzzing (AFL++), each target for ${FUZZ_SECONDS:-30} s (its tools were built in the background)"
+  fuzz_prep_status=0
+  wait "$fuzz_prep_pid" || fuzz_prep_status=$?
+  fuzz_prep_pid=""
+  if [ "$fuzz_prep_status" -ne 0 ]; then
+    echo "building them failed (exit $fuzz_prep_status); fuzz.sh retries. The end of its log:"
+    tail -40 "$FUZZ_PREP_LOG"
   fi
-fi
-
-if [ "${SAFERCHAT_SKIP_FUZZ:-}" != 1 ]; then
-  step "coverage-guided fuzzing (AFL++), each target for ${FUZZ_SECONDS:-30} s"
   FUZZ_SECONDS="${FUZZ_SECONDS:-30}" bash scripts/fuzz.sh
 fi
 
-if [ "${SAFERCHAT_SKIP_MUTANTS:-}" != 1 ]; then
-  step "mutation tests of the consensus core (CI subset)"
-  bash scripts/mutants.sh --ci
+if [ -n "$mutants_pid" ]; then
+  step "mutation tests of the consensus core (CI subset; running in the background since the npm step)"
+  mutants_status=0
+  wait "$mutants_pid" || mutants_status=$?
+  mutants_pid=""
+  cat "$MUTANTS_LOG"
+  if [ "$mutants_status" -ne 0 ]; then
+    echo "mutation tests failed (exit $mutants_status)" >&2
+    exit 1
+  fi
 fi
