@@ -113,8 +113,9 @@ if [ "$ci" = 1 ]; then
   # A target directory of its own: sharing the workspace's would overwrite
   # the workspace's consensus crate with the last mutant's build (the copy's
   # crate gets the same hash, and cargo then takes that artifact as fresh),
-  # so a later `cargo test` would test a mutant. Rebuilding the dev-profile
-  # dependencies here costs a minute or two.
+  # so a later `cargo test` would test a mutant. Its dev-profile
+  # dependencies cost a minute or two to build: `--ci --prepare` builds
+  # them beforehand (scripts/test.sh does, in the background).
   # --minimum-test-timeout 300: scripts/test.sh runs this subset at the
   # lowest CPU priority next to the workspace's tests, which may starve it
   # for minutes; the suite takes under a second when it has the CPU, so
