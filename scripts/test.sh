@@ -209,8 +209,7 @@ procs.discard("chaos")
 print(" ".join("--test " + t for t in sorted(procs)))
 print(" ".join("--test " + t for t in sorted(units - procs)))
 ')
-read -r -a proc_targets <<<"$(sed -n 1p <<<"$lanes")"
-read -r -a unit_targets <<<"$(sed -n 2p <<<"$lanes")"
+{ read -r -a proc_targets; read -r -a unit_targets; } <<<"$lanes"
 CHAOS_LOG="$ROOT/target/tests-chaos.log"
 UNITS_LOG="$ROOT/target/tests-units.log"
 cargo test --workspace --locked --test chaos "$@" -- --include-ignored >"$CHAOS_LOG" 2>&1 &
