@@ -16,6 +16,11 @@ pub struct Query {
     pub before_id: Option<Bytes>,
     /// Oldest first, after this id.
     pub after_id: Option<Bytes>,
+    /// The sequence number of the message `after_id` names, when this
+    /// client was sent it (0: `after_id` is only a bound): the node then
+    /// refuses, with FAILED_PRECONDITION, to read on after a message the
+    /// room no longer holds (cut after a home failover).
+    pub after_seq: u64,
     /// At most this many (0: the server's default).
     pub limit: u32,
 }
@@ -99,6 +104,7 @@ async fn read_on(
         after_id: query.after_id.clone().unwrap_or_default(),
         limit: query.limit,
         min_seq: session.seen_seq(),
+        after_seq: query.after_seq,
     };
     let mut pages = client.history(request).await?.into_inner();
     let mut out = Vec::new();

@@ -692,6 +692,8 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             let query = Query {
                 before_id: parse(before)?,
                 after_id: parse(after)?,
+                // A typed id is a bound: whatever the room holds after it.
+                after_seq: 0,
                 limit: *limit,
             };
             let mut messages = history::read(&session, &query).await?;

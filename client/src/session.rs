@@ -48,6 +48,11 @@ pub struct JoinOptions {
     pub recent: u32,
     /// Resume after this message id instead of recent history.
     pub after_id: Option<Bytes>,
+    /// The sequence number of the message `after_id` names, when this
+    /// client was sent it (0: `after_id` is only a bound): the node then
+    /// refuses, with FAILED_PRECONDITION, to resume after a message the
+    /// room no longer holds (cut after a home failover).
+    pub after_seq: u64,
     /// Receive no history at all.
     pub no_history: bool,
     /// Keep this device's state beside this key file (`KEY.state/`, see
@@ -369,6 +374,7 @@ impl Session {
             recent: options.recent,
             after_id: options.after_id.clone().unwrap_or_default(),
             no_history: options.no_history,
+            after_seq: options.after_seq,
         })))
         .await
         .map_err(|_| protocol("session closed"))?;

@@ -88,6 +88,20 @@ impl MessageId {
         MessageId((ms << 80) | VERSION_7 | VARIANT_RFC)
     }
 
+    /// The smallest id greater than this one (`None` past the last
+    /// millisecond of the 48-bit clock, in the year 10889): where a read
+    /// that must include this id ends.
+    pub fn successor(self) -> Option<MessageId> {
+        let ms = u64::try_from(self.time_ms()).expect("48 bits");
+        if self.counter() < COUNTER_MAX {
+            Some(MessageId::compose(ms, self.counter() + 1))
+        } else if ms < (1 << 48) - 1 {
+            Some(MessageId::compose(ms + 1, 0))
+        } else {
+            None
+        }
+    }
+
     fn counter(self) -> u128 {
         let rand_a = (self.0 >> RAND_A_SHIFT) & 0xFFF;
         let rand_b = self.0 & ((1 << RAND_B_BITS) - 1);
@@ -138,15 +152,9 @@ impl IdGenerator {
     pub fn next(&mut self, now_ms: i64, seed: u64) -> MessageId {
         let now = u64::try_from(now_ms.max(0)).expect("non-negative") & ((1 << 48) - 1);
         let id = match self.last {
-            Some(last) if u64::try_from(last.time_ms()).expect("48 bits") >= now => {
-                let counter = last.counter() + 1;
-                let last_ms = u64::try_from(last.time_ms()).expect("48 bits");
-                if counter > COUNTER_MAX {
-                    MessageId::compose(last_ms + 1, 0)
-                } else {
-                    MessageId::compose(last_ms, counter)
-                }
-            }
+            Some(last) if u64::try_from(last.time_ms()).expect("48 bits") >= now => last
+                .successor()
+                .expect("message ids last until the year 10889"),
             _ => MessageId::compose(now, u128::from(seed) % COUNTER_SEED_MAX),
         };
         assert!(
@@ -252,6 +260,25 @@ mod tests {
         let id = g.next(1000, 0);
         assert_eq!(id.time_ms(), 1001);
         assert!(id > last);
+    }
+
+    #[test]
+    fn a_successor_is_the_next_id_in_order() {
+        let id = MessageId::compose(1000, 41);
+        assert_eq!(id.successor(), Some(MessageId::compose(1000, 42)));
+        let full = MessageId::compose(1000, COUNTER_MAX);
+        assert_eq!(full.successor(), Some(MessageId::compose(1001, 0)));
+        // The counter carries from `rand_b` into `rand_a`, over the
+        // variant bits between them.
+        let across = MessageId::compose(1000, (1 << RAND_B_BITS) - 1);
+        let next = across.successor().unwrap();
+        assert!(next > across);
+        assert_eq!(next, MessageId::compose(1000, 1 << RAND_B_BITS));
+        assert_eq!(MessageId::from_bytes(&next.to_bytes()), Ok(next));
+        assert_eq!(
+            MessageId::compose((1 << 48) - 1, COUNTER_MAX).successor(),
+            None
+        );
     }
 
     #[test]

@@ -44,9 +44,12 @@
 //! acknowledged that were lost.
 
 use std::collections::HashSet;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
+use saferchat_client::history::{self, Query};
+use saferchat_client::{ClientError, JoinOptions, Session, test_keys};
 use saferchat_consensus::RoomId;
 use saferchat_node::storage::sled::SledStore;
 use saferchat_node::storage::{self, Range};
@@ -423,6 +426,7 @@ async fn a_home_cut_off_and_moved_is_fenced_before_the_new_home_acknowledges() {
     for i in ALL {
         cluster.wait_caught_up(&x, i, owner, 2 * DEADLINE).await;
     }
+    resume_after_lost_posts(&cluster, &back, &x, &old_acked, &kept).await;
     drop(back);
 
     let stores = stores_of(&mut cluster, &ALL, &x).await;
@@ -438,4 +442,69 @@ async fn a_home_cut_off_and_moved_is_fenced_before_the_new_home_acknowledges() {
         cut_by_dc1.iter().any(|cut| *cut >= lost as f64),
         "dc1's leader cut the {lost} lost posts it had applied ({cut_by_dc1:?})"
     );
+}
+
+/// Alice's client was told its posts of the window were acknowledged (a
+/// listener would have been shown them): reading on after one that was
+/// lost, through `dc1`, by a join or by History, is refused (it would
+/// otherwise be sent what follows the lost post in id order, and never
+/// what the new home placed before that); after a kept post it works.
+async fn resume_after_lost_posts(
+    cluster: &Cluster,
+    session: &Session,
+    room: &str,
+    old_acked: &[(Bytes, u64)],
+    kept: &[(Bytes, u64)],
+) {
+    let mut held = HashSet::new();
+    let mut before = None;
+    loop {
+        let query = Query {
+            before_id: before.clone(),
+            limit: 1000,
+            ..Query::default()
+        };
+        let page = history::read(session, &query).await.expect("history");
+        let Some(last) = page.last() else { break };
+        before = Some(last.id.clone());
+        held.extend(page.into_iter().map(|m| m.id));
+    }
+    let id = RoomId::new(room).unwrap();
+    let alice = Arc::new(test_keys::identity(0));
+    let resume = |(after, seq): &(Bytes, u64)| {
+        let options = JoinOptions {
+            after_id: Some(after.clone()),
+            after_seq: *seq,
+            ..JoinOptions::default()
+        };
+        let (server, id, alice) = (cluster.server(DC1[0]), id.clone(), Arc::clone(&alice));
+        async move { Session::join(&server, &id, alice, &options).await }
+    };
+    let refused = |what: &str, outcome: Result<(), ClientError>| match outcome {
+        Err(ClientError::Status(s))
+            if s.code() == tonic::Code::FailedPrecondition && s.message().contains("was cut") => {}
+        other => panic!("{what} after a lost post is refused, not {other:?}"),
+    };
+    match old_acked.iter().find(|(id, _)| !held.contains(id)) {
+        Some(lost) => {
+            refused("a join", resume(lost).await.map(drop));
+            let (id, seq) = lost;
+            let query = Query {
+                after_id: Some(id.clone()),
+                after_seq: *seq,
+                limit: 10,
+                ..Query::default()
+            };
+            refused("History", history::read(session, &query).await.map(drop));
+            println!(
+                "reading on after the lost post #{seq} of dc1's window was refused (a join and History)"
+            );
+        }
+        None => println!(
+            "no acknowledged post was lost in this run: reading on after one was not tried"
+        ),
+    }
+    resume(&kept[0])
+        .await
+        .expect("a join reading on after a kept post");
 }

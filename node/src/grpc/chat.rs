@@ -187,6 +187,9 @@ impl ChatRoom for ChatService {
                 _ => Err(redirect),
             };
         }
+        if let Some(after) = after {
+            session::refuse_lost_position(&*self.ctx.store, &room, after, req.after_seq).await?;
+        }
         let store = Arc::clone(&self.ctx.store);
         let (pages, rx) = mpsc::channel(HISTORY_PAGES_AHEAD);
         tokio::spawn(async move {

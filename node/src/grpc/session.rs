@@ -246,6 +246,9 @@ async fn serve(
     tracing::debug!(room = %room, %user, session, "joined");
 
     let result = async {
+        if let Some(after) = after {
+            refuse_lost_position(&*ctx.store, &room, after, join.after_seq).await?;
+        }
         let expires =
             ctx.clock.unix_ms() + i64::try_from(limits.session_token_ms).unwrap_or(i64::MAX);
         send(
@@ -270,6 +273,26 @@ async fn serve(
     .await;
     let _ = ctx.rooms.send(&room, RoomCommand::Detach { session }).await;
     result
+}
+
+/// Refuses to read on after `after` when the room no longer holds it
+/// ([`storage::lost_position`]): the client would otherwise be sent what
+/// follows it in id order, and never what the room's new home placed
+/// from its number on.
+pub(super) async fn refuse_lost_position(
+    store: &dyn storage::ChatStore,
+    room: &RoomId,
+    after: MessageId,
+    after_seq: u64,
+) -> Result<(), NodeError> {
+    if storage::lost_position(store, room, after, after_seq).await? {
+        metrics::counter!("saferchat_lost_positions_refused_total").increment(1);
+        return Err(NodeError::FailedPrecondition(format!(
+            "message {after} (#{after_seq}) is not in room {}, which gave its number to another message: it was cut when the room's home datacenter failed over (a post the old home acknowledged that the new home never had), or it is not of this room; read the room again without after_id (recent history, or History from the start) and compare sequence numbers",
+            shown(room.as_str())
+        )));
+    }
+    Ok(())
 }
 
 /// The one answer to a proven join of a room that does not exist or does

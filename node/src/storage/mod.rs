@@ -306,3 +306,110 @@ pub async fn last_id(store: &dyn ChatStore, room: &RoomId) -> Result<Option<Mess
         .first()
         .map(|m| m.id))
 }
+
+/// Whether `after`, the message numbered `after_seq` where a client asks
+/// to read on from (`Join.after_id`, `HistoryRequest.after_id`, with the
+/// sequence number it was sent the message with), is one `room` no longer
+/// holds: `store` lacks it although it holds that number or a later one.
+///
+/// Then another message took the number: the client's was cut with a
+/// divergent tail after a home failover (a post the old home acknowledged
+/// at the local level and the new home never had), or it never was the
+/// room's. Reading on after it in id order would skip, without a word,
+/// what the new home placed from that number on, so callers refuse. A
+/// copy not yet at that number may simply not have applied it (a new
+/// owner, a replica behind): not a refusal. Neither is an `after_seq` of
+/// 0 (the id is only a bound: "after the smallest id" reads from the
+/// start), nor a store the nodes share (Cassandra): nothing is cut there,
+/// and a row may land in one datacenter's copy before an earlier one.
+///
+/// # Errors
+/// Whatever the store reports.
+pub async fn lost_position(
+    store: &dyn ChatStore,
+    room: &RoomId,
+    after: MessageId,
+    after_seq: u64,
+) -> Result<bool, NodeError> {
+    if after_seq == 0 || store.shared() {
+        return Ok(false);
+    }
+    let buckets = store.buckets(room).await?;
+    let at_or_before =
+        history_in(store, room, &buckets, Range::Before(after.successor()), 1).await?;
+    if at_or_before.first().is_some_and(|m| m.id == after) {
+        return Ok(false);
+    }
+    let newest = history_in(store, room, &buckets, Range::Before(None), 1).await?;
+    Ok(newest.first().is_some_and(|m| m.seq >= after_seq))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::memory::MemoryChat;
+    use super::*;
+    use crate::message_id::IdGenerator;
+
+    fn stored(room: &RoomId, id: MessageId, seq: u64) -> StoredMessage {
+        StoredMessage {
+            room: room.clone(),
+            id,
+            seq,
+            envelope: Bytes::from_static(b"ciphertext"),
+        }
+    }
+
+    #[tokio::test]
+    async fn a_position_is_lost_only_when_its_number_is_held_without_it() {
+        let room = RoomId::new("lost").unwrap();
+        let mut ids = IdGenerator::default();
+        let old_home: Vec<MessageId> = (0..4)
+            .map(|i| ids.next(1_795_000_000_000 + 10 * i, 7))
+            .collect();
+        // The new home's posts: one of an earlier millisecond than the old
+        // home's lost ones (its clock behind), one of the next month.
+        let behind = IdGenerator::after(Some(old_home[1])).next(0, 0);
+        let next_month = IdGenerator::after(Some(old_home[3])).next(1_797_700_000_000, 7);
+        for shared in [false, true] {
+            let store = if shared {
+                MemoryChat::new_shared()
+            } else {
+                MemoryChat::default()
+            };
+            // Numbers 1 and 2 kept; the old home's #3 and #4 were cut.
+            store
+                .append(&[stored(&room, old_home[0], 1), stored(&room, old_home[1], 2)])
+                .await
+                .unwrap();
+            let lost = |at: MessageId, seq: u64| {
+                let (store, room) = (&store, &room);
+                async move { lost_position(store, room, at, seq).await.unwrap() }
+            };
+            assert!(!lost(old_home[1], 2).await, "a held message");
+            assert!(
+                !lost(old_home[2], 3).await,
+                "number 3 not held yet: perhaps not applied"
+            );
+            store.append(&[stored(&room, behind, 3)]).await.unwrap();
+            assert_eq!(
+                lost(old_home[2], 3).await,
+                !shared,
+                "number 3 held, as another message"
+            );
+            assert!(!lost(old_home[3], 4).await, "number 4 not held yet");
+            assert!(
+                !lost(old_home[2], 0).await,
+                "an id without a number is a bound"
+            );
+            store.append(&[stored(&room, next_month, 4)]).await.unwrap();
+            assert_eq!(lost(old_home[3], 4).await, !shared, "a later bucket");
+            assert_eq!(lost(old_home[2], 3).await, !shared);
+            assert!(!lost(next_month, 4).await && !lost(behind, 3).await);
+            let other = RoomId::new("other").unwrap();
+            assert!(
+                !lost_position(&store, &other, old_home[0], 1).await.unwrap(),
+                "a room without messages"
+            );
+        }
+    }
+}

@@ -419,6 +419,7 @@ pub async fn run(
                 after_id: Bytes::new(),
                 limit: POSTS_MAX as u32,
                 min_seq: 0,
+                after_seq: 0,
             };
             match client.history(request).await {
                 Ok(pages) => {

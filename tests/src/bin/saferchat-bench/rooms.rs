@@ -1563,6 +1563,7 @@ async fn check_losses(engine: &Rc<RefCell<Engine>>, history: &[(Channel, String)
                 after_id: Bytes::new(),
                 limit: POOL_MAX as u32,
                 min_seq: 0,
+                after_seq: 0,
             };
             let read = |channel: Channel, request: pb::HistoryRequest| async move {
                 let mut client =
