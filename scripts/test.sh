@@ -103,26 +103,32 @@ chromium --version 2>/dev/null || true
 # of it runs in the background at the lowest CPU priority (nice 19): it
 # takes the CPU the build and the tests leave idle (linking, tests waiting
 # on timers and Cassandra), and the tests, at normal priority, keep the
-# CPU they want, so their timing is not disturbed. The mutation tests
-# themselves start once the tree stops changing (after the browser
-# client's npm step; their copy of the tree skips ignored files anyway),
-# and the end of the run waits for them. setsid: each job its own process
-# group, so the exit trap stops every cargo under it.
+# CPU they want, so their timing is not disturbed. The two jobs take
+# turns (the fuzzing tools first: the fuzzing step needs them first, and
+# two jobs sharing the little CPU the tests leave would both be late).
+# The mutation tests themselves start once the tree stops changing (after
+# the browser client's npm step; their copy of the tree skips ignored
+# files anyway), and the end of the run waits for them. setsid: each job
+# its own process group, so the exit trap stops every cargo under it.
 FUZZ_PREP_LOG="$ROOT/target/fuzz-prepare.log"
 MUTANTS_LOG="$ROOT/target/mutants-ci.log"
 fuzz_prep_pid=""
 mutants_pid=""
 if [ "${SAFERCHAT_SKIP_FUZZ:-}" != 1 ]; then
   step "fuzzing tools: built in the background at the lowest CPU priority (log: target/fuzz-prepare.log)"
-  setsid nice -n 19 bash scripts/fuzz.sh --prepare >"$FUZZ_PREP_LOG" 2>&1 &
+  rm -f "$ROOT/target/fuzz-prepare.done"
+  setsid nice -n 19 bash -c 'bash scripts/fuzz.sh --prepare; status=$?; touch target/fuzz-prepare.done; exit $status' \
+    >"$FUZZ_PREP_LOG" 2>&1 &
   fuzz_prep_pid=$!
 fi
 if [ "${SAFERCHAT_SKIP_MUTANTS:-}" != 1 ]; then
   step "mutation tests' tools: built in the background at the lowest CPU priority (log: target/mutants-ci.log)"
   mkdir -p "$ROOT/target/mutants-ci"
   rm -f "$ROOT/target/mutants-ci/start"
-  # They wait for target/mutants-ci/start, written after the npm step.
-  setsid nice -n 19 bash -c '
+  # They wait for the fuzzing tools (target/fuzz-prepare.done), then for
+  # target/mutants-ci/start, written after the npm step.
+  setsid nice -n 19 env FUZZ_PREP="$fuzz_prep_pid" bash -c '
+    while [ -n "$FUZZ_PREP" ] && [ ! -e target/fuzz-prepare.done ]; do sleep 2; done
     bash scripts/mutants.sh --ci --prepare || echo "preparing failed; the run below retries"
     while [ ! -e target/mutants-ci/start ]; do sleep 2; done
     echo "==> [$(date +%T)] the tree is settled: running the mutation tests"
