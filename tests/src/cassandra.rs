@@ -68,6 +68,50 @@ pub fn pair() -> [String; 2] {
         .unwrap_or_else(|_| panic!("{PAIR_ENV}={value}: expected two addresses, dc1's first"))
 }
 
+/// Runs the nodes of `options` on the pair: their timelines in
+/// `keyspace`, one replica in each datacenter ([`PAIR_REPLICATION`]), and
+/// each node pinned to its own datacenter's Cassandra node (so
+/// `options.datacenters` must name only [`PAIR_DATACENTERS`]).
+///
+/// # Panics
+/// As [`pair`].
+pub fn on_pair(options: &mut crate::cluster::Options, keyspace: &str) {
+    let pair = pair();
+    options.env.extend([
+        ("SAFERCHAT_STORAGE".into(), "cassandra".into()),
+        ("SAFERCHAT_CASSANDRA_KEYSPACE".into(), keyspace.into()),
+        (
+            "SAFERCHAT_CASSANDRA_REPLICATION".into(),
+            PAIR_REPLICATION.into(),
+        ),
+    ]);
+    for (i, dc) in PAIR_DATACENTERS.iter().enumerate() {
+        for (name, value) in [
+            ("SAFERCHAT_CASSANDRA_CONTACT_POINTS", pair[i].as_str()),
+            ("SAFERCHAT_CASSANDRA_DATACENTER", dc),
+        ] {
+            options
+                .datacenter_env
+                .push(((*dc).into(), name.into(), value.into()));
+        }
+    }
+}
+
+/// Store settings for `keyspace` on the pair's node of datacenter `i`
+/// (in the order of [`PAIR_DATACENTERS`]), pinned to it.
+///
+/// # Panics
+/// As [`pair`].
+pub fn pair_config(i: usize, keyspace: &str) -> CassandraConfig {
+    CassandraConfig {
+        contact_points: vec![pair()[i].clone()],
+        datacenter: PAIR_DATACENTERS[i].to_owned(),
+        keyspace: keyspace.to_owned(),
+        replication: PAIR_REPLICATION.to_owned(),
+        ..CassandraConfig::default()
+    }
+}
+
 /// Store settings for `keyspace` on the Cassandra at `address` (RF 1).
 pub fn config(address: &str, keyspace: &str) -> CassandraConfig {
     CassandraConfig {

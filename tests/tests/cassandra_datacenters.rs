@@ -27,13 +27,7 @@ const DEADLINE: Duration = Duration::from_secs(60);
 
 /// The store settings of a node in datacenter `i` of the pair.
 fn config(i: usize) -> CassandraConfig {
-    CassandraConfig {
-        contact_points: vec![cassandra::pair()[i].clone()],
-        datacenter: PAIR_DATACENTERS[i].to_owned(),
-        keyspace: KEYSPACE.to_owned(),
-        replication: PAIR_REPLICATION.to_owned(),
-        ..CassandraConfig::default()
-    }
+    cassandra::pair_config(i, KEYSPACE)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -43,26 +37,9 @@ async fn a_node_in_each_datacenter_chats_and_each_datacenters_cassandra_holds_ev
     let room = saferchat_node::storage::conformance::unique_room("dcs");
     let mut options = Options {
         datacenters: PAIR_DATACENTERS.iter().map(|d| (*d).to_owned()).collect(),
-        env: vec![
-            ("SAFERCHAT_STORAGE".into(), "cassandra".into()),
-            ("SAFERCHAT_CASSANDRA_KEYSPACE".into(), KEYSPACE.into()),
-            (
-                "SAFERCHAT_CASSANDRA_REPLICATION".into(),
-                PAIR_REPLICATION.into(),
-            ),
-        ],
         ..Options::single_dc(0)
     };
-    for (i, dc) in PAIR_DATACENTERS.iter().enumerate() {
-        for (name, value) in [
-            ("SAFERCHAT_CASSANDRA_CONTACT_POINTS", pair[i].as_str()),
-            ("SAFERCHAT_CASSANDRA_DATACENTER", dc),
-        ] {
-            options
-                .datacenter_env
-                .push(((*dc).into(), name.into(), value.into()));
-        }
-    }
+    cassandra::on_pair(&mut options, KEYSPACE);
     let cluster = Cluster::start(options).await;
     for (i, dc) in PAIR_DATACENTERS.iter().enumerate() {
         let log = cluster.nodes[i].log_text();

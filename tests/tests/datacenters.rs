@@ -1,4 +1,8 @@
-//! Partitions with a home datacenter, on the sled store.
+//! Partitions with a home datacenter, on the sled store and on the
+//! two-datacenter Cassandra pair (`cassandra.sh pair`: one Cassandra node
+//! in each datacenter, a keyspace with one replica in each, every node
+//! pinned to its own datacenter's, which stays up while the nodes of
+//! `dc2` are away).
 //!
 //! Five nodes: `dc1` = nodes 1-3, `dc2` = nodes 4-5 (three replicas per
 //! datacenter, so every node replicates every partition). A partition's
@@ -14,8 +18,9 @@
 //! - `dc2` comes back after `A` compacted its log far beyond what `dc2`
 //!   had (64 KiB retained, 200 posts): its learners copy the partition and
 //!   catch up from the log; `B` serves again;
-//! - every node's own store ends with the same messages of each room, in
-//!   one order, numbered 1..N, with the acknowledged ids.
+//! - every node's own store (on the pair: each datacenter's Cassandra,
+//!   read there) ends with the same messages of each room, in one order,
+//!   numbered 1..N, with the acknowledged ids.
 //!
 //! History of a room read through a node outside its home is answered
 //! from that node's own copy, and holds every post the session has seen
@@ -33,19 +38,33 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use saferchat_client::session::Session;
 use saferchat_consensus::RoomId;
+use saferchat_node::storage::cassandra::CassandraStore;
 use saferchat_node::storage::sled::SledStore;
-use saferchat_node::storage::{self, Range};
+use saferchat_node::storage::{self, ChatStore, Range, StoredMessage};
 use saferchat_placement::PartitionCount;
 use saferchat_proto::chat::Durability;
+use saferchat_tests::cassandra;
 use saferchat_tests::cluster::{Cluster, Options, room_homed};
 use saferchat_tests::load;
-use saferchat_tests::process::fixture_key;
+use saferchat_tests::process::{NodeProcess, fixture_key};
 
 const DEADLINE: Duration = Duration::from_secs(120);
 const DC1: [usize; 3] = [0, 1, 2];
 const DC2: [usize; 2] = [3, 4];
 
-fn options() -> Options {
+/// The keyspace of the run on the Cassandra pair.
+const KEYSPACE: &str = "saferchat_datacenter_loss";
+
+/// Where the nodes keep their timelines.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Store {
+    /// Each node its own sled.
+    Sled,
+    /// Each datacenter's node of the Cassandra pair.
+    Pair,
+}
+
+fn options(store: Store) -> Options {
     let mut options = Options::three_and_two();
     options.metrics = true;
     options.env = vec![
@@ -55,7 +74,44 @@ fn options() -> Options {
         ),
         ("SAFERCHAT_POSTS_PER_SECOND".into(), "0".into()),
     ];
+    if store == Store::Pair {
+        cassandra::on_pair(&mut options, KEYSPACE);
+    }
     options
+}
+
+/// What `node` (of `datacenter`) stores of each of `rooms`, oldest
+/// first: its own sled (the node stopped), or its datacenter's Cassandra
+/// read at `LOCAL_QUORUM` there.
+async fn stored(
+    store: Store,
+    node: &NodeProcess,
+    datacenter: usize,
+    rooms: &[&str],
+) -> Vec<Vec<StoredMessage>> {
+    let chat: Box<dyn ChatStore> = match store {
+        Store::Sled => {
+            Box::new(SledStore::open(&node.data_dir.join("db")).expect("open the store"))
+        }
+        Store::Pair => {
+            let config = cassandra::pair_config(datacenter, KEYSPACE);
+            Box::new(
+                CassandraStore::connect(&config)
+                    .await
+                    .expect("connect to the datacenter's Cassandra"),
+            )
+        }
+    };
+    let mut out = Vec::new();
+    for room in rooms {
+        let room = RoomId::new(room).unwrap();
+        out.push(
+            storage::history(&*chat, &room, Range::After(None), 1000)
+                .await
+                .expect("read"),
+        );
+    }
+    out
 }
 
 /// The ids of every stored message of the session's room (at most
@@ -105,9 +161,26 @@ async fn gauge_until(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn partitions_are_voted_on_at_home_and_followed_everywhere() {
-    let a = room_homed("room", 0, 2);
-    let b = room_homed("room", 1, 2);
-    let mut cluster = Cluster::start(options()).await;
+    scenario(Store::Sled).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs the Cassandra pair: run scripts/test.sh or set SAFERCHAT_CASSANDRA_PAIR"]
+async fn partitions_are_voted_on_at_home_and_followed_everywhere_on_the_cassandra_pair() {
+    scenario(Store::Pair).await;
+}
+
+async fn scenario(store: Store) {
+    // The pair's keyspace outlives the run: names of this run's own.
+    let stem = match store {
+        Store::Sled => "room".to_owned(),
+        Store::Pair => storage::conformance::unique_room("loss")
+            .as_str()
+            .to_owned(),
+    };
+    let a = room_homed(&stem, 0, 2);
+    let b = room_homed(&stem, 1, 2);
+    let mut cluster = Cluster::start(options(store)).await;
     let dir = tempfile::tempdir().unwrap();
     let (_, alice) = fixture_key(dir.path(), "alice", 0);
     let mut admin = cluster.admin(0).await;
@@ -252,15 +325,12 @@ async fn partitions_are_voted_on_at_home_and_followed_everywhere() {
         assert!(node.stop(), "a clean stop");
     }
     for (i, node) in cluster.nodes.iter().enumerate() {
-        let store = SledStore::open(&node.data_dir.join("db")).expect("open the store");
-        for (room, acked) in [(&a, &acked_a), (&b, &acked_b)] {
+        let datacenter = usize::from(DC2.contains(&i));
+        let both = stored(store, node, datacenter, &[&a, &b]).await;
+        for ((room, acked), stored) in [(&a, &acked_a), (&b, &acked_b)].into_iter().zip(both) {
             let seqs: Vec<u64> = acked.iter().map(|(_, s)| *s).collect();
             assert_eq!(seqs, (1..=acked.len() as u64).collect::<Vec<_>>());
             let ids: Vec<Bytes> = acked.iter().map(|(id, _)| id.clone()).collect();
-            let room_id = RoomId::new(room).unwrap();
-            let stored = storage::history(&store, &room_id, Range::After(None), 1000)
-                .await
-                .expect("read");
             let stored_ids: Vec<Bytes> = stored
                 .iter()
                 .map(|m| Bytes::copy_from_slice(&m.id.to_bytes()))
