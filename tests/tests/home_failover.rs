@@ -448,7 +448,8 @@ async fn a_home_cut_off_and_moved_is_fenced_before_the_new_home_acknowledges() {
 /// listener would have been shown them): reading on after one that was
 /// lost, through `dc1`, by a join or by History, is refused (it would
 /// otherwise be sent what follows the lost post in id order, and never
-/// what the new home placed before that); after a kept post it works.
+/// what the new home placed from its number on); after a kept post it
+/// works.
 async fn resume_after_lost_posts(
     cluster: &Cluster,
     session: &Session,
