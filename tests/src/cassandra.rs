@@ -104,11 +104,9 @@ pub fn on_pair(options: &mut crate::cluster::Options, keyspace: &str) {
 /// As [`pair`].
 pub fn pair_config(i: usize, keyspace: &str) -> CassandraConfig {
     CassandraConfig {
-        contact_points: vec![pair()[i].clone()],
         datacenter: PAIR_DATACENTERS[i].to_owned(),
-        keyspace: keyspace.to_owned(),
         replication: PAIR_REPLICATION.to_owned(),
-        ..CassandraConfig::default()
+        ..config(&pair()[i], keyspace)
     }
 }
 
