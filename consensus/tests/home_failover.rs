@@ -304,6 +304,157 @@ fn a_restarted_replica_holds_a_failover_prepare_back_for_one_promise() {
     assert!(net.node(2).leading().is_some());
 }
 
+/// Epoch 1: node 1 is the home's only voter; 2, 3 and 4 (the next home)
+/// and 5 (a third datacenter) learn. Node 1 leads and released post 10,
+/// which every node released too, and post 11, which only node 2 stored
+/// and released (its Accepts to the others were lost).
+fn three_datacenters(checks: Checks) -> Net {
+    let mut net = Net::new(
+        (1..=5)
+            .map(|me| {
+                let mut c = config(me, &[1], &[2, 3, 4, 5], 1, None);
+                c.checks = checks;
+                c
+            })
+            .collect(),
+    );
+    net.node(1).campaign().unwrap();
+    net.run(|_, _, _| false);
+    net.node(1).append(vec![post(10)]).unwrap();
+    net.run(|_, _, _| false);
+    net.node(1).resend();
+    net.run(|_, _, _| false);
+    let only_to_2 = |_, to, m: &LogMessage<u32>| {
+        matches!(m, LogMessage::Accept { values, .. } if !values.is_empty()) && to != 2
+    };
+    net.node(1).append(vec![post(11)]).unwrap();
+    net.run(only_to_2);
+    net.node(1).resend();
+    net.run(only_to_2);
+    assert_eq!(net.released(2), vec![(1, post(10)), (2, post(11))]);
+    for n in [3, 4, 5] {
+        assert_eq!(net.released(n), vec![(1, post(10))]);
+    }
+    net
+}
+
+/// Nodes 2 to 5 learn that the home moved to 2, 3 and 4 in epoch 2, a
+/// failover epoch, and are held owing its check (as the node holds every
+/// replica that applied the partition before); their grants to node 1
+/// have run out.
+fn fail_over_to_three(net: &mut Net, checks: Checks) {
+    let groups = &[&[2, 3, 4][..], &[5][..]][..];
+    for me in 2..=5 {
+        let mut c = config(me, &[2, 3, 4], &[1, 5], 2, Some(groups));
+        c.checks = checks;
+        assert!(net.node(me).reconfigure(c));
+        net.node(me).hold(Some(2));
+        net.set_clock(me, lease().promise_ms());
+    }
+}
+
+#[test]
+fn a_failover_leader_vouches_for_promisers_whose_timelines_it_recovered() {
+    let mut net = three_datacenters(Checks::default());
+    fail_over_to_three(&mut net, Checks::default());
+    // Node 3 runs with promises from 2 and 5 (4 is away): every promise
+    // says its timeline is untouched, and node 2's brings post 11.
+    net.node(3).campaign().unwrap();
+    net.run(cut(&[1, 4]));
+    assert!(net.node(3).leading().is_some());
+    net.node(3).hold(None);
+    assert_eq!(
+        net.node(3).vouched(),
+        [(NodeId(2), Slot(2)), (NodeId(5), Slot(1))],
+        "each promiser but the leader, with the prefix it released"
+    );
+    net.node(3).resend();
+    net.run(cut(&[1, 4]));
+    assert!(net.node(3).established().is_some());
+    assert_eq!(net.released(3), vec![(1, post(10)), (2, post(11))]);
+    // What each vouched replica released is a prefix of the established
+    // log: the node lifts its hold where it is, without a check.
+    for (n, prefix) in net.node(3).vouched().to_vec() {
+        let mine = net.released(n.0);
+        assert_eq!(mine.len() as u64, prefix.0);
+        assert_eq!(mine[..], net.released(3)[..mine.len()], "{n}");
+        assert!(net.node(n.0).rewind(prefix, 2));
+        assert!(!net.node(n.0).is_held());
+    }
+    // They release on from there; node 4, which did not promise, stays
+    // held until it checked.
+    net.node(3).append(vec![post(12)]).unwrap();
+    net.run(|_, _, _| false);
+    net.node(3).resend();
+    net.run(|_, _, _| false);
+    let log = vec![(1, post(10)), (2, post(11)), (3, post(12))];
+    for n in [2, 3, 5] {
+        assert_eq!(net.released(n), log, "node {n}");
+    }
+    assert!(net.node(4).is_held());
+    assert_eq!(net.released(4), vec![(1, post(10))]);
+}
+
+/// Node 3 leads epoch 2 first without node 2, which alone holds post
+/// 11: it recovers nothing after slot 1 and commits post 30 there on 3,
+/// 4 and 5. It stops leading before it established the epoch, and node 4
+/// runs with promises from 2 and 5, and establishes the epoch.
+fn a_second_failover_leader(net: &mut Net) {
+    net.node(3).campaign().unwrap();
+    net.run(cut(&[1, 2]));
+    assert!(net.node(3).leading().is_some());
+    net.node(3).hold(None);
+    assert_eq!(
+        net.node(3).vouched(),
+        [(NodeId(4), Slot(1)), (NodeId(5), Slot(1))]
+    );
+    net.node(3).append(vec![post(30)]).unwrap();
+    net.run(cut(&[1, 2]));
+    assert_eq!(net.released(3), vec![(1, post(10)), (2, post(30))]);
+    net.node(3).step_down();
+    // 4 and 5 granted 3 a home lease: they wait for it to run out.
+    for n in [2, 4, 5] {
+        net.set_clock(n, 2 * lease().promise_ms());
+    }
+    net.node(4).campaign().unwrap();
+    net.run(cut(&[1, 3]));
+    assert!(net.node(4).leading().is_some());
+    net.node(4).hold(None);
+    net.node(4).resend();
+    net.run(cut(&[1, 3]));
+    assert!(net.node(4).established().is_some());
+}
+
+#[test]
+fn a_failover_leader_vouches_for_no_one_once_a_leader_of_its_epoch_wrote() {
+    let mut net = three_datacenters(Checks::default());
+    fail_over_to_three(&mut net, Checks::default());
+    a_second_failover_leader(&mut net);
+    // Nodes 4 and 5 hold post 30 of epoch 2, which outranks node 2's
+    // post 11: the log goes on with post 30, and node 2's timeline is no
+    // prefix of it. Their promises did not say untouched, so node 4
+    // vouches for no one, and node 2 checks.
+    assert_eq!(net.released(4), vec![(1, post(10)), (2, post(30))]);
+    assert!(net.node(4).vouched().is_empty());
+}
+
+#[test]
+fn broken_vouching_for_touched_promisers_keeps_a_divergent_timeline() {
+    let broken = Checks {
+        untouched_only: false,
+        ..Checks::default()
+    };
+    let mut net = three_datacenters(broken);
+    fail_over_to_three(&mut net, broken);
+    a_second_failover_leader(&mut net);
+    // Vouching for every promiser that said untouched, whatever the
+    // others said: node 2 is vouched for, and its post 11 at slot 2 is
+    // not what the established log holds there.
+    assert_eq!(net.node(4).vouched(), [(NodeId(2), Slot(2))]);
+    assert_eq!(net.released(2)[1], (2, post(11)));
+    assert_eq!(net.released(4)[1], (2, post(30)));
+}
+
 // ---------------------------------------------------------------------
 // Seeded simulation.
 //

@@ -294,7 +294,7 @@ fn a_held_follower_releases_nothing_until_it_rewinds_then_catches_up_from_there(
     net.nodes[0].resend();
     net.run(&[]);
     assert_eq!(net.committed[2], vec![(1, post(10))]);
-    net.nodes[2].hold(true);
+    net.nodes[2].hold(Some(1));
     assert!(net.nodes[2].is_held());
     // Node 2 is away: the leader commits with the held node's votes.
     net.nodes[0].append(vec![post(11), post(12)]).unwrap();
@@ -337,7 +337,7 @@ fn a_held_voter_counts_for_establishment_with_what_it_holds() {
     net.nodes[0].append(vec![post(10), post(11)]).unwrap();
     net.run(&[]);
     assert!(net.committed[1].is_empty(), "not told the commit point yet");
-    net.nodes[1].hold(true);
+    net.nodes[1].hold(Some(1));
     // A new term recovers slots 1 and 2 and writes them again.
     net.nodes[0].step_down();
     net.nodes[0].campaign().unwrap();

@@ -666,10 +666,12 @@ pub mod log {
                 term,
                 floor,
                 entries,
+                untouched,
             } => Body::Promise(ppb::LogPromise {
                 term: Some(term_to_pb(*term)),
                 floor: floor.0,
                 entries: entries.iter().map(|(s, e)| entry_to_pb(*s, e)).collect(),
+                untouched: untouched.map(|s| s.0),
             }),
             LogMessage::Accept {
                 term,
@@ -739,6 +741,7 @@ pub mod log {
                     .iter()
                     .map(entry_from_pb)
                     .collect::<Result<_, _>>()?,
+                untouched: p.untouched.map(Slot),
             },
             Body::Accept(a) => LogMessage::Accept {
                 term: term_of(a.term.as_ref())?,
@@ -813,6 +816,13 @@ pub mod log {
                             value: post.clone(),
                         },
                     )],
+                    untouched: Some(Slot(2)),
+                },
+                LogMessage::Promise {
+                    term: t,
+                    floor: Slot(0),
+                    entries: Vec::new(),
+                    untouched: None,
                 },
                 LogMessage::Accept {
                     term: t,

@@ -159,10 +159,14 @@ pub async fn run(parts: MoverParts) -> Result<(), NodeError> {
                 });
             }
             if handed
-                && let Ok(Some(epoch)) = timeline.established(partition, waits_for).await
-                && epoch == step.epoch
+                && let Ok(Some(established)) = timeline.established(partition, waits_for).await
+                && established.epoch == step.epoch
             {
-                proposals.start(MapCommand::Establish { partition, epoch });
+                proposals.start(MapCommand::Establish {
+                    partition,
+                    epoch: established.epoch,
+                    vouched: established.vouched,
+                });
             }
         }
     }
@@ -210,7 +214,9 @@ impl Proposals {
             MapCommand::Shrink {
                 partition, epoch, ..
             } => Some(("shrink", *partition, *epoch)),
-            MapCommand::Establish { partition, epoch } => Some(("establish", *partition, *epoch)),
+            MapCommand::Establish {
+                partition, epoch, ..
+            } => Some(("establish", *partition, *epoch)),
             _ => None,
         };
         if let Some(key) = key

@@ -144,6 +144,24 @@ pub struct ClusterMap {
     /// the oldest it missed first.
     #[serde(default)]
     pub failover_epochs: BTreeMap<u32, std::collections::BTreeSet<u64>>,
+    /// For each partition and failover epoch, the replicas its
+    /// establishing leader vouched for ([`MapCommand::Establish`]) and
+    /// the prefix each had released. Left out when empty, so that a map
+    /// without any reads as before to a binary that does not know it.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub failover_vouched: BTreeMap<u32, BTreeMap<u64, BTreeMap<u64, u64>>>,
+}
+
+impl MapCommand {
+    /// An `Establish` of `partition`'s `epoch` that vouches for no
+    /// replica.
+    pub fn establish(partition: u32, epoch: u64) -> MapCommand {
+        MapCommand::Establish {
+            partition,
+            epoch,
+            vouched: BTreeMap::new(),
+        }
+    }
 }
 
 /// A change to the map, as replicated in the map's log.
@@ -197,6 +215,16 @@ pub enum MapCommand {
         partition: u32,
         /// The partition's epoch the leader was elected in.
         epoch: u64,
+        /// In a failover epoch, the other replicas whose timelines the
+        /// leader's election showed to be a prefix of its log, and the
+        /// prefix each had released
+        /// (`saferchat_consensus::partition_log::LogReplica::vouched`):
+        /// they need no check against the new home. Left out when empty,
+        /// so that such a command reads as before to a binary that does
+        /// not know the field (one that does not cannot read a command
+        /// that has it: upgrade every node before failing a home over).
+        #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+        vouched: BTreeMap<u64, u64>,
     },
     /// The mover of a partition's step handed its rooms' acceptors over to
     /// the step's set (`saferchat_consensus::handover`): a majority of it

@@ -153,6 +153,18 @@ impl ClusterMap {
             .copied()
     }
 
+    /// The prefix of `partition`'s log that `node` had released when the
+    /// leader that established failover epoch `epoch` recovered it
+    /// (`MapCommand::Establish::vouched`): a replica that still has
+    /// released exactly that much needs no check against that epoch.
+    pub fn vouched_prefix(&self, partition: u32, epoch: u64, node: u64) -> Option<u64> {
+        self.failover_vouched
+            .get(&partition)?
+            .get(&epoch)?
+            .get(&node)
+            .copied()
+    }
+
     /// Whether `id` holds a replica slot of any partition now.
     ///
     /// # Errors
@@ -371,7 +383,9 @@ impl ClusterMap {
             MapCommand::Grow {
                 partition, epoch, ..
             }
-            | MapCommand::Establish { partition, epoch }
+            | MapCommand::Establish {
+                partition, epoch, ..
+            }
             | MapCommand::HandedOver { partition, epoch }
             | MapCommand::MoveHome {
                 partition, epoch, ..
@@ -413,6 +427,15 @@ impl ClusterMap {
                 return Err(refused(format!(
                     "the rooms of epoch {current} are not handed over to its set yet"
                 )));
+            }
+            if let MapCommand::Establish { vouched, .. } = command
+                && !vouched.is_empty()
+                && self.failing_over.contains_key(&partition)
+            {
+                self.failover_vouched
+                    .entry(partition)
+                    .or_default()
+                    .insert(current, vouched.clone());
             }
             self.unestablished.remove(&partition);
             self.handed_over.remove(&partition);
@@ -680,8 +703,7 @@ mod tests {
                     "no step before the epoch is established"
                 );
                 assert!(
-                    map.apply(&MapCommand::Establish { partition, epoch })
-                        .is_err(),
+                    map.apply(&MapCommand::establish(partition, epoch)).is_err(),
                     "no Establish before the rooms are handed over"
                 );
                 map.apply(&MapCommand::HandedOver { partition, epoch })
@@ -691,8 +713,7 @@ mod tests {
                         .is_err(),
                     "handed over once"
                 );
-                map.apply(&MapCommand::Establish { partition, epoch })
-                    .unwrap();
+                map.apply(&MapCommand::establish(partition, epoch)).unwrap();
                 assert_eq!(map.step_of(partition).unwrap(), None, "established");
                 assert!(
                     map.apply(&MapCommand::HandedOver { partition, epoch })
@@ -786,8 +807,7 @@ mod tests {
         let epoch = taken.epoch;
         map.apply(&MapCommand::HandedOver { partition, epoch })
             .unwrap();
-        map.apply(&MapCommand::Establish { partition, epoch })
-            .unwrap();
+        map.apply(&MapCommand::establish(partition, epoch)).unwrap();
         run_moves(&mut map);
         assert!(!map.holds_slots(first.mover).unwrap());
     }
@@ -863,7 +883,7 @@ mod tests {
                 epoch,
             },
         );
-        refused(&mut map, MapCommand::Establish { partition, epoch });
+        refused(&mut map, MapCommand::establish(partition, epoch));
         refused(
             &mut map,
             MapCommand::Grow {
@@ -915,13 +935,7 @@ mod tests {
         assert!(e.to_string().contains("not established"), "{e}");
         // Not handed over: no Establish; a hand-over of another epoch is
         // stale.
-        let e = refused(
-            &mut map,
-            MapCommand::Establish {
-                partition,
-                epoch: grown,
-            },
-        );
+        let e = refused(&mut map, MapCommand::establish(partition, grown));
         assert!(e.to_string().contains("not handed over"), "{e}");
         assert!(matches!(
             refused(&mut map, MapCommand::HandedOver { partition, epoch }),
@@ -932,11 +946,15 @@ mod tests {
             epoch: grown,
         })
         .unwrap();
+        // Vouching means something after a home failover only.
         map.apply(&MapCommand::Establish {
             partition,
             epoch: grown,
+            vouched: BTreeMap::from([(node, 5)]),
         })
         .unwrap();
+        assert_eq!(map.vouched_prefix(partition, grown, node), None);
+        assert!(map.failover_vouched.is_empty());
         assert_eq!(
             map.partition_epoch(partition),
             grown,
@@ -967,11 +985,7 @@ mod tests {
             epoch: done,
         })
         .unwrap();
-        map.apply(&MapCommand::Establish {
-            partition,
-            epoch: done,
-        })
-        .unwrap();
+        map.apply(&MapCommand::establish(partition, done)).unwrap();
         assert!(map.is_established(partition));
         assert!(matches!(
             refused(
@@ -984,13 +998,7 @@ mod tests {
             ),
             MapError::Move(MoveError::NotMoving(_))
         ));
-        refused(
-            &mut map,
-            MapCommand::Establish {
-                partition: 9_999,
-                epoch: 1,
-            },
-        );
+        refused(&mut map, MapCommand::establish(9_999, 1));
     }
 
     /// Draining the node a rebalance just made active, before any slot
@@ -1155,13 +1163,25 @@ mod tests {
             epoch,
         })
         .unwrap();
-        map.apply(&MapCommand::Establish {
+        let vouched = BTreeMap::from([(5, 40), (7, 38)]);
+        let establish = MapCommand::Establish {
             partition: 0,
             epoch,
-        })
-        .unwrap();
+            vouched: vouched.clone(),
+        };
+        // What the leader vouched for travels in the command.
+        let text = serde_json::to_string(&establish).unwrap();
+        assert_eq!(
+            serde_json::from_str::<MapCommand>(&text).unwrap(),
+            establish
+        );
+        map.apply(&establish).unwrap();
         assert!(map.failing_over.is_empty());
         assert_eq!(map.failover_epoch(0), epoch, "kept after Establish");
+        assert_eq!(map.vouched_prefix(0, epoch, 5), Some(40));
+        assert_eq!(map.vouched_prefix(0, epoch, 7), Some(38));
+        assert_eq!(map.vouched_prefix(0, epoch, 6), None, "not vouched for");
+        assert_eq!(map.vouched_prefix(1, epoch, 5), None);
         assert_eq!(map.failover_epoch(1), 0);
         assert_eq!(map.placement().unwrap().home(p), "b");
         // Moving it back undoes the override.
@@ -1180,6 +1200,22 @@ mod tests {
         assert_eq!(map.owed_check(1, 0), None);
         let text = serde_json::to_string(&map).unwrap();
         assert_eq!(serde_json::from_str::<ClusterMap>(&text).unwrap(), map);
+    }
+
+    #[test]
+    fn an_establish_that_vouches_for_no_replica_reads_as_before() {
+        // A binary that does not know `vouched` refuses unknown fields:
+        // an Establish without any, and a map that holds none, are
+        // written as they were before it.
+        let text = serde_json::to_string(&MapCommand::establish(3, 9)).unwrap();
+        assert_eq!(text, r#"{"Establish":{"partition":3,"epoch":9}}"#);
+        assert_eq!(
+            serde_json::from_str::<MapCommand>(&text).unwrap(),
+            MapCommand::establish(3, 9)
+        );
+        let map = created(&[(1, "dc1"), (2, "dc1"), (3, "dc1")], 16);
+        let text = serde_json::to_string(&map).unwrap();
+        assert!(!text.contains("vouched"), "{text}");
     }
 
     #[test]
@@ -1264,11 +1300,7 @@ mod tests {
             epoch,
         })
         .unwrap();
-        map.apply(&MapCommand::Establish {
-            partition: moving,
-            epoch,
-        })
-        .unwrap();
+        map.apply(&MapCommand::establish(moving, epoch)).unwrap();
         assert!(
             map.next_moves()
                 .unwrap()

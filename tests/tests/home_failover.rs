@@ -17,6 +17,8 @@
 //!   in `dc2` was elected by every survivor (each waits out the grants it
 //!   gave `dc1`'s leader first), and the map records the move established;
 //!   the time from the command to the first acknowledged post is printed;
+//!   the leader vouched for the three other survivors' timelines (they
+//!   had all promised it, untouched), so none of them checks its own;
 //! - both nodes of the new home restart (from a map snapshot that holds
 //!   the moves) and serve `X` again;
 //! - `dc1` comes back on its data; its nodes learn the moves from the
@@ -145,6 +147,11 @@ async fn a_lost_home_datacenter_fails_over_and_keeps_what_was_acknowledged() {
         moved.moved.len(),
         "the moved homes stay moved"
     );
+    // The new home's leader was elected by all four survivors (a majority
+    // of the six), each of which had applied the partition and owed only
+    // this failover's check: it vouched for the three others, which need
+    // no check against it.
+    wait_vouched(&cluster, &x).await;
 
     // Both voters of the new home restart: they start from their last
     // map snapshot, which holds the moves, and must run the moved
@@ -214,6 +221,44 @@ async fn wait_checked(cluster: &Cluster, i: usize, room: &str) {
             i + 1
         );
         tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// Waits until three of the four survivors report that the leader that
+/// established `room`'s new home vouched for their timelines, and checks
+/// that none of them read another's to check its own.
+async fn wait_vouched(cluster: &Cluster, room: &str) {
+    let partition = saferchat_placement::PartitionCount::DEFAULT.of_room(room).0;
+    let vouched =
+        format!("saferchat_partition_failover_checks_vouched_total{{partition=\"{partition}\"}}");
+    let checks = format!("saferchat_partition_failover_checks_total{{partition=\"{partition}\"}}");
+    let started = Instant::now();
+    loop {
+        let mut count = 0;
+        for i in SURVIVORS {
+            if process::scrape_value(cluster.metrics[i], &vouched)
+                .await
+                .is_some_and(|n| n >= 1.0)
+            {
+                count += 1;
+            }
+        }
+        if count == SURVIVORS.len() - 1 {
+            break;
+        }
+        assert!(
+            started.elapsed() < DEADLINE,
+            "{count} of the survivors other than the leader were vouched for, not 3 (a second leader of the failover epoch writing before it was established vouches for none)"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    for i in SURVIVORS {
+        assert_eq!(
+            process::scrape_value(cluster.metrics[i], &checks).await,
+            None,
+            "node {} checked its timeline by reading another's",
+            i + 1
+        );
     }
 }
 

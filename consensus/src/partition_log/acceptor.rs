@@ -64,7 +64,8 @@ impl<T: Clone> LogAcceptor<T> {
     }
 
     /// Phase 1: promise `term` unless a higher one was promised. The same
-    /// term again gets the same answer (a retransmitted Prepare).
+    /// term again gets the same answer (a retransmitted Prepare). The
+    /// promise's `untouched` is left `None` for the replica to fill in.
     pub fn on_prepare(&mut self, term: Term, from: Slot) -> (LogMessage<T>, Option<LogWrite<T>>) {
         if term < self.promised {
             return (self.refuse(term), None);
@@ -83,6 +84,7 @@ impl<T: Clone> LogAcceptor<T> {
                 term,
                 floor,
                 entries,
+                untouched: None,
             },
             write,
         )
@@ -142,6 +144,11 @@ impl<T: Clone> LogAcceptor<T> {
         }
     }
 
+    /// Whether the log holds an entry written in `epoch` or later.
+    pub fn holds_epoch(&self, epoch: u64) -> bool {
+        self.entries.values().any(|e| e.term.epoch >= epoch)
+    }
+
     /// Starts again from a timeline copied up to `upto` after a home
     /// failover of `epoch` (see [`super::LogReplica::rewind`]): drops the
     /// entries up to `upto` and every entry written before `epoch`, and
@@ -185,7 +192,8 @@ mod tests {
             LogMessage::Promise {
                 term: t(2, 1),
                 floor: Slot(0),
-                entries: vec![]
+                entries: vec![],
+                untouched: None,
             }
         );
         assert_eq!(write.unwrap().promised, t(2, 1));

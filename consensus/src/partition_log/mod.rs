@@ -160,6 +160,14 @@ pub enum LogMessage<T> {
         floor: Slot,
         /// Entries at or after the asked slot, in slot order.
         entries: Vec<(Slot, Entry<T>)>,
+        /// In a failover epoch's election, the prefix this replica has
+        /// released when its timeline is still the one the epochs before
+        /// left it ([`LogReplica::untouched`]): the candidate then knows
+        /// that timeline to be a prefix of the log it recovers, and says
+        /// so when it establishes the epoch, so that the replica is spared
+        /// the check against the new home. `None` otherwise, and from
+        /// nodes of a version before it.
+        untouched: Option<Slot>,
     },
     /// Write `values` at `first`, `first + 1`, … in `term`; slots up to
     /// `commit` are committed.
@@ -241,8 +249,11 @@ impl<T> LogMessage<T> {
         self.term().is_sane()
             && match self {
                 LogMessage::Prepare { from, .. } => slot_ok(*from),
-                LogMessage::Promise { entries, .. } => {
+                LogMessage::Promise {
+                    entries, untouched, ..
+                } => {
                     entries.iter().all(|(s, e)| slot_ok(*s) && e.term.is_sane())
+                        && untouched.is_none_or(|s| s.0 <= SLOT_MAX)
                 }
                 LogMessage::Accept {
                     first,

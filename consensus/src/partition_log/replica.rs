@@ -89,6 +89,9 @@ pub struct Checks {
     /// A failover epoch's elections read a majority of all the replicas
     /// and of every group, not only of the voters.
     pub wide_recovery: bool,
+    /// A failover leader vouches for its promisers' timelines only when
+    /// every promise (its own too) says [`LogReplica::untouched`].
+    pub untouched_only: bool,
 }
 
 impl Default for Checks {
@@ -98,6 +101,7 @@ impl Default for Checks {
             tail_read: true,
             lease_wait: true,
             wide_recovery: true,
+            untouched_only: true,
         }
     }
 }
@@ -265,8 +269,9 @@ pub struct NotLeader {
     pub leader: Option<NodeId>,
 }
 
-/// A promiser's compaction floor and its entries from the asked slot.
-type Promised<T> = (Slot, Vec<(Slot, Entry<T>)>);
+/// A promiser's compaction floor, its entries from the asked slot, and
+/// what it said it released untouched ([`LogReplica::untouched`]).
+type Promised<T> = (Slot, Vec<(Slot, Entry<T>)>, Option<Slot>);
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 enum Role<T> {
@@ -297,6 +302,10 @@ enum Role<T> {
         /// The home lease's grants in this term (unused without
         /// [`LogConfig::home_lease`]).
         lease: LeaseHolder,
+        /// In a failover epoch, the other promisers whose timelines this
+        /// election showed to be a prefix of the recovered log, and the
+        /// prefix each had released ([`LogReplica::vouched`]).
+        vouched: Vec<(NodeId, Slot)>,
     },
 }
 
@@ -322,8 +331,9 @@ pub struct LogReplica<T> {
     /// Prepares of a failover epoch held back until the grants this
     /// replica gave ran out: candidate, term and asked slot.
     deferred: Vec<(NodeId, Term, Slot)>,
-    /// A follower that releases nothing ([`LogReplica::hold`]).
-    held: bool,
+    /// On a held follower ([`LogReplica::hold`]), the failover epoch
+    /// whose check it owes first; `None` when not held.
+    owed: Option<u64>,
     /// On a held follower, what it would have released: the committed
     /// slots it holds in the term that committed them.
     held_through: Slot,
@@ -346,7 +356,7 @@ impl<T: Clone> LogReplica<T> {
             now: Millis::default(),
             grantor: LeaseGrantor::default(),
             deferred: Vec::new(),
-            held: false,
+            owed: None,
             held_through: Slot(0),
             ready: LogReady::default(),
         }
@@ -609,6 +619,7 @@ impl<T: Clone> LogReplica<T> {
             node: self.config.me,
         };
         let from = self.released.next();
+        let untouched = self.untouched();
         let (reply, write) = self.acceptor.on_prepare(term, from);
         self.merge_write(write);
         self.highest = term;
@@ -618,7 +629,7 @@ impl<T: Clone> LogReplica<T> {
         self.role = Role::Candidate {
             term,
             from,
-            promises: BTreeMap::from([(self.config.me, (floor, entries))]),
+            promises: BTreeMap::from([(self.config.me, (floor, entries, untouched))]),
         };
         // A failover epoch's election reads the learners too.
         let targets = if self.config.failover.is_some() {
@@ -746,11 +757,13 @@ impl<T: Clone> LogReplica<T> {
         true
     }
 
-    /// While `held`, this replica releases nothing as a follower; it still
-    /// stores, answers and votes. The node holds a replica whose timeline
-    /// may carry a divergent tail (slots an old home released that a home
+    /// While held (`owed` is the failover epoch whose check this replica
+    /// owes first), it releases nothing as a follower; it still stores,
+    /// answers and votes. The node holds a replica whose timeline may
+    /// carry a divergent tail (slots an old home released that a home
     /// failover replaced) until it checked it against the new home's, so
-    /// that it applies no later slot on top of that tail.
+    /// that it applies no later slot on top of that tail; `None` lifts the
+    /// hold.
     ///
     /// A held follower reports as released what it would have released:
     /// it holds those committed entries in its log, which is what a
@@ -759,15 +772,15 @@ impl<T: Clone> LogReplica<T> {
     /// failover may have no voter to spare); the node compacts nothing of
     /// a held log, and after [`LogReplica::rewind`] it reports what it
     /// released again.
-    pub fn hold(&mut self, held: bool) {
-        self.held = held;
+    pub fn hold(&mut self, owed: Option<u64>) {
+        self.owed = owed;
         self.held_through = Slot(0);
     }
 
     /// What this replica tells a leader it released (see
     /// [`LogReplica::hold`]).
     fn reported(&self) -> Slot {
-        if self.held {
+        if self.owed.is_some() {
             self.released.max(self.held_through)
         } else {
             self.released
@@ -776,7 +789,56 @@ impl<T: Clone> LogReplica<T> {
 
     /// Whether the replica is held ([`LogReplica::hold`]).
     pub fn is_held(&self) -> bool {
-        self.held
+        self.owed.is_some()
+    }
+
+    /// What this replica released, when its timeline is still the one
+    /// the epochs before this failover epoch left it: it is held owing
+    /// this epoch's check and no earlier one (so it checked every earlier
+    /// failover, and has released nothing since it learned of this one),
+    /// and its log holds no entry of this epoch (no leader of it wrote
+    /// here yet). Sent with its promises in a failover election
+    /// (`LogMessage::Promise::untouched`). Not when it released nothing:
+    /// a node whose log state is empty may still keep rooms of the
+    /// partition from an earlier membership that no prefix of the log
+    /// accounts for.
+    ///
+    /// Why a leader elected by such promises alone may vouch for them
+    /// ([`LogReplica::vouched`]): every slot a promiser released is chosen
+    /// in the lineage the earlier epochs agree on, so any higher-term
+    /// entry of that slot written before this epoch holds the same value,
+    /// and no promiser holds one of this epoch; the candidate recovers
+    /// the highest-term entry of each slot from its own released prefix
+    /// on, and a promiser's compaction floor below that start (else the
+    /// candidate copies first), so the promiser's released values are
+    /// what the recovered log holds; below that start both released
+    /// prefixes of the same lineage. A promiser that held an entry of
+    /// this epoch may have one of an earlier leader of it that cut the
+    /// log before a slot another promiser released: the recovered log
+    /// then replaces that slot.
+    pub fn untouched(&self) -> Option<Slot> {
+        let epoch = self.config.epoch;
+        (self.config.failover.is_some()
+            && self.owed == Some(epoch)
+            && self.released > Slot(0)
+            && !self.acceptor.holds_epoch(epoch))
+        .then_some(self.released)
+    }
+
+    /// On a leader of a failover epoch, the other promisers of its
+    /// election whose timelines it recovered a prefix of, with the prefix
+    /// each had released: every promise, this node's own included, said
+    /// [`LogReplica::untouched`] (empty otherwise, and off a failover
+    /// epoch). Once the leader established the epoch, the node records
+    /// them with it in the cluster map; a replica listed there that has
+    /// released exactly that prefix since needs no check against the new
+    /// home (its timeline is one), so the others need not wait for this
+    /// leader to check theirs when it is lost.
+    pub fn vouched(&self) -> &[(NodeId, Slot)] {
+        match &self.role {
+            Role::Leader { vouched, .. } => vouched,
+            _ => &[],
+        }
     }
 
     /// Whether it neither leads nor runs for leader.
@@ -799,7 +861,7 @@ impl<T: Clone> LogReplica<T> {
         self.released = upto;
         self.heard = None;
         self.acceptor.rewind(upto, epoch);
-        self.hold(false);
+        self.hold(None);
         true
     }
 
@@ -906,7 +968,10 @@ impl<T: Clone> LogReplica<T> {
                     }
                     return;
                 }
-                let (reply, write) = self.acceptor.on_prepare(term, slot);
+                let (mut reply, write) = self.acceptor.on_prepare(term, slot);
+                if let LogMessage::Promise { untouched, .. } = &mut reply {
+                    *untouched = self.untouched();
+                }
                 self.merge_write(write);
                 self.observe(term);
                 self.ready.messages.push((from, reply));
@@ -940,7 +1005,12 @@ impl<T: Clone> LogReplica<T> {
                 };
                 self.ready.messages.push((from, reply));
             }
-            LogMessage::Promise { floor, entries, .. } => {
+            LogMessage::Promise {
+                floor,
+                entries,
+                untouched,
+                ..
+            } => {
                 if let Role::Candidate {
                     term: running,
                     promises,
@@ -948,7 +1018,7 @@ impl<T: Clone> LogReplica<T> {
                 } = &mut self.role
                     && *running == term
                 {
-                    promises.insert(from, (floor, entries));
+                    promises.insert(from, (floor, entries, untouched));
                     self.try_lead();
                 }
             }
@@ -1067,10 +1137,14 @@ impl<T: Clone> LogReplica<T> {
         // no longer reports them: recovering without them could put
         // another value in a committed slot. So could a tail too long to
         // recover here. Either way, catch up from a snapshot first.
-        let floor = promises.values().map(|(f, _)| *f).max().unwrap_or_default();
+        let floor = promises
+            .values()
+            .map(|(f, _, _)| *f)
+            .max()
+            .unwrap_or_default();
         let end = promises
             .values()
-            .filter_map(|(_, e)| e.last().map(|(s, _)| *s))
+            .filter_map(|(_, e, _)| e.last().map(|(s, _)| *s))
             .max()
             .unwrap_or_default();
         if floor >= from || end.0.saturating_sub(from.0) > RECOVERY_SLOTS_MAX {
@@ -1083,12 +1157,12 @@ impl<T: Clone> LogReplica<T> {
         }
         let mut recovered: BTreeMap<Slot, Entry<T>> = BTreeMap::new();
         let sources: Vec<&Vec<(Slot, Entry<T>)>> = if self.config.checks.tail_read {
-            promises.values().map(|(_, e)| e).collect()
+            promises.values().map(|(_, e, _)| e).collect()
         } else {
             // Broken variant: only this node's own entries.
             promises
                 .get(&self.config.me)
-                .map(|(_, e)| e)
+                .map(|(_, e, _)| e)
                 .into_iter()
                 .collect()
         };
@@ -1122,6 +1196,21 @@ impl<T: Clone> LogReplica<T> {
         let values: Vec<Value<T>> = (from.0..=last.0)
             .map(|s| recovered.remove(&Slot(s)).map_or(Value::Noop, |e| e.value))
             .collect();
+        // See `LogReplica::untouched` (a broken variant vouches for every
+        // promiser that sent a prefix).
+        let me = self.config.me;
+        let vouched: Vec<(NodeId, Slot)> = if self.config.failover.is_some()
+            && (!self.config.checks.untouched_only
+                || promises.values().all(|(_, _, u)| u.is_some()))
+        {
+            promises
+                .iter()
+                .filter(|(n, _)| **n != me)
+                .filter_map(|(n, (_, _, u))| u.map(|s| (*n, s)))
+                .collect()
+        } else {
+            Vec::new()
+        };
         self.role = Role::Leader {
             term,
             next: from,
@@ -1130,6 +1219,7 @@ impl<T: Clone> LogReplica<T> {
             caught_up: BTreeSet::new(),
             stored: BTreeMap::new(),
             lease: LeaseHolder::default(),
+            vouched,
         };
         self.ready.leading = Some(term);
         self.renew_lease();
@@ -1286,7 +1376,7 @@ impl<T: Clone> LogReplica<T> {
             let slot = through.next();
             match self.acceptor.entry(slot) {
                 Some(e) if e.term == term => {
-                    if !self.held {
+                    if self.owed.is_none() {
                         self.ready.committed.push(Committed {
                             slot,
                             value: e.value.clone(),
@@ -1298,7 +1388,7 @@ impl<T: Clone> LogReplica<T> {
                 _ => break,
             }
         }
-        if self.held {
+        if self.owed.is_some() {
             self.held_through = through;
         }
     }

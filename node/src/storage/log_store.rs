@@ -75,7 +75,8 @@ pub struct PartitionLogState {
 }
 
 /// A replica's timeline cut back after a home failover and copied up to a
-/// slot ([`LogChange::rewind`]).
+/// slot, or vouched for as it was by the leader that established the
+/// failover epoch ([`LogChange::rewind`]).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Rewind {
     /// The failover epoch checked.

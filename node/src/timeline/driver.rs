@@ -302,6 +302,31 @@ struct Part {
 const COMMIT_TIMES_MAX: usize = 4_096;
 
 impl Part {
+    /// After [`LogReplica::rewind`] to `applied` for failover `epoch`:
+    /// this replica checked that epoch (held again if it owes a later
+    /// one), its timeline holds every post up to `applied` and its log
+    /// nothing up to there. Returns the change that records it in the
+    /// log file.
+    fn rewound(
+        &mut self,
+        map: &ClusterMap,
+        partition: u32,
+        epoch: u64,
+        applied: Slot,
+    ) -> LogChange {
+        self.checked = epoch;
+        self.unchecked = map.owed_check(partition, epoch);
+        self.replica.hold(self.unchecked);
+        self.applied = applied;
+        self.retained.clear();
+        self.retained_bytes = 0;
+        LogChange {
+            partition,
+            rewind: Some(Rewind { epoch, applied }),
+            ..LogChange::default()
+        }
+    }
+
     /// On a learner that knows no leader while a client waited for one in
     /// the last [`crate::placement::ROUTE_WAIT_MS`]: tells the voters,
     /// at most once per [`RANK_STAGGER_MS`] (a nudge may be lost, and a
@@ -636,7 +661,7 @@ impl Driver {
         let checked = state.checked;
         let unchecked = self.map.owed_check(partition, checked);
         let mut replica = LogReplica::new(config, acceptor, state.applied);
-        replica.hold(unchecked.is_some());
+        replica.hold(unchecked);
         self.parts.insert(
             partition,
             Part {
@@ -742,7 +767,7 @@ impl Driver {
                     "the partition's home moved: this replica applies nothing more until it checked its timeline against the new home's"
                 );
                 part.unchecked = Some(owed);
-                part.replica.hold(true);
+                part.replica.hold(Some(owed));
             }
         }
     }
@@ -906,14 +931,22 @@ impl Driver {
                 with,
                 reply,
             } => {
-                let epoch = self.parts.get(&partition).and_then(|p| {
+                let established = self.parts.get(&partition).and_then(|p| {
                     p.replica
                         .established()
                         .filter(|term| term.epoch == p.replica.config().epoch)
                         .filter(|_| with.is_none_or(|node| p.replica.has_caught_up(node)))
-                        .map(|term| term.epoch)
+                        .map(|term| super::Established {
+                            epoch: term.epoch,
+                            vouched: p
+                                .replica
+                                .vouched()
+                                .iter()
+                                .map(|(n, s)| (n.0, s.0))
+                                .collect(),
+                        })
                 });
-                let _ = reply.send(epoch);
+                let _ = reply.send(established);
             }
             Command::Append {
                 partition,
@@ -1142,7 +1175,9 @@ impl Driver {
             })
             .collect();
         for (partition, epoch) in checks {
-            self.start_check(partition, epoch);
+            if !self.skip_vouched_check(partition, epoch, touched) {
+                self.start_check(partition, epoch);
+            }
         }
         if !cut_off.is_empty() {
             let refused = self.fail_waiters_with(&cut_off, CUT_OFF, |since| {
@@ -1217,7 +1252,7 @@ impl Driver {
                     // others check theirs against.
                     part.checked = epoch;
                     part.unchecked = self.map.owed_check(partition, epoch);
-                    part.replica.hold(part.unchecked.is_some());
+                    part.replica.hold(part.unchecked);
                     changes.push(LogChange {
                         partition,
                         checked: Some(epoch),
@@ -1374,6 +1409,49 @@ impl Driver {
         });
     }
 
+    /// Ends this replica's check of failover epoch `epoch` without
+    /// reading anyone's timeline, where the leader that established the
+    /// epoch vouched for it (`ClusterMap::vouched_prefix`) and it still
+    /// has released exactly the prefix it promised with, all of it
+    /// applied and synced: its timeline is a prefix of the epoch's log
+    /// (`LogReplica::untouched` says why), so there is nothing to cut.
+    /// The log rewinds to that prefix (which drops the entries of earlier
+    /// epochs that no later election may find) and releases on from
+    /// there. Whether it did.
+    ///
+    /// Vouching spares the check's read of the partition's timeline, and
+    /// it keeps the new home going when the epoch's leader is lost before
+    /// any other replica checked against it: a check needs a replica
+    /// checked already, and none may lead unchecked.
+    fn skip_vouched_check(&mut self, partition: u32, epoch: u64, touched: &mut Vec<u32>) -> bool {
+        if self.deferred.contains_key(&partition) || self.unsynced.contains_key(&partition) {
+            return false;
+        }
+        let me = self.me.0;
+        let Some(part) = self.parts.get_mut(&partition) else {
+            return false;
+        };
+        let released = part.replica.released();
+        if self.map.vouched_prefix(partition, epoch, me) != Some(released.0)
+            || part.applied != released
+            || !part.replica.rewind(released, epoch)
+        {
+            return false;
+        }
+        let change = part.rewound(&self.map, partition, epoch, released);
+        self.marks.push(change);
+        metrics::counter!("saferchat_partition_failover_checks_vouched_total", "partition" => partition.to_string())
+            .increment(1);
+        tracing::info!(
+            partition,
+            epoch,
+            applied = released.0,
+            "the leader that established the partition's new home vouched for this replica's timeline: no check needed"
+        );
+        touched.push(partition);
+        true
+    }
+
     /// Checks the timeline of a partition whose home failed over in
     /// `epoch` against a replica checked against that epoch itself (the
     /// leader first), in a task of its own: cuts every room back to the
@@ -1450,20 +1528,8 @@ impl Driver {
                 tracing::warn!(partition, epoch, "the finished check no longer applies");
                 return;
             }
-            part.checked = epoch;
-            part.unchecked = self.map.owed_check(partition, epoch);
-            part.replica.hold(part.unchecked.is_some());
-            part.applied = copied.applied;
-            part.retained.clear();
-            part.retained_bytes = 0;
-            self.marks.push(LogChange {
-                partition,
-                rewind: Some(Rewind {
-                    epoch,
-                    applied: copied.applied,
-                }),
-                ..LogChange::default()
-            });
+            let change = part.rewound(&self.map, partition, epoch, copied.applied);
+            self.marks.push(change);
             metrics::counter!("saferchat_partition_failover_checks_total", "partition" => partition.to_string())
                 .increment(1);
             #[allow(clippy::cast_precision_loss)]

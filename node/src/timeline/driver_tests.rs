@@ -560,7 +560,11 @@ async fn a_partition_whose_epoch_moves_runs_its_log_in_the_new_epoch() {
     let partition = lead(&node.timeline).await;
     assert_eq!(post(&node.timeline, partition, 0..3).await, vec![1, 2, 3]);
     assert_eq!(
-        node.timeline.established(partition, None).await.unwrap(),
+        node.timeline
+            .established(partition, None)
+            .await
+            .unwrap()
+            .map(|e| e.epoch),
         Some(1),
         "the leader committed what it recovered, in epoch 1"
     );
@@ -568,7 +572,8 @@ async fn a_partition_whose_epoch_moves_runs_its_log_in_the_new_epoch() {
         node.timeline
             .established(partition, Some(node.timeline.me()))
             .await
-            .unwrap(),
+            .unwrap()
+            .map(|e| e.epoch),
         Some(1),
         "the leader holds what it recovered"
     );
@@ -576,7 +581,8 @@ async fn a_partition_whose_epoch_moves_runs_its_log_in_the_new_epoch() {
         node.timeline
             .established(partition, Some(NodeId(9)))
             .await
-            .unwrap(),
+            .unwrap()
+            .map(|e| e.epoch),
         None,
         "a node that never reported having it"
     );
@@ -584,7 +590,8 @@ async fn a_partition_whose_epoch_moves_runs_its_log_in_the_new_epoch() {
         node.timeline
             .established(partition + 1, None)
             .await
-            .unwrap(),
+            .unwrap()
+            .map(|e| e.epoch),
         None,
         "a partition it does not lead"
     );
@@ -619,7 +626,12 @@ async fn a_partition_whose_epoch_moves_runs_its_log_in_the_new_epoch() {
     assert_eq!(seqs, vec![4, 5], "the log goes on in the new epoch");
     let mut established = None;
     for _ in 0..600 {
-        established = node.timeline.established(partition, None).await.unwrap();
+        established = node
+            .timeline
+            .established(partition, None)
+            .await
+            .unwrap()
+            .map(|e| e.epoch);
         if established == Some(2) {
             break;
         }

@@ -171,8 +171,21 @@ pub(crate) enum Command {
     Established {
         partition: u32,
         with: Option<NodeId>,
-        reply: oneshot::Sender<Option<u64>>,
+        reply: oneshot::Sender<Option<Established>>,
     },
+}
+
+/// A leader's establishment of its partition's epoch
+/// ([`Timeline::established`]).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Established {
+    /// The epoch it was elected and established in.
+    pub epoch: u64,
+    /// In a failover epoch, the other replicas whose timelines its
+    /// election showed to be a prefix of its log, by node id, with the
+    /// prefix each had released
+    /// (`saferchat_consensus::partition_log::LogReplica::vouched`).
+    pub vouched: std::collections::BTreeMap<u64, u64>,
 }
 
 type Subscribers = Arc<Mutex<HashMap<RoomId, Vec<mpsc::UnboundedSender<Arc<AppliedPost>>>>>>;
@@ -279,7 +292,8 @@ impl Timeline {
     /// The epoch in which this node leads `partition`'s log and has
     /// established it: it committed, in that epoch, everything it
     /// recovered (what the cluster map's `Establish` stands for), and
-    /// `with`, if named, holds all of that too (the node a grow added).
+    /// `with`, if named, holds all of that too (the node a grow added);
+    /// with the replicas its election vouched for in a failover epoch.
     /// `None` when it does not lead, or not yet.
     ///
     /// # Errors
@@ -288,7 +302,7 @@ impl Timeline {
         &self,
         partition: u32,
         with: Option<NodeId>,
-    ) -> Result<Option<u64>, NodeError> {
+    ) -> Result<Option<Established>, NodeError> {
         let (reply, answer) = oneshot::channel();
         self.tx
             .send(Command::Established {
