@@ -455,6 +455,38 @@ fn broken_vouching_for_touched_promisers_keeps_a_divergent_timeline() {
     assert_eq!(net.released(4)[1], (2, post(30)));
 }
 
+#[test]
+fn a_failover_leader_that_did_not_establish_may_hold_a_slot_the_log_replaced() {
+    // Node 2 alone released post 11 at slot 2. It leads epoch 2 first,
+    // elected by 2, 3 and 5: its log starts after its own released
+    // prefix, so it writes nothing at slot 2, and it is cut off at once.
+    let mut net = three_datacenters(Checks::default());
+    fail_over_to_three(&mut net, Checks::default());
+    net.node(2).campaign().unwrap();
+    net.run(cut(&[1, 4]));
+    assert!(net.node(2).leading().is_some_and(|t| t.epoch == 2));
+    net.node(2).hold(None);
+    // Node 3 leads without it (promises from 3, 4 and 5: none has slot
+    // 2), once the grants 3 and 5 gave node 2 ran out, puts post 30
+    // there and establishes the epoch.
+    for n in [3, 4, 5] {
+        net.set_clock(n, 2 * lease().promise_ms());
+    }
+    net.node(3).campaign().unwrap();
+    net.run(cut(&[1, 2]));
+    assert!(net.node(3).leading().is_some());
+    net.node(3).append(vec![post(30)]).unwrap();
+    net.run(cut(&[1, 2]));
+    net.node(3).resend();
+    net.run(cut(&[1, 2]));
+    assert!(net.node(3).established().is_some());
+    // Node 2 led the epoch, and its timeline is not the epoch's: only
+    // the leader that established it is checked by definition, and the
+    // node keeps any other leader of it unchecked.
+    assert_eq!(net.released(2), vec![(1, post(10)), (2, post(11))]);
+    assert_eq!(net.released(3), vec![(1, post(10)), (2, post(30))]);
+}
+
 // ---------------------------------------------------------------------
 // Seeded simulation.
 //

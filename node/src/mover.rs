@@ -165,6 +165,7 @@ pub async fn run(parts: MoverParts) -> Result<(), NodeError> {
                 proposals.start(MapCommand::Establish {
                     partition,
                     epoch: established.epoch,
+                    leader: established.failover.then_some(me),
                     vouched: established.vouched,
                 });
             }

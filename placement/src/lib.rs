@@ -28,7 +28,7 @@ pub mod partition;
 pub mod ring;
 pub mod stable_hash;
 
-pub use map::{ClusterMap, MapCommand, MapError, MapNode, NodeState};
+pub use map::{ClusterMap, FailoverLeader, MapCommand, MapError, MapNode, NodeState};
 pub use moves::{CREATED_EPOCH, MoveError, MoveStep, Pinned};
 pub use partition::{PartitionCount, PartitionId, room_hash};
 pub use ring::{ClusterNode, Placement, PlacementError};

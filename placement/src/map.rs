@@ -144,12 +144,27 @@ pub struct ClusterMap {
     /// the oldest it missed first.
     #[serde(default)]
     pub failover_epochs: BTreeMap<u32, std::collections::BTreeSet<u64>>,
-    /// For each partition and failover epoch, the replicas its
-    /// establishing leader vouched for ([`MapCommand::Establish`]) and
-    /// the prefix each had released. Left out when empty, so that a map
+    /// For each partition and failover epoch, the leader that
+    /// established it and the replicas that leader vouched for
+    /// ([`MapCommand::Establish`]). Left out when empty, so that a map
     /// without any reads as before to a binary that does not know it.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
-    pub failover_vouched: BTreeMap<u32, BTreeMap<u64, BTreeMap<u64, u64>>>,
+    pub failover_leaders: BTreeMap<u32, BTreeMap<u64, FailoverLeader>>,
+}
+
+/// The leader that established a failover epoch, as the map records it.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FailoverLeader {
+    /// The leader: its log defines the epoch, so its timeline is checked
+    /// by definition. (A leader of the epoch that did not establish it
+    /// is not: a later one may have replaced a slot of its released
+    /// prefix.)
+    pub node: u64,
+    /// The other replicas whose timelines its election showed to be a
+    /// prefix of its log, with the prefix each had released.
+    #[serde(default)]
+    pub vouched: BTreeMap<u64, u64>,
 }
 
 impl MapCommand {
@@ -159,6 +174,7 @@ impl MapCommand {
         MapCommand::Establish {
             partition,
             epoch,
+            leader: None,
             vouched: BTreeMap::new(),
         }
     }
@@ -215,14 +231,19 @@ pub enum MapCommand {
         partition: u32,
         /// The partition's epoch the leader was elected in.
         epoch: u64,
+        /// In a failover epoch, the leader: it needs no check against the
+        /// new home, and no other leader of the epoch is spared one.
+        /// `leader` and `vouched` are left out when unset, so that such
+        /// a command reads as before to a binary that does not know them
+        /// (one that does not cannot read a command that has them:
+        /// upgrade every node before failing a home over).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        leader: Option<u64>,
         /// In a failover epoch, the other replicas whose timelines the
         /// leader's election showed to be a prefix of its log, and the
         /// prefix each had released
         /// (`saferchat_consensus::partition_log::LogReplica::vouched`):
-        /// they need no check against the new home. Left out when empty,
-        /// so that such a command reads as before to a binary that does
-        /// not know the field (one that does not cannot read a command
-        /// that has it: upgrade every node before failing a home over).
+        /// they need no check against the new home either.
         #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
         vouched: BTreeMap<u64, u64>,
     },

@@ -44,7 +44,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use saferchat_consensus::NodeId;
 use serde::{Deserialize, Serialize};
 
-use crate::map::{ClusterMap, MapCommand, MapError, NodeState};
+use crate::map::{ClusterMap, FailoverLeader, MapCommand, MapError, NodeState};
 use crate::partition::PartitionId;
 use crate::ring::Placement;
 
@@ -153,14 +153,19 @@ impl ClusterMap {
             .copied()
     }
 
+    /// The leader that established `partition`'s failover epoch `epoch`
+    /// (`MapCommand::Establish::leader`), if the map knows it.
+    pub fn failover_leader(&self, partition: u32, epoch: u64) -> Option<&FailoverLeader> {
+        self.failover_leaders.get(&partition)?.get(&epoch)
+    }
+
     /// The prefix of `partition`'s log that `node` had released when the
     /// leader that established failover epoch `epoch` recovered it
     /// (`MapCommand::Establish::vouched`): a replica that still has
     /// released exactly that much needs no check against that epoch.
     pub fn vouched_prefix(&self, partition: u32, epoch: u64, node: u64) -> Option<u64> {
-        self.failover_vouched
-            .get(&partition)?
-            .get(&epoch)?
+        self.failover_leader(partition, epoch)?
+            .vouched
             .get(&node)
             .copied()
     }
@@ -428,14 +433,20 @@ impl ClusterMap {
                     "the rooms of epoch {current} are not handed over to its set yet"
                 )));
             }
-            if let MapCommand::Establish { vouched, .. } = command
-                && !vouched.is_empty()
+            if let MapCommand::Establish {
+                leader: Some(node),
+                vouched,
+                ..
+            } = command
                 && self.failing_over.contains_key(&partition)
             {
-                self.failover_vouched
-                    .entry(partition)
-                    .or_default()
-                    .insert(current, vouched.clone());
+                self.failover_leaders.entry(partition).or_default().insert(
+                    current,
+                    FailoverLeader {
+                        node: *node,
+                        vouched: vouched.clone(),
+                    },
+                );
             }
             self.unestablished.remove(&partition);
             self.handed_over.remove(&partition);
@@ -950,11 +961,12 @@ mod tests {
         map.apply(&MapCommand::Establish {
             partition,
             epoch: grown,
+            leader: Some(1),
             vouched: BTreeMap::from([(node, 5)]),
         })
         .unwrap();
         assert_eq!(map.vouched_prefix(partition, grown, node), None);
-        assert!(map.failover_vouched.is_empty());
+        assert!(map.failover_leaders.is_empty());
         assert_eq!(
             map.partition_epoch(partition),
             grown,
@@ -1167,6 +1179,7 @@ mod tests {
         let establish = MapCommand::Establish {
             partition: 0,
             epoch,
+            leader: Some(4),
             vouched: vouched.clone(),
         };
         // What the leader vouched for travels in the command.
@@ -1178,6 +1191,7 @@ mod tests {
         map.apply(&establish).unwrap();
         assert!(map.failing_over.is_empty());
         assert_eq!(map.failover_epoch(0), epoch, "kept after Establish");
+        assert_eq!(map.failover_leader(0, epoch).map(|l| l.node), Some(4));
         assert_eq!(map.vouched_prefix(0, epoch, 5), Some(40));
         assert_eq!(map.vouched_prefix(0, epoch, 7), Some(38));
         assert_eq!(map.vouched_prefix(0, epoch, 6), None, "not vouched for");
@@ -1215,7 +1229,7 @@ mod tests {
         );
         let map = created(&[(1, "dc1"), (2, "dc1"), (3, "dc1")], 16);
         let text = serde_json::to_string(&map).unwrap();
-        assert!(!text.contains("vouched"), "{text}");
+        assert!(!text.contains("failover_leaders"), "{text}");
     }
 
     #[test]

@@ -51,7 +51,8 @@
 //! (the local level's loss window): from some message on, its copy of a
 //! room is not a prefix of the room's timeline any more. [`check`] finds a
 //! source whose own timeline is checked against that failover epoch (the
-//! epoch's leader is, by definition), compares each of this replica's
+//! leader that established the epoch is, by definition, once the map
+//! names it), compares each of this replica's
 //! rooms with the source's from the first message on, in pages on both
 //! sides ([`cut_divergent`]), truncates a room after the last message both
 //! hold in the same place, and then copies the rest as above. The whole

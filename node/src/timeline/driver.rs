@@ -378,8 +378,9 @@ impl Part {
     /// Whether this replica may run for leader: always, unless it owes a
     /// failover check (see "Home failover"). Then only in the failover
     /// epoch it owes, while the map has not established it (the new
-    /// home's voters all owe it, and one of them must lead it; its log
-    /// then defines the epoch), and not while a check or copy runs. A
+    /// home's voters all owe it, and one of them must lead it; the log
+    /// of the one that establishes it defines the epoch, and the map
+    /// names it), and not while a check or copy runs. A
     /// replica that owes an earlier epoch than its log runs in must not
     /// lead on a prefix it has not checked.
     fn may_campaign(&self, map: &ClusterMap, partition: u32) -> bool {
@@ -938,6 +939,7 @@ impl Driver {
                         .filter(|_| with.is_none_or(|node| p.replica.has_caught_up(node)))
                         .map(|term| super::Established {
                             epoch: term.epoch,
+                            failover: p.replica.config().failover.is_some(),
                             vouched: p
                                 .replica
                                 .vouched()
@@ -1160,6 +1162,34 @@ impl Driver {
         for partition in lagging {
             self.report_lag(partition, now);
         }
+        // The leader that established a failover epoch owed here defines
+        // its log: checked (whatever its role now).
+        let me = self.me.0;
+        for (partition, part) in &mut self.parts {
+            let Some(epoch) = part.unchecked else {
+                continue;
+            };
+            if self
+                .map
+                .failover_leader(*partition, epoch)
+                .is_some_and(|l| l.node == me)
+            {
+                part.checked = epoch;
+                part.unchecked = self.map.owed_check(*partition, epoch);
+                part.replica.hold(part.unchecked);
+                self.marks.push(LogChange {
+                    partition: *partition,
+                    checked: Some(epoch),
+                    ..LogChange::default()
+                });
+                tracing::info!(
+                    partition,
+                    epoch,
+                    "this node established the partition's new home: its timeline defines it"
+                );
+                touched.push(*partition);
+            }
+        }
         // A check starts once the map established the epoch owed (its
         // leader released everything it recovered), on a follower only:
         // the check may cut the store under it.
@@ -1246,19 +1276,12 @@ impl Driver {
             }
             if let Some(term) = ready.leading {
                 tracing::info!(partition, %term, "leading the partition");
-                if let Some(epoch) = part.unchecked.filter(|e| term.epoch == *e) {
-                    // It leads the failover epoch it owed: its log is that
-                    // epoch's, and what it released is the timeline the
-                    // others check theirs against.
-                    part.checked = epoch;
-                    part.unchecked = self.map.owed_check(partition, epoch);
-                    part.replica.hold(part.unchecked);
-                    changes.push(LogChange {
-                        partition,
-                        checked: Some(epoch),
-                        ..LogChange::default()
-                    });
-                }
+                // A leader of the failover epoch it owes stays unchecked
+                // (a leader releases all the same) until the map records
+                // that it established the epoch: a later leader of the
+                // epoch may replace a slot of its released prefix (a post
+                // of the old home's loss window it had released as a
+                // learner, which that leader's promisers lack).
                 part.leader = Some(term);
                 let now = self.clock.monotonic();
                 part.led_since = now;

@@ -725,6 +725,88 @@ fn messages(
 /// copies the leader's, rewinds its log to the leader's mark, and applies
 /// the leader's next commit at the number after the leader's; restarted
 /// again, it stays checked.
+/// The one-node map with the room's partition failed over in epoch 3
+/// (from a datacenter that has no node left): still failing over (map
+/// epoch 3), or established by `leader` (map epoch 4).
+fn failed_over(partition: u32, leader: Option<u64>) -> saferchat_placement::ClusterMap {
+    let mut map = one_node_map(if leader.is_some() { 4 } else { 3 }, None);
+    map.partition_epochs.insert(partition, 3);
+    map.failover_epochs.insert(partition, [3].into());
+    match leader {
+        None => {
+            map.failing_over.insert(partition, "dc0".into());
+        }
+        Some(node) => {
+            map.failover_leaders.entry(partition).or_default().insert(
+                3,
+                saferchat_placement::FailoverLeader {
+                    node,
+                    vouched: std::collections::BTreeMap::new(),
+                },
+            );
+        }
+    }
+    map
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failover_leader_is_checked_once_the_map_names_it_as_the_establisher() {
+    let dir = tempfile::tempdir().unwrap();
+    let clock = Arc::new(StillClock::default());
+    let disk = Arc::new(Disk::default());
+    let partition = placement().room(room().as_str()).0.0;
+    let (publish, maps) = tokio::sync::watch::channel(failed_over(partition, None));
+    let node = start_following(
+        dir.path(),
+        Arc::clone(&disk),
+        Arc::clone(&clock),
+        Some(maps),
+    );
+    // It owes the check of epoch 3, runs in it (its new home's only
+    // voter) once a whole home-lease promise passed since it started
+    // (grants it may have given before), and leads: a leader releases
+    // all the same, but is not checked yet (a later leader of the epoch
+    // could replace a slot of what it released before).
+    for _ in 0..600 {
+        node.timeline.touch(partition);
+        if node.timeline.leads(partition) {
+            break;
+        }
+        clock.0.fetch_add(500, Ordering::SeqCst);
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(node.timeline.leads(partition), "no leader after 30 s");
+    assert_eq!(post(&node.timeline, partition, 0..3).await, vec![1, 2, 3]);
+    assert_eq!(
+        node.timeline
+            .copy_mark(partition)
+            .await
+            .unwrap()
+            .map(|(_, checked)| checked),
+        Some(0),
+        "leading, not checked"
+    );
+    // The map records that it established the epoch.
+    publish.send(failed_over(partition, Some(1))).unwrap();
+    let mut mark = None;
+    for _ in 0..600 {
+        mark = node.timeline.copy_mark(partition).await.unwrap();
+        if mark.is_some_and(|(_, checked)| checked == 3) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(
+        mark.map(|(_, checked)| checked),
+        Some(3),
+        "checked once named"
+    );
+    node.shutdown.cancel();
+    node.task.await.unwrap().unwrap();
+    let (_, states) = LogStore::open(dir.path()).unwrap();
+    assert_eq!(states[&partition].checked, 3, "and the log file says so");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_replica_with_a_divergent_tail_is_held_then_cuts_it_and_follows_the_new_home() {
     use saferchat_consensus::partition_log::{Entry, LogMessage, Slot, Term, Value};

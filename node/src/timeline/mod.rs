@@ -181,6 +181,9 @@ pub(crate) enum Command {
 pub struct Established {
     /// The epoch it was elected and established in.
     pub epoch: u64,
+    /// Whether that epoch is a home failover's (its elections still read
+    /// the replicas outside the new home).
+    pub failover: bool,
     /// In a failover epoch, the other replicas whose timelines its
     /// election showed to be a prefix of its log, by node id, with the
     /// prefix each had released
