@@ -210,6 +210,9 @@ pub async fn every_value(session: &Session, keyspace: &str) -> Vec<(String, Vec<
     out
 }
 
+/// How many times [`PrivateCassandra::start`] tries fresh ports.
+const START_TRIES: u32 = 3;
+
 /// A port nobody listens on right now.
 fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0")
@@ -233,37 +236,50 @@ fn script() -> PathBuf {
 
 impl PrivateCassandra {
     /// Starts a fresh node in `target/cassandra-<name>` (its old data is
-    /// deleted first) and waits until it answers CQL.
+    /// deleted first) and waits until it answers CQL. A port found free
+    /// may be taken by another process before the JVM binds it (tests run
+    /// side by side, and nodes bind port 0 too): a start that fails to
+    /// bind is tried again on fresh ports, up to [`START_TRIES`] times.
     ///
     /// # Panics
-    /// When the script fails (its output is in the message).
+    /// When the script fails otherwise (its output is in the message).
     pub fn start(name: &str) -> PrivateCassandra {
         let target = crate::bin::dir()
             .parent()
             .expect("target folder")
             .to_path_buf();
-        let node = PrivateCassandra {
-            node_dir: target.join(format!("cassandra-{name}")),
-            cql_port: free_port(),
-            storage_port: free_port(),
-        };
-        node.run(&["fetch"]);
-        node.run(&["reset"]);
-        node.start_again();
-        node
+        for attempt in 1..=START_TRIES {
+            let node = PrivateCassandra {
+                node_dir: target.join(format!("cassandra-{name}")),
+                cql_port: free_port(),
+                storage_port: free_port(),
+            };
+            node.run(&["fetch"]);
+            node.run(&["reset"]);
+            node.launch();
+            let output = node.try_run(&["wait", &START_WAIT_S.to_string()]);
+            if output.status.success() {
+                return node;
+            }
+            let said = format!(
+                "{}{}",
+                String::from_utf8_lossy(&output.stdout),
+                String::from_utf8_lossy(&output.stderr)
+            );
+            assert!(
+                said.contains("Failed to bind port") && attempt < START_TRIES,
+                "cassandra.sh wait failed ({}):\n{said}",
+                output.status
+            );
+            eprintln!(
+                "cassandra-{name}: a port was taken before Cassandra bound it; trying again on others"
+            );
+        }
+        unreachable!("the last try returns or panics")
     }
 
     fn run(&self, args: &[&str]) -> Output {
-        let output = Command::new("bash")
-            .arg(script())
-            .args(args)
-            .env("CASSANDRA_NODE_DIR", &self.node_dir)
-            .env("CASSANDRA_PORT", self.cql_port.to_string())
-            .env("CASSANDRA_STORAGE_PORT", self.storage_port.to_string())
-            .env("CASSANDRA_HEAP", "512M")
-            .env_remove("CASSANDRA_JMX_PORT")
-            .output()
-            .expect("run cassandra.sh");
+        let output = self.try_run(args);
         assert!(
             output.status.success(),
             "cassandra.sh {args:?} failed ({}):\n{}{}",
@@ -272,6 +288,19 @@ impl PrivateCassandra {
             String::from_utf8_lossy(&output.stderr)
         );
         output
+    }
+
+    fn try_run(&self, args: &[&str]) -> Output {
+        Command::new("bash")
+            .arg(script())
+            .args(args)
+            .env("CASSANDRA_NODE_DIR", &self.node_dir)
+            .env("CASSANDRA_PORT", self.cql_port.to_string())
+            .env("CASSANDRA_STORAGE_PORT", self.storage_port.to_string())
+            .env("CASSANDRA_HEAP", "512M")
+            .env_remove("CASSANDRA_JMX_PORT")
+            .output()
+            .expect("run cassandra.sh")
     }
 
     /// `host:port` for CQL.
