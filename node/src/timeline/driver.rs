@@ -302,11 +302,18 @@ struct Part {
 const COMMIT_TIMES_MAX: usize = 4_096;
 
 impl Part {
+    /// This replica checked failover `epoch`: held again if it owes a
+    /// later one.
+    fn mark_checked(&mut self, map: &ClusterMap, partition: u32, epoch: u64) {
+        self.checked = epoch;
+        self.unchecked = map.owed_check(partition, epoch);
+        self.replica.hold(self.unchecked);
+    }
+
     /// After [`LogReplica::rewind`] to `applied` for failover `epoch`:
-    /// this replica checked that epoch (held again if it owes a later
-    /// one), its timeline holds every post up to `applied` and its log
-    /// nothing up to there. Returns the change that records it in the
-    /// log file.
+    /// this replica checked that epoch, its timeline holds every post up
+    /// to `applied` and its log nothing up to there. Returns the change
+    /// that records it in the log file.
     fn rewound(
         &mut self,
         map: &ClusterMap,
@@ -314,9 +321,7 @@ impl Part {
         epoch: u64,
         applied: Slot,
     ) -> LogChange {
-        self.checked = epoch;
-        self.unchecked = map.owed_check(partition, epoch);
-        self.replica.hold(self.unchecked);
+        self.mark_checked(map, partition, epoch);
         self.applied = applied;
         self.retained.clear();
         self.retained_bytes = 0;
@@ -1174,9 +1179,7 @@ impl Driver {
                 .failover_leader(*partition, epoch)
                 .is_some_and(|l| l.node == me)
             {
-                part.checked = epoch;
-                part.unchecked = self.map.owed_check(*partition, epoch);
-                part.replica.hold(part.unchecked);
+                part.mark_checked(&self.map, *partition, epoch);
                 self.marks.push(LogChange {
                     partition: *partition,
                     checked: Some(epoch),
@@ -1368,7 +1371,7 @@ impl Driver {
     /// run, or the partition has posts of its own collected or unsynced.
     fn begin_copy(&mut self, partition: u32) -> Option<super::copy::Sources> {
         let now = self.clock.monotonic();
-        if self.deferred.contains_key(&partition) || self.unsynced.contains_key(&partition) {
+        if self.has_unsettled_posts(partition) {
             return None;
         }
         let me = self.me;
@@ -1432,6 +1435,12 @@ impl Driver {
         });
     }
 
+    /// Whether posts of `partition` wait to be applied or synced: no copy,
+    /// check or rewind may move its applied mark meanwhile.
+    fn has_unsettled_posts(&self, partition: u32) -> bool {
+        self.deferred.contains_key(&partition) || self.unsynced.contains_key(&partition)
+    }
+
     /// Ends this replica's check of failover epoch `epoch` without
     /// reading anyone's timeline, where the leader that established the
     /// epoch vouched for it (`ClusterMap::vouched_prefix`) and it still
@@ -1447,7 +1456,7 @@ impl Driver {
     /// any other replica checked against it: a check needs a replica
     /// checked already, and none may lead unchecked.
     fn skip_vouched_check(&mut self, partition: u32, epoch: u64, touched: &mut Vec<u32>) -> bool {
-        if self.deferred.contains_key(&partition) || self.unsynced.contains_key(&partition) {
+        if self.has_unsettled_posts(partition) {
             return false;
         }
         let me = self.me.0;
