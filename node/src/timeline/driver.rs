@@ -1174,11 +1174,15 @@ impl Driver {
             let Some(epoch) = part.unchecked else {
                 continue;
             };
-            if self
+            if let Some(leader) = self
                 .map
                 .failover_leader(*partition, epoch)
-                .is_some_and(|l| l.node == me)
+                .filter(|l| l.node == me)
             {
+                // How many replicas skip their check on this leader's
+                // word: the rest read a checked replica's timeline.
+                metrics::gauge!("saferchat_partition_failover_vouched_replicas", "partition" => partition.to_string())
+                    .set(leader.vouched.len() as f64);
                 part.mark_checked(&self.map, *partition, epoch);
                 self.marks.push(LogChange {
                     partition: *partition,
@@ -1188,6 +1192,7 @@ impl Driver {
                 tracing::info!(
                     partition,
                     epoch,
+                    vouched = leader.vouched.len(),
                     "this node established the partition's new home: its timeline defines it"
                 );
                 touched.push(*partition);
