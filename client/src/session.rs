@@ -643,6 +643,11 @@ impl Session {
         self.durability = durability;
     }
 
+    /// The durability level the following posts ask for.
+    pub fn durability(&self) -> pb::Durability {
+        self.durability
+    }
+
     /// Sends already-encoded envelope bytes as post `seq` (benchmarks and
     /// tests of bad input).
     ///

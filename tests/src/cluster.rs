@@ -510,9 +510,18 @@ impl Cluster {
         through: usize,
         who: usize,
     ) -> Result<Session, saferchat_client::ClientError> {
+        let me = Arc::new(saferchat_client::test_keys::identity(who));
+        self.try_join_as(room, through, me).await
+    }
+
+    async fn try_join_as(
+        &self,
+        room: &str,
+        through: usize,
+        me: Arc<saferchat_client::Identity>,
+    ) -> Result<Session, saferchat_client::ClientError> {
         let room = saferchat_consensus::RoomId::new(room)
             .map_err(|e| saferchat_client::ClientError::Protocol(e.to_string()))?;
-        let me = Arc::new(saferchat_client::test_keys::identity(who));
         let options = JoinOptions {
             no_history: true,
             ..JoinOptions::default()
@@ -531,15 +540,116 @@ impl Cluster {
         who: usize,
         deadline: std::time::Duration,
     ) -> Session {
+        let me = Arc::new(saferchat_client::test_keys::identity(who));
+        self.join_as(room, through, me, deadline).await
+    }
+
+    async fn join_as(
+        &self,
+        room: &str,
+        through: usize,
+        me: Arc<saferchat_client::Identity>,
+        deadline: std::time::Duration,
+    ) -> Session {
         let started = std::time::Instant::now();
         loop {
-            match self.try_join(room, through, who).await {
+            match self.try_join_as(room, through, Arc::clone(&me)).await {
                 Ok(s) => return s,
                 Err(e) => {
                     assert!(started.elapsed() < deadline, "could not join {room}: {e}");
                     tokio::time::sleep(std::time::Duration::from_millis(200)).await;
                 }
             }
+        }
+    }
+
+    /// Posts `n` messages `"{label} {i}"` to `room` on `session` and
+    /// waits for every acknowledgement: (id, room sequence number) in
+    /// posting order. When the node ends the session (the room moved:
+    /// on a loaded machine a follower may miss the leader's heartbeats
+    /// and take over), it joins again through node `through` as the
+    /// same user, at the same durability level, and posts the
+    /// unacknowledged envelopes again: the node recognises a retry and
+    /// answers it with the original number, so nothing is stored twice.
+    ///
+    /// # Panics
+    /// On a refusal, or when an acknowledgement or a join does not come
+    /// within `deadline`.
+    pub async fn post_acked_rejoining(
+        &self,
+        session: &mut Session,
+        room: &str,
+        through: usize,
+        label: &str,
+        n: usize,
+        deadline: std::time::Duration,
+    ) -> Vec<(bytes::Bytes, u64)> {
+        // Far above the numbers `Session::post` gives, so the two never
+        // meet on one session.
+        const FIRST_SEQ: u64 = 1 << 40;
+        let envelopes: Vec<bytes::Bytes> = (0..n)
+            .map(|i| {
+                session
+                    .seal(format!("{label} {i}").as_bytes())
+                    .expect("seal")
+            })
+            .collect();
+        let mut acked: Vec<Option<(bytes::Bytes, u64)>> = vec![None; n];
+        loop {
+            let mut sent = true;
+            for (i, envelope) in envelopes.iter().enumerate() {
+                if acked[i].is_none() {
+                    sent &= session
+                        .send_raw(FIRST_SEQ + i as u64, envelope.clone())
+                        .await
+                        .is_ok();
+                }
+            }
+            while sent && acked.iter().any(Option::is_none) {
+                match tokio::time::timeout(deadline, session.next()).await {
+                    Ok(Ok(Some(saferchat_client::session::Event::Accepted {
+                        seq,
+                        id,
+                        room_seq,
+                        ..
+                    }))) => {
+                        if let Some(slot) = seq
+                            .checked_sub(FIRST_SEQ)
+                            .and_then(|i| acked.get_mut(usize::try_from(i).ok()?))
+                        {
+                            *slot = Some((id, room_seq));
+                        }
+                    }
+                    Ok(Ok(Some(saferchat_client::session::Event::Rejected {
+                        message, ..
+                    }))) => panic!("{label}: refused: {message}"),
+                    Ok(Ok(Some(_))) => {}
+                    // Ended cleanly, or because the room moved.
+                    Ok(Ok(None)) => sent = false,
+                    Ok(Err(saferchat_client::ClientError::Status(status)))
+                        if status.code() == tonic::Code::Unavailable =>
+                    {
+                        sent = false;
+                    }
+                    Ok(Err(e)) => panic!("{label}: session ended: {e}"),
+                    Err(_) => panic!("{label}: no acknowledgement within {deadline:?}"),
+                }
+            }
+            if sent {
+                return acked
+                    .into_iter()
+                    .map(|a| a.expect("acknowledged"))
+                    .collect();
+            }
+            let durability = session.durability();
+            eprintln!(
+                "{label}: the session on node {} ended; joining {room} again",
+                self.node_of(session) + 1
+            );
+            *session = self
+                .join_as(room, through, Arc::clone(session.identity()), deadline)
+                .await;
+            session.set_durability(durability);
         }
     }
 

@@ -193,15 +193,29 @@ async fn scenario(store: Store) {
     // the home's leader.
     let mut in_a = cluster.join(&a, DC2[0], 0, DEADLINE).await;
     let mut in_b = cluster.join(&b, DC1[0], 0, DEADLINE).await;
-    let a_leader = cluster.node_of(&in_a);
-    let b_leader = cluster.node_of(&in_b);
-    assert!(DC1.contains(&a_leader), "{a} is served in dc1");
-    assert!(DC2.contains(&b_leader), "{b} is served in dc2");
-    let mut acked_a = load::post_acked(&mut in_a, "a first", 20, DEADLINE).await;
-    let mut acked_b = load::post_acked(&mut in_b, "b first", 20, DEADLINE).await;
+    assert!(
+        DC1.contains(&cluster.node_of(&in_a)),
+        "{a} is served in dc1"
+    );
+    assert!(
+        DC2.contains(&cluster.node_of(&in_b)),
+        "{b} is served in dc2"
+    );
+    // A leader may change under a loaded machine: the session then ends,
+    // and the posting joins again and retries (`post_acked_rejoining`).
+    let mut acked_a = cluster
+        .post_acked_rejoining(&mut in_a, &a, DC2[0], "a first", 20, DEADLINE)
+        .await;
+    let mut acked_b = cluster
+        .post_acked_rejoining(&mut in_b, &b, DC1[0], "b first", 20, DEADLINE)
+        .await;
     // At the cross-datacenter level: acknowledged once dc2 holds them.
     in_a.set_durability(Durability::CrossDatacenter);
-    acked_a.extend(load::post_acked(&mut in_a, "a in two datacenters", 10, DEADLINE).await);
+    acked_a.extend(
+        cluster
+            .post_acked_rejoining(&mut in_a, &a, DC2[0], "a in two datacenters", 10, DEADLINE)
+            .await,
+    );
     in_a.set_durability(Durability::Local);
     let partition_a = PartitionCount::DEFAULT.of_room(&a).0;
     let lag = |unit: &str| {
@@ -209,6 +223,8 @@ async fn scenario(store: Store) {
             "saferchat_replication_lag_{unit}{{partition=\"{partition_a}\",from=\"dc1\",to=\"dc2\"}}"
         )
     };
+    let a_leader = cluster.node_of(&in_a);
+    let b_leader = cluster.node_of(&in_b);
     for i in 0..5 {
         cluster.wait_caught_up(&a, i, a_leader, 2 * DEADLINE).await;
         cluster.wait_caught_up(&b, i, b_leader, 2 * DEADLINE).await;
@@ -220,7 +236,11 @@ async fn scenario(store: Store) {
     let local_reads = "saferchat_history_local_reads_total";
     let started = Instant::now();
     loop {
-        acked_a.extend(load::post_acked(&mut in_a, "a then read", 1, DEADLINE).await);
+        acked_a.extend(
+            cluster
+                .post_acked_rejoining(&mut in_a, &a, DC2[0], "a then read", 1, DEADLINE)
+                .await,
+        );
         assert_eq!(in_a.seen_seq(), acked_a.len() as u64);
         assert_eq!(
             history_ids(&in_a).await,
@@ -243,7 +263,12 @@ async fn scenario(store: Store) {
     for i in DC2 {
         cluster.kill(i);
     }
-    acked_a.extend(load::post_acked(&mut in_a, "a while dc2 is down", 200, DEADLINE).await);
+    acked_a.extend(
+        cluster
+            .post_acked_rejoining(&mut in_a, &a, DC1[0], "a while dc2 is down", 200, DEADLINE)
+            .await,
+    );
+    let a_leader = cluster.node_of(&in_a);
     let behind = gauge_until(&cluster, a_leader, &lag("slots"), |v| v >= 200.0).await;
     gauge_until(&cluster, a_leader, &lag("ms"), |v| v > 0.0).await;
     println!("dc2 is {behind} slots behind on {a} while down");
@@ -294,7 +319,12 @@ async fn scenario(store: Store) {
     assert_eq!(kept.1, acked_a.len() as u64 + 1, "the kept post's number");
     acked_a.push(kept);
     in_a.set_durability(Durability::Local);
-    acked_a.extend(load::post_acked(&mut in_a, "a after", 10, DEADLINE).await);
+    acked_a.extend(
+        cluster
+            .post_acked_rejoining(&mut in_a, &a, DC2[0], "a after", 10, DEADLINE)
+            .await,
+    );
+    let a_leader = cluster.node_of(&in_a);
     gauge_until(&cluster, a_leader, &lag("slots"), |v| v == 0.0).await;
     for i in DC2 {
         cluster.wait_caught_up(&a, i, a_leader, 2 * DEADLINE).await;
@@ -308,7 +338,11 @@ async fn scenario(store: Store) {
     }
     let mut in_b = cluster.join(&b, DC1[2], 0, DEADLINE).await;
     assert!(DC2.contains(&cluster.node_of(&in_b)));
-    acked_b.extend(load::post_acked(&mut in_b, "b after", 10, DEADLINE).await);
+    acked_b.extend(
+        cluster
+            .post_acked_rejoining(&mut in_b, &b, DC1[2], "b after", 10, DEADLINE)
+            .await,
+    );
     let b_leader = cluster.node_of(&in_b);
     for i in 0..5 {
         cluster.wait_caught_up(&b, i, b_leader, 2 * DEADLINE).await;
