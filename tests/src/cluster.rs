@@ -125,6 +125,37 @@ pub struct Cluster {
     _dir: tempfile::TempDir,
 }
 
+/// When a test fails, what each node said last about its partitions and
+/// its troubles: the failure's output then shows why a session ended or
+/// a post was refused, where the nodes' folders are gone (CI).
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        if !std::thread::panicking() {
+            return;
+        }
+        const LINES: usize = 12;
+        for (i, node) in self.nodes.iter().enumerate() {
+            let log = node.log_text();
+            let telling: Vec<&str> = log
+                .lines()
+                .filter(|l| {
+                    // The map group's Raft chatter (votes, replication
+                    // retries) says little about a test's failure.
+                    let raft = ["vote", "replication", "RPCError", "update progress"]
+                        .iter()
+                        .any(|m| l.contains(m));
+                    l.contains("\"partition\":")
+                        || ((l.contains("\"WARN\"") || l.contains("\"ERROR\"")) && !raft)
+                })
+                .collect();
+            println!("node {} said last:", i + 1);
+            for line in &telling[telling.len().saturating_sub(LINES)..] {
+                println!("  {}", line.chars().take(400).collect::<String>());
+            }
+        }
+    }
+}
+
 /// Attempts at starting one node when the metrics port picked for it was
 /// taken in the meantime.
 const START_ATTEMPTS: usize = 5;
