@@ -95,6 +95,12 @@ async fn a_lost_home_datacenter_fails_over_and_keeps_what_was_acknowledged() {
         "{x} is served at home, in dc1"
     );
     let mut acked = load::post_acked(&mut in_x, "local", 20, DEADLINE).await;
+    // Every survivor applied some of it (a learner far behind that
+    // applied nothing is not vouched for: see `wait_vouched`); what the
+    // next posts reach there before dc1 goes is left to chance.
+    for i in SURVIVORS {
+        wait_applied_some(&cluster, i, &x).await;
+    }
     in_x.set_durability(Durability::CrossDatacenter);
     acked.extend(load::post_acked(&mut in_x, "cross", 10, DEADLINE).await);
     for i in DC1 {
@@ -228,17 +234,35 @@ async fn wait_checked(cluster: &Cluster, i: usize, room: &str) {
     }
 }
 
+/// Waits until node `i` applied at least one slot of `room`'s partition.
+async fn wait_applied_some(cluster: &Cluster, i: usize, room: &str) {
+    let partition = saferchat_placement::PartitionCount::DEFAULT.of_room(room).0;
+    let applied = format!("saferchat_partition_applied_slot{{partition=\"{partition}\"}}");
+    let started = Instant::now();
+    while !process::scrape_value(cluster.metrics[i], &applied)
+        .await
+        .is_some_and(|n| n >= 1.0)
+    {
+        assert!(
+            started.elapsed() < DEADLINE,
+            "node {} applied nothing of {room}",
+            i + 1
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
 /// Waits until the leader that established `room`'s new home recorded
 /// how many survivors it vouched for, and until each other survivor
 /// either skipped its check on that word or checked by reading a checked
 /// replica's timeline; checks that exactly the vouched ones skipped.
 ///
 /// The leader was elected by all four survivors, each of which had
-/// applied the partition and owed only this failover's check: it vouches
-/// for the three others, unless an earlier leader of the epoch wrote to
-/// some promiser's log first (two survivors campaigned at once). Then it
-/// vouches for no one, by design, and the test says so and asserts that
-/// more than one survivor led the epoch.
+/// applied some of the partition and owed only this failover's check: it
+/// vouches for the three others, unless an earlier leader of the epoch
+/// wrote to some promiser's log first (two survivors campaigned at once).
+/// Then it vouches for no one, by design, and the test says so and
+/// asserts that more than one survivor led the epoch.
 async fn wait_vouched(cluster: &Cluster, room: &str) {
     let partition = saferchat_placement::PartitionCount::DEFAULT.of_room(room).0;
     let gauge =

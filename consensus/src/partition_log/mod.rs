@@ -165,8 +165,9 @@ pub enum LogMessage<T> {
         /// left it ([`LogReplica::untouched`]): the candidate then knows
         /// that timeline to be a prefix of the log it recovers, and says
         /// so when it establishes the epoch, so that the replica is spared
-        /// the check against the new home. `None` otherwise, and from
-        /// nodes of a version before it.
+        /// the check against the new home (`Slot(0)` when it released
+        /// nothing: untouched, but not vouched for). `None` otherwise,
+        /// and from nodes of a version before it.
         untouched: Option<Slot>,
     },
     /// Write `values` at `first`, `first + 1`, … in `term`; slots up to

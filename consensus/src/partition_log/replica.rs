@@ -798,10 +798,13 @@ impl<T: Clone> LogReplica<T> {
     /// failover, and has released nothing since it learned of this one),
     /// and its log holds no entry of this epoch (no leader of it wrote
     /// here yet). Sent with its promises in a failover election
-    /// (`LogMessage::Promise::untouched`). Not when it released nothing:
-    /// a node whose log state is empty may still keep rooms of the
-    /// partition from an earlier membership that no prefix of the log
-    /// accounts for.
+    /// (`LogMessage::Promise::untouched`). `Slot(0)` when it released
+    /// nothing: such a promise does not keep the leader from vouching for
+    /// the others (its log is as untouched), but the leader vouches for
+    /// no such replica, since a node whose log state is empty may still
+    /// keep rooms of the partition from an earlier membership that no
+    /// prefix of the log accounts for. (A learner far behind, or a new
+    /// home's voter that had not applied the partition yet, promises so.)
     ///
     /// Why a leader elected by such promises alone may vouch for them
     /// ([`LogReplica::vouched`]): every slot a promiser released is chosen
@@ -820,7 +823,6 @@ impl<T: Clone> LogReplica<T> {
         let epoch = self.config.epoch;
         (self.config.failover.is_some()
             && self.owed == Some(epoch)
-            && self.released > Slot(0)
             && !self.acceptor.holds_epoch(epoch))
         .then_some(self.released)
     }
@@ -1206,7 +1208,7 @@ impl<T: Clone> LogReplica<T> {
             promises
                 .iter()
                 .filter(|(n, _)| **n != me)
-                .filter_map(|(n, (_, _, u))| u.map(|s| (*n, s)))
+                .filter_map(|(n, (_, _, u))| u.filter(|s| *s > Slot(0)).map(|s| (*n, s)))
                 .collect()
         } else {
             Vec::new()

@@ -1469,7 +1469,10 @@ impl Driver {
             return false;
         };
         let released = part.replica.released();
-        if self.map.vouched_prefix(partition, epoch, me) != Some(released.0)
+        // Never an empty prefix (a leader of an earlier version may have
+        // named one): see `LogReplica::untouched`.
+        if released == Slot(0)
+            || self.map.vouched_prefix(partition, epoch, me) != Some(released.0)
             || part.applied != released
             || !part.replica.rewind(released, epoch)
         {
