@@ -22,6 +22,11 @@
 //! at most the schedule under way. The report is rewritten after every
 //! schedule.
 //!
+//! With `CHAOS_LOGS=dir` in its environment, the campaign keeps the
+//! nodes' logs of the schedules that found an anomaly there (as
+//! `SEED-node-N.log`), and only those: a long campaign's logs would
+//! fill the disk.
+//!
 //! Schedules on Cassandra start a Cassandra node of their own from
 //! `deploy/cassandra` (fetch its jars first: `bash
 //! deploy/cassandra/cassandra.sh fetch`), about a minute more each.
@@ -334,6 +339,9 @@ async fn campaign(args: Args) {
             totals.loss_skipped += 1;
         }
         let verdict = judge(&out);
+        if verdict.anomalies.is_empty() {
+            forget_logs(seed);
+        }
         for a in verdict.anomalies {
             let store = if store == Store::Cassandra {
                 " (STORE=cassandra)"
@@ -443,6 +451,23 @@ fn write_report(args: &Args, progress: &Progress) -> String {
     }
     std::fs::write(&args.report, &report).expect("write the report");
     report
+}
+
+/// Removes the nodes' logs a clean schedule left under `CHAOS_LOGS`.
+fn forget_logs(seed: u64) {
+    let Some(dir) = std::env::var_os("CHAOS_LOGS") else {
+        return;
+    };
+    let prefix = format!("{seed}-node-");
+    let Ok(entries) = std::fs::read_dir(&dir) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        if entry.file_name().to_string_lossy().starts_with(&prefix) {
+            // A log left behind only costs disk space.
+            let _ = std::fs::remove_file(entry.path());
+        }
+    }
 }
 
 #[cfg(test)]

@@ -140,9 +140,13 @@ pub fn judge(out: &Outcomes) -> Verdict {
         None => v.anomalies.push("the member was never removed".into()),
         Some(r) => {
             if !r.delivered_after.is_empty() || r.keyed_after > 0 {
+                const SHOWN: usize = 5;
                 membership.push(format!(
-                    "the member removed at revision {} got {:?}, and {} stored envelopes since carry its key",
-                    r.revision, r.delivered_after, r.keyed_after
+                    "the member removed at revision {} got {} posts it must not have (the first: {:?}), and {} stored envelopes since carry its key",
+                    r.revision,
+                    r.delivered_after.len(),
+                    &r.delivered_after[..r.delivered_after.len().min(SHOWN)],
+                    r.keyed_after
                 ));
             }
         }
@@ -191,9 +195,12 @@ pub fn holding(paths: impl IntoIterator<Item = PathBuf>, marker: &[u8]) -> Vec<P
         .collect()
 }
 
-/// Texts of deliveries a member removed at `revision` must not have had:
-/// posts wrapped at or after that revision, or of a revision nobody
-/// stored (a post only the removed member saw is a breach too).
+/// Deliveries a member removed at `revision` must not have had: posts
+/// wrapped at or after that revision, or of a number no store holds (a
+/// post only the removed member saw is a breach too). Each as its text,
+/// the number it was delivered with and the revision the stores hold at
+/// that number, so that a report tells a late delivery from a numbering
+/// the stores do not share.
 pub fn delivered_after_removal<'a>(
     delivered: impl IntoIterator<Item = &'a Seen>,
     revision_of: &std::collections::HashMap<u64, u64>,
@@ -201,8 +208,11 @@ pub fn delivered_after_removal<'a>(
 ) -> Vec<String> {
     delivered
         .into_iter()
-        .filter(|m| revision_of.get(&m.seq).is_none_or(|r| *r >= revision))
-        .map(|m| m.text.clone())
+        .filter_map(|m| match revision_of.get(&m.seq) {
+            Some(r) if *r < revision => None,
+            Some(r) => Some(format!("{} (#{}, revision {r})", m.text, m.seq)),
+            None => Some(format!("{} (#{}, stored nowhere)", m.text, m.seq)),
+        })
         .collect()
 }
 
@@ -839,7 +849,11 @@ mod tests {
         let delivered = [seen(1), seen(2), seen(3), seen(4), seen(9)];
         assert_eq!(
             delivered_after_removal(&delivered, &revision_of, 7),
-            ["post 3", "post 4", "post 9"]
+            [
+                "post 3 (#3, revision 7)",
+                "post 4 (#4, revision 8)",
+                "post 9 (#9, stored nowhere)"
+            ]
         );
         assert!(delivered_after_removal(&delivered[..2], &revision_of, 7).is_empty());
     }
