@@ -142,11 +142,13 @@ pub fn judge(out: &Outcomes) -> Verdict {
             if !r.delivered_after.is_empty() || r.keyed_after > 0 {
                 const SHOWN: usize = 5;
                 membership.push(format!(
-                    "the member removed at revision {} got {} posts it must not have (the first: {:?}), and {} stored envelopes since carry its key",
+                    "the member removed at revision {} got {} posts it must not have (the first: {:?}), and {} stored envelopes since carry its key (the stores hold {:?} posts, the final history {})",
                     r.revision,
                     r.delivered_after.len(),
                     &r.delivered_after[..r.delivered_after.len().min(SHOWN)],
-                    r.keyed_after
+                    r.keyed_after,
+                    out.history.stores.iter().map(Vec::len).collect::<Vec<_>>(),
+                    out.history.fin.len()
                 ));
             }
         }
