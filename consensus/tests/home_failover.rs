@@ -1143,3 +1143,147 @@ fn broken_checking_a_leader_before_it_established_is_caught() {
     )
     .expect("only the leader that established the epoch is checked");
 }
+
+/// Node 3 leads the failover epoch first without node 2 and commits
+/// post 30 at slot 2 (on 3 and 4, a majority of the new home's voters 2,
+/// 3 and 4; `reach_2`: its Accepts reach node 2 as well, which stores
+/// post 30 over the post 11 it had released there), then steps down
+/// before it established the epoch. Node 2, held, had released post 11 at
+/// slot 2 before the failover (the old home's loss window).
+fn a_deposed_leader_commits_over_a_loss_window_slot(net: &mut Net, reach_2: bool) {
+    net.node(3).campaign().unwrap();
+    net.run(cut(&[1, 2]));
+    assert!(net.node(3).leading().is_some());
+    net.node(3).hold(None);
+    net.node(3).append(vec![post(30)]).unwrap();
+    if reach_2 {
+        net.run(cut(&[1]));
+    } else {
+        net.run(cut(&[1, 2]));
+    }
+    assert_eq!(net.released(3), vec![(1, post(10)), (2, post(30))]);
+    net.node(3).step_down();
+    for n in [2, 4, 5] {
+        net.set_clock(n, 2 * lease().promise_ms());
+    }
+}
+
+/// Node 2 runs twice with promises from 4 and 5 (its first round ties
+/// node 3's); whether it leads.
+fn node_2_runs(net: &mut Net) -> bool {
+    for _ in 0..2 {
+        if net.node(2).campaign().is_none() {
+            break;
+        }
+        net.run(cut(&[1, 3]));
+    }
+    net.node(2).resend();
+    net.run(cut(&[1, 3]));
+    net.node(2).leading().is_some()
+}
+
+#[test]
+fn a_held_candidate_whose_released_prefix_disagrees_with_its_epoch_does_not_lead() {
+    let mut net = three_datacenters(Checks::default());
+    fail_over_to_three(&mut net, Checks::default());
+    a_deposed_leader_commits_over_a_loss_window_slot(&mut net, false);
+    // Node 2 asks from slot 3, after its released prefix; node 4's
+    // promise also carries the epoch's post 30 at slot 2, which node 2's
+    // log does not hold there: it does not lead, and does not run again.
+    assert!(!node_2_runs(&mut net));
+    assert!(net.node(2).is_barred());
+    assert_eq!(net.node(2).campaign(), None);
+    // Node 4, whose released prefix ends before slot 2, leads and
+    // establishes the epoch with post 30 there.
+    net.node(4).campaign().unwrap();
+    net.run(cut(&[1, 3]));
+    net.node(4).hold(None);
+    net.node(4).resend();
+    net.run(cut(&[1, 3]));
+    assert!(net.node(4).established().is_some());
+    assert_eq!(net.released(4), vec![(1, post(10)), (2, post(30))]);
+    // Checked (rewound to a copy of the new home), it may run again.
+    assert!(net.node(2).rewind(Slot(2), 2));
+    assert!(!net.node(2).is_barred());
+}
+
+#[test]
+fn broken_without_the_epoch_check_a_held_candidate_establishes_over_a_committed_slot() {
+    let broken = Checks {
+        epoch_below: false,
+        ..Checks::default()
+    };
+    let mut net = three_datacenters(broken);
+    fail_over_to_three(&mut net, broken);
+    a_deposed_leader_commits_over_a_loss_window_slot(&mut net, false);
+    // Node 2 establishes the epoch with its post 11 at slot 2, where post
+    // 30 was committed and released in the epoch: as the establishing
+    // leader it defines the log, and the others would cut post 30.
+    assert!(node_2_runs(&mut net));
+    assert!(net.node(2).established().is_some());
+    assert_eq!(net.released(2), vec![(1, post(10)), (2, post(11))]);
+}
+
+#[test]
+fn a_held_replica_whose_released_slot_an_accept_changed_does_not_lead() {
+    let mut net = three_datacenters(Checks::default());
+    fail_over_to_three(&mut net, Checks::default());
+    // Node 2 stores post 30 over its released post 11: its log and its
+    // timeline now differ at slot 2, though its log agrees with node 4's.
+    a_deposed_leader_commits_over_a_loss_window_slot(&mut net, true);
+    assert!(!node_2_runs(&mut net));
+    assert!(net.node(2).is_barred());
+}
+
+#[test]
+fn a_held_replica_restarted_with_another_leaders_entry_among_what_it_released_does_not_lead() {
+    let mut net = three_datacenters(Checks::default());
+    fail_over_to_three(&mut net, Checks::default());
+    a_deposed_leader_commits_over_a_loss_window_slot(&mut net, true);
+    // Node 2 restarts: it no longer knows that post 30 came over a slot
+    // it had released, and its log agrees with node 4's there; but an
+    // entry of the epoch written by another node sits among what it
+    // released, so it does not lead.
+    let old = net.node(2);
+    let (promised, entries) = (
+        old.acceptor().promised(),
+        old.acceptor().entries_from(Slot(0)),
+    );
+    let groups = &[&[2, 3, 4][..], &[5][..]][..];
+    let mut restarted = LogReplica::new(
+        config(2, &[2, 3, 4], &[1, 5], 2, Some(groups)),
+        LogAcceptor::restore(promised, entries.iter().cloned(), Slot(0)),
+        Slot(2),
+    );
+    restarted.hold(Some(2));
+    net.nodes.insert(2, restarted);
+    // A restarted replica waits out a promise before it runs.
+    net.set_clock(2, 2 * lease().promise_ms());
+    net.set_clock(2, 4 * lease().promise_ms());
+    assert!(!node_2_runs(&mut net));
+    assert!(net.node(2).is_barred());
+}
+
+#[test]
+fn a_held_candidate_leads_over_what_an_earlier_leader_of_its_epoch_recovered_from_it() {
+    let mut net = three_datacenters(Checks::default());
+    fail_over_to_three(&mut net, Checks::default());
+    // Node 3 is elected with node 2's promise, recovers its post 11 at
+    // slot 2 and writes it in the epoch (to node 2 too: the same value),
+    // then steps down before it established the epoch.
+    net.node(3).campaign().unwrap();
+    net.run(cut(&[1]));
+    assert!(net.node(3).leading().is_some());
+    net.node(3).step_down();
+    for n in [2, 4, 5] {
+        net.set_clock(n, 2 * lease().promise_ms());
+    }
+    // Node 2's released post 11 is what the epoch holds at slot 2: it
+    // leads and establishes it.
+    assert!(node_2_runs(&mut net));
+    assert!(!net.node(2).is_barred());
+    net.node(2).hold(None);
+    net.node(2).resend();
+    net.run(cut(&[1, 3]));
+    assert!(net.node(2).established().is_some());
+}

@@ -149,6 +149,22 @@ impl<T: Clone> LogAcceptor<T> {
         self.entries.values().any(|e| e.term.epoch >= epoch)
     }
 
+    /// The first `max` entries below `below` written in `epoch` or later,
+    /// in slot order.
+    pub fn epoch_entries_below(
+        &self,
+        epoch: u64,
+        below: Slot,
+        max: usize,
+    ) -> Vec<(Slot, Entry<T>)> {
+        self.entries
+            .range(..below)
+            .filter(|(_, e)| e.term.epoch >= epoch)
+            .take(max)
+            .map(|(s, e)| (*s, e.clone()))
+            .collect()
+    }
+
     /// Starts again from a timeline copied up to `upto` after a home
     /// failover of `epoch` (see [`super::LogReplica::rewind`]): drops the
     /// entries up to `upto` and every entry written before `epoch`, and

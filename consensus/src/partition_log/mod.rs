@@ -158,7 +158,11 @@ pub enum LogMessage<T> {
         /// The replica's compaction floor: slots up to it are committed and
         /// applied there, and no longer in `entries`.
         floor: Slot,
-        /// Entries at or after the asked slot, in slot order.
+        /// Entries at or after the asked slot, in slot order; in a
+        /// failover epoch's election preceded by the replica's entries of
+        /// that epoch below the asked slot (at most
+        /// [`replica::EPOCH_ENTRIES_BELOW_MAX`]), so that a candidate sees
+        /// what a leader of the epoch wrote within its released prefix.
         entries: Vec<(Slot, Entry<T>)>,
         /// In a failover epoch's election, the prefix this replica has
         /// released when its timeline is still the one the epochs before

@@ -92,6 +92,10 @@ pub struct Checks {
     /// A failover leader vouches for its promisers' timelines only when
     /// every promise (its own too) says [`LogReplica::untouched`].
     pub untouched_only: bool,
+    /// A failover candidate leads only if its released prefix agrees with
+    /// what leaders of the epoch wrote below the slot it asked from
+    /// (`LogReplica::conflicts_in_epoch`).
+    pub epoch_below: bool,
 }
 
 impl Default for Checks {
@@ -102,6 +106,7 @@ impl Default for Checks {
             lease_wait: true,
             wide_recovery: true,
             untouched_only: true,
+            epoch_below: true,
         }
     }
 }
@@ -337,10 +342,30 @@ pub struct LogReplica<T> {
     /// On a held follower, what it would have released: the committed
     /// slots it holds in the term that committed them.
     held_through: Slot,
+    /// Whether an Accept wrote, while this replica was held, over a slot
+    /// it had released another value than its log held there (or where
+    /// it had compacted):
+    /// its timeline may then hold another value than its log, so it may
+    /// not lead a failover epoch before it checked (see
+    /// `LogReplica::conflicts_in_epoch`). Cleared by
+    /// [`LogReplica::rewind`].
+    clobbered: bool,
+    /// What was released when this replica was restored: an entry of a
+    /// later epoch at one of those slots came before this process, so
+    /// whether it equals what was released there is not known.
+    restored: Slot,
+    /// The failover epoch this replica may not lead before it checked
+    /// its timeline (`LogReplica::conflicts_in_epoch`).
+    barred: Option<u64>,
     ready: LogReady<T>,
 }
 
-impl<T: Clone> LogReplica<T> {
+/// At most this many entries of a failover epoch below the asked slot
+/// travel with a promise (see `LogReplica::conflicts_in_epoch`); a
+/// candidate that gets as many cannot see them all and does not lead.
+pub const EPOCH_ENTRIES_BELOW_MAX: usize = 4_096;
+
+impl<T: Clone + PartialEq> LogReplica<T> {
     /// A replica restored from its durable acceptor state; `released` is
     /// what the node had applied to its timeline (at most the committed
     /// prefix).
@@ -358,6 +383,9 @@ impl<T: Clone> LogReplica<T> {
             deferred: Vec::new(),
             owed: None,
             held_through: Slot(0),
+            clobbered: false,
+            restored: released,
+            barred: None,
             ready: LogReady::default(),
         }
     }
@@ -593,7 +621,7 @@ impl<T: Clone> LogReplica<T> {
     /// must learn that epoch's replica set first), or, in a failover epoch,
     /// while home-lease grants this node gave may still bind it.
     pub fn campaign(&mut self) -> Option<Term> {
-        if self.config.is_learner() {
+        if self.config.is_learner() || self.is_barred() {
             return None;
         }
         if self.bound_by_grants() {
@@ -827,6 +855,59 @@ impl<T: Clone> LogReplica<T> {
         .then_some(self.released)
     }
 
+    /// Whether a candidate of a failover epoch, with `promises` from its
+    /// election, may hold in its released prefix (up to `from`) another
+    /// value than a leader of the epoch wrote there: it must not lead the
+    /// epoch then ([`LogReplica::is_barred`]), and waits to be checked.
+    ///
+    /// A candidate asks its promisers from the slot after its released
+    /// prefix, taking that prefix as chosen. In a failover epoch it may
+    /// not be: a held replica may have released a post of the old home's
+    /// loss window at a slot where an earlier leader of the epoch, elected
+    /// without it, committed another post. So a promise of a failover
+    /// epoch also carries the entries of the epoch below the asked slot
+    /// (at most [`EPOCH_ENTRIES_BELOW_MAX`]), and the candidate leads only
+    /// if its log holds the same value at each of those slots, no Accept
+    /// changed a slot it had released (`clobbered`), and no
+    /// entry of the epoch that another node wrote before this process
+    /// started sits among what it released (whether it changed a released
+    /// value is not known). The others, whose released prefixes end
+    /// below those entries, recover them as usual.
+    fn conflicts_in_epoch(&self, from: Slot, promises: &BTreeMap<NodeId, Promised<T>>) -> bool {
+        let epoch = self.config.epoch;
+        let me = self.config.me;
+        if self.clobbered {
+            return true;
+        }
+        let restored = self.restored.min(self.released).next();
+        if self
+            .acceptor
+            .epoch_entries_below(epoch, restored, usize::MAX)
+            .iter()
+            .any(|(_, e)| e.term.node != me)
+        {
+            return true;
+        }
+        promises.values().any(|(_, entries, _)| {
+            let below: Vec<&(Slot, Entry<T>)> = entries
+                .iter()
+                .filter(|(s, e)| *s < from && e.term.epoch >= epoch)
+                .collect();
+            below.len() >= EPOCH_ENTRIES_BELOW_MAX
+                || below
+                    .iter()
+                    .any(|(s, e)| self.acceptor.entry(*s).map(|mine| &mine.value) != Some(&e.value))
+        })
+    }
+
+    /// Whether this replica found, running for leader, that its released
+    /// prefix may disagree with what a leader of the failover epoch wrote
+    /// (`LogReplica::conflicts_in_epoch`): it does not run again in that
+    /// epoch until it checked its timeline ([`LogReplica::rewind`]).
+    pub fn is_barred(&self) -> bool {
+        self.barred == Some(self.config.epoch)
+    }
+
     /// On a leader of a failover epoch, the other promisers of its
     /// election whose timelines it recovered a prefix of, with the prefix
     /// each had released: every promise, this node's own included, said
@@ -864,6 +945,9 @@ impl<T: Clone> LogReplica<T> {
         self.heard = None;
         self.acceptor.rewind(upto, epoch);
         self.hold(None);
+        self.clobbered = false;
+        self.restored = Slot(0);
+        self.barred = None;
         true
     }
 
@@ -971,8 +1055,22 @@ impl<T: Clone> LogReplica<T> {
                     return;
                 }
                 let (mut reply, write) = self.acceptor.on_prepare(term, slot);
-                if let LogMessage::Promise { untouched, .. } = &mut reply {
+                if let LogMessage::Promise {
+                    untouched, entries, ..
+                } = &mut reply
+                {
                     *untouched = self.untouched();
+                    if self.config.failover.is_some() {
+                        // What leaders of this epoch wrote below the asked
+                        // slot: see `conflicts_in_epoch`.
+                        let mut below = self.acceptor.epoch_entries_below(
+                            term.epoch,
+                            slot,
+                            EPOCH_ENTRIES_BELOW_MAX,
+                        );
+                        below.append(entries);
+                        *entries = below;
+                    }
                 }
                 self.merge_write(write);
                 self.observe(term);
@@ -984,10 +1082,20 @@ impl<T: Clone> LogReplica<T> {
                 values,
                 commit,
             } => {
+                // Only a held replica's timeline can differ from the
+                // epoch's log (outside a failover, a chosen slot keeps its
+                // value; a resend of a slot compacted here is no news).
+                let clobbers = self.owed.is_some()
+                    && values.iter().enumerate().any(|(i, v)| {
+                        let slot = Slot(first.0 + i as u64);
+                        slot <= self.released
+                            && self.acceptor.entry(slot).map(|e| &e.value) != Some(v)
+                    });
                 let (reply, write) =
                     self.acceptor
                         .on_accept(term, first, &values, self.config.checks.fencing);
                 let stored = matches!(reply, LogMessage::Accepted { .. });
+                self.clobbered |= stored && clobbers;
                 self.merge_write(write);
                 self.observe(term);
                 if stored {
@@ -1154,6 +1262,14 @@ impl<T: Clone> LogReplica<T> {
                 .max(from)
                 .max(Slot(end.0.saturating_sub(RECOVERY_SLOTS_MAX)));
             self.ready.lagging.push((self.config.me, need));
+            self.role = Role::Follower;
+            return;
+        }
+        if self.config.checks.epoch_below
+            && self.config.failover.is_some()
+            && self.conflicts_in_epoch(from, promises)
+        {
+            self.barred = Some(term.epoch);
             self.role = Role::Follower;
             return;
         }

@@ -295,6 +295,9 @@ struct Part {
     /// A failover epoch whose check this replica still owes: its log is
     /// held ([`LogReplica::hold`]) until then (see "Home failover").
     unchecked: Option<u64>,
+    /// Whether the node said that this replica may not run in its
+    /// failover epoch ([`LogReplica::is_barred`]).
+    barred_told: bool,
 }
 
 /// Commit times a leader keeps per partition; a datacenter further behind
@@ -305,6 +308,7 @@ impl Part {
     /// This replica checked failover `epoch`: held again if it owes a
     /// later one.
     fn mark_checked(&mut self, map: &ClusterMap, partition: u32, epoch: u64) {
+        self.barred_told = false;
         self.checked = epoch;
         self.unchecked = map.owed_check(partition, epoch);
         self.replica.hold(self.unchecked);
@@ -389,6 +393,9 @@ impl Part {
     /// replica that owes an earlier epoch than its log runs in must not
     /// lead on a prefix it has not checked.
     fn may_campaign(&self, map: &ClusterMap, partition: u32) -> bool {
+        if self.replica.is_barred() {
+            return false;
+        }
         match self.unchecked {
             None => true,
             Some(owed) => {
@@ -692,6 +699,7 @@ impl Driver {
                 cut_off_said: false,
                 checked,
                 unchecked,
+                barred_told: false,
                 wanted: None,
                 nudged: None,
             },
@@ -1140,6 +1148,16 @@ impl Driver {
                     touched.push(*partition);
                 }
                 continue;
+            }
+            if part.replica.is_barred() && !part.barred_told {
+                part.barred_told = true;
+                metrics::counter!("saferchat_partition_failover_candidates_barred_total")
+                    .increment(1);
+                tracing::warn!(
+                    partition,
+                    epoch = part.replica.config().epoch,
+                    "a leader of the failover epoch wrote, within what this replica released, something its log does not hold the same: it does not run for leader until it checked its timeline against the new home's"
+                );
             }
             if !part.active || !part.may_campaign(&self.map, *partition) {
                 continue;
