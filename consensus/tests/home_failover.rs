@@ -1150,7 +1150,9 @@ fn broken_checking_a_leader_before_it_established_is_caught() {
 /// post 30 over the post 11 it had released there), then steps down
 /// before it established the epoch. Node 2, held, had released post 11 at
 /// slot 2 before the failover (the old home's loss window).
-fn a_deposed_leader_commits_over_a_loss_window_slot(net: &mut Net, reach_2: bool) {
+fn a_deposed_leader_commits_over_a_loss_window_slot(checks: Checks, reach_2: bool) -> Net {
+    let mut net = three_datacenters(checks);
+    fail_over_to_three(&mut net, checks);
     net.node(3).campaign().unwrap();
     net.run(cut(&[1, 2]));
     assert!(net.node(3).leading().is_some());
@@ -1166,6 +1168,7 @@ fn a_deposed_leader_commits_over_a_loss_window_slot(net: &mut Net, reach_2: bool
     for n in [2, 4, 5] {
         net.set_clock(n, 2 * lease().promise_ms());
     }
+    net
 }
 
 /// Node 2 runs twice with promises from 4 and 5 (its first round ties
@@ -1184,9 +1187,7 @@ fn node_2_runs(net: &mut Net) -> bool {
 
 #[test]
 fn a_held_candidate_whose_released_prefix_disagrees_with_its_epoch_does_not_lead() {
-    let mut net = three_datacenters(Checks::default());
-    fail_over_to_three(&mut net, Checks::default());
-    a_deposed_leader_commits_over_a_loss_window_slot(&mut net, false);
+    let mut net = a_deposed_leader_commits_over_a_loss_window_slot(Checks::default(), false);
     // Node 2 asks from slot 3, after its released prefix; node 4's
     // promise also carries the epoch's post 30 at slot 2, which node 2's
     // log does not hold there: it does not lead, and does not run again.
@@ -1213,9 +1214,7 @@ fn broken_without_the_epoch_check_a_held_candidate_establishes_over_a_committed_
         epoch_below: false,
         ..Checks::default()
     };
-    let mut net = three_datacenters(broken);
-    fail_over_to_three(&mut net, broken);
-    a_deposed_leader_commits_over_a_loss_window_slot(&mut net, false);
+    let mut net = a_deposed_leader_commits_over_a_loss_window_slot(broken, false);
     // Node 2 establishes the epoch with its post 11 at slot 2, where post
     // 30 was committed and released in the epoch: as the establishing
     // leader it defines the log, and the others would cut post 30.
@@ -1226,20 +1225,16 @@ fn broken_without_the_epoch_check_a_held_candidate_establishes_over_a_committed_
 
 #[test]
 fn a_held_replica_whose_released_slot_an_accept_changed_does_not_lead() {
-    let mut net = three_datacenters(Checks::default());
-    fail_over_to_three(&mut net, Checks::default());
     // Node 2 stores post 30 over its released post 11: its log and its
     // timeline now differ at slot 2, though its log agrees with node 4's.
-    a_deposed_leader_commits_over_a_loss_window_slot(&mut net, true);
+    let mut net = a_deposed_leader_commits_over_a_loss_window_slot(Checks::default(), true);
     assert!(!node_2_runs(&mut net));
     assert!(net.node(2).is_barred());
 }
 
 #[test]
 fn a_held_replica_restarted_with_another_leaders_entry_among_what_it_released_does_not_lead() {
-    let mut net = three_datacenters(Checks::default());
-    fail_over_to_three(&mut net, Checks::default());
-    a_deposed_leader_commits_over_a_loss_window_slot(&mut net, true);
+    let mut net = a_deposed_leader_commits_over_a_loss_window_slot(Checks::default(), true);
     // Node 2 restarts: it no longer knows that post 30 came over a slot
     // it had released, and its log agrees with node 4's there; but an
     // entry of the epoch written by another node sits among what it
