@@ -217,35 +217,51 @@ async fn a_lost_home_datacenter_fails_over_and_keeps_what_was_acknowledged() {
 /// Waits until node `i` checked its copy of `room`'s partition against
 /// the partition's new home.
 async fn wait_checked(cluster: &Cluster, i: usize, room: &str) {
-    let partition = saferchat_placement::PartitionCount::DEFAULT.of_room(room).0;
-    let checks = format!("saferchat_partition_failover_checks_total{{partition=\"{partition}\"}}");
-    let started = Instant::now();
-    loop {
-        let done = process::scrape_value(cluster.metrics[i], &checks).await;
-        if done.is_some_and(|n| n >= 1.0) {
-            return;
-        }
-        assert!(
-            started.elapsed() < 2 * DEADLINE,
-            "node {} never checked its timeline of {room} against the new home's",
-            i + 1
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    wait_partition_counts(
+        cluster,
+        i,
+        room,
+        "saferchat_partition_failover_checks_total",
+        2 * DEADLINE,
+        "never checked its timeline against the new home's",
+    )
+    .await;
 }
 
 /// Waits until node `i` applied at least one slot of `room`'s partition.
 async fn wait_applied_some(cluster: &Cluster, i: usize, room: &str) {
+    wait_partition_counts(
+        cluster,
+        i,
+        room,
+        "saferchat_partition_applied_slot",
+        DEADLINE,
+        "applied nothing",
+    )
+    .await;
+}
+
+/// Waits (polling every 200 ms, up to `deadline`) until node `i`
+/// reports `metric` of `room`'s partition at 1 or more; the panic says
+/// the node `never` did what it counts.
+async fn wait_partition_counts(
+    cluster: &Cluster,
+    i: usize,
+    room: &str,
+    metric: &str,
+    deadline: Duration,
+    never: &str,
+) {
     let partition = saferchat_placement::PartitionCount::DEFAULT.of_room(room).0;
-    let applied = format!("saferchat_partition_applied_slot{{partition=\"{partition}\"}}");
+    let series = format!("{metric}{{partition=\"{partition}\"}}");
     let started = Instant::now();
-    while !process::scrape_value(cluster.metrics[i], &applied)
+    while !process::scrape_value(cluster.metrics[i], &series)
         .await
         .is_some_and(|n| n >= 1.0)
     {
         assert!(
-            started.elapsed() < DEADLINE,
-            "node {} applied nothing of {room}",
+            started.elapsed() < deadline,
+            "node {} {never} ({room})",
             i + 1
         );
         tokio::time::sleep(Duration::from_millis(200)).await;
