@@ -627,16 +627,17 @@ impl Cluster {
             .collect();
         let mut acked: Vec<Option<(bytes::Bytes, u64)>> = vec![None; n];
         loop {
-            let mut sent = true;
+            // Whether the session still takes posts and answers them.
+            let mut open = true;
             for (i, envelope) in envelopes.iter().enumerate() {
                 if acked[i].is_none() {
-                    sent &= session
+                    open &= session
                         .send_raw(FIRST_SEQ + i as u64, envelope.clone())
                         .await
                         .is_ok();
                 }
             }
-            while sent && acked.iter().any(Option::is_none) {
+            while open && acked.iter().any(Option::is_none) {
                 match tokio::time::timeout(deadline, session.next()).await {
                     Ok(Ok(Some(saferchat_client::session::Event::Accepted {
                         seq,
@@ -656,17 +657,17 @@ impl Cluster {
                     }))) => panic!("{label}: refused: {message}"),
                     Ok(Ok(Some(_))) => {}
                     // Ended cleanly, or because the room moved.
-                    Ok(Ok(None)) => sent = false,
+                    Ok(Ok(None)) => open = false,
                     Ok(Err(saferchat_client::ClientError::Status(status)))
                         if status.code() == tonic::Code::Unavailable =>
                     {
-                        sent = false;
+                        open = false;
                     }
                     Ok(Err(e)) => panic!("{label}: session ended: {e}"),
                     Err(_) => panic!("{label}: no acknowledgement within {deadline:?}"),
                 }
             }
-            if sent {
+            if open {
                 return acked
                     .into_iter()
                     .map(|a| a.expect("acknowledged"))
