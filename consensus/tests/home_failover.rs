@@ -1282,3 +1282,134 @@ fn a_held_candidate_leads_over_what_an_earlier_leader_of_its_epoch_recovered_fro
     net.run(cut(&[1, 3]));
     assert!(net.node(2).established().is_some());
 }
+
+/// Epoch 1: node 1 is the home's only voter, 2 to 7 learn (2, 3, 4 the
+/// next home, 5, 6, 7 a third datacenter). Every node released post 10;
+/// node 5 alone stored and released post 11 (the old home's loss window).
+/// The home fails over to 2, 3 and 4 in epoch 2, and node 3 leads with
+/// promises from 2, 4, 6 and 7 (node 5 is away): nobody it heard has slot
+/// 2, so its log goes on from there. It writes post 30 at slot 2 and post
+/// 31 at slot 3; every Accept reaches every node but 1, except the one of
+/// slot 2 to node 5 while `slot_2_reaches_5` is false.
+fn a_held_learner_released_what_the_new_home_replaces(checks: Checks) -> Net {
+    let groups = &[&[2, 3, 4][..], &[5, 6, 7][..]][..];
+    let mut net = Net::new(
+        (1..=7)
+            .map(|me| {
+                let mut c = config(me, &[1], &[2, 3, 4, 5, 6, 7], 1, None);
+                c.checks = checks;
+                c
+            })
+            .collect(),
+    );
+    net.node(1).campaign().unwrap();
+    net.run(|_, _, _| false);
+    net.node(1).append(vec![post(10)]).unwrap();
+    net.run(|_, _, _| false);
+    let only_to_5 = |_, to, m: &LogMessage<u32>| {
+        matches!(m, LogMessage::Accept { values, .. } if !values.is_empty()) && to != 5
+    };
+    net.node(1).append(vec![post(11)]).unwrap();
+    net.run(only_to_5);
+    net.node(1).resend();
+    net.run(only_to_5);
+    assert_eq!(net.released(5), vec![(1, post(10)), (2, post(11))]);
+    for me in 2..=7 {
+        let mut c = config(me, &[2, 3, 4], &[1, 5, 6, 7], 2, Some(groups));
+        c.checks = checks;
+        assert!(net.node(me).reconfigure(c));
+        net.node(me).hold(Some(2));
+        net.set_clock(me, lease().promise_ms());
+    }
+    net.node(3).campaign().unwrap();
+    net.run(cut(&[1, 5]));
+    assert!(net.node(3).leading().is_some());
+    let slot_2_to_5 = |from, to, m: &LogMessage<u32>| {
+        from == 1
+            || to == 1
+            || (to == 5
+                && matches!(m, LogMessage::Accept { first, values, .. } if *first == Slot(2) && !values.is_empty()))
+    };
+    net.node(3).append(vec![post(30)]).unwrap();
+    net.run(slot_2_to_5);
+    net.node(3).append(vec![post(31)]).unwrap();
+    net.run(slot_2_to_5);
+    net.node(3).resend();
+    net.run(slot_2_to_5);
+    assert_eq!(
+        net.released(3),
+        vec![(1, post(10)), (2, post(30)), (3, post(31))]
+    );
+    net
+}
+
+/// What node 5's log holds at slot 2.
+fn slot_2_of_5(net: &mut Net) -> Option<Value<u32>> {
+    net.node(5)
+        .acceptor()
+        .entry(Slot(2))
+        .map(|e| e.value.clone())
+}
+
+#[test]
+fn a_held_learner_counts_as_storing_only_what_it_holds_of_the_new_homes_log() {
+    let mut net = a_held_learner_released_what_the_new_home_replaces(Checks::default());
+    // Node 5 released post 11 at slot 2 before it was held, and its log
+    // still holds it there: for the cross-datacenter level, the leader
+    // counts it as storing slot 1 only (nodes 6 and 7 store all three),
+    // so post 30 is on a majority of the third datacenter (6 and 7) but
+    // not on all of it.
+    assert_eq!(slot_2_of_5(&mut net), Some(post(11)));
+    let third = ids(&[5, 6, 7]);
+    assert_eq!(net.node(3).stored_by(&third, 2), Slot(3));
+    assert_eq!(net.node(3).stored_by(&third, 3), Slot(1));
+    // Once the Accept of slot 2 reaches it (the leader resends what a
+    // replica reports missing), it counts as storing all three.
+    net.node(3).resend();
+    net.run(cut(&[1]));
+    net.node(3).resend();
+    net.run(cut(&[1]));
+    assert_eq!(slot_2_of_5(&mut net), Some(post(30)));
+    assert_eq!(net.node(3).stored_by(&third, 3), Slot(3));
+    assert!(net.node(5).is_held());
+}
+
+#[test]
+fn broken_a_held_learner_reporting_its_whole_released_prefix_counts_as_storing_a_post_it_lacks() {
+    let broken = Checks {
+        held_report: false,
+        ..Checks::default()
+    };
+    let mut net = a_held_learner_released_what_the_new_home_replaces(broken);
+    // Node 5 reports slots 1 and 2 released (post 11 is at slot 2 in its
+    // log and timeline) and then stores slot 3: the leader counts it as
+    // storing post 30, so all of the third datacenter seems to hold it
+    // while only 6 and 7 do. Were 6 lost, a majority of that datacenter
+    // (5 and 7) would no longer hold it.
+    assert_eq!(slot_2_of_5(&mut net), Some(post(11)));
+    assert_eq!(net.node(3).stored_by(&ids(&[5, 6, 7]), 3), Slot(3));
+}
+
+#[test]
+fn a_held_replica_that_installed_a_copy_is_not_vouched_for_nor_shares_beyond_it() {
+    let mut net = three_datacenters(Checks::default());
+    fail_over_to_three(&mut net, Checks::default());
+    // Node 3 (released slot 1) installs a copy up to slot 2 while held:
+    // the copy may hold what a leader of the epoch wrote, so its timeline
+    // is no longer the one the epochs before left it.
+    assert_eq!(net.node(3).untouched(), Some(Slot(1)));
+    assert!(net.node(3).install(Slot(2)));
+    assert_eq!(net.node(3).untouched(), None);
+    // It runs with promises from 2 and 5: it vouches for no one, and it
+    // tells the held replicas that its log shares slot 1 only with what
+    // they released, so node 2 (post 11 at slot 2, which the copy may not
+    // hold) is not counted as holding slot 2 of the new home's log.
+    net.node(3).campaign().unwrap();
+    net.run(cut(&[1, 4]));
+    assert!(net.node(3).leading().is_some());
+    assert!(net.node(3).vouched().is_empty());
+    net.node(3).resend();
+    net.run(cut(&[1, 4]));
+    assert!(!net.node(3).has_caught_up(NodeId(2)));
+    assert!(net.node(3).has_caught_up(NodeId(3)));
+}

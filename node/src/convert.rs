@@ -678,11 +678,13 @@ pub mod log {
                 first,
                 values,
                 commit,
+                shared,
             } => Body::Accept(ppb::LogAccept {
                 term: Some(term_to_pb(*term)),
                 first: first.0,
                 values: values.iter().map(value_to_pb).collect(),
                 commit: commit.0,
+                shared: shared.0,
             }),
             LogMessage::Accepted {
                 term,
@@ -752,6 +754,7 @@ pub mod log {
                     .map(value_from_pb)
                     .collect::<Result<_, _>>()?,
                 commit: Slot(a.commit),
+                shared: Slot(a.shared),
             },
             Body::Accepted(a) => LogMessage::Accepted {
                 term: term_of(a.term.as_ref())?,
@@ -829,6 +832,7 @@ pub mod log {
                     first: Slot(3),
                     values: vec![post, Value::Noop],
                     commit: Slot(2),
+                    shared: Slot(1),
                 },
                 LogMessage::Accepted {
                     term: t,

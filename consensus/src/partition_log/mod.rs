@@ -185,6 +185,13 @@ pub enum LogMessage<T> {
         values: Vec<Value<T>>,
         /// The leader's committed prefix.
         commit: Slot,
+        /// How much of what a replica held owing this failover epoch's
+        /// check released before it was held the leader's log shares
+        /// with it: every slot up to here (see `LogReplica::reported`).
+        /// Below the first slot a leader of the epoch may have written,
+        /// so 0 from a leader that cannot tell, and from nodes of a
+        /// version before it.
+        shared: Slot,
     },
     /// The slots `first .. first + count` are stored in `term`, and the
     /// replica has released everything up to `released`.
@@ -264,11 +271,13 @@ impl<T> LogMessage<T> {
                     first,
                     values,
                     commit,
+                    shared,
                     ..
                 } => {
                     slot_ok(*first)
                         && (values.len() as u64) <= SLOT_MAX - first.0
                         && commit.0 <= SLOT_MAX
+                        && shared.0 <= SLOT_MAX
                 }
                 LogMessage::Accepted {
                     first,

@@ -96,6 +96,11 @@ pub struct Checks {
     /// what leaders of the epoch wrote below the slot it asked from
     /// (`LogReplica::conflicts_in_epoch`).
     pub epoch_below: bool,
+    /// A held replica reports as released no more of what it released
+    /// before it was held than the leader's log shares with it
+    /// (`LogMessage::Accept::shared`), plus what it holds in the
+    /// leader's term (`LogReplica::reported`).
+    pub held_report: bool,
 }
 
 impl Default for Checks {
@@ -107,6 +112,7 @@ impl Default for Checks {
             wide_recovery: true,
             untouched_only: true,
             epoch_below: true,
+            held_report: true,
         }
     }
 }
@@ -311,6 +317,9 @@ enum Role<T> {
         /// election showed to be a prefix of the recovered log, and the
         /// prefix each had released ([`LogReplica::vouched`]).
         vouched: Vec<(NodeId, Slot)>,
+        /// How much of a held replica's earlier released prefix this
+        /// leader's log shares (`LogReplica::shared_at_election`).
+        shared: Slot,
     },
 }
 
@@ -357,6 +366,14 @@ pub struct LogReplica<T> {
     /// The failover epoch this replica may not lead before it checked
     /// its timeline (`LogReplica::conflicts_in_epoch`).
     barred: Option<u64>,
+    /// The term of the newest Accept this replica stored, and how much of
+    /// its earlier released prefix that leader's log shares with it
+    /// (`LogMessage::Accept::shared`).
+    shared: Option<(Term, Slot)>,
+    /// While held, the first slot a copy it installed brought (the copy
+    /// may hold what a leader of the epoch wrote); `None` when it
+    /// installed none since it was held.
+    installed_held: Option<Slot>,
     ready: LogReady<T>,
 }
 
@@ -386,6 +403,8 @@ impl<T: Clone + PartialEq> LogReplica<T> {
             clobbered: false,
             restored: released,
             barred: None,
+            shared: None,
+            installed_held: None,
             ready: LogReady::default(),
         }
     }
@@ -699,13 +718,13 @@ impl<T: Clone + PartialEq> LogReplica<T> {
             term,
             pending,
             next,
+            shared,
             ..
         } = &self.role
         else {
             return;
         };
-        let next = *next;
-        let term = *term;
+        let (next, term, shared) = (*next, *term, *shared);
         let commit = self.released;
         let mut sends = Vec::new();
         for to in self.others() {
@@ -722,10 +741,16 @@ impl<T: Clone + PartialEq> LogReplica<T> {
                         first: next,
                         values: Vec::new(),
                         commit,
+                        shared,
                     },
                 ));
             } else {
-                sends.extend(accepts(to, term, commit, missing, self.config.batch_max));
+                sends.extend(accepts(
+                    to,
+                    (term, commit, shared),
+                    missing,
+                    self.config.batch_max,
+                ));
             }
         }
         self.ready.messages.extend(sends);
@@ -780,6 +805,10 @@ impl<T: Clone + PartialEq> LogReplica<T> {
         if upto <= self.released || !matches!(self.role, Role::Follower) {
             return false;
         }
+        if self.owed.is_some() {
+            let first = self.released.next();
+            self.installed_held = Some(self.installed_held.map_or(first, |s| s.min(first)));
+        }
         self.released = upto;
         self.acceptor.compact(upto);
         true
@@ -793,26 +822,46 @@ impl<T: Clone + PartialEq> LogReplica<T> {
     /// that it applies no later slot on top of that tail; `None` lifts the
     /// hold.
     ///
-    /// A held follower reports as released what it would have released:
-    /// it holds those committed entries in its log, which is what a
-    /// leader counts it caught up for ([`LogReplica::established`] needs a
-    /// quorum of voters holding what it recovered, and the new home of a
-    /// failover may have no voter to spare); the node compacts nothing of
-    /// a held log, and after [`LogReplica::rewind`] it reports what it
-    /// released again.
+    /// A held follower reports as released what it holds of the leader's
+    /// log (`LogReplica::reported`), which is what a leader counts it
+    /// caught up for ([`LogReplica::established`] needs a quorum of voters
+    /// holding what it recovered, and the new home of a failover may have
+    /// no voter to spare) and storing for the cross-datacenter level; the
+    /// node compacts nothing of a held log, and after
+    /// [`LogReplica::rewind`] it reports what it released again.
     pub fn hold(&mut self, owed: Option<u64>) {
         self.owed = owed;
         self.held_through = Slot(0);
+        self.installed_held = None;
     }
 
-    /// What this replica tells a leader it released (see
-    /// [`LogReplica::hold`]).
+    /// What this replica tells a leader it released: on a held replica,
+    /// what it holds of that leader's log. Of what it released before it
+    /// was held, that is no more than the leader says its log shares
+    /// (`LogMessage::Accept::shared`: the slots before the first that a
+    /// leader of the failover epoch may have written; past it, this
+    /// replica may have released a post of the old home's loss window
+    /// that the epoch replaced), and nothing when it owes an earlier
+    /// epoch's check or has not heard the leader of the newest term; on
+    /// from there, the committed slots it holds in the term that
+    /// committed them (`held_through`). The leader resends the rest in
+    /// its term, and counts the replica once it stored it. A broken
+    /// variant (`Checks::held_report` off) reports its whole released
+    /// prefix.
     fn reported(&self) -> Slot {
-        if self.owed.is_some() {
-            self.released.max(self.held_through)
-        } else {
-            self.released
+        let Some(owed) = self.owed else {
+            return self.released;
+        };
+        if !self.config.checks.held_report {
+            return self.released.max(self.held_through);
         }
+        let shared = match self.shared {
+            Some((term, shared)) if owed == self.config.epoch && term == self.highest => {
+                self.released.min(shared)
+            }
+            _ => Slot(0),
+        };
+        shared.max(self.held_through)
     }
 
     /// Whether the replica is held ([`LogReplica::hold`]).
@@ -824,8 +873,9 @@ impl<T: Clone + PartialEq> LogReplica<T> {
     /// the epochs before this failover epoch left it: it is held owing
     /// this epoch's check and no earlier one (so it checked every earlier
     /// failover, and has released nothing since it learned of this one),
-    /// and its log holds no entry of this epoch (no leader of it wrote
-    /// here yet). Sent with its promises in a failover election
+    /// installed no copy since (one may hold what a leader of the epoch
+    /// wrote), and its log holds no entry of this epoch (no leader of it
+    /// wrote here yet). Sent with its promises in a failover election
     /// (`LogMessage::Promise::untouched`). `Slot(0)` when it released
     /// nothing: such a promise does not keep the leader from vouching for
     /// the others (its log is as untouched), but the leader vouches for
@@ -851,6 +901,7 @@ impl<T: Clone + PartialEq> LogReplica<T> {
         let epoch = self.config.epoch;
         (self.config.failover.is_some()
             && self.owed == Some(epoch)
+            && self.installed_held.is_none()
             && !self.acceptor.holds_epoch(epoch))
         .then_some(self.released)
     }
@@ -898,6 +949,55 @@ impl<T: Clone + PartialEq> LogReplica<T> {
                     .iter()
                     .any(|(s, e)| self.acceptor.entry(*s).map(|mine| &mine.value) != Some(&e.value))
         })
+    }
+
+    /// How much of what a replica held owing this failover epoch released
+    /// before it was held this candidate's log shares with it, elected
+    /// from `from` with `promises` (`LogMessage::Accept::shared`).
+    ///
+    /// Only a held candidate can tell: it released nothing as a follower
+    /// since it was held, so its released prefix is what the epochs
+    /// before this one chose, as is a held replica's (both prefixes of
+    /// one lineage), but for the slots a leader of this epoch wrote: its
+    /// own earlier leaderships' and the ones it holds with the same value
+    /// (a different one bars it), which its log keeps (a held log is not
+    /// compacted) or its promisers' carry, and the slots a copy it
+    /// installed since it was held brought. So it shares every slot
+    /// before the first of those and before `from`. A candidate that is
+    /// not held (it checked) cannot tell which of its slots the epoch
+    /// wrote: 0, and the held replicas count once they stored its log in
+    /// its term, or checked.
+    fn shared_at_election(&self, from: Slot, promises: &BTreeMap<NodeId, Promised<T>>) -> Slot {
+        let epoch = self.config.epoch;
+        if self.owed != Some(epoch) {
+            return Slot(0);
+        }
+        let own = self
+            .acceptor
+            .epoch_entries_below(epoch, from, 1)
+            .first()
+            .map(|(s, _)| *s);
+        let promised = promises
+            .values()
+            .flat_map(|(_, entries, _)| entries)
+            .filter(|(s, e)| *s < from && e.term.epoch >= epoch)
+            .map(|(s, _)| *s)
+            .min();
+        let first = [Some(from), own, promised, self.installed_held]
+            .into_iter()
+            .flatten()
+            .min()
+            .unwrap_or(from);
+        Slot(first.0.saturating_sub(1))
+    }
+
+    /// On a leader, what it tells held replicas its log shares with what
+    /// they released ([`LogReplica::shared_at_election`]); 0 elsewhere.
+    fn leader_shared(&self) -> Slot {
+        match &self.role {
+            Role::Leader { shared, .. } => *shared,
+            _ => Slot(0),
+        }
     }
 
     /// Whether this replica found, running for leader, that its released
@@ -1081,6 +1181,7 @@ impl<T: Clone + PartialEq> LogReplica<T> {
                 first,
                 values,
                 commit,
+                shared,
             } => {
                 // Only a held replica's timeline can differ from the
                 // epoch's log (outside a failover, a chosen slot keeps its
@@ -1099,6 +1200,7 @@ impl<T: Clone + PartialEq> LogReplica<T> {
                 self.merge_write(write);
                 self.observe(term);
                 if stored {
+                    self.shared = Some((term, shared));
                     self.heard = self.heard.max(Some(commit));
                     self.release_as_follower(term, commit);
                 }
@@ -1329,6 +1431,7 @@ impl<T: Clone + PartialEq> LogReplica<T> {
         } else {
             Vec::new()
         };
+        let shared = self.shared_at_election(from, promises);
         self.role = Role::Leader {
             term,
             next: from,
@@ -1338,6 +1441,7 @@ impl<T: Clone + PartialEq> LogReplica<T> {
             stored: BTreeMap::new(),
             lease: LeaseHolder::default(),
             vouched,
+            shared,
         };
         self.ready.leading = Some(term);
         self.renew_lease();
@@ -1353,12 +1457,13 @@ impl<T: Clone + PartialEq> LogReplica<T> {
             term,
             next,
             pending,
+            shared,
             ..
         } = &mut self.role
         else {
             return;
         };
-        let term = *term;
+        let (term, shared) = (*term, *shared);
         let me = self.config.me;
         for (i, v) in values.iter().enumerate() {
             pending.insert(Slot(first.0 + i as u64), (v.clone(), BTreeSet::from([me])));
@@ -1380,6 +1485,7 @@ impl<T: Clone + PartialEq> LogReplica<T> {
                         first: Slot(first.0 + chunk_start as u64),
                         values: chunk.clone(),
                         commit,
+                        shared,
                     },
                 ));
             }
@@ -1452,8 +1558,12 @@ impl<T: Clone + PartialEq> LogReplica<T> {
             .take_while(|(s, _)| *s <= upto)
             .map(|(s, e)| (s, e.value))
             .collect();
-        let commit = self.released;
-        let sends = accepts(to, term, commit, missing, self.config.batch_max);
+        let sends = accepts(
+            to,
+            (term, self.released, self.leader_shared()),
+            missing,
+            self.config.batch_max,
+        );
         self.ready.messages.extend(sends);
     }
 
@@ -1544,12 +1654,12 @@ impl<T: Clone + PartialEq> LogReplica<T> {
     }
 }
 
-/// Accepts to `to` carrying `items` (in slot order), one per run of
-/// consecutive slots of at most `max` values.
+/// Accepts to `to` in a leader's term, with its commit point and what
+/// its log shares with held replicas, carrying `items` (in slot order),
+/// one per run of consecutive slots of at most `max` values.
 fn accepts<T>(
     to: NodeId,
-    term: Term,
-    commit: Slot,
+    (term, commit, shared): (Term, Slot, Slot),
     items: Vec<(Slot, Value<T>)>,
     max: usize,
 ) -> Vec<(NodeId, LogMessage<T>)> {
@@ -1563,6 +1673,7 @@ fn accepts<T>(
                     first,
                     values,
                     commit,
+                    shared,
                 },
             )
         })

@@ -896,6 +896,7 @@ async fn a_replica_with_a_divergent_tail_is_held_then_cuts_it_and_follows_the_ne
                 first: Slot(first),
                 values: posts(range).into_iter().map(Value::Post).collect(),
                 commit: Slot(commit),
+                shared: Slot(0),
             },
         )],
     };
