@@ -606,6 +606,7 @@ pub mod log {
                     origin_node: p.origin.0.0,
                     origin_token: p.origin.1,
                     envelope: p.envelope.clone(),
+                    retry_only: p.retry_only,
                 }),
             }),
         }
@@ -626,6 +627,7 @@ pub mod log {
                     seed: p.seed,
                     origin: (NodeId(p.origin_node), p.origin_token),
                     envelope: Bytes::clone(&p.envelope),
+                    retry_only: p.retry_only,
                 }))
             }
             None => Err(corrupt("log value without a value")),
@@ -803,6 +805,7 @@ pub mod log {
                 seed: 6,
                 origin: (NodeId(1), 9),
                 envelope: Bytes::from_static(b"env"),
+                retry_only: true,
             });
             let messages = [
                 LogMessage::Prepare {

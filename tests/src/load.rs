@@ -679,3 +679,48 @@ pub async fn outcome(
         }
     }
 }
+
+/// What [`retry_across_a_membership_change`] saw.
+#[derive(Debug)]
+pub struct RetryAcross {
+    /// The first post's outcome.
+    pub first: Result<(bytes::Bytes, u64), String>,
+    /// The same envelope sent again after the change.
+    pub again: Result<(bytes::Bytes, u64), String>,
+    /// An envelope sealed before the change and first sent after it.
+    pub never_sent: Result<(bytes::Bytes, u64), String>,
+}
+
+/// Posts one envelope and waits for its answer, lets `move_on` change
+/// the room's membership, then sends the same bytes again (the retry of
+/// a post whose answer was lost) and an envelope sealed before the change
+/// but never sent; each waits up to `deadline`.
+///
+/// # Panics
+/// When the session cannot seal or send, or an answer does not come.
+pub async fn retry_across_a_membership_change(
+    session: &mut Session,
+    move_on: impl std::future::Future<Output = ()>,
+    deadline: Duration,
+) -> RetryAcross {
+    const FIRST: u64 = 1 << 40;
+    let envelope = session.seal(b"sent twice").expect("seal");
+    let never_sent = session
+        .seal(b"wrapped for the old membership")
+        .expect("seal");
+    session
+        .send_raw(FIRST, envelope.clone())
+        .await
+        .expect("send");
+    let first = outcome(session, FIRST, deadline).await;
+    move_on.await;
+    session.send_raw(FIRST + 1, envelope).await.expect("send");
+    let again = outcome(session, FIRST + 1, deadline).await;
+    session.send_raw(FIRST + 2, never_sent).await.expect("send");
+    let never_sent = outcome(session, FIRST + 2, deadline).await;
+    RetryAcross {
+        first,
+        again,
+        never_sent,
+    }
+}

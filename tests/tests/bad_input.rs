@@ -1029,3 +1029,35 @@ async fn durability_levels_a_single_node_cannot_give_are_refused() {
         .expect("history");
     assert_eq!(stored.len(), 1, "only the local post is stored");
 }
+
+/// A stale envelope is refused, with the membership to wrap it again for;
+/// but the same bytes as a post the room holds are a retry whose answer
+/// was lost (the membership may have moved on meanwhile), and get that
+/// post's place: refused, the client would wrap the message again and the
+/// room would hold it twice.
+#[tokio::test]
+async fn a_stale_envelope_is_refused_unless_it_is_the_retry_of_a_stored_post() {
+    let node = TestNode::start().await;
+    let ids = node.room("aaa", &[0]).await;
+    let mut session = node.join("aaa", &ids[0]).await;
+    let bob = saferchat_client::test_keys::identity(1);
+    let add_bob = async {
+        node.admin()
+            .await
+            .add_user("aaa", &bob.handle().to_string(), None)
+            .await
+            .expect("add bob");
+    };
+    let seen = saferchat_tests::load::retry_across_a_membership_change(
+        &mut session,
+        add_bob,
+        std::time::Duration::from_secs(60),
+    )
+    .await;
+    assert!(seen.first.is_ok(), "{seen:?}");
+    assert_eq!(seen.again, seen.first, "the retry gets the first place");
+    let refused = seen
+        .never_sent
+        .expect_err("a stale envelope never sent is refused");
+    assert!(refused.contains("membership is at revision"), "{refused}");
+}

@@ -782,3 +782,47 @@ async fn a_relayed_session_that_stops_reading_is_closed_as_too_slow() {
         "newest first"
     );
 }
+
+/// A client that got no answer to a post (the partition's leader moved
+/// while it was in flight) sends the same envelope again; by then the
+/// membership may have moved on. The first attempt may be in the log
+/// still, and may commit: the retry must get its place, and not a refusal
+/// that makes the client wrap the message again (the room would then hold
+/// it twice, which the chaos campaign saw under load). Here the first
+/// attempt committed before the membership moved on; a stale envelope
+/// never sent before is still refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_retry_sent_after_the_membership_moved_on_gets_the_first_attempts_place() {
+    let (cluster, owner, mut session) = room_with_alice(Options::single_dc(3), &[]).await;
+    let bob = saferchat_client::test_keys::identity(1);
+    let add_bob = async {
+        let mut admin = cluster.admin((owner + 1) % 3).await;
+        admin
+            .add_user(ROOM, &bob.handle().to_string(), None)
+            .await
+            .expect("add bob");
+    };
+    let seen =
+        saferchat_tests::load::retry_across_a_membership_change(&mut session, add_bob, DEADLINE)
+            .await;
+    let first = seen.first.clone().expect("acknowledged");
+    assert_eq!(seen.again, seen.first, "the retry gets the first place");
+    let refused = seen
+        .never_sent
+        .expect_err("a stale envelope never sent is refused");
+    assert!(refused.contains("membership is at revision"), "{refused}");
+
+    let query = Query {
+        limit: 100,
+        ..Query::default()
+    };
+    for i in 0..3 {
+        let ids: Vec<Bytes> = history::read_via(&cluster.server(i), &session, &query)
+            .await
+            .unwrap_or_else(|e| panic!("history through node {}: {e}", i + 1))
+            .into_iter()
+            .map(|m| m.id)
+            .collect();
+        assert_eq!(ids, vec![first.0.clone()], "history through node {}", i + 1);
+    }
+}

@@ -74,6 +74,11 @@ struct Pending {
     envelope: saferchat_envelope::Envelope,
     raw: bytes::Bytes,
     durability: Durability,
+    /// Wrapped for an earlier membership revision: sent to the log as
+    /// retry-only ([`LogPost::retry_only`]), with the refusal (and the
+    /// membership it was checked against) to answer if the log refuses
+    /// it.
+    stale: Option<(Refusal, Arc<RoomState>)>,
 }
 
 struct Actor {
@@ -346,6 +351,7 @@ impl Actor {
                     envelope,
                     raw,
                     durability,
+                    stale: None,
                 }),
             }
         }
@@ -387,6 +393,39 @@ impl Actor {
         let mut accepted = Vec::with_capacity(posts.len());
         for p in posts {
             if let Err(refusal) = check_membership(&p.envelope, &self.room, &p.user, &state) {
+                // Wrapped for an earlier revision, it may be the retry of
+                // a post sent under that revision whose answer the client
+                // never got (its connection broke, or the partition's
+                // leader moved): refused, the client would wrap the
+                // message again and the room might hold it twice. A single
+                // node answers from the room's tail (unless a failed write
+                // left the tail ahead of the store). In a cluster the first
+                // attempt may still be in the log and yet commit, so the
+                // post goes to the log as retry-only, which answers with
+                // the first attempt's place or refuses it, alike on every
+                // replica.
+                if let Refusal::StaleRevision { envelope, current } = &refusal
+                    && envelope < current
+                {
+                    match &self.writer {
+                        Writer::Replicated { .. } => {
+                            accepted.push(Pending {
+                                stale: Some((refusal, Arc::clone(&state))),
+                                ..p
+                            });
+                            continue;
+                        }
+                        Writer::Local(tail) if !self.broken => {
+                            if let Some(placed) =
+                                tail.recall(&(p.envelope.sender, p.envelope.nonce))
+                            {
+                                self.reply(p.session, p.client_seq, Ok(placed));
+                                continue;
+                            }
+                        }
+                        Writer::Local(_) => {}
+                    }
+                }
                 metrics::counter!("saferchat_posts_rejected_total").increment(1);
                 let with_state = matches!(
                     refusal,
@@ -488,6 +527,7 @@ impl Actor {
                         seed: rand::random(),
                         origin: (timeline.me(), 0),
                         envelope: p.raw.clone(),
+                        retry_only: p.stale.is_some(),
                     })
                     .collect();
                 let durability = accepted.iter().map(|p| p.durability).collect();
@@ -540,6 +580,18 @@ impl Actor {
                             ),
                             None,
                         )),
+                    );
+                    continue;
+                }
+                Err(NodeError::FailedPrecondition(_)) if p.stale.is_some() => {
+                    // The log found no first attempt: the refusal the
+                    // membership check gave, now definite.
+                    let (refusal, state) = p.stale.expect("stale");
+                    metrics::counter!("saferchat_posts_rejected_total").increment(1);
+                    self.reply(
+                        p.session,
+                        p.client_seq,
+                        Err((refusal_error(&refusal), Some(state))),
                     );
                     continue;
                 }

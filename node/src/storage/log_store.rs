@@ -658,6 +658,7 @@ mod tests {
                 seed: u64::from(n),
                 origin: (NodeId(1), u64::from(n)),
                 envelope: Bytes::from(vec![n; 10]),
+                retry_only: n.is_multiple_of(2),
             }),
         }
     }
@@ -833,6 +834,7 @@ mod tests {
                 seed: n,
                 origin: (NodeId(1), n),
                 envelope: Bytes::from(vec![7u8; 400 * 1024]),
+                retry_only: false,
             }),
         };
         let change = vec![LogChange {

@@ -1876,8 +1876,8 @@ impl Driver {
         committed: Vec<(u32, Vec<Committed<LogPost>>)>,
     ) -> Result<(), NodeError> {
         let commit_time = self.clock.monotonic();
-        let outcomes = match self.store_batch(&committed, commit_time).await {
-            Ok(outcomes) => outcomes,
+        let (outcomes, refused) = match self.store_batch(&committed, commit_time).await {
+            Ok(done) => done,
             Err(StoreFailed::Store(e)) => return self.store_failed(committed, &e),
             Err(StoreFailed::Fatal(e)) => return Err(e),
         };
@@ -1887,6 +1887,16 @@ impl Driver {
                 "the timeline store answers again; applying resumed"
             );
             metrics::gauge!("saferchat_timeline_store_available").set(1.0);
+        }
+        for origin in refused {
+            metrics::counter!("saferchat_stale_posts_refused_total").increment(1);
+            if origin.0 == self.me
+                && let Some((_, reply, _, _)) = self.waiters.remove(&origin.1)
+            {
+                let _ = reply.send(Err(NodeError::FailedPrecondition(
+                    "the post is wrapped for an earlier membership revision and is no retry of a stored post: wrap it again for the current membership".into(),
+                )));
+            }
         }
         for (origin, room, placed, envelope, slot) in outcomes {
             if origin.0 == self.me
@@ -1931,17 +1941,20 @@ impl Driver {
     }
 
     /// Places the committed posts in their rooms and stores the fresh
-    /// ones. On a store error the room tails are dropped (they moved past
-    /// what the store holds) and the placed ids remembered, so a retry
-    /// places every post the same way and delivers each once.
+    /// ones; returns where each landed, and the origins of the posts
+    /// refused as no retry ([`LogPost::retry_only`]). On a store error
+    /// the room tails are dropped (they moved past what the store holds)
+    /// and the placed ids remembered, so a retry places every post the
+    /// same way and delivers each once.
     async fn store_batch(
         &mut self,
         committed: &[(u32, Vec<Committed<LogPost>>)],
         commit_time: Millis,
-    ) -> Result<Vec<Placed>, StoreFailed> {
+    ) -> Result<(Vec<Placed>, Vec<(NodeId, u64)>), StoreFailed> {
         let batch_start = self.uses;
         let mut batch = Vec::new();
         let mut outcomes = Vec::new();
+        let mut refused = Vec::new();
         let mut failed = None;
         // Per room, the earliest proposal in the batch: a tail loaded now
         // recognises every post stored since (`RoomTail::load_since`).
@@ -2005,11 +2018,18 @@ impl Driver {
                 self.uses += 1;
                 let (tail, used) = self.tails.get_mut(&post.room).expect("loaded");
                 *used = self.uses;
-                let placed = tail.place(
-                    (envelope.sender, envelope.nonce),
-                    post.proposed_ms,
-                    post.seed,
-                );
+                let key = (envelope.sender, envelope.nonce);
+                let placed = if post.retry_only {
+                    // Decided by the tail every replica holds alike at
+                    // this slot: the original's place, or nothing.
+                    let Some(placed) = tail.recall(&key) else {
+                        refused.push(post.origin);
+                        continue;
+                    };
+                    placed
+                } else {
+                    tail.place(key, post.proposed_ms, post.seed)
+                };
                 if placed.fresh {
                     batch.push(StoredMessage {
                         room: post.room.clone(),
@@ -2042,7 +2062,7 @@ impl Driver {
             return Err(StoreFailed::Store(e));
         }
         metrics::counter!("saferchat_posts_stored_total").increment(batch.len() as u64);
-        Ok(outcomes)
+        Ok((outcomes, refused))
     }
 
     /// Puts `committed` back before whatever was collected since, and

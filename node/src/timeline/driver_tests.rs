@@ -23,6 +23,7 @@ use crate::message_id::Bucket;
 use crate::storage::log_store::{LogStore, files};
 use crate::storage::memory::MemoryChat;
 use crate::storage::{ChatStore, CommittedRoom, Range, RoomSummary, StoredMessage, history};
+use crate::timeline::tail::Sequenced;
 use crate::timeline::{LogPost, Timeline};
 
 /// Time stands still unless the test moves it: nothing is synced because
@@ -255,6 +256,7 @@ fn posts(range: std::ops::Range<u32>) -> Vec<LogPost> {
             seed: u64::from(n),
             origin: (NodeId(1), 0),
             envelope: envelope(n),
+            retry_only: false,
         })
         .collect()
 }
@@ -291,6 +293,58 @@ async fn stored(store: &dyn ChatStore, n: usize) -> Vec<u64> {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     panic!("the store never held {n} posts");
+}
+
+/// Appends `range` retry-only ([`LogPost::retry_only`]) and returns each
+/// answer.
+async fn post_retry_only(
+    timeline: &Timeline,
+    partition: u32,
+    range: std::ops::Range<u32>,
+) -> Vec<Result<Sequenced, NodeError>> {
+    let mut answers = Vec::new();
+    let retries = posts(range)
+        .into_iter()
+        .map(|p| LogPost {
+            retry_only: true,
+            ..p
+        })
+        .collect();
+    for reply in timeline
+        .append(partition, retries, Vec::new())
+        .await
+        .unwrap()
+    {
+        answers.push(reply.await.unwrap());
+    }
+    answers
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_retry_only_post_gets_its_first_attempts_place_or_is_refused_and_stored_never() {
+    let dir = tempfile::tempdir().unwrap();
+    let clock = Arc::new(StillClock::default());
+    let disk = Arc::new(Disk::default());
+    let node = start(dir.path(), Arc::clone(&disk), Arc::clone(&clock));
+    let partition = lead(&node.timeline).await;
+    assert_eq!(post(&node.timeline, partition, 0..3).await, vec![1, 2, 3]);
+    let original = ids_of(&*disk).await[1];
+
+    // The same envelope as post 1 (a retry whose first attempt
+    // committed): its place, nothing new.
+    let again = post_retry_only(&node.timeline, partition, 1..2).await;
+    let Ok(placed) = &again[0] else {
+        panic!("a retry of a stored post is answered with its place: {again:?}");
+    };
+    assert_eq!((placed.id, placed.seq, placed.fresh), (original, 2, false));
+    // An envelope the room never held: refused, and no number used.
+    let refused = post_retry_only(&node.timeline, partition, 7..8).await;
+    assert!(
+        matches!(refused[0], Err(NodeError::FailedPrecondition(_))),
+        "{refused:?}"
+    );
+    assert_eq!(post(&node.timeline, partition, 3..4).await, vec![4]);
+    assert_eq!(stored_seqs(&*disk).await, vec![1, 2, 3, 4]);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -75,6 +75,15 @@ pub struct LogPost {
     pub origin: (NodeId, u64),
     /// The envelope as posted.
     pub envelope: Bytes,
+    /// Placed only as a retry of a post its room already holds (the same
+    /// sender and nonce), and refused otherwise: the leader found it
+    /// wrapped for an earlier membership revision, as the retry of a post
+    /// first appended under that revision is, whose first attempt may
+    /// still be in the log (recovered by a new leader after the one it
+    /// was sent to lost the lead). Every replica decides alike, at apply;
+    /// refused before, the retry made the client wrap the message again
+    /// and the room held it twice.
+    pub retry_only: bool,
 }
 
 /// When a post is acknowledged (the chat protocol's `Durability`).

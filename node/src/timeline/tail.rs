@@ -182,6 +182,19 @@ impl RoomTail {
         }
     }
 
+    /// Where the post `key` landed, when the tail recognises it (a retry
+    /// would get that place), without placing anything.
+    pub fn recall(&self, key: &PostKey) -> Option<Sequenced> {
+        self.by_key
+            .get(key)
+            .or_else(|| self.behind.get(key))
+            .map(|(id, seq)| Sequenced {
+                id: *id,
+                seq: *seq,
+                fresh: false,
+            })
+    }
+
     /// The newest id placed (or loaded).
     pub fn last_id(&self) -> Option<MessageId> {
         self.ids.last()
@@ -233,6 +246,22 @@ mod tests {
         assert_eq!(tail.last_seq(), 2);
         // Same nonce, another sender: another post.
         assert!(tail.place(key(2, 1), 1_002, 7).fresh);
+    }
+
+    #[test]
+    fn recalling_finds_what_a_retry_would_get_and_places_nothing() {
+        let mut tail = RoomTail::default();
+        let first = tail.place(key(1, 1), 1_000, 7);
+        assert_eq!(
+            tail.recall(&key(1, 1)),
+            Some(Sequenced {
+                fresh: false,
+                ..first
+            })
+        );
+        assert_eq!(tail.recall(&key(1, 2)), None);
+        assert_eq!(tail.last_seq(), 1);
+        assert_eq!(tail.place(key(1, 2), 1_001, 7).seq, 2);
     }
 
     #[test]
