@@ -1324,23 +1324,25 @@ fn a_held_learner_released_what_the_new_home_replaces(checks: Checks) -> Net {
     net.node(3).campaign().unwrap();
     net.run(cut(&[1, 5]));
     assert!(net.node(3).leading().is_some());
-    let slot_2_to_5 = |from, to, m: &LogMessage<u32>| {
-        from == 1
-            || to == 1
-            || (to == 5
-                && matches!(m, LogMessage::Accept { first, values, .. } if *first == Slot(2) && !values.is_empty()))
-    };
     net.node(3).append(vec![post(30)]).unwrap();
-    net.run(slot_2_to_5);
+    net.run(slot_2_not_to_5);
     net.node(3).append(vec![post(31)]).unwrap();
-    net.run(slot_2_to_5);
+    net.run(slot_2_not_to_5);
     net.node(3).resend();
-    net.run(slot_2_to_5);
+    net.run(slot_2_not_to_5);
     assert_eq!(
         net.released(3),
         vec![(1, post(10)), (2, post(30)), (3, post(31))]
     );
     net
+}
+
+/// Drops what node 1 sends and gets, and the Accepts of slot 2 to node 5.
+fn slot_2_not_to_5(from: u64, to: u64, m: &LogMessage<u32>) -> bool {
+    from == 1
+        || to == 1
+        || (to == 5
+            && matches!(m, LogMessage::Accept { first, values, .. } if *first == Slot(2) && !values.is_empty()))
 }
 
 /// What node 5's log holds at slot 2.
@@ -1412,4 +1414,29 @@ fn a_held_replica_that_installed_a_copy_is_not_vouched_for_nor_shares_beyond_it(
     net.run(cut(&[1, 4]));
     assert!(!net.node(3).has_caught_up(NodeId(2)));
     assert!(net.node(3).has_caught_up(NodeId(3)));
+}
+
+#[test]
+fn a_held_leader_elected_again_shares_no_slot_it_wrote_in_its_epoch() {
+    let mut net = a_held_learner_released_what_the_new_home_replaces(Checks::default());
+    // Node 3 (still held: it has not established the epoch) steps down
+    // and runs again once its grants ran out: it asks from slot 4, after
+    // what it released, but it wrote slots 2 and 3 in the epoch itself,
+    // so it shares slot 1 only with what node 5 released (post 11 at slot
+    // 2), and node 5 still counts as storing slot 1 only.
+    net.node(3).step_down();
+    for n in 2..=7 {
+        net.set_clock(n, 3 * lease().promise_ms());
+    }
+    net.node(3).campaign().unwrap();
+    net.run(slot_2_not_to_5);
+    assert!(net.node(3).leading().is_some());
+    net.node(3).append(vec![post(32)]).unwrap();
+    net.run(slot_2_not_to_5);
+    net.node(3).resend();
+    net.run(slot_2_not_to_5);
+    assert_eq!(slot_2_of_5(&mut net), Some(post(11)));
+    let third = ids(&[5, 6, 7]);
+    assert_eq!(net.node(3).stored_by(&third, 2), Slot(4));
+    assert_eq!(net.node(3).stored_by(&third, 3), Slot(1));
 }

@@ -953,21 +953,24 @@ impl<T: Clone + PartialEq> LogReplica<T> {
 
     /// How much of what a replica held owing this failover epoch released
     /// before it was held this candidate's log shares with it, elected
-    /// from `from` with `promises` (`LogMessage::Accept::shared`).
+    /// from `from` (`LogMessage::Accept::shared`).
     ///
-    /// Only a held candidate can tell: it released nothing as a follower
-    /// since it was held, so its released prefix is what the epochs
-    /// before this one chose, as is a held replica's (both prefixes of
-    /// one lineage), but for the slots a leader of this epoch wrote: its
-    /// own earlier leaderships' and the ones it holds with the same value
-    /// (a different one bars it), which its log keeps (a held log is not
-    /// compacted) or its promisers' carry, and the slots a copy it
-    /// installed since it was held brought. So it shares every slot
-    /// before the first of those and before `from`. A candidate that is
-    /// not held (it checked) cannot tell which of its slots the epoch
-    /// wrote: 0, and the held replicas count once they stored its log in
-    /// its term, or checked.
-    fn shared_at_election(&self, from: Slot, promises: &BTreeMap<NodeId, Promised<T>>) -> Slot {
+    /// Only a held candidate can tell. It released nothing as a follower
+    /// since it was held, so what it released is, like the held replica's,
+    /// a prefix of the lineage the epochs before this one chose (both owe
+    /// this epoch's check and no earlier one), except where a leader of
+    /// this epoch wrote what it released: as that leader itself, in an
+    /// earlier term, which its log keeps as entries of the epoch (a held
+    /// log is not compacted); or through a copy it installed since it was
+    /// held. (An entry of the epoch that an earlier leader wrote over a
+    /// slot it released, with another value, bars it, and one with the
+    /// same value changes nothing; so the epoch's entries its promises
+    /// carry below `from` need no look.) So it shares every slot before
+    /// the first of its own entries of the epoch, the first slot a copy
+    /// brought, and `from`. A candidate that is not held (it checked)
+    /// cannot tell which of its slots the epoch wrote: 0, and held
+    /// replicas count once they stored its log in its term, or checked.
+    fn shared_at_election(&self, from: Slot) -> Slot {
         let epoch = self.config.epoch;
         if self.owed != Some(epoch) {
             return Slot(0);
@@ -977,13 +980,7 @@ impl<T: Clone + PartialEq> LogReplica<T> {
             .epoch_entries_below(epoch, from, 1)
             .first()
             .map(|(s, _)| *s);
-        let promised = promises
-            .values()
-            .flat_map(|(_, entries, _)| entries)
-            .filter(|(s, e)| *s < from && e.term.epoch >= epoch)
-            .map(|(s, _)| *s)
-            .min();
-        let first = [Some(from), own, promised, self.installed_held]
+        let first = [Some(from), own, self.installed_held]
             .into_iter()
             .flatten()
             .min()
@@ -1431,7 +1428,7 @@ impl<T: Clone + PartialEq> LogReplica<T> {
         } else {
             Vec::new()
         };
-        let shared = self.shared_at_election(from, promises);
+        let shared = self.shared_at_election(from);
         self.role = Role::Leader {
             term,
             next: from,
