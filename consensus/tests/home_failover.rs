@@ -1440,3 +1440,43 @@ fn a_held_leader_elected_again_shares_no_slot_it_wrote_in_its_epoch() {
     assert_eq!(net.node(3).stored_by(&third, 2), Slot(4));
     assert_eq!(net.node(3).stored_by(&third, 3), Slot(1));
 }
+
+#[test]
+fn a_held_replica_restarted_after_installing_a_copy_still_shares_nothing_beyond_it() {
+    let mut net = three_datacenters(Checks::default());
+    fail_over_to_three(&mut net, Checks::default());
+    assert!(net.node(3).install(Slot(2)));
+    // Node 3 restarts: the node restores, with its log, that it installed
+    // a copy from slot 2 while held.
+    let (acceptor, released, c) = {
+        let n = net.node(3);
+        (n.acceptor().clone(), n.released(), n.config().clone())
+    };
+    let mut restarted = LogReplica::new(c, acceptor, released);
+    restarted.hold(Some(2));
+    restarted.held_copy_restored(Some(Slot(2)));
+    assert_eq!(restarted.installed_held(), Some(Slot(2)));
+    assert_eq!(restarted.untouched(), None);
+    net.nodes.insert(3, restarted);
+    // It waits out one promise after its restart, then runs as above.
+    for t in [3, 5] {
+        for n in [2, 3, 5] {
+            net.set_clock(n, t * lease().promise_ms());
+        }
+    }
+    net.node(3).campaign().unwrap();
+    net.run(cut(&[1, 4]));
+    assert!(net.node(3).leading().is_some());
+    assert!(net.node(3).vouched().is_empty());
+    net.node(3).resend();
+    net.run(cut(&[1, 4]));
+    assert!(!net.node(3).has_caught_up(NodeId(2)));
+    // Restored on a replica that is not held, it means nothing.
+    let mut free: LogReplica<u32> = LogReplica::new(
+        net.node(4).config().clone(),
+        LogAcceptor::restore(Term::ZERO, [], Slot(0)),
+        Slot(0),
+    );
+    free.held_copy_restored(Some(Slot(2)));
+    assert_eq!(free.installed_held(), None);
+}

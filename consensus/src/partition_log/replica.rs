@@ -864,6 +864,22 @@ impl<T: Clone + PartialEq> LogReplica<T> {
         shared.max(self.held_through)
     }
 
+    /// While held, the first slot a copy it installed brought (the node
+    /// keeps it with the log's state: see [`LogReplica::held_copy_restored`]).
+    pub fn installed_held(&self) -> Option<Slot> {
+        self.installed_held
+    }
+
+    /// A restarted replica, held again, had installed a copy from slot
+    /// `from` while it was held before: it may hold what a leader of the
+    /// epoch wrote there, as if it had installed it in this process.
+    /// Nothing on a replica that is not held.
+    pub fn held_copy_restored(&mut self, from: Option<Slot>) {
+        if self.owed.is_some() {
+            self.installed_held = from;
+        }
+    }
+
     /// Whether the replica is held ([`LogReplica::hold`]).
     pub fn is_held(&self) -> bool {
         self.owed.is_some()

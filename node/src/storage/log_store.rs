@@ -72,6 +72,9 @@ pub struct PartitionLogState {
     /// The latest home failover epoch whose divergence check this replica
     /// finished, or never needed (0: none).
     pub checked: u64,
+    /// While it owes a check: the first slot a copy it installed brought
+    /// (`LogReplica::installed_held`).
+    pub installed_held: Option<Slot>,
 }
 
 /// A replica's timeline cut back after a home failover and copied up to a
@@ -105,6 +108,10 @@ pub struct LogChange {
     /// it and of earlier epochs than its own are dropped, and its epoch is
     /// checked.
     pub rewind: Option<Rewind>,
+    /// A copy installed while the replica owed a check, from this slot
+    /// (kept as the lowest such slot until a rewind or a later checked
+    /// epoch clears it).
+    pub installed_held: Option<Slot>,
 }
 
 impl PartitionLogState {
@@ -115,9 +122,16 @@ impl PartitionLogState {
             self.entries
                 .retain(|s, e| *s > r.applied && e.term.epoch >= r.epoch);
             self.checked = self.checked.max(r.epoch);
+            self.installed_held = None;
         }
-        if let Some(c) = change.checked {
-            self.checked = self.checked.max(c);
+        if let Some(c) = change.checked
+            && c > self.checked
+        {
+            self.checked = c;
+            self.installed_held = None;
+        }
+        if let Some(i) = change.installed_held {
+            self.installed_held = Some(self.installed_held.map_or(i, |s| s.min(i)));
         }
         if let Some(t) = change.promised {
             self.promised = self.promised.max(t);
@@ -147,6 +161,7 @@ impl PartitionLogState {
             applied: Some(self.applied),
             checked: Some(self.checked),
             rewind: None,
+            installed_held: self.installed_held,
         }
     }
 }
@@ -268,6 +283,7 @@ fn encode(change: &LogChange) -> Vec<u8> {
             epoch: r.epoch,
             applied: r.applied.0,
         }),
+        installed_held: change.installed_held.map_or(0, |s| s.0),
     };
     let payload = record.encode_to_vec();
     // An empty record changes nothing, and a zero length ends the replay.
@@ -307,6 +323,7 @@ fn decode(payload: &[u8]) -> Option<LogChange> {
             epoch: w.epoch,
             applied: Slot(w.applied),
         }),
+        installed_held: (r.installed_held > 0).then_some(Slot(r.installed_held)),
     })
 }
 
@@ -773,6 +790,61 @@ mod tests {
         drop(store);
         let (_store, again) = LogStore::open(dir.path()).unwrap();
         assert_eq!(again, states, "the checkpoint keeps it");
+    }
+
+    /// A copy installed while the replica owed a check is remembered from
+    /// its lowest slot across reopening and a rotation's checkpoint, and
+    /// forgotten once a later epoch is checked (or a rewind).
+    #[test]
+    fn a_copy_installed_while_held_is_remembered_until_a_check() {
+        let dir = tempfile::tempdir().unwrap();
+        let (store, _) = LogStore::open(dir.path()).unwrap();
+        let installed = |from: u64| LogChange {
+            partition: 4,
+            floor: Some(Slot(from + 3)),
+            applied: Some(Slot(from + 3)),
+            installed_held: Some(Slot(from)),
+            ..LogChange::default()
+        };
+        store.write(&[installed(9), installed(5)]).unwrap();
+        store
+            .write(&[LogChange {
+                partition: 4,
+                checked: Some(0),
+                ..LogChange::default()
+            }])
+            .unwrap();
+        drop(store);
+        let (store, states) = LogStore::open(dir.path()).unwrap();
+        assert_eq!(states[&4].installed_held, Some(Slot(5)), "the lowest");
+        store.rotate(&states).unwrap();
+        drop(store);
+        let (store, again) = LogStore::open(dir.path()).unwrap();
+        assert_eq!(again, states, "the checkpoint keeps it");
+        store
+            .write(&[LogChange {
+                partition: 4,
+                checked: Some(2),
+                ..LogChange::default()
+            }])
+            .unwrap();
+        drop(store);
+        let (store, checked) = LogStore::open(dir.path()).unwrap();
+        assert_eq!(checked[&4].installed_held, None, "checked: forgotten");
+        store.write(&[installed(20)]).unwrap();
+        store
+            .write(&[LogChange {
+                partition: 4,
+                rewind: Some(Rewind {
+                    epoch: 3,
+                    applied: Slot(12),
+                }),
+                ..LogChange::default()
+            }])
+            .unwrap();
+        drop(store);
+        let (_store, rewound) = LogStore::open(dir.path()).unwrap();
+        assert_eq!(rewound[&4].installed_held, None, "rewound: forgotten");
     }
 
     #[test]

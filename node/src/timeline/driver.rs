@@ -675,6 +675,7 @@ impl Driver {
         let unchecked = self.map.owed_check(partition, checked);
         let mut replica = LogReplica::new(config, acceptor, state.applied);
         replica.hold(unchecked);
+        replica.held_copy_restored(state.installed_held);
         self.parts.insert(
             partition,
             Part {
@@ -1625,6 +1626,7 @@ impl Driver {
             partition,
             floor: Some(copied.applied),
             applied: Some(copied.applied),
+            installed_held: part.replica.installed_held(),
             ..LogChange::default()
         });
         self.tails
@@ -2252,6 +2254,7 @@ impl Driver {
                         // a crash.
                         applied: part.applied,
                         checked: part.checked,
+                        installed_held: part.replica.installed_held(),
                     },
                 )
             })
