@@ -1290,8 +1290,9 @@ fn a_held_candidate_leads_over_what_an_earlier_leader_of_its_epoch_recovered_fro
 /// promises from 2, 4, 6 and 7 (node 5 is away): nobody it heard has slot
 /// 2, so its log goes on from there. It writes post 30 at slot 2 and post
 /// 31 at slot 3; every Accept reaches every node but 1, except the one of
-/// slot 2 to node 5 while `slot_2_reaches_5` is false.
-fn a_held_learner_released_what_the_new_home_replaces(checks: Checks) -> Net {
+/// slot 2 to node 5 while `slot_2_reaches_5` is false. Node 5 compacted
+/// what it released before it was held when `compacted` says so.
+fn a_held_learner_released_what_the_new_home_replaces(checks: Checks, compacted: bool) -> Net {
     let groups = &[&[2, 3, 4][..], &[5, 6, 7][..]][..];
     let mut net = Net::new(
         (1..=7)
@@ -1314,6 +1315,9 @@ fn a_held_learner_released_what_the_new_home_replaces(checks: Checks) -> Net {
     net.node(1).resend();
     net.run(only_to_5);
     assert_eq!(net.released(5), vec![(1, post(10)), (2, post(11))]);
+    if compacted {
+        net.node(5).compact(Slot(2));
+    }
     for me in 2..=7 {
         let mut c = config(me, &[2, 3, 4], &[1, 5, 6, 7], 2, Some(groups));
         c.checks = checks;
@@ -1355,7 +1359,7 @@ fn slot_2_of_5(net: &mut Net) -> Option<Value<u32>> {
 
 #[test]
 fn a_held_learner_counts_as_storing_only_what_it_holds_of_the_new_homes_log() {
-    let mut net = a_held_learner_released_what_the_new_home_replaces(Checks::default());
+    let mut net = a_held_learner_released_what_the_new_home_replaces(Checks::default(), false);
     // Node 5 released post 11 at slot 2 before it was held, and its log
     // still holds it there: for the cross-datacenter level, the leader
     // counts it as storing slot 1 only (nodes 6 and 7 store all three),
@@ -1377,12 +1381,41 @@ fn a_held_learner_counts_as_storing_only_what_it_holds_of_the_new_homes_log() {
 }
 
 #[test]
+fn a_held_learner_acknowledges_no_slot_its_compaction_floor_covers_beyond_what_it_reports() {
+    let mut net = a_held_learner_released_what_the_new_home_replaces(Checks::default(), true);
+    // Node 5 compacted slot 2 before it was held: its log no longer holds
+    // post 11 there, its timeline does. The leader resends slot 2 (node 5
+    // reports slot 1); the acceptor skips a slot its floor covers, and
+    // were that acknowledged, the leader would count node 5 as storing
+    // post 30 at slot 2.
+    assert_eq!(slot_2_of_5(&mut net), None);
+    let third = ids(&[5, 6, 7]);
+    for _ in 0..2 {
+        net.node(3).resend();
+        net.run(cut(&[1]));
+    }
+    assert_eq!(slot_2_of_5(&mut net), None);
+    assert_eq!(net.node(3).stored_by(&third, 2), Slot(3));
+    assert_eq!(net.node(3).stored_by(&third, 3), Slot(1));
+    // Once node 5 checked its timeline against the new home's (it cuts
+    // it after slot 1, where they first differ), it stores the rest and
+    // counts.
+    assert!(net.node(5).rewind(Slot(1), 2));
+    for _ in 0..2 {
+        net.node(3).resend();
+        net.run(cut(&[1]));
+    }
+    assert_eq!(slot_2_of_5(&mut net), Some(post(30)));
+    assert_eq!(net.node(3).stored_by(&third, 3), Slot(3));
+}
+
+#[test]
 fn broken_a_held_learner_reporting_its_whole_released_prefix_counts_as_storing_a_post_it_lacks() {
     let broken = Checks {
         held_report: false,
         ..Checks::default()
     };
-    let mut net = a_held_learner_released_what_the_new_home_replaces(broken);
+    let mut net = a_held_learner_released_what_the_new_home_replaces(broken, false);
     // Node 5 reports slots 1 and 2 released (post 11 is at slot 2 in its
     // log and timeline) and then stores slot 3: the leader counts it as
     // storing post 30, so all of the third datacenter seems to hold it
@@ -1425,7 +1458,7 @@ fn node_3_leads_sharing_too_little_for_node_2(net: &mut Net) {
 
 #[test]
 fn a_held_leader_elected_again_shares_no_slot_it_wrote_in_its_epoch() {
-    let mut net = a_held_learner_released_what_the_new_home_replaces(Checks::default());
+    let mut net = a_held_learner_released_what_the_new_home_replaces(Checks::default(), false);
     // Node 3 (still held: it has not established the epoch) steps down
     // and runs again once its grants ran out: it asks from slot 4, after
     // what it released, but it wrote slots 2 and 3 in the epoch itself,

@@ -99,7 +99,9 @@ pub struct Checks {
     /// A held replica reports as released no more of what it released
     /// before it was held than the leader's log shares with it
     /// (`LogMessage::Accept::shared`), plus what it holds in the
-    /// leader's term (`LogReplica::reported`).
+    /// leader's term (`LogReplica::reported`), and acknowledges no slot
+    /// beyond that which its compaction floor covers
+    /// (`LogReplica::acknowledged`).
     pub held_report: bool,
 }
 
@@ -864,6 +866,37 @@ impl<T: Clone + PartialEq> LogReplica<T> {
         shared.max(self.held_through)
     }
 
+    /// Of an Accept of `count` slots from `first` that the acceptor took,
+    /// the run this replica acknowledges as stored.
+    ///
+    /// An acceptor skips a slot at or below its compaction floor: the
+    /// slot is committed and applied, so the leader's resend is no news.
+    /// On a held replica it may be: it compacted what it released before
+    /// it was held, and past what it reports (`LogReplica::reported`)
+    /// that may be a post of the old home's loss window where the epoch
+    /// chose another. Acknowledging the slot would let the leader count
+    /// it as stored (towards a commit, for a voter; for the
+    /// cross-datacenter level, for a learner) on a replica whose timeline
+    /// holds another post there. So a held replica acknowledges only the
+    /// slots after its floor, and counts for the others once it checked.
+    /// When nothing is left it acknowledges nothing from `first`, so that
+    /// the leader resends no slot before `first` again for it (a leader
+    /// resends what a replica reports missing before the run it stored).
+    /// A broken variant (`Checks::held_report` off) acknowledges all.
+    fn acknowledged(&self, first: Slot, count: u64) -> (Slot, u64) {
+        let floor = self.acceptor.floor();
+        if self.owed.is_none() || !self.config.checks.held_report || floor <= self.reported() {
+            return (first, count);
+        }
+        let end = first.0.saturating_add(count);
+        let after = floor.0.saturating_add(1).max(first.0);
+        if after >= end {
+            (first, 0)
+        } else {
+            (Slot(after), end - after)
+        }
+    }
+
     /// While held, the first slot a copy it installed brought (the node
     /// keeps it with the log's state: see [`LogReplica::held_copy_restored`]).
     pub fn installed_held(&self) -> Option<Slot> {
@@ -1220,12 +1253,15 @@ impl<T: Clone + PartialEq> LogReplica<T> {
                 let reply = match reply {
                     LogMessage::Accepted {
                         term, first, count, ..
-                    } => LogMessage::Accepted {
-                        term,
-                        first,
-                        count,
-                        released: self.reported(),
-                    },
+                    } => {
+                        let (first, count) = self.acknowledged(first, count);
+                        LogMessage::Accepted {
+                            term,
+                            first,
+                            count,
+                            released: self.reported(),
+                        }
+                    }
                     refused => refused,
                 };
                 self.ready.messages.push((from, reply));
