@@ -540,8 +540,11 @@ fn a_failover_leader_that_did_not_establish_may_hold_a_slot_the_log_replaced() {
 // and that every post acknowledged at the cross-datacenter level is what
 // epoch 2 has at its slot; and on every replica that becomes checked and
 // every release of a checked one, that all checked timelines hold the
-// same post at every slot (`CheckedAgree`). Each guard off must be
-// caught.
+// same post at every slot (`CheckedAgree`) and none holds another post
+// where a leader of epoch 2 acknowledged one (`AckedKept`). An epoch-2
+// leader's cross-datacenter acknowledgements are checked against the
+// logs and timelines of the datacenter it counted (`CrossStored`). Each
+// guard off must be caught.
 
 const H1: [u64; 3] = [1, 2, 3];
 const H2: [u64; 3] = [4, 5, 6];
@@ -606,6 +609,9 @@ struct Sim {
     acked_new: BTreeMap<u32, u64>,
     /// Posts acknowledged at the cross-datacenter level, by slot.
     cross: BTreeMap<u64, u32>,
+    /// Slots epoch 2's leaders acknowledged at the cross-datacenter level
+    /// (checked by `CrossStored` when they are).
+    cross_new: BTreeMap<u64, u32>,
     /// Real time of epoch 2's first release.
     first_new_release: Option<u64>,
     /// Each node's timeline: the values it released, slot 1 first.
@@ -687,6 +693,7 @@ impl Sim {
             acks: BTreeMap::new(),
             acked_new: BTreeMap::new(),
             cross: BTreeMap::new(),
+            cross_new: BTreeMap::new(),
             first_new_release: None,
             stores: vec![Vec::new(); NODES],
             owed: vec![None; NODES],
@@ -707,6 +714,14 @@ impl Sim {
     fn agree(&mut self, i: usize, from: usize) -> Result<(), String> {
         for (k, v) in self.stores[i].iter().enumerate().skip(from) {
             let slot = k as u64 + 1;
+            if let Some(acked) = self.acks.get(&(2, slot))
+                && acked != v
+            {
+                return Err(format!(
+                    "AckedKept: node {}, checked, holds {v:?} at #{slot}, where a leader of epoch 2 acknowledged {acked:?}",
+                    i + 1
+                ));
+            }
             match self.lineage.get(&slot) {
                 Some(have) if have != v => {
                     return Err(format!(
@@ -841,6 +856,13 @@ impl Sim {
         }
         if epoch == 2 {
             self.first_new_release.get_or_insert(self.real);
+            if let Some(kept) = self.lineage.get(&slot)
+                && *kept != value
+            {
+                return Err(format!(
+                    "AckedKept: {me} acknowledged {value:?} at #{slot} of epoch 2, where a checked replica holds {kept:?}"
+                ));
+            }
             if let Some(p) = self.cross.get(&slot)
                 && value != Value::Post(*p)
             {
@@ -860,11 +882,16 @@ impl Sim {
     }
 
     /// An epoch-1 leader acknowledges at the cross-datacenter level what
-    /// it released and a majority of `H2` or of `H3` stored.
+    /// it released and a majority of `H2` or of `H3` stored; an epoch-2
+    /// leader what a majority of `H1` or `H3` stored
+    /// (`LogReplica::stored_by`), checked against what their logs and
+    /// timelines hold (`CrossStored`).
     fn cross_acknowledge(&mut self, i: usize) -> Result<(), String> {
         let node = &self.nodes[i];
-        if node.leading().map(|t| t.epoch) != Some(1) {
-            return Ok(());
+        match node.leading().map(|t| t.epoch) {
+            Some(1) => {}
+            Some(2) => return self.cross_acknowledge_new(i),
+            _ => return Ok(()),
         }
         let released = node.released();
         let stored = node
@@ -887,6 +914,55 @@ impl Sim {
             self.cross.insert(s, p);
         }
         Ok(())
+    }
+
+    /// `CrossStored`: every slot an epoch-2 leader counts as stored on a
+    /// majority of another datacenter (`H1` or `H3`) is held there, with
+    /// the post it released, by a majority: in each replica's log, or in
+    /// its timeline where its log no longer holds the slot (a checked
+    /// replica rewound there). A held replica's timeline may hold a post
+    /// of the old home's loss window where its log has none of the slot.
+    fn cross_acknowledge_new(&mut self, i: usize) -> Result<(), String> {
+        let node = &self.nodes[i];
+        let released = node.released();
+        let groups = [H1, H3];
+        let marks: Vec<Slot> = groups
+            .iter()
+            .map(|g| node.stored_by(&ids(g), 2).min(released))
+            .collect();
+        let upto = marks.iter().copied().max().unwrap_or_default();
+        for s in 1..=upto.0 {
+            if self.cross_new.contains_key(&s) {
+                continue;
+            }
+            let Some(Value::Post(p)) = self.acks.get(&(2, s)).cloned() else {
+                continue;
+            };
+            for (g, mark) in groups.iter().zip(&marks) {
+                if mark.0 < s {
+                    continue;
+                }
+                let holders: Vec<u64> =
+                    g.iter().copied().filter(|n| self.holds(*n, s, p)).collect();
+                if holders.len() < 2 {
+                    return Err(format!(
+                        "CrossStored: post {p} at #{s} counted as stored on a majority of {g:?}, held by {holders:?}"
+                    ));
+                }
+            }
+            self.cross_new.insert(s, p);
+        }
+        Ok(())
+    }
+
+    /// Whether node `n` holds post `p` at `slot` (see `CrossStored`).
+    fn holds(&self, n: u64, slot: u64, p: u32) -> bool {
+        let k = usize::try_from(n).unwrap() - 1;
+        let want = Value::Post(p);
+        match self.nodes[k].acceptor().entry(Slot(slot)) {
+            Some(e) => e.value == want,
+            None => self.stores[k].get(usize::try_from(slot).unwrap() - 1) == Some(&want),
+        }
     }
 
     fn restart(&mut self, i: usize) {
@@ -1005,21 +1081,31 @@ impl Sim {
     }
 }
 
-/// What one schedule did: posts released by epoch-2 leaders,
-/// cross-datacenter acknowledgements, and replicas checked because the
-/// establishing leader vouched for them.
-fn simulate(
-    seed: u64,
-    checks: Checks,
-    broken: Broken,
-    steps: usize,
-) -> Result<(usize, usize, usize), String> {
+/// What one schedule did.
+#[derive(Debug)]
+struct Outcome {
+    /// Slots released by epoch-2 leaders.
+    new: usize,
+    /// Posts epoch-1 leaders acknowledged at the cross-datacenter level.
+    cross: usize,
+    /// Posts epoch-2 leaders acknowledged at the cross-datacenter level.
+    cross_new: usize,
+    /// Replicas checked because the establishing leader vouched for them.
+    vouched: usize,
+}
+
+fn simulate(seed: u64, checks: Checks, broken: Broken, steps: usize) -> Result<Outcome, String> {
     let mut sim = Sim::new(seed, checks, broken);
     for _ in 0..steps {
         sim.step()?;
     }
     let new = sim.acks.keys().filter(|(e, _)| *e == 2).count();
-    Ok((new, sim.cross.len(), sim.vouched_checks))
+    Ok(Outcome {
+        new,
+        cross: sim.cross.len(),
+        cross_new: sim.cross_new.len(),
+        vouched: sim.vouched_checks,
+    })
 }
 
 fn seed_base() -> u64 {
@@ -1032,25 +1118,26 @@ fn seed_base() -> u64 {
 #[test]
 fn seeded_failovers_keep_the_fence_and_every_cross_datacenter_post() {
     let base = seed_base();
-    let (mut new, mut cross, mut failed_over, mut vouched) = (0, 0, 0, 0);
+    let (mut new, mut cross, mut cross_new, mut failed_over, mut vouched) = (0, 0, 0, 0, 0);
     for k in 0..300 {
         let seed = base + k;
         match simulate(seed, Checks::default(), AS_DESIGNED, 6_000) {
-            Ok((n, c, v)) => {
-                new += n;
-                cross += c;
-                failed_over += usize::from(n > 0);
-                vouched += v;
+            Ok(o) => {
+                new += o.new;
+                cross += o.cross;
+                cross_new += o.cross_new;
+                failed_over += usize::from(o.new > 0);
+                vouched += o.vouched;
             }
             Err(e) => panic!("SEED={seed}: {e}"),
         }
     }
     println!(
-        "300 schedules from SEED={base}: {new} slots released by the new home in {failed_over} schedules, {cross} posts acknowledged across datacenters, {vouched} replicas vouched for"
+        "300 schedules from SEED={base}: {new} slots released by the new home in {failed_over} schedules, {cross} posts acknowledged across datacenters by the old home and {cross_new} by the new one, {vouched} replicas vouched for"
     );
     assert!(
-        failed_over > 100 && cross > 300 && vouched > 100,
-        "the schedules did little: {failed_over} failed over, {cross} cross-datacenter acknowledgements, {vouched} replicas vouched for"
+        failed_over > 100 && cross > 300 && cross_new > 300 && vouched > 100,
+        "the schedules did little: {failed_over} failed over, {cross} and {cross_new} cross-datacenter acknowledgements, {vouched} replicas vouched for"
     );
 }
 
@@ -1102,7 +1189,10 @@ fn broken_narrow_elections_before_establish_are_caught() {
         "narrow before Establish",
     );
     assert!(
-        e.starts_with("CrossKept") || e.starts_with("Agreement") || e.starts_with("CheckedAgree"),
+        e.starts_with("CrossKept")
+            || e.starts_with("Agreement")
+            || e.starts_with("CheckedAgree")
+            || e.starts_with("AckedKept"),
         "{e}"
     );
 }
@@ -1117,7 +1207,23 @@ fn broken_vouching_for_touched_promisers_is_caught() {
         AS_DESIGNED,
         "vouching for touched promisers",
     );
-    assert!(e.starts_with("CheckedAgree"), "{e}");
+    assert!(
+        e.starts_with("CheckedAgree") || e.starts_with("AckedKept"),
+        "{e}"
+    );
+}
+
+#[test]
+fn broken_a_held_replica_reporting_its_whole_released_prefix_is_caught() {
+    let e = must_break(
+        Checks {
+            held_report: false,
+            ..Checks::default()
+        },
+        AS_DESIGNED,
+        "a held replica reporting its whole released prefix",
+    );
+    assert!(e.starts_with("CrossStored"), "{e}");
 }
 
 /// A schedule where a leader of epoch 2 that did not establish it holds
@@ -1134,7 +1240,10 @@ fn broken_checking_a_leader_before_it_established_is_caught() {
     let e = simulate(DEPOSED_FAILOVER_LEADER, Checks::default(), broken, 6_000)
         .expect_err("a leader checked as soon as it leads");
     println!("SEED={DEPOSED_FAILOVER_LEADER}: {e}");
-    assert!(e.starts_with("CheckedAgree"), "{e}");
+    assert!(
+        e.starts_with("CheckedAgree") || e.starts_with("AckedKept"),
+        "{e}"
+    );
     simulate(
         DEPOSED_FAILOVER_LEADER,
         Checks::default(),
