@@ -1098,6 +1098,16 @@ impl Driver {
                 !list.is_empty()
             });
         }
+        // Partitions whose replica here still owes a failover's check (it
+        // applies nothing until then): an operator, or a test, waits for
+        // 0 after a home moved.
+        #[allow(clippy::cast_precision_loss)]
+        metrics::gauge!("saferchat_partitions_unchecked").set(
+            self.parts
+                .values()
+                .filter(|p| p.unchecked.is_some())
+                .count() as f64,
+        );
         let mut cut_off = Vec::new();
         for (partition, part) in &mut self.parts {
             // Without a home lease nothing is ever due, and no lapse.
