@@ -166,7 +166,11 @@ impl Poster {
                 let reconnect =
                     matches!(&outcome, Outcome::Refused(why) if why.starts_with("Unavailable"));
                 let lost_session = outcome == Outcome::Unknown;
-                posts.lock().expect("lock").push(Post { text, outcome });
+                posts.lock().expect("lock").push(Post {
+                    text,
+                    outcome,
+                    answered: Instant::now(),
+                });
                 if lost_session {
                     through = (through + 1) % self.servers.len();
                     break;
@@ -247,6 +251,7 @@ pub async fn listen(
                         id: m.id.to_vec(),
                         seq: m.seq,
                         text: String::from_utf8_lossy(&plain.body).into_owned(),
+                        revision: plain.revision.0,
                     }),
                     Err(e) => unreadable.lock().expect("lock").push(e.to_string()),
                 },
@@ -297,6 +302,7 @@ pub async fn read_all(
                     id: m.id.to_vec(),
                     seq: m.seq,
                     text: String::from_utf8_lossy(&p.body).into_owned(),
+                    revision: p.revision.0,
                 }),
                 Err(e) => unreadable.lock().expect("lock").push(e.to_string()),
             }
@@ -358,6 +364,8 @@ pub async fn stored(
                     seq: m.seq,
                     text: open_stored(reader, room, &m.envelope, senders.clone())
                         .unwrap_or_else(|| "<unreadable>".into()),
+                    revision: saferchat_envelope::Envelope::decode(m.envelope.clone())
+                        .map_or(0, |e| e.revision.0),
                 });
             }
             if !full {
@@ -416,6 +424,7 @@ pub async fn fill(
                     id: id.to_vec(),
                     seq: room_seq,
                 },
+                answered: Instant::now(),
             }),
             Some(Event::Rejected { message, .. }) => return Err(format!("refused: {message}")),
             Some(_) => {}
@@ -586,6 +595,7 @@ pub fn judge_rooms(
             sessions: std::mem::take(&mut *record.sessions.lock().expect("lock")),
             fin,
             stores,
+            lossy: Vec::new(),
         };
         println!(
             "{room}: {} posts, {acked} acknowledged, {} in the history, {} listening sessions, stores of nodes {nodes:?}: {:?}",

@@ -31,12 +31,17 @@
 //!
 //! One more runs six nodes in three datacenters of two (every node
 //! replicates every partition; the room is homed in one of them) and also
-//! kills whole datacenters and cuts them off from the others.
+//! kills whole datacenters and cuts them off from the others; and one more
+//! in three datacenters also cuts the room's home off and moves it to the
+//! next datacenter (admin `MoveHomes`), reconnecting the old home later:
+//! what the old home acknowledged at the local level and no other
+//! datacenter held is lost (the level's loss window, excused and counted),
+//! nothing else is, and every node ends with one history.
 //!
 //! `SEED=n` replays schedule `n` (and runs only it; `CLOCKS=beyond` for a
 //! beyond-bound one, `STORE=cassandra` for one on Cassandra, which then
 //! runs in the Cassandra test; `DISK=1` adds full disks; `DATACENTERS=1`
-//! runs it in three datacenters); `CHAOS_SECONDS`
+//! runs it in three datacenters, `MOVES=1` with home moves); `CHAOS_SECONDS`
 //! lengthens the fault window (default 20 s); `CHAOS_LOGS=dir` keeps every
 //! node's log there.
 
@@ -48,7 +53,7 @@ use saferchat_tests::chaos::schedule::{Clocks, Fault, Kinds, Store};
 use saferchat_tests::netns;
 
 /// Schedules run when `SEED` is not set.
-const PLANS: [(u64, Kinds); 4] = [
+const PLANS: [(u64, Kinds); 5] = [
     (1, Kinds::WITHIN),
     (
         3,
@@ -68,6 +73,14 @@ const PLANS: [(u64, Kinds); 4] = [
         7,
         Kinds {
             datacenters: true,
+            ..Kinds::WITHIN
+        },
+    ),
+    (
+        1,
+        Kinds {
+            datacenters: true,
+            moves: true,
             ..Kinds::WITHIN
         },
     ),
@@ -101,6 +114,7 @@ fn plans(store: Store) -> Vec<(u64, Kinds)> {
             };
             let disk = std::env::var("DISK").is_ok_and(|v| v == "1");
             let datacenters = std::env::var("DATACENTERS").is_ok_and(|v| v == "1");
+            let moves = std::env::var("MOVES").is_ok_and(|v| v == "1");
             let seed = seed.parse().expect("SEED is a number");
             if wanted == store {
                 vec![(
@@ -109,7 +123,8 @@ fn plans(store: Store) -> Vec<(u64, Kinds)> {
                         clocks,
                         store,
                         disk,
-                        datacenters,
+                        datacenters: datacenters || moves,
+                        moves,
                     },
                 )]
             } else {
@@ -167,9 +182,10 @@ async fn schedules(test: &str, store: Store) {
             store,
             disk,
             datacenters,
+            moves,
         } = kinds;
         eprintln!(
-            "chaos: SEED={seed} clocks {clocks:?} store {store:?} full disks {disk} three datacenters {datacenters} ({seconds} s of faults)"
+            "chaos: SEED={seed} clocks {clocks:?} store {store:?} full disks {disk} three datacenters {datacenters} home moves {moves} ({seconds} s of faults)"
         );
         let out = run(Plan {
             seed,
@@ -179,6 +195,7 @@ async fn schedules(test: &str, store: Store) {
             store,
             disk,
             datacenters,
+            moves,
         })
         .await;
         let h = &out.history;
@@ -218,6 +235,17 @@ async fn schedules(test: &str, store: Store) {
             }
         }
         let verdict = judge(&out);
+        for m in &out.moves {
+            eprintln!("chaos: SEED={seed}: home move {m:?}");
+        }
+        if moves {
+            eprintln!(
+                "chaos: SEED={seed}: {} acknowledged posts lost in loss windows (the local level's): {:?}, acknowledged at {:?} ms from the cut",
+                verdict.lost_in_windows.len(),
+                verdict.lost_in_windows,
+                verdict.lost_from_cut_ms
+            );
+        }
         assert!(
             verdict.anomalies.is_empty(),
             "SEED={seed}: {:#?}\nschedule: {:#?}",

@@ -71,6 +71,11 @@ struct Args {
     /// also kills or cuts off whole datacenters (0 = none).
     #[arg(long, default_value_t = 0)]
     datacenters_every: u64,
+    /// Every Nth schedule run in three datacenters also cuts the room's
+    /// home off and moves it to another datacenter now and then (0 =
+    /// none); posts the local level lost there are counted, not anomalies.
+    #[arg(long, default_value_t = 0)]
+    moves_every: u64,
     /// Where to write the report (Markdown).
     #[arg(long, default_value = "chaos-report.md")]
     report: std::path::PathBuf,
@@ -96,6 +101,7 @@ impl Args {
             cassandra_every: self.cassandra_every,
             disk_every: self.disk_every,
             datacenters_every: self.datacenters_every,
+            moves_every: self.moves_every,
         }
     }
 }
@@ -112,6 +118,9 @@ struct Campaign {
     /// Absent in the state of campaigns from before it existed (none).
     #[serde(default)]
     datacenters_every: u64,
+    /// Absent in the state of campaigns from before it existed (none).
+    #[serde(default)]
+    moves_every: u64,
 }
 
 /// Where a campaign stands, as `--state` keeps it.
@@ -217,7 +226,8 @@ fn kind(f: Fault) -> &'static str {
         Fault::FillDisk(_) => "full disk + freed",
         Fault::KillDatacenter(_) => "whole datacenter killed + restarted",
         Fault::CutDatacenter(_) => "whole datacenter cut off + reconnected",
-        Fault::RestartDatacenter(_) | Fault::ReconnectDatacenter(_) => "undo",
+        Fault::MoveHome => "room's home cut off and moved + reconnected",
+        Fault::RestartDatacenter(_) | Fault::ReconnectDatacenter(_) | Fault::RejoinHome => "undo",
         Fault::Restart(_)
         | Fault::Resume(_)
         | Fault::Heal(_)
@@ -243,6 +253,18 @@ struct Totals {
     /// Schedules run in three datacenters.
     #[serde(default)]
     datacenters: u64,
+    /// Home moves the cluster map accepted, and ones it did not within
+    /// the run's limit.
+    #[serde(default)]
+    homes_moved: u64,
+    #[serde(default)]
+    moves_not_accepted: u64,
+    /// Acknowledged posts the local level lost in loss windows, and the
+    /// earliest and latest of their acknowledgements from the cut, ms.
+    #[serde(default)]
+    lost_in_windows: u64,
+    #[serde(default)]
+    lost_from_cut_ms: Option<(i64, i64)>,
     loss_skipped: u64,
     anomalies: Vec<String>,
     expected: Vec<String>,
@@ -302,6 +324,9 @@ async fn campaign(args: Args) {
         if datacenters {
             totals.datacenters += 1;
         }
+        let moves = datacenters
+            && args.moves_every > 0
+            && (seed / args.datacenters_every).is_multiple_of(args.moves_every);
         let out = run(Plan {
             seed,
             nodes: if datacenters { 6 } else { 3 },
@@ -310,6 +335,7 @@ async fn campaign(args: Args) {
             store,
             disk: args.disk_every > 0 && seed % args.disk_every == 0,
             datacenters,
+            moves,
         })
         .await;
         for step in &out.steps {
@@ -338,7 +364,20 @@ async fn campaign(args: Args) {
         {
             totals.loss_skipped += 1;
         }
+        for m in &out.moves {
+            if m.accepted_after.is_some() {
+                totals.homes_moved += 1;
+            } else {
+                totals.moves_not_accepted += 1;
+            }
+        }
         let verdict = judge(&out);
+        totals.lost_in_windows += verdict.lost_in_windows.len() as u64;
+        for ms in &verdict.lost_from_cut_ms {
+            let (lo, hi) = totals.lost_from_cut_ms.get_or_insert((*ms, *ms));
+            *lo = (*lo).min(*ms);
+            *hi = (*hi).max(*ms);
+        }
         if verdict.anomalies.is_empty() {
             forget_logs(seed);
         }
@@ -437,6 +476,19 @@ fn write_report(args: &Args, progress: &Progress) -> String {
         totals.sessions,
         totals.membership_ops
     );
+    if totals.homes_moved + totals.moves_not_accepted > 0 {
+        let _ = writeln!(
+            report,
+            "Home moves: {} accepted by the cluster map, {} not within the run's limit; {} acknowledged posts lost in their loss windows (the local level's, allowed){}.\n",
+            totals.homes_moved,
+            totals.moves_not_accepted,
+            totals.lost_in_windows,
+            totals
+                .lost_from_cut_ms
+                .map(|(lo, hi)| format!(", acknowledged from {lo} ms to {hi} ms after the cut"))
+                .unwrap_or_default()
+        );
+    }
     let _ = writeln!(report, "Anomalies: {}\n", totals.anomalies.len());
     for a in &totals.anomalies {
         let _ = writeln!(report, "- {a}");
@@ -483,6 +535,7 @@ mod tests {
             cassandra_every: 0,
             disk_every: 0,
             datacenters_every: 0,
+            moves_every: 0,
         }
     }
 

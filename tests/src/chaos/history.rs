@@ -13,8 +13,15 @@
 //!   (posts whose outcome was unknown), as Paxos does (campaign
 //!   `SEED=453`, where the node that led stopped first).
 //! - Nothing appears that nobody posted, or that was refused.
+//! - Where the room's home was cut off and moved ([`History::lossy`]),
+//!   a post the old home acknowledged at the local level may be lost
+//!   (the level's loss window): it is reported, not an anomaly, and so
+//!   is its live delivery; but a session that was shown a lost post is
+//!   shown nothing after it that the room kept (its node ends it once it
+//!   learns the home moved, and the client reads again).
 
 use std::collections::{HashMap, HashSet};
+use std::time::Instant;
 
 /// A message as a client saw it.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -25,6 +32,9 @@ pub struct Seen {
     pub seq: u64,
     /// The decrypted text.
     pub text: String,
+    /// The membership revision its sender sealed it under (0 where the
+    /// envelope does not decode).
+    pub revision: u64,
 }
 
 /// How a post ended.
@@ -51,6 +61,20 @@ pub struct Post {
     pub text: String,
     /// How it ended.
     pub outcome: Outcome,
+    /// When it ended (answered, or given up on).
+    pub answered: Instant,
+}
+
+/// A stretch of the run in which a post acknowledged at the local level
+/// may be lost: from some seconds before the room's home was cut off and
+/// moved (what the old home acknowledged then may not have reached
+/// another datacenter yet) until after it was reconnected.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Window {
+    /// From.
+    pub from: Instant,
+    /// Until.
+    pub to: Instant,
 }
 
 /// Everything recorded in a run.
@@ -66,6 +90,8 @@ pub struct History {
     pub fin: Vec<Seen>,
     /// Each node's own store after the run, oldest first.
     pub stores: Vec<Vec<Seen>>,
+    /// Where the room's home was cut off and moved.
+    pub lossy: Vec<Window>,
 }
 
 /// Something that must not happen.
@@ -125,6 +151,60 @@ pub enum Anomaly {
         /// The text.
         text: String,
     },
+    /// A session went on after it was shown a post of a loss window: it
+    /// was shown one the room kept.
+    ShownAfterLost {
+        /// The session.
+        session: usize,
+        /// The lost post it was shown first.
+        lost: String,
+        /// The kept one it was shown after it.
+        text: String,
+    },
+}
+
+impl History {
+    /// Whether `p` ended within a loss window.
+    fn in_window(&self, p: &Post) -> bool {
+        self.lossy
+            .iter()
+            .any(|w| p.answered >= w.from && p.answered <= w.to)
+    }
+}
+
+/// The posts of a loss window (acknowledged or not) that no store and
+/// no history read kept: the old home may have shown them live.
+pub fn vanished(h: &History) -> Vec<String> {
+    let anywhere: HashSet<&str> = std::iter::once(&h.fin)
+        .chain(&h.stores)
+        .flatten()
+        .map(|m| m.text.as_str())
+        .collect();
+    h.posts
+        .iter()
+        .filter(|p| {
+            !matches!(p.outcome, Outcome::Refused(_))
+                && !anywhere.contains(p.text.as_str())
+                && h.in_window(p)
+        })
+        .map(|p| p.text.clone())
+        .collect()
+}
+
+/// The posts acknowledged within a loss window that the room did not
+/// keep: what the local level lost there (no anomaly; the report counts
+/// them).
+pub fn lost_in_windows(h: &History) -> Vec<String> {
+    let kept: HashSet<&str> = h.fin.iter().map(|m| m.text.as_str()).collect();
+    h.posts
+        .iter()
+        .filter(|p| {
+            matches!(p.outcome, Outcome::Acked { .. })
+                && !kept.contains(p.text.as_str())
+                && h.in_window(p)
+        })
+        .map(|p| p.text.clone())
+        .collect()
 }
 
 /// The first position where `short` is not a prefix of `long`.
@@ -146,8 +226,13 @@ pub fn check(h: &History) -> Vec<Anomaly> {
     let by_text: HashMap<&str, &Seen> = h.fin.iter().map(|m| (m.text.as_str(), m)).collect();
     let anywhere: HashSet<&str> = longest.iter().map(|m| m.text.as_str()).collect();
     let posted: HashSet<&str> = h.posts.iter().map(|p| p.text.as_str()).collect();
+    // Posts of a loss window the room did not keep (acknowledged or not:
+    // an unknown one may have been shown live by the old home).
+    let lost = vanished(h);
+    let vanished: HashSet<&str> = lost.iter().map(String::as_str).collect();
     for p in &h.posts {
         match (&p.outcome, by_text.get(p.text.as_str())) {
+            (Outcome::Acked { .. }, None) if vanished.contains(p.text.as_str()) => {}
             (Outcome::Acked { .. }, None) => found.push(Anomaly::LostAck(p.text.clone())),
             (Outcome::Acked { id, seq }, Some(m)) if m.id != *id || m.seq != *seq => {
                 found.push(Anomaly::AckMismatch {
@@ -194,10 +279,24 @@ pub fn check(h: &History) -> Vec<Anomaly> {
     for (session, seen) in h.sessions.iter().enumerate() {
         let mut texts = HashSet::new();
         let mut last = 0;
+        let mut lost: Option<&str> = None;
         for m in seen {
             if !texts.insert(m.text.as_str()) {
                 found.push(Anomaly::DeliveredTwice {
                     session,
+                    text: m.text.clone(),
+                });
+                continue;
+            }
+            if vanished.contains(m.text.as_str()) {
+                lost.get_or_insert(m.text.as_str());
+                last = last.max(m.seq);
+                continue;
+            }
+            if let Some(lost) = lost {
+                found.push(Anomaly::ShownAfterLost {
+                    session,
+                    lost: lost.to_owned(),
                     text: m.text.clone(),
                 });
                 continue;
@@ -223,7 +322,14 @@ mod tests {
             id: vec![u8::try_from(seq).unwrap(); 16],
             seq,
             text: text.to_owned(),
+            revision: 1,
         }
+    }
+
+    /// The doctored runs' clock: `ms` after one start.
+    fn at(ms: u64) -> Instant {
+        static START: std::sync::LazyLock<Instant> = std::sync::LazyLock::new(Instant::now);
+        *START + std::time::Duration::from_millis(ms)
     }
 
     fn acked(seq: u64, text: &str) -> Post {
@@ -233,6 +339,7 @@ mod tests {
                 id: vec![u8::try_from(seq).unwrap(); 16],
                 seq,
             },
+            answered: at(seq * 1_000),
         }
     }
 
@@ -246,11 +353,13 @@ mod tests {
                 Post {
                     text: "c".into(),
                     outcome: Outcome::Unknown,
+                    answered: at(3_000),
                 },
                 acked(4, "d"),
                 Post {
                     text: "e".into(),
                     outcome: Outcome::Refused("RESOURCE_EXHAUSTED: too fast".into()),
+                    answered: at(5_000),
                 },
             ],
             sessions: vec![
@@ -262,6 +371,7 @@ mod tests {
                 vec![seen(1, "a"), seen(2, "b"), seen(3, "c"), seen(4, "d")],
                 vec![seen(1, "a"), seen(2, "b")],
             ],
+            lossy: Vec::new(),
         }
     }
 
@@ -269,6 +379,7 @@ mod tests {
         Post {
             text: text.to_owned(),
             outcome: Outcome::Unknown,
+            answered: at(9_000),
         }
     }
 
@@ -364,6 +475,72 @@ mod tests {
             vec![Anomaly::SessionOrder {
                 session: 1,
                 text: "c".into()
+            }]
+        );
+    }
+
+    /// The home of `clean()`'s room was cut off and moved around the
+    /// acknowledgement of "d" (4 s in): the old home had acknowledged it
+    /// and shown it to session 0, then the new home gave #4 to "f".
+    fn moved_around_d() -> History {
+        let mut h = clean();
+        h.posts.push(acked(4, "f"));
+        h.posts.last_mut().unwrap().answered = at(8_000);
+        h.fin[3] = seen(4, "f");
+        for store in &mut h.stores {
+            if store.len() == 4 {
+                store[3] = seen(4, "f");
+            }
+        }
+        h.sessions = vec![
+            vec![seen(1, "a"), seen(2, "b"), seen(4, "d")],
+            vec![seen(3, "c"), seen(4, "f")],
+        ];
+        h
+    }
+
+    #[test]
+    fn a_post_lost_in_a_loss_window_is_reported_and_no_anomaly() {
+        let mut h = moved_around_d();
+        // Without the window, "d" is an acknowledged post lost, and
+        // session 0 was shown what the room does not hold at #4.
+        let found = check(&h);
+        assert!(found.contains(&Anomaly::LostAck("d".into())), "{found:?}");
+        assert!(
+            found.contains(&Anomaly::SessionOrder {
+                session: 0,
+                text: "d".into()
+            }),
+            "{found:?}"
+        );
+        h.lossy.push(Window {
+            from: at(3_500),
+            to: at(6_000),
+        });
+        assert_eq!(check(&h), vec![]);
+        assert_eq!(lost_in_windows(&h), ["d"]);
+        // A window elsewhere excuses nothing.
+        h.lossy[0] = Window {
+            from: at(5_000),
+            to: at(6_000),
+        };
+        assert!(check(&h).contains(&Anomaly::LostAck("d".into())));
+    }
+
+    #[test]
+    fn a_session_shown_a_lost_post_and_then_a_kept_one_is_reported() {
+        let mut h = moved_around_d();
+        h.lossy.push(Window {
+            from: at(3_500),
+            to: at(6_000),
+        });
+        h.sessions[0].push(seen(4, "f"));
+        assert_eq!(
+            check(&h),
+            vec![Anomaly::ShownAfterLost {
+                session: 0,
+                lost: "d".into(),
+                text: "f".into()
             }]
         );
     }

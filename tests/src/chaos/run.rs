@@ -18,7 +18,7 @@ use saferchat_node::storage::cassandra::CassandraStore;
 use saferchat_node::storage::sled::SledStore;
 use saferchat_node::storage::{self, Range};
 
-use super::history::{History, Outcome, Seen};
+use super::history::{History, Outcome, Seen, Window};
 use super::linear::Operation;
 use super::membership::{MemberOp, State};
 use super::schedule::{
@@ -61,6 +61,35 @@ pub struct Plan {
     /// Three datacenters (`dc1` to `dc3`, the nodes spread evenly in
     /// order), whole ones killed and cut off.
     pub datacenters: bool,
+    /// With `datacenters`: the room's home cut off and moved now and then
+    /// ([`Fault::MoveHome`]).
+    pub moves: bool,
+}
+
+/// How long before the room's home is cut off a post its old home
+/// acknowledged at the local level may still be missing from every other
+/// datacenter: the start of a loss window. Generous: the learners in the
+/// other datacenters normally hold a post milliseconds after it, but a
+/// loaded machine under the schedule's earlier faults (slow links, a
+/// paused node just resumed) may leave them seconds behind.
+pub const LOSS_LAG: Duration = Duration::from_secs(10);
+
+/// How long a home move may take to be accepted by the cluster map (the
+/// map's own leader may be in the datacenter just cut off).
+const MOVE_MAX: Duration = Duration::from_secs(10);
+
+/// One [`Fault::MoveHome`].
+#[derive(Clone, Debug)]
+pub struct HomeMove {
+    /// From which datacenter (0-based) to which.
+    pub from: usize,
+    /// To which.
+    pub to: usize,
+    /// How long after the cut the map accepted the move; `None` when it
+    /// did not within [`MOVE_MAX`] (the home then stayed).
+    pub accepted_after: Option<Duration>,
+    /// Why, when it did not.
+    pub refused: Vec<String>,
 }
 
 /// What a run did and saw.
@@ -91,6 +120,11 @@ pub struct Outcomes {
     pub loss_applied: bool,
     /// Packets the loss faults dropped.
     pub packets_dropped: u64,
+    /// The home moves played.
+    pub moves: Vec<HomeMove>,
+    /// Nodes that still owed a failover's check when the run ended
+    /// (after [`RECOVERY_MAX`]), with how many partitions.
+    pub unsettled: Vec<String>,
 }
 
 /// The checkers' verdict on one run.
@@ -102,6 +136,12 @@ pub struct Verdict {
     /// reads of the membership and what follows from them (a client
     /// wrapping keys for a membership already changed).
     pub expected: Vec<String>,
+    /// Posts the local level lost in a loss window (the room's home cut
+    /// off and moved): allowed, and counted.
+    pub lost_in_windows: Vec<String>,
+    /// For each of them, when it was acknowledged, in milliseconds from
+    /// the cut (negative: before it): how far back the loss window reached.
+    pub lost_from_cut_ms: Vec<i64>,
 }
 
 /// Runs every checker over `out`. With clocks within the bound every
@@ -111,6 +151,39 @@ pub fn judge(out: &Outcomes) -> Verdict {
     let mut v = Verdict::default();
     for a in super::history::check(&out.history) {
         v.anomalies.push(format!("{a:?}"));
+    }
+    v.lost_in_windows = super::history::lost_in_windows(&out.history);
+    for text in &v.lost_in_windows {
+        let Some(p) = out.history.posts.iter().find(|p| p.text == *text) else {
+            continue;
+        };
+        // Windows may overlap: the cut is the last one before the
+        // acknowledgement, or else the first after it.
+        let cuts: Vec<Instant> = out
+            .history
+            .lossy
+            .iter()
+            .filter(|w| p.answered >= w.from && p.answered <= w.to)
+            .map(|w| w.from + LOSS_LAG)
+            .collect();
+        let Some(cut) = cuts
+            .iter()
+            .filter(|c| **c <= p.answered)
+            .max()
+            .or_else(|| cuts.iter().min())
+            .copied()
+        else {
+            continue;
+        };
+        let ms = |d: Duration| i64::try_from(d.as_millis()).unwrap_or(i64::MAX);
+        v.lost_from_cut_ms.push(if p.answered >= cut {
+            ms(p.answered - cut)
+        } else {
+            -ms(cut - p.answered)
+        });
+    }
+    for u in &out.unsettled {
+        v.anomalies.push(format!("still held after the run: {u}"));
     }
     for u in &out.unreadable {
         v.anomalies.push(format!("unreadable message: {u}"));
@@ -198,22 +271,38 @@ pub fn holding(paths: impl IntoIterator<Item = PathBuf>, marker: &[u8]) -> Vec<P
 }
 
 /// Deliveries a member removed at `revision` must not have had: posts
-/// wrapped at or after that revision, or of a number no store holds (a
-/// post only the removed member saw is a breach too). Each as its text,
-/// the number it was delivered with and the revision the stores hold at
-/// that number, so that a report tells a late delivery from a numbering
-/// the stores do not share.
+/// sealed at or after that revision (as delivered, or as the stores hold
+/// the number it was delivered with), or of a number no store holds (a
+/// post only the removed member saw is a breach too), unless it is a post
+/// of a loss window that the room did not keep (`lost`: the old home of a
+/// moved room showed it, then the new home gave its number to another)
+/// sealed before that revision. Each as its text, the number it was
+/// delivered with and the revision the stores hold at that number, so
+/// that a report tells a late delivery from a numbering the stores do not
+/// share.
 pub fn delivered_after_removal<'a>(
     delivered: impl IntoIterator<Item = &'a Seen>,
     revision_of: &std::collections::HashMap<u64, u64>,
     revision: u64,
+    lost: &std::collections::HashSet<String>,
 ) -> Vec<String> {
     delivered
         .into_iter()
-        .filter_map(|m| match revision_of.get(&m.seq) {
-            Some(r) if *r < revision => None,
-            Some(r) => Some(format!("{} (#{}, revision {r})", m.text, m.seq)),
-            None => Some(format!("{} (#{}, stored nowhere)", m.text, m.seq)),
+        .filter_map(|m| {
+            if m.revision >= revision {
+                return Some(format!(
+                    "{} (#{}, sealed at revision {})",
+                    m.text, m.seq, m.revision
+                ));
+            }
+            if lost.contains(&m.text) {
+                return None;
+            }
+            match revision_of.get(&m.seq) {
+                Some(r) if *r < revision => None,
+                Some(r) => Some(format!("{} (#{}, revision {r})", m.text, m.seq)),
+                None => Some(format!("{} (#{}, stored nowhere)", m.text, m.seq)),
+            }
         })
         .collect()
 }
@@ -367,6 +456,146 @@ fn room() -> RoomId {
 /// Each node's clock control: its rate error and how far it has jumped.
 type ClockState = Vec<(i64, u64)>;
 
+/// The room's home as the run moves it: where it is, and the datacenter
+/// cut off by the move under way with when.
+struct Home {
+    partition: u32,
+    at: usize,
+    cut: Option<(usize, Instant)>,
+    moves: Vec<HomeMove>,
+    windows: Vec<Window>,
+}
+
+impl Home {
+    fn new() -> Home {
+        let partition = saferchat_placement::PartitionCount::DEFAULT.of_room(ROOM).0;
+        Home {
+            partition,
+            // Partitions take turns over the datacenters.
+            at: usize::try_from(partition).expect("a partition") % super::schedule::DATACENTERS,
+            cut: None,
+            moves: Vec::new(),
+            windows: Vec::new(),
+        }
+    }
+
+    /// [`Fault::MoveHome`]: once the map says the last move settled (its
+    /// new home established it; an operator moves a home again only then,
+    /// and the map refuses a move before), or [`MOVE_MAX`] passed, cut the
+    /// home off, then ask a node of the next datacenter to move the room's
+    /// partition there, until the map takes it or [`MOVE_MAX`] passed.
+    async fn cut_and_move(&mut self, cluster: &Cluster) {
+        let from = self.at;
+        let to = (from + 1) % super::schedule::DATACENTERS;
+        let through: Vec<usize> = (0..cluster.nodes.len())
+            .filter(|i| cluster.datacenters()[*i] == datacenter_name(to))
+            .collect();
+        let waiting = Instant::now();
+        while waiting.elapsed() < MOVE_MAX {
+            let settled = tokio::time::timeout(POST_TIMEOUT, async {
+                let mut admin = saferchat_client::admin::Admin::connect(
+                    &cluster.server(through[0]),
+                    crate::ADMIN_TOKEN,
+                )
+                .await
+                .ok()?;
+                admin.cluster_status().await.ok()
+            })
+            .await
+            .ok()
+            .flatten()
+            .is_some_and(|s| s.failing_over_partitions == 0);
+            if settled {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        cluster.cut_off_datacenter(&datacenter_name(from));
+        let cut = Instant::now();
+        self.cut = Some((from, cut));
+        let mut refused = Vec::new();
+        let mut k = 0;
+        while cut.elapsed() < MOVE_MAX {
+            let i = through[k % through.len()];
+            k += 1;
+            let attempt = tokio::time::timeout(POST_TIMEOUT, async {
+                let mut admin =
+                    saferchat_client::admin::Admin::connect(&cluster.server(i), crate::ADMIN_TOKEN)
+                        .await
+                        .map_err(|e| e.to_string())?;
+                admin
+                    .move_homes(
+                        &datacenter_name(from),
+                        &datacenter_name(to),
+                        vec![self.partition],
+                    )
+                    .await
+                    .map_err(|e| e.to_string())
+            })
+            .await;
+            match attempt {
+                Ok(Ok(reply)) if reply.moved.contains(&self.partition) => {
+                    self.at = to;
+                    self.moves.push(HomeMove {
+                        from,
+                        to,
+                        accepted_after: Some(cut.elapsed()),
+                        refused,
+                    });
+                    return;
+                }
+                Ok(Ok(reply)) => refused.extend(reply.refused),
+                Ok(Err(e)) => refused.push(e),
+                Err(_) => refused.push("no answer".into()),
+            }
+            refused.dedup();
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
+        self.moves.push(HomeMove {
+            from,
+            to,
+            accepted_after: None,
+            refused,
+        });
+    }
+
+    /// [`Fault::RejoinHome`]: reconnect the datacenter cut off; what its
+    /// old home acknowledged from [`LOSS_LAG`] before the cut until an
+    /// answer to a post sent now is due may be lost, when the home moved.
+    fn rejoin(&mut self, cluster: &Cluster) {
+        let Some((dc, cut)) = self.cut.take() else {
+            return;
+        };
+        cluster.reconnect_datacenter(&datacenter_name(dc));
+        if self.at != dc {
+            self.windows.push(Window {
+                from: cut - LOSS_LAG,
+                to: Instant::now() + POST_TIMEOUT,
+            });
+        }
+    }
+}
+
+/// Waits until no node holds a partition owing a failover's check (the
+/// gauge `saferchat_partitions_unchecked`), up to [`RECOVERY_MAX`];
+/// returns the nodes that still do.
+async fn wait_settled(cluster: &Cluster) -> Vec<String> {
+    let deadline = Instant::now() + RECOVERY_MAX;
+    loop {
+        let mut held = Vec::new();
+        for (i, addr) in cluster.metrics.iter().enumerate() {
+            let n = crate::process::scrape_value(*addr, "saferchat_partitions_unchecked").await;
+            if n != Some(0.0) {
+                held.push(format!("node {}: {n:?} partitions", i + 1));
+            }
+        }
+        if held.is_empty() || Instant::now() >= deadline {
+            return held;
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+}
+
 /// Plays the store faults on the run's own Cassandra, in order, on a
 /// thread of their own: stopping a Cassandra node takes seconds (it
 /// drains), and the schedule's other faults must not wait for that.
@@ -470,6 +699,9 @@ fn apply(
         | Fault::CassandraResume => store
             .expect("store faults are scheduled only on Cassandra")
             .apply(fault),
+        Fault::MoveHome | Fault::RejoinHome => {
+            unreachable!("the run plays home moves itself (`Home`)")
+        }
     }
 }
 
@@ -515,6 +747,7 @@ pub async fn run(plan: Plan) -> Outcomes {
             store: plan.store,
             disk: plan.disk,
             datacenters: plan.datacenters,
+            moves: plan.moves,
         },
     );
     // Inside the test's own network namespace, loss faults drop packets;
@@ -555,6 +788,8 @@ pub async fn run(plan: Plan) -> Outcomes {
         // Room for a run's data (some MiB) and little more: the ballast
         // that fills it stays small.
         data_tmpfs: plan.disk.then(|| "256m".to_owned()),
+        // Home moves wait on a gauge at the end.
+        metrics: plan.moves,
         datacenters: (0..plan.nodes)
             .map(|i| {
                 if plan.datacenters {
@@ -654,8 +889,20 @@ pub async fn run(plan: Plan) -> Outcomes {
         )));
     }
     let mut clocks = vec![(0, 0); plan.nodes];
+    let mut home = Home::new();
     for step in &steps {
         tokio::time::sleep_until((start + Duration::from_millis(step.at_ms)).into()).await;
+        match step.fault {
+            Fault::MoveHome => {
+                home.cut_and_move(&cluster).await;
+                continue;
+            }
+            Fault::RejoinHome => {
+                home.rejoin(&cluster);
+                continue;
+            }
+            _ => {}
+        }
         apply(
             &mut cluster,
             &mut clocks,
@@ -672,6 +919,13 @@ pub async fn run(plan: Plan) -> Outcomes {
         .await
         .expect("the removed member's listener");
     let removed_at = removal.await.expect("the remover");
+    // Every replica of a moved home checks its copy against the new
+    // home's before its store is read.
+    let unsettled = if home.moves.is_empty() {
+        Vec::new()
+    } else {
+        wait_settled(&cluster).await
+    };
 
     // Everything is undone: the room must serve again, through node 0.
     let reader = identity(0);
@@ -722,8 +976,10 @@ pub async fn run(plan: Plan) -> Outcomes {
             let full = page.len() == PAGE as usize;
             for m in &page {
                 after = Some(m.id);
+                let mut revision = 0;
                 if let Ok(e) = Envelope::decode(m.envelope.clone()) {
-                    revision_of.insert(m.seq, e.revision.0);
+                    revision = e.revision.0;
+                    revision_of.insert(m.seq, revision);
                     if removed_at.is_some_and(|r| keyed_after_removal(&e, &removed, r)) {
                         keyed_after += 1;
                     }
@@ -733,6 +989,7 @@ pub async fn run(plan: Plan) -> Outcomes {
                     seq: m.seq,
                     text: load::open_stored(&reader, &room(), &m.envelope, 0..MEMBERS)
                         .unwrap_or_else(|| "<unreadable>".into()),
+                    revision,
                 });
             }
             if !full {
@@ -781,12 +1038,22 @@ pub async fn run(plan: Plan) -> Outcomes {
     let sessions = std::mem::take(&mut *sessions.lock().expect("lock"));
     let unreadable = std::mem::take(&mut *unreadable.lock().expect("lock"));
     let membership = std::mem::take(&mut *membership.lock().expect("lock"));
+    let history = History {
+        posts,
+        sessions,
+        fin,
+        stores,
+        lossy: home.windows,
+    };
+    let lost: std::collections::HashSet<String> =
+        super::history::vanished(&history).into_iter().collect();
     let removal = removed_at.map(|revision| Removal {
         revision,
         delivered_after: delivered_after_removal(
             removed_sessions.lock().expect("lock").iter().flatten(),
             &revision_of,
             revision,
+            &lost,
         ),
         keyed_after,
     });
@@ -798,12 +1065,9 @@ pub async fn run(plan: Plan) -> Outcomes {
         initial,
         membership,
         steps,
-        history: History {
-            posts,
-            sessions,
-            fin,
-            stores,
-        },
+        history,
+        moves: home.moves,
+        unsettled,
         unreadable,
         plaintext_in,
         wire: Wire {
@@ -839,6 +1103,7 @@ mod tests {
             id: vec![seq as u8],
             seq,
             text: format!("post {seq}"),
+            revision: 1,
         }
     }
 
@@ -849,15 +1114,32 @@ mod tests {
     fn deliveries_after_a_removal_are_reported() {
         let revision_of = [(1, 5), (2, 6), (3, 7), (4, 8)].into_iter().collect();
         let delivered = [seen(1), seen(2), seen(3), seen(4), seen(9)];
+        let none = std::collections::HashSet::new();
         assert_eq!(
-            delivered_after_removal(&delivered, &revision_of, 7),
+            delivered_after_removal(&delivered, &revision_of, 7, &none),
             [
                 "post 3 (#3, revision 7)",
                 "post 4 (#4, revision 8)",
                 "post 9 (#9, stored nowhere)"
             ]
         );
-        assert!(delivered_after_removal(&delivered[..2], &revision_of, 7).is_empty());
+        assert!(delivered_after_removal(&delivered[..2], &revision_of, 7, &none).is_empty());
+        // A post of a loss window stored nowhere, sealed before the
+        // removal, is no breach; sealed at or after it, it is, and so is
+        // any delivery sealed so, whatever the stores hold at its number.
+        let lost = ["post 9".to_owned()].into_iter().collect();
+        assert!(delivered_after_removal(&delivered[4..], &revision_of, 7, &lost).is_empty());
+        let mut late = seen(9);
+        late.revision = 7;
+        let mut renumbered = seen(1);
+        renumbered.revision = 8;
+        assert_eq!(
+            delivered_after_removal(&[late, renumbered], &revision_of, 7, &lost),
+            [
+                "post 9 (#9, sealed at revision 7)",
+                "post 1 (#1, sealed at revision 8)"
+            ]
+        );
     }
 
     /// ...and an envelope that still wraps a key for the removed member

@@ -98,6 +98,17 @@ pub enum Fault {
     CutDatacenter(usize),
     /// Reconnect it.
     ReconnectDatacenter(usize),
+    /// Cut the room's home datacenter off from the others (as
+    /// [`Fault::CutDatacenter`]) and move the homes of its partitions to
+    /// the next datacenter in name order, as an operator does for a
+    /// datacenter lost (`MoveHomes`). What the old home acknowledged at
+    /// the local level and no other datacenter holds yet is lost: the
+    /// level's loss window, which the checkers excuse around the cut. Only
+    /// with [`Kinds::moves`].
+    MoveHome,
+    /// Reconnect the datacenter the last [`Fault::MoveHome`] cut off: its
+    /// nodes check their copies against the new home's and follow it.
+    RejoinHome,
 }
 
 /// A fault at a time from the start of the run.
@@ -147,6 +158,9 @@ pub struct Kinds {
     /// Three datacenters, the nodes spread evenly over them in order, and
     /// whole datacenters killed or cut off.
     pub datacenters: bool,
+    /// With [`Kinds::datacenters`]: the room's home cut off and moved to
+    /// another datacenter now and then ([`Fault::MoveHome`]).
+    pub moves: bool,
 }
 
 impl Kinds {
@@ -156,6 +170,7 @@ impl Kinds {
         store: Store::Sled,
         disk: false,
         datacenters: false,
+        moves: false,
     };
 }
 
@@ -201,8 +216,10 @@ pub fn schedule_with(seed: u64, nodes: usize, duration_ms: u64, kinds: Kinds) ->
         store,
         disk,
         datacenters,
+        moves,
     } = kinds;
     assert!(nodes >= 2, "faults between nodes need two");
+    assert!(!moves || datacenters, "homes move between datacenters");
     assert!(
         !datacenters || nodes.is_multiple_of(DATACENTERS),
         "{nodes} nodes do not spread evenly over {DATACENTERS} datacenters"
@@ -216,13 +233,17 @@ pub fn schedule_with(seed: u64, nodes: usize, duration_ms: u64, kinds: Kinds) ->
         let lasts = rng.random_range(500..4_000);
         // Beyond the bound, half the faults are clock faults; on
         // Cassandra, a quarter are store faults; with full disks, a fifth
-        // are those; in datacenters, a third are whole datacenters'.
+        // are those; with moves, a quarter are home moves; in datacenters,
+        // a third of the others are whole datacenters'. (A kind not asked
+        // for draws nothing: a seed's schedule stays what it was.)
         let kind = if clocks == Clocks::Beyond && rng.random_bool(0.5) {
             4
         } else if store == Store::Cassandra && rng.random_bool(0.25) {
             7 + rng.random_range(0..2)
         } else if disk && rng.random_bool(0.2) {
             9
+        } else if moves && rng.random_bool(0.25) {
+            12
         } else if datacenters && rng.random_bool(1.0 / 3.0) {
             10 + rng.random_range(0..2)
         } else {
@@ -230,6 +251,7 @@ pub fn schedule_with(seed: u64, nodes: usize, duration_ms: u64, kinds: Kinds) ->
         };
         let dc = datacenter_of(node, nodes);
         let (start, undo) = match kind {
+            12 => (Fault::MoveHome, Fault::RejoinHome),
             10 => (Fault::KillDatacenter(dc), Fault::RestartDatacenter(dc)),
             11 => (Fault::CutDatacenter(dc), Fault::ReconnectDatacenter(dc)),
             7 => (Fault::CassandraStop, Fault::CassandraStart),
@@ -315,12 +337,18 @@ mod tests {
     fn a_seed_is_one_schedule_and_every_fault_is_undone() {
         for clocks in [Clocks::Within, Clocks::Beyond] {
             for store in [Store::Sled, Store::Cassandra] {
-                for (disk, datacenters) in [(false, false), (true, false), (false, true)] {
+                for (disk, datacenters, moves) in [
+                    (false, false, false),
+                    (true, false, false),
+                    (false, true, false),
+                    (false, true, true),
+                ] {
                     let kinds = Kinds {
                         clocks,
                         store,
                         disk,
                         datacenters,
+                        moves,
                     };
                     let a = schedule_with(42, 6, 60_000, kinds);
                     assert_eq!(a, schedule_with(42, 6, 60_000, kinds));
@@ -463,6 +491,38 @@ mod tests {
         );
     }
 
+    /// Home moves only when asked for, and then some; and a schedule in
+    /// datacenters without them is the one it always was.
+    #[test]
+    fn home_moves_only_when_asked() {
+        let of = |moves: bool| -> Vec<Vec<Step>> {
+            (0..20)
+                .map(|s| {
+                    let kinds = Kinds {
+                        datacenters: true,
+                        moves,
+                        ..Kinds::default()
+                    };
+                    schedule_with(s, 6, 60_000, kinds)
+                })
+                .collect()
+        };
+        let moves = |all: &[Vec<Step>]| {
+            all.iter()
+                .flatten()
+                .filter(|s| s.fault == Fault::MoveHome)
+                .count()
+        };
+        assert_eq!(moves(&of(false)), 0);
+        let with = of(true);
+        assert!(moves(&with) >= 20, "{} moves", moves(&with));
+        assert!(
+            with.iter()
+                .flatten()
+                .any(|s| matches!(s.fault, Fault::CutDatacenter(_)))
+        );
+    }
+
     fn every_fault_is_undone(a: &[Step]) {
         assert!(a.len() >= 10, "{} steps", a.len());
         for pair in a.chunks(2) {
@@ -484,6 +544,7 @@ mod tests {
                 Fault::FillDisk(n) => Fault::FreeDisk(n),
                 Fault::KillDatacenter(d) => Fault::RestartDatacenter(d),
                 Fault::CutDatacenter(d) => Fault::ReconnectDatacenter(d),
+                Fault::MoveHome => Fault::RejoinHome,
                 other => panic!("an undo opens an episode: {other:?}"),
             };
             assert_eq!(pair[1].fault, undone);
