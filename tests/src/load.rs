@@ -169,7 +169,8 @@ impl Poster {
                 posts.lock().expect("lock").push(Post {
                     text,
                     outcome,
-                    answered: Instant::now(),
+                    sent: started,
+                    answered,
                 });
                 if lost_session {
                     through = (through + 1) % self.servers.len();
@@ -424,6 +425,9 @@ pub async fn fill(
                     id: id.to_vec(),
                     seq: room_seq,
                 },
+                // A fill's posts are pipelined: when each left is not
+                // kept (no loss window applies to them).
+                sent: Instant::now(),
                 answered: Instant::now(),
             }),
             Some(Event::Rejected { message, .. }) => return Err(format!("refused: {message}")),

@@ -235,8 +235,29 @@ async fn schedules(test: &str, store: Store) {
             }
         }
         let verdict = judge(&out);
+        let ms = |t: std::time::Instant| t.saturating_duration_since(out.started).as_millis();
+        eprintln!(
+            "chaos: SEED={seed}: faults started at {} ms (Unix); times below from there",
+            out.started_unix_ms
+        );
         for m in &out.moves {
-            eprintln!("chaos: SEED={seed}: home move {m:?}");
+            eprintln!(
+                "chaos: SEED={seed}: home move from dc{} to dc{}: cut at {} ms, accepted {:?} later, reconnected at {:?} ms; refused meanwhile: {:?}",
+                m.from + 1,
+                m.to + 1,
+                ms(m.cut),
+                m.accepted_after,
+                m.rejoined.map(ms),
+                m.refused
+            );
+        }
+        for text in &verdict.lost_in_windows {
+            if let Some(p) = h.posts.iter().find(|p| p.text == *text) {
+                eprintln!(
+                    "chaos: SEED={seed}: lost in a loss window: {text}, answered at {} ms",
+                    ms(p.answered)
+                );
+            }
         }
         if moves {
             eprintln!(

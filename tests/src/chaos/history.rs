@@ -61,6 +61,8 @@ pub struct Post {
     pub text: String,
     /// How it ended.
     pub outcome: Outcome,
+    /// When it was sent.
+    pub sent: Instant,
     /// When it ended (answered, or given up on).
     pub answered: Instant,
 }
@@ -68,13 +70,18 @@ pub struct Post {
 /// A stretch of the run in which a post acknowledged at the local level
 /// may be lost: from some seconds before the room's home was cut off and
 /// moved (what the old home acknowledged then may not have reached
-/// another datacenter yet) until after it was reconnected.
+/// another datacenter yet) until after it was reconnected, for a post
+/// sent before the old home's home lease ran out (after that, no node may
+/// acknowledge a post it then loses: the old home releases nothing, and
+/// the new home loses nothing).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Window {
-    /// From.
+    /// Answered from.
     pub from: Instant,
-    /// Until.
+    /// Answered until.
     pub to: Instant,
+    /// Sent at the latest.
+    pub sent_by: Instant,
 }
 
 /// Everything recorded in a run.
@@ -168,7 +175,7 @@ impl History {
     fn in_window(&self, p: &Post) -> bool {
         self.lossy
             .iter()
-            .any(|w| p.answered >= w.from && p.answered <= w.to)
+            .any(|w| p.answered >= w.from && p.answered <= w.to && p.sent <= w.sent_by)
     }
 }
 
@@ -339,6 +346,7 @@ mod tests {
                 id: vec![u8::try_from(seq).unwrap(); 16],
                 seq,
             },
+            sent: at(seq * 1_000 - 100),
             answered: at(seq * 1_000),
         }
     }
@@ -353,12 +361,14 @@ mod tests {
                 Post {
                     text: "c".into(),
                     outcome: Outcome::Unknown,
+                    sent: at(1_000),
                     answered: at(3_000),
                 },
                 acked(4, "d"),
                 Post {
                     text: "e".into(),
                     outcome: Outcome::Refused("RESOURCE_EXHAUSTED: too fast".into()),
+                    sent: at(4_900),
                     answered: at(5_000),
                 },
             ],
@@ -379,6 +389,7 @@ mod tests {
         Post {
             text: text.to_owned(),
             outcome: Outcome::Unknown,
+            sent: at(1_000),
             answered: at(9_000),
         }
     }
@@ -516,13 +527,22 @@ mod tests {
         h.lossy.push(Window {
             from: at(3_500),
             to: at(6_000),
+            sent_by: at(4_000),
         });
         assert_eq!(check(&h), vec![]);
         assert_eq!(lost_in_windows(&h), ["d"]);
-        // A window elsewhere excuses nothing.
+        // A window elsewhere excuses nothing, nor one whose old home's
+        // lease ran out before the post was sent.
         h.lossy[0] = Window {
             from: at(5_000),
             to: at(6_000),
+            sent_by: at(6_000),
+        };
+        assert!(check(&h).contains(&Anomaly::LostAck("d".into())));
+        h.lossy[0] = Window {
+            from: at(3_500),
+            to: at(6_000),
+            sent_by: at(3_800),
         };
         assert!(check(&h).contains(&Anomaly::LostAck("d".into())));
     }
@@ -533,6 +553,7 @@ mod tests {
         h.lossy.push(Window {
             from: at(3_500),
             to: at(6_000),
+            sent_by: at(4_000),
         });
         h.sessions[0].push(seen(4, "f"));
         assert_eq!(

@@ -74,6 +74,13 @@ pub struct Plan {
 /// paused node just resumed) may leave them seconds behind.
 pub const LOSS_LAG: Duration = Duration::from_secs(10);
 
+/// How long after the cut the old home's leader may still release a post:
+/// its home lease lasts [`crate::cluster::Options`]' `lease_ms` (1 s)
+/// from the last grant it got, plus what its clock may drift within the
+/// bound (negligible), plus a margin for a grant in flight through the
+/// proxies as the cut came. A post sent later cannot be released by it.
+const LEASE_RUNS_OUT: Duration = Duration::from_millis(1_500);
+
 /// How long a home move may take to be accepted by the cluster map (the
 /// map's own leader may be in the datacenter just cut off).
 const MOVE_MAX: Duration = Duration::from_secs(10);
@@ -90,6 +97,10 @@ pub struct HomeMove {
     pub accepted_after: Option<Duration>,
     /// Why, when it did not.
     pub refused: Vec<String>,
+    /// When the home was cut off.
+    pub cut: Instant,
+    /// When it was reconnected.
+    pub rejoined: Option<Instant>,
 }
 
 /// What a run did and saw.
@@ -122,6 +133,11 @@ pub struct Outcomes {
     pub packets_dropped: u64,
     /// The home moves played.
     pub moves: Vec<HomeMove>,
+    /// When the fault window started: the clock of [`HomeMove`] and of
+    /// the posts' answers.
+    pub started: Instant,
+    /// The same moment in Unix milliseconds: the clock of the nodes' logs.
+    pub started_unix_ms: u128,
     /// Nodes that still owed a failover's check when the run ended
     /// (after [`RECOVERY_MAX`]), with how many partitions.
     pub unsettled: Vec<String>,
@@ -459,6 +475,9 @@ type ClockState = Vec<(i64, u64)>;
 /// The room's home as the run moves it: where it is, and the datacenter
 /// cut off by the move under way with when.
 struct Home {
+    /// Whether the old home's lease bounds what it may release after the
+    /// cut: not with clocks beyond the drift bound.
+    lease_bound: bool,
     partition: u32,
     at: usize,
     cut: Option<(usize, Instant)>,
@@ -467,9 +486,10 @@ struct Home {
 }
 
 impl Home {
-    fn new() -> Home {
+    fn new(lease_bound: bool) -> Home {
         let partition = saferchat_placement::PartitionCount::DEFAULT.of_room(ROOM).0;
         Home {
+            lease_bound,
             partition,
             // Partitions take turns over the datacenters.
             at: usize::try_from(partition).expect("a partition") % super::schedule::DATACENTERS,
@@ -541,6 +561,8 @@ impl Home {
                         to,
                         accepted_after: Some(cut.elapsed()),
                         refused,
+                        cut,
+                        rejoined: None,
                     });
                     return;
                 }
@@ -556,6 +578,8 @@ impl Home {
             to,
             accepted_after: None,
             refused,
+            cut,
+            rejoined: None,
         });
     }
 
@@ -567,10 +591,19 @@ impl Home {
             return;
         };
         cluster.reconnect_datacenter(&datacenter_name(dc));
+        if let Some(m) = self.moves.last_mut() {
+            m.rejoined = Some(Instant::now());
+        }
         if self.at != dc {
+            let to = Instant::now() + POST_TIMEOUT;
             self.windows.push(Window {
                 from: cut - LOSS_LAG,
-                to: Instant::now() + POST_TIMEOUT,
+                to,
+                sent_by: if self.lease_bound {
+                    cut + LEASE_RUNS_OUT
+                } else {
+                    to
+                },
             });
         }
     }
@@ -840,6 +873,9 @@ pub async fn run(plan: Plan) -> Outcomes {
     let sessions = Arc::new(Mutex::new(Vec::new()));
     let unreadable = Arc::new(Mutex::new(Vec::new()));
     let start = Instant::now();
+    let started_unix_ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis());
     let posting_until = start + plan.duration;
     let listening_until = posting_until + POST_TIMEOUT + Duration::from_secs(5);
     let removed_sessions = Arc::new(Mutex::new(Vec::new()));
@@ -889,7 +925,7 @@ pub async fn run(plan: Plan) -> Outcomes {
         )));
     }
     let mut clocks = vec![(0, 0); plan.nodes];
-    let mut home = Home::new();
+    let mut home = Home::new(plan.clocks == Clocks::Within);
     for step in &steps {
         tokio::time::sleep_until((start + Duration::from_millis(step.at_ms)).into()).await;
         match step.fault {
@@ -1067,6 +1103,8 @@ pub async fn run(plan: Plan) -> Outcomes {
         steps,
         history,
         moves: home.moves,
+        started: start,
+        started_unix_ms,
         unsettled,
         unreadable,
         plaintext_in,
