@@ -1686,3 +1686,97 @@ fn a_held_replica_restarted_after_installing_a_copy_still_shares_nothing_beyond_
     free.held_copy_restored(Some(Slot(2)));
     assert_eq!(free.installed_held(), None);
 }
+
+/// Epoch 1: node 1 the home's voter; 2 and 3 (the next home, of two
+/// voters) and 4 (a third datacenter) learn. Node 1 releases posts 10, 11
+/// and 12; node `n` stores the Accepts of the first `got[n]` slots only,
+/// releases them, and compacts what it released when `compacts[n]`. Then
+/// the home moves to 2 and 3 in a failover epoch (groups `[2, 3]` and
+/// `[4]`), and 2 to 4 are held owing its check.
+fn a_new_home_of_two(got: [u64; 3], compacts: [bool; 3]) -> Net {
+    let mut net = Net::new(
+        (1..=4)
+            .map(|me| config(me, &[1], &[2, 3, 4], 1, None))
+            .collect(),
+    );
+    net.node(1).campaign().unwrap();
+    net.run(|_, _, _| false);
+    let dropped = move |_, to: u64, m: &LogMessage<u32>| {
+        (2..=4).contains(&to)
+            && matches!(m, LogMessage::Accept { first, values, .. }
+                if !values.is_empty() && first.0 > got[usize::try_from(to).unwrap() - 2])
+    };
+    for p in [10, 11, 12] {
+        net.node(1).append(vec![post(p)]).unwrap();
+        net.run(dropped);
+    }
+    net.node(1).resend();
+    net.run(dropped);
+    for n in 2..=4u64 {
+        let k = usize::try_from(n).unwrap() - 2;
+        assert_eq!(net.released(n).len() as u64, got[k], "node {n}");
+        if compacts[k] {
+            net.node(n).compact(Slot(got[k]));
+        }
+    }
+    let groups = &[&[2, 3][..], &[4][..]][..];
+    for me in 2..=4 {
+        assert!(
+            net.node(me)
+                .reconfigure(config(me, &[2, 3], &[1, 4], 2, Some(groups)))
+        );
+        net.node(me).hold(Some(2));
+        net.set_clock(me, lease().promise_ms());
+    }
+    net
+}
+
+/// Node 2 runs, finds a promiser's floor past its start, copies from
+/// `source` (what the node does), and runs again: it leads.
+fn node_2_copies_from_and_leads(net: &mut Net, source: u64, upto: u64) {
+    net.node(2).campaign().unwrap();
+    net.run(cut(&[1]));
+    assert!(net.node(2).leading().is_none(), "it copies first");
+    let term = net.node(2).newest_term();
+    assert!(net.node(2).install_copy(Slot(upto), NodeId(source), term));
+    net.node(2).campaign().unwrap();
+    net.run(cut(&[1]));
+    assert!(net.node(2).leading().is_some());
+}
+
+#[test]
+fn a_new_home_of_two_establishes_when_its_leader_copied_from_the_other_voter() {
+    // Node 3 released and compacted all three posts; node 2 released
+    // post 10 only. Node 2 copies slots 2 and 3 from node 3 before it
+    // leads: its log shares them with node 3, which it says to node 3
+    // alone, and node 3 counts as holding what node 2 recovered.
+    let mut net = a_new_home_of_two([1, 3, 3], [false, true, true]);
+    node_2_copies_from_and_leads(&mut net, 3, 3);
+    net.node(2).resend();
+    net.run(cut(&[1]));
+    assert!(net.node(2).has_caught_up(NodeId(3)));
+    assert!(net.node(2).established().is_some());
+}
+
+#[test]
+fn a_new_home_of_two_establishes_when_its_other_voter_copied_from_the_leader() {
+    // Nodes 2 and 3 released post 10 only, node 4 all three (and
+    // compacted them). Node 2 copies slots 2 and 3 from node 4 and leads:
+    // it shares slot 1 with node 3 (its copy may hold what a leader of the
+    // epoch wrote), and its floor is slot 3, so node 3 copies slots 2 and
+    // 3 from it, and then counts as holding what it recovered (the chaos
+    // campaign's `SEED=7009`, where the new home never established: the
+    // copy did not count).
+    let mut net = a_new_home_of_two([1, 1, 3], [false, false, true]);
+    node_2_copies_from_and_leads(&mut net, 4, 3);
+    net.node(2).resend();
+    net.run(cut(&[1]));
+    assert!(!net.node(2).has_caught_up(NodeId(3)));
+    let term = net.node(3).newest_term();
+    assert_eq!(term.node, NodeId(2));
+    assert!(net.node(3).install_copy(Slot(3), NodeId(2), term));
+    net.node(2).resend();
+    net.run(cut(&[1]));
+    assert!(net.node(2).has_caught_up(NodeId(3)));
+    assert!(net.node(2).established().is_some());
+}

@@ -376,6 +376,14 @@ pub struct LogReplica<T> {
     /// may hold what a leader of the epoch wrote); `None` when it
     /// installed none since it was held.
     installed_held: Option<Slot>,
+    /// While held, the copies it installed from the leader of the term
+    /// named, as one run of slots (first, last): its timeline holds that
+    /// leader's there.
+    copied_from_leader: Option<(Term, Slot, Slot)>,
+    /// While held, the copies it installed from one replica, as one run
+    /// of slots (first, last): as a leader, it shares them with that
+    /// replica.
+    copied_from: Option<(NodeId, Slot, Slot)>,
     ready: LogReady<T>,
 }
 
@@ -407,6 +415,8 @@ impl<T: Clone + PartialEq> LogReplica<T> {
             barred: None,
             shared: None,
             installed_held: None,
+            copied_from_leader: None,
+            copied_from: None,
             ready: LogReady::default(),
         }
     }
@@ -730,6 +740,7 @@ impl<T: Clone + PartialEq> LogReplica<T> {
         let commit = self.released;
         let mut sends = Vec::new();
         for to in self.others() {
+            let shared = self.shared_for(shared, to);
             let missing: Vec<(Slot, Value<T>)> = pending
                 .iter()
                 .filter(|(_, (_, acks))| !acks.contains(&to))
@@ -816,6 +827,64 @@ impl<T: Clone + PartialEq> LogReplica<T> {
         true
     }
 
+    /// [`LogReplica::install`] of a copy from `source`, begun when `term`
+    /// was the newest term this replica knew (the node asks
+    /// [`LogReplica::newest_term`] as it starts the copy).
+    ///
+    /// A held replica's copy holds the source's timeline from the slot
+    /// after its released prefix up to `upto`, which a held replica may
+    /// count as shared with the source, where the prefix before it is
+    /// shared too (`LogMessage::Accept::shared` reaches that far):
+    /// - as a follower, when the source leads `term` and `term` is still
+    ///   the newest it knows (a candidate or leader of the newest term
+    ///   neither rewinds nor takes a check's copy meanwhile, so its
+    ///   timeline there is the one it leads with): it reports the copy as
+    ///   released (`LogReplica::reported`);
+    /// - as a leader later (the copy let it run), towards the source: it
+    ///   tells the source that its log shares the copy (`shared_for`).
+    ///
+    /// Without either, a new home of two voters where one had to copy
+    /// past the other's compacted prefix (or copied from the leader past
+    /// the floor its leader's own copy had put) never established: the
+    /// replica reported less than the leader's floor, the leader could
+    /// resend nothing below its floor, and the replica, its released
+    /// prefix not behind that floor, copied nothing more (the chaos
+    /// campaign, `SEED=7009`).
+    pub fn install_copy(&mut self, upto: Slot, source: NodeId, term: Term) -> bool {
+        let first = self.released.next();
+        if !self.install(upto) {
+            return false;
+        }
+        if self.owed.is_none() {
+            return true;
+        }
+        let extend = |run: Option<(Slot, Slot)>| match run {
+            Some((f, last)) if last.next() == first => (f, upto),
+            _ => (first, upto),
+        };
+        if source == term.node && term == self.highest {
+            let run = self
+                .copied_from_leader
+                .filter(|(t, _, _)| *t == term)
+                .map(|(_, f, l)| (f, l));
+            let (f, l) = extend(run);
+            self.copied_from_leader = Some((term, f, l));
+        }
+        let run = self
+            .copied_from
+            .filter(|(n, _, _)| *n == source)
+            .map(|(_, f, l)| (f, l));
+        let (f, l) = extend(run);
+        self.copied_from = Some((source, f, l));
+        true
+    }
+
+    /// The newest term this replica has seen: its leader (`Term::node`)
+    /// is whom a copy should come from for [`LogReplica::install_from`].
+    pub fn newest_term(&self) -> Term {
+        self.highest
+    }
+
     /// While held (`owed` is the failover epoch whose check this replica
     /// owes first), it releases nothing as a follower; it still stores,
     /// answers and votes. The node holds a replica whose timeline may
@@ -835,6 +904,8 @@ impl<T: Clone + PartialEq> LogReplica<T> {
         self.owed = owed;
         self.held_through = Slot(0);
         self.installed_held = None;
+        self.copied_from_leader = None;
+        self.copied_from = None;
     }
 
     /// What this replica tells a leader it released: on a held replica,
@@ -846,7 +917,9 @@ impl<T: Clone + PartialEq> LogReplica<T> {
     /// that the epoch replaced), and nothing when it owes an earlier
     /// epoch's check or has not heard the leader of the newest term; on
     /// from there, the committed slots it holds in the term that
-    /// committed them (`held_through`). The leader resends the rest in
+    /// committed them (`held_through`), or a copy it installed from that
+    /// leader right after what the leader shares
+    /// ([`LogReplica::install_copy`]). The leader resends the rest in
     /// its term, and counts the replica once it stored it. A broken
     /// variant (`Checks::held_report` off) reports its whole released
     /// prefix.
@@ -857,13 +930,20 @@ impl<T: Clone + PartialEq> LogReplica<T> {
         if !self.config.checks.held_report {
             return self.released.max(self.held_through);
         }
+        if owed != self.config.epoch {
+            return self.held_through;
+        }
         let shared = match self.shared {
-            Some((term, shared)) if owed == self.config.epoch && term == self.highest => {
-                self.released.min(shared)
+            Some((term, shared)) if term == self.highest => self.released.min(shared),
+            _ => Slot(0),
+        };
+        let copied = match self.copied_from_leader {
+            Some((term, first, last)) if term == self.highest && shared.next() >= first => {
+                self.released.min(last)
             }
             _ => Slot(0),
         };
-        shared.max(self.held_through)
+        shared.max(copied).max(self.held_through)
     }
 
     /// Of an Accept of `count` slots from `first` that the acceptor took,
@@ -1043,6 +1123,18 @@ impl<T: Clone + PartialEq> LogReplica<T> {
         match &self.role {
             Role::Leader { shared, .. } => *shared,
             _ => Slot(0),
+        }
+    }
+
+    /// What a leader that shares `shared` with every held replica tells
+    /// `to`: more, where it copied `to`'s timeline right after what it
+    /// shares ([`LogReplica::install_copy`]).
+    fn shared_for(&self, shared: Slot, to: NodeId) -> Slot {
+        match self.copied_from {
+            Some((source, first, last)) if source == to && shared.next() >= first => {
+                shared.max(last)
+            }
+            _ => shared,
         }
     }
 
@@ -1534,7 +1626,7 @@ impl<T: Clone + PartialEq> LogReplica<T> {
                         first: Slot(first.0 + chunk_start as u64),
                         values: chunk.clone(),
                         commit,
-                        shared,
+                        shared: self.shared_for(shared, *to),
                     },
                 ));
             }
@@ -1609,7 +1701,11 @@ impl<T: Clone + PartialEq> LogReplica<T> {
             .collect();
         let sends = accepts(
             to,
-            (term, self.released, self.leader_shared()),
+            (
+                term,
+                self.released,
+                self.shared_for(self.leader_shared(), to),
+            ),
             missing,
             self.config.batch_max,
         );

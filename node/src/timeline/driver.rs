@@ -202,6 +202,9 @@ struct CopyDone {
     /// The failover epoch whose divergence check this copy ends (see
     /// "Home failover"); `None` for a copy of a lagging replica.
     check: Option<u64>,
+    /// The newest term the replica knew as the copy began
+    /// (`LogReplica::install_copy`).
+    term: saferchat_consensus::partition_log::Term,
     result: Result<(super::copy::Copied, super::copy::Cut), NodeError>,
 }
 
@@ -1449,6 +1452,11 @@ impl Driver {
         let Some(sources) = self.begin_copy(partition) else {
             return;
         };
+        let term = self
+            .parts
+            .get(&partition)
+            .map(|p| p.replica.newest_term())
+            .unwrap_or(saferchat_consensus::partition_log::Term::ZERO);
         tracing::info!(
             partition,
             need = need.0,
@@ -1464,6 +1472,7 @@ impl Driver {
             let _ = done.send(CopyDone {
                 partition,
                 check: None,
+                term,
                 result,
             });
         });
@@ -1558,6 +1567,7 @@ impl Driver {
             let _ = done.send(CopyDone {
                 partition,
                 check: Some(epoch),
+                term: saferchat_consensus::partition_log::Term::ZERO,
                 result,
             });
         });
@@ -1621,7 +1631,10 @@ impl Driver {
             touched.push(partition);
             return;
         }
-        if !part.replica.install(copied.applied) {
+        if !part
+            .replica
+            .install_copy(copied.applied, copied.source, done.term)
+        {
             tracing::info!(
                 partition,
                 applied = copied.applied.0,
