@@ -307,6 +307,43 @@ struct Part {
 /// reads as behind since the oldest of them.
 const COMMIT_TIMES_MAX: usize = 4_096;
 
+/// Whom `me` copies a partition from, in order: the leader it knows
+/// first (it tells replicas to copy, and its applied mark is at least its
+/// compaction floor), then the partition's `replicas` (datacenters in
+/// name order). On a held replica (`held_voters`: the voters of its home)
+/// the home's voters come first, the leader among them first, and a
+/// leader outside them last: what a held replica copies from one of its
+/// home's voters counts as shared with it (`LogReplica::install_copy`),
+/// which a new home of two voters needs to establish when its candidate
+/// must copy before it leads.
+fn copy_order(
+    me: NodeId,
+    hint: Option<NodeId>,
+    held_voters: Option<&[NodeId]>,
+    replicas: Vec<NodeId>,
+) -> Vec<NodeId> {
+    let hint = hint.filter(|l| *l != me);
+    let (mut nodes, last): (Vec<NodeId>, Option<NodeId>) = match held_voters {
+        Some(voters) => (
+            hint.filter(|h| voters.contains(h))
+                .into_iter()
+                .chain(voters.iter().copied())
+                .collect(),
+            hint.filter(|h| !voters.contains(h)),
+        ),
+        None => (hint.into_iter().collect(), None),
+    };
+    nodes.extend(replicas.into_iter().filter(|n| Some(*n) != last));
+    nodes.extend(last);
+    let mut order = Vec::new();
+    for n in nodes {
+        if n != me && !order.contains(&n) {
+            order.push(n);
+        }
+    }
+    order
+}
+
 impl Part {
     /// This replica checked failover `epoch`: held again if it owes a
     /// later one.
@@ -1401,8 +1438,8 @@ impl Driver {
     }
 
     /// Marks a copy (or a check) of `partition` as running and returns the
-    /// replicas to take it from, the leader first (it tells replicas to
-    /// copy, and its applied mark is at least its compaction floor), and
+    /// replicas to take it from ([`copy_order`]: the leader first, on a
+    /// held replica the home's voters), and
     /// on a shared store the replicas of this datacenter before the rest;
     /// `None` when one runs, one failed a moment ago, [`COPIES_AT_ONCE`]
     /// run, or the partition has posts of its own collected or unsynced.
@@ -1419,12 +1456,15 @@ impl Driver {
         }
         part.copying = true;
         self.copying += 1;
-        let hint = part.replica.leader_hint().filter(|l| *l != me);
-        let mut nodes: Vec<NodeId> = hint.into_iter().collect();
-        nodes.extend(
-            replicas
-                .into_iter()
-                .filter(|n| *n != me && Some(*n) != hint),
+        let held_voters = part
+            .replica
+            .is_held()
+            .then(|| part.replica.config().replicas.clone());
+        let nodes = copy_order(
+            me,
+            part.replica.leader_hint(),
+            held_voters.as_deref(),
+            replicas,
         );
         let mine = self.placement.datacenter_of(me);
         Some(super::copy::Sources::new(nodes, self.chat.shared(), |n| {

@@ -1043,3 +1043,31 @@ async fn a_replica_with_a_divergent_tail_is_held_then_cuts_it_and_follows_the_ne
     node.shutdown.cancel();
     node.task.await.unwrap().unwrap();
 }
+
+#[test]
+fn a_held_replica_copies_from_its_homes_voters_first_and_others_from_the_leader_first() {
+    let n = |ids: &[u64]| ids.iter().copied().map(NodeId).collect::<Vec<_>>();
+    // Replicas in datacenter order: dc1 = 1, 2; dc2 = 3, 4; dc3 = 5, 6.
+    let replicas = n(&[1, 2, 3, 4, 5, 6]);
+    // Not held: the leader first, then everyone in placement order.
+    assert_eq!(
+        super::copy_order(NodeId(3), Some(NodeId(5)), None, replicas.clone()),
+        n(&[5, 1, 2, 4, 6])
+    );
+    // Held in a new home of 3 and 4: the other voter before dc1's nodes,
+    // the leader first among the voters...
+    let home = n(&[3, 4]);
+    assert_eq!(
+        super::copy_order(NodeId(3), None, Some(&home), replicas.clone()),
+        n(&[4, 1, 2, 5, 6])
+    );
+    assert_eq!(
+        super::copy_order(NodeId(6), Some(NodeId(4)), Some(&home), replicas.clone()),
+        n(&[4, 3, 1, 2, 5])
+    );
+    // ...and a leader outside them (of an older term) last.
+    assert_eq!(
+        super::copy_order(NodeId(3), Some(NodeId(1)), Some(&home), replicas),
+        n(&[4, 2, 5, 6, 1])
+    );
+}
