@@ -880,7 +880,7 @@ impl<T: Clone + PartialEq> LogReplica<T> {
     }
 
     /// The newest term this replica has seen: its leader (`Term::node`)
-    /// is whom a copy should come from for [`LogReplica::install_from`].
+    /// is whom a copy should come from for [`LogReplica::install_copy`].
     pub fn newest_term(&self) -> Term {
         self.highest
     }
