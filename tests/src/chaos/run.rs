@@ -338,9 +338,20 @@ fn micros_since(start: Instant, t: Instant) -> u64 {
     u64::try_from(t.duration_since(start).as_micros()).unwrap_or(u64::MAX)
 }
 
-/// Removes member [`REMOVED`] at `at`, through any node, until one
-/// attempt is acknowledged (each attempt is recorded for the
-/// linearizability check); returns the revision.
+/// Removes member [`REMOVED`] at `at`, through any node, until it is
+/// removed; returns the revision that removed it. Each attempt (and each
+/// read of the membership before it) is recorded for the
+/// linearizability check.
+///
+/// An attempt may go unanswered and still commit (an answer lost in a
+/// fault, a partition moving): a retry would then be refused (NOT_FOUND,
+/// not a member) and the revision never learnt. So every attempt names
+/// the revision it read just before (`expected_revision`): it can only
+/// commit as the next one. When a later read, or a refusal, finds the
+/// member gone, the last attempt left unanswered removed it: a fresh
+/// read after any earlier one still showed the member (campaign
+/// `SEED=7045`, where the remover gave up on a removal that had
+/// happened).
 async fn remover(
     servers: Vec<String>,
     start: Instant,
@@ -352,20 +363,48 @@ async fn remover(
     let handle = identity(REMOVED).handle().to_string();
     let micros = |t: Instant| micros_since(start, t);
     let mut through = 0;
+    // The revision the last unanswered attempt expected.
+    let mut unanswered: Option<u64> = None;
     while Instant::now() < until {
         through = (through + 1) % servers.len();
-        let call = Instant::now();
-        let attempt = tokio::time::timeout(POST_TIMEOUT, async {
-            let mut admin =
-                saferchat_client::admin::Admin::connect(&servers[through], crate::ADMIN_TOKEN)
-                    .await
-                    .ok()?;
-            admin.remove_user(ROOM, &handle, None).await.ok()
-        })
+        let Ok(Ok(mut admin)) = tokio::time::timeout(
+            POST_TIMEOUT,
+            saferchat_client::admin::Admin::connect(&servers[through], crate::ADMIN_TOKEN),
+        )
         .await
-        .ok()
-        .flatten();
-        let out = attempt.as_ref().map(|r| (r.revision, r.changed));
+        else {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            continue;
+        };
+        let call = Instant::now();
+        let read = tokio::time::timeout(POST_TIMEOUT, admin.members(ROOM))
+            .await
+            .ok()
+            .and_then(Result::ok)
+            .and_then(|r| r.membership)
+            .map(|m| state_of(&m));
+        ops.lock().expect("lock").push(Operation {
+            call: micros(call),
+            ret: read.as_ref().map(|_| micros(Instant::now())),
+            op: MemberOp::Read { out: read.clone() },
+        });
+        let Some((revision, members)) = read else {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            continue;
+        };
+        if !members.contains(&handle) {
+            return unanswered.map(|r| r + 1);
+        }
+        let call = Instant::now();
+        let attempt = tokio::time::timeout(
+            POST_TIMEOUT,
+            admin.remove_user(ROOM, &handle, Some(revision)),
+        )
+        .await;
+        let out = match &attempt {
+            Ok(Ok(reply)) => Some((reply.revision, reply.changed)),
+            _ => None,
+        };
         ops.lock().expect("lock").push(Operation {
             call: micros(call),
             ret: out.map(|_| micros(Instant::now())),
@@ -374,8 +413,14 @@ async fn remover(
                 out,
             },
         });
-        if let Some(reply) = attempt {
-            return Some(reply.revision);
+        match attempt {
+            Ok(Ok(reply)) => return Some(reply.revision),
+            // Refused: it did not commit (another change came first, or
+            // the member is gone, which the next read shows).
+            Ok(Err(saferchat_client::ClientError::Status(status)))
+                if status.code() != tonic::Code::Unavailable => {}
+            // No answer, or "outcome unknown".
+            _ => unanswered = Some(revision),
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
