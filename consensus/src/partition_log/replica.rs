@@ -858,24 +858,10 @@ impl<T: Clone + PartialEq> LogReplica<T> {
         if self.owed.is_none() {
             return true;
         }
-        let extend = |run: Option<(Slot, Slot)>| match run {
-            Some((f, last)) if last.next() == first => (f, upto),
-            _ => (first, upto),
-        };
         if source == term.node && term == self.highest {
-            let run = self
-                .copied_from_leader
-                .filter(|(t, _, _)| *t == term)
-                .map(|(_, f, l)| (f, l));
-            let (f, l) = extend(run);
-            self.copied_from_leader = Some((term, f, l));
+            self.copied_from_leader = Some(extend_run(self.copied_from_leader, term, first, upto));
         }
-        let run = self
-            .copied_from
-            .filter(|(n, _, _)| *n == source)
-            .map(|(_, f, l)| (f, l));
-        let (f, l) = extend(run);
-        self.copied_from = Some((source, f, l));
+        self.copied_from = Some(extend_run(self.copied_from, source, first, upto));
         true
     }
 
@@ -1823,6 +1809,21 @@ fn accepts<T>(
             )
         })
         .collect()
+}
+
+/// The run of copied slots kept under `key` once a copy of `first ..=
+/// upto` under it is installed: an earlier run under the same key grows
+/// when the copy follows on from it; otherwise the copy starts a new one.
+fn extend_run<K: PartialEq>(
+    run: Option<(K, Slot, Slot)>,
+    key: K,
+    first: Slot,
+    upto: Slot,
+) -> (K, Slot, Slot) {
+    match run {
+        Some((k, f, last)) if k == key && last.next() == first => (key, f, upto),
+        _ => (key, first, upto),
+    }
 }
 
 /// Groups `(slot, value)` pairs in slot order into runs of consecutive
