@@ -367,22 +367,12 @@ async fn remover(
     let mut unanswered: Option<u64> = None;
     while Instant::now() < until {
         through = (through + 1) % servers.len();
-        let Ok(Ok(mut admin)) = tokio::time::timeout(
-            POST_TIMEOUT,
-            saferchat_client::admin::Admin::connect(&servers[through], crate::ADMIN_TOKEN),
-        )
-        .await
-        else {
+        let Some(mut admin) = admin_at(&servers[through]).await else {
             tokio::time::sleep(Duration::from_millis(100)).await;
             continue;
         };
         let call = Instant::now();
-        let read = tokio::time::timeout(POST_TIMEOUT, admin.members(ROOM))
-            .await
-            .ok()
-            .and_then(Result::ok)
-            .and_then(|r| r.membership)
-            .map(|m| state_of(&m));
+        let read = read_membership(&mut admin).await;
         ops.lock().expect("lock").push(Operation {
             call: micros(call),
             ret: read.as_ref().map(|_| micros(Instant::now())),
@@ -443,12 +433,7 @@ async fn administrator(
     let mut n = 0u32;
     let micros = |t: Instant| micros_since(start, t);
     while Instant::now() < until {
-        let Ok(Ok(mut admin)) = tokio::time::timeout(
-            POST_TIMEOUT,
-            saferchat_client::admin::Admin::connect(&servers[through], crate::ADMIN_TOKEN),
-        )
-        .await
-        else {
+        let Some(mut admin) = admin_at(&servers[through]).await else {
             through = (through + 1) % servers.len();
             tokio::time::sleep(Duration::from_millis(100)).await;
             continue;
@@ -482,11 +467,7 @@ async fn administrator(
                 };
                 (MemberOp::Remove { handle, out }, out.is_some())
             } else {
-                let r = tokio::time::timeout(POST_TIMEOUT, admin.members(ROOM)).await;
-                let out = match r {
-                    Ok(Ok(reply)) => reply.membership.map(|m| state_of(&m)),
-                    _ => None,
-                };
+                let out = read_membership(&mut admin).await;
                 (MemberOp::Read { out: out.clone() }, out.is_some())
             };
             ops.lock().expect("lock").push(Operation {
@@ -501,6 +482,29 @@ async fn administrator(
             tokio::time::sleep(Duration::from_millis(rng.random_range(20..200))).await;
         }
     }
+}
+
+/// An admin connection to `server`, or `None` when none came within
+/// [`POST_TIMEOUT`].
+async fn admin_at(server: &str) -> Option<saferchat_client::admin::Admin> {
+    tokio::time::timeout(
+        POST_TIMEOUT,
+        saferchat_client::admin::Admin::connect(server, crate::ADMIN_TOKEN),
+    )
+    .await
+    .ok()?
+    .ok()
+}
+
+/// The room's membership read through `admin`, or `None` when no answer
+/// came within [`POST_TIMEOUT`].
+async fn read_membership(admin: &mut saferchat_client::admin::Admin) -> Option<State> {
+    tokio::time::timeout(POST_TIMEOUT, admin.members(ROOM))
+        .await
+        .ok()?
+        .ok()?
+        .membership
+        .map(|m| state_of(&m))
 }
 
 fn state_of(m: &saferchat_proto::common::Membership) -> State {
