@@ -679,6 +679,29 @@ impl Driver {
         }
         for partition in &moved {
             self.configs.remove(partition);
+            // A step this node moves that the map has moved past: its
+            // resends go to nodes that now drop them (a transfer of an
+            // epoch they do not run), for as long as the process lives,
+            // so it ends here; the later step seals and transfers anew.
+            let epoch = self.map.partition_epoch(*partition);
+            if self
+                .movers
+                .get(partition)
+                .is_some_and(|m| m.handover.ballot().epoch < epoch)
+                && let Some(mover) = self.movers.remove(partition)
+            {
+                tracing::info!(
+                    partition,
+                    step = mover.handover.ballot().epoch,
+                    epoch,
+                    "the map moved the partition past this node's step; it stops sending it"
+                );
+                if let Some(reply) = mover.reply {
+                    let _ = reply.send(Err(NodeError::Unavailable(format!(
+                        "partition {partition} moved on to epoch {epoch} before this step was established"
+                    ))));
+                }
+            }
             tracing::info!(
                 partition,
                 epoch = self.map.partition_epoch(*partition),

@@ -472,6 +472,65 @@ async fn running_nodes_follow_the_map_through_a_grow_and_a_shrink() {
     }
 }
 
+/// A step the map moved past ends on its mover: it would otherwise resend
+/// its seal (or, once established, its transfer to the nodes that never
+/// answered) for as long as the process lives, to nodes that drop a
+/// message of an epoch they do not run. Node 1 moves a grow nobody
+/// answers; the map moves the partition on; the step fails.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_step_the_map_moved_past_stops_on_its_mover() {
+    let routes = Arc::new(Mutex::new(HashMap::new()));
+    let disk = Disk::default();
+    let first = map_at(2, None, 1);
+    let placement = Arc::new(first.placement().unwrap());
+    let (publish, maps) = watch::channel(first.clone());
+    let node = start(
+        1,
+        4,
+        &placement,
+        &Arc::new(first),
+        &disk,
+        &routes,
+        Some(&maps),
+    );
+    // Node 2 is this test: it sees what node 1 sends it, and answers
+    // nothing; nodes 3 and 4 are down.
+    let (tx, mut to_two) = mpsc::channel(1024);
+    routes.lock().unwrap().insert(NodeId(2), tx);
+
+    publish.send(map_at(3, Some(&[1, 2, 3, 4]), 3)).unwrap();
+    let step = HandoverStep {
+        partition: 0,
+        epoch: 3,
+        old: vec![NodeId(1), NodeId(2), NodeId(3)],
+        new: (1..=4).map(NodeId).collect(),
+    };
+    let membership = node.membership.clone();
+    let moving = tokio::spawn(async move { membership.hand_over(step).await });
+    // The step runs: its seal reached node 2.
+    loop {
+        let inbound = tokio::time::timeout(Duration::from_secs(60), to_two.recv())
+            .await
+            .expect("a seal within a minute")
+            .expect("open");
+        if inbound.handover.iter().any(|(_, m)| {
+            matches!(m, saferchat_consensus::handover::HandoverMessage::Seal { ballot } if ballot.epoch == 3)
+        }) {
+            break;
+        }
+    }
+    publish.send(map_at(4, Some(&[1, 2, 3]), 4)).unwrap();
+    let ended = tokio::time::timeout(Duration::from_secs(60), moving)
+        .await
+        .expect("the step ended within a minute")
+        .expect("no panic");
+    assert!(
+        matches!(&ended, Err(NodeError::Unavailable(m)) if m.contains("moved on")),
+        "{ended:?}"
+    );
+    node.stop().await;
+}
+
 /// One node's view of a store every node shares (as Cassandra is): saves
 /// are logged by node, and a node's saves can be dropped, as if it stopped
 /// between learning a commit and recording it.
