@@ -1758,6 +1758,91 @@ fn a_new_home_of_two_establishes_when_its_leader_copied_from_the_other_voter() {
     assert!(net.node(2).established().is_some());
 }
 
+/// Node `n` restarts: rebuilt from its durable acceptor state and what it
+/// released, held again owing epoch 2, with what the node keeps of its
+/// held copies restored when `keep_copies`.
+fn restart_held(net: &mut Net, n: u64, keep_copies: bool) {
+    let (acceptor, released, c, installed, copies) = {
+        let r = net.node(n);
+        (
+            r.acceptor().clone(),
+            r.released(),
+            r.config().clone(),
+            r.installed_held(),
+            r.held_copies(),
+        )
+    };
+    let mut restarted = LogReplica::new(c, acceptor, released);
+    restarted.hold(Some(2));
+    restarted.held_copy_restored(installed);
+    if keep_copies {
+        restarted.held_copies_restored(copies);
+    }
+    net.nodes.insert(n, restarted);
+}
+
+/// [`a_new_home_of_two_establishes_when_its_other_voter_copied_from_the_leader`]
+/// with node 3 restarted after its copy: the node keeps whose timeline
+/// the copy holds, so the restarted voter still counts it; had it
+/// forgotten, it would report less than the leader's floor, and the new
+/// home would wait for good.
+#[test]
+fn a_new_home_of_two_establishes_when_its_other_voter_restarted_after_copying_from_the_leader() {
+    for keep_copies in [true, false] {
+        let mut net = a_new_home_of_two([1, 1, 3], [false, false, true]);
+        node_2_copies_from_and_leads(&mut net, 4, 3);
+        net.node(2).resend();
+        net.run(cut(&[1]));
+        let term = net.node(3).newest_term();
+        assert!(net.node(3).install_copy(Slot(3), NodeId(2), term));
+        restart_held(&mut net, 3, keep_copies);
+        for _ in 0..3 {
+            net.node(2).resend();
+            net.run(cut(&[1]));
+        }
+        assert_eq!(
+            net.node(2).established().is_some(),
+            keep_copies,
+            "keeping the copies: {keep_copies}"
+        );
+    }
+}
+
+/// [`a_new_home_of_two_establishes_when_its_leader_copied_from_the_other_voter`]
+/// with node 2 restarted after its copy, before it runs: it still shares
+/// the copy with node 3 once it leads, because the node kept whom it
+/// copied from.
+#[test]
+fn a_new_home_of_two_establishes_when_its_leader_restarted_after_copying_from_the_other_voter() {
+    for keep_copies in [true, false] {
+        let mut net = a_new_home_of_two([1, 3, 3], [false, true, true]);
+        net.node(2).campaign().unwrap();
+        net.run(cut(&[1]));
+        assert!(net.node(2).leading().is_none(), "it copies first");
+        let term = net.node(2).newest_term();
+        assert!(net.node(2).install_copy(Slot(3), NodeId(3), term));
+        restart_held(&mut net, 2, keep_copies);
+        // It waits out one promise after its restart, then runs.
+        for t in [3, 5] {
+            for n in 2..=4 {
+                net.set_clock(n, t * lease().promise_ms());
+            }
+        }
+        net.node(2).campaign().unwrap();
+        net.run(cut(&[1]));
+        assert!(net.node(2).leading().is_some());
+        for _ in 0..3 {
+            net.node(2).resend();
+            net.run(cut(&[1]));
+        }
+        assert_eq!(
+            net.node(2).established().is_some(),
+            keep_copies,
+            "keeping the copies: {keep_copies}"
+        );
+    }
+}
+
 #[test]
 fn a_new_home_of_two_establishes_when_its_other_voter_copied_from_the_leader() {
     // Nodes 2 and 3 released post 10 only, node 4 all three (and

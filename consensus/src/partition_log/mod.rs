@@ -47,7 +47,9 @@ use crate::ids::NodeId;
 
 pub use acceptor::{LogAcceptor, LogWrite};
 pub use home_lease::{LeaseGrantor, LeaseHolder};
-pub use replica::{Checks, Committed, Failover, LogConfig, LogReady, LogReplica, NotLeader};
+pub use replica::{
+    Checks, Committed, Failover, HeldCopies, LogConfig, LogReady, LogReplica, NotLeader,
+};
 
 /// A leadership term: a round made unique by the node that runs for it,
 /// in the epoch of the partition's replica set it runs in. Ordered by

@@ -376,15 +376,26 @@ pub struct LogReplica<T> {
     /// may hold what a leader of the epoch wrote); `None` when it
     /// installed none since it was held.
     installed_held: Option<Slot>,
-    /// While held, the copies it installed from the leader of the term
-    /// named, as one run of slots (first, last): its timeline holds that
-    /// leader's there.
-    copied_from_leader: Option<(Term, Slot, Slot)>,
-    /// While held, the copies it installed from one replica, as one run
-    /// of slots (first, last): as a leader, it shares them with that
-    /// replica.
-    copied_from: Option<(NodeId, Slot, Slot)>,
+    /// While held, whose timelines the copies it installed hold.
+    copies: HeldCopies,
     ready: LogReady<T>,
+}
+
+/// Whose timelines the copies a held replica installed hold
+/// ([`LogReplica::install_copy`]), each as one run of slots (first,
+/// last). The copies are in the node's store, so the node keeps this with
+/// the log's state ([`LogReplica::held_copies_restored`]): a held voter
+/// restarted after its copy would otherwise count nothing of it, and a new
+/// home of two voters where it had to copy would not establish (see
+/// `install_copy`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct HeldCopies {
+    /// Copied from the leader of the term named: its timeline holds that
+    /// leader's there.
+    pub from_leader: Option<(Term, Slot, Slot)>,
+    /// Copied from one replica: as a leader, it shares them with that
+    /// replica.
+    pub from: Option<(NodeId, Slot, Slot)>,
 }
 
 /// At most this many entries of a failover epoch below the asked slot
@@ -415,8 +426,7 @@ impl<T: Clone + PartialEq> LogReplica<T> {
             barred: None,
             shared: None,
             installed_held: None,
-            copied_from_leader: None,
-            copied_from: None,
+            copies: HeldCopies::default(),
             ready: LogReady::default(),
         }
     }
@@ -859,9 +869,9 @@ impl<T: Clone + PartialEq> LogReplica<T> {
             return true;
         }
         if source == term.node && term == self.highest {
-            self.copied_from_leader = Some(extend_run(self.copied_from_leader, term, first, upto));
+            self.copies.from_leader = Some(extend_run(self.copies.from_leader, term, first, upto));
         }
-        self.copied_from = Some(extend_run(self.copied_from, source, first, upto));
+        self.copies.from = Some(extend_run(self.copies.from, source, first, upto));
         true
     }
 
@@ -890,8 +900,7 @@ impl<T: Clone + PartialEq> LogReplica<T> {
         self.owed = owed;
         self.held_through = Slot(0);
         self.installed_held = None;
-        self.copied_from_leader = None;
-        self.copied_from = None;
+        self.copies = HeldCopies::default();
     }
 
     /// What this replica tells a leader it released: on a held replica,
@@ -923,7 +932,7 @@ impl<T: Clone + PartialEq> LogReplica<T> {
             Some((term, shared)) if term == self.highest => self.released.min(shared),
             _ => Slot(0),
         };
-        let copied = match self.copied_from_leader {
+        let copied = match self.copies.from_leader {
             Some((term, first, last)) if term == self.highest && shared.next() >= first => {
                 self.released.min(last)
             }
@@ -976,6 +985,23 @@ impl<T: Clone + PartialEq> LogReplica<T> {
     pub fn held_copy_restored(&mut self, from: Option<Slot>) {
         if self.owed.is_some() {
             self.installed_held = from;
+        }
+    }
+
+    /// While held, whose timelines the copies it installed hold (the
+    /// node keeps them with the log's state: see
+    /// [`LogReplica::held_copies_restored`]).
+    pub fn held_copies(&self) -> HeldCopies {
+        self.copies
+    }
+
+    /// A restarted replica, held again, had installed `copies` while it
+    /// was held before, and its store still holds them: they count as if
+    /// it had installed them in this process. Nothing on a replica that
+    /// is not held.
+    pub fn held_copies_restored(&mut self, copies: HeldCopies) {
+        if self.owed.is_some() {
+            self.copies = copies;
         }
     }
 
@@ -1116,7 +1142,7 @@ impl<T: Clone + PartialEq> LogReplica<T> {
     /// `to`: more, where it copied `to`'s timeline right after what it
     /// shares ([`LogReplica::install_copy`]).
     fn shared_for(&self, shared: Slot, to: NodeId) -> Slot {
-        match self.copied_from {
+        match self.copies.from {
             Some((source, first, last)) if source == to && shared.next() >= first => {
                 shared.max(last)
             }

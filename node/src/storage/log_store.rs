@@ -43,7 +43,8 @@ use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 
 use prost::Message as _;
-use saferchat_consensus::partition_log::{Entry, Slot, Term};
+use saferchat_consensus::NodeId;
+use saferchat_consensus::partition_log::{Entry, HeldCopies, Slot, Term};
 use saferchat_proto::peer as pb;
 
 use super::durable::sync_dir;
@@ -75,6 +76,9 @@ pub struct PartitionLogState {
     /// While it owes a check: the first slot a copy it installed brought
     /// (`LogReplica::installed_held`).
     pub installed_held: Option<Slot>,
+    /// While it owes a check: whose timelines the copies it installed
+    /// hold (`LogReplica::held_copies`).
+    pub held_copies: HeldCopies,
 }
 
 /// A replica's timeline cut back after a home failover and copied up to a
@@ -112,6 +116,9 @@ pub struct LogChange {
     /// (kept as the lowest such slot until a rewind or a later checked
     /// epoch clears it).
     pub installed_held: Option<Slot>,
+    /// Whose timelines the copies installed while it owed a check hold,
+    /// replacing what was kept (cleared like `installed_held`).
+    pub held_copies: Option<HeldCopies>,
 }
 
 impl PartitionLogState {
@@ -123,12 +130,17 @@ impl PartitionLogState {
                 .retain(|s, e| *s > r.applied && e.term.epoch >= r.epoch);
             self.checked = self.checked.max(r.epoch);
             self.installed_held = None;
+            self.held_copies = HeldCopies::default();
         }
         if let Some(c) = change.checked
             && c > self.checked
         {
             self.checked = c;
             self.installed_held = None;
+            self.held_copies = HeldCopies::default();
+        }
+        if let Some(h) = change.held_copies {
+            self.held_copies = h;
         }
         if let Some(i) = change.installed_held {
             self.installed_held = Some(self.installed_held.map_or(i, |s| s.min(i)));
@@ -162,6 +174,7 @@ impl PartitionLogState {
             checked: Some(self.checked),
             rewind: None,
             installed_held: self.installed_held,
+            held_copies: (self.held_copies != HeldCopies::default()).then_some(self.held_copies),
         }
     }
 }
@@ -284,6 +297,20 @@ fn encode(change: &LogChange) -> Vec<u8> {
             applied: r.applied.0,
         }),
         installed_held: change.installed_held.map_or(0, |s| s.0),
+        held_copies: change.held_copies.map(|h| pb::LogHeldCopies {
+            from_leader: h.from_leader.map(|(term, first, last)| pb::LogCopiedRun {
+                term: Some(conv::term_to_pb(term)),
+                node: 0,
+                first: first.0,
+                last: last.0,
+            }),
+            from: h.from.map(|(node, first, last)| pb::LogCopiedRun {
+                term: None,
+                node: node.0,
+                first: first.0,
+                last: last.0,
+            }),
+        }),
     };
     let payload = record.encode_to_vec();
     // An empty record changes nothing, and a zero length ends the replay.
@@ -324,6 +351,22 @@ fn decode(payload: &[u8]) -> Option<LogChange> {
             applied: Slot(w.applied),
         }),
         installed_held: (r.installed_held > 0).then_some(Slot(r.installed_held)),
+        held_copies: match r.held_copies {
+            None => None,
+            Some(h) => Some(HeldCopies {
+                from_leader: match h.from_leader {
+                    None => None,
+                    Some(run) => Some((
+                        conv::term_from_pb(run.term.as_ref()?).ok()?,
+                        Slot(run.first),
+                        Slot(run.last),
+                    )),
+                },
+                from: h
+                    .from
+                    .map(|run| (NodeId(run.node), Slot(run.first), Slot(run.last))),
+            }),
+        },
     })
 }
 
@@ -790,6 +833,72 @@ mod tests {
         drop(store);
         let (_store, again) = LogStore::open(dir.path()).unwrap();
         assert_eq!(again, states, "the checkpoint keeps it");
+    }
+
+    /// Whose timelines a held replica's copies hold is kept as the last
+    /// record said, across reopening and a rotation's checkpoint, and
+    /// forgotten once a later epoch is checked (or a rewind).
+    #[test]
+    fn whose_copies_a_held_replica_holds_is_kept_until_a_check() {
+        let dir = tempfile::tempdir().unwrap();
+        let (store, _) = LogStore::open(dir.path()).unwrap();
+        let term = Term {
+            epoch: 2,
+            round: 3,
+            node: NodeId(5),
+        };
+        let copies = |last: u64| HeldCopies {
+            from_leader: Some((term, Slot(4), Slot(last))),
+            from: Some((NodeId(5), Slot(4), Slot(last))),
+        };
+        let installed = |last: u64| LogChange {
+            partition: 4,
+            floor: Some(Slot(last)),
+            applied: Some(Slot(last)),
+            installed_held: Some(Slot(4)),
+            held_copies: Some(copies(last)),
+            ..LogChange::default()
+        };
+        store.write(&[installed(6), installed(9)]).unwrap();
+        drop(store);
+        let (store, states) = LogStore::open(dir.path()).unwrap();
+        assert_eq!(states[&4].held_copies, copies(9), "the last record's");
+        store.rotate(&states).unwrap();
+        drop(store);
+        let (store, again) = LogStore::open(dir.path()).unwrap();
+        assert_eq!(again, states, "the checkpoint keeps them");
+        store
+            .write(&[LogChange {
+                partition: 4,
+                checked: Some(2),
+                ..LogChange::default()
+            }])
+            .unwrap();
+        drop(store);
+        let (store, checked) = LogStore::open(dir.path()).unwrap();
+        assert_eq!(
+            checked[&4].held_copies,
+            HeldCopies::default(),
+            "checked: forgotten"
+        );
+        store.write(&[installed(12)]).unwrap();
+        store
+            .write(&[LogChange {
+                partition: 4,
+                rewind: Some(Rewind {
+                    epoch: 3,
+                    applied: Slot(12),
+                }),
+                ..LogChange::default()
+            }])
+            .unwrap();
+        drop(store);
+        let (_store, rewound) = LogStore::open(dir.path()).unwrap();
+        assert_eq!(
+            rewound[&4].held_copies,
+            HeldCopies::default(),
+            "rewound: forgotten"
+        );
     }
 
     /// A copy installed while the replica owed a check is remembered from

@@ -716,6 +716,7 @@ impl Driver {
         let mut replica = LogReplica::new(config, acceptor, state.applied);
         replica.hold(unchecked);
         replica.held_copy_restored(state.installed_held);
+        replica.held_copies_restored(state.held_copies);
         self.parts.insert(
             partition,
             Part {
@@ -1690,6 +1691,7 @@ impl Driver {
             floor: Some(copied.applied),
             applied: Some(copied.applied),
             installed_held: part.replica.installed_held(),
+            held_copies: part.replica.is_held().then(|| part.replica.held_copies()),
             ..LogChange::default()
         });
         self.tails
@@ -2318,6 +2320,7 @@ impl Driver {
                         applied: part.applied,
                         checked: part.checked,
                         installed_held: part.replica.installed_held(),
+                        held_copies: part.replica.held_copies(),
                     },
                 )
             })
