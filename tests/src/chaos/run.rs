@@ -787,6 +787,36 @@ fn apply(
     }
 }
 
+/// The last lines each node logged about `partition`'s log (elections,
+/// failover checks and copies, what the map established): why a moved
+/// home did not settle, for a run whose folders are gone (a CI run).
+fn failover_postmortem(cluster: &Cluster, partition: u32) -> String {
+    const LINES: usize = 25;
+    let tags = [
+        format!("\"partition\":{partition},"),
+        format!("\"partition\":{partition}}}"),
+    ];
+    let mut out = String::new();
+    for (i, node) in cluster.nodes.iter().enumerate() {
+        out.push_str(&format!("node {}:\n", i + 1));
+        let log = node.log_text();
+        let lines: Vec<&str> = log
+            .lines()
+            .filter(|l| {
+                tags.iter().any(|t| l.contains(t.as_str()))
+                    && !l.contains("\"DEBUG\"")
+                    && !l.contains("\"TRACE\"")
+            })
+            .collect();
+        for line in &lines[lines.len().saturating_sub(LINES)..] {
+            out.push_str("  ");
+            out.push_str(line);
+            out.push('\n');
+        }
+    }
+    out
+}
+
 /// Each node's state and the warnings and errors at the end of its log:
 /// what a failed run needs to be understood after its folders are gone.
 fn postmortem(cluster: &mut Cluster) -> String {
@@ -1011,6 +1041,13 @@ pub async fn run(plan: Plan) -> Outcomes {
     } else {
         wait_settled(&cluster).await
     };
+    if !unsettled.is_empty() {
+        eprintln!(
+            "chaos: SEED={}: still held; the partition's failovers as each node logged them:\n{}",
+            plan.seed,
+            failover_postmortem(&cluster, home.partition)
+        );
+    }
 
     // Everything is undone: the room must serve again, through node 0.
     let reader = identity(0);
