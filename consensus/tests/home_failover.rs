@@ -1781,6 +1781,20 @@ fn restart_held(net: &mut Net, n: u64, keep_copies: bool) {
     net.nodes.insert(n, restarted);
 }
 
+/// Leader 2 resends a few times: it establishes the epoch exactly when
+/// the restarted voter kept its copies.
+fn establishes_iff(net: &mut Net, keep_copies: bool) {
+    for _ in 0..3 {
+        net.node(2).resend();
+        net.run(cut(&[1]));
+    }
+    assert_eq!(
+        net.node(2).established().is_some(),
+        keep_copies,
+        "keeping the copies: {keep_copies}"
+    );
+}
+
 /// [`a_new_home_of_two_establishes_when_its_other_voter_copied_from_the_leader`]
 /// with node 3 restarted after its copy: the node keeps whose timeline
 /// the copy holds, so the restarted voter still counts it; had it
@@ -1796,15 +1810,7 @@ fn a_new_home_of_two_establishes_when_its_other_voter_restarted_after_copying_fr
         let term = net.node(3).newest_term();
         assert!(net.node(3).install_copy(Slot(3), NodeId(2), term));
         restart_held(&mut net, 3, keep_copies);
-        for _ in 0..3 {
-            net.node(2).resend();
-            net.run(cut(&[1]));
-        }
-        assert_eq!(
-            net.node(2).established().is_some(),
-            keep_copies,
-            "keeping the copies: {keep_copies}"
-        );
+        establishes_iff(&mut net, keep_copies);
     }
 }
 
@@ -1831,15 +1837,7 @@ fn a_new_home_of_two_establishes_when_its_leader_restarted_after_copying_from_th
         net.node(2).campaign().unwrap();
         net.run(cut(&[1]));
         assert!(net.node(2).leading().is_some());
-        for _ in 0..3 {
-            net.node(2).resend();
-            net.run(cut(&[1]));
-        }
-        assert_eq!(
-            net.node(2).established().is_some(),
-            keep_copies,
-            "keeping the copies: {keep_copies}"
-        );
+        establishes_iff(&mut net, keep_copies);
     }
 }
 

@@ -835,13 +835,75 @@ mod tests {
         assert_eq!(again, states, "the checkpoint keeps it");
     }
 
+    /// What a held replica keeps about its copies on partition 4, through
+    /// the changes `installed(n)` records: after `installed(first)` and
+    /// `installed(second)` (and a check of epoch 0, which is no news), it
+    /// is what `kept` reads, across reopening and a rotation's checkpoint;
+    /// once a later epoch is checked it is what `forgotten` reads, and
+    /// again after `installed(third)` and a rewind.
+    fn kept_until_a_check<K: PartialEq + std::fmt::Debug>(
+        installed: impl Fn(u64) -> LogChange,
+        [first, second, third]: [u64; 3],
+        read: impl Fn(&PartitionLogState) -> K,
+        kept: K,
+        forgotten: K,
+    ) {
+        let dir = tempfile::tempdir().unwrap();
+        let reopen = |store: LogStore| {
+            drop(store);
+            LogStore::open(dir.path()).unwrap()
+        };
+        let change = |checked, rewind| LogChange {
+            partition: 4,
+            checked,
+            rewind,
+            ..LogChange::default()
+        };
+        let (store, _) = LogStore::open(dir.path()).unwrap();
+        store.write(&[installed(first), installed(second)]).unwrap();
+        store.write(&[change(Some(0), None)]).unwrap();
+        let (store, states) = reopen(store);
+        assert_eq!(read(&states[&4]), kept, "reopened");
+        store.rotate(&states).unwrap();
+        let (store, again) = reopen(store);
+        assert_eq!(again, states, "the checkpoint keeps it");
+        store.write(&[change(Some(2), None)]).unwrap();
+        let (store, checked) = reopen(store);
+        assert_eq!(read(&checked[&4]), forgotten, "checked: forgotten");
+        store.write(&[installed(third)]).unwrap();
+        let rewind = Rewind {
+            epoch: 3,
+            applied: Slot(12),
+        };
+        store.write(&[change(None, Some(rewind))]).unwrap();
+        let (_store, rewound) = reopen(store);
+        assert_eq!(read(&rewound[&4]), forgotten, "rewound: forgotten");
+    }
+
+    /// A copy installed while the replica owed a check is remembered from
+    /// its lowest slot until a check.
+    #[test]
+    fn a_copy_installed_while_held_is_remembered_until_a_check() {
+        let installed = |from: u64| LogChange {
+            partition: 4,
+            floor: Some(Slot(from + 3)),
+            applied: Some(Slot(from + 3)),
+            installed_held: Some(Slot(from)),
+            ..LogChange::default()
+        };
+        kept_until_a_check(
+            installed,
+            [9, 5, 20],
+            |s| s.installed_held,
+            Some(Slot(5)),
+            None,
+        );
+    }
+
     /// Whose timelines a held replica's copies hold is kept as the last
-    /// record said, across reopening and a rotation's checkpoint, and
-    /// forgotten once a later epoch is checked (or a rewind).
+    /// record said until a check.
     #[test]
     fn whose_copies_a_held_replica_holds_is_kept_until_a_check() {
-        let dir = tempfile::tempdir().unwrap();
-        let (store, _) = LogStore::open(dir.path()).unwrap();
         let term = Term {
             epoch: 2,
             round: 3,
@@ -859,101 +921,13 @@ mod tests {
             held_copies: Some(copies(last)),
             ..LogChange::default()
         };
-        store.write(&[installed(6), installed(9)]).unwrap();
-        drop(store);
-        let (store, states) = LogStore::open(dir.path()).unwrap();
-        assert_eq!(states[&4].held_copies, copies(9), "the last record's");
-        store.rotate(&states).unwrap();
-        drop(store);
-        let (store, again) = LogStore::open(dir.path()).unwrap();
-        assert_eq!(again, states, "the checkpoint keeps them");
-        store
-            .write(&[LogChange {
-                partition: 4,
-                checked: Some(2),
-                ..LogChange::default()
-            }])
-            .unwrap();
-        drop(store);
-        let (store, checked) = LogStore::open(dir.path()).unwrap();
-        assert_eq!(
-            checked[&4].held_copies,
+        kept_until_a_check(
+            installed,
+            [6, 9, 12],
+            |s| s.held_copies,
+            copies(9),
             HeldCopies::default(),
-            "checked: forgotten"
         );
-        store.write(&[installed(12)]).unwrap();
-        store
-            .write(&[LogChange {
-                partition: 4,
-                rewind: Some(Rewind {
-                    epoch: 3,
-                    applied: Slot(12),
-                }),
-                ..LogChange::default()
-            }])
-            .unwrap();
-        drop(store);
-        let (_store, rewound) = LogStore::open(dir.path()).unwrap();
-        assert_eq!(
-            rewound[&4].held_copies,
-            HeldCopies::default(),
-            "rewound: forgotten"
-        );
-    }
-
-    /// A copy installed while the replica owed a check is remembered from
-    /// its lowest slot across reopening and a rotation's checkpoint, and
-    /// forgotten once a later epoch is checked (or a rewind).
-    #[test]
-    fn a_copy_installed_while_held_is_remembered_until_a_check() {
-        let dir = tempfile::tempdir().unwrap();
-        let (store, _) = LogStore::open(dir.path()).unwrap();
-        let installed = |from: u64| LogChange {
-            partition: 4,
-            floor: Some(Slot(from + 3)),
-            applied: Some(Slot(from + 3)),
-            installed_held: Some(Slot(from)),
-            ..LogChange::default()
-        };
-        store.write(&[installed(9), installed(5)]).unwrap();
-        store
-            .write(&[LogChange {
-                partition: 4,
-                checked: Some(0),
-                ..LogChange::default()
-            }])
-            .unwrap();
-        drop(store);
-        let (store, states) = LogStore::open(dir.path()).unwrap();
-        assert_eq!(states[&4].installed_held, Some(Slot(5)), "the lowest");
-        store.rotate(&states).unwrap();
-        drop(store);
-        let (store, again) = LogStore::open(dir.path()).unwrap();
-        assert_eq!(again, states, "the checkpoint keeps it");
-        store
-            .write(&[LogChange {
-                partition: 4,
-                checked: Some(2),
-                ..LogChange::default()
-            }])
-            .unwrap();
-        drop(store);
-        let (store, checked) = LogStore::open(dir.path()).unwrap();
-        assert_eq!(checked[&4].installed_held, None, "checked: forgotten");
-        store.write(&[installed(20)]).unwrap();
-        store
-            .write(&[LogChange {
-                partition: 4,
-                rewind: Some(Rewind {
-                    epoch: 3,
-                    applied: Slot(12),
-                }),
-                ..LogChange::default()
-            }])
-            .unwrap();
-        drop(store);
-        let (_store, rewound) = LogStore::open(dir.path()).unwrap();
-        assert_eq!(rewound[&4].installed_held, None, "rewound: forgotten");
     }
 
     #[test]
