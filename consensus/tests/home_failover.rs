@@ -1781,6 +1781,43 @@ fn restart_held(net: &mut Net, n: u64, keep_copies: bool) {
     net.nodes.insert(n, restarted);
 }
 
+/// [`a_new_home_of_two_establishes_when_its_other_voter_copied_from_the_leader`]
+/// where node 3 still owes an earlier failover's check (consecutive home
+/// moves): its copy from the leader counts for nothing then; it checks
+/// the earlier epoch against the leader (what the node's check does: a
+/// rewind to the leader's timeline) and is held for this one. Its whole
+/// timeline is then the leader's, and it counts as such
+/// (`LogReplica::checked_against`). Without that it reported only what
+/// the leader shares with held replicas, below the leader's floor: the
+/// leader could resend nothing below its floor, node 3 was not behind
+/// it, and the new home waited for good.
+#[test]
+fn a_new_home_of_two_establishes_when_its_other_voter_checked_an_earlier_failover_against_the_leader()
+ {
+    for counted in [true, false] {
+        let mut net = a_new_home_of_two([1, 1, 3], [false, false, true]);
+        net.node(3).hold(Some(1));
+        node_2_copies_from_and_leads(&mut net, 4, 3);
+        net.node(2).resend();
+        net.run(cut(&[1]));
+        let term = net.node(3).newest_term();
+        assert_eq!(term.node, NodeId(2));
+        assert!(net.node(3).install_copy(Slot(3), NodeId(2), term));
+        net.node(2).resend();
+        net.run(cut(&[1]));
+        assert!(
+            !net.node(2).has_caught_up(NodeId(3)),
+            "a copy counts for nothing while an earlier check is owed"
+        );
+        assert!(net.node(3).rewind(Slot(3), 1));
+        net.node(3).hold(Some(2));
+        if counted {
+            net.node(3).checked_against(Slot(3), NodeId(2), term);
+        }
+        establishes_iff(&mut net, counted);
+    }
+}
+
 /// Leader 2 resends a few times: it establishes the epoch exactly when
 /// the restarted voter kept its copies.
 fn establishes_iff(net: &mut Net, keep_copies: bool) {

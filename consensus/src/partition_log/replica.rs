@@ -988,6 +988,33 @@ impl<T: Clone + PartialEq> LogReplica<T> {
         }
     }
 
+    /// After a check of an earlier failover epoch against `source`
+    /// ([`LogReplica::rewind`] to `upto`), with `term` the newest term
+    /// this replica knew as the check began, and held again for the next
+    /// failover epoch ([`LogReplica::hold`]): its whole timeline up to
+    /// `upto` is `source`'s, as after [`LogReplica::install_copy`] of
+    /// slots 1 to `upto` from it. It may hold what a leader of the epoch
+    /// wrote from slot 1 (`installed_held`), and, when `source` leads
+    /// `term` and `term` is still the newest it knows, it reports all of
+    /// it as released. Without this, a voter of a new home of two that
+    /// still owed the failover before when the home moved again (home
+    /// moves in a row) and checked it against the leader reported only
+    /// what the leader shares with held replicas; below the leader's
+    /// floor the leader could resend nothing, the voter was not behind
+    /// the floor, and the new home never established. Nothing on a
+    /// replica that is not held, or for an empty timeline.
+    pub fn checked_against(&mut self, upto: Slot, source: NodeId, term: Term) {
+        if self.owed.is_none() || upto == Slot(0) || upto != self.released {
+            return;
+        }
+        let first = Slot(1);
+        self.installed_held = Some(first);
+        if source == term.node && term == self.highest {
+            self.copies.from_leader = Some((term, first, upto));
+        }
+        self.copies.from = Some((source, first, upto));
+    }
+
     /// While held, whose timelines the copies it installed hold (the
     /// node keeps them with the log's state: see
     /// [`LogReplica::held_copies_restored`]).

@@ -203,7 +203,7 @@ struct CopyDone {
     /// "Home failover"); `None` for a copy of a lagging replica.
     check: Option<u64>,
     /// The newest term the replica knew as the copy began
-    /// (`LogReplica::install_copy`).
+    /// (`LogReplica::install_copy`, `LogReplica::checked_against`).
     term: saferchat_consensus::partition_log::Term,
     result: Result<(super::copy::Copied, super::copy::Cut), NodeError>,
 }
@@ -1599,6 +1599,11 @@ impl Driver {
         let chat = Arc::clone(&self.chat);
         let placement = Arc::clone(&self.placement);
         let done = self.copies.0.clone();
+        let term = self
+            .parts
+            .get(&partition)
+            .map(|p| p.replica.newest_term())
+            .unwrap_or(saferchat_consensus::partition_log::Term::ZERO);
         tokio::spawn(async move {
             let in_partition =
                 move |r: &RoomId| placement.partitions().of_room(r.as_str()).0 == partition;
@@ -1608,7 +1613,7 @@ impl Driver {
             let _ = done.send(CopyDone {
                 partition,
                 check: Some(epoch),
-                term: saferchat_consensus::partition_log::Term::ZERO,
+                term,
                 result,
             });
         });
@@ -1648,7 +1653,16 @@ impl Driver {
                 tracing::warn!(partition, epoch, "the finished check no longer applies");
                 return;
             }
-            let change = part.rewound(&self.map, partition, epoch, copied.applied);
+            let mut change = part.rewound(&self.map, partition, epoch, copied.applied);
+            // Held again for a later failover (home moves in a row): the
+            // whole timeline is now the source's, and counts as a copy
+            // from it (`LogReplica::checked_against`).
+            part.replica
+                .checked_against(copied.applied, copied.source, done.term);
+            if part.replica.is_held() {
+                change.installed_held = part.replica.installed_held();
+                change.held_copies = Some(part.replica.held_copies());
+            }
             self.marks.push(change);
             metrics::counter!("saferchat_partition_failover_checks_total", "partition" => partition.to_string())
                 .increment(1);
