@@ -861,17 +861,22 @@ async fn a_failover_leader_is_checked_once_the_map_names_it_as_the_establisher()
     assert_eq!(states[&partition].checked, 3, "and the log file says so");
 }
 
+/// Nodes 1 (this one) and 2, both in `dc1`, each replicating every
+/// partition.
+fn two_node_placement() -> Arc<Placement> {
+    let nodes = [1, 2].map(|id| ClusterNode {
+        id: NodeId(id),
+        datacenter: "dc1".into(),
+    });
+    Arc::new(Placement::build(&nodes, PartitionCount::new(PARTITIONS).unwrap(), 2).unwrap())
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_replica_with_a_divergent_tail_is_held_then_cuts_it_and_follows_the_new_home() {
     use saferchat_consensus::partition_log::{Entry, LogMessage, Slot, Term, Value};
 
     let dir = tempfile::tempdir().unwrap();
-    let nodes = [1, 2].map(|id| ClusterNode {
-        id: NodeId(id),
-        datacenter: "dc1".into(),
-    });
-    let placement =
-        Arc::new(Placement::build(&nodes, PartitionCount::new(PARTITIONS).unwrap(), 2).unwrap());
+    let placement = two_node_placement();
     let partition = placement.room(room().as_str()).0.0;
     let mut map = one_node_map(3, None);
     map.partition_epochs.insert(partition, 3);
@@ -1042,6 +1047,134 @@ async fn a_replica_with_a_divergent_tail_is_held_then_cuts_it_and_follows_the_ne
     assert_eq!(stored_seqs(&*disk).await, [1, 2, 3, 4, 5, 6, 7]);
     node.shutdown.cancel();
     node.task.await.unwrap().unwrap();
+}
+
+/// Partition-log messages the node sends, by destination, for a test to
+/// wait on.
+#[derive(Default)]
+struct SentLog(Mutex<Vec<NodeId>>);
+
+impl crate::membership::PeerSender for SentLog {
+    fn send(&self, _to: NodeId, _message: saferchat_proto::peer::RoomMessage) {}
+
+    fn send_log(&self, to: NodeId, _message: saferchat_proto::peer::PartitionMessage) {
+        self.0.lock().unwrap().push(to);
+    }
+
+    fn send_handover(
+        &self,
+        _to: NodeId,
+        _message: saferchat_proto::peer::HandoverMessage,
+    ) -> Result<(), crate::membership::TooLarge> {
+        Ok(())
+    }
+}
+
+/// Home moves in a row: this node still owes the check of failover
+/// epoch 3 when the partition fails over again in epoch 5, whose leader
+/// is node 2. It checks epoch 3 against node 2, the leader of the newest
+/// term it knows, and is then held for epoch 5 with node 2's timeline:
+/// that counts as a copy from the leader of slots 1 onwards, and it may
+/// hold what a leader of epoch 5 wrote from slot 1
+/// (`LogReplica::checked_against`), which the log file keeps.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_check_against_the_leader_while_a_later_failover_is_owed_counts_as_a_copy_from_it() {
+    use saferchat_consensus::partition_log::{LogMessage, Slot, Term};
+
+    let dir = tempfile::tempdir().unwrap();
+    let placement = two_node_placement();
+    let partition = placement.room(room().as_str()).0.0;
+    let mut map = one_node_map(6, None);
+    map.partition_epochs.insert(partition, 5);
+    map.failover_epochs.insert(partition, [3, 5].into());
+    map.failing_over.insert(partition, "dc0".into());
+    let leader = Arc::new(LeaderPages {
+        store: MemoryChat::default(),
+        applied: Slot(3),
+        down: std::sync::atomic::AtomicBool::new(true),
+        asked: AtomicU64::new(0),
+    });
+    leader.store.append(&messages(None, 0, 3, 1)).await.unwrap();
+    let sent = Arc::new(SentLog::default());
+    let clock = Arc::new(StillClock::default());
+    let (store, states) = LogStore::open(dir.path()).unwrap();
+    let (node, inbound) = spawn_with(
+        store,
+        states,
+        Arc::new(Disk::default()),
+        Arc::clone(&clock),
+        |parts| {
+            parts.placement = Arc::clone(&placement);
+            parts.map = Arc::new(map.clone());
+            parts.copier = Some(Arc::clone(&leader) as Arc<dyn super::super::copy::CopySource>);
+            parts.peers = Arc::clone(&sent) as Arc<dyn crate::membership::PeerSender>;
+        },
+    );
+    let term = Term {
+        epoch: 5,
+        round: 1,
+        node: NodeId(2),
+    };
+    inbound
+        .send(super::LogInbound {
+            from: NodeId(2),
+            messages: vec![(
+                partition,
+                LogMessage::Accept {
+                    term,
+                    first: Slot(1),
+                    values: Vec::new(),
+                    commit: Slot(0),
+                    shared: Slot(0),
+                },
+            )],
+        })
+        .await
+        .unwrap();
+    // It answered node 2: it knows the term. A check that began before
+    // may still be asking (and fails: node 2 is unreachable so far).
+    until("an answer to node 2", || {
+        sent.0.lock().unwrap().contains(&NodeId(2))
+    })
+    .await;
+    let asked = leader.asked.load(Ordering::SeqCst);
+    for _ in 0..600 {
+        if leader.asked.load(Ordering::SeqCst) > asked {
+            break;
+        }
+        // Past the wait after a failed check.
+        clock.0.fetch_add(1_000, Ordering::SeqCst);
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(
+        leader.asked.load(Ordering::SeqCst) > asked,
+        "no check asked node 2 since"
+    );
+    leader.down.store(false, Ordering::SeqCst);
+    let mut checked = None;
+    for _ in 0..600 {
+        clock.0.fetch_add(1_000, Ordering::SeqCst);
+        node.timeline.touch(partition);
+        checked = node.timeline.copy_mark(partition).await.unwrap();
+        if checked.is_some_and(|(_, c)| c == 3) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(checked, Some((Slot(3), 3)), "checked epoch 3");
+    node.shutdown.cancel();
+    node.task.await.unwrap().unwrap();
+    let (_, states) = LogStore::open(dir.path()).unwrap();
+    let state = &states[&partition];
+    assert_eq!(state.checked, 3);
+    assert_eq!(state.installed_held, Some(Slot(1)));
+    assert_eq!(
+        state.held_copies,
+        saferchat_consensus::partition_log::HeldCopies {
+            from_leader: Some((term, Slot(1), Slot(3))),
+            from: Some((NodeId(2), Slot(1), Slot(3))),
+        }
+    );
 }
 
 #[test]
