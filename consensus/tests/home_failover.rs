@@ -1818,6 +1818,43 @@ fn a_new_home_of_two_establishes_when_its_other_voter_checked_an_earlier_failove
     }
 }
 
+/// Both voters of a new home of two still owed an earlier failover's
+/// check, and checked it against the same third replica (node 4, with
+/// all three posts): both timelines are node 4's, and the one that leads
+/// shares them with the other, which then holds what it recovered. Had
+/// the checks counted as copies that may hold what a leader of the epoch
+/// wrote (`installed_held` from slot 1), the leader would have shared
+/// nothing with the other voter, below its floor, and the home would
+/// have waited for good (a CI run of the chaos plan with home moves).
+#[test]
+fn a_new_home_of_two_establishes_when_both_voters_checked_an_earlier_failover_against_a_third() {
+    for as_copies in [false, true] {
+        let mut net = a_new_home_of_two([1, 1, 3], [false, false, true]);
+        for n in [2, 3] {
+            net.node(n).hold(Some(1));
+            assert!(net.node(n).rewind(Slot(3), 1));
+            net.node(n).hold(Some(2));
+            let term = net.node(n).newest_term();
+            net.node(n).checked_against(Slot(3), NodeId(4), term);
+            if as_copies {
+                net.node(n).held_copy_restored(Some(Slot(1)));
+            }
+        }
+        net.node(2).campaign().unwrap();
+        net.run(cut(&[1]));
+        assert!(net.node(2).leading().is_some());
+        for _ in 0..3 {
+            net.node(2).resend();
+            net.run(cut(&[1]));
+        }
+        assert_eq!(
+            net.node(2).established().is_some(),
+            !as_copies,
+            "counted as copies that may hold the epoch's writes: {as_copies}"
+        );
+    }
+}
+
 /// Leader 2 resends a few times: it establishes the epoch exactly when
 /// the restarted voter kept its copies.
 fn establishes_iff(net: &mut Net, keep_copies: bool) {

@@ -993,10 +993,13 @@ impl<T: Clone + PartialEq> LogReplica<T> {
     /// this replica knew as the check began, and held again for the next
     /// failover epoch ([`LogReplica::hold`]): its whole timeline up to
     /// `upto` is `source`'s, as after [`LogReplica::install_copy`] of
-    /// slots 1 to `upto` from it. It may hold what a leader of the epoch
-    /// wrote from slot 1 (`installed_held`), and, when `source` leads
-    /// `term` and `term` is still the newest it knows, it reports all of
-    /// it as released. Without this, a voter of a new home of two that
+    /// slots 1 to `upto` from it: when `source` leads `term` and `term`
+    /// is still the newest it knows, it reports all of it as released.
+    /// (It does not count as a copy for `installed_held`: two voters that
+    /// checked against the same replica hold the same timeline, which
+    /// the one that leads then shares with the other; counted as copied,
+    /// it shared nothing, below its floor, and a CI run of the chaos plan
+    /// with home moves stalled so.) Without this, a voter of a new home of two that
     /// still owed the failover before when the home moved again (home
     /// moves in a row) and checked it against the leader reported only
     /// what the leader shares with held replicas; below the leader's
@@ -1008,7 +1011,6 @@ impl<T: Clone + PartialEq> LogReplica<T> {
             return;
         }
         let first = Slot(1);
-        self.installed_held = Some(first);
         if source == term.node && term == self.highest {
             self.copies.from_leader = Some((term, first, upto));
         }

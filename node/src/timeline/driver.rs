@@ -1660,7 +1660,6 @@ impl Driver {
             part.replica
                 .checked_against(copied.applied, copied.source, done.term);
             if part.replica.is_held() {
-                change.installed_held = part.replica.installed_held();
                 change.held_copies = Some(part.replica.held_copies());
             }
             self.marks.push(change);
