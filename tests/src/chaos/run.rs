@@ -799,22 +799,24 @@ fn failover_postmortem(cluster: &Cluster, partition: u32) -> String {
     let mut out = String::new();
     for (i, node) in cluster.nodes.iter().enumerate() {
         out.push_str(&format!("node {}:\n", i + 1));
-        let log = node.log_text();
-        let lines: Vec<&str> = log
-            .lines()
-            .filter(|l| {
-                tags.iter().any(|t| l.contains(t.as_str()))
-                    && !l.contains("\"DEBUG\"")
-                    && !l.contains("\"TRACE\"")
-            })
-            .collect();
-        for line in &lines[lines.len().saturating_sub(LINES)..] {
-            out.push_str("  ");
-            out.push_str(line);
-            out.push('\n');
-        }
+        last_lines(&mut out, &node.log_text(), LINES, |l| {
+            tags.iter().any(|t| l.contains(t.as_str()))
+                && !l.contains("\"DEBUG\"")
+                && !l.contains("\"TRACE\"")
+        });
     }
     out
+}
+
+/// Appends to `out` the last `n` lines of `log` that `keep` takes,
+/// indented.
+fn last_lines(out: &mut String, log: &str, n: usize, keep: impl Fn(&str) -> bool) {
+    let kept: Vec<&str> = log.lines().filter(|l| keep(l)).collect();
+    for line in &kept[kept.len().saturating_sub(n)..] {
+        out.push_str("  ");
+        out.push_str(line);
+        out.push('\n');
+    }
 }
 
 /// Each node's state and the warnings and errors at the end of its log:
@@ -830,16 +832,9 @@ fn postmortem(cluster: &mut Cluster) -> String {
             "node {} ({state}), last warnings and errors:\n",
             i + 1
         ));
-        let log = node.log_text();
-        let bad: Vec<&str> = log
-            .lines()
-            .filter(|l| l.contains("\"WARN\"") || l.contains("\"ERROR\""))
-            .collect();
-        for line in &bad[bad.len().saturating_sub(LINES)..] {
-            out.push_str("  ");
-            out.push_str(line);
-            out.push('\n');
-        }
+        last_lines(&mut out, &node.log_text(), LINES, |l| {
+            l.contains("\"WARN\"") || l.contains("\"ERROR\"")
+        });
     }
     out
 }
