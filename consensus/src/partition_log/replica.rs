@@ -242,6 +242,14 @@ pub struct LogReady<T> {
     /// node then copies the timeline from a replica that applied at least
     /// that far and calls [`LogReplica::install`].
     pub lagging: Vec<(NodeId, Slot)>,
+    /// This held follower reports to its leader less than the leader's
+    /// compaction floor without being behind that floor itself: the
+    /// leader can resend nothing of what the replica does not report, and
+    /// a copy from after its released prefix would count for nothing.
+    /// The node then makes its whole timeline the leader's (cutting what
+    /// differs, copying the rest, up to at least the slot given) and calls
+    /// [`LogReplica::realigned`].
+    pub realign: Option<(NodeId, Slot)>,
     /// A replica spoke in an epoch later than this node's configuration:
     /// the node's copy of the cluster map is behind (the highest such
     /// epoch). The replica refused what it could not check and will not
@@ -257,6 +265,7 @@ impl<T> Default for LogReady<T> {
             committed: Vec::new(),
             leading: None,
             lagging: Vec::new(),
+            realign: None,
             newer_epoch: None,
         }
     }
@@ -270,6 +279,7 @@ impl<T> LogReady<T> {
             && self.committed.is_empty()
             && self.leading.is_none()
             && self.lagging.is_empty()
+            && self.realign.is_none()
             && self.newer_epoch.is_none()
     }
 }
@@ -1017,6 +1027,79 @@ impl<T: Clone + PartialEq> LogReplica<T> {
         self.copies.from = Some((source, first, upto));
     }
 
+    /// The node made this held follower's whole timeline its leader's
+    /// ([`LogReady::realign`]): it cut what differed from the timeline of
+    /// `source`, the leader of `term`, and copied the rest, up to `upto`
+    /// (the source's applied mark). The replica counts slots 1 to `upto`
+    /// as released and copied from that leader, which it reports while
+    /// `term` is the newest it knows (as after [`LogReplica::install_copy`]
+    /// of all of them), and drops its log entries up to there. Returns
+    /// whether it took it: only a follower held for this epoch's check
+    /// whose newest term is still `term`, and only up to no less than its
+    /// compaction floor (a lower floor would leave a gap the log once
+    /// held).
+    ///
+    /// Why: a held replica reports of its released prefix only what the
+    /// leader says its log shares with it (`LogMessage::Accept::shared`),
+    /// and of a copy only a run that starts right after that; where the
+    /// leader's floor is above what it reports and its released prefix
+    /// is not behind that floor, the leader can resend nothing and a copy
+    /// after its prefix counts for nothing: a new home of two voters never
+    /// established so (the seeded simulation of `home_failover.rs`, a
+    /// voter that had copied from the other before it led, which had
+    /// copied from outside the home; two voters that checked an earlier
+    /// failover against the same third replica were another way there).
+    /// The slots it drops were released by the leader and by this replica
+    /// (a held log compacts nothing else): the replica stays held and its
+    /// check, once the epoch is established, cuts anything the epoch's log
+    /// replaced, as after any copy installed while held. The copy may hold
+    /// what a leader of the epoch wrote from the first slot the leader
+    /// did not say it shares (`installed_held`).
+    pub fn realigned(&mut self, upto: Slot, source: NodeId, term: Term) -> bool {
+        if self.owed != Some(self.config.epoch)
+            || !matches!(self.role, Role::Follower)
+            || source != term.node
+            || term != self.highest
+            || upto == Slot(0)
+            || upto < self.acceptor.floor()
+        {
+            return false;
+        }
+        let shared = match self.shared {
+            Some((t, shared)) if t == term => shared,
+            _ => Slot(0),
+        };
+        let written = shared.next().min(upto);
+        self.installed_held = Some(self.installed_held.map_or(written, |s| s.min(written)));
+        self.released = upto;
+        self.acceptor.compact(upto);
+        self.copies = HeldCopies {
+            from_leader: Some((term, Slot(1), upto)),
+            from: Some((source, Slot(1), upto)),
+        };
+        true
+    }
+
+    /// On a follower held for this epoch's check, told by `leader` (of
+    /// the newest term) that its floor is `leader_floor`: asks the node
+    /// to realign ([`LogReady::realign`]) when it reports less than that
+    /// floor or its own, which no resend from the leader can fill (it
+    /// resends nothing below its floor, and this replica stores nothing
+    /// at or below its own). Only before the map recorded that a leader
+    /// established the epoch: from then on the replica's check against
+    /// that leader ends the hold, which a realignment would only delay.
+    fn realign_if_stuck(&mut self, leader: NodeId, leader_floor: Slot) {
+        let floor = leader_floor.max(self.acceptor.floor());
+        if self.owed == Some(self.config.epoch)
+            && self.config.failover.is_some()
+            && matches!(self.role, Role::Follower)
+            && self.highest.node == leader
+            && floor > self.reported()
+        {
+            self.ready.realign = Some((leader, floor));
+        }
+    }
+
     /// While held, whose timelines the copies it installed hold (the
     /// node keeps them with the log's state: see
     /// [`LogReplica::held_copies_restored`]).
@@ -1382,6 +1465,9 @@ impl<T: Clone + PartialEq> LogReplica<T> {
                     self.shared = Some((term, shared));
                     self.heard = self.heard.max(Some(commit));
                     self.release_as_follower(term, commit);
+                    if term.node == from {
+                        self.realign_if_stuck(from, Slot(0));
+                    }
                 }
                 let reply = match reply {
                     LogMessage::Accepted {
@@ -1427,8 +1513,13 @@ impl<T: Clone + PartialEq> LogReplica<T> {
                 // Only the leader of the newest term seen speaks for what
                 // the log holds; an older leader's floor is no reason to
                 // copy anything.
-                if term == self.highest && term.node == from && floor > self.released {
+                if term != self.highest || term.node != from {
+                    return;
+                }
+                if floor > self.released {
                     self.ready.lagging.push((self.config.me, floor));
+                } else {
+                    self.realign_if_stuck(from, floor);
                 }
             }
             LogMessage::LeaseRequest { term, seq } => self.on_lease_request(from, term, seq),

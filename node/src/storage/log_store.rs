@@ -83,10 +83,12 @@ pub struct PartitionLogState {
 
 /// A replica's timeline cut back after a home failover and copied up to a
 /// slot, or vouched for as it was by the leader that established the
-/// failover epoch ([`LogChange::rewind`]).
+/// failover epoch ([`LogChange::rewind`]); with epoch 0, a held replica's
+/// timeline made its leader's (`LogReplica::realigned`), which checks
+/// nothing and drops no entry after the slot.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Rewind {
-    /// The failover epoch checked.
+    /// The failover epoch checked (0: none).
     pub epoch: u64,
     /// The slot the timeline now holds every post of, and no later one.
     pub applied: Slot,

@@ -256,6 +256,15 @@ pub struct Sources {
     pub nodes: Vec<NodeId>,
     /// Those among them whose applied posts are in this node's copy.
     pub same_copy: std::collections::BTreeSet<NodeId>,
+    /// The latest home failover epoch a source's timeline must be checked
+    /// against ([`RoomsPage::checked`]) for a copy: the copier's own. A
+    /// source that owes a check its copier made may hold posts of the old
+    /// home's loss window that the epoch replaced; copied into a timeline
+    /// checked already, nothing would ever cut them (the seeded
+    /// simulation of `consensus/tests/home_failover.rs` found a checked
+    /// replica, behind its leader's floor while running for leader,
+    /// copying from a held voter of the new home so).
+    pub checked: u64,
 }
 
 impl Sources {
@@ -278,7 +287,19 @@ impl Sources {
             std::collections::BTreeSet::new()
         };
         nodes.sort_by_key(|n| !same_copy.contains(n));
-        Sources { nodes, same_copy }
+        Sources {
+            nodes,
+            same_copy,
+            checked: 0,
+        }
+    }
+
+    /// These sources, of which a copy takes only one whose timeline is
+    /// checked against failover epoch `checked` or a later one.
+    #[must_use]
+    pub fn checked_against(mut self, checked: u64) -> Sources {
+        self.checked = checked;
+        self
     }
 
     /// Whether `source`'s applied posts are in this node's copy of the
@@ -332,6 +353,12 @@ async fn copy_from(
         return Err(NodeError::Unavailable(format!(
             "{source} applied partition {partition} only up to {}, and {need} is needed",
             page.applied
+        )));
+    }
+    if page.checked < sources.checked {
+        return Err(NodeError::Unavailable(format!(
+            "{source} has not checked partition {partition} against failover epoch {} (only {}), which this replica did",
+            sources.checked, page.checked
         )));
     }
     let mut copied = Copied {
@@ -496,6 +523,34 @@ pub async fn check(
             }
             let cut = cut_divergent(from, store, in_partition, partition, source).await?;
             let copied = copy_from(from, store, partition, (sources, source), Slot(0)).await?;
+            Ok((copied, cut))
+        },
+    )
+    .await
+}
+
+/// Makes this held replica's timeline of `partition` its leader's (the
+/// one of `sources`): cuts every room back to the last message it holds
+/// in the same place as the leader ([`cut_divergent`]), then copies the
+/// rest from it, up to at least `need` (see `LogReplica::realigned`).
+///
+/// # Errors
+/// As [`check`].
+pub async fn realign(
+    from: &dyn CopySource,
+    store: &dyn ChatStore,
+    in_partition: &(dyn Fn(&RoomId) -> bool + Send + Sync),
+    partition: u32,
+    sources: &Sources,
+    need: Slot,
+) -> Result<(Copied, Cut), NodeError> {
+    first_source(
+        partition,
+        &sources.nodes,
+        format!("no leader to realign partition {partition} with"),
+        |source| async move {
+            let cut = cut_divergent(from, store, in_partition, partition, source).await?;
+            let copied = copy_from(from, store, partition, (sources, source), need).await?;
             Ok((copied, cut))
         },
     )
@@ -902,6 +957,57 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_copy_skips_a_source_that_has_not_checked_what_the_copier_did() {
+        // Node 1 owes the check of failover epoch 2 (it checked only 1):
+        // its timeline may hold the old home's loss window. Node 2 checked
+        // epoch 2.
+        let held = Arc::new(MemoryStore::default());
+        post_by(&held, "alpha", 0, 6, 9).await;
+        let checked = Arc::new(MemoryStore::default());
+        post_by(&checked, "alpha", 0, 6, 2).await;
+        let from = FromStore {
+            stores: HashMap::from([
+                (NodeId(1), (Arc::clone(&held), Slot(6))),
+                (NodeId(2), (Arc::clone(&checked), Slot(6))),
+            ]),
+            checked: HashMap::from([(NodeId(1), 1), (NodeId(2), 2)]),
+            ..FromStore::default()
+        };
+        let target = Arc::new(MemoryStore::default());
+        let copied = copy(
+            &from,
+            &*target,
+            0,
+            &nodes(&[1, 2]).checked_against(2),
+            Slot(6),
+        )
+        .await
+        .unwrap();
+        assert_eq!(copied.source, NodeId(2));
+        assert_eq!(
+            everything(&*target, "alpha").await,
+            everything(&*checked, "alpha").await
+        );
+        // With node 1 alone there is no source.
+        let e = copy(&from, &*target, 0, &nodes(&[1]).checked_against(2), Slot(6))
+            .await
+            .unwrap_err();
+        assert!(e.to_string().contains("has not checked"), "{e}");
+        // A copier held for epoch 2 (it checked 1) takes node 1.
+        let held_copier = Arc::new(MemoryStore::default());
+        let copied = copy(
+            &from,
+            &*held_copier,
+            0,
+            &nodes(&[1]).checked_against(1),
+            Slot(6),
+        )
+        .await
+        .unwrap();
+        assert_eq!(copied.source, NodeId(1));
+    }
+
+    #[tokio::test]
     async fn no_source_reaching_the_mark_is_an_error() {
         let source = Arc::new(MemoryStore::default());
         post(&source, "alpha", 0, 3, 0, true).await;
@@ -959,6 +1065,7 @@ mod tests {
         let same = Sources {
             nodes: vec![NodeId(2), NodeId(4)],
             same_copy: [NodeId(2)].into(),
+            checked: 0,
         };
         let copied = copy(&from, &*ours, 0, &same, Slot(50)).await.unwrap();
         assert_eq!((copied.source, copied.messages), (NodeId(2), 0));

@@ -199,13 +199,33 @@ pub const HOME_LEASE_GRACE_MS: u64 = ELECTION_TIMEOUT_MS;
 #[derive(Debug)]
 struct CopyDone {
     partition: u32,
-    /// The failover epoch whose divergence check this copy ends (see
-    /// "Home failover"); `None` for a copy of a lagging replica.
-    check: Option<u64>,
+    /// What the copy was for.
+    kind: CopyKind,
     /// The newest term the replica knew as the copy began
     /// (`LogReplica::install_copy`, `LogReplica::checked_against`).
     term: saferchat_consensus::partition_log::Term,
     result: Result<(super::copy::Copied, super::copy::Cut), NodeError>,
+}
+
+/// The metrics of a copy installed: its bytes, and the partition's
+/// applied slot.
+fn copied_metrics(partition: u32, copied: &super::copy::Copied) {
+    metrics::counter!("saferchat_partition_copied_bytes_total").increment(copied.bytes);
+    #[allow(clippy::cast_precision_loss)]
+    metrics::gauge!("saferchat_partition_applied_slot", "partition" => partition.to_string())
+        .set(copied.applied.0 as f64);
+}
+
+/// Why a replica copies its partition's timeline.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum CopyKind {
+    /// Its log is behind what the others compacted (see "Compaction").
+    Behind,
+    /// The divergence check of this failover epoch (see "Home failover").
+    Check(u64),
+    /// Held, it made its whole timeline its leader's
+    /// (`LogReplica::realigned`).
+    Realign,
 }
 
 /// The timeline store failing: since when, and when to try again.
@@ -354,6 +374,15 @@ impl Part {
         self.replica.hold(self.unchecked);
     }
 
+    /// The timeline now holds every post up to `applied` (a copy, a
+    /// check or a realignment installed), and the log nothing retained
+    /// before it.
+    fn installed(&mut self, applied: Slot) {
+        self.applied = applied;
+        self.retained.clear();
+        self.retained_bytes = 0;
+    }
+
     /// After [`LogReplica::rewind`] to `applied` for failover `epoch`:
     /// this replica checked that epoch, its timeline holds every post up
     /// to `applied` and its log nothing up to there. Returns the change
@@ -366,9 +395,7 @@ impl Part {
         applied: Slot,
     ) -> LogChange {
         self.mark_checked(map, partition, epoch);
-        self.applied = applied;
-        self.retained.clear();
-        self.retained_bytes = 0;
+        self.installed(applied);
         LogChange {
             partition,
             rewind: Some(Rewind { epoch, applied }),
@@ -1306,6 +1333,7 @@ impl Driver {
         let mut led = Vec::new();
         let mut leaders = Vec::new();
         let mut copy_needed = Vec::new();
+        let mut realign_needed = Vec::new();
         for partition in touched {
             let me = self.me;
             let Some(part) = self.parts.get_mut(&partition) else {
@@ -1335,6 +1363,9 @@ impl Driver {
                     tracing::debug!(partition, %node, need = from.0, "a replica is behind the retained log; told to copy the partition");
                     metrics::counter!("saferchat_partition_lagging_total").increment(1);
                 }
+            }
+            if let Some((leader, need)) = ready.realign {
+                realign_needed.push((partition, leader, need));
             }
             if let Some(epoch) = ready.newer_epoch
                 && epoch > part.newer_epoch
@@ -1433,6 +1464,9 @@ impl Driver {
         for (partition, need) in copy_needed {
             self.start_copy(partition, need);
         }
+        for (partition, leader, need) in realign_needed {
+            self.start_realign(partition, leader, need);
+        }
         self.rotate().await?;
         self.release_remote_waiters();
         Ok(())
@@ -1461,6 +1495,7 @@ impl Driver {
             .replica
             .is_held()
             .then(|| part.replica.config().replicas.clone());
+        let checked = part.checked;
         let nodes = copy_order(
             me,
             part.replica.leader_hint(),
@@ -1468,9 +1503,12 @@ impl Driver {
             replicas,
         );
         let mine = self.placement.datacenter_of(me);
-        Some(super::copy::Sources::new(nodes, self.chat.shared(), |n| {
-            mine.is_some() && self.placement.datacenter_of(n) == mine
-        }))
+        Some(
+            super::copy::Sources::new(nodes, self.chat.shared(), |n| {
+                mine.is_some() && self.placement.datacenter_of(n) == mine
+            })
+            .checked_against(checked),
+        )
     }
 
     /// Copies the partition's timeline from another replica in a task of
@@ -1512,7 +1550,7 @@ impl Driver {
                 .map(|copied| (copied, super::copy::Cut::default()));
             let _ = done.send(CopyDone {
                 partition,
-                check: None,
+                kind: CopyKind::Behind,
                 term,
                 result,
             });
@@ -1571,6 +1609,131 @@ impl Driver {
         true
     }
 
+    /// Makes the timeline of a held partition its leader's, in a task of
+    /// its own (`LogReady::realign`: the replica reports less than the
+    /// leader's compaction floor or its own, and no resend can fill
+    /// that): cuts every room back to the last message it holds in the
+    /// same place as `leader` and copies the rest up to at least `need`
+    /// (`copy::realign`), then [`Driver::on_realigned`]. Unless a copy
+    /// runs, one failed a moment ago, or posts of the partition wait to
+    /// be applied or synced.
+    fn start_realign(&mut self, partition: u32, leader: NodeId, need: Slot) {
+        let Some(copier) = self.copier.clone() else {
+            tracing::warn!(
+                partition,
+                %leader,
+                "this held replica reports less than its leader can resend, and it copies no timelines: the new home may not establish"
+            );
+            return;
+        };
+        if self.begin_copy(partition).is_none() {
+            return;
+        }
+        let Some(part) = self.parts.get(&partition) else {
+            return;
+        };
+        let term = part.replica.newest_term();
+        let mine = self.placement.datacenter_of(self.me);
+        let sources = super::copy::Sources::new(vec![leader], self.chat.shared(), |n| {
+            mine.is_some() && self.placement.datacenter_of(n) == mine
+        })
+        .checked_against(part.checked);
+        tracing::info!(
+            partition,
+            %leader,
+            need = need.0,
+            "this held replica reports less than its leader can resend; making its timeline the leader's"
+        );
+        self.spawn_cut_and_copy(copier, partition, CopyKind::Realign, term, sources, need);
+    }
+
+    /// Runs a check (`copy::check`) or a realignment (`copy::realign`)
+    /// of `partition` from `sources` in a task of its own; `term` is the
+    /// newest the replica knew as it began, `need` the slot a
+    /// realignment's copy must reach. [`Driver::on_copied`] takes the
+    /// result.
+    fn spawn_cut_and_copy(
+        &self,
+        copier: Arc<dyn super::copy::CopySource>,
+        partition: u32,
+        kind: CopyKind,
+        term: saferchat_consensus::partition_log::Term,
+        sources: super::copy::Sources,
+        need: Slot,
+    ) {
+        let chat = Arc::clone(&self.chat);
+        let placement = Arc::clone(&self.placement);
+        let done = self.copies.0.clone();
+        tokio::spawn(async move {
+            let in_partition =
+                move |r: &RoomId| placement.partitions().of_room(r.as_str()).0 == partition;
+            let (from, chat) = (&*copier, &*chat);
+            let result = match kind {
+                CopyKind::Check(epoch) => {
+                    super::copy::check(from, chat, &in_partition, partition, &sources, epoch).await
+                }
+                CopyKind::Realign | CopyKind::Behind => {
+                    super::copy::realign(from, chat, &in_partition, partition, &sources, need).await
+                }
+            };
+            let _ = done.send(CopyDone {
+                partition,
+                kind,
+                term,
+                result,
+            });
+        });
+    }
+
+    /// Installs a finished realignment (`LogReplica::realigned`): the
+    /// store was cut and copied, so the room tails are reloaded from it;
+    /// the log file records the new applied mark and floor (a rewind of
+    /// epoch 0, which checks nothing) and the copy's provenance.
+    fn on_realigned(
+        &mut self,
+        partition: u32,
+        copied: super::copy::Copied,
+        term: saferchat_consensus::partition_log::Term,
+        cut: &super::copy::Cut,
+    ) {
+        let placement = Arc::clone(&self.placement);
+        self.tails
+            .retain(|room, _| placement.partitions().of_room(room.as_str()).0 != partition);
+        let Some(part) = self.parts.get_mut(&partition) else {
+            return;
+        };
+        if !part.replica.realigned(copied.applied, copied.source, term) {
+            tracing::warn!(
+                partition,
+                "the finished realignment no longer applies (the term moved on, or the replica runs or checked)"
+            );
+            return;
+        }
+        part.installed(copied.applied);
+        self.marks.push(LogChange {
+            partition,
+            rewind: Some(Rewind {
+                epoch: 0,
+                applied: copied.applied,
+            }),
+            installed_held: part.replica.installed_held(),
+            held_copies: Some(part.replica.held_copies()),
+            ..LogChange::default()
+        });
+        metrics::counter!("saferchat_partition_realigns_total").increment(1);
+        metrics::counter!("saferchat_partition_divergent_posts_cut_total").increment(cut.messages);
+        copied_metrics(partition, &copied);
+        tracing::info!(
+            partition,
+            source = %copied.source,
+            cut_rooms = cut.cut_rooms,
+            cut_posts = cut.messages,
+            applied = copied.applied.0,
+            copied = copied.messages,
+            "made this held replica's timeline its leader's"
+        );
+    }
+
     /// Checks the timeline of a partition whose home failed over in
     /// `epoch` against a replica checked against that epoch itself (the
     /// leader first), in a task of its own: cuts every room back to the
@@ -1596,27 +1759,19 @@ impl Driver {
             ?sources,
             "checking the partition's timeline against the new home's after a home failover"
         );
-        let chat = Arc::clone(&self.chat);
-        let placement = Arc::clone(&self.placement);
-        let done = self.copies.0.clone();
         let term = self
             .parts
             .get(&partition)
             .map(|p| p.replica.newest_term())
             .unwrap_or(saferchat_consensus::partition_log::Term::ZERO);
-        tokio::spawn(async move {
-            let in_partition =
-                move |r: &RoomId| placement.partitions().of_room(r.as_str()).0 == partition;
-            let result =
-                super::copy::check(&*copier, &*chat, &in_partition, partition, &sources, epoch)
-                    .await;
-            let _ = done.send(CopyDone {
-                partition,
-                check: Some(epoch),
-                term,
-                result,
-            });
-        });
+        self.spawn_cut_and_copy(
+            copier,
+            partition,
+            CopyKind::Check(epoch),
+            term,
+            sources,
+            Slot(0),
+        );
     }
 
     /// Installs a finished copy: the log counts its slots as released and
@@ -1642,7 +1797,12 @@ impl Driver {
             }
         };
         part.copy_backoff_ms = COPY_RETRY_MS;
-        if let Some(epoch) = done.check {
+        if done.kind == CopyKind::Realign {
+            self.on_realigned(partition, copied, done.term, &cut);
+            touched.push(partition);
+            return;
+        }
+        if let CopyKind::Check(epoch) = done.kind {
             // The store was cut and copied: the room tails are reloaded
             // from it, whatever comes next.
             self.tails
@@ -1665,12 +1825,9 @@ impl Driver {
             self.marks.push(change);
             metrics::counter!("saferchat_partition_failover_checks_total", "partition" => partition.to_string())
                 .increment(1);
-            #[allow(clippy::cast_precision_loss)]
-            metrics::gauge!("saferchat_partition_applied_slot", "partition" => partition.to_string())
-                .set(copied.applied.0 as f64);
+            copied_metrics(partition, &copied);
             metrics::counter!("saferchat_partition_divergent_posts_cut_total")
                 .increment(cut.messages);
-            metrics::counter!("saferchat_partition_copied_bytes_total").increment(copied.bytes);
             tracing::info!(
                 partition,
                 epoch,
@@ -1696,9 +1853,7 @@ impl Driver {
             );
             return;
         }
-        part.applied = copied.applied;
-        part.retained.clear();
-        part.retained_bytes = 0;
+        part.installed(copied.applied);
         self.marks.push(LogChange {
             partition,
             floor: Some(copied.applied),
@@ -1710,10 +1865,7 @@ impl Driver {
         self.tails
             .retain(|room, _| placement.partitions().of_room(room.as_str()).0 != partition);
         metrics::counter!("saferchat_partition_copies_total").increment(1);
-        metrics::counter!("saferchat_partition_copied_bytes_total").increment(copied.bytes);
-        #[allow(clippy::cast_precision_loss)]
-        metrics::gauge!("saferchat_partition_applied_slot", "partition" => partition.to_string())
-            .set(copied.applied.0 as f64);
+        copied_metrics(partition, &copied);
         tracing::info!(
             partition,
             source = %copied.source,

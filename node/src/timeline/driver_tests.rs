@@ -871,6 +871,18 @@ fn two_node_placement() -> Arc<Placement> {
     Arc::new(Placement::build(&nodes, PartitionCount::new(PARTITIONS).unwrap(), 2).unwrap())
 }
 
+/// A timeline of three posts a new home shares and two of the old
+/// home's that it replaced, and the three shared.
+async fn three_shared_and_two_own() -> (Arc<Disk>, Vec<StoredMessage>) {
+    let disk = Arc::new(Disk::default());
+    let shared = messages(None, 0, 3, 1);
+    disk.append(&shared).await.unwrap();
+    disk.append(&messages(Some(shared[2].id), 3, 2, 2))
+        .await
+        .unwrap();
+    (disk, shared)
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_replica_with_a_divergent_tail_is_held_then_cuts_it_and_follows_the_new_home() {
     use saferchat_consensus::partition_log::{Entry, LogMessage, Slot, Term, Value};
@@ -893,12 +905,7 @@ async fn a_replica_with_a_divergent_tail_is_held_then_cuts_it_and_follows_the_ne
     };
     // This node's timeline: three shared posts and two of its own; its
     // log applied slots 1-5 in epoch 1 and still holds slot 5.
-    let disk = Arc::new(Disk::default());
-    let shared = messages(None, 0, 3, 1);
-    disk.append(&shared).await.unwrap();
-    disk.append(&messages(Some(shared[2].id), 3, 2, 2))
-        .await
-        .unwrap();
+    let (disk, shared) = three_shared_and_two_own().await;
     {
         let (store, _) = LogStore::open(dir.path()).unwrap();
         store
@@ -1172,6 +1179,114 @@ async fn a_check_against_the_leader_while_a_later_failover_is_owed_counts_as_a_c
         saferchat_consensus::partition_log::HeldCopies {
             from_leader: Some((term, Slot(1), Slot(3))),
             from: Some((NodeId(2), Slot(1), Slot(3))),
+        }
+    );
+}
+
+/// A replica held for the check of failover epoch 5 (not established
+/// yet) that applied five slots, the last two posts the new home
+/// replaced. The leader of epoch 5 (node 2) says its log shares three
+/// slots with it and that it compacted up to slot 4: the replica reports
+/// 3, the leader can resend nothing at or below 4, and the replica is not
+/// behind 4. It makes its timeline the leader's (cut its two, copy the
+/// leader's three) and the log file keeps the mark, the floor and that
+/// slots 1 to 6 are the leader's (`LogReplica::realigned`); it is still
+/// held (checked nothing) and applied nothing else.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_held_replica_reporting_less_than_its_leaders_floor_makes_its_timeline_the_leaders() {
+    use saferchat_consensus::partition_log::{HeldCopies, LogMessage, Slot, Term};
+
+    let dir = tempfile::tempdir().unwrap();
+    let placement = two_node_placement();
+    let partition = placement.room(room().as_str()).0.0;
+    let mut map = one_node_map(5, None);
+    map.partition_epochs.insert(partition, 5);
+    map.failover_epochs.insert(partition, [5].into());
+    map.failing_over.insert(partition, "dc0".into());
+    let (disk, shared) = three_shared_and_two_own().await;
+    {
+        let (store, _) = LogStore::open(dir.path()).unwrap();
+        store
+            .write(&[crate::storage::log_store::LogChange {
+                partition,
+                applied: Some(Slot(5)),
+                ..Default::default()
+            }])
+            .unwrap();
+    }
+    let leader = Arc::new(LeaderPages {
+        store: MemoryChat::default(),
+        applied: Slot(6),
+        down: std::sync::atomic::AtomicBool::new(false),
+        asked: AtomicU64::new(0),
+    });
+    leader.store.append(&shared).await.unwrap();
+    leader
+        .store
+        .append(&messages(Some(shared[2].id), 3, 3, 3))
+        .await
+        .unwrap();
+    let clock = Arc::new(StillClock::default());
+    let (store, states) = LogStore::open(dir.path()).unwrap();
+    let (node, inbound) = spawn_with(
+        store,
+        states,
+        Arc::clone(&disk),
+        Arc::clone(&clock),
+        |parts| {
+            parts.placement = Arc::clone(&placement);
+            parts.map = Arc::new(map.clone());
+            parts.copier = Some(Arc::clone(&leader) as Arc<dyn super::super::copy::CopySource>);
+        },
+    );
+    let term = Term {
+        epoch: 5,
+        round: 1,
+        node: NodeId(2),
+    };
+    let from_leader = |m: LogMessage<super::super::LogPost>| super::LogInbound {
+        from: NodeId(2),
+        messages: vec![(partition, m)],
+    };
+    let accept = LogMessage::Accept {
+        term,
+        first: Slot(6),
+        values: Vec::new(),
+        commit: Slot(0),
+        shared: Slot(3),
+    };
+    let compacted = LogMessage::Compacted {
+        term,
+        floor: Slot(4),
+    };
+    let theirs = ids_of(&leader.store).await;
+    for _ in 0..600 {
+        if ids_of(&*disk).await == theirs {
+            break;
+        }
+        inbound.send(from_leader(accept.clone())).await.unwrap();
+        inbound.send(from_leader(compacted.clone())).await.unwrap();
+        // Past the wait after a copy that could not start or failed.
+        clock.0.fetch_add(1_000, Ordering::SeqCst);
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(ids_of(&*disk).await, theirs, "the leader's timeline");
+    node.shutdown.cancel();
+    node.task.await.unwrap().unwrap();
+    let (_, states) = LogStore::open(dir.path()).unwrap();
+    let state = &states[&partition];
+    assert_eq!((state.applied, state.floor), (Slot(6), Slot(6)));
+    assert_eq!(state.checked, 0, "still owes the check");
+    assert_eq!(
+        state.installed_held,
+        Some(Slot(4)),
+        "past what the leader shares"
+    );
+    assert_eq!(
+        state.held_copies,
+        HeldCopies {
+            from_leader: Some((term, Slot(1), Slot(6))),
+            from: Some((NodeId(2), Slot(1), Slot(6))),
         }
     );
 }
