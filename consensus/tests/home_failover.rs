@@ -11,7 +11,8 @@ use std::collections::BTreeMap;
 use rand::{RngExt, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use saferchat_consensus::partition_log::{
-    Checks, Entry, Failover, LogAcceptor, LogConfig, LogMessage, LogReplica, Slot, Term, Value,
+    Checks, Entry, Failover, HeldCopies, LogAcceptor, LogConfig, LogMessage, LogReplica, Slot,
+    Term, Value,
 };
 use saferchat_consensus::{Drift, LeaseConfig, Millis, NodeId};
 
@@ -533,8 +534,11 @@ fn a_failover_leader_that_did_not_establish_may_hold_a_slot_the_log_replaced() {
 // epoch 2 is held owing its check, as the node holds it; once it knows
 // the epoch established, the leader that established it is checked, and
 // so is a replica that leader vouched for, which rewinds where it is
-// (the check against another's timeline, compaction and copies are left
-// to the node's tests and the other simulations). Checked on every
+// (the check against another's timeline is left to the node's tests).
+// In half the schedules an unheld node compacts its log a few slots
+// behind what it released, and a node told it is behind copies a
+// timeline as the node does (`Sim::copy`; held, it realigns with its
+// leader: `Sim::realign`). Checked on every
 // release by a leader (an acknowledgement): agreement within each epoch,
 // the fence (no release of epoch 1 after epoch 2's first, in real time),
 // and that every post acknowledged at the cross-datacenter level is what
@@ -543,8 +547,9 @@ fn a_failover_leader_that_did_not_establish_may_hold_a_slot_the_log_replaced() {
 // same post at every slot (`CheckedAgree`) and none holds another post
 // where a leader of epoch 2 acknowledged one (`AckedKept`). An epoch-2
 // leader's cross-datacenter acknowledgements are checked against the
-// logs and timelines of the datacenter it counted (`CrossStored`). Each
-// guard off must be caught.
+// logs and timelines of the datacenter it counted (`CrossStored`). Once
+// the faults end, the new home must establish (`Live`, `Sim::settle`).
+// Each guard off must be caught.
 
 const H1: [u64; 3] = [1, 2, 3];
 const H2: [u64; 3] = [4, 5, 6];
@@ -639,6 +644,26 @@ struct Sim {
     vouched_checks: usize,
     /// Nodes found barred from leading epoch 2 (`LogReplica::is_barred`).
     barred: std::collections::BTreeSet<usize>,
+    /// Applied slots an unheld node keeps in its log before compacting
+    /// them away (`None`: it compacts nothing); drawn apart from the
+    /// schedule, so that a seed without compaction runs as it always did.
+    keep: Option<u64>,
+    /// Each node's compaction floor (durable).
+    floors: Vec<Slot>,
+    /// What each held node copied while held (durable, as the node keeps
+    /// it in the partition log file): `installed_held` and whose
+    /// timelines the copies hold.
+    held_disk: Vec<(Option<Slot>, HeldCopies)>,
+    /// Timeline copies installed (the node's `copy`).
+    copies: usize,
+    /// Held timelines made their leader's (`LogReplica::realigned`).
+    realigns: usize,
+    /// The schedule's faults are over (`Sim::settle`): no restarts, no
+    /// loss, no cut, and every node learns the map at every step.
+    calm: bool,
+    /// Broken node: see [`Broken`].
+    no_realign: bool,
+    copy_from_unchecked: bool,
 }
 
 /// How a simulated node treats a failover epoch's checks.
@@ -648,11 +673,17 @@ struct Broken {
     early_narrow: bool,
     /// A leader of epoch 2 counts as checked as soon as it leads.
     checked_when_leading: bool,
+    /// A held replica never realigns (`LogReady::realign` ignored).
+    no_realign: bool,
+    /// A checked replica copies from a replica that has not checked.
+    copy_from_unchecked: bool,
 }
 
 const AS_DESIGNED: Broken = Broken {
     early_narrow: false,
     checked_when_leading: false,
+    no_realign: false,
+    copy_from_unchecked: false,
 };
 
 impl Sim {
@@ -670,6 +701,8 @@ impl Sim {
         let leak = ChaCha8Rng::seed_from_u64(seed ^ 0x1ea4).random_bool(0.3);
         let loss = [20, 150][rng.random_range(0..2)];
         let learn = [3, 20][rng.random_range(0..2)];
+        let mut apart = ChaCha8Rng::seed_from_u64(seed ^ 0xc0b1);
+        let keep = apart.random_bool(0.5).then(|| apart.random_range(1..8));
         Sim {
             rng,
             checks,
@@ -711,6 +744,14 @@ impl Sim {
             checked_when_leading: broken.checked_when_leading,
             vouched_checks: 0,
             barred: std::collections::BTreeSet::new(),
+            keep,
+            floors: vec![Slot(0); NODES],
+            held_disk: vec![(None, HeldCopies::default()); NODES],
+            copies: 0,
+            realigns: 0,
+            calm: false,
+            no_realign: broken.no_realign,
+            copy_from_unchecked: broken.copy_from_unchecked,
         }
     }
 
@@ -752,6 +793,7 @@ impl Sim {
     fn mark_checked(&mut self, i: usize) -> Result<(), String> {
         self.owed[i] = None;
         self.nodes[i].hold(None);
+        self.held_disk[i] = (None, HeldCopies::default());
         self.agree(i, 0)
     }
 
@@ -825,6 +867,13 @@ impl Sim {
         for (to, m) in ready.messages {
             self.net.push((me, to, m));
         }
+        let need = ready
+            .lagging
+            .iter()
+            .filter(|(n, _)| *n == me)
+            .map(|(_, s)| *s)
+            .max();
+        let realign = ready.realign;
         if ready.leading.is_some_and(|t| t.epoch == 2)
             && self.checked_when_leading
             && self.owed[i] == Some(2)
@@ -845,7 +894,117 @@ impl Sim {
                 self.acknowledged(me, e, c.slot.0, c.value)?;
             }
         }
+        self.compact(i);
+        if let Some(need) = need {
+            self.copy(i, need)?;
+        }
+        if let Some((leader, need)) = realign.filter(|_| !self.no_realign) {
+            self.realign(i, leader, need);
+        }
         self.cross_acknowledge(i)
+    }
+
+    /// Node `i`, held, reports less than its leader's floor without being
+    /// behind it, and makes its whole timeline the leader's, as the node's
+    /// driver does (`LogReady::realign`), in one step here.
+    fn realign(&mut self, i: usize, leader: NodeId, need: Slot) {
+        let j = usize::try_from(leader.0).unwrap() - 1;
+        let applied = self.nodes[j].released();
+        if self.cut_between(i, j) || applied < need {
+            return;
+        }
+        let term = self.nodes[i].newest_term();
+        if !self.nodes[i].realigned(applied, leader, term) {
+            return;
+        }
+        let upto = usize::try_from(applied.0).unwrap();
+        self.stores[i] = self.stores[j][..upto].to_vec();
+        self.disk[i].2 = applied;
+        self.floors[i] = applied;
+        self.disk[i].1.retain(|s, _| *s > applied);
+        self.held_disk[i] = (self.nodes[i].installed_held(), self.nodes[i].held_copies());
+        self.realigns += 1;
+    }
+
+    /// Node `i` drops the applied entries beyond the last `keep` from its
+    /// log, as the node does beyond its retained bytes; a held log keeps
+    /// them (the node compacts nothing of a held log).
+    fn compact(&mut self, i: usize) {
+        let Some(keep) = self.keep else {
+            return;
+        };
+        let released = self.nodes[i].released();
+        if self.owed[i].is_some() || released.0 <= keep {
+            return;
+        }
+        let floor = Slot(released.0 - keep);
+        if floor > self.floors[i] {
+            self.nodes[i].compact(floor);
+            self.floors[i] = floor;
+            self.disk[i].1.retain(|s, _| *s > floor);
+        }
+    }
+
+    /// Node `i` was told that its log is behind what its leader compacted
+    /// (or found so as a candidate), and copies the partition's timeline
+    /// as the node's driver does: from the first replica it reaches that
+    /// applied `need`, in the order of `timeline/driver.rs::copy_order`
+    /// (the leader it knows first; on a held replica its home's voters
+    /// first, a leader outside them last). The copy is taken in one step
+    /// here; the node's takes a while, with the newest term it knew as it
+    /// began.
+    fn copy(&mut self, i: usize, need: Slot) -> Result<(), String> {
+        let me = NodeId(i as u64 + 1);
+        let term = self.nodes[i].newest_term();
+        let hint = self.nodes[i].leader_hint().filter(|l| *l != me);
+        let voters: &[u64] = if self.known[i].0 == 1 { &H1 } else { &H2 };
+        let voters = ids(voters);
+        let mut order: Vec<NodeId> = Vec::new();
+        let mut last = None;
+        if self.owed[i].is_some() {
+            order.extend(hint.filter(|h| voters.contains(h)));
+            order.extend(&voters);
+            last = hint.filter(|h| !voters.contains(h));
+        } else {
+            order.extend(hint);
+        }
+        order.extend((1..=NODES as u64).map(NodeId).filter(|n| Some(*n) != last));
+        order.extend(last);
+        let mut seen = Vec::new();
+        for source in order {
+            if source == me || seen.contains(&source) {
+                continue;
+            }
+            seen.push(source);
+            let j = usize::try_from(source.0).unwrap() - 1;
+            let applied = self.nodes[j].released();
+            if self.cut_between(i, j)
+                || applied < need
+                || (self.checked(i) && !self.checked(j) && !self.copy_from_unchecked)
+            {
+                continue;
+            }
+            let from = self.nodes[i].released();
+            if !self.nodes[i].install_copy(applied, source, term) {
+                return Ok(());
+            }
+            let (a, b) = (
+                usize::try_from(from.0).unwrap(),
+                usize::try_from(applied.0).unwrap(),
+            );
+            let copied = self.stores[j][a..b].to_vec();
+            self.stores[i].extend(copied);
+            self.disk[i].2 = applied;
+            self.floors[i] = self.floors[i].max(applied);
+            self.disk[i].1.retain(|s, _| *s > applied);
+            self.held_disk[i] = (self.nodes[i].installed_held(), self.nodes[i].held_copies());
+            self.copies += 1;
+            if self.checked(i) {
+                self.agree(i, a)?;
+            }
+            return Ok(());
+        }
+        Ok(())
     }
 
     fn acknowledged(
@@ -984,10 +1143,13 @@ impl Sim {
         let (epoch, established) = self.known[i];
         self.nodes[i] = LogReplica::new(
             sim_config(i as u64 + 1, epoch, epoch == 2 && !established, self.checks),
-            LogAcceptor::restore(promised, entries, Slot(0)),
+            LogAcceptor::restore(promised, entries, self.floors[i]),
             released,
         );
         self.nodes[i].hold(self.owed[i]);
+        let (installed, copies) = self.held_disk[i];
+        self.nodes[i].held_copy_restored(installed);
+        self.nodes[i].held_copies_restored(copies);
     }
 
     /// Node `i` learns what the map holds, if it can reach it.
@@ -1003,6 +1165,7 @@ impl Sim {
             // Every replica that learns of the failover owes its check.
             self.owed[i] = Some(2);
             self.nodes[i].hold(Some(2));
+            self.held_disk[i] = (None, HeldCopies::default());
         }
     }
 
@@ -1086,7 +1249,7 @@ impl Sim {
                 self.nodes[i].campaign();
             }
             3..30 if self.next_post <= POSTS => self.append(i),
-            30..32 => self.restart(i),
+            30..32 if !self.calm => self.restart(i),
             32..40 => self.nodes[i].resend(),
             80..83 if self.map_epoch == 2 => self.establish(),
             _ if !self.net.is_empty() => {
@@ -1111,6 +1274,53 @@ impl Sim {
     }
 }
 
+impl Sim {
+    /// The faults end: the cut heals, nothing is lost, no node restarts,
+    /// the map moves the home (if it had not) and every node learns the
+    /// map at every step. `Live`: the new home must then establish (a
+    /// leader of epoch 2 established it and the map recorded it) within
+    /// `limit` steps; returns how many it took.
+    fn settle(&mut self, limit: usize) -> Result<usize, String> {
+        self.calm = true;
+        self.heal_at = Some(0);
+        self.move_at = 0;
+        self.loss = 0;
+        self.learn = 100;
+        for n in 0..limit {
+            if self.established {
+                return Ok(n);
+            }
+            self.step()?;
+        }
+        let nodes: Vec<String> = H2
+            .iter()
+            .map(|&n| {
+                let i = usize::try_from(n).unwrap() - 1;
+                let r = &self.nodes[i];
+                format!(
+                    "node {n}: follower {}, barred {}, may campaign {}, known {:?}, released {:?}, floor {:?}, owed {:?}, leading {:?}, newest {:?}, copies {:?}",
+                    r.is_follower(),
+                    r.is_barred(),
+                    self.may_campaign(i),
+                    self.known[i],
+                    r.released(),
+                    self.floors[i],
+                    self.owed[i],
+                    r.leading(),
+                    r.newest_term(),
+                    r.held_copies(),
+                )
+            })
+            .collect();
+        Err(format!(
+            "Live: epoch 2 not established {limit} steps after the faults ended ({} copies, {} realigned); {}",
+            self.copies,
+            self.realigns,
+            nodes.join("; ")
+        ))
+    }
+}
+
 /// What one schedule did.
 #[derive(Debug)]
 struct Outcome {
@@ -1124,13 +1334,32 @@ struct Outcome {
     vouched: usize,
     /// Nodes barred from leading epoch 2 at some point.
     barred: usize,
+    /// Timeline copies installed.
+    copies: usize,
+    /// Held timelines made their leader's.
+    realigns: usize,
+    /// Steps the new home took to establish once the faults ended
+    /// (`Sim::settle`; only when asked).
+    settled: Option<usize>,
 }
 
 fn simulate(seed: u64, checks: Checks, broken: Broken, steps: usize) -> Result<Outcome, String> {
+    run(seed, checks, broken, steps, None)
+}
+
+/// [`simulate`], then [`Sim::settle`] within `settle` steps when asked.
+fn run(
+    seed: u64,
+    checks: Checks,
+    broken: Broken,
+    steps: usize,
+    settle: Option<usize>,
+) -> Result<Outcome, String> {
     let mut sim = Sim::new(seed, checks, broken);
     for _ in 0..steps {
         sim.step()?;
     }
+    let settled = settle.map(|limit| sim.settle(limit)).transpose()?;
     let new = sim.acks.keys().filter(|(e, _)| *e == 2).count();
     Ok(Outcome {
         new,
@@ -1138,6 +1367,9 @@ fn simulate(seed: u64, checks: Checks, broken: Broken, steps: usize) -> Result<O
         cross_new: sim.cross_new.len(),
         vouched: sim.vouched_checks,
         barred: sim.barred.len(),
+        copies: sim.copies,
+        realigns: sim.realigns,
+        settled,
     })
 }
 
@@ -1151,11 +1383,22 @@ fn seed_base() -> u64 {
 #[test]
 fn seeded_failovers_keep_the_fence_and_every_cross_datacenter_post() {
     let base = seed_base();
+    let count: usize = std::env::var("SCHEDULES")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(300);
     let (mut new, mut cross, mut cross_new, mut failed_over, mut vouched, mut barred) =
         (0, 0, 0, 0, 0, 0);
-    for k in 0..300 {
+    let (mut copies, mut copied_in, mut realigns, mut slowest) = (0, 0, 0, 0);
+    for k in 0..count as u64 {
         let seed = base + k;
-        match simulate(seed, Checks::default(), AS_DESIGNED, 6_000) {
+        match run(
+            seed,
+            Checks::default(),
+            AS_DESIGNED,
+            6_000,
+            Some(SETTLE_STEPS),
+        ) {
             Ok(o) => {
                 new += o.new;
                 cross += o.cross;
@@ -1163,18 +1406,32 @@ fn seeded_failovers_keep_the_fence_and_every_cross_datacenter_post() {
                 failed_over += usize::from(o.new > 0);
                 vouched += o.vouched;
                 barred += o.barred;
+                copies += o.copies;
+                copied_in += usize::from(o.copies > 0);
+                realigns += o.realigns;
+                slowest = slowest.max(o.settled.unwrap_or_default());
             }
             Err(e) => panic!("SEED={seed}: {e}"),
         }
     }
     println!(
-        "300 schedules from SEED={base}: {new} slots released by the new home in {failed_over} schedules, {cross} posts acknowledged across datacenters by the old home and {cross_new} by the new one, {vouched} replicas vouched for, {barred} candidates barred"
+        "{count} schedules from SEED={base}: {new} slots released by the new home in {failed_over} schedules, {cross} posts acknowledged across datacenters by the old home and {cross_new} by the new one, {vouched} replicas vouched for, {barred} candidates barred, {copies} timeline copies in {copied_in} schedules, {realigns} held timelines realigned; every new home established, at most {slowest} steps after the faults ended"
     );
     assert!(
-        failed_over > 100 && cross > 300 && cross_new > 300 && vouched > 100,
-        "the schedules did little: {failed_over} failed over, {cross} and {cross_new} cross-datacenter acknowledgements, {vouched} replicas vouched for"
+        failed_over > count / 3
+            && cross > count
+            && cross_new > count
+            && vouched > count / 3
+            && copied_in > count / 10
+            && realigns > 0,
+        "the schedules did little: {failed_over} failed over, {cross} and {cross_new} cross-datacenter acknowledgements, {vouched} replicas vouched for, {copied_in} with copies, {realigns} realigned"
     );
 }
+
+/// Steps after the faults end within which the new home must establish
+/// (`Sim::settle`): tens of seconds of simulated time, over ten times
+/// what the slowest of the 300 schedules took (1,733 steps).
+const SETTLE_STEPS: usize = 30_000;
 
 fn must_break(checks: Checks, broken: Broken, what: &str) -> String {
     let base = seed_base();
@@ -1259,6 +1516,68 @@ fn broken_a_held_replica_reporting_its_whole_released_prefix_is_caught() {
         "a held replica reporting its whole released prefix",
     );
     assert!(e.starts_with("CrossStored"), "{e}");
+}
+
+/// A schedule (the first of the seeded ones to stall once copies were
+/// simulated) where node 5, held, copied from node 2 (outside the new
+/// home) while it ran for leader, and node 4, held, copied from node 5
+/// before node 5 led: node 5 then shares only the slots before its copy,
+/// below its floor, so node 4 reports less than it can be resent and,
+/// not behind the floor, copies nothing more. Without realigning, the new
+/// home never establishes.
+const HELD_BELOW_THE_LEADERS_FLOOR: u64 = 16_686;
+
+#[test]
+fn broken_without_realigning_a_held_voter_the_new_home_never_establishes() {
+    let broken = Broken {
+        no_realign: true,
+        ..AS_DESIGNED
+    };
+    let seed = HELD_BELOW_THE_LEADERS_FLOOR;
+    let e = run(seed, Checks::default(), broken, 6_000, Some(SETTLE_STEPS))
+        .expect_err("a held voter below its leader's floor stalls the new home");
+    println!("SEED={seed}: {e}");
+    assert!(e.starts_with("Live"), "{e}");
+    let o = run(
+        seed,
+        Checks::default(),
+        AS_DESIGNED,
+        6_000,
+        Some(SETTLE_STEPS),
+    )
+    .expect("realigned, the new home establishes");
+    assert!(o.realigns > 0, "{o:?}");
+}
+
+/// A schedule where node 5, checked, ran for leader behind a promiser's
+/// floor and copied from node 4, a voter of the new home still held,
+/// whose timeline held posts of the old home's loss window that the
+/// established log replaced (the first found once copies were
+/// simulated).
+const CHECKED_COPYING_FROM_HELD: u64 = 16_842;
+
+#[test]
+fn broken_a_checked_replica_copying_from_one_that_has_not_checked_is_caught() {
+    let broken = Broken {
+        copy_from_unchecked: true,
+        ..AS_DESIGNED
+    };
+    let seed = CHECKED_COPYING_FROM_HELD;
+    let e = run(seed, Checks::default(), broken, 6_000, Some(SETTLE_STEPS))
+        .expect_err("a checked replica takes a held one's loss window");
+    println!("SEED={seed}: {e}");
+    assert!(
+        e.starts_with("AckedKept") || e.starts_with("CheckedAgree"),
+        "{e}"
+    );
+    run(
+        seed,
+        Checks::default(),
+        AS_DESIGNED,
+        6_000,
+        Some(SETTLE_STEPS),
+    )
+    .expect("a checked replica copies only from one checked as far");
 }
 
 /// A schedule where node 4, a voter of the new home still reaching the
