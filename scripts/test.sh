@@ -110,6 +110,20 @@ chromium --version 2>/dev/null || true
 # the browser client's npm step; their copy of the tree skips ignored
 # files anyway), and the end of the run waits for them. setsid: each job
 # its own process group, so the exit trap stops every cargo under it.
+#
+# nice alone is not enough once a job has its own session: with the
+# kernel's autogroup scheduling (on by default, here and on CI), each
+# session is a group that shares the CPU equally with the others, and
+# nice only orders the processes inside one group. A background job at
+# nice 19 in a session of its own therefore took half the CPU from the
+# build and the tests (a fresh run took 58-77 minutes, mostly the lints
+# and the build, with the job beside them). So each job also sets its
+# session's group to nice 19 (/proc/self/autogroup), which gives it the
+# lowest share across groups too. exec: the job's pid ($!) is its
+# session's and process group's.
+background() {
+  exec setsid nice -n 19 bash -c 'echo 19 >/proc/self/autogroup 2>/dev/null || true; eval "$1"' background "$1"
+}
 FUZZ_PREP_LOG="$ROOT/target/fuzz-prepare.log"
 MUTANTS_LOG="$ROOT/target/mutants-ci.log"
 fuzz_prep_pid=""
@@ -117,7 +131,7 @@ mutants_pid=""
 if [ "${SAFERCHAT_SKIP_FUZZ:-}" != 1 ]; then
   step "fuzzing tools: built in the background at the lowest CPU priority (log: target/fuzz-prepare.log)"
   rm -f "$ROOT/target/fuzz-prepare.done"
-  setsid nice -n 19 bash -c 'bash scripts/fuzz.sh --prepare; status=$?; touch target/fuzz-prepare.done; exit $status' \
+  background 'bash scripts/fuzz.sh --prepare; status=$?; touch target/fuzz-prepare.done; exit $status' \
     >"$FUZZ_PREP_LOG" 2>&1 &
   fuzz_prep_pid=$!
 fi
@@ -127,7 +141,7 @@ if [ "${SAFERCHAT_SKIP_MUTANTS:-}" != 1 ]; then
   rm -f "$ROOT/target/mutants-ci/start"
   # They wait for the fuzzing tools (target/fuzz-prepare.done), then for
   # target/mutants-ci/start, written after the npm step.
-  setsid nice -n 19 env FUZZ_PREP="$fuzz_prep_pid" bash -c '
+  FUZZ_PREP="$fuzz_prep_pid" background '
     while [ -n "$FUZZ_PREP" ] && [ ! -e target/fuzz-prepare.done ]; do sleep 2; done
     bash scripts/mutants.sh --ci --prepare || echo "preparing failed; the run below retries"
     while [ ! -e target/mutants-ci/start ]; do sleep 2; done
