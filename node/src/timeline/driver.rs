@@ -228,6 +228,15 @@ enum CopyKind {
     Realign,
 }
 
+/// The copies that first cut the timeline back ([`Driver::spawn_cut_and_copy`]).
+#[derive(Clone, Copy, Debug)]
+enum Cut {
+    /// [`CopyKind::Check`] of this failover epoch.
+    Check(u64),
+    /// [`CopyKind::Realign`], copying up to at least this slot.
+    Realign(Slot),
+}
+
 /// The timeline store failing: since when, and when to try again.
 #[derive(Debug)]
 struct Outage {
@@ -1644,22 +1653,20 @@ impl Driver {
             need = need.0,
             "this held replica reports less than its leader can resend; making its timeline the leader's"
         );
-        self.spawn_cut_and_copy(copier, partition, CopyKind::Realign, term, sources, need);
+        self.spawn_cut_and_copy(copier, partition, Cut::Realign(need), term, sources);
     }
 
     /// Runs a check (`copy::check`) or a realignment (`copy::realign`)
     /// of `partition` from `sources` in a task of its own; `term` is the
-    /// newest the replica knew as it began, `need` the slot a
-    /// realignment's copy must reach. [`Driver::on_copied`] takes the
-    /// result.
+    /// newest the replica knew as it began. [`Driver::on_copied`] takes
+    /// the result.
     fn spawn_cut_and_copy(
         &self,
         copier: Arc<dyn super::copy::CopySource>,
         partition: u32,
-        kind: CopyKind,
+        cut: Cut,
         term: saferchat_consensus::partition_log::Term,
         sources: super::copy::Sources,
-        need: Slot,
     ) {
         let chat = Arc::clone(&self.chat);
         let placement = Arc::clone(&self.placement);
@@ -1668,13 +1675,16 @@ impl Driver {
             let in_partition =
                 move |r: &RoomId| placement.partitions().of_room(r.as_str()).0 == partition;
             let (from, chat) = (&*copier, &*chat);
-            let result = match kind {
-                CopyKind::Check(epoch) => {
-                    super::copy::check(from, chat, &in_partition, partition, &sources, epoch).await
-                }
-                CopyKind::Realign | CopyKind::Behind => {
-                    super::copy::realign(from, chat, &in_partition, partition, &sources, need).await
-                }
+            let (result, kind) = match cut {
+                Cut::Check(epoch) => (
+                    super::copy::check(from, chat, &in_partition, partition, &sources, epoch).await,
+                    CopyKind::Check(epoch),
+                ),
+                Cut::Realign(need) => (
+                    super::copy::realign(from, chat, &in_partition, partition, &sources, need)
+                        .await,
+                    CopyKind::Realign,
+                ),
             };
             let _ = done.send(CopyDone {
                 partition,
@@ -1764,14 +1774,7 @@ impl Driver {
             .get(&partition)
             .map(|p| p.replica.newest_term())
             .unwrap_or(saferchat_consensus::partition_log::Term::ZERO);
-        self.spawn_cut_and_copy(
-            copier,
-            partition,
-            CopyKind::Check(epoch),
-            term,
-            sources,
-            Slot(0),
-        );
+        self.spawn_cut_and_copy(copier, partition, Cut::Check(epoch), term, sources);
     }
 
     /// Installs a finished copy: the log counts its slots as released and
