@@ -285,6 +285,15 @@ struct Part {
     heard: Millis,
     /// Whether a client or a leader made this partition live here.
     active: bool,
+    /// The map moved the partition off this node: it keeps the log (the
+    /// map may move the partition back, and peers may still copy from
+    /// its timeline) but no longer runs for leader, leads, or nudges the
+    /// voters. Its configuration is of the epoch it left, whose other
+    /// replicas moved on: a campaign there can win nothing, and a node
+    /// that kept running, as it did for every partition a rebalance took
+    /// off it, sent a Prepare round per partition every half second to
+    /// peers busy with the moves.
+    retired: bool,
     last_heartbeat: Millis,
     /// A learner: when a client last needed a leader here, and when it
     /// last nudged the voters for one (`LogReplica::nudge`).
@@ -468,8 +477,19 @@ impl Part {
     /// names it), and not while a check or copy runs. A
     /// replica that owes an earlier epoch than its log runs in must not
     /// lead on a prefix it has not checked.
+    /// See [`Part::retired`]: it steps down if it led or ran, and forgets
+    /// its leader, so that its clients are sent to the partition's
+    /// replicas now.
+    fn retire(&mut self) {
+        self.retired = true;
+        self.active = false;
+        self.leader = None;
+        self.wanted = None;
+        self.replica.step_down();
+    }
+
     fn may_campaign(&self, map: &ClusterMap, partition: u32) -> bool {
-        if self.replica.is_barred() {
+        if self.retired || self.replica.is_barred() {
             return false;
         }
         match self.unchecked {
@@ -761,6 +781,7 @@ impl Driver {
                 leader: None,
                 heard: now,
                 active: false,
+                retired: false,
                 last_heartbeat: now,
                 acks: HashMap::new(),
                 candidate_seen: None,
@@ -831,12 +852,27 @@ impl Driver {
             let replicas = self.replicas(partition);
             let epoch = self.map.partition_epoch(partition);
             tracing::info!(partition, epoch, replicas = ?replicas, "the partition's log has a new replica set");
-            if !self.parts.contains_key(&partition) || !replicas.contains(&self.me) {
+            if !replicas.contains(&self.me) {
+                if let Some(part) = self.parts.get_mut(&partition)
+                    && !part.retired
+                {
+                    tracing::info!(
+                        partition,
+                        epoch,
+                        "the partition moved off this node: its log here stops running for leader"
+                    );
+                    part.retire();
+                    touched.push(partition);
+                }
+                continue;
+            }
+            if !self.parts.contains_key(&partition) {
                 continue;
             }
             let config = self.log_config(partition, epoch);
             let rank = rank_of(&config);
             let part = self.parts.get_mut(&partition).expect("loaded");
+            part.retired = false;
             if part.replica.reconfigure(config) {
                 part.rank = rank;
                 part.acks.clear();
@@ -971,7 +1007,7 @@ impl Driver {
                 let now = self.clock.monotonic();
                 let me = self.me;
                 let map = Arc::clone(&self.map);
-                let Some(part) = self.part(partition) else {
+                let Some(part) = self.part(partition).filter(|p| !p.retired) else {
                     return;
                 };
                 if !part.active {
@@ -1203,6 +1239,14 @@ impl Driver {
                 }
                 // Its posts that waited the grace out are answered.
                 cut_off.push(*partition);
+            }
+            if part.retired {
+                // In case a campaign under way when it retired won.
+                if !part.replica.is_follower() {
+                    part.retire();
+                    touched.push(*partition);
+                }
+                continue;
             }
             if part.replica.leading().is_some() {
                 if !part.hears_a_quorum(now) {

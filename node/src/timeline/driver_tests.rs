@@ -702,6 +702,104 @@ async fn a_partition_whose_epoch_moves_runs_its_log_in_the_new_epoch() {
     );
 }
 
+/// The map of [`one_node_map`] at `epoch` with partition `moved` taken
+/// off node 1 to node 2 (joining), as a rebalance's shrink would.
+fn moved_off(epoch: u64, moved: u32) -> saferchat_placement::ClusterMap {
+    let mut map = one_node_map(epoch, None);
+    map.nodes.insert(
+        2,
+        saferchat_placement::MapNode {
+            datacenter: "dc1".into(),
+            peer_address: String::new(),
+            client_address: String::new(),
+            state: saferchat_placement::NodeState::Joining,
+        },
+    );
+    map.moving
+        .insert(moved, saferchat_placement::Pinned { replicas: vec![2] });
+    map.partition_epochs.insert(moved, epoch);
+    map
+}
+
+/// A partition the map moves off this node stops running here: its leader
+/// steps down, and a client's touch does not make it run again in the
+/// epoch it left, where node 1 alone was a quorum (`Part::retired`; a
+/// node kept running every partition a rebalance took off it). Moved
+/// back, it leads again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_partition_moved_off_this_node_stops_running_here_until_it_moves_back() {
+    let dir = tempfile::tempdir().unwrap();
+    let clock = Arc::new(StillClock::default());
+    let disk = Arc::new(Disk::default());
+    let (publish, maps) = tokio::sync::watch::channel(one_node_map(1, None));
+    let node = start_following(dir.path(), disk, Arc::clone(&clock), Some(maps));
+    let partition = lead(&node.timeline).await;
+    assert_eq!(post(&node.timeline, partition, 0..2).await, vec![1, 2]);
+
+    publish.send(moved_off(2, partition)).unwrap();
+    until("node 1 stops leading the partition it lost", || {
+        !node.timeline.leads(partition)
+    })
+    .await;
+    for step in 1..=5 {
+        // Later, a client asks: a touch runs at once where no leader is
+        // known. Two answers later, the driver settled what the touch did.
+        clock.0.store(step * 10_000, Ordering::SeqCst);
+        node.timeline.touch(partition);
+        for _ in 0..2 {
+            node.timeline.established(partition, None).await.unwrap();
+        }
+        assert!(
+            !node.timeline.leads(partition),
+            "node 1 ran again for a partition it no longer replicates"
+        );
+    }
+    let replies = node
+        .timeline
+        .append(partition, posts(2..3), Vec::new())
+        .await
+        .unwrap();
+    for reply in replies {
+        assert!(
+            matches!(reply.await, Ok(Err(NodeError::Unavailable(_)))),
+            "a partition it lost takes no posts"
+        );
+    }
+
+    // The map moves the partition back: it runs, in the new epoch, and
+    // the log goes on where it was.
+    publish.send(one_node_map(3, Some(partition))).unwrap();
+    lead(&node.timeline).await;
+    let mut seqs = Vec::new();
+    for _ in 0..600 {
+        if let Ok(replies) = node
+            .timeline
+            .append(partition, posts(2..3), Vec::new())
+            .await
+        {
+            let mut answered = Vec::new();
+            for reply in replies {
+                if let Ok(Ok(placed)) = reply.await {
+                    answered.push(placed.seq);
+                }
+            }
+            if !answered.is_empty() {
+                seqs = answered;
+                break;
+            }
+        }
+        node.timeline.touch(partition);
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(
+        seqs,
+        vec![3],
+        "the log goes on in the epoch it moved back in"
+    );
+    node.shutdown.cancel();
+    node.task.await.unwrap().unwrap();
+}
+
 /// Serves copy pages from one store, as the partition's leader would, or
 /// fails while `down`.
 #[derive(Debug)]
