@@ -6,7 +6,8 @@
 //!
 //! - On the map group's leader, it proposes the planned steps
 //!   (`ClusterMap::next_moves`: a grow, or a shrink once the set before was
-//!   established). A step a node proposed twice is refused as stale.
+//!   established; at most `MOVES_AT_ONCE` partitions in a move at once).
+//!   A step a node proposed twice is refused as stale.
 //! - On the mover of a step (the lowest node id in both sets,
 //!   `ClusterMap::steps`), it hands the partition's rooms to the new set
 //!   (`Membership::hand_over`) and then proposes `HandedOver`.
