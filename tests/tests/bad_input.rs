@@ -759,9 +759,15 @@ async fn a_slow_reader_is_closed_and_resumes_without_loss() {
 
 /// A thousand clients join one room at once, each on its own connection,
 /// against a node process (so clients and server do not share a runtime).
+/// A join attempt that the client gives up on (`JOIN_TIMEOUT`, 30 s) is
+/// tried again, as its caller would: alone here the thousand take about
+/// 5 s, but on a CI machine running other test lanes beside this one the
+/// last of them once went past 30 s. Every client must get in within
+/// [`JOIN_ATTEMPTS`] attempts, and the test says how many retried.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_thousand_concurrent_joins() {
     const JOINS: usize = 1000;
+    const JOIN_ATTEMPTS: u32 = 4;
     let dir = tempfile::tempdir().expect("tempdir");
     let node = saferchat_tests::process::NodeProcess::start(&dir.path().join("node"), &[]);
     let server = node.server();
@@ -789,13 +795,27 @@ async fn a_thousand_concurrent_joins() {
                 no_history: true,
                 ..JoinOptions::default()
             };
-            Session::join(&server, &room, id, &options).await
+            let mut attempt = 1;
+            loop {
+                match Session::join(&server, &room, Arc::clone(&id), &options).await {
+                    Err(ClientError::Status(s))
+                        if s.code() == Code::DeadlineExceeded && attempt < JOIN_ATTEMPTS =>
+                    {
+                        attempt += 1;
+                    }
+                    joined => return (joined, attempt),
+                }
+            }
         }));
     }
     let mut sessions = Vec::new();
+    let mut retried = 0;
     for task in tasks {
-        sessions.push(task.await.expect("task").expect("every join succeeds"));
+        let (joined, attempts) = task.await.expect("task");
+        sessions.push(joined.expect("every join succeeds"));
+        retried += usize::from(attempts > 1);
     }
+    println!("{JOINS} concurrent joins: {retried} needed more than one attempt");
     assert_eq!(sessions.len(), JOINS);
     // Everyone is in; one post reaches the sessions.
     let mut poster = sessions.pop().expect("a session");
