@@ -469,14 +469,6 @@ impl Part {
         }
     }
 
-    /// Whether this replica may run for leader: always, unless it owes a
-    /// failover check (see "Home failover"). Then only in the failover
-    /// epoch it owes, while the map has not established it (the new
-    /// home's voters all owe it, and one of them must lead it; the log
-    /// of the one that establishes it defines the epoch, and the map
-    /// names it), and not while a check or copy runs. A
-    /// replica that owes an earlier epoch than its log runs in must not
-    /// lead on a prefix it has not checked.
     /// See [`Part::retired`]: it steps down if it led or ran, and forgets
     /// its leader, so that its clients are sent to the partition's
     /// replicas now.
@@ -488,6 +480,15 @@ impl Part {
         self.replica.step_down();
     }
 
+    /// Whether this replica may run for leader: never once retired
+    /// ([`Part::retired`]); otherwise always, unless it owes a
+    /// failover check (see "Home failover"). Then only in the failover
+    /// epoch it owes, while the map has not established it (the new
+    /// home's voters all owe it, and one of them must lead it; the log
+    /// of the one that establishes it defines the epoch, and the map
+    /// names it), and not while a check or copy runs. A
+    /// replica that owes an earlier epoch than its log runs in must not
+    /// lead on a prefix it has not checked.
     fn may_campaign(&self, map: &ClusterMap, partition: u32) -> bool {
         if self.retired || self.replica.is_barred() {
             return false;
