@@ -573,6 +573,16 @@ async fn a_failing_store_holds_posts_back_without_stopping_the_node() {
     node.task.await.unwrap().unwrap();
 }
 
+/// A node of this file's maps, in `dc1`, in `state`.
+fn map_node(state: saferchat_placement::NodeState) -> saferchat_placement::MapNode {
+    saferchat_placement::MapNode {
+        datacenter: "dc1".into(),
+        peer_address: String::new(),
+        client_address: String::new(),
+        state,
+    }
+}
+
 /// The map of this one-node cluster at `epoch`, partition `moved` (if any)
 /// in epoch `epoch` on the same node.
 fn one_node_map(epoch: u64, moved: Option<u32>) -> saferchat_placement::ClusterMap {
@@ -582,21 +592,44 @@ fn one_node_map(epoch: u64, moved: Option<u32>) -> saferchat_placement::ClusterM
         replicas_per_datacenter: 1,
         ..saferchat_placement::ClusterMap::default()
     };
-    map.nodes.insert(
-        1,
-        saferchat_placement::MapNode {
-            datacenter: "dc1".into(),
-            peer_address: String::new(),
-            client_address: String::new(),
-            state: saferchat_placement::NodeState::Active,
-        },
-    );
+    map.nodes
+        .insert(1, map_node(saferchat_placement::NodeState::Active));
     if let Some(p) = moved {
         map.moving
             .insert(p, saferchat_placement::Pinned { replicas: vec![1] });
         map.partition_epochs.insert(p, epoch);
     }
     map
+}
+
+/// Posts `range` once this node leads the partition again (after its
+/// epoch moved), trying again (generously) until every post is answered;
+/// their numbers, or what the last try got.
+async fn post_once_led(
+    timeline: &Timeline,
+    partition: u32,
+    range: std::ops::Range<u32>,
+) -> Vec<u64> {
+    let mut answered = Vec::new();
+    for _ in 0..600 {
+        lead(timeline).await;
+        if let Ok(replies) = timeline
+            .append(partition, posts(range.clone()), Vec::new())
+            .await
+        {
+            answered.clear();
+            for reply in replies {
+                if let Ok(Ok(placed)) = reply.await {
+                    answered.push(placed.seq);
+                }
+            }
+            if answered.len() == range.len() {
+                return answered;
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    answered
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -654,29 +687,7 @@ async fn a_partition_whose_epoch_moves_runs_its_log_in_the_new_epoch() {
     // leader of epoch 1 steps down and leads again in epoch 2, and the
     // log goes on where it was.
     publish.send(one_node_map(2, Some(partition))).unwrap();
-    let mut seqs = Vec::new();
-    for _ in 0..600 {
-        lead(&node.timeline).await;
-        match node
-            .timeline
-            .append(partition, posts(3..5), Vec::new())
-            .await
-        {
-            Ok(replies) => {
-                let mut answered = Vec::new();
-                for reply in replies {
-                    if let Ok(Ok(placed)) = reply.await {
-                        answered.push(placed.seq);
-                    }
-                }
-                if answered.len() == 2 {
-                    seqs = answered;
-                    break;
-                }
-            }
-            Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
-        }
-    }
+    let seqs = post_once_led(&node.timeline, partition, 3..5).await;
     assert_eq!(seqs, vec![4, 5], "the log goes on in the new epoch");
     let mut established = None;
     for _ in 0..600 {
@@ -706,15 +717,8 @@ async fn a_partition_whose_epoch_moves_runs_its_log_in_the_new_epoch() {
 /// off node 1 to node 2 (joining), as a rebalance's shrink would.
 fn moved_off(epoch: u64, moved: u32) -> saferchat_placement::ClusterMap {
     let mut map = one_node_map(epoch, None);
-    map.nodes.insert(
-        2,
-        saferchat_placement::MapNode {
-            datacenter: "dc1".into(),
-            peer_address: String::new(),
-            client_address: String::new(),
-            state: saferchat_placement::NodeState::Joining,
-        },
-    );
+    map.nodes
+        .insert(2, map_node(saferchat_placement::NodeState::Joining));
     map.moving
         .insert(moved, saferchat_placement::Pinned { replicas: vec![2] });
     map.partition_epochs.insert(moved, epoch);
@@ -769,28 +773,7 @@ async fn a_partition_moved_off_this_node_stops_running_here_until_it_moves_back(
     // The map moves the partition back: it runs, in the new epoch, and
     // the log goes on where it was.
     publish.send(one_node_map(3, Some(partition))).unwrap();
-    lead(&node.timeline).await;
-    let mut seqs = Vec::new();
-    for _ in 0..600 {
-        if let Ok(replies) = node
-            .timeline
-            .append(partition, posts(2..3), Vec::new())
-            .await
-        {
-            let mut answered = Vec::new();
-            for reply in replies {
-                if let Ok(Ok(placed)) = reply.await {
-                    answered.push(placed.seq);
-                }
-            }
-            if !answered.is_empty() {
-                seqs = answered;
-                break;
-            }
-        }
-        node.timeline.touch(partition);
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    let seqs = post_once_led(&node.timeline, partition, 2..3).await;
     assert_eq!(
         seqs,
         vec![3],
